@@ -1,0 +1,39 @@
+"""Privacy core: clipping, noise, sampling, accounting, and the privacy ledger."""
+
+from dpfed.privacy.accounting import (
+    CalibrationError,
+    Sampling,
+    calibrate_noise_multiplier,
+    dpsgd_event,
+    epsilon,
+    relation_for,
+    sampled_gaussian_event,
+)
+from dpfed.privacy.clipping import ClippedSum, clip_to_norm, clipped_grad_sum, global_l2_norm
+from dpfed.privacy.ledger import BudgetExceededError, PrivacyLedger, event_from_json, event_to_json
+from dpfed.privacy.mechanisms import GaussianSumMechanism
+from dpfed.privacy.noise import add_gaussian_noise
+from dpfed.privacy.sampling import chunked_sum, fixed_size_sample, poisson_sample
+
+__all__ = [
+    "BudgetExceededError",
+    "CalibrationError",
+    "ClippedSum",
+    "GaussianSumMechanism",
+    "PrivacyLedger",
+    "Sampling",
+    "add_gaussian_noise",
+    "calibrate_noise_multiplier",
+    "chunked_sum",
+    "clip_to_norm",
+    "clipped_grad_sum",
+    "dpsgd_event",
+    "epsilon",
+    "event_from_json",
+    "event_to_json",
+    "fixed_size_sample",
+    "global_l2_norm",
+    "poisson_sample",
+    "relation_for",
+    "sampled_gaussian_event",
+]
