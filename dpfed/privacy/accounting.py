@@ -21,17 +21,17 @@ NeighboringRelation = dp_accounting.NeighboringRelation
 
 
 class Sampling(enum.StrEnum):
-  """How a batch (of examples, or a cohort of clients) is drawn each step."""
+    """How a batch (of examples, or a cohort of clients) is drawn each step."""
 
-  POISSON = "poisson"  # each record independently with probability q; add/remove-one
-  FIXED = "fixed"  # a uniformly random subset of fixed size without replacement; replace-one
+    POISSON = "poisson"  # each record independently with probability q; add/remove-one
+    FIXED = "fixed"  # a uniformly random subset of fixed size without replacement; replace-one
 
 
 def relation_for(sampling: Sampling | str) -> NeighboringRelation:
-  """The neighbouring relation under which `sampling` is analysed."""
-  if Sampling(sampling) is Sampling.POISSON:
-    return NeighboringRelation.ADD_OR_REMOVE_ONE
-  return NeighboringRelation.REPLACE_ONE
+    """The neighbouring relation under which `sampling` is analysed."""
+    if Sampling(sampling) is Sampling.POISSON:
+        return NeighboringRelation.ADD_OR_REMOVE_ONE
+    return NeighboringRelation.REPLACE_ONE
 
 
 def sampled_gaussian_event(
@@ -41,35 +41,37 @@ def sampled_gaussian_event(
     population: int,
     expected_size: float,
 ) -> DpEvent:
-  """Wraps one release `inner` (a Gaussian event of a clipped sum) in its sampling.
+    """Wraps one release `inner` (a Gaussian event of a clipped sum) in its sampling.
 
-  Args:
-    inner: the event of the noised release computed on the sample, expressed with
-      add/remove-one sensitivity (std / C).
-    sampling: Poisson (probability expected_size / population) or fixed size.
-    population: number of records (examples, clients) sampled from.
-    expected_size: expected sample size (Poisson) or exact sample size (fixed).
-  """
-  if population <= 0 or not 0 < expected_size <= population:
-    raise ValueError(
-        f"need 0 < expected_size <= population, got {expected_size} and {population}")
-  if Sampling(sampling) is Sampling.POISSON:
-    return dp_event.PoissonSampledDpEvent(expected_size / population, inner)
-  if int(expected_size) != expected_size:
-    raise ValueError(f"fixed-size sampling needs an integer size, got {expected_size}")
-  return dp_event.SampledWithoutReplacementDpEvent(
-      population, int(expected_size), _to_replace_one(inner))
+    Args:
+      inner: the event of the noised release computed on the sample, expressed with
+        add/remove-one sensitivity (std / C).
+      sampling: Poisson (probability expected_size / population) or fixed size.
+      population: number of records (examples, clients) sampled from.
+      expected_size: expected sample size (Poisson) or exact sample size (fixed).
+    """
+    if population <= 0 or not 0 < expected_size <= population:
+        raise ValueError(
+            f"need 0 < expected_size <= population, got {expected_size} and {population}"
+        )
+    if Sampling(sampling) is Sampling.POISSON:
+        return dp_event.PoissonSampledDpEvent(expected_size / population, inner)
+    if int(expected_size) != expected_size:
+        raise ValueError(f"fixed-size sampling needs an integer size, got {expected_size}")
+    return dp_event.SampledWithoutReplacementDpEvent(
+        population, int(expected_size), _to_replace_one(inner)
+    )
 
 
 def _to_replace_one(event: DpEvent) -> DpEvent:
-  """Halves Gaussian noise multipliers: replace-one doubles a clipped sum's sensitivity."""
-  if isinstance(event, dp_event.GaussianDpEvent):
-    return dp_event.GaussianDpEvent(event.noise_multiplier / 2)
-  if isinstance(event, dp_event.ComposedDpEvent):
-    return dp_event.ComposedDpEvent([_to_replace_one(e) for e in event.events])
-  if isinstance(event, dp_event.SelfComposedDpEvent):
-    return dp_event.SelfComposedDpEvent(_to_replace_one(event.event), event.count)
-  raise ValueError(f"cannot convert {type(event).__name__} to replace-one")
+    """Halves Gaussian noise multipliers: replace-one doubles a clipped sum's sensitivity."""
+    if isinstance(event, dp_event.GaussianDpEvent):
+        return dp_event.GaussianDpEvent(event.noise_multiplier / 2)
+    if isinstance(event, dp_event.ComposedDpEvent):
+        return dp_event.ComposedDpEvent([_to_replace_one(e) for e in event.events])
+    if isinstance(event, dp_event.SelfComposedDpEvent):
+        return dp_event.SelfComposedDpEvent(_to_replace_one(event.event), event.count)
+    raise ValueError(f"cannot convert {type(event).__name__} to replace-one")
 
 
 def dpsgd_event(
@@ -80,11 +82,14 @@ def dpsgd_event(
     population: int,
     expected_size: float,
 ) -> DpEvent:
-  """`steps` DP-SGD steps: a sampled Gaussian on a clipped sum, std = z * C."""
-  step = sampled_gaussian_event(
-      dp_event.GaussianDpEvent(noise_multiplier),
-      sampling=sampling, population=population, expected_size=expected_size)
-  return dp_event.SelfComposedDpEvent(step, steps)
+    """`steps` DP-SGD steps: a sampled Gaussian on a clipped sum, std = z * C."""
+    step = sampled_gaussian_event(
+        dp_event.GaussianDpEvent(noise_multiplier),
+        sampling=sampling,
+        population=population,
+        expected_size=expected_size,
+    )
+    return dp_event.SelfComposedDpEvent(step, steps)
 
 
 def epsilon(
@@ -93,31 +98,31 @@ def epsilon(
     relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
     accountant: str = "rdp",
 ) -> float | None:
-  """eps of `event` at `delta` by the RDP or the PLD accountant.
+    """eps of `event` at `delta` by the RDP or the PLD accountant.
 
-  Returns None when that accountant does not support the event under `relation`
-  (e.g. PLD and sampling without replacement).
-  """
-  acct = make_accountant(accountant, relation)
-  if not acct.supports(event):
-    return None
-  acct.compose(event)
-  return float(acct.get_epsilon(delta))
+    Returns None when that accountant does not support the event under `relation`
+    (e.g. PLD and sampling without replacement).
+    """
+    acct = make_accountant(accountant, relation)
+    if not acct.supports(event):
+        return None
+    acct.compose(event)
+    return float(acct.get_epsilon(delta))
 
 
 def make_accountant(
     accountant: str, relation: NeighboringRelation
 ) -> dp_accounting.PrivacyAccountant:
-  """A fresh dp_accounting accountant ("rdp" or "pld") for `relation`."""
-  if accountant == "rdp":
-    return rdp.RdpAccountant(neighboring_relation=relation)
-  if accountant == "pld":
-    return pld.PLDAccountant(neighboring_relation=relation)
-  raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
+    """A fresh dp_accounting accountant ("rdp" or "pld") for `relation`."""
+    if accountant == "rdp":
+        return rdp.RdpAccountant(neighboring_relation=relation)
+    if accountant == "pld":
+        return pld.PLDAccountant(neighboring_relation=relation)
+    raise ValueError(f"accountant must be 'rdp' or 'pld', got {accountant!r}")
 
 
 class CalibrationError(ValueError):
-  """The target (eps, delta) cannot be met within the allowed noise range."""
+    """The target (eps, delta) cannot be met within the allowed noise range."""
 
 
 def calibrate_noise_multiplier(
@@ -127,32 +132,33 @@ def calibrate_noise_multiplier(
     relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
     max_noise_multiplier: float = 1000.0,
 ) -> float:
-  """Smallest noise multiplier z whose event `make_event(z)` has RDP eps <= target.
+    """Smallest noise multiplier z whose event `make_event(z)` has RDP eps <= target.
 
-  Uses `dp_accounting.calibrate_dp_mechanism`; the answer errs on the safe side
-  (slightly more noise than the exact solution).
-  """
-  if target_epsilon <= 0 or not 0 < delta < 1:
-    raise CalibrationError(f"need eps > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
-  if epsilon(make_event(max_noise_multiplier), delta, relation) > target_epsilon:
-    raise CalibrationError(
-        f"eps={target_epsilon} at delta={delta} is out of reach even with noise "
-        f"multiplier {max_noise_multiplier}")
-  z = dp_accounting.calibrate_dp_mechanism(
-      lambda: rdp.RdpAccountant(neighboring_relation=relation),
-      make_event,
-      target_epsilon,
-      delta,
-      dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
-      tol=1e-4,
-  )
-  if epsilon(make_event(z), delta, relation) > target_epsilon:  # defensive; never loosen
-    raise CalibrationError(f"calibration returned z={z} above the target eps")
-  return float(z)
+    Uses `dp_accounting.calibrate_dp_mechanism`; the answer errs on the safe side
+    (slightly more noise than the exact solution).
+    """
+    if target_epsilon <= 0 or not 0 < delta < 1:
+        raise CalibrationError(f"need eps > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
+    if epsilon(make_event(max_noise_multiplier), delta, relation) > target_epsilon:
+        raise CalibrationError(
+            f"eps={target_epsilon} at delta={delta} is out of reach even with noise "
+            f"multiplier {max_noise_multiplier}"
+        )
+    z = dp_accounting.calibrate_dp_mechanism(
+        lambda: rdp.RdpAccountant(neighboring_relation=relation),
+        make_event,
+        target_epsilon,
+        delta,
+        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+        tol=1e-4,
+    )
+    if epsilon(make_event(z), delta, relation) > target_epsilon:  # defensive; never loosen
+        raise CalibrationError(f"calibration returned z={z} above the target eps")
+    return float(z)
 
 
 def gaussian_sigma_for_sum(noise_multiplier: float, l2_clip: float) -> float:
-  """Noise std for a clipped sum: z * C (add/remove-one sensitivity C)."""
-  if noise_multiplier < 0 or l2_clip <= 0 or not math.isfinite(noise_multiplier):
-    raise ValueError(f"need z >= 0 and C > 0, got z={noise_multiplier}, C={l2_clip}")
-  return noise_multiplier * l2_clip
+    """Noise std for a clipped sum: z * C (add/remove-one sensitivity C)."""
+    if noise_multiplier < 0 or l2_clip <= 0 or not math.isfinite(noise_multiplier):
+        raise ValueError(f"need z >= 0 and C > 0, got z={noise_multiplier}, C={l2_clip}")
+    return noise_multiplier * l2_clip

@@ -15,26 +15,26 @@ PyTree = Any
 
 
 def global_l2_norm(tree: PyTree) -> jax.Array:
-  """L2 norm of all leaves of `tree` taken together (as one flat vector)."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    """L2 norm of all leaves of `tree` taken together (as one flat vector)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def clip_to_norm(tree: PyTree, l2_clip: float) -> tuple[PyTree, jax.Array]:
-  """Scales `tree` so that its global L2 norm is at most `l2_clip`.
+    """Scales `tree` so that its global L2 norm is at most `l2_clip`.
 
-  Returns the clipped tree and the norm before clipping. A zero tree stays zero.
-  """
-  norm = global_l2_norm(tree)
-  scale = jnp.minimum(1.0, l2_clip / jnp.maximum(norm, 1e-12))
-  return jax.tree_util.tree_map(lambda x: (x * scale).astype(x.dtype), tree), norm
+    Returns the clipped tree and the norm before clipping. A zero tree stays zero.
+    """
+    norm = global_l2_norm(tree)
+    scale = jnp.minimum(1.0, l2_clip / jnp.maximum(norm, 1e-12))
+    return jax.tree_util.tree_map(lambda x: (x * scale).astype(x.dtype), tree), norm
 
 
 class ClippedSum(NamedTuple):
-  """Sum of per-example clipped gradients and the per-example norms before clipping."""
+    """Sum of per-example clipped gradients and the per-example norms before clipping."""
 
-  grad_sum: PyTree
-  norms: jax.Array  # [batch]; 0 for padded examples.
+    grad_sum: PyTree
+    norms: jax.Array  # [batch]; 0 for padded examples.
 
 
 def clipped_grad_sum(
@@ -45,57 +45,58 @@ def clipped_grad_sum(
     l2_clip: float,
     microbatch_size: int | None = None,
 ) -> ClippedSum:
-  """Sum over the masked batch of per-example gradients, each clipped to `l2_clip`.
+    """Sum over the masked batch of per-example gradients, each clipped to `l2_clip`.
 
-  Args:
-    loss_fn: `loss_fn(params, example) -> scalar` for ONE example (leaves without a
-      batch axis).
-    params: model parameters.
-    batch: pytree of arrays with a leading batch axis B.
-    mask: [B] bool or {0,1}; padded examples (mask 0) contribute exactly nothing.
-    l2_clip: the clip norm C (> 0).
-    microbatch_size: per-example gradients are materialised this many at a time
-      (bounds memory); None means all B at once. Results do not depend on it.
+    Args:
+      loss_fn: `loss_fn(params, example) -> scalar` for ONE example (leaves without a
+        batch axis).
+      params: model parameters.
+      batch: pytree of arrays with a leading batch axis B.
+      mask: [B] bool or {0,1}; padded examples (mask 0) contribute exactly nothing.
+      l2_clip: the clip norm C (> 0).
+      microbatch_size: per-example gradients are materialised this many at a time
+        (bounds memory); None means all B at once. Results do not depend on it.
 
-  Returns:
-    ClippedSum with the summed clipped gradient (same structure as params) and the
-    [B] per-example gradient norms before clipping (0 where masked).
-  """
-  if l2_clip <= 0:
-    raise ValueError(f"l2_clip must be > 0, got {l2_clip}")
-  batch_size = mask.shape[0]
-  mask = mask.astype(jnp.float32)
+    Returns:
+      ClippedSum with the summed clipped gradient (same structure as params) and the
+      [B] per-example gradient norms before clipping (0 where masked).
+    """
+    if l2_clip <= 0:
+        raise ValueError(f"l2_clip must be > 0, got {l2_clip}")
+    batch_size = mask.shape[0]
+    mask = mask.astype(jnp.float32)
 
-  def chunk_sum(chunk, chunk_mask):
-    grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, chunk)
-    norms = jax.vmap(global_l2_norm)(grads)
-    scale = jnp.minimum(1.0, l2_clip / jnp.maximum(norms, 1e-12)) * chunk_mask
-    summed = jax.tree_util.tree_map(
-        lambda g: jnp.tensordot(scale, g.astype(jnp.float32), axes=1), grads)
-    return summed, norms * chunk_mask
+    def chunk_sum(chunk, chunk_mask):
+        grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, chunk)
+        norms = jax.vmap(global_l2_norm)(grads)
+        scale = jnp.minimum(1.0, l2_clip / jnp.maximum(norms, 1e-12)) * chunk_mask
+        summed = jax.tree_util.tree_map(
+            lambda g: jnp.tensordot(scale, g.astype(jnp.float32), axes=1), grads
+        )
+        return summed, norms * chunk_mask
 
-  if microbatch_size is None or microbatch_size >= batch_size:
-    grad_sum, norms = chunk_sum(batch, mask)
-    return ClippedSum(_cast_like(grad_sum, params), norms)
+    if microbatch_size is None or microbatch_size >= batch_size:
+        grad_sum, norms = chunk_sum(batch, mask)
+        return ClippedSum(_cast_like(grad_sum, params), norms)
 
-  num_chunks = -(-batch_size // microbatch_size)
-  padded = num_chunks * microbatch_size
+    num_chunks = -(-batch_size // microbatch_size)
+    padded = num_chunks * microbatch_size
 
-  def to_chunks(x):
-    x = jnp.pad(x, [(0, padded - batch_size)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_chunks, microbatch_size) + x.shape[1:])
+    def to_chunks(x):
+        x = jnp.pad(x, [(0, padded - batch_size)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((num_chunks, microbatch_size) + x.shape[1:])
 
-  chunks = jax.tree_util.tree_map(to_chunks, batch)
-  chunk_masks = to_chunks(mask)
-  zero = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    chunks = jax.tree_util.tree_map(to_chunks, batch)
+    chunk_masks = to_chunks(mask)
+    zero = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
-  def body(acc, inputs):
-    summed, norms = chunk_sum(*inputs)
-    return jax.tree_util.tree_map(jnp.add, acc, summed), norms
+    def body(acc, inputs):
+        summed, norms = chunk_sum(*inputs)
+        return jax.tree_util.tree_map(jnp.add, acc, summed), norms
 
-  grad_sum, norms = jax.lax.scan(body, zero, (chunks, chunk_masks))
-  return ClippedSum(_cast_like(grad_sum, params), norms.reshape(-1)[:batch_size])
+    grad_sum, norms = jax.lax.scan(body, zero, (chunks, chunk_masks))
+    return ClippedSum(_cast_like(grad_sum, params), norms.reshape(-1)[:batch_size])
 
 
 def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), tree, like)
+    return jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), tree, like)

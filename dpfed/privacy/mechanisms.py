@@ -18,27 +18,27 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class GaussianSumMechanism:
-  """Releases a sum of contributions each clipped to L2 norm `l2_clip`.
+    """Releases a sum of contributions each clipped to L2 norm `l2_clip`.
 
-  Adds N(0, (noise_multiplier * l2_clip)^2) to every coordinate of the *sum*. Under
-  add/remove-one the sum's sensitivity is l2_clip, so the event is
-  `GaussianDpEvent(noise_multiplier)`. Frozen and hashable: usable as a static jit arg.
-  """
+    Adds N(0, (noise_multiplier * l2_clip)^2) to every coordinate of the *sum*. Under
+    add/remove-one the sum's sensitivity is l2_clip, so the event is
+    `GaussianDpEvent(noise_multiplier)`. Frozen and hashable: usable as a static jit arg.
+    """
 
-  l2_clip: float
-  noise_multiplier: float
+    l2_clip: float
+    noise_multiplier: float
 
-  def __post_init__(self):
-    accounting.gaussian_sigma_for_sum(self.noise_multiplier, self.l2_clip)  # validates
+    def __post_init__(self):
+        accounting.gaussian_sigma_for_sum(self.noise_multiplier, self.l2_clip)  # validates
 
-  @property
-  def stddev(self) -> float:
-    return accounting.gaussian_sigma_for_sum(self.noise_multiplier, self.l2_clip)
+    @property
+    def stddev(self) -> float:
+        return accounting.gaussian_sigma_for_sum(self.noise_multiplier, self.l2_clip)
 
-  def privatize(self, clipped_sum: PyTree, key: jax.Array) -> PyTree:
-    """The noised sum (jittable)."""
-    return add_gaussian_noise(clipped_sum, key, self.stddev)
+    def privatize(self, clipped_sum: PyTree, key: jax.Array) -> PyTree:
+        """The noised sum (jittable)."""
+        return add_gaussian_noise(clipped_sum, key, self.stddev)
 
-  def dp_event(self) -> dp_event.DpEvent:
-    """One release, in add/remove-one units (see accounting.sampled_gaussian_event)."""
-    return dp_event.GaussianDpEvent(self.noise_multiplier)
+    def dp_event(self) -> dp_event.DpEvent:
+        """One release, in add/remove-one units (see accounting.sampled_gaussian_event)."""
+        return dp_event.GaussianDpEvent(self.noise_multiplier)

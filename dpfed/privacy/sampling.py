@@ -18,21 +18,21 @@ PyTree = Any
 
 
 def poisson_sample(key: jax.Array, population: int, rate: float) -> tuple[jax.Array, jax.Array]:
-  """Each of `population` records independently with probability `rate`.
+    """Each of `population` records independently with probability `rate`.
 
-  Returns (indices [population] int32, count): the first `count` entries are the
-  sampled indices in increasing order; the rest are padding (0).
-  """
-  selected = jax.random.bernoulli(key, rate, (population,))
-  count = jnp.sum(selected, dtype=jnp.int32)
-  (indices,) = jnp.nonzero(selected, size=population, fill_value=0)
-  return indices.astype(jnp.int32), count
+    Returns (indices [population] int32, count): the first `count` entries are the
+    sampled indices in increasing order; the rest are padding (0).
+    """
+    selected = jax.random.bernoulli(key, rate, (population,))
+    count = jnp.sum(selected, dtype=jnp.int32)
+    (indices,) = jnp.nonzero(selected, size=population, fill_value=0)
+    return indices.astype(jnp.int32), count
 
 
 def fixed_size_sample(key: jax.Array, population: int, size: int) -> tuple[jax.Array, jax.Array]:
-  """A uniformly random subset of exactly `size` records, without replacement."""
-  indices = jax.random.choice(key, population, (size,), replace=False)
-  return indices.astype(jnp.int32), jnp.asarray(size, jnp.int32)
+    """A uniformly random subset of exactly `size` records, without replacement."""
+    indices = jax.random.choice(key, population, (size,), replace=False)
+    return indices.astype(jnp.int32), jnp.asarray(size, jnp.int32)
 
 
 def chunked_sum(
@@ -41,29 +41,30 @@ def chunked_sum(
     count: jax.Array,
     chunk_size: int,
 ) -> PyTree:
-  """sum over chunks of fn(index_chunk [chunk_size], mask_chunk [chunk_size]).
+    """sum over chunks of fn(index_chunk [chunk_size], mask_chunk [chunk_size]).
 
-  Covers indices[:count] exactly once; `fn` must give zero contribution where mask is
-  False. Loops ceil(count / chunk_size) times (0 times when count == 0).
-  """
-  n = indices.shape[0]
-  padded = -(-n // chunk_size) * chunk_size
-  indices = jnp.pad(indices, (0, padded - n))
-  offsets = jnp.arange(chunk_size)
+    Covers indices[:count] exactly once; `fn` must give zero contribution where mask is
+    False. Loops ceil(count / chunk_size) times (0 times when count == 0).
+    """
+    n = indices.shape[0]
+    padded = -(-n // chunk_size) * chunk_size
+    indices = jnp.pad(indices, (0, padded - n))
+    offsets = jnp.arange(chunk_size)
 
-  def chunk(i):
-    start = i * chunk_size
-    idx = jax.lax.dynamic_slice(indices, (start,), (chunk_size,))
-    return idx, (start + offsets) < count
+    def chunk(i):
+        start = i * chunk_size
+        idx = jax.lax.dynamic_slice(indices, (start,), (chunk_size,))
+        return idx, (start + offsets) < count
 
-  zero = jax.tree_util.tree_map(
-      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *chunk(0)))
-  num_chunks = (count + chunk_size - 1) // chunk_size
+    zero = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *chunk(0))
+    )
+    num_chunks = (count + chunk_size - 1) // chunk_size
 
-  def body(carry):
-    i, acc = carry
-    out = fn(*chunk(i))
-    return i + 1, jax.tree_util.tree_map(jnp.add, acc, out)
+    def body(carry):
+        i, acc = carry
+        out = fn(*chunk(i))
+        return i + 1, jax.tree_util.tree_map(jnp.add, acc, out)
 
-  _, total = jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), zero))
-  return total
+    _, total = jax.lax.while_loop(lambda c: c[0] < num_chunks, body, (jnp.int32(0), zero))
+    return total

@@ -8,67 +8,73 @@ from dpfed.privacy import accounting
 
 
 def _direct(event, delta, relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
-  a = rdp.RdpAccountant(neighboring_relation=relation)
-  a.compose(event)
-  return a.get_epsilon(delta)
+    a = rdp.RdpAccountant(neighboring_relation=relation)
+    a.compose(event)
+    return a.get_epsilon(delta)
 
 
 def test_poisson_dpsgd_event_matches_dp_accounting():
-  event = accounting.dpsgd_event(1.1, 50, sampling="poisson", population=4000, expected_size=64)
-  direct = dp_event.SelfComposedDpEvent(
-      dp_event.PoissonSampledDpEvent(64 / 4000, dp_event.GaussianDpEvent(1.1)), 50)
-  eps = accounting.epsilon(event, 1e-5)
-  assert eps == pytest.approx(_direct(direct, 1e-5), rel=1e-9)
-  assert eps == pytest.approx(1.114, abs=2e-3), "the issue's reference value is about 1.114"
+    event = accounting.dpsgd_event(1.1, 50, sampling="poisson", population=4000, expected_size=64)
+    direct = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(64 / 4000, dp_event.GaussianDpEvent(1.1)), 50
+    )
+    eps = accounting.epsilon(event, 1e-5)
+    assert eps == pytest.approx(_direct(direct, 1e-5), rel=1e-9)
+    assert eps == pytest.approx(1.114, abs=2e-3), "the issue's reference value is about 1.114"
 
 
 def test_fixed_size_sampling_halves_multiplier_for_replace_one():
-  """Replace-one doubles a clipped sum's sensitivity: std zC is Gaussian(z/2) there."""
-  event = accounting.dpsgd_event(1.1, 50, sampling="fixed", population=4000, expected_size=64)
-  inner = event.event
-  assert isinstance(inner, dp_event.SampledWithoutReplacementDpEvent)
-  assert inner.event == dp_event.GaussianDpEvent(0.55), "multiplier must be z/2 under replace-one"
-  relation = accounting.relation_for("fixed")
-  naive = dp_event.SelfComposedDpEvent(
-      dp_event.SampledWithoutReplacementDpEvent(4000, 64, dp_event.GaussianDpEvent(1.1)), 50)
-  assert accounting.epsilon(event, 1e-5, relation) > _direct(naive, 1e-5, relation), (
-      "the correct replace-one eps must exceed the naive (under-counted) one")
+    """Replace-one doubles a clipped sum's sensitivity: std zC is Gaussian(z/2) there."""
+    event = accounting.dpsgd_event(1.1, 50, sampling="fixed", population=4000, expected_size=64)
+    inner = event.event
+    assert isinstance(inner, dp_event.SampledWithoutReplacementDpEvent)
+    assert inner.event == dp_event.GaussianDpEvent(0.55), "multiplier must be z/2 under replace-one"
+    relation = accounting.relation_for("fixed")
+    naive = dp_event.SelfComposedDpEvent(
+        dp_event.SampledWithoutReplacementDpEvent(4000, 64, dp_event.GaussianDpEvent(1.1)), 50
+    )
+    assert accounting.epsilon(event, 1e-5, relation) > _direct(naive, 1e-5, relation), (
+        "the correct replace-one eps must exceed the naive (under-counted) one"
+    )
 
 
 def test_pld_is_reported_and_smaller_for_poisson():
-  event = accounting.dpsgd_event(1.1, 10000, sampling="poisson", population=100, expected_size=1)
-  eps_rdp = accounting.epsilon(event, 1e-5, accountant="rdp")
-  eps_pld = accounting.epsilon(event, 1e-5, accountant="pld")
-  a = pld.PLDAccountant()
-  a.compose(event)
-  assert eps_pld == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
-  assert eps_rdp == pytest.approx(5.632, abs=2e-3) and eps_pld == pytest.approx(5.193, abs=2e-3)
+    event = accounting.dpsgd_event(1.1, 10000, sampling="poisson", population=100, expected_size=1)
+    eps_rdp = accounting.epsilon(event, 1e-5, accountant="rdp")
+    eps_pld = accounting.epsilon(event, 1e-5, accountant="pld")
+    a = pld.PLDAccountant()
+    a.compose(event)
+    assert eps_pld == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
+    assert eps_rdp == pytest.approx(5.632, abs=2e-3) and eps_pld == pytest.approx(5.193, abs=2e-3)
 
 
 def test_pld_unsupported_returns_none():
-  event = accounting.dpsgd_event(1.0, 5, sampling="fixed", population=100, expected_size=10)
-  assert accounting.epsilon(event, 1e-5, accounting.relation_for("fixed"), "pld") is None
+    event = accounting.dpsgd_event(1.0, 5, sampling="fixed", population=100, expected_size=10)
+    assert accounting.epsilon(event, 1e-5, accounting.relation_for("fixed"), "pld") is None
 
 
 @pytest.mark.parametrize("target", [1.0, 10.0])
 def test_calibration_meets_target_from_below(target):
-  def make(z):
-    return accounting.dpsgd_event(z, 300, sampling="poisson", population=4000, expected_size=256)
+    def make(z):
+        return accounting.dpsgd_event(
+            z, 300, sampling="poisson", population=4000, expected_size=256
+        )
 
-  z = accounting.calibrate_noise_multiplier(make, target, 1e-5)
-  eps = accounting.epsilon(make(z), 1e-5)
-  assert 0.97 * target <= eps <= target, f"calibrated eps {eps} not just below target {target}"
+    z = accounting.calibrate_noise_multiplier(make, target, 1e-5)
+    eps = accounting.epsilon(make(z), 1e-5)
+    assert 0.97 * target <= eps <= target, f"calibrated eps {eps} not just below target {target}"
 
 
 def test_calibration_rejects_unreachable_target():
-  def make(z):
-    return dp_event.GaussianDpEvent(z)  # no subsampling: tiny eps needs huge noise
+    def make(z):
+        return dp_event.GaussianDpEvent(z)  # no subsampling: tiny eps needs huge noise
 
-  with pytest.raises(accounting.CalibrationError, match="out of reach"):
-    accounting.calibrate_noise_multiplier(make, 1e-6, 1e-5, max_noise_multiplier=10.0)
+    with pytest.raises(accounting.CalibrationError, match="out of reach"):
+        accounting.calibrate_noise_multiplier(make, 1e-6, 1e-5, max_noise_multiplier=10.0)
 
 
 def test_sampled_event_rejects_bad_sizes():
-  with pytest.raises(ValueError, match="expected_size"):
-    accounting.sampled_gaussian_event(
-        dp_event.GaussianDpEvent(1.0), sampling="poisson", population=10, expected_size=20)
+    with pytest.raises(ValueError, match="expected_size"):
+        accounting.sampled_gaussian_event(
+            dp_event.GaussianDpEvent(1.0), sampling="poisson", population=10, expected_size=20
+        )

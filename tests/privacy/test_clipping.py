@@ -9,87 +9,107 @@ from dpfed.privacy import clip_to_norm, clipped_grad_sum, global_l2_norm
 
 
 def _linear_loss(params, example):
-  x, y = example
-  pred = x @ params["w"] + params["b"]
-  return jnp.sum((pred - y) ** 2)
+    x, y = example
+    pred = x @ params["w"] + params["b"]
+    return jnp.sum((pred - y) ** 2)
 
 
 def _problem(batch=12, dim=5, seed=0):
-  rng = np.random.default_rng(seed)
-  params = {"w": jnp.asarray(rng.normal(size=(dim, 3)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-  x = jnp.asarray(rng.normal(size=(batch, dim)) * 3, jnp.float32)
-  y = jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32)
-  return params, (x, y)
+    rng = np.random.default_rng(seed)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(dim, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(batch, dim)) * 3, jnp.float32)
+    y = jnp.asarray(rng.normal(size=(batch, 3)), jnp.float32)
+    return params, (x, y)
 
 
 def test_global_norm_is_norm_of_flattened_tree():
-  tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
-  assert float(global_l2_norm(tree)) == pytest.approx(5.0), "norm of (3, 0, 4) must be 5"
+    tree = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
+    assert float(global_l2_norm(tree)) == pytest.approx(5.0), "norm of (3, 0, 4) must be 5"
 
 
 def test_clip_to_norm_scales_only_large_trees():
-  big, norm = clip_to_norm({"a": jnp.array([3.0, 4.0])}, 1.0)
-  small, _ = clip_to_norm({"a": jnp.array([0.3, 0.4])}, 1.0)
-  assert float(norm) == pytest.approx(5.0)
-  np.testing.assert_allclose(big["a"], [0.6, 0.8], rtol=1e-6, err_msg="large tree not scaled to C")
-  np.testing.assert_allclose(small["a"], [0.3, 0.4], rtol=1e-6, err_msg="small tree was changed")
+    big, norm = clip_to_norm({"a": jnp.array([3.0, 4.0])}, 1.0)
+    small, _ = clip_to_norm({"a": jnp.array([0.3, 0.4])}, 1.0)
+    assert float(norm) == pytest.approx(5.0)
+    np.testing.assert_allclose(
+        big["a"], [0.6, 0.8], rtol=1e-6, err_msg="large tree not scaled to C"
+    )
+    np.testing.assert_allclose(small["a"], [0.3, 0.4], rtol=1e-6, err_msg="small tree was changed")
 
 
 def test_vmap_per_example_sum_equals_python_loop():
-  params, batch = _problem()
-  clip = 2.0
-  result = clipped_grad_sum(_linear_loss, params, batch, jnp.ones(12), clip)
-  expected = jax.tree_util.tree_map(jnp.zeros_like, params)
-  norms = []
-  for i in range(12):
-    g = jax.grad(_linear_loss)(params, (batch[0][i], batch[1][i]))
-    clipped, n = clip_to_norm(g, clip)
-    norms.append(float(n))
-    expected = jax.tree_util.tree_map(jnp.add, expected, clipped)
-  for k in params:
-    np.testing.assert_allclose(result.grad_sum[k], expected[k], rtol=1e-5, atol=1e-5,
-                               err_msg=f"vmapped clipped sum differs from a loop for {k}")
-  np.testing.assert_allclose(result.norms, norms, rtol=1e-5, err_msg="per-example norms differ")
+    params, batch = _problem()
+    clip = 2.0
+    result = clipped_grad_sum(_linear_loss, params, batch, jnp.ones(12), clip)
+    expected = jax.tree_util.tree_map(jnp.zeros_like, params)
+    norms = []
+    for i in range(12):
+        g = jax.grad(_linear_loss)(params, (batch[0][i], batch[1][i]))
+        clipped, n = clip_to_norm(g, clip)
+        norms.append(float(n))
+        expected = jax.tree_util.tree_map(jnp.add, expected, clipped)
+    for k in params:
+        np.testing.assert_allclose(
+            result.grad_sum[k],
+            expected[k],
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=f"vmapped clipped sum differs from a loop for {k}",
+        )
+    np.testing.assert_allclose(result.norms, norms, rtol=1e-5, err_msg="per-example norms differ")
 
 
 def test_every_clipped_contribution_has_norm_at_most_clip():
-  params, batch = _problem(batch=20)
-  clip = 0.5
-  for i in range(20):
-    single = jax.tree_util.tree_map(lambda x, i=i: x[i:i + 1], batch)
-    result = clipped_grad_sum(_linear_loss, params, single, jnp.ones(1), clip)
-    assert float(global_l2_norm(result.grad_sum)) <= clip * (1 + 1e-5), (
-        f"example {i}: clipped contribution norm exceeds C={clip}")
-  full = clipped_grad_sum(_linear_loss, params, batch, jnp.ones(20), clip)
-  assert float(jnp.min(full.norms)) > clip, "test needs gradients larger than C to be meaningful"
+    params, batch = _problem(batch=20)
+    clip = 0.5
+    for i in range(20):
+        single = jax.tree_util.tree_map(lambda x, i=i: x[i : i + 1], batch)
+        result = clipped_grad_sum(_linear_loss, params, single, jnp.ones(1), clip)
+        assert float(global_l2_norm(result.grad_sum)) <= clip * (1 + 1e-5), (
+            f"example {i}: clipped contribution norm exceeds C={clip}"
+        )
+    full = clipped_grad_sum(_linear_loss, params, batch, jnp.ones(20), clip)
+    assert float(jnp.min(full.norms)) > clip, "test needs gradients larger than C to be meaningful"
 
 
 @pytest.mark.parametrize("microbatch", [1, 5, 7, 12, 100])
 def test_chunked_equals_unchunked(microbatch):
-  params, batch = _problem()
-  mask = jnp.array([1] * 9 + [0] * 3)
-  whole = clipped_grad_sum(_linear_loss, params, batch, mask, 1.0)
-  chunked = clipped_grad_sum(_linear_loss, params, batch, mask, 1.0, microbatch_size=microbatch)
-  for k in params:
-    np.testing.assert_allclose(chunked.grad_sum[k], whole.grad_sum[k], rtol=1e-5, atol=1e-6,
-                               err_msg=f"microbatch={microbatch} changes the sum of {k}")
-  np.testing.assert_allclose(chunked.norms, whole.norms, rtol=1e-5)
+    params, batch = _problem()
+    mask = jnp.array([1] * 9 + [0] * 3)
+    whole = clipped_grad_sum(_linear_loss, params, batch, mask, 1.0)
+    chunked = clipped_grad_sum(_linear_loss, params, batch, mask, 1.0, microbatch_size=microbatch)
+    for k in params:
+        np.testing.assert_allclose(
+            chunked.grad_sum[k],
+            whole.grad_sum[k],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"microbatch={microbatch} changes the sum of {k}",
+        )
+    np.testing.assert_allclose(chunked.norms, whole.norms, rtol=1e-5)
 
 
 def test_padding_contributes_nothing():
-  params, (x, y) = _problem(batch=8)
-  mask = jnp.array([1, 1, 1, 1, 1, 0, 0, 0])
-  garbage_x = x.at[5:].set(1e6)  # padded rows hold huge values: must not leak in
-  padded = clipped_grad_sum(_linear_loss, params, (garbage_x, y), mask, 1.0)
-  real = clipped_grad_sum(_linear_loss, params, (x[:5], y[:5]), jnp.ones(5), 1.0)
-  for k in params:
-    np.testing.assert_allclose(padded.grad_sum[k], real.grad_sum[k], rtol=1e-6, atol=1e-6,
-                               err_msg="padded examples changed the clipped sum")
-  assert np.all(np.asarray(padded.norms[5:]) == 0), "padded examples must report norm 0"
+    params, (x, y) = _problem(batch=8)
+    mask = jnp.array([1, 1, 1, 1, 1, 0, 0, 0])
+    garbage_x = x.at[5:].set(1e6)  # padded rows hold huge values: must not leak in
+    padded = clipped_grad_sum(_linear_loss, params, (garbage_x, y), mask, 1.0)
+    real = clipped_grad_sum(_linear_loss, params, (x[:5], y[:5]), jnp.ones(5), 1.0)
+    for k in params:
+        np.testing.assert_allclose(
+            padded.grad_sum[k],
+            real.grad_sum[k],
+            rtol=1e-6,
+            atol=1e-6,
+            err_msg="padded examples changed the clipped sum",
+        )
+    assert np.all(np.asarray(padded.norms[5:]) == 0), "padded examples must report norm 0"
 
 
 def test_nonpositive_clip_is_rejected():
-  params, batch = _problem()
-  with pytest.raises(ValueError, match="l2_clip"):
-    clipped_grad_sum(_linear_loss, params, batch, jnp.ones(12), 0.0)
+    params, batch = _problem()
+    with pytest.raises(ValueError, match="l2_clip"):
+        clipped_grad_sum(_linear_loss, params, batch, jnp.ones(12), 0.0)

@@ -12,92 +12,106 @@ STEP = dp_event.PoissonSampledDpEvent(0.016, dp_event.GaussianDpEvent(1.1))
 
 
 def _ledger(**kw):
-  return PrivacyLedger(unit="example", neighboring_relation="add_or_remove_one", delta=1e-5, **kw)
+    return PrivacyLedger(unit="example", neighboring_relation="add_or_remove_one", delta=1e-5, **kw)
 
 
 def test_ledger_eps_equals_direct_dp_accounting():
-  ledger = _ledger()
-  for _ in range(30):
-    ledger.record(STEP)
-  other = dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(2.0))
-  ledger.record(other, count=7)
-  direct = dp_event.ComposedDpEvent(
-      [dp_event.SelfComposedDpEvent(STEP, 30), dp_event.SelfComposedDpEvent(other, 7)])
-  a, b = rdp.RdpAccountant(), pld.PLDAccountant()
-  a.compose(direct)
-  b.compose(direct)
-  assert ledger.epsilon("rdp") == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
-  assert ledger.epsilon("pld") == pytest.approx(b.get_epsilon(1e-5), rel=1e-9)
+    ledger = _ledger()
+    for _ in range(30):
+        ledger.record(STEP)
+    other = dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(2.0))
+    ledger.record(other, count=7)
+    direct = dp_event.ComposedDpEvent(
+        [dp_event.SelfComposedDpEvent(STEP, 30), dp_event.SelfComposedDpEvent(other, 7)]
+    )
+    a, b = rdp.RdpAccountant(), pld.PLDAccountant()
+    a.compose(direct)
+    b.compose(direct)
+    assert ledger.epsilon("rdp") == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
+    assert ledger.epsilon("pld") == pytest.approx(b.get_epsilon(1e-5), rel=1e-9)
 
 
 def test_identical_consecutive_events_are_merged():
-  ledger = _ledger()
-  ledger.record(STEP)
-  ledger.record(STEP, count=4)
-  assert ledger.entries == [(STEP, 5)], "5 identical releases should be stored once, count 5"
-  assert ledger.num_releases == 5
+    ledger = _ledger()
+    ledger.record(STEP)
+    ledger.record(STEP, count=4)
+    assert ledger.entries == [(STEP, 5)], "5 identical releases should be stored once, count 5"
+    assert ledger.num_releases == 5
 
 
-@pytest.mark.parametrize("event", [
-    dp_event.GaussianDpEvent(1.5),
-    STEP,
-    dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5)),
-    dp_event.SelfComposedDpEvent(STEP, 3),
-    dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(1.0), dp_event.GaussianDpEvent(2.0)]),
-    dp_event.PoissonSampledDpEvent(0.1, dp_event.ComposedDpEvent(
-        [dp_event.GaussianDpEvent(1.2), dp_event.GaussianDpEvent(3.0)])),
-    dp_event.NoOpDpEvent(),
-])
+@pytest.mark.parametrize(
+    "event",
+    [
+        dp_event.GaussianDpEvent(1.5),
+        STEP,
+        dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5)),
+        dp_event.SelfComposedDpEvent(STEP, 3),
+        dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(1.0), dp_event.GaussianDpEvent(2.0)]),
+        dp_event.PoissonSampledDpEvent(
+            0.1,
+            dp_event.ComposedDpEvent(
+                [dp_event.GaussianDpEvent(1.2), dp_event.GaussianDpEvent(3.0)]
+            ),
+        ),
+        dp_event.NoOpDpEvent(),
+    ],
+)
 def test_event_json_round_trip(event):
-  data = json.loads(json.dumps(event_to_json(event)))
-  assert event_from_json(data) == event, f"{event} did not survive a JSON round-trip"
+    data = json.loads(json.dumps(event_to_json(event)))
+    assert event_from_json(data) == event, f"{event} did not survive a JSON round-trip"
 
 
 def test_ledger_json_round_trip_keeps_eps_and_fields():
-  ledger = _ledger(target_epsilon=3.0, metadata={"batch_size": 64})
-  ledger.record(STEP, count=100)
-  ledger.record(dp_event.GaussianDpEvent(5.0))
-  data = json.loads(json.dumps(ledger.to_json()))
-  for key in ("epsilon_rdp", "epsilon_pld", "delta", "unit", "neighboring_relation", "events"):
-    assert key in data, f"ledger.json must have key {key}"
-  back = PrivacyLedger.from_json(data)
-  assert back.entries == ledger.entries
-  assert back.epsilon() == pytest.approx(data["epsilon_rdp"], rel=1e-12)
-  assert (back.unit, back.delta, back.target_epsilon) == ("example", 1e-5, 3.0)
+    ledger = _ledger(target_epsilon=3.0, metadata={"batch_size": 64})
+    ledger.record(STEP, count=100)
+    ledger.record(dp_event.GaussianDpEvent(5.0))
+    data = json.loads(json.dumps(ledger.to_json()))
+    for key in ("epsilon_rdp", "epsilon_pld", "delta", "unit", "neighboring_relation", "events"):
+        assert key in data, f"ledger.json must have key {key}"
+    back = PrivacyLedger.from_json(data)
+    assert back.entries == ledger.entries
+    assert back.epsilon() == pytest.approx(data["epsilon_rdp"], rel=1e-12)
+    assert (back.unit, back.delta, back.target_epsilon) == ("example", 1e-5, 3.0)
 
 
 def test_fixed_size_ledger_reports_no_pld():
-  ledger = PrivacyLedger(unit="example", neighboring_relation="replace_one", delta=1e-5)
-  ledger.record(accounting.dpsgd_event(1.0, 10, sampling="fixed", population=100, expected_size=10))
-  data = ledger.to_json()
-  assert data["epsilon_pld"] is None and data["pld_note"], "PLD must say it is unsupported"
-  assert data["epsilon_rdp"] > 0
+    ledger = PrivacyLedger(unit="example", neighboring_relation="replace_one", delta=1e-5)
+    ledger.record(
+        accounting.dpsgd_event(1.0, 10, sampling="fixed", population=100, expected_size=10)
+    )
+    data = ledger.to_json()
+    assert data["epsilon_pld"] is None and data["pld_note"], "PLD must say it is unsupported"
+    assert data["epsilon_rdp"] > 0
 
 
 def test_ledger_refuses_events_it_cannot_account():
-  ledger = _ledger()
-  swor = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5))
-  with pytest.raises(ValueError, match="not supported"):
-    ledger.record(swor)  # sampling without replacement needs replace-one
+    ledger = _ledger()
+    swor = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5))
+    with pytest.raises(ValueError, match="not supported"):
+        ledger.record(swor)  # sampling without replacement needs replace-one
 
 
 def test_budget_guard_stops_before_exceeding():
-  ledger = _ledger(target_epsilon=1.0)
-  n = ledger.affordable_count(STEP, 100000)
-  assert ledger.epsilon_with(STEP, n) <= 1.0 < ledger.epsilon_with(STEP, n + 1), (
-      "affordable_count must be the largest count within the budget")
-  ledger.record(STEP, n)
-  with pytest.raises(BudgetExceededError):
-    ledger.check_budget(STEP)
+    ledger = _ledger(target_epsilon=1.0)
+    n = ledger.affordable_count(STEP, 100000)
+    assert ledger.epsilon_with(STEP, n) <= 1.0 < ledger.epsilon_with(STEP, n + 1), (
+        "affordable_count must be the largest count within the budget"
+    )
+    ledger.record(STEP, n)
+    with pytest.raises(BudgetExceededError):
+        ledger.check_budget(STEP)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"unit": "row"}, "unit"),
-    ({"neighboring_relation": "swap"}, "neighboring_relation"),
-    ({"delta": 1.0}, "delta"),
-    ({"target_epsilon": -1.0}, "target_epsilon"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"unit": "row"}, "unit"),
+        ({"neighboring_relation": "swap"}, "neighboring_relation"),
+        ({"delta": 1.0}, "delta"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+    ],
+)
 def test_ledger_validates_fields(kwargs, match):
-  base = {"unit": "example", "neighboring_relation": "add_or_remove_one", "delta": 1e-5}
-  with pytest.raises(ValueError, match=match):
-    PrivacyLedger(**{**base, **kwargs})
+    base = {"unit": "example", "neighboring_relation": "add_or_remove_one", "delta": 1e-5}
+    with pytest.raises(ValueError, match=match):
+        PrivacyLedger(**{**base, **kwargs})

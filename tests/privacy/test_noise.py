@@ -10,38 +10,39 @@ from dpfed.privacy import GaussianSumMechanism, add_gaussian_noise
 
 
 def test_noise_std_equals_z_times_clip():
-  """Catches a factor 2 or sqrt(2) error in the noise scale (std z*C on the sum)."""
-  mech = GaussianSumMechanism(l2_clip=0.7, noise_multiplier=1.3)
-  zeros = {"a": jnp.zeros((200, 500)), "b": jnp.zeros((1000,))}
-  noised = mech.privatize(zeros, jax.random.key(0))
-  flat = np.concatenate([np.ravel(noised["a"]), np.ravel(noised["b"])])
-  expected = 0.7 * 1.3
-  assert abs(flat.std() / expected - 1) < 0.02, (
-      f"empirical std {flat.std():.4f} is not z*C={expected:.4f}")
-  assert abs(flat.mean()) < 0.01, "noise must be zero-mean"
+    """Catches a factor 2 or sqrt(2) error in the noise scale (std z*C on the sum)."""
+    mech = GaussianSumMechanism(l2_clip=0.7, noise_multiplier=1.3)
+    zeros = {"a": jnp.zeros((200, 500)), "b": jnp.zeros((1000,))}
+    noised = mech.privatize(zeros, jax.random.key(0))
+    flat = np.concatenate([np.ravel(noised["a"]), np.ravel(noised["b"])])
+    expected = 0.7 * 1.3
+    assert abs(flat.std() / expected - 1) < 0.02, (
+        f"empirical std {flat.std():.4f} is not z*C={expected:.4f}"
+    )
+    assert abs(flat.mean()) < 0.01, "noise must be zero-mean"
 
 
 def test_each_leaf_gets_independent_noise():
-  tree = {"a": jnp.zeros(5000), "b": jnp.zeros(5000)}
-  noised = add_gaussian_noise(tree, jax.random.key(1), 1.0)
-  corr = np.corrcoef(np.asarray(noised["a"]), np.asarray(noised["b"]))[0, 1]
-  assert abs(corr) < 0.05, f"leaves share noise (correlation {corr:.3f})"
+    tree = {"a": jnp.zeros(5000), "b": jnp.zeros(5000)}
+    noised = add_gaussian_noise(tree, jax.random.key(1), 1.0)
+    corr = np.corrcoef(np.asarray(noised["a"]), np.asarray(noised["b"]))[0, 1]
+    assert abs(corr) < 0.05, f"leaves share noise (correlation {corr:.3f})"
 
 
 def test_noise_is_deterministic_given_key():
-  tree = {"a": jnp.zeros(10)}
-  a = add_gaussian_noise(tree, jax.random.key(3), 1.0)["a"]
-  b = add_gaussian_noise(tree, jax.random.key(3), 1.0)["a"]
-  np.testing.assert_array_equal(a, b, err_msg="same key must give the same noise")
+    tree = {"a": jnp.zeros(10)}
+    a = add_gaussian_noise(tree, jax.random.key(3), 1.0)["a"]
+    b = add_gaussian_noise(tree, jax.random.key(3), 1.0)["a"]
+    np.testing.assert_array_equal(a, b, err_msg="same key must give the same noise")
 
 
 def test_mechanism_event_is_gaussian_with_its_multiplier():
-  mech = GaussianSumMechanism(l2_clip=2.0, noise_multiplier=0.9)
-  assert mech.dp_event() == dp_event.GaussianDpEvent(0.9)
-  assert mech.stddev == pytest.approx(1.8)
+    mech = GaussianSumMechanism(l2_clip=2.0, noise_multiplier=0.9)
+    assert mech.dp_event() == dp_event.GaussianDpEvent(0.9)
+    assert mech.stddev == pytest.approx(1.8)
 
 
 @pytest.mark.parametrize("clip,z", [(-1.0, 1.0), (0.0, 1.0), (1.0, -0.5)])
 def test_mechanism_rejects_bad_parameters(clip, z):
-  with pytest.raises(ValueError):
-    GaussianSumMechanism(l2_clip=clip, noise_multiplier=z)
+    with pytest.raises(ValueError):
+        GaussianSumMechanism(l2_clip=clip, noise_multiplier=z)
