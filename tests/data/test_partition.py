@@ -1,0 +1,123 @@
+"""Tests of the federated partitioners and of `to_federated` padding."""
+
+import numpy as np
+import pytest
+
+from dpfed import data
+
+LABELS = np.repeat(np.arange(10), 100)  # 1,000 examples, 100 per class.
+
+
+def _assert_exact_cover(parts, num_examples):
+    flat = np.concatenate(parts)
+    assert flat.size == num_examples, f"{flat.size} indices for {num_examples} examples"
+    assert np.array_equal(np.sort(flat), np.arange(num_examples)), "an example is lost or repeated"
+
+
+def _partitions():
+    return {
+        "iid": data.partition_iid(1000, 7, seed=0),
+        "dirichlet": data.partition_dirichlet(LABELS, 7, alpha=0.5, seed=0),
+        "natural": data.partition_natural(np.arange(1000) % 7),
+    }
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "natural"])
+def test_every_example_in_exactly_one_client(kind):
+    _assert_exact_cover(_partitions()[kind], 1000)
+
+
+def test_iid_sizes_differ_by_at_most_one():
+    sizes = [len(p) for p in data.partition_iid(1003, 10, seed=1)]
+    assert max(sizes) - min(sizes) <= 1, f"iid sizes {sizes}"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: data.partition_iid(1000, 9, seed),
+        lambda seed: data.partition_dirichlet(LABELS, 9, 0.3, seed),
+    ],
+    ids=["iid", "dirichlet"],
+)
+def test_same_seed_same_partition_other_seed_differs(make):
+    first, again, other = make(3), make(3), make(4)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)), "not reproducible"
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True)), (
+        "seed has no effect"
+    )
+
+
+def _mean_top_class_share(alpha: float) -> float:
+    """Average over clients of the fraction of its examples in its most common class."""
+    parts = data.partition_dirichlet(LABELS, 10, alpha, seed=0)
+    return float(np.mean([np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts]))
+
+
+def test_dirichlet_small_alpha_skews_labels():
+    share = _mean_top_class_share(0.05)
+    assert share > 0.4, f"alpha=0.05: top class holds {share:.2f} of a client, want skew (IID 0.1)"
+
+
+def test_dirichlet_large_alpha_is_near_uniform():
+    parts = data.partition_dirichlet(LABELS, 10, 1000.0, seed=0)
+    fractions = np.array([np.bincount(LABELS[p], minlength=10) / len(p) for p in parts])
+    worst = np.abs(fractions - 0.1).max()
+    assert worst < 0.06, f"alpha=1000: a class share is {worst:.3f} off the uniform 0.1"
+
+
+def test_dirichlet_respects_min_size():
+    parts = data.partition_dirichlet(LABELS, 20, 0.1, seed=0, min_size=10)
+    assert min(len(p) for p in parts) >= 10, f"sizes {[len(p) for p in parts]}"
+
+
+def test_natural_groups_by_id_in_stable_order():
+    parts = data.partition_natural(np.array(["b", "a", "b", "c", "a"]))
+    assert [p.tolist() for p in parts] == [[1, 4], [0, 2], [3]], f"groups {parts}"
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda: data.partition_iid(10, 0, 0), "num_clients"),
+        (lambda: data.partition_iid(10, 11, 0), "num_clients"),
+        (lambda: data.partition_dirichlet(LABELS, 0, 1.0, 0), "num_clients"),
+        (lambda: data.partition_dirichlet(LABELS, 5, 0.0, 0), "alpha"),
+        (lambda: data.partition_dirichlet(LABELS, 5, 1.0, 0, min_size=300), "min_size"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, argument):
+    with pytest.raises(ValueError, match=argument):
+        call()
+
+
+def _small_federated(max_n=None):
+    images = np.arange(1, 7, dtype=np.float32).reshape(6, 1, 1, 1)
+    labels = np.array([1, 2, 3, 4, 5, 6])
+    return data.to_federated(images, labels, [np.array([0, 3, 5]), np.array([2])], max_n=max_n)
+
+
+def test_to_federated_shapes_and_counts():
+    fed = _small_federated(max_n=4)
+    assert fed.images.shape == (2, 4, 1, 1, 1) and fed.labels.shape == (2, 4), "bad shapes"
+    assert fed.counts.tolist() == [3, 1] and fed.counts.dtype == np.int32, f"counts {fed.counts}"
+    assert fed.num_clients == 2, f"num_clients {fed.num_clients}"
+
+
+def test_to_federated_places_client_examples_in_order():
+    fed = _small_federated()
+    assert fed.labels.tolist() == [[1, 4, 6], [3, 0, 0]], f"labels {fed.labels.tolist()}"
+    assert fed.images[0, :, 0, 0, 0].tolist() == [1.0, 4.0, 6.0], "client 0 images misplaced"
+
+
+def test_padding_is_zero_and_masked_out():
+    fed = _small_federated(max_n=4)
+    assert fed.mask.tolist() == [[True, True, True, False], [True, False, False, False]], (
+        f"mask {fed.mask}"
+    )
+    assert not fed.images[~fed.mask].any() and not fed.labels[~fed.mask].any(), "padding not 0"
+
+
+def test_to_federated_refuses_to_drop_examples():
+    with pytest.raises(ValueError, match="max_n"):
+        _small_federated(max_n=2)
