@@ -1,0 +1,144 @@
+"""Checkpoints that hold the train state and the privacy ledger together (orbax).
+
+One orbax step directory holds both the state pytree (`state/`) and a JSON dict
+(`extra/`, where the privacy ledger goes). Orbax writes the step into a temporary
+directory and renames it when complete, so a crash leaves either the whole step or
+none of it, and the state can never run ahead of the ledger that accounts for it.
+Saving is synchronous: when `save` returns, the step is on disk.
+"""
+
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from dpfed.train import workdir as workdir_lib
+
+
+class _DropOrbaxInfo(logging.Filter):
+    """Drops orbax's INFO/DEBUG records (several per save) from the absl logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not from_orbax or record.levelno >= logging.WARNING
+
+
+_ORBAX_FILTER = _DropOrbaxInfo()
+
+
+def _silence_orbax() -> None:
+    for name in ("absl", "orbax"):
+        logger = logging.getLogger(name)
+        if _ORBAX_FILTER not in logger.filters:
+            logger.addFilter(_ORBAX_FILTER)
+
+
+def _is_typed_key(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree: Any) -> Any:
+    """Typed PRNG keys (`jax.random.key`) replaced by their raw uint32 key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, tree)
+
+
+def _data_to_keys(restored: Any, template: Any) -> Any:
+    """Wraps restored key data back into typed keys wherever `template` has one."""
+
+    def rewrap(template_leaf: Any, leaf: Any) -> Any:
+        if _is_typed_key(template_leaf):
+            return jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(template_leaf))
+        return leaf
+
+    return jax.tree.map(rewrap, template, restored)
+
+
+class Checkpointer:
+    """Saves and restores `(state, extra)` pairs under `directory/<step>/`.
+
+    `state` is a pytree of arrays and Python scalars (params, optimizer state, step
+    counters, PRNG keys: raw `uint32` key data or typed `jax.random.key`s, which come
+    back typed when the template has a typed key). `extra` is a JSON-able dict (the
+    privacy ledger); numpy/jax values in it are stored as Python numbers/lists.
+    Only the newest `max_to_keep` steps are kept.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        _silence_orbax()
+        self._directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self._directory, options=options)
+
+    @property
+    def directory(self) -> pathlib.Path:
+        """The directory holding one subdirectory per saved step."""
+        return self._directory
+
+    def save(self, step: int, state: Any, extra: dict) -> None:
+        """Saves `state` and `extra` as one checkpoint; returns once it is on disk.
+
+        Raises:
+          ValueError: if `step` is not newer than the latest saved step (orbax would
+            silently skip such a save).
+        """
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            raise ValueError(f"cannot save step {step}: step {latest} is already saved")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_keys_to_data(state)),
+            extra=ocp.args.JsonSave(workdir_lib.to_jsonable(extra)),
+        )
+        saved = self._manager.save(step, args=args)
+        self._manager.wait_until_finished()
+        if not saved:
+            raise RuntimeError(f"orbax declined to save step {step} in {self._directory}")
+
+    def latest_step(self) -> int | None:
+        """The newest completely written step, or None if there is none."""
+        self._manager.reload()
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All completely written steps, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Returns `(state, extra)` of `step` (default: the latest step).
+
+        Arrays come back with the dtypes, shapes (and shardings) of the matching
+        leaves of `state_template`, which may hold arrays or `jax.ShapeDtypeStruct`s.
+
+        Raises:
+          FileNotFoundError: if there is no checkpoint (of `step`) to restore.
+        """
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self._directory}")
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(_keys_to_data(state_template)),
+            extra=ocp.args.JsonRestore(),
+        )
+        restored = self._manager.restore(step, args=args)
+        state = _data_to_keys(restored.state, state_template)
+        return state, workdir_lib.from_jsonable(restored.extra)
+
+    def close(self) -> None:
+        """Waits for pending work and releases orbax's resources."""
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

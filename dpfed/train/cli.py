@@ -1,0 +1,82 @@
+"""Helpers for thin absl experiment binaries: one clear line and exit code 2 on bad flags.
+
+The workdir contract (DESIGN.md) asks that a bad flag -- an unknown flag, a value an
+absl validator rejects, or a value the binary itself finds unusable -- ends the run
+with exit code 2 and one line naming the flag, without a traceback or a usage dump.
+
+Typical use::
+
+    def main(argv):
+        cli.check(FLAGS.clip_norm > 0, "clip_norm", "must be positive")
+        ...
+
+    if __name__ == "__main__":
+        cli.run(main)
+"""
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from absl import app, flags
+
+EXIT_BAD_FLAG = 2
+
+
+class FlagError(Exception):
+    """A flag value the binary cannot use; `run` reports it as `error: --flag: message`."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+def check(condition: bool, flag: str, message: str) -> None:
+    """Raises `FlagError(flag, message)` unless `condition` holds."""
+    if not condition:
+        raise FlagError(flag, message)
+
+
+def _exit_bad_flag(line: str) -> NoReturn:
+    """Writes `error: <line>` (collapsed to one line) to stderr and exits with code 2."""
+    one_line = " ".join(line.split())
+    sys.stderr.write(f"error: {one_line}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_BAD_FLAG)
+
+
+def _describe(error: flags.Error) -> str:
+    """absl's message for a parsing error, led by the flag name like a `FlagError`."""
+    if isinstance(error, flags.UnrecognizedFlagError):
+        _, found, suggestions = str(error).partition("Did you mean: ")
+        tip = f"; did you mean {suggestions.rstrip(' ?')}?" if found else ""
+        return f"--{error.flagname}: unknown flag{tip}"
+    if isinstance(error, flags.CantOpenFlagFileError):
+        return f"--flagfile: {str(error).removeprefix('ERROR:: ')}"
+    return str(error).removeprefix("flag ")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parses absl flags; on any flag error exits with code 2 and one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _exit_bad_flag(_describe(error))
+
+
+def run(main: Callable[[list[str]], Any]) -> NoReturn:
+    """Like `absl.app.run(main)`, but bad flags exit with code 2 and one stderr line.
+
+    Flag parsing errors (unknown flag, unparsable or out-of-range value, failed
+    validator, required flag missing) and a `FlagError` raised from `main` both end
+    the process with exit code 2 and a single line; other exceptions propagate.
+    """
+
+    def main_reporting_flag_errors(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except FlagError as error:
+            _exit_bad_flag(str(error))
+
+    app.run(main_reporting_flag_errors, flags_parser=_parse_flags)

@@ -1,0 +1,245 @@
+"""The experiment workdir: crash-safe JSON files, the metrics log, hashes, versions.
+
+A workdir (DESIGN.md, "Workdir contract") is the unit of an experiment: it holds
+`metrics.jsonl`, `summary.json`, `report.md`, `ledger.json`, images and
+`checkpoints/`. JSON files are replaced atomically, so a crash leaves either the
+old or the new file, never half of one. JSON is strict (RFC 8259): numpy and jax
+scalars and arrays become Python numbers and lists, and the non-finite floats
+become the strings "NaN", "Infinity" and "-Infinity", which the readers here turn
+back into floats.
+"""
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _float_to_json(value: float) -> float | str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return float(value)
+
+
+def _array_to_python(value: Any) -> Any:
+    """A numpy/jax array or scalar as Python numbers (nested lists for arrays)."""
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        value = jax.random.key_data(value)
+    array = np.asarray(value)
+    if jnp.issubdtype(array.dtype, jnp.floating):  # Includes bfloat16 and friends.
+        array = array.astype(np.float64)
+    return array.tolist()
+
+
+def to_jsonable(obj: Any) -> Any:
+    """`obj` with every value made strict-JSON serialisable (see the module docstring)."""
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    if isinstance(obj, float):
+        return _float_to_json(obj)
+    if isinstance(obj, dict):
+        return {str(key): to_jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_jsonable(value) for value in obj]
+    if isinstance(obj, np.ndarray | np.generic | jax.Array):
+        return to_jsonable(_array_to_python(obj))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON text for `obj` after `to_jsonable`."""
+    return json.dumps(to_jsonable(obj), allow_nan=False, **kwargs)
+
+
+def loads(text: str) -> Any:
+    """Parses JSON written by `dumps`, turning "NaN"/"Infinity"/"-Infinity" back into floats."""
+    return from_jsonable(json.loads(text))
+
+
+def from_jsonable(obj: Any) -> Any:
+    """Undoes `to_jsonable`'s encoding of non-finite floats in parsed JSON."""
+    if isinstance(obj, str):
+        return _NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {key: from_jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [from_jsonable(value) for value in obj]
+    return obj
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    """Makes a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Writes `text` to `path` atomically: temp file in the same dir, fsync, os.replace."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class Workdir:
+    """An experiment's output directory (created if missing)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._path = pathlib.Path(path).absolute()
+        self._path.mkdir(parents=True, exist_ok=True)
+        self._metrics_tail_checked = False
+
+    @property
+    def path(self) -> pathlib.Path:
+        """The absolute path of the workdir."""
+        return self._path
+
+    def file(self, name: str) -> pathlib.Path:
+        """The path of `name` inside the workdir (not created)."""
+        return self._path / name
+
+    def write_json(self, name: str, obj: Any) -> pathlib.Path:
+        """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""
+        path = self.file(name)
+        atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def read_json(self, name: str) -> Any:
+        """Reads a JSON file written by `write_json`."""
+        return loads(self.file(name).read_text(encoding="utf-8"))
+
+    def write_summary(self, summary: dict) -> pathlib.Path:
+        """Atomically writes `summary.json`."""
+        return self.write_json(SUMMARY_FILE, summary)
+
+    def write_report(self, markdown: str) -> pathlib.Path:
+        """Atomically writes `report.md`."""
+        path = self.file(REPORT_FILE)
+        atomic_write_text(path, markdown if markdown.endswith("\n") else markdown + "\n")
+        return path
+
+    def append_metrics(self, record: dict) -> None:
+        """Appends `record` as one JSON line to `metrics.jsonl`, durably (flush + fsync)."""
+        path = self.file(METRICS_FILE)
+        if not self._metrics_tail_checked:
+            _drop_torn_last_line(path)
+            self._metrics_tail_checked = True
+        with path.open("a", encoding="utf-8") as f:
+            f.write(dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        """All records of `metrics.jsonl` in order; a torn last line (a crash) is ignored."""
+        path = self.file(METRICS_FILE)
+        if not path.exists():
+            return []
+        text = path.read_text(encoding="utf-8")
+        complete, _, _ = text.rpartition("\n")
+        return [loads(line) for line in complete.splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int, key: str = "step") -> int:
+        """Drops the records with `record[key] > after_step`; returns how many were dropped.
+
+        Call it on resume with the restored checkpoint's step, so records logged after
+        that checkpoint by a killed run are not duplicated. Records without `key` stay.
+        """
+        records = self.read_metrics()
+        kept = [r for r in records if key not in r or r[key] <= after_step]
+        path = self.file(METRICS_FILE)
+        if path.exists():
+            atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
+        self._metrics_tail_checked = True
+        return len(records) - len(kept)
+
+
+def _drop_torn_last_line(path: pathlib.Path) -> None:
+    """Cuts a last line without its newline (a write cut short by a crash)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _leaf_as_array(leaf: Any) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)
+    return np.asarray(leaf)
+
+
+def params_sha256(params: Any) -> str:
+    """A SHA-256 hex digest of a pytree of arrays, stable across runs and machines.
+
+    Leaves are taken in the order of their sorted `jax.tree_util.keystr` paths; each
+    contributes its dtype name, its shape and its C-contiguous little-endian bytes.
+    Typed PRNG keys are hashed through their raw key data.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    digest = hashlib.sha256()
+    for _, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = _leaf_as_array(leaf)
+        little_endian = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        digest.update(f"{array.dtype.name}{array.shape}".encode())
+        digest.update(little_endian.tobytes())
+    return digest.hexdigest()
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "orbax-checkpoint", "numpy")
+
+
+def environment_info() -> dict:
+    """Software versions and accelerator facts for `summary.json` (no host or user names)."""
+    devices = jax.devices()
+    return {
+        "python": platform.python_version(),
+        **{name.replace("-", "_"): _version(name) for name in _VERSIONED},
+        "platform": f"{platform.system()}-{platform.machine()}",
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+    }

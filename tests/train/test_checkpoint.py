@@ -1,0 +1,203 @@
+"""Tests for dpfed.train.checkpoint."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpfed.train.checkpoint import Checkpointer
+
+
+def _state(seed=0):
+    key = jax.random.key(seed)
+    params = {
+        "dense": {"kernel": jax.random.normal(key, (4, 3)), "bias": jnp.arange(3.0)},
+        "half": jnp.ones(2, jnp.bfloat16),
+    }
+    opt_state = optax.adam(1e-3).init(params)
+    _, opt_state = optax.adam(1e-3).update(params, opt_state, params)
+    return {"params": params, "opt_state": opt_state, "step": 17, "key": key}
+
+
+def _zeros_like(state):
+    zeroed = jax.tree.map(
+        lambda x: (
+            x
+            if isinstance(x, int) or jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else jnp.zeros_like(x)
+        ),
+        state,
+    )
+    return {**zeroed, "step": 0, "key": jax.random.key(99)}
+
+
+def _assert_trees_equal(actual, expected):
+    def leaf_check(path, a, e):
+        name = jax.tree_util.keystr(path)
+        if isinstance(e, jax.Array) and jnp.issubdtype(e.dtype, jax.dtypes.prng_key):
+            a, e = jax.random.key_data(a), jax.random.key_data(e)
+        assert np.asarray(a).dtype == np.asarray(e).dtype, f"{name}: dtype changed"
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=f"{name} changed")
+
+    assert jax.tree.structure(actual) == jax.tree.structure(expected), "tree structure changed"
+    jax.tree_util.tree_map_with_path(leaf_check, actual, expected)
+
+
+def test_round_trip_is_exact(tmp_path):
+    state = _state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, state, {"epsilon_rdp": 1.25})
+        restored, _ = ckpt.restore(_zeros_like(state))
+    _assert_trees_equal(restored, state)
+    assert restored["step"] == 17 and isinstance(restored["step"], int), "int step not restored"
+
+
+def test_typed_key_restores_typed(tmp_path):
+    state = _state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {})
+        restored, _ = ckpt.restore(_zeros_like(state))
+    assert jnp.issubdtype(restored["key"].dtype, jax.dtypes.prng_key), "key came back untyped"
+    np.testing.assert_array_equal(
+        jax.random.normal(restored["key"], (3,)),
+        jax.random.normal(state["key"], (3,)),
+        err_msg="restored key draws different numbers",
+    )
+
+
+def test_raw_key_data_round_trips(tmp_path):
+    state = {"key": jax.random.key_data(jax.random.key(3))}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {})
+        restored, _ = ckpt.restore({"key": jnp.zeros_like(state["key"])})
+    _assert_trees_equal(restored, state)
+
+
+def test_restore_with_shape_dtype_structs(tmp_path):
+    state = {"w": jnp.arange(6.0).reshape(2, 3)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {})
+        restored, _ = ckpt.restore({"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
+    _assert_trees_equal(restored, state)
+
+
+def test_extra_round_trips(tmp_path):
+    extra = {
+        "ledger": {"unit": "example", "events": [{"name": "gaussian", "sigma": np.float32(1.5)}]},
+        "epsilon_rdp": np.float64(2.5),
+        "target": float("inf"),
+        "steps": np.int64(3),
+    }
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"w": jnp.ones(1)}, extra)
+        _, restored = ckpt.restore({"w": jnp.zeros(1)})
+    expected = {
+        "ledger": {"unit": "example", "events": [{"name": "gaussian", "sigma": 1.5}]},
+        "epsilon_rdp": 2.5,
+        "target": float("inf"),
+        "steps": 3,
+    }
+    assert restored == expected, f"extra changed in the round trip: {restored}"
+
+
+def test_latest_step_and_max_to_keep(tmp_path):
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        assert ckpt.latest_step() is None, "a new directory should have no latest step"
+        for step in (1, 2, 5, 9):
+            ckpt.save(step, {"w": jnp.full(1, float(step))}, {"step": step})
+        assert ckpt.latest_step() == 9, f"latest_step is {ckpt.latest_step()}"
+        assert ckpt.all_steps() == [5, 9], f"max_to_keep=2 kept {ckpt.all_steps()}"
+        state, extra = ckpt.restore({"w": jnp.zeros(1)}, step=5)
+    assert float(state["w"][0]) == 5.0 and extra == {"step": 5}, "restore(step=5) is wrong"
+
+
+def test_saving_an_old_step_raises(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, {"w": jnp.ones(1)}, {})
+        with pytest.raises(ValueError, match="step 3"):
+            ckpt.save(3, {"w": jnp.ones(1)}, {})
+
+
+def test_restore_without_checkpoint_raises(tmp_path):
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(FileNotFoundError):
+        ckpt.restore({"w": jnp.zeros(1)})
+
+
+def _fake_crashed_save(directory: pathlib.Path, name: str) -> None:
+    """Leaves what orbax leaves when killed while writing a step: a temporary dir."""
+    partial = directory / name
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\x00" * 7)
+
+
+# Orbax 0.12 names the temporary dir `3.orbax-checkpoint-tmp`; older ones add a timestamp.
+@pytest.mark.parametrize(
+    "partial_name", ["3.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp-1700000000000000"]
+)
+def test_half_written_checkpoint_is_ignored(tmp_path, partial_name):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, {"w": jnp.full(1, 2.0)}, {"step": 2})
+        _fake_crashed_save(tmp_path, partial_name)
+        assert ckpt.latest_step() == 2, f"open checkpointer saw step {ckpt.latest_step()}"
+    with Checkpointer(tmp_path) as reopened:
+        assert reopened.latest_step() == 2, f"reopened saw step {reopened.latest_step()}"
+        state, extra = reopened.restore({"w": jnp.zeros(1)})
+    assert float(state["w"][0]) == 2.0 and extra == {"step": 2}, "did not restore step 2"
+
+
+_SAVER = textwrap.dedent("""
+    import sys
+
+    import jax.numpy as jnp
+
+    from dpfed.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(sys.argv[1], max_to_keep=2)
+    step = 0
+    while True:
+        step += 1
+        ckpt.save(step, {"w": jnp.full((256, 256), float(step))}, {"step": step})
+        print(step, flush=True)
+""")
+
+
+def test_sigkill_during_saves_keeps_latest_complete_step(tmp_path):
+    directory = tmp_path / "checkpoints"
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    watchdog = threading.Timer(15, child.kill)  # Unblocks readline if the child hangs.
+    watchdog.start()
+    reported = 0
+    try:
+        for line in child.stdout:
+            reported = int(line)
+            if reported >= 5:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        watchdog.cancel()
+    assert reported >= 5, f"the child saved only {reported} steps before the deadline"
+    with Checkpointer(directory) as ckpt:
+        latest = ckpt.latest_step()
+        assert latest is not None and latest >= reported, (
+            f"latest complete step {latest} is older than the reported step {reported}"
+        )
+        state, extra = ckpt.restore({"w": jnp.zeros((256, 256))})
+    assert extra == {"step": latest}, f"ledger of step {extra} stored with state of {latest}"
+    assert np.all(np.asarray(state["w"]) == latest), "the restored state is not of latest step"

@@ -1,0 +1,100 @@
+"""Tests for dpfed.train.cli: bad flags end with exit code 2 and one stderr line."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dpfed.train import cli
+
+_BINARY = textwrap.dedent("""
+    from absl import flags
+
+    from dpfed.train import cli
+
+    _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp"], "Classifier.")
+    _CLIP = flags.DEFINE_float("clip_norm", 1.0, "Clip norm.", lower_bound=0.0)
+    _DELTA = flags.DEFINE_float("delta", 1e-5, "Target delta.")
+    _CRASH = flags.DEFINE_bool("crash", False, "Raise a RuntimeError in main.")
+
+
+    def main(argv):
+        cli.check(_DELTA.value < 1, "delta", "must be < 1")
+        if _CRASH.value:
+            raise RuntimeError("a bug")
+        print("trained", _MODEL.value)
+
+
+    if __name__ == "__main__":
+        cli.run(main)
+""")
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path, *args):
+    binary = tmp_path / "binary.py"
+    binary.write_text(_BINARY)
+    return subprocess.run(
+        [sys.executable, str(binary), *args],
+        capture_output=True,
+        text=True,
+        cwd=_REPO,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(_REPO)},
+    )
+
+
+def _stderr_lines(result):
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--model=resnet"], "--model"),
+        (["--clip_norm=-1"], "--clip_norm"),
+        (["--delta=1.5"], "--delta"),
+        (["--no_such_flag=1"], "--no_such_flag"),
+    ],
+    ids=["enum", "lower_bound", "flag_error", "unknown"],
+)
+def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
+    result = _run(tmp_path, *args)
+    lines = _stderr_lines(result)
+    assert result.returncode == 2, f"{args}: exit code {result.returncode}, stderr {lines}"
+    assert len(lines) == 1, f"{args}: expected one stderr line, got {lines}"
+    assert lines[0].startswith(f"error: {flag}"), f"{args}: line does not name {flag}: {lines}"
+
+
+def test_flag_error_line_format(tmp_path):
+    lines = _stderr_lines(_run(tmp_path, "--delta=2"))
+    assert lines == ["error: --delta: must be < 1"], f"unexpected FlagError line {lines}"
+
+
+def test_good_run_exits_0(tmp_path):
+    result = _run(tmp_path, "--model=mlp")
+    assert result.returncode == 0, f"good flags failed: {result.stderr}"
+    assert result.stdout.strip() == "trained mlp", f"main did not run: {result.stdout!r}"
+
+
+def test_other_exceptions_keep_their_traceback(tmp_path):
+    result = _run(tmp_path, "--crash")
+    assert result.returncode == 1, f"a bug should exit 1, got {result.returncode}"
+    assert "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr, (
+        f"a bug's traceback was hidden: {result.stderr}"
+    )
+
+
+def test_check_raises_flag_error_with_fields():
+    with pytest.raises(cli.FlagError) as excinfo:
+        cli.check(False, "clip_norm", "must be positive")
+    error = excinfo.value
+    assert (error.flag, error.message) == ("clip_norm", "must be positive"), vars(error)
+
+
+def test_check_passes_when_condition_holds():
+    cli.check(True, "clip_norm", "must be positive")  # Must not raise.

@@ -1,0 +1,110 @@
+"""Tests for dpfed.train.progress."""
+
+import io
+
+import numpy as np
+
+from dpfed.train.progress import Progress, format_duration, format_value
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _progress(total=500, **kwargs):
+    clock, stream = FakeClock(), io.StringIO()
+    progress = Progress(
+        total, desc="dpsgd", every_seconds=5.0, stream=stream, clock=clock, **kwargs
+    )
+    return progress, clock, stream
+
+
+def _lines(stream):
+    return stream.getvalue().splitlines()
+
+
+def test_line_format():
+    progress, clock, stream = _progress()
+    clock.now = 37.5
+    progress.update(120, eps=0.8312, loss=np.float32(0.41234))
+    assert _lines(stream) == [
+        "[dpsgd] 120/500 (24%) | eps 0.831 | loss 0.412 | 3.2 steps/s | ETA 1m59s"
+    ], f"unexpected line {_lines(stream)}"
+
+
+def test_prints_at_most_every_interval():
+    progress, clock, stream = _progress()
+    for step in range(1, 100):
+        clock.now = step * 0.5  # 2 steps/s: a line every 10 steps.
+        progress.update(step)
+    printed = [int(line.split()[1].split("/")[0]) for line in _lines(stream)]
+    assert printed == list(range(1, 100, 10)), f"lines printed at steps {printed}"
+
+
+def test_final_step_always_prints_once():
+    progress, clock, stream = _progress(total=10)
+    clock.now = 1.0
+    progress.update(9)
+    clock.now = 1.1
+    progress.update(10)
+    progress.update(10)
+    lines = _lines(stream)
+    assert len(lines) == 2, f"expected the first and the final line, got {lines}"
+    assert lines[-1].startswith("[dpsgd] 10/10 (100%)") and "took 1s" in lines[-1], lines[-1]
+
+
+def test_resumed_run_rate_counts_only_this_process():
+    progress, clock, stream = _progress(total=1000, start_step=900)
+    clock.now = 10.0
+    progress.update(950)
+    assert "| 5 steps/s | ETA 10s" in _lines(stream)[0], (
+        f"rate should be 50 steps / 10 s, not 950 / 10 s: {_lines(stream)}"
+    )
+
+
+def test_no_rate_before_any_step_ran():
+    progress, _, stream = _progress(start_step=100)
+    progress.update(100, eps=1.0)
+    assert _lines(stream) == ["[dpsgd] 100/500 (20%) | eps 1"], f"got {_lines(stream)}"
+
+
+def test_none_fields_are_left_out():
+    progress, _, stream = _progress()
+    progress.update(0, eps=None, acc=0.5)
+    assert _lines(stream) == ["[dpsgd] 0/500 (0%) | acc 0.5"], f"got {_lines(stream)}"
+
+
+def test_no_desc_and_custom_unit():
+    clock, stream = FakeClock(), io.StringIO()
+    progress = Progress(4, stream=stream, clock=clock, unit="rounds")
+    clock.now = 2.0
+    progress.update(1)
+    assert _lines(stream) == ["1/4 (25%) | 0.5 rounds/s | ETA 6s"], f"got {_lines(stream)}"
+
+
+def test_format_value_is_compact():
+    cases = {
+        0.83: "0.83",
+        0.41234: "0.412",
+        12.345: "12.3",
+        1234.5: "1234",
+        3: "3",
+        1e-5: "1.00e-05",
+        2.5e7: "2.50e+07",
+        float("inf"): "inf",
+        "cnn": "cnn",
+        np.float32(0.5): "0.5",
+        np.int64(7): "7",
+    }
+    got = {value: format_value(value) for value in cases}
+    assert got == cases, f"format_value gave {got}"
+
+
+def test_format_duration():
+    cases = {45: "45s", 118: "1m58s", 7380: "2h03m", float("inf"): "?"}
+    got = {seconds: format_duration(seconds) for seconds in cases}
+    assert got == cases, f"format_duration gave {got}"

@@ -1,0 +1,203 @@
+"""Tests for dpfed.train.workdir."""
+
+import json
+import math
+import os
+import socket
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.train import workdir as workdir_lib
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
+
+
+def _strict_json(text):
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_constructor_creates_directory(tmp_path):
+    wd = Workdir(tmp_path / "a" / "b")
+    assert wd.path.is_dir(), f"Workdir did not create {wd.path}"
+    assert wd.file("x.json") == wd.path / "x.json", "file() should join the name to the path"
+
+
+def test_json_round_trip_converts_numpy_and_jax(tmp_path):
+    wd = Workdir(tmp_path)
+    obj = {
+        "np_float": np.float32(0.5),
+        "np_int": np.int64(3),
+        "jax_scalar": jnp.float32(1.5),
+        "jax_array": jnp.arange(3, dtype=jnp.int32),
+        "np_matrix": np.eye(2, dtype=np.float32),
+        "bf16": jnp.ones(2, jnp.bfloat16),
+        "tuple": (1, 2),
+        "flag": np.bool_(True),
+    }
+    wd.write_json("obj.json", obj)
+    expected = {
+        "np_float": 0.5,
+        "np_int": 3,
+        "jax_scalar": 1.5,
+        "jax_array": [0, 1, 2],
+        "np_matrix": [[1.0, 0.0], [0.0, 1.0]],
+        "bf16": [1.0, 1.0],
+        "tuple": [1, 2],
+        "flag": True,
+    }
+    assert wd.read_json("obj.json") == expected, "numpy/jax values did not become Python values"
+
+
+def test_non_finite_floats_are_strict_json_and_round_trip(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.write_json("eps.json", {"eps": math.inf, "neg": -np.inf, "bad": np.float32("nan")})
+    _strict_json(wd.file("eps.json").read_text())  # Raises on NaN/Infinity literals.
+    back = wd.read_json("eps.json")
+    assert back["eps"] == math.inf and back["neg"] == -math.inf and math.isnan(back["bad"]), (
+        f"non-finite floats did not round-trip: {back}"
+    )
+
+
+def test_unserialisable_value_raises_type_error(tmp_path):
+    with pytest.raises(TypeError, match="object"):
+        Workdir(tmp_path).write_json("x.json", {"x": object()})
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    wd = Workdir(tmp_path)
+    wd.write_json("s.json", {"version": 1})
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        wd.write_json("s.json", {"version": 2})
+    assert wd.read_json("s.json") == {"version": 1}, "a failed write damaged the old file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"], "a temp file was left"
+
+
+def test_metrics_append_and_read_in_order(tmp_path):
+    wd = Workdir(tmp_path)
+    for step in range(3):
+        wd.append_metrics({"step": step, "loss": np.float32(step / 2)})
+    assert wd.read_metrics() == [{"step": s, "loss": s / 2} for s in range(3)], (
+        "metrics.jsonl records differ from those appended"
+    )
+    assert len(wd.file("metrics.jsonl").read_text().splitlines()) == 3, "expected one line each"
+
+
+def test_read_metrics_of_new_workdir_is_empty(tmp_path):
+    assert Workdir(tmp_path).read_metrics() == [], "a fresh workdir should have no metrics"
+
+
+def test_torn_last_line_is_ignored_and_repaired(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "lo')  # A crash in the middle of a write.
+    assert wd.read_metrics() == [{"step": 1}], "a torn last line should be ignored"
+    Workdir(tmp_path).append_metrics({"step": 2})
+    assert wd.read_metrics() == [{"step": 1}, {"step": 2}], "appending after a torn line failed"
+
+
+def test_truncate_metrics_drops_later_steps(tmp_path):
+    wd = Workdir(tmp_path)
+    for step in (10, 20, 30):
+        wd.append_metrics({"step": step})
+    wd.append_metrics({"note": "no step"})
+    dropped = wd.truncate_metrics(after_step=20)
+    assert dropped == 1, f"expected to drop 1 record, dropped {dropped}"
+    assert wd.read_metrics() == [{"step": 10}, {"step": 20}, {"note": "no step"}], (
+        "truncate_metrics should keep steps <= 20 and records without the key"
+    )
+
+
+def test_truncate_metrics_with_other_key(tmp_path):
+    wd = Workdir(tmp_path)
+    for round_ in range(4):
+        wd.append_metrics({"round": round_})
+    wd.truncate_metrics(after_step=1, key="round")
+    assert wd.read_metrics() == [{"round": 0}, {"round": 1}], "key='round' was not honoured"
+
+
+def test_truncate_metrics_without_file_is_noop(tmp_path):
+    wd = Workdir(tmp_path)
+    assert wd.truncate_metrics(5) == 0, "nothing to drop in a fresh workdir"
+    assert not wd.file("metrics.jsonl").exists(), "truncate should not create metrics.jsonl"
+
+
+def test_summary_and_report(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.write_summary({"eps": np.float64(2.5)})
+    wd.write_report("# Report\n\n| a | b |")
+    assert _strict_json(wd.file("summary.json").read_text()) == {"eps": 2.5}, "bad summary.json"
+    assert wd.file("report.md").read_text() == "# Report\n\n| a | b |\n", "bad report.md"
+
+
+def _params():
+    return {
+        "dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.zeros(3)},
+        "count": np.int32(7),
+    }
+
+
+def test_params_hash_is_stable():
+    first, second = params_sha256(_params()), params_sha256(_params())
+    assert first == second, "the same params hashed differently"
+    assert len(first) == 64, f"expected a sha256 hex digest, got {first!r}"
+
+
+def test_params_hash_ignores_dict_insertion_order():
+    params = _params()
+    reordered = {"count": params["count"], "dense": dict(reversed(params["dense"].items()))}
+    assert params_sha256(params) == params_sha256(reordered), "hash depends on insertion order"
+
+
+def test_params_hash_changes_with_one_element():
+    params = _params()
+    changed = jax.tree.map(lambda x: x, params)
+    changed["dense"]["kernel"] = params["dense"]["kernel"].at[1, 2].add(1e-6)
+    assert params_sha256(params) != params_sha256(changed), "a changed element kept the hash"
+
+
+def test_params_hash_changes_with_dtype_and_shape():
+    base = params_sha256({"w": np.zeros(4, np.float32)})
+    as_int = params_sha256({"w": np.zeros(4, np.int32)})
+    reshaped = params_sha256({"w": np.zeros((2, 2), np.float32)})
+    assert len({base, as_int, reshaped}) == 3, "dtype or shape changes kept the hash"
+
+
+def test_params_hash_big_endian_equals_little_endian():
+    values = np.arange(5, dtype="<f4")
+    assert params_sha256([values]) == params_sha256([values.astype(">f4")]), (
+        "byte order of the input array changed the hash"
+    )
+
+
+def test_params_hash_accepts_typed_keys():
+    key = jax.random.key(0)
+    assert params_sha256([key]) == params_sha256([jax.random.key_data(key)]), (
+        "a typed key should hash like its raw key data"
+    )
+
+
+def test_environment_info_has_versions_and_no_hostname():
+    info = environment_info()
+    for name in ("python", "jax", "jaxlib", "flax", "optax", "dp_accounting", "device_kind"):
+        assert info.get(name), f"environment_info lacks {name}: {info}"
+    assert info["device_count"] >= 1, f"bad device_count in {info}"
+    hostname = socket.gethostname()
+    assert not any("host" in key or value == hostname for key, value in info.items()), (
+        f"environment_info leaks the hostname: {info}"
+    )
+
+
+def test_dumps_is_strict_json():
+    text = workdir_lib.dumps({"x": np.float32("nan")})
+    assert _strict_json(text) == {"x": "NaN"}, f"unexpected encoding {text}"
