@@ -1,0 +1,383 @@
+"""DP-SGD training of an image classifier (Abadi et al., "Deep Learning with Differential
+Privacy", CCS 2016), with a resumable workdir and a privacy ledger.
+
+One step: sample a batch (Poisson with rate q = B / N by default, or a fixed-size
+batch without replacement), clip every per-example gradient to L2 norm C, sum, add
+N(0, (z C)^2) per coordinate, divide by the *expected* batch size B, apply the
+optimiser. The whole step is one jitted function of (state, data, key); the batch is
+processed in fixed-size physical chunks (`dpfed.privacy.sampling`), so the Poisson
+sample is never truncated and nothing recompiles.
+
+The unit of privacy is one training example. Poisson sampling is accounted under
+add/remove-one, fixed-size sampling under replace-one. Step t uses the key
+`fold_in(key(seed), t)`: a run resumed from a checkpoint replays exactly the same
+noise, so resuming neither loses nor double-counts privacy spend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpfed import data as data_lib
+from dpfed import models, privacy
+from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.progress import Progress
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
+
+PyTree = Any
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class DpSgdConfig:
+    """Everything that defines a DP-SGD classifier run (the binary's flags)."""
+
+    dataset: str = "mnist5k"
+    model: str = "cnn"
+    steps: int = 500
+    batch_size: int = 256  # expected batch size (Poisson) or exact size (fixed)
+    optimizer: str = "momentum"
+    learning_rate: float = 0.5
+    l2_clip: float = 1.0
+    noise_multiplier: float | None = 1.1
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    sampling: str = "poisson"
+    microbatch: int | None = None  # per-example gradients materialised this many at a time
+    physical_batch: int | None = None  # chunk size of one jitted pass; default ~ B + 3 sqrt(B)
+    nodp: bool = False
+    seed: int = 0
+    eval_every: int = 100
+    checkpoint_every: int = 50
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        _require(self.steps > 0, "steps", "must be > 0")
+        _require(self.batch_size > 0, "batch_size", "must be > 0")
+        _require(self.l2_clip > 0, "l2_clip", "must be > 0")
+        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        _require(self.sampling in tuple(privacy.Sampling), "sampling", "must be poisson or fixed")
+        _require(
+            self.noise_multiplier is None or self.noise_multiplier >= 0,
+            "noise_multiplier",
+            "must be >= 0",
+        )
+        _require(
+            self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
+        )
+        _require(
+            self.nodp or self.noise_multiplier is not None or self.target_epsilon is not None,
+            "noise_multiplier",
+            "give --noise_multiplier or --target_epsilon (or --nodp)",
+        )
+        _require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
+        _require(
+            self.physical_batch is None or self.physical_batch > 0, "physical_batch", "must be > 0"
+        )
+
+
+class ConfigError(ValueError):
+    """A config field has a value the run cannot use; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def default_physical_batch(expected: int) -> int:
+    """B + 3 sqrt(B), rounded up to a multiple of 8: a larger sample takes a 2nd pass."""
+    return int(math.ceil((expected + 3 * math.sqrt(expected)) / 8) * 8)
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """The optax optimiser applied to the (privatised) mean gradient."""
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=0.9)
+    return optax.adam(learning_rate)
+
+
+def example_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Array]:
+    """Cross-entropy of ONE example (image [H,W,C], label []): the per-example loss."""
+
+    def loss(params, example):
+        image, label = example
+        logits = model.apply(params, image[None])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, label[None])[0]
+
+    return loss
+
+
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    config: DpSgdConfig,
+    num_examples: int,
+    mechanism: privacy.GaussianSumMechanism | None,
+) -> Callable:
+    """Builds the jitted `step(state, images, labels, key) -> state`.
+
+    `mechanism` None means non-private (plain mean gradient of the sampled batch).
+    """
+    loss = example_loss(model)
+    poisson = config.sampling == privacy.Sampling.POISSON
+    chunk = config.physical_batch or (
+        default_physical_batch(config.batch_size) if poisson else config.batch_size
+    )
+
+    def sample(key):
+        if poisson:
+            return privacy.poisson_sample(key, num_examples, config.batch_size / num_examples)
+        return privacy.fixed_size_sample(key, num_examples, config.batch_size)
+
+    def step(state, images, labels, key):
+        sample_key, noise_key = jax.random.split(key)
+        indices, count = sample(sample_key)
+        params = state["params"]
+
+        def chunk_sum(idx, mask):
+            batch = (images[idx], labels[idx])
+            if mechanism is None:  # one batched gradient of the masked loss sum
+                return jax.grad(
+                    lambda p: jnp.sum(jax.vmap(loss, in_axes=(None, 0))(p, batch) * mask)
+                )(params)
+            clipped = privacy.clipped_grad_sum(
+                loss, params, batch, mask, mechanism.l2_clip, config.microbatch
+            )
+            return clipped.grad_sum
+
+        grad_sum = privacy.chunked_sum(chunk_sum, indices, count, chunk)
+        if mechanism is None:
+            denominator = jnp.maximum(count, 1).astype(jnp.float32)
+        else:
+            grad_sum = mechanism.privatize(grad_sum, noise_key)
+            denominator = float(config.batch_size)  # the EXPECTED batch size
+        grad = jax.tree_util.tree_map(lambda g: g / denominator, grad_sum)
+        updates, opt_state = optimizer.update(grad, state["opt_state"], params)
+        return {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+
+    return jax.jit(step)
+
+
+def make_evaluate(model, batch_size: int = 500) -> Callable:
+    """Returns `evaluate(params, images, labels) -> (accuracy, mean loss)` (host floats)."""
+
+    @jax.jit
+    def batch_stats(params, images, labels):
+        logits = model.apply(params, images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(jnp.argmax(logits, -1) == labels), jnp.sum(loss)
+
+    def evaluate(params, images, labels):
+        correct, total_loss = 0.0, 0.0
+        for start in range(0, len(labels), batch_size):
+            c, s = batch_stats(
+                params, images[start : start + batch_size], labels[start : start + batch_size]
+            )
+            correct += float(c)
+            total_loss += float(s)
+        return correct / len(labels), total_loss / len(labels)
+
+    return evaluate
+
+
+def step_event(config: DpSgdConfig, noise_multiplier: float, num_examples: int):
+    """The DpEvent of ONE DP-SGD step."""
+    return privacy.sampled_gaussian_event(
+        privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier).dp_event(),
+        sampling=config.sampling,
+        population=num_examples,
+        expected_size=config.batch_size,
+    )
+
+
+def resolve_noise_multiplier(config: DpSgdConfig, num_examples: int) -> float:
+    """The given noise multiplier, or the one calibrated so `steps` steps meet the target."""
+    if config.noise_multiplier is not None:
+        return config.noise_multiplier
+    try:
+        return privacy.calibrate_noise_multiplier(
+            lambda z: privacy.dpsgd_event(
+                z,
+                config.steps,
+                sampling=config.sampling,
+                population=num_examples,
+                expected_size=config.batch_size,
+            ),
+            config.target_epsilon,
+            config.delta,
+            privacy.relation_for(config.sampling),
+        )
+    except privacy.CalibrationError as error:
+        raise ConfigError("target_epsilon", str(error)) from error
+
+
+def new_ledger(config: DpSgdConfig, noise_multiplier: float, num_examples: int):
+    """An empty example-level ledger describing this run."""
+    relation = privacy.relation_for(config.sampling)
+    return privacy.PrivacyLedger(
+        unit="example",
+        neighboring_relation=relation.name.lower(),
+        delta=config.delta,
+        target_epsilon=config.target_epsilon,
+        metadata={
+            "mechanism": "DP-SGD (clipped per-example gradient sum + Gaussian noise)",
+            "dataset": config.dataset,
+            "dataset_size": num_examples,
+            "sampling": config.sampling,
+            "expected_batch_size": config.batch_size,
+            "l2_clip": config.l2_clip,
+            "noise_multiplier": noise_multiplier,
+        },
+    )
+
+
+def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print) -> dict:
+    """Trains (or resumes) a DP-SGD classifier in `workdir`; returns the summary dict.
+
+    Writes ledger.json, metrics.jsonl, summary.json, report.md and checkpoints/.
+    """
+    start_time = time.time()
+    wd = Workdir(workdir)
+    train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
+    test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
+    n = train_ds.num_examples
+    _require(config.batch_size <= n, "batch_size", f"must be <= the {n} training examples")
+    if not config.nodp and config.delta >= 1.0 / n:
+        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
+
+    model = models.get_classifier(config.model, train_ds.num_classes)
+    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    init_key = jax.random.key(config.seed)
+    params = model.init(jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+
+    if config.nodp:
+        noise_multiplier, mechanism, ledger, event = None, None, None, None
+    else:
+        noise_multiplier = resolve_noise_multiplier(config, n)
+        mechanism = privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier)
+        ledger = new_ledger(config, noise_multiplier, n)
+        event = step_event(config, noise_multiplier, n)
+
+    checkpointer = Checkpointer(wd.file("checkpoints"))
+    start_step = 0
+    if checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(state)
+        start_step = int(state["step"])
+        if ledger is not None:
+            ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
+        wd.truncate_metrics(start_step)
+        log(f"resumed from step {start_step} in {workdir}")
+
+    last_step = config.steps
+    if ledger is not None and config.target_epsilon is not None:
+        last_step = start_step + ledger.affordable_count(event, config.steps - start_step)
+        if last_step < config.steps:
+            log(f"budget guard: stop after step {last_step} (target eps {config.target_epsilon})")
+
+    images, labels = jnp.asarray(train_ds.images), jnp.asarray(train_ds.labels)
+    test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)
+    train_step = make_train_step(model, optimizer, config, n, mechanism)
+    evaluate = make_evaluate(model)
+    progress = Progress(last_step, desc="dpsgd", start_step=start_step)
+
+    def save(step):
+        extra = {"ledger": ledger.to_json(with_pld=False) if ledger else None}
+        checkpointer.save(step, state, extra)
+
+    accuracy = loss = eps = None
+    for step in range(start_step, last_step):
+        state = train_step(state, images, labels, jax.random.fold_in(init_key, step))
+        if ledger is not None:
+            ledger.record(event)
+        done = step + 1
+        if done % config.eval_every == 0 or done == last_step:
+            eps = ledger.epsilon() if ledger is not None else None
+            accuracy, loss = evaluate(state["params"], test_images, test_labels)
+            wd.append_metrics(
+                {"step": done, "test_accuracy": accuracy, "test_loss": loss, "epsilon_rdp": eps}
+            )
+        if done % config.checkpoint_every == 0 or done == last_step:
+            save(done)
+        progress.update(done, eps=eps, acc=accuracy)
+    checkpointer.close()
+
+    if accuracy is None:  # nothing left to run (resumed a finished run)
+        accuracy, loss = evaluate(state["params"], test_images, test_labels)
+    ledger_json = ledger.to_json() if ledger is not None else None
+    if ledger_json is not None:
+        wd.write_json("ledger.json", ledger_json)
+    summary = {
+        "test_accuracy": accuracy,
+        "test_loss": loss,
+        "epsilon_rdp": ledger_json["epsilon_rdp"] if ledger_json else None,
+        "epsilon_pld": ledger_json["epsilon_pld"] if ledger_json else None,
+        "delta": None if config.nodp else config.delta,
+        "noise_multiplier": noise_multiplier,
+        "steps": int(state["step"]),
+        "params_sha256": params_sha256(state["params"]),
+        "wall_seconds": time.time() - start_time,
+        "flags": dataclasses.asdict(config),
+        "seed": config.seed,
+        "environment": environment_info(),
+    }
+    wd.write_summary(summary)
+    wd.write_report(render_report(config, summary, wd.read_metrics()))
+    return summary
+
+
+def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> str:
+    """report.md: the key figures of a DP-SGD run."""
+    privacy_line = (
+        "non-private baseline (no clipping, no noise): **no privacy guarantee**"
+        if config.nodp
+        else (
+            f"({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
+            f"(PLD: eps = {_fmt(summary['epsilon_pld'])}); unit: one training example; "
+            f"{config.sampling} sampling, noise multiplier {summary['noise_multiplier']:.4g}, "
+            f"clip {config.l2_clip:g}"
+        )
+    )
+    rows = "\n".join(
+        f"| {m['step']} | {m['test_accuracy']:.4f} | {m['test_loss']:.4f} | "
+        f"{_fmt(m.get('epsilon_rdp'))} |"
+        for m in metrics
+    )
+    return (
+        f"# DP-SGD classifier: {config.model} on {config.dataset}\n\n"
+        f"- test accuracy: **{summary['test_accuracy']:.4f}** after {summary['steps']} steps\n"
+        f"- privacy: {privacy_line}\n"
+        f"- expected batch size {config.batch_size}, optimiser {config.optimizer} "
+        f"(lr {config.learning_rate:g}), seed {config.seed}\n"
+        f"- wall time: {summary['wall_seconds']:.1f} s\n"
+        f"- params sha256: `{summary['params_sha256']}`\n\n"
+        "## Evaluations\n\n| step | test accuracy | test loss | eps (RDP) |\n|---|---|---|---|\n"
+        f"{rows}\n"
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"

@@ -1,0 +1,136 @@
+"""End-to-end tests of experiments/dpsgd_classifier.py (subprocesses, small runs)."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from dp_accounting import dp_event, rdp
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(*args, check=True, **kw):
+    cmd = [sys.executable, "-m", "experiments.dpsgd_classifier", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _json(workdir, name):
+    return json.loads((pathlib.Path(workdir) / name).read_text())
+
+
+def test_ledger_eps_equals_dp_accounting(tmp_path):
+    _run(
+        "--dataset=mnist5k",
+        "--model=logreg",
+        "--steps=50",
+        "--batch_size=64",
+        "--noise_multiplier=1.1",
+        "--l2_clip=1.0",
+        f"--workdir={tmp_path}",
+    )
+    ledger = _json(tmp_path, "ledger.json")
+    acct = rdp.RdpAccountant()
+    acct.compose(
+        dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(64 / 4000, dp_event.GaussianDpEvent(1.1)), 50
+        )
+    )
+    expected = acct.get_epsilon(ledger["delta"])
+    assert ledger["epsilon_rdp"] == pytest.approx(expected, rel=1e-6)
+    assert ledger["unit"] == "example" and ledger["delta"] == 1e-5
+    for name in ("ledger.json", "metrics.jsonl", "summary.json", "report.md"):
+        assert (tmp_path / name).exists(), f"workdir contract: {name} missing"
+    summary = _json(tmp_path, "summary.json")
+    for key in (
+        "test_accuracy",
+        "epsilon_rdp",
+        "epsilon_pld",
+        "delta",
+        "steps",
+        "params_sha256",
+        "wall_seconds",
+        "flags",
+    ):
+        assert key in summary, f"summary.json must have {key}"
+
+
+def test_target_epsilon_is_met_from_below(tmp_path):
+    _run(
+        "--model=logreg",
+        "--steps=40",
+        "--batch_size=128",
+        "--target_epsilon=1.0",
+        f"--workdir={tmp_path}",
+    )
+    eps = _json(tmp_path, "ledger.json")["epsilon_rdp"]
+    assert 0.9 <= eps <= 1.0, f"final eps {eps} must be in [0.9, 1.0] for target 1.0"
+
+
+@pytest.mark.parametrize(
+    "flag,name",
+    [
+        ("--l2_clip=-1", "l2_clip"),
+        ("--delta=2", "delta"),
+        ("--dataset=nope", "dataset"),
+        ("--noise_multiplier=-0.5", "noise_multiplier"),
+        ("--target_epsilon=1e-9", "target_epsilon"),
+    ],
+)
+def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
+    proc = _run("--model=logreg", "--steps=2", flag, f"--workdir={tmp_path}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"{flag}: exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
+    assert len(lines) == 1 and name in lines[0], f"{flag}: want one line naming {name}: {lines}"
+
+
+def test_offline_tfds_dataset_exits_2_naming_embedded_alternative(tmp_path):
+    proc = _run(
+        "--dataset=mnist",
+        f"--data_dir={tmp_path / 'tfds'}",
+        "--steps=1",
+        f"--workdir={tmp_path / 'w'}",
+        check=False,
+    )
+    assert proc.returncode == 2 and "mnist5k" in proc.stderr, proc.stderr[-500:]
+
+
+def test_sigkill_and_resume_gives_same_params_and_ledger(tmp_path):
+    args = [
+        "--model=logreg",
+        "--steps=60",
+        "--batch_size=64",
+        "--noise_multiplier=1.0",
+        "--checkpoint_every=5",
+        "--eval_every=20",
+    ]
+    _run(*args, f"--workdir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "experiments.dpsgd_classifier", *args, f"--workdir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= 10:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    _run(*args, f"--workdir={killed}")
+    whole, resumed = _json(tmp_path / "whole", "summary.json"), _json(killed, "summary.json")
+    assert resumed["params_sha256"] == whole["params_sha256"], "resumed params differ"
+    assert (
+        _json(killed, "ledger.json")["events"] == _json(tmp_path / "whole", "ledger.json")["events"]
+    ), "resumed ledger differs (lost or double-counted spend)"
+    steps = [
+        m["step"] for m in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+    ]
+    assert steps == sorted(set(steps)), f"metrics.jsonl has duplicated steps: {steps}"

@@ -1,0 +1,106 @@
+"""Tests of the DP-SGD trainer library (dpfed.train.dpsgd)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed import models, privacy
+from dpfed.train import dpsgd
+
+
+def _tiny(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.uniform(size=(n, 4, 4, 1)) * 20, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 3, size=n), jnp.int32)
+    model = models.get_classifier("logreg", 3)
+    params = model.init(jax.random.key(0), images[:1])
+    return model, params, images, labels
+
+
+def _state(params, optimizer):
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+
+
+def _expected_update(model, params, images, labels, indices, clip, denominator, lr):
+    loss = dpsgd.example_loss(model)
+    batch = (images[indices], labels[indices])
+    summed = privacy.clipped_grad_sum(loss, params, batch, jnp.ones(len(indices)), clip)
+    return jax.tree_util.tree_map(lambda p, g: p - lr * g / denominator, params, summed.grad_sum)
+
+
+def test_fixed_size_step_is_clipped_sum_over_batch_size():
+    model, params, images, labels = _tiny()
+    config = dpsgd.DpSgdConfig(batch_size=8, sampling="fixed", optimizer="sgd", learning_rate=0.1)
+    opt = dpsgd.make_optimizer("sgd", 0.1)
+    mech = privacy.GaussianSumMechanism(l2_clip=0.5, noise_multiplier=0.0)
+    step = dpsgd.make_train_step(model, opt, config, 8, mech)
+    new = step(_state(params, opt), images, labels, jax.random.key(3))
+    expected = _expected_update(model, params, images, labels, np.arange(8), 0.5, 8.0, 0.1)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="step != clipped sum / B")
+
+
+def test_poisson_step_divides_by_expected_not_realised_batch_size():
+    model, params, images, labels = _tiny(n=40)
+    config = dpsgd.DpSgdConfig(batch_size=10, optimizer="sgd", learning_rate=0.1)
+    opt = dpsgd.make_optimizer("sgd", 0.1)
+    mech = privacy.GaussianSumMechanism(l2_clip=0.5, noise_multiplier=0.0)
+    step = dpsgd.make_train_step(model, opt, config, 40, mech)
+    for seed in range(100):  # a key whose realised batch size differs from E[B] = 10
+        key = jax.random.key(seed)
+        indices, count = privacy.poisson_sample(jax.random.split(key)[0], 40, 10 / 40)
+        if int(count) != 10:
+            break
+    new = step(_state(params, opt), images, labels, key)
+    expected = _expected_update(
+        model, params, images, labels, np.asarray(indices[: int(count)]), 0.5, 10.0, 0.1
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="must divide by E[B]=10")
+
+
+def test_noise_in_step_has_std_z_clip_over_batch_size():
+    model, params, images, labels = _tiny()
+    config = dpsgd.DpSgdConfig(batch_size=8, sampling="fixed", optimizer="sgd", learning_rate=1.0)
+    opt = dpsgd.make_optimizer("sgd", 1.0)
+    quiet = dpsgd.make_train_step(model, opt, config, 8, privacy.GaussianSumMechanism(0.5, 0.0))
+    noisy = dpsgd.make_train_step(model, opt, config, 8, privacy.GaussianSumMechanism(0.5, 2.0))
+    diffs = []
+    for i in range(20):
+        key = jax.random.key(i)
+        a = quiet(_state(params, opt), images, labels, key)["params"]
+        b = noisy(_state(params, opt), images, labels, key)["params"]
+        diffs.append(
+            np.concatenate(
+                [
+                    np.ravel(x - y)
+                    for x, y in zip(
+                        jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True
+                    )
+                ]
+            )
+        )
+    std = np.concatenate(diffs).std()
+    assert abs(std / (2.0 * 0.5 / 8) - 1) < 0.05, f"noise std {std} is not z*C/B = 0.125"
+
+
+def test_config_rejects_bad_values_naming_the_field():
+    for kwargs, field in [
+        ({"l2_clip": -1.0}, "l2_clip"),
+        ({"delta": 2.0}, "delta"),
+        ({"noise_multiplier": -0.5}, "noise_multiplier"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+    ]:
+        with pytest.raises(dpsgd.ConfigError) as info:
+            dpsgd.DpSgdConfig(**kwargs)
+        assert info.value.field == field, f"{kwargs} should be blamed on {field}"
+
+
+def test_default_physical_batch_covers_three_sigma():
+    assert dpsgd.default_physical_batch(256) >= 256 + 3 * 16
+    assert dpsgd.default_physical_batch(256) % 8 == 0
