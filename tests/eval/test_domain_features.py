@@ -1,0 +1,49 @@
+"""Tests for dpfed.eval.domain_features: the cached fid_domain extractor."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dpfed import data
+from dpfed.eval import domain_features, fid
+
+
+@pytest.fixture(scope="module")
+def extractor(cache_dir):
+    return domain_features.domain_extractor("digits", cache_dir=cache_dir)
+
+
+def test_features_are_the_penultimate_layer(extractor):
+    features = np.asarray(extractor.features(data.load("digits", "test").images[:5]))
+    assert features.shape == (5, domain_features.FEATURE_DIM), f"got {features.shape}"
+
+
+def test_metric_is_named_fid_domain(extractor):
+    assert extractor.metric_name == "fid_domain", "the domain FID must not be called FID"
+
+
+def test_cache_records_the_split_it_saw(extractor, cache_dir):
+    (info_file,) = (cache_dir / "domain_features").glob("digits-*.json")
+    info = json.loads(info_file.read_text())
+    assert info["split_seen"] == "train" and info["train_examples"] == 1438, info
+
+
+def test_second_call_reads_the_cache(extractor, cache_dir):
+    weights = next((cache_dir / "domain_features").glob("digits-*.msgpack"))
+    written = weights.stat().st_mtime_ns
+    again = domain_features.domain_extractor("digits", cache_dir=cache_dir)
+    images = data.load("digits", "test").images[:4]
+    np.testing.assert_allclose(
+        again.features(images), extractor.features(images), rtol=1e-6,
+        err_msg="cached extractor gives other features",
+    )
+    assert weights.stat().st_mtime_ns == written, "the extractor was retrained"
+
+
+def test_real_images_are_far_closer_than_noise(extractor):
+    train, test = data.load("digits", "train"), data.load("digits", "test")
+    noise = np.random.default_rng(0).uniform(size=train.images.shape).astype(np.float32)
+    real = fid.fid(extractor, test.images, train.images)
+    random = fid.fid(extractor, test.images, noise)
+    assert real < 0.1 * random, f"fid_domain real {real:.3f} vs noise {random:.3f}"

@@ -1,0 +1,87 @@
+"""Tests for dpfed.eval.downstream: train on synthetic, test on real."""
+
+import jax
+import numpy as np
+import pytest
+
+from dpfed import data
+from dpfed.eval import classifier_fit, downstream
+from dpfed.generative.contract import SyntheticSet
+
+
+def _real(name, n=None):
+    train, test = data.load(name, "train"), data.load(name, "test")
+    synthetic = SyntheticSet(np.asarray(train.images[:n]), np.asarray(train.labels[:n]))
+    return synthetic, (test.images, test.labels), train.num_classes
+
+
+def _config(max_epochs):
+    return downstream.DownstreamConfig(fit=classifier_fit.FitConfig(max_epochs=max_epochs))
+
+
+def test_real_digits_as_synthetic_reach_the_ceiling():
+    synthetic, test, classes = _real("digits")
+    key = jax.random.key(0)
+    results = downstream.evaluate_downstream(synthetic, test, classes, key, _config(8))
+    accuracies = {name: r.test_accuracy for name, r in results.items()}
+    assert set(accuracies) == {"cnn", "mlp", "logreg"}, f"all three models expected: {accuracies}"
+    assert min(accuracies.values()) >= 0.85, f"real digits should train well: {accuracies}"
+
+
+def test_real_mnist5k_subset_trains_a_good_cnn():
+    synthetic, test, classes = _real("mnist5k", n=1000)
+    results = downstream.evaluate_downstream(
+        synthetic, test, classes, jax.random.key(0), _config(4), models=("cnn",)
+    )
+    assert results["cnn"].test_accuracy >= 0.8, f"1,000 real MNIST images: {results['cnn']}"
+
+
+@pytest.mark.slow
+def test_real_mnist5k_gives_the_ceiling():
+    synthetic, test, classes = _real("mnist5k")
+    results = downstream.evaluate_downstream(
+        synthetic, test, classes, jax.random.key(0), downstream.DownstreamConfig()
+    )
+    assert results["cnn"].test_accuracy >= 0.95, f"real-data ceiling CNN: {results['cnn']}"
+
+
+def test_noise_images_give_chance_accuracy():
+    _, test, classes = _real("digits")
+    rng = np.random.default_rng(0)
+    noise = SyntheticSet(
+        rng.uniform(size=(1000, 8, 8, 1)).astype(np.float32),
+        rng.integers(0, classes, 1000).astype(np.int32),
+    )
+    results = downstream.evaluate_downstream(noise, test, classes, jax.random.key(0), _config(3))
+    accuracies = {name: r.test_accuracy for name, r in results.items()}
+    assert all(0.02 <= a <= 0.2 for a in accuracies.values()), f"noise ~10% expected: {accuracies}"
+
+
+def test_test_labels_never_influence_selection():
+    synthetic, (images, labels), classes = _real("digits")
+    train, val = downstream.split_validation(synthetic, 0.1, jax.random.key(1))
+    shuffled = np.random.default_rng(0).permutation(labels)
+    runs = [
+        downstream.train_on_synthetic(
+            "logreg", train, val, (images, test_labels), classes, jax.random.key(2),
+            classifier_fit.FitConfig(max_epochs=6, patience=2),
+        )
+        for test_labels in (labels, shuffled)
+    ]
+    selection = [(r.best_epoch, r.epochs_run, r.val_accuracy) for r in runs]
+    assert selection[0] == selection[1], f"the test split changed early stopping: {selection}"
+
+
+def test_split_validation_holds_out_the_fraction():
+    synthetic, _, _ = _real("digits")
+    train, val = downstream.split_validation(synthetic, 0.1, jax.random.key(0))
+    n = len(synthetic.images)
+    assert (len(train.images), len(val.images)) == (n - round(0.1 * n), round(0.1 * n)), (
+        "validation split has the wrong size"
+    )
+
+
+def test_unlabelled_synthetic_set_is_rejected():
+    images = np.zeros((10, 8, 8, 1), np.float32)
+    with pytest.raises(ValueError, match="labelled"):
+        downstream.split_validation(SyntheticSet(images, None), 0.1, jax.random.key(0))

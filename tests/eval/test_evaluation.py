@@ -1,0 +1,93 @@
+"""Tests for dpfed.eval.evaluation: sources, eval.json, figures and the report section."""
+
+import numpy as np
+import pytest
+
+from dpfed import data
+from dpfed.eval import classifier_fit, downstream, evaluation
+from dpfed.generative import contract
+from dpfed.train.workdir import Workdir
+
+
+@pytest.fixture
+def config(cache_dir):
+    return evaluation.EvalConfig(
+        dataset="digits",
+        num_samples=300,
+        downstream=downstream.DownstreamConfig(fit=classifier_fit.FitConfig(max_epochs=1)),
+        models=("logreg",),
+        cache_dir=str(cache_dir),
+    )
+
+
+def _digits_npz(path, n=300):
+    train = data.load("digits", "train")
+    synthetic = contract.SyntheticSet(train.images[:n].copy(), train.labels[:n].copy())
+    return contract.save_synthetic(path, synthetic)
+
+
+def test_synthetic_npz_gets_fid_accuracy_and_figures(tmp_path, config):
+    _digits_npz(tmp_path / contract.SYNTHETIC_FILE)
+    source = evaluation.detect_source(Workdir(tmp_path))
+    record = evaluation.evaluate(tmp_path, source, config)
+    assert source.kind == "synthetic_file", source
+    assert record["fid_domain"] >= 0 and "fid_domain_extractor" in record, record
+    assert 0 <= record["downstream"]["logreg"]["test_accuracy"] <= 1, record["downstream"]
+    for name in record["figures"]:
+        assert (tmp_path / name).exists(), f"figure {name} missing"
+    assert Workdir(tmp_path).read_json(evaluation.EVAL_FILE) == record, "eval.json differs"
+
+
+def test_report_section_is_replaced_and_trainer_text_kept(tmp_path, config):
+    wd = Workdir(tmp_path)
+    wd.write_report("# Trainer report\n\nkept\n")
+    _digits_npz(tmp_path / contract.SYNTHETIC_FILE)
+    for _ in range(2):
+        evaluation.evaluate(tmp_path, evaluation.detect_source(wd), config)
+    report = wd.file("report.md").read_text()
+    assert report.startswith("# Trainer report\n\nkept\n"), report
+    assert report.count(evaluation.REPORT_BEGIN) == 1, "re-evaluating duplicated the section"
+
+
+def test_classifier_workdir_is_the_direct_training_row(tmp_path, config):
+    wd = Workdir(tmp_path)
+    flags = {"model": "cnn", "dataset": "digits"}
+    wd.write_summary({"test_accuracy": 0.91, "wall_seconds": 12.0, "flags": flags})
+    wd.write_json(
+        "ledger.json", {"epsilon_rdp": 1.0, "epsilon_pld": 0.9, "delta": 1e-5, "unit": "example"}
+    )
+    source = evaluation.detect_source(wd)
+    record = evaluation.evaluate(tmp_path, source, config)
+    assert source.kind == "classifier", source
+    assert record["downstream"] == {"cnn": {"test_accuracy": 0.91}}, record["downstream"]
+    assert record["privacy"]["epsilon_rdp"] == 1.0, record["privacy"]
+
+
+def test_real_data_is_non_private_and_subsampled(tmp_path, config):
+    record = evaluation.evaluate(tmp_path, evaluation.Source("real_data"), config)
+    assert record["privacy"] is None, "the ceiling row has no privacy guarantee"
+    assert record["num_samples"] == 300, record["num_samples"]
+
+
+def test_generator_workdir_is_sampled_through_the_contract(tmp_path, config):
+    class Shades:
+        def sample(self, params, key, n, labels=None):
+            return np.broadcast_to(labels[:, None, None, None] / 10.0, (n, 8, 8, 1)), labels
+
+    contract.register_generator("test_shades", lambda workdir: (Shades(), None))
+    Workdir(tmp_path).write_summary({"method": "test_shades", "flags": {"dataset": "digits"}})
+    record = evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)), config)
+    assert record["method"] == "test_shades" and record["num_samples"] == 300, record
+
+
+def test_wrong_image_shape_is_an_evaluation_error(tmp_path, config):
+    images = np.zeros((30, 28, 28, 1), np.float32)
+    contract.save_synthetic(tmp_path / "s.npz", contract.SyntheticSet(images, np.zeros(30, int)))
+    source = evaluation.Source("synthetic_file", str(tmp_path / "s.npz"))
+    with pytest.raises(evaluation.EvaluationError, match="digits images are"):
+        evaluation.evaluate(tmp_path, source, config)
+
+
+def test_empty_workdir_has_nothing_to_evaluate(tmp_path):
+    with pytest.raises(evaluation.EvaluationError, match="no generator"):
+        evaluation.detect_source(Workdir(tmp_path))

@@ -1,0 +1,68 @@
+"""Tests for dpfed.eval.fid: the Fréchet distance and its batching."""
+
+import numpy as np
+import pytest
+
+from dpfed.eval import fid
+
+
+def _gaussian(n=2000, d=6, seed=0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ mixing + shift
+
+
+def _distance(a, b):
+    return fid.frechet_distance(fid.feature_statistics(a), fid.feature_statistics(b))
+
+
+def test_distance_to_itself_is_zero():
+    x = _gaussian()
+    assert _distance(x, x) == pytest.approx(0.0, abs=1e-8), "FID(x, x) should be ~0"
+
+
+def test_distance_grows_with_a_known_shift():
+    x = _gaussian()
+    distances = [_distance(x, x + shift) for shift in (0.5, 1.0, 2.0)]
+    expected = [6 * 0.25, 6 * 1.0, 6 * 4.0]  # ||shift * ones(6)||^2; covariances are equal
+    np.testing.assert_allclose(
+        distances, expected, rtol=1e-6, err_msg="a mean shift s should add ||s||^2 to FID"
+    )
+
+
+def test_distance_is_symmetric():
+    x, y = _gaussian(seed=0), _gaussian(seed=1, shift=0.3) * 1.5
+    assert _distance(x, y) == pytest.approx(_distance(y, x), rel=1e-9), "FID is not symmetric"
+
+
+def test_matches_closed_form_for_diagonal_covariances():
+    a = fid.FeatureStats(np.zeros(3), np.diag([1.0, 4.0, 9.0]), 10)
+    b = fid.FeatureStats(np.ones(3), np.diag([4.0, 1.0, 1.0]), 10)
+    # ||mu1 - mu2||^2 + sum_i (sqrt a_i - sqrt b_i)^2
+    expected = 3.0 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 1) ** 2
+    assert fid.frechet_distance(a, b) == pytest.approx(expected), "diagonal closed form differs"
+
+
+def test_is_finite_when_features_outnumber_samples():
+    x, y = _gaussian(n=20, d=64, seed=0), _gaussian(n=20, d=64, seed=1)
+    distance = _distance(x, y)
+    assert np.isfinite(distance) and distance >= 0, f"singular covariances gave {distance}"
+
+
+def test_extract_features_pads_the_last_batch():
+    calls = []
+
+    def features(images):
+        calls.append(images.shape[0])
+        return images.reshape(len(images), -1)[:, :3]
+
+    extractor = fid.FeatureExtractor("fid_test", "flattened pixels", features)
+    images = np.random.default_rng(0).uniform(size=(7, 2, 2, 1)).astype(np.float32)
+    out = fid.extract_features(extractor, images, batch_size=3)
+    np.testing.assert_allclose(out, images.reshape(7, -1)[:, :3], err_msg="features reordered")
+    assert set(calls) == {3}, f"batches of one shape (one compilation) expected, got {calls}"
+
+
+def test_feature_statistics_needs_two_examples():
+    with pytest.raises(ValueError, match="N >= 2"):
+        fid.feature_statistics(np.zeros((1, 4)))

@@ -1,0 +1,69 @@
+"""End-to-end tests of experiments/evaluate.py (subprocesses, digits, small runs)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from dpfed import data
+from dpfed.generative import contract
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+_SMALL = ("--dataset=digits", "--num_samples=200", "--max_epochs=1", "--extractor_steps=10")
+_ONE_MODEL = "--models=logreg"
+
+
+def _run(*args):
+    cmd = [sys.executable, "-m", "experiments.evaluate", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _digits_npz(path):
+    train = data.load("digits", "train")
+    synthetic = contract.SyntheticSet(train.images[:200].copy(), train.labels[:200].copy())
+    return contract.save_synthetic(path, synthetic)
+
+
+def test_npz_evaluation_writes_eval_json_and_figures(tmp_path):
+    npz = _digits_npz(tmp_path / "synthetic_digits.npz")
+    workdir = tmp_path / "eval"
+    proc = _run(
+        f"--synthetic={npz}", f"--workdir={workdir}", f"--cache_dir={tmp_path / 'cache'}",
+        *_SMALL, _ONE_MODEL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((workdir / "eval.json").read_text())
+    assert set(record["downstream"]) == {"logreg"}, record["downstream"]
+    assert record["fid_domain"] >= 0, record
+    assert (workdir / "eval_samples.png").exists(), "no sample grid written"
+    assert "eval_samples.png" in (workdir / "report.md").read_text(), "report lacks the grid"
+
+
+def test_synthetic_and_real_data_conflict(tmp_path):
+    proc = _run("--synthetic=x.npz", "--real_data", "--dataset=digits", f"--workdir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: --real_data: conflicts with --synthetic", proc.stderr
+
+
+def test_unreadable_npz_is_a_flag_error(tmp_path):
+    np.savez(tmp_path / "bad.npz", pixels=np.zeros(3))
+    proc = _run(f"--synthetic={tmp_path / 'bad.npz'}", f"--workdir={tmp_path}", "--dataset=digits")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --synthetic:") and "no 'images'" in proc.stderr, (
+        proc.stderr
+    )
+    assert len(proc.stderr.strip().splitlines()) == 1, "more than one error line"
+
+
+def test_missing_inception_weights_is_a_flag_error(tmp_path):
+    proc = _run("--real_data", "--dataset=digits", f"--workdir={tmp_path}",
+                f"--inception_weights={tmp_path / 'absent.npz'}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --inception_weights:"), proc.stderr
+
+
+def test_empty_workdir_is_a_flag_error(tmp_path):
+    proc = _run(f"--workdir={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir:"), proc.stderr

@@ -1,0 +1,83 @@
+"""End-to-end tests of launch/reproduce.py (subprocesses)."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(tmp_path, *args):
+    cmd = [
+        sys.executable, "-m", "launch.reproduce", f"--out_dir={tmp_path / 'tables'}",
+        f"--workdir_root={tmp_path / 'workdirs'}", f"--cache_dir={tmp_path / 'cache'}", *args,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def _smoke_table(tmp_path, table):
+    proc = _run(tmp_path, f"--table={table}", "--scale=smoke")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return (tmp_path / "tables" / f"{table}.md").read_text()
+
+
+def _check_rows(markdown, count):
+    lines = markdown.splitlines()
+    ours = [line for line in lines if line.startswith("| ours |")]
+    assert len(ours) == count and not any("not run" in line for line in ours), markdown
+    quoted = [line for line in lines if "*quoted, different data size/metric" in line]
+    assert any("| DataLens |" in line for line in quoted), "quoted DataLens row missing"
+    assert "scale: smoke" in markdown, "the smoke table must say it is one"
+    return ours
+
+
+def test_smoke_table_has_our_rows_and_quoted_rows(tmp_path):
+    ours = _check_rows(_smoke_table(tmp_path, "smoke_digits"), 2)
+    assert "| ∞ (non-private) |" in ours[0], f"ceiling row: {ours[0]}"
+    cells = [cell.strip() for cell in ours[1].split("|")]
+    assert cells[2:4] == ["DP-SGD LogReg (direct), eps 1", "digits"], f"DP-SGD row: {ours[1]}"
+    assert 0.99 <= float(cells[4].split()[0]) <= 1.0, f"eps of the eps-1 row: {ours[1]}"
+
+
+@pytest.mark.slow
+def test_dpsgd_mnist5k_smoke_table(tmp_path):
+    ours = _check_rows(_smoke_table(tmp_path, "dpsgd_mnist5k"), 3)
+    assert 9.9 <= float(ours[2].split("|")[4].split()[0]) <= 10.0, f"eps 10 row: {ours[2]}"
+
+
+def test_collect_without_runs_marks_rows_not_run(tmp_path):
+    proc = _run(tmp_path, "--table=dpsgd_mnist5k", "--collect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    markdown = (tmp_path / "tables" / "dpsgd_mnist5k.md").read_text()
+    assert markdown.count("not run / failed") == 3, markdown
+    assert not (tmp_path / "workdirs" / "dpsgd_mnist5k" / "full" / "01_real_data" / "eval.json")\
+        .exists(), "--collect ran a row"
+
+
+def test_unknown_table_is_a_flag_error(tmp_path):
+    proc = _run(tmp_path, "--table=no_such_table", "--collect")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --table:"), proc.stderr
+
+
+def test_rows_with_a_current_eval_json_are_skipped(tmp_path):
+    tables_dir = tmp_path / "specs"
+    (tables_dir / "t").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "tables" / "reference_rows.json", tables_dir)
+    (tables_dir / "t" / "table.json").write_text(
+        json.dumps({"title": "T", "dataset": "digits", "quote": {"dataset": "MNIST"}})
+    )
+    (tables_dir / "t" / "01_row.flags").write_text("# row: done row\n# binary: no_such_module\n")
+    workdir = tmp_path / "workdirs" / "t" / "full" / "01_row"
+    workdir.mkdir(parents=True)
+    record = {"privacy": None, "source": {"kind": "real_data"}, "fid_domain": 1.5,
+              "downstream": {"cnn": {"test_accuracy": 0.5}}, "eval_wall_seconds": 1.0}
+    (workdir / "eval.json").write_text(json.dumps(record))
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}")
+    assert proc.returncode == 0, f"the finished row was run again:\n{proc.stdout}{proc.stderr}"
+    assert "| ours | done row | digits | ∞ (non-private) |" in (
+        tmp_path / "tables" / "t.md"
+    ).read_text(), "the skipped row's results are missing"
