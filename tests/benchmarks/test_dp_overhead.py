@@ -1,0 +1,60 @@
+"""Smoke test of benchmarks/dp_overhead.py: it runs and prints its ratios (never timings)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "opacus"))
+
+
+def _run(*flags):
+    env = dict(os.environ)
+    # One CPU device, as users run it; XLA optimisations off halve compile time, and
+    # this smoke test reads no timings.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.dp_overhead", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_quick_run_prints_table_ratios_and_memory():
+    result = _run("--quick")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    for line in (
+        "| dpfed non-private ",
+        "| dpfed DP (vmap) ",
+        "| dpfed DP (fast) ",
+        "| dpfed DP Poisson (make_train_step, chunk ",
+        "ratio dpfed DP (vmap) / dpfed non-private: ",
+        "ratio dpfed DP (fast) / dpfed non-private: ",
+        "ratio dpfed DP Poisson / dpfed non-private: ",
+        "peak memory: process max RSS ",
+        "jax memory_stats(): ",
+        "machine: ",
+    ):
+        assert line in out, f"missing {line!r} in:\n{out}"
+    torch_lines = (
+        "ratio dpfed DP (vmap) / Opacus DP (hooks): ",
+        "ratio dpfed non-private / torch non-private: ",
+        "ratio Opacus DP (hooks) / torch non-private: ",
+    )
+    if HAS_TORCH:
+        assert all(line in out for line in torch_lines), out
+    else:
+        assert "torch/opacus: not run (not installed)" in out, out
+        assert not any(line in out for line in torch_lines), out
+
+
+def test_bad_flag_exits_2_with_one_line():
+    result = _run("--steps=0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --steps: must be > 0"

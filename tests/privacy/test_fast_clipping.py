@@ -1,0 +1,163 @@
+"""Tests of the clipped gradient sum from one batched backward pass (fast_clipping)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpfed import models
+from dpfed.privacy import clipped_grad_sum
+from dpfed.privacy.fast_clipping import clipped_grad_sum_fast, kernel_sq_norms
+
+
+class _ConvZoo(nn.Module):
+    """Conv options the fast path must handle: stride, VALID, dilation, explicit and
+    asymmetric padding, a non-square kernel, no bias, a Dense over tokens, a 1-D conv."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(4, (3, 2), strides=2, padding="VALID")(x))
+        x = nn.tanh(nn.Conv(5, (2, 3), kernel_dilation=(2, 1), padding=((1, 2), (0, 1)))(x))
+        x = nn.tanh(nn.Conv(3, (3, 3), use_bias=False)(x))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, tokens, 3]
+        x = nn.tanh(nn.Dense(6)(x))  # per-token Dense: kernel grad sums over tokens
+        x = nn.tanh(nn.Conv(2, (3,), strides=(2,), padding="SAME")(x))  # 1-D conv
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def _losses(model):
+    def batch_losses(params, batch):
+        logits = model.apply(params, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1])
+
+    def example_loss(params, example):
+        return batch_losses(params, (example[0][None], example[1][None]))[0]
+
+    return batch_losses, example_loss
+
+
+def _jit(clipped_sum, loss, clip):
+    return jax.jit(lambda params, batch, mask: clipped_sum(loss, params, batch, mask, clip))
+
+
+def _compare(model, image_shape, num_classes, batch=7, seed=0):
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.normal(size=(batch, *image_shape)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
+    mask = jnp.asarray([1, 1, 0, 1, 1, 1, 0][:batch], jnp.float32)
+    params = model.init(jax.random.key(seed), images[:1])
+    batch_losses, example_loss = _losses(model)
+    norms = _jit(clipped_grad_sum, example_loss, 1e9)(params, (images, labels), mask).norms
+    clip = float(np.median(np.asarray(norms)[np.asarray(mask) > 0]))  # clips about half
+    expected = _jit(clipped_grad_sum, example_loss, clip)(params, (images, labels), mask)
+    fast = _jit(clipped_grad_sum_fast, batch_losses, clip)(params, (images, labels), mask)
+    np.testing.assert_allclose(
+        fast.norms, expected.norms, rtol=1e-4, atol=1e-6, err_msg="per-example norms differ"
+    )
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(expected.grad_sum),
+        jax.tree_util.tree_leaves(fast.grad_sum),
+        strict=True,
+    ):
+        assert got.shape == want.shape and got.dtype == want.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(
+            got, want, rtol=1e-4, atol=1e-5, err_msg=f"clipped sum differs at {path}"
+        )
+
+
+def test_matches_vmap_clipped_sum_on_the_benchmark_cnn():
+    _compare(models.get_classifier("cnn", 10), (12, 12, 1), 10)
+
+
+def test_matches_vmap_clipped_sum_on_strided_dilated_padded_convs_and_token_dense():
+    _compare(_ConvZoo(), (11, 10, 2), 4)
+
+
+def test_padded_examples_contribute_nothing():
+    model = models.get_classifier("cnn", 3)
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(5, 8, 8, 1)), jnp.float32)
+    labels = jnp.asarray([0, 1, 2, 0, 1], jnp.int32)
+    params = model.init(jax.random.key(0), images[:1])
+    batch_losses, _ = _losses(model)
+    mask = jnp.asarray([1, 1, 1, 0, 0])
+    garbage = images.at[3:].set(1e4)
+    fast = _jit(clipped_grad_sum_fast, batch_losses, 0.5)
+    padded = fast(params, (garbage, labels), mask)
+    alone = fast(params, (images[:3], labels[:3]), mask[:3])
+    np.testing.assert_array_equal(padded.norms[3:], 0.0, err_msg="masked norms must be 0")
+    for got, want in zip(
+        jax.tree_util.tree_leaves(padded.grad_sum),
+        jax.tree_util.tree_leaves(alone.grad_sum),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg="padding leaked")
+
+
+def test_every_clipped_contribution_has_norm_at_most_clip():
+    model = models.get_classifier("cnn", 3)
+    images = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 8, 1)) * 5, jnp.float32)
+    params = model.init(jax.random.key(0), images)
+    batch_losses, _ = _losses(model)
+    result = _jit(clipped_grad_sum_fast, batch_losses, 0.1)(
+        params, (images, jnp.asarray([1])), jnp.ones(1)
+    )
+    total = jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(result.grad_sum)))
+    assert float(result.norms[0]) > 0.1, "the test example must need clipping"
+    assert float(total) == pytest.approx(0.1, rel=1e-4), "one example's sum must have norm C"
+
+
+@pytest.mark.parametrize("tokens,k,out", [(1, 5, 3), (4, 30, 20), (9, 2, 3)])
+def test_ghost_norm_equals_materialised_norm(tokens, k, out):
+    rng = np.random.default_rng(tokens)
+    a = jnp.asarray(rng.normal(size=(3, tokens, k)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(3, tokens, out)), jnp.float32)
+    want = np.sum(np.einsum("btk,bto->bko", np.asarray(a), np.asarray(g)) ** 2, axis=(1, 2))
+    for ghost in (True, False, None):
+        np.testing.assert_allclose(
+            kernel_sq_norms(a, g, ghost=ghost), want, rtol=1e-4, err_msg=f"ghost={ghost}"
+        )
+
+
+class _Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = nn.Dense(4)
+        return dense(nn.tanh(dense(x.reshape(x.shape[0], -1)[:, :4])))
+
+
+class _RawParam(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (1,))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1)) * scale
+
+
+@pytest.mark.parametrize(
+    "model,error,match",
+    [
+        (_Shared(), NotImplementedError, "called more than once"),
+        (_RawParam(), ValueError, "params/scale is not in a supported layer"),
+        (
+            nn.Sequential([nn.Conv(2, (3, 3), padding="CIRCULAR"), lambda x: x.sum((1, 2))]),
+            NotImplementedError,
+            "CIRCULAR",
+        ),
+    ],
+)
+def test_unsupported_models_are_refused(model, error, match):
+    images = jnp.ones((2, 4, 4, 1))
+    params = model.init(jax.random.key(0), images)
+
+    def batch_losses(p, batch):
+        return jnp.sum(model.apply(p, batch[0]) ** 2, axis=-1)
+
+    with pytest.raises(error, match=match):
+        clipped_grad_sum_fast(batch_losses, params, (images, jnp.zeros(2)), jnp.ones(2), 1.0)
+
+
+def test_rejects_non_positive_clip():
+    with pytest.raises(ValueError, match="l2_clip"):
+        clipped_grad_sum_fast(lambda p, b: b, {}, jnp.ones(2), jnp.ones(2), 0.0)
