@@ -1,0 +1,174 @@
+r"""Time of one DP-FedAvg round: the engine vs a Python loop over clients.
+
+  .venv/bin/python -m benchmarks.fed_round [--clients_per_round=16,64,256 --repeats=3]
+
+Workload: the benchmark CNN (conv32-pool-conv64-pool-dense10) on MNIST-shaped 28x28x1
+clients of --examples_per_client examples, --local_steps SGD steps of --local_batch_size,
+a fixed cohort of m clients out of 4 x max(m), clip 1.0, noise multiplier 1.0.
+
+- engine: `DpFedAvg.round`, one jitted call: cohort sampling, the clients (per device a
+  `lax.scan` over groups of `--clients_per_device_step` clients, vmapped within a group;
+  the cohort split over all devices), clipping, sum, noise, server step.
+- loop: how FedJAX-style loops and many FL simulators run a round: a Python loop that
+  calls ONE jitted client update (the same `local_training` function, indexing the
+  client's data inside jit) once per sampled client, then a jitted clip-and-add into the
+  running sum, then one jitted noise + server step.
+
+Both paths run in ONE process, alternating (one round each per repeat), so machine load
+hits them alike; figures are medians, the ratio is loop / engine. Memory: the XLA buffer
+sizes (arguments + outputs + temporaries) of the compiled engine round and of the
+compiled client update, and the RSS high-water growth while each path warms up. Pass
+--host_devices=N to split the CPU into N XLA devices (the engine then spreads the
+cohort over them, as over the chips of a TPU host).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+from absl import app, flags
+
+_SIZES = flags.DEFINE_list("clients_per_round", ["16", "64", "256"], "Cohort sizes m.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds per path and size (median).")
+_EXAMPLES = flags.DEFINE_integer("examples_per_client", 20, "Examples each client holds.")
+_STEPS = flags.DEFINE_integer("local_steps", 5, "Local SGD steps per client.")
+_BATCH = flags.DEFINE_integer("local_batch_size", 10, "Examples per local step.")
+_WIDTH = flags.DEFINE_integer(
+    "clients_per_device_step", None, "Engine: clients vmapped together (default: 1 on CPU).")
+_HOST_DEVICES = flags.DEFINE_integer(
+    "host_devices", None, "Split the CPU into this many XLA devices (set before JAX starts).")
+_MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Client model.")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _xla_mib(compiled) -> float | None:
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    return total / 2**20
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if _HOST_DEVICES.value:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + f" --xla_force_host_platform_device_count={_HOST_DEVICES.value}")
+    import jax  # noqa: PLC0415  (after XLA_FLAGS: the backend reads it when it starts)
+    import jax.numpy as jnp  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    import optax  # noqa: PLC0415
+
+    from dpfed import models, privacy  # noqa: PLC0415
+    from dpfed.federated import (  # noqa: PLC0415
+        ClientData,
+        DpFedAvg,
+        DpFedAvgConfig,
+        OneClient,
+        clip_update,
+        local_training,
+    )
+    from dpfed.federated.classifier import classifier_loss  # noqa: PLC0415
+
+    sizes = [int(s) for s in _SIZES.value]
+    population = 4 * max(sizes)
+    rng = np.random.default_rng(0)
+    n = _EXAMPLES.value
+    data = ClientData(
+        arrays=(rng.random((population, n, 28, 28, 1), dtype=np.float32),
+                rng.integers(0, 10, (population, n)).astype(np.int32)),
+        counts=np.full(population, n, np.int32))
+    model = models.get_classifier(_MODEL.value, 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    client_update = local_training(
+        classifier_loss(model), optax.sgd(0.05), _STEPS.value, _BATCH.value)
+    server_opt = optax.sgd(1.0)
+    clip, z = 1.0, 1.0
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; model {_MODEL.value}, "
+          f"{n} examples/client, {_STEPS.value} local steps of {_BATCH.value}; "
+          f"{os.cpu_count()} CPUs")
+
+    # The loop's pieces, each jitted once.
+    @jax.jit
+    def one_client(params, arrays, counts, i, key):
+        client = OneClient(jax.tree_util.tree_map(lambda a: a[i], arrays), counts[i])
+        return client_update(params, (), client, (), key).params
+
+    @jax.jit
+    def clip_and_add(total, local, params):
+        delta = jax.tree_util.tree_map(jnp.subtract, local, params)
+        clipped, _, _ = clip_update(delta, clip)
+        return jax.tree_util.tree_map(jnp.add, total, clipped)
+
+    mechanism = privacy.GaussianSumMechanism(clip, z)
+
+    @jax.jit
+    def server_step(params, opt_state, total, key, m):
+        grad = jax.tree_util.tree_map(lambda t: -t / m, mechanism.privatize(total, key))
+        updates, opt_state = server_opt.update(grad, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    device_data = jax.device_put(data)
+
+    def loop_round(state, key, m):
+        params, opt_state = state
+        cohort = np.asarray(jax.random.choice(key, population, (m,), replace=False))
+        total = jax.tree_util.tree_map(jnp.zeros_like, params)
+        for c in cohort:
+            local = one_client(params, device_data.arrays, device_data.counts, int(c),
+                               jax.random.fold_in(key, int(c)))
+            total = clip_and_add(total, local, params)
+        return server_step(params, opt_state, total, key, float(m))
+
+    def measure(m: int) -> tuple:
+        engine = DpFedAvg(client_update, server_opt, data, DpFedAvgConfig(
+            clients_per_round=m, sampling="fixed", l2_clip=clip, noise_multiplier=z,
+            clients_per_device_step=_WIDTH.value))
+        state = engine.init(params)
+        loop_state = (params, server_opt.init(params))
+        key = jax.random.key(m)
+        paths: dict[str, Callable[[jax.Array], object]] = {
+            "engine": lambda k: engine.round(state, k),
+            "loop": lambda k: loop_round(loop_state, k, m),
+        }
+        growth = {}
+        for name, run in paths.items():  # warm-up: compile + one round
+            rss0 = _rss_mib()
+            jax.block_until_ready(run(key))
+            growth[name] = _rss_mib() - rss0
+        times: dict[str, list[float]] = {"engine": [], "loop": []}
+        for r in range(_REPEATS.value):
+            order = ("engine", "loop") if r % 2 == 0 else ("loop", "engine")
+            for name in order:
+                start = time.perf_counter()
+                jax.block_until_ready(paths[name](jax.random.fold_in(key, r)))
+                times[name].append(time.perf_counter() - start)
+        engine_s, loop_s = (statistics.median(times[k]) for k in ("engine", "loop"))
+        client_mib = _xla_mib(one_client.lower(
+            params, device_data.arrays, device_data.counts, 0, key).compile())
+        engine_mib = _xla_mib(engine.lower(state, key).compile())
+        print(f"m={m}: engine {engine_s:.3g} s/round, loop {loop_s:.3g} s/round, "
+              f"ratio {loop_s / engine_s:.2f}x", flush=True)
+        return (m, engine_s, loop_s, engine_mib, client_mib, growth["engine"], growth["loop"],
+                engine.chunk_size, engine.clients_per_device_step)
+
+    rows = [measure(m) for m in sizes]
+    print("\n| clients/round | engine s/round | loop s/round | loop/engine | engine XLA MiB "
+          "| client-update XLA MiB | RSS growth engine / loop MiB | chunk | per device step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for m, e, lo, em, cm, re, rl, chunk, width in rows:
+        print(f"| {m} | {e:.3g} | {lo:.3g} | **{lo / e:.2f}x** | {em:.0f} | {cm:.0f} | "
+              f"{re:.0f} / {rl:.0f} | {chunk} | {width} |")
+    print(f"\npeak RSS of the process: {_rss_mib():.0f} MiB")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,345 @@
+"""The DP-FedAvg engine: one jitted, pure round with user-level DP.
+
+DP-FedAvg (McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent
+Language Models"), optionally with adaptive clipping (Andrew et al. 2021). One round:
+1. sample a cohort inside jit (Poisson with rate q, or m clients without replacement);
+2. every sampled client runs its client update from the broadcast shared parameters
+   (`local.local_training`: a `lax.scan` of local optimiser steps); update = local - global;
+3. clip each update to flat L2 norm C, zero non-finite ones, *sum*;
+4. add N(0, (zC)^2) and divide by the *expected* cohort size (q N, or m);
+5. the server optimiser (optax: SGD, momentum, Adam) takes minus that mean as its gradient;
+6. with adaptive clipping, C follows the noised unclipped fraction.
+
+Execution: the cohort is processed in chunks of `chunk_size` clients by a `lax.while_loop`
+(ceil(count / chunk_size) passes: an overflowing Poisson cohort is never truncated, see
+`sampling`). Each chunk is split over the `clients` axis of a device mesh with
+`jax.shard_map`; on each device its clients run `clients_per_device_step` at a time under
+`jax.vmap`, the groups one after another under `lax.scan`, and the per-device sums meet in
+one `psum`. Client c of a round always uses the key `fold_in(round_key, c)`, so the result
+does not depend on the chunking, the vmap width or the number of devices (up to the order
+of float summation).
+
+The server state is a pytree of arrays; the round is `round(state, key) -> (state,
+metrics)`. Keys come from the caller (the host loop uses `fold_in(seed_key, round)`).
+Of the metrics, `clip_norm` and `noised_unclipped_fraction` derive from DP releases; every
+other metric is a *non-private simulation diagnostic* computed from the raw cohort (its
+size, client losses, update norms): useful for debugging, not covered by the guarantee.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from dp_accounting import dp_event
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from dpfed.federated import sampling as sampling_lib
+from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator, clip_update
+from dpfed.federated.client_data import ClientData, OneClient, gather_clients
+from dpfed.federated.local import ClientOutput
+from dpfed.federated.mesh import CLIENTS, client_mesh, replicate
+
+PyTree = Any
+# client_update(shared_params, client_state, client, context, key) -> ClientOutput.
+ClientUpdateFn = Callable[[PyTree, PyTree, OneClient, PyTree, jax.Array], ClientOutput]
+
+
+class ServerState(NamedTuple):
+    """Everything a round reads and writes (no PRNG state: keys are passed in).
+
+    Attributes:
+      params: the shared (broadcast and privately aggregated) parameters.
+      opt_state: the server optimiser's state.
+      round: rounds done (int32).
+      clip_norm: the clip norm C of the next round (float32; inf when unclipped).
+      client_states: per-client state with a leading [num_clients] axis kept on device
+        (e.g. a client's own encoder); `()` when clients keep nothing.
+      context: read-only payload broadcast with the params that clients do not update
+        (e.g. a GAN's generator, trained by the server); `()` when unused.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    round: jax.Array
+    clip_norm: jax.Array
+    client_states: PyTree
+    context: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class DpFedAvgConfig:
+    """How rounds sample, clip, noise and execute.
+
+    Attributes:
+      clients_per_round: expected cohort size (Poisson) or exact cohort size (fixed).
+      sampling: "poisson" (rate clients_per_round / num_clients) or "fixed".
+      l2_clip: per-client clip norm C (the initial C with adaptive clipping); None means
+        no clipping (non-private FedAvg; needs noise_multiplier 0).
+      noise_multiplier: z, total noise std / C of a round (0: no noise, no DP).
+      adaptive_clipping: quantile-tracking clip norm (Andrew et al. 2021), or None.
+      chunk_size: clients per pass of the round's loop (a multiple of devices x
+        clients_per_device_step); None: `CohortSampler.default_chunk_size`.
+      clients_per_device_step: clients trained at once per device under vmap; None: 1 on
+        CPU (XLA:CPU runs vmapped per-client convolutions as slow grouped convolutions)
+        and the device's whole share of a chunk on accelerators.
+    """
+
+    clients_per_round: float
+    sampling: str = "poisson"
+    l2_clip: float | None = 1.0
+    noise_multiplier: float = 0.0
+    adaptive_clipping: AdaptiveClipping | None = None
+    chunk_size: int | None = None
+    clients_per_device_step: int | None = None
+
+    def __post_init__(self):
+        if self.l2_clip is not None and not self.l2_clip > 0:
+            raise ValueError(f"l2_clip must be > 0, got {self.l2_clip}")
+        if self.l2_clip is None and (self.noise_multiplier > 0 or self.adaptive_clipping):
+            raise ValueError("noise and adaptive clipping need an l2_clip")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.clients_per_device_step is not None and self.clients_per_device_step < 1:
+            raise ValueError(
+                f"clients_per_device_step must be >= 1, got {self.clients_per_device_step}")
+
+
+class _Sums(NamedTuple):
+    """Masked sums over clients; `below` is sum(1{||d|| <= C} - 1/2) (the count query)."""
+
+    delta: PyTree
+    below: jax.Array
+    nonfinite: jax.Array
+    clients: jax.Array
+    norm: jax.Array
+    metrics: dict[str, jax.Array]
+
+
+def _tree_add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+class DpFedAvg:
+    """DP-FedAvg over the clients of `data` (any model, any client update).
+
+    Args:
+      client_update: `(shared, client_state, OneClient, context, key) -> ClientOutput`,
+        e.g. `local.local_training(...)`; it decides which parameters are shared (those
+        it returns in `ClientOutput.params`) and which stay on the client (its state).
+      server_optimizer: optax transformation applied to minus the averaged update
+        (`optax.sgd(1.0)` is plain FedAvg).
+      data: the clients' padded data; copied to every device of `mesh`.
+      config: sampling, clipping, noise and execution settings.
+      mesh: a mesh with a `clients` axis (default: all devices).
+    """
+
+    def __init__(
+        self,
+        client_update: ClientUpdateFn,
+        server_optimizer: optax.GradientTransformation,
+        data: ClientData,
+        config: DpFedAvgConfig,
+        mesh: Mesh | None = None,
+    ):
+        self.config = config
+        self.mesh = client_mesh() if mesh is None else mesh
+        self.client_update = client_update
+        self.server_optimizer = server_optimizer
+        self.num_clients = data.num_clients
+        self.sampler = sampling_lib.CohortSampler(
+            config.sampling, data.num_clients, config.clients_per_round)
+        self.aggregator = PrivateAggregator(
+            config.noise_multiplier, self.sampler.expected_size, config.adaptive_clipping)
+        devices = self.mesh.shape[CLIENTS]
+        width = config.clients_per_device_step
+        if width is None and jax.default_backend() == "cpu":
+            width = 1
+        self.chunk_size = config.chunk_size or self.sampler.default_chunk_size(
+            devices * (width or 1))
+        if self.chunk_size % (devices * (width or 1)):
+            raise ValueError(
+                f"chunk_size {self.chunk_size} must be a multiple of {devices} devices x "
+                f"{width or 1} clients per device step")
+        self.clients_per_device_step = width or self.chunk_size // devices
+        self.data = replicate(ClientData(data.arrays, data.counts), self.mesh)
+        self._round = jax.jit(self._round_impl)
+
+    def init(self, params: PyTree, client_states: PyTree = (), context: PyTree = ()) -> ServerState:
+        """The round-0 state, replicated over the mesh.
+
+        `client_states` leaves need a leading [num_clients] axis (`local.init_local_states`).
+        """
+        for leaf in jax.tree_util.tree_leaves(client_states):
+            if leaf.shape[:1] != (self.num_clients,):
+                raise ValueError(
+                    f"client_states leaves need a leading axis of {self.num_clients} clients, "
+                    f"got shape {leaf.shape}")
+        clip = self.config.l2_clip if self.config.l2_clip is not None else jnp.inf
+        state = ServerState(
+            params=params,
+            opt_state=self.server_optimizer.init(params),
+            round=jnp.int32(0),
+            clip_norm=jnp.float32(clip),
+            client_states=client_states,
+            context=context,
+        )
+        return replicate(state, self.mesh)
+
+    def round(self, state: ServerState, key: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
+        """One DP-FedAvg round (jitted; compiles once)."""
+        return self._round(state, self.data, key)
+
+    def lower(self, state: ServerState, key: jax.Array) -> jax.stages.Lowered:
+        """The round lowered for `state` (e.g. `.compile().memory_analysis()`, `.as_text()`)."""
+        return self._round.lower(state, self.data, key)
+
+    def cohort(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The cohort the round with `key` trains: (client indices, count), as in `sample`."""
+        return self.sampler.sample(_round_keys(key)[0])
+
+    def round_event(self) -> dp_event.DpEvent | None:
+        """The DpEvent of one round (user level), None when no noise is added."""
+        inner = self.aggregator.dp_event()
+        return None if inner is None else self.sampler.dp_event(inner)
+
+    # The jitted round.
+
+    def _round_impl(self, state: ServerState, data: ClientData, key: jax.Array):
+        sample_key, client_key, noise_key, count_key = _round_keys(key)
+        indices, count = self.sampler.sample(sample_key)
+        indices = sampling_lib.pad_to_multiple(indices, self.chunk_size)
+        num_chunks = (count + self.chunk_size - 1) // self.chunk_size
+        clip = state.clip_norm
+
+        def run_chunk(chunk, client_states):
+            idx, mask = sampling_lib.cohort_chunk(indices, count, chunk, self.chunk_size)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, idx)
+            states = jax.tree_util.tree_map(lambda s: s[idx], client_states)
+            sums, new_states = self._sharded_chunk(
+                state.params, clip, state.context, gather_clients(data, idx), states, keys, mask)
+            slots = jnp.where(mask, idx, self.num_clients)  # padded slots write nowhere
+            client_states = jax.tree_util.tree_map(
+                lambda a, n: a.at[slots].set(n, mode="drop"), client_states, new_states)
+            return sums, client_states
+
+        zero = jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(run_chunk, jnp.int32(0), state.client_states)[0])
+
+        def body(carry):
+            chunk, sums, client_states = carry
+            chunk_sums, client_states = run_chunk(chunk, client_states)
+            return chunk + 1, _tree_add(sums, chunk_sums), client_states
+
+        _, sums, client_states = jax.lax.while_loop(
+            lambda c: c[0] < num_chunks, body, (jnp.int32(0), zero, state.client_states))
+
+        if self.config.l2_clip is None:
+            mean = jax.tree_util.tree_map(lambda s: s / self.sampler.expected_size, sums.delta)
+        else:
+            mean = self.aggregator.noised_mean(sums.delta, clip, noise_key)
+        next_clip, noised_fraction = self.aggregator.next_clip(clip, sums.below, count_key)
+        pseudo_grad = jax.tree_util.tree_map(
+            lambda m, p: (-m).astype(p.dtype), mean, state.params)
+        updates, opt_state = self.server_optimizer.update(
+            pseudo_grad, state.opt_state, state.params)
+        new_state = ServerState(
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+            round=state.round + 1,
+            clip_norm=next_clip.astype(jnp.float32),
+            client_states=client_states,
+            context=state.context,
+        )
+        clients = jnp.maximum(sums.clients, 1).astype(jnp.float32)
+        metrics = {
+            "clip_norm": clip,
+            "noised_unclipped_fraction": noised_fraction,
+            "cohort_size": sums.clients,
+            "nonfinite_updates": sums.nonfinite,
+            "update_norm_mean": sums.norm / clients,
+            "unclipped_fraction": sums.below / clients + 0.5,
+            **{f"client_{name}": v / clients for name, v in sums.metrics.items()},
+        }
+        return new_state, metrics
+
+    def _sharded_chunk(self, params, clip, context, chunk_data, states, keys, mask):
+        """Sums over one chunk of clients, split over the mesh; and their new states."""
+        width = self.clients_per_device_step
+        clipped = self.config.l2_clip is not None
+
+        def device_body(params, clip, context, arrays, counts, states, keys, mask):
+            # Varying over the mesh: each device's clients train their own copy (without
+            # this, grad w.r.t. the replicated params would be summed over devices).
+            params = _varying(params)
+
+            def per_client(arrays, count, state, key, is_real):
+                out = self.client_update(params, state, OneClient(arrays, count), context, key)
+                delta = jax.tree_util.tree_map(
+                    lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32),
+                    out.params, params)
+                delta, norm, finite = clip_update(delta, clip if clipped else None)
+                real = is_real.astype(jnp.float32)
+                sums = _Sums(
+                    delta=jax.tree_util.tree_map(lambda d: jnp.where(is_real, d, 0.0), delta),
+                    below=real * ((norm <= clip).astype(jnp.float32) - 0.5),
+                    nonfinite=(is_real & ~finite).astype(jnp.int32),
+                    clients=is_real.astype(jnp.int32),
+                    norm=real * norm,
+                    metrics={k: real * v.astype(jnp.float32) for k, v in out.metrics.items()},
+                )
+                new_state = jax.tree_util.tree_map(
+                    lambda n, o: jnp.where(is_real, n, o), out.state, state)
+                return sums, new_state
+
+            local = mask.shape[0]
+            xs = jax.tree_util.tree_map(
+                lambda x: x.reshape((local // width, width) + x.shape[1:]),
+                (arrays, counts, states, keys, mask))
+            first = jax.tree_util.tree_map(lambda x: x[0, 0], xs)
+            zero = _varying(jax.tree_util.tree_map(
+                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(per_client, *first)[0]))
+
+            def skip(arrays, count, state, key, is_real):
+                del arrays, count, key, is_real
+                return zero, state
+
+            def step(acc, group):
+                if width == 1:  # padded clients cost nothing: lax.cond skips them
+                    one = jax.tree_util.tree_map(lambda x: x[0], group)
+                    sums, new_state = jax.lax.cond(one[-1], per_client, skip, *one)
+                    new_state = jax.tree_util.tree_map(lambda x: x[None], new_state)
+                else:
+                    sums, new_state = jax.vmap(per_client)(*group)
+                    sums = jax.tree_util.tree_map(lambda x: jnp.sum(x, 0), sums)
+                return _tree_add(acc, sums), new_state
+
+            sums, new_states = jax.lax.scan(step, zero, xs)
+            new_states = jax.tree_util.tree_map(
+                lambda x: x.reshape((local,) + x.shape[2:]), new_states)
+            return jax.lax.psum(sums, CLIENTS), new_states
+
+        sharded = jax.shard_map(
+            device_body,
+            mesh=self.mesh,
+            in_specs=(P(), P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS)),
+            out_specs=(P(), P(CLIENTS)),
+        )
+        return sharded(
+            params, clip, context, chunk_data.arrays, chunk_data.counts, states, keys, mask)
+
+
+def _round_keys(key: jax.Array) -> jax.Array:
+    """Keys of a round: cohort sampling, clients (folded with the client index), noises."""
+    return jax.random.split(key, 4)
+
+
+def _varying(tree: PyTree) -> PyTree:
+    """Marks every leaf as varying over the `clients` axis (inside `shard_map`)."""
+    return jax.tree_util.tree_map(lambda x: jax.lax.pcast(x, CLIENTS, to="varying"), tree)

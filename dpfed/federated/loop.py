@@ -1,0 +1,119 @@
+"""The host loop of federated training: schedules rounds, evaluations and checkpoints.
+
+All the work of a round happens inside the engine's jitted `round`; this loop only
+picks the round's key (`fold_in(key(seed), round)`, so a resumed run replays the same
+randomness), records each round's DpEvent in the ledger, evaluates, checkpoints the
+state *with* the ledger, and prints progress. Rerunning on the same workdir resumes from
+the last checkpoint and ends with the same parameters and ledger as an uninterrupted run.
+A ledger with a target eps stops the run before the round that would exceed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from dpfed import privacy
+from dpfed.federated.dp_fedavg import DpFedAvg, ServerState
+from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.progress import Progress
+from dpfed.train.workdir import Workdir
+
+ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """How the loop ended."""
+
+    state: ServerState
+    ledger: privacy.PrivacyLedger | None
+    rounds_done: int
+    last_round: int  # the round the loop was allowed to reach (budget guard)
+    evaluation: dict[str, Any]  # the last evaluation record
+    resumed_from: int | None
+
+
+def round_key(seed: int, round_index: int) -> jax.Array:
+    """The key of round `round_index` (independent of where a run was resumed)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ROUND_KEY_STREAM),
+                              round_index)
+
+
+def run_rounds(
+    engine: DpFedAvg,
+    state: ServerState,
+    *,
+    rounds: int,
+    seed: int,
+    workdir: Workdir,
+    ledger: privacy.PrivacyLedger | None,
+    evaluate: Callable[[ServerState], dict[str, Any]],
+    eval_every: int,
+    checkpoint_every: int,
+    desc: str = "fedavg",
+    log: Callable[[str], None] = print,
+) -> LoopResult:
+    """Runs (or resumes) `rounds` rounds of `engine` from `state`.
+
+    Args:
+      engine: the DP-FedAvg engine; its `round_event()` is recorded once per round.
+      state: the round-0 state (also the template for restoring a checkpoint).
+      rounds: the total number of rounds of the run.
+      seed: seeds the round keys.
+      workdir: receives metrics.jsonl (one record per evaluation) and checkpoints/.
+      ledger: the run's privacy ledger (None for a non-private run); restored with
+        the state on resume.
+      evaluate: `evaluate(state) -> dict` of host numbers, logged with the round's
+        metrics and eps.
+      eval_every, checkpoint_every: periods in rounds (the last round always does both).
+      desc: the progress line's label.
+      log: where one-off messages go.
+    """
+    event = engine.round_event()
+    if (ledger is None) != (event is None):
+        raise ValueError("a private engine needs a ledger and a non-private one none")
+    checkpointer = Checkpointer(workdir.file("checkpoints"))
+    start, resumed_from = 0, None
+    if checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(state)
+        start = resumed_from = int(state.round)
+        if ledger is not None:
+            ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
+        workdir.truncate_metrics(start, key="round")
+        log(f"resumed from round {start} in {workdir.path}")
+
+    last_round = rounds
+    if ledger is not None and ledger.target_epsilon is not None:
+        last_round = start + ledger.affordable_count(event, max(rounds - start, 0))
+        if last_round < rounds:
+            log(f"budget guard: stop after round {last_round} (target eps {ledger.target_epsilon})")
+
+    progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
+    record: dict[str, Any] = {}
+    eps = ledger.epsilon() if ledger is not None and ledger.entries else None
+    for r in range(start, last_round):
+        state, metrics = engine.round(state, round_key(seed, r))
+        if ledger is not None:
+            ledger.record(event)
+        done = r + 1
+        if done % eval_every == 0 or done == last_round:
+            eps = ledger.epsilon() if ledger is not None else None
+            record = {
+                "round": done,
+                "epsilon_rdp": eps,
+                **{name: float(v) for name, v in metrics.items()},
+                **evaluate(state),
+            }
+            workdir.append_metrics(record)
+        if done % checkpoint_every == 0 or done == last_round:
+            extra = {"ledger": ledger.to_json(with_pld=False) if ledger is not None else None}
+            checkpointer.save(done, state, extra)
+        progress.update(done, eps=eps, acc=record.get("test_accuracy"))
+    checkpointer.close()
+    if not record:  # nothing left to run: a finished run was resumed
+        record = {"round": int(state.round), **evaluate(state)}
+    return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from)

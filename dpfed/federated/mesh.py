@@ -1,0 +1,61 @@
+"""The device mesh of federated work: one `clients` axis over every device of the job.
+
+A laptop, one GPU host and a TPU pod run the same code: the cohort axis is split over
+`client_mesh()`; in a multi-host job (`initialize_distributed`) `jax.devices()` lists
+the devices of all hosts, so the same mesh spans the pod.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+CLIENTS = "clients"
+
+
+def client_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis `clients` over `devices` (default: all devices of the job)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (CLIENTS,))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Copies every leaf of `tree` to every device of `mesh` (also across hosts).
+
+    Each process must pass the same values (they are built from the same seed and data).
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.device_put(leaf, sharding)
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def initialize_distributed(
+    enabled: bool,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Calls `jax.distributed.initialize` when `enabled` (a multi-host job); returns enabled.
+
+    On Cloud TPU VMs and SLURM every argument can stay None (JAX reads them from the
+    environment); elsewhere pass the coordinator `host:port`, process count and id.
+    Must run before any other JAX call.
+    """
+    if enabled:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    return enabled

@@ -1,0 +1,100 @@
+"""Client sampling inside jit: Poisson (default) or a fixed-size cohort, with static shapes.
+
+Poisson sampling (each client independently with probability q) is what the DP-FedAvg
+accountant assumes (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models"); a fixed cohort of m clients without replacement is accounted under
+replace-one with its own DpEvent (`dpfed.privacy.sampled_gaussian_event`).
+
+Static shapes without truncation: `sample` returns all N client slots, the first `count`
+being the cohort. The round walks through them in chunks of `chunk_size` clients with a
+`lax.while_loop` whose trip count is ceil(count / chunk_size) (the design of
+`dpfed.privacy.chunked_sum`). A Poisson cohort larger than one chunk -- an *overflow* --
+takes one more pass of the loop; no sampled client is ever dropped, so the released sum is
+exactly the Poisson-sampled sum the accountant describes. Truncating it instead would
+change the mechanism and void the Poisson analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from dp_accounting import dp_event
+
+from dpfed import privacy
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortSampler:
+    """Draws each round's cohort from `population` clients.
+
+    Attributes:
+      scheme: "poisson" (rate expected_size / population) or "fixed" (exactly
+        expected_size clients, uniformly without replacement).
+      population: number of clients N.
+      expected_size: expected cohort size (Poisson) or cohort size (fixed); the server
+        divides the noised sum by this number, never by the realised count.
+    """
+
+    scheme: str
+    population: int
+    expected_size: float
+
+    def __post_init__(self):
+        privacy.Sampling(self.scheme)  # validates the name
+        if not 0 < self.expected_size <= self.population:
+            raise ValueError(
+                f"need 0 < clients per round <= {self.population} clients, "
+                f"got {self.expected_size}")
+        if self.scheme == privacy.Sampling.FIXED and int(self.expected_size) != self.expected_size:
+            raise ValueError(f"a fixed cohort needs an integer size, got {self.expected_size}")
+
+    @property
+    def rate(self) -> float:
+        """The sampling probability q = expected_size / population."""
+        return self.expected_size / self.population
+
+    def sample(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(indices, count): the first `count` entries of `indices` are the cohort."""
+        if self.scheme == privacy.Sampling.POISSON:
+            return privacy.poisson_sample(key, self.population, self.rate)
+        return privacy.fixed_size_sample(key, self.population, int(self.expected_size))
+
+    def dp_event(self, inner: dp_event.DpEvent) -> dp_event.DpEvent:
+        """The sampled event of one round whose release on the cohort is `inner`."""
+        return privacy.sampled_gaussian_event(
+            inner, sampling=self.scheme, population=self.population,
+            expected_size=self.expected_size)
+
+    def default_chunk_size(self, multiple: int) -> int:
+        """Clients per pass: m (fixed) or m + 3 sqrt(m) (Poisson), a multiple of `multiple`.
+
+        A Poisson cohort above it (probability ~0.1%) costs one more pass; it is capped
+        at the population rounded up.
+        """
+        size = self.expected_size
+        if self.scheme == privacy.Sampling.POISSON:
+            size = size + 3 * math.sqrt(size)
+        size = min(math.ceil(size), self.population)
+        return int(math.ceil(size / multiple) * multiple)
+
+
+def cohort_chunk(
+    indices: jax.Array, count: jax.Array, chunk: jax.Array, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Chunk number `chunk` of the cohort: (client indices [chunk_size], mask [chunk_size]).
+
+    `indices` must be padded to a multiple of `chunk_size`; masked slots hold index 0.
+    """
+    start = chunk * chunk_size
+    idx = jax.lax.dynamic_slice(indices, (start,), (chunk_size,))
+    mask = start + jnp.arange(chunk_size) < count
+    return jnp.where(mask, idx, 0), mask
+
+
+def pad_to_multiple(indices: jax.Array, multiple: int) -> jax.Array:
+    """`indices` padded with zeros to a length that is a multiple of `multiple`."""
+    n = indices.shape[0]
+    return jnp.pad(indices, (0, -(-n // multiple) * multiple - n))

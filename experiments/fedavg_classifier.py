@@ -1,0 +1,111 @@
+r"""Trains an image classifier with user-level DP-FedAvg and writes the workdir contract.
+
+Example (2 CPU cores; accuracies and eps are in WORKSPACE.md):
+
+  .venv/bin/python -m experiments.fedavg_classifier --dataset=mnist5k --num_clients=100 \
+    --clients_per_round=10 --rounds=20 --noise_multiplier=1.0 --l2_clip=0.5 \
+    --workdir=workdirs/fedavg
+
+Non-private FedAvg: add --nodp. Adaptive clipping (Andrew et al. 2021): --adaptive_clipping
+(--l2_clip is then the initial clip norm). Rerunning the same command on the same workdir
+resumes from its last checkpoint, privacy ledger included. Multi-host (TPU pod slice, SLURM):
+launch on every host with --distributed (see launch/multihost.py).
+"""
+
+from absl import flags
+
+from dpfed import data
+from dpfed.federated import classifier
+from dpfed.federated.mesh import initialize_distributed
+from dpfed.train import cli, dpsgd
+
+_DATASET = flags.DEFINE_enum("dataset", "mnist5k", data.list_datasets(), "Dataset name.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir for tfds datasets.")
+_MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Classifier.")
+_NUM_CLIENTS = flags.DEFINE_integer("num_clients", 100, "Users the data is split into.")
+_PARTITION = flags.DEFINE_enum("partition", "iid", list(classifier.PARTITIONS), "Split.")
+_ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.5, "Label skew of --partition=dirichlet.")
+_ROUNDS = flags.DEFINE_integer("rounds", 100, "Federated rounds.")
+_PER_ROUND = flags.DEFINE_integer(
+    "clients_per_round", 10, "Expected (poisson) or exact (fixed) clients per round.")
+_LOCAL_STEPS = flags.DEFINE_integer("local_steps", 5, "Client optimiser steps per round.")
+_LOCAL_BATCH = flags.DEFINE_integer("local_batch_size", 20, "Examples per local step.")
+_CLIENT_LR = flags.DEFINE_float("client_learning_rate", 0.05, "Client SGD learning rate.")
+_SERVER_OPT = flags.DEFINE_enum(
+    "server_optimizer", "sgd", list(classifier.OPTIMIZERS), "Server optimiser.")
+_SERVER_LR = flags.DEFINE_float("server_learning_rate", 1.0, "Server learning rate.")
+_CLIP = flags.DEFINE_float("l2_clip", 0.5, "Per-user update clip norm C (initial if adaptive).")
+_NOISE = flags.DEFINE_float("noise_multiplier", None, "Noise std / C (1.0 if no target eps).")
+_TARGET = flags.DEFINE_float("target_epsilon", None, "Calibrate noise to this eps at --rounds.")
+_DELTA = flags.DEFINE_float("delta", 1e-5, "delta of the user-level (eps, delta) guarantee.")
+_ADAPTIVE = flags.DEFINE_bool("adaptive_clipping", False, "Track a quantile of update norms.")
+_QUANTILE = flags.DEFINE_float("target_quantile", 0.5, "Adaptive clipping: target quantile.")
+_CLIP_LR = flags.DEFINE_float("clip_learning_rate", 0.2, "Adaptive clipping: eta.")
+_COUNT_STD = flags.DEFINE_float(
+    "clipped_count_stddev", None, "Adaptive clipping: count noise std (clients_per_round/20).")
+_SAMPLING = flags.DEFINE_enum("sampling", "poisson", ["poisson", "fixed"], "Client sampling.")
+_NODP = flags.DEFINE_bool("nodp", False, "Non-private FedAvg: no clipping, no noise.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Evaluate every N rounds.")
+_CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint period in rounds.")
+_CHUNK = flags.DEFINE_integer("chunk_size", None, "Clients per pass of a round.")
+_PER_STEP = flags.DEFINE_integer(
+    "clients_per_device_step", None, "Clients vmapped at once per device (1 on CPU).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host job: call jax.distributed.initialize() first.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def main(argv: list[str]) -> None:
+    cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
+    initialize_distributed(_DISTRIBUTED.value)
+    noise = _NOISE.value
+    if noise is None and _TARGET.value is None:
+        noise = 1.0
+    try:
+        config = classifier.FedAvgClassifierConfig(
+            dataset=_DATASET.value,
+            model=_MODEL.value,
+            num_clients=_NUM_CLIENTS.value,
+            partition=_PARTITION.value,
+            dirichlet_alpha=_ALPHA.value,
+            rounds=_ROUNDS.value,
+            clients_per_round=_PER_ROUND.value,
+            local_steps=_LOCAL_STEPS.value,
+            local_batch_size=_LOCAL_BATCH.value,
+            client_learning_rate=_CLIENT_LR.value,
+            server_optimizer=_SERVER_OPT.value,
+            server_learning_rate=_SERVER_LR.value,
+            l2_clip=_CLIP.value,
+            noise_multiplier=noise,
+            target_epsilon=_TARGET.value,
+            delta=_DELTA.value,
+            adaptive_clipping=_ADAPTIVE.value,
+            target_quantile=_QUANTILE.value,
+            clip_learning_rate=_CLIP_LR.value,
+            clipped_count_stddev=_COUNT_STD.value,
+            sampling=_SAMPLING.value,
+            nodp=_NODP.value,
+            seed=_SEED.value,
+            eval_every=_EVAL_EVERY.value,
+            checkpoint_every=_CKPT_EVERY.value,
+            chunk_size=_CHUNK.value,
+            clients_per_device_step=_PER_STEP.value,
+            data_dir=_DATA_DIR.value,
+        )
+        summary = classifier.train(config, _WORKDIR.value)
+    except dpsgd.ConfigError as error:
+        raise cli.FlagError(error.field, error.message) from error
+    except data.DatasetUnavailableError as error:
+        raise cli.FlagError("dataset", str(error)) from error
+    eps = summary["epsilon_rdp"]
+    privacy_text = (
+        "non-private" if eps is None else f"user-level eps {eps:.3f} (RDP), delta {config.delta:g}")
+    print(
+        f"test accuracy {summary['test_accuracy']:.4f} after {summary['rounds']} rounds | "
+        f"{privacy_text} | report: {_WORKDIR.value}/report.md"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

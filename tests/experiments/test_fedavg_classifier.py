@@ -1,0 +1,110 @@
+"""experiments/fedavg_classifier.py and dpfed.federated.classifier: ledger, resume, flags."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from dp_accounting import dp_event, rdp
+
+from dpfed import data
+from dpfed.federated import classifier
+from dpfed.train.dpsgd import ConfigError
+
+FAST = {"model": "logreg", "local_steps": 2, "local_batch_size": 10, "eval_every": 100}
+
+
+@pytest.fixture(scope="module")
+def acceptance_run(tmp_path_factory):
+    """The acceptance configuration (logreg instead of the CNN: eps does not depend on it)."""
+    workdir = tmp_path_factory.mktemp("fedavg")
+    config = classifier.FedAvgClassifierConfig(
+        dataset="mnist5k", num_clients=100, clients_per_round=10, rounds=20,
+        noise_multiplier=1.0, l2_clip=0.5, **FAST)
+    summary = classifier.train(config, str(workdir), log=lambda _: None)
+    return workdir, summary
+
+
+def test_ledger_is_user_level_with_the_rdp_eps_of_twenty_sampled_gaussians(acceptance_run):
+    workdir, _ = acceptance_run
+    ledger = json.loads((workdir / "ledger.json").read_text())
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0)), 20)
+    expected = accountant.get_epsilon(ledger["delta"])
+    assert ledger["unit"] == "user", "DP-FedAvg protects users"
+    assert ledger["epsilon_rdp"] == pytest.approx(expected, rel=1e-6), "eps of 20 x PS(0.1, G(1))"
+
+
+def test_summary_reports_eps_for_larger_populations_below_ours(acceptance_run):
+    _, summary = acceptance_run
+    others = summary["epsilon_same_noise_if_users"]
+    assert set(others) == {"3400", "1000000"}, f"the two extra populations: {others}"
+    for name in ("rdp", "pld"):
+        assert others["1000000"][name] < others["3400"][name] < summary[f"epsilon_{name}"], (
+            f"the same noise over more users (smaller q) gives a smaller {name} eps")
+    assert summary["steps"] == summary["rounds"] == 20, "steps counts rounds"
+
+
+@pytest.mark.slow  # ~40 s; the loop-level resume test in tests/federated is fast
+def test_rerun_on_the_same_workdir_resumes_to_the_uninterrupted_result(tmp_path):
+    def run(path, rounds):
+        config = classifier.FedAvgClassifierConfig(
+            num_clients=40, clients_per_round=8, rounds=rounds, noise_multiplier=1.0,
+            checkpoint_every=2, **FAST)
+        return classifier.train(config, str(path), log=lambda _: None)
+
+    whole = run(tmp_path / "whole", 5)
+    run(tmp_path / "split", 3)
+    resumed = run(tmp_path / "split", 5)
+    assert resumed["params_sha256"] == whole["params_sha256"], "resume must not change params"
+    assert resumed["epsilon_rdp"] == whole["epsilon_rdp"], "nor the privacy spent"
+
+
+def test_non_private_run_has_no_ledger_and_no_eps(tmp_path):
+    config = classifier.FedAvgClassifierConfig(
+        num_clients=20, clients_per_round=5, rounds=2, nodp=True, **FAST)
+    summary = classifier.train(config, str(tmp_path), log=lambda _: None)
+    assert summary["epsilon_rdp"] is None and not (tmp_path / "ledger.json").exists(), (
+        "a non-private run must not claim a guarantee")
+
+
+def test_target_epsilon_calibrates_a_noise_multiplier_that_meets_it():
+    config = classifier.FedAvgClassifierConfig(
+        num_clients=100, clients_per_round=10, rounds=20, target_epsilon=5.0)
+    z = classifier.resolve_noise_multiplier(config)
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(z)), 20)
+    assert 4.9 < accountant.get_epsilon(config.delta) <= 5.0, "eps at the calibrated z ~ target"
+
+
+def test_more_clients_per_round_than_clients_names_the_flag():
+    with pytest.raises(ConfigError) as error:
+        classifier.FedAvgClassifierConfig(num_clients=10, clients_per_round=11, noise_multiplier=1)
+    assert error.value.field == "clients_per_round", "the error names the flag"
+
+
+def test_infeasible_adaptive_noise_split_names_the_flag():
+    config = classifier.FedAvgClassifierConfig(
+        clients_per_round=10, noise_multiplier=1.0, adaptive_clipping=True)  # 2 sb = 1 = z
+    with pytest.raises(ConfigError) as error:
+        classifier.engine_config(config, 1.0)
+    assert error.value.field == "clipped_count_stddev", "the error names the flag to raise"
+
+
+@pytest.mark.parametrize("flag, name", [("--l2_clip=-1", "l2_clip"), ("--delta=1.5", "delta")])
+def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.fedavg_classifier", flag, f"--workdir={tmp_path}"],
+        capture_output=True, text=True, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"bad flags exit with 2, got {result.returncode}"
+    assert len(lines) == 1 and f"--{name}" in lines[0], f"one line naming --{name}: {lines}"
+
+
+def test_dirichlet_partition_gives_every_example_to_one_client():
+    config = classifier.FedAvgClassifierConfig(
+        num_clients=50, partition="dirichlet", dirichlet_alpha=0.3, noise_multiplier=1.0)
+    train = data.load("mnist5k", "train")
+    clients = classifier.federate(config, train)
+    assert clients.num_clients == 50 and int(clients.counts.sum()) == train.num_examples, (
+        "50 clients holding all training examples between them")

@@ -1,0 +1,47 @@
+"""Per-client clipping, non-finite zeroing and the adaptive-clipping noise split."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.federated import AdaptiveClipping, PrivateAggregator, clip_update
+from dpfed.federated.aggregation import update_noise_multiplier
+
+
+def test_clip_update_bounds_the_flat_norm_of_the_whole_update():
+    update = {"a": jnp.full((3,), 4.0), "b": jnp.full((2, 2), 3.0)}
+    clipped, norm, finite = clip_update(update, 2.0)
+    flat = np.concatenate([np.ravel(x) for x in clipped.values()])
+    assert np.linalg.norm(flat) == pytest.approx(2.0, rel=1e-6), "flat L2 norm must be C"
+    assert float(norm) == pytest.approx(np.sqrt(48 + 36)), "the norm before clipping"
+    assert bool(finite), "a finite update is finite"
+
+
+def test_clip_update_zeroes_a_non_finite_update():
+    clipped, norm, finite = clip_update({"a": jnp.array([1.0, jnp.nan])}, 1.0)
+    assert not bool(finite), "NaN makes the update non-finite"
+    np.testing.assert_array_equal(np.asarray(clipped["a"]), 0.0, err_msg="zeroed, not clipped")
+    assert float(norm) == 0.0, "a zeroed update counts with norm 0"
+
+
+def test_noise_split_keeps_one_gaussian_of_multiplier_z():
+    z, zb = 1.0, 10.0
+    zd = update_noise_multiplier(z, zb)
+    assert zd**-2 + zb**-2 == pytest.approx(z**-2), "z_d^-2 + (2 sb)^-2 must equal z^-2"
+
+
+def test_noise_split_is_impossible_when_the_count_noise_is_too_small():
+    with pytest.raises(ValueError, match="must exceed"):
+        PrivateAggregator(1.0, expected_clients=10, adaptive=AdaptiveClipping())  # 2 sb = 1
+
+
+def test_adaptive_clip_grows_when_too_many_updates_are_clipped():
+    adaptive = AdaptiveClipping(target_quantile=0.5, learning_rate=0.2)
+    grown = float(adaptive.next_clip(jnp.float32(1.0), jnp.float32(0.1)))
+    shrunk = float(adaptive.next_clip(jnp.float32(1.0), jnp.float32(0.9)))
+    assert grown == pytest.approx(np.exp(0.08)), "C exp(-eta (b - gamma)) with b = 0.1"
+    assert shrunk < 1.0 < grown, "C shrinks when most updates are under it"
+
+
+def test_default_count_stddev_is_a_twentieth_of_the_cohort():
+    assert AdaptiveClipping().count_stddev(100) == pytest.approx(5.0), "sb = m / 20"

@@ -1,0 +1,34 @@
+"""Local batches drawn inside jit: only real examples, epochs over shuffled data."""
+
+import jax
+import numpy as np
+
+from dpfed.federated import local_batch_indices
+
+
+def draw(count, max_n=10, batch=4, steps=5, seed=0):
+    idx, mask = local_batch_indices(jax.random.key(seed), count, max_n, batch, steps)
+    return np.asarray(idx), np.asarray(mask)
+
+
+def test_batches_never_index_padding():
+    idx, mask = draw(count=7)
+    assert idx.max() < 7, f"padding rows (>= count 7) were drawn: {idx.max()}"
+    assert mask.all(), "a client with >= B examples fills every batch"
+
+
+def test_local_steps_cycle_through_the_clients_examples_as_epochs():
+    idx, _ = draw(count=6, batch=3, steps=4)  # 12 draws over 6 examples = 2 epochs
+    counts = np.bincount(idx.reshape(-1), minlength=6)
+    np.testing.assert_array_equal(counts, 2, err_msg="every example twice in two epochs")
+
+
+def test_a_client_smaller_than_a_batch_masks_the_rest():
+    idx, mask = draw(count=2, batch=5, steps=3)
+    assert mask.sum(1).tolist() == [2, 2, 2], "each batch holds the 2 real examples once"
+    assert set(idx[mask].tolist()) == {0, 1}, "only the real examples are unmasked"
+
+
+def test_an_empty_client_has_fully_masked_batches():
+    _, mask = draw(count=0)
+    assert not mask.any(), "a client without data trains on nothing"

@@ -1,0 +1,252 @@
+"""The DP-FedAvg round: sensitivity, noise, non-finite updates, padding, sharding, states."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from dp_accounting import dp_event
+
+from dpfed import privacy
+from dpfed.federated import (
+    AdaptiveClipping,
+    ClientData,
+    DpFedAvg,
+    DpFedAvgConfig,
+    client_mesh,
+)
+from tests.federated import toy
+
+DIM = 6
+
+
+def make_engine(deltas, mesh=None, update=toy.add_own_vector, **config):
+    config.setdefault("clients_per_round", len(deltas))
+    config.setdefault("sampling", "fixed")
+    return DpFedAvg(update, optax.sgd(1.0), toy.vector_clients(deltas),
+                    DpFedAvgConfig(**config), mesh=mesh)
+
+
+def server_update(engine, key, init=None):
+    """The change of the shared params in one round (SGD lr 1: the noised mean update)."""
+    state = engine.init(toy.params_of(DIM) if init is None else init)
+    new_state, metrics = engine.round(state, key)
+    return np.asarray(new_state.params - state.params), metrics
+
+
+def random_deltas(n, seed=0, scale=1.0):
+    return scale * np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+
+
+def test_one_huge_client_moves_the_pre_noise_mean_by_at_most_clip_over_expected_size():
+    deltas = random_deltas(20)
+    huge = deltas.copy()
+    huge[7] = 1e6
+    clip, m = 0.5, 20
+    key = jax.random.key(0)
+    a, _ = server_update(make_engine(deltas, l2_clip=clip, clients_per_round=m), key)
+    b, _ = server_update(make_engine(huge, l2_clip=clip, clients_per_round=m), key)
+    moved = np.linalg.norm(a - b)
+    assert moved <= clip / m * (1 + 1e-5), f"one user moved the mean by {moved} > C/m = {clip / m}"
+    assert moved > 0.5 * clip / m, "the huge client is clipped, not dropped"
+
+
+def test_added_noise_has_std_z_clip_over_expected_clients():
+    dim, z, clip, m = 20_000, 1.3, 0.5, 8
+    deltas = np.zeros((16, dim), np.float32)
+    engine = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
+                      DpFedAvgConfig(clients_per_round=m, l2_clip=clip, noise_multiplier=z))
+    state = engine.init(jnp.zeros((dim,), jnp.float32))
+    new_state, _ = engine.round(state, jax.random.key(3))
+    noise = np.asarray(new_state.params)
+    expected = z * clip / m
+    # 20,000 normal draws: the sample std is within 2% of sigma with overwhelming probability.
+    assert abs(noise.std() / expected - 1) < 0.02, f"noise std {noise.std()} != zC/m {expected}"
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(dim), f"noise mean {noise.mean()} is not 0"
+
+
+def test_non_finite_updates_are_zeroed_and_counted():
+    deltas = random_deltas(8, scale=0.01)
+    broken = deltas.copy()
+    broken[2, 0], broken[5, 3] = np.nan, np.inf
+    without = deltas.copy()
+    without[[2, 5]] = 0.0
+    key = jax.random.key(1)
+    got, metrics = server_update(make_engine(broken, l2_clip=1.0), key)
+    want, _ = server_update(make_engine(without, l2_clip=1.0), key)
+    assert np.all(np.isfinite(got)), "a non-finite update leaked into the params"
+    np.testing.assert_allclose(got, want, atol=1e-7, err_msg="non-finite updates must count as 0")
+    assert int(metrics["nonfinite_updates"]) == 2, "both non-finite updates should be counted"
+
+
+def test_round_sums_exactly_the_sampled_clients_divided_by_the_expected_size():
+    deltas = random_deltas(40, seed=2)
+    deltas[0] = np.nan  # client 0 is the gather target of padded slots: it must not leak
+    clip, m = 0.7, 10.0
+    engine = make_engine(deltas, sampling="poisson", clients_per_round=m, l2_clip=clip,
+                         chunk_size=8)  # several passes, most with padded slots
+    key = jax.random.key(11)
+    got, metrics = server_update(engine, key)
+    indices, count = engine.cohort(key)
+    cohort = np.asarray(indices)[: int(count)]
+    norms = np.linalg.norm(deltas[cohort], axis=1, keepdims=True)
+    clipped = np.where(np.isfinite(norms), deltas[cohort] * np.minimum(1, clip / norms), 0.0)
+    want = clipped.sum(0) / m
+    assert int(metrics["cohort_size"]) == int(count) > 8, "the cohort should overflow one chunk"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7,
+                               err_msg="the mean must be the cohort's clipped sum / expected size")
+
+
+def test_padding_and_chunking_do_not_change_the_result():
+    deltas = random_deltas(30, seed=4)
+    key = jax.random.key(5)
+    common = {"sampling": "poisson", "clients_per_round": 20, "l2_clip": 0.3}
+    small, _ = server_update(make_engine(deltas, chunk_size=8, **common), key)
+    large, _ = server_update(make_engine(deltas, chunk_size=32, **common), key)
+    np.testing.assert_allclose(small, large, atol=1e-7,
+                               err_msg="passes of 8 and one padded pass of 32 must agree")
+
+
+def test_fixed_cohort_has_exactly_m_distinct_clients():
+    engine = make_engine(random_deltas(50), clients_per_round=7)
+    indices, count = engine.cohort(jax.random.key(0))
+    assert int(count) == 7 and len(set(np.asarray(indices).tolist())) == 7, "need 7 distinct"
+
+
+def test_client_states_persist_for_sampled_clients_only():
+    n = 24
+    engine = DpFedAvg(toy.count_visits, optax.sgd(1.0), toy.vector_clients(np.zeros((n, DIM))),
+                      DpFedAvgConfig(clients_per_round=6, l2_clip=1.0, chunk_size=8))
+    state = engine.init(toy.params_of(DIM), client_states=jnp.zeros((n,), jnp.int32))
+    visits = np.zeros(n, np.int32)
+    for r in range(4):
+        key = jax.random.key(r)
+        indices, count = engine.cohort(key)
+        visits[np.asarray(indices)[: int(count)]] += 1
+        state, _ = engine.round(state, key)
+    np.testing.assert_array_equal(np.asarray(state.client_states), visits,
+                                  err_msg="each client's state must count its own rounds")
+
+
+def test_eight_devices_give_the_result_of_one_device():
+    assert jax.device_count() == 8, "conftest should provide 8 CPU devices"
+    deltas = random_deltas(40, seed=6)
+    config = {"sampling": "poisson", "clients_per_round": 12, "l2_clip": 0.5,
+              "noise_multiplier": 0.8, "adaptive_clipping": AdaptiveClipping(),
+              "chunk_size": 16}
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        engine = make_engine(deltas, mesh=client_mesh(devices), **config)
+        state = engine.init(toy.params_of(DIM))
+        for r in range(3):
+            state, _ = engine.round(state, jax.random.key(r))
+        results.append((np.asarray(state.params), float(state.clip_norm)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-7,
+                               err_msg="8 devices must match 1 device (same seed)")
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6), "clip norms must match"
+
+
+def test_vmapping_clients_together_does_not_change_the_result():
+    deltas = random_deltas(32, seed=8)
+    common = {"sampling": "poisson", "clients_per_round": 10, "l2_clip": 0.5, "chunk_size": 16}
+    key = jax.random.key(2)
+    one, _ = server_update(make_engine(deltas, clients_per_device_step=1, **common), key)
+    two, _ = server_update(make_engine(deltas, clients_per_device_step=2, **common), key)
+    np.testing.assert_allclose(one, two, atol=1e-7, err_msg="vmap width changed the result")
+
+
+def test_adaptive_clip_norm_tracks_the_target_quantile():
+    rng = np.random.default_rng(0)
+    norms = np.exp(rng.normal(0.0, 1.0, size=200))  # log-normal update norms
+    directions = rng.normal(size=(200, DIM))
+    deltas = directions / np.linalg.norm(directions, axis=1, keepdims=True) * norms[:, None]
+    for quantile in (0.3, 0.8):
+        engine = make_engine(
+            deltas, sampling="poisson", clients_per_round=100, l2_clip=0.05,
+            noise_multiplier=0.5, adaptive_clipping=AdaptiveClipping(target_quantile=quantile))
+        state = engine.init(toy.params_of(DIM))
+        clips = []
+        for r in range(150):
+            state, _ = engine.round(state, jax.random.key(r))
+            clips.append(float(state.clip_norm))
+        reached = np.mean(norms <= np.median(clips[-50:]))
+        assert abs(reached - quantile) < 0.08, (
+            f"C should settle near the {quantile} quantile of norms; it clips "
+            f"{1 - reached:.2f} of them")
+
+
+def test_noise_multiplier_zero_without_clip_is_plain_fedavg():
+    deltas = random_deltas(10, seed=9, scale=5.0)
+    got, _ = server_update(make_engine(deltas, l2_clip=None), jax.random.key(0))
+    np.testing.assert_allclose(got, deltas.mean(0), rtol=1e-5,
+                               err_msg="without clipping and noise the round is FedAvg's mean")
+    assert make_engine(deltas, l2_clip=None).round_event() is None, "no noise: nothing to record"
+
+
+def test_round_event_is_sampled_gaussian_for_poisson():
+    engine = make_engine(random_deltas(100), sampling="poisson", clients_per_round=10,
+                         l2_clip=0.5, noise_multiplier=1.0)
+    expected = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0))
+    assert engine.round_event() == expected, "Poisson round: PoissonSampled(q, Gaussian(z))"
+
+
+def test_round_event_of_a_fixed_cohort_uses_replace_one_units():
+    engine = make_engine(random_deltas(100), sampling="fixed", clients_per_round=10,
+                         l2_clip=0.5, noise_multiplier=1.0)
+    expected = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5))
+    assert engine.round_event() == expected, "fixed cohort: replace-one halves z"
+
+
+def test_adaptive_round_event_costs_exactly_one_gaussian_of_the_total_multiplier():
+    z = 1.0
+    engine = make_engine(random_deltas(1000), sampling="poisson", clients_per_round=100,
+                         l2_clip=0.5, noise_multiplier=z, adaptive_clipping=AdaptiveClipping())
+    event = engine.round_event()
+    assert isinstance(event.event, dp_event.ComposedDpEvent), "both queries must be recorded"
+    single = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(z))
+    eps_pair = privacy.epsilon(dp_event.SelfComposedDpEvent(event, 50), 1e-5)
+    eps_single = privacy.epsilon(dp_event.SelfComposedDpEvent(single, 50), 1e-5)
+    assert eps_pair == pytest.approx(eps_single, rel=1e-6), "noise split must keep eps of z"
+
+
+def test_noise_without_a_clip_norm_is_refused():
+    with pytest.raises(ValueError, match="l2_clip"):
+        DpFedAvgConfig(clients_per_round=5, l2_clip=None, noise_multiplier=1.0)
+
+
+def test_client_states_need_one_row_per_client():
+    engine = make_engine(random_deltas(10), l2_clip=1.0)
+    with pytest.raises(ValueError, match="leading axis of 10"):
+        engine.init(toy.params_of(DIM), client_states=jnp.zeros((3,)))
+
+
+def test_padding_examples_inside_a_client_never_enter_its_update():
+    deltas = random_deltas(12, seed=10)
+    padded = ClientData(np.concatenate([deltas[:, None, :], np.full((12, 3, DIM), np.nan)], 1)
+                        .astype(np.float32), np.ones(12, np.int32))
+
+    def mean_of_real_rows(shared, state, client, context, key):
+        rows = jnp.where(client.mask[:, None], client.arrays, 0.0).sum(0) / client.count
+        return toy.ClientOutput(shared + rows, state, {})
+
+    engine = DpFedAvg(mean_of_real_rows, optax.sgd(1.0), padded,
+                      DpFedAvgConfig(clients_per_round=12, sampling="fixed", l2_clip=10.0))
+    state = engine.init(toy.params_of(DIM))
+    new, _ = engine.round(state, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(new.params), deltas.mean(0), rtol=1e-5,
+                               err_msg="the NaN padding rows must not reach the update")
+
+
+def test_clients_see_the_broadcast_context_which_the_round_keeps():
+    def move_by_context(shared, state, client, context, key):
+        return toy.ClientOutput(shared + context, state, {})
+
+    engine = DpFedAvg(move_by_context, optax.sgd(1.0), toy.vector_clients(np.zeros((8, DIM))),
+                      DpFedAvgConfig(clients_per_round=8, sampling="fixed", l2_clip=10.0))
+    context = jnp.arange(DIM, dtype=jnp.float32)
+    state = engine.init(toy.params_of(DIM), context=context)
+    new, _ = engine.round(state, jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(new.params), np.asarray(context), rtol=1e-6,
+                               err_msg="every client moved by the broadcast context")
+    np.testing.assert_array_equal(np.asarray(new.context), np.asarray(context),
+                                  err_msg="clients do not change the context")

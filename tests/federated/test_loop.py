@@ -1,0 +1,57 @@
+"""The host loop: resuming reproduces an uninterrupted run; the budget guard stops early."""
+
+import numpy as np
+import optax
+import pytest
+from dp_accounting import dp_event
+
+from dpfed import privacy
+from dpfed.federated import DpFedAvg, DpFedAvgConfig, run_rounds
+from dpfed.train.workdir import Workdir
+from tests.federated import toy
+
+
+def engine():
+    deltas = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    return DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
+                    DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=1.0))
+
+
+def ledger(target=None):
+    return privacy.PrivacyLedger("user", "add_or_remove_one", 1e-5, target_epsilon=target)
+
+
+def run(eng, path, rounds, target=None):
+    return run_rounds(
+        eng, eng.init(toy.params_of(4)), rounds=rounds, seed=3, workdir=Workdir(path),
+        ledger=ledger(target), evaluate=lambda s: {"norm": float(np.linalg.norm(s.params))},
+        eval_every=2, checkpoint_every=2, log=lambda _: None)
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    eng = engine()
+    whole = run(eng, tmp_path / "whole", rounds=6)
+    run(eng, tmp_path / "split", rounds=4)  # "killed" after round 4
+    resumed = run(eng, tmp_path / "split", rounds=6)
+    assert resumed.resumed_from == 4, "the second run should resume from round 4"
+    np.testing.assert_array_equal(np.asarray(resumed.state.params), np.asarray(whole.state.params),
+                                  err_msg="resumed params differ from the uninterrupted run")
+    assert resumed.ledger.to_json() == whole.ledger.to_json(), "ledgers must match"
+    rounds = [r["round"] for r in Workdir(tmp_path / "split").read_metrics()]
+    assert rounds == [2, 4, 6], f"metrics must not repeat rounds after a resume: {rounds}"
+
+
+def test_budget_guard_stops_before_the_round_that_would_exceed_the_target(tmp_path):
+    eng = engine()
+    event = eng.round_event()
+    target = privacy.epsilon(dp_event.SelfComposedDpEvent(event, 5), 1e-5)
+    result = run(eng, tmp_path, rounds=10, target=target * 1.0001)
+    assert result.rounds_done == 5, f"5 rounds fit the budget, ran {result.rounds_done}"
+    assert result.ledger.epsilon() <= target * 1.0001, "the ledger stays within its target"
+
+
+def test_private_engine_without_ledger_is_refused(tmp_path):
+    eng = engine()
+    with pytest.raises(ValueError, match="ledger"):
+        run_rounds(eng, eng.init(toy.params_of(4)), rounds=1, seed=0, workdir=Workdir(tmp_path),
+                   ledger=None, evaluate=dict, eval_every=1, checkpoint_every=1)
