@@ -1,0 +1,263 @@
+"""Federated character-level LSTM LM for debugging a text pipeline (P0, text).
+
+"Generative Models for Effective ML on Private, Decentralized Datasets" (Augenstein et
+al., ICLR 2020), second demonstration: a tokenization bug hits part of the clients; an
+LSTM LM trained with DP-FedAvg on the suspicious clients generates text whose tokens
+(top-k frequencies, out-of-vocabulary rate) reveal the bug, compared with a model of
+healthy clients.
+
+Why character level. The bug creates tokens nobody anticipated ("lord,what" when a
+client pipeline drops the space after punctuation, `dpfed.data.bugs`). A word-level
+LM has a fixed vocabulary built before the bug, so it can only emit `<oov>` for such
+tokens: it would show *that* something is out of vocabulary, never *what*. A char LM
+spells whatever its clients wrote, so its samples contain the glued tokens themselves
+(the LEAF Shakespeare benchmark also models characters).
+
+The app's word view of text is `tokenize_whitespace` (split on whitespace, strip the
+punctuation around a token, lowercase): the tokenizer whose vocabulary defines the
+out-of-vocabulary (OOV) rate. On healthy text it gives the words of
+`dpfed.data.text.tokenize_words`; on buggy text it gives "lord,what".
+
+Building blocks here: char vocabulary and padded client streams, the per-client
+next-char loss and local SGD update (only the LM's delta leaves a client), sampling,
+and the token statistics of samples.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpfed.data import text as text_lib
+from dpfed.federated import client_data
+from dpfed.models.lstm_lm import LstmLM
+
+PyTree = Any
+
+PUNCTUATION = ",.;:!?"
+_STRIP = "\"'()[]-—_" + PUNCTUATION
+# A letter, punctuation, (opening quotes/brackets,) a letter: the trace of a dropped space.
+_GLUED = re.compile(f"[^\\W\\d_][{re.escape(PUNCTUATION)}]+[\"'(\\[]*[^\\W\\d_]")
+
+
+def tokenize_whitespace(text: str) -> list[str]:
+    """The app's word tokenizer: whitespace split, outer punctuation stripped, lowercase.
+
+    "My lord, what?" -> ["my", "lord", "what"]; "My lord,what?" -> ["my", "lord,what"].
+    """
+    tokens = (token.strip(_STRIP).lower() for token in text.split())
+    return [token for token in tokens if token]
+
+
+def is_glued(token: str) -> bool:
+    """True for a token with punctuation between letters ("lord,what"): the bug's mark."""
+    return _GLUED.search(token) is not None
+
+
+def char_vocabulary(texts: Iterable[str], max_chars: int = 200) -> text_lib.Vocabulary:
+    """The char vocabulary of (public) `texts`: specials + the `max_chars` most frequent."""
+    return text_lib.Vocabulary.from_texts(texts, max_chars, tokenizer=text_lib.tokenize_chars)
+
+
+def word_vocabulary(texts: Iterable[str], max_words: int) -> text_lib.Vocabulary:
+    """The app's word vocabulary (`tokenize_whitespace`), fixed before the bug."""
+    return text_lib.Vocabulary.from_texts(texts, max_words, tokenizer=tokenize_whitespace)
+
+
+def truncate_lines(text: str, max_ids: int) -> str:
+    """The longest prefix of whole lines whose char stream (`<bos> line <eos>`) fits.
+
+    Bounds a client's padded array explicitly (`to_padded_sequences` refuses to drop).
+    """
+    kept, used = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cost = len(line) + 2
+        if used + cost > max_ids:
+            break
+        kept.append(line)
+        used += cost
+    return "\n".join(kept)
+
+
+def client_sequences(
+    texts: Sequence[str], vocab: text_lib.Vocabulary, seq_len: int, max_seqs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Padded char-id sequences `[clients, max_seqs, seq_len]` and counts `[clients]`.
+
+    Each client's text is cut to the whole lines that fit in `max_seqs` sequences.
+    """
+    trimmed = [truncate_lines(text, max_seqs * seq_len) for text in texts]
+    return text_lib.to_padded_sequences(
+        trimmed, vocab, seq_len, tokenizer=text_lib.tokenize_chars, max_seqs=max_seqs
+    )
+
+
+def sequence_loss(params: PyTree, model: LstmLM, ids: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over the non-padding targets of `ids` `[B, T]`."""
+    logits = model.apply(params, ids[:, :-1])
+    targets = ids[:, 1:]
+    mask = (targets != text_lib.PAD_ID).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTrainingConfig:
+    """The client half of a DP-FedAvg LM round.
+
+    Attributes:
+      model: the LM.
+      local_steps: SGD steps per client per round.
+      batch_size: sequences per local step.
+      learning_rate: client SGD learning rate.
+    """
+
+    model: LstmLM
+    local_steps: int = 4
+    batch_size: int = 8
+    learning_rate: float = 1.0
+
+    def __post_init__(self):
+        if self.local_steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise ValueError(
+                "need local_steps >= 1, batch_size >= 1 and learning_rate > 0, got "
+                f"{self.local_steps}, {self.batch_size}, {self.learning_rate}"
+            )
+
+
+def train_lm_on_client(
+    config: LocalTrainingConfig,
+    params: PyTree,
+    ids: jax.Array,
+    count: jax.Array,
+    key: jax.Array,
+) -> PyTree:
+    """The LM's params after `local_steps` SGD steps on one client's sequences.
+
+    `ids` `[max_seqs, seq_len]` holds the client's sequences, the first `count` real.
+    Batches walk through the client's shuffled sequences (`local_batch_indices`); masked
+    batch rows become all-`<pad>`, which has no target. Only these params leave the
+    client (the engine privatises their delta). The steps are unrolled (XLA:CPU runs
+    loop bodies slowly).
+    """
+    indices, masks = client_data.local_batch_indices(
+        key, count, ids.shape[0], config.batch_size, config.local_steps
+    )
+    loss_grad = jax.grad(sequence_loss)
+
+    def step(p, inputs):
+        batch_indices, mask = inputs
+        batch = jnp.where(mask[:, None], ids[batch_indices], text_lib.PAD_ID)
+        grads = loss_grad(p, config.model, batch)
+        return jax.tree_util.tree_map(lambda w, g: w - config.learning_rate * g, p, grads), None
+
+    new_params, _ = jax.lax.scan(step, params, (indices, masks), unroll=True)
+    return new_params
+
+
+def sample_ids(
+    model: LstmLM,
+    params: PyTree,
+    key: jax.Array,
+    num_samples: int,
+    max_len: int,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """Samples `[num_samples, max_len]` ids from `<bos>`; after `<eos>` only `<pad>`.
+
+    Never emits the specials `<pad>`, `<bos>` or `<oov>`.
+    """
+    banned = (
+        jnp.zeros(model.vocab_size, bool)
+        .at[jnp.array([text_lib.PAD_ID, text_lib.BOS_ID, text_lib.OOV_ID])]
+        .set(True)
+    )
+
+    def step(carry, step_key):
+        lstm_carry, tokens, done = carry
+        lstm_carry, logits = model.apply(params, lstm_carry, tokens, method=LstmLM.step)
+        logits = jnp.where(banned, -jnp.inf, logits / temperature)
+        sampled = jax.random.categorical(step_key, logits)
+        emitted = jnp.where(done, text_lib.PAD_ID, sampled)
+        return (lstm_carry, sampled, done | (sampled == text_lib.EOS_ID)), emitted
+
+    carry = model.apply(params, num_samples, method=LstmLM.initial_carry)
+    start = jnp.full((num_samples,), text_lib.BOS_ID, jnp.int32)
+    init = (carry, start, jnp.zeros(num_samples, bool))
+    _, ids = jax.lax.scan(step, init, jax.random.split(key, max_len))
+    return ids.T
+
+
+def decode_lines(ids: np.ndarray, vocab: text_lib.Vocabulary) -> list[str]:
+    """Char ids `[N, T]` -> N lines of text, each cut at its first `<eos>`/`<pad>`."""
+    lines = []
+    for row in np.asarray(ids):
+        chars = []
+        for token in vocab.decode(row):
+            if token in (text_lib.EOS, text_lib.PAD):
+                break
+            chars.append(token)
+        lines.append("".join(chars))
+    return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStats:
+    """Word statistics of a text sample under the app's tokenizer.
+
+    Attributes:
+      num_tokens: tokens counted.
+      top_k: the k most frequent tokens with their relative frequencies.
+      oov_rate: fraction of tokens not in the word vocabulary.
+      top_oov: the k most frequent out-of-vocabulary tokens with their frequencies
+        (relative to all tokens).
+      glued_rate: fraction of tokens with punctuation between letters ("lord,what").
+    """
+
+    num_tokens: int
+    top_k: list[tuple[str, float]]
+    oov_rate: float
+    top_oov: list[tuple[str, float]]
+    glued_rate: float
+
+
+def token_stats(texts: Iterable[str], word_vocab: text_lib.Vocabulary, k: int = 20) -> TokenStats:
+    """Top-k tokens, OOV rate and glued-token rate of `texts` (`tokenize_whitespace`)."""
+    counts = collections.Counter(token for text in texts for token in tokenize_whitespace(text))
+    total = sum(counts.values())
+    if total == 0:
+        return TokenStats(0, [], float("nan"), [], float("nan"))
+    known = set(word_vocab.tokens[len(text_lib.SPECIAL_TOKENS) :])
+    oov = collections.Counter({t: c for t, c in counts.items() if t not in known})
+    glued = sum(c for t, c in counts.items() if is_glued(t))
+
+    def ranked(counter):
+        items = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[:k]
+        return [(token, count / total) for token, count in items]
+
+    return TokenStats(
+        num_tokens=total,
+        top_k=ranked(counts),
+        oov_rate=sum(oov.values()) / total,
+        top_oov=ranked(oov),
+        glued_rate=glued / total,
+    )
+
+
+def client_oov_rates(texts: Sequence[str], word_vocab: text_lib.Vocabulary) -> np.ndarray:
+    """Each client's OOV rate under the app's tokenizer (computed on its device).
+
+    The text analogue of the image demo's per-client accuracy: clients whose OOV rate
+    is high are the suspicious group. A client without tokens gets NaN.
+    """
+    return np.array([token_stats([text], word_vocab, k=0).oov_rate for text in texts])

@@ -1,0 +1,142 @@
+"""Tests of the federated char-LM building blocks (dpfed.generative.fedlm, models.lstm_lm)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.data import bugs
+from dpfed.data import text as text_lib
+from dpfed.generative import fedlm
+from dpfed.models.lstm_lm import LstmLM
+
+_TEXTS = ["My lord, what say you?\nI am here.", "Good night, sweet prince.\nAy, my lord."]
+
+
+@functools.cache
+def _setup():
+    vocab = fedlm.char_vocabulary(_TEXTS)
+    model = LstmLM(vocab_size=vocab.size, embed_dim=4, hidden=8, num_layers=2)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 5), jnp.int32))
+    return vocab, model, params
+
+
+def test_tokenize_whitespace_on_healthy_and_buggy_text():
+    healthy = "My lord, what say you? 'Tis o'er."
+    assert fedlm.tokenize_whitespace(healthy) == ["my", "lord", "what", "say", "you", "tis", "o'er"]
+    buggy = bugs.drop_space_after_punctuation(healthy)
+    assert fedlm.tokenize_whitespace(buggy) == ["my", "lord,what", "say", "you?'tis", "o'er"], (
+        "the bug must glue the words around punctuation into one token"
+    )
+
+
+@pytest.mark.parametrize(
+    "token, glued", [("lord,what", True), ("you?'tis", True), ("o'er", False), ("lord", False)]
+)
+def test_is_glued(token, glued):
+    assert fedlm.is_glued(token) == glued, f"is_glued({token!r}) should be {glued}"
+
+
+def test_truncate_lines_keeps_whole_lines_that_fit():
+    text = "abc\n\ndefg\nhi"
+    assert fedlm.truncate_lines(text, 11) == "abc\ndefg", "5 + 6 ids fit in 11, 'hi' does not"
+    assert fedlm.truncate_lines(text, 4) == "", "no line fits in 4 ids"
+
+
+def test_client_sequences_shape_and_counts():
+    vocab, _, _ = _setup()
+    ids, counts = fedlm.client_sequences(_TEXTS, vocab, seq_len=10, max_seqs=3)
+    assert ids.shape == (2, 3, 10), f"ids shape {ids.shape}"
+    assert np.all(counts <= 3) and np.all(counts >= 1), f"counts {counts}"
+    assert ids[0, 0, 0] == text_lib.BOS_ID, "a client stream starts with <bos>"
+
+
+def test_step_by_step_logits_equal_whole_sequence_logits():
+    _, model, params = _setup()
+    ids = jax.random.randint(jax.random.key(1), (3, 6), 0, model.vocab_size)
+    whole = model.apply(params, ids)
+    carry = model.apply(params, 3, method=LstmLM.initial_carry)
+    steps = []
+    for t in range(6):
+        carry, logits = model.apply(params, carry, ids[:, t], method=LstmLM.step)
+        steps.append(logits)
+    np.testing.assert_allclose(
+        jnp.stack(steps, 1), whole, atol=1e-5, err_msg="sampling must use the trained cells"
+    )
+
+
+def test_sequence_loss_ignores_padding_targets():
+    _, model, params = _setup()
+    ids = jnp.array([[2, 5, 6, 7, 3]])
+    padded = jnp.concatenate([ids, jnp.zeros((1, 4), jnp.int32)], axis=1)
+    np.testing.assert_allclose(
+        fedlm.sequence_loss(params, model, ids),
+        fedlm.sequence_loss(params, model, padded),
+        rtol=1e-5,
+        err_msg="<pad> targets must not count",
+    )
+
+
+def test_train_lm_on_client_returns_params_and_ignores_padding():
+    vocab, model, params = _setup()
+    config = fedlm.LocalTrainingConfig(model=model, local_steps=2, batch_size=2)
+    ids, counts = fedlm.client_sequences(_TEXTS[:1], vocab, seq_len=8, max_seqs=6)
+    count = int(counts[0])
+    assert count < 6, "the test needs padding rows"
+    update = jax.jit(functools.partial(fedlm.train_lm_on_client, config))
+    clean = update(params, jnp.asarray(ids[0]), count, jax.random.key(2))
+    dirty_ids = ids[0].copy()
+    dirty_ids[count:] = 7
+    dirty = update(params, jnp.asarray(dirty_ids), count, jax.random.key(2))
+    assert jax.tree_util.tree_structure(clean) == jax.tree_util.tree_structure(params), (
+        "the client must return exactly the LM's params"
+    )
+    moved = [
+        float(jnp.abs(a - b).max())
+        for a, b in zip(
+            jax.tree_util.tree_leaves(clean), jax.tree_util.tree_leaves(params), strict=True
+        )
+    ]
+    assert max(moved) > 0, "local training did not move the LM"
+    for a, b in zip(
+        jax.tree_util.tree_leaves(clean), jax.tree_util.tree_leaves(dirty), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg="padding rows changed the delta")
+
+
+def test_sample_ids_pads_after_eos_and_skips_specials():
+    _, model, params = _setup()
+    ids = np.asarray(fedlm.sample_ids(model, params, jax.random.key(3), 16, 12))
+    assert ids.shape == (16, 12), f"ids shape {ids.shape}"
+    for row in ids:
+        ended = np.flatnonzero(row == text_lib.EOS_ID)
+        if ended.size:
+            assert np.all(row[ended[0] + 1 :] == text_lib.PAD_ID), f"tokens after <eos>: {row}"
+            row = row[: ended[0]]
+        banned = np.isin(row, [text_lib.PAD_ID, text_lib.BOS_ID, text_lib.OOV_ID])
+        assert not banned.any(), f"a special token was sampled: {row}"
+
+
+def test_decode_lines_cuts_at_eos():
+    vocab, _, _ = _setup()
+    ids = np.concatenate([vocab.encode(list("lord")), [text_lib.EOS_ID], vocab.encode(["a"])])
+    assert fedlm.decode_lines(ids[None], vocab) == ["lord"], "decoding must stop at <eos>"
+
+
+def test_token_stats_on_known_text():
+    word_vocab = fedlm.word_vocabulary(["my lord what say you"], max_words=10)
+    stats = fedlm.token_stats(["My lord,what say you? my lord"], word_vocab, k=2)
+    assert stats.num_tokens == 6, f"{stats.num_tokens} tokens"
+    assert stats.top_k == [("my", 2 / 6), ("lord", 1 / 6)], f"top-k {stats.top_k}"
+    assert stats.oov_rate == pytest.approx(1 / 6), f"OOV rate {stats.oov_rate}"
+    assert stats.top_oov == [("lord,what", 1 / 6)], f"top OOV {stats.top_oov}"
+    assert stats.glued_rate == pytest.approx(1 / 6), f"glued rate {stats.glued_rate}"
+
+
+def test_client_oov_rates_flag_the_buggy_client():
+    word_vocab = fedlm.word_vocabulary(_TEXTS, max_words=100)
+    buggy_texts = [_TEXTS[0], bugs.drop_space_after_punctuation(_TEXTS[1])]
+    rates = fedlm.client_oov_rates(buggy_texts, word_vocab)
+    assert rates[0] == 0.0 and rates[1] > 0.2, f"OOV rates {rates}: the bug must raise it"

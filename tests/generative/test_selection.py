@@ -1,0 +1,57 @@
+"""Tests of the client selection by accuracy (dpfed.generative.selection)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.generative import selection
+
+
+def test_quantile_defaults_take_bottom_and_top_quarters():
+    accuracies = np.linspace(0.0, 1.0, 9)  # quantiles 0.25 -> 0.25, 0.75 -> 0.75
+    groups = selection.split_clients(accuracies)
+    np.testing.assert_array_equal(np.flatnonzero(groups.low), [0, 1, 2], err_msg="low group")
+    np.testing.assert_array_equal(np.flatnonzero(groups.high), [6, 7, 8], err_msg="high group")
+
+
+def test_thresholds_as_in_the_paper():
+    accuracies = np.array([0.5, 0.882, 0.9, 0.939, 0.99])
+    groups = selection.split_clients(accuracies, low_threshold=0.882, high_threshold=0.939)
+    np.testing.assert_array_equal(groups.low, [1, 1, 0, 0, 0], err_msg="low: acc <= 0.882")
+    np.testing.assert_array_equal(groups.high, [0, 0, 0, 1, 1], err_msg="high: acc >= 0.939")
+    assert not np.any(groups.low & groups.high), "groups must be disjoint"
+
+
+def test_ineligible_clients_join_no_group():
+    accuracies = np.array([0.1, 0.2, 0.8, 0.9])
+    eligible = np.array([False, True, True, False])
+    groups = selection.split_clients(
+        accuracies, low_quantile=0.0, high_quantile=1.0, eligible=eligible
+    )
+    np.testing.assert_array_equal(groups.low, [0, 1, 0, 0], err_msg="low among eligible")
+    np.testing.assert_array_equal(groups.high, [0, 0, 1, 0], err_msg="high among eligible")
+
+
+def test_identical_accuracies_cannot_be_split():
+    with pytest.raises(ValueError, match="threshold"):
+        selection.split_clients(np.full(10, 0.9))
+
+
+def test_empty_group_is_an_error():
+    with pytest.raises(ValueError, match="high group is empty"):
+        selection.split_clients(np.array([0.1, 0.2]), low_threshold=0.5, high_threshold=0.9)
+
+
+def test_client_accuracies_count_only_real_examples():
+    # A "classifier" whose logits are the first 3 pixels: it predicts argmax of them.
+    apply_fn = lambda params, x: x[:, :3]
+    images = jnp.array(
+        [
+            [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]],  # predicts 0, 1, 2
+            [[0, 1.0, 0], [1.0, 0, 0], [1.0, 0, 0]],  # predicts 1, 0, (0 padding)
+        ]
+    )
+    labels = jnp.array([[0, 1, 1], [1, 1, 0]])
+    counts = jnp.array([3, 2])
+    accuracies = selection.client_accuracies(apply_fn, None, images, labels, counts)
+    np.testing.assert_allclose(accuracies, [2 / 3, 1 / 2], err_msg="padding must not count")

@@ -1,0 +1,135 @@
+"""Tests for dpfed.generative.wgan_gp (WGAN-GP halves of DP-FedAvg-GAN, Augenstein et al.)."""
+
+import functools
+import inspect
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.generative import wgan_gp
+from dpfed.models import gan
+
+_CONFIG = wgan_gp.WganGpConfig(
+    discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=16),
+    generator=gan.Generator(dense_features=16, base_features=8, convt_features=(8, 4)),
+    noise_dim=8,
+    batch_size=4,
+    client_d_steps=2,
+    server_g_steps=2,
+)
+
+
+class _Linear(nn.Module):
+    """D(x) = <w, x>: its input gradient is w everywhere."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(1, use_bias=False)(x.reshape((x.shape[0], -1)))[:, 0]
+
+
+@functools.cache
+def _variables():
+    d_params = gan.init_discriminator(_CONFIG.discriminator, jax.random.key(0))
+    g_variables = gan.init_generator(_CONFIG.generator, jax.random.key(1), _CONFIG.noise_dim)
+    return d_params, g_variables
+
+
+@functools.cache
+def _client_update():
+    return jax.jit(functools.partial(wgan_gp.train_discriminator, _CONFIG))
+
+
+def _client_images(max_n=6, seed=2):
+    return jax.random.uniform(jax.random.key(seed), (max_n, 28, 28, 1), minval=-1, maxval=1)
+
+
+@pytest.mark.parametrize("norm, expected", [(1.0, 0.0), (3.0, 4.0)])
+def test_gradient_penalty_of_linear_critic(norm, expected):
+    model = _Linear()
+    w = jnp.ones((4, 1)) * norm / 2.0  # ||w|| = norm
+    params = {"params": {"Dense_0": {"kernel": w}}}
+    real = jnp.zeros((3, 2, 2, 1))
+    fake = jnp.ones((3, 2, 2, 1))
+    penalty = wgan_gp.gradient_penalty(
+        model, params, real, fake, jnp.ones(3, bool), jax.random.key(0)
+    )
+    np.testing.assert_allclose(
+        penalty, expected, atol=1e-4, err_msg=f"(||w||={norm} - 1)^2 should be {expected}"
+    )
+
+
+def test_discriminator_loss_ignores_masked_rows():
+    d_params, _ = _variables()
+    real, fake = _client_images(4, 3), _client_images(4, 4)
+    mask = jnp.array([True, True, True, False])
+    garbage_real = real.at[3].set(7.0)
+    garbage_fake = fake.at[3].set(-7.0)
+    loss = jax.jit(wgan_gp.discriminator_loss, static_argnums=1)
+    clean = loss(d_params, _CONFIG.discriminator, real, fake, mask, jax.random.key(0))
+    dirty = loss(
+        d_params, _CONFIG.discriminator, garbage_real, garbage_fake, mask, jax.random.key(0)
+    )
+    np.testing.assert_allclose(clean, dirty, rtol=1e-5, err_msg="a masked row changed the loss")
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def test_train_discriminator_moves_only_d():
+    d_params, g_variables = _variables()
+    new_d = _client_update()(d_params, g_variables, _client_images(), 5, jax.random.key(5))
+    assert jax.tree_util.tree_structure(new_d) == jax.tree_util.tree_structure(d_params), (
+        "the client must return exactly D's params, nothing else"
+    )
+    assert float(jnp.abs(_flat(new_d) - _flat(d_params)).max()) > 0, "D did not move"
+
+
+def test_train_discriminator_ignores_padding():
+    d_params, g_variables = _variables()
+    images = _client_images()
+    padded = images.at[5:].set(1.0)
+    update = _client_update()
+    clean = update(d_params, g_variables, images, 5, jax.random.key(6))
+    dirty = update(d_params, g_variables, padded, 5, jax.random.key(6))
+    np.testing.assert_allclose(
+        _flat(clean), _flat(dirty), atol=1e-6, err_msg="padding slots changed D"
+    )
+
+
+def test_server_generator_update_takes_only_g_d_and_noise():
+    parameters = list(inspect.signature(wgan_gp.server_generator_update).parameters)
+    assert parameters == ["config", "g_variables", "d_params", "noise"], (
+        f"the server's G step must see only G, D and noise, got arguments {parameters}"
+    )
+
+
+def test_server_generator_update_trains_g_deterministically():
+    d_params, g_variables = _variables()
+    update = jax.jit(functools.partial(wgan_gp.server_generator_update, _CONFIG))
+    noise = wgan_gp.generator_noise(jax.random.key(10), _CONFIG)
+    assert noise.shape == (2, 4, 8), f"noise shape {noise.shape}"
+    first, metrics = update(g_variables, d_params, noise)
+    second, _ = update(g_variables, d_params, noise)
+    changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), g_variables, first)
+    assert all(jax.tree_util.tree_leaves(changed["batch_stats"])), "BN averages not updated"
+    assert any(jax.tree_util.tree_leaves(changed["params"])), "G's params did not move"
+    assert np.isfinite(float(metrics.generator_loss)), "G loss is not finite"
+    same = jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), first, second)
+    assert all(jax.tree_util.tree_leaves(same)), "same G, D and noise must give the same G"
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="batch_size"):
+        wgan_gp.WganGpConfig(batch_size=0)
+    with pytest.raises(ValueError, match="server_g_learning_rate"):
+        wgan_gp.WganGpConfig(server_g_learning_rate=0.0)
+
+
+def test_gan_range_round_trip():
+    x = jnp.array([0.0, 0.25, 1.0])
+    np.testing.assert_allclose(wgan_gp.to_gan_range(x), [-1.0, -0.5, 1.0])
+    np.testing.assert_allclose(wgan_gp.from_gan_range(wgan_gp.to_gan_range(x)), x)
