@@ -1,0 +1,546 @@
+"""DataLens training (Wang et al., CCS 2021): teachers, TopAgg votes, the student generator,
+the privacy ledger, a resumable workdir and the released generator.
+
+One generator step:
+1. every teacher takes `d_steps` discriminator steps (`pretrain_steps` before the first
+   aggregation) on its own partition against fresh samples of the current generator;
+2. the generator draws `batch_size` samples x = G(z, y) (z ~ U[-1, 1]^z_dim, y uniform);
+3. each teacher votes on each sample with TopAgg; the vote sums are noised (the DP
+   release: `batch_size` Gaussian events) and thresholded (post-processing);
+4. the generator takes one Adam step on sum ||x + step_size * aggregate - G(z, y)||^2.
+
+Step t uses `fold_in(key(seed), t)`: a resumed run replays identical randomness, and the
+checkpoint holds the train state and the ledger together, so resuming neither loses nor
+double-counts privacy spend. Before step t the budget guard checks that `batch_size` more
+aggregations keep eps <= the target; training stops before the first step that would not.
+
+Only DP releases (and what is computed from them) leave the run: `metrics.jsonl` holds
+eps, the generator's loss on the released aggregates and the fraction of coordinates the
+aggregate moved; teacher losses are functions of the private data and are not written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dpfed import data as data_lib
+from dpfed import privacy
+from dpfed.data.partition import to_federated
+from dpfed.generative import contract
+from dpfed.generative.datalens.partition import PARTITION_RELATIONS, partition_teachers
+from dpfed.generative.datalens.teachers import TeacherEnsemble, make_mesh
+from dpfed.generative.datalens.topagg import TopAgg
+from dpfed.models.datalens_nets import StudentGenerator, TeacherDiscriminator
+from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.progress import Progress
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
+
+PyTree = Any
+METHOD = "datalens"
+GENERATOR_FILE = "generator.msgpack"
+SAMPLES_PNG = "samples.png"
+
+
+class ConfigError(ValueError):
+    """A config field has a value the run cannot use; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(field, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLensConfig:
+    """Everything that defines a DataLens run (the binary's flags).
+
+    Defaults are the mnist5k eps=10 row of `launch/tables/datalens/` (WORKSPACE.md
+    explains how the paper's T=4000 / 60k-image settings were scaled to 4,000 images).
+    """
+
+    dataset: str = "mnist5k"
+    num_teachers: int = 1000
+    partition: str = "hash"
+    topk: int = 300
+    sigma: float = 800.0
+    beta: float = 0.8
+    grad_bound: float = 1e-4
+    z_dim: int = 50
+    d_steps: int = 1
+    pretrain_steps: int = 10
+    batch_size: int = 16
+    real_batch: int | None = 8
+    learning_rate: float = 2e-3
+    teacher_learning_rate: float = 1e-3
+    adam_beta1: float = 0.5
+    step_size: float = 1e-3
+    project_target: bool = False
+    steps: int = 1000
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    teacher_features: tuple[int, ...] = (8, 16)
+    generator_hidden: int = 256
+    generator_width: int = 32
+    generator_output_bias: float = 0.0
+    teacher_chunk: int = 25
+    seed: int = 0
+    eval_every: int = 10
+    checkpoint_every: int = 20
+    num_synthetic: int = 10000
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        _require(self.num_teachers >= 1, "num_teachers", "must be >= 1")
+        _require(
+            self.partition in PARTITION_RELATIONS,
+            "partition",
+            f"must be one of {tuple(PARTITION_RELATIONS)}",
+        )
+        _require(self.topk >= 1, "topk", "must be >= 1")
+        _require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", "must be > 0")
+        _require(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
+        _require(self.grad_bound > 0, "grad_bound", "must be > 0")
+        _require(self.z_dim >= 1, "z_dim", "must be >= 1")
+        _require(self.d_steps >= 0, "d_steps", "must be >= 0")
+        _require(self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.real_batch is None or self.real_batch >= 1, "real_batch", "must be >= 1")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.teacher_learning_rate > 0, "teacher_learning_rate", "must be > 0")
+        _require(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        _require(self.step_size > 0, "step_size", "must be > 0")
+        _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(
+            self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
+        )
+        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        _require(
+            len(self.teacher_features) >= 1 and min(self.teacher_features) >= 1,
+            "teacher_features",
+            "must be positive widths",
+        )
+        _require(self.generator_hidden >= 1, "generator_hidden", "must be >= 1")
+        _require(self.generator_width >= 1, "generator_width", "must be >= 1")
+        _require(
+            math.isfinite(self.generator_output_bias), "generator_output_bias", "must be finite"
+        )
+        _require(self.teacher_chunk >= 1, "teacher_chunk", "must be >= 1")
+        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _require(self.num_synthetic >= 20, "num_synthetic", "must be >= 20")
+
+    def topagg(self) -> TopAgg:
+        """The TopAgg mechanism of this run."""
+        return TopAgg(k=self.topk, b=self.grad_bound, sigma=self.sigma, beta=self.beta)
+
+    def relation(self) -> str:
+        """The neighbouring relation under which the partition scheme is sound."""
+        return PARTITION_RELATIONS[self.partition]
+
+
+class DataLensGenerator:
+    """The released student generator, following `dpfed.generative.contract`:
+    `sample(params, key, n, labels=None) -> (images [n, H, W, C] in [0, 1], labels)`."""
+
+    def __init__(self, module: StudentGenerator, z_dim: int):
+        self.module = module
+        self.z_dim = z_dim
+        self._apply = jax.jit(module.apply)
+
+    def latents(self, key: jax.Array, n: int, labels: jax.Array | None = None):
+        """`(z ~ U[-1, 1]^z_dim, labels)` for `n` samples (labels uniform when None)."""
+        z_key, label_key = jax.random.split(key)
+        if labels is None:
+            labels = jax.random.randint(label_key, (n,), 0, self.module.num_classes)
+        z = jax.random.uniform(z_key, (n, self.z_dim), minval=-1.0, maxval=1.0)
+        return z, jnp.asarray(labels, jnp.int32)
+
+    def sample(
+        self, params: PyTree, key: jax.Array, n: int, labels: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        z, labels = self.latents(key, n, labels)
+        return self._apply(params, z, labels), labels
+
+
+def build_generator(config: DataLensConfig, num_classes: int, image_shape) -> DataLensGenerator:
+    """The student generator of `config` for images of `image_shape` (H, W, C)."""
+    module = StudentGenerator(
+        num_classes=num_classes,
+        image_shape=tuple(image_shape),
+        hidden=config.generator_hidden,
+        width=config.generator_width,
+        output_bias=config.generator_output_bias,
+    )
+    return DataLensGenerator(module, config.z_dim)
+
+
+def adam(config: DataLensConfig, learning_rate: float) -> optax.GradientTransformation:
+    """Adam with the paper's beta1 (0.5)."""
+    return optax.adam(learning_rate, b1=config.adam_beta1)
+
+
+class TeacherData:
+    """The T partitions padded to `[padded, max_n, ...]` and sharded over the mesh."""
+
+    def __init__(self, train: data_lib.ImageDataset, config: DataLensConfig, ensemble):
+        parts = partition_teachers(
+            train.images, train.labels, config.num_teachers, config.seed, config.partition
+        )
+        fed = to_federated(train.images, train.labels, parts)
+        self.sizes = fed.counts
+        self.max_n = int(fed.counts.max())
+        self.arrays = ensemble.shard(
+            (
+                jnp.asarray(ensemble.pad(fed.images)),
+                jnp.asarray(ensemble.pad(fed.labels)),
+                jnp.asarray(ensemble.pad(fed.counts)),
+            )
+        )
+
+
+class DataLens:
+    """The jitted pieces of one run: teacher steps, the generator step, sampling."""
+
+    def __init__(self, config: DataLensConfig, num_classes: int, image_shape, mesh=None):
+        self.config = config
+        self.topagg = config.topagg()
+        self.generator = build_generator(config, num_classes, image_shape)
+        self.image_shape = tuple(image_shape)
+        self.ensemble = TeacherEnsemble(
+            TeacherDiscriminator(num_classes, tuple(config.teacher_features)),
+            adam(config, config.teacher_learning_rate),
+            config.num_teachers,
+            config.teacher_chunk,
+            mesh if mesh is not None else make_mesh(),
+        )
+        self.student_optimizer = adam(config, config.learning_rate)
+        self.teacher_step = jax.jit(self._teacher_step, static_argnames=("real_batch",))
+        self.generator_step = jax.jit(self._generator_step)
+
+    def init(self, key: jax.Array) -> PyTree:
+        """The initial train state (teachers sharded over the mesh)."""
+        image = jnp.zeros(self.image_shape, jnp.float32)
+
+        @jax.jit
+        def init_generator(key):
+            z, labels = self.generator.latents(jax.random.fold_in(key, 0), 1)
+            params = self.generator.module.init(jax.random.fold_in(key, 1), z, labels)
+            return {"params": params, "opt_state": self.student_optimizer.init(params)}
+
+        replicated = NamedSharding(self.ensemble.mesh, P())  # same devices as the teachers
+        return {
+            "teachers": self.ensemble.init(jax.random.fold_in(key, 2), image),
+            "generator": jax.device_put(init_generator(key), replicated),
+            "step": jax.device_put(jnp.int32(0), replicated),
+        }
+
+    def _teacher_step(self, state, data, ids, key, real_batch):
+        """One discriminator step of every teacher against fresh generator samples."""
+        sample_key, teacher_key = jax.random.split(key)
+        fakes, fake_labels = self.generator.sample(
+            state["generator"]["params"], sample_key, self.config.batch_size
+        )
+        teachers, loss = self.ensemble.train_step(
+            state["teachers"], data, ids, fakes, fake_labels, teacher_key, real_batch
+        )
+        return {**state, "teachers": teachers}, loss
+
+    def _generator_step(self, state, ids, key):
+        """TopAgg on `batch_size` fresh samples and one student Adam step towards them."""
+        sample_key, vote_key, noise_key = jax.random.split(key, 3)
+        gen = state["generator"]
+        z, labels = self.generator.latents(sample_key, self.config.batch_size)
+        module = self.generator.module
+        samples = module.apply(gen["params"], z, labels)
+        vote_sum = self.ensemble.vote_sum(
+            state["teachers"], ids, samples, labels, vote_key, self.topagg
+        )
+        noisy = self.topagg.privatize(vote_sum, noise_key)  # the DP release
+        aggregate = self.topagg.threshold(noisy, self.config.num_teachers)  # post-processing
+        target = samples + self.config.step_size * aggregate.reshape(samples.shape)
+        if self.config.project_target:  # onto the image domain: no pull beyond black/white
+            target = jnp.clip(target, 0.0, 1.0)
+
+        def loss_fn(params):
+            return jnp.sum((target - module.apply(params, z, labels)) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(gen["params"])
+        updates, opt_state = self.student_optimizer.update(grads, gen["opt_state"], gen["params"])
+        new_gen = {"params": optax.apply_updates(gen["params"], updates), "opt_state": opt_state}
+        metrics = {
+            "generator_loss": loss / self.config.batch_size,
+            "agreement": jnp.mean(jnp.abs(aggregate)),
+        }
+        return {**state, "generator": new_gen, "step": state["step"] + 1}, metrics
+
+    def train_step(
+        self, state, data, ids, key, num_d_steps: int, real_batch: int
+    ) -> tuple[PyTree, dict]:
+        """`num_d_steps` teacher steps, then one generator step; key = fold_in(seed key, step)."""
+        teacher_key, generator_key = jax.random.split(key)
+        for i in range(num_d_steps):
+            state, _ = self.teacher_step(
+                state, data, ids, jax.random.fold_in(teacher_key, i), real_batch=real_batch
+            )
+        return self.generator_step(state, ids, generator_key)
+
+
+# Fields that only steer the Python loop or the data: runs differing in them share one
+# compiled DataLens (`build`).
+_RUN_FIELDS = (
+    "dataset", "partition", "d_steps", "pretrain_steps", "real_batch", "steps",
+    "target_epsilon", "delta", "seed", "eval_every", "checkpoint_every", "num_synthetic",
+    "data_dir",
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _build(model_config: DataLensConfig, num_classes: int, image_shape, mesh) -> DataLens:
+    return DataLens(model_config, num_classes, image_shape, mesh)
+
+
+def build(config: DataLensConfig, num_classes: int, image_shape, mesh=None) -> DataLens:
+    """The (cached) `DataLens` of `config`: same model settings, same compiled functions."""
+    defaults = DataLensConfig()
+    model_config = dataclasses.replace(config, **{f: getattr(defaults, f) for f in _RUN_FIELDS})
+    return _build(model_config, num_classes, tuple(image_shape), mesh or make_mesh())
+
+
+def d_steps_before(config: DataLensConfig, step: int) -> int:
+    """Teacher steps before generator step `step` (`pretrain_steps` before the first)."""
+    if step == 0 and config.pretrain_steps > 0:
+        return config.pretrain_steps
+    return config.d_steps
+
+
+def new_ledger(config: DataLensConfig, num_examples: int, sizes: np.ndarray):
+    """The example-level ledger of a DataLens run."""
+    topagg = config.topagg()
+    return privacy.PrivacyLedger(
+        unit="example",
+        neighboring_relation=config.relation(),
+        delta=config.delta,
+        target_epsilon=config.target_epsilon,
+        metadata={
+            "mechanism": (
+                "DataLens TopAgg: per generated sample, T teacher votes (top-k, stochastic "
+                "sign) summed, Gaussian noise of std sigma per coordinate, thresholded "
+                "(post-processing); one Gaussian event per aggregated sample"
+            ),
+            "dataset": config.dataset,
+            "dataset_size": num_examples,
+            "num_teachers": config.num_teachers,
+            "partition": config.partition,
+            "partition_sizes": {"min": int(sizes.min()), "max": int(sizes.max())},
+            "topk": config.topk,
+            "sigma": config.sigma,
+            "beta": config.beta,
+            "grad_bound": config.grad_bound,
+            "l2_sensitivity": topagg.sensitivity,
+            "noise_multiplier": topagg.noise_multiplier,
+            "aggregations_per_step": config.batch_size,
+            "sampling": "none: every teacher sees all of its partition (no amplification)",
+        },
+    )
+
+
+def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = print) -> dict:
+    """Trains (or resumes) DataLens in `workdir`; returns the summary dict.
+
+    Writes ledger.json, metrics.jsonl, summary.json (with ``method: datalens``),
+    report.md, generator.msgpack (the released generator), synthetic.npz (num_synthetic
+    class-balanced samples), samples.png and checkpoints/.
+    """
+    start_time = time.time()
+    event = config.topagg().dp_event()
+    if config.target_epsilon is not None:
+        first_step = privacy.PrivacyLedger(
+            "example", config.relation(), config.delta, config.target_epsilon
+        )
+        _require(
+            first_step.affordable_count(event, config.batch_size) == config.batch_size,
+            "target_epsilon",
+            f"cannot be met: one step ({config.batch_size} aggregations of noise multiplier "
+            f"{config.topagg().noise_multiplier:.4g}) already costs eps "
+            f"{first_step.epsilon_with(event, config.batch_size):.4g}",
+        )
+    wd = Workdir(workdir)
+    train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
+    n = train_ds.num_examples
+    _require(
+        config.num_teachers <= n,
+        "num_teachers",
+        f"must be <= the {n} training examples (disjoint partitions, no record reused)",
+    )
+    dim = math.prod(train_ds.image_shape)
+    _require(config.topk <= dim, "topk", f"must be <= the {dim} coordinates of an image")
+    if config.delta >= 1.0 / n:
+        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
+
+    lens = build(config, train_ds.num_classes, train_ds.image_shape)
+    teacher_data = TeacherData(train_ds, config, lens.ensemble)
+    ids = lens.ensemble.teacher_ids()
+    root = jax.random.key(config.seed)
+    state = lens.init(jax.random.fold_in(root, 2**31 - 1))
+    ledger = new_ledger(config, n, teacher_data.sizes)
+
+    checkpointer = Checkpointer(wd.file("checkpoints"))
+    start_step = 0
+    if checkpointer.latest_step() is not None:
+        state, extra = checkpointer.restore(state)
+        start_step = int(state["step"])
+        ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
+        wd.truncate_metrics(start_step)
+        log(f"resumed from step {start_step} in {workdir}")
+
+    affordable = ledger.affordable_count(event, config.batch_size * (config.steps - start_step))
+    last_step = start_step + affordable // config.batch_size
+    if last_step < config.steps:
+        log(
+            f"budget guard: stop after step {last_step} "
+            f"({last_step * config.batch_size} aggregations; target eps {config.target_epsilon})"
+        )
+    progress = Progress(last_step, desc="datalens", start_step=start_step)
+
+    def save(step):
+        checkpointer.save(step, state, {"ledger": ledger.to_json(with_pld=False)})
+
+    eps = None
+    for step in range(start_step, last_step):
+        state, metrics = lens.train_step(
+            state,
+            teacher_data.arrays,
+            ids,
+            jax.random.fold_in(root, step),
+            d_steps_before(config, step),
+            config.real_batch or teacher_data.max_n,
+        )
+        ledger.record(event, count=config.batch_size)
+        done = step + 1
+        if done % config.eval_every == 0 or done == last_step:
+            eps = ledger.epsilon()
+            record = {"step": done, "epsilon_rdp": eps, "aggregations": ledger.num_releases}
+            record.update({k: float(v) for k, v in metrics.items()})
+            wd.append_metrics(record)
+        if done % config.checkpoint_every == 0 or done == last_step:
+            save(done)
+        progress.update(done, eps=eps, agree=float(metrics["agreement"]))
+    checkpointer.close()
+
+    gen_params = state["generator"]["params"]
+    wd.file(GENERATOR_FILE).write_bytes(flax.serialization.to_bytes(gen_params))
+    synthetic = contract.sample_synthetic(
+        lens.generator,
+        gen_params,
+        jax.random.fold_in(root, 2**31 - 2),
+        config.num_synthetic,
+        train_ds.num_classes,
+    )
+    contract.save_synthetic(wd.file(contract.SYNTHETIC_FILE), synthetic)
+    save_samples_png(wd.file(SAMPLES_PNG), synthetic, train_ds.num_classes)
+
+    ledger_json = ledger.to_json()
+    wd.write_json("ledger.json", ledger_json)
+    summary = {
+        "method": METHOD,
+        "epsilon_rdp": ledger_json["epsilon_rdp"],
+        "epsilon_pld": ledger_json["epsilon_pld"],
+        "delta": config.delta,
+        "unit": "example",
+        "neighboring_relation": config.relation(),
+        "noise_multiplier": lens.topagg.noise_multiplier,
+        "aggregations": ledger.num_releases,
+        "steps": int(state["step"]),
+        "stopped_by_budget": int(state["step"]) < config.steps,
+        "partition_sizes": {
+            "min": int(teacher_data.sizes.min()),
+            "max": int(teacher_data.sizes.max()),
+        },
+        "params_sha256": params_sha256(gen_params),
+        "wall_seconds": time.time() - start_time,
+        "flags": dataclasses.asdict(config),
+        "seed": config.seed,
+        "environment": environment_info(),
+    }
+    wd.write_summary(summary)
+    wd.write_report(render_report(config, summary, wd.read_metrics()))
+    return summary
+
+
+def save_samples_png(path, synthetic: contract.SyntheticSet, num_classes: int) -> None:
+    """A grid of samples, one row per class (the evaluation suite's figure)."""
+    from dpfed.eval import figures
+
+    figures.save_class_grid(
+        path, synthetic.images, synthetic.labels, num_classes, title="DataLens samples per class"
+    )
+
+
+def load_generator(workdir: Workdir) -> tuple[DataLensGenerator, PyTree]:
+    """The generator loader registered with `dpfed.generative.contract` for "datalens"."""
+    summary = workdir.read_json("summary.json")
+    flags = dict(summary["flags"])
+    flags["teacher_features"] = tuple(flags["teacher_features"])
+    config = DataLensConfig(**flags)
+    train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
+    generator = build_generator(config, train_ds.num_classes, train_ds.image_shape)
+    z, labels = generator.latents(jax.random.key(0), 1)
+    template = generator.module.init(jax.random.key(0), z, labels)
+    params = flax.serialization.from_bytes(template, workdir.file(GENERATOR_FILE).read_bytes())
+    return generator, params
+
+
+def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) -> str:
+    """report.md: the key figures of a DataLens run."""
+    rows = "\n".join(
+        f"| {m['step']} | {m['aggregations']} | {_fmt(m.get('epsilon_rdp'))} | "
+        f"{m['generator_loss']:.4g} | {m['agreement']:.4f} |"
+        for m in metrics
+    )
+    budget = (
+        f"stopped by the budget guard at target eps {config.target_epsilon}"
+        if summary["stopped_by_budget"]
+        else f"ran all {config.steps} steps"
+    )
+    return (
+        f"# DataLens on {config.dataset}\n\n"
+        f"- privacy: ({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
+        f"(PLD: eps = {_fmt(summary['epsilon_pld'])}); unit: one training example "
+        f"({summary['neighboring_relation']}, via its teacher partition); "
+        f"{summary['aggregations']} Gaussian aggregations of noise multiplier "
+        f"sigma/sqrt(4k) = {summary['noise_multiplier']:.4g}; {budget}\n"
+        f"- teachers: T = {config.num_teachers} ({config.partition} partition, "
+        f"{summary['partition_sizes']['min']}-{summary['partition_sizes']['max']} examples "
+        f"each), top-k {config.topk}, sigma {config.sigma:g}, beta {config.beta:g}, "
+        f"b {config.grad_bound:g}\n"
+        f"- generator: {summary['steps']} steps of {config.batch_size} samples, Adam "
+        f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {config.seed}\n"
+        f"- wall time: {summary['wall_seconds']:.1f} s\n"
+        f"- generator params sha256: `{summary['params_sha256']}`\n\n"
+        f"![samples]({SAMPLES_PNG})\n\n"
+        "## Training\n\n| step | aggregations | eps (RDP) | generator loss | agreement |\n"
+        f"|---|---|---|---|---|\n{rows}\n"
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"

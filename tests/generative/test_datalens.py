@@ -1,0 +1,190 @@
+"""DataLens teachers (vectorised, sharded, chunked) and training runs (ledger, guard, resume).
+
+Tiny models on sklearn's 8x8 digits keep compilation short; the in-process runs share one
+compiled DataLens (`training.build` caches it by model settings).
+"""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from dp_accounting import dp_event, rdp
+
+from dpfed.generative import contract, datalens
+from dpfed.generative.datalens import teachers as teachers_lib
+from dpfed.models.datalens_nets import TeacherDiscriminator
+from dpfed.train.workdir import Workdir
+
+TINY = datalens.DataLensConfig(
+    dataset="digits",
+    num_teachers=12,
+    topk=6,
+    sigma=30.0,
+    beta=0.3,
+    grad_bound=1e-3,
+    z_dim=4,
+    d_steps=1,
+    pretrain_steps=2,
+    batch_size=4,
+    real_batch=4,
+    teacher_features=(4,),
+    generator_hidden=16,
+    generator_width=4,
+    teacher_chunk=2,
+    steps=4,
+    eval_every=2,
+    checkpoint_every=2,
+    num_synthetic=20,
+)
+
+
+def _ensemble(num_teachers, chunk, devices):
+    return datalens.TeacherEnsemble(
+        TeacherDiscriminator(10, (4,)),
+        optax.adam(1e-2),
+        num_teachers,
+        chunk,
+        datalens.make_mesh(devices),
+    )
+
+
+def _teacher_inputs(ensemble, key):
+    images = jax.random.uniform(key, (ensemble.num_teachers, 5, 8, 8, 1))
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (ensemble.num_teachers, 5), 0, 10)
+    counts = (np.arange(ensemble.num_teachers) % 6).astype(np.int32)  # 0 (empty) to 5
+    data = ensemble.shard(
+        (
+            jnp.asarray(ensemble.pad(np.asarray(images))),
+            jnp.asarray(ensemble.pad(np.asarray(labels))),
+            jnp.asarray(ensemble.pad(counts)),
+        )
+    )
+    samples = jax.random.uniform(jax.random.fold_in(key, 2), (3, 8, 8, 1))
+    sample_labels = jnp.array([0, 3, 9])
+    return data, samples, sample_labels
+
+
+def _run(ensemble, topagg, key):
+    """Init, one teacher step, then the vote sums (jitted)."""
+    state = ensemble.init(jax.random.fold_in(key, 0), jnp.zeros((8, 8, 1)))
+    data, samples, sample_labels = _teacher_inputs(ensemble, jax.random.fold_in(key, 1))
+    ids = ensemble.teacher_ids()
+
+    @jax.jit
+    def go(state, data, ids):
+        state, _ = ensemble.train_step(
+            state, data, ids, samples, sample_labels, jax.random.fold_in(key, 2), real_batch=4
+        )
+        votes = ensemble.vote_sum(
+            state, ids, samples, sample_labels, jax.random.fold_in(key, 3), topagg
+        )
+        return state, votes
+
+    return go(state, data, ids) + (samples, sample_labels)
+
+
+TOPAGG = datalens.TopAgg(k=5, b=1e-3, sigma=1.0, beta=0.2)
+
+
+def test_vote_sum_equals_a_loop_over_teachers_on_one_and_eight_devices():
+    key = jax.random.key(7)
+    eight_devices = _ensemble(num_teachers=13, chunk=2, devices=jax.devices())
+    assert eight_devices.padded == 16  # 8 shards of 1 chunk of 2: 3 padding teachers
+    one_device = _ensemble(num_teachers=13, chunk=2, devices=jax.devices()[:1])
+    assert one_device.padded == 14  # 7 chunks of 2: 1 padding teacher
+    state, votes, samples, labels = _run(eight_devices, TOPAGG, key)
+    state_one, votes_one, _, _ = _run(one_device, TOPAGG, key)
+
+    disc = eight_devices.discriminator
+    vote_key = jax.random.fold_in(key, 3)
+
+    @jax.jit
+    def one_teacher(params, t):
+        grads = -jax.grad(
+            lambda x: jnp.sum(teachers_lib.generator_loss(disc, params, x, labels))
+        )(samples).reshape(3, -1)
+        keys = [jax.random.fold_in(jax.random.fold_in(vote_key, t), i) for i in range(3)]
+        return jnp.stack([TOPAGG.vote(g, k) for g, k in zip(grads, keys, strict=True)])
+
+    expected = sum(
+        one_teacher(jax.tree.map(lambda x, t=t: x[t], state["params"]), t) for t in range(13)
+    )  # the 13 real teachers only: padding teachers must not vote
+    np.testing.assert_array_equal(np.asarray(votes), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(votes_one), np.asarray(votes))
+    for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state), strict=True):
+        np.testing.assert_allclose(np.asarray(a)[:13], np.asarray(b)[:13], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_axis_is_sharded_over_the_mesh():
+    ensemble = _ensemble(20, 2, jax.devices())
+    state = ensemble.init(jax.random.key(0), jnp.zeros((8, 8, 1)))
+    leaf = jax.tree.leaves(state)[0]
+    assert leaf.shape[0] == ensemble.padded == 32
+    assert len(leaf.sharding.device_set) == len(jax.devices())
+    assert leaf.addressable_shards[0].data.shape[0] == 32 // len(jax.devices())
+
+
+def _train(tmp_path, name, **changes):
+    config = dataclasses.replace(TINY, **changes)
+    return datalens.train(config, str(tmp_path / name), log=lambda _: None), tmp_path / name
+
+
+def _direct_epsilon(noise_multiplier, count, delta):
+    accountant = rdp.RdpAccountant()
+    accountant.compose(
+        dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(noise_multiplier), count)
+    )
+    return accountant.get_epsilon(delta)
+
+
+def test_ledger_eps_equals_dp_accounting_and_resume_replays_the_run(tmp_path):
+    whole, whole_dir = _train(tmp_path, "whole")
+    ledger = json.loads((whole_dir / "ledger.json").read_text())
+    z = TINY.sigma / math.sqrt(4 * TINY.topk)
+    aggregations = TINY.steps * TINY.batch_size
+    assert ledger["epsilon_rdp"] == pytest.approx(_direct_epsilon(z, aggregations, 1e-5), 1e-9)
+    assert ledger["unit"] == "example" and ledger["neighboring_relation"] == "add_or_remove_one"
+    assert ledger["num_releases"] == aggregations == whole["aggregations"]
+    for name in ("metrics.jsonl", "summary.json", "report.md", "samples.png", "synthetic.npz"):
+        assert (whole_dir / name).exists(), name
+    for key in ("epsilon_rdp", "epsilon_pld", "delta", "steps", "params_sha256", "wall_seconds"):
+        assert key in whole, key
+
+    _train(tmp_path, "resumed", steps=2)  # an interrupted run: checkpoint at step 2
+    resumed, resumed_dir = _train(tmp_path, "resumed")
+    assert resumed["params_sha256"] == whole["params_sha256"]
+    assert json.loads((resumed_dir / "ledger.json").read_text())["events"] == ledger["events"]
+    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").open()]
+    assert steps == [2, 4]
+
+    generator, params = contract.load_generator(Workdir(whole_dir), datalens.METHOD)
+    images, labels = generator.sample(params, jax.random.key(0), 6, jnp.arange(6))
+    assert images.shape == (6, 8, 8, 1) and 0 <= float(images.min()) <= float(images.max()) <= 1
+    np.testing.assert_array_equal(np.asarray(labels), np.arange(6))
+
+
+def test_budget_guard_stops_before_the_target(tmp_path):
+    z = TINY.sigma / math.sqrt(4 * TINY.topk)
+    target = _direct_epsilon(z, 3 * TINY.batch_size, 1e-5) + 1e-6  # exactly 3 steps affordable
+    summary, _ = _train(tmp_path, "guard", steps=50, target_epsilon=target)
+    assert summary["steps"] == 3 and summary["stopped_by_budget"]
+    assert summary["epsilon_rdp"] <= target
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (dict(num_teachers=5000), "num_teachers"),
+        (dict(target_epsilon=1e-3), "target_epsilon"),
+        (dict(topk=100), "topk"),
+    ],
+)
+def test_unusable_settings_name_the_field(tmp_path, changes, field):
+    with pytest.raises(datalens.ConfigError) as error:
+        _train(tmp_path, "bad", **changes)
+    assert error.value.field == field

@@ -1,0 +1,65 @@
+"""Teacher partitions of DataLens: disjoint, covering, no reuse, one partition per change."""
+
+import numpy as np
+import pytest
+
+from dpfed.generative.datalens import PARTITION_RELATIONS, partition_teachers
+
+
+def _unbalanced(n=503, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.zeros(400), np.ones(90), np.full(13, 2)]).astype(np.int32)
+    images = rng.random((n, 4, 4, 1), dtype=np.float32)
+    return images, labels
+
+
+@pytest.mark.parametrize("scheme", list(PARTITION_RELATIONS))
+@pytest.mark.parametrize("num_teachers", [1, 7, 50, 503])
+def test_every_example_in_exactly_one_partition_with_unbalanced_classes(scheme, num_teachers):
+    images, labels = _unbalanced()
+    parts = partition_teachers(images, labels, num_teachers, seed=3, scheme=scheme)
+    assert len(parts) == num_teachers
+    counts = np.bincount(np.concatenate(parts), minlength=len(labels))
+    np.testing.assert_array_equal(counts, 1)  # disjoint, covering, nothing reused
+
+
+def test_balanced_sizes_differ_by_at_most_one():
+    images, labels = _unbalanced()
+    sizes = [len(p) for p in partition_teachers(images, labels, 50, seed=1, scheme="balanced")]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_hash_partition_add_or_remove_changes_one_partition():
+    images, labels = _unbalanced()
+    parts = partition_teachers(images, labels, 20, seed=5, scheme="hash")
+    removed = 123
+    keep = np.delete(np.arange(len(labels)), removed)
+    smaller = partition_teachers(images[keep], labels[keep], 20, seed=5, scheme="hash")
+    as_sets = [set(p.tolist()) for p in parts]
+    smaller_sets = [set(keep[p].tolist()) for p in smaller]
+    changed = [t for t in range(20) if as_sets[t] != smaller_sets[t]]
+    assert len(changed) == 1 and removed in as_sets[changed[0]]
+    assert as_sets[changed[0]] - {removed} == smaller_sets[changed[0]]
+
+
+def test_balanced_partition_replace_changes_one_partition():
+    images, labels = _unbalanced()
+    parts = partition_teachers(images, labels, 20, seed=5, scheme="balanced")
+    replaced_images, replaced_labels = images.copy(), labels.copy()
+    replaced_images[7] = 1.0 - replaced_images[7]
+    replaced_labels[7] = 2
+    other = partition_teachers(replaced_images, replaced_labels, 20, seed=5, scheme="balanced")
+    for a, b in zip(parts, other, strict=True):
+        np.testing.assert_array_equal(a, b)  # positions only: the content does not matter
+
+
+def test_more_teachers_than_examples_is_refused():
+    images, labels = _unbalanced()
+    with pytest.raises(ValueError, match="num_teachers=504"):
+        partition_teachers(images, labels, 504, seed=0)
+
+
+def test_unknown_scheme_is_refused():
+    images, labels = _unbalanced()
+    with pytest.raises(ValueError, match="scheme"):
+        partition_teachers(images, labels, 5, seed=0, scheme="class_balanced")
