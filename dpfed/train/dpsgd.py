@@ -30,6 +30,7 @@ import optax
 from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.config import ConfigError, require
 from dpfed.train.progress import Progress
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
@@ -61,44 +62,30 @@ class DpSgdConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
-        _require(self.steps > 0, "steps", "must be > 0")
-        _require(self.batch_size > 0, "batch_size", "must be > 0")
-        _require(self.l2_clip > 0, "l2_clip", "must be > 0")
-        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
-        _require(self.sampling in tuple(privacy.Sampling), "sampling", "must be poisson or fixed")
-        _require(
+        require(self.steps > 0, "steps", "must be > 0")
+        require(self.batch_size > 0, "batch_size", "must be > 0")
+        require(self.l2_clip > 0, "l2_clip", "must be > 0")
+        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        require(self.sampling in tuple(privacy.Sampling), "sampling", "must be poisson or fixed")
+        require(
             self.noise_multiplier is None or self.noise_multiplier >= 0,
             "noise_multiplier",
             "must be >= 0",
         )
-        _require(
+        require(
             self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
         )
-        _require(
+        require(
             self.nodp or self.noise_multiplier is not None or self.target_epsilon is not None,
             "noise_multiplier",
             "give --noise_multiplier or --target_epsilon (or --nodp)",
         )
-        _require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
-        _require(
+        require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
+        require(
             self.physical_batch is None or self.physical_batch > 0, "physical_batch", "must be > 0"
         )
-
-
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(field, message)
 
 
 def default_physical_batch(expected: int) -> int:
@@ -264,7 +251,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
     n = train_ds.num_examples
-    _require(config.batch_size <= n, "batch_size", f"must be <= the {n} training examples")
+    require(config.batch_size <= n, "batch_size", f"must be <= the {n} training examples")
     if not config.nodp and config.delta >= 1.0 / n:
         logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
 

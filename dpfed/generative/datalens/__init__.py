@@ -41,13 +41,13 @@ from dpfed.generative.datalens.teachers import TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg, teacher_vote
 from dpfed.generative.datalens.training import (
     METHOD,
-    ConfigError,
     DataLens,
     DataLensConfig,
     DataLensGenerator,
     load_generator,
     train,
 )
+from dpfed.train.config import ConfigError
 
 contract.register_generator(METHOD, load_generator)
 

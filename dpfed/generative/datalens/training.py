@@ -46,6 +46,7 @@ from dpfed.generative.datalens.teachers import TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import StudentGenerator, TeacherDiscriminator
 from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
@@ -53,20 +54,6 @@ PyTree = Any
 METHOD = "datalens"
 GENERATOR_FILE = "generator.msgpack"
 SAMPLES_PNG = "samples.png"
-
-
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use; `field` names it."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(field, message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,44 +96,44 @@ class DataLensConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
-        _require(self.num_teachers >= 1, "num_teachers", "must be >= 1")
-        _require(
+        require(self.num_teachers >= 1, "num_teachers", "must be >= 1")
+        require(
             self.partition in PARTITION_RELATIONS,
             "partition",
             f"must be one of {tuple(PARTITION_RELATIONS)}",
         )
-        _require(self.topk >= 1, "topk", "must be >= 1")
-        _require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", "must be > 0")
-        _require(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
-        _require(self.grad_bound > 0, "grad_bound", "must be > 0")
-        _require(self.z_dim >= 1, "z_dim", "must be >= 1")
-        _require(self.d_steps >= 0, "d_steps", "must be >= 0")
-        _require(self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.real_batch is None or self.real_batch >= 1, "real_batch", "must be >= 1")
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _require(self.teacher_learning_rate > 0, "teacher_learning_rate", "must be > 0")
-        _require(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
-        _require(self.step_size > 0, "step_size", "must be > 0")
-        _require(self.steps >= 1, "steps", "must be >= 1")
-        _require(
+        require(self.topk >= 1, "topk", "must be >= 1")
+        require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", "must be > 0")
+        require(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
+        require(self.grad_bound > 0, "grad_bound", "must be > 0")
+        require(self.z_dim >= 1, "z_dim", "must be >= 1")
+        require(self.d_steps >= 0, "d_steps", "must be >= 0")
+        require(self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.real_batch is None or self.real_batch >= 1, "real_batch", "must be >= 1")
+        require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(self.teacher_learning_rate > 0, "teacher_learning_rate", "must be > 0")
+        require(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+        require(self.step_size > 0, "step_size", "must be > 0")
+        require(self.steps >= 1, "steps", "must be >= 1")
+        require(
             self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
         )
-        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
-        _require(
+        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(
             len(self.teacher_features) >= 1 and min(self.teacher_features) >= 1,
             "teacher_features",
             "must be positive widths",
         )
-        _require(self.generator_hidden >= 1, "generator_hidden", "must be >= 1")
-        _require(self.generator_width >= 1, "generator_width", "must be >= 1")
-        _require(
+        require(self.generator_hidden >= 1, "generator_hidden", "must be >= 1")
+        require(self.generator_width >= 1, "generator_width", "must be >= 1")
+        require(
             math.isfinite(self.generator_output_bias), "generator_output_bias", "must be finite"
         )
-        _require(self.teacher_chunk >= 1, "teacher_chunk", "must be >= 1")
-        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
-        _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        _require(self.num_synthetic >= 20, "num_synthetic", "must be >= 20")
+        require(self.teacher_chunk >= 1, "teacher_chunk", "must be >= 1")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        require(self.num_synthetic >= 20, "num_synthetic", "must be >= 20")
 
     def topagg(self) -> TopAgg:
         """The TopAgg mechanism of this run."""
@@ -376,7 +363,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         first_step = privacy.PrivacyLedger(
             "example", config.relation(), config.delta, config.target_epsilon
         )
-        _require(
+        require(
             first_step.affordable_count(event, config.batch_size) == config.batch_size,
             "target_epsilon",
             f"cannot be met: one step ({config.batch_size} aggregations of noise multiplier "
@@ -386,13 +373,13 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     n = train_ds.num_examples
-    _require(
+    require(
         config.num_teachers <= n,
         "num_teachers",
         f"must be <= the {n} training examples (disjoint partitions, no record reused)",
     )
     dim = math.prod(train_ds.image_shape)
-    _require(config.topk <= dim, "topk", f"must be <= the {dim} coordinates of an image")
+    require(config.topk <= dim, "topk", f"must be <= the {dim} coordinates of an image")
     if config.delta >= 1.0 / n:
         logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
 
