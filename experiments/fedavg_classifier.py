@@ -17,7 +17,8 @@ from absl import flags
 from dpfed import data
 from dpfed.federated import classifier
 from dpfed.federated.mesh import initialize_distributed
-from dpfed.train import cli, dpsgd
+from dpfed.train import cli
+from dpfed.train.config import ConfigError
 
 _DATASET = flags.DEFINE_enum("dataset", "mnist5k", data.list_datasets(), "Dataset name.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir for tfds datasets.")
@@ -94,7 +95,7 @@ def main(argv: list[str]) -> None:
             data_dir=_DATA_DIR.value,
         )
         summary = classifier.train(config, _WORKDIR.value)
-    except dpsgd.ConfigError as error:
+    except ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error
     except data.DatasetUnavailableError as error:
         raise cli.FlagError("dataset", str(error)) from error

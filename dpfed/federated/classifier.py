@@ -28,7 +28,8 @@ from dpfed.federated.client_data import ClientData, OneClient, from_federated
 from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import run_rounds
 from dpfed.federated.sampling import CohortSampler
-from dpfed.train.dpsgd import ConfigError, make_evaluate, make_optimizer
+from dpfed.train.config import ConfigError, require
+from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -74,36 +75,31 @@ class FedAvgClassifierConfig:
         positive = ("num_clients", "rounds", "clients_per_round", "local_steps",
                     "local_batch_size", "eval_every", "checkpoint_every")
         for name in positive:
-            _require(getattr(self, name) > 0, name, "must be > 0")
-        _require(self.clients_per_round <= self.num_clients, "clients_per_round",
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.clients_per_round <= self.num_clients, "clients_per_round",
                  f"must be <= --num_clients={self.num_clients}")
-        _require(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
-        _require(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be > 0")
-        _require(self.client_learning_rate > 0, "client_learning_rate", "must be > 0")
-        _require(self.server_learning_rate > 0, "server_learning_rate", "must be > 0")
-        _require(self.server_optimizer in OPTIMIZERS, "server_optimizer",
+        require(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
+        require(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be > 0")
+        require(self.client_learning_rate > 0, "client_learning_rate", "must be > 0")
+        require(self.server_learning_rate > 0, "server_learning_rate", "must be > 0")
+        require(self.server_optimizer in OPTIMIZERS, "server_optimizer",
                  f"must be one of {OPTIMIZERS}")
-        _require(self.l2_clip > 0, "l2_clip", "must be > 0")
-        _require(0 < self.delta < 1, "delta", "must be in (0, 1)")
-        _require(self.sampling in tuple(privacy.Sampling), "sampling", "must be poisson or fixed")
-        _require(self.noise_multiplier is None or self.noise_multiplier >= 0,
+        require(self.l2_clip > 0, "l2_clip", "must be > 0")
+        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(self.sampling in tuple(privacy.Sampling), "sampling", "must be poisson or fixed")
+        require(self.noise_multiplier is None or self.noise_multiplier >= 0,
                  "noise_multiplier", "must be >= 0")
-        _require(self.target_epsilon is None or self.target_epsilon > 0,
+        require(self.target_epsilon is None or self.target_epsilon > 0,
                  "target_epsilon", "must be > 0")
-        _require(self.nodp or self.noise_multiplier is not None or self.target_epsilon is not None,
+        require(self.nodp or self.noise_multiplier is not None or self.target_epsilon is not None,
                  "noise_multiplier", "give --noise_multiplier or --target_epsilon (or --nodp)")
-        _require(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1)")
-        _require(self.clip_learning_rate > 0, "clip_learning_rate", "must be > 0")
-        _require(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,
+        require(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1)")
+        require(self.clip_learning_rate > 0, "clip_learning_rate", "must be > 0")
+        require(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,
                  "clipped_count_stddev", "must be > 0")
-        _require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", "must be > 0")
-        _require(self.clients_per_device_step is None or self.clients_per_device_step > 0,
+        require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", "must be > 0")
+        require(self.clients_per_device_step is None or self.clients_per_device_step > 0,
                  "clients_per_device_step", "must be > 0")
-
-
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(field, message)
 
 
 def federate(config: FedAvgClassifierConfig, train: data_lib.ImageDataset) -> ClientData:
@@ -226,7 +222,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
-    _require(config.num_clients <= train_ds.num_examples, "num_clients",
+    require(config.num_clients <= train_ds.num_examples, "num_clients",
              f"must be <= the {train_ds.num_examples} training examples")
     if not config.nodp and config.delta >= 1.0 / config.num_clients:
         logging.warning("delta=%g >= 1/num_users: such a delta allows leaking a user",

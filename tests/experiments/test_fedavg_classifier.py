@@ -9,7 +9,7 @@ from dp_accounting import dp_event, rdp
 
 from dpfed import data
 from dpfed.federated import classifier
-from dpfed.train.dpsgd import ConfigError
+from dpfed.train.config import ConfigError
 
 FAST = {"model": "logreg", "local_steps": 2, "local_batch_size": 10, "eval_every": 100}
 
