@@ -28,11 +28,18 @@ from dpfed.federated.local import (
     local_training,
     masked_mean,
 )
-from dpfed.federated.loop import LoopResult, round_key, run_rounds
+from dpfed.federated.loop import (
+    OTHER_POPULATIONS,
+    LoopResult,
+    round_key,
+    run_rounds,
+    write_privacy_summary,
+)
 from dpfed.federated.mesh import client_mesh, initialize_distributed, replicate
 from dpfed.federated.sampling import CohortSampler
 
 __all__ = [
+    "OTHER_POPULATIONS",
     "AdaptiveClipping",
     "ClientData",
     "ClientOutput",
@@ -58,6 +65,7 @@ __all__ = [
     "replicate",
     "round_key",
     "run_rounds",
+    "write_privacy_summary",
     "summarize",
     "update_noise_multiplier",
 ]

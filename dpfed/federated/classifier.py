@@ -26,7 +26,7 @@ from dpfed.federated import evaluation, local
 from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator
 from dpfed.federated.client_data import ClientData, OneClient, from_federated
 from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
-from dpfed.federated.loop import run_rounds
+from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
@@ -34,8 +34,6 @@ from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONS = ("iid", "dirichlet")
-# "What the same noise would give" with more users: EMNIST's 3,400 writers, and 1M users.
-OTHER_POPULATIONS = (3400, 1_000_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,10 +181,10 @@ def epsilon_with_population(
     engine: DpFedAvg, rounds: int, population: int, delta: float
 ) -> dict[str, float | None]:
     """eps (RDP and PLD) of the same rounds, noise and cohort if `population` users existed."""
-    sampler = CohortSampler(engine.sampler.scheme, population, engine.sampler.expected_size)
-    event = dp_event.SelfComposedDpEvent(sampler.dp_event(engine.aggregator.dp_event()), rounds)
-    relation = privacy.relation_for(sampler.scheme)
-    return {name: privacy.epsilon(event, delta, relation, name) for name in ("rdp", "pld")}
+    return {
+        name: engine.epsilon_with_population(rounds, population, delta, name)
+        for name in ("rdp", "pld")
+    }
 
 
 def new_ledger(config: FedAvgClassifierConfig, engine: DpFedAvg) -> privacy.PrivacyLedger:

@@ -117,3 +117,34 @@ def run_rounds(
     if not record:  # nothing left to run: a finished run was resumed
         record = {"round": int(state.round), **evaluate(state)}
     return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from)
+
+
+# "What the same noise would give" with more users: federated EMNIST's 3,400 writers, 1M.
+OTHER_POPULATIONS = (3400, 1_000_000)
+
+
+def write_privacy_summary(
+    result: LoopResult, engine: DpFedAvg, workdir: Workdir, delta: float
+) -> dict[str, Any]:
+    """Writes ledger.json (private runs) and returns the summary's user-level privacy fields.
+
+    Keys: `epsilon_rdp`, `epsilon_pld`, `delta` (None for a non-private run), `unit`
+    ("user") and `epsilon_rdp_same_noise_if_users` (RDP eps of the same rounds, noise and
+    cohort size with each of `OTHER_POPULATIONS` users; empty when non-private).
+    """
+    ledger = result.ledger.to_json() if result.ledger is not None else None
+    if ledger is not None:
+        workdir.write_json("ledger.json", ledger)
+    others = {}
+    if ledger is not None and result.rounds_done > 0:
+        others = {
+            str(n): engine.epsilon_with_population(result.rounds_done, n, delta)
+            for n in OTHER_POPULATIONS
+        }
+    return {
+        "epsilon_rdp": ledger["epsilon_rdp"] if ledger else None,
+        "epsilon_pld": ledger["epsilon_pld"] if ledger else None,
+        "delta": delta if ledger else None,
+        "unit": "user",
+        "epsilon_rdp_same_noise_if_users": others,
+    }

@@ -27,22 +27,37 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpfed import privacy
 from dpfed.data import text as text_lib
-from dpfed.federated import client_data
+from dpfed.federated import (
+    ClientData,
+    ClientOutput,
+    DpFedAvg,
+    DpFedAvgConfig,
+    OneClient,
+    client_data,
+    run_rounds,
+    write_privacy_summary,
+)
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
 
 PUNCTUATION = ",.;:!?"
+PARAMS_FILE = "lm.msgpack"
 _STRIP = "\"'()[]-—_" + PUNCTUATION
 # A letter, punctuation, (opening quotes/brackets,) a letter: the trace of a dropped space.
 _GLUED = re.compile(f"[^\\W\\d_][{re.escape(PUNCTUATION)}]+[\"'(\\[]*[^\\W\\d_]")
@@ -261,3 +276,161 @@ def client_oov_rates(texts: Sequence[str], word_vocab: text_lib.Vocabulary) -> n
     is high are the suspicious group. A client without tokens gets NaN.
     """
     return np.array([token_stats([text], word_vocab, k=0).oov_rate for text in texts])
+
+
+def lm_client_update(config: LocalTrainingConfig):
+    """The engine's client hook: `(LM, (), client, (), key) -> ClientOutput(LM', (), {})`.
+
+    Only the LM's params leave the client (the engine privatises their delta).
+    """
+
+    def client_update(params, client_state, client: OneClient, context, key):
+        del context
+        new_params = train_lm_on_client(config, params, client.arrays, client.count, key)
+        return ClientOutput(params=new_params, state=client_state, metrics={})
+
+    return client_update
+
+
+@dataclasses.dataclass(frozen=True)
+class FedLmConfig:
+    """One DP-FedAvg char-LM run over a group of clients.
+
+    Attributes:
+      local: the LM and the clients' local SGD.
+      rounds: federated rounds.
+      clients_per_round: expected (Poisson) or exact (fixed) cohort size.
+      sampling: "poisson" or "fixed".
+      l2_clip: per-client clip norm C of the LM's delta.
+      noise_multiplier: z, noise std / C on the sum of clipped deltas (0: no DP).
+      server_learning_rate: server SGD with momentum 0.9 on the averaged delta
+        (DP-FedAvg's server momentum, McMahan et al. 2018).
+      delta: the delta of the user-level guarantee.
+      seed: seeds the initial LM and every round.
+      eval_every: rounds between evaluations (OOV rate of sampled lines).
+      checkpoint_every: rounds between checkpoints.
+    """
+
+    local: LocalTrainingConfig
+    rounds: int = 200
+    clients_per_round: float = 10
+    sampling: str = "poisson"
+    l2_clip: float = 1.0
+    noise_multiplier: float = 0.0
+    server_learning_rate: float = 1.0
+    delta: float = 1e-5
+    seed: int = 0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        for name in ("rounds", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.clients_per_round > 0 and self.l2_clip > 0 and self.server_learning_rate > 0):
+            raise ValueError("clients_per_round, l2_clip and server_learning_rate must be > 0")
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+
+
+def make_engine(config: FedLmConfig, ids: np.ndarray, counts: np.ndarray, mesh=None) -> DpFedAvg:
+    """The DP-FedAvg engine over clients' padded char sequences."""
+    return DpFedAvg(
+        lm_client_update(config.local),
+        optax.sgd(config.server_learning_rate, momentum=0.9),
+        ClientData(arrays=np.asarray(ids, np.int32), counts=np.asarray(counts, np.int32)),
+        DpFedAvgConfig(
+            clients_per_round=config.clients_per_round,
+            sampling=config.sampling,
+            l2_clip=config.l2_clip,
+            noise_multiplier=config.noise_multiplier,
+        ),
+        mesh,
+    )
+
+
+def train_lm(
+    config: FedLmConfig,
+    ids: np.ndarray,
+    counts: np.ndarray,
+    char_vocab: text_lib.Vocabulary,
+    word_vocab: text_lib.Vocabulary,
+    workdir: str,
+    *,
+    group: str = "all",
+    eval_lines: int = 64,
+    line_length: int = 120,
+    log: Callable[[str], None] = print,
+    mesh=None,
+) -> tuple[dict, PyTree]:
+    """Trains (or resumes) one DP-FedAvg char LM in `workdir`; returns (summary, params).
+
+    Writes ledger.json (private runs), metrics.jsonl (with the OOV rate of sampled
+    lines at each evaluation: a function of the released LM only), summary.json,
+    checkpoints/ and `lm.msgpack` (the released params).
+    """
+    start_time = time.time()
+    wd = Workdir(workdir)
+    engine = make_engine(config, ids, counts, mesh)
+    model = config.local.model
+    init_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+    state = engine.init(model.init(init_key, jnp.zeros((1, 2), jnp.int32)))
+    ledger = None
+    if config.noise_multiplier > 0:
+        ledger = privacy.PrivacyLedger(
+            unit="user",
+            neighboring_relation=privacy.relation_for(config.sampling).name.lower(),
+            delta=config.delta,
+            metadata={
+                "mechanism": "DP-FedAvg on a char LSTM LM (per-client clip, Gaussian noise)",
+                "group": group,
+                "num_users": engine.num_clients,
+                "sampling": config.sampling,
+                "expected_clients_per_round": config.clients_per_round,
+                "sampling_rate": engine.sampler.rate,
+                "l2_clip": config.l2_clip,
+                "noise_multiplier": config.noise_multiplier,
+            },
+        )
+    sample = jax.jit(functools.partial(sample_ids, model), static_argnums=(2, 3))
+    eval_key = jax.random.fold_in(init_key, 1)
+
+    def evaluate(state) -> dict:
+        lines = decode_lines(sample(state.params, eval_key, eval_lines, line_length), char_vocab)
+        stats = token_stats(lines, word_vocab, k=0)
+        return {"sample_oov_rate": stats.oov_rate, "sample_glued_rate": stats.glued_rate}
+
+    result = run_rounds(
+        engine,
+        state,
+        rounds=config.rounds,
+        seed=config.seed,
+        workdir=wd,
+        ledger=ledger,
+        evaluate=evaluate,
+        eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every,
+        desc=f"fedlm[{group}]",
+        log=log,
+    )
+    params = jax.device_get(result.state.params)
+    wd.file(PARAMS_FILE).write_bytes(flax.serialization.to_bytes(params))
+    privacy_fields = write_privacy_summary(result, engine, wd, config.delta)
+    summary = {
+        "method": "fedlm",
+        "group": group,
+        "num_users": engine.num_clients,
+        **privacy_fields,
+        "noise_multiplier": config.noise_multiplier,
+        "sampling_rate": engine.sampler.rate,
+        "rounds": result.rounds_done,
+        "params_sha256": params_sha256(params),
+        "last_evaluation": result.evaluation,
+        "wall_seconds": time.time() - start_time,
+        "seed": config.seed,
+        "environment": environment_info(),
+    }
+    wd.write_summary(summary)
+    return summary, params

@@ -45,7 +45,10 @@ class LstmLM(nn.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         x = self.embed(ids)
         for rnn in self.rnns:
-            x = rnn(x)
+            # Zeros computed from the input, so that under `shard_map` (the federated
+            # engine) the carry varies over the mesh like the data it is combined with.
+            zeros = jnp.broadcast_to(x[:, 0, :1] * 0.0, (x.shape[0], self.hidden))
+            x = rnn(x, initial_carry=(zeros, zeros))
         return self.out(x)
 
     def initial_carry(self, batch_size: int) -> Carry:

@@ -7,7 +7,9 @@ One generator step:
 2. the generator draws `batch_size` samples x = G(z, y) (z ~ U[-1, 1]^z_dim, y uniform);
 3. each teacher votes on each sample with TopAgg; the vote sums are noised (the DP
    release: `batch_size` Gaussian events) and thresholded (post-processing);
-4. the generator takes one Adam step on sum ||x + step_size * aggregate - G(z, y)||^2.
+4. the generator takes one Adam step on sum ||x + step_size * aggregate - G(z, y)||^2
+   (with `project_target`, the target is first clipped to the image range [0, 1], so a
+   pixel already black is not pulled further down: post-processing, not in the paper).
 
 Step t uses `fold_in(key(seed), t)`: a resumed run replays identical randomness, and the
 checkpoint holds the train state and the ledger together, so resuming neither loses nor
@@ -88,7 +90,7 @@ class DataLensConfig:
     generator_hidden: int = 256
     generator_width: int = 32
     generator_output_bias: float = 0.0
-    teacher_chunk: int = 25
+    teacher_chunk: int = 4
     seed: int = 0
     eval_every: int = 10
     checkpoint_every: int = 20

@@ -1,0 +1,163 @@
+r"""Teacher throughput of DataLens: all teachers vectorised vs a Python loop over teachers.
+
+The public DataLens code (TensorFlow 1.14) trains teachers one at a time: for each
+teacher a `sess.run` of its optimiser fed with its own minibatch, then a second run to
+read its loss, with batches of teachers swapped in and out of checkpoints. The loop
+here is that schedule without the checkpoint swapping (every teacher's state stays in
+memory, which favours the loop): per teacher, its minibatch is fed from host memory, a
+jitted single-teacher step runs, and its loss is read back. The vectorised path is
+`dpfed.generative.datalens.TeacherEnsemble.train_step`: one jitted call for all T
+teachers (vmap within chunks, lax.map over chunks, teacher axis sharded over the mesh).
+The same holds for the vote phase (each teacher's gradient w.r.t. every generated
+sample and its TopAgg vote).
+
+One run, all figures measured in it (median of --repeats timed calls after a warm-up):
+
+  .venv/bin/python -m benchmarks.datalens_teachers --num_teachers=50,200,1000
+
+prints teacher-steps/s (train) and teacher-votes/s (vote phase, one teacher on one
+sample) for both paths and their ratio. Figures of this machine are in WORKSPACE.md.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from dpfed import data
+from dpfed.generative.datalens import TeacherEnsemble, TopAgg, make_mesh, partition_teachers
+from dpfed.generative.datalens.teachers import generator_loss
+from dpfed.models.datalens_nets import TeacherDiscriminator
+
+_TEACHERS = flags.DEFINE_list("num_teachers", ["50", "200", "1000"], "Teacher counts T.")
+_DATASET = flags.DEFINE_string("dataset", "mnist5k", "Dataset whose train split is partitioned.")
+_REAL = flags.DEFINE_integer("real_batch", 16, "Real examples per teacher step (at most N/T).")
+_FAKES = flags.DEFINE_integer("fake_batch", 16, "Generated samples per teacher step / vote.")
+_TOPK = flags.DEFINE_integer("topk", 300, "k of the TopAgg votes.")
+_CHUNK = flags.DEFINE_integer("teacher_chunk", 4, "Teachers vectorised together.")
+_FEATURES = flags.DEFINE_list("teacher_features", ["8", "16"], "Teacher conv widths.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _loss(disc, params, real, real_labels, fakes, fake_labels):
+    real_logits = disc.apply(params, real, real_labels)
+    fake_logits = disc.apply(params, fakes, fake_labels)
+    return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dict:
+    """Seconds per pass over all teachers (train step and votes), vectorised and looped."""
+    disc = TeacherDiscriminator(train_ds.num_classes, tuple(int(f) for f in _FEATURES.value))
+    optimizer = optax.adam(1e-3, b1=0.5)
+    topagg = TopAgg(k=_TOPK.value, b=1e-4, sigma=1.0, beta=0.5)
+    ensemble = TeacherEnsemble(disc, optimizer, num_teachers, _CHUNK.value, make_mesh())
+    parts = partition_teachers(train_ds.images, train_ds.labels, num_teachers, 0, "balanced")
+    real = min(_REAL.value, min(len(p) for p in parts))
+    index = np.stack([p[:real] for p in parts])  # [T, real]
+    images, labels = train_ds.images[index], train_ds.labels[index]
+    key = jax.random.key(0)
+    fakes = jax.random.uniform(key, (_FAKES.value, *train_ds.image_shape))
+    fake_labels = jnp.arange(_FAKES.value, dtype=jnp.int32) % train_ds.num_classes
+
+    # Vectorised: one call for all teachers.
+    state = ensemble.init(key, fakes[0])
+    ids = ensemble.teacher_ids()
+    arrays = ensemble.shard(
+        (
+            jnp.asarray(ensemble.pad(images)),
+            jnp.asarray(ensemble.pad(labels)),
+            jnp.asarray(ensemble.pad(np.full(num_teachers, real, np.int32))),
+        )
+    )
+    train_all = jax.jit(
+        lambda s: ensemble.train_step(s, arrays, ids, fakes, fake_labels, key, real_batch=real)
+    )
+    vote_all = jax.jit(lambda s: ensemble.vote_sum(s, ids, fakes, fake_labels, key, topagg))
+    vmapped_train = _median_seconds(lambda: train_all(state), repeats)
+    vmapped_vote = _median_seconds(lambda: vote_all(state), repeats)
+
+    # Loop: one teacher at a time, its batch fed from the host, its loss read back.
+    @jax.jit
+    def train_one(teacher, real_images, real_labels):
+        loss, grads = jax.value_and_grad(_loss, argnums=1)(
+            disc, teacher["params"], real_images, real_labels, fakes, fake_labels
+        )
+        updates, opt_state = optimizer.update(grads, teacher["opt_state"], teacher["params"])
+        params = optax.apply_updates(teacher["params"], updates)
+        return {"params": params, "opt_state": opt_state}, loss
+
+    @jax.jit
+    def vote_one(params, t):
+        grads = -jax.grad(lambda x: jnp.sum(generator_loss(disc, params, x, fake_labels)))(fakes)
+        keys = jax.random.split(jax.random.fold_in(key, t), _FAKES.value)
+        return jax.vmap(topagg.vote)(grads.reshape(_FAKES.value, -1), keys)
+
+    teachers = [jax.tree.map(lambda x, t=t: x[t], state) for t in range(num_teachers)]
+
+    def loop_train():
+        total = 0.0
+        for t in range(num_teachers):
+            teachers[t], loss = train_one(teachers[t], images[t], labels[t])
+            total += float(loss)
+        return total
+
+    def loop_vote():
+        total = jnp.zeros((_FAKES.value, fakes[0].size))
+        for t in range(num_teachers):
+            total = total + vote_one(teachers[t]["params"], t)
+        return np.asarray(total)
+
+    return {
+        "T": num_teachers,
+        "real": real,
+        "vmapped_train": vmapped_train,
+        "loop_train": _median_seconds(loop_train, repeats),
+        "vmapped_vote": vmapped_vote,
+        "loop_vote": _median_seconds(loop_vote, repeats),
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    train_ds = data.load(_DATASET.value, "train")
+    fake = _FAKES.value
+    print(
+        f"DataLens teachers on {train_ds.name} ({jax.device_count()} {jax.default_backend()} "
+        f"device(s)); per teacher step: <= {_REAL.value} real + {fake} generated examples; "
+        f"votes: {fake} samples, top-{_TOPK.value}; chunk {_CHUNK.value}"
+    )
+    header = (
+        f"{'T':>6} {'real':>5} | {'train vmap':>12} {'train loop':>12} {'ratio':>6} | "
+        f"{'vote vmap':>12} {'vote loop':>12} {'ratio':>6}"
+    )
+    print(f"{'':13} teacher-steps/s{'':20} | teacher-votes/s (one teacher, one sample)")
+    print(header)
+    for num_teachers in (int(t) for t in _TEACHERS.value):
+        r = measure(num_teachers, train_ds, _REPEATS.value)
+        t = r["T"]
+        print(
+            f"{t:>6} {r['real']:>5} | {t / r['vmapped_train']:>12.1f} "
+            f"{t / r['loop_train']:>12.1f} {r['loop_train'] / r['vmapped_train']:>5.2f}x | "
+            f"{t * fake / r['vmapped_vote']:>12.1f} {t * fake / r['loop_vote']:>12.1f} "
+            f"{r['loop_vote'] / r['vmapped_vote']:>5.2f}x",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

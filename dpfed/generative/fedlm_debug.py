@@ -1,0 +1,342 @@
+"""Find a tokenization bug in private federated text with DP federated LMs (P0, text).
+
+The text demonstration of "Generative Models for Effective ML on Private, Decentralized
+Datasets" (Augenstein et al., ICLR 2020), on Shakespeare (one client per (play, role), as
+LEAF):
+1. the bug: on a fraction p of the clients the text pipeline drops the space after
+   punctuation ("my lord,what"), so the app's whitespace tokenizer sees glued tokens;
+2. the app's word vocabulary was fixed before the bug (from the public plays), so each
+   client's out-of-vocabulary (OOV) rate, computed on its device, rises on buggy clients;
+3. the clients with a high OOV rate (the suspicious group) train one DP-FedAvg char LSTM
+   LM, the clients with a low OOV rate another;
+4. the modeler compares what the two LMs write: top-k tokens with their frequencies,
+   the OOV rate and glued-token rate of the samples, the most frequent OOV tokens, and
+   sample lines. The suspicious group's LM writes glued tokens ("lord,what"): the bug.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from dpfed import data as data_lib
+from dpfed.data import bugs
+from dpfed.generative import fedlm, selection
+from dpfed.models.lstm_lm import LstmLM
+from dpfed.train.config import ConfigError, require
+from dpfed.train.workdir import Workdir, environment_info
+
+GROUPS = ("high_oov", "low_oov")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDebugConfig:
+    """Everything that defines a run of the text debugging demo (the binary's flags)."""
+
+    bug_fraction: float = 0.5
+    min_lines: int = 20
+    max_words: int = 10000
+    low_quantile: float = selection.DEFAULT_LOW_QUANTILE
+    high_quantile: float = selection.DEFAULT_HIGH_QUANTILE
+    low_threshold: float | None = None
+    high_threshold: float | None = None
+    seq_len: int = 80
+    max_seqs: int = 32
+    embed_dim: int = 8
+    hidden: int = 256
+    num_layers: int = 1
+    local_steps: int = 4
+    local_batch_size: int = 8
+    client_learning_rate: float = 1.0
+    server_learning_rate: float = 1.0
+    rounds: int = 200
+    clients_per_round: float = 10
+    sampling: str = "poisson"
+    l2_clip: float = 1.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    num_sample_lines: int = 400
+    sample_length: int = 120
+    top_k: int = 15
+    seed: int = 0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
+        require(self.min_lines >= 2, "min_lines", "must be >= 2")
+        require(
+            0.0 <= self.low_quantile < self.high_quantile <= 1.0,
+            "low_quantile",
+            "need 0 <= low_quantile < high_quantile <= 1",
+        )
+        for name in (
+            "max_words",
+            "max_seqs",
+            "embed_dim",
+            "hidden",
+            "num_layers",
+            "local_steps",
+            "local_batch_size",
+            "rounds",
+            "num_sample_lines",
+            "sample_length",
+            "top_k",
+            "eval_every",
+            "checkpoint_every",
+        ):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.seq_len >= 2, "seq_len", "must be >= 2")
+        for name in (
+            "client_learning_rate",
+            "server_learning_rate",
+            "clients_per_round",
+            "l2_clip",
+        ):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
+        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+
+    def lm_config(self, vocab_size: int) -> fedlm.FedLmConfig:
+        """One LM's federated training settings (the same for both groups)."""
+        model = LstmLM(vocab_size, self.embed_dim, self.hidden, self.num_layers)
+        return fedlm.FedLmConfig(
+            local=fedlm.LocalTrainingConfig(
+                model, self.local_steps, self.local_batch_size, self.client_learning_rate
+            ),
+            rounds=self.rounds,
+            clients_per_round=self.clients_per_round,
+            sampling=self.sampling,
+            l2_clip=self.l2_clip,
+            noise_multiplier=self.noise_multiplier,
+            server_learning_rate=self.server_learning_rate,
+            delta=self.delta,
+            seed=self.seed,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+        )
+
+
+def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) the whole text demo in `workdir`; returns the summary dict."""
+    start_time = time.time()
+    wd = Workdir(workdir)
+    shakespeare = data_lib.load_shakespeare(min_lines=config.min_lines)
+    public = shakespeare.train  # the plays are public: the vocabularies come from them
+    word_vocab = fedlm.word_vocabulary(public, config.max_words)
+    char_vocab = fedlm.char_vocabulary(public)
+    texts, buggy = bugs.inject_text_bug(public, config.bug_fraction, config.seed)
+    oov_rates = fedlm.client_oov_rates(texts, word_vocab)
+    try:
+        groups = selection.split_clients(
+            oov_rates,
+            low_threshold=config.low_threshold,
+            high_threshold=config.high_threshold,
+            low_quantile=config.low_quantile,
+            high_quantile=config.high_quantile,
+            eligible=~np.isnan(oov_rates),
+        )
+    except ValueError as error:
+        raise ConfigError("low_threshold", str(error)) from error
+    members = {"high_oov": groups.high, "low_oov": groups.low}
+    log(
+        f"{len(texts)} clients; OOV rate thresholds low <= {groups.low_threshold:.3f}, high >= "
+        f"{groups.high_threshold:.3f}: {groups.low.sum()} and {groups.high.sum()} clients"
+    )
+    lm_config = config.lm_config(char_vocab.size)
+    sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
+    results, samples = {}, {}
+    for name in GROUPS:
+        group_texts = [t for t, m in zip(texts, members[name], strict=True) if m]
+        require(
+            config.clients_per_round <= len(group_texts),
+            "clients_per_round",
+            f"must be <= the {len(group_texts)} clients of the {name} group",
+        )
+        ids, counts = fedlm.client_sequences(
+            group_texts, char_vocab, config.seq_len, config.max_seqs
+        )
+        summary, params = fedlm.train_lm(
+            lm_config,
+            ids,
+            counts,
+            char_vocab,
+            word_vocab,
+            wd.file(f"lm_{name}"),
+            group=name,
+            log=log,
+        )
+        sampled = fedlm.sample_ids(
+            lm_config.local.model,
+            params,
+            sample_key,
+            config.num_sample_lines,
+            config.sample_length,
+        )
+        lines = fedlm.decode_lines(np.asarray(sampled), char_vocab)
+        stats = fedlm.token_stats(lines, word_vocab, config.top_k)
+        real = fedlm.token_stats(group_texts, word_vocab, config.top_k)
+        samples[name] = lines
+        results[name] = {
+            "num_clients": len(group_texts),
+            "buggy_client_fraction": float(buggy[members[name]].mean()),
+            "client_oov_rate_mean": float(np.mean(oov_rates[members[name]])),
+            "oov_rate": stats.oov_rate,
+            "glued_rate": stats.glued_rate,
+            "top_k": stats.top_k,
+            "top_oov": stats.top_oov,
+            "num_sample_tokens": stats.num_tokens,
+            "real_oov_rate": real.oov_rate,
+            "real_glued_rate": real.glued_rate,
+            "epsilon_rdp": summary["epsilon_rdp"],
+            "epsilon_pld": summary["epsilon_pld"],
+            "epsilon_rdp_same_noise_if_users": summary["epsilon_rdp_same_noise_if_users"],
+            "sampling_rate": summary["sampling_rate"],
+            "rounds": summary["rounds"],
+            "wall_seconds": summary["wall_seconds"],
+        }
+    eps = [r["epsilon_rdp"] for r in results.values()]
+    summary = {
+        "method": "fedlm_debug",
+        "oov_rate_buggy_model": results["high_oov"]["oov_rate"],
+        "oov_rate_healthy_model": results["low_oov"]["oov_rate"],
+        "glued_rate_buggy_model": results["high_oov"]["glued_rate"],
+        "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
+        "lm_high_oov": results["high_oov"],
+        "lm_low_oov": results["low_oov"],
+        "epsilon_rdp": None if None in eps else max(eps),
+        "delta": config.delta if config.noise_multiplier > 0 else None,
+        "unit": "user",
+        "low_threshold": groups.low_threshold,
+        "high_threshold": groups.high_threshold,
+        "thresholds_from_quantiles": config.low_threshold is None or config.high_threshold is None,
+        "num_clients": len(texts),
+        "num_buggy_clients": int(buggy.sum()),
+        "wall_seconds": time.time() - start_time,
+        "flags": dataclasses.asdict(config),
+        "seed": config.seed,
+        "environment": environment_info(),
+    }
+    wd.write_json("samples.json", samples)
+    wd.write_summary(summary)
+    wd.write_report(render_report(config, summary, samples))
+    return summary
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _token_table(high: list, low: list) -> str:
+    rows = [
+        "| rank | high-OOV clients' LM | freq. | low-OOV clients' LM | freq. |",
+        "|---|---|---|---|---|",
+    ]
+    for i in range(max(len(high), len(low))):
+        h = high[i] if i < len(high) else ("", None)
+        lo = low[i] if i < len(low) else ("", None)
+        rows.append(f"| {i + 1} | `{h[0]}` | {_pct(h[1])} | `{lo[0]}` | {_pct(lo[1])} |")
+    return "\n".join(rows)
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}%"
+
+
+def render_report(config: TextDebugConfig, summary: dict, samples: dict) -> str:
+    """report.md: top-k tables, OOV and glued rates, sample lines, eps."""
+    high, low = summary["lm_high_oov"], summary["lm_low_oov"]
+
+    def eps_line(r):
+        if config.noise_multiplier == 0:
+            return "non-private (no noise): **no privacy guarantee**"
+        others = ", ".join(
+            f"{int(n):,} users: {_fmt(e)}" for n, e in r["epsilon_rdp_same_noise_if_users"].items()
+        )
+        return (
+            f"({_fmt(r['epsilon_rdp'])}, {config.delta:g})-DP at user level (RDP; PLD "
+            f"{_fmt(r['epsilon_pld'])}), {r['num_clients']} users, sampling rate "
+            f"{r['sampling_rate']:.3g}, {r['rounds']} rounds; the same noise with {others}"
+        )
+
+    threshold_note = (
+        "Thresholds are quantiles of all clients' raw OOV rates (a simulation convenience, "
+        "not a DP release; give --low_threshold/--high_threshold for on-device selection)."
+        if summary["thresholds_from_quantiles"]
+        else ""
+    )
+
+    def lines(name):
+        return "\n".join(f"    {line}" for line in samples[name][:12])
+
+    table = [
+        ("clients", "num_clients", "{:d}"),
+        ("truly buggy clients (simulation ground truth)", "buggy_client_fraction", "{:.3f}"),
+        ("mean client OOV rate (on device)", "client_oov_rate_mean", "{:.3f}"),
+        ("OOV rate of the LM's samples", "oov_rate", "{:.3f}"),
+        ("glued-token rate of the LM's samples", "glued_rate", "{:.3f}"),
+        ("glued-token rate of the group's real text (ground truth)", "real_glued_rate", "{:.3f}"),
+        ("LM wall time (s)", "wall_seconds", "{:.0f}"),
+    ]
+    rows = "\n".join(
+        f"| {label} | {spec.format(high[key])} | {spec.format(low[key])} |"
+        for label, key, spec in table
+    )
+    return f"""# Debugging private, decentralized text with DP federated LMs
+
+Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
+(ICLR 2020), text demonstration, on Shakespeare: {summary["num_clients"]} clients (one per
+play and role, as LEAF); on {summary["num_buggy_clients"]} of them ({config.bug_fraction:.0%})
+the text pipeline drops the space after punctuation. Each client computes its out-of-
+vocabulary rate under the app's whitespace tokenizer and its 10k-word vocabulary; clients
+with OOV rate >= {summary["high_threshold"]:.3f} train one DP-FedAvg char LSTM LM, clients
+with OOV rate <= {summary["low_threshold"]:.3f} another. The models are char-level so they
+can spell tokens no vocabulary anticipated.
+
+| | high-OOV clients' LM | low-OOV clients' LM |
+|---|---|---|
+{rows}
+
+## Top {config.top_k} tokens of {config.num_sample_lines} sampled lines
+
+{_token_table(high["top_k"], low["top_k"])}
+
+## Top {config.top_k} out-of-vocabulary tokens of the samples
+
+{_token_table(high["top_oov"], low["top_oov"])}
+
+## Sample lines
+
+High-OOV clients' LM:
+
+{lines("high_oov")}
+
+Low-OOV clients' LM:
+
+{lines("low_oov")}
+
+## Privacy
+
+Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
+- high-OOV LM: {eps_line(high)}
+- low-OOV LM: {eps_line(low)}
+The groups are disjoint: releasing both costs the larger eps, {_fmt(summary["epsilon_rdp"])}.
+{threshold_note}
+
+## Settings and the paper
+
+{config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling}), clip
+{config.l2_clip:g}, noise multiplier {config.noise_multiplier:g}; LSTM {config.num_layers} x
+{config.hidden}, embedding {config.embed_dim}; {config.local_steps} local steps of
+{config.local_batch_size} sequences of {config.seq_len} chars (SGD lr
+{config.client_learning_rate:g}), server SGD with momentum 0.9 (lr
+{config.server_learning_rate:g}); seed {config.seed}; wall time {summary["wall_seconds"]:.0f} s.
+The paper trained a DP federated RNN on the suspicious users and showed that its generated
+tokens exposed the tokenization bug, compared with a model of healthy users (PAPERS.md: no
+number of theirs is quoted here).
+"""

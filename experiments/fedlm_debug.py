@@ -1,0 +1,102 @@
+r"""Finds a tokenization bug in private federated text with DP federated char LMs (P0).
+
+Augenstein et al., "Generative Models for Effective ML on Private, Decentralized
+Datasets" (ICLR 2020), text demonstration on Shakespeare (clients = (play, role)); on
+half of the clients the pipeline drops the space after punctuation. Example (2 CPU
+cores, minutes):
+
+  .venv/bin/python -m experiments.fedlm_debug --workdir=workdirs/fedlm_debug \
+    --hidden=128 --rounds=100 --clients_per_round=10 --noise_multiplier=0.5
+
+Expected: the LM of the high-OOV clients writes glued tokens ("lord,what") and its
+samples have a clearly higher OOV rate than the LM of the low-OOV clients; report.md
+has the top-k token tables, OOV rates, sample lines and each LM's user-level eps.
+Rerunning the same command on the same workdir resumes both LMs.
+"""
+
+from absl import flags
+
+from dpfed.generative import fedlm_debug
+from dpfed.train import cli, dpsgd
+
+_D = fedlm_debug.TextDebugConfig()
+
+_BUG = flags.DEFINE_float("bug_fraction", _D.bug_fraction, "Fraction p of buggy clients.")
+_MIN_LINES = flags.DEFINE_integer("min_lines", _D.min_lines, "Drop roles with fewer lines.")
+_MAX_WORDS = flags.DEFINE_integer("max_words", _D.max_words, "The app's word vocabulary.")
+_LOW_Q = flags.DEFINE_float("low_quantile", _D.low_quantile, "Low OOV threshold quantile.")
+_HIGH_Q = flags.DEFINE_float("high_quantile", _D.high_quantile, "High OOV quantile.")
+_LOW_T = flags.DEFINE_float("low_threshold", None, "OOV rate <= this: low group.")
+_HIGH_T = flags.DEFINE_float("high_threshold", None, "OOV rate >= this: high group.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", _D.seq_len, "Chars per training sequence.")
+_MAX_SEQS = flags.DEFINE_integer("max_seqs", _D.max_seqs, "Sequences kept per client.")
+_EMBED = flags.DEFINE_integer("embed_dim", _D.embed_dim, "Char embedding width.")
+_HIDDEN = flags.DEFINE_integer("hidden", _D.hidden, "LSTM width.")
+_LAYERS = flags.DEFINE_integer("num_layers", _D.num_layers, "LSTM layers.")
+_LOCAL_STEPS = flags.DEFINE_integer("local_steps", _D.local_steps, "Client SGD steps.")
+_LOCAL_BATCH = flags.DEFINE_integer("local_batch_size", _D.local_batch_size, "Sequences/step.")
+_CLIENT_LR = flags.DEFINE_float("client_learning_rate", _D.client_learning_rate, "Client lr.")
+_SERVER_LR = flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server lr.")
+_ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per LM.")
+_PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
+_SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
+_CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of the LM delta.")
+_NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
+_DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the user-level guarantee.")
+_LINES = flags.DEFINE_integer("num_sample_lines", _D.num_sample_lines, "Lines sampled per LM.")
+_LENGTH = flags.DEFINE_integer("sample_length", _D.sample_length, "Max chars per line.")
+_TOP_K = flags.DEFINE_integer("top_k", _D.top_k, "Tokens in the top-k tables.")
+_SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N rounds.")
+_CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoints.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def main(argv: list[str]) -> None:
+    cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
+    try:
+        config = fedlm_debug.TextDebugConfig(
+            bug_fraction=_BUG.value,
+            min_lines=_MIN_LINES.value,
+            max_words=_MAX_WORDS.value,
+            low_quantile=_LOW_Q.value,
+            high_quantile=_HIGH_Q.value,
+            low_threshold=_LOW_T.value,
+            high_threshold=_HIGH_T.value,
+            seq_len=_SEQ_LEN.value,
+            max_seqs=_MAX_SEQS.value,
+            embed_dim=_EMBED.value,
+            hidden=_HIDDEN.value,
+            num_layers=_LAYERS.value,
+            local_steps=_LOCAL_STEPS.value,
+            local_batch_size=_LOCAL_BATCH.value,
+            client_learning_rate=_CLIENT_LR.value,
+            server_learning_rate=_SERVER_LR.value,
+            rounds=_ROUNDS.value,
+            clients_per_round=_PER_ROUND.value,
+            sampling=_SAMPLING.value,
+            l2_clip=_CLIP.value,
+            noise_multiplier=_NOISE.value,
+            delta=_DELTA.value,
+            num_sample_lines=_LINES.value,
+            sample_length=_LENGTH.value,
+            top_k=_TOP_K.value,
+            seed=_SEED.value,
+            eval_every=_EVAL_EVERY.value,
+            checkpoint_every=_CKPT_EVERY.value,
+        )
+        summary = fedlm_debug.run(config, _WORKDIR.value)
+    except dpsgd.ConfigError as error:
+        raise cli.FlagError(error.field, error.message) from error
+    eps = summary["epsilon_rdp"]
+    print(
+        f"OOV rate of samples: high-OOV clients' LM {summary['oov_rate_buggy_model']:.3f}, "
+        f"low-OOV clients' LM {summary['oov_rate_healthy_model']:.3f}; glued tokens "
+        f"{summary['glued_rate_buggy_model']:.3f} vs {summary['glued_rate_healthy_model']:.3f} | "
+        + ("non-private" if eps is None else f"user-level eps {eps:.3g} (RDP)")
+        + f"\nreport: {_WORKDIR.value}/report.md"
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

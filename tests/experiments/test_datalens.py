@@ -1,0 +1,74 @@
+"""End-to-end tests of experiments/datalens.py (subprocesses, tiny runs on 8x8 digits)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = [
+    "--dataset=digits",
+    "--num_teachers=12",
+    "--topk=6",
+    "--sigma=30",
+    "--beta=0.3",
+    "--z_dim=4",
+    "--pretrain_steps=1",
+    "--batch_size=4",
+    "--real_batch=4",
+    "--teacher_features=4",
+    "--generator_hidden=16",
+    "--generator_width=4",
+    "--teacher_chunk=2",
+    "--num_synthetic=20",
+]
+
+
+def _run(*args, check=True):
+    cmd = [sys.executable, "-m", "experiments.datalens", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_tiny_run_writes_the_workdir_contract(tmp_path):
+    proc = _run(*TINY, "--steps=3", "--target_epsilon=50", "--noevaluate", f"--workdir={tmp_path}")
+    assert "eps" in proc.stdout and "report.md" in proc.stdout
+    for name in (
+        "ledger.json", "metrics.jsonl", "summary.json", "report.md", "samples.png",
+        "synthetic.npz", "generator.msgpack",
+    ):
+        assert (tmp_path / name).exists(), f"workdir contract: {name} missing"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert summary["method"] == "datalens" and summary["steps"] == 3
+    assert summary["epsilon_rdp"] == ledger["epsilon_rdp"] <= 50
+    assert ledger["metadata"]["l2_sensitivity"] == pytest.approx(24**0.5)
+    assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
+
+
+@pytest.mark.parametrize(
+    "flag,name",
+    [
+        ("--topk=0", "topk"),
+        ("--delta=2", "delta"),
+        ("--num_teachers=2000", "num_teachers"),
+        ("--target_epsilon=1e-6", "target_epsilon"),
+    ],
+)
+def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
+    proc = _run(*TINY, flag, f"--workdir={tmp_path}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"{flag}: exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
+    assert len(lines) == 1 and name in lines[0], f"{flag}: want one line naming {name}: {lines}"
+
+
+def test_offline_tfds_dataset_exits_2_naming_embedded_alternative(tmp_path):
+    proc = _run(
+        "--dataset=mnist", f"--data_dir={tmp_path / 'tfds'}", f"--workdir={tmp_path / 'w'}",
+        check=False,
+    )
+    assert proc.returncode == 2 and "mnist5k" in proc.stderr, proc.stderr[-500:]

@@ -1,0 +1,102 @@
+"""experiments/fedgan_debug.py and dpfed.generative.fedgan_debug: outputs, flags, resume."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dpfed.generative import fedgan_debug
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = {
+    "num_clients": 24,
+    "classifier_epochs": 1,
+    "rounds": 2,
+    "clients_per_round": 2,
+    "sampling": "fixed",
+    "noise_multiplier": 0.5,
+    "d_conv_features": (4, 8),
+    "d_dense_features": 16,
+    "g_dense_features": 16,
+    "g_base_features": 8,
+    "g_convt_features": (8, 4),
+    "noise_dim": 8,
+    "batch_size": 4,
+    "client_d_steps": 1,
+    "server_g_steps": 1,
+    "num_samples": 16,
+    "eval_every": 1,
+    "checkpoint_every": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fedgan_debug")
+    config = fedgan_debug.DebugConfig(**TINY)
+    return workdir, config, fedgan_debug.run(config, str(workdir), log=lambda _: None)
+
+
+def test_summary_has_the_acceptance_keys_and_user_level_eps(tiny_run):
+    _, _, summary = tiny_run
+    for key in ("inverted_fraction_low", "inverted_fraction_high"):
+        assert 0.0 <= summary[key] <= 1.0, f"{key} must be a fraction, got {summary[key]}"
+    for group in ("gan_low", "gan_high"):
+        assert summary[group]["epsilon_rdp"] > 0, f"{group} trained with noise must report eps"
+        others = summary[group]["epsilon_rdp_same_noise_if_users"]
+        assert others["1000000"] < others["3400"], "more users, same noise: smaller eps"
+    assert summary["unit"] == "user", "the guarantee protects users"
+    assert summary["epsilon_rdp"] == max(
+        summary["gan_low"]["epsilon_rdp"], summary["gan_high"]["epsilon_rdp"]
+    ), "disjoint groups: the release costs the larger eps"
+
+
+def test_grids_report_and_per_gan_ledgers_are_written(tiny_run):
+    workdir, _, _ = tiny_run
+    for name in ("samples_low.png", "samples_high.png", "report.md", "summary.json"):
+        assert (workdir / name).exists(), f"{name} missing from the workdir"
+    report = (workdir / "report.md").read_text()
+    assert "samples_low.png" in report and "samples_high.png" in report, "grids side by side"
+    for group in ("gan_low", "gan_high"):
+        ledger = json.loads((workdir / group / "ledger.json").read_text())
+        assert ledger["unit"] == "user", f"{group} ledger unit {ledger['unit']}"
+
+
+def test_groups_are_disjoint_and_follow_the_bug(tiny_run):
+    _, config, summary = tiny_run
+    low, high = summary["gan_low"], summary["gan_high"]
+    assert low["num_clients"] + high["num_clients"] <= config.num_clients, "groups overlap"
+    assert low["buggy_client_fraction"] > high["buggy_client_fraction"], (
+        "the low-accuracy group must hold more inverted clients than the high one"
+    )
+
+
+def test_rerun_resumes_to_the_same_result(tiny_run):
+    workdir, config, summary = tiny_run
+    again = fedgan_debug.run(config, str(workdir), log=lambda _: None)
+    assert again["gan_low"]["epsilon_rdp"] == summary["gan_low"]["epsilon_rdp"], (
+        "a rerun on a finished workdir must not spend more privacy"
+    )
+    assert again["inverted_fraction_low"] == summary["inverted_fraction_low"], "G changed"
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("bug_fraction", "1.5"), ("noise_multiplier", "-1"), ("d_conv_features", "4,x")],
+)
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value):
+    cmd = [
+        sys.executable, "-m", "experiments.fedgan_debug", f"--{flag}={value}",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cohort_larger_than_a_group_is_a_config_error(tmp_path):
+    config = fedgan_debug.DebugConfig(**{**TINY, "clients_per_round": 20})
+    with pytest.raises(fedgan_debug.ConfigError, match="clients of the low-accuracy group"):
+        fedgan_debug.run(config, str(tmp_path), log=lambda _: None)

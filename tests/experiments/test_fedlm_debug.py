@@ -1,0 +1,78 @@
+"""experiments/fedlm_debug.py and dpfed.generative.fedlm_debug: outputs and flags."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dpfed.generative import fedlm_debug
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = {
+    "min_lines": 200,
+    "seq_len": 16,
+    "max_seqs": 4,
+    "embed_dim": 4,
+    "hidden": 8,
+    "local_steps": 1,
+    "local_batch_size": 2,
+    "rounds": 2,
+    "clients_per_round": 2,
+    "sampling": "fixed",
+    "noise_multiplier": 0.5,
+    "num_sample_lines": 4,
+    "sample_length": 20,
+    "top_k": 3,
+    "eval_every": 1,
+    "checkpoint_every": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fedlm_debug")
+    config = fedlm_debug.TextDebugConfig(**TINY)
+    return workdir, fedlm_debug.run(config, str(workdir), log=lambda _: None)
+
+
+def test_summary_holds_both_models_oov_rates_and_user_level_eps(tiny_run):
+    _, summary = tiny_run
+    for key in ("oov_rate_buggy_model", "oov_rate_healthy_model"):
+        assert 0.0 <= summary[key] <= 1.0, f"{key} must be a rate, got {summary[key]}"
+    for group in ("lm_high_oov", "lm_low_oov"):
+        assert summary[group]["epsilon_rdp"] > 0, f"{group} trained with noise must report eps"
+    assert summary["unit"] == "user", "the guarantee protects users"
+
+
+def test_high_oov_group_holds_the_buggy_clients(tiny_run):
+    _, summary = tiny_run
+    assert (
+        summary["lm_high_oov"]["buggy_client_fraction"]
+        > summary["lm_low_oov"]["buggy_client_fraction"]
+    ), "selection by on-device OOV rate must put buggy clients in the high-OOV group"
+    assert summary["lm_high_oov"]["real_glued_rate"] > summary["lm_low_oov"]["real_glued_rate"], (
+        "the high-OOV group's real text must hold more glued tokens (ground truth)"
+    )
+
+
+def test_report_samples_and_ledgers_are_written(tiny_run):
+    workdir, _ = tiny_run
+    report = (workdir / "report.md").read_text()
+    assert "Top 3 tokens" in report and "Sample lines" in report, "report sections missing"
+    samples = json.loads((workdir / "samples.json").read_text())
+    assert len(samples["high_oov"]) == 4, "num_sample_lines lines per LM"
+    for group in ("lm_high_oov", "lm_low_oov"):
+        ledger = json.loads((workdir / group / "ledger.json").read_text())
+        assert ledger["unit"] == "user", f"{group} ledger unit {ledger['unit']}"
+
+
+def test_bad_flag_exits_2_naming_it(tmp_path):
+    cmd = [
+        sys.executable, "-m", "experiments.fedlm_debug", "--bug_fraction=-0.1",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "bug_fraction" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

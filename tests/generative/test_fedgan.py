@@ -1,0 +1,101 @@
+"""Tests of DP-FedAvg-GAN on the engine (dpfed.generative.fedgan), Augenstein et al. 2020."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpfed.federated import OneClient, client_mesh
+from dpfed.generative import contract, fedgan, wgan_gp
+from dpfed.models import gan
+from dpfed.train.workdir import Workdir
+
+_GAN = wgan_gp.WganGpConfig(
+    discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=16),
+    generator=gan.Generator(dense_features=16, base_features=8, convt_features=(8, 4)),
+    noise_dim=8,
+    batch_size=4,
+    client_d_steps=2,
+    server_g_steps=2,
+)
+_CONFIG = fedgan.FedGanConfig(
+    gan=_GAN,
+    rounds=2,
+    clients_per_round=2,
+    sampling="fixed",
+    l2_clip=0.1,
+    noise_multiplier=0.5,
+    eval_every=1,
+    checkpoint_every=1,
+    eval_samples=16,
+)
+
+
+_ONE_DEVICE = client_mesh(jax.devices()[:1])  # small tests: no 8-way replication
+
+
+def _images(seed, num_clients=4, max_n=5):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(size=(num_clients, max_n, 28, 28, 1)).astype(np.float32)
+
+
+@functools.cache
+def _engine(seed=0):
+    return fedgan.DpFedAvgGan(_CONFIG, _images(seed), np.array([5, 3, 4, 5]), _ONE_DEVICE)
+
+
+def _same(a, b):
+    return all(
+        bool(jnp.all(x == y))
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
+
+
+def test_client_hook_returns_only_d():
+    state = _engine().init()
+    hook = fedgan.discriminator_client_update(_GAN)
+    client = OneClient(jnp.asarray(wgan_gp.to_gan_range(_images(1)[0])), jnp.int32(5))
+    out = jax.jit(hook)(state.params, (), client, state.context, jax.random.key(0))
+    assert jax.tree_util.tree_structure(out.params) == jax.tree_util.tree_structure(state.params), (
+        "a client must send back D's params and nothing else"
+    )
+    assert out.metrics == {} and out.state == (), "no metrics or state may leave a client"
+
+
+def test_clients_cannot_change_g_and_g_sees_only_noise_and_d():
+    ge = _engine()
+    state = ge.init()
+    key = jax.random.key(3)
+    after_round, _ = ge.round(state, key)
+    after_clients, _ = ge.engine.round(state, jax.random.fold_in(key, 0))
+    assert _same(after_clients.context, state.context), "the clients' half changed G"
+    assert not _same(after_clients.params, state.params), "the clients' half did not move D"
+    # G's update from the released D and the round's noise, computed by an engine over
+    # *different* client data, equals the round's G: G never depends on client data.
+    other = fedgan.DpFedAvgGan(_CONFIG, _images(9), np.array([1, 2, 3, 4]), _ONE_DEVICE)
+    g_vars, _ = other.generator_step(
+        after_clients.context, after_clients.params, jax.random.fold_in(key, 1)
+    )
+    assert _same(g_vars, after_round.context), "G's update depends on more than noise and D"
+    assert _same(after_round.params, after_clients.params), "G's step changed D"
+
+
+def test_train_gan_writes_a_resumable_user_level_workdir(tmp_path):
+    images, counts = _images(2), np.array([5, 3, 4, 5])
+    first = fedgan.train_gan(
+        _CONFIG, images, counts, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE
+    )
+    assert first["rounds"] == 2 and first["unit"] == "user", f"summary {first}"
+    assert first["epsilon_rdp"] > 0, "a noised run must report its eps"
+    assert set(first["epsilon_rdp_same_noise_if_users"]) == {"3400", "1000000"}
+    ledger = Workdir(tmp_path).read_json("ledger.json")
+    assert ledger["unit"] == "user", f"ledger unit {ledger['unit']}"
+    again = fedgan.train_gan(
+        _CONFIG, images, counts, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE
+    )
+    assert again["generator_sha256"] == first["generator_sha256"], "resuming changed G"
+    generator, g_vars = contract.load_generator(Workdir(tmp_path), "fedgan")
+    samples, labels = generator.sample(g_vars, jax.random.key(0), 5)
+    assert samples.shape == (5, 28, 28, 1) and labels is None, "contract: unconditional images"
+    assert float(samples.min()) >= 0 and float(samples.max()) <= 1, "contract: [0, 1]"
