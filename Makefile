@@ -22,8 +22,11 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 demo: setup
-	$(PYBIN) -m experiments.dpsgd_classifier --dataset=mnist5k --model=cnn --steps=300 \
-	  --batch_size=256 --target_epsilon=3.0 --workdir=$(WORKDIRS)/demo_dpsgd
+	$(PYBIN) -m experiments.fedgan_debug --workdir=$(WORKDIRS)/demo_fedgan_debug \
+	  --num_clients=200 --rounds=150 --clients_per_round=5 --noise_multiplier=0.5 \
+	  --d_conv_features=16,32 --d_dense_features=128 --g_dense_features=64 \
+	  --g_base_features=32 --g_convt_features=16,8 --client_d_learning_rate=2e-3 \
+	  --server_g_learning_rate=2e-2
 
 test: setup
 	$(PYBIN) -m pytest -q tests

@@ -81,3 +81,11 @@ def test_rows_with_a_current_eval_json_are_skipped(tmp_path):
     assert "| ours | done row | digits | ∞ (non-private) |" in (
         tmp_path / "tables" / "t.md"
     ).read_text(), "the skipped row's results are missing"
+
+
+@pytest.mark.slow
+def test_datalens_smoke_table(tmp_path):
+    ours = _check_rows(_smoke_table(tmp_path, "datalens"), 3)
+    for row, target in ((ours[1], 1.0), (ours[2], 10.0)):
+        eps = float(row.split("|")[4].split()[0])
+        assert 0 < eps <= target, f"a DataLens row must stay within its target eps: {row}"

@@ -1,5 +1,7 @@
 """Tests of DpEvent builders, eps computation and noise calibration against dp_accounting."""
 
+import logging
+
 import dp_accounting
 import pytest
 from dp_accounting import dp_event, pld, rdp
@@ -78,3 +80,18 @@ def test_sampled_event_rejects_bad_sizes():
         accounting.sampled_gaussian_event(
             dp_event.GaussianDpEvent(1.0), sampling="poisson", population=10, expected_size=20
         )
+
+
+def test_excluded_order_warnings_are_filtered_but_eps_is_unchanged(caplog):
+    """dp_accounting's 'failed to converge ... Excluding this order' lines are dropped."""
+    event = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(0.074627, dp_event.GaussianDpEvent(0.5)), 50
+    )
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        eps = accounting.epsilon(event, 1e-5)
+    assert not [r for r in caplog.records if "failed to converge" in str(r.msg)], (
+        "the excluded-order warning should be filtered out"
+    )
+    accountant = rdp.RdpAccountant()
+    accountant.compose(event)
+    assert eps == pytest.approx(accountant.get_epsilon(1e-5)), "filtering must not change eps"
