@@ -3,15 +3,17 @@ r"""Finds a tokenization bug in private federated text with DP federated char LM
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized
 Datasets" (ICLR 2020), text demonstration on Shakespeare (clients = (play, role)); on
 half of the clients the pipeline drops the space after punctuation. Example (2 CPU
-cores, minutes):
+cores, ~14 minutes):
 
   .venv/bin/python -m experiments.fedlm_debug --workdir=workdirs/fedlm_debug \
-    --hidden=128 --rounds=100 --clients_per_round=10 --noise_multiplier=0.5
+    --hidden=128 --rounds=150 --clients_per_round=40 --local_steps=5 --noise_multiplier=0.7
 
-Expected: the LM of the high-OOV clients writes glued tokens ("lord,what") and its
-samples have a clearly higher OOV rate than the LM of the low-OOV clients; report.md
-has the top-k token tables, OOV rates, sample lines and each LM's user-level eps.
-Rerunning the same command on the same workdir resumes both LMs.
+Expected: the LM of the high-OOV clients writes glued tokens ("lord,what"): its samples'
+glued-token rate and its top join "x,x" are far above the low-OOV clients' LM
+(WORKSPACE.md, "P0 ... language models", has the measured figures and each LM's
+user-level eps). report.md has the top-k token tables, OOV and glued rates, the top
+joins, sample lines and eps. Rerunning the same command on the same workdir resumes
+both LMs.
 """
 
 from absl import flags

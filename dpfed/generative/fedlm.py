@@ -77,6 +77,15 @@ def is_glued(token: str) -> bool:
     return _GLUED.search(token) is not None
 
 
+def glue_patterns(token: str) -> list[str]:
+    """The joins of a glued token with its letters replaced by "x": "lord,what" -> ["x,x"].
+
+    Glued tokens are too diverse for any one of them to rank high; their joins are not,
+    so the top joins are how a top-k table shows the bug.
+    """
+    return [f"x{match.group(0)[1:-1]}x" for match in _GLUED.finditer(token)]
+
+
 def char_vocabulary(texts: Iterable[str], max_chars: int = 200) -> text_lib.Vocabulary:
     """The char vocabulary of (public) `texts`: specials + the `max_chars` most frequent."""
     return text_lib.Vocabulary.from_texts(texts, max_chars, tokenizer=text_lib.tokenize_chars)
@@ -237,6 +246,8 @@ class TokenStats:
       top_oov: the k most frequent out-of-vocabulary tokens with their frequencies
         (relative to all tokens).
       glued_rate: fraction of tokens with punctuation between letters ("lord,what").
+      top_glue: the k most frequent joins of glued tokens (`glue_patterns`: "x,x", "x;x",
+        ...) with their counts relative to all tokens.
     """
 
     num_tokens: int
@@ -244,6 +255,7 @@ class TokenStats:
     oov_rate: float
     top_oov: list[tuple[str, float]]
     glued_rate: float
+    top_glue: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
 def token_stats(texts: Iterable[str], word_vocab: text_lib.Vocabulary, k: int = 20) -> TokenStats:
@@ -255,6 +267,10 @@ def token_stats(texts: Iterable[str], word_vocab: text_lib.Vocabulary, k: int = 
     known = set(word_vocab.tokens[len(text_lib.SPECIAL_TOKENS) :])
     oov = collections.Counter({t: c for t, c in counts.items() if t not in known})
     glued = sum(c for t, c in counts.items() if is_glued(t))
+    joins = collections.Counter()
+    for token, count in counts.items():
+        for pattern in glue_patterns(token):
+            joins[pattern] += count
 
     def ranked(counter):
         items = sorted(counter.items(), key=lambda item: (-item[1], item[0]))[:k]
@@ -266,6 +282,7 @@ def token_stats(texts: Iterable[str], word_vocab: text_lib.Vocabulary, k: int = 
         oov_rate=sum(oov.values()) / total,
         top_oov=ranked(oov),
         glued_rate=glued / total,
+        top_glue=ranked(joins),
     )
 
 

@@ -190,6 +190,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "glued_rate": stats.glued_rate,
             "top_k": stats.top_k,
             "top_oov": stats.top_oov,
+            "top_glue": stats.top_glue,
             "num_sample_tokens": stats.num_tokens,
             "real_oov_rate": real.oov_rate,
             "real_glued_rate": real.glued_rate,
@@ -309,6 +310,14 @@ can spell tokens no vocabulary anticipated.
 ## Top {config.top_k} out-of-vocabulary tokens of the samples
 
 {_token_table(high["top_oov"], low["top_oov"])}
+
+## Top joins of glued tokens in the samples
+
+Glued tokens ("lord,what") are too diverse for one of them to rank high; their joins
+(letters shown as x) are counted here, relative to all sampled tokens. An empty cell: the
+LM wrote no such token.
+
+{_token_table(high["top_glue"], low["top_glue"])}
 
 ## Sample lines
 

@@ -60,7 +60,8 @@ def test_high_oov_group_holds_the_buggy_clients(tiny_run):
 def test_report_samples_and_ledgers_are_written(tiny_run):
     workdir, _ = tiny_run
     report = (workdir / "report.md").read_text()
-    assert "Top 3 tokens" in report and "Sample lines" in report, "report sections missing"
+    for section in ("Top 3 tokens", "Top joins of glued tokens", "Sample lines"):
+        assert section in report, f"report section {section!r} missing"
     samples = json.loads((workdir / "samples.json").read_text())
     assert len(samples["high_oov"]) == 4, "num_sample_lines lines per LM"
     for group in ("lm_high_oov", "lm_low_oov"):

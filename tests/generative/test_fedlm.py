@@ -133,6 +133,15 @@ def test_token_stats_on_known_text():
     assert stats.oov_rate == pytest.approx(1 / 6), f"OOV rate {stats.oov_rate}"
     assert stats.top_oov == [("lord,what", 1 / 6)], f"top OOV {stats.top_oov}"
     assert stats.glued_rate == pytest.approx(1 / 6), f"glued rate {stats.glued_rate}"
+    assert stats.top_glue == [("x,x", 1 / 6)], f"top joins {stats.top_glue}"
+
+
+def test_glue_patterns_on_known_tokens():
+    assert fedlm.glue_patterns("lord,what") == ["x,x"], "one comma join"
+    assert fedlm.glue_patterns("so;'tis,well") == ["x;'x", "x,x"], "two joins, quote kept"
+    assert fedlm.glue_patterns("lord") == [] and fedlm.glue_patterns("'tis") == [], (
+        "no punctuation between letters: no join"
+    )
 
 
 def test_client_oov_rates_flag_the_buggy_client():
