@@ -27,6 +27,10 @@ _TARGET = flags.DEFINE_float("target_epsilon", None, "Calibrate noise to this ep
 _DELTA = flags.DEFINE_float("delta", 1e-5, "delta of the (eps, delta) guarantee.")
 _SAMPLING = flags.DEFINE_enum("sampling", "poisson", ["poisson", "fixed"], "Batch sampling.")
 _MICRO = flags.DEFINE_integer("microbatch", None, "Per-example grads at a time.")
+_CLIPPING = flags.DEFINE_enum(
+    "clipping", "vmap", list(dpsgd.CLIPPINGS),
+    "vmap: per-example gradients; fast: norms from one batched pass (Dense/Conv models).",
+)
 _PHYS = flags.DEFINE_integer("physical_batch", None, "Examples per jitted pass.")
 _NODP = flags.DEFINE_bool("nodp", False, "Non-private baseline: no clipping, no noise.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -54,6 +58,7 @@ def main(argv: list[str]) -> None:
             delta=_DELTA.value,
             sampling=_SAMPLING.value,
             microbatch=_MICRO.value,
+            clipping=_CLIPPING.value,
             physical_batch=_PHYS.value,
             nodp=_NODP.value,
             seed=_SEED.value,

@@ -29,6 +29,7 @@ import optax
 
 from dpfed import data as data_lib
 from dpfed import models, privacy
+from dpfed.privacy import fast_clipping
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.progress import Progress
@@ -36,6 +37,9 @@ from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "momentum", "adam")
+# How per-example gradients are clipped: "vmap" materialises them (`clipped_grad_sum`),
+# "fast" takes norms from one batched pass (`fast_clipping`, Dense/Conv models only).
+CLIPPINGS = ("vmap", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class DpSgdConfig:
     delta: float = 1e-5
     sampling: str = "poisson"
     microbatch: int | None = None  # per-example gradients materialised this many at a time
+    clipping: str = "vmap"  # CLIPPINGS; "fast" ignores microbatch
     physical_batch: int | None = None  # chunk size of one jitted pass; default ~ B + 3 sqrt(B)
     nodp: bool = False
     seed: int = 0
@@ -83,6 +88,7 @@ class DpSgdConfig:
             "give --noise_multiplier or --target_epsilon (or --nodp)",
         )
         require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
+        require(self.clipping in CLIPPINGS, "clipping", f"must be one of {CLIPPINGS}")
         require(
             self.physical_batch is None or self.physical_batch > 0, "physical_batch", "must be > 0"
         )
@@ -113,6 +119,17 @@ def example_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.A
     return loss
 
 
+def batch_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Array]:
+    """`[B]` per-example cross-entropies from ONE batched call (what fast clipping needs)."""
+
+    def loss(params, batch):
+        images, labels = batch
+        logits = model.apply(params, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    return loss
+
+
 def make_train_step(
     model,
     optimizer: optax.GradientTransformation,
@@ -125,6 +142,7 @@ def make_train_step(
     `mechanism` None means non-private (plain mean gradient of the sampled batch).
     """
     loss = example_loss(model)
+    batched = batch_loss(model)
     poisson = config.sampling == privacy.Sampling.POISSON
     chunk = config.physical_batch or (
         default_physical_batch(config.batch_size) if poisson else config.batch_size
@@ -146,9 +164,14 @@ def make_train_step(
                 return jax.grad(
                     lambda p: jnp.sum(jax.vmap(loss, in_axes=(None, 0))(p, batch) * mask)
                 )(params)
-            clipped = privacy.clipped_grad_sum(
-                loss, params, batch, mask, mechanism.l2_clip, config.microbatch
-            )
+            if config.clipping == "fast":
+                clipped = fast_clipping.clipped_grad_sum_fast(
+                    batched, params, batch, mask, mechanism.l2_clip
+                )
+            else:
+                clipped = privacy.clipped_grad_sum(
+                    loss, params, batch, mask, mechanism.l2_clip, config.microbatch
+                )
             return clipped.grad_sum
 
         grad_sum = privacy.chunked_sum(chunk_sum, indices, count, chunk)

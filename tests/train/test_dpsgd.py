@@ -43,6 +43,23 @@ def test_fixed_size_step_is_clipped_sum_over_batch_size():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="step != clipped sum / B")
 
 
+def test_fast_clipping_step_equals_the_vmap_step():
+    model, params, images, labels = _tiny()
+    opt = dpsgd.make_optimizer("sgd", 0.1)
+    mech = privacy.GaussianSumMechanism(l2_clip=0.5, noise_multiplier=1.0)
+    results = []
+    for clipping in dpsgd.CLIPPINGS:
+        config = dpsgd.DpSgdConfig(
+            batch_size=4, optimizer="sgd", learning_rate=0.1, clipping=clipping
+        )
+        step = dpsgd.make_train_step(model, opt, config, 8, mech)
+        results.append(step(_state(params, opt), images, labels, jax.random.key(5)))
+    for a, b in zip(*(jax.tree_util.tree_leaves(r["params"]) for r in results), strict=True):
+        np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=1e-6, err_msg="fast and vmap clipping must give one step"
+        )
+
+
 def test_poisson_step_divides_by_expected_not_realised_batch_size():
     model, params, images, labels = _tiny(n=40)
     config = dpsgd.DpSgdConfig(batch_size=10, optimizer="sgd", learning_rate=0.1)
