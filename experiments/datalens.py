@@ -137,15 +137,7 @@ def main(argv: list[str]) -> None:
     if _EVALUATE.value:
         from dpfed.eval import evaluation
 
-        record = evaluation.evaluate(
-            _WORKDIR.value,
-            evaluation.Source("generator", _WORKDIR.value),
-            evaluation.EvalConfig(num_samples=config.num_synthetic, seed=config.seed),
-        )
-        accuracies = ", ".join(
-            f"{name} {100 * r['test_accuracy']:.1f}%" for name, r in record["downstream"].items()
-        )
-        line += f" | fid_domain {record['fid_domain']:.3f} | accuracy {accuracies}"
+        line += evaluation.evaluate_generator(_WORKDIR.value, config.num_synthetic, config.seed)
     print(f"{line} | report: {_WORKDIR.value}/report.md")
 
 

@@ -286,6 +286,22 @@ def evaluate(workdir: str | os.PathLike, source: Source, config: EvalConfig) -> 
     return record
 
 
+def evaluate_generator(workdir: str | os.PathLike, num_samples: int, seed: int) -> str:
+    """Evaluates the generator a training binary just wrote; returns its one-line result.
+
+    The line reads " | fid_domain F | accuracy cnn A%, ..." (to append to the binary's).
+    """
+    record = evaluate(
+        workdir,
+        Source("generator", str(workdir)),
+        EvalConfig(num_samples=num_samples, seed=seed),
+    )
+    accuracies = ", ".join(
+        f"{name} {100 * r['test_accuracy']:.1f}%" for name, r in record["downstream"].items()
+    )
+    return f" | fid_domain {record['fid_domain']:.3f} | accuracy {accuracies}"
+
+
 def _no_privacy(record: dict) -> str:
     """How a record without a privacy guarantee is described."""
     if record["source"]["kind"] == "real_data":

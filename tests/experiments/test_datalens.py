@@ -50,6 +50,12 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
 
 
+def test_evaluate_flag_appends_the_evaluation_suite_result(tmp_path):
+    proc = _run(*TINY, "--steps=1", "--target_epsilon=50", "--evaluate", f"--workdir={tmp_path}")
+    assert "fid_domain" in proc.stdout and "cnn" in proc.stdout, proc.stdout
+    assert (tmp_path / "eval.json").exists(), "the evaluation suite writes eval.json"
+
+
 @pytest.mark.parametrize(
     "flag,name",
     [

@@ -89,3 +89,11 @@ def test_datalens_smoke_table(tmp_path):
     for row, target in ((ours[1], 1.0), (ours[2], 10.0)):
         eps = float(row.split("|")[4].split()[0])
         assert 0 < eps <= target, f"a DataLens row must stay within its target eps: {row}"
+
+
+@pytest.mark.slow
+def test_dpd_fvae_smoke_table(tmp_path):
+    ours = _check_rows(_smoke_table(tmp_path, "dpd_fvae"), 11)
+    for row in ours[3:]:  # the DP rows
+        eps = float(row.split("|")[4].split()[0])
+        assert 0 < eps <= 10.0, f"a DP row must stay within its target eps: {row}"

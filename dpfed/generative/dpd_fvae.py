@@ -1,0 +1,732 @@
+"""DPD-fVAE: a federated conditional VAE whose decoder alone is shared and made private.
+
+Pfitzner & Arnrich (2022), "DPD-fVAE: Synthetic Data Generation Using Federated
+Variational Autoencoders With Differentially-Private Decoder" (arXiv 2211.11591).
+
+Every client trains a conditional VAE (`dpfed.models.vae`) on its own labelled images.
+With `sync="d"` (the paper's method) **each client's encoder and its optimiser state stay
+on the client across rounds** (the engine's per-client state, kept on device and sharded
+with the cohort); only the decoder is broadcast, trained locally and averaged. The
+released artefact is the decoder: sample z ~ N(0, I) and a label, decode (the generator
+contract). With `sync="ed"` (the plain fVAE baseline) encoder and decoder are both
+shared and no encoder persists on a client.
+
+Privacy protects what leaves a client: the shared params (the decoder for sync "d", the
+whole VAE for "ed"). Modes (`dp`):
+- "none": plain FedAvg, no guarantee.
+- "central": client-level DP-FedAvg on the shared params' deltas (the engine: Poisson
+  client sampling with rate `client_fraction`, per-client clip C, Gaussian noise z C on
+  the sum, divided by the expected cohort); unit one user, accounted per round (RDP/PLD).
+- "local": per-example DP-SGD in every local step (each step a Poisson sample of the
+  client's examples with rate q_c = min(B, n_c) / n_c; each example's gradient clipped to
+  C; N(0, (zC)^2) added to the sum; divided by the expected batch size min(B, n_c)); the
+  server averages without further noise. Each client composes its own steps over its own
+  participations (unit one example of that client; add/remove-one, because of the
+  Poisson batches; the client's size n_c is treated as public, as dataset sizes are in
+  DP-SGD). The number of participations affordable at the target eps is computed ahead
+  per client; a client whose count is spent trains nothing and sends back the decoder
+  unchanged (a zero delta). The ledger states the worst client's guarantee.
+  The clipped, noised gradient is that of the encoder *and* the decoder, also for sync
+  "d" where the encoder never leaves the client: the encoder is hidden state that feeds
+  every later decoder gradient, so an encoder trained on raw gradients would let one
+  example move every other example's decoder gradient, and the per-example sensitivity C
+  of the released decoder (hence the DP-SGD guarantee) would not hold. Clipping the joint
+  per-example gradient costs no extra privacy: it is one Gaussian mechanism per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from dp_accounting import dp_event
+
+from dpfed import data as data_lib
+from dpfed import privacy
+from dpfed.eval import figures
+from dpfed.federated import (
+    ClientData,
+    ClientOutput,
+    CohortSampler,
+    DpFedAvg,
+    DpFedAvgConfig,
+    OneClient,
+    ServerState,
+    from_federated,
+    init_local_states,
+    local_batch_indices,
+    masked_mean,
+    run_rounds,
+)
+from dpfed.generative import contract
+from dpfed.models import vae
+from dpfed.train.config import ConfigError, require
+from dpfed.train.dpsgd import make_optimizer
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
+
+PyTree = Any
+METHOD = "dpd_fvae"
+DECODER_FILE = "decoder.msgpack"
+SAMPLES_PNG = "samples.png"
+SYNCS = ("d", "ed")
+DP_MODES = ("none", "central", "local")
+OPTIMIZERS = ("adam", "sgd", "momentum")
+SERVER_LEARNING_RATE = 1.0  # FedAvg: the averaged delta is applied as is
+_INIT_STREAM, _SAMPLE_STREAM = 2**31 - 1, 2**31 - 2  # keys outside the round keys
+
+
+@dataclasses.dataclass(frozen=True)
+class DpdFvaeConfig:
+    """One DPD-fVAE run (the binary's flags; defaults: the paper's MNIST central setting,
+    on mnist5k with 100 clients instead of 500 so each holds 40 images).
+
+    Attributes:
+      dataset, data_dir: the labelled image dataset (`dpfed.data.load`).
+      num_clients: IID clients the train split is divided into (paper: 500 on MNIST).
+      client_fraction: Poisson rate q of client sampling (expected cohort q N).
+      rounds: federated rounds.
+      local_epochs: passes over its data a client makes per round (steps:
+        local_epochs * ceil(n_c / batch_size)).
+      batch_size: examples per local step (the expected size in local DP mode).
+      optimizer, learning_rate: the client optimiser (paper: Adam 1e-3).
+      latent_dim, encoder_features, decoder_features: the VAE (paper: 8, (32, 64), (64, 32)).
+      beta: weight of the KL term (paper: 0.01).
+      sync: "d" (decoder shared, encoders stay on clients) or "ed" (both shared).
+      dp: "none", "central" (client-level DP-FedAvg) or "local" (per-example DP-SGD).
+      l2_clip: C: per-client delta clip (central) or per-example gradient clip (local;
+        the joint gradient of encoder and decoder).
+      noise_multiplier: z (paper: 1.0); None: calibrated to `target_epsilon`.
+      target_epsilon: central: the run stops before exceeding it; local: each client's
+        budget of participations; calibrates z when `noise_multiplier` is None.
+      delta: delta of the guarantee.
+      microbatch_size: local mode: per-example gradients materialised this many at a time.
+      seed, eval_every, checkpoint_every: as in every trainer.
+    """
+
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    num_clients: int = 100
+    client_fraction: float = 0.2
+    rounds: int = 50
+    local_epochs: int = 10
+    batch_size: int = 20
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    latent_dim: int = 8
+    encoder_features: tuple[int, ...] = (32, 64)
+    decoder_features: tuple[int, ...] = (64, 32)
+    beta: float = 0.01
+    sync: str = "d"
+    dp: str = "central"
+    l2_clip: float = 1.0
+    noise_multiplier: float | None = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    microbatch_size: int | None = None
+    seed: int = 0
+    eval_every: int = 10
+    checkpoint_every: int = 10
+
+    def __post_init__(self):
+        for name in ("num_clients", "rounds", "local_epochs", "batch_size", "latent_dim",
+                     "eval_every", "checkpoint_every"):
+            require(getattr(self, name) > 0, name, "must be > 0")
+        require(0 < self.client_fraction <= 1, "client_fraction", "must be in (0, 1]")
+        require(self.client_fraction * self.num_clients >= 1, "client_fraction",
+                f"expects {self.client_fraction * self.num_clients:g} clients per round (< 1)")
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
+        require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(bool(self.encoder_features) and min(self.encoder_features) > 0,
+                "encoder_features", "must be positive widths")
+        require(bool(self.decoder_features) and min(self.decoder_features) > 0,
+                "decoder_features", "must be positive widths")
+        require(self.beta >= 0, "beta", "must be >= 0")
+        require(self.sync in SYNCS, "sync", f"must be one of {SYNCS}")
+        require(self.dp in DP_MODES, "dp", f"must be one of {DP_MODES}")
+        require(self.l2_clip > 0, "l2_clip", "must be > 0")
+        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
+        require(self.noise_multiplier is None or self.noise_multiplier >= 0,
+                "noise_multiplier", "must be >= 0")
+        require(self.target_epsilon is None or self.target_epsilon > 0,
+                "target_epsilon", "must be > 0")
+        require(self.dp == "none" or self.noise_multiplier is not None
+                or self.target_epsilon is not None,
+                "noise_multiplier", f"--dp={self.dp} needs --noise_multiplier or --target_epsilon")
+        require(self.microbatch_size is None or self.microbatch_size > 0,
+                "microbatch_size", "must be > 0")
+
+    @property
+    def clients_per_round(self) -> float:
+        return self.client_fraction * self.num_clients
+
+
+# The model and which of its parts leave a client.
+
+
+def build_model(
+    config: DpdFvaeConfig, num_classes: int, image_shape: tuple[int, int, int]
+) -> tuple[vae.Encoder, vae.Decoder]:
+    """The conditional VAE for this dataset (a shape the decoder cannot make: ConfigError)."""
+    try:
+        decoder = vae.Decoder(num_classes, tuple(image_shape), config.decoder_features)
+    except ValueError as error:
+        raise ConfigError("decoder_features", str(error)) from error
+    return vae.Encoder(num_classes, config.latent_dim, config.encoder_features), decoder
+
+
+def split_params(encoder_params: PyTree, decoder_params: PyTree, sync: str) -> tuple:
+    """`(shared, local)`: what the server broadcasts and averages, and what stays on a client."""
+    if sync == "d":
+        return decoder_params, encoder_params
+    return {"encoder": encoder_params, "decoder": decoder_params}, ()
+
+
+def join_params(shared: PyTree, local: PyTree, sync: str) -> tuple[PyTree, PyTree]:
+    """Inverse of `split_params`: `(encoder_params, decoder_params)`."""
+    if sync == "d":
+        return local, shared
+    return shared["encoder"], shared["decoder"]
+
+
+def decoder_of(shared: PyTree, sync: str) -> PyTree:
+    """The decoder's params inside the server's shared params (the released artefact)."""
+    return shared if sync == "d" else shared["decoder"]
+
+
+class ClientState(NamedTuple):
+    """What a client keeps across rounds (leading [num_clients] axis in the engine).
+
+    Attributes:
+      encoder: its encoder's params (sync "d"; `()` for "ed").
+      encoder_opt_state: its encoder optimiser's state (sync "d"; `()` for "ed").
+      participations: rounds it has trained in (int32).
+      budget: rounds it may train in (int32; local DP: what its target eps affords).
+    """
+
+    encoder: PyTree
+    encoder_opt_state: PyTree
+    participations: jax.Array
+    budget: jax.Array
+
+
+def steps_per_round(config: DpdFvaeConfig, count: int | jax.Array) -> int | jax.Array:
+    """Local steps of a client holding `count` examples: local_epochs * ceil(count / B)."""
+    return config.local_epochs * ((count + config.batch_size - 1) // config.batch_size)
+
+
+# The client update.
+
+
+def make_client_update(
+    config: DpdFvaeConfig,
+    encoder: vae.Encoder,
+    decoder: vae.Decoder,
+    max_n: int,
+    noise_multiplier: float,
+) -> Callable[[PyTree, PyTree, OneClient, PyTree, jax.Array], ClientOutput]:
+    """The engine's client hook: local VAE training (per-example DP-SGD if "local").
+
+    Runs `steps_per_round(max_n)` scanned steps; steps past the client's own count, and
+    every step of a client out of budget, leave params and optimiser states unchanged.
+    The shared params' optimiser state restarts every round (FedAvg); the encoder's
+    (sync "d") persists in the client state.
+    """
+    optimizer = make_optimizer(config.optimizer, config.learning_rate)
+    batch = config.batch_size
+    num_steps = steps_per_round(config, max_n)
+    local_dp = config.dp == "local"
+    mechanism = privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier) if local_dp else None
+
+    def losses(shared, local, images, labels, noise):
+        enc, dec = join_params(shared, local, config.sync)
+        return vae.example_losses(encoder, decoder, enc, dec, images, labels, noise, config.beta)
+
+    def private_grad(params, images, labels, noise, mask, expected_batch, key):
+        """Sum of per-example clipped gradients of (shared, local), noised, / E[batch]
+        (the client's size n_c, hence min(B, n_c), is treated as public)."""
+
+        def example_loss(p, example):
+            image, label, z_noise = example
+            return losses(*p, image[None], label[None], z_noise[None])[0][0]
+
+        clipped = privacy.clipped_grad_sum(
+            example_loss, params, (images, labels, noise), mask, config.l2_clip,
+            config.microbatch_size)
+        noised = mechanism.privatize(clipped.grad_sum, key)
+        return jax.tree_util.tree_map(lambda g: g / expected_batch, noised)
+
+    def client_update(shared, client_state, client: OneClient, context, key) -> ClientOutput:
+        del context
+        images, labels = client.arrays
+        has_state = isinstance(client_state, ClientState)
+        local = client_state.encoder if has_state else ()
+        local_opt = client_state.encoder_opt_state if has_state else optimizer.init(())
+        active = client_state.participations < client_state.budget if has_state else True
+        own_steps = steps_per_round(config, client.count)
+        expected_batch = jnp.minimum(batch, client.count).astype(jnp.float32)  # local DP
+        order_key, steps_key = jax.random.split(key)
+        indices, masks = local_batch_indices(order_key, client.count, max_n, batch, num_steps)
+
+        def step(carry, inputs):
+            params, opt_states = carry
+            s, idx, mask, k = inputs
+            noise_key, poisson_key, dp_key = jax.random.split(k, 3)
+            if local_dp:  # a Poisson sample of the client's examples (rate min(B, n_c) / n_c)
+                rate = expected_batch / jnp.maximum(client.count, 1)
+                mask = jax.random.bernoulli(poisson_key, rate, (max_n,)) & client.mask
+                x, y = images, labels
+            else:
+                x, y = images[idx], labels[idx]
+            noise = jax.random.normal(noise_key, (x.shape[0], encoder.latent_dim))
+
+            def mean_loss(shared_p, local_p):
+                loss, squared_error, kl = losses(shared_p, local_p, x, y, noise)
+                return masked_mean(loss, mask), (masked_mean(squared_error, mask),
+                                                 masked_mean(kl, mask))
+
+            if local_dp:  # the loss is a non-private diagnostic; the gradient is private
+                loss, aux = mean_loss(*params)
+                g_shared, g_local = private_grad(params, x, y, noise, mask, expected_batch,
+                                                 dp_key)
+            else:
+                (loss, aux), (g_shared, g_local) = jax.value_and_grad(
+                    mean_loss, (0, 1), has_aux=True)(*params)
+            new_params, new_opt = [], []
+            for g, opt_state, p in zip((g_shared, g_local), opt_states, params, strict=True):
+                updates, opt_state = optimizer.update(g, opt_state, p)
+                new_params.append(optax.apply_updates(p, updates))
+                new_opt.append(opt_state)
+            live = active & (s < own_steps)
+            carry = jax.tree_util.tree_map(
+                lambda n, o: jnp.where(live, n, o), (tuple(new_params), tuple(new_opt)), carry)
+            return carry, (live, loss, *aux)
+
+        # Steps are gated with `where` on `live`, which depends on the client's data; under
+        # the engine's shard_map that makes the carry device-varying, so the fresh
+        # optimiser state must be too: adding a data-derived zero does that (a no-op value).
+        zero = jnp.zeros_like(client.count)
+        init = jax.tree_util.tree_map(
+            lambda x: x + zero.astype(x.dtype),
+            ((shared, local), (optimizer.init(shared), local_opt)))
+        xs = (jnp.arange(num_steps), indices, masks, jax.random.split(steps_key, num_steps))
+        (params, opt_states), (live, loss, squared_error, kl) = jax.lax.scan(step, init, xs)
+        new_state = client_state
+        if has_state:
+            new_state = ClientState(
+                encoder=params[1],
+                encoder_opt_state=opt_states[1],
+                participations=client_state.participations + jnp.asarray(active, jnp.int32),
+                budget=client_state.budget,
+            )
+        metrics = {
+            "loss": masked_mean(loss, live),
+            "squared_error": masked_mean(squared_error, live),
+            "kl": masked_mean(kl, live),
+            "active": jnp.asarray(active, jnp.float32),
+        }
+        return ClientOutput(params[0], new_state, metrics)
+
+    return client_update
+
+
+# Privacy accounting.
+
+
+def local_participation_event(
+    config: DpdFvaeConfig, count: int, noise_multiplier: float
+) -> dp_event.DpEvent:
+    """One participation of a client with `count` examples in local mode (unit: example):
+    its local steps, each a Poisson-sampled Gaussian on a clipped sum."""
+    return privacy.dpsgd_event(
+        noise_multiplier, int(steps_per_round(config, count)), sampling="poisson",
+        population=int(count), expected_size=min(config.batch_size, int(count)))
+
+
+def central_event(config: DpdFvaeConfig, noise_multiplier: float, rounds: int) -> dp_event.DpEvent:
+    """`rounds` rounds of client-level DP-FedAvg (unit: user)."""
+    sampler = CohortSampler("poisson", config.num_clients, config.clients_per_round)
+    return dp_event.SelfComposedDpEvent(
+        sampler.dp_event(dp_event.GaussianDpEvent(noise_multiplier)), rounds)
+
+
+def expected_participations(config: DpdFvaeConfig) -> int:
+    """ceil(rounds * q): how many rounds a client trains in on average."""
+    return max(1, math.ceil(config.rounds * config.client_fraction))
+
+
+def resolve_noise_multiplier(config: DpdFvaeConfig, counts: np.ndarray) -> float:
+    """The given z; else, at the target eps, the z that affords the run.
+
+    Central: `rounds` rounds. Local: `expected_participations` for every client size
+    (the largest z over the distinct sizes).
+    """
+    if config.dp == "none":
+        return 0.0
+    if config.noise_multiplier is not None:
+        return config.noise_multiplier
+    relation = privacy.relation_for("poisson")
+    try:
+        if config.dp == "central":
+            return privacy.calibrate_noise_multiplier(
+                lambda z: central_event(config, z, config.rounds),
+                config.target_epsilon, config.delta, relation)
+        participations = expected_participations(config)
+        return max(
+            privacy.calibrate_noise_multiplier(
+                lambda z, n=int(n): dp_event.SelfComposedDpEvent(
+                    local_participation_event(config, n, z), participations),
+                config.target_epsilon, config.delta, relation)
+            for n in np.unique(counts))
+    except privacy.CalibrationError as error:
+        raise ConfigError("target_epsilon", str(error)) from error
+
+
+def participation_budgets(
+    config: DpdFvaeConfig, counts: np.ndarray, noise_multiplier: float
+) -> np.ndarray:
+    """Per client, the participations its target eps affords (local mode; else `rounds`)."""
+    if config.dp != "local" or config.target_epsilon is None:
+        return np.full(len(counts), config.rounds, np.int32)
+    budgets = {}
+    for n in np.unique(counts):
+        ledger = _local_ledger(config)
+        budgets[int(n)] = ledger.affordable_count(
+            local_participation_event(config, int(n), noise_multiplier), config.rounds)
+    return np.array([budgets[int(n)] for n in counts], np.int32)
+
+
+def _local_ledger(config: DpdFvaeConfig, metadata: dict | None = None) -> privacy.PrivacyLedger:
+    return privacy.PrivacyLedger(
+        unit="example", neighboring_relation="add_or_remove_one", delta=config.delta,
+        target_epsilon=config.target_epsilon, metadata=metadata or {})
+
+
+def local_client_epsilons(
+    config: DpdFvaeConfig, counts: np.ndarray, participations: np.ndarray,
+    noise_multiplier: float,
+) -> np.ndarray:
+    """Each client's RDP eps at `delta` after its participations (local mode)."""
+    cache: dict[tuple[int, int], float] = {}
+    out = np.zeros(len(counts))
+    for i, (n, p) in enumerate(zip(counts, participations, strict=True)):
+        key = (int(n), int(p))
+        if key not in cache:
+            cache[key] = 0.0 if p == 0 else privacy.epsilon(
+                dp_event.SelfComposedDpEvent(
+                    local_participation_event(config, key[0], noise_multiplier), key[1]),
+                config.delta)
+        out[i] = cache[key]
+    return out
+
+
+def local_ledger(
+    config: DpdFvaeConfig, counts: np.ndarray, participations: np.ndarray,
+    budgets: np.ndarray, noise_multiplier: float,
+) -> privacy.PrivacyLedger:
+    """The worst client's ledger (unit: one example of one client), with every client's
+    participations and eps summarised in the metadata."""
+    eps = local_client_epsilons(config, counts, participations, noise_multiplier)
+    worst = int(np.argmax(eps))
+    ledger = _local_ledger(config, {
+        "mechanism": "per-example DP-SGD on the whole VAE's gradient (encoder too: it "
+        "feeds later decoder gradients) in every local step (Poisson batch of rate "
+        "min(batch_size, n_c) / n_c, per-example clip, Gaussian noise on the sum); each "
+        "client accounts its own steps; server aggregation adds no noise",
+        "guarantee": "per client: the worst client's eps is reported (its events below)",
+        "shared": "decoder" if config.sync == "d" else "encoder and decoder",
+        "dataset": config.dataset,
+        "num_clients": config.num_clients,
+        "batch_size": config.batch_size,
+        "local_epochs": config.local_epochs,
+        "l2_clip": config.l2_clip,
+        "noise_multiplier": noise_multiplier,
+        "worst_client": worst,
+        "worst_client_examples": int(counts[worst]),
+        "worst_client_participations": int(participations[worst]),
+        "participation_budget_min": int(budgets.min()),
+        "clients_out_of_budget": int(np.sum(participations >= budgets)),
+        "epsilon_rdp_client_mean": float(eps.mean()),
+        "epsilon_rdp_client_max": float(eps.max()),
+    })
+    if participations[worst] > 0:
+        n = int(counts[worst])
+        ledger.record(
+            privacy.sampled_gaussian_event(
+                dp_event.GaussianDpEvent(noise_multiplier), sampling="poisson",
+                population=n, expected_size=min(config.batch_size, n)),
+            int(steps_per_round(config, n)) * int(participations[worst]))
+    return ledger
+
+
+def central_ledger(config: DpdFvaeConfig, engine: DpFedAvg) -> privacy.PrivacyLedger:
+    """An empty client-level ledger (unit: user) for central mode."""
+    return privacy.PrivacyLedger(
+        unit="user", neighboring_relation="add_or_remove_one", delta=config.delta,
+        target_epsilon=config.target_epsilon,
+        metadata={
+            "mechanism": "DP-FedAvg on the shared params' deltas (per-client clip, Gaussian "
+            "noise on the sum, divided by the expected cohort)",
+            "shared": "decoder" if config.sync == "d" else "encoder and decoder",
+            "dataset": config.dataset,
+            "num_users": config.num_clients,
+            "sampling": "poisson",
+            "sampling_rate": engine.sampler.rate,
+            "l2_clip": config.l2_clip,
+            "noise_multiplier": engine.aggregator.noise_multiplier,
+        })
+
+
+# The trainer: the engine, its initial state, and the release.
+
+
+class DpdFvae:
+    """The DP-FedAvg engine set up for one DPD-fVAE configuration.
+
+    Args:
+      config: the run's settings.
+      num_classes, image_shape: of the dataset.
+      clients: the clients' padded `(images, labels)` and counts.
+      noise_multiplier: z of the central or local mechanism (0 for "none").
+      mesh: the engine's device mesh (default: all devices).
+    """
+
+    def __init__(self, config: DpdFvaeConfig, num_classes: int, image_shape, clients: ClientData,
+                 noise_multiplier: float, mesh=None):
+        self.config = config
+        self.noise_multiplier = noise_multiplier
+        self.encoder, self.decoder = build_model(config, num_classes, image_shape)
+        self.counts = np.asarray(clients.counts)
+        self.budgets = participation_budgets(config, self.counts, noise_multiplier)
+        central = config.dp == "central"
+        self.engine = DpFedAvg(
+            make_client_update(config, self.encoder, self.decoder, clients.max_n,
+                               noise_multiplier),
+            optax.sgd(SERVER_LEARNING_RATE),
+            clients,
+            DpFedAvgConfig(
+                clients_per_round=config.clients_per_round,
+                sampling="poisson",
+                l2_clip=config.l2_clip if central else None,
+                noise_multiplier=noise_multiplier if central else 0.0,
+            ),
+            mesh,
+        )
+
+    @property
+    def has_client_state(self) -> bool:
+        """Clients keep state: their encoders (sync "d") or their budgets (local DP)."""
+        return self.config.sync == "d" or self.config.dp == "local"
+
+    def init(self) -> ServerState:
+        """Round-0 state: every client starts from the same encoder (sync "d")."""
+        key = jax.random.fold_in(jax.random.key(self.config.seed), _INIT_STREAM)
+        encoder_params, decoder_params = vae.init_vae(self.encoder, self.decoder, key)
+        shared, local = split_params(encoder_params, decoder_params, self.config.sync)
+        if not self.has_client_state:
+            return self.engine.init(shared)
+        optimizer = make_optimizer(self.config.optimizer, self.config.learning_rate)
+        owned = init_local_states(local, optimizer, self.engine.num_clients)
+        client_states = ClientState(
+            encoder=owned.params,
+            encoder_opt_state=owned.opt_state,
+            participations=jnp.zeros(self.engine.num_clients, jnp.int32),
+            budget=jnp.asarray(self.budgets),
+        )
+        return self.engine.init(shared, client_states=client_states)
+
+    def participations(self, state: ServerState) -> np.ndarray:
+        """Rounds each client has trained in (zeros when clients keep no state)."""
+        if not self.has_client_state:
+            return np.zeros(self.engine.num_clients, np.int32)
+        return np.asarray(jax.device_get(state.client_states.participations))
+
+
+@dataclasses.dataclass(frozen=True)
+class DpdFvaeGenerator:
+    """The contract's `Generator`: z ~ N(0, I) and a label through the decoder.
+
+    Attributes:
+      decoder: the decoder module.
+      latent_dim: size of z.
+      label_probs: the distribution of labels drawn when none are asked for (None: uniform).
+    """
+
+    decoder: vae.Decoder
+    latent_dim: int
+    label_probs: tuple[float, ...] | None = None
+
+    def sample(self, params, key, n, labels=None):
+        """`n` images in [0, 1] and their int32 labels (the given ones, or drawn)."""
+        label_key, z_key = jax.random.split(key)
+        if labels is None:
+            probs = None if self.label_probs is None else jnp.asarray(self.label_probs)
+            labels = jax.random.choice(label_key, self.decoder.num_classes, (n,), p=probs)
+        labels = jnp.asarray(labels, jnp.int32)
+        return _generate(self.decoder, self.latent_dim, params, z_key, labels), labels
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(decoder: vae.Decoder, latent_dim: int, params, key, labels) -> jax.Array:
+    return vae.generate(decoder, params, key, labels, latent_dim)
+
+
+def model_json(trainer: DpdFvae) -> dict:
+    """What `load_generator` needs to rebuild the decoder."""
+    return {
+        "num_classes": trainer.decoder.num_classes,
+        "image_shape": list(trainer.decoder.image_shape),
+        "latent_dim": trainer.encoder.latent_dim,
+        "encoder_features": list(trainer.encoder.features),
+        "decoder_features": list(trainer.decoder.features),
+    }
+
+
+def load_generator(workdir: Workdir) -> tuple[DpdFvaeGenerator, PyTree]:
+    """The generator and the released decoder params of a `train` workdir."""
+    model = workdir.read_json("summary.json")["model"]
+    decoder = vae.Decoder(model["num_classes"], tuple(model["image_shape"]),
+                          tuple(model["decoder_features"]))
+    template = decoder.init(
+        jax.random.key(0), jnp.zeros((1, model["latent_dim"])), jnp.zeros((1,), jnp.int32))
+    params = flax.serialization.from_bytes(template, workdir.file(DECODER_FILE).read_bytes())
+    return DpdFvaeGenerator(decoder, model["latent_dim"]), params
+
+
+contract.register_generator(METHOD, load_generator)
+
+
+def federate(config: DpdFvaeConfig, train: data_lib.ImageDataset) -> ClientData:
+    """The train split divided IID into `num_clients` clients (as in the paper)."""
+    require(config.num_clients <= train.num_examples, "num_clients",
+            f"must be <= the {train.num_examples} training examples")
+    parts = data_lib.partition_iid(train.num_examples, config.num_clients, config.seed)
+    return from_federated(data_lib.to_federated(train.images, train.labels, parts))
+
+
+def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = print,
+          mesh=None) -> dict:
+    """Trains (or resumes) DPD-fVAE in `workdir`; returns the summary dict.
+
+    Writes ledger.json (private runs), metrics.jsonl, summary.json, report.md,
+    decoder.msgpack (the released decoder), samples.png (10 samples per class) and
+    checkpoints/ (the state, client encoders included, with the central ledger; the
+    local ledger is recomputed from the clients' participation counts).
+    """
+    start_time = time.time()
+    wd = Workdir(workdir)
+    train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
+    clients = federate(config, train_ds)
+    noise_multiplier = resolve_noise_multiplier(config, np.asarray(clients.counts))
+    trainer = DpdFvae(config, train_ds.num_classes, train_ds.image_shape, clients,
+                      noise_multiplier, mesh)
+    ledger = central_ledger(config, trainer.engine) if config.dp == "central" else None
+
+    def evaluate(state: ServerState) -> dict:
+        if config.dp != "local":
+            return {}
+        participations = trainer.participations(state)
+        eps = local_client_epsilons(config, trainer.counts, participations, noise_multiplier)
+        return {"epsilon_rdp_worst_client": float(eps.max()),
+                "clients_out_of_budget": int(np.sum(participations >= trainer.budgets))}
+
+    result = run_rounds(
+        trainer.engine, trainer.init(), rounds=config.rounds, seed=config.seed, workdir=wd,
+        ledger=ledger, evaluate=evaluate, eval_every=config.eval_every,
+        checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
+        log=log)
+    participations = trainer.participations(result.state)
+    if config.dp == "local":
+        ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,
+                              noise_multiplier)
+    else:
+        ledger = result.ledger
+    ledger_json = ledger.to_json() if ledger is not None else None
+    if ledger_json is not None:
+        wd.write_json("ledger.json", ledger_json)
+
+    decoder_params = jax.device_get(decoder_of(result.state.params, config.sync))
+    wd.file(DECODER_FILE).write_bytes(flax.serialization.to_bytes(decoder_params))
+    generator = DpdFvaeGenerator(trainer.decoder, config.latent_dim)
+    sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_STREAM)
+    samples = contract.sample_synthetic(
+        generator, decoder_params, sample_key, 10 * train_ds.num_classes, train_ds.num_classes)
+    figures.save_class_grid(wd.file(SAMPLES_PNG), samples.images, samples.labels,
+                            train_ds.num_classes, title=f"DPD-fVAE samples ({_mode(config)})")
+    summary = {
+        "method": METHOD,
+        "mode": _mode(config),
+        "epsilon_rdp": ledger_json["epsilon_rdp"] if ledger_json else None,
+        "epsilon_pld": ledger_json["epsilon_pld"] if ledger_json else None,
+        "delta": config.delta if ledger_json else None,
+        "unit": {"central": "user", "local": "example"}.get(config.dp),
+        "noise_multiplier": noise_multiplier,
+        "rounds": result.rounds_done,
+        "stopped_by_budget": result.last_round < config.rounds,
+        # Counted only where clients keep state (sync "d" or local DP).
+        "participations_max": int(participations.max()) if trainer.has_client_state else None,
+        "participations_mean": (float(participations.mean()) if trainer.has_client_state
+                                else None),
+        "participation_budget": int(trainer.budgets.min()) if config.dp == "local" else None,
+        "final_client_loss": result.evaluation.get("client_loss"),
+        "decoder_sha256": params_sha256(decoder_params),
+        "model": model_json(trainer),
+        "flags": dataclasses.asdict(config),
+        "wall_seconds": time.time() - start_time,
+        "seed": config.seed,
+        "environment": environment_info(),
+    }
+    wd.write_summary(summary)
+    wd.write_report(render_report(config, summary))
+    return summary
+
+
+def _mode(config: DpdFvaeConfig) -> str:
+    return f"sync_{config.sync}, " + (
+        "non-private" if config.dp == "none" else f"{config.dp} DP")
+
+
+def render_report(config: DpdFvaeConfig, summary: dict) -> str:
+    """report.md: the run's privacy statement and key figures."""
+    if config.dp == "none":
+        privacy_line = "non-private: **no privacy guarantee**"
+    elif config.dp == "central":
+        privacy_line = (
+            f"({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP (PLD "
+            f"{_fmt(summary['epsilon_pld'])}) for one **user** of {config.num_clients}: "
+            f"DP-FedAvg with Poisson rate {config.client_fraction:g}, clip {config.l2_clip:g}, "
+            f"noise multiplier {summary['noise_multiplier']:.4g}")
+    else:
+        privacy_line = (
+            f"every client's examples are ({_fmt(summary['epsilon_rdp'])}, {config.delta:g})"
+            f"-DP (RDP; PLD {_fmt(summary['epsilon_pld'])}) at worst (unit: one **example**; "
+            f"the worst client's participations {summary['participations_max']}, budget "
+            f"{summary['participation_budget']}): local DP-SGD with clip {config.l2_clip:g}, "
+            f"noise multiplier {summary['noise_multiplier']:.4g}")
+    shared = "the decoder (encoders stay on the clients)" if config.sync == "d" else (
+        "encoder and decoder")
+    return (
+        f"# DPD-fVAE ({_mode(config)}) on {config.dataset}, {config.num_clients} IID clients\n\n"
+        f"- shared: {shared}\n"
+        f"- privacy: {privacy_line}\n"
+        f"- rounds: {summary['rounds']} (client fraction {config.client_fraction:g}, "
+        f"{config.local_epochs} local epochs of batch {config.batch_size}, "
+        f"{config.optimizer} lr {config.learning_rate:g}); final mean client loss "
+        f"{_fmt(summary['final_client_loss'])}\n"
+        f"- wall time: {summary['wall_seconds']:.1f} s; decoder sha256 "
+        f"`{summary['decoder_sha256']}`\n\n"
+        f"![samples per class]({SAMPLES_PNG})\n\n"
+        "Round metrics (client losses, cohort sizes) are non-private simulation diagnostics.\n"
+    )
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"

@@ -1,0 +1,179 @@
+"""Tests of DPD-fVAE (dpfed.generative.dpd_fvae), Pfitzner & Arnrich 2022."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from dp_accounting import dp_event
+
+from dpfed import privacy
+from dpfed.federated import ClientData, OneClient, client_mesh
+from dpfed.generative import contract, dpd_fvae
+from dpfed.models import vae
+from dpfed.train.workdir import Workdir
+
+_ONE_DEVICE = client_mesh(jax.devices()[:1])  # small tests: no 8-way replication
+_CONFIG = dpd_fvae.DpdFvaeConfig(
+    dataset="digits", num_clients=4, client_fraction=1.0, rounds=2, local_epochs=1,
+    batch_size=4, latent_dim=2, encoder_features=(4,), decoder_features=(4,), sync="d",
+    dp="none", noise_multiplier=None, eval_every=1, checkpoint_every=1)
+_SHAPE = (8, 8, 1)
+_COUNTS = np.array([6, 3, 5, 6], np.int32)
+
+
+def _clients(seed=0) -> ClientData:
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(size=(4, 6, *_SHAPE)).astype(np.float32)
+    labels = rng.integers(0, 10, size=(4, 6)).astype(np.int32)
+    return ClientData((images, labels), _COUNTS)
+
+
+@functools.cache
+def _trainer(**changes) -> dpd_fvae.DpdFvae:
+    config = dataclasses.replace(_CONFIG, **changes)
+    noise = dpd_fvae.resolve_noise_multiplier(config, _COUNTS)
+    return dpd_fvae.DpdFvae(config, 10, _SHAPE, _clients(), noise, _ONE_DEVICE)
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(bool(jnp.array_equal(x, y)) for x, y in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
+def _structure(tree):
+    return jax.tree_util.tree_structure(tree)
+
+
+def _client(i: int, count: int | None = None) -> OneClient:
+    images, labels = _clients().arrays
+    return OneClient((jnp.asarray(images[i]), jnp.asarray(labels[i])),
+                     jnp.int32(_COUNTS[i] if count is None else count))
+
+
+def _client_state(state, i: int):
+    return jax.tree_util.tree_map(lambda x: x[i], state.client_states)
+
+
+def _norm(a, b) -> float:
+    return float(privacy.global_l2_norm(jax.tree_util.tree_map(jnp.subtract, a, b)))
+
+
+def test_encoder_never_leaves_a_client():
+    trainer = _trainer()
+    state = trainer.init()
+    _, decoder_params = vae.init_vae(trainer.encoder, trainer.decoder, jax.random.key(0))
+    assert _structure(state.params) == _structure(decoder_params), (
+        "sync_d: the server's shared params must be exactly the decoder's tree")
+    after, _ = trainer.engine.round(state, jax.random.key(2))
+    assert _structure(after.params) == _structure(decoder_params), (
+        "the aggregated tree (what clients send back) must be the decoder's")
+    assert not _leaves_equal(after.params, state.params), "the round did not move the decoder"
+
+
+def test_client_encoders_differ_after_training_and_persist_across_rounds():
+    trainer = _trainer()
+    s0 = trainer.init()
+    s1, _ = trainer.engine.round(s0, jax.random.key(1))
+    s2, _ = trainer.engine.round(s1, jax.random.key(2))
+    enc0, enc1, enc2 = (s.client_states.encoder for s in (s0, s1, s2))
+    first = [jax.tree_util.tree_map(lambda x, i=i: x[i], enc1) for i in range(4)]
+    assert not _leaves_equal(first[0], first[1]), "two clients' encoders are equal after a round"
+    assert not _leaves_equal(enc1, enc0) and not _leaves_equal(enc2, enc1), "encoders not trained"
+    # Adam's step count in each client's encoder state accumulates over both rounds.
+    steps = np.asarray(dpd_fvae.steps_per_round(_CONFIG, _COUNTS))
+    adam_count = np.asarray(s2.client_states.encoder_opt_state[0].count)
+    np.testing.assert_array_equal(adam_count, 2 * steps, "encoder optimiser state not persisted")
+    np.testing.assert_array_equal(np.asarray(s2.client_states.participations), [2, 2, 2, 2])
+
+
+def test_sync_ed_shares_encoder_and_decoder_and_keeps_no_client_state():
+    state = _trainer(sync="ed").init()
+    assert set(state.params) == {"encoder", "decoder"}, f"shared: {set(state.params)}"
+    assert state.client_states == (), "sync_ed without local DP must keep nothing on clients"
+
+
+_CLIP = 1e-3
+# Local DP without noise, SGD with lr 1: a client's decoder delta is minus its clipped mean.
+_LOCAL = dataclasses.replace(_CONFIG, dp="local", optimizer="sgd", learning_rate=1.0,
+                             l2_clip=_CLIP, noise_multiplier=0.0)
+
+
+@functools.cache
+def _hook(dp: str):
+    trainer = _trainer()
+    config = dataclasses.replace(_LOCAL, dp=dp)
+    return jax.jit(dpd_fvae.make_client_update(config, trainer.encoder, trainer.decoder, 6, 0.0))
+
+
+def test_local_dp_clips_each_examples_decoder_gradient():
+    state = _trainer().init()
+    clip = _CLIP
+    private, plain = _hook("local"), _hook("none")
+    start = _client_state(state, 0)
+    args = (state.params, start)
+
+    def moved(out):  # (decoder delta norm, joint decoder + encoder delta norm)
+        before = (state.params, start.encoder)
+        return _norm(out.params, state.params), _norm((out.params, out.state.encoder), before)
+
+    # One example, one step, lr 1, no noise: the deltas are minus its clipped gradient.
+    one_private = moved(private(*args, _client(0, count=1), (), jax.random.key(3)))
+    one_plain = moved(plain(*args, _client(0, count=1), (), jax.random.key(3)))
+    assert one_plain[0] > 100 * clip, "the test needs a decoder gradient above the clip"
+    assert one_private[0] <= clip * (1 + 1e-5), "one example's decoder gradient exceeds C"
+    # The encoder feeds later decoder gradients, so its gradient is clipped jointly.
+    np.testing.assert_allclose(one_private[1], clip, rtol=1e-3,
+                               err_msg="one example's (decoder, encoder) gradient not clipped")
+    # Three examples in one step (batch 4 > 3: rate 1): the mean of three clipped gradients.
+    three = moved(private(*args, _client(0, count=3), (), jax.random.key(4)))
+    assert three[1] <= clip * (1 + 1e-5), "per-example clipping exceeded"
+
+
+def test_local_dp_client_out_of_budget_contributes_nothing():
+    state = _trainer().init()
+    hook = _hook("local")
+    fresh = _client_state(state, 0)  # (derived arrays keep its sharding: no recompilation)
+    spent = fresh._replace(participations=fresh.participations + 3,
+                           budget=fresh.participations + 3)
+    out = hook(state.params, spent, _client(0), (), jax.random.key(5))
+    assert _leaves_equal(out.params, state.params), "a spent client changed the decoder"
+    assert _leaves_equal(out.state, spent), "a spent client changed its state"
+    assert float(out.metrics["active"]) == 0.0
+    live = hook(state.params, spent._replace(participations=fresh.participations + 2),
+                _client(0), (), jax.random.key(5))
+    assert not _leaves_equal(live.params, state.params), "a client in budget did not train"
+    assert int(live.state.participations) == 3, "participation not counted"
+
+
+def test_participation_budget_is_the_most_the_target_eps_affords():
+    config = dataclasses.replace(_CONFIG, dp="local", noise_multiplier=1.0,
+                                 target_epsilon=8.0, rounds=50)
+    budget = int(dpd_fvae.participation_budgets(config, _COUNTS[:1], 1.0)[0])
+    event = dpd_fvae.local_participation_event(config, int(_COUNTS[0]), 1.0)
+
+    def eps(n):
+        return privacy.epsilon(dp_event.SelfComposedDpEvent(event, n), config.delta)
+
+    assert 0 < budget < 50, f"budget {budget} does not bind"
+    assert eps(budget) <= 8.0 < eps(budget + 1), f"budget {budget} is not the largest affordable"
+
+
+def test_central_ledger_is_user_level_and_decoder_keeps_the_contract(tmp_path):
+    # The real digits split: 8 clients of ~180 images, 2 local steps of batch 90. The local
+    # (per-example) ledger is tested through the binary (tests/experiments/test_dpd_fvae.py).
+    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=0.5, batch_size=90,
+                                 sync="ed", dp="central", noise_multiplier=1.0)
+    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    ledger = Workdir(tmp_path).read_json("ledger.json")
+    assert ledger["unit"] == summary["unit"] == "user", f"central unit {ledger['unit']}"
+    assert summary["epsilon_rdp"] > 0 and ledger["neighboring_relation"] == "add_or_remove_one"
+
+    generator, params = contract.load_generator(Workdir(tmp_path), "dpd_fvae")
+    images, labels = generator.sample(params, jax.random.key(0), 5)
+    assert images.shape == (5, *_SHAPE) and labels.shape == (5,), "contract shapes"
+    assert float(images.min()) >= 0 and float(images.max()) <= 1, "contract: [0, 1]"
+    _, asked = generator.sample(params, jax.random.key(0), 3, jnp.array([7, 7, 2]))
+    assert asked.tolist() == [7, 7, 2], "a conditional generator must honour the labels asked"
+    assert (tmp_path / "samples.png").exists(), "no per-class sample grid"
