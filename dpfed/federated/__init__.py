@@ -31,6 +31,7 @@ from dpfed.federated.local import (
 from dpfed.federated.loop import (
     OTHER_POPULATIONS,
     LoopResult,
+    describe_user_level_privacy,
     round_key,
     run_rounds,
     write_privacy_summary,
@@ -53,6 +54,7 @@ __all__ = [
     "PrivateAggregator",
     "ServerState",
     "client_mesh",
+    "describe_user_level_privacy",
     "clip_update",
     "from_federated",
     "gather_clients",

@@ -148,3 +148,25 @@ def write_privacy_summary(
         "unit": "user",
         "epsilon_rdp_same_noise_if_users": others,
     }
+
+
+def describe_user_level_privacy(result: dict[str, Any], delta: float) -> str:
+    """One report sentence on a group's user-level guarantee (non-private when no eps).
+
+    `result` holds `write_privacy_summary`'s fields plus `num_clients`, `sampling_rate`
+    and `rounds`.
+    """
+    if result["epsilon_rdp"] is None:
+        return "non-private (no noise): **no privacy guarantee**"
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3g}"
+
+    others = ", ".join(
+        f"{int(n):,} users: {fmt(e)}" for n, e in result["epsilon_rdp_same_noise_if_users"].items()
+    )
+    return (
+        f"({fmt(result['epsilon_rdp'])}, {delta:g})-DP at user level (RDP; PLD "
+        f"{fmt(result['epsilon_pld'])}), {result['num_clients']} users, sampling rate "
+        f"{result['sampling_rate']:.3g}, {result['rounds']} rounds; the same noise with {others}"
+    )

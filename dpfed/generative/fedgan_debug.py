@@ -34,7 +34,7 @@ from dpfed import data as data_lib
 from dpfed import models
 from dpfed.data import bugs, emnist_federated
 from dpfed.eval import classifier_fit
-from dpfed.federated import AdaptiveClipping
+from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
 from dpfed.generative import fedgan, polarity, selection, wgan_gp
 from dpfed.models import gan
 from dpfed.train.config import ConfigError, require
@@ -359,19 +359,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 def render_report(config: DebugConfig, summary: dict) -> str:
     """report.md: both grids side by side, the inverted fractions, eps, the paper's result."""
     low, high = summary["gan_low"], summary["gan_high"]
-    private = config.noise_multiplier > 0
 
-    def eps_line(r):
-        if not private:
-            return "non-private (no noise): **no privacy guarantee**"
-        others = ", ".join(
-            f"{int(n):,} users: {_fmt(e)}" for n, e in r["epsilon_rdp_same_noise_if_users"].items()
-        )
-        return (
-            f"({_fmt(r['epsilon_rdp'])}, {config.delta:g})-DP at user level (RDP; PLD "
-            f"{_fmt(r['epsilon_pld'])}), {r['num_clients']} users, sampling rate "
-            f"{r['sampling_rate']:.3g}, {r['rounds']} rounds; the same noise with {others}"
-        )
 
     found = summary["inverted_fraction_low"] > 0.5 > summary["inverted_fraction_high"]
     verdict = (
@@ -436,8 +424,8 @@ healthy; on mnist5k it separates all 5,000 digits from their inversions).
 The unit is one **user** (client): all of a client's images may change. Only the
 discriminator's clipped, noised, averaged deltas leave the clients; the generator is
 trained on the server from noise and the released discriminator (post-processing).
-- low-accuracy GAN: {eps_line(low)}
-- high-accuracy GAN: {eps_line(high)}
+- low-accuracy GAN: {describe_user_level_privacy(low, config.delta)}
+- high-accuracy GAN: {describe_user_level_privacy(high, config.delta)}
 - the groups are disjoint, so releasing both costs the larger eps:
   {_fmt(summary["epsilon_rdp"])}.
 

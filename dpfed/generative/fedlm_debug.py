@@ -25,6 +25,7 @@ import numpy as np
 
 from dpfed import data as data_lib
 from dpfed.data import bugs
+from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, selection
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train.config import ConfigError, require
@@ -253,17 +254,6 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict) -> str:
     """report.md: top-k tables, OOV and glued rates, sample lines, eps."""
     high, low = summary["lm_high_oov"], summary["lm_low_oov"]
 
-    def eps_line(r):
-        if config.noise_multiplier == 0:
-            return "non-private (no noise): **no privacy guarantee**"
-        others = ", ".join(
-            f"{int(n):,} users: {_fmt(e)}" for n, e in r["epsilon_rdp_same_noise_if_users"].items()
-        )
-        return (
-            f"({_fmt(r['epsilon_rdp'])}, {config.delta:g})-DP at user level (RDP; PLD "
-            f"{_fmt(r['epsilon_pld'])}), {r['num_clients']} users, sampling rate "
-            f"{r['sampling_rate']:.3g}, {r['rounds']} rounds; the same noise with {others}"
-        )
 
     threshold_note = (
         "Thresholds are quantiles of all clients' raw OOV rates (a simulation convenience, "
@@ -332,8 +322,8 @@ Low-OOV clients' LM:
 ## Privacy
 
 Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
-- high-OOV LM: {eps_line(high)}
-- low-OOV LM: {eps_line(low)}
+- high-OOV LM: {describe_user_level_privacy(high, config.delta)}
+- low-OOV LM: {describe_user_level_privacy(low, config.delta)}
 The groups are disjoint: releasing both costs the larger eps, {_fmt(summary["epsilon_rdp"])}.
 {threshold_note}
 

@@ -55,3 +55,20 @@ def test_private_engine_without_ledger_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ledger"):
         run_rounds(eng, eng.init(toy.params_of(4)), rounds=1, seed=0, workdir=Workdir(tmp_path),
                    ledger=None, evaluate=dict, eval_every=1, checkpoint_every=1)
+
+
+def test_describe_user_level_privacy_states_eps_users_and_larger_populations():
+    from dpfed.federated import describe_user_level_privacy
+
+    result = {
+        "epsilon_rdp": 34.158, "epsilon_pld": 30.09, "num_clients": 67,
+        "sampling_rate": 0.0746, "rounds": 150,
+        "epsilon_rdp_same_noise_if_users": {"3400": 4.107, "1000000": 1.5896},
+    }
+    assert describe_user_level_privacy(result, 1e-5) == (
+        "(34.2, 1e-05)-DP at user level (RDP; PLD 30.1), 67 users, sampling rate 0.0746, "
+        "150 rounds; the same noise with 3,400 users: 4.11, 1,000,000 users: 1.59"
+    ), "the report's privacy sentence"
+    assert "no privacy guarantee" in describe_user_level_privacy(
+        {**result, "epsilon_rdp": None}, 1e-5
+    ), "a run without eps must say it has no guarantee"
