@@ -131,6 +131,26 @@ def test_local_dp_clips_each_examples_decoder_gradient():
     assert three[1] <= clip * (1 + 1e-5), "per-example clipping exceeded"
 
 
+def test_local_dp_noise_std_is_z_clip_over_the_expected_batch():
+    trainer, z = _trainer(), 2.0
+    config = dataclasses.replace(_LOCAL, l2_clip=_CLIP)
+    hook = jax.jit(dpd_fvae.make_client_update(config, trainer.encoder, trainer.decoder, 6, z))
+    state = _trainer().init()
+    start = _client_state(state, 0)
+    for count in (1, 3):  # one step at Poisson rate 1; expected batch min(B=4, count)
+        out = hook(state.params, start, _client(0, count=count), (), jax.random.key(7))
+        delta = np.concatenate([
+            np.ravel(a - b) for a, b in zip(jax.tree_util.tree_leaves(out.params),
+                                           jax.tree_util.tree_leaves(state.params), strict=True)
+        ])
+        assert delta.size > 400, "too few decoder coordinates to estimate a std"
+        # Noise N(0, (zC)^2) per coordinate on the clipped sum, divided by the expected
+        # batch; the clipped gradients (total norm <= count * C) are negligible beside it.
+        np.testing.assert_allclose(
+            np.std(delta), z * _CLIP / count, rtol=0.1,
+            err_msg=f"local DP noise std must be z C / E[batch] (count {count})")
+
+
 def test_local_dp_client_out_of_budget_contributes_nothing():
     state = _trainer().init()
     hook = _hook("local")
