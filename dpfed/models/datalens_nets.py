@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpfed.models.layers import extract_patches
+
 
 class ConditionalBias(nn.Module):
     """A learned per-class bias over the last axis: what one-hot label maps concatenated
@@ -37,33 +39,11 @@ class ConditionalBias(nn.Module):
         return x + b.reshape(b.shape[:1] + (1,) * (x.ndim - 2) + b.shape[-1:])
 
 
-def extract_patches(
-    x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int]
-) -> jax.Array:
-    """SAME-padded patches of `x` [B, H, W, C] -> [B, H', W', kh * kw * C] by strided slices.
-
-    Pure data movement (`lax.conv_general_dilated_patches` is a convolution with a one-hot
-    kernel, as costly as the convolution it replaces).
-    """
-    (kh, kw), (sh, sw) = kernel_size, strides
-    _, height, width, _ = x.shape
-    out_h, out_w = -(-height // sh), -(-width // sw)
-    pad_h = max((out_h - 1) * sh + kh - height, 0)
-    pad_w = max((out_w - 1) * sw + kw - width, 0)
-    top, left = pad_h // 2, pad_w // 2
-    x = jnp.pad(x, ((0, 0), (top, pad_h - top), (left, pad_w - left), (0, 0)))
-    slices = [
-        x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.concatenate(slices, axis=-1)
-
-
 class PatchConv(nn.Module):
     """A SAME-padded strided convolution written as patch extraction + a dense layer.
 
-    The same function as `nn.Conv` (kernel laid out as [kh * kw * C, features]), but under
+    The same function as `nn.Conv` (kernel laid out as [kh * kw * C, features], unlike
+    `dpfed.models.layers.Conv`, which keeps `nn.Conv`'s layout), but under
     `jax.vmap` over teachers it lowers to one batched matrix product instead of a grouped
     convolution, which XLA's CPU backend runs about 10x slower than a loop over teachers.
     """

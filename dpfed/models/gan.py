@@ -41,6 +41,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpfed.models import layers
+
 NOISE_DIM = 128
 IMAGE_SHAPE = (28, 28, 1)
 LEAKY_SLOPE = 0.01  # tf.nn.leaky_relu alpha in the reference networks
@@ -58,19 +60,14 @@ def conv_4x4_stride_2(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     x: `[B, H, W, C]` with even H and W (SAME pads one pixel on each side); kernel:
     `[4, 4, C, F]` (HWIO). The 16 strided views of the padded input are concatenated
-    along channels and multiplied by the flattened kernel: one matrix product, whose
-    gradients (and the gradient penalty's double backward) are matrix products too.
+    along channels and multiplied by the flattened kernel (`layers.conv_same`): one matrix
+    product, whose gradients (and the gradient penalty's double backward) are matrix
+    products too.
     """
     _, height, width, _ = x.shape
     if height % 2 or width % 2:
         raise ValueError(f"height and width must be even, got {(height, width)}")
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    views = [
-        padded[:, k1 : k1 + height - 1 : 2, k2 : k2 + width - 1 : 2]
-        for k1 in range(4)
-        for k2 in range(4)
-    ]
-    return jnp.concatenate(views, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+    return layers.conv_same(x, kernel, stride=2)
 
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")

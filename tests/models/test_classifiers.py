@@ -107,3 +107,13 @@ def test_unknown_classifier_lists_names():
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="swish"):
         get_classifier("cnn", num_classes=10, activation="swish")
+
+
+def test_cnn_with_patch_convs_is_the_same_function():
+    x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+    params = CNN(10).init(jax.random.key(1), x)
+    patched = get_classifier("cnn", 10, conv="patches")
+    np.testing.assert_allclose(patched.apply(params, x), CNN(10).apply(params, x),
+                               rtol=1e-4, atol=1e-4,
+                               err_msg="CNN(conv='patches') differs from nn.Conv's CNN "
+                                       "on the same parameters")

@@ -1,6 +1,5 @@
 """Tests of the DPD-fVAE conditional VAE (dpfed.models.vae)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,16 +9,6 @@ from dpfed.models import vae
 
 _ENCODER = vae.Encoder(num_classes=3, latent_dim=2, features=(4, 8))
 _DECODER = vae.Decoder(num_classes=3, image_shape=(8, 8, 1), features=(8, 4))
-
-
-@pytest.mark.parametrize("stride,kernel", [(1, (3, 3)), (2, (3, 3)), (1, (2, 2))])
-def test_patch_conv_equals_flax_same_conv(stride, kernel):
-    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
-    params = nn.Conv(5, kernel, strides=stride, padding="SAME").init(jax.random.key(1), x)
-    want = nn.Conv(5, kernel, strides=stride, padding="SAME").apply(params, x)
-    got = vae.Conv(5, kernel, strides=stride).apply(params, x)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
-                               err_msg="im2col conv differs from nn.Conv (SAME)")
 
 
 def test_decoder_makes_images_in_unit_range_for_each_label():
