@@ -14,6 +14,15 @@ a fixed cohort of m clients out of 4 x max(m), clip 1.0, noise multiplier 1.0.
   client's data inside jit) once per sampled client, then a jitted clip-and-add into the
   running sum, then one jitted noise + server step.
 
+`--conv=xla,patches` runs the CNN with `nn.Conv` and with `dpfed.models.layers.Conv`
+(the same function as patches @ kernel): XLA:CPU runs convolutions inside loops (the
+client's `scan` over local steps, the engine's loop over clients) several times slower
+than at top level, so the patch CNN's round is much faster on CPU in BOTH paths; the
+"speedup" column is the engine's round time with `nn.Conv` over its time with each conv.
+"one client" is the median time of one blocking call of the loop's jitted client update:
+m x that is the compute floor of the loop, so loop / engine cannot exceed the loop's
+per-client overhead when a client's work is compute-bound, as a CNN's is on 2 CPU cores.
+
 Both paths run in ONE process, alternating (one round each per repeat), so machine load
 hits them alike; figures are medians, the ratio is loop / engine. Memory: the XLA buffer
 sizes (arguments + outputs + temporaries) of the compiled engine round and of the
@@ -42,6 +51,7 @@ _WIDTH = flags.DEFINE_integer(
 _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", None, "Split the CPU into this many XLA devices (set before JAX starts).")
 _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Client model.")
+_CONV = flags.DEFINE_list("conv", ["patches"], "CNN convolutions to compare: xla, patches.")
 
 
 def _rss_mib() -> float:
@@ -86,49 +96,50 @@ def main(argv: list[str]) -> None:
         arrays=(rng.random((population, n, 28, 28, 1), dtype=np.float32),
                 rng.integers(0, 10, (population, n)).astype(np.int32)),
         counts=np.full(population, n, np.int32))
-    model = models.get_classifier(_MODEL.value, 10)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    client_update = local_training(
-        classifier_loss(model), optax.sgd(0.05), _STEPS.value, _BATCH.value)
+    convs = _CONV.value if _MODEL.value == "cnn" else ["-"]
     server_opt = optax.sgd(1.0)
     clip, z = 1.0, 1.0
+    mechanism = privacy.GaussianSumMechanism(clip, z)
+    device_data = jax.device_put(data)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; model {_MODEL.value}, "
           f"{n} examples/client, {_STEPS.value} local steps of {_BATCH.value}; "
           f"{os.cpu_count()} CPUs")
 
-    # The loop's pieces, each jitted once.
-    @jax.jit
-    def one_client(params, arrays, counts, i, key):
-        client = OneClient(jax.tree_util.tree_map(lambda a: a[i], arrays), counts[i])
-        return client_update(params, (), client, (), key).params
+    def measure(conv: str, m: int) -> tuple:
+        extra = {} if conv == "-" else {"conv": conv}
+        model = models.get_classifier(_MODEL.value, 10, **extra)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        client_update = local_training(
+            classifier_loss(model), optax.sgd(0.05), _STEPS.value, _BATCH.value)
 
-    @jax.jit
-    def clip_and_add(total, local, params):
-        delta = jax.tree_util.tree_map(jnp.subtract, local, params)
-        clipped, _, _ = clip_update(delta, clip)
-        return jax.tree_util.tree_map(jnp.add, total, clipped)
+        # The loop's pieces, each jitted once.
+        @jax.jit
+        def one_client(params, arrays, counts, i, key):
+            client = OneClient(jax.tree_util.tree_map(lambda a: a[i], arrays), counts[i])
+            return client_update(params, (), client, (), key).params
 
-    mechanism = privacy.GaussianSumMechanism(clip, z)
+        @jax.jit
+        def clip_and_add(total, local, params):
+            delta = jax.tree_util.tree_map(jnp.subtract, local, params)
+            clipped, _, _ = clip_update(delta, clip)
+            return jax.tree_util.tree_map(jnp.add, total, clipped)
 
-    @jax.jit
-    def server_step(params, opt_state, total, key, m):
-        grad = jax.tree_util.tree_map(lambda t: -t / m, mechanism.privatize(total, key))
-        updates, opt_state = server_opt.update(grad, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        @jax.jit
+        def server_step(params, opt_state, total, key, m):
+            grad = jax.tree_util.tree_map(lambda t: -t / m, mechanism.privatize(total, key))
+            updates, opt_state = server_opt.update(grad, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
-    device_data = jax.device_put(data)
+        def loop_round(state, key, m):
+            params, opt_state = state
+            cohort = np.asarray(jax.random.choice(key, population, (m,), replace=False))
+            total = jax.tree_util.tree_map(jnp.zeros_like, params)
+            for c in cohort:
+                local = one_client(params, device_data.arrays, device_data.counts, int(c),
+                                   jax.random.fold_in(key, int(c)))
+                total = clip_and_add(total, local, params)
+            return server_step(params, opt_state, total, key, float(m))
 
-    def loop_round(state, key, m):
-        params, opt_state = state
-        cohort = np.asarray(jax.random.choice(key, population, (m,), replace=False))
-        total = jax.tree_util.tree_map(jnp.zeros_like, params)
-        for c in cohort:
-            local = one_client(params, device_data.arrays, device_data.counts, int(c),
-                               jax.random.fold_in(key, int(c)))
-            total = clip_and_add(total, local, params)
-        return server_step(params, opt_state, total, key, float(m))
-
-    def measure(m: int) -> tuple:
         engine = DpFedAvg(client_update, server_opt, data, DpFedAvgConfig(
             clients_per_round=m, sampling="fixed", l2_clip=clip, noise_multiplier=z,
             clients_per_device_step=_WIDTH.value))
@@ -138,35 +149,42 @@ def main(argv: list[str]) -> None:
         paths: dict[str, Callable[[jax.Array], object]] = {
             "engine": lambda k: engine.round(state, k),
             "loop": lambda k: loop_round(loop_state, k, m),
+            "one client": lambda k: one_client(
+                params, device_data.arrays, device_data.counts, 0, k),
         }
         growth = {}
         for name, run in paths.items():  # warm-up: compile + one round
             rss0 = _rss_mib()
             jax.block_until_ready(run(key))
             growth[name] = _rss_mib() - rss0
-        times: dict[str, list[float]] = {"engine": [], "loop": []}
+        times: dict[str, list[float]] = {name: [] for name in paths}
         for r in range(_REPEATS.value):
-            order = ("engine", "loop") if r % 2 == 0 else ("loop", "engine")
+            order = list(paths) if r % 2 == 0 else list(reversed(paths))
             for name in order:
                 start = time.perf_counter()
                 jax.block_until_ready(paths[name](jax.random.fold_in(key, r)))
                 times[name].append(time.perf_counter() - start)
-        engine_s, loop_s = (statistics.median(times[k]) for k in ("engine", "loop"))
+        engine_s, loop_s, client_s = (
+            statistics.median(times[k]) for k in ("engine", "loop", "one client"))
         client_mib = _xla_mib(one_client.lower(
             params, device_data.arrays, device_data.counts, 0, key).compile())
         engine_mib = _xla_mib(engine.lower(state, key).compile())
-        print(f"m={m}: engine {engine_s:.3g} s/round, loop {loop_s:.3g} s/round, "
-              f"ratio {loop_s / engine_s:.2f}x", flush=True)
-        return (m, engine_s, loop_s, engine_mib, client_mib, growth["engine"], growth["loop"],
-                engine.chunk_size, engine.clients_per_device_step)
+        print(f"conv {conv}, m={m}: engine {engine_s:.3g} s/round, loop {loop_s:.3g} s/round, "
+              f"ratio {loop_s / engine_s:.2f}x; m x one client {m * client_s:.3g} s", flush=True)
+        return (conv, m, engine_s, loop_s, m * client_s, engine_mib, client_mib,
+                growth["engine"], growth["loop"], engine.chunk_size,
+                engine.clients_per_device_step)
 
-    rows = [measure(m) for m in sizes]
-    print("\n| clients/round | engine s/round | loop s/round | loop/engine | engine XLA MiB "
+    rows = [measure(conv, m) for conv in convs for m in sizes]
+    engine_xla = {row[1]: row[2] for row in rows if row[0] == "xla"}
+    print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
+          "| m x one client s | engine speedup vs nn.Conv | engine XLA MiB "
           "| client-update XLA MiB | RSS growth engine / loop MiB | chunk | per device step |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for m, e, lo, em, cm, re, rl, chunk, width in rows:
-        print(f"| {m} | {e:.3g} | {lo:.3g} | **{lo / e:.2f}x** | {em:.0f} | {cm:.0f} | "
-              f"{re:.0f} / {rl:.0f} | {chunk} | {width} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for conv, m, e, lo, floor, em, cm, re, rl, chunk, width in rows:
+        speedup = f"{engine_xla[m] / e:.2f}x" if m in engine_xla else "-"
+        print(f"| {conv} | {m} | {e:.3g} | {lo:.3g} | **{lo / e:.2f}x** | {floor:.3g} | "
+              f"{speedup} | {em:.0f} | {cm:.0f} | {re:.0f} / {rl:.0f} | {chunk} | {width} |")
     print(f"\npeak RSS of the process: {_rss_mib():.0f} MiB")
 
 

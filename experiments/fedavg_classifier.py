@@ -17,12 +17,17 @@ from absl import flags
 from dpfed import data
 from dpfed.federated import classifier
 from dpfed.federated.mesh import initialize_distributed
+from dpfed.models import layers
 from dpfed.train import cli
 from dpfed.train.config import ConfigError
 
 _DATASET = flags.DEFINE_enum("dataset", "mnist5k", data.list_datasets(), "Dataset name.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir for tfds datasets.")
 _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Classifier.")
+_CONV = flags.DEFINE_enum(
+    "conv", "auto", list(layers.CONV_IMPLS),
+    "CNN convolutions: xla (nn.Conv), patches (im2col; several times faster on CPU inside "
+    "the engine's loops), auto (patches on CPU).")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 100, "Users the data is split into.")
 _PARTITION = flags.DEFINE_enum("partition", "iid", list(classifier.PARTITIONS), "Split.")
 _ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.5, "Label skew of --partition=dirichlet.")
@@ -67,6 +72,7 @@ def main(argv: list[str]) -> None:
         config = classifier.FedAvgClassifierConfig(
             dataset=_DATASET.value,
             model=_MODEL.value,
+            conv=_CONV.value,
             num_clients=_NUM_CLIENTS.value,
             partition=_PARTITION.value,
             dirichlet_alpha=_ALPHA.value,

@@ -28,6 +28,7 @@ from dpfed.federated.client_data import ClientData, OneClient, from_federated
 from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
+from dpfed.models import layers
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
@@ -42,6 +43,7 @@ class FedAvgClassifierConfig:
 
     dataset: str = "mnist5k"
     model: str = "cnn"
+    conv: str = "auto"  # the CNN's convolutions: dpfed.models.layers.CONV_IMPLS
     num_clients: int = 100
     partition: str = "iid"
     dirichlet_alpha: float = 0.5
@@ -76,6 +78,7 @@ class FedAvgClassifierConfig:
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.clients_per_round <= self.num_clients, "clients_per_round",
                  f"must be <= --num_clients={self.num_clients}")
+        require(self.conv in layers.CONV_IMPLS, "conv", f"must be one of {layers.CONV_IMPLS}")
         require(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
         require(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be > 0")
         require(self.client_learning_rate > 0, "client_learning_rate", "must be > 0")
@@ -98,6 +101,13 @@ class FedAvgClassifierConfig:
         require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", "must be > 0")
         require(self.clients_per_device_step is None or self.clients_per_device_step > 0,
                  "clients_per_device_step", "must be > 0")
+
+
+def make_model(config: FedAvgClassifierConfig, num_classes: int):
+    """The classifier of `config`; the CNN's convolutions per `config.conv` ("auto": patch
+    convolutions on CPU, where `nn.Conv` inside the engine's loops is several times slower)."""
+    extra = {"conv": config.conv} if config.model == "cnn" else {}
+    return models.get_classifier(config.model, num_classes, **extra)
 
 
 def federate(config: FedAvgClassifierConfig, train: data_lib.ImageDataset) -> ClientData:
@@ -189,25 +199,15 @@ def epsilon_with_population(
 
 def new_ledger(config: FedAvgClassifierConfig, engine: DpFedAvg) -> privacy.PrivacyLedger:
     """An empty user-level ledger describing this run."""
-    return privacy.PrivacyLedger(
-        unit="user",
-        neighboring_relation=privacy.relation_for(config.sampling).name.lower(),
-        delta=config.delta,
+    return engine.user_ledger(
+        config.delta,
+        "DP-FedAvg (per-client clipped update sum + Gaussian noise)"
+        + (" with adaptive clipping (update and count queries)"
+           if config.adaptive_clipping else ""),
         target_epsilon=config.target_epsilon,
-        metadata={
-            "mechanism": "DP-FedAvg (per-client clipped update sum + Gaussian noise)"
-            + (" with adaptive clipping (update and count queries)"
-               if config.adaptive_clipping else ""),
-            "dataset": config.dataset,
-            "num_users": config.num_clients,
-            "partition": config.partition,
-            "sampling": config.sampling,
-            "expected_clients_per_round": config.clients_per_round,
-            "sampling_rate": engine.sampler.rate,
-            "l2_clip": config.l2_clip,
-            "noise_multiplier": engine.aggregator.noise_multiplier,
-            "update_noise_multiplier": engine.aggregator.update_mechanism.noise_multiplier,
-        },
+        dataset=config.dataset,
+        partition=config.partition,
+        update_noise_multiplier=engine.aggregator.update_mechanism.noise_multiplier,
     )
 
 
@@ -227,7 +227,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
                         config.delta)
     clients = federate(config, train_ds)
 
-    model = models.get_classifier(config.model, train_ds.num_classes)
+    model = make_model(config, train_ds.num_classes)
     noise_multiplier = resolve_noise_multiplier(config)
     engine = DpFedAvg(
         local.local_training(

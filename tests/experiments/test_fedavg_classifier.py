@@ -108,3 +108,17 @@ def test_dirichlet_partition_gives_every_example_to_one_client():
     clients = classifier.federate(config, train)
     assert clients.num_clients == 50 and int(clients.counts.sum()) == train.num_examples, (
         "50 clients holding all training examples between them")
+
+
+def test_unknown_conv_names_the_flag():
+    with pytest.raises(ConfigError) as error:
+        classifier.FedAvgClassifierConfig(conv="winograd", nodp=True)
+    assert error.value.field == "conv", "the error names --conv"
+
+
+def test_conv_choice_reaches_the_cnn_only():
+    cnn = classifier.make_model(classifier.FedAvgClassifierConfig(conv="xla", nodp=True), 10)
+    mlp = classifier.make_model(
+        classifier.FedAvgClassifierConfig(model="mlp", conv="xla", nodp=True), 10)
+    assert cnn.conv == "xla", "--conv is not passed to the CNN"
+    assert not hasattr(mlp, "conv"), "the MLP has no convolutions to choose"
