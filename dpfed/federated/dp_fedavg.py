@@ -232,6 +232,32 @@ class DpFedAvg:
         relation = privacy.relation_for(self.sampler.scheme)
         return privacy.epsilon(event, delta, relation, accountant)
 
+    def user_ledger(
+        self, delta: float, mechanism: str, target_epsilon: float | None = None, **metadata
+    ) -> privacy.PrivacyLedger:
+        """An empty ledger for this engine's releases: unit one user, its sampling's relation.
+
+        The metadata states the mechanism, the population, the sampling and the noise;
+        `metadata` adds the caller's fields (dataset, group, ...).
+        """
+        return privacy.PrivacyLedger(
+            unit="user",
+            neighboring_relation=privacy.relation_for(self.sampler.scheme).name.lower(),
+            delta=delta,
+            target_epsilon=target_epsilon,
+            metadata={
+                "mechanism": mechanism,
+                "num_users": self.num_clients,
+                "sampling": str(self.sampler.scheme),
+                "expected_clients_per_round": self.config.clients_per_round,
+                "sampling_rate": self.sampler.rate,
+                "l2_clip": self.config.l2_clip,
+                "adaptive_clipping": self.config.adaptive_clipping is not None,
+                "noise_multiplier": self.aggregator.noise_multiplier,
+                **metadata,
+            },
+        )
+
     # The jitted round.
 
     def _round_impl(self, state: ServerState, data: ClientData, key: jax.Array):

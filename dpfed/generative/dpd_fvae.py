@@ -469,20 +469,14 @@ def local_ledger(
 
 def central_ledger(config: DpdFvaeConfig, engine: DpFedAvg) -> privacy.PrivacyLedger:
     """An empty client-level ledger (unit: user) for central mode."""
-    return privacy.PrivacyLedger(
-        unit="user", neighboring_relation="add_or_remove_one", delta=config.delta,
+    return engine.user_ledger(
+        config.delta,
+        "DP-FedAvg on the shared params' deltas (per-client clip, Gaussian noise on the sum, "
+        "divided by the expected cohort)",
         target_epsilon=config.target_epsilon,
-        metadata={
-            "mechanism": "DP-FedAvg on the shared params' deltas (per-client clip, Gaussian "
-            "noise on the sum, divided by the expected cohort)",
-            "shared": "decoder" if config.sync == "d" else "encoder and decoder",
-            "dataset": config.dataset,
-            "num_users": config.num_clients,
-            "sampling": "poisson",
-            "sampling_rate": engine.sampler.rate,
-            "l2_clip": config.l2_clip,
-            "noise_multiplier": engine.aggregator.noise_multiplier,
-        })
+        shared="decoder" if config.sync == "d" else "encoder and decoder",
+        dataset=config.dataset,
+    )
 
 
 # The trainer: the engine, its initial state, and the release.

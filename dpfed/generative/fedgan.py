@@ -214,23 +214,11 @@ class FedGanGenerator:
 
 def new_ledger(config: FedGanConfig, gan_engine: DpFedAvgGan, group: str) -> privacy.PrivacyLedger:
     """An empty user-level ledger describing one GAN's run."""
-    engine = gan_engine.engine
-    return privacy.PrivacyLedger(
-        unit="user",
-        neighboring_relation=privacy.relation_for(config.sampling).name.lower(),
-        delta=config.delta,
-        metadata={
-            "mechanism": "DP-FedAvg on the discriminator's deltas (per-client clip, Gaussian "
-            "noise on the sum); the generator is trained on the server from noise only",
-            "group": group,
-            "num_users": gan_engine.num_clients,
-            "sampling": config.sampling,
-            "expected_clients_per_round": config.clients_per_round,
-            "sampling_rate": engine.sampler.rate,
-            "l2_clip": config.l2_clip,
-            "adaptive_clipping": config.adaptive_clipping is not None,
-            "noise_multiplier": engine.aggregator.noise_multiplier,
-        },
+    return gan_engine.engine.user_ledger(
+        config.delta,
+        "DP-FedAvg on the discriminator's deltas (per-client clip, Gaussian noise on the "
+        "sum); the generator is trained on the server from noise only",
+        group=group,
     )
 
 

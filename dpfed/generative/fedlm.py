@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpfed import privacy
 from dpfed.data import text as text_lib
 from dpfed.federated import (
     ClientData,
@@ -396,21 +395,9 @@ def train_lm(
     state = engine.init(model.init(init_key, jnp.zeros((1, 2), jnp.int32)))
     ledger = None
     if config.noise_multiplier > 0:
-        ledger = privacy.PrivacyLedger(
-            unit="user",
-            neighboring_relation=privacy.relation_for(config.sampling).name.lower(),
-            delta=config.delta,
-            metadata={
-                "mechanism": "DP-FedAvg on a char LSTM LM (per-client clip, Gaussian noise)",
-                "group": group,
-                "num_users": engine.num_clients,
-                "sampling": config.sampling,
-                "expected_clients_per_round": config.clients_per_round,
-                "sampling_rate": engine.sampler.rate,
-                "l2_clip": config.l2_clip,
-                "noise_multiplier": config.noise_multiplier,
-            },
-        )
+        ledger = engine.user_ledger(
+            config.delta, "DP-FedAvg on a char LSTM LM (per-client clip, Gaussian noise)",
+            group=group)
     sample = jax.jit(functools.partial(sample_ids, model), static_argnums=(2, 3))
     eval_key = jax.random.fold_in(init_key, 1)
 

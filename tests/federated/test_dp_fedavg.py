@@ -250,3 +250,16 @@ def test_clients_see_the_broadcast_context_which_the_round_keeps():
                                err_msg="every client moved by the broadcast context")
     np.testing.assert_array_equal(np.asarray(new.context), np.asarray(context),
                                   err_msg="clients do not change the context")
+
+
+@pytest.mark.parametrize("sampling, relation", [("poisson", "add_or_remove_one"),
+                                                ("fixed", "replace_one")])
+def test_user_ledger_states_unit_relation_and_noise(sampling, relation):
+    engine = make_engine(random_deltas(20), clients_per_round=5, sampling=sampling,
+                         noise_multiplier=1.5)
+    ledger = engine.user_ledger(1e-6, "test mechanism", dataset="toy")
+    assert ledger.unit == "user", "DP-FedAvg protects one user"
+    assert ledger.neighboring_relation == relation, f"{sampling} sampling's relation"
+    assert ledger.metadata["noise_multiplier"] == 1.5, "the ledger states the noise"
+    assert ledger.metadata["num_users"] == 20 and ledger.metadata["dataset"] == "toy", (
+        f"population and caller fields belong in the metadata: {ledger.metadata}")
