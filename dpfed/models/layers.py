@@ -4,8 +4,8 @@ XLA:CPU runs convolutions inside loops (the federated engine's `while_loop`/`sca
 clients and local steps, DP-SGD's `vmap` over examples, a `vmap` over DataLens teachers)
 far slower than at top level, while matrix products keep their speed. Measured here (2 CPU
 cores): a 3x3 conv gradient takes 14 ms at top level and 235 ms inside a `scan`; one
-DP-FedAvg round of the benchmark CNN (64 clients x 5 local steps) takes 25 s with
-`nn.Conv` and 3.3 s with `Conv` below (`benchmarks/fed_round.py --conv=xla,patches`).
+DP-FedAvg round of the benchmark CNN (64 clients x 5 local steps) takes 13.8 s with
+`nn.Conv` and 1.72 s with `Conv` below (`benchmarks/fed_round.py --conv=xla,patches`).
 Gathering the kh*kw shifted views of the input (im2col) and multiplying by the kernel is
 the same function; at top level and forward only, `nn.Conv` stays faster on CPU, so
 `default_conv()` picks patches for CPU backends and XLA's convolution elsewhere.
