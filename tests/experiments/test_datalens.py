@@ -1,13 +1,11 @@
 """End-to-end tests of experiments/datalens.py (subprocesses, tiny runs on 8x8 digits)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.experiments.binary import run_binary
+
 TINY = [
     "--dataset=digits",
     "--num_teachers=12",
@@ -27,11 +25,7 @@ TINY = [
 
 
 def _run(*args, check=True):
-    cmd = [sys.executable, "-m", "experiments.datalens", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
-    return proc
+    return run_binary("experiments.datalens", *args, check=check)
 
 
 def test_tiny_run_writes_the_workdir_contract(tmp_path):

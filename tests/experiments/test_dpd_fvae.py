@@ -1,13 +1,11 @@
 """End-to-end tests of experiments/dpd_fvae.py (subprocesses, tiny runs on 8x8 digits)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.experiments.binary import run_binary
+
 TINY = [
     "--dataset=digits",
     "--num_clients=8",
@@ -25,11 +23,7 @@ TINY = [
 
 
 def _run(*args, check=True):
-    cmd = [sys.executable, "-m", "experiments.dpd_fvae", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
-    return proc
+    return run_binary("experiments.dpd_fvae", *args, check=check)
 
 
 def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):

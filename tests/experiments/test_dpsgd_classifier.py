@@ -11,15 +11,13 @@ import time
 import pytest
 from dp_accounting import dp_event, rdp
 
+from tests.experiments.binary import run_binary
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(*args, check=True, **kw):
-    cmd = [sys.executable, "-m", "experiments.dpsgd_classifier", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-    if check:
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
-    return proc
+    return run_binary("experiments.dpsgd_classifier", *args, check=check, **kw)
 
 
 def _json(workdir, name):
