@@ -34,6 +34,11 @@ _PARTITION = flags.DEFINE_enum(
 _K = flags.DEFINE_integer("topk", _D.topk, "Non-zeros k of each teacher's vote.")
 _SIGMA = flags.DEFINE_float("sigma", _D.sigma, "Noise std on each coordinate of the vote sum.")
 _BETA = flags.DEFINE_float("beta", _D.beta, "Threshold beta: aggregate is 0 within +-beta*T.")
+_SCOPE = flags.DEFINE_enum(
+    "vote_scope", _D.vote_scope, list(datalens.VOTE_SCOPES),
+    "sample: each teacher votes on each generated sample (batch_size aggregations per step); "
+    "batch: one k-sparse vote on the whole batch (one aggregation per step; public code).",
+)
 _B = flags.DEFINE_float("grad_bound", _D.grad_bound, "Clip bound b of the stochastic sign.")
 _Z = flags.DEFINE_integer("z_dim", _D.z_dim, "Latent dimension of the generator.")
 _D_STEPS = flags.DEFINE_integer("d_steps", _D.d_steps, "Teacher steps per generator step.")
@@ -41,7 +46,7 @@ _PRETRAIN = flags.DEFINE_integer(
     "pretrain_steps", _D.pretrain_steps, "Teacher steps before the first generator step."
 )
 _BATCH = flags.DEFINE_integer(
-    "batch_size", _D.batch_size, "Generated samples per step (= aggregations per step)."
+    "batch_size", _D.batch_size, "Generated samples per generator step."
 )
 _REAL_BATCH = flags.DEFINE_integer(
     "real_batch", _D.real_batch, "Real examples per teacher per step (0: whole partition)."
@@ -69,6 +74,10 @@ _GEN_BIAS = flags.DEFINE_float(
     "generator_output_bias", _D.generator_output_bias,
     "Initial bias of the generator's output logits (-3: dark images at start).",
 )
+_GEN_OUTPUT = flags.DEFINE_enum(
+    "generator_output", _D.generator_output, list(datalens.GENERATOR_OUTPUTS),
+    "Generator output activation (hard_sigmoid reaches exact 0/1 pixels).",
+)
 _CHUNK = flags.DEFINE_integer(
     "teacher_chunk", _D.teacher_chunk, "Teachers vectorised together (bounds memory)."
 )
@@ -94,6 +103,7 @@ def _config() -> datalens.DataLensConfig:
         topk=_K.value,
         sigma=_SIGMA.value,
         beta=_BETA.value,
+        vote_scope=_SCOPE.value,
         grad_bound=_B.value,
         z_dim=_Z.value,
         d_steps=_D_STEPS.value,
@@ -112,6 +122,7 @@ def _config() -> datalens.DataLensConfig:
         generator_hidden=_GEN_HIDDEN.value,
         generator_width=_GEN_WIDTH.value,
         generator_output_bias=_GEN_BIAS.value,
+        generator_output=_GEN_OUTPUT.value,
         teacher_chunk=_CHUNK.value,
         seed=_SEED.value,
         eval_every=_EVAL_EVERY.value,

@@ -96,18 +96,26 @@ class TeacherDiscriminator(nn.Module):
         return logits + jnp.sum(projection(labels) * h, axis=-1)
 
 
+# Output activations of the student generator, logits -> [0, 1].
+OUTPUTS = {"sigmoid": jax.nn.sigmoid, "hard_sigmoid": jax.nn.hard_sigmoid}
+
+
 class StudentGenerator(nn.Module):
     """Conditional DCGAN generator: concat(z, one-hot) -> dense(hidden) -> dense to a
     (H/4, W/4, 2*width) map -> transposed conv(width, stride 2) -> transposed conv
     (channels, stride 2); batch-statistics normalisation and class biases before each
-    ReLU, sigmoid output in [0, 1]. `output_bias` initialises the last layer's bias: a
-    data-independent prior on the mean pixel (sigmoid(-3) = 0.05: dark backgrounds)."""
+    ReLU, output in [0, 1] by `output` ("sigmoid", or "hard_sigmoid" = relu6(x + 3) / 6,
+    which reaches exactly 0 and 1: a sigmoid never draws a truly black background, and
+    discriminators trained on MNIST's exact zeros keep voting to darken it). `output_bias`
+    initialises the last layer's bias: a data-independent prior on the mean pixel
+    (sigmoid(-3) = 0.05: dark backgrounds)."""
 
     num_classes: int
     image_shape: tuple[int, int, int] = (28, 28, 1)
     hidden: int = 256
     width: int = 32
     output_bias: float = 0.0
+    output: str = "sigmoid"
 
     @nn.compact
     def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
@@ -131,4 +139,5 @@ class StudentGenerator(nn.Module):
             strides=(2, 2),
             bias_init=nn.initializers.constant(self.output_bias),
         )(x)
-        return nn.sigmoid(ConditionalBias(self.num_classes, channels)(x, labels))
+        logits = ConditionalBias(self.num_classes, channels)(x, labels)
+        return OUTPUTS[self.output](logits)

@@ -1,21 +1,15 @@
 """benchmarks/datalens_teachers.py runs and prints both paths and their ratios (no timing
 assertions: the figures depend on the machine)."""
 
-import pathlib
-import subprocess
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.binary import run_binary
 
 
 def test_benchmark_prints_both_paths_and_ratios():
-    cmd = [
-        sys.executable, "-m", "benchmarks.datalens_teachers", "--dataset=digits",
-        "--num_teachers=3", "--real_batch=4", "--fake_batch=2", "--topk=5",
-        "--teacher_chunk=2", "--teacher_features=4", "--repeats=1",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_binary(
+        "benchmarks.datalens_teachers", "--dataset=digits", "--num_teachers=3",
+        "--real_batch=4", "--fake_batch=2", "--topk=5", "--teacher_chunk=2",
+        "--teacher_features=4", "--repeats=1",
+    )
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["3"]
     for row in rows:

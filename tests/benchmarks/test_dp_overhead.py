@@ -2,11 +2,9 @@
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.binary import run_binary
+
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "opacus"))
 
 
@@ -15,14 +13,7 @@ def _run(*flags):
     # One CPU device, as users run it; XLA optimisations off halve compile time, and
     # this smoke test reads no timings.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.dp_overhead", *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_binary("benchmarks.dp_overhead", *flags, check=False, timeout=300, env=env)
 
 
 def test_quick_run_prints_table_ratios_and_memory():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.experiments.binary import run_binary
+from tests.binary import run_binary
 
 TINY = [
     "--dataset=digits",
@@ -42,6 +42,13 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert summary["epsilon_rdp"] == ledger["epsilon_rdp"] <= 50
     assert ledger["metadata"]["l2_sensitivity"] == pytest.approx(24**0.5)
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
+
+
+def test_vote_scope_batch_flag_records_one_aggregation_per_step(tmp_path):
+    _run(*TINY, "--vote_scope=batch", "--steps=2", "--noevaluate", f"--workdir={tmp_path}")
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert ledger["metadata"]["vote_scope"] == "batch"
+    assert ledger["num_releases"] == 2, "--vote_scope=batch: one aggregation per step"
 
 
 def test_evaluate_flag_appends_the_evaluation_suite_result(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.experiments.binary import run_binary
+from tests.binary import run_binary
 
 TINY = [
     "--dataset=digits",

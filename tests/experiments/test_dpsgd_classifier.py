@@ -11,7 +11,7 @@ import time
 import pytest
 from dp_accounting import dp_event, rdp
 
-from tests.experiments.binary import run_binary
+from tests.binary import run_binary
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

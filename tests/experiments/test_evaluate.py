@@ -1,23 +1,19 @@
 """End-to-end tests of experiments/evaluate.py (subprocesses, digits, small runs)."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 
 from dpfed import data
 from dpfed.generative import contract
+from tests.binary import run_binary
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 _SMALL = ("--dataset=digits", "--num_samples=200", "--max_epochs=1", "--extractor_steps=10")
 _ONE_MODEL = "--models=logreg"
 
 
 def _run(*args):
-    cmd = [sys.executable, "-m", "experiments.evaluate", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return run_binary("experiments.evaluate", *args, check=False)
 
 
 def _digits_npz(path):

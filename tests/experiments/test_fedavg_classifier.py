@@ -1,8 +1,6 @@
 """experiments/fedavg_classifier.py and dpfed.federated.classifier: ledger, resume, flags."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from dp_accounting import dp_event, rdp
@@ -10,6 +8,7 @@ from dp_accounting import dp_event, rdp
 from dpfed import data
 from dpfed.federated import classifier
 from dpfed.train.config import ConfigError
+from tests.binary import run_binary
 
 FAST = {"model": "logreg", "local_steps": 2, "local_batch_size": 10, "eval_every": 100}
 
@@ -93,9 +92,8 @@ def test_infeasible_adaptive_noise_split_names_the_flag():
 
 @pytest.mark.parametrize("flag, name", [("--l2_clip=-1", "l2_clip"), ("--delta=1.5", "delta")])
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.fedavg_classifier", flag, f"--workdir={tmp_path}"],
-        capture_output=True, text=True, check=False)
+    result = run_binary(
+        "experiments.fedavg_classifier", flag, f"--workdir={tmp_path}", check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, f"bad flags exit with 2, got {result.returncode}"
     assert len(lines) == 1 and f"--{name}" in lines[0], f"one line naming --{name}: {lines}"

@@ -1,15 +1,12 @@
 """experiments/fedgan_debug.py and dpfed.generative.fedgan_debug: outputs, flags, resume."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from dpfed.generative import fedgan_debug
+from tests.binary import run_binary
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = {
     "num_clients": 24,
     "classifier_epochs": 1,
@@ -87,11 +84,9 @@ def test_rerun_resumes_to_the_same_result(tiny_run):
     [("bug_fraction", "1.5"), ("noise_multiplier", "-1"), ("d_conv_features", "4,x")],
 )
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value):
-    cmd = [
-        sys.executable, "-m", "experiments.fedgan_debug", f"--{flag}={value}",
-        f"--workdir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_binary(
+        "experiments.fedgan_debug", f"--{flag}={value}", f"--workdir={tmp_path}", check=False
+    )
     assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
     assert flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 

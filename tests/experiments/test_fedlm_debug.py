@@ -1,15 +1,12 @@
 """experiments/fedlm_debug.py and dpfed.generative.fedlm_debug: outputs and flags."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from dpfed.generative import fedlm_debug
+from tests.binary import run_binary
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = {
     "min_lines": 200,
     "seq_len": 16,
@@ -70,10 +67,8 @@ def test_report_samples_and_ledgers_are_written(tiny_run):
 
 
 def test_bad_flag_exits_2_naming_it(tmp_path):
-    cmd = [
-        sys.executable, "-m", "experiments.fedlm_debug", "--bug_fraction=-0.1",
-        f"--workdir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_binary(
+        "experiments.fedlm_debug", "--bug_fraction=-0.1", f"--workdir={tmp_path}", check=False
+    )
     assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
     assert "bug_fraction" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -26,6 +26,7 @@ TINY = datalens.DataLensConfig(
     topk=6,
     sigma=30.0,
     beta=0.3,
+    vote_scope="sample",
     grad_bound=1e-3,
     z_dim=4,
     d_steps=1,
@@ -69,7 +70,7 @@ def _teacher_inputs(ensemble, key):
     return data, samples, sample_labels
 
 
-def _run(ensemble, topagg, key):
+def _run(ensemble, topagg, key, scope="sample"):
     """Init, one teacher step, then the vote sums (jitted)."""
     state = ensemble.init(jax.random.fold_in(key, 0), jnp.zeros((8, 8, 1)))
     data, samples, sample_labels = _teacher_inputs(ensemble, jax.random.fold_in(key, 1))
@@ -81,7 +82,7 @@ def _run(ensemble, topagg, key):
             state, data, ids, samples, sample_labels, jax.random.fold_in(key, 2), real_batch=4
         )
         votes = ensemble.vote_sum(
-            state, ids, samples, sample_labels, jax.random.fold_in(key, 3), topagg
+            state, ids, samples, sample_labels, jax.random.fold_in(key, 3), topagg, scope
         )
         return state, votes
 
@@ -118,6 +119,31 @@ def test_vote_sum_equals_a_loop_over_teachers_on_one_and_eight_devices():
     np.testing.assert_array_equal(np.asarray(votes_one), np.asarray(votes))
     for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state), strict=True):
         np.testing.assert_allclose(np.asarray(a)[:13], np.asarray(b)[:13], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_scope_is_one_k_sparse_vote_per_teacher_on_the_whole_batch():
+    key = jax.random.key(3)
+    ensemble = _ensemble(num_teachers=5, chunk=1, devices=jax.devices()[:1])
+    state, votes, samples, labels = _run(ensemble, TOPAGG, key, scope="batch")
+    disc = ensemble.discriminator
+    vote_key = jax.random.fold_in(key, 3)
+    per_teacher = []
+    for t in range(5):
+        params = jax.tree.map(lambda x, t=t: x[t], state["params"])
+        grads = -jax.grad(
+            lambda x, p=params: jnp.sum(teachers_lib.generator_loss(disc, p, x, labels))
+        )(samples)
+        vote = TOPAGG.vote(grads.reshape(-1), jax.random.fold_in(vote_key, t))
+        assert int(jnp.sum(vote != 0)) == TOPAGG.k, "a batch vote must have k non-zeros in all"
+        per_teacher.append(vote.reshape(3, -1))
+    np.testing.assert_array_equal(
+        np.asarray(votes),
+        np.asarray(sum(per_teacher)),
+        err_msg="batch scope: each teacher's one vote over the flattened batch, summed",
+    )
+    assert float(jnp.sum(jnp.abs(votes))) <= 5 * TOPAGG.k  # vs 3 * 5 * k with sample scope
+    with pytest.raises(ValueError, match="scope"):
+        _run(ensemble, TOPAGG, key, scope="pixel")
 
 
 def test_teacher_axis_is_sharded_over_the_mesh():
@@ -168,6 +194,18 @@ def test_ledger_eps_equals_dp_accounting_and_resume_replays_the_run(tmp_path):
     np.testing.assert_array_equal(np.asarray(labels), np.arange(6))
 
 
+def test_batch_scope_records_one_event_per_step(tmp_path):
+    summary, run_dir = _train(tmp_path, "batch", vote_scope="batch")
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    z = TINY.sigma / math.sqrt(4 * TINY.topk)
+    assert ledger["num_releases"] == TINY.steps == summary["aggregations"], (
+        "batch scope: one Gaussian aggregation per generator step, whatever batch_size"
+    )
+    assert ledger["epsilon_rdp"] == pytest.approx(_direct_epsilon(z, TINY.steps, 1e-5), 1e-9)
+    assert ledger["metadata"]["vote_scope"] == "batch"
+    assert ledger["metadata"]["aggregations_per_step"] == 1
+
+
 def test_budget_guard_stops_before_the_target(tmp_path):
     z = TINY.sigma / math.sqrt(4 * TINY.topk)
     target = _direct_epsilon(z, 3 * TINY.batch_size, 1e-5) + 1e-6  # exactly 3 steps affordable
@@ -176,12 +214,25 @@ def test_budget_guard_stops_before_the_target(tmp_path):
     assert summary["epsilon_rdp"] <= target
 
 
+def test_budget_guard_with_batch_scope_counts_steps(tmp_path):
+    z = TINY.sigma / math.sqrt(4 * TINY.topk)
+    target = _direct_epsilon(z, 5, 1e-5) + 1e-6  # five batch aggregations affordable
+    summary, _ = _train(
+        tmp_path, "guard_batch", steps=50, target_epsilon=target, vote_scope="batch"
+    )
+    assert summary["steps"] == 5 and summary["stopped_by_budget"]
+
+
 @pytest.mark.parametrize(
     "changes,field",
     [
         (dict(num_teachers=5000), "num_teachers"),
         (dict(target_epsilon=1e-3), "target_epsilon"),
         (dict(topk=100), "topk"),
+        (dict(topk=300, vote_scope="batch"), "topk"),  # > 4 samples x 64 pixels
+        (dict(vote_scope="pixel"), "vote_scope"),
+        (dict(batch_size=1), "batch_size"),
+        (dict(generator_output="tanh"), "generator_output"),
     ],
 )
 def test_unusable_settings_name_the_field(tmp_path, changes, field):

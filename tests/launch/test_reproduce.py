@@ -1,22 +1,19 @@
 """End-to-end tests of launch/reproduce.py (subprocesses)."""
 
 import json
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.binary import ROOT, run_binary
 
 
 def _run(tmp_path, *args):
-    cmd = [
-        sys.executable, "-m", "launch.reproduce", f"--out_dir={tmp_path / 'tables'}",
+    return run_binary(
+        "launch.reproduce", f"--out_dir={tmp_path / 'tables'}",
         f"--workdir_root={tmp_path / 'workdirs'}", f"--cache_dir={tmp_path / 'cache'}", *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        check=False, timeout=900,
+    )
 
 
 def _smoke_table(tmp_path, table):

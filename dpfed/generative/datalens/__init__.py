@@ -21,23 +21,26 @@ Privacy analysis (what the ledger records and why):
   vectors of one teacher, in {-1, 0, +1}^D with exactly k non-zeros each: sqrt(4k)
   (derived in `topagg`; attained by equal supports with opposite signs). Every other
   teacher's vote has the same distribution on both datasets.
-- The aggregation of ONE generated sample adds N(0, sigma^2) to each coordinate of the
-  vote sum: a Gaussian mechanism with noise multiplier sigma / sqrt(4k), recorded as
-  `GaussianDpEvent(sigma / sqrt(4k))`. A generator step aggregates `batch_size` samples:
-  that many events. The samples, the generator and the teachers' state evolve with the
-  released aggregates, which RDP composition covers (adaptive composition).
+- One aggregation adds N(0, sigma^2) to each coordinate of the vote sum: a Gaussian
+  mechanism with noise multiplier sigma / sqrt(4k), recorded as
+  `GaussianDpEvent(sigma / sqrt(4k))`. With `vote_scope="sample"` a teacher votes on each
+  generated sample (k non-zeros per sample) and a generator step is `batch_size`
+  aggregations; with `vote_scope="batch"` (the public code's) a teacher casts one k-sparse
+  vote on the whole batch flattened, and a step is one aggregation. The samples, the
+  generator and the teachers' state evolve with the released aggregates, which RDP
+  composition covers (adaptive composition).
 - Thresholding at beta * T is post-processing of the noisy sum: it costs nothing. The
   data-dependent bounds of the paper's code are not used; the guarantee is the
   data-independent composition of all Gaussian events, with eps from RDP (and PLD).
 - No subsampling amplification: every teacher uses all of its partition, and all
   teachers vote on every sample. Teacher training itself releases nothing.
-- The budget guard stops before the first generator step whose `batch_size` further
-  events would take eps above the target.
+- The budget guard stops before the first generator step whose further events would
+  take eps above the target.
 """
 
 from dpfed.generative import contract
 from dpfed.generative.datalens.partition import PARTITION_RELATIONS, partition_teachers
-from dpfed.generative.datalens.teachers import TeacherEnsemble, make_mesh
+from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg, teacher_vote
 from dpfed.generative.datalens.training import (
     METHOD,
@@ -47,6 +50,7 @@ from dpfed.generative.datalens.training import (
     load_generator,
     train,
 )
+from dpfed.models.datalens_nets import OUTPUTS as GENERATOR_OUTPUTS
 from dpfed.train.config import ConfigError
 
 contract.register_generator(METHOD, load_generator)
@@ -58,8 +62,10 @@ __all__ = [
     "DataLens",
     "DataLensConfig",
     "DataLensGenerator",
+    "GENERATOR_OUTPUTS",
     "TeacherEnsemble",
     "TopAgg",
+    "VOTE_SCOPES",
     "load_generator",
     "make_mesh",
     "partition_teachers",

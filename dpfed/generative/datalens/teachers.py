@@ -28,6 +28,9 @@ from dpfed.generative.datalens.topagg import TopAgg
 
 PyTree = Any
 MESH_AXIS = "clients"
+# What one teacher vote (one aggregation, one Gaussian event) covers: one generated
+# sample (the issue's reading of the paper) or a whole batch (the public code).
+VOTE_SCOPES = ("sample", "batch")
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
@@ -175,14 +178,20 @@ class TeacherEnsemble:
         labels: jax.Array,
         key: jax.Array,
         topagg: TopAgg,
+        scope: str = "sample",
     ) -> jax.Array:
-        """Sum over the T teachers of their TopAgg votes on each sample: `[B, D]`.
+        """Sum over the T teachers of their TopAgg votes: `[B, D]`.
 
         Teacher t's gradient is -d softplus(-D_t(x, y)) / dx for each sample x (the
-        direction that lowers the generator loss), computed per sample; its vote on
-        sample i uses `fold_in(fold_in(key, t), i)`. Not noised: feed it to
+        direction that lowers the generator loss). With `scope="sample"` each teacher
+        votes on each sample separately (k non-zeros per sample; vote on sample i uses
+        `fold_in(fold_in(key, t), i)`); with `scope="batch"` it casts one vote on the
+        whole batch flattened to B*D coordinates (k non-zeros in all, with
+        `fold_in(key, t)`), as the public code does. Not noised: feed it to
         `topagg.privatize` before anything else sees it.
         """
+        if scope not in VOTE_SCOPES:
+            raise ValueError(f"scope must be one of {VOTE_SCOPES}, got {scope!r}")
         disc = self.discriminator
         num_samples = samples.shape[0]
 
@@ -195,10 +204,14 @@ class TeacherEnsemble:
                 loss = lambda x: jnp.sum(generator_loss(disc, params, x, labels))
                 grads = -jax.grad(loss)(samples).reshape(num_samples, -1)
                 teacher_key = jax.random.fold_in(key, t)
-                keys = jax.vmap(lambda i: jax.random.fold_in(teacher_key, i))(
-                    jnp.arange(num_samples)
-                )
-                return jax.vmap(topagg.vote)(grads, keys) * (t < self.num_teachers)
+                if scope == "batch":
+                    votes = topagg.vote(grads.reshape(-1), teacher_key).reshape(grads.shape)
+                else:
+                    keys = jax.vmap(lambda i: jax.random.fold_in(teacher_key, i))(
+                        jnp.arange(num_samples)
+                    )
+                    votes = jax.vmap(topagg.vote)(grads, keys)
+                return votes * (t < self.num_teachers)
 
             local_count = ids.shape[0]
             split = jax.tree.map(

@@ -16,6 +16,9 @@ by 0, so ||v - v'||^2 <= 4 |S n S'| + 2 (k - |S n S'|) = 2k + 2 |S n S'| <= 4k. 
 bound sqrt(4k) is attained (same support, opposite signs); disjoint supports give only
 sqrt(2k). One aggregation of one sample, when a single teacher's vote may change
 arbitrarily, is therefore the Gaussian mechanism with noise multiplier sigma / sqrt(4k).
+The same holds when a teacher votes once on a whole batch of samples flattened into one
+vector of B*D coordinates (the public code's scope; `TeacherEnsemble.vote_sum`): the vote
+still has k non-zeros, so one such aggregation is one Gaussian event of the same multiplier.
 """
 
 import dataclasses
@@ -81,7 +84,8 @@ class TopAgg:
         return self.sigma / self.sensitivity
 
     def dp_event(self) -> dp_event.DpEvent:
-        """The release of ONE sample's noisy vote sum (one teacher's vote may change)."""
+        """The release of ONE noisy vote sum (one sample's, or one batch's with batch scope;
+        one teacher's k-sparse vote may change)."""
         return dp_event.GaussianDpEvent(self.noise_multiplier)
 
     def vote(self, grad: jax.Array, key: jax.Array) -> jax.Array:

@@ -5,15 +5,17 @@ One generator step:
 1. every teacher takes `d_steps` discriminator steps (`pretrain_steps` before the first
    aggregation) on its own partition against fresh samples of the current generator;
 2. the generator draws `batch_size` samples x = G(z, y) (z ~ U[-1, 1]^z_dim, y uniform);
-3. each teacher votes on each sample with TopAgg; the vote sums are noised (the DP
-   release: `batch_size` Gaussian events) and thresholded (post-processing);
+3. each teacher votes with TopAgg, on each sample (`vote_scope="sample"`: `batch_size`
+   aggregations) or once on the whole batch (`"batch"`, the public code: one
+   aggregation); the vote sums are noised (the DP release: one Gaussian event per
+   aggregation) and thresholded (post-processing);
 4. the generator takes one Adam step on sum ||x + step_size * aggregate - G(z, y)||^2
    (with `project_target`, the target is first clipped to the image range [0, 1], so a
    pixel already black is not pulled further down: post-processing, not in the paper).
 
 Step t uses `fold_in(key(seed), t)`: a resumed run replays identical randomness, and the
 checkpoint holds the train state and the ledger together, so resuming neither loses nor
-double-counts privacy spend. Before step t the budget guard checks that `batch_size` more
+double-counts privacy spend. Before step t the budget guard checks that one more step's
 aggregations keep eps <= the target; training stops before the first step that would not.
 
 Only DP releases (and what is computed from them) leave the run: `metrics.jsonl` holds
@@ -44,9 +46,9 @@ from dpfed import privacy
 from dpfed.data.partition import to_federated
 from dpfed.generative import contract
 from dpfed.generative.datalens.partition import PARTITION_RELATIONS, partition_teachers
-from dpfed.generative.datalens.teachers import TeacherEnsemble, make_mesh
+from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
-from dpfed.models.datalens_nets import StudentGenerator, TeacherDiscriminator
+from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -72,24 +74,26 @@ class DataLensConfig:
     topk: int = 300
     sigma: float = 800.0
     beta: float = 0.8
+    vote_scope: str = "batch"
     grad_bound: float = 1e-4
     z_dim: int = 50
     d_steps: int = 1
     pretrain_steps: int = 10
-    batch_size: int = 16
+    batch_size: int = 4
     real_batch: int | None = 8
     learning_rate: float = 2e-3
     teacher_learning_rate: float = 1e-3
     adam_beta1: float = 0.5
     step_size: float = 1e-3
     project_target: bool = False
-    steps: int = 1000
+    steps: int = 3000
     target_epsilon: float | None = None
     delta: float = 1e-5
     teacher_features: tuple[int, ...] = (8, 16)
     generator_hidden: int = 256
     generator_width: int = 32
     generator_output_bias: float = 0.0
+    generator_output: str = "sigmoid"
     teacher_chunk: int = 4
     seed: int = 0
     eval_every: int = 10
@@ -107,11 +111,17 @@ class DataLensConfig:
         require(self.topk >= 1, "topk", "must be >= 1")
         require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", "must be > 0")
         require(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
+        require(self.vote_scope in VOTE_SCOPES, "vote_scope", f"must be one of {VOTE_SCOPES}")
         require(self.grad_bound > 0, "grad_bound", "must be > 0")
         require(self.z_dim >= 1, "z_dim", "must be >= 1")
         require(self.d_steps >= 0, "d_steps", "must be >= 0")
         require(self.pretrain_steps >= 0, "pretrain_steps", "must be >= 0")
-        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(
+            self.batch_size >= 2,
+            "batch_size",
+            "must be >= 2 (the generator normalises with batch statistics: one sample "
+            "normalises to its bias, whatever z)",
+        )
         require(self.real_batch is None or self.real_batch >= 1, "real_batch", "must be >= 1")
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.teacher_learning_rate > 0, "teacher_learning_rate", "must be > 0")
@@ -132,6 +142,11 @@ class DataLensConfig:
         require(
             math.isfinite(self.generator_output_bias), "generator_output_bias", "must be finite"
         )
+        require(
+            self.generator_output in OUTPUTS,
+            "generator_output",
+            f"must be one of {tuple(OUTPUTS)}",
+        )
         require(self.teacher_chunk >= 1, "teacher_chunk", "must be >= 1")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
@@ -140,6 +155,11 @@ class DataLensConfig:
     def topagg(self) -> TopAgg:
         """The TopAgg mechanism of this run."""
         return TopAgg(k=self.topk, b=self.grad_bound, sigma=self.sigma, beta=self.beta)
+
+    @property
+    def aggregations_per_step(self) -> int:
+        """Gaussian events of one generator step: one per sample, or one per batch."""
+        return self.batch_size if self.vote_scope == "sample" else 1
 
     def relation(self) -> str:
         """The neighbouring relation under which the partition scheme is sound."""
@@ -178,6 +198,7 @@ def build_generator(config: DataLensConfig, num_classes: int, image_shape) -> Da
         hidden=config.generator_hidden,
         width=config.generator_width,
         output_bias=config.generator_output_bias,
+        output=config.generator_output,
     )
     return DataLensGenerator(module, config.z_dim)
 
@@ -261,7 +282,7 @@ class DataLens:
         module = self.generator.module
         samples = module.apply(gen["params"], z, labels)
         vote_sum = self.ensemble.vote_sum(
-            state["teachers"], ids, samples, labels, vote_key, self.topagg
+            state["teachers"], ids, samples, labels, vote_key, self.topagg, self.config.vote_scope
         )
         noisy = self.topagg.privatize(vote_sum, noise_key)  # the DP release
         aggregate = self.topagg.threshold(noisy, self.config.num_teachers)  # post-processing
@@ -346,7 +367,8 @@ def new_ledger(config: DataLensConfig, num_examples: int, sizes: np.ndarray):
             "grad_bound": config.grad_bound,
             "l2_sensitivity": topagg.sensitivity,
             "noise_multiplier": topagg.noise_multiplier,
-            "aggregations_per_step": config.batch_size,
+            "vote_scope": config.vote_scope,
+            "aggregations_per_step": config.aggregations_per_step,
             "sampling": "none: every teacher sees all of its partition (no amplification)",
         },
     )
@@ -361,16 +383,17 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     """
     start_time = time.time()
     event = config.topagg().dp_event()
+    per_step = config.aggregations_per_step
     if config.target_epsilon is not None:
         first_step = privacy.PrivacyLedger(
             "example", config.relation(), config.delta, config.target_epsilon
         )
         require(
-            first_step.affordable_count(event, config.batch_size) == config.batch_size,
+            first_step.affordable_count(event, per_step) == per_step,
             "target_epsilon",
-            f"cannot be met: one step ({config.batch_size} aggregations of noise multiplier "
+            f"cannot be met: one step ({per_step} aggregations of noise multiplier "
             f"{config.topagg().noise_multiplier:.4g}) already costs eps "
-            f"{first_step.epsilon_with(event, config.batch_size):.4g}",
+            f"{first_step.epsilon_with(event, per_step):.4g}",
         )
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
@@ -381,7 +404,11 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         f"must be <= the {n} training examples (disjoint partitions, no record reused)",
     )
     dim = math.prod(train_ds.image_shape)
-    require(config.topk <= dim, "topk", f"must be <= the {dim} coordinates of an image")
+    if config.vote_scope == "batch":
+        dim *= config.batch_size
+    require(
+        config.topk <= dim, "topk", f"must be <= the {dim} coordinates of one vote's scope"
+    )
     if config.delta >= 1.0 / n:
         logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
 
@@ -401,12 +428,12 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         wd.truncate_metrics(start_step)
         log(f"resumed from step {start_step} in {workdir}")
 
-    affordable = ledger.affordable_count(event, config.batch_size * (config.steps - start_step))
-    last_step = start_step + affordable // config.batch_size
+    affordable = ledger.affordable_count(event, per_step * (config.steps - start_step))
+    last_step = start_step + affordable // per_step
     if last_step < config.steps:
         log(
             f"budget guard: stop after step {last_step} "
-            f"({last_step * config.batch_size} aggregations; target eps {config.target_epsilon})"
+            f"({last_step * per_step} aggregations; target eps {config.target_epsilon})"
         )
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
@@ -423,7 +450,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             d_steps_before(config, step),
             config.real_batch or teacher_data.max_n,
         )
-        ledger.record(event, count=config.batch_size)
+        ledger.record(event, count=per_step)
         done = step + 1
         if done % config.eval_every == 0 or done == last_step:
             eps = ledger.epsilon()
@@ -518,6 +545,7 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         f"{summary['aggregations']} Gaussian aggregations of noise multiplier "
         f"sigma/sqrt(4k) = {summary['noise_multiplier']:.4g}; {budget}\n"
         f"- teachers: T = {config.num_teachers} ({config.partition} partition, "
+        f"one vote per {config.vote_scope}, "
         f"{summary['partition_sizes']['min']}-{summary['partition_sizes']['max']} examples "
         f"each), top-k {config.topk}, sigma {config.sigma:g}, beta {config.beta:g}, "
         f"b {config.grad_bound:g}\n"
