@@ -255,7 +255,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     result = run_rounds(
         engine, state, rounds=config.rounds, seed=config.seed, workdir=wd, ledger=ledger,
         evaluate=evaluate, eval_every=config.eval_every,
-        checkpoint_every=config.checkpoint_every, desc="fedavg", log=log)
+        checkpoint_every=config.checkpoint_every, desc="fedavg", log=log, config=config)
 
     ledger_json = result.ledger.to_json() if result.ledger is not None else None
     if ledger_json is not None:

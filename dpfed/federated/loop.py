@@ -56,6 +56,7 @@ def run_rounds(
     checkpoint_every: int,
     desc: str = "fedavg",
     log: Callable[[str], None] = print,
+    config: Any = None,
 ) -> LoopResult:
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
@@ -72,11 +73,15 @@ def run_rounds(
       eval_every, checkpoint_every: periods in rounds (the last round always does both).
       desc: the progress line's label.
       log: where one-off messages go.
+      config: the run's config dataclass, pinned in the workdir (`Workdir.pin_config`):
+        resuming under changed settings raises ConfigError naming the field.
     """
     event = engine.round_event()
     if (ledger is None) != (event is None):
         raise ValueError("a private engine needs a ledger and a non-private one none")
     checkpointer = Checkpointer(workdir.file("checkpoints"))
+    if config is not None:
+        workdir.pin_config(config, resuming=checkpointer.latest_step() is not None)
     start, resumed_from = 0, None
     if checkpointer.latest_step() is not None:
         state, extra = checkpointer.restore(state)

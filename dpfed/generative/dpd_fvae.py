@@ -636,7 +636,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         trainer.engine, trainer.init(), rounds=config.rounds, seed=config.seed, workdir=wd,
         ledger=ledger, evaluate=evaluate, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
-        log=log)
+        log=log, config=config)
     participations = trainer.participations(result.state)
     if config.dp == "local":
         ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,

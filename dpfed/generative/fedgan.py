@@ -293,6 +293,7 @@ def train_gan(
         checkpoint_every=config.checkpoint_every,
         desc=f"fedgan[{group}]",
         log=log,
+        config=config,
     )
     g_vars = jax.device_get(result.state.context)
     wd.file(GENERATOR_FILE).write_bytes(flax.serialization.to_bytes(g_vars))

@@ -293,6 +293,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         event = step_event(config, noise_multiplier, n)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
+    wd.pin_config(config, resuming=checkpointer.latest_step() is not None)
     start_step = 0
     if checkpointer.latest_step() is not None:
         state, extra = checkpointer.restore(state)

@@ -24,9 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfed.train.config import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
+CONFIG_FILE = "config.json"
+# Config fields a resumed run may change: how long it runs and how often it reports.
+# Any other change would continue a checkpoint under settings it was not trained with.
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "rounds", "target_epsilon", "eval_every", "checkpoint_every", "num_synthetic",
+     "data_dir"}
+)
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -139,6 +148,30 @@ class Workdir:
     def read_json(self, name: str) -> Any:
         """Reads a JSON file written by `write_json`."""
         return loads(self.file(name).read_text(encoding="utf-8"))
+
+    def pin_config(
+        self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS
+    ) -> None:
+        """Records the run's config (a dataclass) in config.json; on a resume, first checks it.
+
+        Raises:
+          ConfigError: `resuming` and a field outside `resumable` differs from the
+            config.json of the run being resumed (named, with both values), so a changed
+            flag never silently continues another run's checkpoint and ledger. A workdir
+            from before config.json existed is pinned without a check.
+        """
+        current = loads(dumps(dataclasses.asdict(config)))
+        path = self.file(CONFIG_FILE)
+        if resuming and path.exists():
+            pinned = self.read_json(CONFIG_FILE)
+            for field in sorted(set(pinned) | set(current)):
+                if field not in resumable and pinned.get(field) != current.get(field):
+                    raise ConfigError(
+                        field,
+                        f"is {current.get(field)!r} but the run being resumed in {self.path} "
+                        f"used {pinned.get(field)!r}: use the same value or a new workdir",
+                    )
+        self.write_json(CONFIG_FILE, current)
 
     def write_summary(self, summary: dict) -> pathlib.Path:
         """Atomically writes `summary.json`."""

@@ -206,6 +206,13 @@ def test_batch_scope_records_one_event_per_step(tmp_path):
     assert ledger["metadata"]["aggregations_per_step"] == 1
 
 
+def test_resume_with_another_vote_scope_is_refused(tmp_path):
+    _train(tmp_path, "run", steps=2)  # a checkpoint at step 2, per-sample votes
+    with pytest.raises(datalens.ConfigError) as error:
+        _train(tmp_path, "run", vote_scope="batch")
+    assert error.value.field == "vote_scope", "a changed setting must not continue the run"
+
+
 def test_budget_guard_stops_before_the_target(tmp_path):
     z = TINY.sigma / math.sqrt(4 * TINY.topk)
     target = _direct_epsilon(z, 3 * TINY.batch_size, 1e-5) + 1e-6  # exactly 3 steps affordable

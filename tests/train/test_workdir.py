@@ -1,5 +1,6 @@
 """Tests for dpfed.train.workdir."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from dpfed.train import workdir as workdir_lib
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 
@@ -201,3 +203,40 @@ def test_environment_info_has_versions_and_no_hostname():
 def test_dumps_is_strict_json():
     text = workdir_lib.dumps({"x": np.float32("nan")})
     assert _strict_json(text) == {"x": "NaN"}, f"unexpected encoding {text}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    noise_multiplier: float = 1.0
+    widths: tuple[int, ...] = (8, 16)
+    steps: int = 10
+
+
+def test_pin_config_writes_config_json_on_a_fresh_run(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(_Config(), resuming=False)
+    assert wd.read_json(workdir_lib.CONFIG_FILE) == {
+        "noise_multiplier": 1.0, "widths": [8, 16], "steps": 10
+    }
+
+
+def test_resume_may_extend_steps_but_not_change_other_fields(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(_Config(), resuming=False)
+    wd.pin_config(_Config(steps=20), resuming=True)  # a longer run continues the checkpoint
+    assert wd.read_json(workdir_lib.CONFIG_FILE)["steps"] == 20
+    with pytest.raises(ConfigError) as error:
+        wd.pin_config(_Config(steps=20, widths=(8, 32)), resuming=True)
+    assert error.value.field == "widths", "the error names the changed flag"
+    assert "[8, 16]" in error.value.message, "and says what the resumed run used"
+    assert wd.read_json(workdir_lib.CONFIG_FILE)["widths"] == [8, 16], "pin kept on refusal"
+
+
+def test_fresh_run_repins_and_old_workdir_is_pinned_without_check(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(_Config(), resuming=False)
+    wd.pin_config(_Config(noise_multiplier=2.0), resuming=False)  # no checkpoint: new run
+    assert wd.read_json(workdir_lib.CONFIG_FILE)["noise_multiplier"] == 2.0
+    old = Workdir(tmp_path / "old")  # checkpoints from before config.json existed
+    old.pin_config(_Config(noise_multiplier=3.0), resuming=True)
+    assert old.read_json(workdir_lib.CONFIG_FILE)["noise_multiplier"] == 3.0

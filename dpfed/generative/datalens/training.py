@@ -420,6 +420,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     ledger = new_ledger(config, n, teacher_data.sizes)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
+    wd.pin_config(config, resuming=checkpointer.latest_step() is not None)
     start_step = 0
     if checkpointer.latest_step() is not None:
         state, extra = checkpointer.restore(state)
