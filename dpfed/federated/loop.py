@@ -80,10 +80,11 @@ def run_rounds(
     if (ledger is None) != (event is None):
         raise ValueError("a private engine needs a ledger and a non-private one none")
     checkpointer = Checkpointer(workdir.file("checkpoints"))
+    resuming = checkpointer.latest_step() is not None
     if config is not None:
-        workdir.pin_config(config, resuming=checkpointer.latest_step() is not None)
+        workdir.pin_config(config, resuming)
     start, resumed_from = 0, None
-    if checkpointer.latest_step() is not None:
+    if resuming:
         state, extra = checkpointer.restore(state)
         start = resumed_from = int(state.round)
         if ledger is not None:

@@ -293,9 +293,10 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         event = step_event(config, noise_multiplier, n)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
-    wd.pin_config(config, resuming=checkpointer.latest_step() is not None)
+    resuming = checkpointer.latest_step() is not None
+    wd.pin_config(config, resuming)
     start_step = 0
-    if checkpointer.latest_step() is not None:
+    if resuming:
         state, extra = checkpointer.restore(state)
         start_step = int(state["step"])
         if ledger is not None:

@@ -11,9 +11,7 @@ import time
 import pytest
 from dp_accounting import dp_event, rdp
 
-from tests.binary import run_binary
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.binary import ROOT, run_binary
 
 
 def _run(*args, check=True, **kw):

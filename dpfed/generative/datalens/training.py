@@ -420,9 +420,10 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     ledger = new_ledger(config, n, teacher_data.sizes)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
-    wd.pin_config(config, resuming=checkpointer.latest_step() is not None)
+    resuming = checkpointer.latest_step() is not None
+    wd.pin_config(config, resuming)
     start_step = 0
-    if checkpointer.latest_step() is not None:
+    if resuming:
         state, extra = checkpointer.restore(state)
         start_step = int(state["step"])
         ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
