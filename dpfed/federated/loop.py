@@ -20,6 +20,7 @@ from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, ServerState
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.progress import Progress
+from dpfed.train.resume import budget_stop, resume_or_start
 from dpfed.train.workdir import Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
@@ -80,23 +81,13 @@ def run_rounds(
     if (ledger is None) != (event is None):
         raise ValueError("a private engine needs a ledger and a non-private one none")
     checkpointer = Checkpointer(workdir.file("checkpoints"))
-    resuming = checkpointer.latest_step() is not None
-    if config is not None:
-        workdir.pin_config(config, resuming)
-    start, resumed_from = 0, None
-    if resuming:
-        state, extra = checkpointer.restore(state)
-        start = resumed_from = int(state.round)
-        if ledger is not None:
-            ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
-        workdir.truncate_metrics(start, key="round")
-        log(f"resumed from round {start} in {workdir.path}")
-
-    last_round = rounds
-    if ledger is not None and ledger.target_epsilon is not None:
-        last_round = start + ledger.affordable_count(event, max(rounds - start, 0))
-        if last_round < rounds:
-            log(f"budget guard: stop after round {last_round} (target eps {ledger.target_epsilon})")
+    begin = resume_or_start(
+        checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), config=config,
+        key="round", log=log,
+    )
+    state, ledger, start = begin.state, begin.ledger, begin.step
+    resumed_from = start if begin.resumed else None
+    last_round = budget_stop(ledger, event, start, rounds, key="round", log=log)
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
     record: dict[str, Any] = {}

@@ -418,6 +418,7 @@ def train_lm(
         checkpoint_every=config.checkpoint_every,
         desc=f"fedlm[{group}]",
         log=log,
+        config=config,
     )
     params = jax.device_get(result.state.params)
     wd.file(PARAMS_FILE).write_bytes(flax.serialization.to_bytes(params))

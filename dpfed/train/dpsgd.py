@@ -33,6 +33,7 @@ from dpfed.privacy import fast_clipping
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.progress import Progress
+from dpfed.train.resume import budget_stop, resume_or_start
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -293,22 +294,11 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         event = step_event(config, noise_multiplier, n)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
-    resuming = checkpointer.latest_step() is not None
-    wd.pin_config(config, resuming)
-    start_step = 0
-    if resuming:
-        state, extra = checkpointer.restore(state)
-        start_step = int(state["step"])
-        if ledger is not None:
-            ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
-        wd.truncate_metrics(start_step)
-        log(f"resumed from step {start_step} in {workdir}")
-
-    last_step = config.steps
-    if ledger is not None and config.target_epsilon is not None:
-        last_step = start_step + ledger.affordable_count(event, config.steps - start_step)
-        if last_step < config.steps:
-            log(f"budget guard: stop after step {last_step} (target eps {config.target_epsilon})")
+    start = resume_or_start(
+        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), config=config, log=log
+    )
+    state, ledger, start_step = start.state, start.ledger, start.step
+    last_step = budget_stop(ledger, event, start_step, config.steps, log=log)
 
     images, labels = jnp.asarray(train_ds.images), jnp.asarray(train_ds.labels)
     test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)

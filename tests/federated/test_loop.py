@@ -50,6 +50,18 @@ def test_budget_guard_stops_before_the_round_that_would_exceed_the_target(tmp_pa
     assert result.ledger.epsilon() <= target * 1.0001, "the ledger stays within its target"
 
 
+def test_resume_honours_the_target_it_is_launched_with(tmp_path):
+    eng = engine()
+    event = eng.round_event()
+    target = lambda n: privacy.epsilon(dp_event.SelfComposedDpEvent(event, n), 1e-5) * 1.0001
+    run(eng, tmp_path, rounds=2, target=target(6))  # interrupted after round 2
+    lowered = run(eng, tmp_path, rounds=10, target=target(4))
+    assert lowered.rounds_done == 4, f"a lowered target allows 4 rounds, ran {lowered.rounds_done}"
+    raised = run(eng, tmp_path, rounds=10, target=target(7))
+    assert raised.rounds_done == 7, f"a raised target allows 7 rounds, ran {raised.rounds_done}"
+    assert raised.ledger.to_json()["target_epsilon"] == target(7)
+
+
 def test_private_engine_without_ledger_is_refused(tmp_path):
     eng = engine()
     with pytest.raises(ValueError, match="ledger"):

@@ -221,6 +221,18 @@ def test_budget_guard_stops_before_the_target(tmp_path):
     assert summary["epsilon_rdp"] <= target
 
 
+def test_resume_honours_a_lowered_target(tmp_path):
+    z = TINY.sigma / math.sqrt(4 * TINY.topk)
+    five = _direct_epsilon(z, 5 * TINY.batch_size, 1e-5) + 1e-6
+    three = _direct_epsilon(z, 3 * TINY.batch_size, 1e-5) + 1e-6
+    _train(tmp_path, "run", steps=2, target_epsilon=five)  # interrupted at step 2
+    summary, _ = _train(tmp_path, "run", steps=50, target_epsilon=three)
+    assert summary["steps"] == 3 and summary["epsilon_rdp"] <= three, (
+        f"resumed under target {three:.3f}, the run spent {summary['epsilon_rdp']:.3f} in "
+        f"{summary['steps']} steps: the checkpoint's old target must not be used"
+    )
+
+
 def test_budget_guard_with_batch_scope_counts_steps(tmp_path):
     z = TINY.sigma / math.sqrt(4 * TINY.topk)
     target = _direct_epsilon(z, 5, 1e-5) + 1e-6  # five batch aggregations affordable

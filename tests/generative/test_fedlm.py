@@ -1,5 +1,6 @@
 """Tests of the federated char-LM building blocks (dpfed.generative.fedlm, models.lstm_lm)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +12,7 @@ from dpfed.data import bugs
 from dpfed.data import text as text_lib
 from dpfed.generative import fedlm
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.train.config import ConfigError
 
 _TEXTS = ["My lord, what say you?\nI am here.", "Good night, sweet prince.\nAy, my lord."]
 
@@ -149,3 +151,21 @@ def test_client_oov_rates_flag_the_buggy_client():
     buggy_texts = [_TEXTS[0], bugs.drop_space_after_punctuation(_TEXTS[1])]
     rates = fedlm.client_oov_rates(buggy_texts, word_vocab)
     assert rates[0] == 0.0 and rates[1] > 0.2, f"OOV rates {rates}: the bug must raise it"
+
+
+def test_resume_under_another_clip_is_refused(tmp_path):
+    vocab, model, _ = _setup()
+    word_vocab = fedlm.word_vocabulary(_TEXTS, max_words=100)
+    ids, counts = fedlm.client_sequences(_TEXTS * 4, vocab, seq_len=12, max_seqs=4)
+    config = fedlm.FedLmConfig(
+        fedlm.LocalTrainingConfig(model, local_steps=1, batch_size=2), rounds=2,
+        clients_per_round=4, noise_multiplier=1.0, eval_every=2, checkpoint_every=2,
+    )
+    train = functools.partial(
+        fedlm.train_lm, ids=ids, counts=counts, char_vocab=vocab, word_vocab=word_vocab,
+        workdir=str(tmp_path), eval_lines=2, line_length=8, log=lambda _: None,
+    )
+    train(config)
+    with pytest.raises(ConfigError) as error:
+        train(dataclasses.replace(config, rounds=3, l2_clip=0.5))
+    assert error.value.field == "l2_clip", "the LM's resume must not change its clip norm"

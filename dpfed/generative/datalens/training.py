@@ -52,6 +52,7 @@ from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscrim
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
+from dpfed.train.resume import budget_stop, resume_or_start
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -420,23 +421,13 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     ledger = new_ledger(config, n, teacher_data.sizes)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
-    resuming = checkpointer.latest_step() is not None
-    wd.pin_config(config, resuming)
-    start_step = 0
-    if resuming:
-        state, extra = checkpointer.restore(state)
-        start_step = int(state["step"])
-        ledger = privacy.PrivacyLedger.from_json(extra["ledger"])
-        wd.truncate_metrics(start_step)
-        log(f"resumed from step {start_step} in {workdir}")
-
-    affordable = ledger.affordable_count(event, per_step * (config.steps - start_step))
-    last_step = start_step + affordable // per_step
-    if last_step < config.steps:
-        log(
-            f"budget guard: stop after step {last_step} "
-            f"({last_step * per_step} aggregations; target eps {config.target_epsilon})"
-        )
+    start = resume_or_start(
+        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), config=config, log=log
+    )
+    state, ledger, start_step = start.state, start.ledger, start.step
+    last_step = budget_stop(
+        ledger, event, start_step, config.steps, events_per_step=per_step, log=log
+    )
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
     def save(step):
