@@ -9,14 +9,16 @@ jitted single-teacher step runs, and its loss is read back. The vectorised path 
 `dpfed.generative.datalens.TeacherEnsemble.train_step`: one jitted call for all T
 teachers (vmap within chunks, lax.map over chunks, teacher axis sharded over the mesh).
 The same holds for the vote phase (each teacher's gradient w.r.t. every generated
-sample and its TopAgg vote).
+sample and its TopAgg vote: one per sample, or one per batch with --vote_scope=batch,
+the table rows' setting).
 
 One run, all figures measured in it (median of --repeats timed calls after a warm-up):
 
   .venv/bin/python -m benchmarks.datalens_teachers --num_teachers=50,200,1000
 
-prints teacher-steps/s (train) and teacher-votes/s (vote phase, one teacher on one
-sample) for both paths and their ratio. Figures of this machine are in WORKSPACE.md.
+prints teacher-steps/s (train) and teacher-samples/s (vote phase: one teacher's gradient
+on one sample, and its vote) for both paths and their ratio. Figures of this machine are
+in WORKSPACE.md.
 """
 
 import statistics
@@ -31,7 +33,7 @@ from absl import app, flags
 
 from dpfed import data
 from dpfed.generative.datalens import TeacherEnsemble, TopAgg, make_mesh, partition_teachers
-from dpfed.generative.datalens.teachers import generator_loss
+from dpfed.generative.datalens.teachers import VOTE_SCOPES, generator_loss
 from dpfed.models.datalens_nets import TeacherDiscriminator
 
 _TEACHERS = flags.DEFINE_list("num_teachers", ["50", "200", "1000"], "Teacher counts T.")
@@ -42,6 +44,9 @@ _TOPK = flags.DEFINE_integer("topk", 300, "k of the TopAgg votes.")
 _CHUNK = flags.DEFINE_integer("teacher_chunk", 4, "Teachers vectorised together.")
 _FEATURES = flags.DEFINE_list("teacher_features", ["8", "16"], "Teacher conv widths.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
+_SCOPE = flags.DEFINE_enum(
+    "vote_scope", "batch", VOTE_SCOPES, "One vote per generated sample or per batch (rows: batch)."
+)
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -87,7 +92,10 @@ def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dic
     train_all = jax.jit(
         lambda s: ensemble.train_step(s, arrays, ids, fakes, fake_labels, key, real_batch=real)
     )
-    vote_all = jax.jit(lambda s: ensemble.vote_sum(s, ids, fakes, fake_labels, key, topagg))
+    scope = _SCOPE.value
+    vote_all = jax.jit(
+        lambda s: ensemble.vote_sum(s, ids, fakes, fake_labels, key, topagg, scope=scope)
+    )
     vmapped_train = _median_seconds(lambda: train_all(state), repeats)
     vmapped_vote = _median_seconds(lambda: vote_all(state), repeats)
 
@@ -104,8 +112,12 @@ def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dic
     @jax.jit
     def vote_one(params, t):
         grads = -jax.grad(lambda x: jnp.sum(generator_loss(disc, params, x, fake_labels)))(fakes)
-        keys = jax.random.split(jax.random.fold_in(key, t), _FAKES.value)
-        return jax.vmap(topagg.vote)(grads.reshape(_FAKES.value, -1), keys)
+        grads = grads.reshape(_FAKES.value, -1)
+        teacher_key = jax.random.fold_in(key, t)
+        if scope == "batch":
+            return topagg.vote(grads.reshape(-1), teacher_key).reshape(grads.shape)
+        keys = jax.random.split(teacher_key, _FAKES.value)
+        return jax.vmap(topagg.vote)(grads, keys)
 
     teachers = [jax.tree.map(lambda x, t=t: x[t], state) for t in range(num_teachers)]
 
@@ -139,13 +151,14 @@ def main(argv: list[str]) -> None:
     print(
         f"DataLens teachers on {train_ds.name} ({jax.device_count()} {jax.default_backend()} "
         f"device(s)); per teacher step: <= {_REAL.value} real + {fake} generated examples; "
-        f"votes: {fake} samples, top-{_TOPK.value}; chunk {_CHUNK.value}"
+        f"votes ({_SCOPE.value} scope): {fake} samples, top-{_TOPK.value}; "
+        f"chunk {_CHUNK.value}"
     )
     header = (
         f"{'T':>6} {'real':>5} | {'train vmap':>12} {'train loop':>12} {'ratio':>6} | "
         f"{'vote vmap':>12} {'vote loop':>12} {'ratio':>6}"
     )
-    print(f"{'':13} teacher-steps/s{'':20} | teacher-votes/s (one teacher, one sample)")
+    print(f"{'':13} teacher-steps/s{'':20} | teacher-samples/s (votes: one teacher, one sample)")
     print(header)
     for num_teachers in (int(t) for t in _TEACHERS.value):
         r = measure(num_teachers, train_ds, _REPEATS.value)
