@@ -76,17 +76,11 @@ def resume_or_start(
             f"{'non-private' if ledger is None else 'private'}"
         )
     if ledger is not None:
-        ledger = with_target(privacy.PrivacyLedger.from_json(stored), ledger.target_epsilon)
+        restored = privacy.PrivacyLedger.from_json(stored)
+        ledger = dataclasses.replace(restored, target_epsilon=ledger.target_epsilon)
     workdir.truncate_metrics(step, key=key)
     log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=True)
-
-
-def with_target(
-    ledger: privacy.PrivacyLedger, target_epsilon: float | None
-) -> privacy.PrivacyLedger:
-    """`ledger` (its events) under another target epsilon."""
-    return dataclasses.replace(ledger, target_epsilon=target_epsilon)
 
 
 def budget_stop(
@@ -99,7 +93,7 @@ def budget_stop(
     key: str = "step",
     log: Callable[[str], None] = print,
 ) -> int:
-    """The last step in (start, total] whose releases keep the ledger within its target.
+    """The last step in [start, total] whose releases keep the ledger within its target.
 
     Each step records `events_per_step` copies of `event`. Without a ledger or a target
     the run goes to `total`. Logs when the budget ends the run early.
@@ -109,11 +103,10 @@ def budget_stop(
     remaining = max(total - start, 0)
     last = start + ledger.affordable_count(event, events_per_step * remaining) // events_per_step
     if last < total:
-        spent = ledger.epsilon() if ledger.entries else 0.0
         if last == start and ledger.entries:
             log(
-                f"budget guard: the resumed ledger already spends eps {spent:.4g}; target "
-                f"{ledger.target_epsilon} allows no further {key}"
+                f"budget guard: the resumed ledger already spends eps {ledger.epsilon():.4g}; "
+                f"target {ledger.target_epsilon} allows no further {key}"
             )
         else:
             log(f"budget guard: stop after {key} {last} (target eps {ledger.target_epsilon})")
