@@ -112,6 +112,14 @@ class Checkpointer:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def _existing(self, step: int | None) -> int:
+        """`step`, or the latest step when None; FileNotFoundError if it is not saved."""
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self._directory}")
+        return step
+
     def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Returns `(state, extra)` of `step` (default: the latest step).
 
@@ -121,10 +129,7 @@ class Checkpointer:
         Raises:
           FileNotFoundError: if there is no checkpoint (of `step`) to restore.
         """
-        if step is None:
-            step = self.latest_step()
-        if step is None or step not in self.all_steps():
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self._directory}")
+        step = self._existing(step)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(_keys_to_data(state_template)),
             extra=ocp.args.JsonRestore(),
@@ -133,8 +138,24 @@ class Checkpointer:
         state = _data_to_keys(restored.state, state_template)
         return state, workdir_lib.from_jsonable(restored.extra)
 
+    def restore_extra(self, step: int | None = None) -> dict:
+        """Returns the `extra` dict of `step` (default: the latest) without its state.
+
+        Raises:
+          FileNotFoundError: if there is no checkpoint (of `step`) to read.
+        """
+        args = ocp.args.Composite(extra=ocp.args.JsonRestore())
+        restored = self._manager.restore(self._existing(step), args=args)
+        return workdir_lib.from_jsonable(restored.extra)
+
     def close(self) -> None:
         """Waits for pending work and releases orbax's resources."""
+        # The manager removes half-written steps of a killed run in a background thread
+        # that its close() does not wait for; a process exiting right after (a bad flag
+        # found after opening the checkpoints) would kill it mid-way, with a traceback.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

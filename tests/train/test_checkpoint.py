@@ -132,6 +132,19 @@ def test_restore_without_checkpoint_raises(tmp_path):
         ckpt.restore({"w": jnp.zeros(1)})
 
 
+def test_restore_extra_reads_the_extra_alone(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (2, 4):
+            ckpt.save(step, {"w": jnp.full(1, float(step))}, {"spent": step})
+    with Checkpointer(tmp_path) as ckpt:  # a new process: no state template at hand
+        latest, older = ckpt.restore_extra(), ckpt.restore_extra(step=2)
+        with pytest.raises(FileNotFoundError):
+            ckpt.restore_extra(step=3)
+    assert (latest, older) == ({"spent": 4}, {"spent": 2}), (
+        f"restore_extra gave {latest} (latest) and {older} (step 2)"
+    )
+
+
 def _fake_crashed_save(directory: pathlib.Path, name: str) -> None:
     """Leaves what orbax leaves when killed while writing a step: a temporary dir."""
     partial = directory / name
@@ -152,6 +165,17 @@ def test_half_written_checkpoint_is_ignored(tmp_path, partial_name):
         assert reopened.latest_step() == 2, f"reopened saw step {reopened.latest_step()}"
         state, extra = reopened.restore({"w": jnp.zeros(1)})
     assert float(state["w"][0]) == 2.0 and extra == {"step": 2}, "did not restore step 2"
+
+
+def test_close_waits_for_the_cleanup_of_half_written_steps(tmp_path):
+    # Orbax removes a killed run's temporary dirs in a background thread; a process that
+    # exits right after close() (a bad flag) must not kill it mid-way (a traceback).
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, {"w": jnp.ones(1)}, {})
+    _fake_crashed_save(tmp_path, "3.orbax-checkpoint-tmp")
+    Checkpointer(tmp_path).close()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["2"], f"close() returned before the cleanup ended: {left}"
 
 
 _SAVER = textwrap.dedent("""
