@@ -29,8 +29,10 @@ from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
+from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
+from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -149,8 +151,12 @@ def client_accuracy(model) -> evaluation.MetricFn:
     return metric_fn
 
 
-def resolve_noise_multiplier(config: FedAvgClassifierConfig) -> float:
-    """The given z, or the one calibrated so `rounds` rounds meet the target eps."""
+def resolve_noise_multiplier(config: FedAvgClassifierConfig, spent: Spent | None = None) -> float:
+    """The given z, or the one calibrated so `rounds` rounds meet the target eps.
+
+    On a resume (`spent`: the checkpoint's round and ledger) the remaining rounds are
+    calibrated against what is already spent (`dpfed.train.resume.calibrate_rest`).
+    """
     if config.nodp:
         return 0.0
     if config.noise_multiplier is not None:
@@ -158,9 +164,8 @@ def resolve_noise_multiplier(config: FedAvgClassifierConfig) -> float:
     sampler = CohortSampler(config.sampling, config.num_clients, config.clients_per_round)
     try:
         # The adaptive pair (z_d, 2 sb) costs exactly one Gaussian of multiplier z.
-        return privacy.calibrate_noise_multiplier(
-            lambda z: dp_event.SelfComposedDpEvent(
-                sampler.dp_event(dp_event.GaussianDpEvent(z)), config.rounds),
+        return calibrate_rest(
+            lambda z: sampler.dp_event(dp_event.GaussianDpEvent(z)), config.rounds, spent,
             config.target_epsilon, config.delta, privacy.relation_for(config.sampling))
     except privacy.CalibrationError as error:
         raise ConfigError("target_epsilon", str(error)) from error
@@ -228,7 +233,8 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     clients = federate(config, train_ds)
 
     model = make_model(config, train_ds.num_classes)
-    noise_multiplier = resolve_noise_multiplier(config)
+    with Checkpointer(wd.file("checkpoints")) as checkpointer:
+        noise_multiplier = resolve_noise_multiplier(config, checkpointed_spend(checkpointer))
     engine = DpFedAvg(
         local.local_training(
             classifier_loss(model), optax.sgd(config.client_learning_rate),

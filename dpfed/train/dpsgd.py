@@ -33,7 +33,13 @@ from dpfed.privacy import fast_clipping
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.progress import Progress
-from dpfed.train.resume import budget_stop, resume_or_start
+from dpfed.train.resume import (
+    Spent,
+    budget_stop,
+    calibrate_rest,
+    checkpointed_spend,
+    resume_or_start,
+)
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -224,19 +230,21 @@ def step_event(config: DpSgdConfig, noise_multiplier: float, num_examples: int):
     )
 
 
-def resolve_noise_multiplier(config: DpSgdConfig, num_examples: int) -> float:
-    """The given noise multiplier, or the one calibrated so `steps` steps meet the target."""
+def resolve_noise_multiplier(
+    config: DpSgdConfig, num_examples: int, spent: Spent | None = None
+) -> float:
+    """The given noise multiplier, or the one calibrated so `steps` steps meet the target.
+
+    On a resume (`spent`: the checkpoint's step and ledger) the remaining steps are
+    calibrated against what is already spent (`dpfed.train.resume.calibrate_rest`).
+    """
     if config.noise_multiplier is not None:
         return config.noise_multiplier
     try:
-        return privacy.calibrate_noise_multiplier(
-            lambda z: privacy.dpsgd_event(
-                z,
-                config.steps,
-                sampling=config.sampling,
-                population=num_examples,
-                expected_size=config.batch_size,
-            ),
+        return calibrate_rest(
+            lambda z: step_event(config, z, num_examples),
+            config.steps,
+            spent,
             config.target_epsilon,
             config.delta,
             privacy.relation_for(config.sampling),
@@ -285,15 +293,15 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     params = model.init(jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
 
+    checkpointer = Checkpointer(wd.file("checkpoints"))
     if config.nodp:
         noise_multiplier, mechanism, ledger, event = None, None, None, None
     else:
-        noise_multiplier = resolve_noise_multiplier(config, n)
+        noise_multiplier = resolve_noise_multiplier(config, n, checkpointed_spend(checkpointer))
         mechanism = privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier)
         ledger = new_ledger(config, noise_multiplier, n)
         event = step_event(config, noise_multiplier, n)
 
-    checkpointer = Checkpointer(wd.file("checkpoints"))
     start = resume_or_start(
         checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), config=config, log=log
     )

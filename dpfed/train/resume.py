@@ -8,18 +8,23 @@ the ledger how many more steps the target epsilon allows. This module is that st
 The target epsilon is a setting of the *current* invocation: a resumed run adopts the
 target it is launched with, not the one stored in the checkpointed ledger (the events
 come from the checkpoint; the budget from the flags). A lowered target is therefore
-honoured, and a target the checkpoint already exceeds stops the run at once.
+honoured, and a target the checkpoint already exceeds stops the run at once. A run
+whose noise is calibrated from the target calibrates the noise of the steps it has left
+against what the checkpoint has already spent (`checkpointed_spend`, `calibrate_rest`),
+so a resume with a changed target or length still ends at its target; the ledger's
+metadata lists the settings that changed at each resume (`changed_on_resume`).
 """
 
 import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from dp_accounting import NeighboringRelation, dp_event
 from dp_accounting.dp_event import DpEvent
 
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import Workdir, dumps, loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +81,88 @@ def resume_or_start(
             f"{'non-private' if ledger is None else 'private'}"
         )
     if ledger is not None:
-        restored = privacy.PrivacyLedger.from_json(stored)
-        ledger = dataclasses.replace(restored, target_epsilon=ledger.target_epsilon)
+        ledger = _adopt_settings(privacy.PrivacyLedger.from_json(stored), ledger, step, key)
     workdir.truncate_metrics(step, key=key)
     log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=True)
+
+
+def _adopt_settings(
+    restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLedger, step: int, key: str
+) -> privacy.PrivacyLedger:
+    """The restored ledger (its events) with this invocation's target and metadata.
+
+    Metadata that differ from the checkpoint's (a recalibrated noise multiplier, say) are
+    also appended to `metadata["changed_on_resume"]` with the step they apply from.
+    """
+    # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
+    now = privacy.PrivacyLedger.from_json(loads(dumps(fresh.to_json(with_pld=False))))
+    history = list(restored.metadata.get("changed_on_resume", []))
+    changed = {
+        name: value
+        for name, value in now.metadata.items()
+        if name != "changed_on_resume" and restored.metadata.get(name) != value
+    }
+    if now.target_epsilon != restored.target_epsilon:
+        changed["target_epsilon"] = now.target_epsilon
+    if changed:
+        history.append({key: step, **changed})
+    metadata = {**now.metadata, **({"changed_on_resume": history} if history else {})}
+    return dataclasses.replace(restored, target_epsilon=now.target_epsilon, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spent:
+    """What a checkpoint has already released: its step (or round) and its ledger."""
+
+    step: int
+    ledger: privacy.PrivacyLedger
+
+
+def checkpointed_spend(checkpointer: Checkpointer) -> Spent | None:
+    """The newest checkpoint's step and ledger, read before any state exists.
+
+    None for a fresh run or a non-private checkpoint. A trainer that calibrates its
+    noise from the target needs this before it builds its mechanism.
+    """
+    step = checkpointer.latest_step()
+    if step is None:
+        return None
+    stored = checkpointer.restore_extra(step).get("ledger")
+    return None if stored is None else Spent(step, privacy.PrivacyLedger.from_json(stored))
+
+
+def calibrate_rest(
+    step_event: Callable[[float], DpEvent],
+    total: int,
+    spent: Spent | None,
+    target_epsilon: float,
+    delta: float,
+    relation: NeighboringRelation,
+) -> float:
+    """The noise multiplier z with which `total` steps of `step_event(z)` meet the target.
+
+    A fresh run calibrates all `total` steps. A resumed one calibrates its remaining
+    `total - spent.step` steps composed after the releases `spent` already holds, so
+    it ends at the target even when the target or `total` changed since the checkpoint
+    (a lowered target needs more noise, a raised one less). Where the checkpoint
+    already spends (about) the whole target, no z can help: the fresh calibration is
+    returned and the budget guard (`budget_stop`) ends the run.
+
+    Raises:
+      CalibrationError: the target is out of reach for a fresh run of `total` steps.
+    """
+    if spent is not None and spent.step < total and spent.ledger.entries:
+        rest = total - spent.step
+        try:
+            return privacy.calibrate_noise_multiplier(
+                lambda z: spent.ledger.composed_event(step_event(z), rest),
+                target_epsilon, delta, relation)
+        except privacy.CalibrationError:
+            pass  # already (nearly) spent: budget_stop says so and stops
+    return privacy.calibrate_noise_multiplier(
+        lambda z: dp_event.SelfComposedDpEvent(step_event(z), total),
+        target_epsilon, delta, relation)
 
 
 def budget_stop(

@@ -1,13 +1,15 @@
 """experiments/fedavg_classifier.py and dpfed.federated.classifier: ledger, resume, flags."""
 
+import dataclasses
 import json
 
 import pytest
 from dp_accounting import dp_event, rdp
 
-from dpfed import data
+from dpfed import data, privacy
 from dpfed.federated import classifier
 from dpfed.train.config import ConfigError
+from dpfed.train.resume import Spent
 from tests.binary import run_binary
 
 FAST = {"model": "logreg", "local_steps": 2, "local_batch_size": 10, "eval_every": 100}
@@ -74,6 +76,21 @@ def test_target_epsilon_calibrates_a_noise_multiplier_that_meets_it():
     accountant = rdp.RdpAccountant()
     accountant.compose(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(z)), 20)
     assert 4.9 < accountant.get_epsilon(config.delta) <= 5.0, "eps at the calibrated z ~ target"
+
+
+def test_resumed_calibration_ends_at_the_new_target():
+    config = classifier.FedAvgClassifierConfig(
+        num_clients=100, clients_per_round=10, rounds=20, target_epsilon=5.0)
+    z_first = classifier.resolve_noise_multiplier(config)
+    step = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(z_first))
+    spent = privacy.PrivacyLedger("user", "add_or_remove_one", config.delta)
+    spent.record(step, 10)  # a checkpoint of round 10
+    longer = dataclasses.replace(config, rounds=30, target_epsilon=6.0)
+    z = classifier.resolve_noise_multiplier(longer, Spent(10, spent))
+    spent.record(dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(z)), 20)
+    assert 0.99 * 6.0 <= spent.epsilon() <= 6.0, (
+        f"10 rounds at z {z_first:.4f} then 20 at z {z:.4f} spend eps {spent.epsilon():.4f}: "
+        "the remaining rounds must be calibrated against the checkpoint's spend")
 
 
 def test_more_clients_per_round_than_clients_names_the_flag():

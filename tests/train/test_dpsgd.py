@@ -1,5 +1,8 @@
 """Tests of the DP-SGD trainer library (dpfed.train.dpsgd)."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +124,23 @@ def test_config_rejects_bad_values_naming_the_field():
 def test_default_physical_batch_covers_three_sigma():
     assert dpsgd.default_physical_batch(256) >= 256 + 3 * 16
     assert dpsgd.default_physical_batch(256) % 8 == 0
+
+
+@pytest.mark.parametrize("new_target", [1.2, 2.0])
+def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new_target):
+    first = dpsgd.DpSgdConfig(
+        dataset="digits", model="logreg", steps=10, batch_size=64, noise_multiplier=None,
+        target_epsilon=1.0, eval_every=5, checkpoint_every=5)
+    z_first = dpsgd.train(first, tmp_path, log=lambda _: None)["noise_multiplier"]
+    longer = dataclasses.replace(first, steps=20, target_epsilon=new_target)
+    summary = dpsgd.train(longer, tmp_path, log=lambda _: None)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert summary["steps"] == 20, f"the resumed run stopped at step {summary['steps']}"
+    assert 0.99 * new_target <= ledger["epsilon_rdp"] <= new_target, (
+        f"10 steps at z {z_first:.4f} then 10 at z {summary['noise_multiplier']:.4f} spent "
+        f"eps {ledger['epsilon_rdp']:.4f}: the remaining steps must be calibrated against "
+        f"what the checkpoint spent, to end at the new target {new_target}"
+    )
+    change = ledger["metadata"]["changed_on_resume"]
+    assert change == [{"step": 10, "noise_multiplier": summary["noise_multiplier"],
+                       "target_epsilon": new_target}], f"the ledger must say what changed: {change}"

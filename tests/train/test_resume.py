@@ -9,7 +9,13 @@ from dp_accounting import dp_event
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
-from dpfed.train.resume import budget_stop, resume_or_start
+from dpfed.train.resume import (
+    Spent,
+    budget_stop,
+    calibrate_rest,
+    checkpointed_spend,
+    resume_or_start,
+)
 from dpfed.train.workdir import Workdir
 
 EVENT = dp_event.GaussianDpEvent(2.0)
@@ -80,6 +86,84 @@ def test_resume_adopts_the_target_of_this_invocation(tmp_path):
         "keeping the old target would spend past the budget the user asked for"
     )
     assert result.ledger.num_releases == 4
+
+
+def test_resume_adopts_new_metadata_and_records_what_changed(tmp_path):
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    first = ledger(target=5.0, releases=4)
+    first.metadata.update(noise_multiplier=1.5, dataset="mnist5k")
+    checkpoint(tmp_path, 4, first)
+    fresh = ledger(target=6.0)
+    fresh.metadata.update(noise_multiplier=1.2, dataset="mnist5k")
+    result = start(tmp_path, fresh, config=Config(target_epsilon=6.0))
+    meta = result.ledger.metadata
+    assert meta["noise_multiplier"] == 1.2, "the ledger must describe this invocation's noise"
+    assert meta["changed_on_resume"] == [
+        {"step": 4, "noise_multiplier": 1.2, "target_epsilon": 6.0}
+    ], f"the change and the step it applies from must be recorded: {meta}"
+
+
+def test_unchanged_resume_records_no_change(tmp_path):
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    first = ledger(releases=4)
+    first.metadata.update(features=(8, 16))  # a tuple comes back from JSON as a list
+    checkpoint(tmp_path, 4, first)
+    fresh = ledger()
+    fresh.metadata.update(features=(8, 16))
+    meta = start(tmp_path, fresh).ledger.metadata
+    assert "changed_on_resume" not in meta, f"nothing changed, yet: {meta}"
+
+
+def test_checkpointed_spend_reads_step_and_ledger_without_state(tmp_path):
+    wd = Workdir(tmp_path)
+    assert checkpointed_spend(Checkpointer(wd.file("checkpoints"))) is None, "fresh run"
+    checkpoint(tmp_path, 3, ledger(releases=3))
+    spent = checkpointed_spend(Checkpointer(wd.file("checkpoints")))
+    assert spent.step == 3 and spent.ledger.num_releases == 3, f"read {spent}"
+
+
+def test_checkpointed_spend_of_a_non_private_checkpoint_is_none(tmp_path):
+    checkpoint(tmp_path, 3, None)
+    assert checkpointed_spend(Checkpointer(Workdir(tmp_path).file("checkpoints"))) is None
+
+
+def _step(z):
+    return dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(z))
+
+
+def _calibrate(total, spent, target):
+    relation = privacy.relation_for("poisson")
+    return calibrate_rest(_step, total, spent, target, 1e-5, relation)
+
+
+def test_calibrate_rest_of_a_fresh_run_calibrates_all_steps():
+    z = _calibrate(50, None, 2.0)
+    direct = privacy.calibrate_noise_multiplier(
+        lambda z: dp_event.SelfComposedDpEvent(_step(z), 50), 2.0, 1e-5)
+    assert z == direct, f"a fresh run calibrates its {50} steps: {z} vs {direct}"
+
+
+@pytest.mark.parametrize("new_target", [1.5, 3.0])
+def test_calibrate_rest_ends_a_resumed_run_at_its_new_target(new_target):
+    z_first = _calibrate(50, None, 2.0)
+    spent = ledger(releases=0)
+    spent.record(_step(z_first), 20)
+    z = _calibrate(50, Spent(20, spent), new_target)
+    spent.record(_step(z), 30)
+    eps = spent.epsilon()
+    assert new_target * 0.99 <= eps <= new_target, (
+        f"20 steps at z {z_first:.4f} then 30 at z {z:.4f} reach eps {eps:.4f}: the rest of "
+        f"the run must be calibrated against what is spent to end at {new_target}"
+    )
+    assert (z > z_first) == (new_target < 2.0), "a lower target needs more noise"
+
+
+def test_calibrate_rest_falls_back_when_the_checkpoint_spent_the_target():
+    spent = ledger(releases=0)
+    spent.record(_step(0.5), 40)  # far beyond eps 2
+    assert _calibrate(50, Spent(40, spent), 2.0) == _calibrate(50, None, 2.0), (
+        "nothing can be afforded: the fresh z is returned and budget_stop ends the run"
+    )
 
 
 def test_resume_under_changed_setting_is_refused(tmp_path):
