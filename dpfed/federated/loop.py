@@ -58,6 +58,8 @@ def run_rounds(
     desc: str = "fedavg",
     log: Callable[[str], None] = print,
     config: Any = None,
+    extra: dict[str, Any] | None = None,
+    on_resume: Callable[[ServerState], ServerState] | None = None,
 ) -> LoopResult:
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
@@ -76,6 +78,10 @@ def run_rounds(
       log: where one-off messages go.
       config: the run's config dataclass, pinned in the workdir (`Workdir.pin_config`):
         resuming under changed settings raises ConfigError naming the field.
+      extra: JSON-able values saved with every checkpoint beside the ledger (read them
+        back with `Checkpointer.restore_extra` before building the engine).
+      on_resume: applied to a restored state, to re-derive what this invocation's
+        flags determine (e.g. DPD-fVAE's per-client participation budgets).
     """
     event = engine.round_event()
     if (ledger is None) != (event is None):
@@ -87,6 +93,8 @@ def run_rounds(
     )
     state, ledger, start = begin.state, begin.ledger, begin.step
     resumed_from = start if begin.resumed else None
+    if begin.resumed and on_resume is not None:
+        state = on_resume(state)
     last_round = budget_stop(ledger, event, start, rounds, key="round", log=log)
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
@@ -107,8 +115,8 @@ def run_rounds(
             }
             workdir.append_metrics(record)
         if done % checkpoint_every == 0 or done == last_round:
-            extra = {"ledger": ledger.to_json(with_pld=False) if ledger is not None else None}
-            checkpointer.save(done, state, extra)
+            saved = {"ledger": ledger.to_json(with_pld=False) if ledger is not None else None}
+            checkpointer.save(done, state, {**(extra or {}), **saved})
         progress.update(done, eps=eps, acc=record.get("test_accuracy"))
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed

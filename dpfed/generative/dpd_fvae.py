@@ -69,8 +69,10 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract
 from dpfed.models import vae
+from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_optimizer
+from dpfed.train.resume import Spent, calibrate_rest
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -363,11 +365,15 @@ def expected_participations(config: DpdFvaeConfig) -> int:
     return max(1, math.ceil(config.rounds * config.client_fraction))
 
 
-def resolve_noise_multiplier(config: DpdFvaeConfig, counts: np.ndarray) -> float:
+def resolve_noise_multiplier(
+    config: DpdFvaeConfig, counts: np.ndarray, spent: Spent | None = None
+) -> float:
     """The given z; else, at the target eps, the z that affords the run.
 
-    Central: `rounds` rounds. Local: `expected_participations` for every client size
-    (the largest z over the distinct sizes).
+    Central: `rounds` rounds (on a resume, `spent` holds the checkpoint's round and
+    ledger, and the remaining rounds are calibrated after it: `calibrate_rest`). Local:
+    `expected_participations` for every client size (the largest z over the distinct
+    sizes); a resumed local run keeps its checkpoint's z (`resume_noise_multiplier`).
     """
     if config.dp == "none":
         return 0.0
@@ -376,8 +382,9 @@ def resolve_noise_multiplier(config: DpdFvaeConfig, counts: np.ndarray) -> float
     relation = privacy.relation_for("poisson")
     try:
         if config.dp == "central":
-            return privacy.calibrate_noise_multiplier(
-                lambda z: central_event(config, z, config.rounds),
+            sampler = CohortSampler("poisson", config.num_clients, config.clients_per_round)
+            return calibrate_rest(
+                lambda z: sampler.dp_event(dp_event.GaussianDpEvent(z)), config.rounds, spent,
                 config.target_epsilon, config.delta, relation)
         participations = expected_participations(config)
         return max(
@@ -388,6 +395,33 @@ def resolve_noise_multiplier(config: DpdFvaeConfig, counts: np.ndarray) -> float
             for n in np.unique(counts))
     except privacy.CalibrationError as error:
         raise ConfigError("target_epsilon", str(error)) from error
+
+
+# The checkpoint's record of the local mechanism's z: every participation of a run, over
+# all its resumes, uses that one z, since the local ledger is recomputed from the
+# clients' participation counts.
+LOCAL_NOISE_KEY = "local_noise_multiplier"
+
+
+def resume_noise_multiplier(
+    config: DpdFvaeConfig, counts: np.ndarray, checkpointer: Checkpointer,
+    log: Callable[[str], None] = print,
+) -> float:
+    """z of this invocation: a resumed local-DP run keeps the z its checkpoint trained
+    with (a changed `--target_epsilon` or `--rounds` changes the clients' budgets, not
+    z); otherwise `resolve_noise_multiplier`, after what a central checkpoint spent."""
+    step = checkpointer.latest_step()
+    saved = {} if step is None else checkpointer.restore_extra(step)
+    if config.dp == "local" and saved.get(LOCAL_NOISE_KEY) is not None:
+        return float(saved[LOCAL_NOISE_KEY])
+    if config.dp == "local" and step is not None and config.noise_multiplier is None:
+        log(f"warning: the checkpoint of round {step} does not record its local noise "
+            "multiplier (written by an older dpfed); it is recalibrated from the flags, which "
+            "is right only if --target_epsilon and --rounds are unchanged since then")
+    spent = None
+    if saved.get("ledger") is not None:
+        spent = Spent(step, privacy.PrivacyLedger.from_json(saved["ledger"]))
+    return resolve_noise_multiplier(config, counts, spent)
 
 
 def participation_budgets(
@@ -537,6 +571,17 @@ class DpdFvae:
         )
         return self.engine.init(shared, client_states=client_states)
 
+    def adopt_budgets(self, state: ServerState) -> ServerState:
+        """A restored state with this invocation's participation budgets (local DP).
+
+        The budgets are what this run's target eps affords at its z; a resume with a
+        changed `--target_epsilon` or `--rounds` changes them. A lowered target cannot
+        take back what a client has spent: such a client just trains no more.
+        """
+        clients = state.client_states
+        budget = jax.device_put(jnp.asarray(self.budgets), clients.budget.sharding)
+        return state._replace(client_states=clients._replace(budget=budget))
+
     def participations(self, state: ServerState) -> np.ndarray:
         """Rounds each client has trained in (zeros when clients keep no state)."""
         if not self.has_client_state:
@@ -619,7 +664,9 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     clients = federate(config, train_ds)
-    noise_multiplier = resolve_noise_multiplier(config, np.asarray(clients.counts))
+    with Checkpointer(wd.file("checkpoints")) as checkpointer:
+        noise_multiplier = resume_noise_multiplier(
+            config, np.asarray(clients.counts), checkpointer, log)
     trainer = DpdFvae(config, train_ds.num_classes, train_ds.image_shape, clients,
                       noise_multiplier, mesh)
     ledger = central_ledger(config, trainer.engine) if config.dp == "central" else None
@@ -636,7 +683,9 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         trainer.engine, trainer.init(), rounds=config.rounds, seed=config.seed, workdir=wd,
         ledger=ledger, evaluate=evaluate, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
-        log=log, config=config)
+        log=log, config=config,
+        extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
+        on_resume=trainer.adopt_budgets if config.dp == "local" else None)
     participations = trainer.participations(result.state)
     if config.dp == "local":
         ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,

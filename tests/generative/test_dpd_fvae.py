@@ -12,6 +12,7 @@ from dpfed import privacy
 from dpfed.federated import ClientData, OneClient, client_mesh
 from dpfed.generative import contract, dpd_fvae
 from dpfed.models import vae
+from dpfed.train.resume import Spent
 from dpfed.train.workdir import Workdir
 
 _ONE_DEVICE = client_mesh(jax.devices()[:1])  # small tests: no 8-way replication
@@ -197,3 +198,39 @@ def test_central_ledger_is_user_level_and_decoder_keeps_the_contract(tmp_path):
     _, asked = generator.sample(params, jax.random.key(0), 3, jnp.array([7, 7, 2]))
     assert asked.tolist() == [7, 7, 2], "a conditional generator must honour the labels asked"
     assert (tmp_path / "samples.png").exists(), "no per-class sample grid"
+
+
+def test_resumed_local_run_keeps_its_z_and_adopts_the_new_budgets(tmp_path):
+    # Local DP recomputes each client's eps from its participation count at one z, so a
+    # resume must not recalibrate z: with --rounds 2 -> 4 a new z (calibrated for 4
+    # participations) made the ledger report eps 4.7 for what cost eps 8.
+    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=90,
+                                 dp="local", target_epsilon=8.0)
+    first = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    resumed = dataclasses.replace(config, rounds=4, target_epsilon=16.0)
+    summary = dpd_fvae.train(resumed, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    assert summary["noise_multiplier"] == first["noise_multiplier"], "z changed on resume"
+    assert summary["participations_max"] > first["participations_max"], (
+        "the raised target's budgets were not adopted: no client trained after the resume")
+    meta = Workdir(tmp_path).read_json("ledger.json")["metadata"]
+    event = dpd_fvae.local_participation_event(
+        resumed, meta["worst_client_examples"], first["noise_multiplier"])
+    true_eps = privacy.epsilon(
+        dp_event.SelfComposedDpEvent(event, meta["worst_client_participations"]), config.delta)
+    assert summary["epsilon_rdp"] == true_eps <= 16.0, (
+        f"ledger eps {summary['epsilon_rdp']} but the worst client's participations at the "
+        f"z they ran with cost {true_eps}")
+
+
+def test_resumed_central_calibration_ends_at_the_new_target():
+    config = dataclasses.replace(_CONFIG, num_clients=100, client_fraction=0.2, rounds=20,
+                                 dp="central", target_epsilon=5.0)
+    z_first = dpd_fvae.resolve_noise_multiplier(config, _COUNTS)
+    spent = privacy.PrivacyLedger("user", "add_or_remove_one", config.delta)
+    spent.record(dpd_fvae.central_event(config, z_first, 1), 10)  # a checkpoint of round 10
+    longer = dataclasses.replace(config, rounds=40, target_epsilon=8.0)
+    z = dpd_fvae.resolve_noise_multiplier(longer, _COUNTS, Spent(10, spent))
+    spent.record(dpd_fvae.central_event(config, z, 1), 30)
+    assert 0.99 * 8.0 <= spent.epsilon() <= 8.0, (
+        f"10 rounds at z {z_first:.4f} then 30 at z {z:.4f} spend eps {spent.epsilon():.4f}: "
+        "the remaining rounds must be calibrated against the checkpoint's spend")
