@@ -41,6 +41,11 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert summary["method"] == "datalens" and summary["steps"] == 3
     assert summary["epsilon_rdp"] == ledger["epsilon_rdp"] <= 50
     assert ledger["metadata"]["l2_sensitivity"] == pytest.approx(24**0.5)
+    sizes = {"expected": 1438 / 12}  # the digits train split: N = 1438, T = 12
+    assert ledger["metadata"]["partition_sizes"] == summary["partition_sizes"] == sizes, (
+        "hash partition sizes count private records: only their expectation N/T is published")
+    report = (tmp_path / "report.md").read_text()
+    assert "120 examples each on average" in report, report[:600]
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
 
 

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from dpfed.generative.datalens import PARTITION_RELATIONS, partition_teachers
+from dpfed.generative.datalens import (
+    PARTITION_RELATIONS,
+    partition_teachers,
+    public_partition_sizes,
+)
 
 
 def _unbalanced(n=503, seed=0):
@@ -63,3 +67,13 @@ def test_unknown_scheme_is_refused():
     images, labels = _unbalanced()
     with pytest.raises(ValueError, match="scheme"):
         partition_teachers(images, labels, 5, seed=0, scheme="class_balanced")
+
+
+def test_published_sizes_depend_on_n_and_t_alone():
+    images, labels = _unbalanced()
+    sizes = [len(p) for p in partition_teachers(images, labels, 7, 0, "balanced")]
+    assert public_partition_sizes("balanced", 503, 7) == {"min": min(sizes), "max": max(sizes)}
+    assert public_partition_sizes("hash", 10, 4) == {"expected": 2.5}, (
+        "hash sizes count private records: only N/T may be published")
+    with pytest.raises(ValueError, match="scheme"):
+        public_partition_sizes("classes", 10, 4)

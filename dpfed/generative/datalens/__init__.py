@@ -39,7 +39,11 @@ Privacy analysis (what the ledger records and why):
 """
 
 from dpfed.generative import contract
-from dpfed.generative.datalens.partition import PARTITION_RELATIONS, partition_teachers
+from dpfed.generative.datalens.partition import (
+    PARTITION_RELATIONS,
+    partition_teachers,
+    public_partition_sizes,
+)
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg, teacher_vote
 from dpfed.generative.datalens.training import (
@@ -69,6 +73,7 @@ __all__ = [
     "load_generator",
     "make_mesh",
     "partition_teachers",
+    "public_partition_sizes",
     "teacher_vote",
     "train",
 ]

@@ -67,3 +67,19 @@ def partition_teachers(
         owner[i] = int.from_bytes(digest.digest(), "little") % num_teachers
     order = np.argsort(owner, kind="stable")
     return np.split(order, np.cumsum(np.bincount(owner, minlength=num_teachers))[:-1])
+
+
+def public_partition_sizes(scheme: str, num_examples: int, num_teachers: int) -> dict:
+    """What a run may publish about its partition sizes: a function of N and T alone.
+
+    ``balanced`` sizes are floor(N/T) and ceil(N/T) whatever the data. ``hash`` sizes
+    count the records whose content hashes to each teacher: adding or removing one
+    record changes one of them, so their exact values (min, max, ...) are statistics of
+    the private data with no noise; only their expectation N/T is published. (N itself
+    is treated as public, as in every ledger's `dataset_size`.)
+    """
+    if scheme not in PARTITION_RELATIONS:
+        raise ValueError(f"scheme must be one of {tuple(PARTITION_RELATIONS)}, got {scheme!r}")
+    if scheme == "balanced":
+        return {"min": num_examples // num_teachers, "max": -(-num_examples // num_teachers)}
+    return {"expected": num_examples / num_teachers}

@@ -36,7 +36,6 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -45,7 +44,11 @@ from dpfed import data as data_lib
 from dpfed import privacy
 from dpfed.data.partition import to_federated
 from dpfed.generative import contract
-from dpfed.generative.datalens.partition import PARTITION_RELATIONS, partition_teachers
+from dpfed.generative.datalens.partition import (
+    PARTITION_RELATIONS,
+    partition_teachers,
+    public_partition_sizes,
+)
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
@@ -343,7 +346,7 @@ def d_steps_before(config: DataLensConfig, step: int) -> int:
     return config.d_steps
 
 
-def new_ledger(config: DataLensConfig, num_examples: int, sizes: np.ndarray):
+def new_ledger(config: DataLensConfig, num_examples: int):
     """The example-level ledger of a DataLens run."""
     topagg = config.topagg()
     return privacy.PrivacyLedger(
@@ -361,7 +364,9 @@ def new_ledger(config: DataLensConfig, num_examples: int, sizes: np.ndarray):
             "dataset_size": num_examples,
             "num_teachers": config.num_teachers,
             "partition": config.partition,
-            "partition_sizes": {"min": int(sizes.min()), "max": int(sizes.max())},
+            "partition_sizes": public_partition_sizes(
+                config.partition, num_examples, config.num_teachers
+            ),
             "topk": config.topk,
             "sigma": config.sigma,
             "beta": config.beta,
@@ -418,7 +423,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     ids = lens.ensemble.teacher_ids()
     root = jax.random.key(config.seed)
     state = lens.init(jax.random.fold_in(root, 2**31 - 1))
-    ledger = new_ledger(config, n, teacher_data.sizes)
+    ledger = new_ledger(config, n)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
     start = resume_or_start(
@@ -480,10 +485,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "aggregations": ledger.num_releases,
         "steps": int(state["step"]),
         "stopped_by_budget": int(state["step"]) < config.steps,
-        "partition_sizes": {
-            "min": int(teacher_data.sizes.min()),
-            "max": int(teacher_data.sizes.max()),
-        },
+        "partition_sizes": public_partition_sizes(config.partition, n, config.num_teachers),
         "params_sha256": params_sha256(gen_params),
         "wall_seconds": time.time() - start_time,
         "flags": dataclasses.asdict(config),
@@ -539,8 +541,8 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         f"sigma/sqrt(4k) = {summary['noise_multiplier']:.4g}; {budget}\n"
         f"- teachers: T = {config.num_teachers} ({config.partition} partition, "
         f"one vote per {config.vote_scope}, "
-        f"{summary['partition_sizes']['min']}-{summary['partition_sizes']['max']} examples "
-        f"each), top-k {config.topk}, sigma {config.sigma:g}, beta {config.beta:g}, "
+        f"{_sizes_text(summary['partition_sizes'])}), top-k {config.topk}, "
+        f"sigma {config.sigma:g}, beta {config.beta:g}, "
         f"b {config.grad_bound:g}\n"
         f"- generator: {summary['steps']} steps of {config.batch_size} samples, Adam "
         f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {config.seed}\n"
@@ -550,6 +552,12 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         "## Training\n\n| step | aggregations | eps (RDP) | generator loss | agreement |\n"
         f"|---|---|---|---|---|\n{rows}\n"
     )
+
+
+def _sizes_text(sizes: dict) -> str:
+    if "expected" in sizes:  # hash partitions: the actual sizes are not published
+        return f"{sizes['expected']:.3g} examples each on average"
+    return f"{sizes['min']}-{sizes['max']} examples each"
 
 
 def _fmt(x: float | None) -> str:
