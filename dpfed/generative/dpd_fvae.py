@@ -72,7 +72,7 @@ from dpfed.models import vae
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_optimizer
-from dpfed.train.resume import Spent, calibrate_rest
+from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -418,10 +418,7 @@ def resume_noise_multiplier(
         log(f"warning: the checkpoint of round {step} does not record its local noise "
             "multiplier (written by an older dpfed); it is recalibrated from the flags, which "
             "is right only if --target_epsilon and --rounds are unchanged since then")
-    spent = None
-    if saved.get("ledger") is not None:
-        spent = Spent(step, privacy.PrivacyLedger.from_json(saved["ledger"]))
-    return resolve_noise_multiplier(config, counts, spent)
+    return resolve_noise_multiplier(config, counts, checkpointed_spend(checkpointer))
 
 
 def participation_budgets(
