@@ -382,9 +382,8 @@ def resolve_noise_multiplier(
     relation = privacy.relation_for("poisson")
     try:
         if config.dp == "central":
-            sampler = CohortSampler("poisson", config.num_clients, config.clients_per_round)
             return calibrate_rest(
-                lambda z: sampler.dp_event(dp_event.GaussianDpEvent(z)), config.rounds, spent,
+                lambda z: central_event(config, z, 1), config.rounds, spent,
                 config.target_epsilon, config.delta, relation)
         participations = expected_participations(config)
         return max(

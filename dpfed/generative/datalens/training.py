@@ -220,7 +220,6 @@ class TeacherData:
             train.images, train.labels, config.num_teachers, config.seed, config.partition
         )
         fed = to_federated(train.images, train.labels, parts)
-        self.sizes = fed.counts
         self.max_n = int(fed.counts.max())
         self.arrays = ensemble.shard(
             (
