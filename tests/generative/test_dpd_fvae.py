@@ -181,6 +181,24 @@ def test_participation_budget_is_the_most_the_target_eps_affords():
     assert eps(budget) <= 8.0 < eps(budget + 1), f"budget {budget} is not the largest affordable"
 
 
+def test_adopting_lowered_budgets_says_which_clients_are_already_past_them():
+    trainer = _trainer(dp="local", noise_multiplier=1.0, target_epsilon=8.0, rounds=50)
+    state = trainer.init()
+    clients = state.client_states
+    past = np.array(trainer.budgets) + np.array([2, 0, 0, 1])  # clients 0 and 3 overspent
+    state = state._replace(client_states=clients._replace(
+        participations=jnp.asarray(past, jnp.int32), budget=clients.budget + 10))
+    messages = []
+    adopted = trainer.adopt_budgets(state, log=messages.append)
+    np.testing.assert_array_equal(
+        adopted.client_states.budget, trainer.budgets,
+        err_msg="the restored state must take this invocation's budgets")
+    assert len(messages) == 1 and "2 of 4 clients" in messages[0], (
+        f"expected one warning naming the 2 of 4 clients past their budget, got {messages}")
+    assert trainer.adopt_budgets(trainer.init(), log=messages.append) is not None
+    assert len(messages) == 1, f"clients within budget must not warn: {messages[1:]}"
+
+
 def test_central_ledger_is_user_level_and_decoder_keeps_the_contract(tmp_path):
     # The real digits split: 8 clients of ~180 images, 2 local steps of batch 90. The local
     # (per-example) ledger is tested through the binary (tests/experiments/test_dpd_fvae.py).
