@@ -30,6 +30,23 @@ def clip_to_norm(tree: PyTree, l2_clip: float) -> tuple[PyTree, jax.Array]:
     return jax.tree_util.tree_map(lambda x: (x * scale).astype(x.dtype), tree), norm
 
 
+def clip_scales(norms: jax.Array, mask: jax.Array, l2_clip: float) -> jax.Array:
+    """Per-example factors min(1, C / norm), 0 where masked or where the norm is not finite.
+
+    A non-finite gradient (NaN or inf anywhere, or a norm that overflows) contributes
+    nothing, like a padded example: 0 * NaN is NaN, so one such example, even masked,
+    would otherwise turn the whole sum NaN and make the release depend on whether it
+    was sampled. Dropping it is a per-example function whose output has norm 0 <= C.
+    """
+    keep = jnp.isfinite(norms) & (mask > 0)
+    return jnp.where(keep, jnp.minimum(1.0, l2_clip / jnp.maximum(norms, 1e-12)), 0.0)
+
+
+def where_kept(scales: jax.Array, x: jax.Array) -> jax.Array:
+    """`x` [B, ...] with the rows of dropped examples (scale 0) set to 0 (NaN-safe)."""
+    return jnp.where((scales > 0).reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+
+
 class ClippedSum(NamedTuple):
     """Sum of per-example clipped gradients and the per-example norms before clipping."""
 
@@ -52,7 +69,8 @@ def clipped_grad_sum(
         batch axis).
       params: model parameters.
       batch: pytree of arrays with a leading batch axis B.
-      mask: [B] bool or {0,1}; padded examples (mask 0) contribute exactly nothing.
+      mask: [B] bool or {0,1}; padded examples (mask 0) contribute exactly nothing, and
+        so do examples whose gradient is not finite (`clip_scales`).
       l2_clip: the clip norm C (> 0).
       microbatch_size: per-example gradients are materialised this many at a time
         (bounds memory); None means all B at once. Results do not depend on it.
@@ -69,11 +87,12 @@ def clipped_grad_sum(
     def chunk_sum(chunk, chunk_mask):
         grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, chunk)
         norms = jax.vmap(global_l2_norm)(grads)
-        scale = jnp.minimum(1.0, l2_clip / jnp.maximum(norms, 1e-12)) * chunk_mask
+        scale = clip_scales(norms, chunk_mask, l2_clip)
         summed = jax.tree_util.tree_map(
-            lambda g: jnp.tensordot(scale, g.astype(jnp.float32), axes=1), grads
+            lambda g: jnp.tensordot(scale, where_kept(scale, g.astype(jnp.float32)), axes=1),
+            grads,
         )
-        return summed, norms * chunk_mask
+        return summed, jnp.where(chunk_mask > 0, norms, 0.0)
 
     if microbatch_size is None or microbatch_size >= batch_size:
         grad_sum, norms = chunk_sum(batch, mask)

@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpfed.privacy.clipping import ClippedSum
+from dpfed.privacy.clipping import ClippedSum, clip_scales, where_kept
 
 PyTree = Any
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
@@ -145,16 +145,16 @@ def clipped_grad_sum_fast(
         for layer, grads in zip(layers, output_grads, strict=True)
     )
     norms = jnp.sqrt(sq_norms)
-    mask = mask.astype(jnp.float32)
-    scale = jnp.minimum(1.0, l2_clip / jnp.maximum(norms, 1e-12)) * mask
+    scale = clip_scales(norms, mask, l2_clip)  # 0 for padded and non-finite examples
 
     sums: dict[tuple[str, ...], jax.Array] = {}
     for layer, grads in zip(layers, output_grads, strict=True):
-        scaled = grads * scale[:, None, None]
+        scaled = where_kept(scale, grads) * scale[:, None, None]
+        layer = dataclasses.replace(layer, inputs=where_kept(scale, layer.inputs))
         sums[layer.path + ("kernel",)] = _kernel_grad_sum(layer, scaled)
         if layer.module.use_bias:
             sums[layer.path + ("bias",)] = jnp.sum(scaled, axis=(0, 1))
-    return ClippedSum(_assemble(sums, params), norms * mask)
+    return ClippedSum(_assemble(sums, params), jnp.where(mask > 0, norms, 0.0))
 
 
 def _layer_factors(layer: _Layer) -> jax.Array:

@@ -109,6 +109,22 @@ def test_padding_contributes_nothing():
     assert np.all(np.asarray(padded.norms[5:]) == 0), "padded examples must report norm 0"
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_non_finite_example_contributes_nothing(bad, masked):
+    # 0 * NaN is NaN: one such example, even masked out, used to make the whole sum NaN,
+    # so the release depended on whether that example was sampled.
+    params, (x, y) = _problem(batch=6)
+    broken = x.at[2, 0].set(bad)
+    mask = jnp.ones(6).at[2].set(0.0 if masked else 1.0)
+    got = clipped_grad_sum(_linear_loss, params, (broken, y), mask, 1.0)
+    keep = np.array([0, 1, 3, 4, 5])
+    want = clipped_grad_sum(_linear_loss, params, (x[keep], y[keep]), jnp.ones(5), 1.0)
+    for k in params:
+        np.testing.assert_allclose(got.grad_sum[k], want.grad_sum[k], rtol=1e-6, atol=1e-6,
+                                   err_msg=f"a {bad} example (masked={masked}) leaked into {k}")
+
+
 def test_nonpositive_clip_is_rejected():
     params, batch = _problem()
     with pytest.raises(ValueError, match="l2_clip"):

@@ -96,6 +96,26 @@ def test_padded_examples_contribute_nothing():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg="padding leaked")
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_non_finite_example_contributes_nothing(masked):
+    model = models.get_classifier("cnn", 3)
+    rng = np.random.default_rng(2)
+    images = jnp.asarray(rng.normal(size=(4, 8, 8, 1)), jnp.float32)
+    labels = jnp.asarray([0, 1, 2, 0], jnp.int32)
+    params = model.init(jax.random.key(0), images[:1])
+    batch_losses, _ = _losses(model)
+    broken = images.at[1, 3, 3, 0].set(np.nan)
+    mask = jnp.asarray([1, 0 if masked else 1, 1, 1])
+    fast = _jit(clipped_grad_sum_fast, batch_losses, 0.5)
+    got = fast(params, (broken, labels), mask)
+    keep = np.array([0, 2, 3])
+    want = fast(params, (images[keep], labels[keep]), jnp.ones(3))
+    for g, w in zip(jax.tree_util.tree_leaves(got.grad_sum),
+                    jax.tree_util.tree_leaves(want.grad_sum), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"a NaN example (masked={masked}) leaked in")
+
+
 def test_every_clipped_contribution_has_norm_at_most_clip():
     model = models.get_classifier("cnn", 3)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 8, 1)) * 5, jnp.float32)
