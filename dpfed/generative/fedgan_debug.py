@@ -297,7 +297,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             f"must be <= the {group.num_clients} clients of the {name}-accuracy group",
         )
         summary = fedgan.train_gan(
-            fedgan_config,
+            dataclasses.replace(fedgan_config, seed=selection.group_seed(config.seed, name)),
             group.images,
             group.counts,
             wd.file(f"gan_{name}"),
@@ -314,6 +314,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             "buggy_client_fraction": float(fed.buggy[members].mean()),
             "real_inverted_fraction": polarity.inverted_fraction(real),
             "client_accuracy_mean": float(np.nanmean(accuracies[members])),
+            "seed": summary["seed"],  # its own: the groups draw independent noise
             "epsilon_rdp": summary["epsilon_rdp"],
             "epsilon_pld": summary["epsilon_pld"],
             "epsilon_rdp_same_noise_if_users": summary["epsilon_rdp_same_noise_if_users"],

@@ -163,7 +163,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             group_texts, char_vocab, config.seq_len, config.max_seqs
         )
         summary, params = fedlm.train_lm(
-            lm_config,
+            dataclasses.replace(lm_config, seed=selection.group_seed(config.seed, name)),
             ids,
             counts,
             char_vocab,
@@ -195,6 +195,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "num_sample_tokens": stats.num_tokens,
             "real_oov_rate": real.oov_rate,
             "real_glued_rate": real.glued_rate,
+            "seed": summary["seed"],  # its own: the groups draw independent noise
             "epsilon_rdp": summary["epsilon_rdp"],
             "epsilon_pld": summary["epsilon_pld"],
             "epsilon_rdp_same_noise_if_users": summary["epsilon_rdp_same_noise_if_users"],

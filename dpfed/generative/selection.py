@@ -13,6 +13,7 @@ group as the population).
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,18 @@ def split_clients(
         if not group.any():
             raise ValueError(f"the {name} group is empty (thresholds {low_t:.4g}, {high_t:.4g})")
     return ClientGroups(low=low, high=high, low_threshold=low_t, high_threshold=high_t)
+
+
+def group_seed(seed: int, group: str) -> int:
+    """The seed of one group's model: distinct per group, fixed by (`seed`, `group`).
+
+    The groups' models must draw independent noise. With one seed for both, round r of
+    each group adds the same Gaussian draw, and the difference of the two released
+    models (same initialisation, a linear server step) holds the clipped client sums
+    with no noise at all: neither group's release would then be DP given the other.
+    """
+    entropy = [seed, zlib.crc32(group.encode())]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0] >> 1)
 
 
 def client_accuracies(

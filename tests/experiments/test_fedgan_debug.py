@@ -50,6 +50,14 @@ def test_summary_has_the_acceptance_keys_and_user_level_eps(tiny_run):
     ), "disjoint groups: the release costs the larger eps"
 
 
+def test_the_two_gans_draw_independent_noise(tiny_run):
+    # One seed for both made round r of each GAN add the same Gaussian draw, so the
+    # difference of the two models held the clipped sums with no noise at all.
+    _, _, summary = tiny_run
+    seeds = {summary[g]["seed"] for g in ("gan_low", "gan_high")}
+    assert len(seeds) == 2, f"both GANs trained with seed {seeds}: their noise cancels"
+
+
 def test_grids_report_and_per_gan_ledgers_are_written(tiny_run):
     workdir, _, _ = tiny_run
     for name in ("samples_low.png", "samples_high.png", "report.md", "summary.json"):

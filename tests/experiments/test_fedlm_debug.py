@@ -43,6 +43,12 @@ def test_summary_holds_both_models_oov_rates_and_user_level_eps(tiny_run):
     assert summary["unit"] == "user", "the guarantee protects users"
 
 
+def test_the_two_lms_draw_independent_noise(tiny_run):
+    _, summary = tiny_run
+    seeds = {summary[g]["seed"] for g in ("lm_high_oov", "lm_low_oov")}
+    assert len(seeds) == 2, f"both LMs trained with seed {seeds}: their noise cancels"
+
+
 def test_high_oov_group_holds_the_buggy_clients(tiny_run):
     _, summary = tiny_run
     assert (

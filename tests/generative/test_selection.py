@@ -55,3 +55,10 @@ def test_client_accuracies_count_only_real_examples():
     counts = jnp.array([3, 2])
     accuracies = selection.client_accuracies(apply_fn, None, images, labels, counts)
     np.testing.assert_allclose(accuracies, [2 / 3, 1 / 2], err_msg="padding must not count")
+
+
+def test_group_seeds_are_distinct_and_reproducible():
+    seeds = {selection.group_seed(seed, group) for seed in range(5) for group in ("low", "high")}
+    assert len(seeds) == 10, "every (seed, group) pair needs its own seed: shared seeds share noise"
+    assert selection.group_seed(3, "low") == selection.group_seed(3, "low"), "not reproducible"
+    assert all(0 <= s < 2**31 for s in seeds), "seeds must fit jax.random.key's int32 range"
