@@ -24,6 +24,7 @@ from dp_accounting.dp_event import DpEvent
 
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, dumps, loads
 
 
@@ -81,10 +82,50 @@ def resume_or_start(
             f"{'non-private' if ledger is None else 'private'}"
         )
     if ledger is not None:
-        ledger = _adopt_settings(privacy.PrivacyLedger.from_json(stored), ledger, step, key)
+        restored = privacy.PrivacyLedger.from_json(stored)
+        _refuse_replay_with_other_noise(restored, ledger, workdir, step, key)
+        ledger = _adopt_settings(restored, ledger, step, key)
     workdir.truncate_metrics(step, key=key)
     log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=True)
+
+
+def _mechanism_changes(restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLedger) -> dict:
+    """Metadata of `fresh` (after a JSON round trip) that differ from `restored`'s."""
+    # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
+    now = privacy.PrivacyLedger.from_json(loads(dumps(fresh.to_json(with_pld=False))))
+    return {
+        name: value
+        for name, value in now.metadata.items()
+        if name != "changed_on_resume" and restored.metadata.get(name) != value
+    }
+
+
+def _refuse_replay_with_other_noise(
+    restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLedger, workdir: Workdir,
+    step: int, key: str,
+) -> None:
+    """Raises if a resume would replay already-logged steps with another mechanism.
+
+    A killed run may have logged metrics (releases: functions of its noised models)
+    after its last checkpoint. Replaying those steps with the same round keys and the
+    same mechanism reproduces them, so counting them once is right. With another
+    noise multiplier the replay reuses their noise draws at another scale, and the
+    releases already logged would be in no ledger: refused.
+    """
+    logged = [r[key] for r in workdir.read_metrics() if r.get(key, -1) > step]
+    changes = _mechanism_changes(restored, fresh)
+    if logged and changes:
+        last = max(logged)
+        old = ", ".join(f"{n}={restored.metadata.get(n)}" for n in sorted(changes))
+        new = ", ".join(f"{n}={v}" for n, v in sorted(changes.items()))
+        raise ConfigError(
+            ", ".join(sorted(changes)),
+            f"the killed run logged metrics up to {key} {last}, past its last checkpoint "
+            f"({key} {step}), with {old}; replaying those {key}s with {new} would reuse their "
+            "noise at another scale and leave what was logged uncounted. Resume with the "
+            f"flags of the killed run until past {key} {last}, or start a new workdir",
+        )
 
 
 def _adopt_settings(
@@ -95,14 +136,9 @@ def _adopt_settings(
     Metadata that differ from the checkpoint's (a recalibrated noise multiplier, say) are
     also appended to `metadata["changed_on_resume"]` with the step they apply from.
     """
-    # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
     now = privacy.PrivacyLedger.from_json(loads(dumps(fresh.to_json(with_pld=False))))
     history = list(restored.metadata.get("changed_on_resume", []))
-    changed = {
-        name: value
-        for name, value in now.metadata.items()
-        if name != "changed_on_resume" and restored.metadata.get(name) != value
-    }
+    changed = _mechanism_changes(restored, fresh)
     if now.target_epsilon != restored.target_epsilon:
         changed["target_epsilon"] = now.target_epsilon
     if changed:

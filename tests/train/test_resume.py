@@ -48,11 +48,11 @@ def start(path, fresh_ledger, config=None, messages=None):
     )
 
 
-def checkpoint(path, step, saved_ledger):
+def checkpoint(path, step, saved_ledger, logged_past=2):
     wd = Workdir(path)
     stored = saved_ledger.to_json(with_pld=False) if saved_ledger else None
     Checkpointer(wd.file("checkpoints")).save(step, state(step), {"ledger": stored})
-    for s in range(1, step + 3):  # metrics logged past the checkpoint by a killed run
+    for s in range(1, step + logged_past + 1):  # past the checkpoint: logged by a killed run
         wd.append_metrics({"step": s})
 
 
@@ -92,7 +92,7 @@ def test_resume_adopts_new_metadata_and_records_what_changed(tmp_path):
     Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
     first = ledger(target=5.0, releases=4)
     first.metadata.update(noise_multiplier=1.5, dataset="mnist5k")
-    checkpoint(tmp_path, 4, first)
+    checkpoint(tmp_path, 4, first, logged_past=0)  # the run ended at its last checkpoint
     fresh = ledger(target=6.0)
     fresh.metadata.update(noise_multiplier=1.2, dataset="mnist5k")
     result = start(tmp_path, fresh, config=Config(target_epsilon=6.0))
@@ -101,6 +101,25 @@ def test_resume_adopts_new_metadata_and_records_what_changed(tmp_path):
     assert meta["changed_on_resume"] == [
         {"step": 4, "noise_multiplier": 1.2, "target_epsilon": 6.0}
     ], f"the change and the step it applies from must be recorded: {meta}"
+
+
+def test_resume_that_would_replay_logged_steps_with_other_noise_is_refused(tmp_path):
+    # Steps 5-6 were logged by the killed run at z 1.5; replaying them at z 1.2 would reuse
+    # their noise draws at another scale, and the logged releases would be in no ledger.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    first = ledger(target=5.0, releases=4)
+    first.metadata.update(noise_multiplier=1.5)
+    checkpoint(tmp_path, 4, first, logged_past=2)
+    fresh = ledger(target=6.0)
+    fresh.metadata.update(noise_multiplier=1.2)
+    with pytest.raises(ConfigError, match="up to step 6") as error:
+        start(tmp_path, fresh, config=Config(target_epsilon=6.0))
+    assert error.value.field == "noise_multiplier", error.value.field
+    steps = [r["step"] for r in Workdir(tmp_path).read_metrics()]
+    assert steps == [1, 2, 3, 4, 5, 6], f"a refused resume must leave the metrics alone: {steps}"
+    same = ledger(target=6.0)
+    same.metadata.update(noise_multiplier=1.5)  # the same mechanism replays what was logged
+    assert start(tmp_path, same, config=Config(target_epsilon=6.0)).ledger.num_releases == 4
 
 
 def test_unchanged_resume_records_no_change(tmp_path):
