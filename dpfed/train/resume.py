@@ -83,17 +83,18 @@ def resume_or_start(
         )
     if ledger is not None:
         restored = privacy.PrivacyLedger.from_json(stored)
-        _refuse_replay_with_other_noise(restored, ledger, workdir, step, key)
-        ledger = _adopt_settings(restored, ledger, step, key)
+        # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
+        now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
+        changes = _mechanism_changes(restored, now)
+        _refuse_replay_with_other_noise(restored, changes, workdir, step, key)
+        ledger = _adopt_settings(restored, now, changes, step, key)
     workdir.truncate_metrics(step, key=key)
     log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=True)
 
 
-def _mechanism_changes(restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLedger) -> dict:
-    """Metadata of `fresh` (after a JSON round trip) that differ from `restored`'s."""
-    # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
-    now = privacy.PrivacyLedger.from_json(loads(dumps(fresh.to_json(with_pld=False))))
+def _mechanism_changes(restored: privacy.PrivacyLedger, now: privacy.PrivacyLedger) -> dict:
+    """Metadata of `now` (this invocation's ledger, JSON round-tripped) that differ."""
     return {
         name: value
         for name, value in now.metadata.items()
@@ -102,8 +103,7 @@ def _mechanism_changes(restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLe
 
 
 def _refuse_replay_with_other_noise(
-    restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLedger, workdir: Workdir,
-    step: int, key: str,
+    restored: privacy.PrivacyLedger, changes: dict, workdir: Workdir, step: int, key: str,
 ) -> None:
     """Raises if a resume would replay already-logged steps with another mechanism.
 
@@ -113,9 +113,10 @@ def _refuse_replay_with_other_noise(
     noise multiplier the replay reuses their noise draws at another scale, and the
     releases already logged would be in no ledger: refused.
     """
+    if not changes:
+        return
     logged = [r[key] for r in workdir.read_metrics() if r.get(key, -1) > step]
-    changes = _mechanism_changes(restored, fresh)
-    if logged and changes:
+    if logged:
         last = max(logged)
         old = ", ".join(f"{n}={restored.metadata.get(n)}" for n in sorted(changes))
         new = ", ".join(f"{n}={v}" for n, v in sorted(changes.items()))
@@ -129,16 +130,16 @@ def _refuse_replay_with_other_noise(
 
 
 def _adopt_settings(
-    restored: privacy.PrivacyLedger, fresh: privacy.PrivacyLedger, step: int, key: str
+    restored: privacy.PrivacyLedger, now: privacy.PrivacyLedger, changes: dict, step: int,
+    key: str,
 ) -> privacy.PrivacyLedger:
     """The restored ledger (its events) with this invocation's target and metadata.
 
     Metadata that differ from the checkpoint's (a recalibrated noise multiplier, say) are
     also appended to `metadata["changed_on_resume"]` with the step they apply from.
     """
-    now = privacy.PrivacyLedger.from_json(loads(dumps(fresh.to_json(with_pld=False))))
     history = list(restored.metadata.get("changed_on_resume", []))
-    changed = _mechanism_changes(restored, fresh)
+    changed = dict(changes)
     if now.target_epsilon != restored.target_epsilon:
         changed["target_epsilon"] = now.target_epsilon
     if changed:
