@@ -19,7 +19,13 @@ from dpfed.federated.client_data import (
     gather_clients,
     local_batch_indices,
 )
-from dpfed.federated.dp_fedavg import ClientUpdateFn, DpFedAvg, DpFedAvgConfig, ServerState
+from dpfed.federated.dp_fedavg import (
+    ClientUpdateFn,
+    DpFedAvg,
+    DpFedAvgConfig,
+    RoundMetrics,
+    ServerState,
+)
 from dpfed.federated.evaluation import make_client_evaluator, summarize
 from dpfed.federated.local import (
     ClientOutput,
@@ -52,6 +58,7 @@ __all__ = [
     "LoopResult",
     "OneClient",
     "PrivateAggregator",
+    "RoundMetrics",
     "ServerState",
     "client_mesh",
     "describe_user_level_privacy",

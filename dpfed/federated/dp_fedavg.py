@@ -21,9 +21,11 @@ of float summation).
 
 The server state is a pytree of arrays; the round is `round(state, key) -> (state,
 metrics)`. Keys come from the caller (the host loop uses `fold_in(seed_key, round)`).
-Of the metrics, `clip_norm` and `noised_unclipped_fraction` derive from DP releases; every
-other metric is a *non-private simulation diagnostic* computed from the raw cohort (its
-size, client losses, update norms): useful for debugging, not covered by the guarantee.
+The metrics come in two parts (`RoundMetrics`): `released` holds what derives from DP
+releases alone (`clip_norm`, `noised_unclipped_fraction`); `diagnostics` holds the
+*non-private simulation diagnostics* computed from the raw cohort (its size, client losses,
+update norms, the raw unclipped fraction): useful for debugging, not covered by the
+guarantee, and written by the host loop to `diagnostics.jsonl`, never to the release files.
 """
 
 from __future__ import annotations
@@ -111,6 +113,18 @@ class DpFedAvgConfig:
                 f"clients_per_device_step must be >= 1, got {self.clients_per_device_step}")
 
 
+class RoundMetrics(NamedTuple):
+    """A round's figures, split by what the privacy guarantee covers.
+
+    Attributes:
+      released: functions of the round's DP releases (and public values) only.
+      diagnostics: functions of the raw cohort (sizes, losses, norms): not a release.
+    """
+
+    released: dict[str, jax.Array]
+    diagnostics: dict[str, jax.Array]
+
+
 class _Sums(NamedTuple):
     """Masked sums over clients; `below` is sum(1{||d|| <= C} - 1/2) (the count query)."""
 
@@ -192,7 +206,7 @@ class DpFedAvg:
         )
         return replicate(state, self.mesh)
 
-    def round(self, state: ServerState, key: jax.Array) -> tuple[ServerState, dict[str, jax.Array]]:
+    def round(self, state: ServerState, key: jax.Array) -> tuple[ServerState, RoundMetrics]:
         """One DP-FedAvg round (jitted; compiles once)."""
         return self._round(state, self.data, key)
 
@@ -308,15 +322,16 @@ class DpFedAvg:
             context=state.context,
         )
         clients = jnp.maximum(sums.clients, 1).astype(jnp.float32)
-        metrics = {
-            "clip_norm": clip,
-            "noised_unclipped_fraction": noised_fraction,
-            "cohort_size": sums.clients,
-            "nonfinite_updates": sums.nonfinite,
-            "update_norm_mean": sums.norm / clients,
-            "unclipped_fraction": sums.below / clients + 0.5,
-            **{f"client_{name}": v / clients for name, v in sums.metrics.items()},
-        }
+        metrics = RoundMetrics(
+            released={"clip_norm": clip, "noised_unclipped_fraction": noised_fraction},
+            diagnostics={
+                "cohort_size": sums.clients,
+                "nonfinite_updates": sums.nonfinite,
+                "update_norm_mean": sums.norm / clients,
+                "unclipped_fraction": sums.below / clients + 0.5,
+                **{f"client_{name}": v / clients for name, v in sums.metrics.items()},
+            },
+        )
         return new_state, metrics
 
     def _sharded_chunk(self, params, clip, context, chunk_data, states, keys, mask):

@@ -34,8 +34,9 @@ class LoopResult:
     ledger: privacy.PrivacyLedger | None
     rounds_done: int
     last_round: int  # the round the loop was allowed to reach (budget guard)
-    evaluation: dict[str, Any]  # the last evaluation record
+    evaluation: dict[str, Any]  # the last record of metrics.jsonl (releases)
     resumed_from: int | None
+    diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)  # not a release
 
 
 def round_key(seed: int, round_index: int) -> jax.Array:
@@ -60,6 +61,7 @@ def run_rounds(
     config: Any = None,
     extra: dict[str, Any] | None = None,
     on_resume: Callable[[ServerState], ServerState] | None = None,
+    diagnose: Callable[[ServerState], dict[str, Any]] | None = None,
 ) -> LoopResult:
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
@@ -71,7 +73,8 @@ def run_rounds(
       workdir: receives metrics.jsonl (one record per evaluation) and checkpoints/.
       ledger: the run's privacy ledger (None for a non-private run); restored with
         the state on resume.
-      evaluate: `evaluate(state) -> dict` of host numbers, logged with the round's
+      evaluate: `evaluate(state) -> dict` of host numbers computed from the released
+        state and public data only; logged to metrics.jsonl with the round's released
         metrics and eps.
       eval_every, checkpoint_every: periods in rounds (the last round always does both).
       desc: the progress line's label.
@@ -82,6 +85,9 @@ def run_rounds(
         back with `Checkpointer.restore_extra` before building the engine).
       on_resume: applied to a restored state, to re-derive what this invocation's
         flags determine (e.g. DPD-fVAE's per-client participation budgets).
+      diagnose: `diagnose(state) -> dict` of figures computed from raw client data
+        (e.g. per-client accuracies); logged to diagnostics.jsonl with the round's
+        diagnostics, never to metrics.jsonl.
     """
     event = engine.round_event()
     if (ledger is None) != (event is None):
@@ -99,6 +105,7 @@ def run_rounds(
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
     record: dict[str, Any] = {}
+    diagnostics: dict[str, Any] = {}
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
     for r in range(start, last_round):
         state, metrics = engine.round(state, round_key(seed, r))
@@ -110,10 +117,16 @@ def run_rounds(
             record = {
                 "round": done,
                 "epsilon_rdp": eps,
-                **{name: float(v) for name, v in metrics.items()},
+                **_floats(metrics.released),
                 **evaluate(state),
             }
+            diagnostics = {
+                "round": done,
+                **_floats(metrics.diagnostics),
+                **(diagnose(state) if diagnose is not None else {}),
+            }
             workdir.append_metrics(record)
+            workdir.append_diagnostics(diagnostics)
         if done % checkpoint_every == 0 or done == last_round:
             saved = {"ledger": ledger.to_json(with_pld=False) if ledger is not None else None}
             checkpointer.save(done, state, {**(extra or {}), **saved})
@@ -121,7 +134,14 @@ def run_rounds(
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed
         record = {"round": int(state.round), **evaluate(state)}
-    return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from)
+        diagnostics = {"round": int(state.round),
+                       **(diagnose(state) if diagnose is not None else {})}
+    return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from,
+                      diagnostics)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {name: float(v) for name, v in metrics.items()}
 
 
 # "What the same noise would give" with more users: federated EMNIST's 3,400 writers, 1M.

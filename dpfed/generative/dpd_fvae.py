@@ -73,7 +73,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.workdir import DIAGNOSTICS_NOTE, Workdir, environment_info, params_sha256
 
 PyTree = Any
 METHOD = "dpd_fvae"
@@ -662,9 +662,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     """Trains (or resumes) DPD-fVAE in `workdir`; returns the summary dict.
 
     Writes ledger.json (private runs), metrics.jsonl, summary.json, report.md,
-    decoder.msgpack (the released decoder), samples.png (10 samples per class) and
-    checkpoints/ (the state, client encoders included, with the central ledger; the
-    local ledger is recomputed from the clients' participation counts).
+    decoder.msgpack (the released decoder), samples.png (10 samples per class),
+    diagnostics.jsonl (cohort sizes, client losses: not a release) and checkpoints/
+    (the state, client encoders included, with the central ledger; the local ledger is
+    recomputed from the clients' participation counts).
     """
     start_time = time.time()
     wd = Workdir(workdir)
@@ -726,7 +727,6 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "participations_mean": (float(participations.mean()) if trainer.has_client_state
                                 else None),
         "participation_budget": int(trainer.budgets.min()) if config.dp == "local" else None,
-        "final_client_loss": result.evaluation.get("client_loss"),
         "decoder_sha256": params_sha256(decoder_params),
         "model": model_json(trainer),
         "flags": dataclasses.asdict(config),
@@ -769,12 +769,11 @@ def render_report(config: DpdFvaeConfig, summary: dict) -> str:
         f"- privacy: {privacy_line}\n"
         f"- rounds: {summary['rounds']} (client fraction {config.client_fraction:g}, "
         f"{config.local_epochs} local epochs of batch {config.batch_size}, "
-        f"{config.optimizer} lr {config.learning_rate:g}); final mean client loss "
-        f"{_fmt(summary['final_client_loss'])}\n"
+        f"{config.optimizer} lr {config.learning_rate:g})\n"
         f"- wall time: {summary['wall_seconds']:.1f} s; decoder sha256 "
         f"`{summary['decoder_sha256']}`\n\n"
         f"![samples per class]({SAMPLES_PNG})\n\n"
-        "Round metrics (client losses, cohort sizes) are non-private simulation diagnostics.\n"
+        f"{DIAGNOSTICS_NOTE}\n"
     )
 
 

@@ -42,6 +42,7 @@ from dpfed.federated import (
     DpFedAvg,
     DpFedAvgConfig,
     OneClient,
+    RoundMetrics,
     ServerState,
     run_rounds,
     write_privacy_summary,
@@ -173,13 +174,17 @@ class DpFedAvgGan:
         noise = wgan_gp.generator_noise(key, self.config.gan)
         return self._generator_step(g_variables, d_params, noise)
 
-    def round(self, state: ServerState, key: jax.Array) -> tuple[ServerState, dict]:
-        """One DP-FedAvg round on D (clients), then G's update (server)."""
+    def round(self, state: ServerState, key: jax.Array) -> tuple[ServerState, RoundMetrics]:
+        """One DP-FedAvg round on D (clients), then G's update (server).
+
+        G's step metrics are functions of noise and the released D: released metrics.
+        """
         state, metrics = self.engine.round(state, jax.random.fold_in(key, _ENGINE_STREAM))
         g_vars, g_metrics = self.generator_step(
             state.context, state.params, jax.random.fold_in(key, _GENERATOR_STREAM)
         )
-        return state._replace(context=g_vars), {**metrics, **g_metrics._asdict()}
+        released = {**metrics.released, **g_metrics._asdict()}
+        return state._replace(context=g_vars), metrics._replace(released=released)
 
     def round_event(self) -> dp_event.DpEvent | None:
         """The user-level DpEvent of one round (only D's aggregation releases anything)."""

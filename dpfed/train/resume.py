@@ -88,7 +88,7 @@ def resume_or_start(
         changes = _mechanism_changes(restored, now)
         _refuse_replay_with_other_noise(restored, changes, workdir, step, key)
         ledger = _adopt_settings(restored, now, changes, step, key)
-    workdir.truncate_metrics(step, key=key)
+    workdir.truncate_logs(step, key=key)
     log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=True)
 

@@ -2,11 +2,17 @@
 
 A workdir (DESIGN.md, "Workdir contract") is the unit of an experiment: it holds
 `metrics.jsonl`, `summary.json`, `report.md`, `ledger.json`, images and
-`checkpoints/`. JSON files are replaced atomically, so a crash leaves either the
-old or the new file, never half of one. JSON is strict (RFC 8259): numpy and jax
-scalars and arrays become Python numbers and lists, and the non-finite floats
-become the strings "NaN", "Infinity" and "-Infinity", which the readers here turn
-back into floats.
+`checkpoints/`. The first four and the images are the run's *releases*: DP releases,
+what is computed from them alone, public data (a test split) and settings. Figures
+computed from raw private data (a federated simulation's cohort sizes, client losses,
+per-client accuracies) go to `diagnostics.jsonl` instead: a simulation diagnostic, not
+covered by the privacy guarantee, never to be published with the release. Nor is
+`checkpoints/` a release: it holds the whole simulation state, client states included.
+
+JSON files are replaced atomically, so a crash leaves either the old or the new file,
+never half of one. JSON is strict (RFC 8259): numpy and jax scalars and arrays become
+Python numbers and lists, and the non-finite floats become the strings "NaN",
+"Infinity" and "-Infinity", which the readers here turn back into floats.
 """
 
 import dataclasses
@@ -27,6 +33,14 @@ import numpy as np
 from dpfed.train.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+DIAGNOSTICS_FILE = "diagnostics.jsonl"  # raw-data figures: not a release (module docstring)
+# The sentence reports end with where their run wrote such figures.
+DIAGNOSTICS_NOTE = (
+    f"Figures computed from raw client data (cohort sizes, client losses and update norms, "
+    f"per-client accuracies) are in `{DIAGNOSTICS_FILE}`: non-private simulation "
+    f"diagnostics, not covered by the privacy guarantee; do not publish them with this "
+    f"report."
+)
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.json"
@@ -128,7 +142,7 @@ class Workdir:
     def __init__(self, path: str | os.PathLike):
         self._path = pathlib.Path(path).absolute()
         self._path.mkdir(parents=True, exist_ok=True)
-        self._metrics_tail_checked = False
+        self._tail_checked: set[str] = set()
 
     @property
     def path(self) -> pathlib.Path:
@@ -184,38 +198,59 @@ class Workdir:
         return path
 
     def append_metrics(self, record: dict) -> None:
-        """Appends `record` as one JSON line to `metrics.jsonl`, durably (flush + fsync)."""
-        path = self.file(METRICS_FILE)
-        if not self._metrics_tail_checked:
+        """Appends `record` (releases only) as one JSON line to `metrics.jsonl`, durably."""
+        self._append(METRICS_FILE, record)
+
+    def append_diagnostics(self, record: dict) -> None:
+        """Appends `record` (raw-data figures, not a release) to `diagnostics.jsonl`."""
+        self._append(DIAGNOSTICS_FILE, record)
+
+    def read_metrics(self) -> list[dict]:
+        """All records of `metrics.jsonl` in order; a torn last line (a crash) is ignored."""
+        return self._read(METRICS_FILE)
+
+    def read_diagnostics(self) -> list[dict]:
+        """All records of `diagnostics.jsonl` in order; a torn last line is ignored."""
+        return self._read(DIAGNOSTICS_FILE)
+
+    def truncate_logs(self, after_step: int, key: str = "step") -> int:
+        """Drops the records with `record[key] > after_step` from both logs.
+
+        Call it on resume with the restored checkpoint's step, so records logged after
+        that checkpoint by a killed run are not duplicated. Records without `key` stay.
+
+        Returns:
+          How many records of `metrics.jsonl` were dropped.
+        """
+        dropped = {}
+        for name in (METRICS_FILE, DIAGNOSTICS_FILE):
+            records = self._read(name)
+            kept = [r for r in records if key not in r or r[key] <= after_step]
+            path = self.file(name)
+            if path.exists():
+                atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
+            self._tail_checked.add(name)
+            dropped[name] = len(records) - len(kept)
+        return dropped[METRICS_FILE]
+
+    def _append(self, name: str, record: dict) -> None:
+        """Appends one JSON line to `name` with flush + fsync (a torn tail is cut first)."""
+        path = self.file(name)
+        if name not in self._tail_checked:
             _drop_torn_last_line(path)
-            self._metrics_tail_checked = True
+            self._tail_checked.add(name)
         with path.open("a", encoding="utf-8") as f:
             f.write(dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def read_metrics(self) -> list[dict]:
-        """All records of `metrics.jsonl` in order; a torn last line (a crash) is ignored."""
-        path = self.file(METRICS_FILE)
+    def _read(self, name: str) -> list[dict]:
+        path = self.file(name)
         if not path.exists():
             return []
         text = path.read_text(encoding="utf-8")
         complete, _, _ = text.rpartition("\n")
         return [loads(line) for line in complete.splitlines() if line.strip()]
-
-    def truncate_metrics(self, after_step: int, key: str = "step") -> int:
-        """Drops the records with `record[key] > after_step`; returns how many were dropped.
-
-        Call it on resume with the restored checkpoint's step, so records logged after
-        that checkpoint by a killed run are not duplicated. Records without `key` stay.
-        """
-        records = self.read_metrics()
-        kept = [r for r in records if key not in r or r[key] <= after_step]
-        path = self.file(METRICS_FILE)
-        if path.exists():
-            atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
-        self._metrics_tail_checked = True
-        return len(records) - len(kept)
 
 
 def _drop_torn_last_line(path: pathlib.Path) -> None:

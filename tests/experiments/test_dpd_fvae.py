@@ -39,6 +39,11 @@ def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):
     assert summary["method"] == "dpd_fvae" and summary["rounds"] == 2, summary
     assert summary["unit"] == ledger["unit"] == "example", "local DP is per example"
     assert summary["epsilon_rdp"] == ledger["epsilon_rdp"] <= 30
+    diagnostics = json.loads((tmp_path / "diagnostics.jsonl").read_text().splitlines()[-1])
+    assert "client_loss" in diagnostics, f"client losses are diagnostics: {diagnostics}"
+    released = (tmp_path / "metrics.jsonl").read_text() + json.dumps(summary)
+    assert "client_loss" not in released and "cohort_size" not in released, (
+        "client losses and cohort sizes (raw client data) leaked into the release files")
     meta = ledger["metadata"]
     assert ledger["epsilon_rdp"] == meta["epsilon_rdp_client_max"], (
         "the ledger must state the worst client's eps")

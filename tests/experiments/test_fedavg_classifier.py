@@ -46,6 +46,19 @@ def test_summary_reports_eps_for_larger_populations_below_ours(acceptance_run):
     assert summary["steps"] == summary["rounds"] == 20, "steps counts rounds"
 
 
+def test_per_client_accuracies_are_diagnostics_not_releases(acceptance_run):
+    workdir, summary = acceptance_run
+    last = json.loads((workdir / "diagnostics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= last["train_client_accuracy_mean"] <= 1.0, (
+        f"each client's accuracy on its own data belongs in diagnostics.jsonl: {last}")
+    released = (workdir / "metrics.jsonl").read_text() + json.dumps(summary)
+    for name in ("train_client", "cohort_size", "update_norm_mean", "client_loss"):
+        assert name not in released, f"{name} (raw client data) leaked into the release files"
+    report = (workdir / "report.md").read_text()
+    assert "train_client" not in report and "diagnostics.jsonl" in report, (
+        "the report should point to diagnostics.jsonl, not show raw-data figures")
+
+
 @pytest.mark.slow  # ~40 s; the loop-level resume test in tests/federated is fast
 def test_rerun_on_the_same_workdir_resumes_to_the_uninterrupted_result(tmp_path):
     def run(path, rounds):

@@ -76,7 +76,8 @@ def test_non_finite_updates_are_zeroed_and_counted():
     want, _ = server_update(make_engine(without, l2_clip=1.0), key)
     assert np.all(np.isfinite(got)), "a non-finite update leaked into the params"
     np.testing.assert_allclose(got, want, atol=1e-7, err_msg="non-finite updates must count as 0")
-    assert int(metrics["nonfinite_updates"]) == 2, "both non-finite updates should be counted"
+    assert int(metrics.diagnostics["nonfinite_updates"]) == 2, (
+        "both non-finite updates should be counted")
 
 
 def test_round_sums_exactly_the_sampled_clients_divided_by_the_expected_size():
@@ -92,7 +93,8 @@ def test_round_sums_exactly_the_sampled_clients_divided_by_the_expected_size():
     norms = np.linalg.norm(deltas[cohort], axis=1, keepdims=True)
     clipped = np.where(np.isfinite(norms), deltas[cohort] * np.minimum(1, clip / norms), 0.0)
     want = clipped.sum(0) / m
-    assert int(metrics["cohort_size"]) == int(count) > 8, "the cohort should overflow one chunk"
+    assert int(metrics.diagnostics["cohort_size"]) == int(count) > 8, (
+        "the cohort should overflow one chunk")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7,
                                err_msg="the mean must be the cohort's clipped sum / expected size")
 

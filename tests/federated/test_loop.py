@@ -41,6 +41,35 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert rounds == [2, 4, 6], f"metrics must not repeat rounds after a resume: {rounds}"
 
 
+def test_raw_cohort_figures_go_to_diagnostics_not_to_the_release_log(tmp_path):
+    eng = engine()
+    result = run_rounds(
+        eng, eng.init(toy.params_of(4)), rounds=2, seed=3, workdir=Workdir(tmp_path),
+        ledger=ledger(), evaluate=lambda s: {"norm": 1.0},
+        diagnose=lambda s: {"per_client": 0.5}, eval_every=1, checkpoint_every=2,
+        log=lambda _: None)
+    wd = Workdir(tmp_path)
+    released = set().union(*wd.read_metrics())
+    assert released == {"round", "epsilon_rdp", "clip_norm", "noised_unclipped_fraction",
+                        "norm"}, f"metrics.jsonl holds more than releases: {sorted(released)}"
+    diagnosed = set().union(*wd.read_diagnostics())
+    assert {"cohort_size", "update_norm_mean", "unclipped_fraction", "client_norm",
+            "per_client"} <= diagnosed, f"diagnostics.jsonl lacks raw figures: {diagnosed}"
+    assert [r["round"] for r in wd.read_diagnostics()] == [1, 2], "one record per evaluation"
+    assert result.diagnostics["per_client"] == 0.5, "the last diagnostics come back"
+    assert "cohort_size" not in result.evaluation, "the result's evaluation is a release"
+
+
+def test_resume_does_not_repeat_diagnostics(tmp_path):
+    eng = engine()
+    run(eng, tmp_path, rounds=4)
+    with Workdir(tmp_path).file("diagnostics.jsonl").open("a") as f:
+        f.write('{"round": 5, "cohort_size": 6}\n')  # logged by a run killed before its save
+    run(eng, tmp_path, rounds=6)
+    rounds = [r["round"] for r in Workdir(tmp_path).read_diagnostics()]
+    assert rounds == [2, 4, 6], f"diagnostics must not repeat rounds after a resume: {rounds}"
+
+
 def test_budget_guard_stops_before_the_round_that_would_exceed_the_target(tmp_path):
     eng = engine()
     event = eng.round_event()

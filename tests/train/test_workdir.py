@@ -108,30 +108,64 @@ def test_torn_last_line_is_ignored_and_repaired(tmp_path):
     assert wd.read_metrics() == [{"step": 1}, {"step": 2}], "appending after a torn line failed"
 
 
-def test_truncate_metrics_drops_later_steps(tmp_path):
+def test_truncate_logs_drops_later_steps(tmp_path):
     wd = Workdir(tmp_path)
     for step in (10, 20, 30):
         wd.append_metrics({"step": step})
     wd.append_metrics({"note": "no step"})
-    dropped = wd.truncate_metrics(after_step=20)
+    dropped = wd.truncate_logs(after_step=20)
     assert dropped == 1, f"expected to drop 1 record, dropped {dropped}"
     assert wd.read_metrics() == [{"step": 10}, {"step": 20}, {"note": "no step"}], (
-        "truncate_metrics should keep steps <= 20 and records without the key"
+        "truncate_logs should keep steps <= 20 and records without the key"
     )
 
 
-def test_truncate_metrics_with_other_key(tmp_path):
+def test_truncate_logs_with_other_key(tmp_path):
     wd = Workdir(tmp_path)
     for round_ in range(4):
         wd.append_metrics({"round": round_})
-    wd.truncate_metrics(after_step=1, key="round")
+    wd.truncate_logs(after_step=1, key="round")
     assert wd.read_metrics() == [{"round": 0}, {"round": 1}], "key='round' was not honoured"
 
 
-def test_truncate_metrics_without_file_is_noop(tmp_path):
+def test_truncate_logs_without_file_is_noop(tmp_path):
     wd = Workdir(tmp_path)
-    assert wd.truncate_metrics(5) == 0, "nothing to drop in a fresh workdir"
+    assert wd.truncate_logs(5) == 0, "nothing to drop in a fresh workdir"
     assert not wd.file("metrics.jsonl").exists(), "truncate should not create metrics.jsonl"
+
+
+def test_diagnostics_go_to_their_own_file(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"round": 1, "test_accuracy": 0.5})
+    wd.append_diagnostics({"round": 1, "cohort_size": 7})
+    assert wd.read_metrics() == [{"round": 1, "test_accuracy": 0.5}], (
+        "a diagnostic leaked into metrics.jsonl (the release log)"
+    )
+    assert wd.read_diagnostics() == [{"round": 1, "cohort_size": 7}], (
+        "diagnostics.jsonl should hold the diagnostic record"
+    )
+
+
+def test_truncate_logs_truncates_diagnostics_too(tmp_path):
+    wd = Workdir(tmp_path)
+    for round_ in (1, 2, 3):
+        wd.append_metrics({"round": round_})
+        wd.append_diagnostics({"round": round_, "cohort_size": round_})
+    wd.truncate_logs(after_step=1, key="round")
+    assert [r["round"] for r in wd.read_diagnostics()] == [1], (
+        "a resume must drop diagnostics logged after its checkpoint, as it does metrics"
+    )
+
+
+def test_torn_diagnostics_line_is_repaired_on_append(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.append_diagnostics({"round": 1})
+    with wd.file("diagnostics.jsonl").open("a") as f:
+        f.write('{"round": 2, "co')
+    Workdir(tmp_path).append_diagnostics({"round": 2})
+    assert wd.read_diagnostics() == [{"round": 1}, {"round": 2}], (
+        "appending after a torn diagnostics line failed"
+    )
 
 
 def test_summary_and_report(tmp_path):
