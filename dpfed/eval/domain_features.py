@@ -143,6 +143,7 @@ def domain_extractor(
     description = (
         f"penultimate layer ({FEATURE_DIM}-d) of a CNN trained non-privately on the "
         f"{dataset} train split ({info['train_examples']} images, seed {seed}, ~{steps} "
-        f"steps; its test accuracy {info['test_accuracy']:.3f}); cache {weights}"
-    )
+        f"steps; its test accuracy {info['test_accuracy']:.3f})"
+    )  # No cache path: it holds a hash of the train split (and maybe a user name).
+    logging.info("%s extractor weights: %s", METRIC_NAME, weights)
     return FeatureExtractor(METRIC_NAME, description, features)

@@ -317,6 +317,14 @@ def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
+# The evaluation measures a release with the real data: it is research, not a release.
+EVALUATION_NOTE = (
+    "These figures are not covered by the privacy guarantee: fid_domain's feature CNN is "
+    "trained on the real train split and every figure compares with real data. They measure "
+    "the release for research; do not publish them as part of it."
+)
+
+
 def render_report(record: dict) -> str:
     """The report.md section of an evaluation: metrics table and figures."""
     privacy = record["privacy"]
@@ -342,7 +350,7 @@ def render_report(record: dict) -> str:
             f"| {name} | {_percent(r['test_accuracy'])} |"
             for name, r in record["downstream"].items()
         ]
-    lines += ["", f"{record['downstream_note']}.", ""]
+    lines += ["", f"{record['downstream_note']}.", "", EVALUATION_NOTE, ""]
     lines += [f"![{name}]({name})" for name in record["figures"]]
     return "\n".join(lines) + "\n"
 

@@ -47,3 +47,9 @@ def test_real_images_are_far_closer_than_noise(extractor):
     real = fid.fid(extractor, test.images, train.images)
     random = fid.fid(extractor, test.images, noise)
     assert real < 0.1 * random, f"fid_domain real {real:.3f} vs noise {random:.3f}"
+
+
+def test_description_names_no_cache_path_or_data_hash(extractor, cache_dir):
+    assert str(cache_dir) not in extractor.description and "msgpack" not in extractor.description, (
+        "the description goes into eval.json and reports: it must not carry the cache path, "
+        f"which holds a hash of the private train split: {extractor.description}")

@@ -49,6 +49,14 @@ def test_report_section_is_replaced_and_trainer_text_kept(tmp_path, config):
     assert report.count(evaluation.REPORT_BEGIN) == 1, "re-evaluating duplicated the section"
 
 
+def test_report_section_says_the_evaluation_is_not_private(tmp_path, config):
+    _digits_npz(tmp_path / contract.SYNTHETIC_FILE)
+    evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)), config)
+    report = Workdir(tmp_path).file("report.md").read_text()
+    assert "not covered by the privacy guarantee" in report and "real train split" in report, (
+        "the section must say its figures use the real data and are not a DP release")
+
+
 def test_classifier_workdir_is_the_direct_training_row(tmp_path, config):
     wd = Workdir(tmp_path)
     flags = {"model": "cnn", "dataset": "digits"}
