@@ -176,6 +176,8 @@ def test_ledger_eps_equals_dp_accounting_and_resume_replays_the_run(tmp_path):
     assert ledger["epsilon_rdp"] == pytest.approx(_direct_epsilon(z, aggregations, 1e-5), 1e-9)
     assert ledger["unit"] == "example" and ledger["neighboring_relation"] == "add_or_remove_one"
     assert ledger["num_releases"] == aggregations == whole["aggregations"]
+    assert ledger["metadata"]["mechanism"].endswith("one Gaussian event per aggregated sample"), (
+        f"the ledger must describe per-sample votes: {ledger['metadata']['mechanism']}")
     for name in ("metrics.jsonl", "summary.json", "report.md", "samples.png", "synthetic.npz"):
         assert (whole_dir / name).exists(), name
     for key in ("epsilon_rdp", "epsilon_pld", "delta", "steps", "params_sha256", "wall_seconds"):
@@ -204,6 +206,8 @@ def test_batch_scope_records_one_event_per_step(tmp_path):
     assert ledger["epsilon_rdp"] == pytest.approx(_direct_epsilon(z, TINY.steps, 1e-5), 1e-9)
     assert ledger["metadata"]["vote_scope"] == "batch"
     assert ledger["metadata"]["aggregations_per_step"] == 1
+    assert ledger["metadata"]["mechanism"].endswith("one Gaussian event per aggregated batch"), (
+        f"the ledger must describe batch-scope votes: {ledger['metadata']['mechanism']}")
 
 
 def test_resume_with_another_vote_scope_is_refused(tmp_path):

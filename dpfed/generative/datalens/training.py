@@ -345,6 +345,19 @@ def d_steps_before(config: DataLensConfig, step: int) -> int:
     return config.d_steps
 
 
+def mechanism_text(vote_scope: str) -> str:
+    """The ledger's one-line description of an aggregation under `vote_scope`."""
+    scope = {
+        "sample": "per generated sample, T teacher votes (top-k of that sample's gradient",
+        "batch": "per generator batch, T teacher votes (top-k of the whole batch's gradient",
+    }[vote_scope]
+    unit = {"sample": "aggregated sample", "batch": "aggregated batch"}[vote_scope]
+    return (
+        f"DataLens TopAgg: {scope}, stochastic sign) summed, Gaussian noise of std sigma per "
+        f"coordinate, thresholded (post-processing); one Gaussian event per {unit}"
+    )
+
+
 def new_ledger(config: DataLensConfig, num_examples: int):
     """The example-level ledger of a DataLens run."""
     topagg = config.topagg()
@@ -354,11 +367,7 @@ def new_ledger(config: DataLensConfig, num_examples: int):
         delta=config.delta,
         target_epsilon=config.target_epsilon,
         metadata={
-            "mechanism": (
-                "DataLens TopAgg: per generated sample, T teacher votes (top-k, stochastic "
-                "sign) summed, Gaussian noise of std sigma per coordinate, thresholded "
-                "(post-processing); one Gaussian event per aggregated sample"
-            ),
+            "mechanism": mechanism_text(config.vote_scope),
             "dataset": config.dataset,
             "dataset_size": num_examples,
             "num_teachers": config.num_teachers,
