@@ -14,8 +14,15 @@ Decentralized Datasets" (Augenstein et al., ICLR 2020), end to end:
    here, also measures them: the fraction of inverted samples (`polarity`).
 The bug is found when the low-accuracy GAN's samples are inverted and the high
 accuracy GAN's are not. Everything is written into one workdir: each GAN trains in its
-own sub-workdir (`gan_low/`, `gan_high/`: ledger, metrics, checkpoints, generator), and
-the top level holds summary.json, report.md and the grids. Rerunning resumes both GANs.
+own sub-workdir (`gan_low/`, `gan_high/`: ledger, metrics, diagnostics, checkpoints,
+generator), and the top level holds
+- the releases (`dpfed.train.workdir`): summary.json (eps, the samples' inverted
+  fractions, group sizes, settings), report.md and the grids;
+- `diagnostics.json`: the simulation's ground truth and figures computed from raw client
+  data (which clients are buggy, the groups' real images, per-client accuracies, quantile
+  thresholds). Not a DP release, not covered by the guarantee; the report shows them in a
+  section of their own so the demo can check itself.
+Rerunning resumes both GANs.
 """
 
 from __future__ import annotations
@@ -287,7 +294,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     )
     fedgan_config = config.fedgan_config()
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
-    results = {}
+    results, ground_truth = {}, {}
     for name in GROUPS:
         members = getattr(groups, name)
         group = subset(clients, members)
@@ -308,12 +315,11 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         samples = fedgan.sample_images(gan_config, g_vars, sample_key, config.num_samples)
         save_grid(wd.file(f"samples_{name}.png"), samples)
         real = group.images[group.mask]
+        # Group sizes are released: DP-FedAvg accounting treats the population (here the
+        # group) as public, and each group's ledger records it.
         results[name] = {
             "inverted_fraction": polarity.inverted_fraction(samples),
             "num_clients": int(group.num_clients),
-            "buggy_client_fraction": float(fed.buggy[members].mean()),
-            "real_inverted_fraction": polarity.inverted_fraction(real),
-            "client_accuracy_mean": float(np.nanmean(accuracies[members])),
             "seed": summary["seed"],  # its own: the groups draw independent noise
             "epsilon_rdp": summary["epsilon_rdp"],
             "epsilon_pld": summary["epsilon_pld"],
@@ -322,6 +328,20 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             "sampling_rate": config.clients_per_round / group.num_clients,
             "wall_seconds": summary["wall_seconds"],
         }
+        ground_truth[name] = {
+            "buggy_client_fraction": float(fed.buggy[members].mean()),
+            "real_inverted_fraction": polarity.inverted_fraction(real),
+            "client_accuracy_mean": float(np.nanmean(accuracies[members])),
+        }
+    diagnostics = {
+        "note": selection.DIAGNOSTICS_JSON_NOTE,
+        "groups": ground_truth,
+        "num_buggy_clients": int(fed.buggy.sum()),
+        # The thresholds used; a quantile one is a function of all clients' accuracies.
+        "low_threshold": groups.low_threshold,
+        "high_threshold": groups.high_threshold,
+    }
+    thresholds_given = config.low_threshold is not None and config.high_threshold is not None
     summary = {
         "method": "fedgan_debug",
         "inverted_fraction_low": results["low"]["inverted_fraction"],
@@ -329,26 +349,33 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         "gan_low": results["low"],
         "gan_high": results["high"],
         "epsilon_rdp": _max_eps(results),
+        "guarantee_caveat": selection.guarantee_caveat(
+            config.low_threshold, config.high_threshold, config.sampling, "accuracies"
+        ),
         "delta": config.delta if config.noise_multiplier > 0 else None,
         "unit": "user",
-        "classifier_healthy_accuracy": healthy_accuracy,
-        "low_threshold": groups.low_threshold,
-        "high_threshold": groups.high_threshold,
-        "thresholds_from_quantiles": config.low_threshold is None or config.high_threshold is None,
+        "classifier_healthy_accuracy": healthy_accuracy,  # on its public training data
+        # Settings: a threshold from a quantile is None here (diagnostics.json has it).
+        "low_threshold": config.low_threshold,
+        "high_threshold": config.high_threshold,
+        "thresholds_from_quantiles": not thresholds_given,
         "num_clients": int(clients.num_clients),
-        "num_buggy_clients": int(fed.buggy.sum()),
         "wall_seconds": time.time() - start_time,
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
     }
+    wd.write_json(selection.DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary))
+    wd.write_report(render_report(config, summary, diagnostics))
     return summary
 
 
 def _max_eps(results: dict) -> float | None:
-    """The guarantee of the whole release: the groups are disjoint, so the max."""
+    """The eps of releasing both groups' models: the groups are disjoint, so the max.
+
+    End to end only when `guarantee_caveat` is None; otherwise per group, given the grouping.
+    """
     eps = [r["epsilon_rdp"] for r in results.values()]
     return None if any(e is None for e in eps) else max(eps)
 
@@ -357,11 +384,21 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def render_report(config: DebugConfig, summary: dict) -> str:
-    """report.md: both grids side by side, the inverted fractions, eps, the paper's result."""
+def _threshold_rule(side: str, given: float | None, quantile: float) -> str:
+    """How one group is chosen, from the settings alone (a quantile's value is raw data)."""
+    op = "<=" if side == "low" else ">="
+    if given is not None:
+        return f"accuracy {op} {given:.3f}"
+    return f"accuracy {op} the {quantile:g} quantile of all clients' accuracies"
+
+
+def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
+    """report.md: both grids side by side, the inverted fractions, eps, the paper's result.
+
+    The release sections read only `summary`; the simulation's ground truth (from
+    `diagnostics`, raw client data) gets a section of its own, labelled as not a release.
+    """
     low, high = summary["gan_low"], summary["gan_high"]
-
-
     found = summary["inverted_fraction_low"] > 0.5 > summary["inverted_fraction_high"]
     verdict = (
         "the low-accuracy GAN draws inverted digits (white background) and the high-accuracy "
@@ -370,38 +407,50 @@ def render_report(config: DebugConfig, summary: dict) -> str:
         else "the two GANs do not differ in polarity."
     )
     high_inverted = f"{high['inverted_fraction']:.3f}"
-    table = [
+    release_table = [
         ("clients", "num_clients", "d"),
-        ("mean client accuracy", "client_accuracy_mean", ".3f"),
         (f"inverted fraction of {config.num_samples} GAN samples", "inverted_fraction", ".3f"),
-        ("truly buggy clients (simulation ground truth)", "buggy_client_fraction", ".3f"),
-        (
-            "inverted fraction of the group's real images (ground truth)",
-            "real_inverted_fraction",
-            ".3f",
-        ),
         ("GAN wall time (s)", "wall_seconds", ".0f"),
     ]
     rows = "\n".join(
         f"| {label} | {format(low[key], spec)} | {format(high[key], spec)} |"
-        for label, key, spec in table
+        for label, key, spec in release_table
     )
+    truth_low, truth_high = diagnostics["groups"]["low"], diagnostics["groups"]["high"]
+    truth_table = [
+        ("mean client accuracy", "client_accuracy_mean"),
+        ("truly buggy clients", "buggy_client_fraction"),
+        ("inverted fraction of the group's real images", "real_inverted_fraction"),
+    ]
+    truth_rows = "\n".join(
+        f"| {label} | {truth_low[key]:.3f} | {truth_high[key]:.3f} |" for label, key in truth_table
+    )
+    buggy_clients = f"{diagnostics['num_buggy_clients']} of the {summary['num_clients']}"
     threshold_note = (
-        "The thresholds are quantiles of all clients' raw accuracies: a simulation "
+        "A quantile threshold is a function of all clients' raw accuracies: a simulation "
         "convenience that is not a DP release; give --low_threshold/--high_threshold (as the "
         "paper did) for a pipeline where each client decides its group on its own device."
         if summary["thresholds_from_quantiles"]
         else "The thresholds were given: each client decides its group on its own device."
     )
+    low_rule = _threshold_rule("low", summary["low_threshold"], config.low_quantile)
+    high_rule = _threshold_rule("high", summary["high_threshold"], config.high_quantile)
+    caveat = summary["guarantee_caveat"]
+    max_eps_line = (
+        f"the groups are disjoint, so releasing both costs the larger eps: "
+        f"{_fmt(summary['epsilon_rdp'])}."
+    )
+    if caveat is not None:
+        max_eps_line += f" **Caveat**: {caveat}"
     return f"""# Debugging private, decentralized images with DP federated GANs
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
 (ICLR 2020), image demonstration, on {config.dataset} in {summary["num_clients"]} clients;
-{summary["num_buggy_clients"]} of them ({config.bug_fraction:.0%}) feed **inverted** images
-(the simulated bug). The app's classifier (accuracy {summary["classifier_healthy_accuracy"]:.3f}
-on its healthy data) is evaluated on every client's own data; clients with accuracy
-<= {summary["low_threshold"]:.3f} train one DP-FedAvg-GAN, clients with accuracy >=
-{summary["high_threshold"]:.3f} another. {threshold_note}
+{config.bug_fraction:.0%} of them feed **inverted** images (the simulated bug). The app's
+classifier (accuracy {summary["classifier_healthy_accuracy"]:.3f} on its healthy training data)
+is evaluated on every client's own data; clients with {low_rule}
+train one DP-FedAvg-GAN, clients with {high_rule} another.
+{threshold_note}
 
 | low-accuracy clients' GAN | high-accuracy clients' GAN |
 |---|---|
@@ -420,6 +469,18 @@ Inverted fraction: a sample is inverted when the mean brightness of its 2-pixel 
 above mid-grey (`dpfed.generative.polarity`: MNIST/EMNIST frames are background, black when
 healthy; on mnist5k it separates all 5,000 digits from their inversions).
 
+## Simulation ground truth and diagnostics (not a DP release)
+
+These figures are computed from the raw client data: they are not covered by the privacy
+guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each GAN's per-round cohort figures to
+`gan_low/diagnostics.jsonl` and `gan_high/diagnostics.jsonl`), and must not be published
+with the release. {buggy_clients} clients are truly buggy; the split used
+accuracy <= {diagnostics["low_threshold"]:.3f} and >= {diagnostics["high_threshold"]:.3f}.
+
+| | low-accuracy group | high-accuracy group |
+|---|---|---|
+{truth_rows}
+
 ## Privacy
 
 The unit is one **user** (client): all of a client's images may change. Only the
@@ -427,8 +488,7 @@ discriminator's clipped, noised, averaged deltas leave the clients; the generato
 trained on the server from noise and the released discriminator (post-processing).
 - low-accuracy GAN: {describe_user_level_privacy(low, config.delta)}
 - high-accuracy GAN: {describe_user_level_privacy(high, config.delta)}
-- the groups are disjoint, so releasing both costs the larger eps:
-  {_fmt(summary["epsilon_rdp"])}.
+- {max_eps_line}
 
 With only a hundred-odd users, user-level eps at a noise level that still trains is large;
 the accountant alone shows what the same noise and cohort size give with federated

@@ -12,6 +12,14 @@ LEAF):
 4. the modeler compares what the two LMs write: top-k tokens with their frequencies,
    the OOV rate and glued-token rate of the samples, the most frequent OOV tokens, and
    sample lines. The suspicious group's LM writes glued tokens ("lord,what"): the bug.
+Each LM trains in its own sub-workdir (`lm_high_oov/`, `lm_low_oov/`: ledger, metrics,
+diagnostics, checkpoints); the top level holds
+- the releases (`dpfed.train.workdir`): summary.json (eps, the samples' statistics, group
+  sizes, settings), samples.json (the LMs' sampled lines) and report.md;
+- `diagnostics.json`: the simulation's ground truth and figures computed from raw client
+  data (which clients are buggy, the groups' real text, per-client OOV rates, quantile
+  thresholds). Not a DP release, not covered by the guarantee; the report shows them in a
+  section of their own so the demo can check itself.
 """
 
 from __future__ import annotations
@@ -151,7 +159,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     )
     lm_config = config.lm_config(char_vocab.size)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
-    results, samples = {}, {}
+    results, samples, ground_truth = {}, {}, {}
     for name in GROUPS:
         group_texts = [t for t, m in zip(texts, members[name], strict=True) if m]
         require(
@@ -183,18 +191,16 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         stats = fedlm.token_stats(lines, word_vocab, config.top_k)
         real = fedlm.token_stats(group_texts, word_vocab, config.top_k)
         samples[name] = lines
+        # Group sizes are released: DP-FedAvg accounting treats the population (here the
+        # group) as public, and each group's ledger records it.
         results[name] = {
             "num_clients": len(group_texts),
-            "buggy_client_fraction": float(buggy[members[name]].mean()),
-            "client_oov_rate_mean": float(np.mean(oov_rates[members[name]])),
             "oov_rate": stats.oov_rate,
             "glued_rate": stats.glued_rate,
             "top_k": stats.top_k,
             "top_oov": stats.top_oov,
             "top_glue": stats.top_glue,
             "num_sample_tokens": stats.num_tokens,
-            "real_oov_rate": real.oov_rate,
-            "real_glued_rate": real.glued_rate,
             "seed": summary["seed"],  # its own: the groups draw independent noise
             "epsilon_rdp": summary["epsilon_rdp"],
             "epsilon_pld": summary["epsilon_pld"],
@@ -203,6 +209,21 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "rounds": summary["rounds"],
             "wall_seconds": summary["wall_seconds"],
         }
+        ground_truth[name] = {
+            "buggy_client_fraction": float(buggy[members[name]].mean()),
+            "client_oov_rate_mean": float(np.mean(oov_rates[members[name]])),
+            "real_oov_rate": real.oov_rate,
+            "real_glued_rate": real.glued_rate,
+        }
+    diagnostics = {
+        "note": selection.DIAGNOSTICS_JSON_NOTE,
+        "groups": ground_truth,
+        "num_buggy_clients": int(buggy.sum()),
+        # The thresholds used; a quantile one is a function of all clients' OOV rates.
+        "low_threshold": groups.low_threshold,
+        "high_threshold": groups.high_threshold,
+    }
+    thresholds_given = config.low_threshold is not None and config.high_threshold is not None
     eps = [r["epsilon_rdp"] for r in results.values()]
     summary = {
         "method": "fedlm_debug",
@@ -212,22 +233,27 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
         "lm_high_oov": results["high_oov"],
         "lm_low_oov": results["low_oov"],
+        # Disjoint groups: the max, end to end only when guarantee_caveat is None.
         "epsilon_rdp": None if None in eps else max(eps),
+        "guarantee_caveat": selection.guarantee_caveat(
+            config.low_threshold, config.high_threshold, config.sampling, "OOV rates"
+        ),
         "delta": config.delta if config.noise_multiplier > 0 else None,
         "unit": "user",
-        "low_threshold": groups.low_threshold,
-        "high_threshold": groups.high_threshold,
-        "thresholds_from_quantiles": config.low_threshold is None or config.high_threshold is None,
+        # Settings: a threshold from a quantile is None here (diagnostics.json has it).
+        "low_threshold": config.low_threshold,
+        "high_threshold": config.high_threshold,
+        "thresholds_from_quantiles": not thresholds_given,
         "num_clients": len(texts),
-        "num_buggy_clients": int(buggy.sum()),
         "wall_seconds": time.time() - start_time,
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
     }
     wd.write_json("samples.json", samples)
+    wd.write_json(selection.DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, samples))
+    wd.write_report(render_report(config, summary, samples, diagnostics))
     return summary
 
 
@@ -251,44 +277,72 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
-def render_report(config: TextDebugConfig, summary: dict, samples: dict) -> str:
-    """report.md: top-k tables, OOV and glued rates, sample lines, eps."""
+def _threshold_rule(side: str, given: float | None, quantile: float) -> str:
+    """How one group is chosen, from the settings alone (a quantile's value is raw data)."""
+    op = "<=" if side == "low" else ">="
+    if given is not None:
+        return f"OOV rate {op} {given:.3f}"
+    return f"OOV rate {op} the {quantile:g} quantile of all clients' OOV rates"
+
+
+def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnostics: dict) -> str:
+    """report.md: top-k tables, OOV and glued rates, sample lines, eps.
+
+    The release sections read only `summary` and `samples`; the simulation's ground truth
+    (from `diagnostics`, raw client data) gets a section of its own, labelled as not a
+    release.
+    """
     high, low = summary["lm_high_oov"], summary["lm_low_oov"]
-
-
+    buggy_clients = f"{diagnostics['num_buggy_clients']} of the {summary['num_clients']}"
     threshold_note = (
-        "Thresholds are quantiles of all clients' raw OOV rates (a simulation convenience, "
-        "not a DP release; give --low_threshold/--high_threshold for on-device selection)."
+        "A quantile threshold is a function of all clients' raw OOV rates (a simulation "
+        "convenience, not a DP release; give --low_threshold/--high_threshold for on-device "
+        "selection)."
         if summary["thresholds_from_quantiles"]
-        else ""
+        else "The thresholds were given: each client decides its group on its own device."
     )
+    low_rule = _threshold_rule("low", summary["low_threshold"], config.low_quantile)
+    high_rule = _threshold_rule("high", summary["high_threshold"], config.high_quantile)
+    max_eps_line = (
+        f"The groups are disjoint: releasing both costs the larger eps, "
+        f"{_fmt(summary['epsilon_rdp'])}."
+    )
+    if summary["guarantee_caveat"] is not None:
+        max_eps_line += f"\n**Caveat**: {summary['guarantee_caveat']}"
 
     def lines(name):
         return "\n".join(f"    {line}" for line in samples[name][:12])
 
     table = [
         ("clients", "num_clients", "{:d}"),
-        ("truly buggy clients (simulation ground truth)", "buggy_client_fraction", "{:.3f}"),
-        ("mean client OOV rate (on device)", "client_oov_rate_mean", "{:.3f}"),
         ("OOV rate of the LM's samples", "oov_rate", "{:.3f}"),
         ("glued-token rate of the LM's samples", "glued_rate", "{:.3f}"),
-        ("glued-token rate of the group's real text (ground truth)", "real_glued_rate", "{:.3f}"),
         ("LM wall time (s)", "wall_seconds", "{:.0f}"),
     ]
     rows = "\n".join(
         f"| {label} | {spec.format(high[key])} | {spec.format(low[key])} |"
         for label, key, spec in table
     )
+    truth_high, truth_low = diagnostics["groups"]["high_oov"], diagnostics["groups"]["low_oov"]
+    truth_table = [
+        ("truly buggy clients", "buggy_client_fraction"),
+        ("mean client OOV rate (on device)", "client_oov_rate_mean"),
+        ("OOV rate of the group's real text", "real_oov_rate"),
+        ("glued-token rate of the group's real text", "real_glued_rate"),
+    ]
+    truth_rows = "\n".join(
+        f"| {label} | {truth_high[key]:.3f} | {truth_low[key]:.3f} |" for label, key in truth_table
+    )
     return f"""# Debugging private, decentralized text with DP federated LMs
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
 (ICLR 2020), text demonstration, on Shakespeare: {summary["num_clients"]} clients (one per
-play and role, as LEAF); on {summary["num_buggy_clients"]} of them ({config.bug_fraction:.0%})
-the text pipeline drops the space after punctuation. Each client computes its out-of-
-vocabulary rate under the app's whitespace tokenizer and its 10k-word vocabulary; clients
-with OOV rate >= {summary["high_threshold"]:.3f} train one DP-FedAvg char LSTM LM, clients
-with OOV rate <= {summary["low_threshold"]:.3f} another. The models are char-level so they
-can spell tokens no vocabulary anticipated.
+play and role, as LEAF); on {config.bug_fraction:.0%} of them the text pipeline drops the
+space after punctuation. Each client computes its out-of-vocabulary rate under the app's
+whitespace tokenizer and its {config.max_words:,}-word vocabulary; clients with
+{high_rule} train one DP-FedAvg char LSTM LM, clients with
+{low_rule} another. The models are char-level so they can spell tokens no vocabulary
+anticipated. {threshold_note}
 
 | | high-OOV clients' LM | low-OOV clients' LM |
 |---|---|---|
@@ -320,13 +374,24 @@ Low-OOV clients' LM:
 
 {lines("low_oov")}
 
+## Simulation ground truth and diagnostics (not a DP release)
+
+These figures are computed from the raw client data: they are not covered by the privacy
+guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each LM's per-round cohort figures to
+`lm_high_oov/diagnostics.jsonl` and `lm_low_oov/diagnostics.jsonl`), and must not be
+published with the release. {buggy_clients} clients are truly buggy; the split used
+OOV rate >= {diagnostics["high_threshold"]:.3f} and <= {diagnostics["low_threshold"]:.3f}.
+
+| | high-OOV group | low-OOV group |
+|---|---|---|
+{truth_rows}
+
 ## Privacy
 
 Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
 - high-OOV LM: {describe_user_level_privacy(high, config.delta)}
 - low-OOV LM: {describe_user_level_privacy(low, config.delta)}
-The groups are disjoint: releasing both costs the larger eps, {_fmt(summary["epsilon_rdp"])}.
-{threshold_note}
+{max_eps_line}
 
 ## Settings and the paper
 

@@ -5,9 +5,10 @@ et al., ICLR 2020) the deployed classifier is evaluated federatedly: each client
 computes its own accuracy on device. Clients where the classifier does badly form the
 "low" group, clients where it does well the "high" group (the paper: accuracy < 0.882
 and > 0.939 on federated EMNIST), and one DP-FedAvg-GAN is trained per group. Each
-client decides its membership from its own accuracy, so membership needs no release
-to the server beyond the GAN training it then joins (whose DP accounting uses the
-group as the population).
+client decides its membership from its own accuracy against *given* thresholds, so
+membership needs no release to the server beyond the GAN training it then joins (whose DP
+accounting uses the group as the population). Thresholds taken as quantiles of all clients'
+values (a simulation convenience) break this: `guarantee_caveat` says when and why.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+DIAGNOSTICS_JSON = "diagnostics.json"  # raw-data figures of the whole demo: not a release
+DIAGNOSTICS_JSON_NOTE = (
+    "Not a DP release: simulation ground truth and figures computed from raw client data, "
+    "not covered by the privacy guarantee; do not publish them with the release."
+)
 DEFAULT_LOW_QUANTILE = 0.25
 DEFAULT_HIGH_QUANTILE = 0.75
 
@@ -138,3 +144,46 @@ def client_accuracies(
     counts = np.asarray(counts, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, correct / counts, np.nan)
+
+
+def guarantee_caveat(
+    low_threshold: float | None, high_threshold: float | None, sampling: str, metric: str
+) -> str | None:
+    """Why the max of the groups' eps is not an end-to-end guarantee, or None when it is.
+
+    The max holds when adding or removing one user changes at most one group's data by
+    that one user (parallel composition; the groups draw independent noise; group sizes
+    count as public, as in DP-FedAvg accounting). That needs
+    - given thresholds: each client's group is a function of its own data. A quantile
+      threshold is a function of all clients' values, so one user moves it and can move
+      other users (many, when values tie) across groups;
+    - Poisson sampling, analysed under add/remove-one. A fixed-size cohort is analysed
+      under replace-one with a fixed population, but replacing a user can take it out of
+      one group and put its replacement into the other: both groups' data change, each by
+      a removal or an addition, which that analysis does not cover.
+
+    Args:
+      low_threshold, high_threshold: the thresholds given as flags; None for a quantile.
+      sampling: the cohorts' sampling, "poisson" or "fixed".
+      metric: the per-client values the groups are split by, for the message.
+    """
+    reasons = []
+    if low_threshold is None or high_threshold is None:
+        reasons.append(
+            f"the thresholds are quantiles of all clients' raw {metric}, so one user can "
+            "move other users across groups (give --low_threshold and --high_threshold)"
+        )
+    if sampling != "poisson":
+        reasons.append(
+            f"with --sampling={sampling} the guarantee is under replace-one, but a replaced "
+            "user can leave one group while its replacement joins the other, so both groups' "
+            "data change, each by a removal or an addition that this analysis does not "
+            "cover (use --sampling=poisson)"
+        )
+    if not reasons:
+        return None
+    return (
+        "The max of the two groups' eps holds per group, given the grouping, not end to end: "
+        + "; and ".join(reasons)
+        + "."
+    )

@@ -4,8 +4,13 @@ import json
 
 import pytest
 
-from dpfed.generative import fedgan_debug
+from dpfed.generative import fedgan_debug, selection
+from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
+
+# Figures computed from raw client data: diagnostics.json only, never a release file.
+RAW_GROUP_KEYS = ("buggy_client_fraction", "real_inverted_fraction", "client_accuracy_mean")
+RAW_KEYS = (*RAW_GROUP_KEYS, "num_buggy_clients")
 
 TINY = {
     "num_clients": 24,
@@ -70,12 +75,81 @@ def test_grids_report_and_per_gan_ledgers_are_written(tiny_run):
 
 
 def test_groups_are_disjoint_and_follow_the_bug(tiny_run):
-    _, config, summary = tiny_run
+    workdir, config, summary = tiny_run
     low, high = summary["gan_low"], summary["gan_high"]
     assert low["num_clients"] + high["num_clients"] <= config.num_clients, "groups overlap"
-    assert low["buggy_client_fraction"] > high["buggy_client_fraction"], (
+    truth = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)["groups"]
+    assert truth["low"]["buggy_client_fraction"] > truth["high"]["buggy_client_fraction"], (
         "the low-accuracy group must hold more inverted clients than the high one"
     )
+
+
+def _keys(obj) -> set[str]:
+    """Every dict key at any depth of parsed JSON."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def test_release_files_hold_no_raw_data_figures(tiny_run):
+    workdir, _, _ = tiny_run
+    releases = {"summary.json": Workdir(workdir).read_json("summary.json")}
+    for name in ("gan_low", "gan_high"):
+        releases[f"{name}/metrics.jsonl"] = Workdir(workdir / name).read_metrics()
+    for name, content in releases.items():
+        leaked = _keys(content) & set(RAW_KEYS)
+        assert not leaked, f"{name} is a release but holds raw-data figures {sorted(leaked)}"
+
+
+def test_summary_keeps_quantile_thresholds_out(tiny_run):
+    _, _, summary = tiny_run
+    assert summary["thresholds_from_quantiles"], "TINY gives no thresholds: quantiles are used"
+    assert summary["low_threshold"] is None and summary["high_threshold"] is None, (
+        "a quantile threshold is a function of all clients' raw accuracies: summary.json "
+        f"must not hold it, got {summary['low_threshold']}, {summary['high_threshold']}"
+    )
+
+
+def test_diagnostics_json_holds_the_ground_truth_labelled_as_not_a_release(tiny_run):
+    workdir, config, _ = tiny_run
+    diagnostics = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)
+    assert "not a dp release" in diagnostics["note"].lower(), (
+        f"diagnostics.json must say it is not a DP release: {diagnostics['note']!r}"
+    )
+    for group in ("low", "high"):
+        missing = set(RAW_GROUP_KEYS) - set(diagnostics["groups"][group])
+        assert not missing, f"diagnostics.json group {group} lacks {sorted(missing)}"
+    assert diagnostics["num_buggy_clients"] == round(config.bug_fraction * config.num_clients), (
+        "diagnostics.json must hold the number of truly buggy clients"
+    )
+    assert diagnostics["low_threshold"] < diagnostics["high_threshold"], (
+        "diagnostics.json must hold the quantile thresholds the split used"
+    )
+
+
+def test_report_shows_ground_truth_only_in_its_own_section_after_the_releases(tiny_run):
+    workdir, _, _ = tiny_run
+    report = (workdir / "report.md").read_text()
+    heading = "## Simulation ground truth and diagnostics (not a DP release)"
+    assert heading in report, "report.md needs a labelled ground-truth section"
+    releases, _, truth = report.partition(heading)
+    assert "## Numbers" in releases, "the ground truth must come after the release figures"
+    for label in ("truly buggy", "mean client accuracy", "real images"):
+        assert label not in releases, f"ground truth {label!r} shown among the releases"
+        assert label in truth, f"ground truth {label!r} missing from its section"
+    assert "diagnostics.json" in truth, "the section must say where the figures are"
+
+
+def test_summary_and_report_state_the_caveat_of_a_quantile_fixed_cohort_run(tiny_run):
+    workdir, _, summary = tiny_run
+    caveat = summary["guarantee_caveat"]
+    assert caveat is not None and "quantiles" in caveat and "replace-one" in caveat, (
+        f"TINY uses quantile thresholds and fixed cohorts: both must be named, got {caveat!r}"
+    )
+    privacy = (workdir / "report.md").read_text().partition("## Privacy")[2]
+    assert caveat in " ".join(privacy.split()), "the report's privacy section must state it"
 
 
 def test_rerun_resumes_to_the_same_result(tiny_run):

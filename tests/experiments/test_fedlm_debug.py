@@ -4,8 +4,18 @@ import json
 
 import pytest
 
-from dpfed.generative import fedlm_debug
+from dpfed.generative import fedlm_debug, selection
+from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
+
+# Figures computed from raw client data: diagnostics.json only, never a release file.
+RAW_GROUP_KEYS = (
+    "buggy_client_fraction",
+    "client_oov_rate_mean",
+    "real_oov_rate",
+    "real_glued_rate",
+)
+RAW_KEYS = (*RAW_GROUP_KEYS, "num_buggy_clients")
 
 TINY = {
     "min_lines": 200,
@@ -50,14 +60,83 @@ def test_the_two_lms_draw_independent_noise(tiny_run):
 
 
 def test_high_oov_group_holds_the_buggy_clients(tiny_run):
-    _, summary = tiny_run
-    assert (
-        summary["lm_high_oov"]["buggy_client_fraction"]
-        > summary["lm_low_oov"]["buggy_client_fraction"]
-    ), "selection by on-device OOV rate must put buggy clients in the high-OOV group"
-    assert summary["lm_high_oov"]["real_glued_rate"] > summary["lm_low_oov"]["real_glued_rate"], (
+    workdir, _ = tiny_run
+    truth = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)["groups"]
+    high, low = truth["high_oov"], truth["low_oov"]
+    assert high["buggy_client_fraction"] > low["buggy_client_fraction"], (
+        "selection by on-device OOV rate must put buggy clients in the high-OOV group"
+    )
+    assert high["real_glued_rate"] > low["real_glued_rate"], (
         "the high-OOV group's real text must hold more glued tokens (ground truth)"
     )
+
+
+def _keys(obj) -> set[str]:
+    """Every dict key at any depth of parsed JSON."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def test_release_files_hold_no_raw_data_figures(tiny_run):
+    workdir, _ = tiny_run
+    releases = {"summary.json": Workdir(workdir).read_json("summary.json")}
+    for name in ("lm_high_oov", "lm_low_oov"):
+        releases[f"{name}/metrics.jsonl"] = Workdir(workdir / name).read_metrics()
+    for name, content in releases.items():
+        leaked = _keys(content) & set(RAW_KEYS)
+        assert not leaked, f"{name} is a release but holds raw-data figures {sorted(leaked)}"
+
+
+def test_summary_keeps_quantile_thresholds_out(tiny_run):
+    _, summary = tiny_run
+    assert summary["thresholds_from_quantiles"], "TINY gives no thresholds: quantiles are used"
+    assert summary["low_threshold"] is None and summary["high_threshold"] is None, (
+        "a quantile threshold is a function of all clients' raw OOV rates: summary.json "
+        f"must not hold it, got {summary['low_threshold']}, {summary['high_threshold']}"
+    )
+
+
+def test_diagnostics_json_holds_the_ground_truth_labelled_as_not_a_release(tiny_run):
+    workdir, summary = tiny_run
+    diagnostics = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)
+    assert "not a dp release" in diagnostics["note"].lower(), (
+        f"diagnostics.json must say it is not a DP release: {diagnostics['note']!r}"
+    )
+    for group in ("high_oov", "low_oov"):
+        missing = set(RAW_GROUP_KEYS) - set(diagnostics["groups"][group])
+        assert not missing, f"diagnostics.json group {group} lacks {sorted(missing)}"
+    assert 0 < diagnostics["num_buggy_clients"] < summary["num_clients"], (
+        "diagnostics.json must hold the number of truly buggy clients"
+    )
+    assert diagnostics["low_threshold"] < diagnostics["high_threshold"], (
+        "diagnostics.json must hold the quantile thresholds the split used"
+    )
+
+
+def test_report_shows_ground_truth_only_in_its_own_section_after_the_releases(tiny_run):
+    workdir, _ = tiny_run
+    report = (workdir / "report.md").read_text()
+    heading = "## Simulation ground truth and diagnostics (not a DP release)"
+    assert heading in report, "report.md needs a labelled ground-truth section"
+    releases, _, truth = report.partition(heading)
+    assert "Sample lines" in releases, "the ground truth must come after the release figures"
+    for label in ("truly buggy", "mean client OOV rate", "real text"):
+        assert label not in releases, f"ground truth {label!r} shown among the releases"
+        assert label in truth, f"ground truth {label!r} missing from its section"
+    assert "diagnostics.json" in truth, "the section must say where the figures are"
+
+
+def test_summary_and_report_state_the_caveat_of_a_quantile_fixed_cohort_run(tiny_run):
+    workdir, summary = tiny_run
+    caveat = summary["guarantee_caveat"]
+    assert caveat is not None and "quantiles" in caveat and "replace-one" in caveat, (
+        f"TINY uses quantile thresholds and fixed cohorts: both must be named, got {caveat!r}"
+    )
+    privacy = (workdir / "report.md").read_text().partition("## Privacy")[2]
+    assert caveat in " ".join(privacy.split()), "the report's privacy section must state it"
 
 
 def test_report_samples_and_ledgers_are_written(tiny_run):

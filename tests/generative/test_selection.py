@@ -62,3 +62,24 @@ def test_group_seeds_are_distinct_and_reproducible():
     assert len(seeds) == 10, "every (seed, group) pair needs its own seed: shared seeds share noise"
     assert selection.group_seed(3, "low") == selection.group_seed(3, "low"), "not reproducible"
     assert all(0 <= s < 2**31 for s in seeds), "seeds must fit jax.random.key's int32 range"
+
+
+def test_guarantee_caveat_is_none_only_with_given_thresholds_and_poisson_cohorts():
+    assert selection.guarantee_caveat(0.88, 0.94, "poisson", "accuracies") is None, (
+        "given thresholds and Poisson cohorts: one user changes one group, max eps holds"
+    )
+
+
+@pytest.mark.parametrize("low, high", [(None, None), (0.88, None), (None, 0.94)])
+def test_guarantee_caveat_names_quantile_thresholds(low, high):
+    caveat = selection.guarantee_caveat(low, high, "poisson", "accuracies")
+    assert caveat is not None and "quantiles" in caveat, (
+        f"a quantile threshold lets one user move others across groups: caveat {caveat!r}"
+    )
+
+
+def test_guarantee_caveat_names_fixed_size_cohorts():
+    caveat = selection.guarantee_caveat(0.88, 0.94, "fixed", "accuracies")
+    assert caveat is not None and "replace-one" in caveat, (
+        f"under replace-one a user and its replacement can sit in different groups: {caveat!r}"
+    )
