@@ -70,7 +70,8 @@ def run_rounds(
       state: the round-0 state (also the template for restoring a checkpoint).
       rounds: the total number of rounds of the run.
       seed: seeds the round keys.
-      workdir: receives metrics.jsonl (one record per evaluation) and checkpoints/.
+      workdir: receives metrics.jsonl and diagnostics.jsonl (one record each per
+        evaluation) and checkpoints/.
       ledger: the run's privacy ledger (None for a non-private run); restored with
         the state on resume.
       evaluate: `evaluate(state) -> dict` of host numbers computed from the released
