@@ -384,14 +384,6 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _threshold_rule(side: str, given: float | None, quantile: float) -> str:
-    """How one group is chosen, from the settings alone (a quantile's value is raw data)."""
-    op = "<=" if side == "low" else ">="
-    if given is not None:
-        return f"accuracy {op} {given:.3f}"
-    return f"accuracy {op} the {quantile:g} quantile of all clients' accuracies"
-
-
 def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
     """report.md: both grids side by side, the inverted fractions, eps, the paper's result.
 
@@ -433,8 +425,10 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
         if summary["thresholds_from_quantiles"]
         else "The thresholds were given: each client decides its group on its own device."
     )
-    low_rule = _threshold_rule("low", summary["low_threshold"], config.low_quantile)
-    high_rule = _threshold_rule("high", summary["high_threshold"], config.high_quantile)
+    low_rule = selection.threshold_rule(
+        "low", summary["low_threshold"], config.low_quantile, "accuracy", "accuracies")
+    high_rule = selection.threshold_rule(
+        "high", summary["high_threshold"], config.high_quantile, "accuracy", "accuracies")
     caveat = summary["guarantee_caveat"]
     max_eps_line = (
         f"the groups are disjoint, so releasing both costs the larger eps: "

@@ -277,14 +277,6 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}%"
 
 
-def _threshold_rule(side: str, given: float | None, quantile: float) -> str:
-    """How one group is chosen, from the settings alone (a quantile's value is raw data)."""
-    op = "<=" if side == "low" else ">="
-    if given is not None:
-        return f"OOV rate {op} {given:.3f}"
-    return f"OOV rate {op} the {quantile:g} quantile of all clients' OOV rates"
-
-
 def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnostics: dict) -> str:
     """report.md: top-k tables, OOV and glued rates, sample lines, eps.
 
@@ -301,8 +293,10 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         if summary["thresholds_from_quantiles"]
         else "The thresholds were given: each client decides its group on its own device."
     )
-    low_rule = _threshold_rule("low", summary["low_threshold"], config.low_quantile)
-    high_rule = _threshold_rule("high", summary["high_threshold"], config.high_quantile)
+    low_rule = selection.threshold_rule(
+        "low", summary["low_threshold"], config.low_quantile, "OOV rate", "OOV rates")
+    high_rule = selection.threshold_rule(
+        "high", summary["high_threshold"], config.high_quantile, "OOV rate", "OOV rates")
     max_eps_line = (
         f"The groups are disjoint: releasing both costs the larger eps, "
         f"{_fmt(summary['epsilon_rdp'])}."

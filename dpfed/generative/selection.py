@@ -146,6 +146,18 @@ def client_accuracies(
         return np.where(counts > 0, correct / counts, np.nan)
 
 
+def threshold_rule(
+    side: str, given: float | None, quantile: float, metric: str, metrics: str
+) -> str:
+    """How the `side` ("low"/"high") group is chosen, from the settings alone (a quantile's
+    value is raw data): e.g. "accuracy <= 0.882" or "accuracy <= the 0.25 quantile of all
+    clients' accuracies" (`metric` and its plural `metrics` name the per-client value)."""
+    op = "<=" if side == "low" else ">="
+    if given is not None:
+        return f"{metric} {op} {given:.3f}"
+    return f"{metric} {op} the {quantile:g} quantile of all clients' {metrics}"
+
+
 def guarantee_caveat(
     low_threshold: float | None, high_threshold: float | None, sampling: str, metric: str
 ) -> str | None:

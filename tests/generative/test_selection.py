@@ -83,3 +83,11 @@ def test_guarantee_caveat_names_fixed_size_cohorts():
     assert caveat is not None and "replace-one" in caveat, (
         f"under replace-one a user and its replacement can sit in different groups: {caveat!r}"
     )
+
+
+def test_threshold_rule_names_a_given_value_or_the_quantile_not_its_value():
+    given = selection.threshold_rule("low", 0.882, 0.25, "accuracy", "accuracies")
+    assert given == "accuracy <= 0.882", f"a given threshold is a setting: {given!r}"
+    quantile = selection.threshold_rule("high", None, 0.75, "OOV rate", "OOV rates")
+    assert quantile == "OOV rate >= the 0.75 quantile of all clients' OOV rates", (
+        f"a quantile threshold's value is raw data: the rule names only the quantile, {quantile!r}")
