@@ -7,6 +7,7 @@ import pytest
 from dpfed.generative import fedlm_debug, selection
 from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
+from tests.experiments import debug_checks
 
 # Figures computed from raw client data: diagnostics.json only, never a release file.
 RAW_GROUP_KEYS = (
@@ -71,23 +72,9 @@ def test_high_oov_group_holds_the_buggy_clients(tiny_run):
     )
 
 
-def _keys(obj) -> set[str]:
-    """Every dict key at any depth of parsed JSON."""
-    if isinstance(obj, dict):
-        return set(obj) | {k for v in obj.values() for k in _keys(v)}
-    if isinstance(obj, list):
-        return {k for v in obj for k in _keys(v)}
-    return set()
-
-
 def test_release_files_hold_no_raw_data_figures(tiny_run):
     workdir, _ = tiny_run
-    releases = {"summary.json": Workdir(workdir).read_json("summary.json")}
-    for name in ("lm_high_oov", "lm_low_oov"):
-        releases[f"{name}/metrics.jsonl"] = Workdir(workdir / name).read_metrics()
-    for name, content in releases.items():
-        leaked = _keys(content) & set(RAW_KEYS)
-        assert not leaked, f"{name} is a release but holds raw-data figures {sorted(leaked)}"
+    debug_checks.assert_releases_hold_none_of(workdir, ("lm_high_oov", "lm_low_oov"), RAW_KEYS)
 
 
 def test_summary_keeps_quantile_thresholds_out(tiny_run):
@@ -119,24 +106,13 @@ def test_diagnostics_json_holds_the_ground_truth_labelled_as_not_a_release(tiny_
 def test_report_shows_ground_truth_only_in_its_own_section_after_the_releases(tiny_run):
     workdir, _ = tiny_run
     report = (workdir / "report.md").read_text()
-    heading = "## Simulation ground truth and diagnostics (not a DP release)"
-    assert heading in report, "report.md needs a labelled ground-truth section"
-    releases, _, truth = report.partition(heading)
-    assert "Sample lines" in releases, "the ground truth must come after the release figures"
-    for label in ("truly buggy", "mean client OOV rate", "real text"):
-        assert label not in releases, f"ground truth {label!r} shown among the releases"
-        assert label in truth, f"ground truth {label!r} missing from its section"
-    assert "diagnostics.json" in truth, "the section must say where the figures are"
+    debug_checks.assert_ground_truth_only_after_releases(
+        report, "Sample lines", ("truly buggy", "mean client OOV rate", "real text"))
 
 
 def test_summary_and_report_state_the_caveat_of_a_quantile_fixed_cohort_run(tiny_run):
     workdir, summary = tiny_run
-    caveat = summary["guarantee_caveat"]
-    assert caveat is not None and "quantiles" in caveat and "replace-one" in caveat, (
-        f"TINY uses quantile thresholds and fixed cohorts: both must be named, got {caveat!r}"
-    )
-    privacy = (workdir / "report.md").read_text().partition("## Privacy")[2]
-    assert caveat in " ".join(privacy.split()), "the report's privacy section must state it"
+    debug_checks.assert_caveat_of_quantiles_and_fixed_cohorts(workdir, summary)
 
 
 def test_report_samples_and_ledgers_are_written(tiny_run):

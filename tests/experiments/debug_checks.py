@@ -1,0 +1,47 @@
+"""Checks shared by the two debug pipelines' tests (GAN and LM): what their releases hold."""
+
+import pathlib
+
+from dpfed.train.workdir import Workdir
+
+GROUND_TRUTH_HEADING = "## Simulation ground truth and diagnostics (not a DP release)"
+
+
+def json_keys(obj) -> set[str]:
+    """Every dict key at any depth of parsed JSON."""
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in json_keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in json_keys(v)}
+    return set()
+
+
+def assert_releases_hold_none_of(workdir: pathlib.Path, groups, raw_keys) -> None:
+    """summary.json and each group's metrics.jsonl hold none of `raw_keys`, at any depth."""
+    releases = {"summary.json": Workdir(workdir).read_json("summary.json")}
+    for name in groups:
+        releases[f"{name}/metrics.jsonl"] = Workdir(workdir / name).read_metrics()
+    for name, content in releases.items():
+        leaked = json_keys(content) & set(raw_keys)
+        assert not leaked, f"{name} is a release but holds raw-data figures {sorted(leaked)}"
+
+
+def assert_ground_truth_only_after_releases(report: str, release_marker: str, labels) -> None:
+    """The report shows `labels` only in its ground-truth section, after `release_marker`."""
+    assert GROUND_TRUTH_HEADING in report, "report.md needs a labelled ground-truth section"
+    releases, _, truth = report.partition(GROUND_TRUTH_HEADING)
+    assert release_marker in releases, "the ground truth must come after the release figures"
+    for label in labels:
+        assert label not in releases, f"ground truth {label!r} shown among the releases"
+        assert label in truth, f"ground truth {label!r} missing from its section"
+    assert "diagnostics.json" in truth, "the section must say where the figures are"
+
+
+def assert_caveat_of_quantiles_and_fixed_cohorts(workdir: pathlib.Path, summary: dict) -> None:
+    """The summary's caveat names both reasons and the report's privacy section states it."""
+    caveat = summary["guarantee_caveat"]
+    assert caveat is not None and "quantiles" in caveat and "replace-one" in caveat, (
+        f"TINY uses quantile thresholds and fixed cohorts: both must be named, got {caveat!r}"
+    )
+    privacy = (workdir / "report.md").read_text().partition("## Privacy")[2]
+    assert caveat in " ".join(privacy.split()), "the report's privacy section must state it"
