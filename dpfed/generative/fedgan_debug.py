@@ -288,8 +288,8 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     except ValueError as error:
         raise ConfigError("low_threshold", str(error)) from error
     log(
-        f"classifier: accuracy {healthy_accuracy:.3f} on its healthy data; per-client "
-        f"accuracy thresholds low <= {groups.low_threshold:.3f}, high >= "
+        f"{selection.RAW_LOG_PREFIX}classifier: accuracy {healthy_accuracy:.3f} on its "
+        f"healthy data; per-client accuracy thresholds low <= {groups.low_threshold:.3f}, high >= "
         f"{groups.high_threshold:.3f}: {groups.low.sum()} and {groups.high.sum()} clients"
     )
     fedgan_config = config.fedgan_config()

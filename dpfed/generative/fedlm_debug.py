@@ -154,8 +154,9 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         raise ConfigError("low_threshold", str(error)) from error
     members = {"high_oov": groups.high, "low_oov": groups.low}
     log(
-        f"{len(texts)} clients; OOV rate thresholds low <= {groups.low_threshold:.3f}, high >= "
-        f"{groups.high_threshold:.3f}: {groups.low.sum()} and {groups.high.sum()} clients"
+        f"{selection.RAW_LOG_PREFIX}{len(texts)} clients; OOV rate thresholds low <= "
+        f"{groups.low_threshold:.3f}, high >= {groups.high_threshold:.3f}: "
+        f"{groups.low.sum()} and {groups.high.sum()} clients"
     )
     lm_config = config.lm_config(char_vocab.size)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)

@@ -27,6 +27,8 @@ DIAGNOSTICS_JSON_NOTE = (
     "Not a DP release: simulation ground truth and figures computed from raw client data, "
     "not covered by the privacy guarantee; do not publish them with the release."
 )
+# Starts the terminal lines that show raw-data figures (thresholds, group sizes).
+RAW_LOG_PREFIX = "[simulation diagnostics, raw data, not a DP release] "
 DEFAULT_LOW_QUANTILE = 0.25
 DEFAULT_HIGH_QUANTILE = 0.75
 

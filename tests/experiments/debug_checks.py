@@ -2,6 +2,7 @@
 
 import pathlib
 
+from dpfed.generative import selection
 from dpfed.train.workdir import Workdir
 
 GROUND_TRUTH_HEADING = "## Simulation ground truth and diagnostics (not a DP release)"
@@ -45,3 +46,13 @@ def assert_caveat_of_quantiles_and_fixed_cohorts(workdir: pathlib.Path, summary:
     )
     privacy = (workdir / "report.md").read_text().partition("## Privacy")[2]
     assert caveat in " ".join(privacy.split()), "the report's privacy section must state it"
+
+
+def assert_raw_log_lines_labelled(lines: list[str]) -> None:
+    """Terminal lines showing the selection thresholds (raw data) carry the raw-data label."""
+    raw = [line for line in lines if "threshold" in line]
+    assert raw, "the run must log its selection thresholds (the check needs that line)"
+    for line in raw:
+        assert line.startswith(selection.RAW_LOG_PREFIX), (
+            f"a terminal line shows raw-data thresholds without the label: {line!r}"
+        )

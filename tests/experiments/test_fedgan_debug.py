@@ -35,11 +35,15 @@ TINY = {
 }
 
 
+# What the tiny run printed on the terminal.
+TINY_LOG: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fedgan_debug")
     config = fedgan_debug.DebugConfig(**TINY)
-    return workdir, config, fedgan_debug.run(config, str(workdir), log=lambda _: None)
+    return workdir, config, fedgan_debug.run(config, str(workdir), log=TINY_LOG.append)
 
 
 def test_summary_has_the_acceptance_keys_and_user_level_eps(tiny_run):
@@ -153,3 +157,7 @@ def test_cohort_larger_than_a_group_is_a_config_error(tmp_path):
     config = fedgan_debug.DebugConfig(**{**TINY, "clients_per_round": 20})
     with pytest.raises(fedgan_debug.ConfigError, match="clients of the low-accuracy group"):
         fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
+
+
+def test_terminal_lines_with_raw_figures_are_labelled(tiny_run):
+    debug_checks.assert_raw_log_lines_labelled(TINY_LOG)

@@ -38,11 +38,15 @@ TINY = {
 }
 
 
+# What the tiny run printed on the terminal.
+TINY_LOG: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fedlm_debug")
     config = fedlm_debug.TextDebugConfig(**TINY)
-    return workdir, fedlm_debug.run(config, str(workdir), log=lambda _: None)
+    return workdir, fedlm_debug.run(config, str(workdir), log=TINY_LOG.append)
 
 
 def test_summary_holds_both_models_oov_rates_and_user_level_eps(tiny_run):
@@ -133,3 +137,7 @@ def test_bad_flag_exits_2_naming_it(tmp_path):
     )
     assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
     assert "bug_fraction" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_terminal_lines_with_raw_figures_are_labelled(tiny_run):
+    debug_checks.assert_raw_log_lines_labelled(TINY_LOG)
