@@ -96,6 +96,10 @@ class FedAvgClassifierConfig:
                  "target_epsilon", "must be > 0")
         require(self.nodp or self.noise_multiplier is not None or self.target_epsilon is not None,
                  "noise_multiplier", "give --noise_multiplier or --target_epsilon (or --nodp)")
+        require(self.nodp or self.noise_multiplier != 0, "noise_multiplier",
+                 "0 adds no noise, so no privacy: use --nodp for a non-private run")
+        require(not (self.nodp and self.adaptive_clipping), "adaptive_clipping",
+                 "adapts the clip of the private aggregate: it does not apply with --nodp")
         require(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1)")
         require(self.clip_learning_rate > 0, "clip_learning_rate", "must be > 0")
         require(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,

@@ -120,6 +120,19 @@ def test_infeasible_adaptive_noise_split_names_the_flag():
     assert error.value.field == "clipped_count_stddev", "the error names the flag to raise"
 
 
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        ({"noise_multiplier": 0.0}, "noise_multiplier"),  # a ledger with no noise: no privacy
+        ({"nodp": True, "adaptive_clipping": True}, "adaptive_clipping"),  # no clip to adapt
+    ],
+)
+def test_private_settings_that_cannot_work_name_the_flag(settings, name):
+    with pytest.raises(ConfigError) as error:
+        classifier.FedAvgClassifierConfig(**settings)
+    assert error.value.field == name, f"{settings} must be a flag error naming --{name}"
+
+
 @pytest.mark.parametrize("flag, name", [("--l2_clip=-1", "l2_clip"), ("--delta=1.5", "delta")])
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     result = run_binary(
