@@ -8,6 +8,9 @@ computed from raw private data (a federated simulation's cohort sizes, client lo
 per-client accuracies) go to `diagnostics.jsonl` instead: a simulation diagnostic, not
 covered by the privacy guarantee, never to be published with the release. Nor is
 `checkpoints/` a release: it holds the whole simulation state, client states included.
+Two labelled exceptions in `report.md`: the debug pipelines' ground-truth section
+(`diagnostics.json`'s figures, headed "not a DP release") and `experiments.evaluate`'s
+section (its feature CNN is trained on the real train split; it says so).
 
 JSON files are replaced atomically, so a crash leaves either the old or the new file,
 never half of one. JSON is strict (RFC 8259): numpy and jax scalars and arrays become
