@@ -20,7 +20,7 @@ from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, ServerState
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.progress import Progress
-from dpfed.train.resume import budget_stop, resume_or_start
+from dpfed.train.resume import resume_or_start
 from dpfed.train.workdir import Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
@@ -95,14 +95,13 @@ def run_rounds(
         raise ValueError("a private engine needs a ledger and a non-private one none")
     checkpointer = Checkpointer(workdir.file("checkpoints"))
     begin = resume_or_start(
-        checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), config=config,
-        key="round", log=log,
+        checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), total=rounds,
+        event=event, config=config, key="round", log=log,
     )
-    state, ledger, start = begin.state, begin.ledger, begin.step
+    state, ledger, start, last_round = begin.state, begin.ledger, begin.step, begin.last
     resumed_from = start if begin.resumed else None
     if begin.resumed and on_resume is not None:
         state = on_resume(state)
-    last_round = budget_stop(ledger, event, start, rounds, key="round", log=log)
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
     record: dict[str, Any] = {}

@@ -35,7 +35,6 @@ from dpfed.train.config import ConfigError, require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import (
     Spent,
-    budget_stop,
     calibrate_rest,
     checkpointed_spend,
     resume_or_start,
@@ -303,10 +302,10 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         event = step_event(config, noise_multiplier, n)
 
     start = resume_or_start(
-        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), config=config, log=log
+        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), total=config.steps,
+        event=event, config=config, log=log,
     )
-    state, ledger, start_step = start.state, start.ledger, start.step
-    last_step = budget_stop(ledger, event, start_step, config.steps, log=log)
+    state, ledger, start_step, last_step = start.state, start.ledger, start.step, start.last
 
     images, labels = jnp.asarray(train_ds.images), jnp.asarray(train_ds.labels)
     test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)

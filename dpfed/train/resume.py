@@ -2,8 +2,10 @@
 
 Every trainer (DP-SGD, DataLens, the DP-FedAvg host loop) begins the same way: pin the
 config, restore the newest checkpoint's state and ledger together (so privacy spend is
-neither lost nor counted twice), drop metrics logged after that checkpoint, then ask
-the ledger how many more steps the target epsilon allows. This module is that start.
+neither lost nor counted twice), ask the ledger how many more steps the target epsilon
+allows, and drop metrics logged after that checkpoint (the replay logs them again),
+unless the run would end before them or replay them with another mechanism: then the
+resume is refused, since what was logged would be in no ledger. This module is that start.
 
 The target epsilon is a setting of the *current* invocation: a resumed run adopts the
 target it is launched with, not the one stored in the checkpointed ledger (the events
@@ -25,17 +27,19 @@ from dp_accounting.dp_event import DpEvent
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
-from dpfed.train.workdir import Workdir, dumps, loads
+from dpfed.train.workdir import RESUMABLE_FIELDS, Workdir, dumps, loads
 
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where a run starts: its state, its ledger, and the step (0 for a fresh run)."""
+    """Where a run starts: its state, its ledger, the step (0 for a fresh run), and the
+    last step it may reach (`total`, or earlier where the target epsilon ends it)."""
 
     state: Any
     ledger: privacy.PrivacyLedger | None
     step: int
     resumed: bool
+    last: int
 
 
 def resume_or_start(
@@ -45,11 +49,20 @@ def resume_or_start(
     ledger: privacy.PrivacyLedger | None,
     *,
     step_of: Callable[[Any], int],
+    total: int,
+    event: DpEvent | None = None,
+    events_per_step: int = 1,
     config: Any = None,
     key: str = "step",
     log: Callable[[str], None] = print,
 ) -> Start:
-    """Returns the fresh `state` and `ledger`, or the newest checkpoint's.
+    """Returns the fresh `state` and `ledger`, or the newest checkpoint's, and the last step.
+
+    A killed run may have logged metrics (releases) past its last checkpoint, or before
+    its first one. Replaying those steps with the same mechanism reproduces them, so
+    they are dropped from the logs and counted once when replayed. A resume that would
+    not replay them all (a lower `total` or target), or would replay them with another
+    mechanism, would leave releases in no ledger: refused, and the logs are left alone.
 
     Args:
       checkpointer: the run's checkpoints (`workdir/checkpoints`).
@@ -59,38 +72,75 @@ def resume_or_start(
         resume the checkpoint's events replace its (empty) events; its target epsilon
         is kept.
       step_of: reads the step (or round) counter out of a restored state.
+      total: the step the run is asked to end at.
+      event, events_per_step: what one step releases, for the budget guard
+        (`budget_stop`); None without DP.
       config: the run's config dataclass for `Workdir.pin_config` (None: not pinned).
+        Before the first checkpoint, a rerun over logged metrics must match it in
+        every field: there is no checkpointed ledger to compare the mechanism with.
       key: the metrics record's step field ("step" or "round").
       log: where the one-line resume message goes.
 
     Raises:
-      ConfigError: resuming under a changed non-resumable setting.
+      ConfigError: resuming under a changed non-resumable setting (before the first
+        checkpoint: any changed setting), or a resume that would end before, or replay
+        with another mechanism, steps the killed run already logged.
       ValueError: the checkpoint holds a ledger and `ledger` is None or vice versa.
     """
     resuming = checkpointer.latest_step() is not None
+    logged = _last_logged(workdir, key)
     if config is not None:
-        workdir.pin_config(config, resuming)
-    if not resuming:
-        return Start(state, ledger, 0, resumed=False)
-    state, extra = checkpointer.restore(state)
-    step = step_of(state)
-    stored = extra.get("ledger")
-    if (stored is None) != (ledger is None):
-        raise ValueError(
-            f"the checkpoint in {checkpointer.directory} was written by a "
-            f"{'non-private' if stored is None else 'private'} run; this run is "
-            f"{'non-private' if ledger is None else 'private'}"
-        )
-    if ledger is not None:
-        restored = privacy.PrivacyLedger.from_json(stored)
-        # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
-        now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
-        changes = _mechanism_changes(restored, now)
-        _refuse_replay_with_other_noise(restored, changes, workdir, step, key)
-        ledger = _adopt_settings(restored, now, changes, step, key)
-    workdir.truncate_logs(step, key=key)
-    log(f"resumed from {key} {step} in {workdir.path}")
-    return Start(state, ledger, step, resumed=True)
+        resumable = RESUMABLE_FIELDS if resuming else frozenset()
+        workdir.pin_config(config, resuming or logged > 0, resumable)
+    step = 0
+    if resuming:
+        state, extra = checkpointer.restore(state)
+        step = step_of(state)
+        stored = extra.get("ledger")
+        if (stored is None) != (ledger is None):
+            raise ValueError(
+                f"the checkpoint in {checkpointer.directory} was written by a "
+                f"{'non-private' if stored is None else 'private'} run; this run is "
+                f"{'non-private' if ledger is None else 'private'}"
+            )
+        if ledger is not None:
+            restored = privacy.PrivacyLedger.from_json(stored)
+            # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
+            now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
+            changes = _mechanism_changes(restored, now)
+            _refuse_replay_with_other_noise(restored, changes, workdir, step, key)
+            ledger = _adopt_settings(restored, now, changes, step, key)
+    last = max(  # a rerun of a finished run with a lower total just ends where it is
+        step, budget_stop(ledger, event, step, total, events_per_step=events_per_step, key=key,
+                          log=log)
+    )
+    if ledger is not None and logged > last:
+        _refuse_ending_before_logged(logged, last, total, key)
+    if resuming or logged > 0:
+        workdir.truncate_logs(step, key=key)
+    if resuming:
+        log(f"resumed from {key} {step} in {workdir.path}")
+    return Start(state, ledger, step, resumed=resuming, last=last)
+
+
+def _last_logged(workdir: Workdir, key: str) -> int:
+    """The highest `key` (step or round) in metrics.jsonl; 0 when none is logged."""
+    return max((r[key] for r in workdir.read_metrics() if key in r), default=0)
+
+
+def _refuse_ending_before_logged(logged: int, last: int, total: int, key: str) -> None:
+    """Raises: a killed run logged releases up to `logged`, and this run ends at `last`.
+
+    Those releases are functions of the noised steps up to `logged`; a run that ends
+    earlier never records them in its ledger, so the ledger would under-count.
+    """
+    field = "target_epsilon" if last < total else f"{key}s"
+    raise ConfigError(
+        field,
+        f"the killed run logged metrics up to {key} {logged}, but this run would end at "
+        f"{key} {last}: the releases of {key}s {last + 1}-{logged} would be in no ledger. "
+        f"Resume with --{field} reaching at least {key} {logged}, or start a new workdir",
+    )
 
 
 def _mechanism_changes(restored: privacy.PrivacyLedger, now: privacy.PrivacyLedger) -> dict:
@@ -186,20 +236,54 @@ def calibrate_rest(
     already spends (about) the whole target, no z can help: the fresh calibration is
     returned and the budget guard (`budget_stop`) ends the run.
 
+    A resume keeps the z the checkpoint was training with (its ledger's metadata
+    `noise_multiplier`) while that z still meets the target and is within
+    `KEEP_NOISE_TOLERANCE` of the smallest z that does: so rerunning the killed run's
+    command replays its steps with its exact noise (a recalibration differs in the last
+    digits, which changes the releases and refuses a replay of logged steps).
+
     Raises:
       CalibrationError: the target is out of reach for a fresh run of `total` steps.
     """
     if spent is not None and spent.step < total and spent.ledger.entries:
         rest = total - spent.step
+
+        def composed(z: float) -> DpEvent:
+            return spent.ledger.composed_event(step_event(z), rest)
+
+        previous = spent.ledger.metadata.get("noise_multiplier")
+        if previous is not None and _still_calibrated(
+            float(previous), composed, target_epsilon, delta, relation
+        ):
+            return float(previous)
         try:
-            return privacy.calibrate_noise_multiplier(
-                lambda z: spent.ledger.composed_event(step_event(z), rest),
-                target_epsilon, delta, relation)
+            return privacy.calibrate_noise_multiplier(composed, target_epsilon, delta, relation)
         except privacy.CalibrationError:
             pass  # already (nearly) spent: budget_stop says so and stops
     return privacy.calibrate_noise_multiplier(
         lambda z: dp_event.SelfComposedDpEvent(step_event(z), total),
         target_epsilon, delta, relation)
+
+
+# A checkpoint's z is kept on resume while z * (1 - this) would exceed the target.
+KEEP_NOISE_TOLERANCE = 0.01
+
+
+def _still_calibrated(
+    z: float,
+    make_event: Callable[[float], DpEvent],
+    target_epsilon: float,
+    delta: float,
+    relation: NeighboringRelation,
+) -> bool:
+    """Whether `z` meets the target and `z * (1 - KEEP_NOISE_TOLERANCE)` does not."""
+    if not z > 0:
+        return False
+
+    def eps(noise: float) -> float:
+        return privacy.epsilon(make_event(noise), delta, relation)
+
+    return eps(z) <= target_epsilon < eps(z * (1 - KEEP_NOISE_TOLERANCE))
 
 
 def budget_stop(

@@ -10,6 +10,7 @@ import pytest
 
 from dpfed import models, privacy
 from dpfed.train import dpsgd
+from dpfed.train.workdir import Workdir
 
 
 def _tiny(n=8, seed=0):
@@ -144,3 +145,35 @@ def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new
     change = ledger["metadata"]["changed_on_resume"]
     assert change == [{"step": 10, "noise_multiplier": summary["noise_multiplier"],
                        "target_epsilon": new_target}], f"the ledger must say what changed: {change}"
+
+
+class _KilledError(Exception):
+    """Stands for a kill right after a metrics record was written."""
+
+
+def test_calibrated_run_killed_past_its_checkpoint_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+):
+    # The same command after the kill must replay steps 11-15 with the killed run's exact
+    # noise: a recalibrated z (a few 1e-5 away) was refused, or changed params and ledger.
+    config = dpsgd.DpSgdConfig(
+        dataset="digits", model="logreg", steps=20, batch_size=64, noise_multiplier=None,
+        target_epsilon=1.0, eval_every=5, checkpoint_every=10)
+    whole = dpsgd.train(config, tmp_path / "whole", log=lambda _: None)
+    append = Workdir.append_metrics
+
+    def append_then_kill(self, record):
+        append(self, record)
+        if record.get("step") == 15:
+            raise _KilledError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Workdir, "append_metrics", append_then_kill)
+        with pytest.raises(_KilledError):
+            dpsgd.train(config, tmp_path / "killed", log=lambda _: None)
+    resumed = dpsgd.train(config, tmp_path / "killed", log=lambda _: None)
+    assert resumed["noise_multiplier"] == whole["noise_multiplier"], "the resume recalibrated z"
+    assert resumed["params_sha256"] == whole["params_sha256"], (
+        "a killed and resumed run must end with the uninterrupted run's parameters")
+    ledgers = [json.loads((tmp_path / d / "ledger.json").read_text()) for d in ("whole", "killed")]
+    assert ledgers[0]["events"] == ledgers[1]["events"], "and with the same ledger"

@@ -35,6 +35,11 @@ def ledger(target=None, releases=0):
     return result
 
 
+def _eps_of(count):
+    """eps at delta 1e-5 of `count` releases of EVENT."""
+    return privacy.epsilon(dp_event.SelfComposedDpEvent(EVENT, count), 1e-5)
+
+
 def state(step):
     return {"w": np.full(3, float(step), np.float32), "step": np.full((), step, np.int32)}
 
@@ -43,7 +48,8 @@ def start(path, fresh_ledger, config=None, messages=None):
     wd = Workdir(path)
     return resume_or_start(
         Checkpointer(wd.file("checkpoints")), wd, state(0), fresh_ledger,
-        step_of=lambda s: int(s["step"]), config=config or Config(),
+        step_of=lambda s: int(s["step"]), total=(config or Config()).steps, event=EVENT,
+        config=config or Config(),
         log=(messages.append if messages is not None else lambda _: None),
     )
 
@@ -79,7 +85,7 @@ def test_resume_restores_state_and_ledger_and_drops_later_metrics(tmp_path):
 
 def test_resume_adopts_the_target_of_this_invocation(tmp_path):
     Workdir(tmp_path).pin_config(Config(target_epsilon=50.0), resuming=False)
-    checkpoint(tmp_path, 4, ledger(target=50.0, releases=4))
+    checkpoint(tmp_path, 4, ledger(target=50.0, releases=4), logged_past=0)
     result = start(tmp_path, ledger(target=3.0), config=Config(target_epsilon=3.0))
     assert result.ledger.target_epsilon == 3.0, (
         "a resumed run must honour the target it is launched with, not the checkpoint's: "
@@ -120,6 +126,57 @@ def test_resume_that_would_replay_logged_steps_with_other_noise_is_refused(tmp_p
     same = ledger(target=6.0)
     same.metadata.update(noise_multiplier=1.5)  # the same mechanism replays what was logged
     assert start(tmp_path, same, config=Config(target_epsilon=6.0)).ledger.num_releases == 4
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        (Config(steps=5), "steps"),  # asked to end at step 5
+        (Config(target_epsilon=_eps_of(5) * 1.0001), "target_epsilon"),  # affords 5 steps
+    ],
+)
+def test_resume_that_would_end_before_logged_steps_is_refused(tmp_path, config, field):
+    # The killed run logged steps 5-6 (releases) after its checkpoint at step 4; a run
+    # ending at step 5 would never record step 6 in its ledger.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    checkpoint(tmp_path, 4, ledger(releases=4), logged_past=2)
+    fresh = ledger(target=config.target_epsilon)
+    with pytest.raises(ConfigError, match="up to step 6") as error:
+        start(tmp_path, fresh, config=config)
+    assert error.value.field == field, f"the error must name --{field}: {error.value.field}"
+    steps = [r["step"] for r in Workdir(tmp_path).read_metrics()]
+    assert steps == [1, 2, 3, 4, 5, 6], f"a refused resume must leave the metrics alone: {steps}"
+
+
+def test_rerun_of_a_finished_run_with_fewer_steps_ends_where_it_is(tmp_path):
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    checkpoint(tmp_path, 10, ledger(releases=10), logged_past=0)  # finished at step 10
+    result = start(tmp_path, ledger(), config=Config(steps=5))
+    assert (result.step, result.last) == (10, 10), (
+        f"nothing to run and nothing lost: got step {result.step}, last {result.last}")
+
+
+def test_rerun_before_the_first_checkpoint_replays_what_was_logged_once(tmp_path):
+    # Killed after logging steps 1-2, before any checkpoint: the same command replays them.
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(), resuming=False)
+    for step in (1, 2):
+        wd.append_metrics({"step": step})
+    result = start(tmp_path, ledger())
+    assert (result.step, result.resumed) == (0, False), "no checkpoint: from step 0"
+    assert wd.read_metrics() == [], "the replay logs steps 1-2 again: the old records must go"
+
+
+def test_rerun_before_the_first_checkpoint_with_other_settings_is_refused(tmp_path):
+    # No checkpointed ledger tells which mechanism made the logged releases: any change
+    # (here the target, resumable after a checkpoint) could replay them with other noise.
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(), resuming=False)
+    wd.append_metrics({"step": 1})
+    with pytest.raises(ConfigError) as error:
+        start(tmp_path, ledger(target=3.0), config=Config(target_epsilon=3.0))
+    assert error.value.field == "target_epsilon", error.value.field
+    assert len(wd.read_metrics()) == 1, "a refused rerun must leave the metrics alone"
 
 
 def test_unchanged_resume_records_no_change(tmp_path):
@@ -177,6 +234,27 @@ def test_calibrate_rest_ends_a_resumed_run_at_its_new_target(new_target):
     assert (z > z_first) == (new_target < 2.0), "a lower target needs more noise"
 
 
+def test_calibrate_rest_keeps_the_checkpoints_z_when_nothing_changed():
+    # A recalibration of the remaining 30 steps lands a few 1e-5 away from the first z:
+    # the same command must replay the killed run's steps with its exact noise.
+    z_first = _calibrate(50, None, 2.0)
+    spent = ledger(releases=0)
+    spent.metadata["noise_multiplier"] = z_first
+    spent.record(_step(z_first), 20)
+    assert _calibrate(50, Spent(20, spent), 2.0) == z_first, (
+        "an unchanged resume must keep the checkpoint's noise multiplier"
+    )
+
+
+def test_calibrate_rest_recalibrates_when_the_kept_z_would_overspend():
+    z_first = _calibrate(50, None, 2.0)
+    spent = ledger(releases=0)
+    spent.metadata["noise_multiplier"] = z_first
+    spent.record(_step(z_first), 20)
+    z = _calibrate(60, Spent(20, spent), 2.0)  # 10 more steps at the same target
+    assert z > z_first, f"60 steps at the target of 50 need more noise: {z} vs {z_first}"
+
+
 def test_calibrate_rest_falls_back_when_the_checkpoint_spent_the_target():
     spent = ledger(releases=0)
     spent.record(_step(0.5), 40)  # far beyond eps 2
@@ -200,19 +278,15 @@ def test_private_run_cannot_resume_a_non_private_checkpoint(tmp_path):
         start(tmp_path, ledger())
 
 
-def _eps(count):
-    return privacy.epsilon(dp_event.SelfComposedDpEvent(EVENT, count), 1e-5)
-
-
 def test_budget_stop_counts_the_restored_releases():
-    target = _eps(7) * 1.0001
+    target = _eps_of(7) * 1.0001
     assert budget_stop(ledger(target, releases=4), EVENT, 4, 20, log=print) == 7, (
         "4 spent + 3 more fit a target of 7 releases"
     )
 
 
 def test_budget_stop_divides_by_events_per_step():
-    target = _eps(7) * 1.0001
+    target = _eps_of(7) * 1.0001
     assert budget_stop(ledger(target), EVENT, 0, 20, events_per_step=2) == 3, (
         "7 releases of 2 per step: 3 whole steps"
     )
@@ -225,6 +299,6 @@ def test_budget_stop_without_target_runs_to_the_end():
 
 def test_budget_stop_says_when_the_checkpoint_already_exceeds_the_target():
     messages = []
-    last = budget_stop(ledger(_eps(3), releases=5), EVENT, 5, 20, log=messages.append)
+    last = budget_stop(ledger(_eps_of(3), releases=5), EVENT, 5, 20, log=messages.append)
     assert last == 5, "no further step once the spent eps exceeds the target"
     assert "already spends" in messages[0], messages

@@ -55,7 +55,7 @@ from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscrim
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
-from dpfed.train.resume import budget_stop, resume_or_start
+from dpfed.train.resume import resume_or_start
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -435,12 +435,10 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
     start = resume_or_start(
-        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), config=config, log=log
+        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), total=config.steps,
+        event=event, events_per_step=per_step, config=config, log=log,
     )
-    state, ledger, start_step = start.state, start.ledger, start.step
-    last_step = budget_stop(
-        ledger, event, start_step, config.steps, events_per_step=per_step, log=log
-    )
+    state, ledger, start_step, last_step = start.state, start.ledger, start.step, start.last
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
     def save(step):
