@@ -101,20 +101,24 @@ def sample_synthetic(
 ) -> SyntheticSet:
     """Draws ``n`` samples in chunks (bounded memory), asking for balanced labels.
 
-    Chunk ``i`` uses ``jax.random.fold_in(key, i)``, so the result depends only on
-    ``(key, n, chunk_size)``.
+    Every chunk asks the generator for exactly ``chunk_size`` samples (the last one's
+    surplus is dropped): a generator that normalises with its batch's statistics
+    (DataLens's student) then draws every sample in a batch of the same size; a
+    leftover chunk of one sample would otherwise ignore its latent. Chunk ``i`` uses
+    ``jax.random.fold_in(key, i)``, so the result depends only on ``(key, n, chunk_size)``.
     """
-    labels = balanced_labels(n, num_classes)
+    num_chunks = -(-n // chunk_size)
+    labels = balanced_labels(num_chunks * chunk_size, num_classes)
     images_out, labels_out = [], []
-    for i, start in enumerate(range(0, n, chunk_size)):
-        wanted = jnp.asarray(labels[start : start + chunk_size])
-        images, got = generator.sample(params, jax.random.fold_in(key, i), len(wanted), wanted)
+    for i in range(num_chunks):
+        wanted = jnp.asarray(labels[i * chunk_size : (i + 1) * chunk_size])
+        images, got = generator.sample(params, jax.random.fold_in(key, i), chunk_size, wanted)
         images_out.append(np.asarray(images, np.float32))
         labels_out.append(None if got is None else np.asarray(got, np.int32))
-    images = np.concatenate(images_out)
+    images = np.concatenate(images_out)[:n]
     if any(got is None for got in labels_out):
         return SyntheticSet(images, None)
-    return SyntheticSet(images, np.concatenate(labels_out))
+    return SyntheticSet(images, np.concatenate(labels_out)[:n])
 
 
 def check_synthetic(synthetic: SyntheticSet) -> None:

@@ -31,6 +31,27 @@ def test_sample_synthetic_asks_for_balanced_labels():
     )
 
 
+def test_sample_synthetic_draws_every_sample_in_a_full_chunk():
+    # A generator with batch statistics (DataLens's student) must see one batch size for
+    # every sample: a leftover chunk of one would make its sample ignore the latent.
+    class BatchMean:
+        def __init__(self):
+            self.sizes = []
+
+        def sample(self, params, key, n, labels=None):
+            self.sizes.append(n)
+            z = jax.random.uniform(key, (n, 1, 1, 1))
+            return z - z.mean() + 0.5, labels
+
+    generator = BatchMean()
+    synthetic = contract.sample_synthetic(generator, None, jax.random.key(0), 41, 10, 20)
+    assert generator.sizes == [20, 20, 20], f"chunks must all be full: {generator.sizes}"
+    assert synthetic.images.shape[0] == 41 and synthetic.labels.shape == (41,), (
+        "the surplus of the last chunk must be dropped")
+    np.testing.assert_array_equal(
+        synthetic.labels, contract.balanced_labels(41, 10), "labels stay balanced over n")
+
+
 def test_unconditional_generator_gives_no_labels():
     class Unconditional:
         def sample(self, params, key, n, labels=None):
