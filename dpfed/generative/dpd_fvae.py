@@ -73,7 +73,14 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
-from dpfed.train.workdir import DIAGNOSTICS_NOTE, Workdir, environment_info, params_sha256
+from dpfed.train.workdir import (
+    DIAGNOSTICS_JSON,
+    DIAGNOSTICS_JSON_NOTE,
+    DIAGNOSTICS_NOTE,
+    Workdir,
+    environment_info,
+    params_sha256,
+)
 
 PyTree = Any
 METHOD = "dpd_fvae"
@@ -106,7 +113,8 @@ class DpdFvaeConfig:
       dp: "none", "central" (client-level DP-FedAvg) or "local" (per-example DP-SGD).
       l2_clip: C: per-client delta clip (central) or per-example gradient clip (local;
         the joint gradient of encoder and decoder).
-      noise_multiplier: z (paper: 1.0); None: calibrated to `target_epsilon`.
+      noise_multiplier: z (paper: 1.0); None: calibrated to `target_epsilon`. Central
+        needs z > 0; local accepts 0 (its ledger then states eps inf).
       target_epsilon: central: the run stops before exceeding it; local: each client's
         budget of participations; calibrates z when `noise_multiplier` is None.
       delta: delta of the guarantee.
@@ -158,6 +166,9 @@ class DpdFvaeConfig:
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.noise_multiplier is None or self.noise_multiplier >= 0,
                 "noise_multiplier", "must be >= 0")
+        # The engine adds no noise at z 0 and keeps no ledger; local z 0 is accounted (eps inf).
+        require(self.dp != "central" or self.noise_multiplier != 0, "noise_multiplier",
+                "0 adds no noise, so no privacy: use --dp=none for a non-private run")
         require(self.target_epsilon is None or self.target_epsilon > 0,
                 "target_epsilon", "must be > 0")
         require(self.dp == "none" or self.noise_multiplier is not None
@@ -663,7 +674,9 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
 
     Writes ledger.json (private runs), metrics.jsonl, summary.json, report.md,
     decoder.msgpack (the released decoder), samples.png (10 samples per class),
-    diagnostics.jsonl (cohort sizes, client losses: not a release) and checkpoints/
+    diagnostics.jsonl (cohort sizes, client losses: not a release), diagnostics.json
+    (central and non-private runs with sync "d": the clients' participation counts, not a
+    release) and checkpoints/
     (the state, client encoders included, with the central ledger; the local ledger is
     recomputed from the clients' participation counts).
     """
@@ -712,6 +725,20 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         generator, decoder_params, sample_key, 10 * train_ds.num_classes, train_ds.num_classes)
     figures.save_class_grid(wd.file(SAMPLES_PNG), samples.images, samples.labels,
                             train_ds.num_classes, title=f"DPD-fVAE samples ({_mode(config)})")
+    # Counted only where clients keep state (sync "d" or local DP).
+    counts = ({"participations_max": int(participations.max()),
+               "participations_mean": float(participations.mean())}
+              if trainer.has_client_state else {})
+    if config.dp == "local":
+        # Unit one example: the counts depend on no example (seeded client sampling, public
+        # client sizes) and the ledger's eps is a function of them, so they are released.
+        released = {**counts, "participation_budget": int(trainer.budgets.min())}
+        diagnostics = None
+    else:
+        # Central (unit: one user) and non-private: participations_mean * num_clients is
+        # the sum of the realised cohort sizes, a raw-data figure: not a release.
+        released = {}
+        diagnostics = {"note": DIAGNOSTICS_JSON_NOTE, **counts} if counts else None
     summary = {
         "method": METHOD,
         "mode": _mode(config),
@@ -722,11 +749,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "noise_multiplier": noise_multiplier,
         "rounds": result.rounds_done,
         "stopped_by_budget": result.last_round < config.rounds,
-        # Counted only where clients keep state (sync "d" or local DP).
-        "participations_max": int(participations.max()) if trainer.has_client_state else None,
-        "participations_mean": (float(participations.mean()) if trainer.has_client_state
-                                else None),
-        "participation_budget": int(trainer.budgets.min()) if config.dp == "local" else None,
+        **released,
         "decoder_sha256": params_sha256(decoder_params),
         "model": model_json(trainer),
         "flags": dataclasses.asdict(config),
@@ -734,8 +757,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "seed": config.seed,
         "environment": environment_info(),
     }
+    if diagnostics is not None:
+        wd.write_json(DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary))
+    wd.write_report(render_report(config, summary, diagnostics is not None))
     return summary
 
 
@@ -744,8 +769,9 @@ def _mode(config: DpdFvaeConfig) -> str:
         "non-private" if config.dp == "none" else f"{config.dp} DP")
 
 
-def render_report(config: DpdFvaeConfig, summary: dict) -> str:
-    """report.md: the run's privacy statement and key figures."""
+def render_report(config: DpdFvaeConfig, summary: dict, has_diagnostics_json: bool) -> str:
+    """report.md: the run's privacy statement and key figures (`has_diagnostics_json`: the
+    run wrote the clients' participation counts to `DIAGNOSTICS_JSON`)."""
     if config.dp == "none":
         privacy_line = "non-private: **no privacy guarantee**"
     elif config.dp == "central":
@@ -758,11 +784,15 @@ def render_report(config: DpdFvaeConfig, summary: dict) -> str:
         privacy_line = (
             f"every client's examples are ({_fmt(summary['epsilon_rdp'])}, {config.delta:g})"
             f"-DP (RDP; PLD {_fmt(summary['epsilon_pld'])}) at worst (unit: one **example**; "
-            f"the worst client's participations {summary['participations_max']}, budget "
-            f"{summary['participation_budget']}): local DP-SGD with clip {config.l2_clip:g}, "
-            f"noise multiplier {summary['noise_multiplier']:.4g}")
+            f"most participations of any client {summary['participations_max']}, smallest "
+            f"client budget {summary['participation_budget']}): local DP-SGD with clip "
+            f"{config.l2_clip:g}, noise multiplier {summary['noise_multiplier']:.4g}")
     shared = "the decoder (encoders stay on the clients)" if config.sync == "d" else (
         "encoder and decoder")
+    counts_note = (
+        f" The clients' participation counts (their mean times the number of clients is the "
+        f"sum of the realised cohort sizes) are in `{DIAGNOSTICS_JSON}`, on the same "
+        f"terms." if has_diagnostics_json else "")
     return (
         f"# DPD-fVAE ({_mode(config)}) on {config.dataset}, {config.num_clients} IID clients\n\n"
         f"- shared: {shared}\n"
@@ -773,7 +803,7 @@ def render_report(config: DpdFvaeConfig, summary: dict) -> str:
         f"- wall time: {summary['wall_seconds']:.1f} s; decoder sha256 "
         f"`{summary['decoder_sha256']}`\n\n"
         f"![samples per class]({SAMPLES_PNG})\n\n"
-        f"{DIAGNOSTICS_NOTE}\n"
+        f"{DIAGNOSTICS_NOTE}{counts_note}\n"
     )
 
 

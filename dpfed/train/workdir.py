@@ -37,6 +37,11 @@ from dpfed.train.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 DIAGNOSTICS_FILE = "diagnostics.jsonl"  # raw-data figures: not a release (module docstring)
+DIAGNOSTICS_JSON = "diagnostics.json"  # a whole run's raw-data figures: not a release
+DIAGNOSTICS_JSON_NOTE = (
+    "Not a DP release: simulation ground truth and figures computed from raw client data, "
+    "not covered by the privacy guarantee; do not publish them with the release."
+)
 # The sentence reports end with where their run wrote such figures.
 DIAGNOSTICS_NOTE = (
     f"Figures computed from raw client data (cohort sizes, client losses and update norms, "

@@ -62,6 +62,7 @@ def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):
         ("--delta=2", "delta"),
         ("--decoder_features=4,4,4,4", "decoder_features"),
         ("--target_epsilon=1e-6", "target_epsilon"),
+        ("--noise_multiplier=0", "noise_multiplier"),  # central z 0: no noise (was a traceback)
     ],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):

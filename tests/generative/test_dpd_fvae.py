@@ -6,14 +6,22 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.federated import ClientData, OneClient, client_mesh
 from dpfed.generative import contract, dpd_fvae
 from dpfed.models import vae
+from dpfed.train.config import ConfigError
 from dpfed.train.resume import Spent
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import (
+    DIAGNOSTICS_FILE,
+    DIAGNOSTICS_JSON,
+    DIAGNOSTICS_JSON_NOTE,
+    REPORT_FILE,
+    Workdir,
+)
 
 _ONE_DEVICE = client_mesh(jax.devices()[:1])  # small tests: no 8-way replication
 _CONFIG = dpd_fvae.DpdFvaeConfig(
@@ -252,3 +260,40 @@ def test_resumed_central_calibration_ends_at_the_new_target():
     assert 0.99 * 8.0 <= spent.epsilon() <= 8.0, (
         f"10 rounds at z {z_first:.4f} then 30 at z {z:.4f} spend eps {spent.epsilon():.4f}: "
         "the remaining rounds must be calibrated against the checkpoint's spend")
+
+
+def _keys(tree) -> set[str]:
+    """Every dict key in a JSON tree, at any depth."""
+    if isinstance(tree, dict):
+        return set(tree).union(*(_keys(v) for v in tree.values()))
+    if isinstance(tree, list):
+        return set().union(*(_keys(v) for v in tree))
+    return set()
+
+
+def test_central_run_keeps_participation_counts_out_of_the_release(tmp_path):
+    # Sync "d" counts each client's participations; in central mode their sum is the sum of
+    # the realised Poisson cohort sizes, a raw-data figure (one user's membership moves it).
+    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=0.5, batch_size=90,
+                                 dp="central", noise_multiplier=1.0)
+    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    wd = Workdir(tmp_path)
+    leaked = {k for k in _keys(wd.read_json("summary.json")) if "participations" in k}
+    assert not leaked, f"summary.json releases the raw-data participation figures {leaked}"
+    report = [line for line in wd.file(REPORT_FILE).read_text().splitlines()
+              if "participation" in line and DIAGNOSTICS_JSON not in line]
+    assert not report, f"report.md shows participation figures outside the pointer: {report}"
+    diagnostics = wd.read_json(DIAGNOSTICS_JSON)
+    assert diagnostics["note"] == DIAGNOSTICS_JSON_NOTE, "not labelled 'not a release'"
+    cohorts = sum(row["cohort_size"] for row in wd.read_diagnostics())  # eval_every 1
+    assert diagnostics["participations_mean"] * config.num_clients == cohorts > 0, (
+        f"diagnostics.json's participations {diagnostics} must count the {cohorts} clients "
+        f"the cohorts in {DIAGNOSTICS_FILE} held over {summary['rounds']} rounds")
+
+
+def test_central_dp_without_noise_is_a_flag_error():
+    # z 0 would build a noiseless engine that run_rounds refuses a ledger (a traceback).
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(_CONFIG, dp="central", noise_multiplier=0.0)
+    assert error.value.field == "noise_multiplier", (
+        f"--dp=central --noise_multiplier=0 must name --noise_multiplier, not {error.value.field}")
