@@ -17,7 +17,8 @@ networks and round (10 clients per round, 1000 rounds, learning rates 5e-4 / 5e-
 hours on a CPU. The demo's 4x learning rates let its 150 rounds draw digit shapes.
 Federated EMNIST: --dataset=emnist --emnist_dir=DIR with TFF's fed_emnist_{train,test}.h5.
 Rerunning the same command on the same workdir resumes both GANs, privacy ledgers
-included.
+included; a rerun that changes a flag other than --rounds, --eval_every,
+--checkpoint_every, --num_samples or --emnist_dir exits 2 naming it.
 """
 
 from absl import flags

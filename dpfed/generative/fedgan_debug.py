@@ -22,7 +22,9 @@ generator), and the top level holds
   data (which clients are buggy, the groups' real images, per-client accuracies, quantile
   thresholds). Not a DP release, not covered by the guarantee; the report shows them in a
   section of their own so the demo can check itself.
-Rerunning resumes both GANs.
+Rerunning resumes both GANs; the top level's config.json pins the settings, so a rerun
+with a changed setting (other than `RESUMABLE_FIELDS`) is refused instead of resuming GANs
+trained on another population.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from dpfed import models
 from dpfed.data import bugs, emnist_federated
 from dpfed.eval import classifier_fit
 from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
+from dpfed.federated.aggregation import PrivateAggregator
 from dpfed.generative import fedgan, polarity, selection, wgan_gp
 from dpfed.models import gan
+from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require
 from dpfed.train.workdir import Workdir, environment_info
 
@@ -52,6 +56,11 @@ GROUPS = ("low", "high")
 GRID_SIDE = 8
 # Augenstein et al.'s accuracy thresholds on federated EMNIST (36 classes).
 PAPER_LOW_THRESHOLD, PAPER_HIGH_THRESHOLD = 0.882, 0.939
+# What a rerun on the same workdir may change: how long the GANs train, how often they
+# report, where the EMNIST files are, and how many samples of the released generators are
+# measured (post-processing of the releases).
+RESUMABLE_FIELDS = workdir_lib.RESUMABLE_FIELDS | {"emnist_dir", "num_samples"}
+ADAPTIVE_CLIPPING = AdaptiveClipping()  # --adaptive_clipping's settings (TFF/P0 defaults)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +147,18 @@ class DebugConfig:
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
         require(self.server_g_learning_rate > 0, "server_g_learning_rate", "must be > 0")
+        if self.adaptive_clipping:
+            try:  # The engine's noise split: z_d for D's update, 2 sb for the clipped count.
+                PrivateAggregator(self.noise_multiplier, self.clients_per_round, ADAPTIVE_CLIPPING)
+            except ValueError as error:
+                count_multiplier = 2 * ADAPTIVE_CLIPPING.count_stddev(self.clients_per_round)
+                raise ConfigError(
+                    "noise_multiplier",
+                    f"{self.noise_multiplier:g} must be below {count_multiplier:.4g} with "
+                    "--adaptive_clipping: the clipped-count query's noise multiplier, "
+                    "2 * clients_per_round / 20 (lower --noise_multiplier or raise "
+                    "--clients_per_round)",
+                ) from error
 
     def gan_config(self) -> wgan_gp.WganGpConfig:
         """The networks and GAN settings of both GANs."""
@@ -167,7 +188,7 @@ class DebugConfig:
             sampling=self.sampling,
             l2_clip=self.l2_clip,
             noise_multiplier=self.noise_multiplier,
-            adaptive_clipping=AdaptiveClipping() if self.adaptive_clipping else None,
+            adaptive_clipping=ADAPTIVE_CLIPPING if self.adaptive_clipping else None,
             delta=self.delta,
             seed=self.seed,
             eval_every=self.eval_every,
@@ -261,6 +282,12 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     """Runs (or resumes) the whole demo in `workdir`; returns the summary dict."""
     start_time = time.time()
     wd = Workdir(workdir)
+    # A previous run trained a GAN here when a group's sub-workdir exists (its checkpoints
+    # and ledger live there): then the settings must match its config.json. A config.json
+    # without one is a run stopped before training (e.g. a cohort larger than a group): a
+    # corrected rerun must not be refused.
+    resuming = any(wd.file(f"gan_{name}").exists() for name in GROUPS)
+    wd.pin_config(config, resuming, RESUMABLE_FIELDS)
     fed = load_clients(config)
     model, params = train_app_classifier(
         fed.healthy_images,
@@ -315,8 +342,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         samples = fedgan.sample_images(gan_config, g_vars, sample_key, config.num_samples)
         save_grid(wd.file(f"samples_{name}.png"), samples)
         real = group.images[group.mask]
-        # Group sizes are released: DP-FedAvg accounting treats the population (here the
-        # group) as public, and each group's ledger records it.
+        # Group sizes are released without noise, though they count users whose raw
+        # accuracy passes a threshold: the group's accounting needs them (q = m / N, in its
+        # ledger). guarantee_caveat says so: eps holds given the group sizes.
         results[name] = {
             "inverted_fraction": polarity.inverted_fraction(samples),
             "num_clients": int(group.num_clients),
@@ -374,7 +402,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
 def _max_eps(results: dict) -> float | None:
     """The eps of releasing both groups' models: the groups are disjoint, so the max.
 
-    End to end only when `guarantee_caveat` is None; otherwise per group, given the grouping.
+    Given the group sizes, and per group given the grouping: see `guarantee_caveat`.
     """
     eps = [r["epsilon_rdp"] for r in results.values()]
     return None if any(e is None for e in eps) else max(eps)
@@ -429,13 +457,10 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
         "low", summary["low_threshold"], config.low_quantile, "accuracy", "accuracies")
     high_rule = selection.threshold_rule(
         "high", summary["high_threshold"], config.high_quantile, "accuracy", "accuracies")
-    caveat = summary["guarantee_caveat"]
     max_eps_line = (
         f"the groups are disjoint, so releasing both costs the larger eps: "
-        f"{_fmt(summary['epsilon_rdp'])}."
+        f"{_fmt(summary['epsilon_rdp'])}. **Caveat**: {summary['guarantee_caveat']}"
     )
-    if caveat is not None:
-        max_eps_line += f" **Caveat**: {caveat}"
     return f"""# Debugging private, decentralized images with DP federated GANs
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"

@@ -20,6 +20,9 @@ diagnostics, checkpoints); the top level holds
   data (which clients are buggy, the groups' real text, per-client OOV rates, quantile
   thresholds). Not a DP release, not covered by the guarantee; the report shows them in a
   section of their own so the demo can check itself.
+Rerunning resumes both LMs; the top level's config.json pins the settings, so a rerun with
+a changed setting (other than `RESUMABLE_FIELDS`) is refused instead of resuming LMs
+trained on another population.
 """
 
 from __future__ import annotations
@@ -36,10 +39,14 @@ from dpfed.data import bugs
 from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, selection
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require
 from dpfed.train.workdir import Workdir, environment_info
 
 GROUPS = ("high_oov", "low_oov")
+# What a rerun on the same workdir may change: how long the LMs train, how often they
+# report, and how the released LMs are sampled and summarised (post-processing).
+RESUMABLE_FIELDS = workdir_lib.RESUMABLE_FIELDS | {"num_sample_lines", "sample_length", "top_k"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,12 @@ class TextDebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+        if self.low_threshold is not None and self.high_threshold is not None:
+            require(
+                self.low_threshold < self.high_threshold,
+                "low_threshold",
+                "must be below --high_threshold",
+            )
 
     def lm_config(self, vocab_size: int) -> fedlm.FedLmConfig:
         """One LM's federated training settings (the same for both groups)."""
@@ -135,12 +148,24 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     """Runs (or resumes) the whole text demo in `workdir`; returns the summary dict."""
     start_time = time.time()
     wd = Workdir(workdir)
+    # A previous run trained an LM here when a group's sub-workdir exists (its checkpoints
+    # and ledger live there): then the settings must match its config.json. A config.json
+    # without one is a run stopped before training (e.g. a cohort larger than a group): a
+    # corrected rerun must not be refused.
+    resuming = any(wd.file(f"lm_{name}").exists() for name in GROUPS)
+    wd.pin_config(config, resuming, RESUMABLE_FIELDS)
     shakespeare = data_lib.load_shakespeare(min_lines=config.min_lines)
     public = shakespeare.train  # the plays are public: the vocabularies come from them
     word_vocab = fedlm.word_vocabulary(public, config.max_words)
     char_vocab = fedlm.char_vocabulary(public)
     texts, buggy = bugs.inject_text_bug(public, config.bug_fraction, config.seed)
     oov_rates = fedlm.client_oov_rates(texts, word_vocab)
+    eligible = ~np.isnan(oov_rates)
+    require(
+        bool(eligible.any()),
+        "min_lines",
+        f"leaves no client: no (play, role) has {config.min_lines} lines or more (lower it)",
+    )
     try:
         groups = selection.split_clients(
             oov_rates,
@@ -148,7 +173,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             high_threshold=config.high_threshold,
             low_quantile=config.low_quantile,
             high_quantile=config.high_quantile,
-            eligible=~np.isnan(oov_rates),
+            eligible=eligible,
         )
     except ValueError as error:
         raise ConfigError("low_threshold", str(error)) from error
@@ -192,8 +217,9 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         stats = fedlm.token_stats(lines, word_vocab, config.top_k)
         real = fedlm.token_stats(group_texts, word_vocab, config.top_k)
         samples[name] = lines
-        # Group sizes are released: DP-FedAvg accounting treats the population (here the
-        # group) as public, and each group's ledger records it.
+        # Group sizes are released without noise, though they count users whose raw OOV
+        # rate passes a threshold: the group's accounting needs them (q = m / N, in its
+        # ledger). guarantee_caveat says so: eps holds given the group sizes.
         results[name] = {
             "num_clients": len(group_texts),
             "oov_rate": stats.oov_rate,
@@ -234,7 +260,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
         "lm_high_oov": results["high_oov"],
         "lm_low_oov": results["low_oov"],
-        # Disjoint groups: the max, end to end only when guarantee_caveat is None.
+        # Disjoint groups: the max, given the group sizes (see guarantee_caveat).
         "epsilon_rdp": None if None in eps else max(eps),
         "guarantee_caveat": selection.guarantee_caveat(
             config.low_threshold, config.high_threshold, config.sampling, "OOV rates"
@@ -300,10 +326,8 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         "high", summary["high_threshold"], config.high_quantile, "OOV rate", "OOV rates")
     max_eps_line = (
         f"The groups are disjoint: releasing both costs the larger eps, "
-        f"{_fmt(summary['epsilon_rdp'])}."
+        f"{_fmt(summary['epsilon_rdp'])}.\n**Caveat**: {summary['guarantee_caveat']}"
     )
-    if summary["guarantee_caveat"] is not None:
-        max_eps_line += f"\n**Caveat**: {summary['guarantee_caveat']}"
 
     def lines(name):
         return "\n".join(f"    {line}" for line in samples[name][:12])

@@ -6,9 +6,11 @@ computes its own accuracy on device. Clients where the classifier does badly for
 "low" group, clients where it does well the "high" group (the paper: accuracy < 0.882
 and > 0.939 on federated EMNIST), and one DP-FedAvg-GAN is trained per group. Each
 client decides its membership from its own accuracy against *given* thresholds, so
-membership needs no release to the server beyond the GAN training it then joins (whose DP
-accounting uses the group as the population). Thresholds taken as quantiles of all clients'
-values (a simulation convenience) break this: `guarantee_caveat` says when and why.
+membership needs no release to the server beyond the GAN training it then joins. That
+training's DP accounting uses the group as the population, so each group's size (a count
+of users whose raw value passes a threshold) is released without noise. Thresholds taken as
+quantiles of all clients' values (a simulation convenience) weaken the guarantee further:
+`guarantee_caveat` says how and why.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DIAGNOSTICS_JSON = "diagnostics.json"  # raw-data figures of the whole demo: not a release
-DIAGNOSTICS_JSON_NOTE = (
-    "Not a DP release: simulation ground truth and figures computed from raw client data, "
-    "not covered by the privacy guarantee; do not publish them with the release."
-)
+from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
+from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
+
 # Starts the terminal lines that show raw-data figures (thresholds, group sizes).
 RAW_LOG_PREFIX = "[simulation diagnostics, raw data, not a DP release] "
 DEFAULT_LOW_QUANTILE = 0.25
@@ -74,7 +74,8 @@ def split_clients(
       eligible: bool `[clients]`; others (e.g. clients without data) join no group.
 
     Raises:
-      ValueError: on bad quantiles, thresholds with low >= high, or an empty group.
+      ValueError: on bad quantiles, thresholds with low >= high (saying whether they were
+        given or quantiles), or an empty group.
     """
     values = np.asarray(values, np.float64)
     eligible = np.ones(values.shape, bool) if eligible is None else np.asarray(eligible, bool)
@@ -88,9 +89,18 @@ def split_clients(
     low_t = float(np.quantile(pool, low_quantile)) if low_threshold is None else low_threshold
     high_t = float(np.quantile(pool, high_quantile)) if high_threshold is None else high_threshold
     if not low_t < high_t:
+        if low_threshold is not None and high_threshold is not None:
+            why = "both were given: swap or change them"
+        elif low_threshold is None and high_threshold is None:
+            why = "both are quantiles: the clients' values are too alike to split; give thresholds"
+        else:
+            quantile_side = "low" if low_threshold is None else "high"
+            why = (
+                f"the {quantile_side} one is a quantile of the clients' values: give both "
+                "thresholds or change the given one"
+            )
         raise ValueError(
-            f"low threshold {low_t:.4g} must be below high threshold {high_t:.4g} "
-            "(the clients' values are too alike to split; give thresholds)"
+            f"low threshold {low_t:.4g} must be below high threshold {high_t:.4g} ({why})"
         )
     low = eligible & (values <= low_t)
     high = eligible & (values >= high_t)
@@ -162,12 +172,15 @@ def threshold_rule(
 
 def guarantee_caveat(
     low_threshold: float | None, high_threshold: float | None, sampling: str, metric: str
-) -> str | None:
-    """Why the max of the groups' eps is not an end-to-end guarantee, or None when it is.
+) -> str:
+    """Why the groups' eps (and their max) is not an end-to-end guarantee.
 
-    The max holds when adding or removing one user changes at most one group's data by
-    that one user (parallel composition; the groups draw independent noise; group sizes
-    count as public, as in DP-FedAvg accounting). That needs
+    Always some reason: each group's size counts the users whose raw value passes a
+    threshold, and it is released without noise (summary, report, the ledger's population
+    N and sampling rate q = m / N, which the DP-FedAvg accounting needs). So each group's
+    eps holds for each user given the group sizes. Given that, the max of the groups' eps
+    holds when adding or removing one user changes at most one group's data by that one
+    user (parallel composition; the groups draw independent noise), which further needs
     - given thresholds: each client's group is a function of its own data. A quantile
       threshold is a function of all clients' values, so one user moves it and can move
       other users (many, when values tie) across groups;
@@ -181,6 +194,11 @@ def guarantee_caveat(
       sampling: the cohorts' sampling, "poisson" or "fixed".
       metric: the per-client values the groups are split by, for the message.
     """
+    caveat = (
+        f"Each group's size (its clients and sampling rate) counts the users whose raw {metric} "
+        "pass a threshold and is released without noise, so the groups' eps, and their max, "
+        "hold for each user given the group sizes, not end to end"
+    )
     reasons = []
     if low_threshold is None or high_threshold is None:
         reasons.append(
@@ -194,10 +212,9 @@ def guarantee_caveat(
             "data change, each by a removal or an addition that this analysis does not "
             "cover (use --sampling=poisson)"
         )
-    if not reasons:
-        return None
-    return (
-        "The max of the two groups' eps holds per group, given the grouping, not end to end: "
-        + "; and ".join(reasons)
-        + "."
-    )
+    if reasons:
+        caveat += (
+            ". Even given the group sizes, the max holds only per group, given the grouping: "
+            + "; and ".join(reasons)
+        )
+    return caveat + "."

@@ -48,6 +48,18 @@ def assert_caveat_of_quantiles_and_fixed_cohorts(workdir: pathlib.Path, summary:
     assert caveat in " ".join(privacy.split()), "the report's privacy section must state it"
 
 
+def assert_caveat_names_unnoised_group_sizes(summary: dict) -> None:
+    """The summary's caveat says the group sizes are released without noise."""
+    caveat = summary["guarantee_caveat"]
+    assert caveat is not None and "released without noise" in caveat, (
+        "each group's size counts users whose raw figure passes a threshold and is released "
+        f"without noise (summary, report, ledger): the caveat must say so, got {caveat!r}"
+    )
+    assert "given the group sizes" in caveat, (
+        f"the caveat must say that eps holds given the group sizes, got {caveat!r}"
+    )
+
+
 def assert_raw_log_lines_labelled(lines: list[str]) -> None:
     """Terminal lines showing the selection thresholds (raw data) carry the raw-data label."""
     raw = [line for line in lines if "threshold" in line]

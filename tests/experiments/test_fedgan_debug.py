@@ -1,6 +1,8 @@
 """experiments/fedgan_debug.py and dpfed.generative.fedgan_debug: outputs, flags, resume."""
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -132,6 +134,11 @@ def test_summary_and_report_state_the_caveat_of_a_quantile_fixed_cohort_run(tiny
     debug_checks.assert_caveat_of_quantiles_and_fixed_cohorts(workdir, summary)
 
 
+def test_summary_caveat_states_the_unnoised_group_sizes(tiny_run):
+    _, _, summary = tiny_run
+    debug_checks.assert_caveat_names_unnoised_group_sizes(summary)
+
+
 def test_rerun_resumes_to_the_same_result(tiny_run):
     workdir, config, summary = tiny_run
     again = fedgan_debug.run(config, str(workdir), log=lambda _: None)
@@ -139,6 +146,39 @@ def test_rerun_resumes_to_the_same_result(tiny_run):
         "a rerun on a finished workdir must not spend more privacy"
     )
     assert again["inverted_fraction_low"] == summary["inverted_fraction_low"], "G changed"
+
+
+def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_path):
+    # The GANs' own configs hold no data settings: without the top-level pin, a rerun with
+    # another bug fraction resumed GANs trained on another population.
+    workdir, config, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    changed = dataclasses.replace(config, bug_fraction=0.0)
+    with pytest.raises(fedgan_debug.ConfigError) as raised:
+        fedgan_debug.run(changed, str(copy), log=lambda _: None)
+    assert raised.value.field == "bug_fraction", (
+        f"a rerun with a changed --bug_fraction must be refused naming it: {raised.value}"
+    )
+
+
+def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_path):
+    # 2 sb = 0.1 * 5 clients = 0.5 is not above z = 0.5: the noise cannot be split.
+    proc = run_binary(
+        "experiments.fedgan_debug",
+        "--adaptive_clipping",
+        "--noise_multiplier=0.5",
+        "--clients_per_round=5",
+        f"--workdir={tmp_path}",
+        check=False,
+    )
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "--noise_multiplier" in proc.stderr and "Traceback" not in proc.stderr, (
+        f"the error must name --noise_multiplier without a traceback: {proc.stderr[-2000:]}"
+    )
+    assert "clipped_count_stddev" not in proc.stderr, (
+        f"the error names a flag fedgan_debug does not have: {proc.stderr[-2000:]}"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """experiments/fedlm_debug.py and dpfed.generative.fedlm_debug: outputs and flags."""
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -117,6 +119,42 @@ def test_report_shows_ground_truth_only_in_its_own_section_after_the_releases(ti
 def test_summary_and_report_state_the_caveat_of_a_quantile_fixed_cohort_run(tiny_run):
     workdir, summary = tiny_run
     debug_checks.assert_caveat_of_quantiles_and_fixed_cohorts(workdir, summary)
+
+
+def test_summary_caveat_states_the_unnoised_group_sizes(tiny_run):
+    _, summary = tiny_run
+    debug_checks.assert_caveat_names_unnoised_group_sizes(summary)
+
+
+def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_path):
+    # The LMs' own configs hold no data settings: without the top-level pin, a rerun with
+    # another bug fraction resumed LMs trained on another population.
+    workdir, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    changed = dataclasses.replace(fedlm_debug.TextDebugConfig(**TINY), bug_fraction=0.2)
+    with pytest.raises(fedlm_debug.ConfigError) as raised:
+        fedlm_debug.run(changed, str(copy), log=lambda _: None)
+    assert raised.value.field == "bug_fraction", (
+        f"a rerun with a changed --bug_fraction must be refused naming it: {raised.value}"
+    )
+
+
+def test_min_lines_leaving_no_client_is_an_error_naming_it(tmp_path):
+    config = fedlm_debug.TextDebugConfig(**{**TINY, "min_lines": 100000})
+    with pytest.raises(fedlm_debug.ConfigError) as raised:
+        fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
+    assert raised.value.field == "min_lines", (
+        f"no (play, role) has that many lines: the error must name --min_lines: {raised.value}"
+    )
+
+
+def test_given_thresholds_in_the_wrong_order_are_an_error_naming_them():
+    with pytest.raises(fedlm_debug.ConfigError) as raised:
+        fedlm_debug.TextDebugConfig(**{**TINY, "low_threshold": 0.5, "high_threshold": 0.1})
+    assert raised.value.field == "low_threshold" and "high_threshold" in raised.value.message, (
+        f"low >= high given thresholds must be refused as such: {raised.value}"
+    )
 
 
 def test_report_samples_and_ledgers_are_written(tiny_run):

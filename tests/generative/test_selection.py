@@ -37,6 +37,15 @@ def test_identical_accuracies_cannot_be_split():
         selection.split_clients(np.full(10, 0.9))
 
 
+def test_given_thresholds_in_the_wrong_order_are_named_as_given():
+    with pytest.raises(ValueError, match="low threshold 0.9 must be below") as raised:
+        selection.split_clients(np.linspace(0, 1, 5), low_threshold=0.9, high_threshold=0.5)
+    message = str(raised.value)
+    assert "too alike" not in message and "given" in message, (
+        f"both thresholds were given: the values being too alike is not the cause: {message!r}"
+    )
+
+
 def test_empty_group_is_an_error():
     with pytest.raises(ValueError, match="high group is empty"):
         selection.split_clients(np.array([0.1, 0.2]), low_threshold=0.5, high_threshold=0.9)
@@ -64,9 +73,22 @@ def test_group_seeds_are_distinct_and_reproducible():
     assert all(0 <= s < 2**31 for s in seeds), "seeds must fit jax.random.key's int32 range"
 
 
-def test_guarantee_caveat_is_none_only_with_given_thresholds_and_poisson_cohorts():
-    assert selection.guarantee_caveat(0.88, 0.94, "poisson", "accuracies") is None, (
-        "given thresholds and Poisson cohorts: one user changes one group, max eps holds"
+@pytest.mark.parametrize(
+    "low, high, sampling", [(0.88, 0.94, "poisson"), (None, None, "poisson"), (0.88, 0.94, "fixed")]
+)
+def test_guarantee_caveat_always_states_the_unnoised_group_sizes(low, high, sampling):
+    caveat = selection.guarantee_caveat(low, high, sampling, "accuracies")
+    assert caveat is not None and "released without noise" in caveat, (
+        "a group's size counts users whose raw accuracy passes a threshold and is released "
+        f"without noise, even with given thresholds and Poisson cohorts: caveat {caveat!r}"
+    )
+    assert "given the group sizes" in caveat, f"eps holds given the group sizes: {caveat!r}"
+
+
+def test_guarantee_caveat_with_given_thresholds_and_poisson_names_no_other_reason():
+    caveat = selection.guarantee_caveat(0.88, 0.94, "poisson", "accuracies")
+    assert "quantiles" not in caveat and "replace-one" not in caveat, (
+        f"given thresholds and Poisson cohorts: one user changes one group: {caveat!r}"
     )
 
 
