@@ -197,11 +197,12 @@ def engine_config(config: FedAvgClassifierConfig, noise_multiplier: float) -> Dp
 
 
 def epsilon_with_population(
-    engine: DpFedAvg, rounds: int, population: int, delta: float
+    engine: DpFedAvg, ledger: privacy.PrivacyLedger, population: int, delta: float
 ) -> dict[str, float | None]:
-    """eps (RDP and PLD) of the same rounds, noise and cohort if `population` users existed."""
+    """eps (RDP and PLD) of the ledger's rounds (each with its noise and cohort) if
+    `population` users existed."""
     return {
-        name: engine.epsilon_with_population(rounds, population, delta, name)
+        name: engine.epsilon_with_population(ledger, population, delta, name)
         for name in ("rdp", "pld")
     }
 
@@ -277,7 +278,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         wd.write_json("ledger.json", ledger_json)
     other = {}
     if ledger_json is not None and result.rounds_done > 0:
-        other = {str(n): epsilon_with_population(engine, result.rounds_done, n, config.delta)
+        other = {str(n): epsilon_with_population(engine, result.ledger, n, config.delta)
                  for n in OTHER_POPULATIONS}
     summary = {
         "test_accuracy": result.evaluation["test_accuracy"],

@@ -223,24 +223,31 @@ class DpFedAvg:
         inner = self.aggregator.dp_event()
         return None if inner is None else self.sampler.dp_event(inner)
 
-    def population_event(self, rounds: int, population: int) -> dp_event.DpEvent | None:
-        """`rounds` rounds with this noise and cohort size if `population` users existed.
+    def population_event(
+        self, ledger: privacy.PrivacyLedger, population: int
+    ) -> dp_event.DpEvent | None:
+        """The ledger's rounds, each with its own noise, had `population` users existed.
 
         What the accountant alone says the same training would cost in a larger
-        population (e.g. federated EMNIST's 3,400 writers, or 1M users); None without noise.
+        population (e.g. federated EMNIST's 3,400 writers, or 1M users): every recorded
+        round keeps its noise and cohort size, only the population sampled from changes
+        (so a run whose z changed on a resume is counted with each segment's z). None
+        for an empty ledger.
         """
-        inner = self.aggregator.dp_event()
-        if inner is None:
+        if not ledger.entries:
             return None
-        sampler = sampling_lib.CohortSampler(
-            self.sampler.scheme, population, self.sampler.expected_size)
-        return dp_event.SelfComposedDpEvent(sampler.dp_event(inner), rounds)
+        return dp_event.ComposedDpEvent([
+            dp_event.SelfComposedDpEvent(
+                _with_population(event, population, self.sampler.expected_size), count)
+            for event, count in ledger.entries
+        ])
 
     def epsilon_with_population(
-        self, rounds: int, population: int, delta: float, accountant: str = "rdp"
+        self, ledger: privacy.PrivacyLedger, population: int, delta: float,
+        accountant: str = "rdp",
     ) -> float | None:
-        """eps of `population_event` at `delta` (None without noise or support)."""
-        event = self.population_event(rounds, population)
+        """eps of `population_event` at `delta` (None for an empty ledger or no support)."""
+        event = self.population_event(ledger, population)
         if event is None:
             return None
         relation = privacy.relation_for(self.sampler.scheme)
@@ -408,3 +415,15 @@ def _round_keys(key: jax.Array) -> jax.Array:
 def _varying(tree: PyTree) -> PyTree:
     """Marks every leaf as varying over the `clients` axis (inside `shard_map`)."""
     return jax.tree_util.tree_map(lambda x: jax.lax.pcast(x, CLIENTS, to="varying"), tree)
+
+
+def _with_population(
+    event: dp_event.DpEvent, population: int, expected_size: float
+) -> dp_event.DpEvent:
+    """A round's sampled event (`sampled_gaussian_event`) drawn from `population` users."""
+    if isinstance(event, dp_event.PoissonSampledDpEvent):
+        return dp_event.PoissonSampledDpEvent(expected_size / population, event.event)
+    if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
+        return dp_event.SampledWithoutReplacementDpEvent(
+            population, event.sample_size, event.event)
+    raise ValueError(f"not a sampled round event: {event}")

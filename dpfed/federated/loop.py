@@ -154,8 +154,9 @@ def write_privacy_summary(
     """Writes ledger.json (private runs) and returns the summary's user-level privacy fields.
 
     Keys: `epsilon_rdp`, `epsilon_pld`, `delta` (None for a non-private run), `unit`
-    ("user") and `epsilon_rdp_same_noise_if_users` (RDP eps of the same rounds, noise and
-    cohort size with each of `OTHER_POPULATIONS` users; empty when non-private).
+    ("user") and `epsilon_rdp_same_noise_if_users` (RDP eps of the ledger's rounds, each with
+    its noise and cohort size, with each of `OTHER_POPULATIONS` users; empty when
+    non-private).
     """
     ledger = result.ledger.to_json() if result.ledger is not None else None
     if ledger is not None:
@@ -163,7 +164,7 @@ def write_privacy_summary(
     others = {}
     if ledger is not None and result.rounds_done > 0:
         others = {
-            str(n): engine.epsilon_with_population(result.rounds_done, n, delta)
+            str(n): engine.epsilon_with_population(result.ledger, n, delta)
             for n in OTHER_POPULATIONS
         }
     return {

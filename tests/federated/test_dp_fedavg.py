@@ -211,6 +211,30 @@ def test_adaptive_round_event_costs_exactly_one_gaussian_of_the_total_multiplier
     assert eps_pair == pytest.approx(eps_single, rel=1e-6), "noise split must keep eps of z"
 
 
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_eps_with_another_population_counts_each_recorded_round_with_its_noise(sampling):
+    # 4 rounds at z 1.0, then (a calibrated resume) 6 at z 2.0: the figure for 1,000 users
+    # must compose those 10 rounds, not 10 rounds at the last z.
+    engines = [make_engine(random_deltas(100), sampling=sampling, clients_per_round=10,
+                           l2_clip=0.5, noise_multiplier=z) for z in (1.0, 2.0)]
+    ledger = engines[0].user_ledger(1e-5, "test")
+    ledger.record(engines[0].round_event(), 4)
+    ledger.record(engines[1].round_event(), 6)
+    big = [make_engine(random_deltas(1000), sampling=sampling, clients_per_round=10,
+                       l2_clip=0.5, noise_multiplier=z) for z in (1.0, 2.0)]
+    direct = dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(big[0].round_event(), 4),
+        dp_event.SelfComposedDpEvent(big[1].round_event(), 6)])
+    relation = privacy.relation_for(sampling)
+    expected = privacy.epsilon(direct, 1e-5, relation)
+    got = engines[1].epsilon_with_population(ledger, 1000, 1e-5)
+    assert got == pytest.approx(expected, rel=1e-9), (
+        f"eps with 1,000 users {got} must equal the recorded rounds' {expected}")
+    last_z_only = privacy.epsilon(
+        dp_event.SelfComposedDpEvent(big[1].round_event(), 10), 1e-5, relation)
+    assert got > last_z_only, "the first 4 rounds' lower noise must count"
+
+
 def test_noise_without_a_clip_norm_is_refused():
     with pytest.raises(ValueError, match="l2_clip"):
         DpFedAvgConfig(clients_per_round=5, l2_clip=None, noise_multiplier=1.0)
