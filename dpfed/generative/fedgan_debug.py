@@ -145,6 +145,8 @@ class DebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+        require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
+                "clients_per_round", "must be a whole number with --sampling=fixed")
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
         require(self.server_g_learning_rate > 0, "server_g_learning_rate", "must be > 0")
         if self.adaptive_clipping:

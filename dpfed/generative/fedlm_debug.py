@@ -117,6 +117,8 @@ class TextDebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+        require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
+                "clients_per_round", "must be a whole number with --sampling=fixed")
         if self.low_threshold is not None and self.high_threshold is not None:
             require(
                 self.low_threshold < self.high_threshold,

@@ -201,3 +201,10 @@ def test_cohort_larger_than_a_group_is_a_config_error(tmp_path):
 
 def test_terminal_lines_with_raw_figures_are_labelled(tiny_run):
     debug_checks.assert_raw_log_lines_labelled(TINY_LOG)
+
+
+def test_fractional_fixed_cohort_names_clients_per_round():
+    # TINY samples fixed cohorts: m must be a whole number of clients.
+    with pytest.raises(fedgan_debug.ConfigError) as error:
+        fedgan_debug.DebugConfig(**{**TINY, "clients_per_round": 2.5})
+    assert error.value.field == "clients_per_round", error.value.field

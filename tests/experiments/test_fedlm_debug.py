@@ -179,3 +179,10 @@ def test_bad_flag_exits_2_naming_it(tmp_path):
 
 def test_terminal_lines_with_raw_figures_are_labelled(tiny_run):
     debug_checks.assert_raw_log_lines_labelled(TINY_LOG)
+
+
+def test_fractional_fixed_cohort_names_clients_per_round():
+    # TINY samples fixed cohorts: m must be a whole number of clients.
+    with pytest.raises(fedlm_debug.ConfigError) as error:
+        fedlm_debug.TextDebugConfig(**{**TINY, "clients_per_round": 2.5})
+    assert error.value.field == "clients_per_round", error.value.field
