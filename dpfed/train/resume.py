@@ -108,7 +108,7 @@ def resume_or_start(
             # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
             now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
             changes = _mechanism_changes(restored, now)
-            _refuse_replay_with_other_noise(restored, changes, workdir, step, key)
+            _refuse_replay_with_other_noise(restored, changes, logged, step, key)
             ledger = _adopt_settings(restored, now, changes, step, key)
     last = max(  # a rerun of a finished run with a lower total just ends where it is
         step, budget_stop(ledger, event, step, total, events_per_step=events_per_step, key=key,
@@ -153,7 +153,7 @@ def _mechanism_changes(restored: privacy.PrivacyLedger, now: privacy.PrivacyLedg
 
 
 def _refuse_replay_with_other_noise(
-    restored: privacy.PrivacyLedger, changes: dict, workdir: Workdir, step: int, key: str,
+    restored: privacy.PrivacyLedger, changes: dict, logged: int, step: int, key: str,
 ) -> None:
     """Raises if a resume would replay already-logged steps with another mechanism.
 
@@ -161,21 +161,18 @@ def _refuse_replay_with_other_noise(
     after its last checkpoint. Replaying those steps with the same round keys and the
     same mechanism reproduces them, so counting them once is right. With another
     noise multiplier the replay reuses their noise draws at another scale, and the
-    releases already logged would be in no ledger: refused.
+    releases already logged would be in no ledger: refused. `logged` is the last step
+    (or round) in metrics.jsonl.
     """
-    if not changes:
-        return
-    logged = [r[key] for r in workdir.read_metrics() if r.get(key, -1) > step]
-    if logged:
-        last = max(logged)
+    if changes and logged > step:
         old = ", ".join(f"{n}={restored.metadata.get(n)}" for n in sorted(changes))
         new = ", ".join(f"{n}={v}" for n, v in sorted(changes.items()))
         raise ConfigError(
             ", ".join(sorted(changes)),
-            f"the killed run logged metrics up to {key} {last}, past its last checkpoint "
+            f"the killed run logged metrics up to {key} {logged}, past its last checkpoint "
             f"({key} {step}), with {old}; replaying those {key}s with {new} would reuse their "
             "noise at another scale and leave what was logged uncounted. Resume with the "
-            f"flags of the killed run until past {key} {last}, or start a new workdir",
+            f"flags of the killed run until past {key} {logged}, or start a new workdir",
         )
 
 
