@@ -157,9 +157,8 @@ class DebugConfig:
                 raise ConfigError(
                     "noise_multiplier",
                     f"{self.noise_multiplier:g} must be below {count_multiplier:.4g} with "
-                    "--adaptive_clipping: the clipped-count query's noise multiplier, "
-                    "2 * clients_per_round / 20 (lower --noise_multiplier or raise "
-                    "--clients_per_round)",
+                    "--adaptive_clipping: the clipped-count query's noise multiplier at this "
+                    "--clients_per_round (lower --noise_multiplier or raise --clients_per_round)",
                 ) from error
 
     def gan_config(self) -> wgan_gp.WganGpConfig:
@@ -284,12 +283,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     """Runs (or resumes) the whole demo in `workdir`; returns the summary dict."""
     start_time = time.time()
     wd = Workdir(workdir)
-    # A previous run trained a GAN here when a group's sub-workdir exists (its checkpoints
-    # and ledger live there): then the settings must match its config.json. A config.json
-    # without one is a run stopped before training (e.g. a cohort larger than a group): a
-    # corrected rerun must not be refused.
-    resuming = any(wd.file(f"gan_{name}").exists() for name in GROUPS)
-    wd.pin_config(config, resuming, RESUMABLE_FIELDS)
+    selection.pin_demo_config(wd, config, [f"gan_{name}" for name in GROUPS], RESUMABLE_FIELDS)
     fed = load_clients(config)
     model, params = train_app_classifier(
         fed.healthy_images,

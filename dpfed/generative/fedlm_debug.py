@@ -150,12 +150,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     """Runs (or resumes) the whole text demo in `workdir`; returns the summary dict."""
     start_time = time.time()
     wd = Workdir(workdir)
-    # A previous run trained an LM here when a group's sub-workdir exists (its checkpoints
-    # and ledger live there): then the settings must match its config.json. A config.json
-    # without one is a run stopped before training (e.g. a cohort larger than a group): a
-    # corrected rerun must not be refused.
-    resuming = any(wd.file(f"lm_{name}").exists() for name in GROUPS)
-    wd.pin_config(config, resuming, RESUMABLE_FIELDS)
+    selection.pin_demo_config(wd, config, [f"lm_{name}" for name in GROUPS], RESUMABLE_FIELDS)
     shakespeare = data_lib.load_shakespeare(min_lines=config.min_lines)
     public = shakespeare.train  # the plays are public: the vocabularies come from them
     word_vocab = fedlm.word_vocabulary(public, config.max_words)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +26,7 @@ import numpy as np
 
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
+from dpfed.train.workdir import Workdir
 
 # Starts the terminal lines that show raw-data figures (thresholds, group sizes).
 RAW_LOG_PREFIX = "[simulation diagnostics, raw data, not a DP release] "
@@ -156,6 +157,20 @@ def client_accuracies(
     counts = np.asarray(counts, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, correct / counts, np.nan)
+
+
+def pin_demo_config(
+    workdir: Workdir, config: Any, group_dirs: Sequence[str], resumable: frozenset[str]
+) -> None:
+    """Pins a debug demo's config in its top-level config.json (`Workdir.pin_config`).
+
+    A previous run trained a model here when a group's sub-workdir (`group_dirs`) exists:
+    its checkpoints and ledger live there, so the settings must then match config.json
+    (outside `resumable`). A config.json without one is a run stopped before training
+    (e.g. a cohort larger than a group): a corrected rerun is not refused.
+    """
+    resuming = any(workdir.file(name).exists() for name in group_dirs)
+    workdir.pin_config(config, resuming, resumable)
 
 
 def threshold_rule(

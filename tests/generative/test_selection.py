@@ -1,10 +1,14 @@
 """Tests of the client selection by accuracy (dpfed.generative.selection)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dpfed.generative import selection
+from dpfed.train.config import ConfigError
+from dpfed.train.workdir import Workdir
 
 
 def test_quantile_defaults_take_bottom_and_top_quarters():
@@ -113,3 +117,21 @@ def test_threshold_rule_names_a_given_value_or_the_quantile_not_its_value():
     quantile = selection.threshold_rule("high", None, 0.75, "OOV rate", "OOV rates")
     assert quantile == "OOV rate >= the 0.75 quantile of all clients' OOV rates", (
         f"a quantile threshold's value is raw data: the rule names only the quantile, {quantile!r}")
+
+
+@dataclasses.dataclass
+class _DemoConfig:
+    bug_fraction: float = 0.5
+    rounds: int = 2
+
+
+def test_pin_demo_config_checks_only_once_a_group_has_trained(tmp_path):
+    wd = Workdir(tmp_path)
+    selection.pin_demo_config(wd, _DemoConfig(), ["gan_low"], frozenset({"rounds"}))
+    # No group sub-workdir yet (a run stopped before training): a corrected rerun is fine.
+    selection.pin_demo_config(wd, _DemoConfig(bug_fraction=0.2), ["gan_low"], frozenset())
+    (tmp_path / "gan_low").mkdir()
+    selection.pin_demo_config(wd, _DemoConfig(0.2, rounds=4), ["gan_low"], frozenset({"rounds"}))
+    with pytest.raises(ConfigError) as error:
+        selection.pin_demo_config(wd, _DemoConfig(0.5, 4), ["gan_low"], frozenset({"rounds"}))
+    assert error.value.field == "bug_fraction", "a trained group pins the data settings"
