@@ -1,6 +1,23 @@
-"""Test set-up: 8 fake CPU devices so sharding tests see a mesh (set before jax loads)."""
+"""Test set-up (set before jax loads): 8 fake CPU devices so sharding tests see a mesh,
+and one compilation cache per test session.
 
+Many tests compile the same programs again: each experiment binary runs in its own
+subprocess, and each tiny run builds fresh jitted closures. A persistent compilation
+cache in a new temporary folder (inherited by the subprocesses through the environment,
+removed at exit) lets them reuse one compilation: ~25% off the suite's time on 2 cores.
+It is never shared between sessions, so a stale entry cannot outlive the code it came
+from. Set JAX_COMPILATION_CACHE_DIR yourself to choose the folder (then it is kept).
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="dpfed-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
