@@ -11,6 +11,10 @@ training's DP accounting uses the group as the population, so each group's size 
 of users whose raw value passes a threshold) is released without noise. Thresholds taken as
 quantiles of all clients' values (a simulation convenience) weaken the guarantee further:
 `guarantee_caveat` says how and why.
+
+It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
+their groups: the raw-data log prefix, diagnostics.json, and the config pin that
+checks a rerun once a group's sub-workdir exists (`pin_demo_config`).
 """
 
 from __future__ import annotations
