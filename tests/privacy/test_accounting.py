@@ -15,6 +15,12 @@ def _direct(event, delta, relation=dp_accounting.NeighboringRelation.ADD_OR_REMO
     return a.get_epsilon(delta)
 
 
+def _direct_pld(event, delta):
+    a = pld.PLDAccountant()
+    a.compose(event)
+    return a.get_epsilon(delta)
+
+
 def test_poisson_dpsgd_event_matches_dp_accounting():
     event = accounting.dpsgd_event(1.1, 50, sampling="poisson", population=4000, expected_size=64)
     direct = dp_event.SelfComposedDpEvent(
@@ -53,6 +59,49 @@ def test_pld_is_reported_and_smaller_for_poisson():
 def test_pld_unsupported_returns_none():
     event = accounting.dpsgd_event(1.0, 5, sampling="fixed", population=100, expected_size=10)
     assert accounting.epsilon(event, 1e-5, accounting.relation_for("fixed"), "pld") is None
+
+
+def _adaptive_round(z_count: float, count_weight: float = 1.0) -> dp_event.DpEvent:
+    """One adaptive-clipping round: the sum and the count query on one Poisson sample."""
+    z_sum = (1.0 - z_count**-2) ** -0.5  # together exactly one Gaussian of multiplier 1
+    return dp_event.PoissonSampledDpEvent(
+        0.1,
+        dp_event.ComposedDpEvent([
+            dp_event.GaussianDpEvent(z_sum), dp_event.GaussianDpEvent(z_count / count_weight)
+        ]),
+    )
+
+
+def test_pld_accounts_gaussians_composed_on_one_sample():
+    """Adaptive clipping's two queries on one sample cost one Gaussian: PLD must say so."""
+    event = dp_event.SelfComposedDpEvent(_adaptive_round(z_count=10.0), 20)
+    single = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0)), 20
+    )
+    eps_pld = accounting.epsilon(event, 1e-5, accountant="pld")
+    assert eps_pld is not None, "PLD must account a Poisson-sampled composition of Gaussians"
+    assert eps_pld == pytest.approx(_direct_pld(single, 1e-5), rel=1e-6), (
+        "the sum and count queries together must cost exactly one Gaussian of multiplier 1"
+    )
+    assert accounting.epsilon(event, 1e-5) == pytest.approx(_direct(single, 1e-5), rel=1e-9), (
+        "the RDP accountant already composes the pair as one Gaussian; the merge must agree"
+    )
+
+
+def test_merged_pair_is_weaker_than_either_query_alone():
+    """A louder count query (a smaller multiplier) must raise the PLD eps of the pair."""
+    quiet = dp_event.SelfComposedDpEvent(_adaptive_round(z_count=10.0), 20)
+    loud = dp_event.SelfComposedDpEvent(_adaptive_round(z_count=10.0, count_weight=5.0), 20)
+    assert accounting.epsilon(loud, 1e-5, accountant="pld") > accounting.epsilon(
+        quiet, 1e-5, accountant="pld"
+    ), "the merged multiplier must include the count query's multiplier"
+
+
+def test_merge_gaussians_keeps_a_noiseless_release_noiseless():
+    merged = accounting.merge_gaussians(
+        dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(2.0), dp_event.GaussianDpEvent(0.0)])
+    )
+    assert merged == dp_event.GaussianDpEvent(0.0), "a noiseless query makes the pair noiseless"
 
 
 @pytest.mark.parametrize("target", [1.0, 10.0])
