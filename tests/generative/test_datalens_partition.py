@@ -1,13 +1,15 @@
-"""Teacher partitions of DataLens: disjoint, covering, no reuse, one partition per change."""
+"""Teacher partitions of DataLens: disjoint, covering, no reuse, one partition per change, eps."""
 
 import numpy as np
 import pytest
 
 from dpfed.generative.datalens import (
     PARTITION_RELATIONS,
+    DataLensConfig,
     partition_teachers,
     public_partition_sizes,
 )
+from dpfed.generative.datalens.training import new_ledger
 
 
 def _unbalanced(n=503, seed=0):
@@ -77,3 +79,17 @@ def test_published_sizes_depend_on_n_and_t_alone():
         "hash sizes count private records: only N/T may be published")
     with pytest.raises(ValueError, match="scheme"):
         public_partition_sizes("classes", 10, 4)
+
+
+def test_balanced_and_hash_ledgers_report_the_same_eps():
+    """One vote vector moves by at most sqrt(4k) under either relation: the same eps."""
+    reports = {}
+    for scheme in ("hash", "balanced"):
+        config = DataLensConfig(partition=scheme)
+        ledger = new_ledger(config, 4000)
+        ledger.record(config.topagg().dp_event(), count=1900)
+        reports[scheme] = ledger.to_json()
+    assert reports["balanced"]["neighboring_relation"] == "replace_one"
+    for key in ("epsilon_rdp", "epsilon_pld"):
+        assert reports["balanced"][key] == pytest.approx(reports["hash"][key], rel=1e-9), (
+            f"{key}: balanced (replace-one) must not double the votes' sensitivity")

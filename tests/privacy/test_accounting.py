@@ -8,6 +8,8 @@ from dp_accounting import dp_event, pld, rdp
 
 from dpfed.privacy import accounting
 
+NeighboringRelation = dp_accounting.NeighboringRelation
+
 
 def _direct(event, delta, relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
     a = rdp.RdpAccountant(neighboring_relation=relation)
@@ -95,6 +97,22 @@ def test_merged_pair_is_weaker_than_either_query_alone():
     assert accounting.epsilon(loud, 1e-5, accountant="pld") > accounting.epsilon(
         quiet, 1e-5, accountant="pld"
     ), "the merged multiplier must include the count query's multiplier"
+
+
+def test_pld_reads_a_gaussian_multiplier_under_the_relation_in_use():
+    """Multiplier = std / sensitivity under the relation: the relation must not change eps.
+
+    dp_accounting's PLD accountant alone doubles a Gaussian's sensitivity under replace-one;
+    without the correction, replace-one ledgers (DataLens's balanced partitions) over-report.
+    """
+    event = dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(5.0), 10)
+    relations = (NeighboringRelation.ADD_OR_REMOVE_ONE, NeighboringRelation.REPLACE_ONE)
+    pld_eps = [accounting.epsilon(event, 1e-5, r, "pld") for r in relations]
+    rdp_eps = [accounting.epsilon(event, 1e-5, r, "rdp") for r in relations]
+    assert pld_eps[1] == pytest.approx(pld_eps[0], rel=1e-9), (
+        f"PLD eps under replace-one {pld_eps[1]} must equal add/remove's {pld_eps[0]}")
+    assert rdp_eps[1] == pytest.approx(rdp_eps[0], rel=1e-12)
+    assert pld_eps[0] < rdp_eps[0], "PLD must stay the tighter of the two for a Gaussian"
 
 
 def test_merge_gaussians_keeps_a_noiseless_release_noiseless():
