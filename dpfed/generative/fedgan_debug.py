@@ -484,18 +484,6 @@ Inverted fraction: a sample is inverted when the mean brightness of its 2-pixel 
 above mid-grey (`dpfed.generative.polarity`: MNIST/EMNIST frames are background, black when
 healthy; on mnist5k it separates all 5,000 digits from their inversions).
 
-## Simulation ground truth and diagnostics (not a DP release)
-
-These figures are computed from the raw client data: they are not covered by the privacy
-guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each GAN's per-round cohort figures to
-`gan_low/diagnostics.jsonl` and `gan_high/diagnostics.jsonl`), and must not be published
-with the release. {buggy_clients} clients are truly buggy; the split used
-accuracy <= {diagnostics["low_threshold"]:.3f} and >= {diagnostics["high_threshold"]:.3f}.
-
-| | low-accuracy group | high-accuracy group |
-|---|---|---|
-{truth_rows}
-
 ## Privacy
 
 The unit is one **user** (client): all of a client's images may change. Only the
@@ -529,4 +517,16 @@ On federated EMNIST the GAN trained on the low-accuracy users generated inverted
 (white background, dark strokes) while the GAN of the high-accuracy users generated normal
 ones, so the modeler could see the inversion bug in the samples alone. (PAPERS.md notes the
 paper's eps table could not be read: no number of theirs is quoted here.)
+
+## Simulation ground truth and diagnostics (not a DP release)
+
+These figures are computed from the raw client data: they are not covered by the privacy
+guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each GAN's per-round cohort figures to
+`gan_low/diagnostics.jsonl` and `gan_high/diagnostics.jsonl`), and must not be published
+with the release. {buggy_clients} clients are truly buggy; the split used
+accuracy <= {diagnostics["low_threshold"]:.3f} and >= {diagnostics["high_threshold"]:.3f}.
+
+| | low-accuracy group | high-accuracy group |
+|---|---|---|
+{truth_rows}
 """

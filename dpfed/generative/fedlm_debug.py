@@ -390,18 +390,6 @@ Low-OOV clients' LM:
 
 {lines("low_oov")}
 
-## Simulation ground truth and diagnostics (not a DP release)
-
-These figures are computed from the raw client data: they are not covered by the privacy
-guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each LM's per-round cohort figures to
-`lm_high_oov/diagnostics.jsonl` and `lm_low_oov/diagnostics.jsonl`), and must not be
-published with the release. {buggy_clients} clients are truly buggy; the split used
-OOV rate >= {diagnostics["high_threshold"]:.3f} and <= {diagnostics["low_threshold"]:.3f}.
-
-| | high-OOV group | low-OOV group |
-|---|---|---|
-{truth_rows}
-
 ## Privacy
 
 Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
@@ -420,4 +408,16 @@ Unit: one **user** (client). Only each client's clipped LM delta leaves it, nois
 The paper trained a DP federated RNN on the suspicious users and showed that its generated
 tokens exposed the tokenization bug, compared with a model of healthy users (PAPERS.md: no
 number of theirs is quoted here).
+
+## Simulation ground truth and diagnostics (not a DP release)
+
+These figures are computed from the raw client data: they are not covered by the privacy
+guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each LM's per-round cohort figures to
+`lm_high_oov/diagnostics.jsonl` and `lm_low_oov/diagnostics.jsonl`), and must not be
+published with the release. {buggy_clients} clients are truly buggy; the split used
+OOV rate >= {diagnostics["high_threshold"]:.3f} and <= {diagnostics["low_threshold"]:.3f}.
+
+| | high-OOV group | low-OOV group |
+|---|---|---|
+{truth_rows}
 """

@@ -28,7 +28,7 @@ def assert_releases_hold_none_of(workdir: pathlib.Path, groups, raw_keys) -> Non
 
 
 def assert_ground_truth_only_after_releases(report: str, release_marker: str, labels) -> None:
-    """The report shows `labels` only in its ground-truth section, after `release_marker`."""
+    """The report shows `labels` only in its last section, ground truth, after `release_marker`."""
     assert GROUND_TRUTH_HEADING in report, "report.md needs a labelled ground-truth section"
     releases, _, truth = report.partition(GROUND_TRUTH_HEADING)
     assert release_marker in releases, "the ground truth must come after the release figures"
@@ -36,6 +36,9 @@ def assert_ground_truth_only_after_releases(report: str, release_marker: str, la
         assert label not in releases, f"ground truth {label!r} shown among the releases"
         assert label in truth, f"ground truth {label!r} missing from its section"
     assert "diagnostics.json" in truth, "the section must say where the figures are"
+    assert "\n## " not in truth, (
+        "the ground-truth section must be the report's last, so cutting it off before "
+        "publishing keeps every release section")
 
 
 def assert_caveat_of_quantiles_and_fixed_cohorts(workdir: pathlib.Path, summary: dict) -> None:
