@@ -239,16 +239,21 @@ def calibrate_rest(
     command replays its steps with its exact noise (a recalibration differs in the last
     digits, which changes the releases and refuses a replay of logged steps).
 
+    A checkpoint at or past `total` runs no step: its z is returned as it is, so a
+    rerun of a finished run reports the z its last steps used.
+
     Raises:
       CalibrationError: the target is out of reach for a fresh run of `total` steps.
     """
+    previous = None if spent is None else spent.ledger.metadata.get("noise_multiplier")
+    if spent is not None and spent.step >= total and previous is not None:
+        return float(previous)
     if spent is not None and spent.step < total and spent.ledger.entries:
         rest = total - spent.step
 
         def composed(z: float) -> DpEvent:
             return spent.ledger.composed_event(step_event(z), rest)
 
-        previous = spent.ledger.metadata.get("noise_multiplier")
         if previous is not None and _still_calibrated(
             float(previous), composed, target_epsilon, delta, relation
         ):

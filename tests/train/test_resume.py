@@ -255,6 +255,20 @@ def test_calibrate_rest_recalibrates_when_the_kept_z_would_overspend():
     assert z > z_first, f"60 steps at the target of 50 need more noise: {z} vs {z_first}"
 
 
+def test_calibrate_rest_of_a_finished_run_reports_the_z_its_last_steps_used():
+    # Resumed to 50 steps at a raised target, then rerun: no step is left to calibrate.
+    z_first = _calibrate(20, None, 1.0)
+    spent = ledger(releases=0)
+    spent.record(_step(z_first), 20)
+    z_rest = _calibrate(50, Spent(20, spent), 2.0)
+    spent.metadata["noise_multiplier"] = z_rest
+    spent.record(_step(z_rest), 30)
+    assert _calibrate(50, Spent(50, spent), 2.0) == z_rest, (
+        "a rerun of a finished run runs no step: the z to report is the one its last steps "
+        "used, not a fresh calibration of all 50 steps"
+    )
+
+
 def test_calibrate_rest_falls_back_when_the_checkpoint_spent_the_target():
     spent = ledger(releases=0)
     spent.record(_step(0.5), 40)  # far beyond eps 2
