@@ -79,9 +79,6 @@ def _widths(flag: flags.FlagHolder) -> tuple[int, ...]:
 
 
 def _config() -> dpd_fvae.DpdFvaeConfig:
-    noise = _NOISE.value
-    if noise is None and _TARGET.value is None:
-        noise = _D.noise_multiplier
     return dpd_fvae.DpdFvaeConfig(
         dataset=_DATASET.value,
         data_dir=_DATA_DIR.value,
@@ -99,7 +96,7 @@ def _config() -> dpd_fvae.DpdFvaeConfig:
         sync=_SYNC.value,
         dp=_DP.value,
         l2_clip=_CLIP.value,
-        noise_multiplier=noise,
+        noise_multiplier=_NOISE.value,
         target_epsilon=_TARGET.value,
         delta=_DELTA.value,
         microbatch_size=_MICRO.value,

@@ -41,9 +41,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
-    noise = _NOISE.value
-    if noise is None and _TARGET.value is None:
-        noise = 1.1
     try:
         config = dpsgd.DpSgdConfig(
             dataset=_DATASET.value,
@@ -53,7 +50,7 @@ def main(argv: list[str]) -> None:
             optimizer=_OPT.value,
             learning_rate=_LR.value,
             l2_clip=_CLIP.value,
-            noise_multiplier=noise,
+            noise_multiplier=_NOISE.value,
             target_epsilon=_TARGET.value,
             delta=_DELTA.value,
             sampling=_SAMPLING.value,

@@ -93,6 +93,9 @@ SERVER_LEARNING_RATE = 1.0  # FedAvg: the averaged delta is applied as is
 _INIT_STREAM, _SAMPLE_STREAM = 2**31 - 1, 2**31 - 2  # keys outside the round keys
 
 
+DEFAULT_NOISE_MULTIPLIER = 1.0  # when neither a noise multiplier nor a target is given
+
+
 @dataclasses.dataclass(frozen=True)
 class DpdFvaeConfig:
     """One DPD-fVAE run (the binary's flags; defaults: the paper's MNIST central setting,
@@ -138,7 +141,7 @@ class DpdFvaeConfig:
     sync: str = "d"
     dp: str = "central"
     l2_clip: float = 1.0
-    noise_multiplier: float | None = 1.0
+    noise_multiplier: float | None = None  # None: calibrated to target_epsilon, else 1.0
     target_epsilon: float | None = None
     delta: float = 1e-5
     microbatch_size: int | None = None
@@ -171,9 +174,6 @@ class DpdFvaeConfig:
                 "0 adds no noise, so no privacy: use --dp=none for a non-private run")
         require(self.target_epsilon is None or self.target_epsilon > 0,
                 "target_epsilon", "must be > 0")
-        require(self.dp == "none" or self.noise_multiplier is not None
-                or self.target_epsilon is not None,
-                "noise_multiplier", f"--dp={self.dp} needs --noise_multiplier or --target_epsilon")
         require(self.microbatch_size is None or self.microbatch_size > 0,
                 "microbatch_size", "must be > 0")
 
@@ -379,7 +379,8 @@ def expected_participations(config: DpdFvaeConfig) -> int:
 def resolve_noise_multiplier(
     config: DpdFvaeConfig, counts: np.ndarray, spent: Spent | None = None
 ) -> float:
-    """The given z; else, at the target eps, the z that affords the run.
+    """The given z; else, at the target eps, the z that affords the run; else
+    `DEFAULT_NOISE_MULTIPLIER`.
 
     Central: `rounds` rounds (on a resume, `spent` holds the checkpoint's round and
     ledger, and the remaining rounds are calibrated after it: `calibrate_rest`). Local:
@@ -390,6 +391,8 @@ def resolve_noise_multiplier(
         return 0.0
     if config.noise_multiplier is not None:
         return config.noise_multiplier
+    if config.target_epsilon is None:
+        return DEFAULT_NOISE_MULTIPLIER
     relation = privacy.relation_for("poisson")
     try:
         if config.dp == "central":
@@ -424,7 +427,8 @@ def resume_noise_multiplier(
     saved = {} if step is None else checkpointer.restore_extra(step)
     if config.dp == "local" and saved.get(LOCAL_NOISE_KEY) is not None:
         return float(saved[LOCAL_NOISE_KEY])
-    if config.dp == "local" and step is not None and config.noise_multiplier is None:
+    if (config.dp == "local" and step is not None and config.noise_multiplier is None
+            and config.target_epsilon is not None):
         log(f"warning: the checkpoint of round {step} does not record its local noise "
             "multiplier (written by an older dpfed); it is recalibrated from the flags, which "
             "is right only if --target_epsilon and --rounds are unchanged since then")

@@ -48,6 +48,9 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 CLIPPINGS = ("vmap", "fast")
 
 
+DEFAULT_NOISE_MULTIPLIER = 1.1  # when neither a noise multiplier nor a target is given
+
+
 @dataclasses.dataclass(frozen=True)
 class DpSgdConfig:
     """Everything that defines a DP-SGD classifier run (the binary's flags)."""
@@ -59,7 +62,7 @@ class DpSgdConfig:
     optimizer: str = "momentum"
     learning_rate: float = 0.5
     l2_clip: float = 1.0
-    noise_multiplier: float | None = 1.1
+    noise_multiplier: float | None = None  # None: calibrated to target_epsilon, else 1.1
     target_epsilon: float | None = None
     delta: float = 1e-5
     sampling: str = "poisson"
@@ -87,11 +90,6 @@ class DpSgdConfig:
         )
         require(
             self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
-        )
-        require(
-            self.nodp or self.noise_multiplier is not None or self.target_epsilon is not None,
-            "noise_multiplier",
-            "give --noise_multiplier or --target_epsilon (or --nodp)",
         )
         require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
         require(self.clipping in CLIPPINGS, "clipping", f"must be one of {CLIPPINGS}")
@@ -232,13 +230,16 @@ def step_event(config: DpSgdConfig, noise_multiplier: float, num_examples: int):
 def resolve_noise_multiplier(
     config: DpSgdConfig, num_examples: int, spent: Spent | None = None
 ) -> float:
-    """The given noise multiplier, or the one calibrated so `steps` steps meet the target.
+    """The given noise multiplier, or the one calibrated so `steps` steps meet the target
+    (`DEFAULT_NOISE_MULTIPLIER` when neither is given).
 
     On a resume (`spent`: the checkpoint's step and ledger) the remaining steps are
     calibrated against what is already spent (`dpfed.train.resume.calibrate_rest`).
     """
     if config.noise_multiplier is not None:
         return config.noise_multiplier
+    if config.target_epsilon is None:
+        return DEFAULT_NOISE_MULTIPLIER
     try:
         return calibrate_rest(
             lambda z: step_event(config, z, num_examples),

@@ -291,6 +291,17 @@ def test_central_run_keeps_participation_counts_out_of_the_release(tmp_path):
         f"the cohorts in {DIAGNOSTICS_FILE} held over {summary['rounds']} rounds")
 
 
+def test_config_with_a_target_only_is_calibrated_not_run_at_the_default_noise():
+    """A notebook's `DpdFvaeConfig(target_epsilon=...)` must calibrate z, as the binary does."""
+    central = dpd_fvae.DpdFvaeConfig(dp="central", num_clients=100, client_fraction=0.2,
+                                     rounds=20, target_epsilon=5.0)
+    assert dpd_fvae.resolve_noise_multiplier(central, _COUNTS) != (
+        dpd_fvae.DEFAULT_NOISE_MULTIPLIER), "z must come from the target, not the default"
+    assert dpd_fvae.resolve_noise_multiplier(dataclasses.replace(
+        central, target_epsilon=None), _COUNTS) == dpd_fvae.DEFAULT_NOISE_MULTIPLIER, (
+        "without z or a target the default z applies")
+
+
 def test_central_dp_without_noise_is_a_flag_error():
     # z 0 would build a noiseless engine that run_rounds refuses a ledger (a traceback).
     with pytest.raises(ConfigError) as error:

@@ -122,6 +122,15 @@ def test_config_rejects_bad_values_naming_the_field():
         assert info.value.field == field, f"{kwargs} should be blamed on {field}"
 
 
+def test_config_with_a_target_only_is_calibrated_not_run_at_the_default_noise():
+    """A notebook's `DpSgdConfig(target_epsilon=...)` must calibrate z, as the binary does."""
+    z = dpsgd.resolve_noise_multiplier(
+        dpsgd.DpSgdConfig(target_epsilon=2.0, steps=50, batch_size=64), 4000)
+    assert z != dpsgd.DEFAULT_NOISE_MULTIPLIER, "z must come from the target, not the default"
+    assert dpsgd.resolve_noise_multiplier(dpsgd.DpSgdConfig(), 4000) == (
+        dpsgd.DEFAULT_NOISE_MULTIPLIER), "without z or a target the default z applies"
+
+
 def test_default_physical_batch_covers_three_sigma():
     assert dpsgd.default_physical_batch(256) >= 256 + 3 * 16
     assert dpsgd.default_physical_batch(256) % 8 == 0
