@@ -19,6 +19,7 @@ import jax
 from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, ServerState
 from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import resume_or_start
 from dpfed.train.workdir import Workdir
@@ -90,6 +91,8 @@ def run_rounds(
         (e.g. per-client accuracies); logged to diagnostics.jsonl with the round's
         diagnostics, never to metrics.jsonl.
     """
+    require(eval_every >= 1, "eval_every", "must be >= 1")
+    require(checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     event = engine.round_event()
     if (ledger is None) != (event is None):
         raise ValueError("a private engine needs a ledger and a non-private one none")

@@ -92,6 +92,8 @@ class DpSgdConfig:
             self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
         )
         require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         require(self.clipping in CLIPPINGS, "clipping", f"must be one of {CLIPPINGS}")
         require(
             self.physical_batch is None or self.physical_batch > 0, "physical_batch", "must be > 0"

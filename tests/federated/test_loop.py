@@ -7,6 +7,7 @@ from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.federated import DpFedAvg, DpFedAvgConfig, run_rounds
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests.federated import toy
 
@@ -96,6 +97,16 @@ def test_private_engine_without_ledger_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ledger"):
         run_rounds(eng, eng.init(toy.params_of(4)), rounds=1, seed=0, workdir=Workdir(tmp_path),
                    ledger=None, evaluate=dict, eval_every=1, checkpoint_every=1)
+
+
+@pytest.mark.parametrize("field", ["eval_every", "checkpoint_every"])
+def test_a_period_below_one_is_a_config_error_naming_it(tmp_path, field):
+    eng = engine()
+    periods = {"eval_every": 1, "checkpoint_every": 1, field: 0}
+    with pytest.raises(ConfigError) as info:
+        run_rounds(eng, eng.init(toy.params_of(4)), rounds=1, seed=0, workdir=Workdir(tmp_path),
+                   ledger=ledger(), evaluate=dict, **periods)
+    assert info.value.field == field, f"a period of 0 must be blamed on {field}, not crash"
 
 
 def test_describe_user_level_privacy_states_eps_users_and_larger_populations():

@@ -116,6 +116,8 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"delta": 2.0}, "delta"),
         ({"noise_multiplier": -0.5}, "noise_multiplier"),
         ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"eval_every": 0}, "eval_every"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
     ]:
         with pytest.raises(dpsgd.ConfigError) as info:
             dpsgd.DpSgdConfig(**kwargs)
