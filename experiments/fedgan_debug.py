@@ -16,6 +16,8 @@ user-level eps (measured figures: WORKSPACE.md, "P0"). The flag defaults are the
 networks and round (10 clients per round, 1000 rounds, learning rates 5e-4 / 5e-3):
 hours on a CPU. The demo's 4x learning rates let its 150 rounds draw digit shapes.
 Federated EMNIST: --dataset=emnist --emnist_dir=DIR with TFF's fed_emnist_{train,test}.h5.
+Both files hold the same writers, so the app's classifier trains on the last
+--emnist_classifier_writers writers (id order; both files), held out of the clients.
 Rerunning the same command on the same workdir resumes both GANs, privacy ledgers
 included; a rerun that changes a flag other than --rounds, --eval_every,
 --checkpoint_every, --num_samples or --emnist_dir exits 2 naming it.
@@ -31,7 +33,12 @@ _D = fedgan_debug.DebugConfig()
 
 _DATASET = flags.DEFINE_enum("dataset", _D.dataset, list(fedgan_debug.DATASETS), "Images.")
 _EMNIST_DIR = flags.DEFINE_string("emnist_dir", None, "Folder of fed_emnist_*.h5 (emnist).")
-_EMNIST_MAX = flags.DEFINE_integer("emnist_max_clients", None, "Use the first N writers.")
+_EMNIST_MAX = flags.DEFINE_integer("emnist_max_clients", None, "Clients: first N not held out.")
+_EMNIST_CLS = flags.DEFINE_integer(
+    "emnist_classifier_writers",
+    _D.emnist_classifier_writers,
+    "emnist: the last N writers (id order) train the app's classifier, not as clients.",
+)
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", _D.num_clients, "mnist5k: users.")
 _BUG = flags.DEFINE_float("bug_fraction", _D.bug_fraction, "Fraction p of inverted clients.")
 _LOW_T = flags.DEFINE_float("low_threshold", None, "Accuracy <= this: low group (paper .882).")
@@ -80,6 +87,7 @@ def main(argv: list[str]) -> None:
             dataset=_DATASET.value,
             emnist_dir=_EMNIST_DIR.value,
             emnist_max_clients=_EMNIST_MAX.value,
+            emnist_classifier_writers=_EMNIST_CLS.value,
             num_clients=_NUM_CLIENTS.value,
             bug_fraction=_BUG.value,
             low_threshold=_LOW_T.value,

@@ -3,11 +3,12 @@
 The image demonstration of "Generative Models for Effective ML on Private,
 Decentralized Datasets" (Augenstein et al., ICLR 2020), end to end:
 1. federated images: mnist5k's train split in `num_clients` IID clients, or federated
-   EMNIST by writer (TFF's HDF5 files);
+   EMNIST by writer (TFF's HDF5 files) less `emnist_classifier_writers` held-out writers;
 2. the bug: after an app update a fraction p of the clients feed inverted images;
-3. the app's classifier, trained before the bug on healthy data (here mnist5k's test
-   split, or the pooled EMNIST test writers), is evaluated federatedly: each client
-   computes its own accuracy;
+3. the app's classifier, trained (non-privately) before the bug on healthy data outside
+   the client population (mnist5k's test split, or all examples of the held-out EMNIST
+   writers: TFF's test file holds the clients' own writers, so it is no held-out data), is
+   evaluated federatedly: each client computes its own accuracy;
 4. clients with low accuracy form one group, clients with high accuracy another, and one
    DP-FedAvg-GAN (`dpfed.generative.fedgan`) is trained per group;
 5. the modeler looks at both GANs' samples (`samples_low.png`, `samples_high.png`) and,
@@ -33,7 +34,7 @@ import dataclasses
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -74,6 +75,7 @@ class DebugConfig:
     dataset: str = "mnist5k"
     emnist_dir: str | None = None
     emnist_max_clients: int | None = None
+    emnist_classifier_writers: int = 100
     num_clients: int = 100
     bug_fraction: float = 0.5
     low_threshold: float | None = None
@@ -107,6 +109,12 @@ class DebugConfig:
     def __post_init__(self):
         require(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
         require(self.num_clients >= 2, "num_clients", "must be >= 2")
+        require(
+            self.emnist_max_clients is None or self.emnist_max_clients >= 1,
+            "emnist_max_clients",
+            "must be >= 1",
+        )
+        require(self.emnist_classifier_writers >= 1, "emnist_classifier_writers", "must be >= 1")
         require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
         require(
             0.0 <= self.low_quantile < self.high_quantile <= 1.0,
@@ -200,13 +208,51 @@ class DebugConfig:
 @dataclasses.dataclass(frozen=True)
 class FederatedImages:
     """The clients' images (with the bug), the ground truth of the bug, and healthy data
-    the app's classifier was trained on before the bug."""
+    from outside the client population the app's classifier was trained on before the bug.
+
+    Attributes:
+      healthy_source: what the healthy data is, for the summary and report.
+      client_ids, classifier_writers: emnist: the clients' writers and the held-out writers
+        of the healthy data (disjoint); empty for mnist5k.
+    """
 
     clients: data_lib.FederatedData
     buggy: np.ndarray
     healthy_images: np.ndarray
     healthy_labels: np.ndarray
     num_classes: int
+    healthy_source: str
+    client_ids: tuple[str, ...] = ()
+    classifier_writers: tuple[str, ...] = ()
+
+
+def split_emnist_writers(
+    writers: Sequence[str], classifier_writers: int, max_clients: int | None
+) -> tuple[list[str], list[str]]:
+    """(the client population, the held-out writers of the app's classifier).
+
+    The last `classifier_writers` writers in id order are held out; the clients are the
+    first `max_clients` of the others (all of them for None).
+
+    Raises:
+      ConfigError: naming emnist_classifier_writers, when it leaves fewer than 2 clients or
+        the population and the held-out writers do not fit in `writers`.
+    """
+    writers = sorted(writers)
+    rest = len(writers) - classifier_writers
+    require(
+        rest >= 2,
+        "emnist_classifier_writers",
+        f"{classifier_writers} held-out writers must leave at least 2 of the file's "
+        f"{len(writers)} writers as clients",
+    )
+    require(
+        max_clients is None or max_clients <= rest,
+        "emnist_classifier_writers",
+        f"{classifier_writers} held-out writers and --emnist_max_clients={max_clients} clients "
+        f"do not fit in the file's {len(writers)} writers: lower either",
+    )
+    return writers[:rest][:max_clients], writers[rest:]
 
 
 def load_clients(config: DebugConfig) -> FederatedImages:
@@ -222,20 +268,48 @@ def load_clients(config: DebugConfig) -> FederatedImages:
         parts = data_lib.partition_iid(train.num_examples, config.num_clients, config.seed)
         clients = data_lib.to_federated(train.images, train.labels, parts)
         healthy = (np.asarray(test.images), np.asarray(test.labels), train.num_classes)
+        source = f"mnist5k's test split ({len(healthy[1])} images, not the clients' train split)"
+        writers = ((), ())
     else:
-        directory = pathlib.Path(config.emnist_dir or emnist_federated.DEFAULT_DIR).expanduser()
-        train_path, test_path = (
-            directory / emnist_federated.FILE_NAMES[(split, False)] for split in ("train", "test")
-        )
-        loaded = emnist_federated.load_federated_emnist(
-            train_path, max_clients=config.emnist_max_clients
-        )
-        held_out = emnist_federated.load_federated_emnist(test_path).data
-        clients = loaded.data
-        mask = held_out.mask
-        healthy = (held_out.images[mask], held_out.labels[mask], loaded.num_classes)
+        clients, healthy, source, writers = _load_emnist(config)
     buggy_clients, buggy = bugs.inject_inversion(clients, config.bug_fraction, config.seed)
-    return FederatedImages(buggy_clients, buggy, *healthy)
+    return FederatedImages(buggy_clients, buggy, *healthy, source, *writers)
+
+
+def _load_emnist(
+    config: DebugConfig,
+) -> tuple[data_lib.FederatedData, tuple, str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Federated EMNIST: (clients, (healthy images, labels, classes), what the healthy data
+    is, (client writers, held-out writers)); the healthy data is all the held-out writers'
+    examples, of both files."""
+    directory = pathlib.Path(config.emnist_dir or emnist_federated.DEFAULT_DIR).expanduser()
+    train_path, test_path = (
+        directory / emnist_federated.FILE_NAMES[(split, False)] for split in ("train", "test")
+    )
+    population, held_out = split_emnist_writers(
+        emnist_federated.writer_ids(train_path),
+        config.emnist_classifier_writers,
+        config.emnist_max_clients,
+    )
+    loaded = emnist_federated.load_federated_emnist(train_path, client_ids=population)
+    # TFF's test file splits the same writers' examples: read only the held-out ones there.
+    in_test = set(emnist_federated.writer_ids(test_path))
+    files = [(train_path, held_out), (test_path, [w for w in held_out if w in in_test])]
+    parts = [
+        emnist_federated.load_federated_emnist(path, client_ids=ids).data
+        for path, ids in files
+        if ids
+    ]
+    healthy = (
+        np.concatenate([part.images[part.mask] for part in parts]),
+        np.concatenate([part.labels[part.mask] for part in parts]),
+        loaded.num_classes,
+    )
+    source = (
+        f"{len(held_out)} held-out writers, not in the client population (all "
+        f"{len(healthy[1])} of their examples, train and test files)"
+    )
+    return loaded.data, healthy, source, (tuple(population), tuple(held_out))
 
 
 def train_app_classifier(
@@ -312,7 +386,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         raise ConfigError("low_threshold", str(error)) from error
     log(
         f"{selection.RAW_LOG_PREFIX}classifier: accuracy {healthy_accuracy:.3f} on its "
-        f"healthy data; per-client accuracy thresholds low <= {groups.low_threshold:.3f}, high >= "
+        f"training data; per-client accuracy thresholds low <= {groups.low_threshold:.3f}, high >= "
         f"{groups.high_threshold:.3f}: {groups.low.sum()} and {groups.high.sum()} clients"
     )
     fedgan_config = config.fedgan_config()
@@ -378,7 +452,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         ),
         "delta": config.delta if config.noise_multiplier > 0 else None,
         "unit": "user",
-        "classifier_healthy_accuracy": healthy_accuracy,  # on its public training data
+        # On its own training data, from outside the client population (no client's data).
+        "classifier_healthy_accuracy": healthy_accuracy,
+        "classifier_training_data": fed.healthy_source,
         # Settings: a threshold from a quantile is None here (diagnostics.json has it).
         "low_threshold": config.low_threshold,
         "high_threshold": config.high_threshold,
@@ -462,8 +538,9 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
 (ICLR 2020), image demonstration, on {config.dataset} in {summary["num_clients"]} clients;
 {config.bug_fraction:.0%} of them feed **inverted** images (the simulated bug). The app's
-classifier (accuracy {summary["classifier_healthy_accuracy"]:.3f} on its healthy training data)
-is evaluated on every client's own data; clients with {low_rule}
+classifier, trained before the bug on {summary["classifier_training_data"]}
+(accuracy {summary["classifier_healthy_accuracy"]:.3f} on that data), is evaluated on every
+client's own data; clients with {low_rule}
 train one DP-FedAvg-GAN, clients with {high_rule} another.
 {threshold_note}
 

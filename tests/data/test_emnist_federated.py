@@ -84,3 +84,43 @@ def test_merge_case():
     np.testing.assert_array_equal(
         femnist.merge_case(np.array([3, 10, 35, 36, 61])), [3, 10, 35, 10, 35]
     )
+
+
+def test_writer_ids_lists_the_writers_in_id_order(tmp_path):
+    path = tmp_path / "f.h5"
+    _write_tiny_h5(path, {"c": 1, "a": 2, "b": 1})
+    assert femnist.writer_ids(path) == ["a", "b", "c"], (
+        f"writer_ids must list the file's writers sorted by id: {femnist.writer_ids(path)}"
+    )
+
+
+def test_reads_only_the_chosen_writers_in_the_order_asked(tmp_path):
+    path = tmp_path / "f.h5"
+    written = _write_tiny_h5(path, {"a": 5, "b": 2, "c": 4})
+    loaded = femnist.load_federated_emnist(path, client_ids=["c", "a"], merge_letter_case=False)
+    assert loaded.client_ids == ["c", "a"], f"client_ids= must choose the writers: {loaded}"
+    np.testing.assert_array_equal(loaded.data.counts, [4, 5], err_msg="counts of c and a")
+    np.testing.assert_array_equal(
+        loaded.data.labels[0, :4], written["c"][1], err_msg="row 0 must hold writer c's labels"
+    )
+    capped = femnist.load_federated_emnist(path, client_ids=["c", "a"], max_clients=1)
+    assert capped.client_ids == ["c"], f"max_clients keeps the first chosen: {capped.client_ids}"
+
+
+@pytest.mark.parametrize(
+    "client_ids, message",
+    [(["a", "zz"], "no writer 'zz'"), (["a", "a"], "repeat"), ([], "at least one")],
+)
+def test_bad_client_ids_are_a_clear_error(tmp_path, client_ids, message):
+    path = tmp_path / "f.h5"
+    _write_tiny_h5(path, {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=message):
+        femnist.load_federated_emnist(path, client_ids=client_ids)
+
+
+def test_a_field_of_a_writer_is_not_a_writer(tmp_path):
+    # h5py's `"a/label" in group` is True: the check must compare writer names only.
+    path = tmp_path / "f.h5"
+    _write_tiny_h5(path, {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match="no writer 'a/label'"):
+        femnist.load_federated_emnist(path, client_ids=["a/label"])

@@ -4,8 +4,12 @@ import dataclasses
 import json
 import shutil
 
+import h5py
+import jax
+import numpy as np
 import pytest
 
+from dpfed.data import emnist_federated
 from dpfed.generative import fedgan_debug, selection
 from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
@@ -208,3 +212,126 @@ def test_fractional_fixed_cohort_names_clients_per_round():
     with pytest.raises(fedgan_debug.ConfigError) as error:
         fedgan_debug.DebugConfig(**{**TINY, "clients_per_round": 2.5})
     assert error.value.field == "clients_per_round", error.value.field
+
+
+# A fake federated EMNIST: 8 writers in TFF's layout, each in both files (as in TFF).
+EMNIST_WRITERS = [f"f{i:04d}_00" for i in range(8)]
+EMNIST_HELD_OUT = 3  # --emnist_classifier_writers of the tests: the last 3 writers.
+
+
+def _write_fake_emnist(directory, changed_writer=None):
+    """TFF's fed_emnist_{train,test}.h5 in `directory`; `changed_writer` gets other data."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 3), ("test", 2)):
+        path = directory / emnist_federated.FILE_NAMES[(split, False)]
+        with h5py.File(path, "w") as f:
+            for i, writer in enumerate(EMNIST_WRITERS):
+                seed = (i, int(split == "train"), int(writer == changed_writer))
+                rng = np.random.default_rng(seed)
+                pixels = rng.uniform(size=(n, 28, 28)).astype(np.float32)
+                labels = rng.integers(0, 62, size=n).astype(np.int32)
+                f.create_dataset(f"examples/{writer}/pixels", data=pixels)
+                f.create_dataset(f"examples/{writer}/label", data=labels)
+    return directory
+
+
+def _emnist_config(directory, **kw):
+    return fedgan_debug.DebugConfig(
+        **{
+            **TINY,
+            "dataset": "emnist",
+            "emnist_dir": str(directory),
+            "emnist_classifier_writers": EMNIST_HELD_OUT,
+            **kw,
+        }
+    )
+
+
+def test_emnist_classifier_writers_are_held_out_of_the_client_population(tmp_path):
+    directory = _write_fake_emnist(tmp_path / "emnist")
+    fed = fedgan_debug.load_clients(_emnist_config(directory))
+    clients, held_out = set(fed.client_ids), set(fed.classifier_writers)
+    assert not clients & held_out, (
+        f"writers {sorted(clients & held_out)} are clients and train the app's classifier: "
+        "the classifier must not see the population's data"
+    )
+    assert clients | held_out == set(EMNIST_WRITERS), (
+        f"clients and held-out writers must cover all writers: missing "
+        f"{sorted(set(EMNIST_WRITERS) - clients - held_out)}"
+    )
+    assert list(fed.classifier_writers) == EMNIST_WRITERS[-EMNIST_HELD_OUT:], (
+        f"the last {EMNIST_HELD_OUT} writers in id order must be held out: "
+        f"{fed.classifier_writers}"
+    )
+    assert fed.clients.num_clients == len(fed.client_ids), "one client per population writer"
+
+
+def test_emnist_max_clients_caps_the_population_not_the_held_out_writers(tmp_path):
+    directory = _write_fake_emnist(tmp_path / "emnist")
+    fed = fedgan_debug.load_clients(_emnist_config(directory, emnist_max_clients=2))
+    assert list(fed.client_ids) == EMNIST_WRITERS[:2], f"the first 2 writers: {fed.client_ids}"
+    assert list(fed.classifier_writers) == EMNIST_WRITERS[-EMNIST_HELD_OUT:], (
+        f"--emnist_max_clients must not change the held-out writers: {fed.classifier_writers}"
+    )
+
+
+def test_one_client_writers_data_does_not_change_the_app_classifier(tmp_path):
+    # The classifier trained on TFF's test file, which holds the clients' own writers: one
+    # user's data moved the classifier, so other users' accuracies and groups.
+    client = EMNIST_WRITERS[1]
+    trained = []
+    for name, changed in (("same", None), ("changed", client)):
+        config = _emnist_config(_write_fake_emnist(tmp_path / name, changed_writer=changed))
+        fed = fedgan_debug.load_clients(config)
+        assert client in fed.client_ids, f"the test changes client {client}: {fed.client_ids}"
+        _, params = fedgan_debug.train_app_classifier(
+            fed.healthy_images, fed.healthy_labels, fed.num_classes, 1, config.seed
+        )
+        trained.append(params)
+    same = jax.tree.leaves(jax.tree.map(np.array_equal, *trained))
+    assert all(same), (
+        f"changing client {client}'s images and labels changed the app's classifier: it "
+        "must train only on writers outside the client population"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", str(len(EMNIST_WRITERS) - 1)])
+def test_bad_emnist_classifier_writers_exits_2_naming_the_flag(tmp_path, value):
+    # 0 holds no writer out; 7 of 8 writers leaves a population of 1 client.
+    directory = _write_fake_emnist(tmp_path / "emnist")
+    proc = run_binary(
+        "experiments.fedgan_debug",
+        "--dataset=emnist",
+        f"--emnist_dir={directory}",
+        f"--emnist_classifier_writers={value}",
+        f"--workdir={tmp_path / 'workdir'}",
+        check=False,
+    )
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "--emnist_classifier_writers" in proc.stderr and "Traceback" not in proc.stderr, (
+        f"the error must name --emnist_classifier_writers in one line: {proc.stderr[-2000:]}"
+    )
+
+
+def test_held_out_and_capped_population_must_fit_in_the_writers():
+    with pytest.raises(fedgan_debug.ConfigError) as raised:
+        fedgan_debug.split_emnist_writers(EMNIST_WRITERS, 3, max_clients=6)
+    assert raised.value.field == "emnist_classifier_writers", (
+        f"6 clients + 3 held-out writers do not fit in 8: must name the flag, {raised.value}"
+    )
+
+
+def test_emnist_classifier_writers_is_pinned_for_resume():
+    # It changes the population: a rerun with another value must not resume the GANs.
+    assert "emnist_classifier_writers" not in fedgan_debug.RESUMABLE_FIELDS, (
+        "--emnist_classifier_writers changes the client population: it must not be resumable"
+    )
+
+
+def test_summary_and_report_say_the_classifier_data_is_outside_the_population(tiny_run):
+    workdir, _, summary = tiny_run
+    source = summary["classifier_training_data"]
+    assert "not the clients'" in source, f"summary must say what the classifier saw: {source}"
+    report = " ".join((workdir / "report.md").read_text().split())
+    assert source in report, "report.md must name the classifier's training data"
+    assert "public" not in report, "the classifier's data is held out, not called public"
