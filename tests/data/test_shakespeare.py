@@ -1,5 +1,7 @@
 """Tests of the Shakespeare play parser and the (play, role) clients."""
 
+import collections
+
 import pytest
 
 from dpfed import data
@@ -79,3 +81,52 @@ def test_no_markup_is_left_in_text(plays):
 def test_min_lines_below_two_is_rejected():
     with pytest.raises(ValueError, match="min_lines"):
         data.load_shakespeare(min_lines=1)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    # min_lines=2: every role with a train and a test line is a candidate client.
+    return data.load_shakespeare(min_lines=2, num_held_out=4)
+
+
+def test_held_out_plays_are_the_last_in_name_order(held_out):
+    expected = shakespeare.play_names()[-4:]
+    assert held_out.held_out_plays == expected, (
+        f"the held-out plays must be the last 4 in sorted name order, a fixed and "
+        f"documented set: got {held_out.held_out_plays}, expected {expected}"
+    )
+
+
+def test_held_out_plays_contribute_no_client_and_other_plays_keep_theirs(held_out):
+    everyone = data.load_shakespeare(min_lines=2)
+    expected = [c for c in everyone.client_ids if c[0] not in held_out.held_out_plays]
+    assert held_out.client_ids == expected, (
+        "holding out plays must drop exactly their roles from the clients: "
+        f"{sorted(set(held_out.client_ids) ^ set(expected))[:5]} differ"
+    )
+
+
+def test_clients_hold_no_line_of_a_held_out_play(held_out):
+    # Short lines ("Ay, my lord.") recur across plays: check the held-out plays' own lines.
+    lines_of = collections.defaultdict(set)
+    for path in shakespeare.plays_dir().glob("**/*.md"):
+        lines_of[path.stem] |= {line for _, line in shakespeare.parse_play(path.read_text())}
+    others = set().union(*(v for k, v in lines_of.items() if k not in held_out.held_out_plays))
+    own = set().union(*(lines_of[p] for p in held_out.held_out_plays)) - others
+    assert len(own) > 1000, f"only {len(own)} lines are the held-out plays' own: check is weak"
+    client_lines = {
+        line for text in held_out.train + held_out.test for line in text.split("\n")
+    }
+    leaked = own & client_lines
+    assert not leaked, (
+        f"{len(leaked)} lines of held-out plays are client text, e.g. {sorted(leaked)[:3]}: "
+        "a vocabulary built from them would depend on clients' data"
+    )
+    held_out_lines = {line for text in held_out.held_out_text for line in text.split("\n")}
+    assert own <= held_out_lines, "held_out_text must hold all the held-out plays' lines"
+
+
+@pytest.mark.parametrize("num_held_out", [-1, 38])
+def test_num_held_out_must_leave_a_play_for_the_clients(num_held_out):
+    with pytest.raises(ValueError, match="num_held_out"):
+        data.load_shakespeare(num_held_out=num_held_out)

@@ -4,9 +4,12 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 
-from dpfed.generative import fedlm_debug, selection
+from dpfed import data as data_lib
+from dpfed.data import shakespeare
+from dpfed.generative import fedlm, fedlm_debug, selection
 from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
 from tests.experiments import debug_checks
@@ -18,7 +21,12 @@ RAW_GROUP_KEYS = (
     "real_oov_rate",
     "real_glued_rate",
 )
-RAW_KEYS = (*RAW_GROUP_KEYS, "num_buggy_clients")
+RAW_KEYS = (
+    *RAW_GROUP_KEYS,
+    "num_buggy_clients",
+    "client_chars_outside_char_vocabulary",
+    "client_chars",
+)
 
 TINY = {
     "min_lines": 200,
@@ -39,6 +47,8 @@ TINY = {
     "checkpoint_every": 1,
 }
 
+
+TINY_VOCAB_PLAYS = fedlm_debug.TextDebugConfig().vocab_plays
 
 # What the tiny run printed on the terminal.
 TINY_LOG: list[str] = []
@@ -126,17 +136,92 @@ def test_summary_caveat_states_the_unnoised_group_sizes(tiny_run):
     debug_checks.assert_caveat_names_unnoised_group_sizes(summary)
 
 
-def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_path):
+@pytest.mark.parametrize("field, value", [("bug_fraction", 0.2), ("vocab_plays", 3)])
+def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_path, field, value):
     # The LMs' own configs hold no data settings: without the top-level pin, a rerun with
-    # another bug fraction resumed LMs trained on another population.
+    # another bug fraction (or other held-out plays) resumed LMs trained on another
+    # population.
     workdir, _ = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
-    changed = dataclasses.replace(fedlm_debug.TextDebugConfig(**TINY), bug_fraction=0.2)
+    changed = dataclasses.replace(fedlm_debug.TextDebugConfig(**TINY), **{field: value})
     with pytest.raises(fedlm_debug.ConfigError) as raised:
         fedlm_debug.run(changed, str(copy), log=lambda _: None)
-    assert raised.value.field == "bug_fraction", (
-        f"a rerun with a changed --bug_fraction must be refused naming it: {raised.value}"
+    assert raised.value.field == field, (
+        f"a rerun with a changed --{field} must be refused naming it: {raised.value}"
+    )
+
+
+def test_summary_and_report_name_the_held_out_vocabulary_plays(tiny_run):
+    workdir, summary = tiny_run
+    expected = list(shakespeare.play_names()[-TINY_VOCAB_PLAYS:])
+    assert summary["vocabulary_plays"] == expected, (
+        f"summary.json must name the plays the vocabularies come from: "
+        f"{summary['vocabulary_plays']}, expected {expected}"
+    )
+    report = (workdir / "report.md").read_text()
+    assert f"{TINY_VOCAB_PLAYS} held-out plays, not in the client population" in report, (
+        "report.md must say the vocabularies come from plays outside the client population"
+    )
+    assert "public plays" not in report, "the clients' own plays are not a public source"
+
+
+class _StoppedBeforeTrainingError(Exception):
+    pass
+
+
+def _vocabularies_and_oov_rates(tmp_path, edit_client_0=None) -> dict:
+    """What `run` builds before training: both vocabularies and every client's OOV rate.
+
+    `edit_client_0` rewrites client 0's train text before `run` sees it.
+    """
+    real_load, real_rates = data_lib.load_shakespeare, fedlm.client_oov_rates
+    seen = {}
+
+    def load(**kwargs):
+        plays = real_load(**kwargs)
+        if edit_client_0 is None:
+            return plays
+        train = [edit_client_0(plays.train[0]), *plays.train[1:]]
+        return dataclasses.replace(plays, train=train)
+
+    def rates(texts, word_vocab):
+        seen["word_vocab"], seen["oov_rates"] = word_vocab, real_rates(texts, word_vocab)
+        return seen["oov_rates"]
+
+    def stop(texts, char_vocab):
+        seen["char_vocab"] = char_vocab
+        raise _StoppedBeforeTrainingError
+
+    config = fedlm_debug.TextDebugConfig(**{**TINY, "min_lines": 20})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_lib, "load_shakespeare", load)
+        patch.setattr(fedlm, "client_oov_rates", rates)
+        patch.setattr(fedlm_debug, "chars_outside", stop)
+        with pytest.raises(_StoppedBeforeTrainingError):
+            fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
+    return seen
+
+
+def test_one_clients_text_changes_neither_vocabulary_nor_other_clients_oov_rates(tmp_path):
+    # The audit's case: client 0 writes 20 new words 10 times each (with a new char). Built
+    # from client text, both vocabularies changed and so did 47 other clients' OOV rates.
+    new_words = " ".join(f"zq\u00a7{i}" for i in range(20))
+    before = _vocabularies_and_oov_rates(tmp_path / "before")
+    after = _vocabularies_and_oov_rates(
+        tmp_path / "after", lambda text: text + f"\n{new_words}" * 10
+    )
+    for name in ("word_vocab", "char_vocab"):
+        added = set(after[name].tokens) - set(before[name].tokens)
+        assert after[name] == before[name], (
+            f"client 0's text changed the {name} (added {sorted(added)[:5]}): a vocabulary "
+            "must come from the held-out plays only, never from client text"
+        )
+    assert after["oov_rates"][0] > before["oov_rates"][0], "the edit must reach client 0"
+    moved = np.flatnonzero(after["oov_rates"][1:] != before["oov_rates"][1:])
+    assert moved.size == 0, (
+        f"client 0's text changed the OOV rates of {moved.size} other clients: a client's "
+        "OOV rate, hence its group, must depend on its own data only"
     )
 
 
@@ -167,6 +252,18 @@ def test_report_samples_and_ledgers_are_written(tiny_run):
     for group in ("lm_high_oov", "lm_low_oov"):
         ledger = json.loads((workdir / group / "ledger.json").read_text())
         assert ledger["unit"] == "user", f"{group} ledger unit {ledger['unit']}"
+
+
+@pytest.mark.parametrize("value", [0, len(shakespeare.play_names())])
+def test_bad_vocab_plays_exits_2_naming_it(tmp_path, value):
+    # 0 plays: no text outside the clients; all plays: no client left.
+    proc = run_binary(
+        "experiments.fedlm_debug", f"--vocab_plays={value}", f"--workdir={tmp_path}", check=False
+    )
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "vocab_plays" in proc.stderr and "Traceback" not in proc.stderr, (
+        f"--vocab_plays={value} must be refused naming the flag: {proc.stderr[-2000:]}"
+    )
 
 
 def test_bad_flag_exits_2_naming_it(tmp_path):
