@@ -392,9 +392,17 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     fedgan_config = config.fedgan_config()
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
     results, ground_truth = {}, {}
+    group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
+    selection.pin_groups(
+        wd,
+        {name: selection.data_digest(g.images, g.labels, g.counts)
+         for name, g in group_data.items()},
+        [f"gan_{name}" for name in GROUPS],
+        "emnist_dir",
+    )
     for name in GROUPS:
         members = getattr(groups, name)
-        group = subset(clients, members)
+        group = group_data[name]
         require(
             config.clients_per_round <= group.num_clients,
             "clients_per_round",

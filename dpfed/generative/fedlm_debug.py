@@ -227,8 +227,17 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     lm_config = config.lm_config(char_vocab.size)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
     results, samples, ground_truth = {}, {}, {}
+    group_texts_of = {
+        name: [t for t, m in zip(texts, members[name], strict=True) if m] for name in GROUPS
+    }
+    selection.pin_groups(
+        wd,
+        {name: selection.data_digest(t) for name, t in group_texts_of.items()},
+        [f"lm_{name}" for name in GROUPS],
+        "workdir",
+    )
     for name in GROUPS:
-        group_texts = [t for t, m in zip(texts, members[name], strict=True) if m]
+        group_texts = group_texts_of[name]
         require(
             config.clients_per_round <= len(group_texts),
             "clients_per_round",

@@ -13,13 +13,14 @@ quantiles of all clients' values (a simulation convenience) weaken the guarantee
 `guarantee_caveat` says how and why.
 
 It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
-their groups: the raw-data log prefix, diagnostics.json, and the config pin that
-checks a rerun once a group's sub-workdir exists (`pin_demo_config`).
+their groups: the raw-data log prefix, diagnostics.json, and the pins that check a
+rerun once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
 from dpfed.train.workdir import Workdir
@@ -175,6 +177,50 @@ def pin_demo_config(
     """
     resuming = any(workdir.file(name).exists() for name in group_dirs)
     workdir.pin_config(config, resuming, resumable)
+
+
+GROUPS_FILE = "groups.json"  # a digest of each group's training data; not a release
+
+
+def data_digest(*parts: np.ndarray | Sequence[str]) -> str:
+    """sha256 of a group's training data: arrays (dtype, shape and bytes) or texts."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            digest.update(f"{part.dtype}{part.shape}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            for text in part:
+                digest.update(text.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def pin_groups(
+    workdir: Workdir, digests: dict[str, str], group_dirs: Sequence[str], flag: str
+) -> None:
+    """Pins each group's `data_digest` in groups.json; a resume on other data is refused.
+
+    The config pin cannot see a change of the data themselves (other files under a
+    resumable path, or a recomputed grouping: the app's classifier is retrained on every
+    run, and quantile thresholds move with it), which would continue a group's model and
+    ledger on other users.
+
+    Raises:
+      ConfigError: naming `flag`, when a group's sub-workdir exists and its digest differs
+        from the pinned one. A workdir without groups.json (older runs) is pinned as is.
+    """
+    resuming = any(workdir.file(name).exists() for name in group_dirs)
+    path = workdir.file(GROUPS_FILE)
+    if resuming and path.exists():
+        pinned = workdir.read_json(GROUPS_FILE)
+        changed = sorted(name for name, d in digests.items() if pinned.get(name) != d)
+        if changed:
+            raise ConfigError(
+                flag,
+                f"the {' and '.join(changed)} group's training data differ from those of the "
+                f"run being resumed in {workdir.path}: restore that data or use a new workdir",
+            )
+    workdir.write_json(GROUPS_FILE, digests)
 
 
 def threshold_rule(

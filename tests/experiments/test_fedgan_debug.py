@@ -166,6 +166,21 @@ def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_pa
     )
 
 
+def test_rerun_on_other_group_data_is_refused(tiny_run, tmp_path):
+    # What the config pin cannot see (other files under --emnist_dir, a regrouping): the
+    # pinned digest of a group's data no longer matches, so its GAN must not resume.
+    workdir, config, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    pinned = json.loads((copy / selection.GROUPS_FILE).read_text())
+    assert set(pinned) == {"low", "high"}, f"both groups' data must be pinned: {pinned}"
+    (copy / selection.GROUPS_FILE).write_text(json.dumps({**pinned, "low": "0" * 64}))
+    with pytest.raises(fedgan_debug.ConfigError) as raised:
+        fedgan_debug.run(config, str(copy), log=lambda _: None)
+    assert raised.value.field == "emnist_dir" and "low" in str(raised.value), (
+        f"a rerun whose low group's data differ must be refused: {raised.value}")
+
+
 def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_path):
     # 2 sb = 0.1 * 5 clients = 0.5 is not above z = 0.5: the noise cannot be split.
     proc = run_binary(

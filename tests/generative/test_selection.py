@@ -135,3 +135,31 @@ def test_pin_demo_config_checks_only_once_a_group_has_trained(tmp_path):
     with pytest.raises(ConfigError) as error:
         selection.pin_demo_config(wd, _DemoConfig(0.5, 4), ["gan_low"], frozenset({"rounds"}))
     assert error.value.field == "bug_fraction", "a trained group pins the data settings"
+
+
+def test_data_digest_tells_groups_data_apart():
+    images = np.zeros((2, 3, 4), np.float32)
+    changed = images.copy()
+    changed[1, 2, 3] = 1.0
+    assert selection.data_digest(images) == selection.data_digest(images.copy())
+    assert selection.data_digest(images) != selection.data_digest(changed), "one pixel changed"
+    assert selection.data_digest(["a", "bc"]) != selection.data_digest(["ab", "c"]), (
+        "texts must be delimited: other clients, same concatenation")
+
+
+def test_pin_groups_refuses_a_resume_on_other_data_naming_the_flag(tmp_path):
+    wd = Workdir(tmp_path)
+    selection.pin_groups(wd, {"low": "a", "high": "b"}, ["gan_low"], "emnist_dir")
+    (tmp_path / "gan_low").mkdir()  # a group has trained: a rerun resumes it
+    selection.pin_groups(wd, {"low": "a", "high": "b"}, ["gan_low"], "emnist_dir")
+    with pytest.raises(ConfigError) as info:
+        selection.pin_groups(wd, {"low": "a", "high": "c"}, ["gan_low"], "emnist_dir")
+    assert info.value.field == "emnist_dir" and "high" in str(info.value), (
+        f"a resume whose high group's data changed must be refused naming it: {info.value}")
+
+
+def test_pin_groups_checks_only_once_a_group_has_trained(tmp_path):
+    wd = Workdir(tmp_path)
+    selection.pin_groups(wd, {"low": "a"}, ["gan_low"], "emnist_dir")
+    selection.pin_groups(wd, {"low": "other"}, ["gan_low"], "emnist_dir")  # nothing trained
+    assert wd.read_json(selection.GROUPS_FILE) == {"low": "other"}, "a fresh run re-pins"
