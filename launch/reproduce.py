@@ -14,8 +14,10 @@ Examples (2 CPU cores):
   .venv/bin/python -m launch.reproduce --table=dpsgd_mnist5k --collect      # only reads
 
 Rerunning skips the rows whose eval.json is newer than their flagfile (--rerun runs them
-again; the binaries resume from their workdirs). Logs of each row's commands are in its
-workdir (``reproduce.log``). Exits 1 if a row failed (its line says so).
+again; the binaries resume from their workdirs). A row's eval.json is deleted before its
+run starts, and --collect leaves out an eval.json older than its flagfile (stale). Logs of
+each row's commands are in its workdir (``reproduce.log``). Exits 1 if a row failed (its
+line says so).
 """
 
 import pathlib
@@ -98,13 +100,19 @@ def main(argv: list[str]) -> None:
             print(f"[{i}/{len(spec.rows)}] {row.label}: current eval.json, skipped", flush=True)
         elif not _COLLECT.value:
             print(f"[{i}/{len(spec.rows)}] {row.label}: {row.binary} ...", flush=True)
+            # Gone until this run writes it: a failed or killed run leaves no stale result.
+            workdir.file(evaluation.EVAL_FILE).unlink(missing_ok=True)
             start = time.time()
             ok = run_row(row, workdir, _SCALE.value)
             status = "done" if ok else f"FAILED (see {workdir.file('reproduce.log')})"
             print(f"    {status} in {time.time() - start:.0f} s", flush=True)
             if not ok:
                 failed.append(row.label)
-                workdir.file(evaluation.EVAL_FILE).unlink(missing_ok=True)
+        elif workdir.file(evaluation.EVAL_FILE).exists() and not is_current(row, workdir):
+            print(f"[{i}/{len(spec.rows)}] {row.label}: eval.json is older than the flagfile, "
+                  "not shown (run the row again)", flush=True)
+            results[row.name] = None
+            continue
         results[row.name] = _read_result(workdir)
     out = pathlib.Path(_OUT_DIR.value)
     out.mkdir(parents=True, exist_ok=True)

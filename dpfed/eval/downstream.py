@@ -101,13 +101,18 @@ def evaluate_downstream(
     config: DownstreamConfig = DownstreamConfig(),
     models: tuple[str, ...] = DOWNSTREAM_MODELS,
 ) -> dict[str, DownstreamResult]:
-    """Holds out one synthetic validation split, then `train_on_synthetic` per model."""
+    """Holds out one synthetic validation split, then `train_on_synthetic` per model.
+
+    Each model's key comes from its name's place in `DOWNSTREAM_MODELS`, not in `models`,
+    so a model's accuracy does not depend on which other models are asked for.
+    """
     split_key, fit_key = jax.random.split(key)
     train, val = split_validation(synthetic, config.val_fraction, split_key)
     return {
         name: train_on_synthetic(
-            name, train, val, test, num_classes, jax.random.fold_in(fit_key, i),
+            name, train, val, test, num_classes,
+            jax.random.fold_in(fit_key, DOWNSTREAM_MODELS.index(name)),
             config.fit_config(name),
         )
-        for i, name in enumerate(models)
+        for name in models
     }

@@ -146,7 +146,8 @@ def _eps(result: dict) -> tuple[str, str]:
         return "∞ (non-private)", "—"
     if privacy is None:
         return "none recorded", "—"
-    eps = f"{_number(privacy['epsilon_rdp'])} (PLD {_number(privacy['epsilon_pld'])})"
+    # 4 significant digits: 10.049 must not read as a target of 10 met.
+    eps = f"{_number(privacy['epsilon_rdp'], 4)} (PLD {_number(privacy['epsilon_pld'], 4)})"
     return eps, _number(privacy["delta"])
 
 

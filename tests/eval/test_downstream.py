@@ -57,6 +57,18 @@ def test_noise_images_give_chance_accuracy():
     assert all(0.02 <= a <= 0.2 for a in accuracies.values()), f"noise ~10% expected: {accuracies}"
 
 
+def test_a_models_accuracy_does_not_depend_on_the_other_models_asked_for():
+    synthetic, test, classes = _real("digits")
+    alone, after_mlp = (
+        downstream.evaluate_downstream(synthetic, test, classes, jax.random.key(0), _config(3),
+                                       models=models)["logreg"]
+        for models in (("logreg",), ("mlp", "logreg"))
+    )
+    assert alone.test_accuracy == after_mlp.test_accuracy, (
+        f"logreg alone {alone.test_accuracy} vs after mlp {after_mlp.test_accuracy}: each "
+        "model's key must come from its name, not its position in --models")
+
+
 def test_test_labels_never_influence_selection():
     synthetic, (images, labels), classes = _real("digits")
     train, val = downstream.split_validation(synthetic, 0.1, jax.random.key(1))

@@ -1,6 +1,7 @@
 """End-to-end tests of launch/reproduce.py (subprocesses)."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -60,24 +61,56 @@ def test_unknown_table_is_a_flag_error(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: --table:"), proc.stderr
 
 
-def test_rows_with_a_current_eval_json_are_skipped(tmp_path):
+def _one_row_table_with_an_eval_json(tmp_path):
+    """A table "t" whose one row (binary: no_such_module) has an eval.json; its paths."""
     tables_dir = tmp_path / "specs"
     (tables_dir / "t").mkdir(parents=True)
     shutil.copy(ROOT / "launch" / "tables" / "reference_rows.json", tables_dir)
     (tables_dir / "t" / "table.json").write_text(
         json.dumps({"title": "T", "dataset": "digits", "quote": {"dataset": "MNIST"}})
     )
-    (tables_dir / "t" / "01_row.flags").write_text("# row: done row\n# binary: no_such_module\n")
+    flagfile = tables_dir / "t" / "01_row.flags"
+    flagfile.write_text("# row: done row\n# binary: no_such_module\n")
     workdir = tmp_path / "workdirs" / "t" / "full" / "01_row"
     workdir.mkdir(parents=True)
     record = {"privacy": None, "source": {"kind": "real_data"}, "fid_domain": 1.5,
               "downstream": {"cnn": {"test_accuracy": 0.5}}, "eval_wall_seconds": 1.0}
     (workdir / "eval.json").write_text(json.dumps(record))
+    return tables_dir, flagfile, workdir / "eval.json"
+
+
+def _make_stale(flagfile, eval_json):
+    """The flagfile changed after the row's eval.json was written."""
+    stamp = eval_json.stat().st_mtime
+    os.utime(flagfile, (stamp + 60, stamp + 60))
+
+
+def test_rows_with_a_current_eval_json_are_skipped(tmp_path):
+    tables_dir, _, _ = _one_row_table_with_an_eval_json(tmp_path)
     proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}")
     assert proc.returncode == 0, f"the finished row was run again:\n{proc.stdout}{proc.stderr}"
     assert "| ours | done row | digits | ∞ (non-private) |" in (
         tmp_path / "tables" / "t.md"
     ).read_text(), "the skipped row's results are missing"
+
+
+def test_collect_leaves_out_a_stale_eval_json(tmp_path):
+    tables_dir, flagfile, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    _make_stale(flagfile, eval_json)
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}", "--collect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    markdown = (tmp_path / "tables" / "t.md").read_text()
+    assert "not run / failed" in markdown and "| 50.0 |" not in markdown, (
+        f"an eval.json older than its flagfile must not be shown as the row's result:\n{markdown}")
+    assert "older than the flagfile" in proc.stdout, "--collect must say why the row is left out"
+
+
+def test_a_row_that_runs_again_loses_its_old_eval_json_first(tmp_path):
+    tables_dir, flagfile, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    _make_stale(flagfile, eval_json)
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}")
+    assert proc.returncode == 1, "the row's binary does not exist: the run must fail"
+    assert not eval_json.exists(), "a failed run must not leave the old run's eval.json"
 
 
 @pytest.mark.slow
