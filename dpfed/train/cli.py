@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
+from dpfed.train.config import ConfigError
+
 EXIT_BAD_FLAG = 2
 
 
@@ -65,16 +67,31 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _exit_bad_flag(_describe(error))
 
 
+def _lock_workdir() -> None:
+    """Locks the binary's `--workdir` for the whole process (`Workdir.lock`), if it has one."""
+    if "workdir" not in flags.FLAGS or not flags.FLAGS.workdir:
+        return
+    from dpfed.train.workdir import Workdir  # Imports jax: not needed to parse flags.
+
+    try:
+        Workdir(flags.FLAGS.workdir).lock()
+    except ConfigError as error:
+        raise FlagError(error.field, error.message) from None
+
+
 def run(main: Callable[[list[str]], Any]) -> NoReturn:
     """Like `absl.app.run(main)`, but bad flags exit with code 2 and one stderr line.
 
     Flag parsing errors (unknown flag, unparsable or out-of-range value, failed
     validator, required flag missing) and a `FlagError` raised from `main` both end
-    the process with exit code 2 and a single line; other exceptions propagate.
+    the process with exit code 2 and a single line; other exceptions propagate. A
+    binary with a `--workdir` flag first locks it: a second run on the same workdir
+    exits 2 naming the flag while the first is running.
     """
 
     def main_reporting_flag_errors(argv: list[str]) -> Any:
         try:
+            _lock_workdir()
             return main(argv)
         except FlagError as error:
             _exit_bad_flag(str(error))

@@ -19,6 +19,7 @@ Python numbers and lists, and the non-finite floats become the strings "NaN",
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -129,10 +130,24 @@ def _fsync_dir(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _file_mode(path: pathlib.Path) -> int:
+    """`path`'s permission bits, or those of a new file under the process's umask."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Writes `text` to `path` atomically: temp file in the same dir, fsync, os.replace."""
+    """Writes `text` to `path` atomically: temp file in the same dir, fsync, os.replace.
+
+    The file keeps its mode (a new one gets the umask's, as `open` would give it), not the
+    0600 of the temp file.
+    """
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
             tmp.write(text)
             tmp.flush()
@@ -142,6 +157,10 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
         pathlib.Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[pathlib.Path, int] = {}  # workdir lock file -> its open descriptor
 
 
 class Workdir:
@@ -160,6 +179,31 @@ class Workdir:
     def file(self, name: str) -> pathlib.Path:
         """The path of `name` inside the workdir (not created)."""
         return self._path / name
+
+    def lock(self) -> None:
+        """Takes an exclusive lock on the workdir, held until this process exits.
+
+        Two runs at once on one workdir would interleave their metrics, checkpoints and
+        ledgers, leaving releases that no ledger covers; the experiment binaries take
+        this lock first (`dpfed.train.cli.run`). Taking it again in this process is a
+        no-op.
+
+        Raises:
+          ConfigError: naming "workdir", when another process holds the lock.
+        """
+        path = self.file(LOCK_FILE)
+        if path in _held_locks:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                "workdir", f"{self.path} is in use by another run: wait for it to end or "
+                "use another workdir"
+            ) from None
+        _held_locks[path] = fd
 
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""
@@ -185,7 +229,12 @@ class Workdir:
         current = loads(dumps(dataclasses.asdict(config)))
         path = self.file(CONFIG_FILE)
         if resuming and path.exists():
-            pinned = self.read_json(CONFIG_FILE)
+            try:
+                pinned = self.read_json(CONFIG_FILE)
+            except ValueError as error:
+                raise ConfigError(
+                    "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
+                ) from None
             for field in sorted(set(pinned) | set(current)):
                 if field not in resumable and pinned.get(field) != current.get(field):
                     raise ConfigError(

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from dpfed.train import cli
+from tests.binary import workdir_locked_by_another_process
 
 _BINARY = textwrap.dedent("""
     from absl import flags
@@ -19,6 +20,7 @@ _BINARY = textwrap.dedent("""
     _CLIP = flags.DEFINE_float("clip_norm", 1.0, "Clip norm.", lower_bound=0.0)
     _DELTA = flags.DEFINE_float("delta", 1e-5, "Target delta.")
     _CRASH = flags.DEFINE_bool("crash", False, "Raise a RuntimeError in main.")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (locked).")
 
 
     def main(argv):
@@ -98,3 +100,13 @@ def test_check_raises_flag_error_with_fields():
 
 def test_check_passes_when_condition_holds():
     cli.check(True, "clip_norm", "must be positive")  # Must not raise.
+
+
+def test_a_second_run_on_a_workdir_in_use_exits_2_naming_it(tmp_path):
+    workdir = tmp_path / "w"
+    with workdir_locked_by_another_process(workdir):
+        result = _run(tmp_path, f"--workdir={workdir}")
+    lines = _stderr_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
+    assert lines[0].startswith("error: --workdir:") and "in use" in lines[0], lines
+    assert _run(tmp_path, f"--workdir={workdir}").returncode == 0, "the lock must die with it"

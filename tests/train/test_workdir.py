@@ -14,6 +14,7 @@ import pytest
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from tests.binary import workdir_locked_by_another_process
 
 
 def _strict_json(text):
@@ -274,3 +275,33 @@ def test_fresh_run_repins_and_old_workdir_is_pinned_without_check(tmp_path):
     old = Workdir(tmp_path / "old")  # checkpoints from before config.json existed
     old.pin_config(_Config(noise_multiplier=3.0), resuming=True)
     assert old.read_json(workdir_lib.CONFIG_FILE)["noise_multiplier"] == 3.0
+
+
+def test_unreadable_config_json_is_a_config_error_naming_the_workdir(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.file(workdir_lib.CONFIG_FILE).write_text('{"steps": 1')  # cut short from outside
+    with pytest.raises(ConfigError) as error:
+        wd.pin_config(_Config(), resuming=True)
+    assert error.value.field == "workdir", f"a torn config.json must name the workdir: {error}"
+
+
+def test_atomic_writes_keep_the_files_mode_not_the_temp_files_0600(tmp_path):
+    wd = Workdir(tmp_path)
+    umask = os.umask(0o022)
+    try:
+        path = wd.write_json("new.json", {})
+        assert path.stat().st_mode & 0o777 == 0o644, "a new file gets the umask's mode"
+        path.chmod(0o640)
+        wd.write_json("new.json", {"again": 1})
+        assert path.stat().st_mode & 0o777 == 0o640, "a rewritten file keeps its mode"
+    finally:
+        os.umask(umask)
+
+
+def test_a_workdir_locked_by_another_process_is_refused(tmp_path):
+    with workdir_locked_by_another_process(tmp_path):
+        with pytest.raises(ConfigError) as error:
+            Workdir(tmp_path).lock()
+        assert error.value.field == "workdir" and "in use" in error.value.message, str(error)
+    Workdir(tmp_path).lock()  # the holder's death released it
+    Workdir(tmp_path).lock()  # and this process may take it again: a no-op
