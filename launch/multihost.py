@@ -7,7 +7,7 @@ sees the devices of all hosts, so the `clients` mesh of `dpfed.federated` spans 
 Cloud TPU VM (a pod slice; the repo and .venv must exist at --repo_dir on every worker):
 
   python -m launch.multihost tpu --tpu_name=my-v4-32 --zone=us-central2-b --dry_run -- \
-    experiments.fedavg_classifier --clients_per_round=256 --workdir=gs://bucket/run1
+    experiments.fedavg_classifier --clients_per_round=256 --workdir=/mnt/bucket/run1
 
 SLURM GPU cluster (one process per node, all its GPUs; JAX reads the SLURM variables):
 

@@ -68,8 +68,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _lock_workdir() -> None:
-    """Locks the binary's `--workdir` for the whole process (`Workdir.lock`), if it has one."""
+    """Locks the binary's `--workdir` for the whole process (`Workdir.lock`), if it has one.
+
+    Not with `--distributed`: every host of a multi-host job runs the binary on the one
+    shared workdir, so a per-process lock would refuse all hosts but the first.
+    """
     if "workdir" not in flags.FLAGS or not flags.FLAGS.workdir:
+        return
+    if "distributed" in flags.FLAGS and flags.FLAGS.distributed:
         return
     from dpfed.train.workdir import Workdir  # Imports jax: not needed to parse flags.
 

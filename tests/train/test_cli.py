@@ -21,6 +21,7 @@ _BINARY = textwrap.dedent("""
     _DELTA = flags.DEFINE_float("delta", 1e-5, "Target delta.")
     _CRASH = flags.DEFINE_bool("crash", False, "Raise a RuntimeError in main.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (locked).")
+    _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "One host of a multi-host job.")
 
 
     def main(argv):
@@ -110,3 +111,10 @@ def test_a_second_run_on_a_workdir_in_use_exits_2_naming_it(tmp_path):
     assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
     assert lines[0].startswith("error: --workdir:") and "in use" in lines[0], lines
     assert _run(tmp_path, f"--workdir={workdir}").returncode == 0, "the lock must die with it"
+
+
+def test_a_multi_host_run_shares_its_workdir_without_the_lock(tmp_path):
+    workdir = tmp_path / "w"
+    with workdir_locked_by_another_process(workdir):  # another host of the job
+        result = _run(tmp_path, f"--workdir={workdir}", "--distributed")
+    assert result.returncode == 0, f"every host runs on the shared workdir: {result.stderr}"
