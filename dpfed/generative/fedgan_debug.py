@@ -50,7 +50,7 @@ from dpfed.generative import fedgan, polarity, selection, wgan_gp
 from dpfed.models import gan
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require
-from dpfed.train.workdir import Workdir, environment_info
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 DATASETS = ("mnist5k", "emnist")
 GROUPS = ("low", "high")
@@ -357,7 +357,8 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     """Runs (or resumes) the whole demo in `workdir`; returns the summary dict."""
     start_time = time.time()
     wd = Workdir(workdir)
-    selection.pin_demo_config(wd, config, [f"gan_{name}" for name in GROUPS], RESUMABLE_FIELDS)
+    group_dirs = [f"gan_{name}" for name in GROUPS]
+    selection.pin_demo_config(wd, config, group_dirs, RESUMABLE_FIELDS)
     fed = load_clients(config)
     model, params = train_app_classifier(
         fed.healthy_images,
@@ -395,9 +396,8 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
     selection.pin_groups(
         wd,
-        {name: selection.data_digest(g.images, g.labels, g.counts)
-         for name, g in group_data.items()},
-        [f"gan_{name}" for name in GROUPS],
+        {name: params_sha256((g.images, g.labels, g.counts)) for name, g in group_data.items()},
+        group_dirs,
         "emnist_dir",
     )
     for name in GROUPS:

@@ -48,7 +48,7 @@ from dpfed.generative import fedlm, selection
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require
-from dpfed.train.workdir import Workdir, environment_info
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
 # What a rerun on the same workdir may change: how long the LMs train, how often they
@@ -194,7 +194,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         f"must be < {num_plays}: at least one of the {num_plays} plays must stay for the clients",
     )
     wd = Workdir(workdir)
-    selection.pin_demo_config(wd, config, [f"lm_{name}" for name in GROUPS], RESUMABLE_FIELDS)
+    group_dirs = [f"lm_{name}" for name in GROUPS]
+    selection.pin_demo_config(wd, config, group_dirs, RESUMABLE_FIELDS)
     plays = data_lib.load_shakespeare(min_lines=config.min_lines, num_held_out=config.vocab_plays)
     word_vocab, char_vocab = vocabularies(plays, config.max_words)
     texts, buggy = bugs.inject_text_bug(plays.train, config.bug_fraction, config.seed)
@@ -231,10 +232,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         name: [t for t, m in zip(texts, members[name], strict=True) if m] for name in GROUPS
     }
     selection.pin_groups(
-        wd,
-        {name: selection.data_digest(t) for name, t in group_texts_of.items()},
-        [f"lm_{name}" for name in GROUPS],
-        "workdir",
+        wd, {name: params_sha256(t) for name, t in group_texts_of.items()}, group_dirs, "workdir"
     )
     for name in GROUPS:
         group_texts = group_texts_of[name]

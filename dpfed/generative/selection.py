@@ -20,7 +20,6 @@ rerun once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -175,30 +174,22 @@ def pin_demo_config(
     (outside `resumable`). A config.json without one is a run stopped before training
     (e.g. a cohort larger than a group): a corrected rerun is not refused.
     """
-    resuming = any(workdir.file(name).exists() for name in group_dirs)
-    workdir.pin_config(config, resuming, resumable)
+    workdir.pin_config(config, _group_trained(workdir, group_dirs), resumable)
+
+
+def _group_trained(workdir: Workdir, group_dirs: Sequence[str]) -> bool:
+    """Whether a previous run trained a group's model here (its sub-workdir exists)."""
+    return any(workdir.file(name).exists() for name in group_dirs)
 
 
 GROUPS_FILE = "groups.json"  # a digest of each group's training data; not a release
 
 
-def data_digest(*parts: np.ndarray | Sequence[str]) -> str:
-    """sha256 of a group's training data: arrays (dtype, shape and bytes) or texts."""
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            digest.update(f"{part.dtype}{part.shape}".encode())
-            digest.update(np.ascontiguousarray(part).tobytes())
-        else:
-            for text in part:
-                digest.update(text.encode() + b"\0")
-    return digest.hexdigest()
-
-
 def pin_groups(
     workdir: Workdir, digests: dict[str, str], group_dirs: Sequence[str], flag: str
 ) -> None:
-    """Pins each group's `data_digest` in groups.json; a resume on other data is refused.
+    """Pins each group's data digest (`params_sha256` of its training data) in groups.json;
+    a resume on other data is refused.
 
     The config pin cannot see a change of the data themselves (other files under a
     resumable path, or a recomputed grouping: the app's classifier is retrained on every
@@ -209,9 +200,8 @@ def pin_groups(
       ConfigError: naming `flag`, when a group's sub-workdir exists and its digest differs
         from the pinned one. A workdir without groups.json (older runs) is pinned as is.
     """
-    resuming = any(workdir.file(name).exists() for name in group_dirs)
     path = workdir.file(GROUPS_FILE)
-    if resuming and path.exists():
+    if _group_trained(workdir, group_dirs) and path.exists():
         pinned = workdir.read_json(GROUPS_FILE)
         changed = sorted(name for name, d in digests.items() if pinned.get(name) != d)
         if changed:

@@ -8,7 +8,7 @@ import pytest
 
 from dpfed.generative import selection
 from dpfed.train.config import ConfigError
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import Workdir, params_sha256
 
 
 def test_quantile_defaults_take_bottom_and_top_quarters():
@@ -137,13 +137,14 @@ def test_pin_demo_config_checks_only_once_a_group_has_trained(tmp_path):
     assert error.value.field == "bug_fraction", "a trained group pins the data settings"
 
 
-def test_data_digest_tells_groups_data_apart():
+def test_group_digest_tells_groups_data_apart():
+    # pin_groups is given params_sha256 of each group's data: arrays or texts.
     images = np.zeros((2, 3, 4), np.float32)
     changed = images.copy()
     changed[1, 2, 3] = 1.0
-    assert selection.data_digest(images) == selection.data_digest(images.copy())
-    assert selection.data_digest(images) != selection.data_digest(changed), "one pixel changed"
-    assert selection.data_digest(["a", "bc"]) != selection.data_digest(["ab", "c"]), (
+    assert params_sha256(images) == params_sha256(images.copy())
+    assert params_sha256(images) != params_sha256(changed), "one pixel changed"
+    assert params_sha256(["a", "bc"]) != params_sha256(["ab", "c"]), (
         "texts must be delimited: other clients, same concatenation")
 
 
