@@ -84,21 +84,35 @@ def _to_replace_one(event: DpEvent) -> DpEvent:
 
 def _scale_gaussians(event: DpEvent, factor: float) -> DpEvent:
     """`event` with every Gaussian noise multiplier times `factor` (other events refused)."""
-    if isinstance(event, dp_event.GaussianDpEvent):
-        return dp_event.GaussianDpEvent(event.noise_multiplier * factor)
+
+    def scale(leaf: DpEvent) -> DpEvent:
+        if isinstance(leaf, dp_event.GaussianDpEvent):
+            return dp_event.GaussianDpEvent(leaf.noise_multiplier * factor)
+        raise ValueError(f"cannot rescale the noise of {type(leaf).__name__}")
+
+    return _map_events(event, scale)
+
+
+def _map_events(
+    event: DpEvent,
+    leaf: Callable[[DpEvent], DpEvent],
+    composed: Callable[[list[DpEvent]], DpEvent] = dp_event.ComposedDpEvent,
+) -> DpEvent:
+    """`event` rebuilt with `leaf` applied to each event that holds no other, and
+    `composed` building each composition from its rebuilt members."""
     if isinstance(event, dp_event.ComposedDpEvent):
-        return dp_event.ComposedDpEvent([_scale_gaussians(e, factor) for e in event.events])
+        return composed([_map_events(e, leaf, composed) for e in event.events])
     if isinstance(event, dp_event.SelfComposedDpEvent):
-        return dp_event.SelfComposedDpEvent(_scale_gaussians(event.event, factor), event.count)
+        return dp_event.SelfComposedDpEvent(_map_events(event.event, leaf, composed), event.count)
     if isinstance(event, dp_event.PoissonSampledDpEvent):
         return dp_event.PoissonSampledDpEvent(
-            event.sampling_probability, _scale_gaussians(event.event, factor)
+            event.sampling_probability, _map_events(event.event, leaf, composed)
         )
     if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
         return dp_event.SampledWithoutReplacementDpEvent(
-            event.source_dataset_size, event.sample_size, _scale_gaussians(event.event, factor)
+            event.source_dataset_size, event.sample_size, _map_events(event.event, leaf, composed)
         )
-    raise ValueError(f"cannot rescale the noise of {type(event).__name__}")
+    return leaf(event)
 
 
 def dpsgd_event(
@@ -162,26 +176,16 @@ def merge_gaussians(event: DpEvent) -> DpEvent:
     accountant takes only a plain Gaussian inside a Poisson-sampled event; this rewrite
     lets it account such rounds. The RDP of the result is also unchanged (tested).
     """
-    if isinstance(event, dp_event.ComposedDpEvent):
-        events = [merge_gaussians(e) for e in event.events]
-        if events and all(isinstance(e, dp_event.GaussianDpEvent) for e in events):
-            if any(e.noise_multiplier == 0 for e in events):
-                return dp_event.GaussianDpEvent(0.0)
-            return dp_event.GaussianDpEvent(
-                math.fsum(e.noise_multiplier**-2 for e in events) ** -0.5
-            )
-        return dp_event.ComposedDpEvent(events)
-    if isinstance(event, dp_event.SelfComposedDpEvent):
-        return dp_event.SelfComposedDpEvent(merge_gaussians(event.event), event.count)
-    if isinstance(event, dp_event.PoissonSampledDpEvent):
-        return dp_event.PoissonSampledDpEvent(
-            event.sampling_probability, merge_gaussians(event.event)
-        )
-    if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
-        return dp_event.SampledWithoutReplacementDpEvent(
-            event.source_dataset_size, event.sample_size, merge_gaussians(event.event)
-        )
-    return event
+    return _map_events(event, lambda leaf: leaf, _merge_composed)
+
+
+def _merge_composed(events: list[DpEvent]) -> DpEvent:
+    """One Gaussian for a composition of Gaussians; any other composition as it is."""
+    if events and all(isinstance(e, dp_event.GaussianDpEvent) for e in events):
+        if any(e.noise_multiplier == 0 for e in events):
+            return dp_event.GaussianDpEvent(0.0)
+        return dp_event.GaussianDpEvent(math.fsum(e.noise_multiplier**-2 for e in events) ** -0.5)
+    return dp_event.ComposedDpEvent(events)
 
 
 def make_accountant(
