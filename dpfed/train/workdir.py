@@ -139,13 +139,16 @@ def _file_mode(path: pathlib.Path) -> int:
     return 0o666 & ~umask
 
 
+_TMP_SUFFIX = ".tmp"  # of atomic writes' temp files: `.<name>.<random>.tmp`
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     """Writes `text` to `path` atomically: temp file in the same dir, fsync, os.replace.
 
     The file keeps its mode (a new one gets the umask's, as `open` would give it), not the
     0600 of the temp file.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, _file_mode(path))
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
@@ -186,7 +189,8 @@ class Workdir:
         Two runs at once on one workdir would interleave their metrics, checkpoints and
         ledgers, leaving releases that no ledger covers; the experiment binaries take
         this lock first (`dpfed.train.cli.run`). Taking it again in this process is a
-        no-op.
+        no-op. Once it is held, the temp files of atomic writes that a killed run left
+        anywhere under the workdir are removed (no other process can be writing them).
 
         Raises:
           ConfigError: naming "workdir", when another process holds the lock.
@@ -204,6 +208,9 @@ class Workdir:
                 "use another workdir"
             ) from None
         _held_locks[path] = fd
+        for leftover in self.path.rglob(f".*{_TMP_SUFFIX}"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
 
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""

@@ -305,3 +305,18 @@ def test_a_workdir_locked_by_another_process_is_refused(tmp_path):
         assert error.value.field == "workdir" and "in use" in error.value.message, str(error)
     Workdir(tmp_path).lock()  # the holder's death released it
     Workdir(tmp_path).lock()  # and this process may take it again: a no-op
+
+
+def test_taking_the_lock_removes_temp_files_a_killed_write_left(tmp_path):
+    (tmp_path / "group_a").mkdir()
+    leftovers = [tmp_path / ".summary.json.k3x9.tmp", tmp_path / "group_a" / ".ledger.json.q1.tmp"]
+    kept = [tmp_path / "notes.tmp", tmp_path / "summary.json"]
+    with workdir_locked_by_another_process(tmp_path):
+        for path in leftovers + kept:  # the holder's writes, cut by a kill
+            path.write_text("{")
+        with pytest.raises(ConfigError):
+            Workdir(tmp_path).lock()
+        assert all(p.exists() for p in leftovers), "a refused lock must not touch others' files"
+    Workdir(tmp_path).lock()
+    assert not any(p.exists() for p in leftovers), "a killed write's temp files outlive the lock"
+    assert all(p.exists() for p in kept), "only atomic writes' `.<name>.<random>.tmp` files go"
