@@ -19,6 +19,7 @@ the rows with --noevaluate and evaluates them with `experiments.evaluate`.
 from absl import flags
 
 from dpfed import data
+from dpfed.federated import mesh
 from dpfed.generative import datalens
 from dpfed.train import cli
 
@@ -88,6 +89,11 @@ _NUM_SYNTHETIC = flags.DEFINE_integer(
     "num_synthetic", _D.num_synthetic, "Synthetic samples written and evaluated."
 )
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Evaluate the generator when training ends.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into this many JAX devices, the teachers sharded over "
+    "them (on a CPU-only machine: its core count; 0: JAX's default). Not pinned: a run may "
+    "resume with another count.", lower_bound=0,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
@@ -134,6 +140,7 @@ def _config() -> datalens.DataLensConfig:
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
+    mesh.split_cpu(_CPU_DEVICES.value)
     try:
         config = _config()
         summary = datalens.train(config, _WORKDIR.value)

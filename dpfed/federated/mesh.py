@@ -40,6 +40,25 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.tree_util.tree_map(put, tree)
 
 
+def split_cpu(count: int) -> None:
+    """Makes JAX's CPU backend `count` devices (0: leave JAX's default / XLA_FLAGS).
+
+    On a CPU-only machine a mesh over several CPU devices runs its shards' small
+    computations side by side, on different cores, where one device would run them one
+    after another (DataLens's teachers: 1.55x the steps per second with 2 devices on 2
+    cores, WORKSPACE.md). Results then differ from a 1-device run by float rounding only.
+    Accelerator backends are untouched. Must run before any other JAX call.
+
+    Raises:
+      ValueError: `count` < 0.
+      RuntimeError: a JAX backend is already initialised.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if count:
+        jax.config.update("jax_num_cpu_devices", count)
+
+
 def initialize_distributed(
     enabled: bool,
     coordinator_address: str | None = None,

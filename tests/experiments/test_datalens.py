@@ -56,6 +56,17 @@ def test_vote_scope_batch_flag_records_one_aggregation_per_step(tmp_path):
     assert ledger["num_releases"] == 2, "--vote_scope=batch: one aggregation per step"
 
 
+def test_cpu_devices_flag_splits_the_cpu_and_a_run_resumes_on_another_count(tmp_path):
+    _run(*TINY, "--steps=2", "--cpu_devices=3", "--noevaluate", f"--workdir={tmp_path}")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["environment"]["device_count"] == 3, "--cpu_devices=3: 3 CPU devices"
+    _run(*TINY, "--steps=3", "--noevaluate", f"--workdir={tmp_path}")  # tests' 8 devices
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert summary["environment"]["device_count"] == 8 and summary["steps"] == 3, summary
+    assert ledger["num_releases"] == 3, "the resumed run adds its one aggregation to the two"
+
+
 def test_evaluate_flag_appends_the_evaluation_suite_result(tmp_path):
     proc = _run(*TINY, "--steps=1", "--target_epsilon=50", "--evaluate", f"--workdir={tmp_path}")
     assert "fid_domain" in proc.stdout and "cnn" in proc.stdout, proc.stdout

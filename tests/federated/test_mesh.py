@@ -2,8 +2,10 @@
 
 import jax
 import numpy as np
+import pytest
 
 from dpfed.federated import client_mesh, initialize_distributed, replicate
+from dpfed.federated import mesh as mesh_lib
 
 
 def test_client_mesh_spans_every_device_on_one_axis():
@@ -20,3 +22,12 @@ def test_replicate_puts_a_full_copy_on_every_device():
 
 def test_distributed_initialization_is_off_by_default():
     assert initialize_distributed(False) is False, "single-host runs must not initialize"
+
+
+def test_split_cpu_checks_its_count_and_refuses_after_jax_started():
+    jax.devices()  # the backend is up
+    mesh_lib.split_cpu(0)  # 0 leaves JAX alone: no error, whenever it is called
+    with pytest.raises(ValueError, match="count"):
+        mesh_lib.split_cpu(-1)
+    with pytest.raises(RuntimeError, match="before backends are initialized"):
+        mesh_lib.split_cpu(2)

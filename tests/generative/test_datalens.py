@@ -121,6 +121,19 @@ def test_vote_sum_equals_a_loop_over_teachers_on_one_and_eight_devices():
         np.testing.assert_allclose(np.asarray(a)[:13], np.asarray(b)[:13], rtol=1e-5, atol=1e-6)
 
 
+def test_real_teachers_move_between_meshes_of_other_padding():
+    eight_devices = _ensemble(num_teachers=13, chunk=2, devices=jax.devices())  # padded 16
+    one_device = _ensemble(num_teachers=13, chunk=2, devices=jax.devices()[:1])  # padded 14
+    state = eight_devices.init(jax.random.key(0), jnp.zeros((8, 8, 1)))
+    fresh = one_device.init(jax.random.key(1), jnp.zeros((8, 8, 1)))
+    saved = jax.device_get(eight_devices.real_teachers(state))  # a checkpoint, on the host
+    moved = one_device.with_padding(saved, fresh)
+    for a, b, f in zip(*map(jax.tree.leaves, (moved, state, fresh)), strict=True):
+        assert a.shape == f.shape and a.sharding == f.sharding, "the new mesh's layout"
+        np.testing.assert_array_equal(np.asarray(a)[:13], np.asarray(b)[:13])
+        np.testing.assert_array_equal(np.asarray(a)[13:], np.asarray(f)[13:])
+
+
 def test_batch_scope_is_one_k_sparse_vote_per_teacher_on_the_whole_batch():
     key = jax.random.key(3)
     ensemble = _ensemble(num_teachers=5, chunk=1, devices=jax.devices()[:1])

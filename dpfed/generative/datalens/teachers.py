@@ -87,6 +87,22 @@ class TeacherEnsemble:
         extra = self.padded - array.shape[0]
         return np.concatenate([array, np.zeros((extra, *array.shape[1:]), array.dtype)])
 
+    def real_teachers(self, tree: PyTree) -> PyTree:
+        """The first T slots of a stacked `[padded, ...]` pytree, replicated over the mesh.
+
+        What a checkpoint holds: the padding depends on the device count and the chunk,
+        the T teachers do not, so a run resumes on any mesh (`with_padding`).
+        """
+        replicated = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: jax.device_put(x[: self.num_teachers], replicated), tree)
+
+    def with_padding(self, real: PyTree, padded: PyTree) -> PyTree:
+        """`real` (`[T, ...]`, from `real_teachers`) followed by `padded`'s padding slots,
+        sharded: the stacked pytree of this ensemble's `[padded, ...]` layout."""
+        return self.shard(jax.tree.map(
+            lambda r, p: jnp.concatenate([r, p[self.num_teachers:]]), real, padded
+        ))
+
     def teacher_ids(self) -> jax.Array:
         """int32 [padded]: the global index of each slot (>= T for padding), sharded."""
         return self.shard(jnp.arange(self.padded, dtype=jnp.int32))

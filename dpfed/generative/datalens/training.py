@@ -430,19 +430,28 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     teacher_data = TeacherData(train_ds, config, lens.ensemble)
     ids = lens.ensemble.teacher_ids()
     root = jax.random.key(config.seed)
-    state = lens.init(jax.random.fold_in(root, 2**31 - 1))
+    fresh = lens.init(jax.random.fold_in(root, 2**31 - 1))
     ledger = new_ledger(config, n)
+
+    # Checkpoints hold the T real teachers alone: the padding depends on the mesh, so a
+    # run resumes on another device count (`--cpu_devices`, another GPU box).
+    def checkpointed(state):
+        return {**state, "teachers": lens.ensemble.real_teachers(state["teachers"])}
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
     start = resume_or_start(
-        checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), total=config.steps,
-        event=event, events_per_step=per_step, config=config, log=log,
+        checkpointer, wd, checkpointed(fresh), ledger, step_of=lambda s: int(s["step"]),
+        total=config.steps, event=event, events_per_step=per_step, config=config, log=log,
     )
-    state, ledger, start_step, last_step = start.state, start.ledger, start.step, start.last
+    state = {
+        **start.state,
+        "teachers": lens.ensemble.with_padding(start.state["teachers"], fresh["teachers"]),
+    }
+    ledger, start_step, last_step = start.ledger, start.step, start.last
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
     def save(step):
-        checkpointer.save(step, state, {"ledger": ledger.to_json(with_pld=False)})
+        checkpointer.save(step, checkpointed(state), {"ledger": ledger.to_json(with_pld=False)})
 
     eps = None
     for step in range(start_step, last_step):
