@@ -16,6 +16,11 @@ One run, all figures measured in it (median of --repeats timed calls after a war
 
   .venv/bin/python -m benchmarks.datalens_teachers --num_teachers=50,200,1000
 
+--cpu_devices=N splits the CPU into N JAX devices (as `experiments.datalens
+--cpu_devices` does): the vectorised path shards the teachers over them, the loop runs
+on the first device, as the public code runs on one. Compare the loop of a 1-device run
+too: on 2 cores the 2-device process runs it slower than a 1-device one (WORKSPACE.md).
+
 prints teacher-steps/s (train) and teacher-samples/s (vote phase: one teacher's gradient
 on one sample, and its vote) for both paths and their ratio. Figures of this machine are
 in WORKSPACE.md.
@@ -32,6 +37,7 @@ import optax
 from absl import app, flags
 
 from dpfed import data
+from dpfed.federated import mesh
 from dpfed.generative.datalens import TeacherEnsemble, TopAgg, make_mesh, partition_teachers
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, generator_loss
 from dpfed.models.datalens_nets import TeacherDiscriminator
@@ -44,6 +50,10 @@ _TOPK = flags.DEFINE_integer("topk", 300, "k of the TopAgg votes.")
 _CHUNK = flags.DEFINE_integer("teacher_chunk", 4, "Teachers vectorised together.")
 _FEATURES = flags.DEFINE_list("teacher_features", ["8", "16"], "Teacher conv widths.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into this many JAX devices (0: JAX's default); the "
+    "vectorised path shards the teachers over them, the loop runs on the first.", lower_bound=0,
+)
 _SCOPE = flags.DEFINE_enum(
     "vote_scope", "batch", VOTE_SCOPES, "One vote per generated sample or per batch (rows: batch)."
 )
@@ -146,6 +156,7 @@ def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dic
 
 def main(argv: list[str]) -> None:
     del argv
+    mesh.split_cpu(_CPU_DEVICES.value)
     train_ds = data.load(_DATASET.value, "train")
     fake = _FAKES.value
     print(
