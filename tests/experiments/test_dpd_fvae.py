@@ -1,6 +1,7 @@
 """End-to-end tests of experiments/dpd_fvae.py (subprocesses, tiny runs on 8x8 digits)."""
 
 import json
+import os
 
 import pytest
 
@@ -53,6 +54,17 @@ def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):
     resumed = json.loads((tmp_path / "summary.json").read_text())
     for key in ("decoder_sha256", "epsilon_rdp", "participations_max"):
         assert resumed[key] == again[key], f"resuming changed {key}"
+
+
+def test_a_run_resumes_on_another_device_count(tmp_path):
+    flags = [*TINY, "--dp=central", "--sync=d", "--noise_multiplier=2", f"--workdir={tmp_path}"]
+    _run(*flags[:-1], "--rounds=1", flags[-1])  # the tests' 8 CPU devices
+    three = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    run_binary("experiments.dpd_fvae", *flags, env=three)  # round 2 on 3 devices
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert summary["environment"]["device_count"] == 3 and summary["rounds"] == 2, summary
+    assert ledger["num_releases"] == 2, "one round before the move and one after, each once"
 
 
 @pytest.mark.parametrize(
