@@ -47,7 +47,9 @@ def split_cpu(count: int) -> None:
     computations side by side, on different cores, where one device would run them one
     after another (DataLens's teachers: 1.55x the steps per second with 2 devices on 2
     cores, WORKSPACE.md). Results then differ from a 1-device run by float rounding only.
-    Accelerator backends are untouched. Must run before any other JAX call.
+    Not for the DP-FedAvg engine: on several CPU devices it stops progressing after tens of
+    rounds (an XLA:CPU hang, WORKSPACE.md), and gains nothing. Accelerator backends are
+    untouched. Must run before any other JAX call.
 
     Raises:
       ValueError: `count` < 0.
