@@ -448,6 +448,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "teachers": lens.ensemble.with_padding(start.state["teachers"], fresh["teachers"]),
     }
     ledger, start_step, last_step = start.ledger, start.step, start.last
+    del fresh, start  # two more copies of every teacher: `state` alone is trained on
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
     def save(step):
