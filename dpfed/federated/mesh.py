@@ -47,8 +47,8 @@ def split_cpu(count: int) -> None:
     computations side by side, on different cores, where one device would run them one
     after another (DataLens's teachers: 1.55x the steps per second with 2 devices on 2
     cores, WORKSPACE.md). Results then differ from a 1-device run by float rounding only.
-    Not for the DP-FedAvg engine: on several CPU devices it stops progressing after tens of
-    rounds (an XLA:CPU hang, WORKSPACE.md), and gains nothing. Accelerator backends are
+    The DP-FedAvg engine gains nothing from it (WORKSPACE.md). Host loops on several CPU
+    devices must wait for each step (`waits_for_each_step`). Accelerator backends are
     untouched. Must run before any other JAX call.
 
     Raises:
@@ -59,6 +59,18 @@ def split_cpu(count: int) -> None:
         raise ValueError(f"count must be >= 0, got {count}")
     if count:
         jax.config.update("jax_num_cpu_devices", count)
+
+
+def waits_for_each_step() -> bool:
+    """Whether a host loop must wait for each step's results before dispatching the next.
+
+    True on a CPU backend split into several devices. There XLA:CPU (jax 0.10.2)
+    deadlocks when the host queues multi-device programs with collectives ahead of the
+    devices: one device never joins a round's all-reduce (the demo's command on 2 CPU
+    devices stopped at rounds 29 and 42; waiting for each round, it ran through on 2, 3
+    and 8 devices: WORKSPACE.md). One device and accelerators keep asynchronous dispatch.
+    """
+    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
 
 
 def initialize_distributed(

@@ -9,6 +9,7 @@ from dpfed import privacy
 from dpfed.federated import DpFedAvg, DpFedAvgConfig, run_rounds
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
+from tests import dispatch
 from tests.federated import toy
 
 
@@ -107,6 +108,32 @@ def test_a_period_below_one_is_a_config_error_naming_it(tmp_path, field):
         run_rounds(eng, eng.init(toy.params_of(4)), rounds=1, seed=0, workdir=Workdir(tmp_path),
                    ledger=ledger(), evaluate=dict, **periods)
     assert info.value.field == field, f"a period of 0 must be blamed on {field}, not crash"
+
+
+class _ReadinessWatcher:
+    """The engine, with slow rounds; records whether each round's input state was ready."""
+
+    def __init__(self, engine):
+        self.engine, self.ready = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def round(self, state, key):
+        self.ready.append(dispatch.all_ready(state))
+        state, metrics = self.engine.round(state, key)
+        return state._replace(params=dispatch.slow_identity(state.params)), metrics
+
+
+def test_on_several_cpu_devices_each_round_waits_for_the_previous_one(tmp_path):
+    # XLA:CPU deadlocks (a device never joins an all-reduce) when the host queues rounds
+    # ahead of its devices; the tests run on 8 CPU devices.
+    watched = _ReadinessWatcher(engine())
+    run_rounds(watched, watched.init(toy.params_of(4)), rounds=4, seed=0,
+               workdir=Workdir(tmp_path), ledger=ledger(), evaluate=lambda _: {}, eval_every=4,
+               checkpoint_every=4)
+    assert watched.ready == [True] * 4, (
+        f"a round was dispatched before the previous one finished: {watched.ready}")
 
 
 def test_describe_user_level_privacy_states_eps_users_and_larger_populations():

@@ -31,3 +31,13 @@ def test_split_cpu_checks_its_count_and_refuses_after_jax_started():
         mesh_lib.split_cpu(-1)
     with pytest.raises(RuntimeError, match="before backends are initialized"):
         mesh_lib.split_cpu(2)
+
+
+def test_host_loops_wait_for_each_step_only_on_several_cpu_devices(monkeypatch):
+    assert jax.default_backend() == "cpu" and jax.local_device_count() == 8, "conftest's CPU"
+    assert mesh_lib.waits_for_each_step(), "8 CPU devices: XLA:CPU can deadlock unless waited on"
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+    assert not mesh_lib.waits_for_each_step(), "one CPU device keeps asynchronous dispatch"
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not mesh_lib.waits_for_each_step(), "accelerators keep asynchronous dispatch"

@@ -19,6 +19,7 @@ from dpfed.generative import contract, datalens
 from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
 from dpfed.train.workdir import Workdir
+from tests import dispatch
 
 TINY = datalens.DataLensConfig(
     dataset="digits",
@@ -171,6 +172,21 @@ def test_teacher_axis_is_sharded_over_the_mesh():
 def _train(tmp_path, name, **changes):
     config = dataclasses.replace(TINY, **changes)
     return datalens.train(config, str(tmp_path / name), log=lambda _: None), tmp_path / name
+
+
+def test_on_several_cpu_devices_each_step_waits_for_the_previous_one(tmp_path, monkeypatch):
+    # XLA:CPU deadlocks (a device never joins an all-reduce) when the host queues steps
+    # ahead of its devices; the tests run on 8 CPU devices.
+    ready, train_step = [], datalens.training.DataLens.train_step
+
+    def slow_step(self, state, *args, **kwargs):
+        ready.append(dispatch.all_ready(state))
+        state, metrics = train_step(self, state, *args, **kwargs)
+        return {**state, "step": dispatch.slow_identity(state["step"])}, metrics
+
+    monkeypatch.setattr(datalens.training.DataLens, "train_step", slow_step)
+    _train(tmp_path, "run")
+    assert ready == [True] * TINY.steps, f"a step was dispatched before the last was done: {ready}"
 
 
 def _direct_epsilon(noise_multiplier, count, delta):

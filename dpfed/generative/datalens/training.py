@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from dpfed import data as data_lib
 from dpfed import privacy
 from dpfed.data.partition import to_federated
+from dpfed.federated.mesh import waits_for_each_step
 from dpfed.generative import contract
 from dpfed.generative.datalens.partition import (
     PARTITION_RELATIONS,
@@ -455,6 +456,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         checkpointer.save(step, checkpointed(state), {"ledger": ledger.to_json(with_pld=False)})
 
     eps = None
+    wait = waits_for_each_step()
     for step in range(start_step, last_step):
         state, metrics = lens.train_step(
             state,
@@ -464,6 +466,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             d_steps_before(config, step),
             config.real_batch or teacher_data.max_n,
         )
+        if wait:  # else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
+            jax.block_until_ready((state, metrics))
         ledger.record(event, count=per_step)
         done = step + 1
         if done % config.eval_every == 0 or done == last_step:

@@ -1,0 +1,21 @@
+"""Helpers to observe asynchronous dispatch: a slow jitted identity and a readiness check.
+
+A host loop that dispatches step n+1 before step n is computed hands step n+1 inputs
+that are not ready yet; `slow_identity` makes a step slow enough for that to show.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.jit
+def slow_identity(x: jax.Array) -> jax.Array:
+    """`x` after ~0.1 s of matrix products on 2 CPU cores."""
+    m = jnp.full((256, 256), 1e-3, jnp.float32)
+    m = jax.lax.fori_loop(0, 60, lambda _, a: a @ m, m)
+    return x + (0.0 * jnp.sum(m)).astype(x.dtype)
+
+
+def all_ready(tree) -> bool:
+    """Whether every array of `tree` has been computed."""
+    return all(x.is_ready() for x in jax.tree.leaves(tree))
