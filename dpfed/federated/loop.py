@@ -18,7 +18,7 @@ import jax
 
 from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, ServerState
-from dpfed.federated.mesh import waits_for_each_step
+from dpfed.federated.mesh import settle
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -111,11 +111,9 @@ def run_rounds(
     record: dict[str, Any] = {}
     diagnostics: dict[str, Any] = {}
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
-    wait = waits_for_each_step()
     for r in range(start, last_round):
-        state, metrics = engine.round(state, round_key(seed, r))
-        if wait:  # else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
-            jax.block_until_ready((state, metrics))
+        # settle: else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
+        state, metrics = settle(engine.round(state, round_key(seed, r)))
         if ledger is not None:
             ledger.record(event)
         done = r + 1

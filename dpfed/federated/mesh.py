@@ -73,6 +73,14 @@ def waits_for_each_step() -> bool:
     return jax.default_backend() == "cpu" and jax.local_device_count() > 1
 
 
+def settle(tree: PyTree) -> PyTree:
+    """`tree`, waited for (`jax.block_until_ready`) where `waits_for_each_step()`.
+
+    What a host loop calls on the results of each jitted step before dispatching the next.
+    """
+    return jax.block_until_ready(tree) if waits_for_each_step() else tree
+
+
 def initialize_distributed(
     enabled: bool,
     coordinator_address: str | None = None,

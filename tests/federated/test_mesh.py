@@ -1,11 +1,13 @@
 """The client mesh and replication helpers."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dpfed.federated import client_mesh, initialize_distributed, replicate
 from dpfed.federated import mesh as mesh_lib
+from tests import dispatch
 
 
 def test_client_mesh_spans_every_device_on_one_axis():
@@ -41,3 +43,10 @@ def test_host_loops_wait_for_each_step_only_on_several_cpu_devices(monkeypatch):
     monkeypatch.setattr(jax, "local_device_count", lambda: 8)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not mesh_lib.waits_for_each_step(), "accelerators keep asynchronous dispatch"
+
+
+def test_settle_returns_the_tree_computed_on_several_cpu_devices():
+    tree = {"x": dispatch.slow_identity(jnp.ones(3))}
+    settled = mesh_lib.settle(tree)
+    assert dispatch.all_ready(settled), "on 8 CPU devices settle must wait for the arrays"
+    np.testing.assert_array_equal(settled["x"], np.ones(3), err_msg="settle changes nothing")

@@ -15,6 +15,7 @@ import optax
 import pytest
 from dp_accounting import dp_event, rdp
 
+from dpfed import data as data_lib
 from dpfed.generative import contract, datalens
 from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
@@ -174,19 +175,28 @@ def _train(tmp_path, name, **changes):
     return datalens.train(config, str(tmp_path / name), log=lambda _: None), tmp_path / name
 
 
-def test_on_several_cpu_devices_each_step_waits_for_the_previous_one(tmp_path, monkeypatch):
+def test_on_several_cpu_devices_each_jitted_step_waits_for_the_previous_one(
+    tmp_path, monkeypatch
+):
     # XLA:CPU deadlocks (a device never joins an all-reduce) when the host queues steps
     # ahead of its devices; the tests run on 8 CPU devices.
-    ready, train_step = [], datalens.training.DataLens.train_step
+    digits = data_lib.load(TINY.dataset, "train")
+    lens = datalens.training.build(TINY, digits.num_classes, digits.image_shape)  # train's
+    ready = []
 
-    def slow_step(self, state, *args, **kwargs):
-        ready.append(dispatch.all_ready(state))
-        state, metrics = train_step(self, state, *args, **kwargs)
-        return {**state, "step": dispatch.slow_identity(state["step"])}, metrics
+    def slowed(step_fn):
+        def step(state, *args, **kwargs):
+            ready.append(dispatch.all_ready(state))
+            state, out = step_fn(state, *args, **kwargs)
+            return {**state, "step": dispatch.slow_identity(state["step"])}, out
 
-    monkeypatch.setattr(datalens.training.DataLens, "train_step", slow_step)
+        return step
+
+    for name in ("teacher_step", "generator_step"):
+        monkeypatch.setattr(lens, name, slowed(getattr(lens, name)))
     _train(tmp_path, "run")
-    assert ready == [True] * TINY.steps, f"a step was dispatched before the last was done: {ready}"
+    calls = TINY.pretrain_steps + 1 + (TINY.steps - 1) * (TINY.d_steps + 1)
+    assert ready == [True] * calls, f"a jitted step started before the last was done: {ready}"
 
 
 def _direct_epsilon(noise_multiplier, count, delta):

@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 from dpfed import data as data_lib
 from dpfed import privacy
 from dpfed.data.partition import to_federated
-from dpfed.federated.mesh import waits_for_each_step
+from dpfed.federated.mesh import settle
 from dpfed.generative import contract
 from dpfed.generative.datalens.partition import (
     PARTITION_RELATIONS,
@@ -309,13 +309,17 @@ class DataLens:
     def train_step(
         self, state, data, ids, key, num_d_steps: int, real_batch: int
     ) -> tuple[PyTree, dict]:
-        """`num_d_steps` teacher steps, then one generator step; key = fold_in(seed key, step)."""
+        """`num_d_steps` teacher steps, then one generator step; key = fold_in(seed key, step).
+
+        Each jitted call is settled before the next is dispatched: on several CPU devices
+        XLA:CPU can deadlock otherwise (`dpfed.federated.mesh.waits_for_each_step`).
+        """
         teacher_key, generator_key = jax.random.split(key)
         for i in range(num_d_steps):
-            state, _ = self.teacher_step(
+            state, _ = settle(self.teacher_step(
                 state, data, ids, jax.random.fold_in(teacher_key, i), real_batch=real_batch
-            )
-        return self.generator_step(state, ids, generator_key)
+            ))
+        return settle(self.generator_step(state, ids, generator_key))
 
 
 # Fields that only steer the Python loop or the data: runs differing in them share one
@@ -456,7 +460,6 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         checkpointer.save(step, checkpointed(state), {"ledger": ledger.to_json(with_pld=False)})
 
     eps = None
-    wait = waits_for_each_step()
     for step in range(start_step, last_step):
         state, metrics = lens.train_step(
             state,
@@ -466,8 +469,6 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             d_steps_before(config, step),
             config.real_batch or teacher_data.max_n,
         )
-        if wait:  # else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
-            jax.block_until_ready((state, metrics))
         ledger.record(event, count=per_step)
         done = step + 1
         if done % config.eval_every == 0 or done == last_step:
