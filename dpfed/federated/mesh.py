@@ -65,10 +65,11 @@ def waits_for_each_step() -> bool:
     """Whether a host loop must wait for each step's results before dispatching the next.
 
     True on a CPU backend split into several devices. There XLA:CPU (jax 0.10.2)
-    deadlocks when the host queues multi-device programs with collectives ahead of the
-    devices: one device never joins a round's all-reduce (the demo's command on 2 CPU
-    devices stopped at rounds 29 and 42; waiting for each round, it ran through on 2, 3
-    and 8 devices: WORKSPACE.md). One device and accelerators keep asynchronous dispatch.
+    deadlocks when the host queues tens of multi-device programs with collectives ahead
+    of the devices: one device never joins a round's all-reduce (the demo's command on 2
+    CPU devices stopped at rounds 29 and 42, before its first evaluation read a result;
+    waiting for each round, it ran through on 2, 3 and 8 devices: WORKSPACE.md). One
+    device and accelerators keep asynchronous dispatch.
     """
     return jax.default_backend() == "cpu" and jax.local_device_count() > 1
 
