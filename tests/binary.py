@@ -1,10 +1,13 @@
 """Runs an experiment binary in a subprocess, as a user would (shared by the binaries' tests)."""
 
 import contextlib
+import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,6 +22,44 @@ def run_binary(
     if check:
         assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
     return proc
+
+
+def kill_after_checkpoint(
+    module: str, *args: str, workdir: pathlib.Path, step: int, timeout: float = 300
+) -> None:
+    """Runs `python -m module args --workdir=workdir`; SIGKILLs it once a checkpoint of a
+    step >= `step` is complete. Asserts it was killed before it finished (no summary.json)."""
+    cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= step:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+
+
+SUMMARY_AND_LEDGER = ("summary.json", "ledger.json")
+
+
+def assert_resumed_like_uninterrupted(
+    whole: pathlib.Path, resumed: pathlib.Path, step_key: str = "step"
+) -> None:
+    """A killed-and-resumed run's workdir ends as the uninterrupted run's: the same params
+    (summary.json), ledger events and metrics.jsonl steps (none lost, none repeated)."""
+
+    def read(path):
+        summary, ledger = (json.loads((path / n).read_text()) for n in SUMMARY_AND_LEDGER)
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return summary["params_sha256"], ledger["events"], [json.loads(x)[step_key] for x in lines]
+
+    (params, events, steps), (params_w, events_w, steps_w) = read(resumed), read(whole)
+    assert params == params_w, "the resumed run's params differ from the uninterrupted run's"
+    assert events == events_w, "the resumed ledger differs: privacy spend lost or double-counted"
+    assert steps == steps_w, f"metrics.jsonl lost or repeated {step_key}s: {steps} vs {steps_w}"
 
 
 _HOLD_LOCK = """

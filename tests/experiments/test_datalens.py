@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.binary import run_binary
+from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
 
 TINY = [
     "--dataset=digits",
@@ -47,6 +47,15 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "120 examples each on average" in report, report[:600]
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
+
+
+def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(tmp_path):
+    args = [*TINY, "--steps=60", "--checkpoint_every=2", "--eval_every=10", "--noevaluate"]
+    _run(*args, f"--workdir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    kill_after_checkpoint("experiments.datalens", *args, workdir=killed, step=6)
+    _run(*args, f"--workdir={killed}")
+    assert_resumed_like_uninterrupted(tmp_path / "whole", killed)
 
 
 def test_vote_scope_batch_flag_records_one_aggregation_per_step(tmp_path):

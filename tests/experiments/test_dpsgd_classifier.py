@@ -1,17 +1,12 @@
 """End-to-end tests of experiments/dpsgd_classifier.py (subprocesses, small runs)."""
 
 import json
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from dp_accounting import dp_event, rdp
 
-from tests.binary import ROOT, run_binary
+from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
 
 
 def _run(*args, check=True, **kw):
@@ -109,24 +104,6 @@ def test_sigkill_and_resume_gives_same_params_and_ledger(tmp_path):
     ]
     _run(*args, f"--workdir={tmp_path / 'whole'}")
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "experiments.dpsgd_classifier", *args, f"--workdir={killed}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        steps = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()]
-        if steps and max(steps) >= 10:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint("experiments.dpsgd_classifier", *args, workdir=killed, step=10)
     _run(*args, f"--workdir={killed}")
-    whole, resumed = _json(tmp_path / "whole", "summary.json"), _json(killed, "summary.json")
-    assert resumed["params_sha256"] == whole["params_sha256"], "resumed params differ"
-    assert (
-        _json(killed, "ledger.json")["events"] == _json(tmp_path / "whole", "ledger.json")["events"]
-    ), "resumed ledger differs (lost or double-counted spend)"
-    steps = [
-        m["step"] for m in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
-    ]
-    assert steps == sorted(set(steps)), f"metrics.jsonl has duplicated steps: {steps}"
+    assert_resumed_like_uninterrupted(tmp_path / "whole", killed)

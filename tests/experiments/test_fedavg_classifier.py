@@ -10,7 +10,7 @@ from dpfed import data, privacy
 from dpfed.federated import classifier
 from dpfed.train.config import ConfigError
 from dpfed.train.resume import Spent
-from tests.binary import run_binary
+from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
 
 FAST = {"model": "logreg", "local_steps": 2, "local_batch_size": 10, "eval_every": 100}
 
@@ -59,19 +59,18 @@ def test_per_client_accuracies_are_diagnostics_not_releases(acceptance_run):
         "the report should point to diagnostics.jsonl, not show raw-data figures")
 
 
-@pytest.mark.slow  # ~40 s; the loop-level resume test in tests/federated is fast
-def test_rerun_on_the_same_workdir_resumes_to_the_uninterrupted_result(tmp_path):
-    def run(path, rounds):
-        config = classifier.FedAvgClassifierConfig(
-            num_clients=40, clients_per_round=8, rounds=rounds, noise_multiplier=1.0,
-            checkpoint_every=2, **FAST)
-        return classifier.train(config, str(path), log=lambda _: None)
-
-    whole = run(tmp_path / "whole", 5)
-    run(tmp_path / "split", 3)
-    resumed = run(tmp_path / "split", 5)
-    assert resumed["params_sha256"] == whole["params_sha256"], "resume must not change params"
-    assert resumed["epsilon_rdp"] == whole["epsilon_rdp"], "nor the privacy spent"
+@pytest.mark.slow  # ~1 min; the loop-level resume test in tests/federated is fast
+def test_sigkill_and_resume_gives_same_params_ledger_and_metrics(tmp_path):
+    args = [
+        "--model=logreg", "--local_steps=2", "--local_batch_size=10", "--num_clients=40",
+        "--clients_per_round=8", "--rounds=60", "--noise_multiplier=1.0",
+        "--checkpoint_every=2", "--eval_every=10",
+    ]
+    run_binary("experiments.fedavg_classifier", *args, f"--workdir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    kill_after_checkpoint("experiments.fedavg_classifier", *args, workdir=killed, step=6)
+    run_binary("experiments.fedavg_classifier", *args, f"--workdir={killed}")
+    assert_resumed_like_uninterrupted(tmp_path / "whole", killed, step_key="round")
 
 
 def test_non_private_run_has_no_ledger_and_no_eps(tmp_path):
