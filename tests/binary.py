@@ -46,15 +46,19 @@ SUMMARY_AND_LEDGER = ("summary.json", "ledger.json")
 
 
 def assert_resumed_like_uninterrupted(
-    whole: pathlib.Path, resumed: pathlib.Path, step_key: str = "step"
+    whole: pathlib.Path,
+    resumed: pathlib.Path,
+    step_key: str = "step",
+    params_key: str = "params_sha256",
 ) -> None:
     """A killed-and-resumed run's workdir ends as the uninterrupted run's: the same params
-    (summary.json), ledger events and metrics.jsonl steps (none lost, none repeated)."""
+    (summary.json's `params_key`), ledger events and metrics.jsonl steps (none lost, none
+    repeated)."""
 
     def read(path):
         summary, ledger = (json.loads((path / n).read_text()) for n in SUMMARY_AND_LEDGER)
         lines = (path / "metrics.jsonl").read_text().splitlines()
-        return summary["params_sha256"], ledger["events"], [json.loads(x)[step_key] for x in lines]
+        return summary[params_key], ledger["events"], [json.loads(x)[step_key] for x in lines]
 
     (params, events, steps), (params_w, events_w, steps_w) = read(resumed), read(whole)
     assert params == params_w, "the resumed run's params differ from the uninterrupted run's"

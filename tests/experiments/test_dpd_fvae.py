@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.binary import run_binary
+from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
 
 TINY = [
     "--dataset=digits",
@@ -54,6 +54,19 @@ def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):
     resumed = json.loads((tmp_path / "summary.json").read_text())
     for key in ("decoder_sha256", "epsilon_rdp", "participations_max"):
         assert resumed[key] == again[key], f"resuming changed {key}"
+
+
+@pytest.mark.slow  # ~1 min
+def test_sigkill_and_resume_gives_same_decoder_ledger_and_metrics(tmp_path):
+    # Local DP: per-client participation budgets and per-client state persist across rounds.
+    args = [*TINY, "--dp=local", "--sync=d", "--noise_multiplier=2", "--rounds=40",
+            "--checkpoint_every=2", "--eval_every=10"]
+    _run(*args, f"--workdir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    kill_after_checkpoint("experiments.dpd_fvae", *args, workdir=killed, step=6)
+    _run(*args, f"--workdir={killed}")
+    assert_resumed_like_uninterrupted(
+        tmp_path / "whole", killed, step_key="round", params_key="decoder_sha256")
 
 
 def test_a_run_resumes_on_another_device_count(tmp_path):
