@@ -4,6 +4,8 @@ A host loop that dispatches step n+1 before step n is computed hands step n+1 in
 that are not ready yet; `slow_identity` makes a step slow enough for that to show.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -19,3 +21,16 @@ def slow_identity(x: jax.Array) -> jax.Array:
 def all_ready(tree) -> bool:
     """Whether every array of `tree` has been computed."""
     return all(x.is_ready() for x in jax.tree.leaves(tree))
+
+
+def watch(step: Callable, ready: list[bool], slow_down: Callable) -> Callable:
+    """`step(state, ...) -> (state, out)`, appending to `ready` whether each call's input
+    state was computed, and slowing the state it returns with `slow_down`, so that the
+    next call would catch it unfinished if the host did not wait."""
+
+    def watched(state, *args, **kwargs):
+        ready.append(all_ready(state))
+        state, out = step(state, *args, **kwargs)
+        return slow_down(state), out
+
+    return watched

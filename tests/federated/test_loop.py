@@ -115,14 +115,12 @@ class _ReadinessWatcher:
 
     def __init__(self, engine):
         self.engine, self.ready = engine, []
+        self.round = dispatch.watch(
+            engine.round, self.ready, lambda s: s._replace(params=dispatch.slow_identity(s.params))
+        )
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
-
-    def round(self, state, key):
-        self.ready.append(dispatch.all_ready(state))
-        state, metrics = self.engine.round(state, key)
-        return state._replace(params=dispatch.slow_identity(state.params)), metrics
 
 
 def test_on_several_cpu_devices_each_round_waits_for_the_previous_one(tmp_path):

@@ -183,17 +183,10 @@ def test_on_several_cpu_devices_each_jitted_step_waits_for_the_previous_one(
     digits = data_lib.load(TINY.dataset, "train")
     lens = datalens.training.build(TINY, digits.num_classes, digits.image_shape)  # train's
     ready = []
-
-    def slowed(step_fn):
-        def step(state, *args, **kwargs):
-            ready.append(dispatch.all_ready(state))
-            state, out = step_fn(state, *args, **kwargs)
-            return {**state, "step": dispatch.slow_identity(state["step"])}, out
-
-        return step
-
     for name in ("teacher_step", "generator_step"):
-        monkeypatch.setattr(lens, name, slowed(getattr(lens, name)))
+        monkeypatch.setattr(lens, name, dispatch.watch(
+            getattr(lens, name), ready, lambda s: {**s, "step": dispatch.slow_identity(s["step"])}
+        ))
     _train(tmp_path, "run")
     calls = TINY.pretrain_steps + 1 + (TINY.steps - 1) * (TINY.d_steps + 1)
     assert ready == [True] * calls, f"a jitted step started before the last was done: {ready}"
