@@ -23,10 +23,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 
 demo: setup
 	$(PYBIN) -m experiments.fedgan_debug --workdir=$(WORKDIRS)/demo_fedgan_debug \
-	  --num_clients=200 --rounds=150 --clients_per_round=5 --noise_multiplier=0.5 \
-	  --d_conv_features=16,32 --d_dense_features=128 --g_dense_features=64 \
-	  --g_base_features=32 --g_convt_features=16,8 --client_d_learning_rate=2e-3 \
-	  --server_g_learning_rate=2e-2
+	  --flagfile=launch/demo.flags
 
 test: setup
 	$(PYBIN) -m pytest -q tests

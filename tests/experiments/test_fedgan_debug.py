@@ -353,22 +353,13 @@ def test_summary_and_report_say_the_classifier_data_is_outside_the_population(ti
     assert "public" not in report, "the classifier's data is held out, not called public"
 
 
-# The demo's flags (Makefile `demo`).
-DEMO_FLAGS = (
-    "--num_clients=200", "--clients_per_round=5", "--noise_multiplier=0.5",
-    "--d_conv_features=16,32", "--d_dense_features=128", "--g_dense_features=64",
-    "--g_base_features=32", "--g_convt_features=16,8", "--client_d_learning_rate=2e-3",
-    "--server_g_learning_rate=2e-2",
-)
-
-
 @pytest.mark.slow  # ~2 min
 def test_demo_runs_through_on_two_cpu_devices(tmp_path):
     # Without a wait for each round, XLA:CPU deadlocked here at rounds 29-45 of the first
     # GAN, before its first evaluation (round 50) read a result: one device never joined
     # the round's all-reduce (`dpfed.federated.mesh.settle`).
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    run_binary("experiments.fedgan_debug", f"--workdir={tmp_path}", *DEMO_FLAGS, "--rounds=80",
-               env=env, timeout=900)
+    run_binary("experiments.fedgan_debug", f"--workdir={tmp_path}",
+               "--flagfile=launch/demo.flags", "--rounds=80", env=env, timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["environment"]["device_count"] == 2, "the run must use 2 CPU devices"
