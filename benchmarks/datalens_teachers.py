@@ -22,8 +22,11 @@ on the first device, as the public code runs on one. Compare the loop of a 1-dev
 too: on 2 cores the 2-device process runs it slower than a 1-device one (WORKSPACE.md).
 
 prints teacher-steps/s (train) and teacher-samples/s (vote phase: one teacher's gradient
-on one sample, and its vote) for both paths and their ratio. Figures of this machine are
-in WORKSPACE.md.
+on one sample, and its vote) for both paths and their ratio, the vectorised path's
+GFLOP/s and the ceiling of the ratio (`benchmarks.roofline`: T x one teacher's FLOPs,
+XLA's count of the loop's jitted single-teacher function, at the best float32 matmul
+rate of this run, against the loop's time: the most any vectorisation could gain here).
+Figures of this machine are in WORKSPACE.md.
 """
 
 import statistics
@@ -36,6 +39,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks import roofline
 from dpfed import data
 from dpfed.federated import mesh
 from dpfed.generative.datalens import TeacherEnsemble, TopAgg, make_mesh, partition_teachers
@@ -76,7 +80,8 @@ def _loss(disc, params, real, real_labels, fakes, fake_labels):
 
 
 def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dict:
-    """Seconds per pass over all teachers (train step and votes), vectorised and looped."""
+    """Seconds per pass over all teachers (train step and votes), vectorised and looped,
+    and XLA's FLOP count of one teacher's step and of its votes (None if not reported)."""
     disc = TeacherDiscriminator(train_ds.num_classes, tuple(int(f) for f in _FEATURES.value))
     optimizer = optax.adam(1e-3, b1=0.5)
     topagg = TopAgg(k=_TOPK.value, b=1e-4, sigma=1.0, beta=0.5)
@@ -147,6 +152,9 @@ def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dic
     return {
         "T": num_teachers,
         "real": real,
+        "train_flops": roofline.xla_flops(
+            train_one.lower(teachers[0], images[0], labels[0]).compile()),
+        "vote_flops": roofline.xla_flops(vote_one.lower(teachers[0]["params"], 0).compile()),
         "vmapped_train": vmapped_train,
         "loop_train": _median_seconds(loop_train, repeats),
         "vmapped_vote": vmapped_vote,
@@ -165,22 +173,28 @@ def main(argv: list[str]) -> None:
         f"votes ({_SCOPE.value} scope): {fake} samples, top-{_TOPK.value}; "
         f"chunk {_CHUNK.value}"
     )
+    peak = roofline.matmul_flops_per_second()
+    print(f"best rate (float32 matmul, this run): {peak / 1e9:.0f} GFLOP/s")
     header = (
-        f"{'T':>6} {'real':>5} | {'train vmap':>12} {'train loop':>12} {'ratio':>6} | "
-        f"{'vote vmap':>12} {'vote loop':>12} {'ratio':>6}"
+        f"{'T':>6} {'real':>5} | {'train vmap':>12} {'train loop':>12} {'ratio':>6} "
+        f"{'GFLOP/s':>8} {'ceiling':>8} | {'vote vmap':>12} {'vote loop':>12} {'ratio':>6} "
+        f"{'GFLOP/s':>8} {'ceiling':>8}"
     )
-    print(f"{'':13} teacher-steps/s{'':20} | teacher-samples/s (votes: one teacher, one sample)")
+    print(f"{'':13} teacher-steps/s{'':38} | teacher-samples/s (votes: one teacher, one sample)")
     print(header)
     for num_teachers in (int(t) for t in _TEACHERS.value):
         r = measure(num_teachers, train_ds, _REPEATS.value)
         t = r["T"]
-        print(
-            f"{t:>6} {r['real']:>5} | {t / r['vmapped_train']:>12.1f} "
-            f"{t / r['loop_train']:>12.1f} {r['loop_train'] / r['vmapped_train']:>5.2f}x | "
-            f"{t * fake / r['vmapped_vote']:>12.1f} {t * fake / r['loop_vote']:>12.1f} "
-            f"{r['loop_vote'] / r['vmapped_vote']:>5.2f}x",
-            flush=True,
-        )
+        cells = [f"{t:>6} {r['real']:>5}"]
+        for phase, per_pass in (("train", t), ("vote", t * fake)):
+            vmapped, loop, flops = r[f"vmapped_{phase}"], r[f"loop_{phase}"], r[f"{phase}_flops"]
+            rate, top = ("-", "-") if flops is None else (
+                f"{t * flops / vmapped / 1e9:.1f}",
+                f"{roofline.ceiling(loop, t * flops, peak):.1f}x")
+            cells.append(
+                f"{per_pass / vmapped:>12.1f} {per_pass / loop:>12.1f} {loop / vmapped:>5.2f}x "
+                f"{rate:>8} {top:>8}")
+        print(" | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,11 @@ sizes (arguments + outputs + temporaries) of the compiled engine round and of th
 compiled client update, the RSS high-water growth while each path warms up (host), and on
 an accelerator the device's peak bytes in use after the engine's warm-up (`memory_stats`:
 cumulative over the run, sizes in increasing order, so the engine's peak at that size).
+Ceiling: the round's FLOPs (XLA's count of one local step x steps x m, counted with
+`nn.Conv`, the fewest: patches add their extraction's FLOPs) at the best rate
+this run measured (`benchmarks.roofline`: a large float32 matmul) against the loop's
+time, i.e. the most loop / engine could be on this machine whatever the engine's code;
+"engine GFLOP/s" is the rate the engine reached.
 Each size's table row is printed as soon as it is measured. Pass
 --host_devices=N to split the CPU into N XLA devices (the engine then spreads the
 cohort over them, as over the chips of a TPU host).
@@ -92,6 +97,7 @@ def main(argv: list[str]) -> None:
     import numpy as np  # noqa: PLC0415
     import optax  # noqa: PLC0415
 
+    from benchmarks import roofline  # noqa: PLC0415
     from dpfed import models, privacy  # noqa: PLC0415
     from dpfed.federated import (  # noqa: PLC0415
         ClientData,
@@ -120,6 +126,8 @@ def main(argv: list[str]) -> None:
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; model {_MODEL.value}, "
           f"{n} examples/client, {_STEPS.value} local steps of {_BATCH.value}; "
           f"{os.cpu_count()} CPUs")
+    peak = roofline.matmul_flops_per_second()
+    print(f"best rate (float32 matmul, this run): {peak / 1e9:.0f} GFLOP/s", flush=True)
 
     def measure(conv: str, m: int) -> None:
         extra = {} if conv == "-" else {"conv": conv}
@@ -127,6 +135,11 @@ def main(argv: list[str]) -> None:
         params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
         client_update = local_training(
             classifier_loss(model), optax.sgd(0.05), _STEPS.value, _BATCH.value)
+        # XLA counts a scan's body once: count one local step, times the steps. Counted with
+        # nn.Conv (the same function and params): patches add the extraction's FLOPs.
+        counted = models.get_classifier(
+            _MODEL.value, 10, **({} if conv == "-" else {"conv": "xla"}))
+        one_step = local_training(classifier_loss(counted), optax.sgd(0.05), 1, _BATCH.value)
 
         # The loop's pieces, each jitted once.
         @jax.jit
@@ -189,19 +202,30 @@ def main(argv: list[str]) -> None:
         client_mib = _xla_mib(one_client.lower(
             params, device_data.arrays, device_data.counts, 0, key).compile())
         engine_mib = _xla_mib(engine.lower(state, key).compile())
+        step_flops = roofline.xla_flops(jax.jit(
+            lambda p, k: one_step(p, (), OneClient(jax.tree_util.tree_map(
+                lambda a: a[0], device_data.arrays), device_data.counts[0]), (), k).params
+        ).lower(params, key).compile())
+        if step_flops is None:
+            rate = ceiling = "-"
+        else:
+            round_flops = m * _STEPS.value * step_flops
+            rate = f"{round_flops / engine_s / 1e9:.3g}"
+            ceiling = f"{roofline.ceiling(loop_s, round_flops, peak):.1f}x"
         speedup = f"{engine_xla[m] / engine_s:.2f}x" if m in engine_xla else "-"
         if conv == "xla":
             engine_xla[m] = engine_s
         print(f"| {conv} | {m} | {engine_s:.3g} | {loop_s:.3g} | **{loop_s / engine_s:.2f}x** | "
               f"{m * client_s:.3g} | {speedup} | {_mib(engine_mib)} | {_mib(client_mib)} | "
               f"{growth['engine']:.0f} / {growth['loop']:.0f} | {_mib(device_peak['engine'])} | "
-              f"{engine.chunk_size} | {engine.clients_per_device_step} |", flush=True)
+              f"{engine.chunk_size} | {engine.clients_per_device_step} | {rate} | {ceiling} |",
+              flush=True)
 
     print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
           "| m x one client s | engine speedup vs nn.Conv | engine XLA MiB "
           "| client-update XLA MiB | RSS growth engine / loop MiB | device peak MiB (engine) "
-          "| chunk | per device step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "| chunk | per device step | engine GFLOP/s | loop/engine ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     engine_xla: dict[int, float] = {}
     for conv in convs:
         for m in sizes:

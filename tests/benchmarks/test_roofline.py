@@ -1,0 +1,57 @@
+"""benchmarks/roofline.py: XLA's FLOP count, the matmul rate and the ceiling it gives."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import roofline
+
+
+class _Compiled:
+    def __init__(self, analysis):
+        self.analysis = analysis
+
+    def cost_analysis(self):
+        return self.analysis
+
+
+def test_xla_flops_counts_a_matmul_as_2mkn():
+    compiled = jax.jit(jnp.matmul).lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
+    assert roofline.xla_flops(compiled) == 2 * 8 * 16 * 4, "XLA counts a multiply and an add"
+
+
+@pytest.mark.parametrize("analysis", [None, {}, [], {"flops": 0.0}, {"flops": -1.0}])
+def test_xla_flops_is_none_when_nothing_is_reported(analysis):
+    assert roofline.xla_flops(_Compiled(analysis)) is None, (
+        f"{analysis!r} reports no FLOPs: the ceiling must be left out, not computed from 0")
+
+
+def test_xla_flops_reads_the_first_program_of_a_list():
+    assert roofline.xla_flops(_Compiled([{"flops": 6.0}, {"flops": 9.0}])) == 6.0
+
+
+def test_matmul_rate_is_2n_cubed_over_the_median_time_best_over_sizes(monkeypatch):
+    clock = itertools.count(step=0.5)  # every timed matmul takes 0.5 s on this fake clock
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(clock))
+    rate = roofline.matmul_flops_per_second(sizes=(4, 8), repeats=3)
+    assert rate == 2 * 8**3 / 0.5, f"the larger size's 2n^3 / 0.5 s is the best rate, got {rate}"
+
+
+def test_matmul_rate_needs_a_size_and_a_repeat():
+    with pytest.raises(ValueError, match="repeats"):
+        roofline.matmul_flops_per_second(sizes=(4,), repeats=0)
+    with pytest.raises(ValueError, match="size"):
+        roofline.matmul_flops_per_second(sizes=(), repeats=1)
+
+
+def test_ceiling_is_the_baseline_over_the_work_at_the_rate():
+    # 4e9 FLOPs at 2e9 FLOP/s take 2 s; a baseline of 6 s can be beaten at most 3x.
+    assert roofline.ceiling(6.0, 4e9, 2e9) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("args", [(0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 1.0, -1.0)])
+def test_ceiling_rejects_non_positive_inputs(args):
+    with pytest.raises(ValueError, match="positive"):
+        roofline.ceiling(*args)
