@@ -25,15 +25,21 @@ def run_binary(
 
 
 def kill_after_checkpoint(
-    module: str, *args: str, workdir: pathlib.Path, step: int, timeout: float = 300
+    module: str,
+    *args: str,
+    workdir: pathlib.Path,
+    step: int,
+    timeout: float = 300,
+    checkpoints: str = "checkpoints",
 ) -> None:
     """Runs `python -m module args --workdir=workdir`; SIGKILLs it once a checkpoint of a
-    step >= `step` is complete. Asserts it was killed before it finished (no summary.json)."""
+    step >= `step` is complete in `workdir / checkpoints` (a sub-workdir's, e.g.
+    "gan_high/checkpoints"). Asserts it was killed before it finished (no summary.json)."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        steps = [int(p.name) for p in (workdir / checkpoints).glob("*") if p.name.isdigit()]
         if steps and max(steps) >= step:
             break
         time.sleep(0.05)
