@@ -4,6 +4,7 @@ import pathlib
 
 from dpfed.generative import selection
 from dpfed.train.workdir import Workdir
+from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
 
 GROUND_TRUTH_HEADING = "## Simulation ground truth and diagnostics (not a DP release)"
 
@@ -71,3 +72,29 @@ def assert_raw_log_lines_labelled(lines: list[str]) -> None:
         assert line.startswith(selection.RAW_LOG_PREFIX), (
             f"a terminal line shows raw-data thresholds without the label: {line!r}"
         )
+
+
+def assert_killed_in_second_model_resumes(
+    module: str,
+    args: list[str],
+    tmp_path: pathlib.Path,
+    group_dirs: tuple[str, str],
+    summary_keys: tuple[str, ...],
+    params_key: str = "params_sha256",
+) -> None:
+    """SIGKILLs `module` once the second model (`group_dirs[1]`, trained second) has
+    checkpointed round 3, reruns it, and checks both sub-workdirs and `summary_keys` end as
+    an uninterrupted run's: the groups are found again (pinned), the finished first model
+    is left as it was, the second continues without losing or repeating a round."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_binary(module, *args, f"--workdir={whole}")
+    kill_after_checkpoint(
+        module, *args, workdir=killed, step=3, checkpoints=f"{group_dirs[1]}/checkpoints")
+    assert (killed / group_dirs[0] / "summary.json").exists(), "killed after the first model"
+    run_binary(module, *args, f"--workdir={killed}")
+    for name in group_dirs:
+        assert_resumed_like_uninterrupted(
+            whole / name, killed / name, step_key="round", params_key=params_key)
+    finished, resumed = (Workdir(d).read_json("summary.json") for d in (whole, killed))
+    for key in summary_keys:
+        assert resumed[key] == finished[key], f"{key}: {resumed[key]} resumed vs {finished[key]}"

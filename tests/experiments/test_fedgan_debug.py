@@ -13,7 +13,7 @@ import pytest
 from dpfed.data import emnist_federated
 from dpfed.generative import fedgan_debug, selection
 from dpfed.train.workdir import Workdir
-from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
+from tests.binary import run_binary
 from tests.experiments import debug_checks
 
 # Figures computed from raw client data: diagnostics.json only, never a release file.
@@ -159,24 +159,11 @@ def _flags(settings: dict) -> list[str]:
 
 
 def test_demo_killed_in_its_second_gan_resumes_like_an_uninterrupted_run(tmp_path):
-    # SIGKILL once the high group's GAN has checkpointed round 3 of 6: the rerun trains
-    # the app classifier again, must find the same groups (pinned), leave the finished
-    # low GAN as it was and continue the high one without losing or repeating a round.
-    args = _flags({**TINY, "rounds": 6})
-    run_binary("experiments.fedgan_debug", *args, f"--workdir={tmp_path / 'whole'}")
-    killed = tmp_path / "killed"
-    kill_after_checkpoint(
-        "experiments.fedgan_debug", *args, workdir=killed, step=3,
-        checkpoints="gan_high/checkpoints")
-    assert (killed / "gan_low" / "summary.json").exists(), "killed after the low GAN finished"
-    run_binary("experiments.fedgan_debug", *args, f"--workdir={killed}")
-    for gan in ("gan_low", "gan_high"):
-        assert_resumed_like_uninterrupted(
-            tmp_path / "whole" / gan, killed / gan, step_key="round", params_key="generator_sha256")
-    whole, resumed = (json.loads((d / "summary.json").read_text())
-                      for d in (tmp_path / "whole", killed))
-    for key in ("epsilon_rdp", "inverted_fraction_low", "inverted_fraction_high"):
-        assert resumed[key] == whole[key], f"{key}: {resumed[key]} resumed vs {whole[key]}"
+    # make demo's job, SIGKILLed after round 3 of 6 of the high group's GAN.
+    debug_checks.assert_killed_in_second_model_resumes(
+        "experiments.fedgan_debug", _flags({**TINY, "rounds": 6}), tmp_path,
+        ("gan_low", "gan_high"), ("epsilon_rdp", "inverted_fraction_low", "inverted_fraction_high"),
+        params_key="generator_sha256")
 
 
 def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_path):

@@ -11,7 +11,7 @@ from dpfed import data as data_lib
 from dpfed.data import shakespeare
 from dpfed.generative import fedlm, fedlm_debug, selection
 from dpfed.train.workdir import Workdir
-from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
+from tests.binary import run_binary
 from tests.experiments import debug_checks
 
 # Figures computed from raw client data: diagnostics.json only, never a release file.
@@ -153,23 +153,11 @@ def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_pa
 
 
 def test_killed_in_its_second_lm_resumes_like_an_uninterrupted_run(tmp_path):
-    # SIGKILL once the low-OOV LM (trained second) has checkpointed round 3 of 6: the rerun
-    # must find the same groups (pinned), leave the finished high-OOV LM as it was and
-    # continue the low-OOV one without losing or repeating a round.
-    args = [f"--{k}={v}" for k, v in {**TINY, "rounds": 6}.items()]
-    run_binary("experiments.fedlm_debug", *args, f"--workdir={tmp_path / 'whole'}")
-    killed = tmp_path / "killed"
-    kill_after_checkpoint(
-        "experiments.fedlm_debug", *args, workdir=killed, step=3,
-        checkpoints="lm_low_oov/checkpoints")
-    assert (killed / "lm_high_oov" / "summary.json").exists(), "killed after the first LM"
-    run_binary("experiments.fedlm_debug", *args, f"--workdir={killed}")
-    for lm in ("lm_high_oov", "lm_low_oov"):
-        assert_resumed_like_uninterrupted(tmp_path / "whole" / lm, killed / lm, step_key="round")
-    whole, resumed = (json.loads((d / "summary.json").read_text())
-                      for d in (tmp_path / "whole", killed))
-    for key in ("epsilon_rdp", "oov_rate_buggy_model", "oov_rate_healthy_model"):
-        assert resumed[key] == whole[key], f"{key}: {resumed[key]} resumed vs {whole[key]}"
+    # SIGKILLed after round 3 of 6 of the low-OOV LM (trained second).
+    debug_checks.assert_killed_in_second_model_resumes(
+        "experiments.fedlm_debug", [f"--{k}={v}" for k, v in {**TINY, "rounds": 6}.items()],
+        tmp_path, ("lm_high_oov", "lm_low_oov"),
+        ("epsilon_rdp", "oov_rate_buggy_model", "oov_rate_healthy_model"))
 
 
 def test_rerun_on_other_group_texts_is_refused(tiny_run, tmp_path):
