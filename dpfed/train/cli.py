@@ -73,7 +73,7 @@ def _lock_workdir() -> None:
     Not with `--distributed`: every host of a multi-host job runs the binary on the one
     shared workdir, so a per-process lock would refuse all hosts but the first.
     """
-    if "workdir" not in flags.FLAGS or not flags.FLAGS.workdir:
+    if "workdir" not in flags.FLAGS or flags.FLAGS.workdir is None:
         return
     if "distributed" in flags.FLAGS and flags.FLAGS.distributed:
         return

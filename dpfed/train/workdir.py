@@ -170,8 +170,21 @@ class Workdir:
     """An experiment's output directory (created if missing)."""
 
     def __init__(self, path: str | os.PathLike):
+        """Creates the directory if missing.
+
+        Raises:
+          ConfigError: naming "workdir", for an empty path (which would be the current
+            directory) or a path that cannot be a directory (a file, or unwritable).
+        """
+        if not os.fspath(path):
+            raise ConfigError("workdir", "must name a directory, got an empty path")
         self._path = pathlib.Path(path).absolute()
-        self._path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                "workdir", f"cannot be used as a directory: {error.strerror}: {self._path}"
+            ) from None
         self._tail_checked: set[str] = set()
 
     @property
@@ -198,7 +211,11 @@ class Workdir:
         path = self.file(LOCK_FILE)
         if path in _held_locks:
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ConfigError(
+                "workdir", f"cannot be written: {error.strerror}: {self.path}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -113,6 +113,17 @@ def test_a_second_run_on_a_workdir_in_use_exits_2_naming_it(tmp_path):
     assert _run(tmp_path, f"--workdir={workdir}").returncode == 0, "the lock must die with it"
 
 
+@pytest.mark.parametrize("kind", ["empty", "file"])
+def test_a_workdir_that_cannot_be_a_directory_exits_2_naming_it(tmp_path, kind):
+    (tmp_path / "a_file").write_text("not a directory")
+    workdir = "" if kind == "empty" else tmp_path / "a_file"
+    result = _run(tmp_path, f"--workdir={workdir}")
+    lines = _stderr_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
+    assert lines[0].startswith("error: --workdir:"), (
+        f"an empty --workdir (the current directory) or a file must be refused: {lines}")
+
+
 def test_a_multi_host_run_shares_its_workdir_without_the_lock(tmp_path):
     workdir = tmp_path / "w"
     with workdir_locked_by_another_process(workdir):  # another host of the job

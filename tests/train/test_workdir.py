@@ -320,3 +320,27 @@ def test_taking_the_lock_removes_temp_files_a_killed_write_left(tmp_path):
     Workdir(tmp_path).lock()
     assert not any(p.exists() for p in leftovers), "a killed write's temp files outlive the lock"
     assert all(p.exists() for p in kept), "only atomic writes' `.<name>.<random>.tmp` files go"
+
+
+@pytest.mark.parametrize("path", ["", "a_file", "a_file/sub"])
+def test_a_path_that_cannot_be_a_directory_is_a_config_error_naming_the_workdir(tmp_path, path):
+    (tmp_path / "a_file").write_text("not a directory")
+    target = str(tmp_path / path) if path else ""
+    with pytest.raises(ConfigError) as error:
+        Workdir(target)
+    assert error.value.field == "workdir", (
+        f"{target!r}: an empty path (the current directory) or a file must be refused "
+        f"naming the workdir, got {error.value}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_a_read_only_workdir_cannot_be_locked_and_says_so(tmp_path):
+    wd = Workdir(tmp_path / "ro")
+    wd.path.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError) as error:
+            wd.lock()
+    finally:
+        wd.path.chmod(0o700)
+    assert error.value.field == "workdir" and "cannot be written" in error.value.message, (
+        str(error.value))
