@@ -302,11 +302,22 @@ def budget_stop(
 
     Each step records `events_per_step` copies of `event`. Without a ledger or a target
     the run goes to `total`. Logs when the budget ends the run early.
+
+    Raises:
+      ConfigError: naming "target_epsilon", when a fresh ledger cannot afford even one
+        step (the run would release its untrained initial state under a DP label).
     """
     if ledger is None or ledger.target_epsilon is None:
         return total
     remaining = max(total - start, 0)
     last = start + ledger.affordable_count(event, events_per_step * remaining) // events_per_step
+    if last == start < total and not ledger.entries:
+        raise ConfigError(
+            "target_epsilon",
+            f"cannot be met: one {key} already costs eps "
+            f"{ledger.epsilon_with(event, events_per_step):.4g} > {ledger.target_epsilon}; "
+            "raise the noise multiplier or the target",
+        )
     if last < total:
         if last == start and ledger.entries:
             log(

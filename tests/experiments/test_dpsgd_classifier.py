@@ -82,6 +82,17 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     assert len(lines) == 1 and name in lines[0], f"{flag}: want one line naming {name}: {lines}"
 
 
+@pytest.mark.parametrize("noise", ["0", "0.3"])
+def test_a_target_one_step_already_exceeds_exits_2_before_training(tmp_path, noise):
+    # Before, the budget guard stopped "after step 0": exit 0 and the untrained model
+    # released with eps 0 (found by a CLI audit).
+    proc = _run("--model=logreg", "--steps=2", "--batch_size=16", f"--noise_multiplier={noise}",
+                "--target_epsilon=0.1", f"--workdir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "--target_epsilon: cannot be met" in proc.stderr, (
+        f"exit {proc.returncode}: {proc.stderr[-500:]}")
+    assert not (tmp_path / "summary.json").exists(), "nothing may be released"
+
+
 def test_offline_tfds_dataset_exits_2_naming_embedded_alternative(tmp_path):
     proc = _run(
         "--dataset=mnist",

@@ -63,7 +63,7 @@ def checkpoint(path, step, saved_ledger, logged_past=2):
 
 
 def test_fresh_run_starts_at_zero_with_its_own_ledger_and_pins_config(tmp_path):
-    fresh = ledger(target=1.0)
+    fresh = ledger(target=10.0)
     result = start(tmp_path, fresh)
     assert (result.step, result.resumed) == (0, False), "no checkpoint: a fresh start"
     assert result.ledger is fresh and result.state["w"].sum() == 0
@@ -309,6 +309,18 @@ def test_budget_stop_divides_by_events_per_step():
 def test_budget_stop_without_target_runs_to_the_end():
     assert budget_stop(ledger(None, releases=4), EVENT, 4, 20) == 20
     assert budget_stop(None, None, 4, 20) == 20
+
+
+def test_budget_stop_refuses_a_fresh_run_that_cannot_afford_one_step():
+    with pytest.raises(ConfigError) as error:
+        budget_stop(ledger(_eps_of(1) * 0.99), EVENT, 0, 20, key="round")
+    assert error.value.field == "target_epsilon" and "one round" in error.value.message, (
+        "a fresh run whose first step already exceeds the target must not release its "
+        f"untrained state under a DP label: {error.value}")
+
+
+def test_budget_stop_lets_a_fresh_run_afford_exactly_one_step():
+    assert budget_stop(ledger(_eps_of(1) * 1.0001), EVENT, 0, 20) == 1
 
 
 def test_budget_stop_says_when_the_checkpoint_already_exceeds_the_target():
