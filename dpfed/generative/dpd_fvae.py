@@ -438,14 +438,27 @@ def resume_noise_multiplier(
 def participation_budgets(
     config: DpdFvaeConfig, counts: np.ndarray, noise_multiplier: float
 ) -> np.ndarray:
-    """Per client, the participations its target eps affords (local mode; else `rounds`)."""
+    """Per client, the participations its target eps affords (local mode; else `rounds`).
+
+    Raises:
+      ConfigError: naming "target_epsilon", when no client affords one participation
+        (nothing would train; the untrained decoder would be released under a DP label).
+    """
     if config.dp != "local" or config.target_epsilon is None:
         return np.full(len(counts), config.rounds, np.int32)
-    budgets = {}
+    budgets, first_costs = {}, []
     for n in np.unique(counts):
         ledger = _local_ledger(config)
-        budgets[int(n)] = ledger.affordable_count(
-            local_participation_event(config, int(n), noise_multiplier), config.rounds)
+        event = local_participation_event(config, int(n), noise_multiplier)
+        budgets[int(n)] = ledger.affordable_count(event, config.rounds)
+        first_costs.append(ledger.epsilon_with(event))
+    require(
+        config.rounds == 0 or max(budgets.values()) > 0,
+        "target_epsilon",
+        f"cannot be met: one participation already costs a client eps >= {min(first_costs):.4g} "
+        f"> {config.target_epsilon} (local DP-SGD, noise multiplier {noise_multiplier:.4g}); "
+        "raise the noise multiplier or the target",
+    )
     return np.array([budgets[int(n)] for n in counts], np.int32)
 
 

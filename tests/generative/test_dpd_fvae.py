@@ -189,6 +189,18 @@ def test_participation_budget_is_the_most_the_target_eps_affords():
     assert eps(budget) <= 8.0 < eps(budget + 1), f"budget {budget} is not the largest affordable"
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_a_target_no_client_affords_once_is_a_config_error(noise):
+    # Before, every budget was 0: no client trained and the initial decoder was released
+    # as "(0, delta)-DP" with exit 0 (found by a CLI audit).
+    config = dataclasses.replace(_CONFIG, dp="local", noise_multiplier=noise,
+                                 target_epsilon=0.01, rounds=5)
+    with pytest.raises(ConfigError) as error:
+        dpd_fvae.participation_budgets(config, _COUNTS, noise)
+    assert error.value.field == "target_epsilon" and "cannot be met" in error.value.message, (
+        str(error.value))
+
+
 def test_adopting_lowered_budgets_says_which_clients_are_already_past_them():
     trainer = _trainer(dp="local", noise_multiplier=1.0, target_epsilon=8.0, rounds=50)
     state = trainer.init()
