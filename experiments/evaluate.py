@@ -93,6 +93,8 @@ def main(argv: list[str]) -> None:
     source, config = _source(), _config()
     try:
         record = evaluation.evaluate(_WORKDIR.value, source, config)
+    except evaluation.DatasetError as error:
+        raise cli.FlagError("dataset", str(error)) from error
     except evaluation.EvaluationError as error:
         flag = _SYNTHETIC.name if _SYNTHETIC.value else "workdir"
         raise cli.FlagError(flag, str(error)) from error

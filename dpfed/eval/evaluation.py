@@ -5,8 +5,9 @@ A source is one of (`Source.kind`):
   `dpfed.generative.contract`) or its ``synthetic.npz`` fallback;
 - ``synthetic_file``: any ``.npz`` of images (+ labels) following the contract;
 - ``real_data``: the real train split used as if it were synthetic: the ceiling row;
-- ``classifier``: a DP-SGD classifier workdir (``experiments.dpsgd_classifier``): the
-  direct-training row, whose test accuracy the trainer measured on the real test split.
+- ``classifier``: a DP-SGD or DP-FedAvg classifier workdir (``experiments.dpsgd_classifier``,
+  ``experiments.fedavg_classifier``): the direct-training row, whose test accuracy the
+  trainer measured on the real test split.
 
 Synthetic and real sources get `fid_domain` (and ``fid_inception`` when an Inception
 extractor is given) against the real test split, and train-on-synthetic / test-on-real
@@ -80,6 +81,10 @@ class EvaluationError(ValueError):
     """The source cannot be evaluated as asked (missing files, wrong shapes, ...)."""
 
 
+class DatasetError(EvaluationError):
+    """The dataset to evaluate against is missing, or contradicts the one a figure is of."""
+
+
 def _read_optional_json(workdir: Workdir, name: str) -> dict:
     return workdir.read_json(name) if workdir.file(name).exists() else {}
 
@@ -115,10 +120,15 @@ def privacy_of(workdir: Workdir) -> dict | None:
     return privacy
 
 
-def _dataset_name(config: EvalConfig, summary: dict) -> str:
-    name = config.dataset or summary.get("flags", {}).get("dataset")
+def _dataset_name(config: EvalConfig, summary: dict, kind: str) -> str:
+    trained_on = summary.get("flags", {}).get("dataset")
+    if kind == "classifier" and config.dataset not in (None, trained_on):
+        raise DatasetError(
+            f"the classifier's test accuracy is on {trained_on!r} (measured by its trainer), "
+            f"not on {config.dataset!r}: leave --dataset out or give {trained_on!r}")
+    name = config.dataset or trained_on
     if name is None:
-        raise EvaluationError("no dataset given and none named in the workdir's summary.json")
+        raise DatasetError("no dataset given and none named in the workdir's summary.json")
     return name
 
 
@@ -217,13 +227,22 @@ def evaluate_images(
     return result
 
 
+def classifier_trainer(summary: dict) -> tuple[str, str]:
+    """(algorithm, binary) of a classifier workdir's summary.json: DP-FedAvg's has
+    `rounds` (`experiments.fedavg_classifier`), DP-SGD's does not."""
+    if "rounds" in summary:
+        return "DP-FedAvg", "experiments.fedavg_classifier"
+    return "DP-SGD", "experiments.dpsgd_classifier"
+
+
 def _classifier_result(summary: dict) -> dict:
     model = summary["flags"]["model"]
+    algorithm, binary = classifier_trainer(summary)
     return {
         "fid_domain": None,
         "downstream": {model: {"test_accuracy": summary["test_accuracy"]}},
-        "downstream_note": f"The DP-SGD {model} itself, trained on the real train split "
-        "and tested on the real test split by experiments.dpsgd_classifier",
+        "downstream_note": f"The {algorithm} {model} itself, trained on the real train split "
+        f"and tested on the real test split by {binary}",
     }
 
 
@@ -262,10 +281,10 @@ def evaluate(workdir: str | os.PathLike, source: Source, config: EvalConfig) -> 
     start = time.time()
     wd = Workdir(workdir)
     summary = _read_optional_json(wd, SUMMARY_FILE)
-    dataset = _dataset_name(config, summary)
+    dataset = _dataset_name(config, summary, source.kind)
     train, test = data.load(dataset, "train"), data.load(dataset, "test")
     if source.kind == "classifier":
-        method = f"DP-SGD {summary['flags']['model']} (direct)"
+        method = f"{classifier_trainer(summary)[0]} {summary['flags']['model']} (direct)"
         synthetic, result = None, _classifier_result(summary)
     else:
         method, synthetic = load_images(source, wd, train, config)

@@ -1,5 +1,7 @@
 """Tests for dpfed.eval.evaluation: sources, eval.json, figures and the report section."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,25 @@ def test_classifier_workdir_is_the_direct_training_row(tmp_path, config):
     assert source.kind == "classifier", source
     assert record["downstream"] == {"cnn": {"test_accuracy": 0.91}}, record["downstream"]
     assert record["privacy"]["epsilon_rdp"] == 1.0, record["privacy"]
+
+
+def test_a_fedavg_classifier_workdir_is_labelled_dp_fedavg(tmp_path, config):
+    # Before, every classifier row read "DP-SGD ... by experiments.dpsgd_classifier", a
+    # user-level DP-FedAvg run included (found by a CLI audit).
+    wd = Workdir(tmp_path)
+    flags = {"model": "logreg", "dataset": "digits"}
+    wd.write_summary({"test_accuracy": 0.5, "rounds": 3, "steps": 3, "flags": flags})
+    record = evaluation.evaluate(tmp_path, evaluation.detect_source(wd), config)
+    assert record["method"] == "DP-FedAvg logreg (direct)", record["method"]
+    assert "experiments.fedavg_classifier" in record["downstream_note"], record["downstream_note"]
+
+
+def test_a_classifier_row_refuses_another_dataset_than_its_own(tmp_path, config):
+    wd = Workdir(tmp_path)
+    wd.write_summary({"test_accuracy": 0.5, "flags": {"model": "cnn", "dataset": "mnist5k"}})
+    other = dataclasses.replace(config, dataset="digits")
+    with pytest.raises(evaluation.DatasetError, match="mnist5k"):
+        evaluation.evaluate(tmp_path, evaluation.detect_source(wd), other)
 
 
 def test_real_data_is_non_private_and_subsampled(tmp_path, config):

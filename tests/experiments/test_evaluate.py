@@ -63,3 +63,10 @@ def test_missing_inception_weights_is_a_flag_error(tmp_path):
 def test_empty_workdir_is_a_flag_error(tmp_path):
     proc = _run(f"--workdir={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir:"), proc.stderr
+
+
+def test_an_npz_without_a_dataset_names_the_dataset_flag(tmp_path):
+    npz = _digits_npz(tmp_path / "synthetic_digits.npz")
+    proc = _run(f"--synthetic={npz}", f"--workdir={tmp_path / 'eval'}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --dataset:"), (
+        f"the missing setting is --dataset, not --synthetic: {proc.stderr}")
