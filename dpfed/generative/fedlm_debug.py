@@ -244,6 +244,19 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         ids, counts = fedlm.client_sequences(
             group_texts, char_vocab, config.seq_len, config.max_seqs
         )
+        # A client keeps the whole lines that fit in seq_len x max_seqs chars: none when
+        # its first line is longer. Such a client trains on nothing (a zero update).
+        empty, window = int(np.sum(counts == 0)), config.seq_len * config.max_seqs
+        require(
+            empty < len(counts),
+            "max_seqs",
+            f"seq_len x max_seqs = {window} chars hold no whole line of any client of the "
+            f"{name} group: raise --max_seqs or --seq_len",
+        )
+        if empty:
+            log(f"{selection.RAW_LOG_PREFIX}{empty} of {len(counts)} clients of the {name} "
+                f"group have no line that fits in seq_len x max_seqs = {window} chars: they "
+                "train on nothing")
         summary, params = fedlm.train_lm(
             dataclasses.replace(lm_config, seed=selection.group_seed(config.seed, name)),
             ids,

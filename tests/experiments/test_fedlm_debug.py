@@ -257,6 +257,26 @@ def test_min_lines_leaving_no_client_is_an_error_naming_it(tmp_path):
     )
 
 
+def test_a_window_that_holds_no_clients_line_is_an_error_naming_max_seqs(tmp_path):
+    # Before, every client trained on nothing (zero updates) and the run ended with exit 0
+    # (found by a CLI audit).
+    config = fedlm_debug.TextDebugConfig(**{**TINY, "seq_len": 2, "max_seqs": 1})
+    with pytest.raises(fedlm_debug.ConfigError) as raised:
+        fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
+    assert raised.value.field == "max_seqs", (
+        f"2 chars hold no line: the error must name --max_seqs: {raised.value}")
+
+
+def test_clients_left_without_a_line_are_counted_in_a_labelled_terminal_line(tmp_path):
+    lines = []
+    config = fedlm_debug.TextDebugConfig(**{**TINY, "seq_len": 10, "max_seqs": 2})
+    fedlm_debug.run(config, str(tmp_path), log=lines.append)
+    said = [line for line in lines if "train on nothing" in line]
+    assert said, "clients whose first line does not fit must be reported"
+    assert all(line.startswith(selection.RAW_LOG_PREFIX) for line in said), (
+        f"a count of clients from their raw text must carry the raw-data label: {said}")
+
+
 def test_given_thresholds_in_the_wrong_order_are_an_error_naming_them():
     with pytest.raises(fedlm_debug.ConfigError) as raised:
         fedlm_debug.TextDebugConfig(**{**TINY, "low_threshold": 0.5, "high_threshold": 0.1})
