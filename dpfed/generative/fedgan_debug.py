@@ -383,8 +383,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             high_quantile=config.high_quantile,
             eligible=clients.counts > 0,
         )
-    except ValueError as error:
-        raise ConfigError("low_threshold", str(error)) from error
+    except selection.SplitError as error:
+        flag = selection.split_flag(error, config.low_threshold, config.high_threshold)
+        raise ConfigError(flag, str(error)) from error
     log(
         f"{selection.RAW_LOG_PREFIX}classifier: accuracy {healthy_accuracy:.3f} on its "
         f"training data; per-client accuracy thresholds low <= {groups.low_threshold:.3f}, high >= "

@@ -216,8 +216,9 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             high_quantile=config.high_quantile,
             eligible=eligible,
         )
-    except ValueError as error:
-        raise ConfigError("low_threshold", str(error)) from error
+    except selection.SplitError as error:
+        flag = selection.split_flag(error, config.low_threshold, config.high_threshold)
+        raise ConfigError(flag, str(error)) from error
     members = {"high_oov": groups.high, "low_oov": groups.low}
     log(
         f"{selection.RAW_LOG_PREFIX}{len(texts)} clients; OOV rate thresholds low <= "

@@ -56,6 +56,20 @@ class ClientGroups:
     high_threshold: float
 
 
+class SplitError(ValueError):
+    """Clients cannot be split as asked; `side` ("low" or "high") is the setting to change."""
+
+    def __init__(self, side: str, message: str):
+        super().__init__(message)
+        self.side = side
+
+
+def split_flag(error: SplitError, low_threshold: float | None, high_threshold: float | None) -> str:
+    """The flag a demo's split error names: the side's threshold if given, else its quantile."""
+    given = low_threshold if error.side == "low" else high_threshold
+    return f"{error.side}_{'threshold' if given is not None else 'quantile'}"
+
+
 def split_clients(
     values: np.ndarray,
     *,
@@ -80,16 +94,18 @@ def split_clients(
       eligible: bool `[clients]`; others (e.g. clients without data) join no group.
 
     Raises:
-      ValueError: on bad quantiles, thresholds with low >= high (saying whether they were
-        given or quantiles), or an empty group.
+      SplitError: on bad quantiles, thresholds with low >= high (saying whether they were
+        given or quantiles), or an empty group; `side` names the setting to change.
+      ValueError: on malformed values or no eligible client.
     """
     values = np.asarray(values, np.float64)
     eligible = np.ones(values.shape, bool) if eligible is None else np.asarray(eligible, bool)
     if values.ndim != 1 or eligible.shape != values.shape or not eligible.any():
         raise ValueError("need 1-D values and an eligible mask of the same shape, not empty")
     if not 0.0 <= low_quantile < high_quantile <= 1.0:
-        raise ValueError(
-            f"need 0 <= low_quantile < high_quantile <= 1, got {low_quantile}, {high_quantile}"
+        raise SplitError(
+            "low",
+            f"need 0 <= low_quantile < high_quantile <= 1, got {low_quantile}, {high_quantile}",
         )
     pool = values[eligible]
     low_t = float(np.quantile(pool, low_quantile)) if low_threshold is None else low_threshold
@@ -105,14 +121,17 @@ def split_clients(
                 f"the {quantile_side} one is a quantile of the clients' values: give both "
                 "thresholds or change the given one"
             )
-        raise ValueError(
-            f"low threshold {low_t:.4g} must be below high threshold {high_t:.4g} ({why})"
+        given_side = "high" if low_threshold is None and high_threshold is not None else "low"
+        raise SplitError(
+            given_side,
+            f"low threshold {low_t:.4g} must be below high threshold {high_t:.4g} ({why})",
         )
     low = eligible & (values <= low_t)
     high = eligible & (values >= high_t)
     for name, group in (("low", low), ("high", high)):
         if not group.any():
-            raise ValueError(f"the {name} group is empty (thresholds {low_t:.4g}, {high_t:.4g})")
+            raise SplitError(
+                name, f"the {name} group is empty (thresholds {low_t:.4g}, {high_t:.4g})")
     return ClientGroups(low=low, high=high, low_threshold=low_t, high_threshold=high_t)
 
 

@@ -55,6 +55,24 @@ def test_empty_group_is_an_error():
         selection.split_clients(np.array([0.1, 0.2]), low_threshold=0.5, high_threshold=0.9)
 
 
+@pytest.mark.parametrize(
+    "low, high, want",
+    [
+        (0.5, 0.9, "high_threshold"),  # the high group is empty: the given high threshold
+        (None, 0.9, "high_threshold"),
+        (0.05, None, "low_threshold"),  # the low group is empty
+        (None, None, "low_quantile"),  # values too alike for the default quantiles
+    ],
+)
+def test_a_split_error_names_the_setting_to_change(low, high, want):
+    # Before, the demos named --low_threshold whatever failed (found by a CLI audit).
+    values = np.array([0.1, 0.2]) if (low, high) != (None, None) else np.full(4, 0.3)
+    with pytest.raises(selection.SplitError) as raised:
+        selection.split_clients(values, low_threshold=low, high_threshold=high)
+    flag = selection.split_flag(raised.value, low, high)
+    assert flag == want, f"{raised.value}: names {flag}, want {want}"
+
+
 def test_client_accuracies_count_only_real_examples():
     # A "classifier" whose logits are the first 3 pixels: it predicts argmax of them.
     apply_fn = lambda params, x: x[:, :3]
