@@ -31,6 +31,7 @@ guarantee, and written by the host loop to `diagnostics.jsonl`, never to the rel
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -102,8 +103,8 @@ class DpFedAvgConfig:
     clients_per_device_step: int | None = None
 
     def __post_init__(self):
-        if self.l2_clip is not None and not self.l2_clip > 0:
-            raise ValueError(f"l2_clip must be > 0, got {self.l2_clip}")
+        if self.l2_clip is not None and not 0 < self.l2_clip < math.inf:
+            raise ValueError(f"l2_clip must be > 0 and finite, got {self.l2_clip}")
         if self.l2_clip is None and (self.noise_multiplier > 0 or self.adaptive_clipping):
             raise ValueError("noise and adaptive clipping need an l2_clip")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -231,14 +232,26 @@ class DpFedAvg:
         What the accountant alone says the same training would cost in a larger
         population (e.g. federated EMNIST's 3,400 writers, or 1M users): every recorded
         round keeps its noise and cohort size, only the population sampled from changes
-        (so a run whose z changed on a resume is counted with each segment's z). None
-        for an empty ledger.
+        (so a run whose z changed on a resume is counted with each segment's z). A
+        Poisson round's expected cohort is its recorded rate times the ledger's
+        `num_users` (not this engine's cohort, which may differ). None for an empty ledger.
+
+        Raises:
+          ValueError: for a population that is not a whole number >= 1 or is smaller than
+            a round's cohort, or a ledger that does not record its `num_users`.
         """
         if not ledger.entries:
             return None
+        if isinstance(population, bool) or not 1 <= population < math.inf or (
+                int(population) != population):
+            raise ValueError(f"population must be a whole number >= 1, got {population}")
+        recorded = ledger.metadata.get("num_users")
+        if recorded is None:
+            raise ValueError("the ledger does not record the population its rounds sampled "
+                             "(metadata num_users): its cohort sizes are unknown")
         return dp_event.ComposedDpEvent([
             dp_event.SelfComposedDpEvent(
-                _with_population(event, population, self.sampler.expected_size), count)
+                _with_population(event, int(population), recorded), count)
             for event, count in ledger.entries
         ])
 
@@ -246,12 +259,12 @@ class DpFedAvg:
         self, ledger: privacy.PrivacyLedger, population: int, delta: float,
         accountant: str = "rdp",
     ) -> float | None:
-        """eps of `population_event` at `delta` (None for an empty ledger or no support)."""
+        """eps of `population_event` at `delta`, under the ledger's neighbouring relation
+        (None for an empty ledger or no support)."""
         event = self.population_event(ledger, population)
         if event is None:
             return None
-        relation = privacy.relation_for(self.sampler.scheme)
-        return privacy.epsilon(event, delta, relation, accountant)
+        return privacy.epsilon(event, delta, ledger.relation, accountant)
 
     def user_ledger(
         self, delta: float, mechanism: str, target_epsilon: float | None = None, **metadata
@@ -418,12 +431,21 @@ def _varying(tree: PyTree) -> PyTree:
 
 
 def _with_population(
-    event: dp_event.DpEvent, population: int, expected_size: float
+    event: dp_event.DpEvent, population: int, recorded_population: int
 ) -> dp_event.DpEvent:
-    """A round's sampled event (`sampled_gaussian_event`) drawn from `population` users."""
+    """A round's sampled event (`sampled_gaussian_event`), recorded with
+    `recorded_population` users, had it been drawn from `population` users: the same
+    (expected) cohort size and noise."""
     if isinstance(event, dp_event.PoissonSampledDpEvent):
-        return dp_event.PoissonSampledDpEvent(expected_size / population, event.event)
+        rate = event.sampling_probability * (recorded_population / population)
+        if rate > 1:
+            raise ValueError(f"{population} users are fewer than a round's expected cohort "
+                             f"of {event.sampling_probability * recorded_population:g}")
+        return dp_event.PoissonSampledDpEvent(rate, event.event)
     if isinstance(event, dp_event.SampledWithoutReplacementDpEvent):
+        if event.sample_size > population:
+            raise ValueError(f"{population} users are fewer than a round's cohort of "
+                             f"{event.sample_size}")
         return dp_event.SampledWithoutReplacementDpEvent(
             population, event.sample_size, event.event)
     raise ValueError(f"not a sampled round event: {event}")

@@ -274,8 +274,9 @@ def make_client_update(
         clipped = privacy.clipped_grad_sum(
             example_loss, params, (images, labels, noise), mask, config.l2_clip,
             config.microbatch_size)
-        noised = mechanism.privatize(clipped.grad_sum, key)
-        return jax.tree_util.tree_map(lambda g: g / expected_batch, noised)
+        noised = mechanism.privatize(clipped.grad_sum, key)  # float32 until after the noise
+        return jax.tree_util.tree_map(
+            lambda g, p: (g / expected_batch).astype(p.dtype), noised, params)
 
     def client_update(shared, client_state, client: OneClient, context, key) -> ClientOutput:
         del context

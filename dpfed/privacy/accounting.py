@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Callable
 
+import attr
 import dp_accounting
 from dp_accounting import dp_event, pld, rdp
 
@@ -64,10 +65,12 @@ def sampled_gaussian_event(
       population: number of records (examples, clients) sampled from.
       expected_size: expected sample size (Poisson) or exact sample size (fixed).
     """
-    if population <= 0 or not 0 < expected_size <= population:
+    if not (0 < population < math.inf and 0 < expected_size <= population):
         raise ValueError(
-            f"need 0 < expected_size <= population, got {expected_size} and {population}"
+            f"need 0 < expected_size <= population < inf, got {expected_size} and {population}"
         )
+    if int(population) != population:
+        raise ValueError(f"population must be a whole number of records, got {population}")
     if Sampling(sampling) is Sampling.POISSON:
         return dp_event.PoissonSampledDpEvent(expected_size / population, inner)
     if int(expected_size) != expected_size:
@@ -151,6 +154,9 @@ def epsilon(
     analyse the same mechanism (before 2026-12-01, DataLens's balanced partitions reported
     a PLD eps of 22.6 for a mechanism of PLD eps 9.3).
     """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    check_event(event)
     acct = make_accountant(accountant, relation)
     if accountant == "pld":
         if relation == NeighboringRelation.REPLACE_ONE:
@@ -162,7 +168,48 @@ def epsilon(
     if not acct.supports(event):
         return None
     acct.compose(event)
-    return float(acct.get_epsilon(delta))
+    eps = float(acct.get_epsilon(delta))
+    if math.isnan(eps):
+        raise ValueError(f"the {accountant} accountant returned eps NaN for {event}")
+    return eps
+
+
+def check_event(event: DpEvent) -> None:
+    """Raises ValueError unless every parameter of `event`, at any depth, is a number the
+    accountants read correctly: no NaN anywhere, and whole counts and sizes.
+
+    dp_accounting accepts a NaN noise multiplier, and its RDP accountant then reports eps
+    0 for the whole composition, every other event included.
+    """
+
+    def check(leaf: DpEvent) -> DpEvent:
+        for field in attr.fields(type(leaf)):
+            value = getattr(leaf, field.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"{type(leaf).__name__}.{field.name} is NaN: {event}")
+        return leaf
+
+    def check_wrappers(node: DpEvent) -> None:
+        if isinstance(node, dp_event.ComposedDpEvent):
+            for e in node.events:
+                check_wrappers(e)
+            return
+        if isinstance(node, dp_event.SelfComposedDpEvent):
+            if isinstance(node.count, bool) or int(node.count) != node.count or node.count < 1:
+                raise ValueError(f"a self-composition needs a whole count >= 1: {node}")
+        if isinstance(node, dp_event.PoissonSampledDpEvent):
+            if not 0 <= node.sampling_probability <= 1:
+                raise ValueError(f"sampling probability must be in [0, 1]: {node}")
+        if isinstance(node, dp_event.SampledWithoutReplacementDpEvent):
+            for size in (node.source_dataset_size, node.sample_size):
+                if isinstance(size, bool) or int(size) != size:
+                    raise ValueError(f"dataset and sample sizes must be whole numbers: {node}")
+        inner = getattr(node, "event", None)
+        if isinstance(inner, DpEvent):
+            check_wrappers(inner)
+
+    check_wrappers(event)
+    _map_events(event, check)
 
 
 def merge_gaussians(event: DpEvent) -> DpEvent:
@@ -237,6 +284,7 @@ def calibrate_noise_multiplier(
 
 def gaussian_sigma_for_sum(noise_multiplier: float, l2_clip: float) -> float:
     """Noise std for a clipped sum: z * C (add/remove-one sensitivity C)."""
-    if noise_multiplier < 0 or l2_clip <= 0 or not math.isfinite(noise_multiplier):
-        raise ValueError(f"need z >= 0 and C > 0, got z={noise_multiplier}, C={l2_clip}")
+    # `not 0 < C < inf` also refuses NaN; an infinite C would clip nothing and noise inf.
+    if noise_multiplier < 0 or not 0 < l2_clip < math.inf or not math.isfinite(noise_multiplier):
+        raise ValueError(f"need z >= 0 and 0 < C < inf, got z={noise_multiplier}, C={l2_clip}")
     return noise_multiplier * l2_clip

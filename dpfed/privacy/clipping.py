@@ -5,6 +5,7 @@ is bounded by the clip norm C: its sensitivity is C under add/remove-one (2C und
 replace-one). Means are taken after the noise, by the caller, with the *expected* count.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -76,11 +77,13 @@ def clipped_grad_sum(
         (bounds memory); None means all B at once. Results do not depend on it.
 
     Returns:
-      ClippedSum with the summed clipped gradient (same structure as params) and the
-      [B] per-example gradient norms before clipping (0 where masked).
+      ClippedSum with the summed clipped gradient (same structure as params, float32
+      whatever their dtype: cast only after the noise, since a bfloat16 sum rounds its
+      sensitivity above C) and the [B] per-example gradient norms before clipping (0
+      where masked).
     """
-    if l2_clip <= 0:
-        raise ValueError(f"l2_clip must be > 0, got {l2_clip}")
+    if not 0 < l2_clip < math.inf:
+        raise ValueError(f"l2_clip must be > 0 and finite, got {l2_clip}")
     batch_size = mask.shape[0]
     mask = mask.astype(jnp.float32)
 
@@ -96,7 +99,7 @@ def clipped_grad_sum(
 
     if microbatch_size is None or microbatch_size >= batch_size:
         grad_sum, norms = chunk_sum(batch, mask)
-        return ClippedSum(_cast_like(grad_sum, params), norms)
+        return ClippedSum(grad_sum, norms)
 
     num_chunks = -(-batch_size // microbatch_size)
     padded = num_chunks * microbatch_size
@@ -114,8 +117,4 @@ def clipped_grad_sum(
         return jax.tree_util.tree_map(jnp.add, acc, summed), norms
 
     grad_sum, norms = jax.lax.scan(body, zero, (chunks, chunk_masks))
-    return ClippedSum(_cast_like(grad_sum, params), norms.reshape(-1)[:batch_size])
-
-
-def _cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda x, p: x.astype(p.dtype), tree, like)
+    return ClippedSum(grad_sum, norms.reshape(-1)[:batch_size])

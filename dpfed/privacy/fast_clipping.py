@@ -298,7 +298,7 @@ def _assemble(sums: dict[tuple[str, ...], jax.Array], params: PyTree) -> PyTree:
                 f"parameter {'/'.join(map(str, keys))} is not in a supported layer "
                 "(nn.Dense, nn.Conv) used by the loss"
             )
-        return sums[keys[1:]].astype(p.dtype).reshape(p.shape)
+        return sums[keys[1:]].astype(jnp.float32).reshape(p.shape)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 

@@ -98,9 +98,16 @@ class PrivacyLedger:
         return RELATIONS[self.neighboring_relation]
 
     def record(self, event: DpEvent, count: int = 1) -> None:
-        """Appends `count` repetitions of `event` (merged with an identical last entry)."""
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
+        """Appends `count` repetitions of `event` (merged with an identical last entry).
+
+        Raises:
+          ValueError: for a count that is not a whole number >= 1, an event with a NaN
+            (`accounting.check_event`), or one the RDP accountant cannot account for.
+        """
+        if isinstance(count, bool) or int(count) != count or count < 1:
+            raise ValueError(f"count must be a whole number >= 1, got {count}")
+        count = int(count)
+        accounting.check_event(event)
         if not accounting.make_accountant("rdp", self.relation).supports(event):
             raise ValueError(
                 f"{event} is not supported under {self.neighboring_relation}: "
@@ -147,6 +154,8 @@ class PrivacyLedger:
 
     def affordable_count(self, event: DpEvent, max_count: int) -> int:
         """Largest n <= max_count such that n more `event`s keep eps <= target (RDP)."""
+        if max_count < 0:
+            raise ValueError(f"max_count must be >= 0, got {max_count}")
         if self.target_epsilon is None:
             return max_count
         lo, hi = 0, max_count  # invariant: lo affordable
@@ -178,7 +187,9 @@ class PrivacyLedger:
             ],
             "pld_note": None
             if eps_pld is not None or not self.entries
-            else ("the PLD accountant does not support these events under this relation"),
+            else "not computed in this copy (with_pld=False)"
+            if not with_pld
+            else "the PLD accountant does not support these events under this relation",
         }
 
     @classmethod
@@ -191,12 +202,12 @@ class PrivacyLedger:
             target_epsilon=data.get("target_epsilon"),
             metadata=dict(data.get("metadata", {})),
         )
-        for item in data["events"]:
+        for item in data["events"]:  # through `record`: the same checks as a live release
             event = event_from_json(item)
             if isinstance(event, dp_event.SelfComposedDpEvent):
-                ledger.entries.append((event.event, event.count))
+                ledger.record(event.event, event.count)
             else:
-                ledger.entries.append((event, 1))
+                ledger.record(event)
         return ledger
 
     def dumps(self) -> str:

@@ -9,11 +9,16 @@ PyTree = Any
 
 
 def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) -> PyTree:
-    """Adds i.i.d. N(0, stddev^2) to every coordinate; each leaf gets a fresh key."""
+    """Adds i.i.d. N(0, stddev^2) to every coordinate; each leaf gets a fresh key.
+
+    The addition is in float32 at least, then cast back to the leaf's dtype: rounding a
+    noised value is post-processing, rounding the noise before adding it is not.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    noised = [
-        x + (stddev * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype)
-        for x, k in zip(leaves, keys, strict=True)
-    ]
+    noised = []
+    for x, k in zip(leaves, keys, strict=True):
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        noise = stddev * jax.random.normal(k, x.shape, jnp.float32)
+        noised.append((x.astype(wide) + noise.astype(wide)).astype(x.dtype))
     return jax.tree_util.tree_unflatten(treedef, noised)

@@ -78,7 +78,7 @@ class DpSgdConfig:
     def __post_init__(self):
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")
-        require(self.l2_clip > 0, "l2_clip", "must be > 0")
+        require(0 < self.l2_clip < math.inf, "l2_clip", "must be > 0 and finite")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
@@ -186,7 +186,9 @@ def make_train_step(
         else:
             grad_sum = mechanism.privatize(grad_sum, noise_key)
             denominator = float(config.batch_size)  # the EXPECTED batch size
-        grad = jax.tree_util.tree_map(lambda g: g / denominator, grad_sum)
+        # The sum is float32 until here; the cast to the params' dtype follows the noise.
+        grad = jax.tree_util.tree_map(
+            lambda g, p: (g / denominator).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grad, state["opt_state"], params)
         return {
             "params": optax.apply_updates(params, updates),

@@ -235,6 +235,34 @@ def test_eps_with_another_population_counts_each_recorded_round_with_its_noise(s
     assert got > last_z_only, "the first 4 rounds' lower noise must count"
 
 
+def test_eps_with_another_population_keeps_the_ledgers_cohort_not_the_engines():
+    # The expected cohort was the engine's: a ledger of cohorts of 5 read through an engine
+    # of cohorts of 2 was under-counted by half (found by an API audit).
+    five, two = (make_engine(random_deltas(10), sampling="poisson", clients_per_round=m,
+                             l2_clip=0.5, noise_multiplier=1.0) for m in (5, 2))
+    ledger = five.user_ledger(1e-5, "test")
+    ledger.record(five.round_event(), 20)
+    assert two.epsilon_with_population(ledger, 10, 1e-5) == pytest.approx(
+        ledger.epsilon(), rel=1e-9), "at its own population the ledger's eps must come back"
+    assert two.epsilon_with_population(ledger, 1000, 1e-5) == pytest.approx(
+        five.epsilon_with_population(ledger, 1000, 1e-5), rel=1e-12), "no engine dependence"
+
+
+@pytest.mark.parametrize("population", [float("inf"), 100.5, 0, 3])
+def test_eps_with_a_population_refuses_one_that_cannot_hold_the_cohorts(population):
+    engine = make_engine(random_deltas(10), sampling="poisson", clients_per_round=5,
+                         l2_clip=0.5, noise_multiplier=1.0)
+    ledger = engine.user_ledger(1e-5, "test")
+    ledger.record(engine.round_event(), 3)
+    with pytest.raises(ValueError):
+        engine.epsilon_with_population(ledger, population, 1e-5)
+
+
+def test_an_infinite_clip_norm_is_refused():
+    with pytest.raises(ValueError, match="l2_clip"):
+        DpFedAvgConfig(clients_per_round=5, l2_clip=float("inf"), noise_multiplier=1.0)
+
+
 def test_noise_without_a_clip_norm_is_refused():
     with pytest.raises(ValueError, match="l2_clip"):
         DpFedAvgConfig(clients_per_round=5, l2_clip=None, noise_multiplier=1.0)

@@ -102,7 +102,9 @@ def test_event_is_gaussian_with_multiplier_sigma_over_sqrt_4k():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(k=0), dict(b=0.0), dict(sigma=-1.0), dict(sigma=math.inf), dict(beta=-0.1)],
+    # k = 2.5, NaN or True passed `k < 1` before: a wrong or NaN event (found by an audit).
+    [dict(k=0), dict(k=2.5), dict(k=math.nan), dict(k=True), dict(b=0.0), dict(sigma=-1.0),
+     dict(sigma=math.inf), dict(beta=-0.1)],
 )
 def test_invalid_parameters_are_refused(kwargs):
     args = dict(k=3, b=1.0, sigma=1.0, beta=0.5) | kwargs

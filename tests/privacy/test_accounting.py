@@ -162,3 +162,29 @@ def test_excluded_order_warnings_are_filtered_but_eps_is_unchanged(caplog):
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
     assert eps == pytest.approx(accountant.get_epsilon(1e-5)), "filtering must not change eps"
+
+
+@pytest.mark.parametrize("delta", [float("nan"), 0.0, 1.0, 2.0, -1.0])
+def test_epsilon_refuses_a_delta_outside_0_1(delta):
+    # A NaN or >= 1 delta gave eps 0.0 (found by an API audit).
+    event = dp_event.GaussianDpEvent(1.0)
+    for name in ("rdp", "pld"):
+        with pytest.raises(ValueError, match="delta"):
+            accounting.epsilon(event, delta, accountant=name)
+
+
+@pytest.mark.parametrize("sampling, population", [
+    ("poisson", float("inf")), ("poisson", 100.5), ("fixed", 100.5), ("fixed", float("inf")),
+])
+def test_a_population_that_is_not_a_whole_finite_number_is_refused(sampling, population):
+    # An infinite population gave q = 0, hence eps 0 (found by an API audit).
+    with pytest.raises(ValueError, match="population"):
+        accounting.sampled_gaussian_event(
+            dp_event.GaussianDpEvent(1.0), sampling=sampling, population=population,
+            expected_size=10)
+
+
+def test_a_clip_norm_that_is_not_finite_is_refused():
+    for clip in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="C"):
+            accounting.gaussian_sigma_for_sum(1.0, clip)

@@ -129,3 +129,30 @@ def test_nonpositive_clip_is_rejected():
     params, batch = _problem()
     with pytest.raises(ValueError, match="l2_clip"):
         clipped_grad_sum(_linear_loss, params, batch, jnp.ones(12), 0.0)
+
+
+def test_a_bfloat16_model_gets_a_float32_sum_whose_sensitivity_stays_c():
+    # The sum was cast to bfloat16 before the noise: one more example then moved it by up
+    # to 4C at B ~ 500, against noise calibrated to C (found by an API audit).
+    params = jnp.ones((1,), jnp.bfloat16)
+
+    def loss(p, x):
+        return jnp.sum(p.astype(jnp.float32) * x)  # each gradient is x: norm exactly 1
+
+    xs = jnp.ones((1100, 1))
+    worst = 0.0
+    for b in (200, 257, 514, 777, 1023):
+        mask_b = (jnp.arange(1100) < b).astype(jnp.float32)
+        mask_b1 = (jnp.arange(1100) < b + 1).astype(jnp.float32)
+        with_b = clipped_grad_sum(loss, params, xs, mask_b, 1.0).grad_sum
+        with_b1 = clipped_grad_sum(loss, params, xs, mask_b1, 1.0).grad_sum
+        assert with_b.dtype == jnp.float32, "the sum stays float32 until the noise"
+        worst = max(worst, float(jnp.abs(with_b1 - with_b).max()))
+    assert worst <= 1.0 + 1e-5, f"one example moved the sum by {worst} > C = 1"
+
+
+@pytest.mark.parametrize("clip", [float("inf"), float("nan"), 0.0])
+def test_clipped_grad_sum_refuses_a_clip_that_is_not_positive_and_finite(clip):
+    params, batch = _problem()
+    with pytest.raises(ValueError, match="l2_clip"):
+        clipped_grad_sum(_linear_loss, params, batch, jnp.ones(12), clip)

@@ -115,3 +115,51 @@ def test_ledger_validates_fields(kwargs, match):
     base = {"unit": "example", "neighboring_relation": "add_or_remove_one", "delta": 1e-5}
     with pytest.raises(ValueError, match=match):
         PrivacyLedger(**{**base, **kwargs})
+
+
+NAN_GAUSSIAN = dp_event.GaussianDpEvent(float("nan"))
+
+
+@pytest.mark.parametrize("event", [
+    NAN_GAUSSIAN,
+    dp_event.PoissonSampledDpEvent(0.01, NAN_GAUSSIAN),
+    dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(1.0), NAN_GAUSSIAN]),
+])
+def test_an_event_with_a_nan_is_refused_not_counted_as_eps_0(event):
+    # dp_accounting's RDP accountant gives eps 0 for a composition holding a NaN
+    # multiplier, every other event included (found by an API audit).
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5, target_epsilon=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        ledger.record(event, 1000)
+    assert not ledger.entries, "a refused event must not be recorded"
+
+
+@pytest.mark.parametrize("count", [0, -5, 2.5, True])
+def test_a_count_that_is_not_a_whole_number_from_1_is_refused(count):
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5)
+    with pytest.raises(ValueError, match="count"):
+        ledger.record(dp_event.GaussianDpEvent(1.0), count)
+
+
+@pytest.mark.parametrize("bad", [
+    event_to_json(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(1.0), -5)),
+    event_to_json(NAN_GAUSSIAN),
+])
+def test_a_ledger_json_with_a_bad_event_is_refused_like_a_live_release(bad):
+    data = PrivacyLedger("example", "add_or_remove_one", 1e-5).to_json()
+    data["events"] = [event_to_json(dp_event.GaussianDpEvent(1.0)), bad]
+    with pytest.raises(ValueError):
+        PrivacyLedger.from_json(data)
+
+
+def test_affordable_count_refuses_a_negative_maximum():
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5, target_epsilon=1.0)
+    with pytest.raises(ValueError, match="max_count"):
+        ledger.affordable_count(dp_event.GaussianDpEvent(1.0), -3)
+
+
+def test_a_checkpoint_copy_says_its_pld_eps_was_not_computed():
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5)
+    ledger.record(dp_event.GaussianDpEvent(1.0))
+    note = ledger.to_json(with_pld=False)["pld_note"]
+    assert "not computed" in note, f"PLD supports these events; the note must not say not: {note}"

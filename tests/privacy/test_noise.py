@@ -42,7 +42,20 @@ def test_mechanism_event_is_gaussian_with_its_multiplier():
     assert mech.stddev == pytest.approx(1.8)
 
 
-@pytest.mark.parametrize("clip,z", [(-1.0, 1.0), (0.0, 1.0), (1.0, -0.5)])
+@pytest.mark.parametrize(
+    "clip,z", [(-1.0, 1.0), (0.0, 1.0), (1.0, -0.5), (float("inf"), 1.0), (float("nan"), 1.0)])
 def test_mechanism_rejects_bad_parameters(clip, z):
     with pytest.raises(ValueError):
         GaussianSumMechanism(l2_clip=clip, noise_multiplier=z)
+
+
+def test_a_bfloat16_leaf_is_noised_in_float32_then_rounded():
+    x = {"w": jnp.full((4096,), 1.0, jnp.bfloat16)}
+    key = jax.random.key(3)
+    noised = add_gaussian_noise(x, key, 1e-3)["w"]
+    wide = add_gaussian_noise({"w": x["w"].astype(jnp.float32)}, key, 1e-3)["w"]
+    assert noised.dtype == jnp.bfloat16, "the leaf keeps its dtype"
+    np.testing.assert_array_equal(
+        np.asarray(noised), np.asarray(wide.astype(jnp.bfloat16)),
+        err_msg="the noised value must be the float32 sum rounded once, not a sum of rounded "
+        "noise")

@@ -113,6 +113,7 @@ def test_noise_in_step_has_std_z_clip_over_batch_size():
 def test_config_rejects_bad_values_naming_the_field():
     for kwargs, field in [
         ({"l2_clip": -1.0}, "l2_clip"),
+        ({"l2_clip": float("inf")}, "l2_clip"),  # clipped nothing, noise std inf
         ({"delta": 2.0}, "delta"),
         ({"noise_multiplier": -0.5}, "noise_multiplier"),
         ({"optimizer": "rmsprop"}, "optimizer"),

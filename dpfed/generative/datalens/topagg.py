@@ -23,6 +23,7 @@ still has k non-zeros, so one such aggregation is one Gaussian event of the same
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,10 @@ class TopAgg:
     beta: float
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+        # A whole number: a vote has k non-zeros, and the sensitivity sqrt(4k) assumes it
+        # (k = 2.5 or NaN passed `k < 1` before and gave a wrong or NaN event).
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
+            raise ValueError(f"k must be a whole number >= 1, got {self.k!r}")
         if not self.b > 0:
             raise ValueError(f"b must be > 0, got {self.b}")
         if not self.sigma >= 0 or not math.isfinite(self.sigma):
