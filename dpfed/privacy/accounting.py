@@ -262,8 +262,9 @@ def calibrate_noise_multiplier(
     Uses `dp_accounting.calibrate_dp_mechanism`; the answer errs on the safe side
     (slightly more noise than the exact solution).
     """
-    if target_epsilon <= 0 or not 0 < delta < 1:
-        raise CalibrationError(f"need eps > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
+    if not 0 < target_epsilon < math.inf or not 0 < delta < 1:
+        raise CalibrationError(
+            f"need a finite eps > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
     if epsilon(make_event(max_noise_multiplier), delta, relation) > target_epsilon:
         raise CalibrationError(
             f"eps={target_epsilon} at delta={delta} is out of reach even with noise "

@@ -142,6 +142,13 @@ def test_calibration_rejects_unreachable_target():
         accounting.calibrate_noise_multiplier(make, 1e-6, 1e-5, max_noise_multiplier=10.0)
 
 
+@pytest.mark.parametrize("target", [float("inf"), float("nan")])
+def test_calibration_refuses_a_target_that_is_not_finite(target):
+    # Both reached scipy's root finder and failed with its own errors (found by an audit).
+    with pytest.raises(accounting.CalibrationError, match="finite"):
+        accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, target, 1e-5)
+
+
 def test_sampled_event_rejects_bad_sizes():
     with pytest.raises(ValueError, match="expected_size"):
         accounting.sampled_gaussian_event(
