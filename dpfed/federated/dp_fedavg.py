@@ -242,8 +242,7 @@ class DpFedAvg:
         """
         if not ledger.entries:
             return None
-        if isinstance(population, bool) or not 1 <= population < math.inf or (
-                int(population) != population):
+        if not (privacy.is_whole_number(population) and population >= 1):
             raise ValueError(f"population must be a whole number >= 1, got {population}")
         recorded = ledger.metadata.get("num_users")
         if recorded is None:

@@ -447,19 +447,18 @@ def participation_budgets(
     """
     if config.dp != "local" or config.target_epsilon is None:
         return np.full(len(counts), config.rounds, np.int32)
-    budgets, first_costs = {}, []
-    for n in np.unique(counts):
-        ledger = _local_ledger(config)
-        event = local_participation_event(config, int(n), noise_multiplier)
-        budgets[int(n)] = ledger.affordable_count(event, config.rounds)
-        first_costs.append(ledger.epsilon_with(event))
-    require(
-        config.rounds == 0 or max(budgets.values()) > 0,
-        "target_epsilon",
-        f"cannot be met: one participation already costs a client eps >= {min(first_costs):.4g} "
-        f"> {config.target_epsilon} (local DP-SGD, noise multiplier {noise_multiplier:.4g}); "
-        "raise the noise multiplier or the target",
-    )
+    ledger = _local_ledger(config)  # empty: only asked what it would afford
+    events = {int(n): local_participation_event(config, int(n), noise_multiplier)
+              for n in np.unique(counts)}
+    budgets = {n: ledger.affordable_count(event, config.rounds) for n, event in events.items()}
+    if max(budgets.values()) == 0:
+        cheapest = min(ledger.epsilon_with(event) for event in events.values())
+        raise ConfigError(
+            "target_epsilon",
+            f"cannot be met: one participation already costs a client eps >= {cheapest:.4g} > "
+            f"{config.target_epsilon} (local DP-SGD, noise multiplier {noise_multiplier:.4g}); "
+            "raise the noise multiplier or the target",
+        )
     return np.array([budgets[int(n)] for n in counts], np.int32)
 
 

@@ -6,6 +6,7 @@ from dpfed.privacy.accounting import (
     calibrate_noise_multiplier,
     dpsgd_event,
     epsilon,
+    is_whole_number,
     relation_for,
     sampled_gaussian_event,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "event_to_json",
     "fixed_size_sample",
     "global_l2_norm",
+    "is_whole_number",
     "poisson_sample",
     "relation_for",
     "sampled_gaussian_event",

@@ -12,6 +12,7 @@ std divided by the L2 sensitivity *under the neighbouring relation in use*.
 import enum
 import logging
 import math
+import numbers
 from collections.abc import Callable
 
 import attr
@@ -69,11 +70,11 @@ def sampled_gaussian_event(
         raise ValueError(
             f"need 0 < expected_size <= population < inf, got {expected_size} and {population}"
         )
-    if int(population) != population:
+    if not is_whole_number(population):
         raise ValueError(f"population must be a whole number of records, got {population}")
     if Sampling(sampling) is Sampling.POISSON:
         return dp_event.PoissonSampledDpEvent(expected_size / population, inner)
-    if int(expected_size) != expected_size:
+    if not is_whole_number(expected_size):
         raise ValueError(f"fixed-size sampling needs an integer size, got {expected_size}")
     return dp_event.SampledWithoutReplacementDpEvent(
         population, int(expected_size), _to_replace_one(inner)
@@ -174,6 +175,14 @@ def epsilon(
     return eps
 
 
+def is_whole_number(value) -> bool:
+    """True for an int or a finite float of integral value (not a bool, NaN or inf)."""
+    return (
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
+        and math.isfinite(value) and int(value) == value
+    )
+
+
 def check_event(event: DpEvent) -> None:
     """Raises ValueError unless every parameter of `event`, at any depth, is a number the
     accountants read correctly: no NaN anywhere, and whole counts and sizes.
@@ -181,35 +190,24 @@ def check_event(event: DpEvent) -> None:
     dp_accounting accepts a NaN noise multiplier, and its RDP accountant then reports eps
     0 for the whole composition, every other event included.
     """
-
-    def check(leaf: DpEvent) -> DpEvent:
-        for field in attr.fields(type(leaf)):
-            value = getattr(leaf, field.name)
-            if isinstance(value, float) and math.isnan(value):
-                raise ValueError(f"{type(leaf).__name__}.{field.name} is NaN: {event}")
-        return leaf
-
-    def check_wrappers(node: DpEvent) -> None:
-        if isinstance(node, dp_event.ComposedDpEvent):
-            for e in node.events:
-                check_wrappers(e)
-            return
-        if isinstance(node, dp_event.SelfComposedDpEvent):
-            if isinstance(node.count, bool) or int(node.count) != node.count or node.count < 1:
-                raise ValueError(f"a self-composition needs a whole count >= 1: {node}")
-        if isinstance(node, dp_event.PoissonSampledDpEvent):
-            if not 0 <= node.sampling_probability <= 1:
-                raise ValueError(f"sampling probability must be in [0, 1]: {node}")
-        if isinstance(node, dp_event.SampledWithoutReplacementDpEvent):
-            for size in (node.source_dataset_size, node.sample_size):
-                if isinstance(size, bool) or int(size) != size:
-                    raise ValueError(f"dataset and sample sizes must be whole numbers: {node}")
-        inner = getattr(node, "event", None)
-        if isinstance(inner, DpEvent):
-            check_wrappers(inner)
-
-    check_wrappers(event)
-    _map_events(event, check)
+    for field in attr.fields(type(event)):
+        value = getattr(event, field.name)
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{type(event).__name__}.{field.name} is NaN: {event}")
+    if isinstance(event, dp_event.SelfComposedDpEvent) and not (
+            is_whole_number(event.count) and event.count >= 1):
+        raise ValueError(f"a self-composition needs a whole count >= 1: {event}")
+    if isinstance(event, dp_event.PoissonSampledDpEvent) and not (
+            0 <= event.sampling_probability <= 1):
+        raise ValueError(f"sampling probability must be in [0, 1]: {event}")
+    if isinstance(event, dp_event.SampledWithoutReplacementDpEvent) and not (
+            is_whole_number(event.source_dataset_size) and is_whole_number(event.sample_size)):
+        raise ValueError(f"dataset and sample sizes must be whole numbers: {event}")
+    inner = event.events if isinstance(event, dp_event.ComposedDpEvent) else [
+        getattr(event, "event", None)]
+    for member in inner:
+        if isinstance(member, DpEvent):
+            check_event(member)
 
 
 def merge_gaussians(event: DpEvent) -> DpEvent:

@@ -104,7 +104,7 @@ class PrivacyLedger:
           ValueError: for a count that is not a whole number >= 1, an event with a NaN
             (`accounting.check_event`), or one the RDP accountant cannot account for.
         """
-        if isinstance(count, bool) or int(count) != count or count < 1:
+        if not (accounting.is_whole_number(count) and count >= 1):
             raise ValueError(f"count must be a whole number >= 1, got {count}")
         count = int(count)
         accounting.check_event(event)

@@ -288,6 +288,20 @@ def _still_calibrated(
     return eps(z) <= target_epsilon < eps(z * (1 - KEEP_NOISE_TOLERANCE))
 
 
+def require_first_step(
+    ledger: privacy.PrivacyLedger, event: DpEvent, events_per_step: int = 1, key: str = "step"
+) -> None:
+    """Raises ConfigError naming "target_epsilon" when `ledger` cannot afford one more
+    step of `events_per_step` x `event` (a fresh run would release its untrained state)."""
+    if ledger.affordable_count(event, events_per_step) < events_per_step:
+        raise ConfigError(
+            "target_epsilon",
+            f"cannot be met: one {key} already costs eps "
+            f"{ledger.epsilon_with(event, events_per_step):.4g} > {ledger.target_epsilon}; "
+            "raise the noise multiplier or the target",
+        )
+
+
 def budget_stop(
     ledger: privacy.PrivacyLedger | None,
     event: DpEvent | None,
@@ -309,15 +323,10 @@ def budget_stop(
     """
     if ledger is None or ledger.target_epsilon is None:
         return total
+    if start < total and not ledger.entries:
+        require_first_step(ledger, event, events_per_step, key)
     remaining = max(total - start, 0)
     last = start + ledger.affordable_count(event, events_per_step * remaining) // events_per_step
-    if last == start < total and not ledger.entries:
-        raise ConfigError(
-            "target_epsilon",
-            f"cannot be met: one {key} already costs eps "
-            f"{ledger.epsilon_with(event, events_per_step):.4g} > {ledger.target_epsilon}; "
-            "raise the noise multiplier or the target",
-        )
     if last < total:
         if last == start and ledger.entries:
             log(

@@ -56,7 +56,7 @@ from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscrim
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
-from dpfed.train.resume import resume_or_start
+from dpfed.train.resume import require_first_step, resume_or_start
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -403,16 +403,13 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     start_time = time.time()
     event = config.topagg().dp_event()
     per_step = config.aggregations_per_step
-    if config.target_epsilon is not None:
-        first_step = privacy.PrivacyLedger(
-            "example", config.relation(), config.delta, config.target_epsilon
-        )
-        require(
-            first_step.affordable_count(event, per_step) == per_step,
-            "target_epsilon",
-            f"cannot be met: one step ({per_step} aggregations of noise multiplier "
-            f"{config.topagg().noise_multiplier:.4g}) already costs eps "
-            f"{first_step.epsilon_with(event, per_step):.4g}",
+    if config.target_epsilon is not None:  # before the data and teachers are built
+        require_first_step(
+            privacy.PrivacyLedger("example", config.relation(), config.delta,
+                                  config.target_epsilon),
+            event, per_step,
+            key=f"step ({per_step} aggregations of noise multiplier "
+            f"{config.topagg().noise_multiplier:.4g})",
         )
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
