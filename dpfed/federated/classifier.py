@@ -30,7 +30,7 @@ from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import ConfigError, require
+from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import DIAGNOSTICS_NOTE, Workdir, environment_info, params_sha256
@@ -98,6 +98,8 @@ class FedAvgClassifierConfig:
                  "noise_multiplier", "give --noise_multiplier or --target_epsilon (or --nodp)")
         require(self.nodp or self.noise_multiplier != 0, "noise_multiplier",
                  "0 adds no noise, so no privacy: use --nodp for a non-private run")
+        require_no_privacy_settings(
+            self.nodp, "--nodp", self.noise_multiplier, self.target_epsilon)
         require(not (self.nodp and self.adaptive_clipping), "adaptive_clipping",
                  "adapts the clip of the private aggregate: it does not apply with --nodp")
         require(0 < self.target_quantile < 1, "target_quantile", "must be in (0, 1)")

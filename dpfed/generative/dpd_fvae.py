@@ -70,7 +70,7 @@ from dpfed.federated import (
 from dpfed.generative import contract
 from dpfed.models import vae
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import ConfigError, require
+from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
@@ -174,6 +174,8 @@ class DpdFvaeConfig:
                 "0 adds no noise, so no privacy: use --dp=none for a non-private run")
         require(self.target_epsilon is None or self.target_epsilon > 0,
                 "target_epsilon", "must be > 0")
+        require_no_privacy_settings(
+            self.dp == "none", "--dp=none", self.noise_multiplier, self.target_epsilon)
         require(self.microbatch_size is None or self.microbatch_size > 0,
                 "microbatch_size", "must be > 0")
 

@@ -18,3 +18,20 @@ def require(condition: bool, field: str, message: str) -> None:
     """Raises ConfigError(field, message) unless `condition` holds."""
     if not condition:
         raise ConfigError(field, message)
+
+
+def require_no_privacy_settings(
+    nonprivate: bool, mode: str, noise_multiplier: float | None, target_epsilon: float | None
+) -> None:
+    """Refuses a noise multiplier or an eps target in a non-private run.
+
+    Both ask for a guarantee that a non-private run (`mode`, e.g. "--nodp") does not give;
+    ignoring them silently would report "non-private" for a run its user meant to be DP.
+
+    Raises:
+      ConfigError: naming the first of the two that is set.
+    """
+    settings = {"noise_multiplier": noise_multiplier, "target_epsilon": target_epsilon}
+    for field, value in settings.items():
+        require(not (nonprivate and value is not None), field,
+                f"does not apply to a non-private run ({mode}): drop one of the two")

@@ -31,7 +31,7 @@ from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.privacy import fast_clipping
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import ConfigError, require
+from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.progress import Progress
 from dpfed.train.resume import (
     Spent,
@@ -91,6 +91,8 @@ class DpSgdConfig:
         require(
             self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
         )
+        require_no_privacy_settings(
+            self.nodp, "--nodp", self.noise_multiplier, self.target_epsilon)
         require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")

@@ -124,6 +124,8 @@ def test_infeasible_adaptive_noise_split_names_the_flag():
     [
         ({"noise_multiplier": 0.0}, "noise_multiplier"),  # a ledger with no noise: no privacy
         ({"nodp": True, "adaptive_clipping": True}, "adaptive_clipping"),  # no clip to adapt
+        ({"nodp": True, "noise_multiplier": 1.0}, "noise_multiplier"),  # no noise is added
+        ({"nodp": True, "target_epsilon": 1.0}, "target_epsilon"),  # no budget is kept
     ],
 )
 def test_private_settings_that_cannot_work_name_the_flag(settings, name):

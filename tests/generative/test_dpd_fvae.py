@@ -112,7 +112,8 @@ _LOCAL = dataclasses.replace(_CONFIG, dp="local", optimizer="sgd", learning_rate
 @functools.cache
 def _hook(dp: str):
     trainer = _trainer()
-    config = dataclasses.replace(_LOCAL, dp=dp)
+    noise = None if dp == "none" else _LOCAL.noise_multiplier  # none refuses a z
+    config = dataclasses.replace(_LOCAL, dp=dp, noise_multiplier=noise)
     return jax.jit(dpd_fvae.make_client_update(config, trainer.encoder, trainer.decoder, 6, 0.0))
 
 
@@ -187,6 +188,14 @@ def test_participation_budget_is_the_most_the_target_eps_affords():
 
     assert 0 < budget < 50, f"budget {budget} does not bind"
     assert eps(budget) <= 8.0 < eps(budget + 1), f"budget {budget} is not the largest affordable"
+
+
+@pytest.mark.parametrize("field", ["noise_multiplier", "target_epsilon"])
+def test_a_non_private_run_refuses_privacy_settings(field):
+    # Before, --dp=none ignored them and reported "non-private" (found by a CLI audit).
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(_CONFIG, dp="none", **{field: 1.0})
+    assert error.value.field == field and "--dp=none" in error.value.message, str(error.value)
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.5])

@@ -119,6 +119,8 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"eval_every": 0}, "eval_every"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"nodp": True, "noise_multiplier": 1.0}, "noise_multiplier"),  # ignored before
+        ({"nodp": True, "target_epsilon": 1.0}, "target_epsilon"),  # ignored before
     ]:
         with pytest.raises(dpsgd.ConfigError) as info:
             dpsgd.DpSgdConfig(**kwargs)
