@@ -14,6 +14,7 @@ Typical use::
         cli.run(main)
 """
 
+import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -67,22 +68,37 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _exit_bad_flag(_describe(error))
 
 
-def _lock_workdir() -> None:
+def _first_missing(path: pathlib.Path) -> pathlib.Path | None:
+    """The top-most of `path` and its parents that does not exist (None if `path` does)."""
+    missing = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            return missing
+        missing = directory
+    return missing
+
+
+def _lock_workdir() -> pathlib.Path | None:
     """Locks the binary's `--workdir` for the whole process (`Workdir.lock`), if it has one.
 
     Not with `--distributed`: every host of a multi-host job runs the binary on the one
     shared workdir, so a per-process lock would refuse all hosts but the first.
+
+    Returns:
+      The top-most directory created for the workdir, None if it existed (or no lock).
     """
     if "workdir" not in flags.FLAGS or flags.FLAGS.workdir is None:
-        return
+        return None
     if "distributed" in flags.FLAGS and flags.FLAGS.distributed:
-        return
+        return None
     from dpfed.train.workdir import Workdir  # Imports jax: not needed to parse flags.
 
+    created = _first_missing(pathlib.Path(flags.FLAGS.workdir).absolute())
     try:
         Workdir(flags.FLAGS.workdir).lock()
     except ConfigError as error:
         raise FlagError(error.field, error.message) from None
+    return created
 
 
 def run(main: Callable[[list[str]], Any]) -> NoReturn:
@@ -92,14 +108,21 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
     validator, required flag missing) and a `FlagError` raised from `main` both end
     the process with exit code 2 and a single line; other exceptions propagate. A
     binary with a `--workdir` flag first locks it: a second run on the same workdir
-    exits 2 naming the flag while the first is running.
+    exits 2 naming the flag while the first is running. A refused run leaves no workdir
+    behind that it created and wrote nothing into but its lock and config
+    (`workdir.remove_if_unused`).
     """
 
     def main_reporting_flag_errors(argv: list[str]) -> Any:
+        created = None
         try:
-            _lock_workdir()
+            created = _lock_workdir()
             return main(argv)
         except FlagError as error:
+            if created is not None:
+                from dpfed.train.workdir import remove_if_unused  # Already imported.
+
+                remove_if_unused(created)
             _exit_bad_flag(str(error))
 
     app.run(main_reporting_flag_errors, flags_parser=_parse_flags)

@@ -27,6 +27,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import tempfile
 from typing import Any
 
@@ -164,6 +165,23 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
 
 LOCK_FILE = ".lock"
 _held_locks: dict[pathlib.Path, int] = {}  # workdir lock file -> its open descriptor
+_SETUP_FILES = frozenset({LOCK_FILE, CONFIG_FILE})  # what a run writes before anything else
+
+
+def remove_if_unused(path: str | os.PathLike) -> bool:
+    """Removes the directory tree `path` if it holds no file but locks and pinned configs.
+
+    For a run refused for a bad flag in a workdir it created (`dpfed.train.cli.run`): it
+    leaves nothing behind. A tree holding any other file (metrics, a ledger, a
+    checkpoint) is kept whole. Returns whether the tree was removed.
+    """
+    path = pathlib.Path(path).absolute()
+    if any(f.name not in _SETUP_FILES for f in path.rglob("*") if not f.is_dir()):
+        return False
+    for lock in [lock for lock in _held_locks if lock.is_relative_to(path)]:
+        os.close(_held_locks.pop(lock))
+    shutil.rmtree(path)
+    return True
 
 
 class Workdir:

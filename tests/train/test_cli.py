@@ -12,6 +12,8 @@ from dpfed.train import cli
 from tests.binary import workdir_locked_by_another_process
 
 _BINARY = textwrap.dedent("""
+    import pathlib
+
     from absl import flags
 
     from dpfed.train import cli
@@ -22,9 +24,14 @@ _BINARY = textwrap.dedent("""
     _CRASH = flags.DEFINE_bool("crash", False, "Raise a RuntimeError in main.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (locked).")
     _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "One host of a multi-host job.")
+    _WRITE = flags.DEFINE_list("write", [], "Files written into the workdir before the checks.")
 
 
     def main(argv):
+        for name in _WRITE.value:
+            path = pathlib.Path(_WORKDIR.value) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
         cli.check(_DELTA.value < 1, "delta", "must be < 1")
         if _CRASH.value:
             raise RuntimeError("a bug")
@@ -129,3 +136,32 @@ def test_a_multi_host_run_shares_its_workdir_without_the_lock(tmp_path):
     with workdir_locked_by_another_process(workdir):  # another host of the job
         result = _run(tmp_path, f"--workdir={workdir}", "--distributed")
     assert result.returncode == 0, f"every host runs on the shared workdir: {result.stderr}"
+
+
+def test_a_refused_run_removes_the_workdir_it_created(tmp_path):
+    workdir = tmp_path / "new" / "run"
+    written = "--write=config.json,sub/config.json,sub/checkpoints/config.json"
+    result = _run(tmp_path, f"--workdir={workdir}", "--delta=2", written)
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr}"
+    assert not (tmp_path / "new").exists(), (
+        "a refused run must not leave the folders it created (only a lock and configs in them)")
+
+
+def test_a_refused_run_keeps_a_workdir_that_existed(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    assert _run(tmp_path, f"--workdir={workdir}", "--delta=2").returncode == 2
+    assert workdir.is_dir(), "the user's own folder must stay"
+
+
+def test_a_refused_run_keeps_a_created_workdir_holding_other_files(tmp_path):
+    workdir = tmp_path / "run"
+    result = _run(tmp_path, f"--workdir={workdir}", "--delta=2", "--write=sub/metrics.jsonl")
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr}"
+    assert (workdir / "sub" / "metrics.jsonl").exists(), "a run's output must never be deleted"
+
+
+def test_a_good_run_keeps_the_workdir_it_created(tmp_path):
+    workdir = tmp_path / "run"
+    assert _run(tmp_path, f"--workdir={workdir}").returncode == 0
+    assert workdir.is_dir(), "a run that went ahead keeps its workdir"

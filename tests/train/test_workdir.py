@@ -344,3 +344,24 @@ def test_a_read_only_workdir_cannot_be_locked_and_says_so(tmp_path):
         wd.path.chmod(0o700)
     assert error.value.field == "workdir" and "cannot be written" in error.value.message, (
         str(error.value))
+
+
+def test_remove_if_unused_removes_a_tree_of_locks_and_configs_and_their_lock(tmp_path):
+    wd = Workdir(tmp_path / "run")
+    wd.lock()
+    Workdir(wd.file("group_a")).write_json("config.json", {"seed": 0})
+    (wd.path / "checkpoints").mkdir()
+    assert workdir_lib.remove_if_unused(wd.path), "a lock, configs and empty folders only"
+    assert not wd.path.exists(), "the tree must be gone"
+    Workdir(wd.path).lock()  # a fresh lock at the same path: the old descriptor was released
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoints/3/state", "ledger.json"])
+def test_remove_if_unused_keeps_a_tree_holding_any_other_file(tmp_path, name):
+    wd = Workdir(tmp_path / "run")
+    wd.lock()
+    path = wd.path / "group_a" / name
+    path.parent.mkdir(parents=True)
+    path.write_text("{}")
+    assert not workdir_lib.remove_if_unused(wd.path), f"{name} is a run's output"
+    assert path.exists(), f"{name} must never be deleted"
