@@ -597,24 +597,27 @@ class DpdFvae:
         )
         return self.engine.init(shared, client_states=client_states)
 
-    def adopt_budgets(
-        self, state: ServerState, log: Callable[[str], None] = print
-    ) -> ServerState:
+    def adopt_budgets(self, state: ServerState) -> ServerState:
         """A restored state with this invocation's participation budgets (local DP).
 
         The budgets are what this run's target eps affords at its z; a resume with a
-        changed `--target_epsilon` or `--rounds` changes them. A lowered target cannot
-        take back what a client has spent: such a client just trains no more, its
-        spend stays in the ledger, and `log` says how many clients that is.
+        changed `--target_epsilon` or `--rounds` changes them.
+
+        Raises:
+          ConfigError: naming "target_epsilon", when a client already took part in more
+            rounds than the new target affords it: a lowered target cannot take back what
+            was spent, and the decoder would be released above it (as `budget_stop`
+            refuses for a central ledger).
         """
         clients = state.client_states
         participations = np.asarray(jax.device_get(clients.participations))
         over = participations > self.budgets
         if over.any():
-            log(f"warning: {int(over.sum())} of {len(over)} clients already took part in "
-                f"more rounds (up to {int(participations.max())}) than target eps "
-                f"{self.config.target_epsilon} affords them at z {self.noise_multiplier:.4g}; "
-                "they train no more, and the ledger keeps the eps they spent")
+            raise ConfigError(
+                "target_epsilon",
+                f"{self.config.target_epsilon} is below what {int(over.sum())} of {len(over)} "
+                f"clients already spent (up to {int(participations.max())} rounds at z "
+                f"{self.noise_multiplier:.4g}): raise it, or use a new workdir")
         budget = jax.device_put(jnp.asarray(self.budgets), clients.budget.sharding)
         return state._replace(client_states=clients._replace(budget=budget))
 
@@ -724,8 +727,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
         log=log, config=config,
         extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
-        on_resume=(functools.partial(trainer.adopt_budgets, log=log)
-                   if config.dp == "local" else None))
+        on_resume=trainer.adopt_budgets if config.dp == "local" else None)
     participations = trainer.participations(result.state)
     if config.dp == "local":
         ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,

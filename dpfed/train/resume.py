@@ -91,7 +91,7 @@ def resume_or_start(
     logged = _last_logged(workdir, key)
     if config is not None:
         resumable = RESUMABLE_FIELDS if resuming else frozenset()
-        workdir.pin_config(config, resuming or logged > 0, resumable)
+        workdir.check_config(config, resuming or logged > 0, resumable)
     step = 0
     if resuming:
         state, extra = checkpointer.restore(state)
@@ -116,6 +116,8 @@ def resume_or_start(
     )
     if ledger is not None and logged > last:
         _refuse_ending_before_logged(logged, last, total, key)
+    if config is not None:  # only now: a refused resume leaves the pinned config as it was
+        workdir.pin_config(config, resuming=False)
     if resuming or logged > 0:
         workdir.truncate_logs(step, key=key)
     if resuming:
@@ -319,12 +321,20 @@ def budget_stop(
 
     Raises:
       ConfigError: naming "target_epsilon", when a fresh ledger cannot afford even one
-        step (the run would release its untrained initial state under a DP label).
+        step (the run would release its untrained initial state under a DP label), or a
+        resumed ledger already spent more than the target (a lowered target cannot take
+        back what was spent: the run would release its model above the target).
     """
     if ledger is None or ledger.target_epsilon is None:
         return total
     if start < total and not ledger.entries:
         require_first_step(ledger, event, events_per_step, key)
+    if ledger.entries and (spent := ledger.epsilon()) > ledger.target_epsilon:
+        raise ConfigError(
+            "target_epsilon",
+            f"{ledger.target_epsilon} is below the eps {spent:.6g} this workdir's ledger "
+            f"already spent by {key} {start}: raise it to at least that, or use a new workdir",
+        )
     remaining = max(total - start, 0)
     last = start + ledger.affordable_count(event, events_per_step * remaining) // events_per_step
     if last < total:

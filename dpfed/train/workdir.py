@@ -263,10 +263,21 @@ class Workdir:
         """Records the run's config (a dataclass) in config.json; on a resume, first checks it.
 
         Raises:
+          ConfigError: as `check_config`.
+        """
+        self.check_config(config, resuming, resumable)
+        self.write_json(CONFIG_FILE, dataclasses.asdict(config))
+
+    def check_config(
+        self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS
+    ) -> None:
+        """On a resume, checks the run's config (a dataclass) against config.json.
+
+        Raises:
           ConfigError: `resuming` and a field outside `resumable` differs from the
             config.json of the run being resumed (named, with both values), so a changed
             flag never silently continues another run's checkpoint and ledger. A workdir
-            from before config.json existed is pinned without a check.
+            from before config.json existed passes.
         """
         current = loads(dumps(dataclasses.asdict(config)))
         path = self.file(CONFIG_FILE)
@@ -284,7 +295,6 @@ class Workdir:
                         f"is {current.get(field)!r} but the run being resumed in {self.path} "
                         f"used {pinned.get(field)!r}: use the same value or a new workdir",
                     )
-        self.write_json(CONFIG_FILE, current)
 
     def write_summary(self, summary: dict) -> pathlib.Path:
         """Atomically writes `summary.json`."""

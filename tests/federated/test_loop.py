@@ -93,6 +93,17 @@ def test_resume_honours_the_target_it_is_launched_with(tmp_path):
     assert raised.ledger.to_json()["target_epsilon"] == target(7)
 
 
+def test_resume_under_a_target_below_what_was_spent_is_refused(tmp_path):
+    eng = engine()
+    event = eng.round_event()
+    target = lambda n: privacy.epsilon(dp_event.SelfComposedDpEvent(event, n), 1e-5) * 1.0001
+    run(eng, tmp_path, rounds=3, target=target(6))  # interrupted after round 3
+    with pytest.raises(ConfigError) as error:
+        run(eng, tmp_path, rounds=10, target=target(2))
+    assert error.value.field == "target_epsilon", (
+        f"3 rounds were spent; a target of 2 rounds must be refused, not released: {error.value}")
+
+
 def test_private_engine_without_ledger_is_refused(tmp_path):
     eng = engine()
     with pytest.raises(ValueError, match="ledger"):

@@ -86,8 +86,9 @@ def test_resume_restores_state_and_ledger_and_drops_later_metrics(tmp_path):
 def test_resume_adopts_the_target_of_this_invocation(tmp_path):
     Workdir(tmp_path).pin_config(Config(target_epsilon=50.0), resuming=False)
     checkpoint(tmp_path, 4, ledger(target=50.0, releases=4), logged_past=0)
-    result = start(tmp_path, ledger(target=3.0), config=Config(target_epsilon=3.0))
-    assert result.ledger.target_epsilon == 3.0, (
+    lower = _eps_of(6)  # below 50, above the eps of the 4 releases spent
+    result = start(tmp_path, ledger(target=lower), config=Config(target_epsilon=lower))
+    assert result.ledger.target_epsilon == lower, (
         "a resumed run must honour the target it is launched with, not the checkpoint's: "
         "keeping the old target would spend past the budget the user asked for"
     )
@@ -323,8 +324,26 @@ def test_budget_stop_lets_a_fresh_run_afford_exactly_one_step():
     assert budget_stop(ledger(_eps_of(1) * 1.0001), EVENT, 0, 20) == 1
 
 
-def test_budget_stop_says_when_the_checkpoint_already_exceeds_the_target():
+def test_budget_stop_refuses_a_target_below_what_the_checkpoint_spent():
+    # Before, the run ended at once and released its model at eps(5) under target eps(3).
+    with pytest.raises(ConfigError) as error:
+        budget_stop(ledger(_eps_of(3), releases=5), EVENT, 5, 20)
+    assert error.value.field == "target_epsilon" and "already spent" in error.value.message, (
+        f"a lowered target cannot take back what was spent: {error.value}")
+
+
+def test_budget_stop_says_when_the_checkpoint_spent_the_whole_target():
     messages = []
-    last = budget_stop(ledger(_eps_of(3), releases=5), EVENT, 5, 20, log=messages.append)
-    assert last == 5, "no further step once the spent eps exceeds the target"
+    last = budget_stop(ledger(_eps_of(5) * 1.0001, releases=5), EVENT, 5, 20, log=messages.append)
+    assert last == 5, "no further step once the target is spent"
     assert "already spends" in messages[0], messages
+
+
+def test_a_refused_resume_leaves_the_pinned_config_as_it_was(tmp_path):
+    Workdir(tmp_path).pin_config(Config(target_epsilon=50.0), resuming=False)
+    checkpoint(tmp_path, 4, ledger(target=50.0, releases=4), logged_past=0)
+    lower = _eps_of(2)  # below what the checkpoint spent
+    with pytest.raises(ConfigError):
+        start(tmp_path, ledger(target=lower), config=Config(target_epsilon=lower))
+    pinned = Workdir(tmp_path).read_json("config.json")
+    assert pinned["target_epsilon"] == 50.0, f"the refused target was pinned: {pinned}"
