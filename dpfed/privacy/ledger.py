@@ -123,9 +123,10 @@ class PrivacyLedger:
         return sum(count for _, count in self.entries)
 
     def composed_event(self, extra: DpEvent | None = None, extra_count: int = 1) -> DpEvent:
-        """All recorded events (plus an optional hypothetical one) as one DpEvent."""
+        """All recorded events (plus `extra_count` x an optional hypothetical one; none at 0)
+        as one DpEvent."""
         events = [e if c == 1 else dp_event.SelfComposedDpEvent(e, c) for e, c in self.entries]
-        if extra is not None:
+        if extra is not None and extra_count != 0:
             events.append(
                 extra if extra_count == 1 else dp_event.SelfComposedDpEvent(extra, extra_count)
             )

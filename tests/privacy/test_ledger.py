@@ -158,6 +158,16 @@ def test_affordable_count_refuses_a_negative_maximum():
         ledger.affordable_count(dp_event.GaussianDpEvent(1.0), -3)
 
 
+def test_a_spent_ledger_affords_zero_more_of_zero_asked():
+    # A rerun of a finished run with a target asks for 0 more steps; since 4e54de7 the
+    # hypothetical 0-fold event was refused as a count < 1 (found by a docs audit).
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5, target_epsilon=10.0)
+    ledger.record(dp_event.GaussianDpEvent(1.0), 3)
+    assert ledger.affordable_count(dp_event.GaussianDpEvent(1.0), 0) == 0
+    assert ledger.epsilon_with(dp_event.GaussianDpEvent(1.0), 0) == ledger.epsilon(), (
+        "0 more releases leave eps as it is")
+
+
 def test_a_checkpoint_copy_says_its_pld_eps_was_not_computed():
     ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5)
     ledger.record(dp_event.GaussianDpEvent(1.0))

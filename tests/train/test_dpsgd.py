@@ -161,6 +161,19 @@ def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new
                        "target_epsilon": new_target}], f"the ledger must say what changed: {change}"
 
 
+def test_rerunning_a_finished_calibrated_run_ends_where_it_ended(tmp_path):
+    # Rerunning the command of a finished target-eps run raised a ValueError from the
+    # budget guard (0 steps left) since 4e54de7, in every binary (found by a docs audit).
+    config = dpsgd.DpSgdConfig(
+        dataset="digits", model="logreg", steps=6, batch_size=64, noise_multiplier=None,
+        target_epsilon=1.0, eval_every=3, checkpoint_every=3)
+    first = dpsgd.train(config, tmp_path, log=lambda _: None)
+    again = dpsgd.train(config, tmp_path, log=lambda _: None)
+    same = ("steps", "params_sha256", "epsilon_rdp", "noise_multiplier")
+    assert {k: again[k] for k in same} == {k: first[k] for k in same}, (
+        f"a rerun must report the finished run as it was: {first} vs {again}")
+
+
 class _KilledError(Exception):
     """Stands for a kill right after a metrics record was written."""
 

@@ -332,6 +332,11 @@ def test_budget_stop_refuses_a_target_below_what_the_checkpoint_spent():
         f"a lowered target cannot take back what was spent: {error.value}")
 
 
+def test_budget_stop_of_a_finished_run_is_where_it_ended():
+    # A rerun of a finished run: 0 steps left (it raised a ValueError since 4e54de7).
+    assert budget_stop(ledger(_eps_of(9), releases=5), EVENT, 20, 20) == 20
+
+
 def test_budget_stop_says_when_the_checkpoint_spent_the_whole_target():
     messages = []
     last = budget_stop(ledger(_eps_of(5) * 1.0001, releases=5), EVENT, 5, 20, log=messages.append)
