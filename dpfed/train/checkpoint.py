@@ -77,6 +77,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(self._directory, options=options)
+        # The manager removes half-written steps of a killed run in a background thread
+        # that its close() does not wait for; a process exiting soon after (a bad flag
+        # found after opening the checkpoints) killed it mid-way, with a traceback, also
+        # where no one closes the checkpointer. Nothing is read before it is done anyway.
+        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
 
     @property
     def directory(self) -> pathlib.Path:
@@ -150,12 +157,6 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending work and releases orbax's resources."""
-        # The manager removes half-written steps of a killed run in a background thread
-        # that its close() does not wait for; a process exiting right after (a bad flag
-        # found after opening the checkpoints) would kill it mid-way, with a traceback.
-        cleanup = getattr(self._manager, "_cleanup_tmp_directory_future", None)
-        if cleanup is not None:
-            cleanup.result()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
