@@ -9,7 +9,7 @@ jobs: 24 min of training, 3 min of evaluation):
     --workdir=workdirs/dpd_fvae_nodp_d
 
 gives fid_domain 584.5 and train-on-synthetic CNN 71.3% (MLP 67.9%, LogReg 70.7%) on the
-real test split (WORKSPACE.md, "DPD-fVAE (issue 6)": below the 85% the issue asks for).
+real test split (WORKSPACE.md, "DPD-fVAE": below the 85% the issue asks for).
 
 Modes: --dp=none|central|local, --sync=d (decoder shared: DPD-fVAE)|ed (encoder and
 decoder shared: the plain fVAE). --target_epsilon calibrates the noise when

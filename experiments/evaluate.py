@@ -14,7 +14,7 @@ fid_domain extractor; real-data ceiling on mnist5k):
   .venv/bin/python -m experiments.evaluate --real_data --dataset=mnist5k \
     --workdir=workdirs/eval_real_mnist5k
 
-gives CNN 97.6%, MLP 92.8%, LogReg 91.2% and fid_domain 1.02 (WORKSPACE.md, "Metrics").
+gives CNN 97.6%, MLP 92.8%, LogReg 91.2% and fid_domain 1.02 (WORKSPACE.md, "Evaluation").
 """
 
 from absl import flags

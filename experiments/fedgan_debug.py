@@ -121,8 +121,8 @@ def main(argv: list[str]) -> None:
         summary = fedgan_debug.run(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error
-    except data.DatasetUnavailableError as error:
-        raise cli.FlagError("dataset", str(error)) from error
+    except data.DatasetUnavailableError as error:  # the folder given, else the dataset
+        raise cli.FlagError("emnist_dir" if _EMNIST_DIR.value else "dataset", str(error)) from error
     eps = summary["epsilon_rdp"]
     workdir = _WORKDIR.value
     print(

@@ -223,7 +223,7 @@ def render_table(
         f"Rows marked *{references.marking}* are copied from the papers: they train on "
         "the full dataset, and their FID uses ImageNet Inception-v3 features, so it "
         "is **not comparable** with our `fid_domain` (Fréchet distance in the features of a "
-        f"small CNN trained on the {spec.dataset} train split; see WORKSPACE.md, Metrics). "
+        f"small CNN trained on the {spec.dataset} train split; see WORKSPACE.md, Evaluation). "
         "Accuracies: classifiers trained on synthetic data, tested on the real test split; "
         "for the DP-SGD rows, the private classifier itself. eps is the RDP accountant's, "
         "PLD's in parentheses.",

@@ -342,6 +342,15 @@ def test_bad_emnist_classifier_writers_exits_2_naming_the_flag(tmp_path, value):
     )
 
 
+def test_a_missing_emnist_file_exits_2_naming_emnist_dir(tmp_path):
+    # It named --dataset, though the folder given was at fault (found by a docs audit).
+    proc = run_binary("experiments.fedgan_debug", "--dataset=emnist",
+                      f"--emnist_dir={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'w'}",
+                      check=False)
+    assert proc.returncode == 2 and "error: --emnist_dir:" in proc.stderr, (
+        f"exit {proc.returncode}: {proc.stderr[-1000:]}")
+
+
 def test_held_out_and_capped_population_must_fit_in_the_writers():
     with pytest.raises(fedgan_debug.ConfigError) as raised:
         fedgan_debug.split_emnist_writers(EMNIST_WRITERS, 3, max_clients=6)
