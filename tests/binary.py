@@ -24,6 +24,23 @@ def run_binary(
     return proc
 
 
+def _kill_when(
+    module: str, args: tuple[str, ...], workdir: pathlib.Path, condition, timeout: float,
+    interval: float,
+) -> bool:
+    """Runs `python -m module args --workdir=workdir` and SIGKILLs it once `condition()`
+    holds (or at `timeout`). Returns whether it was still running when killed."""
+    cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(interval)
+    running = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return running
+
+
 def kill_after_checkpoint(
     module: str,
     *args: str,
@@ -35,17 +52,24 @@ def kill_after_checkpoint(
     """Runs `python -m module args --workdir=workdir`; SIGKILLs it once a checkpoint of a
     step >= `step` is complete in `workdir / checkpoints` (a sub-workdir's, e.g.
     "gan_high/checkpoints"). Asserts it was killed before it finished (no summary.json)."""
-    cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
+
+    def checkpointed() -> bool:
         steps = [int(p.name) for p in (workdir / checkpoints).glob("*") if p.name.isdigit()]
-        if steps and max(steps) >= step:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        return bool(steps) and max(steps) >= step
+
+    _kill_when(module, args, workdir, checkpointed, timeout, interval=0.05)
     assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+
+
+def kill_when_written(
+    module: str, *args: str, workdir: pathlib.Path, pattern: str, timeout: float = 300
+) -> None:
+    """Runs `python -m module args --workdir=workdir`; SIGKILLs it within about a
+    millisecond of a path matching `pattern` (a glob under the workdir) appearing, e.g.
+    while the files after it are being written. Asserts it was killed while running."""
+    assert _kill_when(
+        module, args, workdir, lambda: any(workdir.glob(pattern)), timeout, interval=0.0005
+    ), f"the run ended before {pattern} appeared: nothing was killed"
 
 
 SUMMARY_AND_LEDGER = ("summary.json", "ledger.json")

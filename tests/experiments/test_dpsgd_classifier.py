@@ -6,7 +6,12 @@ import pathlib
 import pytest
 from dp_accounting import dp_event, rdp
 
-from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
+from tests.binary import (
+    assert_resumed_like_uninterrupted,
+    kill_after_checkpoint,
+    kill_when_written,
+    run_binary,
+)
 
 
 def _run(*args, check=True, **kw):
@@ -118,3 +123,31 @@ def test_sigkill_and_resume_gives_same_params_and_ledger(tmp_path):
     kill_after_checkpoint("experiments.dpsgd_classifier", *args, workdir=killed, step=10)
     _run(*args, f"--workdir={killed}")
     assert_resumed_like_uninterrupted(tmp_path / "whole", killed)
+
+
+_CALIBRATED = ("--model=logreg", "--steps=30", "--batch_size=64", "--target_epsilon=2",
+               "--checkpoint_every=5", "--eval_every=10")
+
+
+@pytest.fixture(scope="module")
+def calibrated_whole(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    _run(*_CALIBRATED, f"--workdir={workdir}")
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", [
+    "config.json",  # startup, before the first step
+    "metrics.jsonl",  # a release logged past the last checkpoint
+    "checkpoints/*orbax-checkpoint-tmp*",  # a checkpoint half written
+    "ledger.json",  # the final releases half written: summary, report
+    "summary.json",  # then a rerun of a finished (target eps) run
+])
+def test_killed_at_any_write_resumes_like_uninterrupted(tmp_path, calibrated_whole, pattern):
+    # The SIGKILL test above kills after a complete checkpoint; a random-time fuzz
+    # (136 kills of 3 binaries, 2026-12-01) found no fault; these are its kill points.
+    kill_when_written("experiments.dpsgd_classifier", *_CALIBRATED, workdir=tmp_path,
+                      pattern=pattern)
+    _run(*_CALIBRATED, f"--workdir={tmp_path}")
+    assert_resumed_like_uninterrupted(calibrated_whole, tmp_path)
