@@ -39,6 +39,17 @@ def test_smoke_table_has_our_rows_and_quoted_rows(tmp_path):
     cells = [cell.strip() for cell in ours[1].split("|")]
     assert cells[2:4] == ["DP-SGD LogReg (direct), eps 1", "digits"], f"DP-SGD row: {ours[1]}"
     assert 0.99 <= float(cells[4].split()[0]) <= 1.0, f"eps of the eps-1 row: {ours[1]}"
+    # --rerun resumes each finished row from its workdir: the eps-1 row's rerun crashed
+    # in the budget guard (0 steps left under a target; found by a docs audit).
+    rerun = _run(tmp_path, "--table=smoke_digits", "--scale=smoke", "--rerun")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
+    again = _check_rows((tmp_path / "tables" / "smoke_digits.md").read_text(), 2)
+
+    def figures(row):  # all cells but the wall time
+        return row.split("|")[:-2]
+
+    assert [figures(r) for r in again] == [figures(r) for r in ours], (
+        f"a rerun of finished rows must give the same figures: {again} vs {ours}")
 
 
 @pytest.mark.slow
