@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -76,17 +75,6 @@ def _data_hash(dataset: data.ImageDataset) -> str:
     return digest.hexdigest()[:12]
 
 
-def _atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(payload)
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def _cache_stem(train: data.ImageDataset, seed: int, steps: int) -> str:
     return f"{train.name}-{_ARCHITECTURE}-seed{seed}-steps{steps}-{_data_hash(train)}"
 
@@ -137,7 +125,7 @@ def domain_extractor(
             "architecture": _ARCHITECTURE,
             "test_accuracy": classifier_fit.accuracy(model, params, test.images, test.labels),
         }
-        _atomic_write_bytes(weights, flax.serialization.to_bytes(params))
+        workdir_lib.atomic_write_bytes(weights, flax.serialization.to_bytes(params))
         workdir_lib.atomic_write_text(info_file, json.dumps(info, indent=2) + "\n")
     features = jax.jit(lambda images: model.apply(params, images, features=True))
     description = (

@@ -18,6 +18,7 @@ How a workdir exposes its generator to ``experiments/evaluate.py``, in order:
 """
 
 import importlib
+import io
 import os
 import pathlib
 from collections.abc import Callable
@@ -145,8 +146,9 @@ def save_synthetic(path: str | os.PathLike, synthetic: SyntheticSet) -> pathlib.
     arrays = {"images": np.asarray(synthetic.images, np.float32)}
     if synthetic.labels is not None:
         arrays["labels"] = np.asarray(synthetic.labels, np.int32)
-    with path.open("wb") as f:
-        np.savez_compressed(f, **arrays)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    workdir_lib.atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -739,7 +739,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         wd.write_json("ledger.json", ledger_json)
 
     decoder_params = jax.device_get(decoder_of(result.state.params, config.sync))
-    wd.file(DECODER_FILE).write_bytes(flax.serialization.to_bytes(decoder_params))
+    wd.write_bytes(DECODER_FILE, flax.serialization.to_bytes(decoder_params))
     generator = DpdFvaeGenerator(trainer.decoder, config.latent_dim)
     sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_STREAM)
     samples = contract.sample_synthetic(

@@ -301,7 +301,7 @@ def train_gan(
         config=config,
     )
     g_vars = jax.device_get(result.state.context)
-    wd.file(GENERATOR_FILE).write_bytes(flax.serialization.to_bytes(g_vars))
+    wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
     privacy_fields = write_privacy_summary(result, gan_engine.engine, wd, config.delta)
     summary = {
         "method": METHOD,

@@ -421,7 +421,7 @@ def train_lm(
         config=config,
     )
     params = jax.device_get(result.state.params)
-    wd.file(PARAMS_FILE).write_bytes(flax.serialization.to_bytes(params))
+    wd.write_bytes(PARAMS_FILE, flax.serialization.to_bytes(params))
     privacy_fields = write_privacy_summary(result, engine, wd, config.delta)
     summary = {
         "method": "fedlm",

@@ -143,17 +143,18 @@ def _file_mode(path: pathlib.Path) -> int:
 _TMP_SUFFIX = ".tmp"  # of atomic writes' temp files: `.<name>.<random>.tmp`
 
 
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-    """Writes `text` to `path` atomically: temp file in the same dir, fsync, os.replace.
+def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
+    """Writes `payload` to `path` atomically: temp file in the same dir, fsync, os.replace.
 
-    The file keeps its mode (a new one gets the umask's, as `open` would give it), not the
-    0600 of the temp file.
+    A kill (or power loss) at any moment leaves the old file or the new one, never part
+    of one. The file keeps its mode (a new one gets the umask's, as `open` would give it),
+    not the 0600 of the temp file.
     """
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, _file_mode(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(payload)
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
@@ -161,6 +162,11 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
         pathlib.Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` atomically, as `atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 LOCK_FILE = ".lock"
@@ -251,6 +257,12 @@ class Workdir:
         """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""
         path = self.file(name)
         atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def write_bytes(self, name: str, payload: bytes) -> pathlib.Path:
+        """Atomically writes `payload` to `name` (e.g. released parameters); returns its path."""
+        path = self.file(name)
+        atomic_write_bytes(path, payload)
         return path
 
     def read_json(self, name: str) -> Any:

@@ -85,6 +85,22 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"], "a temp file was left"
 
 
+def test_failed_bytes_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    # Released parameters (generator.msgpack, ...) were written in place: a kill mid-write
+    # left a torn file (found by a kill-fuzz audit reading the code).
+    wd = Workdir(tmp_path)
+    assert wd.write_bytes("g.msgpack", b"\x01\x02").read_bytes() == b"\x01\x02"
+
+    def crash(*args):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        wd.write_bytes("g.msgpack", b"\x03" * 100)
+    assert wd.file("g.msgpack").read_bytes() == b"\x01\x02", "a failed write damaged the file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.msgpack"], "a temp file was left"
+
+
 def test_metrics_append_and_read_in_order(tmp_path):
     wd = Workdir(tmp_path)
     for step in range(3):

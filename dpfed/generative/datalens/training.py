@@ -479,7 +479,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     checkpointer.close()
 
     gen_params = state["generator"]["params"]
-    wd.file(GENERATOR_FILE).write_bytes(flax.serialization.to_bytes(gen_params))
+    wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(gen_params))
     synthetic = contract.sample_synthetic(
         lens.generator,
         gen_params,
