@@ -122,7 +122,7 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
             if created is not None:
                 from dpfed.train.workdir import remove_if_unused  # Already imported.
 
-                remove_if_unused(created)
+                remove_if_unused(flags.FLAGS.workdir, up_to=created)
             _exit_bad_flag(str(error))
 
     app.run(main_reporting_flag_errors, flags_parser=_parse_flags)

@@ -174,12 +174,14 @@ _held_locks: dict[pathlib.Path, int] = {}  # workdir lock file -> its open descr
 _SETUP_FILES = frozenset({LOCK_FILE, CONFIG_FILE})  # what a run writes before anything else
 
 
-def remove_if_unused(path: str | os.PathLike) -> bool:
-    """Removes the directory tree `path` if it holds no file but locks and pinned configs.
+def remove_if_unused(path: str | os.PathLike, up_to: str | os.PathLike | None = None) -> bool:
+    """Removes the workdir tree `path` if it holds no file but locks and pinned configs,
+    then its parents up to `up_to` (an ancestor or `path` itself) while they are empty.
 
     For a run refused for a bad flag in a workdir it created (`dpfed.train.cli.run`): it
     leaves nothing behind. A tree holding any other file (metrics, a ledger, a
-    checkpoint) is kept whole. Returns whether the tree was removed.
+    checkpoint) is kept whole, and a parent holding anything else (another run's
+    workdir) is kept. Returns whether the workdir was removed.
     """
     path = pathlib.Path(path).absolute()
     if any(f.name not in _SETUP_FILES for f in path.rglob("*") if not f.is_dir()):
@@ -187,6 +189,14 @@ def remove_if_unused(path: str | os.PathLike) -> bool:
     for lock in [lock for lock in _held_locks if lock.is_relative_to(path)]:
         os.close(_held_locks.pop(lock))
     shutil.rmtree(path)
+    top = path if up_to is None else pathlib.Path(up_to).absolute()
+    for parent in path.parents:
+        if not parent.is_relative_to(top):
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
     return True
 
 

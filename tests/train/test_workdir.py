@@ -381,3 +381,13 @@ def test_remove_if_unused_keeps_a_tree_holding_any_other_file(tmp_path, name):
     path.write_text("{}")
     assert not workdir_lib.remove_if_unused(wd.path), f"{name} is a run's output"
     assert path.exists(), f"{name} must never be deleted"
+
+
+def test_remove_if_unused_removes_empty_parents_but_not_a_siblings(tmp_path):
+    created = tmp_path / "sweep"  # the folder a refused run created, with its workdir
+    refused, sibling = Workdir(created / "a" / "run"), Workdir(created / "b")
+    refused.lock()
+    sibling.lock()  # another run's fresh workdir, started at the same time
+    assert workdir_lib.remove_if_unused(refused.path, up_to=created)
+    assert not (created / "a").exists(), "the empty parents the refused run created must go"
+    assert (sibling.path / ".lock").exists(), "another run's workdir must never be removed"
