@@ -4,13 +4,24 @@ Uses matplotlib's object API (`Figure` renders with Agg), so nothing touches pyp
 global state or needs a display.
 """
 
+import io
 import os
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from dpfed.train import workdir as workdir_lib
+
 _GAP = 1  # pixels of grey between tiles
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+    """Writes `figure` as a PNG atomically (a killed run leaves the old file or the new)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    workdir_lib.atomic_write_bytes(pathlib.Path(path), buffer.getvalue())
 
 
 def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -78,7 +89,7 @@ def save_class_grid(
     width, height = _panel_inches(grid)
     figure = Figure(figsize=(width + 1.0, height + 0.8), layout="constrained")
     _show(figure.add_subplot(), grid, title, num_classes, labels is not None)
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
 
 
 def save_side_by_side(
@@ -97,7 +108,7 @@ def save_side_by_side(
         figure.subplots(1, 2), grids, titles, (real[1], synthetic[1]), strict=True
     ):
         _show(axes, grid, title, num_classes, labels is not None)
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
 
 
 def curve_groups(records: Sequence[dict], x_key: str) -> dict[str, list[str]]:
@@ -141,5 +152,5 @@ def save_curves(path: str | os.PathLike, records: Sequence[dict], title: str) ->
         axes.set_ylabel(name)
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
-    figure.savefig(path, dpi=100)
+    _save(figure, path)
     return True

@@ -1,6 +1,9 @@
 """Tests for dpfed.eval.figures: grids and PNG plots."""
 
+import os
+
 import numpy as np
+import pytest
 from PIL import Image
 
 from dpfed.eval import figures
@@ -25,6 +28,23 @@ def test_save_class_grid_writes_a_png(tmp_path):
     path = tmp_path / "grid.png"
     figures.save_class_grid(path, images, np.arange(30) % 10, 10, title="samples")
     assert Image.open(path).format == "PNG", "the grid is not a PNG"
+
+
+def test_a_failed_figure_write_keeps_the_old_png(tmp_path, monkeypatch):
+    # Figures were written in place: a kill mid-write left a torn PNG.
+    images = np.zeros((10, 8, 8, 1), np.float32)
+    path = tmp_path / "grid.png"
+    figures.save_class_grid(path, images, np.arange(10), 10, title="a")
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        figures.save_class_grid(path, images + 1, np.arange(10), 10, title="b")
+    assert path.read_bytes() == before, "a failed write must leave the old figure whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"], "a temp file was left"
 
 
 def test_side_by_side_accepts_unlabelled_synthetic(tmp_path):
