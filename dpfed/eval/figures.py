@@ -4,9 +4,7 @@ Uses matplotlib's object API (`Figure` renders with Agg), so nothing touches pyp
 global state or needs a display.
 """
 
-import io
 import os
-import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,9 +17,7 @@ _GAP = 1  # pixels of grey between tiles
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
     """Writes `figure` as a PNG atomically (a killed run leaves the old file or the new)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    workdir_lib.atomic_write_bytes(pathlib.Path(path), buffer.getvalue())
+    workdir_lib.atomic_write_with(path, lambda f: figure.savefig(f, format="png", dpi=100))
 
 
 def tile(images: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -18,7 +18,6 @@ How a workdir exposes its generator to ``experiments/evaluate.py``, in order:
 """
 
 import importlib
-import io
 import os
 import pathlib
 from collections.abc import Callable
@@ -146,9 +145,7 @@ def save_synthetic(path: str | os.PathLike, synthetic: SyntheticSet) -> pathlib.
     arrays = {"images": np.asarray(synthetic.images, np.float32)}
     if synthetic.labels is not None:
         arrays["labels"] = np.asarray(synthetic.labels, np.int32)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    workdir_lib.atomic_write_bytes(path, buffer.getvalue())
+    workdir_lib.atomic_write_with(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
 

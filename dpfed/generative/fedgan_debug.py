@@ -31,7 +31,6 @@ trained on another population.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import pathlib
 import time
@@ -349,11 +348,9 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, side: int = GRID_SIDE
         top, left = gap + row * (height + gap), gap + col * (width + gap)
         grid[top : top + height, left : left + width] = tiles[i]
     pixels = (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="L").resize(
-        (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST
-    ).save(buffer, format="PNG")
-    workdir_lib.atomic_write_bytes(pathlib.Path(path), buffer.getvalue())
+    image = Image.fromarray(pixels, mode="L").resize(
+        (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+    workdir_lib.atomic_write_with(path, lambda f: image.save(f, format="PNG"))
 
 
 def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -> dict:

@@ -329,7 +329,8 @@ def budget_stop(
         return total
     if start < total and not ledger.entries:
         require_first_step(ledger, event, events_per_step, key)
-    if ledger.entries and (spent := ledger.epsilon()) > ledger.target_epsilon:
+    spent = ledger.epsilon() if ledger.entries else 0.0
+    if spent > ledger.target_epsilon:
         raise ConfigError(
             "target_epsilon",
             f"{ledger.target_epsilon} is below the eps {spent:.6g} this workdir's ledger "
@@ -340,7 +341,7 @@ def budget_stop(
     if last < total:
         if last == start and ledger.entries:
             log(
-                f"budget guard: the resumed ledger already spends eps {ledger.epsilon():.4g}; "
+                f"budget guard: the resumed ledger already spends eps {spent:.4g}; "
                 f"target {ledger.target_epsilon} allows no further {key}"
             )
         else:

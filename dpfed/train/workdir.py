@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import hashlib
 import importlib.metadata
+import io
 import json
 import math
 import os
@@ -29,7 +30,8 @@ import pathlib
 import platform
 import shutil
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +169,14 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     """Writes `text` (UTF-8) to `path` atomically, as `atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Writes what `write(file)` writes (e.g. `np.savez`, `Figure.savefig`) to `path`
+    atomically, as `atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    write(buffer)
+    atomic_write_bytes(pathlib.Path(path), buffer.getvalue())
 
 
 LOCK_FILE = ".lock"
