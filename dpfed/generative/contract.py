@@ -63,11 +63,6 @@ def register_generator(method: str, loader: GeneratorLoader) -> None:
     _LOADERS[method] = loader
 
 
-def registered_methods() -> tuple[str, ...]:
-    """The methods with a registered loader (those imported so far)."""
-    return tuple(sorted(_LOADERS))
-
-
 def load_generator(workdir: workdir_lib.Workdir, method: str) -> tuple[Generator, Any]:
     """Returns ``(generator, params)`` of ``method`` restored from ``workdir``.
 

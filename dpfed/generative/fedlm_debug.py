@@ -47,7 +47,7 @@ from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, selection
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import workdir as workdir_lib
-from dpfed.train.config import ConfigError, require
+from dpfed.train.config import require
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
@@ -207,18 +207,14 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "min_lines",
         f"leaves no client: no (play, role) has {config.min_lines} lines or more (lower it)",
     )
-    try:
-        groups = selection.split_clients(
-            oov_rates,
-            low_threshold=config.low_threshold,
-            high_threshold=config.high_threshold,
-            low_quantile=config.low_quantile,
-            high_quantile=config.high_quantile,
-            eligible=eligible,
-        )
-    except selection.SplitError as error:
-        flag = selection.split_flag(error, config.low_threshold, config.high_threshold)
-        raise ConfigError(flag, str(error)) from error
+    groups = selection.split_clients(
+        oov_rates,
+        low_threshold=config.low_threshold,
+        high_threshold=config.high_threshold,
+        low_quantile=config.low_quantile,
+        high_quantile=config.high_quantile,
+        eligible=eligible,
+    )
     members = {"high_oov": groups.high, "low_oov": groups.low}
     log(
         f"{selection.RAW_LOG_PREFIX}{len(texts)} clients; OOV rate thresholds low <= "

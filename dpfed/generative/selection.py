@@ -56,18 +56,10 @@ class ClientGroups:
     high_threshold: float
 
 
-class SplitError(ValueError):
-    """Clients cannot be split as asked; `side` ("low" or "high") is the setting to change."""
-
-    def __init__(self, side: str, message: str):
-        super().__init__(message)
-        self.side = side
-
-
-def split_flag(error: SplitError, low_threshold: float | None, high_threshold: float | None) -> str:
-    """The flag a demo's split error names: the side's threshold if given, else its quantile."""
-    given = low_threshold if error.side == "low" else high_threshold
-    return f"{error.side}_{'threshold' if given is not None else 'quantile'}"
+def _split_error(side: str, given: float | None, message: str) -> ConfigError:
+    """The error of a split that failed on `side`: it names that side's threshold flag if
+    the threshold was given, else its quantile flag (the setting the user can change)."""
+    return ConfigError(f"{side}_{'threshold' if given is not None else 'quantile'}", message)
 
 
 def split_clients(
@@ -87,15 +79,16 @@ def split_clients(
 
     Args:
       values: `[clients]` the metric of each client (e.g. its accuracy).
-      low_threshold: clients with value <= this are "low" (the paper: accuracy 0.882).
-      high_threshold: clients with value >= this are "high" (the paper: accuracy 0.939).
+      low_threshold: clients with value <= this are "low" (the paper: accuracy < 0.882).
+      high_threshold: clients with value >= this are "high" (the paper: accuracy > 0.939).
       low_quantile: quantile giving `low_threshold` when it is None.
       high_quantile: quantile giving `high_threshold` when it is None.
       eligible: bool `[clients]`; others (e.g. clients without data) join no group.
 
     Raises:
-      SplitError: on bad quantiles, thresholds with low >= high (saying whether they were
-        given or quantiles), or an empty group; `side` names the setting to change.
+      ConfigError: on bad quantiles, thresholds with low >= high (saying whether they were
+        given or quantiles), or an empty group; its field names the flag to change
+        (`low_threshold`, `high_threshold`, `low_quantile` or `high_quantile`).
       ValueError: on malformed values or no eligible client.
     """
     values = np.asarray(values, np.float64)
@@ -103,8 +96,8 @@ def split_clients(
     if values.ndim != 1 or eligible.shape != values.shape or not eligible.any():
         raise ValueError("need 1-D values and an eligible mask of the same shape, not empty")
     if not 0.0 <= low_quantile < high_quantile <= 1.0:
-        raise SplitError(
-            "low",
+        raise _split_error(
+            "low", None,
             f"need 0 <= low_quantile < high_quantile <= 1, got {low_quantile}, {high_quantile}",
         )
     pool = values[eligible]
@@ -121,17 +114,17 @@ def split_clients(
                 f"the {quantile_side} one is a quantile of the clients' values: give both "
                 "thresholds or change the given one"
             )
-        given_side = "high" if low_threshold is None and high_threshold is not None else "low"
-        raise SplitError(
-            given_side,
+        side = "high" if low_threshold is None and high_threshold is not None else "low"
+        raise _split_error(
+            side, high_threshold if side == "high" else low_threshold,
             f"low threshold {low_t:.4g} must be below high threshold {high_t:.4g} ({why})",
         )
     low = eligible & (values <= low_t)
     high = eligible & (values >= high_t)
-    for name, group in (("low", low), ("high", high)):
+    for name, group, given in (("low", low, low_threshold), ("high", high, high_threshold)):
         if not group.any():
-            raise SplitError(
-                name, f"the {name} group is empty (thresholds {low_t:.4g}, {high_t:.4g})")
+            raise _split_error(
+                name, given, f"the {name} group is empty (thresholds {low_t:.4g}, {high_t:.4g})")
     return ClientGroups(low=low, high=high, low_threshold=low_t, high_threshold=high_t)
 
 

@@ -10,6 +10,7 @@ import pytest
 from dpfed import data as data_lib
 from dpfed.data import shakespeare
 from dpfed.generative import fedlm, fedlm_debug, selection
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
 from tests.experiments import debug_checks
@@ -145,7 +146,7 @@ def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_pa
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
     changed = dataclasses.replace(fedlm_debug.TextDebugConfig(**TINY), **{field: value})
-    with pytest.raises(fedlm_debug.ConfigError) as raised:
+    with pytest.raises(ConfigError) as raised:
         fedlm_debug.run(changed, str(copy), log=lambda _: None)
     assert raised.value.field == field, (
         f"a rerun with a changed --{field} must be refused naming it: {raised.value}"
@@ -169,7 +170,7 @@ def test_rerun_on_other_group_texts_is_refused(tiny_run, tmp_path):
     pinned = json.loads((copy / selection.GROUPS_FILE).read_text())
     assert set(pinned) == set(fedlm_debug.GROUPS), f"both groups' texts must be pinned: {pinned}"
     (copy / selection.GROUPS_FILE).write_text(json.dumps({**pinned, "high_oov": "0" * 64}))
-    with pytest.raises(fedlm_debug.ConfigError) as raised:
+    with pytest.raises(ConfigError) as raised:
         fedlm_debug.run(fedlm_debug.TextDebugConfig(**TINY), str(copy), log=lambda _: None)
     assert raised.value.field == "workdir" and "high_oov" in str(raised.value), (
         f"a rerun whose high-OOV group's texts differ must be refused: {raised.value}")
@@ -250,7 +251,7 @@ def test_one_clients_text_changes_neither_vocabulary_nor_other_clients_oov_rates
 
 def test_min_lines_leaving_no_client_is_an_error_naming_it(tmp_path):
     config = fedlm_debug.TextDebugConfig(**{**TINY, "min_lines": 100000})
-    with pytest.raises(fedlm_debug.ConfigError) as raised:
+    with pytest.raises(ConfigError) as raised:
         fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
     assert raised.value.field == "min_lines", (
         f"no (play, role) has that many lines: the error must name --min_lines: {raised.value}"
@@ -261,7 +262,7 @@ def test_a_window_that_holds_no_clients_line_is_an_error_naming_max_seqs(tmp_pat
     # Before, every client trained on nothing (zero updates) and the run ended with exit 0
     # (found by a CLI audit).
     config = fedlm_debug.TextDebugConfig(**{**TINY, "seq_len": 2, "max_seqs": 1})
-    with pytest.raises(fedlm_debug.ConfigError) as raised:
+    with pytest.raises(ConfigError) as raised:
         fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
     assert raised.value.field == "max_seqs", (
         f"2 chars hold no line: the error must name --max_seqs: {raised.value}")
@@ -278,7 +279,7 @@ def test_clients_left_without_a_line_are_counted_in_a_labelled_terminal_line(tmp
 
 
 def test_given_thresholds_in_the_wrong_order_are_an_error_naming_them():
-    with pytest.raises(fedlm_debug.ConfigError) as raised:
+    with pytest.raises(ConfigError) as raised:
         fedlm_debug.TextDebugConfig(**{**TINY, "low_threshold": 0.5, "high_threshold": 0.1})
     assert raised.value.field == "low_threshold" and "high_threshold" in raised.value.message, (
         f"low >= high given thresholds must be refused as such: {raised.value}"
@@ -323,6 +324,6 @@ def test_terminal_lines_with_raw_figures_are_labelled(tiny_run):
 
 def test_fractional_fixed_cohort_names_clients_per_round():
     # TINY samples fixed cohorts: m must be a whole number of clients.
-    with pytest.raises(fedlm_debug.ConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         fedlm_debug.TextDebugConfig(**{**TINY, "clients_per_round": 2.5})
     assert error.value.field == "clients_per_round", error.value.field

@@ -67,10 +67,17 @@ def test_empty_group_is_an_error():
 def test_a_split_error_names_the_setting_to_change(low, high, want):
     # Before, the demos named --low_threshold whatever failed (found by a CLI audit).
     values = np.array([0.1, 0.2]) if (low, high) != (None, None) else np.full(4, 0.3)
-    with pytest.raises(selection.SplitError) as raised:
+    with pytest.raises(ConfigError) as raised:
         selection.split_clients(values, low_threshold=low, high_threshold=high)
-    flag = selection.split_flag(raised.value, low, high)
-    assert flag == want, f"{raised.value}: names {flag}, want {want}"
+    assert raised.value.field == want, f"{raised.value}: names {raised.value.field}, want {want}"
+
+
+def test_quantiles_in_the_wrong_order_name_low_quantile_even_beside_a_given_threshold():
+    with pytest.raises(ConfigError) as raised:
+        selection.split_clients(np.linspace(0, 1, 5), low_threshold=0.1,
+                                low_quantile=0.8, high_quantile=0.2)
+    assert raised.value.field == "low_quantile", (
+        f"the quantiles are wrong, not the given threshold: {raised.value}")
 
 
 def test_client_accuracies_count_only_real_examples():
