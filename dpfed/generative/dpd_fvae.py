@@ -1,7 +1,7 @@
 """DPD-fVAE: a federated conditional VAE whose decoder alone is shared and made private.
 
-Pfitzner & Arnrich (2022), "DPD-fVAE: Synthetic Data Generation Using Federated
-Variational Autoencoders With Differentially-Private Decoder" (arXiv 2211.11591).
+Pfitzner & Arnrich (2022), "DPD-fVAE: Federated VAE with a Differentially-Private
+Decoder" (arXiv 2211.11591; public code BjarnePfitzner/generative_fl_tff).
 
 Every client trains a conditional VAE (`dpfed.models.vae`) on its own labelled images.
 With `sync="d"` (the paper's method) **each client's encoder and its optimiser state stay
@@ -32,6 +32,7 @@ whole VAE for "ed"). Modes (`dp`):
   example move every other example's decoder gradient, and the per-example sensitivity C
   of the released decoder (hence the DP-SGD guarantee) would not hold. Clipping the joint
   per-example gradient costs no extra privacy: it is one Gaussian mechanism per step.
+  This departs from the paper's code, whose local mode runs DP-SGD on the decoder only.
 """
 
 from __future__ import annotations

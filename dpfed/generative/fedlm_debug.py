@@ -1,8 +1,9 @@
 """Find a tokenization bug in private federated text with DP federated LMs (P0, text).
 
 The text demonstration of "Generative Models for Effective ML on Private, Decentralized
-Datasets" (Augenstein et al., ICLR 2020), on Shakespeare (one client per (play, role), as
-LEAF):
+Datasets" (Augenstein et al., ICLR 2020): a tokenization bug on part of the clients, found
+by a DP federated LM. The paper's text data is not embedded here: this runs on
+Shakespeare (the embedded text dataset; one client per (play, role), as LEAF):
 1. the bug: on a fraction p of the clients the text pipeline drops the space after
    punctuation ("my lord,what"), so the app's whitespace tokenizer sees glued tokens;
 2. the app's word vocabulary was fixed before the bug, so each client's

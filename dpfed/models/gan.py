@@ -6,9 +6,11 @@ google-research/federated `gans/`). Images are 28x28x1 in [-1, 1] (-1 = backgrou
 
 - `Discriminator`: Conv64(4x4, s2)-LeakyReLU-Conv128(4x4, s2)-LeakyReLU-Flatten-
   Dense1024-[LayerNorm]-LeakyReLU-Dense1 (a WGAN critic: one unbounded score).
-  The original has BatchNorm after Dense1024. D is trained on the clients, one
-  client's data at a time under user-level DP, so it must be a function of each
-  example alone (a WGAN-GP gradient penalty is per example, and batch statistics would
+  The public code has BatchNorm after Dense1024 (PAPERS.md's shorter listing leaves out
+  that BatchNorm, the LeakyReLU after Conv128 and G's BN after its ConvTs; the layers
+  here follow the public code's Keras networks, read 2026-12-01). D is trained on the
+  clients, one client's data at a time under user-level DP, so it must be a function
+  of each example alone (a WGAN-GP gradient penalty is per example, and batch statistics would
   mix the examples of a batch): BatchNorm is replaced by LayerNorm, which normalises
   each example by itself (the usual choice for WGAN-GP critics, Gulrajani et al. 2017).
 - `Generator`: Dense1024-BN-ReLU-Dense(7*7*256)-BN-ReLU-ConvT64(4x4, s2)-BN-ReLU-
