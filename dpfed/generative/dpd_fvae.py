@@ -278,8 +278,7 @@ def make_client_update(
             example_loss, params, (images, labels, noise), mask, config.l2_clip,
             config.microbatch_size)
         noised = mechanism.privatize(clipped.grad_sum, key)  # float32 until after the noise
-        return jax.tree_util.tree_map(
-            lambda g, p: (g / expected_batch).astype(p.dtype), noised, params)
+        return privacy.divide_as(noised, expected_batch, params)
 
     def client_update(shared, client_state, client: OneClient, context, key) -> ClientOutput:
         del context

@@ -13,7 +13,7 @@ from dpfed.privacy.accounting import (
 from dpfed.privacy.clipping import ClippedSum, clip_to_norm, clipped_grad_sum, global_l2_norm
 from dpfed.privacy.ledger import BudgetExceededError, PrivacyLedger, event_from_json, event_to_json
 from dpfed.privacy.mechanisms import GaussianSumMechanism
-from dpfed.privacy.noise import add_gaussian_noise
+from dpfed.privacy.noise import add_gaussian_noise, divide_as
 from dpfed.privacy.sampling import chunked_sum, fixed_size_sample, poisson_sample
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "chunked_sum",
     "clip_to_norm",
     "clipped_grad_sum",
+    "divide_as",
     "dpsgd_event",
     "epsilon",
     "event_from_json",

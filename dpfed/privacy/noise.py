@@ -22,3 +22,14 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
         noise = stddev * jax.random.normal(k, x.shape, jnp.float32)
         noised.append((x.astype(wide) + noise.astype(wide)).astype(x.dtype))
     return jax.tree_util.tree_unflatten(treedef, noised)
+
+
+def divide_as(total: PyTree, denominator: float | jax.Array, like: PyTree) -> PyTree:
+    """`total / denominator`, each leaf then cast to the dtype of the same leaf of `like`.
+
+    The last step of a DP mean (clip, sum, noise, then divide by the *expected* count):
+    the division happens in the sum's (float32) dtype and only the result is rounded to
+    the params' dtype, so a low-precision params dtype never rounds or overflows the
+    noised sum itself.
+    """
+    return jax.tree_util.tree_map(lambda t, p: (t / denominator).astype(p.dtype), total, like)

@@ -188,9 +188,7 @@ def make_train_step(
         else:
             grad_sum = mechanism.privatize(grad_sum, noise_key)
             denominator = float(config.batch_size)  # the EXPECTED batch size
-        # The sum is float32 until here; the cast to the params' dtype follows the noise.
-        grad = jax.tree_util.tree_map(
-            lambda g, p: (g / denominator).astype(p.dtype), grad_sum, params)
+        grad = privacy.divide_as(grad_sum, denominator, params)  # float32 until here
         updates, opt_state = optimizer.update(grad, state["opt_state"], params)
         return {
             "params": optax.apply_updates(params, updates),

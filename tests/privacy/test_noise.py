@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event
 
-from dpfed.privacy import GaussianSumMechanism, add_gaussian_noise
+from dpfed.privacy import GaussianSumMechanism, add_gaussian_noise, divide_as
 
 
 def test_noise_std_equals_z_times_clip():
@@ -59,3 +59,15 @@ def test_a_bfloat16_leaf_is_noised_in_float32_then_rounded():
         np.asarray(noised), np.asarray(wide.astype(jnp.bfloat16)),
         err_msg="the noised value must be the float32 sum rounded once, not a sum of rounded "
         "noise")
+
+
+def test_divide_as_divides_in_the_sums_dtype_then_casts_to_the_params_dtype():
+    # A float16 params tree: a sum of 1e5 is out of float16's range (max 65504), its mean
+    # over 1,000 is not. Casting before dividing would give inf.
+    total = {"w": jnp.array([1.0e5, 3.0], jnp.float32)}
+    params = {"w": jnp.zeros(2, jnp.float16)}
+    mean = divide_as(total, 1000.0, params)
+    assert mean["w"].dtype == jnp.float16, "the mean must take the params' dtype"
+    np.testing.assert_allclose(
+        np.asarray(mean["w"], np.float32), [100.0, 0.003], rtol=1e-3,
+        err_msg="the division must precede the cast to the params' dtype")
