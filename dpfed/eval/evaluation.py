@@ -235,10 +235,11 @@ def classifier_trainer(summary: dict) -> tuple[str, str]:
     return "DP-SGD", "experiments.dpsgd_classifier"
 
 
-def _classifier_result(summary: dict) -> dict:
+def _classifier_result(summary: dict) -> tuple[str, dict]:
+    """(method name, eval.json figures) of a directly trained classifier's workdir."""
     model = summary["flags"]["model"]
     algorithm, binary = classifier_trainer(summary)
-    return {
+    return f"{algorithm} {model} (direct)", {
         "fid_domain": None,
         "downstream": {model: {"test_accuracy": summary["test_accuracy"]}},
         "downstream_note": f"The {algorithm} {model} itself, trained on the real train split "
@@ -284,8 +285,8 @@ def evaluate(workdir: str | os.PathLike, source: Source, config: EvalConfig) -> 
     dataset = _dataset_name(config, summary, source.kind)
     train, test = data.load(dataset, "train"), data.load(dataset, "test")
     if source.kind == "classifier":
-        method = f"{classifier_trainer(summary)[0]} {summary['flags']['model']} (direct)"
-        synthetic, result = None, _classifier_result(summary)
+        synthetic = None
+        method, result = _classifier_result(summary)
     else:
         method, synthetic = load_images(source, wd, train, config)
         result = evaluate_images(synthetic, train, test, config)
