@@ -96,8 +96,8 @@ def split_clients(
     if values.ndim != 1 or eligible.shape != values.shape or not eligible.any():
         raise ValueError("need 1-D values and an eligible mask of the same shape, not empty")
     if not 0.0 <= low_quantile < high_quantile <= 1.0:
-        raise _split_error(
-            "low", None,
+        raise ConfigError(
+            "low_quantile",
             f"need 0 <= low_quantile < high_quantile <= 1, got {low_quantile}, {high_quantile}",
         )
     pool = values[eligible]
