@@ -69,8 +69,8 @@ def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
     initialize_distributed(_DISTRIBUTED.value)
     noise = _NOISE.value
-    if noise is None and _TARGET.value is None:
-        noise = 1.0
+    if noise is None and _TARGET.value is None and not _NODP.value:
+        noise = 1.0  # the flag's documented default; a --nodp run has no noise to set
     try:
         config = classifier.FedAvgClassifierConfig(
             dataset=_DATASET.value,
