@@ -8,7 +8,7 @@ and logistic regression, eps), PNG figures and an evaluation section of report.m
 - --synthetic=FILE.npz: images (float32 [N,H,W,C] in [0,1]) and labels in that file;
 - --real_data: the real train split as if synthetic: the ceiling row.
 
-Example (2 shared CPU cores, 3-6 minutes the first time, which trains and caches the
+Example (2 CPU cores: 80 s idle, 3-6 minutes shared, the first time, which trains and caches the
 fid_domain extractor; real-data ceiling on mnist5k):
 
   .venv/bin/python -m experiments.evaluate --real_data --dataset=mnist5k \
