@@ -153,6 +153,8 @@ def test_rerun_with_a_changed_data_setting_is_refused_naming_it(tiny_run, tmp_pa
     )
 
 
+@pytest.mark.slow  # ~45 s; `make test` keeps the image demo's test of the same two-model
+# resume (tests/experiments/test_fedgan_debug.py) and the federated loop's resume test.
 def test_killed_in_its_second_lm_resumes_like_an_uninterrupted_run(tmp_path):
     # SIGKILLed after round 3 of 6 of the low-OOV LM (trained second).
     debug_checks.assert_killed_in_second_model_resumes(
