@@ -14,6 +14,7 @@ Typical use::
         cli.run(main)
 """
 
+import logging
 import pathlib
 import sys
 from collections.abc import Callable
@@ -101,6 +102,16 @@ def _lock_workdir() -> pathlib.Path | None:
     return created
 
 
+def _quiet_backend_probing() -> None:
+    """Drops jax's INFO records about backends it probes and does not find.
+
+    On a CPU-only machine every binary's first terminal line was "Unable to initialize
+    backend 'tpu': ... libtpu.so ..."; jax's warnings (e.g. a GPU without a CUDA jaxlib)
+    still show.
+    """
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
 def run(main: Callable[[list[str]], Any]) -> NoReturn:
     """Like `absl.app.run(main)`, but bad flags exit with code 2 and one stderr line.
 
@@ -114,6 +125,7 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
     """
 
     def main_reporting_flag_errors(argv: list[str]) -> Any:
+        _quiet_backend_probing()
         created = None
         try:
             created = _lock_workdir()

@@ -25,6 +25,7 @@ _BINARY = textwrap.dedent("""
     _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (locked).")
     _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "One host of a multi-host job.")
     _WRITE = flags.DEFINE_list("write", [], "Files written into the workdir before the checks.")
+    _DEVICES = flags.DEFINE_bool("devices", False, "Ask jax for its devices (backend probing).")
 
 
     def main(argv):
@@ -35,6 +36,10 @@ _BINARY = textwrap.dedent("""
         cli.check(_DELTA.value < 1, "delta", "must be < 1")
         if _CRASH.value:
             raise RuntimeError("a bug")
+        if _DEVICES.value:
+            import jax
+
+            jax.devices()
         print("trained", _MODEL.value)
 
 
@@ -45,7 +50,7 @@ _BINARY = textwrap.dedent("""
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, env=None):
     binary = tmp_path / "binary.py"
     binary.write_text(_BINARY)
     return subprocess.run(
@@ -54,7 +59,7 @@ def _run(tmp_path, *args):
         text=True,
         cwd=_REPO,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(_REPO)},
+        env={**(os.environ if env is None else env), "PYTHONPATH": str(_REPO)},
     )
 
 
@@ -89,6 +94,16 @@ def test_good_run_exits_0(tmp_path):
     result = _run(tmp_path, "--model=mlp")
     assert result.returncode == 0, f"good flags failed: {result.stderr}"
     assert result.stdout.strip() == "trained mlp", f"main did not run: {result.stdout!r}"
+
+
+def test_backend_probing_leaves_no_line_on_the_terminal(tmp_path):
+    # On CPU-only machines every binary's first line was jax's INFO record "Unable to
+    # initialize backend 'tpu': ... libtpu.so ...".
+    # The tests pin JAX_PLATFORMS=cpu (tests/conftest.py); a user's shell does not.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = _run(tmp_path, "--devices", env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "trained cnn", result.stderr
+    assert "Unable to initialize backend" not in result.stderr, result.stderr
 
 
 def test_other_exceptions_keep_their_traceback(tmp_path):
