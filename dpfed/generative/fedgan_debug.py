@@ -373,13 +373,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         model.apply, params, clients.images, clients.labels, clients.counts
     )
     groups = selection.split_clients(
-        accuracies,
-        low_threshold=config.low_threshold,
-        high_threshold=config.high_threshold,
-        low_quantile=config.low_quantile,
-        high_quantile=config.high_quantile,
-        eligible=clients.counts > 0,
-    )
+        accuracies, eligible=clients.counts > 0, **selection.split_settings(config))
     log(
         f"{selection.RAW_LOG_PREFIX}classifier: accuracy {healthy_accuracy:.3f} on its "
         f"training data; per-client accuracy thresholds low <= {groups.low_threshold:.3f}, high >= "

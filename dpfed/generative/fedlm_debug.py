@@ -209,13 +209,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         f"leaves no client: no (play, role) has {config.min_lines} lines or more (lower it)",
     )
     groups = selection.split_clients(
-        oov_rates,
-        low_threshold=config.low_threshold,
-        high_threshold=config.high_threshold,
-        low_quantile=config.low_quantile,
-        high_quantile=config.high_quantile,
-        eligible=eligible,
-    )
+        oov_rates, eligible=eligible, **selection.split_settings(config))
     members = {"high_oov": groups.high, "low_oov": groups.low}
     log(
         f"{selection.RAW_LOG_PREFIX}{len(texts)} clients; OOV rate thresholds low <= "

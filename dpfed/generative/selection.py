@@ -62,6 +62,14 @@ def _split_error(side: str, given: float | None, message: str) -> ConfigError:
     return ConfigError(f"{side}_{'threshold' if given is not None else 'quantile'}", message)
 
 
+SPLIT_SETTINGS = ("low_threshold", "high_threshold", "low_quantile", "high_quantile")
+
+
+def split_settings(config: Any) -> dict[str, float | None]:
+    """The `split_clients` keywords a demo config holds (its fields named `SPLIT_SETTINGS`)."""
+    return {name: getattr(config, name) for name in SPLIT_SETTINGS}
+
+
 def split_clients(
     values: np.ndarray,
     *,

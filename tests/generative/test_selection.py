@@ -1,6 +1,7 @@
 """Tests of the client selection by accuracy (dpfed.generative.selection)."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +190,11 @@ def test_pin_groups_checks_only_once_a_group_has_trained(tmp_path):
     selection.pin_groups(wd, {"low": "a"}, ["gan_low"], "emnist_dir")
     selection.pin_groups(wd, {"low": "other"}, ["gan_low"], "emnist_dir")  # nothing trained
     assert wd.read_json(selection.GROUPS_FILE) == {"low": "other"}, "a fresh run re-pins"
+
+
+def test_split_settings_are_the_configs_four_split_fields():
+    config = SimpleNamespace(low_threshold=0.1, high_threshold=None, low_quantile=0.2,
+                             high_quantile=0.8, seed=3)
+    assert selection.split_settings(config) == {
+        "low_threshold": 0.1, "high_threshold": None, "low_quantile": 0.2, "high_quantile": 0.8,
+    }, "exactly the four keywords of split_clients, read from the config"
