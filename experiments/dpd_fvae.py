@@ -3,7 +3,7 @@ on the clients and whose decoder alone is shared (and made private); writes the 
 contract, samples per class, and evaluates the released decoder.
 
 Example (the table's non-private sync_d row: 100 IID clients of mnist5k, 50 rounds of 10
-local epochs, beta 1; 2 CPU cores: ~13 min of training):
+local epochs, beta 1; 2 CPU cores: 8-13 min of training):
 
   .venv/bin/python -m experiments.dpd_fvae \
     --flagfile=launch/tables/dpd_fvae/02_nodp_sync_d.flags --evaluate \
