@@ -5,6 +5,10 @@ PYBIN := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 WORKDIRS ?= workdirs
+# Test worker processes (pytest-xdist; 0: all tests in this process). A file's tests stay
+# in one worker, so its module fixtures run once. 2 for CI's 2 cores (WORKSPACE.md, Set-up).
+TEST_WORKERS ?= 2
+PYTEST := $(PYBIN) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-all bench lint clean
 
@@ -26,10 +30,10 @@ demo: setup
 	  --flagfile=launch/demo.flags
 
 test: setup
-	$(PYBIN) -m pytest -q tests
+	$(PYTEST) tests
 
 test-all: setup
-	$(PYBIN) -m pytest -q -m "" tests
+	$(PYTEST) -m "" tests
 
 bench: $(BENCH_STAMP)
 	$(PYBIN) -m benchmarks.dp_overhead

@@ -5,9 +5,10 @@ Many tests compile the same programs again: each experiment binary runs in its o
 subprocess, and each tiny run builds fresh jitted closures. A persistent compilation
 cache in a new temporary folder (inherited by the subprocesses through the environment,
 removed at exit) lets them reuse one compilation: ~25% off the suite's time on 2 cores.
-It is never shared between sessions, so a stale entry cannot outlive the code it came
-from. Set JAX_COMPILATION_CACHE_DIR yourself to choose the folder (then it is kept), or
-to an empty value to compile without a cache.
+pytest-xdist's workers (`make test`) inherit it from the controller, which loads this
+file first, so they share it too. It is never shared between sessions, so a stale entry
+cannot outlive the code it came from. Set JAX_COMPILATION_CACHE_DIR yourself to choose
+the folder (then it is kept), or to an empty value to compile without a cache.
 """
 
 import atexit
