@@ -1,8 +1,10 @@
 """Per-client clipping, non-finite zeroing and the adaptive-clipping noise split."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dp_accounting import dp_event
 
 from dpfed.federated import AdaptiveClipping, PrivateAggregator, clip_update
 from dpfed.federated.aggregation import update_noise_multiplier
@@ -45,3 +47,19 @@ def test_adaptive_clip_grows_when_too_many_updates_are_clipped():
 
 def test_default_count_stddev_is_a_twentieth_of_the_cohort():
     assert AdaptiveClipping().count_stddev(100) == pytest.approx(5.0), "sb = m / 20"
+
+
+def test_count_query_gets_noise_of_std_sb_and_is_recorded_at_multiplier_two_sb():
+    # sb = 100 / 20 = 5 on the count sum_i (1{||d_i|| <= C} - 1/2) (sensitivity 1/2), so
+    # the released fraction (sum / 100 + 1/2) has std 0.05.
+    aggregator = PrivateAggregator(1.0, expected_clients=100, adaptive=AdaptiveClipping())
+    keys = jax.random.split(jax.random.key(0), 4000)
+    clip, count = jnp.float32(1.0), jnp.float32(0.0)
+    _, fractions = jax.vmap(lambda k: aggregator.next_clip(clip, count, k))(keys)
+    count_std = float(np.std(np.asarray(fractions))) * 100
+    # 4,000 draws: the sample std is within 5% of sigma with overwhelming probability.
+    assert count_std == pytest.approx(5.0, rel=0.05), (
+        f"the count's noise std is {count_std}, not sb = 5: the released clip norm would "
+        "not carry the noise its ledger event claims")
+    assert aggregator.count_mechanism.dp_event() == dp_event.GaussianDpEvent(10.0), (
+        "the count query is a Gaussian of multiplier 2 sb = 10 in its ledger event")

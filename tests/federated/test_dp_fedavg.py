@@ -157,6 +157,64 @@ def test_vmapping_clients_together_does_not_change_the_result():
     np.testing.assert_allclose(one, two, atol=1e-7, err_msg="vmap width changed the result")
 
 
+@pytest.mark.parametrize("width", [1, 2])
+def test_padded_slots_are_left_out_of_the_clip_norm_count(width):
+    # Every client's norm (0.2) is under C, so the count sum_i (1{||d_i|| <= C} - 1/2) of a
+    # cohort of c clients is c / 2. A padded slot trains client 0 under vmap (width > 1);
+    # counted, it would move the released fraction and the count's sensitivity.
+    deltas = np.full((32, DIM), 0.2 / np.sqrt(DIM), np.float32)
+    engine = make_engine(
+        deltas, sampling="poisson", clients_per_round=10, l2_clip=1.0, chunk_size=16,
+        clients_per_device_step=width, adaptive_clipping=AdaptiveClipping())
+    _, metrics = server_update(engine, jax.random.key(2))
+    cohort = int(metrics.diagnostics["cohort_size"])
+    assert cohort % 16, f"the test needs a cohort that leaves padded slots, got {cohort}"
+    expected = min(0.5 * cohort / 10 + 0.5, 1.0)  # count / expected clients + 1/2
+    got = float(metrics.released["noised_unclipped_fraction"])
+    assert got == pytest.approx(expected), (
+        f"width {width}: released unclipped fraction {got}, expected {expected} for a "
+        f"cohort of {cohort}: padded slots were counted")
+
+
+def test_clients_are_clipped_to_the_current_adaptive_clip_norm():
+    # Adaptive clipping moved C from the initial l2_clip 0.5 to 0.1: the noise is z * 0.1,
+    # so one client must move the pre-noise mean by at most 0.1 / m, not 0.5 / m.
+    deltas = random_deltas(20)
+    huge = deltas.copy()
+    huge[7] = 1e6
+    m, clip = 20, 0.1
+    moves = []
+    for d in (deltas, huge):
+        engine = make_engine(d, l2_clip=0.5, clients_per_round=m,
+                             adaptive_clipping=AdaptiveClipping())
+        state = engine.init(toy.params_of(DIM))._replace(clip_norm=jnp.float32(clip))
+        new_state, _ = engine.round(state, jax.random.key(0))
+        moves.append(np.asarray(new_state.params - state.params))
+    moved = np.linalg.norm(moves[0] - moves[1])
+    assert moved <= clip / m * (1 + 1e-5), (
+        f"one user moved the mean by {moved} > C_t/m = {clip / m}: clipped to another C")
+
+
+def test_count_noise_and_update_noise_are_independent():
+    # Drawn from one key, the count's noise equals the update's first coordinate's: the
+    # two releases together would let an observer subtract the noise.
+    norms = np.where(np.arange(40) % 2, 0.1, 10.0)  # the raw unclipped fraction is 0.5
+    deltas = random_deltas(40, seed=4)
+    deltas *= (norms / np.linalg.norm(deltas, axis=1))[:, None]
+    engine = make_engine(deltas, l2_clip=1.0, noise_multiplier=1.0,
+                         adaptive_clipping=AdaptiveClipping(clipped_count_stddev=2.0))
+    state = engine.init(toy.params_of(DIM))
+    fractions, first = [], []
+    for r in range(300):
+        new_state, metrics = engine.round(state, jax.random.key(r))
+        fractions.append(float(metrics.released["noised_unclipped_fraction"]))
+        first.append(float(new_state.params[0]))
+    correlation = np.corrcoef(fractions, first)[0, 1]
+    # 300 independent pairs: |r| < 0.2 with probability > 0.999.
+    assert abs(correlation) < 0.2, (
+        f"the count's and the update's noise correlate ({correlation:.2f}): one key for both")
+
+
 def test_adaptive_clip_norm_tracks_the_target_quantile():
     rng = np.random.default_rng(0)
     norms = np.exp(rng.normal(0.0, 1.0, size=200))  # log-normal update norms

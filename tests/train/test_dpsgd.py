@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dp_accounting import dp_event
 
 from dpfed import models, privacy
 from dpfed.train import dpsgd
@@ -83,6 +84,18 @@ def test_poisson_step_divides_by_expected_not_realised_batch_size():
         jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(expected), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="must divide by E[B]=10")
+
+
+@pytest.mark.parametrize("sampling, expected", [
+    ("poisson", dp_event.PoissonSampledDpEvent(64 / 4000, dp_event.GaussianDpEvent(1.1))),
+    # replace-one: a changed example moves the sum by 2C, so z counts half (as 1.1 / 2)
+    ("fixed", dp_event.SampledWithoutReplacementDpEvent(
+        4000, 64, dp_event.GaussianDpEvent(0.55))),
+])
+def test_step_event_samples_the_expected_batch_from_the_examples(sampling, expected):
+    config = dpsgd.DpSgdConfig(batch_size=64, sampling=sampling)
+    got = dpsgd.step_event(config, 1.1, 4000)
+    assert got == expected, f"one step samples 64 of 4,000 examples at z 1.1: {got}"
 
 
 def test_noise_in_step_has_std_z_clip_over_batch_size():

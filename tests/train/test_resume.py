@@ -110,20 +110,23 @@ def test_resume_adopts_new_metadata_and_records_what_changed(tmp_path):
     ], f"the change and the step it applies from must be recorded: {meta}"
 
 
-def test_resume_that_would_replay_logged_steps_with_other_noise_is_refused(tmp_path):
-    # Steps 5-6 were logged by the killed run at z 1.5; replaying them at z 1.2 would reuse
-    # their noise draws at another scale, and the logged releases would be in no ledger.
+@pytest.mark.parametrize("logged_past", [1, 2])
+def test_resume_that_would_replay_logged_steps_with_other_noise_is_refused(tmp_path, logged_past):
+    # Steps 5 (and 6) were logged by the killed run at z 1.5; replaying them at z 1.2 would
+    # reuse their noise draws at another scale, and the logged releases would be in no ledger.
     Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
     first = ledger(target=5.0, releases=4)
     first.metadata.update(noise_multiplier=1.5)
-    checkpoint(tmp_path, 4, first, logged_past=2)
+    checkpoint(tmp_path, 4, first, logged_past=logged_past)
     fresh = ledger(target=6.0)
     fresh.metadata.update(noise_multiplier=1.2)
-    with pytest.raises(ConfigError, match="up to step 6") as error:
+    last = 4 + logged_past
+    with pytest.raises(ConfigError, match=f"up to step {last}") as error:
         start(tmp_path, fresh, config=Config(target_epsilon=6.0))
     assert error.value.field == "noise_multiplier", error.value.field
     steps = [r["step"] for r in Workdir(tmp_path).read_metrics()]
-    assert steps == [1, 2, 3, 4, 5, 6], f"a refused resume must leave the metrics alone: {steps}"
+    assert steps == list(range(1, last + 1)), (
+        f"a refused resume must leave the metrics alone: {steps}")
     same = ledger(target=6.0)
     same.metadata.update(noise_multiplier=1.5)  # the same mechanism replays what was logged
     assert start(tmp_path, same, config=Config(target_epsilon=6.0)).ledger.num_releases == 4
@@ -330,6 +333,14 @@ def test_budget_stop_refuses_a_target_below_what_the_checkpoint_spent():
         budget_stop(ledger(_eps_of(3), releases=5), EVENT, 5, 20)
     assert error.value.field == "target_epsilon" and "already spent" in error.value.message, (
         f"a lowered target cannot take back what was spent: {error.value}")
+
+
+def test_budget_stop_refuses_a_target_just_below_what_the_checkpoint_spent():
+    # 1% under the spent eps: no tolerance may let a run finish above its target.
+    with pytest.raises(ConfigError) as error:
+        budget_stop(ledger(_eps_of(5) * 0.99, releases=5), EVENT, 5, 20)
+    assert error.value.field == "target_epsilon", (
+        f"a ledger 1% over its target must be refused: {error.value}")
 
 
 def test_budget_stop_of_a_finished_run_is_where_it_ended():
