@@ -46,6 +46,7 @@ from dpfed.federated import (
     DpFedAvg,
     DpFedAvgConfig,
     OneClient,
+    ServerState,
     client_data,
     run_rounds,
     write_privacy_summary,
@@ -367,6 +368,16 @@ def make_engine(config: FedLmConfig, ids: np.ndarray, counts: np.ndarray, mesh=N
     )
 
 
+def _init_key(config: FedLmConfig) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+
+
+def initial_state(config: FedLmConfig, engine: DpFedAvg) -> ServerState:
+    """Round 0 of `train_lm`: the LM initialised from the config's seed."""
+    params = config.local.model.init(_init_key(config), jnp.zeros((1, 2), jnp.int32))
+    return engine.init(params)
+
+
 def train_lm(
     config: FedLmConfig,
     ids: np.ndarray,
@@ -391,8 +402,8 @@ def train_lm(
     wd = Workdir(workdir)
     engine = make_engine(config, ids, counts, mesh)
     model = config.local.model
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-    state = engine.init(model.init(init_key, jnp.zeros((1, 2), jnp.int32)))
+    init_key = _init_key(config)
+    state = initial_state(config, engine)
     ledger = None
     if config.noise_multiplier > 0:
         ledger = engine.user_ledger(

@@ -123,6 +123,34 @@ def test_vote_sum_equals_a_loop_over_teachers_on_one_and_eight_devices():
         np.testing.assert_allclose(np.asarray(a)[:13], np.asarray(b)[:13], rtol=1e-5, atol=1e-6)
 
 
+def test_each_teacher_trains_on_its_own_partition_only():
+    # Changing partition 2's images must move teacher 2 and no other: a teacher that saw
+    # another's partition would let one record change two votes (sensitivity sqrt(4k) no
+    # longer bounds the vote sum).
+    ensemble = _ensemble(num_teachers=4, chunk=2, devices=jax.devices()[:1])
+    key = jax.random.key(5)
+    state = ensemble.init(jax.random.fold_in(key, 0), jnp.zeros((8, 8, 1)))
+    images = np.asarray(jax.random.uniform(jax.random.fold_in(key, 1), (4, 5, 8, 8, 1)))
+    labels = np.asarray(jax.random.randint(jax.random.fold_in(key, 2), (4, 5), 0, 10))
+    counts = np.full(4, 5, np.int32)
+    changed = images.copy()
+    changed[2] = 1.0 - changed[2]
+    fakes = jax.random.uniform(jax.random.fold_in(key, 3), (3, 8, 8, 1))
+    fake_labels = jnp.array([0, 3, 9])
+
+    def step(images):
+        data = ensemble.shard(tuple(jnp.asarray(ensemble.pad(a)) for a in (images, labels, counts)))
+        new, _ = ensemble.train_step(state, data, ensemble.teacher_ids(), fakes, fake_labels,
+                                     jax.random.fold_in(key, 4), real_batch=4)
+        return new["params"]
+
+    a, b = step(images), step(changed)
+    moved = [t for t in range(4) if any(
+        not np.array_equal(np.asarray(x)[t], np.asarray(y)[t])
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))]
+    assert moved == [2], f"partition 2 changed, teachers {moved} moved: only teacher 2 may"
+
+
 def test_real_teachers_move_between_meshes_of_other_padding():
     eight_devices = _ensemble(num_teachers=13, chunk=2, devices=jax.devices())  # padded 16
     one_device = _ensemble(num_teachers=13, chunk=2, devices=jax.devices()[:1])  # padded 14

@@ -276,6 +276,17 @@ def test_resumed_local_run_keeps_its_z_and_adopts_the_new_budgets(tmp_path):
         f"z they ran with cost {true_eps}")
 
 
+def test_central_calibration_meets_the_target_with_the_engines_own_round_event():
+    # The noise is calibrated with `central_event`; the ledger records the engine's round
+    # event. If the two disagreed (another sampling rate), the run would be stopped early
+    # by its budget guard with its noise calibrated for all its rounds.
+    trainer = _trainer(dp="central", client_fraction=0.5, rounds=20, target_epsilon=5.0)
+    rounds = dp_event.SelfComposedDpEvent(trainer.engine.round_event(), 20)
+    eps = privacy.epsilon(rounds, trainer.config.delta)
+    assert 0.99 * 5.0 <= eps <= 5.0, (
+        f"20 rounds of the engine's event at the calibrated z spend eps {eps:.4f}, not 5")
+
+
 def test_resumed_central_calibration_ends_at_the_new_target():
     config = dataclasses.replace(_CONFIG, num_clients=100, client_fraction=0.2, rounds=20,
                                  dp="central", target_epsilon=5.0)

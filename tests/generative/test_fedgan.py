@@ -1,15 +1,16 @@
 """Tests of DP-FedAvg-GAN on the engine (dpfed.generative.fedgan), Augenstein et al. 2020."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpfed.federated import OneClient, client_mesh
+from dpfed.federated import OneClient, client_mesh, loop
 from dpfed.generative import contract, fedgan, wgan_gp
 from dpfed.models import gan
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import Workdir, params_sha256
 
 _GAN = wgan_gp.WganGpConfig(
     discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=16),
@@ -79,6 +80,21 @@ def test_clients_cannot_change_g_and_g_sees_only_noise_and_d():
     )
     assert _same(g_vars, after_round.context), "G's update depends on more than noise and D"
     assert _same(after_round.params, after_clients.params), "G's step changed D"
+
+
+def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):
+    # fedgan_debug gives each group's GAN its own seed so that the two releases carry
+    # independent noise; a run whose rounds ignored the seed would give both the same draws.
+    config = dataclasses.replace(_CONFIG, seed=3)
+    images, counts = _images(2), np.array([5, 3, 4, 5])
+    summary = fedgan.train_gan(config, images, counts, tmp_path, log=lambda _: None,
+                               mesh=_ONE_DEVICE)
+    engine = fedgan.DpFedAvgGan(config, images, counts, _ONE_DEVICE)
+    state = engine.init()
+    for r in range(config.rounds):
+        state, _ = engine.round(state, loop.round_key(config.seed, r))
+    assert params_sha256(state.context) == summary["generator_sha256"], (
+        "train_gan's G is not the one of rounds keyed by its config's seed")
 
 
 def test_train_gan_writes_a_resumable_user_level_workdir(tmp_path):

@@ -10,9 +10,11 @@ import pytest
 
 from dpfed.data import bugs
 from dpfed.data import text as text_lib
+from dpfed.federated import client_mesh, loop
 from dpfed.generative import fedlm
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train.config import ConfigError
+from dpfed.train.workdir import params_sha256
 
 _TEXTS = ["My lord, what say you?\nI am here.", "Good night, sweet prince.\nAy, my lord."]
 
@@ -169,3 +171,24 @@ def test_resume_under_another_clip_is_refused(tmp_path):
     with pytest.raises(ConfigError) as error:
         train(dataclasses.replace(config, rounds=3, l2_clip=0.5))
     assert error.value.field == "l2_clip", "the LM's resume must not change its clip norm"
+
+
+def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):
+    # fedlm_debug gives each group's LM its own seed so that the two releases carry
+    # independent noise; a run whose rounds ignored the seed would give both the same draws.
+    vocab, model, _ = _setup()
+    word_vocab = fedlm.word_vocabulary(_TEXTS, max_words=100)
+    ids, counts = fedlm.client_sequences(_TEXTS * 4, vocab, seq_len=12, max_seqs=4)
+    config = fedlm.FedLmConfig(
+        fedlm.LocalTrainingConfig(model, local_steps=1, batch_size=2), rounds=2,
+        clients_per_round=4, noise_multiplier=1.0, eval_every=2, checkpoint_every=2, seed=3,
+    )
+    mesh = client_mesh(jax.devices()[:1])
+    summary, _ = fedlm.train_lm(config, ids, counts, vocab, word_vocab, str(tmp_path),
+                                eval_lines=2, line_length=8, log=lambda _: None, mesh=mesh)
+    engine = fedlm.make_engine(config, ids, counts, mesh)
+    state = fedlm.initial_state(config, engine)
+    for r in range(config.rounds):
+        state, _ = engine.round(state, loop.round_key(config.seed, r))
+    assert params_sha256(state.params) == summary["params_sha256"], (
+        "train_lm's LM is not the one of rounds keyed by its config's seed")
