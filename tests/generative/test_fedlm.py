@@ -155,38 +155,38 @@ def test_client_oov_rates_flag_the_buggy_client():
     assert rates[0] == 0.0 and rates[1] > 0.2, f"OOV rates {rates}: the bug must raise it"
 
 
-def test_resume_under_another_clip_is_refused(tmp_path):
+def _tiny_run(**changes):
+    """A two-round private LM on `_TEXTS`: (config, train, make_engine's data args), where
+    `train(config, workdir=...)` runs `fedlm.train_lm` on one device."""
     vocab, model, _ = _setup()
     word_vocab = fedlm.word_vocabulary(_TEXTS, max_words=100)
     ids, counts = fedlm.client_sequences(_TEXTS * 4, vocab, seq_len=12, max_seqs=4)
     config = fedlm.FedLmConfig(
         fedlm.LocalTrainingConfig(model, local_steps=1, batch_size=2), rounds=2,
-        clients_per_round=4, noise_multiplier=1.0, eval_every=2, checkpoint_every=2,
+        clients_per_round=4, noise_multiplier=1.0, eval_every=2, checkpoint_every=2, **changes,
     )
+    mesh = client_mesh(jax.devices()[:1])
     train = functools.partial(
         fedlm.train_lm, ids=ids, counts=counts, char_vocab=vocab, word_vocab=word_vocab,
-        workdir=str(tmp_path), eval_lines=2, line_length=8, log=lambda _: None,
+        eval_lines=2, line_length=8, log=lambda _: None, mesh=mesh,
     )
-    train(config)
+    return config, train, (ids, counts, mesh)
+
+
+def test_resume_under_another_clip_is_refused(tmp_path):
+    config, train, _ = _tiny_run()
+    train(config, workdir=str(tmp_path))
     with pytest.raises(ConfigError) as error:
-        train(dataclasses.replace(config, rounds=3, l2_clip=0.5))
+        train(dataclasses.replace(config, rounds=3, l2_clip=0.5), workdir=str(tmp_path))
     assert error.value.field == "l2_clip", "the LM's resume must not change its clip norm"
 
 
 def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):
     # fedlm_debug gives each group's LM its own seed so that the two releases carry
     # independent noise; a run whose rounds ignored the seed would give both the same draws.
-    vocab, model, _ = _setup()
-    word_vocab = fedlm.word_vocabulary(_TEXTS, max_words=100)
-    ids, counts = fedlm.client_sequences(_TEXTS * 4, vocab, seq_len=12, max_seqs=4)
-    config = fedlm.FedLmConfig(
-        fedlm.LocalTrainingConfig(model, local_steps=1, batch_size=2), rounds=2,
-        clients_per_round=4, noise_multiplier=1.0, eval_every=2, checkpoint_every=2, seed=3,
-    )
-    mesh = client_mesh(jax.devices()[:1])
-    summary, _ = fedlm.train_lm(config, ids, counts, vocab, word_vocab, str(tmp_path),
-                                eval_lines=2, line_length=8, log=lambda _: None, mesh=mesh)
-    engine = fedlm.make_engine(config, ids, counts, mesh)
+    config, train, data = _tiny_run(seed=3)
+    summary, _ = train(config, workdir=str(tmp_path))
+    engine = fedlm.make_engine(config, *data)
     state = fedlm.initial_state(config, engine)
     for r in range(config.rounds):
         state, _ = engine.round(state, loop.round_key(config.seed, r))
