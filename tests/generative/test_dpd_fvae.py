@@ -141,6 +141,12 @@ def test_local_dp_clips_each_examples_decoder_gradient():
     assert three[1] <= clip * (1 + 1e-5), "per-example clipping exceeded"
 
 
+def _flat_change(new, old) -> np.ndarray:
+    """new - old over all leaves, as one flat vector."""
+    return np.concatenate([np.ravel(a - b) for a, b in zip(
+        jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old), strict=True)])
+
+
 def test_local_dp_noise_std_is_z_clip_over_the_expected_batch():
     trainer, z = _trainer(), 2.0
     config = dataclasses.replace(_LOCAL, l2_clip=_CLIP)
@@ -149,16 +155,32 @@ def test_local_dp_noise_std_is_z_clip_over_the_expected_batch():
     start = _client_state(state, 0)
     for count in (1, 3):  # one step at Poisson rate 1; expected batch min(B=4, count)
         out = hook(state.params, start, _client(0, count=count), (), jax.random.key(7))
-        delta = np.concatenate([
-            np.ravel(a - b) for a, b in zip(jax.tree_util.tree_leaves(out.params),
-                                           jax.tree_util.tree_leaves(state.params), strict=True)
-        ])
+        delta = _flat_change(out.params, state.params)
         assert delta.size > 400, "too few decoder coordinates to estimate a std"
         # Noise N(0, (zC)^2) per coordinate on the clipped sum, divided by the expected
         # batch; the clipped gradients (total norm <= count * C) are negligible beside it.
         np.testing.assert_allclose(
             np.std(delta), z * _CLIP / count, rtol=0.1,
             err_msg=f"local DP noise std must be z C / E[batch] (count {count})")
+
+
+def test_local_dp_noise_is_divided_by_the_expected_not_the_realised_batch():
+    # 6 examples, B = 4: each step samples each example with rate 4/6 and divides the
+    # noised sum by 4 whatever the realised batch; the steps' noises add up.
+    trainer, z = _trainer(), 2.0
+    config = dataclasses.replace(_LOCAL, l2_clip=_CLIP)
+    hook = jax.jit(dpd_fvae.make_client_update(config, trainer.encoder, trainer.decoder, 6, z))
+    state = trainer.init()
+    start = _client_state(state, 0)
+    steps = int(dpd_fvae.steps_per_round(config, 6))
+    assert steps > 1, f"the test needs several steps per round, got {steps}"
+    expected = np.sqrt(steps) * z * _CLIP / 4
+    for k in range(8):  # realised batches vary with the key; the noise std must not
+        out = hook(state.params, start, _client(0, count=6), (), jax.random.key(100 + k))
+        delta = _flat_change(out.params, state.params)
+        np.testing.assert_allclose(
+            np.std(delta), expected, rtol=0.1,
+            err_msg=f"key {k}: noise std must be sqrt(steps) z C / E[batch] with E[batch] = 4")
 
 
 def test_local_dp_client_out_of_budget_contributes_nothing():
