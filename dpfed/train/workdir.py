@@ -439,13 +439,37 @@ def _version(distribution: str) -> str | None:
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "orbax-checkpoint", "numpy")
 
 
+# Vector units XLA:CPU compiles for: the same program on CPUs with others may round floats
+# differently (a long, noisy run then ends elsewhere).
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The host CPU's model name and which of `_SIMD_FLAGS` it has (from /proc/cpuinfo;
+    the model alone where that file cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {"cpu": platform.processor() or "unknown"}
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name") or platform.processor() or "unknown",
+            "cpu_simd": [f for f in _SIMD_FLAGS if f in flags]}
+
+
 def environment_info() -> dict:
-    """Software versions and accelerator facts for `summary.json` (no host or user names)."""
+    """Software versions, the CPU and accelerator facts for `summary.json` (no host or
+    user names)."""
     devices = jax.devices()
     return {
         "python": platform.python_version(),
         **{name.replace("-", "_"): _version(name) for name in _VERSIONED},
         "platform": f"{platform.system()}-{platform.machine()}",
+        **cpu_info(),
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": jax.device_count(),

@@ -240,9 +240,19 @@ def test_params_hash_accepts_typed_keys():
     )
 
 
+def test_cpu_info_names_the_model_and_its_vector_units():
+    cpuinfo = ("processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu sse4_2 avx avx2 fma "
+               "avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9654\n")
+    info = workdir_lib.cpu_info(cpuinfo)
+    assert info == {"cpu": "AMD EPYC 9654", "cpu_simd": ["sse4_2", "avx", "avx2", "fma",
+                                                        "avx512f"]}, (
+        f"the model and the vector units XLA:CPU compiles for, in a fixed order: {info}")
+
+
 def test_environment_info_has_versions_and_no_hostname():
     info = environment_info()
-    for name in ("python", "jax", "jaxlib", "flax", "optax", "dp_accounting", "device_kind"):
+    for name in ("python", "jax", "jaxlib", "flax", "optax", "dp_accounting", "device_kind",
+                 "cpu"):
         assert info.get(name), f"environment_info lacks {name}: {info}"
     assert info["device_count"] >= 1, f"bad device_count in {info}"
     hostname = socket.gethostname()
