@@ -135,7 +135,7 @@ def run_rounds(
         if done % checkpoint_every == 0 or done == last_round:
             saved = {"ledger": ledger.to_json(with_pld=False) if ledger is not None else None}
             checkpointer.save(done, state, {**(extra or {}), **saved})
-        progress.update(done, eps=eps, acc=record.get("test_accuracy"))
+        progress.update(done, wait_for=state, eps=eps, acc=record.get("test_accuracy"))
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed
         record = {"round": int(state.round), **evaluate(state)}

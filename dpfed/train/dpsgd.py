@@ -336,7 +336,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
             )
         if done % config.checkpoint_every == 0 or done == last_step:
             save(done)
-        progress.update(done, eps=eps, acc=accuracy)
+        progress.update(done, wait_for=state, eps=eps, acc=accuracy)
     checkpointer.close()
 
     if accuracy is None:  # nothing left to run (resumed a finished run)

@@ -56,6 +56,7 @@ class Progress:
         so the rate and ETA count only the steps run by this process.
       unit: the name of a step in the rate (e.g. "rounds").
       clock: a monotonic clock in seconds (injectable for tests).
+      wait: what `update` calls on its `wait_for` before a line (injectable for tests).
     """
 
     def __init__(
@@ -68,6 +69,7 @@ class Progress:
         start_step: int = 0,
         unit: str = "steps",
         clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[Any], Any] = jax.block_until_ready,
     ):
         self._total = total
         self._desc = desc
@@ -76,14 +78,20 @@ class Progress:
         self._start_step = start_step
         self._unit = unit
         self._clock = clock
+        self._wait = wait
         self._start_time = clock()
         self._last_print: float | None = None
         self._finished = False
 
-    def update(self, step: int, **fields: Any) -> None:
+    def update(self, step: int, *, wait_for: Any = None, **fields: Any) -> None:
         """Reports that `step` steps are done; `fields` (e.g. eps, loss) are shown in order.
 
         Fields whose value is None (e.g. no evaluation yet) are left out of the line.
+        `wait_for`: the step's results (e.g. the state a jitted step returned), waited
+        for before a line so that its rate and ETA count finished steps. With
+        asynchronous dispatch a loop runs several steps ahead of the device; without the
+        wait, lines count queued steps and the run seems to stall at its next evaluation
+        (WORKSPACE.md, "Progress lines"). Between lines dispatch stays asynchronous.
         """
         now = self._clock()
         final = step >= self._total
@@ -92,6 +100,9 @@ class Progress:
         due = self._last_print is None or now - self._last_print >= self._every_seconds
         if not (final or due):
             return
+        if wait_for is not None:
+            self._wait(wait_for)
+            now = self._clock()
         self._last_print = now
         self._finished = final
         print(self._line(step, now, fields), file=self._stream, flush=True)

@@ -6,7 +6,7 @@ import pytest
 from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated import DpFedAvg, DpFedAvgConfig, run_rounds
+from dpfed.federated import DpFedAvg, DpFedAvgConfig, loop, run_rounds
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests import dispatch
@@ -132,6 +132,22 @@ class _ReadinessWatcher:
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+
+def test_progress_lines_wait_for_the_round_they_report(tmp_path, monkeypatch):
+    # With asynchronous dispatch (one device) the host runs rounds ahead of the device; a
+    # line that did not wait for its round would count rounds that are only queued.
+    seen = []
+
+    class Recording(loop.Progress):
+        def update(self, step, *, wait_for=None, **fields):
+            seen.append((step, None if wait_for is None else int(wait_for.round)))
+            super().update(step, wait_for=wait_for, **fields)
+
+    monkeypatch.setattr(loop, "Progress", Recording)
+    run(engine(), tmp_path, rounds=3)
+    assert seen == [(1, 1), (2, 2), (3, 3)], (
+        f"(line's round, state it waits for): {seen}; each line must wait for its round")
 
 
 def test_on_several_cpu_devices_each_round_waits_for_the_previous_one(tmp_path):

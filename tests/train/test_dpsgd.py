@@ -187,6 +187,24 @@ def test_rerunning_a_finished_calibrated_run_ends_where_it_ended(tmp_path):
         f"a rerun must report the finished run as it was: {first} vs {again}")
 
 
+def test_progress_lines_wait_for_the_step_they_report(tmp_path, monkeypatch):
+    # With asynchronous dispatch the host runs steps ahead of the device; a line that did
+    # not wait for its step would count steps that are only queued.
+    seen = []
+
+    class Recording(dpsgd.Progress):
+        def update(self, step, *, wait_for=None, **fields):
+            seen.append((step, None if wait_for is None else int(wait_for["step"])))
+            super().update(step, wait_for=wait_for, **fields)
+
+    monkeypatch.setattr(dpsgd, "Progress", Recording)
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=64,
+                               eval_every=3, checkpoint_every=3)
+    dpsgd.train(config, tmp_path, log=lambda _: None)
+    assert seen == [(1, 1), (2, 2), (3, 3)], (
+        f"(line's step, state it waits for): {seen}; each line must wait for its step")
+
+
 class _KilledError(Exception):
     """Stands for a kill right after a metrics record was written."""
 

@@ -66,6 +66,33 @@ def test_resumed_run_rate_counts_only_this_process():
     )
 
 
+def test_a_line_waits_for_the_steps_results_before_reading_the_clock():
+    # Asynchronous dispatch: step 10 is queued at t = 5 s but its results are ready at
+    # t = 20 s; a line that did not wait would report 2 steps/s instead of 0.5.
+    waited = []
+
+    def wait(results):
+        waited.append(results)
+        clock.now = 20.0
+
+    progress, clock, stream = _progress(total=100, wait=wait)
+    clock.now = 5.0
+    progress.update(10, wait_for="step 10's state")
+    assert waited == ["step 10's state"], f"the line did not wait for the results: {waited}"
+    assert "| 0.5 steps/s |" in _lines(stream)[0], (
+        f"the rate must count finished steps (10 in 20 s): {_lines(stream)}")
+
+
+def test_no_wait_between_lines():
+    waited = []
+    progress, clock, _ = _progress(total=100, wait=waited.append)
+    clock.now = 1.0
+    progress.update(1, wait_for=1)
+    clock.now = 2.0
+    progress.update(2, wait_for=2)  # 1 s after the last line: none due
+    assert waited == [1], f"waited for {waited}: dispatch between lines must stay async"
+
+
 def test_no_rate_before_any_step_ran():
     progress, _, stream = _progress(start_step=100)
     progress.update(100, eps=1.0)
