@@ -34,3 +34,17 @@ def watch(step: Callable, ready: list[bool], slow_down: Callable) -> Callable:
         return slow_down(state), out
 
     return watched
+
+
+def record_progress_waits(monkeypatch, module, step_of: Callable) -> list[tuple]:
+    """Replaces `module.Progress` with one that records, for each `update`, the pair
+    (reported step, `step_of(wait_for)` or None when it waits for nothing); returns the list."""
+    seen = []
+
+    class Recording(module.Progress):
+        def update(self, step, *, wait_for=None, **fields):
+            seen.append((step, None if wait_for is None else int(step_of(wait_for))))
+            super().update(step, wait_for=wait_for, **fields)
+
+    monkeypatch.setattr(module, "Progress", Recording)
+    return seen

@@ -137,14 +137,7 @@ class _ReadinessWatcher:
 def test_progress_lines_wait_for_the_round_they_report(tmp_path, monkeypatch):
     # With asynchronous dispatch (one device) the host runs rounds ahead of the device; a
     # line that did not wait for its round would count rounds that are only queued.
-    seen = []
-
-    class Recording(loop.Progress):
-        def update(self, step, *, wait_for=None, **fields):
-            seen.append((step, None if wait_for is None else int(wait_for.round)))
-            super().update(step, wait_for=wait_for, **fields)
-
-    monkeypatch.setattr(loop, "Progress", Recording)
+    seen = dispatch.record_progress_waits(monkeypatch, loop, lambda state: state.round)
     run(engine(), tmp_path, rounds=3)
     assert seen == [(1, 1), (2, 2), (3, 3)], (
         f"(line's round, state it waits for): {seen}; each line must wait for its round")

@@ -12,6 +12,7 @@ from dp_accounting import dp_event
 from dpfed import models, privacy
 from dpfed.train import dpsgd
 from dpfed.train.workdir import Workdir
+from tests import dispatch
 
 
 def _tiny(n=8, seed=0):
@@ -190,14 +191,7 @@ def test_rerunning_a_finished_calibrated_run_ends_where_it_ended(tmp_path):
 def test_progress_lines_wait_for_the_step_they_report(tmp_path, monkeypatch):
     # With asynchronous dispatch the host runs steps ahead of the device; a line that did
     # not wait for its step would count steps that are only queued.
-    seen = []
-
-    class Recording(dpsgd.Progress):
-        def update(self, step, *, wait_for=None, **fields):
-            seen.append((step, None if wait_for is None else int(wait_for["step"])))
-            super().update(step, wait_for=wait_for, **fields)
-
-    monkeypatch.setattr(dpsgd, "Progress", Recording)
+    seen = dispatch.record_progress_waits(monkeypatch, dpsgd, lambda state: state["step"])
     config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=64,
                                eval_every=3, checkpoint_every=3)
     dpsgd.train(config, tmp_path, log=lambda _: None)
