@@ -5,6 +5,7 @@ compiled DataLens (`training.build` caches it by model settings).
 """
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -16,6 +17,7 @@ import pytest
 from dp_accounting import dp_event, rdp
 
 from dpfed import data as data_lib
+from dpfed.federated import mesh as mesh_lib
 from dpfed.generative import contract, datalens
 from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
@@ -218,6 +220,41 @@ def test_on_several_cpu_devices_each_jitted_step_waits_for_the_previous_one(
     _train(tmp_path, "run")
     calls = TINY.pretrain_steps + 1 + (TINY.steps - 1) * (TINY.d_steps + 1)
     assert ready == [True] * calls, f"a jitted step started before the last was done: {ready}"
+
+
+def test_on_one_device_the_loop_queues_steps_ahead_of_the_device(tmp_path, monkeypatch):
+    # One device or an accelerator: between progress lines, evaluations and checkpoints the
+    # host must not wait for a step (a per-step read of a result idles the accelerator).
+    monkeypatch.setattr(mesh_lib, "waits_for_each_step", lambda: False)
+    monkeypatch.setattr(datalens.training, "make_mesh", lambda: teachers_lib.make_mesh(
+        jax.devices()[:1]))
+    monkeypatch.setattr(datalens.training, "Progress", functools.partial(
+        datalens.training.Progress, every_seconds=math.inf))  # lines at steps 1 and 4 only
+    digits = data_lib.load(TINY.dataset, "train")
+    lens = datalens.training.build(TINY, digits.num_classes, digits.image_shape)  # train's
+    train_step, ready = lens.train_step, []
+
+    def slowed(state, *args, **kwargs):  # the step's state and metrics finish ~0.1 s late
+        ready.append(dispatch.all_ready(state))
+        state, metrics = train_step(state, *args, **kwargs)
+        late = dispatch.slow_identity(state["step"])
+        return {**state, "step": late}, {k: v + 0 * late for k, v in metrics.items()}
+
+    monkeypatch.setattr(lens, "train_step", slowed)
+    _train(tmp_path, "run")
+    # Step 1's line and step 2's checkpoint wait; nothing waits for step 3 before step 4.
+    assert ready == [True, True, True, False], (
+        f"whether each step's input state was computed at dispatch: {ready}; the host "
+        "waited for step 3 though no line, evaluation or checkpoint was due")
+
+
+def test_progress_lines_wait_for_the_step_they_report(tmp_path, monkeypatch):
+    # A line that did not wait for its step would count steps that are only queued.
+    seen = dispatch.record_progress_waits(
+        monkeypatch, datalens.training, lambda state: state["step"])
+    _train(tmp_path, "run")
+    assert seen == [(1, 1), (2, 2), (3, 3), (4, 4)], (
+        f"(line's step, state it waits for): {seen}; each line must wait for its step")
 
 
 def _direct_epsilon(noise_multiplier, count, delta):

@@ -475,7 +475,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             wd.append_metrics(record)
         if done % config.checkpoint_every == 0 or done == last_step:
             save(done)
-        progress.update(done, eps=eps, agree=float(metrics["agreement"]))
+        progress.update(done, wait_for=state, eps=eps, agree=metrics["agreement"])
     checkpointer.close()
 
     gen_params = state["generator"]["params"]
