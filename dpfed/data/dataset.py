@@ -48,6 +48,7 @@ class ImageDataset:
 
     @property
     def num_examples(self) -> int:
+        """How many examples the split holds."""
         return int(self.images.shape[0])
 
     @property

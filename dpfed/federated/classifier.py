@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +112,7 @@ class FedAvgClassifierConfig:
                  "clients_per_device_step", "must be > 0")
 
 
-def make_model(config: FedAvgClassifierConfig, num_classes: int):
+def make_model(config: FedAvgClassifierConfig, num_classes: int) -> nn.Module:
     """The classifier of `config`; the CNN's convolutions per `config.conv` ("auto": patch
     convolutions on CPU, where `nn.Conv` inside the engine's loops is several times slower)."""
     extra = {"conv": config.conv} if config.model == "cnn" else {}
@@ -131,7 +132,7 @@ def federate(config: FedAvgClassifierConfig, train: data_lib.ImageDataset) -> Cl
     return from_federated(data_lib.to_federated(train.images, train.labels, parts))
 
 
-def classifier_loss(model) -> local.LossFn:
+def classifier_loss(model: nn.Module) -> local.LossFn:
     """Masked mean cross-entropy of a batch (the client's local objective), with accuracy."""
 
     def loss_fn(shared, local_params, batch, mask, context, key):
@@ -145,7 +146,7 @@ def classifier_loss(model) -> local.LossFn:
     return loss_fn
 
 
-def client_accuracy(model) -> evaluation.MetricFn:
+def client_accuracy(model: nn.Module) -> evaluation.MetricFn:
     """Each client's accuracy on all its own examples (federated evaluation)."""
 
     def metric_fn(params, client_state, client: OneClient, context):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfed.data.partition import FederatedData
+
 PyTree = Any
 
 
@@ -30,10 +32,12 @@ class ClientData(NamedTuple):
 
     @property
     def num_clients(self) -> int:
+        """How many clients the data holds (the length of `counts`)."""
         return int(self.counts.shape[0])
 
     @property
     def max_n(self) -> int:
+        """Each client's padded example count (the arrays' second axis)."""
         return int(jax.tree_util.tree_leaves(self.arrays)[0].shape[1])
 
 
@@ -50,7 +54,7 @@ class OneClient(NamedTuple):
         return jnp.arange(max_n) < self.count
 
 
-def from_federated(federated) -> ClientData:
+def from_federated(federated: FederatedData) -> ClientData:
     """`ClientData` with arrays `(images, labels)` from a `dpfed.data.FederatedData`."""
     return ClientData(
         arrays=(np.asarray(federated.images), np.asarray(federated.labels)),

@@ -182,6 +182,7 @@ class DpdFvaeConfig:
 
     @property
     def clients_per_round(self) -> float:
+        """The expected cohort size: client_fraction x num_clients."""
         return self.client_fraction * self.num_clients
 
 
@@ -554,7 +555,7 @@ class DpdFvae:
     """
 
     def __init__(self, config: DpdFvaeConfig, num_classes: int, image_shape, clients: ClientData,
-                 noise_multiplier: float, mesh=None):
+                 noise_multiplier: float, mesh: jax.sharding.Mesh | None = None):
         self.config = config
         self.noise_multiplier = noise_multiplier
         self.encoder, self.decoder = build_model(config, num_classes, image_shape)
@@ -642,7 +643,9 @@ class DpdFvaeGenerator:
     latent_dim: int
     label_probs: tuple[float, ...] | None = None
 
-    def sample(self, params, key, n, labels=None):
+    def sample(
+        self, params: Any, key: jax.Array, n: int, labels: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """`n` images in [0, 1] and their int32 labels (the given ones, or drawn)."""
         label_key, z_key = jax.random.split(key)
         if labels is None:
@@ -691,7 +694,7 @@ def federate(config: DpdFvaeConfig, train: data_lib.ImageDataset) -> ClientData:
 
 
 def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = print,
-          mesh=None) -> dict:
+          mesh: jax.sharding.Mesh | None = None) -> dict:
     """Trains (or resumes) DPD-fVAE in `workdir`; returns the summary dict.
 
     Writes ledger.json (private runs), metrics.jsonl, summary.json, report.md,

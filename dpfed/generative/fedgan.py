@@ -39,6 +39,7 @@ from dpfed.federated import (
     AdaptiveClipping,
     ClientData,
     ClientOutput,
+    ClientUpdateFn,
     DpFedAvg,
     DpFedAvgConfig,
     OneClient,
@@ -105,7 +106,7 @@ class FedGanConfig:
         privacy.Sampling(self.sampling)  # validates the name
 
 
-def discriminator_client_update(config: wgan_gp.WganGpConfig):
+def discriminator_client_update(config: wgan_gp.WganGpConfig) -> ClientUpdateFn:
     """The engine's client hook: `(D, (), client, G, key) -> ClientOutput(D', (), {})`.
 
     The client sees D (shared params), G (the read-only context) and its own images;
@@ -131,7 +132,8 @@ class DpFedAvgGan:
       mesh: the engine's device mesh (default: all devices).
     """
 
-    def __init__(self, config: FedGanConfig, images: np.ndarray, counts: np.ndarray, mesh=None):
+    def __init__(self, config: FedGanConfig, images: np.ndarray, counts: np.ndarray,
+                 mesh: jax.sharding.Mesh | None = None):
         self.config = config
         data = ClientData(
             arrays=np.asarray(wgan_gp.to_gan_range(np.asarray(images, np.float32))),
@@ -211,7 +213,9 @@ class FedGanGenerator:
 
     gan_config: wgan_gp.WganGpConfig
 
-    def sample(self, params, key, n, labels=None):
+    def sample(
+        self, params: Any, key: jax.Array, n: int, labels: jax.Array | None = None
+    ) -> tuple[jax.Array, None]:
         """`n` images in [0, 1] and no labels (G is unconditional; `labels` is ignored)."""
         del labels
         return jnp.asarray(sample_images(self.gan_config, params, key, n)), None
@@ -263,7 +267,7 @@ def train_gan(
     *,
     group: str = "all",
     log: Callable[[str], None] = print,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict:
     """Trains (or resumes) one DP-FedAvg-GAN on the given clients in `workdir`.
 

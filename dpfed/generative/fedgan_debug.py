@@ -35,7 +35,9 @@ import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image
@@ -51,6 +53,8 @@ from dpfed.models import gan
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
+
+PyTree = Any
 
 DATASETS = ("mnist5k", "emnist")
 GROUPS = ("low", "high")
@@ -312,7 +316,7 @@ def _load_emnist(
 
 def train_app_classifier(
     images: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int, seed: int
-):
+) -> tuple[nn.Module, PyTree]:
     """The app's CNN before the bug: trained (non-privately) on healthy data only."""
     model = models.get_classifier("cnn", num_classes)
     result = classifier_fit.fit(

@@ -43,6 +43,7 @@ from dpfed.data import text as text_lib
 from dpfed.federated import (
     ClientData,
     ClientOutput,
+    ClientUpdateFn,
     DpFedAvg,
     DpFedAvgConfig,
     OneClient,
@@ -295,7 +296,7 @@ def client_oov_rates(texts: Sequence[str], word_vocab: text_lib.Vocabulary) -> n
     return np.array([token_stats([text], word_vocab, k=0).oov_rate for text in texts])
 
 
-def lm_client_update(config: LocalTrainingConfig):
+def lm_client_update(config: LocalTrainingConfig) -> ClientUpdateFn:
     """The engine's client hook: `(LM, (), client, (), key) -> ClientOutput(LM', (), {})`.
 
     Only the LM's params leave the client (the engine privatises their delta).
@@ -352,7 +353,12 @@ class FedLmConfig:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
 
-def make_engine(config: FedLmConfig, ids: np.ndarray, counts: np.ndarray, mesh=None) -> DpFedAvg:
+def make_engine(
+    config: FedLmConfig,
+    ids: np.ndarray,
+    counts: np.ndarray,
+    mesh: jax.sharding.Mesh | None = None,
+) -> DpFedAvg:
     """The DP-FedAvg engine over clients' padded char sequences."""
     return DpFedAvg(
         lm_client_update(config.local),
@@ -390,7 +396,7 @@ def train_lm(
     eval_lines: int = 64,
     line_length: int = 120,
     log: Callable[[str], None] = print,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict, PyTree]:
     """Trains (or resumes) one DP-FedAvg char LM in `workdir`; returns (summary, params).
 

@@ -175,7 +175,7 @@ def epsilon(
     return eps
 
 
-def is_whole_number(value) -> bool:
+def is_whole_number(value: object) -> bool:
     """True for an int or a finite float of integral value (not a bool, NaN or inf)."""
     return (
         isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -7,7 +7,6 @@ same eps. Consecutive identical events are stored once with a count.
 """
 
 import dataclasses
-import json
 from typing import Any
 
 import attr
@@ -95,6 +94,7 @@ class PrivacyLedger:
 
     @property
     def relation(self) -> accounting.NeighboringRelation:
+        """The accountant's neighbouring relation of `neighboring_relation`."""
         return RELATIONS[self.neighboring_relation]
 
     def record(self, event: DpEvent, count: int = 1) -> None:
@@ -120,6 +120,7 @@ class PrivacyLedger:
 
     @property
     def num_releases(self) -> int:
+        """How many events were recorded (counts summed)."""
         return sum(count for _, count in self.entries)
 
     def composed_event(self, extra: DpEvent | None = None, extra_count: int = 1) -> DpEvent:
@@ -211,5 +212,3 @@ class PrivacyLedger:
                 ledger.record(event)
         return ledger
 
-    def dumps(self) -> str:
-        return json.dumps(self.to_json(with_pld=False))

@@ -33,6 +33,7 @@ class GaussianSumMechanism:
 
     @property
     def stddev(self) -> float:
+        """The std of the noise added to each coordinate of the sum: z * C."""
         return accounting.gaussian_sigma_for_sum(self.noise_multiplier, self.l2_clip)
 
     def privatize(self, clipped_sum: PyTree, key: jax.Array) -> PyTree:

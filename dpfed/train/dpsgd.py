@@ -23,9 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from dp_accounting import dp_event
 
 from dpfed import data as data_lib
 from dpfed import models, privacy
@@ -116,7 +118,7 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
     return optax.adam(learning_rate)
 
 
-def example_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Array]:
+def example_loss(model: nn.Module) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Array]:
     """Cross-entropy of ONE example (image [H,W,C], label []): the per-example loss."""
 
     def loss(params, example):
@@ -127,7 +129,7 @@ def example_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.A
     return loss
 
 
-def batch_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Array]:
+def batch_loss(model: nn.Module) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Array]:
     """`[B]` per-example cross-entropies from ONE batched call (what fast clipping needs)."""
 
     def loss(params, batch):
@@ -139,7 +141,7 @@ def batch_loss(model) -> Callable[[PyTree, tuple[jax.Array, jax.Array]], jax.Arr
 
 
 def make_train_step(
-    model,
+    model: nn.Module,
     optimizer: optax.GradientTransformation,
     config: DpSgdConfig,
     num_examples: int,
@@ -199,7 +201,7 @@ def make_train_step(
     return jax.jit(step)
 
 
-def make_evaluate(model, batch_size: int = 500) -> Callable:
+def make_evaluate(model: nn.Module, batch_size: int = 500) -> Callable:
     """Returns `evaluate(params, images, labels) -> (accuracy, mean loss)` (host floats)."""
 
     @jax.jit
@@ -221,7 +223,9 @@ def make_evaluate(model, batch_size: int = 500) -> Callable:
     return evaluate
 
 
-def step_event(config: DpSgdConfig, noise_multiplier: float, num_examples: int):
+def step_event(
+    config: DpSgdConfig, noise_multiplier: float, num_examples: int
+) -> dp_event.DpEvent:
     """The DpEvent of ONE DP-SGD step."""
     return privacy.sampled_gaussian_event(
         privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier).dp_event(),
@@ -257,7 +261,9 @@ def resolve_noise_multiplier(
         raise ConfigError("target_epsilon", str(error)) from error
 
 
-def new_ledger(config: DpSgdConfig, noise_multiplier: float, num_examples: int):
+def new_ledger(
+    config: DpSgdConfig, noise_multiplier: float, num_examples: int
+) -> privacy.PrivacyLedger:
     """An empty example-level ledger describing this run."""
     relation = privacy.relation_for(config.sampling)
     return privacy.PrivacyLedger(

@@ -38,7 +38,9 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (MESH_AXIS,))
 
 
-def generator_loss(discriminator: nn.Module, params: PyTree, images, labels) -> jax.Array:
+def generator_loss(
+    discriminator: nn.Module, params: PyTree, images: jax.Array, labels: jax.Array
+) -> jax.Array:
     """Per-sample non-saturating generator loss softplus(-D(x, y)) = -log sigmoid(D), [B]."""
     return jax.nn.softplus(-discriminator.apply(params, images, labels))
 

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,7 @@ import flax.serialization
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpfed import data as data_lib
@@ -180,7 +181,9 @@ class DataLensGenerator:
         self.z_dim = z_dim
         self._apply = jax.jit(module.apply)
 
-    def latents(self, key: jax.Array, n: int, labels: jax.Array | None = None):
+    def latents(
+        self, key: jax.Array, n: int, labels: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """`(z ~ U[-1, 1]^z_dim, labels)` for `n` samples (labels uniform when None)."""
         z_key, label_key = jax.random.split(key)
         if labels is None:
@@ -191,11 +194,14 @@ class DataLensGenerator:
     def sample(
         self, params: PyTree, key: jax.Array, n: int, labels: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
+        """`n` images in [0, 1] and their int32 labels (the given ones, or uniform)."""
         z, labels = self.latents(key, n, labels)
         return self._apply(params, z, labels), labels
 
 
-def build_generator(config: DataLensConfig, num_classes: int, image_shape) -> DataLensGenerator:
+def build_generator(
+    config: DataLensConfig, num_classes: int, image_shape: tuple[int, ...]
+) -> DataLensGenerator:
     """The student generator of `config` for images of `image_shape` (H, W, C)."""
     module = StudentGenerator(
         num_classes=num_classes,
@@ -307,7 +313,13 @@ class DataLens:
         return {**state, "generator": new_gen, "step": state["step"] + 1}, metrics
 
     def train_step(
-        self, state, data, ids, key, num_d_steps: int, real_batch: int
+        self,
+        state: PyTree,
+        data: PyTree,
+        ids: jax.Array,
+        key: jax.Array,
+        num_d_steps: int,
+        real_batch: int,
     ) -> tuple[PyTree, dict]:
         """`num_d_steps` teacher steps, then one generator step; key = fold_in(seed key, step).
 
@@ -336,7 +348,12 @@ def _build(model_config: DataLensConfig, num_classes: int, image_shape, mesh) ->
     return DataLens(model_config, num_classes, image_shape, mesh)
 
 
-def build(config: DataLensConfig, num_classes: int, image_shape, mesh=None) -> DataLens:
+def build(
+    config: DataLensConfig,
+    num_classes: int,
+    image_shape: tuple[int, ...],
+    mesh: Mesh | None = None,
+) -> DataLens:
     """The (cached) `DataLens` of `config`: same model settings, same compiled functions."""
     defaults = DataLensConfig()
     model_config = dataclasses.replace(config, **{f: getattr(defaults, f) for f in _RUN_FIELDS})
@@ -363,7 +380,7 @@ def mechanism_text(vote_scope: str) -> str:
     )
 
 
-def new_ledger(config: DataLensConfig, num_examples: int):
+def new_ledger(config: DataLensConfig, num_examples: int) -> privacy.PrivacyLedger:
     """The example-level ledger of a DataLens run."""
     topagg = config.topagg()
     return privacy.PrivacyLedger(
@@ -515,7 +532,9 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     return summary
 
 
-def save_samples_png(path, synthetic: contract.SyntheticSet, num_classes: int) -> None:
+def save_samples_png(
+    path: str | os.PathLike, synthetic: contract.SyntheticSet, num_classes: int
+) -> None:
     """A grid of samples, one row per class (the evaluation suite's figure)."""
     from dpfed.eval import figures
 
