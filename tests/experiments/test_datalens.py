@@ -50,7 +50,9 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
 
 
 def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(tmp_path):
-    args = [*TINY, "--steps=60", "--checkpoint_every=2", "--eval_every=10", "--noevaluate"]
+    # On one CPU device (a laptop's default): the host queues steps ahead of the device.
+    args = [*TINY, "--steps=60", "--checkpoint_every=2", "--eval_every=10", "--noevaluate",
+            "--cpu_devices=1"]
     _run(*args, f"--workdir={tmp_path / 'whole'}")
     killed = tmp_path / "killed"
     kill_after_checkpoint("experiments.datalens", *args, workdir=killed, step=6)
