@@ -130,3 +130,15 @@ def test_clients_hold_no_line_of_a_held_out_play(held_out):
 def test_num_held_out_must_leave_a_play_for_the_clients(num_held_out):
     with pytest.raises(ValueError, match="num_held_out"):
         data.load_shakespeare(num_held_out=num_held_out)
+
+
+def test_split_lines_floors_the_train_share():
+    assert shakespeare.split_lines(["a", "b"], 0.8) == ("a", "b"), (
+        "2 lines: floor(1.6) = 1 train line, so the test split keeps one")
+
+
+def test_min_lines_keeps_roles_with_exactly_that_many_lines():
+    sizes = {client: len(lines) for client, lines in shakespeare._all_role_lines().items()}
+    assert 20 in sizes.values(), "the boundary must be exercised"
+    expected = sorted(client for client, n in sizes.items() if n >= 20)
+    assert data.load_shakespeare(min_lines=20).client_ids == expected, "min_lines is inclusive"

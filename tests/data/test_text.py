@@ -55,3 +55,17 @@ def test_char_level_sequences_use_char_vocabulary():
     vocab = text.Vocabulary.from_texts(["abba"], max_tokens=5, tokenizer=text.tokenize_chars)
     ids, _ = text.to_padded_sequences(["ab"], vocab, 4, tokenizer=text.tokenize_chars)
     assert vocab.decode(ids[0, 0]) == ["<bos>", "a", "b", "<eos>"], f"{vocab.decode(ids[0, 0])}"
+
+
+def test_blank_lines_add_no_tokens():
+    vocab = text.Vocabulary.from_texts(["a"], max_tokens=1)  # a=4
+    ids = text.encode_stream("a\n\n  \na", vocab, text.tokenize_words)
+    bos, eos = text.BOS_ID, text.EOS_ID
+    assert ids.tolist() == [bos, 4, eos, bos, 4, eos], f"blank lines became sequences: {ids}"
+
+
+def test_char_vocabulary_counts_tokens_line_by_line():
+    vocab = text.Vocabulary.from_texts(
+        ["ab\nab\nab"], max_tokens=10, tokenizer=text.tokenize_chars)
+    assert "\n" not in vocab.tokens, (
+        f"a line break is never encoded, yet took a slot: {vocab.tokens}")

@@ -27,6 +27,7 @@ def test_cache_records_the_split_it_saw(extractor, cache_dir):
     (info_file,) = (cache_dir / "domain_features").glob("digits-*.json")
     info = json.loads(info_file.read_text())
     assert info["split_seen"] == "train" and info["train_examples"] == 1438, info
+    assert info["test_accuracy"] >= 0.9, f"~160 steps should train a good digits CNN: {info}"
 
 
 def test_second_call_reads_the_cache(extractor, cache_dir):
@@ -53,3 +54,13 @@ def test_description_names_no_cache_path_or_data_hash(extractor, cache_dir):
     assert str(cache_dir) not in extractor.description and "msgpack" not in extractor.description, (
         "the description goes into eval.json and reports: it must not carry the cache path, "
         f"which holds a hash of the private train split: {extractor.description}")
+
+
+def test_the_cache_is_keyed_by_the_training_steps(tmp_path):
+    images = data.load("digits", "test").images[:4]
+    short, longer = (
+        domain_features.domain_extractor("digits", cache_dir=tmp_path, steps=steps)
+        for steps in (10, 20)
+    )
+    assert not np.allclose(short.features(images), longer.features(images)), (
+        "an extractor cached for 10 steps was reused for 20")

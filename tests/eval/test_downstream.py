@@ -97,3 +97,23 @@ def test_unlabelled_synthetic_set_is_rejected():
     images = np.zeros((10, 8, 8, 1), np.float32)
     with pytest.raises(ValueError, match="labelled"):
         downstream.split_validation(SyntheticSet(images, None), 0.1, jax.random.key(0))
+
+
+def test_test_accuracy_is_measured_on_the_real_test_split():
+    synthetic, (images, labels), classes = _real("digits")
+    train, val = downstream.split_validation(synthetic, 0.1, jax.random.key(1))
+    wrong_labels = (labels + 1) % classes  # a classifier that is right on val is wrong here
+    result = downstream.train_on_synthetic(
+        "logreg", train, val, (images, wrong_labels), classes, jax.random.key(2),
+        classifier_fit.FitConfig(max_epochs=3, learning_rate=1e-2),
+    )
+    assert result.val_accuracy > 0.8 and result.test_accuracy < 0.2, (
+        f"test accuracy must come from the test split given, not the validation split: {result}")
+
+
+def test_validation_split_is_drawn_at_random():
+    labels = np.repeat(np.arange(10), 50).astype(np.int32)  # a class-sorted synthetic set
+    images = np.zeros((500, 8, 8, 1), np.float32)
+    _, val = downstream.split_validation(SyntheticSet(images, labels), 0.1, jax.random.key(0))
+    assert len(np.unique(val.labels)) >= 8, (
+        f"the validation split of a class-sorted set holds classes {np.unique(val.labels)}")

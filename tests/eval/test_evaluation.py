@@ -98,12 +98,15 @@ def test_real_data_is_non_private_and_subsampled(tmp_path, config):
     assert record["num_samples"] == 300, record["num_samples"]
 
 
-def test_generator_workdir_is_sampled_through_the_contract(tmp_path, config):
-    class Shades:
-        def sample(self, params, key, n, labels=None):
-            return np.broadcast_to(labels[:, None, None, None] / 10.0, (n, 8, 8, 1)), labels
+class _Shades:
+    """A conditional generator of flat images whose shade is the label / 10."""
 
-    contract.register_generator("test_shades", lambda workdir: (Shades(), None))
+    def sample(self, params, key, n, labels=None):
+        return np.broadcast_to(labels[:, None, None, None] / 10.0, (n, 8, 8, 1)), labels
+
+
+def test_generator_workdir_is_sampled_through_the_contract(tmp_path, config):
+    contract.register_generator("test_shades", lambda workdir: (_Shades(), None))
     Workdir(tmp_path).write_summary({"method": "test_shades", "flags": {"dataset": "digits"}})
     record = evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)), config)
     assert record["method"] == "test_shades" and record["num_samples"] == 300, record
@@ -120,3 +123,33 @@ def test_wrong_image_shape_is_an_evaluation_error(tmp_path, config):
 def test_empty_workdir_has_nothing_to_evaluate(tmp_path):
     with pytest.raises(evaluation.EvaluationError, match="no generator"):
         evaluation.detect_source(Workdir(tmp_path))
+
+
+def test_fid_domain_compares_with_the_real_test_split(tmp_path, config):
+    test = data.load("digits", "test")
+    contract.save_synthetic(
+        tmp_path / contract.SYNTHETIC_FILE,
+        contract.SyntheticSet(test.images.copy(), test.labels.copy()),
+    )
+    record = evaluation.evaluate(
+        tmp_path, evaluation.detect_source(Workdir(tmp_path)),
+        dataclasses.replace(config, num_samples=None),
+    )
+    assert record["fid_domain"] == pytest.approx(0.0, abs=1e-6), (
+        f"the test split itself must be at distance 0 from the test split: {record['fid_domain']}")
+
+
+def test_synthetic_labels_outside_the_classes_are_an_evaluation_error(tmp_path, config):
+    images = data.load("digits", "train").images[:30].copy()
+    path = tmp_path / "s.npz"
+    contract.save_synthetic(path, contract.SyntheticSet(images, np.full(30, 10)))  # classes 0..9
+    with pytest.raises(evaluation.EvaluationError, match="labels"):
+        evaluation.evaluate(tmp_path, evaluation.Source("synthetic_file", str(path)), config)
+
+
+def test_a_generator_draws_as_many_samples_as_the_train_split_by_default(tmp_path, config):
+    contract.register_generator("test_shades_all", lambda workdir: (_Shades(), None))
+    Workdir(tmp_path).write_summary({"method": "test_shades_all", "flags": {"dataset": "digits"}})
+    record = evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)),
+                                 dataclasses.replace(config, num_samples=None))
+    assert record["num_samples"] == data.load("digits", "train").num_examples, record

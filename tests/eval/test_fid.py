@@ -66,3 +66,10 @@ def test_extract_features_pads_the_last_batch():
 def test_feature_statistics_needs_two_examples():
     with pytest.raises(ValueError, match="N >= 2"):
         fid.feature_statistics(np.zeros((1, 4)))
+
+
+def test_feature_statistics_uses_the_unbiased_covariance():
+    stats = fid.feature_statistics(np.array([[0.0, 1.0], [2.0, 3.0]]))
+    np.testing.assert_allclose(
+        stats.cov, [[2.0, 2.0], [2.0, 2.0]], err_msg="the covariance must divide by N - 1"
+    )

@@ -103,3 +103,18 @@ def test_render_marks_rows_that_did_not_run(tmp_path):
     refs = tables.References([], {}, "quoted")
     markdown = tables.render_table(spec, {"01_row": None}, {"01_row": "w"}, refs, "full")
     assert "not run / failed" in markdown, markdown
+
+
+def test_each_accuracy_column_holds_its_own_model():
+    downstream = {name: {"test_accuracy": a} for name, a in
+                  (("cnn", 0.9), ("mlp", 0.8), ("logreg", 0.7))}
+    row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
+    line = dict(zip(tables._COLUMNS, tables.our_row(row, {**_result(), "downstream": downstream},
+                                                   "mnist5k"), strict=True))
+    assert (line["CNN %"], line["MLP %"], line["LogReg %"]) == ("90.0", "80.0", "70.0"), line
+
+
+def test_eps_keeps_four_significant_digits():
+    row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
+    eps = tables.our_row(row, _result(eps=10.049), "mnist5k")[3]
+    assert eps.startswith("10.05 "), f"10.049 must not read as a target of 10 met: {eps}"

@@ -32,3 +32,9 @@ def test_a_client_smaller_than_a_batch_masks_the_rest():
 def test_an_empty_client_has_fully_masked_batches():
     _, mask = draw(count=0)
     assert not mask.any(), "a client without data trains on nothing"
+
+
+def test_the_key_shuffles_the_clients_examples():
+    orders = [draw(count=8, max_n=8, batch=8, steps=1, seed=seed)[0][0].tolist() for seed in (0, 1)]
+    assert sorted(orders[0]) == list(range(8)), f"one epoch holds each example once: {orders[0]}"
+    assert orders[0] != orders[1], f"two keys gave the same batch order {orders[0]}"

@@ -38,3 +38,8 @@ def test_summary_skips_clients_without_data():
     stats = summarize({"acc": np.array([1.0, 0.0, 0.5])}, np.array([3, 0, 2]))
     assert stats["acc_mean"] == pytest.approx(0.75), "the empty client is left out"
     assert stats["acc_min"] == pytest.approx(0.5), "min over clients with data"
+
+
+def test_summary_p10_is_the_tenth_percentile():
+    stats = summarize({"acc": np.arange(11) / 10}, np.ones(11, np.int32))
+    assert stats["acc_p10"] == pytest.approx(0.1), f"p10 of 0, 0.1, ..., 1: {stats}"

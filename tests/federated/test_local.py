@@ -15,15 +15,18 @@ def mean_loss(shared, local, batch, mask, context, key):
     return masked_mean(0.5 * jnp.sum(residual**2, -1), mask), {}
 
 
-def test_local_sgd_on_a_quadratic_moves_towards_the_client_mean():
+# batch 3 > the client's 2 examples: an example repeats in a masked slot, which must not count.
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_local_sgd_on_a_quadratic_moves_towards_the_client_mean(batch_size):
     data = jnp.array([[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]])  # row 3 is padding
     client = OneClient(data, jnp.int32(2))
-    update = local_training(mean_loss, optax.sgd(0.5), num_steps=3, batch_size=2)
+    update = local_training(mean_loss, optax.sgd(0.5), num_steps=3, batch_size=batch_size)
     out = update(jnp.zeros(2), (), client, (), jax.random.key(0))
     # Each full-batch step halves the distance to the mean (2, 3): 1 - 0.5^3 of the way.
     np.testing.assert_allclose(np.asarray(out.params), [1.75, 2.625], rtol=1e-6,
                                err_msg="3 steps of lr 0.5 towards the mean of the 2 real rows")
-    assert float(out.metrics["loss"]) > 0, "the mean local loss is reported"
+    assert float(out.metrics["loss"]) == pytest.approx(3.84375), (
+        "the mean of the 3 steps' losses (7.5, 2.625, 1.40625) is reported")
 
 
 def test_client_parameters_and_their_optimizer_state_persist():
@@ -42,3 +45,4 @@ def test_client_parameters_and_their_optimizer_state_persist():
 def test_local_training_needs_a_step_and_a_batch():
     with pytest.raises(ValueError, match="num_steps"):
         local_training(mean_loss, optax.sgd(0.1), num_steps=0, batch_size=2)
+

@@ -169,3 +169,11 @@ def test_describe_user_level_privacy_states_eps_users_and_larger_populations():
     assert "no privacy guarantee" in describe_user_level_privacy(
         {**result, "epsilon_rdp": None}, 1e-5
     ), "a run without eps must say it has no guarantee"
+
+
+def test_the_last_round_is_checkpointed_off_the_period(tmp_path):
+    eng = engine()
+    run(eng, tmp_path, rounds=3)  # checkpoint_every=2: round 3 is saved only as the last
+    again = run(eng, tmp_path, rounds=3)
+    assert (again.resumed_from, again.rounds_done) == (3, 3), (
+        f"a finished run must resume at its end, not rerun round 3: {again.resumed_from}")

@@ -1,0 +1,39 @@
+"""dpfed.federated.classifier: the client objective and the per-client accuracy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed import data, models
+from dpfed.federated import OneClient, classifier
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """A logreg, its params, and 3 real digits followed by 2 zero padding rows."""
+    model = models.get_classifier("logreg", 10)
+    train = data.load("digits", "train")
+    images = np.concatenate([train.images[:3], np.zeros((2, 8, 8, 1), np.float32)])
+    labels = np.concatenate([train.labels[:3], np.zeros(2, np.int32)])
+    return model, model.init(jax.random.key(0), images[:1]), images, labels
+
+
+def test_client_loss_and_local_accuracy_leave_padding_out(padded):
+    model, params, images, labels = padded
+    loss_fn = classifier.classifier_loss(model)
+    loss, metrics = loss_fn(params, (), (images, labels), jnp.arange(5) < 3, (), None)
+    real_loss, real_metrics = loss_fn(
+        params, (), (images[:3], labels[:3]), jnp.ones(3, bool), (), None)
+    assert float(loss) == pytest.approx(float(real_loss), rel=1e-6), "padding entered the loss"
+    assert float(metrics["accuracy"]) == pytest.approx(float(real_metrics["accuracy"])), (
+        "padding entered the local accuracy")
+
+
+def test_each_clients_accuracy_leaves_padding_out(padded):
+    model, params, images, labels = padded
+    predicted = np.argmax(np.asarray(model.apply(params, images[:3])), axis=-1)
+    per_client = classifier.client_accuracy(model)(
+        params, (), OneClient((images, labels), jnp.int32(3)), ())
+    assert float(per_client["accuracy"]) == pytest.approx(np.mean(predicted == labels[:3])), (
+        "the client's accuracy must count its 3 real examples only")
