@@ -47,7 +47,7 @@ from dpfed.models import layers
 
 NOISE_DIM = 128
 IMAGE_SHAPE = (28, 28, 1)
-LEAKY_SLOPE = 0.01  # tf.nn.leaky_relu alpha in the reference networks
+LEAKY_SLOPE = 0.01  # the reference networks pass `LeakyReLU(alpha=0.01)` explicitly
 BN_MOMENTUM = 0.99
 
 Variables = Any  # a Flax variable dict: {"params": ..., "batch_stats": ...}

@@ -55,3 +55,21 @@ def test_ceiling_is_the_baseline_over_the_work_at_the_rate():
 def test_ceiling_rejects_non_positive_inputs(args):
     with pytest.raises(ValueError, match="positive"):
         roofline.ceiling(*args)
+
+
+def _fake_clock(monkeypatch, durations):
+    """perf_counter() reads 0 at each timed call's start and its duration at its end."""
+    readings = iter([t for duration in durations for t in (0.0, duration)])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(readings))
+
+
+def test_matmul_rate_uses_the_median_of_the_repeats(monkeypatch):
+    _fake_clock(monkeypatch, [0.5, 0.1, 0.2])  # median 0.2 (min 0.1, mean 0.27)
+    rate = roofline.matmul_flops_per_second(sizes=(4,), repeats=3)
+    assert rate == pytest.approx(2 * 4**3 / 0.2), f"2n^3 / median time expected, got {rate}"
+
+
+def test_matmul_rate_is_the_best_over_sizes_not_the_last(monkeypatch):
+    _fake_clock(monkeypatch, [0.5, 0.5])  # the first size (8) is the faster
+    rate = roofline.matmul_flops_per_second(sizes=(8, 4), repeats=1)
+    assert rate == pytest.approx(2 * 8**3 / 0.5), f"the best rate over sizes expected, got {rate}"

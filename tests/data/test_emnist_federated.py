@@ -124,3 +124,14 @@ def test_a_field_of_a_writer_is_not_a_writer(tmp_path):
     _write_tiny_h5(path, {"a": 1, "b": 1})
     with pytest.raises(ValueError, match="no writer 'a/label'"):
         femnist.load_federated_emnist(path, client_ids=["a/label"])
+
+
+def test_digits_only_file_has_10_classes_and_keeps_its_labels(tmp_path):
+    path = tmp_path / "fed_emnist_digitsonly_train.h5"
+    labels = np.array([0, 3, 9], np.int32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("examples/a/pixels", data=np.zeros((3, 28, 28), np.float32))
+        f.create_dataset("examples/a/label", data=labels)
+    loaded = femnist.load_federated_emnist(path, only_digits=True)  # merge_letter_case default
+    assert loaded.num_classes == 10, f"a digits-only file has 10 classes, got {loaded.num_classes}"
+    np.testing.assert_array_equal(loaded.data.labels[0], labels, err_msg="digit labels changed")

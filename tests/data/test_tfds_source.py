@@ -87,3 +87,24 @@ def test_celeba_downsample_averages_center_blocks():
     top, left = (218 - 160) // 2, (178 - 160) // 2
     block = photos[0, top : top + 5, left : left + 5].astype(np.float64).mean(axis=(0, 1)) / 255
     np.testing.assert_allclose(small[0, 0, 0], block, rtol=1e-6, err_msg="top-left block mean")
+
+
+def test_records_are_converted_chunk_by_chunk_into_place(monkeypatch):
+    monkeypatch.setattr(tfds_source, "_CHUNK", 4)  # 10 records: chunks of 4, 4 and 2
+    source = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i} for i in range(10)]
+    images, labels, users = tfds_source.read_converted(source, tfds_source._image_label)
+    np.testing.assert_array_equal(labels, np.arange(10), err_msg="labels out of place")
+    np.testing.assert_allclose(images[:, 0, 0, 0], np.arange(10) / 255.0, rtol=1e-6,
+                               err_msg="each chunk's images must land at its records' rows")
+    assert users is None, "records without users give no user ids"
+
+
+def test_download_false_overrides_the_env_var(monkeypatch):
+    monkeypatch.setenv(tfds_source.DOWNLOAD_ENV, "1")
+    assert tfds_source.download_requested(False) is False, (
+        "an explicit download=False must win over DPFED_DOWNLOAD=1")
+
+
+def test_mock_emnist_is_the_47_class_balanced_split(prepared_mock, tmp_path):
+    ds = data.load("emnist", "train", data_dir=str(tmp_path))
+    assert ds.num_classes == 47, f"EMNIST balanced has 47 classes, got {ds.num_classes}"

@@ -106,3 +106,13 @@ def test_registered_loader_restores_the_generator(tmp_path):
 def test_unknown_method_is_a_lookup_error(tmp_path):
     with pytest.raises(LookupError, match="no_such_method"):
         contract.load_generator(Workdir(tmp_path), "no_such_method")
+
+
+def test_sample_synthetic_gives_each_chunk_its_own_key():
+    class Unconditional:
+        def sample(self, params, key, n, labels=None):
+            return jax.random.uniform(key, (n, 2, 2, 1)), None
+
+    images = contract.sample_synthetic(Unconditional(), None, jax.random.key(0), 40, 10, 20).images
+    assert not np.array_equal(images[:20], images[20:]), (
+        "two chunks drew the same samples: chunk i must sample with fold_in(key, i)")

@@ -9,9 +9,10 @@ import h5py
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from dpfed.data import emnist_federated
-from dpfed.generative import fedgan_debug, selection
+from dpfed.generative import fedgan, fedgan_debug, polarity, selection
 from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
 from tests.experiments import debug_checks
@@ -385,3 +386,35 @@ def test_demo_runs_through_on_two_cpu_devices(tmp_path):
                "--flagfile=launch/demo.flags", "--rounds=80", env=env, timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["environment"]["device_count"] == 2, "the run must use 2 CPU devices"
+
+
+def test_the_buggy_clients_are_drawn_from_the_seed():
+    buggy = [fedgan_debug.load_clients(fedgan_debug.DebugConfig(**{**TINY, "seed": seed})).buggy
+             for seed in (0, 1)]
+    assert not np.array_equal(*buggy), (
+        "seeds 0 and 1 made the same clients buggy: the bug injection must use --seed")
+
+
+def test_save_grid_puts_sample_i_in_row_i_div_side_and_column_i_mod_side(tmp_path):
+    side, size, gap = 3, 4, 2
+    shades = np.arange(side * side, dtype=np.float32) / (side * side - 1)
+    images = np.broadcast_to(shades[:, None, None, None], (side * side, size, size, 1))
+    fedgan_debug.save_grid(tmp_path / "grid.png", images, side=side)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), np.float32)[::2, ::2] / 255.0  # 2x PNG
+    for i, shade in enumerate(shades):
+        row, col = divmod(i, side)
+        top, left = gap + row * (size + gap), gap + col * (size + gap)
+        np.testing.assert_allclose(
+            grid[top : top + size, left : left + size], shade, atol=1 / 255,
+            err_msg=f"tile ({row}, {col}) of the grid must show sample {i}")
+
+
+def test_summary_inverted_fractions_are_the_polarity_of_the_released_gans_samples(tiny_run):
+    workdir, config, summary = tiny_run
+    key = jax.random.fold_in(jax.random.key(config.seed), 7)  # the demo's sampling key
+    for name in fedgan_debug.GROUPS:
+        gan_config, g_variables = fedgan.load_generator_variables(Workdir(workdir / f"gan_{name}"))
+        samples = fedgan.sample_images(gan_config, g_variables, key, config.num_samples)
+        assert summary[f"inverted_fraction_{name}"] == polarity.inverted_fraction(samples), (
+            f"gan_{name}: the summary's inverted fraction must be the polarity check of the "
+            "released G's samples, which are in [0, 1]")

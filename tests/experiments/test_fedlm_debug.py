@@ -1,6 +1,7 @@
 """experiments/fedlm_debug.py and dpfed.generative.fedlm_debug: outputs and flags."""
 
 import dataclasses
+import itertools
 import json
 import shutil
 
@@ -329,3 +330,23 @@ def test_fractional_fixed_cohort_names_clients_per_round():
     with pytest.raises(ConfigError) as error:
         fedlm_debug.TextDebugConfig(**{**TINY, "clients_per_round": 2.5})
     assert error.value.field == "clients_per_round", error.value.field
+
+
+def test_summary_gives_each_groups_lm_rates_under_its_own_name(tmp_path, monkeypatch):
+    # The tiny LMs write gibberish (both OOV rates are 1): every call of token_stats gets
+    # rates of its own here, so that a summary field read from the wrong group shows.
+    real_stats, calls = fedlm.token_stats, itertools.count(1)
+
+    def distinct_stats(*args, **kwargs):
+        n = next(calls)
+        return dataclasses.replace(real_stats(*args, **kwargs), oov_rate=n / 1000,
+                                   glued_rate=n / 1e6)
+
+    monkeypatch.setattr(fedlm, "token_stats", distinct_stats)
+    summary = fedlm_debug.run(fedlm_debug.TextDebugConfig(**TINY), str(tmp_path),
+                              log=lambda _: None)
+    for model, group in (("buggy", "lm_high_oov"), ("healthy", "lm_low_oov")):
+        for rate in ("oov_rate", "glued_rate"):
+            assert summary[f"{rate}_{model}_model"] == summary[group][rate], (
+                f"{rate}_{model}_model must be the rate of {group}'s samples: "
+                f"{summary[f'{rate}_{model}_model']} vs {summary[group][rate]}")

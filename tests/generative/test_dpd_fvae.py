@@ -369,3 +369,38 @@ def test_central_dp_without_noise_is_a_flag_error():
         dataclasses.replace(_CONFIG, dp="central", noise_multiplier=0.0)
     assert error.value.field == "noise_multiplier", (
         f"--dp=central --noise_multiplier=0 must name --noise_multiplier, not {error.value.field}")
+
+
+def test_a_short_clients_step_is_on_the_mean_loss_of_its_own_examples():
+    # Client 1 holds 3 examples, batch 4: the batch repeats one of them in its masked slot,
+    # which must not count. Its encoder's logvar is pinned to -30 (z = mu), so the loss is
+    # a function of the examples alone, whatever reparameterisation noise the hook draws.
+    trainer, state = _trainer(), _trainer().init()
+    start = _client_state(state, 1)
+    logvar = start.encoder["params"]["logvar"]
+    pinned = {"kernel": jnp.zeros_like(logvar["kernel"]),
+              "bias": jnp.full_like(logvar["bias"], -30.0)}
+    encoder = {"params": {**start.encoder["params"], "logvar": pinned}}
+    out = _hook("none")(state.params, start._replace(encoder=encoder), _client(1), (),
+                        jax.random.key(8))
+    images, labels = (x[:3] for x in _client(1).arrays)
+
+    def mean_loss(decoder_params):
+        loss, _, _ = vae.example_losses(trainer.encoder, trainer.decoder, encoder, decoder_params,
+                                        images, labels, jnp.zeros((3, 2)), _LOCAL.beta)
+        return jnp.mean(loss)
+
+    grads = jax.grad(mean_loss)(state.params)  # SGD, lr 1: the delta is minus the gradient
+    want = -np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
+    np.testing.assert_allclose(
+        _flat_change(out.params, state.params), want, rtol=1e-4, atol=1e-6,
+        err_msg="a 3-example client's step with batch 4 must descend the mean loss of its 3 "
+        "examples (the masked slot of the batch must not count)")
+
+
+def test_config_defaults_are_the_papers_mnist_setting():
+    config = dpd_fvae.DpdFvaeConfig()
+    got = (config.latent_dim, config.encoder_features, config.decoder_features, config.beta,
+           config.optimizer, config.learning_rate, config.sync)
+    want = (8, (32, 64), (64, 32), 0.01, "adam", 1e-3, "d")
+    assert got == want, f"DPD-fVAE defaults {got}, the paper's are {want}"

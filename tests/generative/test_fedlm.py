@@ -192,3 +192,61 @@ def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):
         state, _ = engine.round(state, loop.round_key(config.seed, r))
     assert params_sha256(state.params) == summary["params_sha256"], (
         "train_lm's LM is not the one of rounds keyed by its config's seed")
+
+
+def test_lstm_lm_defaults_are_the_leaf_char_lstm():
+    # LEAF's Shakespeare char LSTM: embedding 8, two LSTM layers of 256.
+    shapes = jax.eval_shape(
+        LstmLM(vocab_size=10).init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    layers = sorted(name for name in shapes if name.startswith("lstm_"))
+    assert layers == ["lstm_0", "lstm_1"], f"default LSTM layers {layers}, expected two"
+    assert shapes["embed"]["embedding"].shape == (10, 8), "default embedding width must be 8"
+    assert shapes["lstm_1"]["hf"]["kernel"].shape == (256, 256), "default LSTM width must be 256"
+
+
+def _greedy_ids(model, params, num_samples, max_len):
+    """Step the LM from <bos>, feeding back each step's most likely non-special token."""
+    carry = model.apply(params, num_samples, method=LstmLM.initial_carry)
+    tokens = jnp.full((num_samples,), text_lib.BOS_ID, jnp.int32)
+    done = np.zeros(num_samples, bool)
+    rows = []
+    for _ in range(max_len):
+        carry, logits = model.apply(params, carry, tokens, method=LstmLM.step)
+        logits = logits.at[:, [text_lib.PAD_ID, text_lib.BOS_ID, text_lib.OOV_ID]].set(-jnp.inf)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        rows.append(np.where(done, text_lib.PAD_ID, np.asarray(tokens)))
+        done |= np.asarray(tokens) == text_lib.EOS_ID
+    return np.stack(rows, axis=1)
+
+
+def test_sampling_at_a_low_temperature_follows_the_lms_greedy_path():
+    # Logits are divided by the temperature, and each sampled token is fed back as the
+    # next input: near temperature 0 that is the greedy path of the LM.
+    _, model, params = _setup()
+    params = jax.tree_util.tree_map(lambda x: 4.0 * x, params)  # sharper, input-dependent
+    ids = np.asarray(fedlm.sample_ids(model, params, jax.random.key(4), 6, 10, temperature=1e-4))
+    np.testing.assert_array_equal(
+        ids, _greedy_ids(model, params, 6, 10),
+        err_msg="sample_ids at temperature 1e-4 must follow the LM's argmax path from <bos>, "
+        "feeding each sampled token back in",
+    )
+
+
+def test_a_short_clients_step_is_sgd_on_the_mean_loss_of_its_own_sequences():
+    # 2 sequences, batch 3: the batch repeats one sequence in its masked slot, which must
+    # not count (else that sequence weighs double).
+    vocab, model, params = _setup()
+    ids, counts = fedlm.client_sequences(_TEXTS[:1], vocab, seq_len=8, max_seqs=6)
+    assert int(counts[0]) > 2, "the test needs two real sequences"
+    config = fedlm.LocalTrainingConfig(model=model, local_steps=1, batch_size=3, learning_rate=0.5)
+    new = fedlm.train_lm_on_client(config, params, jnp.asarray(ids[0]), 2, jax.random.key(2))
+    grads = jax.grad(fedlm.sequence_loss)(params, model, jnp.asarray(ids[0, :2]))
+    want = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)
+    for got, expected in zip(
+        jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(
+            got, expected, atol=1e-6,
+            err_msg="one local step of a 2-sequence client with batch 3 must be SGD on the "
+            "mean loss of its 2 sequences (the masked slot must not count)",
+        )

@@ -52,3 +52,26 @@ def test_border_ignores_the_centre():
 def test_bad_border_is_an_error():
     with pytest.raises(ValueError, match="border"):
         polarity.border_brightness(np.zeros((1, 28, 28)), border=14)
+
+
+def test_the_frame_is_exactly_the_outer_border_pixels():
+    images = np.ones((2, 28, 28))
+    for value, image in zip((0.0, 1.0), images, strict=True):
+        image[:] = 1.0 - value
+        image[:2], image[-2:], image[:, :2], image[:, -2:] = value, value, value, value
+    np.testing.assert_array_equal(
+        polarity.border_brightness(images), [0.0, 1.0],
+        err_msg="a 2-pixel frame must hold the outer 2 rows and columns and nothing inside")
+
+
+def test_border_brightness_maps_the_gan_range_to_the_unit_range():
+    images = np.stack([np.full((28, 28), v) for v in (-1.0, 0.0, 1.0)])
+    np.testing.assert_allclose(
+        polarity.border_brightness(images, value_range=(-1.0, 1.0)), [0.0, 0.5, 1.0],
+        err_msg="value_range (-1, 1): black -1 must map to 0, white 1 to 1")
+
+
+def test_a_frame_lit_exactly_half_is_not_inverted():
+    # "Inverted only if more than half of its frame's intensity range is lit."
+    assert not polarity.is_inverted(np.full((1, 28, 28), 0.5))[0], (
+        "frame brightness exactly 0.5 is not more than half: not inverted")

@@ -1,5 +1,6 @@
 """Tests for dpfed.generative.wgan_gp (WGAN-GP halves of DP-FedAvg-GAN, Augenstein et al.)."""
 
+import dataclasses
 import functools
 import inspect
 
@@ -133,3 +134,90 @@ def test_gan_range_round_trip():
     x = jnp.array([0.0, 0.25, 1.0])
     np.testing.assert_allclose(wgan_gp.to_gan_range(x), [-1.0, -0.5, 1.0])
     np.testing.assert_allclose(wgan_gp.from_gan_range(wgan_gp.to_gan_range(x)), x)
+
+
+class _HalfSquaredNorm(nn.Module):
+    """D(x) = ||x||^2 / 2: its input gradient is x, so the penalty sees where x_hat lies."""
+
+    @nn.compact
+    def __call__(self, x):
+        return 0.5 * jnp.sum(x.reshape((x.shape[0], -1)) ** 2, axis=-1)
+
+
+def test_gradient_penalty_draws_an_interpolation_point_per_row():
+    # Two identical rows (real 0, fake 1): each row's penalty (||x_hat|| - 1)^2 depends on
+    # its own alpha; one alpha shared by the batch would give both rows the same penalty.
+    real, fake = jnp.zeros((2, 2, 2, 1)), jnp.ones((2, 2, 2, 1))
+
+    def row_penalty(row):
+        mask = jnp.arange(2) == row
+        return float(wgan_gp.gradient_penalty(
+            _HalfSquaredNorm(), {}, real, fake, mask, jax.random.key(0)))
+
+    assert row_penalty(0) != row_penalty(1), (
+        "both rows got the same interpolate: alpha must be drawn per example")
+
+
+def test_masked_mean_averages_the_masked_rows_only():
+    values = jnp.array([1.0, 2.0, 6.0])
+    assert float(wgan_gp.masked_mean(values, jnp.array([True, True, False]))) == 1.5, (
+        "the mean of the two masked-in rows is 1.5: masked rows must not count in the divisor"
+    )
+    assert float(wgan_gp.masked_mean(values, jnp.zeros(3, bool))) == 0.0, "no rows: 0"
+
+
+def test_discriminator_loss_is_fake_score_minus_real_score():
+    # D(x) = <w, x> with w = 1/2: real zeros score 0, fake ones (4 pixels) score 2.
+    params = {"params": {"Dense_0": {"kernel": jnp.full((4, 1), 0.5)}}}
+    loss = wgan_gp.discriminator_loss(
+        params, _Linear(), jnp.zeros((3, 2, 2, 1)), jnp.ones((3, 2, 2, 1)), jnp.ones(3, bool),
+        jax.random.key(0), gp_weight=0.0)
+    np.testing.assert_allclose(
+        loss, 2.0, atol=1e-6, err_msg="the critic loss is E[D(fake)] - E[D(real)] = 2 - 0")
+
+
+def test_generator_loss_is_minus_the_mean_critic_score_of_its_fakes():
+    d_params, g_variables = _variables()
+    noise = jax.random.normal(jax.random.key(11), (4, _CONFIG.noise_dim))
+    loss, _ = wgan_gp.generator_loss(
+        g_variables["params"], g_variables["batch_stats"], _CONFIG.generator,
+        _CONFIG.discriminator, d_params, noise)
+    fake = gan.generate(_CONFIG.generator, g_variables, noise, train=True)
+    want = -jnp.mean(_CONFIG.discriminator.apply(d_params, fake))
+    assert abs(float(want)) > 1e-4, "the test needs a non-zero critic score"
+    np.testing.assert_allclose(
+        loss, want, rtol=1e-5, err_msg="G's loss must be -E[D(G(z))] (G maximises D's score)")
+
+
+def test_client_steps_raise_ds_margin_of_the_clients_images_over_fakes():
+    # Gradient descent on E[D(fake)] - E[D(real)]: D learns to score the client's images
+    # above G's fakes (ascent would lower the margin).
+    config = dataclasses.replace(_CONFIG, gp_weight=0.0, client_d_learning_rate=1e-2)
+    d_params, g_variables = _variables()
+    images = _client_images()
+    noise = jax.random.normal(jax.random.key(13), (16, config.noise_dim))
+    fakes = gan.generate(config.generator, g_variables, noise, train=True)
+
+    def margin(params):
+        apply = config.discriminator.apply
+        return float(jnp.mean(apply(params, images)) - jnp.mean(apply(params, fakes)))
+
+    new = wgan_gp.train_discriminator(config, d_params, g_variables, images, 6, jax.random.key(5))
+    assert margin(new) > margin(d_params), (
+        f"D's margin of real over fake went from {margin(d_params):.4f} to {margin(new):.4f}: "
+        "the client must descend the critic loss")
+
+
+def test_server_generator_step_is_sgd_at_the_server_learning_rate():
+    config = dataclasses.replace(_CONFIG, server_g_steps=1)
+    d_params, g_variables = _variables()
+    noise = wgan_gp.generator_noise(jax.random.key(12), config)
+    new, _ = wgan_gp.server_generator_update(config, g_variables, d_params, noise)
+    grads, _ = jax.grad(wgan_gp.generator_loss, has_aux=True)(
+        g_variables["params"], g_variables["batch_stats"], config.generator,
+        config.discriminator, d_params, noise[0])
+    want = jax.tree_util.tree_map(
+        lambda p, g: p - config.server_g_learning_rate * g, g_variables["params"], grads)
+    np.testing.assert_allclose(
+        _flat(new["params"]), _flat(want), atol=1e-6,
+        err_msg="one G step must be plain SGD on -E[D(G(z))] at server_g_learning_rate")

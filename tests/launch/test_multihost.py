@@ -44,3 +44,15 @@ def test_zero_nodes_is_a_usage_error():
 def test_a_home_relative_repo_dir_stays_expandable_by_the_remote_shell():
     command = multihost.remote_python_command("~/my repo", "experiments.x", ["--a=1"])
     assert command.startswith("cd ~/'my repo' && "), f"~ must stay unquoted: {command}"
+
+
+def test_tpu_dry_run_names_the_zone(capsys):
+    multihost.main(["tpu", "--tpu_name=pod", "--zone=us-central2-b", "--dry_run", *FLAGS])
+    out = capsys.readouterr().out
+    assert "--zone=us-central2-b" in out, f"gcloud must be told the TPU's zone: {out}"
+
+
+def test_slurm_script_asks_for_the_gpus_per_node():
+    args = multihost.parse_args(["slurm", "--nodes=4", "--gpus_per_node=2", *FLAGS])
+    lines = multihost.slurm_script(args).splitlines()
+    assert "#SBATCH --gpus-per-node=2" in lines, f"--gpus_per_node=2 must reach sbatch: {lines}"

@@ -138,3 +138,12 @@ def test_dpd_fvae_smoke_table(tmp_path):
     for row in ours[3:]:  # the DP rows
         eps = float(row.split("|")[4].split()[0])
         assert 0 < eps <= 10.0, f"a DP row must stay within its target eps: {row}"
+
+
+def test_rerun_runs_a_row_whose_eval_json_is_current(tmp_path):
+    tables_dir, _, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}", "--rerun")
+    assert proc.returncode == 1, (
+        "--rerun must run the current row again (its binary does not exist, so the run fails): "
+        f"{proc.stdout}{proc.stderr[-2000:]}")
+    assert not eval_json.exists(), "the rerun row's old eval.json must be gone"

@@ -117,3 +117,11 @@ def test_cnn_with_patch_convs_is_the_same_function():
                                rtol=1e-4, atol=1e-4,
                                err_msg="CNN(conv='patches') differs from nn.Conv's CNN "
                                        "on the same parameters")
+
+
+def test_mlp_has_two_hidden_layers():
+    params, _ = _abstract_params(get_classifier("mlp", num_classes=10, hidden=16), (8, 8, 1))
+    shapes = {name: layer["kernel"].shape for name, layer in params["params"].items()}
+    expected = {"Dense_0": (64, 16), "Dense_1": (16, 16), "Dense_2": (16, 10)}
+    assert shapes == expected, (
+        f"the MLP must be dense(hidden)-dense(hidden)-dense(classes): {shapes}")

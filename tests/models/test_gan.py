@@ -112,3 +112,26 @@ def test_generate_does_not_change_running_averages():
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, before, after)), (
         "generate() must leave batch_stats untouched"
     )
+
+
+def test_generator_output_reaches_the_black_background_of_the_gan_range():
+    # G ends in tanh: images in [-1, 1] with -1 the black background. A sigmoid output
+    # (in [0, 1]) can draw nothing darker than mid-grey in the GAN range.
+    variables = gan.init_generator(_SMALL_G, jax.random.key(0), _NOISE_DIM)
+    noise = jax.random.normal(jax.random.key(1), (6, _NOISE_DIM))
+    images = gan.generate(_SMALL_G, variables, noise)
+    assert float(images.min()) < 0.0, (
+        f"G's images span [{float(images.min()):.3f}, {float(images.max()):.3f}]: none is "
+        "below 0, so G cannot draw the [-1, 1] range's black background (tanh output expected)"
+    )
+
+
+def test_generate_samples_with_the_running_averages_by_default():
+    variables = gan.init_generator(_SMALL_G, jax.random.key(0), _NOISE_DIM)
+    noise = jax.random.normal(jax.random.key(1), (6, _NOISE_DIM))
+    np.testing.assert_array_equal(
+        gan.generate(_SMALL_G, variables, noise),
+        gan.generate(_SMALL_G, variables, noise, train=False),
+        err_msg="generate() without train= must sample as train=False (the running "
+        "averages), as a user drawing samples from a trained G expects",
+    )

@@ -56,3 +56,14 @@ def test_loss_is_summed_squared_error_plus_beta_kl():
     np.testing.assert_allclose(loss, squared_error + 0.5 * kl, rtol=1e-6)
     assert float(vae.kl_to_standard_normal(jnp.zeros((1, 2)), jnp.zeros((1, 2)))[0]) == 0.0
     assert bool(jnp.all(kl >= 0)), "KL must be >= 0"
+
+
+def test_kl_to_standard_normal_of_known_gaussians():
+    # KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - log s^2) / 2 per dimension, summed.
+    mu = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+    logvar = jnp.array([[0.0, 0.0], [np.log(4.0), 0.0]])
+    want = [(1.0 + 4.0) / 2, (4.0 - 1.0 - np.log(4.0)) / 2]
+    np.testing.assert_allclose(
+        vae.kl_to_standard_normal(mu, logvar), want, rtol=1e-6,
+        err_msg="KL per row must be the sum over latent dimensions of the Gaussian KL",
+    )

@@ -1,5 +1,6 @@
 """Tests for dpfed.train.checkpoint."""
 
+import logging
 import os
 import pathlib
 import signal
@@ -14,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from dpfed.train import checkpoint
 from dpfed.train.checkpoint import Checkpointer
 
 
@@ -226,3 +228,15 @@ def test_sigkill_during_saves_keeps_latest_complete_step(tmp_path):
         state, extra = ckpt.restore({"w": jnp.zeros((256, 256))})
     assert extra == {"step": latest}, f"ledger of step {extra} stored with state of {latest}"
     assert np.all(np.asarray(state["w"]) == latest), "the restored state is not of latest step"
+
+
+def test_orbax_warnings_pass_the_log_filter_and_its_info_records_do_not():
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "manager.py")
+
+    def kept(pathname, level):
+        record = logging.LogRecord("absl", level, pathname, 1, "message", None, None)
+        return checkpoint._DropOrbaxInfo().filter(record)
+
+    assert kept(orbax_file, logging.WARNING), "an orbax WARNING must still be shown"
+    assert not kept(orbax_file, logging.INFO), "orbax's INFO records must be dropped"
+    assert kept(os.path.join(os.sep, "elsewhere", "x.py"), logging.INFO), "others' INFO stays"

@@ -31,3 +31,9 @@ def test_a_non_private_run_refuses_noise_and_targets(noise, target, field):
     (True, None, None), (False, 1.0, None), (False, None, 1.0), (False, 1.0, 2.0)])
 def test_settings_that_agree_with_the_mode_pass(nonprivate, noise, target):
     require_no_privacy_settings(nonprivate, "--nodp", noise, target)  # Must not raise.
+
+
+def test_the_error_text_names_the_field():
+    # Raised outside a binary (a notebook's config, a traceback), the text is all one sees.
+    assert str(ConfigError("l2_clip", "must be > 0")) == "l2_clip: must be > 0", (
+        "str(ConfigError) must name the field before the message")
