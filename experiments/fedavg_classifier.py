@@ -11,8 +11,9 @@ make user-level eps large (WORKSPACE.md, "DP-FedAvg classifier").
 
 Non-private FedAvg: add --nodp. Adaptive clipping (Andrew et al. 2021): --adaptive_clipping
 (--l2_clip is then the initial clip norm). Rerunning the same command on the same workdir
-resumes from its last checkpoint, privacy ledger included. Multi-host (TPU pod slice, SLURM):
-launch on every host with --distributed (see launch/multihost.py).
+resumes from its last checkpoint, privacy ledger included. Multi-host (TPU pod slice, SLURM,
+or several processes on one machine): launch on every host with --distributed (see
+launch/multihost.py); process 0 writes the workdir.
 """
 
 from absl import flags
@@ -62,12 +63,34 @@ _PER_STEP = flags.DEFINE_integer(
     "clients_per_device_step", None, "Clients vmapped at once per device (1 on CPU).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host job: call jax.distributed.initialize() first.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "With --distributed, where JAX cannot find the job from the "
+    "environment (Cloud TPU and SLURM need none of these three): host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --coordinator_address: processes in the job.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --coordinator_address: this process, 0 .. num_processes - 1.",
+    lower_bound=0)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+
+
+def _initialize_distributed() -> None:
+    """`--distributed` with its optional coordinator flags (all three or none)."""
+    job = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+           "process_id": _PROCESS_ID.value}
+    given = [name for name, value in job.items() if value is not None]
+    if given:
+        cli.check(_DISTRIBUTED.value, given[0], "needs --distributed")
+        for name, value in job.items():
+            cli.check(value is not None, name, f"needed with --{given[0]}")
+        cli.check(job["process_id"] < job["num_processes"], "process_id",
+                  f"must be < --num_processes={job['num_processes']}")
+    initialize_distributed(_DISTRIBUTED.value, **job)
 
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
-    initialize_distributed(_DISTRIBUTED.value)
+    _initialize_distributed()
     noise = _NOISE.value
     if noise is None and _TARGET.value is None and not _NODP.value:
         noise = 1.0  # the flag's documented default; a --nodp run has no noise to set

@@ -14,19 +14,34 @@ SLURM GPU cluster (one process per node, all its GPUs; JAX reads the SLURM varia
   python -m launch.multihost slurm --nodes=4 --gpus_per_node=8 --dry_run -- \
     experiments.fedavg_classifier --clients_per_round=256 --workdir=/shared/run1
 
+One machine, several processes (a multi-host job in miniature: each process its own JAX
+runtime, CPU devices split per process, collectives between processes over gloo; try a
+pod job here first):
+
+  python -m launch.multihost local --num_processes=2 --devices_per_process=2 -- \
+    experiments.fedavg_classifier --clients_per_round=16 --workdir=workdirs/two_hosts
+
+Process 0 prints to this terminal and writes the workdir; the others log to files under
+--log_dir. If one process fails, the others are stopped (they would wait for it forever).
+
 --dry_run prints the commands (and the sbatch script) without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 
 DISTRIBUTED_FLAG = "--distributed"
+STOP_GRACE_SECONDS = 10.0  # how long stopped processes get to exit before they are killed
 
 
 def remote_python_command(repo_dir: str, module: str, flags: Sequence[str]) -> str:
@@ -73,15 +88,93 @@ def slurm_script(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def free_port() -> int:
+    """A TCP port of localhost that no one listens on now (for the coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def local_commands(args: argparse.Namespace, port: int) -> list[list[str]]:
+    """One command per process: the module with --distributed and the coordinator flags."""
+    return [
+        [sys.executable, "-m", args.module, *args.flags, DISTRIBUTED_FLAG,
+         f"--coordinator_address=localhost:{port}", f"--num_processes={args.num_processes}",
+         f"--process_id={i}"]
+        for i in range(args.num_processes)
+    ]
+
+
+def local_env(devices_per_process: int | None) -> dict[str, str]:
+    """This environment, with XLA's host device count set to `devices_per_process`."""
+    env = dict(os.environ)
+    if devices_per_process is not None:
+        kept = [f for f in env.get("XLA_FLAGS", "").split()
+                if not f.startswith("--xla_force_host_platform_device_count")]
+        kept.append(f"--xla_force_host_platform_device_count={devices_per_process}")
+        env["XLA_FLAGS"] = " ".join(kept)
+    return env
+
+
+def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.Path) -> int:
+    """Runs the processes; returns 0 when all succeed, else the first failure's exit code.
+
+    Process 0 inherits this terminal; process i writes `log_dir/process_<i>.log`. When a
+    process fails, the others are terminated (killed after `STOP_GRACE_SECONDS`): they
+    would wait for it at their next collective. Runs are crash-safe: rerun to resume.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs, logs = [], []
+    for i, command in enumerate(commands):
+        log = None if i == 0 else open(log_dir / f"process_{i}.log", "w")  # noqa: SIM115
+        logs.append(log)
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                i, code = failed[0]
+                where = "above" if i == 0 else f"in {log_dir / f'process_{i}.log'}"
+                print(f"process {i} exited with {code} (its output is {where}); "
+                      "stopping the others", file=sys.stderr)
+                return code if code > 0 else 128 - code  # killed by signal N: 128 + N
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        # A process blocked in a collective cannot run Python's SIGTERM handling: kill it.
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in logs:
+            if log is not None:
+                log.close()
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="target", required=True)
-    for name in ("tpu", "slurm"):
+    for name in ("tpu", "slurm", "local"):
         p = sub.add_parser(name)
-        p.add_argument("--repo_dir", default="~/dpfed", help="Repo path on every host.")
         p.add_argument("--dry_run", action="store_true", help="Print, do not run.")
         p.add_argument("module", help="Experiment module, e.g. experiments.fedavg_classifier.")
         p.add_argument("flags", nargs=argparse.REMAINDER, help="The module's flags.")
+        if name == "local":
+            p.add_argument("--num_processes", type=int, default=2)
+            p.add_argument("--devices_per_process", type=int, default=None,
+                           help="CPU devices of each process (default: XLA_FLAGS or 1).")
+            p.add_argument("--port", type=int, default=None, help="Coordinator port (free).")
+            p.add_argument("--log_dir", default=None, help="Logs of processes 1.. (a tmp dir).")
+            continue
+        p.add_argument("--repo_dir", default="~/dpfed", help="Repo path on every host.")
         if name == "tpu":
             p.add_argument("--tpu_name", required=True)
             p.add_argument("--zone", required=True)
@@ -95,11 +188,33 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.target == "slurm" and args.nodes < 1:
         parser.error("--nodes must be >= 1")
+    if args.target == "local" and args.num_processes < 1:
+        parser.error("--num_processes must be >= 1")
+    if args.target == "local" and args.devices_per_process is not None and (
+            args.devices_per_process < 1):
+        parser.error("--devices_per_process must be >= 1")
     return args
+
+
+def _main_local(args: argparse.Namespace) -> int:
+    """Prints the processes' commands and, unless --dry_run, runs them (`run_local`)."""
+    commands = local_commands(args, args.port or free_port())
+    env = local_env(args.devices_per_process)
+    prefix = "" if args.devices_per_process is None else (
+        f"XLA_FLAGS={shlex.quote(env['XLA_FLAGS'])} ")
+    for command in commands:
+        print(prefix + shlex.join(command))
+    if args.dry_run:
+        return 0
+    log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="dpfed_local_"))
+    print(f"processes 1..{args.num_processes - 1} log to {log_dir}", flush=True)
+    return run_local(commands, env, log_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.target == "local":
+        return _main_local(args)
     if args.target == "tpu":
         command = tpu_command(args)
         print(shlex.join(command))

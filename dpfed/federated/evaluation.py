@@ -10,13 +10,14 @@ raw client data: a simulation diagnostic, not a DP release.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpfed.federated.client_data import ClientData, OneClient, gather_clients
@@ -45,7 +46,8 @@ def make_client_evaluator(
         device_body, mesh=mesh,
         in_specs=(P(), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS)), out_specs=P(CLIENTS))
 
-    @jax.jit
+    # Replicated results: in a multi-host job every process can then read all clients'.
+    @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
     def evaluate(params, data: ClientData, client_states=(), context=()):
         n = data.counts.shape[0]
         padded = -(-n // devices) * devices

@@ -12,6 +12,10 @@ Two labelled exceptions in `report.md`: the debug pipelines' ground-truth sectio
 (`diagnostics.json`'s figures, headed "not a DP release") and `experiments.evaluate`'s
 section (its feature CNN is trained on the real train split; it says so).
 
+In a multi-host job (several JAX processes on one shared workdir, `--distributed`), only
+process 0 writes the workdir's files (`writes_files`); the other processes compute the
+same run and read them, and every process takes part in the checkpoints (orbax).
+
 JSON files are replaced atomically, so a crash leaves either the old or the new file,
 never half of one. JSON is strict (RFC 8259): numpy and jax scalars and arrays become
 Python numbers and lists, and the non-finite floats become the strings "NaN",
@@ -122,6 +126,12 @@ def from_jsonable(obj: Any) -> Any:
     if isinstance(obj, list):
         return [from_jsonable(value) for value in obj]
     return obj
+
+
+def writes_files() -> bool:
+    """Whether this process writes the workdir's files: the only process, or process 0 of
+    a multi-host job (the others would write the same records again)."""
+    return jax.process_index() == 0
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:
@@ -276,13 +286,15 @@ class Workdir:
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""
         path = self.file(name)
-        atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+        if writes_files():
+            atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
         return path
 
     def write_bytes(self, name: str, payload: bytes) -> pathlib.Path:
         """Atomically writes `payload` to `name` (e.g. released parameters); returns its path."""
         path = self.file(name)
-        atomic_write_bytes(path, payload)
+        if writes_files():
+            atomic_write_bytes(path, payload)
         return path
 
     def read_json(self, name: str) -> Any:
@@ -335,7 +347,8 @@ class Workdir:
     def write_report(self, markdown: str) -> pathlib.Path:
         """Atomically writes `report.md`."""
         path = self.file(REPORT_FILE)
-        atomic_write_text(path, markdown if markdown.endswith("\n") else markdown + "\n")
+        if writes_files():
+            atomic_write_text(path, markdown if markdown.endswith("\n") else markdown + "\n")
         return path
 
     def append_metrics(self, record: dict) -> None:
@@ -368,7 +381,7 @@ class Workdir:
             records = self._read(name)
             kept = [r for r in records if key not in r or r[key] <= after_step]
             path = self.file(name)
-            if path.exists():
+            if path.exists() and writes_files():
                 atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
             self._tail_checked.add(name)
             dropped[name] = len(records) - len(kept)
@@ -376,6 +389,8 @@ class Workdir:
 
     def _append(self, name: str, record: dict) -> None:
         """Appends one JSON line to `name` with flush + fsync (a torn tail is cut first)."""
+        if not writes_files():
+            return
         path = self.file(name)
         if name not in self._tail_checked:
             _drop_torn_last_line(path)

@@ -148,6 +148,20 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     assert len(lines) == 1 and f"--{name}" in lines[0], f"one line naming --{name}: {lines}"
 
 
+@pytest.mark.parametrize("flags, name, says", [
+    (["--process_id=0"], "process_id", "needs --distributed"),
+    (["--distributed", "--coordinator_address=localhost:1"], "num_processes",
+     "needed with --coordinator_address"),
+    (["--distributed", "--coordinator_address=localhost:1", "--num_processes=2",
+      "--process_id=2"], "process_id", "must be < --num_processes=2"),
+])
+def test_coordinator_flags_come_all_three_with_distributed(tmp_path, flags, name, says):
+    result = run_binary(
+        "experiments.fedavg_classifier", *flags, f"--workdir={tmp_path}", check=False)
+    assert result.returncode == 2, f"{flags}: a flag error, got {result.returncode}"
+    assert result.stderr.strip() == f"error: --{name}: {says}", result.stderr[-1000:]
+
+
 def test_dirichlet_partition_gives_every_example_to_one_client():
     config = classifier.FedAvgClassifierConfig(
         num_clients=50, partition="dirichlet", dirichlet_alpha=0.3, noise_multiplier=1.0)

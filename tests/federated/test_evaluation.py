@@ -34,6 +34,15 @@ def test_one_device_and_eight_devices_agree():
     np.testing.assert_array_equal(results[0], results[1], err_msg="sharding changed a metric")
 
 
+def test_per_client_metrics_come_back_on_every_device():
+    # In a multi-host job a process can read only arrays it holds whole: a result split
+    # over the clients axis failed there at the first evaluation (2-process run, 12-02).
+    data = ClientData(np.ones((16, 5), np.float32), np.full(16, 5, np.int32))  # 2 per device
+    out = make_client_evaluator(fraction_above)(jnp.float32(0.3), data)["above"]
+    assert len(out.sharding.device_set) == jax.device_count(), "all 8 devices hold it"
+    assert out.sharding.is_fully_replicated, f"replicated, not split: {out.sharding}"
+
+
 def test_summary_skips_clients_without_data():
     stats = summarize({"acc": np.array([1.0, 0.0, 0.5])}, np.array([3, 0, 2]))
     assert stats["acc_mean"] == pytest.approx(0.75), "the empty client is left out"

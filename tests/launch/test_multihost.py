@@ -1,9 +1,15 @@
-"""Multi-host launchers: --dry_run prints the commands every host would run."""
+"""Multi-host launchers: --dry_run prints the commands every host would run; `local` runs
+a multi-host job as several processes of this machine."""
 
+import json
+import os
 import subprocess
 import sys
 
+import pytest
+
 from launch import multihost
+from tests.binary import ROOT, run_binary
 
 FLAGS = ["experiments.fedavg_classifier", "--rounds=5", "--workdir=/shared/w"]
 
@@ -41,6 +47,14 @@ def test_zero_nodes_is_a_usage_error():
     assert "--nodes must be >= 1" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--num_processes=0", "--devices_per_process=0"])
+def test_local_needs_a_process_and_a_device(flag, capsys):
+    with pytest.raises(SystemExit) as error:
+        multihost.parse_args(["local", flag, *FLAGS])
+    assert error.value.code == 2, "argparse usage errors exit with 2"
+    assert f"{flag.split('=')[0]} must be >= 1" in capsys.readouterr().err
+
+
 def test_a_home_relative_repo_dir_stays_expandable_by_the_remote_shell():
     command = multihost.remote_python_command("~/my repo", "experiments.x", ["--a=1"])
     assert command.startswith("cd ~/'my repo' && "), f"~ must stay unquoted: {command}"
@@ -56,3 +70,81 @@ def test_slurm_script_asks_for_the_gpus_per_node():
     args = multihost.parse_args(["slurm", "--nodes=4", "--gpus_per_node=2", *FLAGS])
     lines = multihost.slurm_script(args).splitlines()
     assert "#SBATCH --gpus-per-node=2" in lines, f"--gpus_per_node=2 must reach sbatch: {lines}"
+
+
+def test_local_dry_run_starts_every_process_against_one_coordinator(capsys):
+    code = multihost.main(["local", "--num_processes=3", "--devices_per_process=2",
+                           "--port=1234", "--dry_run", *FLAGS])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0, "a dry run succeeds"
+    assert len(lines) == 3, f"one command per process: {lines}"
+    for i, line in enumerate(lines):
+        assert line.startswith("XLA_FLAGS=--xla_force_host_platform_device_count=2 "), line
+        assert line.endswith(
+            "--rounds=5 --workdir=/shared/w --distributed --coordinator_address=localhost:1234"
+            f" --num_processes=3 --process_id={i}"), f"process {i}'s flags: {line}"
+
+
+def test_local_stops_every_process_when_one_fails(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(multihost, "STOP_GRACE_SECONDS", 0.5)
+    code = multihost.main(["local", "--num_processes=3", f"--log_dir={tmp_path}",
+                           "tests.launch.fake_job", f"--pid_dir={tmp_path}"])
+    assert code == 3, "the launcher exits with the failed process's code"
+    for i in (0, 2):
+        pid = int((tmp_path / f"{i}.pid").read_text())
+        with pytest.raises(ProcessLookupError):  # killed and reaped, not left hanging
+            os.kill(pid, 0)
+
+
+# A multi-host job in miniature: 2 processes x 2 CPU devices on one shared workdir.
+LOCAL_JOB = ["experiments.fedavg_classifier", "--model=logreg", "--local_steps=2",
+             "--local_batch_size=10", "--eval_every=2", "--checkpoint_every=2",
+             "--noise_multiplier=1.0", "--l2_clip=0.5"]
+
+
+@pytest.fixture(scope="module")
+def two_process_job(tmp_path_factory):
+    """4 rounds in 2 processes, resumed to 6; and the same 6 rounds in one process with
+    the same 4 devices. Returns (workdir, output of the resume, one-process workdir)."""
+    workdir, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    logs = tmp_path_factory.mktemp("logs")
+    outputs = []
+    for rounds in (4, 6):
+        result = run_binary(
+            "launch.multihost", "local", "--num_processes=2", "--devices_per_process=2",
+            f"--log_dir={logs}", *LOCAL_JOB, f"--rounds={rounds}", f"--workdir={workdir}",
+            check=False)
+        assert result.returncode == 0, (
+            f"the 2-process job failed:\n{result.stderr[-3000:]}\nprocess 1:\n"
+            f"{(logs / 'process_1.log').read_text()[-3000:]}")
+        outputs.append(result.stdout)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    run_binary(*LOCAL_JOB, "--rounds=6", f"--workdir={one}", env=env)
+    return workdir, outputs[1], one
+
+
+def _rounds(path):
+    return [json.loads(line)["round"] for line in path.read_text().splitlines()]
+
+
+def test_two_processes_write_each_record_once(two_process_job):
+    workdir, _, _ = two_process_job
+    for name in ("metrics.jsonl", "diagnostics.jsonl"):
+        assert _rounds(workdir / name) == [2, 4, 6], f"{name}: one record per evaluation"
+
+
+def test_two_processes_resume_with_the_ledger_of_every_round(two_process_job):
+    workdir, resumed, _ = two_process_job
+    assert "resumed from round 4" in resumed, f"the rerun must resume: {resumed[-1000:]}"
+    ledger = json.loads((workdir / "ledger.json").read_text())
+    assert ledger["num_releases"] == 6, "each of the 6 rounds counted once"
+
+
+def test_two_processes_match_one_process_on_as_many_devices(two_process_job):
+    workdir, _, one = two_process_job
+    two = json.loads((workdir / "summary.json").read_text())
+    single = json.loads((one / "summary.json").read_text())
+    assert two["epsilon_rdp"] == single["epsilon_rdp"], "the same rounds, the same eps"
+    assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4), (
+        "the same model up to float rounding (cross-process sums add in another order)")

@@ -101,6 +101,21 @@ def test_failed_bytes_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.msgpack"], "a temp file was left"
 
 
+def test_only_process_zero_of_a_multi_host_job_writes_files(tmp_path, monkeypatch):
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"round": 1})
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    wd.write_json("ledger.json", {"a": 1})
+    wd.write_bytes("params.bin", b"x")
+    wd.write_report("# r")
+    wd.append_metrics({"round": 2})
+    wd.append_diagnostics({"round": 2})
+    wd.truncate_logs(0, key="round")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"], (
+        "process 1 must write nothing: process 0 writes the same records")
+    assert wd.read_metrics() == [{"round": 1}], "process 1 reads the log, never cuts it"
+
+
 def test_metrics_append_and_read_in_order(tmp_path):
     wd = Workdir(tmp_path)
     for step in range(3):
