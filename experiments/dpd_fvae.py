@@ -70,6 +70,7 @@ _CKPT_EVERY = flags.DEFINE_integer(
 _NUM_SYNTHETIC = flags.DEFINE_integer(
     "num_synthetic", 4000, "Class-balanced synthetic samples evaluated (with --evaluate).")
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Evaluate the decoder when training ends.")
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
@@ -110,6 +111,7 @@ def _config() -> dpd_fvae.DpdFvaeConfig:
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
+    _INITIALIZE_DISTRIBUTED()
     cli.check(_NUM_SYNTHETIC.value >= 20, "num_synthetic", "must be >= 20")
     try:
         config = _config()

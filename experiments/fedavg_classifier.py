@@ -20,7 +20,6 @@ from absl import flags
 
 from dpfed import data
 from dpfed.federated import classifier
-from dpfed.federated.mesh import initialize_distributed
 from dpfed.models import layers
 from dpfed.train import cli
 from dpfed.train.config import ConfigError
@@ -61,36 +60,13 @@ _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint period in
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Clients per pass of a round.")
 _PER_STEP = flags.DEFINE_integer(
     "clients_per_device_step", None, "Clients vmapped at once per device (1 on CPU).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Multi-host job: call jax.distributed.initialize() first.")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "With --distributed, where JAX cannot find the job from the "
-    "environment (Cloud TPU and SLURM need none of these three): host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "With --coordinator_address: processes in the job.", lower_bound=1)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "With --coordinator_address: this process, 0 .. num_processes - 1.",
-    lower_bound=0)
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-
-
-def _initialize_distributed() -> None:
-    """`--distributed` with its optional coordinator flags (all three or none)."""
-    job = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
-           "process_id": _PROCESS_ID.value}
-    given = [name for name, value in job.items() if value is not None]
-    if given:
-        cli.check(_DISTRIBUTED.value, given[0], "needs --distributed")
-        for name, value in job.items():
-            cli.check(value is not None, name, f"needed with --{given[0]}")
-        cli.check(job["process_id"] < job["num_processes"], "process_id",
-                  f"must be < --num_processes={job['num_processes']}")
-    initialize_distributed(_DISTRIBUTED.value, **job)
 
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
-    _initialize_distributed()
+    _INITIALIZE_DISTRIBUTED()
     noise = _NOISE.value
     if noise is None and _TARGET.value is None and not _NODP.value:
         noise = 1.0  # the flag's documented default; a --nodp run has no noise to set

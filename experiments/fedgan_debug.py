@@ -68,6 +68,7 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", _D.num_samples, "Samples per 
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N rounds.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoints.")
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
@@ -82,6 +83,7 @@ def _widths(flag) -> tuple[int, ...]:
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
+    _INITIALIZE_DISTRIBUTED()
     try:
         config = fedgan_debug.DebugConfig(
             dataset=_DATASET.value,

@@ -59,11 +59,13 @@ _TOP_K = flags.DEFINE_integer("top_k", _D.top_k, "Tokens in the top-k tables.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N rounds.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoints.")
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
+    _INITIALIZE_DISTRIBUTED()
     try:
         config = fedlm_debug.TextDebugConfig(
             bug_fraction=_BUG.value,

@@ -69,6 +69,46 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _exit_bad_flag(_describe(error))
 
 
+def define_distributed_flags() -> Callable[[], bool]:
+    """Defines `--distributed` and its coordinator flags; returns what `main` calls first.
+
+    A multi-host job runs the same command in every process (`launch/multihost.py`); with
+    `--distributed` each calls `jax.distributed.initialize()`, which finds the job on
+    Cloud TPU and SLURM; elsewhere `--coordinator_address`, `--num_processes` and
+    `--process_id` say where process 0 listens and which process this is (all three or
+    none). The returned function checks them (`FlagError`), initialises when asked, and
+    returns whether it did; it must run before any other JAX call.
+    """
+    distributed = flags.DEFINE_bool(
+        "distributed", False, "Multi-host job: call jax.distributed.initialize() first.")
+    coordinator = flags.DEFINE_string(
+        "coordinator_address", None, "With --distributed, where JAX cannot find the job from "
+        "the environment (Cloud TPU and SLURM need none of these three): host:port of "
+        "process 0.")
+    num_processes = flags.DEFINE_integer(
+        "num_processes", None, "With --coordinator_address: processes in the job.",
+        lower_bound=1)
+    process_id = flags.DEFINE_integer(
+        "process_id", None, "With --coordinator_address: this process, 0 .. num_processes - 1.",
+        lower_bound=0)
+
+    def initialize() -> bool:
+        job = {"coordinator_address": coordinator.value, "num_processes": num_processes.value,
+               "process_id": process_id.value}
+        given = [name for name, value in job.items() if value is not None]
+        if given:
+            check(distributed.value, given[0], "needs --distributed")
+            for name, value in job.items():
+                check(value is not None, name, f"needed with --{given[0]}")
+            check(job["process_id"] < job["num_processes"], "process_id",
+                  f"must be < --num_processes={job['num_processes']}")
+        from dpfed.federated.mesh import initialize_distributed  # Imports jax.
+
+        return initialize_distributed(distributed.value, **job)
+
+    return initialize
+
+
 def _first_missing(path: pathlib.Path) -> pathlib.Path | None:
     """The top-most of `path` and its parents that does not exist (None if `path` does)."""
     missing = None

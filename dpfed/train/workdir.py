@@ -160,8 +160,11 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
 
     A kill (or power loss) at any moment leaves the old file or the new one, never part
     of one. The file keeps its mode (a new one gets the umask's, as `open` would give it),
-    not the 0600 of the temp file.
+    not the 0600 of the temp file. In a multi-host job only process 0 writes
+    (`writes_files`); elsewhere this does nothing.
     """
+    if not writes_files():
+        return
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, _file_mode(path))
@@ -286,15 +289,13 @@ class Workdir:
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""
         path = self.file(name)
-        if writes_files():
-            atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
         return path
 
     def write_bytes(self, name: str, payload: bytes) -> pathlib.Path:
         """Atomically writes `payload` to `name` (e.g. released parameters); returns its path."""
         path = self.file(name)
-        if writes_files():
-            atomic_write_bytes(path, payload)
+        atomic_write_bytes(path, payload)
         return path
 
     def read_json(self, name: str) -> Any:
@@ -347,8 +348,7 @@ class Workdir:
     def write_report(self, markdown: str) -> pathlib.Path:
         """Atomically writes `report.md`."""
         path = self.file(REPORT_FILE)
-        if writes_files():
-            atomic_write_text(path, markdown if markdown.endswith("\n") else markdown + "\n")
+        atomic_write_text(path, markdown if markdown.endswith("\n") else markdown + "\n")
         return path
 
     def append_metrics(self, record: dict) -> None:
@@ -381,7 +381,7 @@ class Workdir:
             records = self._read(name)
             kept = [r for r in records if key not in r or r[key] <= after_step]
             path = self.file(name)
-            if path.exists() and writes_files():
+            if path.exists():  # atomic_write_text: process 0 of a multi-host job only
                 atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
             self._tail_checked.add(name)
             dropped[name] = len(records) - len(kept)

@@ -148,3 +148,75 @@ def test_two_processes_match_one_process_on_as_many_devices(two_process_job):
     assert two["epsilon_rdp"] == single["epsilon_rdp"], "the same rounds, the same eps"
     assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4), (
         "the same model up to float rounding (cross-process sums add in another order)")
+
+
+# The other federated binaries, tiny (as in their own tests).
+OTHER_BINARIES = {
+    "fedgan_debug": [
+        "--num_clients=24", "--classifier_epochs=1", "--rounds=2", "--clients_per_round=2",
+        "--sampling=fixed", "--noise_multiplier=0.5", "--d_conv_features=4,8",
+        "--d_dense_features=16", "--g_dense_features=16", "--g_base_features=8",
+        "--g_convt_features=8,4", "--noise_dim=8", "--batch_size=4", "--num_samples=16",
+        "--eval_every=1", "--checkpoint_every=1"],
+    "fedlm_debug": [
+        "--min_lines=200", "--seq_len=16", "--max_seqs=4", "--embed_dim=4", "--hidden=8",
+        "--local_steps=1", "--local_batch_size=2", "--rounds=2", "--clients_per_round=2",
+        "--sampling=fixed", "--noise_multiplier=0.5", "--num_sample_lines=4",
+        "--sample_length=20", "--top_k=3", "--eval_every=1", "--checkpoint_every=1"],
+    "dpd_fvae": [
+        "--dataset=digits", "--num_clients=8", "--client_fraction=0.5", "--rounds=2",
+        "--local_epochs=1", "--batch_size=90", "--latent_dim=2", "--encoder_features=4",
+        "--decoder_features=4", "--eval_every=1", "--checkpoint_every=1", "--noevaluate",
+        "--dp=local", "--sync=d", "--noise_multiplier=2"],
+}
+
+
+def _comparable(record):
+    """A JSON record without what differs between runs of one job on other layouts: the
+    environment, timings, and hashes of parameters (equal up to float rounding)."""
+    if isinstance(record, dict):
+        return {k: _comparable(v) for k, v in record.items()
+                if k != "environment" and not k.endswith(("seconds", "sha256"))}
+    return record
+
+
+def _released(workdir):
+    """Every file but checkpoints and the lock -> its JSON (`_comparable`), its line count
+    (logs, reports) or whether it is non-empty (images)."""
+    out = {}
+    for path in sorted(workdir.rglob("*")):
+        rel = path.relative_to(workdir)
+        if not path.is_file() or "checkpoints" in rel.parts or rel.name == ".lock":
+            continue
+        if path.suffix == ".json":
+            out[str(rel)] = _comparable(json.loads(path.read_text()))
+        elif path.suffix in (".jsonl", ".md", ".txt"):
+            out[str(rel)] = path.read_text().count("\n")
+        else:
+            out[str(rel)] = path.stat().st_size > 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("binary", sorted(OTHER_BINARIES))
+def test_every_federated_binary_runs_as_a_two_process_job(binary, tmp_path):
+    module, flags = f"experiments.{binary}", OTHER_BINARIES[binary]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = run_binary(
+        "launch.multihost", "local", "--num_processes=2", "--devices_per_process=2",
+        f"--log_dir={tmp_path / 'logs'}", module, *flags, f"--workdir={two}", check=False)
+    assert result.returncode == 0, f"{binary} in 2 processes:\n{result.stderr[-3000:]}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    run_binary(module, *flags, f"--workdir={one}", env=env)
+    two_files, one_files = _released(two), _released(one)
+    assert sorted(two_files) == sorted(one_files), "the same files as one process writes"
+    for name, value in one_files.items():
+        assert two_files[name] == value, f"{name}: 2 processes x 2 devices != 1 x 4"
+
+
+@pytest.mark.parametrize("binary", ["fedavg_classifier", *sorted(OTHER_BINARIES)])
+def test_every_federated_binary_takes_the_coordinator_flags(binary, tmp_path):
+    result = run_binary(f"experiments.{binary}", "--process_id=0", f"--workdir={tmp_path}",
+                        check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --process_id: needs --distributed"), f"{binary}: {result.stderr[-500:]}"

@@ -108,6 +108,7 @@ def test_only_process_zero_of_a_multi_host_job_writes_files(tmp_path, monkeypatc
     wd.write_json("ledger.json", {"a": 1})
     wd.write_bytes("params.bin", b"x")
     wd.write_report("# r")
+    workdir_lib.atomic_write_with(wd.file("grid.png"), lambda f: f.write(b"png"))
     wd.append_metrics({"round": 2})
     wd.append_diagnostics({"round": 2})
     wd.truncate_logs(0, key="round")
