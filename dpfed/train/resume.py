@@ -21,10 +21,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
 from dp_accounting import NeighboringRelation, dp_event
 from dp_accounting.dp_event import DpEvent
-from jax.experimental import multihost_utils
 
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
@@ -118,9 +116,6 @@ def resume_or_start(
     )
     if ledger is not None and logged > last:
         _refuse_ending_before_logged(logged, last, total, key)
-    # A multi-host job: every process has read the logs and config before process 0
-    # (`workdir.writes_files`) rewrites them, so all of them decide the same.
-    _wait_for_every_process("dpfed.resume_or_start")
     if config is not None:  # only now: a refused resume leaves the pinned config as it was
         workdir.pin_config(config, resuming=False)
     if resuming or logged > 0:
@@ -128,12 +123,6 @@ def resume_or_start(
     if resuming:
         log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=resuming, last=last)
-
-
-def _wait_for_every_process(name: str) -> None:
-    """A barrier across the processes of a multi-host job; nothing with one process."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _last_logged(workdir: Workdir, key: str) -> int:

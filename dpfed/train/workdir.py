@@ -13,8 +13,9 @@ Two labelled exceptions in `report.md`: the debug pipelines' ground-truth sectio
 section (its feature CNN is trained on the real train split; it says so).
 
 In a multi-host job (several JAX processes on one shared workdir, `--distributed`), only
-process 0 writes the workdir's files (`writes_files`); the other processes compute the
-same run and read them, and every process takes part in the checkpoints (orbax).
+process 0 writes the workdir's files (`writes_files`), each write between two barriers
+(`one_write`); the other processes compute the same run and read them, and every process
+takes part in the checkpoints (orbax).
 
 JSON files are replaced atomically, so a crash leaves either the old or the new file,
 never half of one. JSON is strict (RFC 8259): numpy and jax scalars and arrays become
@@ -22,6 +23,7 @@ Python numbers and lists, and the non-finite floats become the strings "NaN",
 "Infinity" and "-Infinity", which the readers here turn back into floats.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -34,12 +36,13 @@ import pathlib
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dpfed.train.config import ConfigError
 
@@ -134,6 +137,26 @@ def writes_files() -> bool:
     return jax.process_index() == 0
 
 
+@contextlib.contextmanager
+def one_write(name: str) -> Iterator[bool]:
+    """Brackets one write of file `name` by a barrier across the processes of a
+    multi-host job on each side; yields whether this process writes (`writes_files`).
+
+    Every process runs the same code and so reaches the same writes in the same order;
+    with the barriers, no process reads a file while process 0 writes it, and all of them
+    see the same files between two writes. Without them a process could read a file
+    before process 0 wrote it (fedgan_debug's read-back of its generator failed so), or
+    after, where the others read it before (a check-then-write would then branch apart).
+    The barriers check that all processes name the same file. Nothing with one process.
+    """
+    barrier = jax.process_count() > 1
+    if barrier:
+        multihost_utils.sync_global_devices(f"dpfed: before writing {name}")
+    yield writes_files()
+    if barrier:
+        multihost_utils.sync_global_devices(f"dpfed: after writing {name}")
+
+
 def _fsync_dir(directory: pathlib.Path) -> None:
     """Makes a rename in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
@@ -160,11 +183,15 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
 
     A kill (or power loss) at any moment leaves the old file or the new one, never part
     of one. The file keeps its mode (a new one gets the umask's, as `open` would give it),
-    not the 0600 of the temp file. In a multi-host job only process 0 writes
-    (`writes_files`); elsewhere this does nothing.
+    not the 0600 of the temp file. In a multi-host job only process 0 writes, between
+    barriers (`one_write`).
     """
-    if not writes_files():
-        return
+    with one_write(path.name) as writes:
+        if writes:
+            _write_atomically(path, payload)
+
+
+def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, _file_mode(path))
@@ -388,17 +415,19 @@ class Workdir:
         return dropped[METRICS_FILE]
 
     def _append(self, name: str, record: dict) -> None:
-        """Appends one JSON line to `name` with flush + fsync (a torn tail is cut first)."""
-        if not writes_files():
-            return
+        """Appends one JSON line to `name` with flush + fsync (a torn tail is cut first);
+        in a multi-host job process 0 alone, between barriers (`one_write`)."""
         path = self.file(name)
-        if name not in self._tail_checked:
-            _drop_torn_last_line(path)
-            self._tail_checked.add(name)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with one_write(name) as writes:
+            if not writes:
+                return
+            if name not in self._tail_checked:
+                _drop_torn_last_line(path)
+                self._tail_checked.add(name)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(dumps(record, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
 
     def _read(self, name: str) -> list[dict]:
         path = self.file(name)

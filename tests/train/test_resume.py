@@ -7,7 +7,6 @@ import pytest
 from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.train import resume
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
 from dpfed.train.resume import (
@@ -82,25 +81,6 @@ def test_resume_restores_state_and_ledger_and_drops_later_metrics(tmp_path):
     steps = [r["step"] for r in Workdir(tmp_path).read_metrics()]
     assert steps == [1, 2, 3, 4], f"records after the checkpoint must go: {steps}"
     assert messages == [f"resumed from step 4 in {tmp_path}"]
-
-
-def test_in_a_multi_host_job_every_process_reads_before_process_zero_writes(
-        tmp_path, monkeypatch):
-    # Process 0 rewrites config.json and cuts metrics.jsonl on resume; a process reading
-    # them after that would decide otherwise (and wait for the others forever).
-    Workdir(tmp_path).pin_config(Config(), resuming=False)
-    checkpoint(tmp_path, 4, ledger(releases=4))
-    events = []
-    monkeypatch.setattr(resume.jax, "process_count", lambda: 2)
-    monkeypatch.setattr(resume.multihost_utils, "sync_global_devices",  # orbax's too
-                        lambda name: events.append("barrier") if "dpfed" in name else None)
-    for method in ("read_metrics", "pin_config", "truncate_logs"):
-        original = getattr(Workdir, method)
-        monkeypatch.setattr(Workdir, method, lambda self, *a, _m=method, _o=original, **k: (
-            events.append(_m), _o(self, *a, **k))[1])
-    start(tmp_path, ledger())
-    assert events == ["read_metrics", "barrier", "pin_config", "truncate_logs"], (
-        f"all reads, then the barrier, then the writes: {events}")
 
 
 def test_resume_adopts_the_target_of_this_invocation(tmp_path):

@@ -117,6 +117,29 @@ def test_only_process_zero_of_a_multi_host_job_writes_files(tmp_path, monkeypatc
     assert wd.read_metrics() == [{"round": 1}], "process 1 reads the log, never cuts it"
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_each_write_of_a_multi_host_job_sits_between_two_barriers(tmp_path, monkeypatch,
+                                                                   process):
+    # Else a process can read a file before process 0 has written it (fedgan_debug's
+    # read-back of its generator failed so in a 2-process job), or branch on whether it
+    # exists while the others saw otherwise.
+    wd = Workdir(tmp_path)
+    seen = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    monkeypatch.setattr(workdir_lib.multihost_utils, "sync_global_devices", lambda name: (
+        seen.append((name, sorted(p.name for p in tmp_path.iterdir())))))
+    wd.write_json("summary.json", {"a": 1})
+    wd.append_metrics({"round": 1})
+    written = ["metrics.jsonl", "summary.json"] if process == 0 else []
+    assert seen == [
+        ("dpfed: before writing summary.json", []),
+        ("dpfed: after writing summary.json", written[1:]),
+        ("dpfed: before writing metrics.jsonl", written[1:]),
+        ("dpfed: after writing metrics.jsonl", written),
+    ], f"process {process}: each file written (by process 0 only) between its barriers"
+
+
 def test_metrics_append_and_read_in_order(tmp_path):
     wd = Workdir(tmp_path)
     for step in range(3):
