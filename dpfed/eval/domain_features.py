@@ -125,8 +125,10 @@ def domain_extractor(
             "architecture": _ARCHITECTURE,
             "test_accuracy": classifier_fit.accuracy(model, params, test.images, test.labels),
         }
-        workdir_lib.atomic_write_bytes(weights, flax.serialization.to_bytes(params))
-        workdir_lib.atomic_write_text(info_file, json.dumps(info, indent=2) + "\n")
+        # Every process of a multi-host job writes its own host's cache (no barriers).
+        workdir_lib.atomic_write_local_bytes(weights, flax.serialization.to_bytes(params))
+        workdir_lib.atomic_write_local_bytes(
+            info_file, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
     features = jax.jit(lambda images: model.apply(params, images, features=True))
     description = (
         f"penultimate layer ({FEATURE_DIM}-d) of a CNN trained non-privately on the "

@@ -188,10 +188,18 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
     """
     with one_write(path.name) as writes:
         if writes:
-            _write_atomically(path, payload)
+            atomic_write_local_bytes(path, payload)
 
 
-def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
+def atomic_write_local_bytes(path: pathlib.Path, payload: bytes) -> None:
+    """Writes `payload` to `path` atomically, as `atomic_write_bytes`, but in every process
+    of a multi-host job and without barriers: for a host's own cache outside the workdir.
+
+    Hosts each have their own cache and may find different ones (one trained an extractor
+    in an earlier job, another did not), so a write that some processes skip must not
+    wait for the others. Processes sharing the folder each write a temp file of their own
+    and rename it into place: the last rename wins, and a reader sees a whole file.
+    """
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         os.fchmod(fd, _file_mode(path))

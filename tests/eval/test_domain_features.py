@@ -2,11 +2,13 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from dpfed import data
 from dpfed.eval import domain_features, fid
+from dpfed.train import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +66,17 @@ def test_the_cache_is_keyed_by_the_training_steps(tmp_path):
     )
     assert not np.allclose(short.features(images), longer.features(images)), (
         "an extractor cached for 10 steps was reused for 20")
+
+
+def test_each_process_of_a_multi_host_job_caches_the_extractor_on_its_own_host(
+        tmp_path, monkeypatch):
+    # Hosts have their own caches: a host with none trains and must write it, with no
+    # barrier that the hosts which read theirs would never reach (the job would hang).
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    barriers = []
+    monkeypatch.setattr(workdir_lib.multihost_utils, "sync_global_devices", barriers.append)
+    domain_features.domain_extractor("digits", cache_dir=tmp_path, steps=10)
+    cached = sorted(p.suffix for p in (tmp_path / "domain_features").iterdir())
+    assert cached == [".json", ".msgpack"], f"process 1 must cache on its host: {cached}"
+    assert barriers == [], f"a host cache write waited for the other hosts: {barriers}"
