@@ -14,6 +14,12 @@ checkpoint, privacy ledger included. With --evaluate (the default) the generator
 evaluated by `dpfed.eval.evaluation` (fid_domain, CNN/MLP/LogReg accuracy on the real
 test split) with --num_synthetic samples; `launch/reproduce.py --table=datalens` runs
 the rows with --noevaluate and evaluates them with `experiments.evaluate`.
+
+The teachers are sharded over every device of the job; with --distributed (a multi-host
+job, `launch/multihost.py`) over the devices of all hosts, e.g. on this machine:
+
+  .venv/bin/python -m launch.multihost local --num_processes=2 -- experiments.datalens \
+    --flagfile=launch/tables/datalens/03_datalens_eps10.flags --workdir=workdirs/dl_2hosts
 """
 
 from absl import flags
@@ -94,6 +100,7 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "them (on a CPU-only machine: its core count; 0: JAX's default). Not pinned: a run may "
     "resume with another count.", lower_bound=0,
 )
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
@@ -141,6 +148,7 @@ def _config() -> datalens.DataLensConfig:
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
     mesh.split_cpu(_CPU_DEVICES.value)
+    _INITIALIZE_DISTRIBUTED()
     try:
         config = _config()
         summary = datalens.train(config, _WORKDIR.value)

@@ -150,8 +150,14 @@ def test_two_processes_match_one_process_on_as_many_devices(two_process_job):
         "the same model up to float rounding (cross-process sums add in another order)")
 
 
-# The other federated binaries, tiny (as in their own tests).
+# The other binaries with --distributed, tiny (as in their own tests).
 OTHER_BINARIES = {
+    "datalens": [
+        "--dataset=digits", "--num_teachers=12", "--topk=6", "--sigma=30", "--beta=0.3",
+        "--z_dim=4", "--pretrain_steps=1", "--batch_size=4", "--real_batch=4",
+        "--teacher_features=4", "--generator_hidden=16", "--generator_width=4",
+        "--teacher_chunk=2", "--num_synthetic=20", "--steps=4", "--eval_every=2",
+        "--checkpoint_every=2", "--noevaluate"],
     "fedgan_debug": [
         "--num_clients=24", "--classifier_epochs=1", "--rounds=2", "--clients_per_round=2",
         "--sampling=fixed", "--noise_multiplier=0.5", "--d_conv_features=4,8",
@@ -199,7 +205,7 @@ def _released(workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("binary", sorted(OTHER_BINARIES))
-def test_every_federated_binary_runs_as_a_two_process_job(binary, tmp_path):
+def test_every_multi_host_binary_runs_as_a_two_process_job(binary, tmp_path):
     module, flags = f"experiments.{binary}", OTHER_BINARIES[binary]
     two, one = tmp_path / "two", tmp_path / "one"
     result = run_binary(
@@ -215,7 +221,7 @@ def test_every_federated_binary_runs_as_a_two_process_job(binary, tmp_path):
 
 
 @pytest.mark.parametrize("binary", ["fedavg_classifier", *sorted(OTHER_BINARIES)])
-def test_every_federated_binary_takes_the_coordinator_flags(binary, tmp_path):
+def test_every_multi_host_binary_takes_the_coordinator_flags(binary, tmp_path):
     result = run_binary(f"experiments.{binary}", "--process_id=0", f"--workdir={tmp_path}",
                         check=False)
     assert result.returncode == 2 and result.stderr.strip() == (
