@@ -243,6 +243,17 @@ def steps_per_round(config: DpdFvaeConfig, count: int | jax.Array) -> int | jax.
 # The client update.
 
 
+def local_dp_batch(key: jax.Array, client_mask: jax.Array, expected_batch: jax.Array) -> jax.Array:
+    """A local-DP step's Poisson batch: each of the client's n_c examples (`client_mask`
+    over its padded slots) independently with rate `expected_batch` / n_c, where
+    `expected_batch` = min(B, n_c); padded slots never. bool `[max_n]`.
+
+    The rate is the one each client's ledger event records (`local_participation_event`:
+    expected size min(B, n_c) of population n_c)."""
+    rate = expected_batch / jnp.maximum(jnp.sum(client_mask), 1)
+    return jax.random.bernoulli(key, rate, client_mask.shape) & client_mask
+
+
 def make_client_update(
     config: DpdFvaeConfig,
     encoder: vae.Encoder,
@@ -297,9 +308,8 @@ def make_client_update(
             params, opt_states = carry
             s, idx, mask, k = inputs
             noise_key, poisson_key, dp_key = jax.random.split(k, 3)
-            if local_dp:  # a Poisson sample of the client's examples (rate min(B, n_c) / n_c)
-                rate = expected_batch / jnp.maximum(client.count, 1)
-                mask = jax.random.bernoulli(poisson_key, rate, (max_n,)) & client.mask
+            if local_dp:
+                mask = local_dp_batch(poisson_key, client.mask, expected_batch)
                 x, y = images, labels
             else:
                 x, y = images[idx], labels[idx]

@@ -93,3 +93,27 @@ def test_balanced_and_hash_ledgers_report_the_same_eps():
     for key in ("epsilon_rdp", "epsilon_pld"):
         assert reports["balanced"][key] == pytest.approx(reports["hash"][key], rel=1e-9), (
             f"{key}: balanced (replace-one) must not double the votes' sensitivity")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hash_sizes_are_near_n_over_t_and_each_teacher_holds_the_big_classes(seed):
+    # A hash of the label alone (or of too little of the record) would still be disjoint,
+    # but would give whole classes to single teachers and leave others empty.
+    images, labels = _unbalanced()
+    n, t = len(labels), 7
+    parts = partition_teachers(images, labels, t, seed=seed, scheme="hash")
+    sizes = np.array([len(p) for p in parts])
+    spread = 5 * np.sqrt(n / t * (1 - 1 / t))  # 5 std of Binomial(N, 1/T)
+    assert np.all(np.abs(sizes - n / t) <= spread), (
+        f"hash partition sizes {sizes} are not about Binomial({n}, 1/{t})")
+    for teacher, part in enumerate(parts):
+        held = set(labels[part].tolist())
+        assert {0, 1} <= held, f"teacher {teacher} lacks a class of 400 or 90 records: {held}"
+
+
+@pytest.mark.parametrize("scheme", list(PARTITION_RELATIONS))
+def test_the_partition_changes_with_the_seed(scheme):
+    images, labels = _unbalanced()
+    first, second = (partition_teachers(images, labels, 7, seed=s, scheme=scheme) for s in (0, 1))
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second, strict=True)), (
+        f"{scheme}: another seed gave the same partition; the seed is the public key")

@@ -183,6 +183,22 @@ def test_local_dp_noise_is_divided_by_the_expected_not_the_realised_batch():
             err_msg=f"key {k}: noise std must be sqrt(steps) z C / E[batch] with E[batch] = 4")
 
 
+def test_local_dp_batches_sample_each_example_at_the_accounted_rate():
+    # The ledger accounts each local step as Poisson with rate min(B, n_c) / n_c; another
+    # rate (e.g. every example in every step) would leave the noise as it is and only
+    # grow the clipped sum, which no noise test sees.
+    mask = jnp.arange(8) < 6  # a client of 6 examples in 8 padded slots, B = 4
+    keys = jax.random.split(jax.random.key(0), 4000)
+    batches = np.asarray(jax.vmap(lambda k: dpd_fvae.local_dp_batch(k, mask, 4.0))(keys))
+    assert not batches[:, 6:].any(), "a padded slot was sampled"
+    rates = batches[:, :6].mean(axis=0)
+    # Each example's rate 4/6, estimated from 4000 draws (std 0.0075).
+    np.testing.assert_allclose(rates, 4 / 6, atol=0.04,
+                               err_msg="each example's sample rate must be min(B, n_c) / n_c")
+    sizes = batches.sum(axis=1)
+    assert len(set(sizes.tolist())) > 3, "Poisson batch sizes must vary, not be fixed"
+
+
 def test_local_dp_client_out_of_budget_contributes_nothing():
     state = _trainer().init()
     hook = _hook("local")
