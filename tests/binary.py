@@ -10,6 +10,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+from launch import multihost
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,11 @@ def run_binary(
     if check:
         assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
     return proc
+
+
+def cpu_devices_env(count: int) -> dict[str, str]:
+    """This environment with `count` CPU devices for a subprocess, other XLA flags kept."""
+    return multihost.local_env(count)
 
 
 def _kill_when(

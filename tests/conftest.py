@@ -16,7 +16,13 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM's optimisations off: the suite is mostly compilation (they cost more to compile
+# than they save running tiny programs), and no test reads a timing; the programs' HLO
+# and float semantics are XLA's either way. Tests that set XLA_FLAGS for a subprocess
+# keep this flag (`tests.binary.cpu_devices_env`).
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="dpfed-test-jax-cache-")

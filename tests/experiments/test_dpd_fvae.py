@@ -1,11 +1,15 @@
 """End-to-end tests of experiments/dpd_fvae.py (subprocesses, tiny runs on 8x8 digits)."""
 
 import json
-import os
 
 import pytest
 
-from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
+from tests.binary import (
+    assert_resumed_like_uninterrupted,
+    cpu_devices_env,
+    kill_after_checkpoint,
+    run_binary,
+)
 
 TINY = [
     "--dataset=digits",
@@ -72,7 +76,7 @@ def test_sigkill_and_resume_gives_same_decoder_ledger_and_metrics(tmp_path):
 def test_a_run_resumes_on_another_device_count(tmp_path):
     flags = [*TINY, "--dp=central", "--sync=d", "--noise_multiplier=2", f"--workdir={tmp_path}"]
     _run(*flags[:-1], "--rounds=1", flags[-1])  # the tests' 8 CPU devices
-    three = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    three = cpu_devices_env(3)
     run_binary("experiments.dpd_fvae", *flags, env=three)  # round 2 on 3 devices
     summary = json.loads((tmp_path / "summary.json").read_text())
     ledger = json.loads((tmp_path / "ledger.json").read_text())

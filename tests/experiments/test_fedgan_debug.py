@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import shutil
 
 import h5py
@@ -14,7 +13,7 @@ from PIL import Image
 from dpfed.data import emnist_federated
 from dpfed.generative import fedgan, fedgan_debug, polarity, selection
 from dpfed.train.workdir import Workdir
-from tests.binary import run_binary
+from tests.binary import cpu_devices_env, run_binary
 from tests.experiments import debug_checks
 
 # Figures computed from raw client data: diagnostics.json only, never a release file.
@@ -381,7 +380,7 @@ def test_demo_runs_through_on_two_cpu_devices(tmp_path):
     # Without a wait for each round, XLA:CPU deadlocked here at rounds 29-45 of the first
     # GAN, before its first evaluation (round 50) read a result: one device never joined
     # the round's all-reduce (`dpfed.federated.mesh.settle`).
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = cpu_devices_env(2)
     run_binary("experiments.fedgan_debug", f"--workdir={tmp_path}",
                "--flagfile=launch/demo.flags", "--rounds=80", env=env, timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())

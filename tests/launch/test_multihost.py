@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from launch import multihost
-from tests.binary import ROOT, run_binary
+from tests.binary import ROOT, cpu_devices_env, run_binary
 
 FLAGS = ["experiments.fedavg_classifier", "--rounds=5", "--workdir=/shared/w"]
 
@@ -72,14 +72,18 @@ def test_slurm_script_asks_for_the_gpus_per_node():
     assert "#SBATCH --gpus-per-node=2" in lines, f"--gpus_per_node=2 must reach sbatch: {lines}"
 
 
-def test_local_dry_run_starts_every_process_against_one_coordinator(capsys):
+def test_local_dry_run_starts_every_process_against_one_coordinator(capsys, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                       "--xla_force_host_platform_device_count=8")
     code = multihost.main(["local", "--num_processes=3", "--devices_per_process=2",
                            "--port=1234", "--dry_run", *FLAGS])
     lines = capsys.readouterr().out.splitlines()
     assert code == 0, "a dry run succeeds"
     assert len(lines) == 3, f"one command per process: {lines}"
     for i, line in enumerate(lines):
-        assert line.startswith("XLA_FLAGS=--xla_force_host_platform_device_count=2 "), line
+        assert line.startswith("XLA_FLAGS='--xla_backend_optimization_level=0 "
+                               "--xla_force_host_platform_device_count=2' "), (
+            f"the device count replaced, other XLA flags kept: {line}")
         assert line.endswith(
             "--rounds=5 --workdir=/shared/w --distributed --coordinator_address=localhost:1234"
             f" --num_processes=3 --process_id={i}"), f"process {i}'s flags: {line}"
@@ -119,7 +123,7 @@ def two_process_job(tmp_path_factory):
             f"the 2-process job failed:\n{result.stderr[-3000:]}\nprocess 1:\n"
             f"{(logs / 'process_1.log').read_text()[-3000:]}")
         outputs.append(result.stdout)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = cpu_devices_env(4)
     run_binary(*LOCAL_JOB, "--rounds=6", f"--workdir={one}", env=env)
     return workdir, outputs[1], one
 
@@ -212,7 +216,7 @@ def test_every_multi_host_binary_runs_as_a_two_process_job(binary, tmp_path):
         "launch.multihost", "local", "--num_processes=2", "--devices_per_process=2",
         f"--log_dir={tmp_path / 'logs'}", module, *flags, f"--workdir={two}", check=False)
     assert result.returncode == 0, f"{binary} in 2 processes:\n{result.stderr[-3000:]}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = cpu_devices_env(4)
     run_binary(module, *flags, f"--workdir={one}", env=env)
     two_files, one_files = _released(two), _released(one)
     assert sorted(two_files) == sorted(one_files), "the same files as one process writes"
