@@ -17,8 +17,8 @@ import shutil
 import tempfile
 
 # LLVM's optimisations off: the suite is mostly compilation (they cost more to compile
-# than they save running tiny programs), and no test reads a timing; the programs' HLO
-# and float semantics are XLA's either way. Tests that set XLA_FLAGS for a subprocess
+# than they save running tiny programs), and no test reads a timing; only the machine
+# code made from the same HLO differs (the suite passes either way). Tests that set XLA_FLAGS for a subprocess
 # keep this flag (`tests.binary.cpu_devices_env`).
 os.environ.setdefault(
     "XLA_FLAGS",
