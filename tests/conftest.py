@@ -18,8 +18,8 @@ import tempfile
 
 # LLVM's optimisations off: the suite is mostly compilation (they cost more to compile
 # than they save running tiny programs), and no test reads a timing; only the machine
-# code made from the same HLO differs (the suite passes either way). Tests that set XLA_FLAGS for a subprocess
-# keep this flag (`tests.binary.cpu_devices_env`).
+# code made from the same HLO differs (the suite passes either way). Tests that set
+# XLA_FLAGS for a subprocess keep this flag (`tests.binary.cpu_devices_env`).
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")

@@ -104,9 +104,40 @@ def define_distributed_flags() -> Callable[[], bool]:
                   f"must be < --num_processes={job['num_processes']}")
         from dpfed.federated.mesh import initialize_distributed  # Imports jax.
 
-        return initialize_distributed(distributed.value, **job)
+        enabled = initialize_distributed(distributed.value, **job)
+        if enabled:
+            _lock_job_workdir()
+        return enabled
 
     return initialize
+
+
+def _lock_job_workdir() -> None:
+    """Process 0 of a multi-host job locks `--workdir` (`Workdir.lock`); if another run
+    holds it, every process of the job raises `FlagError` (none waits for process 0).
+
+    The job's processes share the workdir, so they cannot each take the lock as a
+    single-process run does (`_lock_workdir`); process 0, the one that writes, takes it
+    for all of them. A second job on the same workdir (a requeued job while the first
+    still runs) would otherwise interleave its checkpoints and ledger with the first's.
+    """
+    if "workdir" not in flags.FLAGS or flags.FLAGS.workdir is None:
+        return
+    import jax  # Already imported by the caller.
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from dpfed.train.workdir import Workdir
+
+    refusal = ""
+    if jax.process_index() == 0:
+        try:
+            Workdir(flags.FLAGS.workdir).lock()
+        except ConfigError as error:
+            refusal = error.message
+    if int(multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))):
+        raise FlagError("workdir", refusal or "process 0 of this job found it in use by "
+                        "another run (its log says more)")
 
 
 def _first_missing(path: pathlib.Path) -> pathlib.Path | None:
@@ -123,7 +154,8 @@ def _lock_workdir() -> pathlib.Path | None:
     """Locks the binary's `--workdir` for the whole process (`Workdir.lock`), if it has one.
 
     Not with `--distributed`: every host of a multi-host job runs the binary on the one
-    shared workdir, so a per-process lock would refuse all hosts but the first.
+    shared workdir, so a per-process lock would refuse all hosts but the first; process 0
+    takes it for the job once JAX knows which process it is (`_lock_job_workdir`).
 
     Returns:
       The top-most directory created for the workdir, None if it existed (or no lock).

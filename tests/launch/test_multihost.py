@@ -5,11 +5,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from launch import multihost
-from tests.binary import ROOT, cpu_devices_env, run_binary
+from tests.binary import ROOT, cpu_devices_env, run_binary, workdir_locked_by_another_process
 
 FLAGS = ["experiments.fedavg_classifier", "--rounds=5", "--workdir=/shared/w"]
 
@@ -126,6 +127,43 @@ def two_process_job(tmp_path_factory):
     env = cpu_devices_env(4)
     run_binary(*LOCAL_JOB, "--rounds=6", f"--workdir={one}", env=env)
     return workdir, outputs[1], one
+
+
+def test_a_job_on_a_workdir_in_use_exits_2_in_every_process(tmp_path):
+    # Process 0 takes the workdir's lock for the job; a second job on it (a requeued job
+    # while the first still runs) must stop in all its processes, not leave them waiting.
+    workdir, logs = tmp_path / "w", tmp_path / "logs"
+    with workdir_locked_by_another_process(workdir):
+        result = run_binary(
+            "launch.multihost", "local", "--num_processes=2", "--devices_per_process=1",
+            f"--log_dir={logs}", *LOCAL_JOB, "--rounds=2", f"--workdir={workdir}",
+            check=False, timeout=120)
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert f"error: --workdir: {workdir} is in use by another run" in result.stderr, (
+        f"process 0 must name the workdir in use: {result.stderr[-2000:]}")
+    other = (logs / "process_1.log").read_text()
+    assert "error: --workdir: process 0 of this job found it in use" in other, (
+        f"process 1 must stop with process 0's finding: {other[-2000:]}")
+    assert not (workdir / "config.json").exists(), "the refused job wrote into the workdir"
+
+
+def test_a_running_job_holds_its_workdir_lock(tmp_path):
+    workdir = tmp_path / "w"
+    job = subprocess.Popen(
+        [sys.executable, "-m", *LOCAL_JOB, "--rounds=100000", f"--workdir={workdir}",
+         "--distributed", f"--coordinator_address=localhost:{multihost.free_port()}",
+         "--num_processes=1", "--process_id=0"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (workdir / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_binary(*LOCAL_JOB, "--rounds=2", f"--workdir={workdir}", check=False)
+    finally:
+        job.kill()
+        job.wait()
+    assert second.returncode == 2 and "in use by another run" in second.stderr, (
+        f"a --distributed job's process 0 must hold the lock: {second.stderr[-2000:]}")
 
 
 def _rounds(path):
