@@ -30,6 +30,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import logging
 import math
 import os
 import pathlib
@@ -316,6 +317,11 @@ class Workdir:
                 "workdir", f"{self.path} is in use by another run: wait for it to end or "
                 "use another workdir"
             ) from None
+        except OSError as error:  # a file system without locks (Lustre without -o flock)
+            os.close(fd)
+            logging.warning("%s cannot be locked on this file system (%s): nothing keeps a "
+                            "second run off it", self.path, error.strerror)
+            return
         _held_locks[path] = fd
         for leftover in self.path.rglob(f".*{_TMP_SUFFIX}"):
             if leftover.is_file():

@@ -1,6 +1,7 @@
 """Tests for dpfed.train.workdir."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -388,6 +389,22 @@ def test_a_workdir_locked_by_another_process_is_refused(tmp_path):
         assert error.value.field == "workdir" and "in use" in error.value.message, str(error)
     Workdir(tmp_path).lock()  # the holder's death released it
     Workdir(tmp_path).lock()  # and this process may take it again: a no-op
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch,
+                                                                    caplog):
+    # Lustre mounted without `-o flock` fails every flock with ENOSYS: refusing would
+    # stop every run there, so the run goes on, warned, and leaves others' files alone.
+    leftover = tmp_path / ".summary.json.k3x9.tmp"
+    leftover.write_text("{")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(workdir_lib.fcntl, "flock", no_locks)
+    Workdir(tmp_path).lock()
+    assert "cannot be locked" in caplog.text, f"the run must be warned: {caplog.text!r}"
+    assert leftover.exists(), "without the lock another run may be writing its temp files"
 
 
 def test_taking_the_lock_removes_temp_files_a_killed_write_left(tmp_path):
