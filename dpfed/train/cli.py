@@ -112,6 +112,11 @@ def define_distributed_flags() -> Callable[[], bool]:
     return initialize
 
 
+# The top-most directory that process 0 of a multi-host job created for the workdir
+# when it locked it (`_lock_job_workdir`), for `run` to remove if the run is refused.
+_created_by_job: pathlib.Path | None = None
+
+
 def _lock_job_workdir() -> None:
     """Process 0 of a multi-host job locks `--workdir` (`Workdir.lock`); if another run
     holds it, every process of the job raises `FlagError` (none waits for process 0).
@@ -129,10 +134,13 @@ def _lock_job_workdir() -> None:
 
     from dpfed.train.workdir import Workdir
 
+    global _created_by_job
     refusal = ""
     if jax.process_index() == 0:
+        created = _first_missing(pathlib.Path(flags.FLAGS.workdir).absolute())
         try:
             Workdir(flags.FLAGS.workdir).lock()
+            _created_by_job = created
         except ConfigError as error:
             refusal = error.message
     if int(multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))):
@@ -190,10 +198,11 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
     Flag parsing errors (unknown flag, unparsable or out-of-range value, failed
     validator, required flag missing) and a `FlagError` raised from `main` both end
     the process with exit code 2 and a single line; other exceptions propagate. A
-    binary with a `--workdir` flag first locks it: a second run on the same workdir
-    exits 2 naming the flag while the first is running. A refused run leaves no workdir
-    behind that it created and wrote nothing into but its lock and config
-    (`workdir.remove_if_unused`).
+    binary with a `--workdir` flag first locks it (in a multi-host job process 0 does,
+    for the job, once `main` initialises it: `define_distributed_flags`): a second run
+    on the same workdir exits 2 naming the flag while the first is running. A refused
+    run leaves no workdir behind that it created and wrote nothing into but its lock
+    and config (`workdir.remove_if_unused`).
     """
 
     def main_reporting_flag_errors(argv: list[str]) -> Any:
@@ -203,6 +212,7 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
             created = _lock_workdir()
             return main(argv)
         except FlagError as error:
+            created = created or _created_by_job
             if created is not None:
                 from dpfed.train.workdir import remove_if_unused  # Already imported.
 
