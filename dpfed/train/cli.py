@@ -144,8 +144,8 @@ def _lock_job_workdir() -> None:
         except ConfigError as error:
             refusal = error.message
     if int(multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))):
-        raise FlagError("workdir", refusal or "process 0 of this job found it in use by "
-                        "another run (its log says more)")
+        raise FlagError("workdir", refusal or "process 0 of this job could not lock it "
+                        "(its log says why: in use by another run, or not a directory)")
 
 
 def _first_missing(path: pathlib.Path) -> pathlib.Path | None:

@@ -142,7 +142,7 @@ def test_a_job_on_a_workdir_in_use_exits_2_in_every_process(tmp_path):
     assert f"error: --workdir: {workdir} is in use by another run" in result.stderr, (
         f"process 0 must name the workdir in use: {result.stderr[-2000:]}")
     other = (logs / "process_1.log").read_text()
-    assert "error: --workdir: process 0 of this job found it in use" in other, (
+    assert "error: --workdir: process 0 of this job could not lock it" in other, (
         f"process 1 must stop with process 0's finding: {other[-2000:]}")
     assert not (workdir / "config.json").exists(), "the refused job wrote into the workdir"
 
