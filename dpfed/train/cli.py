@@ -126,21 +126,17 @@ def _lock_job_workdir() -> None:
     for all of them. A second job on the same workdir (a requeued job while the first
     still runs) would otherwise interleave its checkpoints and ledger with the first's.
     """
-    if "workdir" not in flags.FLAGS or flags.FLAGS.workdir is None:
+    if not _has_workdir():
         return
     import jax  # Already imported by the caller.
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from dpfed.train.workdir import Workdir
-
     global _created_by_job
     refusal = ""
     if jax.process_index() == 0:
-        created = _first_missing(pathlib.Path(flags.FLAGS.workdir).absolute())
         try:
-            Workdir(flags.FLAGS.workdir).lock()
-            _created_by_job = created
+            _created_by_job = _lock(flags.FLAGS.workdir)
         except ConfigError as error:
             refusal = error.message
     if int(multihost_utils.broadcast_one_to_all(np.int32(bool(refusal)))):
@@ -168,17 +164,32 @@ def _lock_workdir() -> pathlib.Path | None:
     Returns:
       The top-most directory created for the workdir, None if it existed (or no lock).
     """
-    if "workdir" not in flags.FLAGS or flags.FLAGS.workdir is None:
+    if not _has_workdir():
         return None
     if "distributed" in flags.FLAGS and flags.FLAGS.distributed:
         return None
-    from dpfed.train.workdir import Workdir  # Imports jax: not needed to parse flags.
-
-    created = _first_missing(pathlib.Path(flags.FLAGS.workdir).absolute())
     try:
-        Workdir(flags.FLAGS.workdir).lock()
+        return _lock(flags.FLAGS.workdir)
     except ConfigError as error:
         raise FlagError(error.field, error.message) from None
+
+
+def _has_workdir() -> bool:
+    """Whether the binary has a `--workdir` flag and it is set."""
+    return "workdir" in flags.FLAGS and flags.FLAGS.workdir is not None
+
+
+def _lock(workdir: str) -> pathlib.Path | None:
+    """Locks `workdir` (`Workdir.lock`, creating it); returns the top-most directory
+    created for it, None if it existed.
+
+    Raises:
+      ConfigError: the workdir is in use or cannot be a directory.
+    """
+    from dpfed.train.workdir import Workdir  # Imports jax: not needed to parse flags.
+
+    created = _first_missing(pathlib.Path(workdir).absolute())
+    Workdir(workdir).lock()
     return created
 
 
