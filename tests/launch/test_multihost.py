@@ -147,13 +147,17 @@ def test_a_job_on_a_workdir_in_use_exits_2_in_every_process(tmp_path):
     assert not (workdir / "config.json").exists(), "the refused job wrote into the workdir"
 
 
+def _one_process_job() -> list[str]:
+    """The flags of a multi-host job of one process (its own coordinator)."""
+    return ["--distributed", f"--coordinator_address=localhost:{multihost.free_port()}",
+            "--num_processes=1", "--process_id=0"]
+
+
 def test_a_refused_job_removes_the_workdir_its_process_zero_created(tmp_path):
     # As a refused single-process run does (`cli.run`): no empty locked folder is left.
     result = run_binary(
         *LOCAL_JOB, "--clients_per_round=200", "--num_clients=100",
-        f"--workdir={tmp_path / 'new' / 'run'}", "--distributed",
-        f"--coordinator_address=localhost:{multihost.free_port()}", "--num_processes=1",
-        "--process_id=0", check=False)
+        f"--workdir={tmp_path / 'new' / 'run'}", *_one_process_job(), check=False)
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert not (tmp_path / "new").exists(), "the refused job left the folders it created"
 
@@ -162,8 +166,7 @@ def test_a_running_job_holds_its_workdir_lock(tmp_path):
     workdir = tmp_path / "w"
     job = subprocess.Popen(
         [sys.executable, "-m", *LOCAL_JOB, "--rounds=100000", f"--workdir={workdir}",
-         "--distributed", f"--coordinator_address=localhost:{multihost.free_port()}",
-         "--num_processes=1", "--process_id=0"],
+         *_one_process_job()],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

@@ -141,19 +141,15 @@ def test_each_write_of_a_multi_host_job_sits_between_two_barriers(tmp_path, monk
     ], f"process {process}: each file written (by process 0 only) between its barriers"
 
 
-def _no_barriers(monkeypatch):
-    def refuse(name):
-        raise AssertionError(f"a host cache write must not wait for other hosts: {name}")
-
-    monkeypatch.setattr(workdir_lib.multihost_utils, "sync_global_devices", refuse)
-
-
 def test_every_process_writes_its_host_cache_without_barriers(tmp_path, monkeypatch):
     # A host-local cache: another host may skip this write (its cache holds the file), so
     # a barrier here would wait for it forever.
+    def refuse(name):
+        raise AssertionError(f"a host cache write must not wait for other hosts: {name}")
+
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    _no_barriers(monkeypatch)
+    monkeypatch.setattr(workdir_lib.multihost_utils, "sync_global_devices", refuse)
     workdir_lib.atomic_write_local_bytes(tmp_path / "weights.msgpack", b"w")
     assert (tmp_path / "weights.msgpack").read_bytes() == b"w", "process 1 must write its cache"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.msgpack"], "a temp file left"
