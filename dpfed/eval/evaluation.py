@@ -29,10 +29,9 @@ from dpfed import data
 from dpfed.eval import domain_features, fid, figures
 from dpfed.eval import downstream as downstream_lib
 from dpfed.generative import contract
-from dpfed.train.workdir import SUMMARY_FILE, Workdir
+from dpfed.train.workdir import LEDGER_FILE, SUMMARY_FILE, Workdir
 
 EVAL_FILE = "eval.json"
-LEDGER_FILE = "ledger.json"
 SAMPLES_PNG = "eval_samples.png"
 SIDE_BY_SIDE_PNG = "eval_real_vs_synthetic.png"
 CURVES_PNG = "eval_curves.png"
@@ -86,7 +85,21 @@ class DatasetError(EvaluationError):
 
 
 def _read_optional_json(workdir: Workdir, name: str) -> dict:
-    return workdir.read_json(name) if workdir.file(name).exists() else {}
+    """The JSON object in `workdir/name`, {} where there is none.
+
+    Raises:
+      EvaluationError: the file is not a JSON object (truncated, say).
+    """
+    if not workdir.file(name).exists():
+        return {}
+    try:
+        value = workdir.read_json(name)
+    except ValueError as error:
+        raise EvaluationError(f"{workdir.file(name)} is unreadable ({error})") from None
+    if not isinstance(value, dict):
+        raise EvaluationError(f"{workdir.file(name)} holds a JSON {type(value).__name__}, "
+                              "not an object")
+    return value
 
 
 def detect_source(workdir: Workdir) -> Source:

@@ -34,7 +34,13 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
-from dpfed.train.workdir import DIAGNOSTICS_NOTE, Workdir, environment_info, params_sha256
+from dpfed.train.workdir import (
+    DIAGNOSTICS_NOTE,
+    LEDGER_FILE,
+    Workdir,
+    environment_info,
+    params_sha256,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 PARTITIONS = ("iid", "dirichlet")
@@ -278,7 +284,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
 
     ledger_json = result.ledger.to_json() if result.ledger is not None else None
     if ledger_json is not None:
-        wd.write_json("ledger.json", ledger_json)
+        wd.write_json(LEDGER_FILE, ledger_json)
     other = {}
     if ledger_json is not None and result.rounds_done > 0:
         other = {str(n): epsilon_with_population(engine, result.ledger, n, config.delta)

@@ -23,7 +23,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import resume_or_start
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import LEDGER_FILE, Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
 
@@ -165,7 +165,7 @@ def write_privacy_summary(
     """
     ledger = result.ledger.to_json() if result.ledger is not None else None
     if ledger is not None:
-        workdir.write_json("ledger.json", ledger)
+        workdir.write_json(LEDGER_FILE, ledger)
     others = {}
     if ledger is not None and result.rounds_done > 0:
         others = {

@@ -78,6 +78,7 @@ from dpfed.train.workdir import (
     DIAGNOSTICS_JSON,
     DIAGNOSTICS_JSON_NOTE,
     DIAGNOSTICS_NOTE,
+    LEDGER_FILE,
     Workdir,
     environment_info,
     params_sha256,
@@ -449,6 +450,30 @@ def resume_noise_multiplier(
     return resolve_noise_multiplier(config, counts, checkpointed_spend(checkpointer))
 
 
+def refuse_logs_of_other_local_noise(workdir: Workdir, noise_multiplier: float) -> None:
+    """Raises unless every local-DP record in metrics.jsonl was made with `noise_multiplier`.
+
+    A resumed local run keeps its checkpoint's z (`resume_noise_multiplier`); with the
+    checkpoints gone, z is calibrated afresh from this invocation's flags, and differs
+    from the logged rounds' z if an earlier resume changed `--target_epsilon` or
+    `--rounds`: replaying those rounds with it would leave what was logged in no
+    ledger. Records written before z was logged pass.
+
+    Raises:
+      ConfigError: naming "workdir", with the logged and the new z.
+    """
+    for record in workdir.read_metrics():
+        logged = record.get(LOCAL_NOISE_KEY)
+        if logged is not None and logged != noise_multiplier:
+            raise ConfigError(
+                "workdir",
+                f"metrics.jsonl logged round {record.get('round')} with local noise "
+                f"multiplier {logged}, and this run would replay it with {noise_multiplier} "
+                "(were checkpoints deleted after a resume that changed --target_epsilon or "
+                "--rounds?): restore the checkpoints or use a new workdir",
+            )
+
+
 def participation_budgets(
     config: DpdFvaeConfig, counts: np.ndarray, noise_multiplier: float
 ) -> np.ndarray:
@@ -732,7 +757,11 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         participations = trainer.participations(state)
         eps = local_client_epsilons(config, trainer.counts, participations, noise_multiplier)
         return {"epsilon_rdp_worst_client": float(eps.max()),
-                "clients_out_of_budget": int(np.sum(participations >= trainer.budgets))}
+                "clients_out_of_budget": int(np.sum(participations >= trainer.budgets)),
+                LOCAL_NOISE_KEY: noise_multiplier}
+
+    if config.dp == "local":
+        refuse_logs_of_other_local_noise(wd, noise_multiplier)
 
     result = run_rounds(
         trainer.engine, trainer.init(), rounds=config.rounds, seed=config.seed, workdir=wd,
@@ -749,7 +778,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         ledger = result.ledger
     ledger_json = ledger.to_json() if ledger is not None else None
     if ledger_json is not None:
-        wd.write_json("ledger.json", ledger_json)
+        wd.write_json(LEDGER_FILE, ledger_json)
 
     decoder_params = jax.device_get(decoder_of(result.state.params, config.sync))
     wd.write_bytes(DECODER_FILE, flax.serialization.to_bytes(decoder_params))

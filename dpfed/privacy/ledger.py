@@ -123,6 +123,22 @@ class PrivacyLedger:
         """How many events were recorded (counts summed)."""
         return sum(count for _, count in self.entries)
 
+    def first(self, releases: int) -> "PrivacyLedger":
+        """A copy holding only the first `releases` recorded events (what eps was then).
+
+        Raises:
+          ValueError: `releases` is negative or more than were recorded.
+        """
+        if not 0 <= releases <= self.num_releases:
+            raise ValueError(f"releases must be in [0, {self.num_releases}], got {releases}")
+        entries, left = [], releases
+        for event, count in self.entries:
+            if left == 0:
+                break
+            entries.append((event, min(count, left)))
+            left -= entries[-1][1]
+        return dataclasses.replace(self, metadata=dict(self.metadata), entries=entries)
+
     def composed_event(self, extra: DpEvent | None = None, extra_count: int = 1) -> DpEvent:
         """All recorded events (plus `extra_count` x an optional hypothetical one; none at 0)
         as one DpEvent."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dpfed.train import workdir as workdir_lib
+from dpfed.train.config import ConfigError
 
 
 class _DropOrbaxInfo(logging.Filter):
@@ -141,7 +142,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(_keys_to_data(state_template)),
             extra=ocp.args.JsonRestore(),
         )
-        restored = self._manager.restore(step, args=args)
+        restored = self._restore(step, args)
         state = _data_to_keys(restored.state, state_template)
         return state, workdir_lib.from_jsonable(restored.extra)
 
@@ -152,8 +153,30 @@ class Checkpointer:
           FileNotFoundError: if there is no checkpoint (of `step`) to read.
         """
         args = ocp.args.Composite(extra=ocp.args.JsonRestore())
-        restored = self._manager.restore(self._existing(step), args=args)
+        restored = self._restore(self._existing(step), args)
         return workdir_lib.from_jsonable(restored.extra)
+
+    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
+        """orbax's restore of `step`; a damaged step raises one line that says what to do.
+
+        Raises:
+          ConfigError: naming "workdir", when orbax cannot read the step (a truncated
+            or missing file); the message names the step and an older one to fall back on.
+        """
+        try:
+            restored = self._manager.restore(step, args=args)
+            if "extra" in args.keys() and not isinstance(restored.extra, dict):
+                raise ValueError(f"extra is a {type(restored.extra).__name__}, not a dict")
+            return restored
+        except Exception as error:  # orbax, tensorstore and json raise many kinds
+            older = [s for s in self.all_steps() if s < step]
+            since = f"resume from step {older[-1]}" if older else "replay the run from its start"
+            remedy = f"move {self._directory / str(step)} out of checkpoints/ to {since}"
+            reason = " ".join(str(error).split())[:200] or type(error).__name__
+            raise ConfigError(
+                "workdir",
+                f"checkpoint {step} in {self._directory} cannot be read ({reason}): {remedy}",
+            ) from error
 
     def close(self) -> None:
         """Waits for pending work and releases orbax's resources."""

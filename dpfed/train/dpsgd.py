@@ -41,7 +41,7 @@ from dpfed.train.resume import (
     checkpointed_spend,
     resume_or_start,
 )
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -349,7 +349,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         accuracy, loss = evaluate(state["params"], test_images, test_labels)
     ledger_json = ledger.to_json() if ledger is not None else None
     if ledger_json is not None:
-        wd.write_json("ledger.json", ledger_json)
+        wd.write_json(LEDGER_FILE, ledger_json)
     summary = {
         "test_accuracy": accuracy,
         "test_loss": loss,

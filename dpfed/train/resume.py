@@ -18,6 +18,8 @@ metadata lists the settings that changed at each resume (`changed_on_resume`).
 """
 
 import dataclasses
+import math
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +29,14 @@ from dp_accounting.dp_event import DpEvent
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
-from dpfed.train.workdir import RESUMABLE_FIELDS, Workdir, dumps, loads
+from dpfed.train.workdir import (
+    LEDGER_FILE,
+    RESUMABLE_FIELDS,
+    SUMMARY_FILE,
+    Workdir,
+    dumps,
+    loads,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,9 @@ def resume_or_start(
     they are dropped from the logs and counted once when replayed. A resume that would
     not replay them all (a lower `total` or target), or would replay them with another
     mechanism, would leave releases in no ledger: refused, and the logs are left alone.
+    The eps each record logged must be what the restored (or fresh) ledger gives at its
+    step, and with no checkpoint left, ledger.json of a finished invocation must have
+    this run's mechanism: else the checkpoint is another run's, or the replay is not.
 
     Args:
       checkpointer: the run's checkpoints (`workdir/checkpoints`).
@@ -83,15 +95,20 @@ def resume_or_start(
 
     Raises:
       ConfigError: resuming under a changed non-resumable setting (before the first
-        checkpoint: any changed setting), or a resume that would end before, or replay
-        with another mechanism, steps the killed run already logged.
+        checkpoint: any changed setting; config.json missing), or a resume that would
+        end before, or replay with another mechanism, steps the killed run already
+        logged, or whose checkpoint's ledger disagrees with the logged eps.
       ValueError: the checkpoint holds a ledger and `ledger` is None or vice versa.
     """
     resuming = checkpointer.latest_step() is not None
-    logged = _last_logged(workdir, key)
+    records = workdir.read_metrics()
+    logged = max((r[key] for r in records if key in r), default=0)
+    # No checkpoint, but releases of an earlier invocation: this run replays them.
+    replaying = not resuming and (logged > 0 or any(
+        workdir.file(name).exists() for name in (LEDGER_FILE, SUMMARY_FILE)))
     if config is not None:
         resumable = RESUMABLE_FIELDS if resuming else frozenset()
-        workdir.check_config(config, resuming or logged > 0, resumable)
+        workdir.check_config(config, resuming or replaying, resumable, required=replaying)
     step = 0
     if resuming:
         state, extra = checkpointer.restore(state)
@@ -110,6 +127,11 @@ def resume_or_start(
             changes = _mechanism_changes(restored, now)
             _refuse_replay_with_other_noise(restored, changes, logged, step, key)
             ledger = _adopt_settings(restored, now, changes, step, key)
+    if replaying and ledger is not None:
+        _refuse_replay_of_another_ledger_json(workdir, ledger)
+    if ledger is not None and event is not None:
+        _refuse_logs_of_another_ledger(
+            ledger, event, events_per_step, records, step, key, checkpointer.directory)
     last = max(  # a rerun of a finished run with a lower total just ends where it is
         step, budget_stop(ledger, event, step, total, events_per_step=events_per_step, key=key,
                           log=log)
@@ -125,9 +147,83 @@ def resume_or_start(
     return Start(state, ledger, step, resumed=resuming, last=last)
 
 
-def _last_logged(workdir: Workdir, key: str) -> int:
-    """The highest `key` (step or round) in metrics.jsonl; 0 when none is logged."""
-    return max((r[key] for r in workdir.read_metrics() if key in r), default=0)
+def _refuse_logs_of_another_ledger(
+    ledger: privacy.PrivacyLedger, event: DpEvent, events_per_step: int, records: list[dict],
+    step: int, key: str, checkpoints: pathlib.Path,
+) -> None:
+    """Raises unless the eps logged in metrics.jsonl is what `ledger` gives at its steps.
+
+    Every record of a private run carries the eps of its ledger at its step. The last
+    record up to the restored `step` must agree with the restored ledger's first
+    releases: else the checkpoint is another run's. The first and the last record after
+    `step` (or of all, with no checkpoint) must agree with `ledger` extended by this
+    run's steps: else the replay would use another mechanism than the one that made
+    them, and they would be in no ledger. That happens when checkpoints/ is deleted
+    after a resume that recalibrated the noise, the fresh run then calibrating one z
+    for all steps. Three accountant calls at most: each costs up to a second.
+    """
+    logged = sorted((r[key], r["epsilon_rdp"]) for r in records
+                    if key in r and r.get("epsilon_rdp") is not None)
+    kept = [(s, eps) for s, eps in logged if s <= step][-1:]
+    replayed = [(s, eps) for s, eps in logged if s > step]
+    for s, eps in kept:
+        releases = s * events_per_step
+        now = ledger.first(releases).epsilon() if releases <= ledger.num_releases else None
+        if now is None or not math.isclose(eps, now, rel_tol=EPS_REL_TOL):
+            there = "no eps" if now is None else f"eps {now:.6g}"
+            raise ConfigError(
+                "workdir",
+                f"metrics.jsonl logged eps {eps:.6g} at {key} {s}, but the ledger of the "
+                f"checkpoint in {checkpoints} gives {there} there: the checkpoint is not this "
+                "run's. Restore this run's checkpoints or use a new workdir",
+            )
+    for s, eps in replayed[:1] + replayed[1:][-1:]:
+        now = ledger.epsilon_with(event, (s - step) * events_per_step)
+        if not math.isclose(eps, now, rel_tol=EPS_REL_TOL):
+            since = f"{key} {step}" if step else "the start (no checkpoint is left)"
+            raise ConfigError(
+                "workdir",
+                f"metrics.jsonl logged eps {eps:.6g} at {key} {s}, but replaying from {since} "
+                f"with this run's noise gives {now:.6g}: the logged releases were made with "
+                "another mechanism (were checkpoints deleted after a resume that changed the "
+                "noise?) and would be in no ledger. Restore the checkpoints or use a new workdir",
+            )
+
+
+def _refuse_replay_of_another_ledger_json(workdir: Workdir, ledger: privacy.PrivacyLedger) -> None:
+    """Raises if ledger.json, left with no checkpoint, was made with another mechanism.
+
+    A rerun with no checkpoint replays from step 0 with `ledger`'s mechanism: the same
+    releases as the ledger.json of the invocation that finished here only if that one
+    ran with the same metadata and never changed it on a resume (`changed_on_resume`).
+    """
+    path = workdir.file(LEDGER_FILE)
+    if not path.exists():
+        return
+    try:
+        finished = privacy.PrivacyLedger.from_json(workdir.read_json(LEDGER_FILE))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
+        ) from None
+    now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
+    changes = _mechanism_changes(finished, now)
+    history = finished.metadata.get("changed_on_resume")
+    if changes or history:
+        made = "; ".join(
+            ([", ".join(f"{n}={finished.metadata.get(n)} (this run: {v})"
+                        for n, v in sorted(changes.items()))] if changes else [])
+            + ([f"settings changed on resume: {history}"] if history else []))
+        raise ConfigError(
+            "workdir",
+            f"{path} records releases made with {made}. With no checkpoint left, this run "
+            "would replay them from the start with its own mechanism, and they would be in "
+            "no ledger: restore the checkpoints or use a new workdir",
+        )
+
+
+# Logged eps and a replay's agree to float rounding (the same events, composed in pieces).
+EPS_REL_TOL = 1e-9
 
 
 def _refuse_ending_before_logged(logged: int, last: int, total: int, key: str) -> None:

@@ -62,6 +62,7 @@ DIAGNOSTICS_NOTE = (
     f"report."
 )
 SUMMARY_FILE = "summary.json"
+LEDGER_FILE = "ledger.json"  # written when an invocation ends
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.json"
 # Config fields a resumed run may change: how long it runs and how often it reports.
@@ -355,21 +356,32 @@ class Workdir:
         self.write_json(CONFIG_FILE, dataclasses.asdict(config))
 
     def check_config(
-        self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS
+        self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS,
+        required: bool = False,
     ) -> None:
         """On a resume, checks the run's config (a dataclass) against config.json.
 
         Raises:
           ConfigError: `resuming` and a field outside `resumable` differs from the
             config.json of the run being resumed (named, with both values), so a changed
-            flag never silently continues another run's checkpoint and ledger. A workdir
-            from before config.json existed passes.
+            flag never silently continues another run's checkpoint and ledger; or
+            config.json is unreadable, or missing where `required` (a killed run logged
+            releases and left no checkpoint: config.json alone says how they were made).
+            Otherwise a workdir from before config.json existed passes.
         """
         current = loads(dumps(dataclasses.asdict(config)))
         path = self.file(CONFIG_FILE)
+        if resuming and required and not path.exists():
+            raise ConfigError(
+                "workdir",
+                f"{path} is missing, and metrics.jsonl holds releases of a run that left no "
+                "checkpoint: nothing says how they were made. Restore it or use a new workdir",
+            )
         if resuming and path.exists():
             try:
                 pinned = self.read_json(CONFIG_FILE)
+                if not isinstance(pinned, dict):
+                    raise ValueError(f"a JSON {type(pinned).__name__}, not an object")
             except ValueError as error:
                 raise ConfigError(
                     "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
@@ -444,12 +456,32 @@ class Workdir:
                 os.fsync(f.fileno())
 
     def _read(self, name: str) -> list[dict]:
+        """The records of the JSON-lines file `name`; a torn last line is ignored.
+
+        Raises:
+          ConfigError: naming "workdir", for a complete line that is not a JSON object.
+        """
         path = self.file(name)
         if not path.exists():
             return []
         text = path.read_text(encoding="utf-8")
         complete, _, _ = text.rpartition("\n")
-        return [loads(line) for line in complete.splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(complete.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as error:
+                raise ConfigError(
+                    "workdir",
+                    f"{path}, line {number}, is not a record ({error}): repair or remove that "
+                    "line, or use a new workdir",
+                ) from None
+            records.append(record)
+        return records
 
 
 def _drop_torn_last_line(path: pathlib.Path) -> None:

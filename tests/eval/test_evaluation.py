@@ -153,3 +153,11 @@ def test_a_generator_draws_as_many_samples_as_the_train_split_by_default(tmp_pat
     record = evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)),
                                  dataclasses.replace(config, num_samples=None))
     assert record["num_samples"] == data.load("digits", "train").num_examples, record
+
+
+@pytest.mark.parametrize("text", ['{"epsilon_rdp": 1.', "[1.0]"])
+def test_a_damaged_ledger_json_is_an_evaluation_error_naming_it(tmp_path, text):
+    wd = Workdir(tmp_path)
+    wd.file("ledger.json").write_text(text)
+    with pytest.raises(evaluation.EvaluationError, match="ledger.json"):
+        evaluation.privacy_of(wd)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -312,6 +313,29 @@ def test_resumed_local_run_keeps_its_z_and_adopts_the_new_budgets(tmp_path):
     assert summary["epsilon_rdp"] == true_eps <= 16.0, (
         f"ledger eps {summary['epsilon_rdp']} but the worst client's participations at the "
         f"z they ran with cost {true_eps}")
+
+
+def test_local_rerun_without_checkpoints_after_a_changed_resume_is_refused(tmp_path):
+    # The resume keeps z; with checkpoints/ deleted a rerun would calibrate a new z from
+    # the resumed flags and replay the logged rounds with it (eps 11.2 -> 16.0 reported).
+    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=90,
+                                 dp="local", target_epsilon=8.0)
+    dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    resumed = dataclasses.replace(config, rounds=4, target_epsilon=16.0)
+    dpd_fvae.train(resumed, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    shutil.rmtree(tmp_path / "checkpoints")
+    with pytest.raises(ConfigError, match="local noise multiplier") as error:
+        dpd_fvae.train(resumed, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_local_logs_of_this_noise_pass_and_of_another_are_refused(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"round": 1})  # written before z was logged
+    wd.append_metrics({"round": 2, dpd_fvae.LOCAL_NOISE_KEY: 0.95})
+    dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.95)
+    with pytest.raises(ConfigError, match="round 2 with local noise multiplier 0.95"):
+        dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.75)
 
 
 def test_central_calibration_meets_the_target_with_the_engines_own_round_event():

@@ -39,6 +39,27 @@ def test_identical_consecutive_events_are_merged():
     assert ledger.num_releases == 5
 
 
+def test_first_keeps_the_first_releases_in_order():
+    other = dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(2.0))
+    ledger = _ledger(target_epsilon=3.0, metadata={"z": 1.1})
+    ledger.record(STEP, count=3)
+    ledger.record(other, count=2)
+    assert ledger.first(4).entries == [(STEP, 3), (other, 1)], "4 = all 3 of STEP, 1 of other"
+    assert ledger.first(2).entries == [(STEP, 2)], "2 releases lie within the first entry"
+    assert ledger.first(0).entries == [], "no release: an empty ledger"
+    assert ledger.first(5).epsilon() == ledger.epsilon(), "all releases: the same eps"
+    assert ledger.first(2).metadata == {"z": 1.1} and ledger.first(2).target_epsilon == 3.0
+    assert ledger.num_releases == 5, "first() must not change the ledger it copies"
+
+
+@pytest.mark.parametrize("releases", [-1, 6])
+def test_first_refuses_more_releases_than_recorded(releases):
+    ledger = _ledger()
+    ledger.record(STEP, count=5)
+    with pytest.raises(ValueError, match="releases"):
+        ledger.first(releases)
+
+
 @pytest.mark.parametrize(
     "event",
     [

@@ -3,6 +3,7 @@
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from dpfed.train import checkpoint
 from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.config import ConfigError
 
 
 def _state(seed=0):
@@ -145,6 +147,38 @@ def test_restore_extra_reads_the_extra_alone(tmp_path):
     assert (latest, older) == ({"spent": 4}, {"spent": 2}), (
         f"restore_extra gave {latest} (latest) and {older} (step 2)"
     )
+
+
+@pytest.mark.parametrize("damage", ["truncate_extra", "remove_state", "empty_state_files"])
+def test_a_damaged_step_is_one_config_error_naming_the_step_and_an_older_one(tmp_path, damage):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (2, 4):
+            ckpt.save(step, {"w": jnp.full(3, float(step))}, {"spent": step})
+    if damage == "truncate_extra":
+        (tmp_path / "4" / "extra" / "metadata").write_text('{"spent"')
+    elif damage == "remove_state":
+        shutil.rmtree(tmp_path / "4" / "state")
+    else:
+        for path in (tmp_path / "4" / "state").rglob("*"):
+            if path.is_file() and "metadata" not in path.name.lower():
+                path.write_bytes(b"")
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(ConfigError) as error:
+        if damage == "truncate_extra":
+            ckpt.restore_extra()
+        else:
+            ckpt.restore({"w": jnp.zeros(3)})
+    message = str(error.value)
+    assert error.value.field == "workdir", error.value.field
+    assert "checkpoint 4" in message and "resume from step 2" in message, message
+    assert "\n" not in message and len(message) < 600, f"not one short line: {message!r}"
+
+
+def test_a_damaged_only_step_says_to_replay_from_the_start(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, {"w": jnp.ones(3)}, {"spent": 2})
+    (tmp_path / "2" / "extra" / "metadata").write_text("[1, 2]")  # JSON, not an object
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(ConfigError, match="from its start"):
+        ckpt.restore_extra()
 
 
 def _fake_crashed_save(directory: pathlib.Path, name: str) -> None:

@@ -363,3 +363,128 @@ def test_a_refused_resume_leaves_the_pinned_config_as_it_was(tmp_path):
         start(tmp_path, ledger(target=lower), config=Config(target_epsilon=lower))
     pinned = Workdir(tmp_path).read_json("config.json")
     assert pinned["target_epsilon"] == 50.0, f"the refused target was pinned: {pinned}"
+
+
+OTHER = dp_event.GaussianDpEvent(1.0)  # another run's noise
+
+
+def _log_eps(path, steps, eps_of=_eps_of):
+    wd = Workdir(path)
+    for s in steps:
+        wd.append_metrics({"step": s, "epsilon_rdp": eps_of(s)})
+    return wd
+
+
+def test_rerun_without_checkpoints_of_logs_made_with_other_noise_is_refused(tmp_path):
+    # E.g. checkpoints/ deleted after a resume that recalibrated z: the fresh run's one z
+    # would replay steps whose releases were made with another noise.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    other_eps = lambda s: privacy.epsilon(dp_event.SelfComposedDpEvent(OTHER, s), 1e-5)  # noqa: E731
+    wd = _log_eps(tmp_path, (2, 4), other_eps)
+    with pytest.raises(ConfigError, match="another mechanism") as error:
+        start(tmp_path, ledger())
+    assert error.value.field == "workdir", error.value.field
+    assert len(wd.read_metrics()) == 2, "a refused rerun must leave the metrics alone"
+
+
+def test_rerun_without_checkpoints_of_logs_made_with_this_noise_replays_them(tmp_path):
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    wd = _log_eps(tmp_path, (2, 4, 6))
+    result = start(tmp_path, ledger())
+    assert result.step == 0 and wd.read_metrics() == [], "the same noise: replayed from 0"
+
+
+def test_only_the_first_logged_step_can_reveal_a_change_of_noise(tmp_path):
+    # Logs whose last eps matches (a recalibration to the same target) but whose first
+    # does not: checking the last record alone would miss the other noise.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (2, 4, 6), lambda s: _eps_of(s) * (1.01 if s == 2 else 1.0))
+    with pytest.raises(ConfigError, match="at step 2"):
+        start(tmp_path, ledger())
+
+
+def test_resume_from_another_runs_checkpoint_is_refused(tmp_path):
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (2, 4))
+    other = ledger()
+    other.record(OTHER, 4)
+    Checkpointer(Workdir(tmp_path).file("checkpoints")).save(
+        4, state(4), {"ledger": other.to_json(with_pld=False)})
+    with pytest.raises(ConfigError, match="not this run's") as error:
+        start(tmp_path, ledger())
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_resume_accepts_logs_that_match_the_ledger_in_pieces(tmp_path):
+    # Records up to the checkpoint against its ledger's first releases; records past it
+    # against the ledger extended by the replay: both agree to float rounding.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (2, 4, 6, 7))
+    Checkpointer(Workdir(tmp_path).file("checkpoints")).save(  # after step 5: no record
+        5, state(5), {"ledger": ledger(releases=5).to_json(with_pld=False)})
+    result = start(tmp_path, ledger())
+    assert result.step == 5 and result.ledger.num_releases == 5
+
+
+def test_logged_eps_are_checked_in_releases_of_events_per_step(tmp_path):
+    # DataLens records `events_per_step` aggregations a step: a record at step s was
+    # logged after s * events_per_step releases.
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (1, 2, 3), lambda s: _eps_of(3 * s))
+    Checkpointer(wd.file("checkpoints")).save(
+        2, state(2), {"ledger": ledger(releases=6).to_json(with_pld=False)})
+    result = resume_or_start(
+        Checkpointer(wd.file("checkpoints")), wd, state(0), ledger(),
+        step_of=lambda s: int(s["step"]), total=10, event=EVENT, events_per_step=3,
+        config=Config(), log=lambda _: None)
+    assert result.step == 2, "records at steps 2 and 3 agree with 6 and 9 releases"
+
+
+def test_rerun_before_the_first_checkpoint_without_config_json_is_refused(tmp_path):
+    # config.json alone tells how the logged releases were made when no checkpoint is left.
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with pytest.raises(ConfigError, match="config.json is missing") as error:
+        start(tmp_path, ledger())
+    assert error.value.field == "workdir", error.value.field
+
+
+def _finished_ledger_json(path, **metadata):
+    finished = ledger(releases=10)
+    finished.metadata.update(metadata)
+    Workdir(path).write_json("ledger.json", finished.to_json(with_pld=False))
+
+
+def test_rerun_without_checkpoints_of_the_same_finished_run_replays_it(tmp_path):
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _finished_ledger_json(tmp_path, noise_multiplier=2.0)
+    fresh = ledger()
+    fresh.metadata.update(noise_multiplier=2.0)
+    assert start(tmp_path, fresh).step == 0, "the same mechanism: replayed from step 0"
+
+
+@pytest.mark.parametrize("metadata", [
+    {"noise_multiplier": 1.0},  # another z
+    {"noise_multiplier": 2.0, "changed_on_resume": [{"step": 5, "noise_multiplier": 2.0}]},
+])
+def test_rerun_without_checkpoints_of_another_ledger_json_is_refused(tmp_path, metadata):
+    # metrics.jsonl emptied too: ledger.json alone says how the finished run's releases
+    # were made, and a replay with another z (or one z for a run that changed its z on
+    # a resume) would overwrite it with a ledger of other releases.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _finished_ledger_json(tmp_path, **metadata)
+    fresh = ledger()
+    fresh.metadata.update(noise_multiplier=2.0)
+    with pytest.raises(ConfigError, match="ledger.json records releases made") as error:
+        start(tmp_path, fresh)
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_rerun_without_checkpoints_or_metrics_of_a_finished_run_checks_its_config(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(), resuming=False)
+    wd.write_summary({"steps": 10})
+    with pytest.raises(ConfigError) as error:
+        start(tmp_path, ledger(), config=Config(lr=0.5))
+    assert error.value.field == "lr", f"a replay under another lr must be refused: {error.value}"

@@ -365,6 +365,34 @@ def test_unreadable_config_json_is_a_config_error_naming_the_workdir(tmp_path):
     assert error.value.field == "workdir", f"a torn config.json must name the workdir: {error}"
 
 
+def test_a_config_json_that_is_not_an_object_is_a_config_error_naming_the_workdir(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.file(workdir_lib.CONFIG_FILE).write_text("null")
+    with pytest.raises(ConfigError, match="not an object") as error:
+        wd.pin_config(_Config(), resuming=True)
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_a_required_config_json_that_is_missing_is_refused(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.check_config(_Config(), resuming=True)  # a workdir from before config.json: passes
+    with pytest.raises(ConfigError, match="missing") as error:
+        wd.check_config(_Config(), resuming=True, required=True)
+    assert error.value.field == "workdir", error.value.field
+
+
+@pytest.mark.parametrize("bad", ["{not json", "[1, 2]", "3"])
+def test_a_bad_line_inside_a_log_is_a_config_error_naming_file_and_line(tmp_path, bad):
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with wd.file(workdir_lib.METRICS_FILE).open("a") as f:
+        f.write(bad + "\n")
+    wd.append_metrics({"step": 2})
+    with pytest.raises(ConfigError, match=r"metrics.jsonl, line 2, is not a record") as error:
+        wd.read_metrics()
+    assert error.value.field == "workdir", error.value.field
+
+
 def test_atomic_writes_keep_the_files_mode_not_the_temp_files_0600(tmp_path):
     wd = Workdir(tmp_path)
     umask = os.umask(0o022)

@@ -58,7 +58,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import require_first_step, resume_or_start
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
 METHOD = "datalens"
@@ -508,7 +508,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     save_samples_png(wd.file(SAMPLES_PNG), synthetic, train_ds.num_classes)
 
     ledger_json = ledger.to_json()
-    wd.write_json("ledger.json", ledger_json)
+    wd.write_json(LEDGER_FILE, ledger_json)
     summary = {
         "method": METHOD,
         "epsilon_rdp": ledger_json["epsilon_rdp"],
