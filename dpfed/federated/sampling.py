@@ -74,11 +74,9 @@ class CohortSampler:
         A Poisson cohort above it (probability ~0.1%) costs one more pass; it is capped
         at the population rounded up.
         """
-        size = self.expected_size
         if self.scheme == privacy.Sampling.POISSON:
-            size = size + 3 * math.sqrt(size)
-        size = min(math.ceil(size), self.population)
-        return int(math.ceil(size / multiple) * multiple)
+            return privacy.poisson_chunk_size(self.expected_size, self.population, multiple)
+        return int(math.ceil(self.expected_size / multiple) * multiple)
 
 
 def cohort_chunk(

@@ -279,19 +279,32 @@ def make_client_update(
         enc, dec = join_params(shared, local, config.sync)
         return vae.example_losses(encoder, decoder, enc, dec, images, labels, noise, config.beta)
 
-    def private_grad(params, images, labels, noise, mask, expected_batch, key):
-        """Sum of per-example clipped gradients of (shared, local), noised, / E[batch]
-        (the client's size n_c, hence min(B, n_c), is treated as public)."""
+    # A local step's Poisson batch is gathered and processed `chunk` examples a pass, so
+    # a step costs O(B), not O(max_n) (`privacy.chunked_sum`: never truncated).
+    chunk = privacy.poisson_chunk_size(batch, population=max_n)
+
+    def private_step(params, images, labels, noise, mask, expected_batch, key):
+        """(mean loss, (mean squared error, mean KL)) over the batch `mask` selects, and
+        the sum of its per-example clipped gradients of (shared, local), noised, /
+        E[batch] (the client's size n_c, hence min(B, n_c), is treated as public)."""
 
         def example_loss(p, example):
             image, label, z_noise = example
             return losses(*p, image[None], label[None], z_noise[None])[0][0]
 
-        clipped = privacy.clipped_grad_sum(
-            example_loss, params, (images, labels, noise), mask, config.l2_clip,
-            config.microbatch_size)
-        noised = mechanism.privatize(clipped.grad_sum, key)  # float32 until after the noise
-        return privacy.divide_as(noised, expected_batch, params)
+        def chunk_sums(idx, valid):
+            examples = (images[idx], labels[idx], noise[idx])
+            clipped = privacy.clipped_grad_sum(
+                example_loss, params, examples, valid, config.l2_clip, config.microbatch_size)
+            terms = losses(*params, *examples)  # a non-private diagnostic
+            return clipped.grad_sum, tuple(jnp.sum(jnp.where(valid, t, 0.0)) for t in terms)
+
+        (picked,) = jnp.nonzero(mask, size=mask.shape[0], fill_value=0)
+        count = jnp.sum(mask, dtype=jnp.int32)
+        grad_sum, sums = privacy.chunked_sum(chunk_sums, picked.astype(jnp.int32), count, chunk)
+        loss, squared_error, kl = (x / jnp.maximum(count, 1) for x in sums)
+        noised = mechanism.privatize(grad_sum, key)  # float32 until after the noise
+        return (loss, (squared_error, kl)), privacy.divide_as(noised, expected_batch, params)
 
     def client_update(shared, client_state, client: OneClient, context, key) -> ClientOutput:
         del context
@@ -322,9 +335,8 @@ def make_client_update(
                                                  masked_mean(kl, mask))
 
             if local_dp:  # the loss is a non-private diagnostic; the gradient is private
-                loss, aux = mean_loss(*params)
-                g_shared, g_local = private_grad(params, x, y, noise, mask, expected_batch,
-                                                 dp_key)
+                (loss, aux), (g_shared, g_local) = private_step(
+                    params, x, y, noise, mask, expected_batch, dp_key)
             else:
                 (loss, aux), (g_shared, g_local) = jax.value_and_grad(
                     mean_loss, (0, 1), has_aux=True)(*params)

@@ -14,7 +14,12 @@ from dpfed.privacy.clipping import ClippedSum, clip_to_norm, clipped_grad_sum, g
 from dpfed.privacy.ledger import BudgetExceededError, PrivacyLedger, event_from_json, event_to_json
 from dpfed.privacy.mechanisms import GaussianSumMechanism
 from dpfed.privacy.noise import add_gaussian_noise, divide_as
-from dpfed.privacy.sampling import chunked_sum, fixed_size_sample, poisson_sample
+from dpfed.privacy.sampling import (
+    chunked_sum,
+    fixed_size_sample,
+    poisson_chunk_size,
+    poisson_sample,
+)
 
 __all__ = [
     "BudgetExceededError",
@@ -36,6 +41,7 @@ __all__ = [
     "fixed_size_sample",
     "global_l2_norm",
     "is_whole_number",
+    "poisson_chunk_size",
     "poisson_sample",
     "relation_for",
     "sampled_gaussian_event",

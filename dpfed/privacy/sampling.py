@@ -8,6 +8,7 @@ ceil(count / chunk): every sampled record is processed exactly once, whatever th
 realised size, and nothing recompiles.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,22 @@ def poisson_sample(key: jax.Array, population: int, rate: float) -> tuple[jax.Ar
     count = jnp.sum(selected, dtype=jnp.int32)
     (indices,) = jnp.nonzero(selected, size=population, fill_value=0)
     return indices.astype(jnp.int32), count
+
+
+def poisson_chunk_size(expected: float, population: int | None = None, multiple: int = 1) -> int:
+    """Records per pass over a Poisson sample of `expected` size: E + 3 sqrt(E), capped at
+    `population`, rounded up to a multiple of `multiple`. A larger sample (probability
+    ~0.1%) takes one more pass of `chunked_sum`: it is never truncated.
+
+    Raises:
+      ValueError: `expected` not > 0 or `multiple` < 1.
+    """
+    if not expected > 0 or multiple < 1:
+        raise ValueError(f"need expected > 0 and multiple >= 1, got {expected}, {multiple}")
+    size = math.ceil(expected + 3 * math.sqrt(expected))
+    if population is not None:
+        size = min(size, population)
+    return int(math.ceil(size / multiple) * multiple)
 
 
 def fixed_size_sample(key: jax.Array, population: int, size: int) -> tuple[jax.Array, jax.Array]:

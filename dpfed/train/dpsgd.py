@@ -106,7 +106,7 @@ class DpSgdConfig:
 
 def default_physical_batch(expected: int) -> int:
     """B + 3 sqrt(B), rounded up to a multiple of 8: a larger sample takes a 2nd pass."""
-    return int(math.ceil((expected + 3 * math.sqrt(expected)) / 8) * 8)
+    return privacy.poisson_chunk_size(expected, multiple=8)
 
 
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:

@@ -184,6 +184,28 @@ def test_local_dp_noise_is_divided_by_the_expected_not_the_realised_batch():
             err_msg=f"key {k}: noise std must be sqrt(steps) z C / E[batch] with E[batch] = 4")
 
 
+def test_local_dp_step_does_not_depend_on_its_chunk_size(monkeypatch):
+    # A local step gathers its Poisson batch and clips it `chunk` examples a pass; with
+    # 2-example chunks every batch of 3+ takes several passes, which must add up to the
+    # one-pass result (the loss diagnostic too), or a large batch would be truncated.
+    trainer = _trainer()
+    state = trainer.init()
+    args = (state.params, _client_state(state, 0), _client(0, count=6), (), jax.random.key(9))
+
+    def update(chunk):
+        monkeypatch.setattr(privacy, "poisson_chunk_size", lambda *a, **k: chunk)
+        return jax.jit(dpd_fvae.make_client_update(
+            _LOCAL, trainer.encoder, trainer.decoder, 6, 0.0))(*args)
+
+    whole, chunked = update(6), update(2)
+    np.testing.assert_allclose(_flat_change(chunked.params, state.params),
+                               _flat_change(whole.params, state.params), rtol=1e-4, atol=1e-6,
+                               err_msg="2-example chunks changed the clipped gradient sum")
+    for name in ("loss", "squared_error", "kl"):
+        np.testing.assert_allclose(chunked.metrics[name], whole.metrics[name], rtol=1e-5,
+                                   err_msg=f"2-example chunks changed the {name} diagnostic")
+
+
 def test_local_dp_batches_sample_each_example_at_the_accounted_rate():
     # The ledger accounts each local step as Poisson with rate min(B, n_c) / n_c; another
     # rate (e.g. every example in every step) would leave the noise as it is and only
