@@ -68,7 +68,8 @@ def run_rounds(
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
     Args:
-      engine: the DP-FedAvg engine; its `round_event()` is recorded once per round.
+      engine: the DP-FedAvg engine; its `round_event()` is recorded once per round, and
+        each `round(state, key, donate=True)` takes the state it is given.
       state: the round-0 state (also the template for restoring a checkpoint).
       rounds: the total number of rounds of the run.
       seed: seeds the round keys.
@@ -113,7 +114,8 @@ def run_rounds(
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
     for r in range(start, last_round):
         # settle: else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
-        state, metrics = settle(engine.round(state, round_key(seed, r)))
+        # donate: the round reuses the old state's buffers (no copy of per-client states)
+        state, metrics = settle(engine.round(state, round_key(seed, r), donate=True))
         if ledger is not None:
             ledger.record(event)
         done = r + 1

@@ -176,12 +176,16 @@ class DpFedAvgGan:
         noise = wgan_gp.generator_noise(key, self.config.gan)
         return self._generator_step(g_variables, d_params, noise)
 
-    def round(self, state: ServerState, key: jax.Array) -> tuple[ServerState, RoundMetrics]:
+    def round(
+        self, state: ServerState, key: jax.Array, *, donate: bool = False
+    ) -> tuple[ServerState, RoundMetrics]:
         """One DP-FedAvg round on D (clients), then G's update (server).
 
         G's step metrics are functions of noise and the released D: released metrics.
+        `donate`: as `DpFedAvg.round` (`state` is deleted).
         """
-        state, metrics = self.engine.round(state, jax.random.fold_in(key, _ENGINE_STREAM))
+        state, metrics = self.engine.round(
+            state, jax.random.fold_in(key, _ENGINE_STREAM), donate=donate)
         g_vars, g_metrics = self.generator_step(
             state.context, state.params, jax.random.fold_in(key, _GENERATOR_STREAM)
         )

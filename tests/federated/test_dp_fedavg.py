@@ -374,3 +374,16 @@ def test_user_ledger_states_unit_relation_and_noise(sampling, relation):
     assert ledger.metadata["noise_multiplier"] == 1.5, "the ledger states the noise"
     assert ledger.metadata["num_users"] == 20 and ledger.metadata["dataset"] == "toy", (
         f"population and caller fields belong in the metadata: {ledger.metadata}")
+
+
+def test_a_donating_round_gives_the_same_state_and_deletes_the_old_one():
+    # run_rounds donates: the new state reuses the old one's buffers (no copy of the
+    # per-client states each round); the round itself must not change.
+    engine = make_engine(random_deltas(8), l2_clip=1.0, noise_multiplier=0.5,
+                         clients_per_round=4)
+    kept, _ = engine.round(engine.init(toy.params_of(DIM)), jax.random.key(4))
+    state = engine.init(toy.params_of(DIM))
+    donated, _ = engine.round(state, jax.random.key(4), donate=True)
+    np.testing.assert_array_equal(np.asarray(donated.params), np.asarray(kept.params),
+                                  err_msg="donating the state changed the round's result")
+    assert state.params.is_deleted(), "a donated state's buffers must be taken, not copied"
