@@ -172,8 +172,10 @@ def train_lm_on_client(
     `ids` `[max_seqs, seq_len]` holds the client's sequences, the first `count` real.
     Batches walk through the client's shuffled sequences (`local_batch_indices`); masked
     batch rows become all-`<pad>`, which has no target. Only these params leave the
-    client (the engine privatises their delta). The steps are unrolled (XLA:CPU runs
-    loop bodies slowly).
+    client (the engine privatises their delta). The steps are unrolled by up to
+    `MAX_UNROLL` (XLA:CPU runs loop bodies slowly; unrolled further, compile time and
+    scratch memory grow with `local_steps` and rounds got slower: 16 steps of a
+    64-unit LSTM, 0.249 s unrolled vs 0.159 s looped, a scale audit).
     """
     indices, masks = client_data.local_batch_indices(
         key, count, ids.shape[0], config.batch_size, config.local_steps
@@ -186,8 +188,12 @@ def train_lm_on_client(
         grads = loss_grad(p, config.model, batch)
         return jax.tree_util.tree_map(lambda w, g: w - config.learning_rate * g, p, grads), None
 
-    new_params, _ = jax.lax.scan(step, params, (indices, masks), unroll=True)
+    new_params, _ = jax.lax.scan(
+        step, params, (indices, masks), unroll=min(config.local_steps, MAX_UNROLL))
     return new_params
+
+
+MAX_UNROLL = 4  # local steps unrolled per loop iteration (the default 4: all of them)
 
 
 def sample_ids(
