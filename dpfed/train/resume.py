@@ -122,8 +122,7 @@ def resume_or_start(
             )
         if ledger is not None:
             restored = privacy.PrivacyLedger.from_json(stored)
-            # Compare after the JSON round trip the checkpoint went through (tuples -> lists).
-            now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
+            now = _as_stored(ledger)
             changes = _mechanism_changes(restored, now)
             _refuse_replay_with_other_noise(restored, changes, logged, step, key)
             ledger = _adopt_settings(restored, now, changes, step, key)
@@ -206,8 +205,7 @@ def _refuse_replay_of_another_ledger_json(workdir: Workdir, ledger: privacy.Priv
         raise ConfigError(
             "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
         ) from None
-    now = privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
-    changes = _mechanism_changes(finished, now)
+    changes = _mechanism_changes(finished, _as_stored(ledger))
     history = finished.metadata.get("changed_on_resume")
     if changes or history:
         made = "; ".join(
@@ -239,6 +237,12 @@ def _refuse_ending_before_logged(logged: int, last: int, total: int, key: str) -
         f"{key} {last}: the releases of {key}s {last + 1}-{logged} would be in no ledger. "
         f"Resume with --{field} reaching at least {key} {logged}, or start a new workdir",
     )
+
+
+def _as_stored(ledger: privacy.PrivacyLedger) -> privacy.PrivacyLedger:
+    """`ledger` after the JSON round trip a checkpoint or ledger.json puts it through
+    (tuples come back as lists), so its metadata compare equal to a stored one's."""
+    return privacy.PrivacyLedger.from_json(loads(dumps(ledger.to_json(with_pld=False))))
 
 
 def _mechanism_changes(restored: privacy.PrivacyLedger, now: privacy.PrivacyLedger) -> dict:
