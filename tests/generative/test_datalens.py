@@ -166,6 +166,22 @@ def test_real_teachers_move_between_meshes_of_other_padding():
         np.testing.assert_array_equal(np.asarray(a)[13:], np.asarray(f)[13:])
 
 
+def test_real_teachers_of_one_process_are_one_copy_not_one_per_device():
+    # A checkpoint's copy of the T teachers on every device multiplied their memory by
+    # the device count (T = 4,000 on 4 CPU devices: 5.8 GB RSS, 4.1 GB with one copy).
+    ensemble = _ensemble(num_teachers=13, chunk=2, devices=jax.devices())  # 8 devices
+    state = ensemble.init(jax.random.key(0), jnp.zeros((8, 8, 1)))
+    real = ensemble.real_teachers(state)
+    for leaf in jax.tree.leaves(real):
+        assert leaf.shape[0] == 13, "the T real teachers, without padding"
+        assert len(leaf.sharding.device_set) == 1, (
+            f"the checkpoint copy lies on {len(leaf.sharding.device_set)} devices, not one")
+    joined = ensemble.with_padding(real, state)  # a fresh start joins it back
+    for a, b in zip(jax.tree.leaves(joined), jax.tree.leaves(state), strict=True):
+        assert a.sharding == b.sharding, "with_padding must give the mesh's layout back"
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_batch_scope_is_one_k_sparse_vote_per_teacher_on_the_whole_batch():
     key = jax.random.key(3)
     ensemble = _ensemble(num_teachers=5, chunk=1, devices=jax.devices()[:1])
