@@ -93,13 +93,9 @@ def _read_optional_json(workdir: Workdir, name: str) -> dict:
     if not workdir.file(name).exists():
         return {}
     try:
-        value = workdir.read_json(name)
+        return workdir.read_json_object(name)
     except ValueError as error:
         raise EvaluationError(f"{workdir.file(name)} is unreadable ({error})") from None
-    if not isinstance(value, dict):
-        raise EvaluationError(f"{workdir.file(name)} holds a JSON {type(value).__name__}, "
-                              "not an object")
-    return value
 
 
 def detect_source(workdir: Workdir) -> Source:

@@ -165,8 +165,8 @@ class Checkpointer:
         """
         try:
             restored = self._manager.restore(step, args=args)
-            if "extra" in args.keys() and not isinstance(restored.extra, dict):
-                raise ValueError(f"extra is a {type(restored.extra).__name__}, not a dict")
+            if "extra" in args.keys():
+                workdir_lib.as_object(restored.extra)
             return restored
         except Exception as error:  # orbax, tensorstore and json raise many kinds
             older = [s for s in self.all_steps() if s < step]

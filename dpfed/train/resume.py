@@ -200,7 +200,7 @@ def _refuse_replay_of_another_ledger_json(workdir: Workdir, ledger: privacy.Priv
     if not path.exists():
         return
     try:
-        finished = privacy.PrivacyLedger.from_json(workdir.read_json(LEDGER_FILE))
+        finished = privacy.PrivacyLedger.from_json(workdir.read_json_object(LEDGER_FILE))
     except (ValueError, KeyError, TypeError) as error:
         raise ConfigError(
             "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"

@@ -122,6 +122,16 @@ def loads(text: str) -> Any:
     return from_jsonable(json.loads(text))
 
 
+def as_object(value: Any) -> dict:
+    """`value` if it is a dict (a parsed JSON object); else ValueError saying what it is.
+
+    The files of a workdir hold JSON objects; a damaged one may parse as something else.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def from_jsonable(obj: Any) -> Any:
     """Undoes `to_jsonable`'s encoding of non-finite floats in parsed JSON."""
     if isinstance(obj, str):
@@ -344,6 +354,14 @@ class Workdir:
         """Reads a JSON file written by `write_json`."""
         return loads(self.file(name).read_text(encoding="utf-8"))
 
+    def read_json_object(self, name: str) -> dict:
+        """Reads a JSON file that must hold an object (config.json, ledger.json, ...).
+
+        Raises:
+          ValueError: the file is not JSON (truncated, say) or holds no object.
+        """
+        return as_object(self.read_json(name))
+
     def pin_config(
         self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS
     ) -> None:
@@ -379,9 +397,7 @@ class Workdir:
             )
         if resuming and path.exists():
             try:
-                pinned = self.read_json(CONFIG_FILE)
-                if not isinstance(pinned, dict):
-                    raise ValueError(f"a JSON {type(pinned).__name__}, not an object")
+                pinned = self.read_json_object(CONFIG_FILE)
             except ValueError as error:
                 raise ConfigError(
                     "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
@@ -471,9 +487,7 @@ class Workdir:
             if not line.strip():
                 continue
             try:
-                record = loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+                record = as_object(loads(line))
             except ValueError as error:
                 raise ConfigError(
                     "workdir",
