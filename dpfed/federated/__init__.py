@@ -26,7 +26,12 @@ from dpfed.federated.dp_fedavg import (
     RoundMetrics,
     ServerState,
 )
-from dpfed.federated.evaluation import make_client_evaluator, summarize
+from dpfed.federated.evaluation import (
+    make_client_evaluator,
+    make_example_evaluator,
+    pack_clients,
+    summarize,
+)
 from dpfed.federated.local import (
     ClientOutput,
     LocalState,
@@ -70,6 +75,8 @@ __all__ = [
     "local_batch_indices",
     "local_training",
     "make_client_evaluator",
+    "make_example_evaluator",
+    "pack_clients",
     "masked_mean",
     "replicate",
     "round_key",

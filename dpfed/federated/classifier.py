@@ -25,7 +25,7 @@ from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.federated import evaluation, local
 from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator
-from dpfed.federated.client_data import ClientData, OneClient, from_federated
+from dpfed.federated.client_data import ClientData, from_federated
 from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
@@ -152,16 +152,16 @@ def classifier_loss(model: nn.Module) -> local.LossFn:
     return loss_fn
 
 
-def client_accuracy(model: nn.Module) -> evaluation.MetricFn:
-    """Each client's accuracy on all its own examples (federated evaluation)."""
+def example_accuracy(model: nn.Module) -> evaluation.ExampleFn:
+    """Whether each example of a batch is classified right (1.0 or 0.0): averaged over a
+    client's examples, that client's accuracy (federated evaluation)."""
 
-    def metric_fn(params, client_state, client: OneClient, context):
-        del client_state, context
-        images, labels = client.arrays
-        correct = (jnp.argmax(model.apply(params, images), -1) == labels).astype(jnp.float32)
-        return {"accuracy": local.masked_mean(correct, client.mask)}
+    def example_fn(params, batch):
+        images, labels = batch
+        return {"accuracy": (jnp.argmax(model.apply(params, images), -1) == labels)
+                .astype(jnp.float32)}
 
-    return metric_fn
+    return example_fn
 
 
 def resolve_noise_multiplier(config: FedAvgClassifierConfig, spent: Spent | None = None) -> float:
@@ -264,7 +264,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     ledger = None if config.nodp else new_ledger(config, engine)
 
     test_eval = make_evaluate(model)
-    client_eval = evaluation.make_client_evaluator(client_accuracy(model), engine.mesh)
+    client_eval = evaluation.make_example_evaluator(example_accuracy(model), clients, engine.mesh)
     test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)
 
     def evaluate(state: ServerState) -> dict:  # the released params on the public test split
@@ -272,7 +272,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         return {"test_accuracy": accuracy, "test_loss": loss}
 
     def diagnose(state: ServerState) -> dict:  # each client's accuracy on its own raw data
-        per_client = client_eval(state.params, engine.data)
+        per_client = client_eval(state.params)
         summary = evaluation.summarize(per_client, clients.counts)
         return {f"train_client_{k}": v for k, v in summary.items()}
 

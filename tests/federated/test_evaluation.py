@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfed.federated import ClientData, client_mesh, make_client_evaluator, masked_mean, summarize
+from dpfed.federated import (
+    ClientData,
+    client_mesh,
+    make_client_evaluator,
+    make_example_evaluator,
+    masked_mean,
+    pack_clients,
+    summarize,
+)
 
 
 def fraction_above(params, client_state, client, context):
@@ -41,6 +49,69 @@ def test_per_client_metrics_come_back_on_every_device():
     out = make_client_evaluator(fraction_above)(jnp.float32(0.3), data)["above"]
     assert len(out.sharding.device_set) == jax.device_count(), "all 8 devices hold it"
     assert out.sharding.is_fully_replicated, f"replicated, not split: {out.sharding}"
+
+
+def example_above(params, batch):
+    """Whether each example of a batch is above the threshold `params`."""
+    return {"above": (batch > params).astype(jnp.float32)}
+
+
+def skewed_clients(seed=2):
+    """13 clients of 0 to 40 examples (one empty), padding filled with 9.0 (above all)."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 41, 13).astype(np.int32)
+    counts[4] = 0
+    values = np.full((13, 40), 9.0, np.float32)
+    for c, n in enumerate(counts):
+        values[c, :n] = rng.random(n)
+    return ClientData(values, counts)
+
+
+def test_pack_clients_keeps_real_examples_in_client_order():
+    data = skewed_clients()
+    packed, ids = pack_clients(data)
+    assert packed.shape == (int(data.counts.sum()),), "one row per real example"
+    assert np.all(packed < 1.0), "no padding row (9.0) was packed"
+    np.testing.assert_array_equal(ids, np.repeat(np.arange(13), data.counts),
+                                  err_msg="client by client, each example's own client")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_example_means_equal_the_per_client_evaluator(batch_size):
+    data = skewed_clients()
+    got = np.asarray(make_example_evaluator(
+        example_above, data, batch_size=batch_size)(jnp.float32(0.5))["above"])
+    want = np.asarray(make_client_evaluator(fraction_above)(jnp.float32(0.5), data)["above"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=(
+        "a client's mean over its packed examples must equal its masked mean; padding "
+        "(9.0, above the threshold) must not count"))
+    assert got[4] == 0.0, "a client without examples gets 0 (summarize leaves it out)"
+
+
+def test_rows_padding_the_packed_examples_count_for_no_client():
+    data = ClientData(np.zeros((3, 5), np.float32), np.array([5, 0, 4], np.int32))
+    # 9 examples over 8 devices: 2 slots each, 7 of them padding (client index 0).
+    got = make_example_evaluator(lambda params, b: {"one": jnp.ones(b.shape)}, data)(())
+    np.testing.assert_array_equal(np.asarray(got["one"]), [1.0, 0.0, 1.0], err_msg=(
+        "each client's mean of 1.0 over its own examples; padding added to client 0 "
+        "would raise its mean above 1"))
+
+
+def test_example_means_on_one_device_and_eight_agree():
+    data = skewed_clients(3)
+    results = [
+        np.asarray(make_example_evaluator(example_above, data, client_mesh(d), batch_size=8)(
+            jnp.float32(0.3))["above"])
+        for d in (jax.devices()[:1], jax.devices())
+    ]
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6,
+                               err_msg="splitting the examples over devices changed a mean")
+
+
+def test_example_means_come_back_on_every_device():
+    out = make_example_evaluator(example_above, skewed_clients())(jnp.float32(0.3))["above"]
+    assert out.sharding.is_fully_replicated, f"replicated, not split: {out.sharding}"
+    assert len(out.sharding.device_set) == jax.device_count(), "all 8 devices hold it"
 
 
 def test_summary_skips_clients_without_data():
