@@ -32,8 +32,12 @@ _CONV = flags.DEFINE_enum(
     "CNN convolutions: xla (nn.Conv), patches (im2col; several times faster on CPU inside "
     "the engine's loops), auto (patches on CPU).")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 100, "Users the data is split into.")
-_PARTITION = flags.DEFINE_enum("partition", "iid", list(classifier.PARTITIONS), "Split.")
-_ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.5, "Label skew of --partition=dirichlet.")
+_PARTITION = flags.DEFINE_enum(
+    "partition", "iid", list(classifier.PARTITIONS),
+    "Split: iid; dirichlet (each class over clients in Dir(alpha) shares, unequal sizes; "
+    "Yurochkin et al. 2019); dirichlet_mix (each client's class mix ~ Dir(alpha p), equal "
+    "sizes, any client count; Hsu et al. 2019).")
+_ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.5, "Label skew of the dirichlet splits.")
 _ROUNDS = flags.DEFINE_integer("rounds", 100, "Federated rounds.")
 _PER_ROUND = flags.DEFINE_integer(
     "clients_per_round", 10, "Expected (poisson) or exact (fixed) clients per round.")

@@ -3,8 +3,9 @@
 - `load(name, split)` -> `ImageDataset` (float32 `[N, H, W, C]` in [0, 1], int32 labels);
   `list_datasets()` names every dataset. Embedded (offline) ones: `mnist5k`, `digits`.
 - `load_shakespeare()` -> `ShakespeareData`: one client per (play, role), as LEAF.
-- `partition_iid` / `partition_dirichlet` / `partition_natural` split examples over
-  clients; `to_federated` pads them into `FederatedData` arrays for on-device use.
+- `partition_iid` / `partition_dirichlet` / `partition_dirichlet_mix` /
+  `partition_natural` split examples over clients; `to_federated` pads them into
+  `FederatedData` arrays for on-device use.
 - `dpfed.data.text`: tokenizers, `Vocabulary`, padded client sequences for LMs.
 """
 
@@ -12,6 +13,7 @@ from dpfed.data.dataset import DatasetUnavailableError, ImageDataset, UnknownDat
 from dpfed.data.partition import (
     FederatedData,
     partition_dirichlet,
+    partition_dirichlet_mix,
     partition_iid,
     partition_natural,
     to_federated,
@@ -29,6 +31,7 @@ __all__ = [
     "load",
     "load_shakespeare",
     "partition_dirichlet",
+    "partition_dirichlet_mix",
     "partition_iid",
     "partition_natural",
     "to_federated",

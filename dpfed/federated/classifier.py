@@ -43,7 +43,7 @@ from dpfed.train.workdir import (
 )
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "dirichlet_mix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,15 +126,20 @@ def make_model(config: FedAvgClassifierConfig, num_classes: int) -> nn.Module:
 
 
 def federate(config: FedAvgClassifierConfig, train: data_lib.ImageDataset) -> ClientData:
-    """Splits the training set into `num_clients` clients (IID or Dirichlet(alpha))."""
+    """Splits the training set into `num_clients` clients (IID or label-skewed by alpha)."""
     try:
         if config.partition == "iid":
             parts = data_lib.partition_iid(train.num_examples, config.num_clients, config.seed)
+        elif config.partition == "dirichlet_mix":
+            parts = data_lib.partition_dirichlet_mix(
+                train.labels, config.num_clients, config.dirichlet_alpha, config.seed)
         else:
             parts = data_lib.partition_dirichlet(
                 train.labels, config.num_clients, config.dirichlet_alpha, config.seed)
     except ValueError as error:
-        raise ConfigError("num_clients", str(error)) from error
+        hint = ("; or --partition=dirichlet_mix, whose clients all get an equal share"
+                if config.partition == "dirichlet" else "")
+        raise ConfigError("num_clients", f"{error}{hint}") from error
     return from_federated(data_lib.to_federated(train.images, train.labels, parts))
 
 

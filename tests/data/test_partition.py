@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dpfed import data
+from dpfed.data import partition
 
 LABELS = np.repeat(np.arange(10), 100)  # 1,000 examples, 100 per class.
 
@@ -18,11 +19,12 @@ def _partitions():
     return {
         "iid": data.partition_iid(1000, 7, seed=0),
         "dirichlet": data.partition_dirichlet(LABELS, 7, alpha=0.5, seed=0),
+        "dirichlet_mix": data.partition_dirichlet_mix(LABELS, 7, alpha=0.5, seed=0),
         "natural": data.partition_natural(np.arange(1000) % 7),
     }
 
 
-@pytest.mark.parametrize("kind", ["iid", "dirichlet", "natural"])
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "dirichlet_mix", "natural"])
 def test_every_example_in_exactly_one_client(kind):
     _assert_exact_cover(_partitions()[kind], 1000)
 
@@ -37,8 +39,9 @@ def test_iid_sizes_differ_by_at_most_one():
     [
         lambda seed: data.partition_iid(1000, 9, seed),
         lambda seed: data.partition_dirichlet(LABELS, 9, 0.3, seed),
+        lambda seed: data.partition_dirichlet_mix(LABELS, 9, 0.3, seed),
     ],
-    ids=["iid", "dirichlet"],
+    ids=["iid", "dirichlet", "dirichlet_mix"],
 )
 def test_same_seed_same_partition_other_seed_differs(make):
     first, again, other = make(3), make(3), make(4)
@@ -48,22 +51,55 @@ def test_same_seed_same_partition_other_seed_differs(make):
     )
 
 
-def _mean_top_class_share(alpha: float) -> float:
-    """Average over clients of the fraction of its examples in its most common class."""
-    parts = data.partition_dirichlet(LABELS, 10, alpha, seed=0)
-    return float(np.mean([np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts]))
+def _class_fractions(parts) -> np.ndarray:
+    """`[clients, 10]`: each client's fraction of its examples in each class."""
+    return np.array([np.bincount(LABELS[p], minlength=10) / len(p) for p in parts])
 
 
-def test_dirichlet_small_alpha_skews_labels():
-    share = _mean_top_class_share(0.05)
+SPLITS = {"dirichlet": data.partition_dirichlet, "dirichlet_mix": data.partition_dirichlet_mix}
+
+
+@pytest.mark.parametrize("kind", SPLITS)
+def test_dirichlet_small_alpha_skews_labels(kind):
+    share = float(np.mean(_class_fractions(SPLITS[kind](LABELS, 10, 0.05, seed=0)).max(1)))
     assert share > 0.4, f"alpha=0.05: top class holds {share:.2f} of a client, want skew (IID 0.1)"
 
 
 def test_dirichlet_large_alpha_is_near_uniform():
     parts = data.partition_dirichlet(LABELS, 10, 1000.0, seed=0)
-    fractions = np.array([np.bincount(LABELS[p], minlength=10) / len(p) for p in parts])
-    worst = np.abs(fractions - 0.1).max()
+    worst = np.abs(_class_fractions(parts) - 0.1).max()
     assert worst < 0.06, f"alpha=1000: a class share is {worst:.3f} off the uniform 0.1"
+
+
+def test_dirichlet_mix_large_alpha_is_near_uniform():
+    # Each client of 100 draws its classes ~ the prior: a class's share is off 0.1 by the
+    # sampling noise of 100 draws (std 0.03), not by a skew.
+    parts = data.partition_dirichlet_mix(LABELS, 10, 1000.0, seed=0)
+    off = float(np.mean(np.abs(_class_fractions(parts) - 0.1)))
+    assert off < 0.04, f"alpha=1000: class shares are {off:.3f} off the uniform 0.1 on average"
+
+
+def test_dirichlet_mix_gives_equal_sizes_even_to_many_clients():
+    # (partition_dirichlet finds no split without an empty client here:
+    # tests/experiments/test_fedavg_classifier.py)
+    sizes = [len(p) for p in data.partition_dirichlet_mix(LABELS, 400, 0.1, seed=0)]
+    assert min(sizes) >= 2 and max(sizes) <= 3, f"1,000 examples over 400 clients: {sizes[:9]}"
+
+
+def test_dirichlet_mix_follows_the_class_frequencies():
+    # A rare class (1 in 10 examples) stays rare overall; the prior p of Dir(alpha p) is
+    # the dataset's class mix, so no client leans to it more than to a common class.
+    labels = np.repeat([0, 1], [900, 100])
+    parts = data.partition_dirichlet_mix(labels, 50, 1000.0, seed=0)
+    shares = np.array([np.mean(labels[p] == 1) for p in parts[:40]])  # before any runs out
+    assert abs(shares.mean() - 0.1) < 0.03, f"the rare class's mean share {shares.mean():.3f}"
+
+
+def test_a_client_whose_classes_ran_out_draws_from_the_classes_left():
+    counts = partition._client_class_counts(
+        5, np.array([1.0, 0.0, 0.0]), np.array([2, 0, 7]), np.random.default_rng(0))
+    np.testing.assert_array_equal(counts, [2, 0, 3], err_msg=(
+        "the mix wants class 0 only: its 2 left, then the rest from class 2 (class 1 is empty)"))
 
 
 def test_dirichlet_respects_min_size():
@@ -84,6 +120,9 @@ def test_natural_groups_by_id_in_stable_order():
         (lambda: data.partition_dirichlet(LABELS, 0, 1.0, 0), "num_clients"),
         (lambda: data.partition_dirichlet(LABELS, 5, 0.0, 0), "alpha"),
         (lambda: data.partition_dirichlet(LABELS, 5, 1.0, 0, min_size=300), "min_size"),
+        (lambda: data.partition_dirichlet_mix(LABELS, 1001, 1.0, 0), "num_clients"),
+        (lambda: data.partition_dirichlet_mix(LABELS, 5, 0.0, 0), "alpha"),
+        (lambda: data.partition_dirichlet_mix(LABELS[:, None], 5, 1.0, 0), "1-D"),
     ],
 )
 def test_bad_arguments_name_the_argument(call, argument):

@@ -162,13 +162,27 @@ def test_coordinator_flags_come_all_three_with_distributed(tmp_path, flags, name
     assert result.stderr.strip() == f"error: --{name}: {says}", result.stderr[-1000:]
 
 
-def test_dirichlet_partition_gives_every_example_to_one_client():
+@pytest.mark.parametrize("partition", ["dirichlet", "dirichlet_mix"])
+def test_dirichlet_partition_gives_every_example_to_one_client(partition):
     config = classifier.FedAvgClassifierConfig(
-        num_clients=50, partition="dirichlet", dirichlet_alpha=0.3, noise_multiplier=1.0)
+        num_clients=50, partition=partition, dirichlet_alpha=0.3, noise_multiplier=1.0)
     train = data.load("mnist5k", "train")
     clients = classifier.federate(config, train)
     assert clients.num_clients == 50 and int(clients.counts.sum()) == train.num_examples, (
         "50 clients holding all training examples between them")
+
+
+def test_a_dirichlet_split_with_empty_clients_points_to_dirichlet_mix():
+    train = data.load("digits", "train")
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", num_clients=400, partition="dirichlet", dirichlet_alpha=0.1,
+        clients_per_round=10, noise_multiplier=1.0)
+    with pytest.raises(ConfigError) as error:
+        classifier.federate(config, train)
+    assert error.value.field == "num_clients" and "--partition=dirichlet_mix" in str(error.value), (
+        f"no per-class draw leaves 400 clients non-empty; name the way out: {error.value}")
+    mix = classifier.federate(dataclasses.replace(config, partition="dirichlet_mix"), train)
+    assert int(mix.counts.min()) >= train.num_examples // 400, "dirichlet_mix: equal shares"
 
 
 def test_unknown_conv_names_the_flag():
