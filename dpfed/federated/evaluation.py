@@ -77,10 +77,16 @@ def pack_clients(data: ClientData) -> tuple[PyTree, np.ndarray]:
 
 
 def make_example_evaluator(
-    example_fn: ExampleFn, data: ClientData, mesh: Mesh | None = None, batch_size: int = 256
+    example_fn: ExampleFn,
+    data: ClientData,
+    mesh: Mesh | None = None,
+    batch_size: int = 256,
+    mean: bool = True,
 ) -> Callable[[PyTree], dict[str, jax.Array]]:
     """Returns `evaluate(params) -> {name: [num_clients]}`: each client's mean of a
-    per-example figure over its own examples of `data` (0 for a client without any).
+    per-example figure over its own examples of `data` (0 for a client without any), or
+    with `mean=False` its sum (e.g. a count of correct examples, exact in float32 up to
+    2^24).
 
     `example_fn(params, batch) -> {name: [b]}` takes a batch of examples (the leaves of
     `data.arrays` without their client axis). The packed examples (`pack_clients`) are
@@ -101,7 +107,7 @@ def make_example_evaluator(
 
     placed = replicate(
         (jax.tree_util.tree_map(pad, arrays), pad(np.ones(n, bool)), pad(client_ids)), mesh)
-    counts = np.asarray(data.counts, np.float32)
+    divisors = np.maximum(np.asarray(data.counts, np.float32), 1.0) if mean else np.float32(1)
 
     def device_body(params, arrays, real, ids):
         batches = jax.tree_util.tree_map(lambda a: a.reshape(num_batches, batch, *a.shape[1:]),
@@ -118,11 +124,11 @@ def make_example_evaluator(
         out_specs=P())
 
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
-    def means(params, arrays, real, ids):
+    def per_client(params, arrays, real, ids):
         sums = sharded(params, arrays, real, ids)
-        return {name: s / jnp.maximum(counts, 1.0) for name, s in sums.items()}
+        return {name: s / divisors for name, s in sums.items()}
 
-    return lambda params: means(params, *placed)
+    return lambda params: per_client(params, *placed)
 
 
 def summarize(per_client: dict[str, jax.Array], counts: np.ndarray | jax.Array) -> dict[str, float]:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
@@ -157,6 +158,9 @@ def client_accuracies(
 ) -> np.ndarray:
     """Each client's accuracy of a classifier on its own padded data (on device).
 
+    The model runs once per real example (`dpfed.federated.make_example_evaluator`), not
+    on every client's padded slots.
+
     Args:
       apply_fn: `apply_fn(params, images [n, ...]) -> logits [n, classes]`.
       params: the classifier's params.
@@ -168,20 +172,16 @@ def client_accuracies(
       float64 `[clients]`; a client without examples gets NaN.
     """
 
-    @jax.jit
-    def correct_counts(params, images, labels, counts):
-        def one_client(args):
-            client_images, client_labels, count = args
-            predictions = jnp.argmax(apply_fn(params, client_images), axis=-1)
-            mask = jnp.arange(client_labels.shape[0]) < count
-            return jnp.sum((predictions == client_labels) & mask)
+    def correct(params, batch):
+        batch_images, batch_labels = batch
+        predictions = jnp.argmax(apply_fn(params, batch_images), axis=-1)
+        return {"correct": (predictions == batch_labels).astype(jnp.float32)}
 
-        return jax.lax.map(one_client, (images, labels, counts))
-
-    correct = np.asarray(correct_counts(params, images, labels, counts), np.float64)
+    data = ClientData((np.asarray(images), np.asarray(labels)), np.asarray(counts))
+    sums = make_example_evaluator(correct, data, mean=False)(params)["correct"]
     counts = np.asarray(counts, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, correct / counts, np.nan)
+        return np.where(counts > 0, np.asarray(sums, np.float64) / counts, np.nan)
 
 
 def pin_demo_config(

@@ -88,6 +88,13 @@ def test_example_means_equal_the_per_client_evaluator(batch_size):
     assert got[4] == 0.0, "a client without examples gets 0 (summarize leaves it out)"
 
 
+def test_mean_false_gives_each_clients_sum():
+    data = skewed_clients()
+    got = make_example_evaluator(example_above, data, mean=False)(jnp.float32(0.5))["above"]
+    want = [np.sum(data.arrays[c, : data.counts[c]] > 0.5) for c in range(13)]
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg="each client's count above 0.5")
+
+
 def test_rows_padding_the_packed_examples_count_for_no_client():
     data = ClientData(np.zeros((3, 5), np.float32), np.array([5, 0, 4], np.int32))
     # 9 examples over 8 devices: 2 slots each, 7 of them padding (client index 0).
