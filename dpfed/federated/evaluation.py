@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpfed.federated.client_data import ClientData, OneClient, gather_clients
-from dpfed.federated.mesh import CLIENTS, client_mesh, replicate
+from dpfed.federated.mesh import CLIENTS, client_mesh, split_clients
 
 PyTree = Any
 MetricFn = Callable[[PyTree, PyTree, OneClient, PyTree], dict[str, jax.Array]]
@@ -91,7 +91,7 @@ def make_example_evaluator(
     `example_fn(params, batch) -> {name: [b]}` takes a batch of examples (the leaves of
     `data.arrays` without their client axis). The packed examples (`pack_clients`) are
     split over the mesh's devices and run in batches of at most `batch_size`; each client's
-    sums are added up over devices. The packed copy is placed on the mesh once, here.
+    sums are added up over devices. The packed copy is split over the mesh once, here.
     """
     mesh = client_mesh() if mesh is None else mesh
     devices = mesh.shape[CLIENTS]
@@ -105,7 +105,7 @@ def make_example_evaluator(
     def pad(a):
         return np.concatenate([a, np.zeros((padded - n, *a.shape[1:]), a.dtype)])
 
-    placed = replicate(
+    placed = split_clients(  # each device holds its block of the examples only
         (jax.tree_util.tree_map(pad, arrays), pad(np.ones(n, bool)), pad(client_ids)), mesh)
     divisors = np.maximum(np.asarray(data.counts, np.float32), 1.0) if mean else np.float32(1)
 

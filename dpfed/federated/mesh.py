@@ -29,7 +29,20 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
     Each process must pass the same values (they are built from the same seed and data).
     """
-    sharding = NamedSharding(mesh, PartitionSpec())
+    return _place(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def split_clients(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Splits every leaf of `tree` along its first axis over the mesh's `clients` axis:
+    each device holds one block (also across hosts). The first axes must divide evenly.
+
+    Each process must pass the same values (they are built from the same seed and data).
+    """
+    return _place(tree, NamedSharding(mesh, PartitionSpec(CLIENTS)))
+
+
+def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
+    """`tree` with every leaf placed by `sharding`, each process giving its own blocks."""
 
     def put(leaf):
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):

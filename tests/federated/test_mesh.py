@@ -22,6 +22,14 @@ def test_replicate_puts_a_full_copy_on_every_device():
     assert all(np.array_equal(s.data, np.arange(6.0)) for s in shards), "each a full copy"
 
 
+def test_split_clients_gives_each_device_its_block_only():
+    values = np.arange(16.0).reshape(8, 2)
+    shards = mesh_lib.split_clients({"x": values}, client_mesh())["x"].addressable_shards
+    blocks = sorted((s.index[0].start, s.data.tolist()) for s in shards)
+    assert blocks == [(d, [values[d].tolist()]) for d in range(8)], (
+        f"device d holds row d alone, not a copy of all rows: {blocks[:2]}")
+
+
 def test_distributed_initialization_is_off_by_default():
     assert initialize_distributed(False) is False, "single-host runs must not initialize"
 
