@@ -22,7 +22,7 @@ from dpfed.federated.mesh import settle
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
-from dpfed.train.resume import resume_or_start
+from dpfed.train.resume import checkpoint_extra, resume_or_start
 from dpfed.train.workdir import LEDGER_FILE, Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
@@ -135,8 +135,7 @@ def run_rounds(
             workdir.append_metrics(record)
             workdir.append_diagnostics(diagnostics)
         if done % checkpoint_every == 0 or done == last_round:
-            saved = {"ledger": ledger.to_json(with_pld=False) if ledger is not None else None}
-            checkpointer.save(done, state, {**(extra or {}), **saved})
+            checkpointer.save(done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir)})
         progress.update(done, wait_for=state, eps=eps, acc=record.get("test_accuracy"))
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed

@@ -38,6 +38,7 @@ from dpfed.train.progress import Progress
 from dpfed.train.resume import (
     Spent,
     calibrate_rest,
+    checkpoint_extra,
     checkpointed_spend,
     resume_or_start,
 )
@@ -325,8 +326,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     progress = Progress(last_step, desc="dpsgd", start_step=start_step)
 
     def save(step):
-        extra = {"ledger": ledger.to_json(with_pld=False) if ledger else None}
-        checkpointer.save(step, state, extra)
+        checkpointer.save(step, state, checkpoint_extra(ledger, wd))
 
     accuracy = loss = eps = None
     for step in range(start_step, last_step):

@@ -31,6 +31,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import (
     LEDGER_FILE,
+    METRICS_FILE,
     RESUMABLE_FIELDS,
     SUMMARY_FILE,
     Workdir,
@@ -120,12 +121,19 @@ def resume_or_start(
                 f"{'non-private' if stored is None else 'private'} run; this run is "
                 f"{'non-private' if ledger is None else 'private'}"
             )
+        lost = _records_lost(records, extra, step, key)
         if ledger is not None:
             restored = privacy.PrivacyLedger.from_json(stored)
             now = _as_stored(ledger)
             changes = _mechanism_changes(restored, now)
             _refuse_replay_with_other_noise(restored, changes, logged, step, key)
+            if lost and changes:
+                _refuse_changes_over_lost_records(restored, changes, lost, step, key, workdir)
             ledger = _adopt_settings(restored, now, changes, step, key)
+        if lost:
+            log(f"warning: {workdir.file(METRICS_FILE)} lost {lost} record(s) of {key}s up "
+                f"to {step} that the checkpoint saw (removed by hand?); they are not logged "
+                "again")
     if replaying and ledger is not None:
         _refuse_replay_of_another_ledger_json(workdir, ledger)
     if ledger is not None and event is not None:
@@ -144,6 +152,49 @@ def resume_or_start(
     if resuming:
         log(f"resumed from {key} {step} in {workdir.path}")
     return Start(state, ledger, step, resumed=resuming, last=last)
+
+
+def checkpoint_extra(ledger: privacy.PrivacyLedger | None, workdir: Workdir) -> dict:
+    """What every trainer's checkpoint stores beside its state: the ledger (None without
+    DP) and how many records metrics.jsonl holds (`Workdir.metrics_records`)."""
+    return {
+        "ledger": ledger.to_json(with_pld=False) if ledger is not None else None,
+        METRICS_RECORDS: workdir.metrics_records,
+    }
+
+
+METRICS_RECORDS = "metrics_records"  # checkpoint_extra's count of metrics.jsonl records
+
+
+def _records_lost(records: list[dict], extra: dict, step: int, key: str) -> int:
+    """How many of the records the checkpoint saw metrics.jsonl no longer holds (0 for a
+    checkpoint that did not count them). Every record up to the checkpoint's `step` was
+    logged before it was saved; the ones after it come from later steps."""
+    saw = extra.get(METRICS_RECORDS)
+    if saw is None:
+        return 0
+    return max(0, saw - sum(1 for r in records if key not in r or r[key] <= step))
+
+
+def _refuse_changes_over_lost_records(
+    restored: privacy.PrivacyLedger, changes: dict, lost: int, step: int, key: str,
+    workdir: Workdir,
+) -> None:
+    """Raises: metrics.jsonl lost records, and this run would change the mechanism.
+
+    Records removed by hand may include releases a killed run logged after the
+    checkpoint; replaying those steps with another mechanism would leave them in no
+    ledger (as `_refuse_replay_with_other_noise`, which cannot see removed records).
+    """
+    old = ", ".join(f"{n}={restored.metadata.get(n)}" for n in sorted(changes))
+    raise ConfigError(
+        "workdir",
+        f"{workdir.file(METRICS_FILE)} lost {lost} record(s) that the checkpoint of {key} "
+        f"{step} saw, so releases a killed run logged after {key} {step} may be gone too; "
+        f"this run changes {', '.join(sorted(changes))} (the checkpoint's: {old}), and would "
+        "leave them in no ledger. Restore metrics.jsonl, resume with the checkpoint's "
+        "settings, or start a new workdir",
+    )
 
 
 def _refuse_logs_of_another_ledger(

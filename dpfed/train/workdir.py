@@ -290,6 +290,7 @@ class Workdir:
                 "workdir", f"cannot be used as a directory: {error.strerror}: {self._path}"
             ) from None
         self._tail_checked: set[str] = set()
+        self._metrics_records: int | None = None
 
     @property
     def path(self) -> pathlib.Path:
@@ -422,7 +423,17 @@ class Workdir:
 
     def append_metrics(self, record: dict) -> None:
         """Appends `record` (releases only) as one JSON line to `metrics.jsonl`, durably."""
+        count = self.metrics_records
         self._append(METRICS_FILE, record)
+        self._metrics_records = count + 1
+
+    @property
+    def metrics_records(self) -> int:
+        """How many records `metrics.jsonl` holds (read once, then counted as appended):
+        what a checkpoint stores, so a resume can tell records removed by hand."""
+        if self._metrics_records is None:
+            self._metrics_records = len(self.read_metrics())
+        return self._metrics_records
 
     def append_diagnostics(self, record: dict) -> None:
         """Appends `record` (raw-data figures, not a release) to `diagnostics.jsonl`."""
@@ -454,6 +465,8 @@ class Workdir:
                 atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
             self._tail_checked.add(name)
             dropped[name] = len(records) - len(kept)
+            if name == METRICS_FILE:
+                self._metrics_records = len(kept)
         return dropped[METRICS_FILE]
 
     def _append(self, name: str, record: dict) -> None:

@@ -7,6 +7,7 @@ from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.federated import DpFedAvg, DpFedAvgConfig, loop, run_rounds
+from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests import dispatch
@@ -41,6 +42,15 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert resumed.ledger.to_json() == whole.ledger.to_json(), "ledgers must match"
     rounds = [r["round"] for r in Workdir(tmp_path / "split").read_metrics()]
     assert rounds == [2, 4, 6], f"metrics must not repeat rounds after a resume: {rounds}"
+
+
+def test_each_checkpoint_counts_the_records_logged_before_it(tmp_path):
+    run(engine(), tmp_path, rounds=6)
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    counts = {step: checkpointer.restore_extra(step)["metrics_records"]
+              for step in checkpointer.all_steps()}
+    assert counts == {4: 2, 6: 3}, (
+        f"records of rounds 2, 4 (and 6) precede the checkpoints of rounds 4 and 6: {counts}")
 
 
 def test_raw_cohort_figures_go_to_diagnostics_not_to_the_release_log(tmp_path):

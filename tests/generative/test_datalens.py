@@ -21,6 +21,7 @@ from dpfed.federated import mesh as mesh_lib
 from dpfed.generative import contract, datalens
 from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
+from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.workdir import Workdir
 from tests import dispatch
 
@@ -302,6 +303,9 @@ def test_ledger_eps_equals_dp_accounting_and_resume_replays_the_run(tmp_path):
     assert json.loads((resumed_dir / "ledger.json").read_text())["events"] == ledger["events"]
     steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").open()]
     assert steps == [2, 4]
+    checkpoints = Checkpointer(resumed_dir / "checkpoints")
+    assert checkpoints.restore_extra(4)["metrics_records"] == 2, (
+        "the checkpoint counts the records logged before it (a resume tells removed ones)")
 
     generator, params = contract.load_generator(Workdir(whole_dir), datalens.METHOD)
     images, labels = generator.sample(params, jax.random.key(0), 6, jnp.arange(6))

@@ -11,6 +11,7 @@ from dp_accounting import dp_event
 
 from dpfed import models, privacy
 from dpfed.train import dpsgd
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests import dispatch
 
@@ -173,6 +174,21 @@ def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new
     change = ledger["metadata"]["changed_on_resume"]
     assert change == [{"step": 10, "noise_multiplier": summary["noise_multiplier"],
                        "target_epsilon": new_target}], f"the ledger must say what changed: {change}"
+
+
+def test_resume_with_a_new_target_over_an_emptied_metrics_log_is_refused(tmp_path):
+    # The stop-29 storage audit's uncovered case: metrics.jsonl emptied by hand while a
+    # checkpoint is left; a new target recalibrates z, and releases a killed run logged
+    # after the checkpoint (gone with the log) would be replayed at another z, uncounted.
+    first = dpsgd.DpSgdConfig(
+        dataset="digits", model="logreg", steps=10, batch_size=64, noise_multiplier=None,
+        target_epsilon=1.0, eval_every=5, checkpoint_every=5)
+    dpsgd.train(first, tmp_path, log=lambda _: None)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="lost 2 record") as error:
+        dpsgd.train(dataclasses.replace(first, steps=20, target_epsilon=2.0), tmp_path,
+                    log=lambda _: None)
+    assert error.value.field == "workdir", error.value.field
 
 
 def test_rerunning_a_finished_calibrated_run_ends_where_it_ended(tmp_path):

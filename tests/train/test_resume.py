@@ -13,6 +13,7 @@ from dpfed.train.resume import (
     Spent,
     budget_stop,
     calibrate_rest,
+    checkpoint_extra,
     checkpointed_spend,
     resume_or_start,
 )
@@ -488,3 +489,64 @@ def test_rerun_without_checkpoints_or_metrics_of_a_finished_run_checks_its_confi
     with pytest.raises(ConfigError) as error:
         start(tmp_path, ledger(), config=Config(lr=0.5))
     assert error.value.field == "lr", f"a replay under another lr must be refused: {error.value}"
+
+
+def _checkpoint_counting_records(path, step, saved_ledger, logged_past=2):
+    """Records 1..step, a checkpoint that counts them (as the trainers save), then records
+    a killed run logged after it."""
+    wd = Workdir(path)
+    for s in range(1, step + 1):
+        wd.append_metrics({"step": s})
+    Checkpointer(wd.file("checkpoints")).save(step, state(step), checkpoint_extra(saved_ledger, wd))
+    for s in range(step + 1, step + logged_past + 1):
+        wd.append_metrics({"step": s})
+
+
+def _noise(z, target=6.0):
+    result = ledger(target=target)
+    result.metadata.update(noise_multiplier=z)
+    return result
+
+
+def test_checkpoint_extra_holds_the_ledger_and_the_count_of_records(tmp_path):
+    wd = Workdir(tmp_path)
+    for s in (1, 2, 3):
+        wd.append_metrics({"step": s})
+    extra = checkpoint_extra(ledger(releases=3), wd)
+    assert extra["metrics_records"] == 3, f"3 records logged before the checkpoint: {extra}"
+    assert privacy.PrivacyLedger.from_json(extra["ledger"]).num_releases == 3, "the ledger"
+    assert checkpoint_extra(None, wd)["ledger"] is None, "a non-private run stores no ledger"
+
+
+def test_resume_over_removed_records_with_other_noise_is_refused(tmp_path):
+    # metrics.jsonl emptied by hand: the killed run's records after the checkpoint (step 5
+    # and 6, at z 1.5) are gone with it, so the check on logged steps cannot see them; at
+    # z 1.2 their replay would leave those releases in no ledger.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0))
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="lost 4 record") as error:
+        start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0))
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_resume_over_removed_records_with_the_same_noise_goes_on_and_says_so(tmp_path):
+    # The same mechanism replays the same releases: counted once, nothing is uncounted.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0))
+    # Steps 1 and 2 removed; 5 and 6, logged after the checkpoint, do not make up for them.
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (3, 4, 5, 6)))
+    messages = []
+    result = start(tmp_path, _noise(1.5), config=Config(target_epsilon=6.0), messages=messages)
+    assert result.step == 4 and result.ledger.num_releases == 0, "resumed at the checkpoint"
+    assert any("lost 2 record(s)" in m for m in messages), (
+        f"the resume must say that records the checkpoint saw are gone: {messages}")
+
+
+def test_records_after_the_checkpoint_are_not_taken_for_lost_ones(tmp_path):
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0), logged_past=0)
+    messages = []
+    result = start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0), messages=messages)
+    assert result.step == 4, "a resume with all records and a new z goes on"
+    assert not any("lost" in m for m in messages), f"nothing was lost: {messages}"

@@ -499,3 +499,14 @@ def test_remove_if_unused_removes_empty_parents_but_not_a_siblings(tmp_path):
     assert workdir_lib.remove_if_unused(refused.path, up_to=created)
     assert not (created / "a").exists(), "the empty parents the refused run created must go"
     assert (sibling.path / ".lock").exists(), "another run's workdir must never be removed"
+
+
+def test_metrics_records_counts_the_file_then_appends_and_truncation(tmp_path):
+    Workdir(tmp_path).append_metrics({"step": 1})
+    wd = Workdir(tmp_path)  # a new invocation reads the count from the file
+    assert wd.metrics_records == 1, "the record of the earlier invocation"
+    wd.append_metrics({"step": 2})
+    wd.append_metrics({"step": 3})
+    assert wd.metrics_records == 3, "each append counted"
+    wd.truncate_logs(2)
+    assert wd.metrics_records == 2 == len(wd.read_metrics()), "truncation drops step 3"

@@ -57,7 +57,7 @@ from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscrim
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
-from dpfed.train.resume import require_first_step, resume_or_start
+from dpfed.train.resume import checkpoint_extra, require_first_step, resume_or_start
 from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -471,7 +471,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
     def save(step):
-        checkpointer.save(step, checkpointed(state), {"ledger": ledger.to_json(with_pld=False)})
+        checkpointer.save(step, checkpointed(state), checkpoint_extra(ledger, wd))
 
     eps = None
     for step in range(start_step, last_step):
