@@ -22,12 +22,17 @@ import numpy as np
 from absl import app, flags
 
 from dpfed import data
-from dpfed.federated import classifier, evaluation, from_federated, local
+from dpfed.federated import classifier, evaluation, local
 
 _DATASET = flags.DEFINE_string("dataset", "mnist5k", "Dataset whose train split is split.")
 _CLIENTS = flags.DEFINE_integer("num_clients", 100, "Clients.", lower_bound=1)
-_PARTITIONS = flags.DEFINE_list("partition", ["iid", "dirichlet"], "Splits: iid, dirichlet.")
-_ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.1, "Label skew of the dirichlet split.")
+_PARTITIONS = flags.DEFINE_list(
+    "partition", ["iid", "dirichlet"],
+    f"Splits, as experiments.fedavg_classifier makes them: {', '.join(classifier.PARTITIONS)}.")
+flags.register_validator(
+    "partition", lambda names: set(names) <= set(classifier.PARTITIONS),
+    f"must name splits of {classifier.PARTITIONS}")
+_ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.1, "Label skew of the dirichlet splits.")
 _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Classifier.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed evaluations per path (best).",
                                 lower_bound=1)
@@ -66,11 +71,9 @@ def main(argv: list[str]) -> None:
     print("| split | max_n | padded slots s | packed examples s | padded / packed | max diff |")
     print("|---|---|---|---|---|---|")
     for partition in _PARTITIONS.value:
-        if partition == "iid":
-            parts = data.partition_iid(train.num_examples, _CLIENTS.value, 0)
-        else:
-            parts = data.partition_dirichlet(train.labels, _CLIENTS.value, _ALPHA.value, 0)
-        clients = from_federated(data.to_federated(train.images, train.labels, parts))
+        clients = classifier.federate(classifier.FedAvgClassifierConfig(
+            dataset=_DATASET.value, num_clients=_CLIENTS.value, clients_per_round=1,
+            partition=partition, dirichlet_alpha=_ALPHA.value, nodp=True), train)
         on_device = jax.device_put(clients)
         padded = evaluation.make_client_evaluator(padded_accuracy(model))
         packed = evaluation.make_example_evaluator(classifier.example_accuracy(model), clients)
