@@ -15,15 +15,49 @@ from launch import multihost
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# After a hung binary's timeout, how long its processes get to print their stacks.
+STACK_DUMP_SECONDS = 20
+
+
 def run_binary(
-    module: str, *args: str, check: bool = True, timeout: int = 600, **kw
+    module: str, *args: str, check: bool = True, timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """`python -m module args` from the repo root; asserts exit 0 when `check`."""
+    """`python -m module args` from the repo root; asserts exit 0 when `check`.
+
+    A run still going after `timeout` seconds fails the test with what it wrote to stderr
+    and every thread's Python stack: its process group (with any processes it started, e.g.
+    `launch.multihost local`'s) gets SIGABRT, which `PYTHONFAULTHANDLER` turns into a stack
+    dump, then SIGKILL. A hang that shows up once in many runs is then seen where it hangs.
+    """
     cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGABRT)
+            try:
+                stdout, stderr = proc.communicate(timeout=STACK_DUMP_SECONDS)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+            raise AssertionError(
+                f"{cmd} was still running after {timeout} s; its stderr, with every "
+                f"thread's stack at SIGABRT:\n{stderr[-12000:]}") from None
+        finally:
+            _signal_group(proc.pid, signal.SIGKILL)  # no process of the run outlives it
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stderr[-3000:]}"
-    return proc
+        assert result.returncode == 0, f"{cmd} failed:\n{stderr[-3000:]}"
+    return result
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    """Sends `signum` to every process of the group `pgid`, if any is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
 
 
 def cpu_devices_env(count: int) -> dict[str, str]:
