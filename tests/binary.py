@@ -45,13 +45,21 @@ def run_binary(
                 stdout, stderr = proc.communicate()
             raise AssertionError(
                 f"{cmd} was still running after {timeout} s; its stderr, with every "
-                f"thread's stack at SIGABRT:\n{stderr[-12000:]}") from None
+                f"thread's stack at SIGABRT:\n{without_module_lists(stderr)[-12000:]}"
+            ) from None
         finally:
             _signal_group(proc.pid, signal.SIGKILL)  # no process of the run outlives it
     result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, f"{cmd} failed:\n{stderr[-3000:]}"
     return result
+
+
+def without_module_lists(text: str) -> str:
+    """`text` without faulthandler's "Extension modules: ..." lines (thousands of
+    characters after each stack dump, which would push the stacks out of a message)."""
+    return "\n".join(
+        line for line in text.split("\n") if not line.startswith("Extension modules:"))
 
 
 def _signal_group(pgid: int, signum: int) -> None:

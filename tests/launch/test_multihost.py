@@ -10,7 +10,13 @@ import time
 import pytest
 
 from launch import multihost
-from tests.binary import ROOT, cpu_devices_env, run_binary, workdir_locked_by_another_process
+from tests.binary import (
+    ROOT,
+    cpu_devices_env,
+    run_binary,
+    without_module_lists,
+    workdir_locked_by_another_process,
+)
 
 FLAGS = ["experiments.fedavg_classifier", "--rounds=5", "--workdir=/shared/w"]
 
@@ -108,6 +114,18 @@ LOCAL_JOB = ["experiments.fedavg_classifier", "--model=logreg", "--local_steps=2
              "--noise_multiplier=1.0", "--l2_clip=0.5"]
 
 
+def _run_local_job(logs, *args, timeout=600):
+    """`launch.multihost local --log_dir=logs args` (check=False). A failure of run_binary
+    (a hang) also shows process 1's log, where its stack went."""
+    try:
+        return run_binary("launch.multihost", "local", f"--log_dir={logs}", *args,
+                          check=False, timeout=timeout)
+    except AssertionError as error:
+        log = logs / "process_1.log"
+        other = without_module_lists(log.read_text())[-6000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{error}\nprocess 1 ({log}):\n{other}") from None
+
+
 @pytest.fixture(scope="module")
 def two_process_job(tmp_path_factory):
     """4 rounds in 2 processes, resumed to 6; and the same 6 rounds in one process with
@@ -116,10 +134,9 @@ def two_process_job(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     outputs = []
     for rounds in (4, 6):
-        result = run_binary(
-            "launch.multihost", "local", "--num_processes=2", "--devices_per_process=2",
-            f"--log_dir={logs}", *LOCAL_JOB, f"--rounds={rounds}", f"--workdir={workdir}",
-            check=False)
+        result = _run_local_job(
+            logs, "--num_processes=2", "--devices_per_process=2", *LOCAL_JOB,
+            f"--rounds={rounds}", f"--workdir={workdir}")
         assert result.returncode == 0, (
             f"the 2-process job failed:\n{result.stderr[-3000:]}\nprocess 1:\n"
             f"{(logs / 'process_1.log').read_text()[-3000:]}")
@@ -134,10 +151,9 @@ def test_a_job_on_a_workdir_in_use_exits_2_in_every_process(tmp_path):
     # while the first still runs) must stop in all its processes, not leave them waiting.
     workdir, logs = tmp_path / "w", tmp_path / "logs"
     with workdir_locked_by_another_process(workdir):
-        result = run_binary(
-            "launch.multihost", "local", "--num_processes=2", "--devices_per_process=1",
-            f"--log_dir={logs}", *LOCAL_JOB, "--rounds=2", f"--workdir={workdir}",
-            check=False, timeout=120)
+        result = _run_local_job(
+            logs, "--num_processes=2", "--devices_per_process=1", *LOCAL_JOB,
+            "--rounds=2", f"--workdir={workdir}", timeout=120)
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
     assert f"error: --workdir: {workdir} is in use by another run" in result.stderr, (
         f"process 0 must name the workdir in use: {result.stderr[-2000:]}")
@@ -264,10 +280,13 @@ def _released(workdir):
 def test_every_multi_host_binary_runs_as_a_two_process_job(binary, tmp_path):
     module, flags = f"experiments.{binary}", OTHER_BINARIES[binary]
     two, one = tmp_path / "two", tmp_path / "one"
-    result = run_binary(
-        "launch.multihost", "local", "--num_processes=2", "--devices_per_process=2",
-        f"--log_dir={tmp_path / 'logs'}", module, *flags, f"--workdir={two}", check=False)
-    assert result.returncode == 0, f"{binary} in 2 processes:\n{result.stderr[-3000:]}"
+    logs = tmp_path / "logs"
+    result = _run_local_job(
+        logs, "--num_processes=2", "--devices_per_process=2", module, *flags,
+        f"--workdir={two}")
+    assert result.returncode == 0, (
+        f"{binary} in 2 processes:\n{result.stderr[-3000:]}\nprocess 1:\n"
+        f"{(logs / 'process_1.log').read_text()[-3000:]}")
     env = cpu_devices_env(4)
     run_binary(module, *flags, f"--workdir={one}", env=env)
     two_files, one_files = _released(two), _released(one)
