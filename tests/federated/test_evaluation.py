@@ -8,6 +8,7 @@ import pytest
 from dpfed.federated import (
     ClientData,
     client_mesh,
+    evaluation,
     make_client_evaluator,
     make_example_evaluator,
     masked_mean,
@@ -119,6 +120,36 @@ def test_example_means_come_back_on_every_device():
     out = make_example_evaluator(example_above, skewed_clients())(jnp.float32(0.3))["above"]
     assert out.sharding.is_fully_replicated, f"replicated, not split: {out.sharding}"
     assert len(out.sharding.device_set) == jax.device_count(), "all 8 devices hold it"
+
+
+def test_example_batches_hold_at_most_batch_size_examples():
+    # The bound on memory: no device runs example_fn on more than batch_size examples.
+    sizes = []
+
+    def recording(params, batch):
+        sizes.append(batch.shape[0])  # at trace time: the static batch size
+        return example_above(params, batch)
+
+    data = skewed_clients()  # 243 examples: 31 per device of 8
+    make_example_evaluator(recording, data, batch_size=7)(jnp.float32(0.5))
+    assert sizes and max(sizes) <= 7, f"example_fn saw batches of {sizes}, more than 7"
+
+
+def test_the_packed_examples_are_split_over_the_devices_not_copied(monkeypatch):
+    placed, split = [], evaluation.split_clients
+
+    def spy(tree, mesh):
+        placed.append(split(tree, mesh))
+        return placed[-1]
+
+    monkeypatch.setattr(evaluation, "split_clients", spy)
+    data = skewed_clients()
+    make_example_evaluator(example_above, data, batch_size=8)
+    assert placed, "make_example_evaluator must place the examples with split_clients"
+    for leaf in jax.tree.leaves(placed[0]):
+        rows = {shard.data.shape[0] for shard in leaf.addressable_shards}
+        assert rows == {leaf.shape[0] // jax.device_count()}, (
+            f"each device holds its block of {leaf.shape[0]} rows, not all: {rows}")
 
 
 def test_summary_skips_clients_without_data():

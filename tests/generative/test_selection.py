@@ -96,6 +96,16 @@ def test_client_accuracies_count_only_real_examples():
     np.testing.assert_allclose(accuracies, [2 / 3, 1 / 2], err_msg="padding must not count")
 
 
+def test_a_client_without_examples_has_no_accuracy():
+    # NaN, not 0: a client with nothing to classify is neither low nor high accuracy.
+    apply_fn = lambda params, x: x[:, :3]
+    images = jnp.array([[[1.0, 0, 0], [0, 1.0, 0]], [[0, 1.0, 0], [1.0, 0, 0]]])
+    labels = jnp.array([[0, 1], [1, 1]])
+    accuracies = selection.client_accuracies(apply_fn, None, images, labels, jnp.array([2, 0]))
+    assert accuracies[0] == 1.0 and np.isnan(accuracies[1]), (
+        f"the empty client must get NaN, the other its accuracy: {accuracies}")
+
+
 def test_group_seeds_are_distinct_and_reproducible():
     seeds = {selection.group_seed(seed, group) for seed in range(5) for group in ("low", "high")}
     assert len(seeds) == 10, "every (seed, group) pair needs its own seed: shared seeds share noise"

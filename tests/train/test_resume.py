@@ -543,6 +543,41 @@ def test_resume_over_removed_records_with_the_same_noise_goes_on_and_says_so(tmp
         f"the resume must say that records the checkpoint saw are gone: {messages}")
 
 
+def test_one_removed_record_is_enough_to_refuse_other_noise(tmp_path):
+    # Step 1's record removed, none logged after the checkpoint: only the count of records
+    # can tell; a single lost record may hide a killed run's release as well as four.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0), logged_past=0)
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in (2, 3, 4)))
+    with pytest.raises(ConfigError, match="lost 1 record") as error:
+        start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0))
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_more_records_than_the_checkpoint_saw_are_not_a_loss(tmp_path):
+    # A record repeated by hand up to the checkpoint's step: nothing is missing, so
+    # nothing is refused and no "lost -1" is reported.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0), logged_past=0)
+    Workdir(tmp_path).append_metrics({"step": 4})
+    messages = []
+    result = start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0), messages=messages)
+    assert result.step == 4, "a resume with every record (and one more) and a new z goes on"
+    assert not any("lost" in m for m in messages), f"nothing was lost: {messages}"
+
+
+def test_records_without_the_step_key_count_as_the_checkpoint_counted_them(tmp_path):
+    # `Workdir.metrics_records` counts every line and `truncate_logs` keeps lines without
+    # the key: such a line logged before the checkpoint is one the checkpoint saw.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
+    Workdir(tmp_path).append_metrics({"note": "before step 1"})
+    _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0), logged_past=0)
+    messages = []
+    result = start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0), messages=messages)
+    assert result.step == 4, "no record is missing, so a new z is allowed"
+    assert not any("lost" in m for m in messages), f"nothing was lost: {messages}"
+
+
 def test_records_after_the_checkpoint_are_not_taken_for_lost_ones(tmp_path):
     Workdir(tmp_path).pin_config(Config(target_epsilon=5.0), resuming=False)
     _checkpoint_counting_records(tmp_path, 4, _noise(1.5, target=5.0), logged_past=0)
