@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -78,15 +79,35 @@ def _kill_when(
     interval: float,
 ) -> bool:
     """Runs `python -m module args --workdir=workdir` and SIGKILLs it once `condition()`
-    holds (or at `timeout`). Returns whether it was still running when killed."""
+    holds. Returns whether it was still running when killed.
+
+    Fails the test, with the run's stderr, if the run ended before `condition()` held (a
+    crash, or the run finished too soon), or if `timeout` seconds passed first (a hang:
+    then with every thread's stack, as `run_binary`)."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not condition():
-        time.sleep(interval)
-    running = proc.poll() is None
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and proc.poll() is None and not condition():
+                time.sleep(interval)
+            held, running = condition(), proc.poll() is None
+            if not held and running:
+                _signal_group(proc.pid, signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=STACK_DUMP_SECONDS)
+        finally:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if not held:
+            stderr.seek(0)
+            how = (f"was still running after {timeout} s (stacks at SIGABRT below)" if running
+                   else f"ended with exit code {proc.returncode} first")
+            raise AssertionError(
+                f"{cmd}: the condition to kill it never held; it {how}. Its stderr:\n"
+                f"{without_module_lists(stderr.read())[-12000:]}")
     return running
 
 

@@ -1,11 +1,12 @@
-"""tests/binary.py: a binary that hangs fails its test with its stacks, and leaves no process."""
+"""tests/binary.py: a binary that hangs or crashes fails its test with its stderr and stacks,
+and leaves no process."""
 
 import os
 import time
 
 import pytest
 
-from tests.binary import run_binary
+from tests.binary import kill_when_written, run_binary
 
 HANGS = """
 import subprocess, sys, time
@@ -52,3 +53,28 @@ def test_a_binary_that_exits_gives_its_output_and_code(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     result = run_binary("fails", check=False, env=env)
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n"), result
+
+
+def test_a_binary_that_hangs_before_it_can_be_killed_fails_with_its_stack(tmp_path, monkeypatch):
+    (tmp_path / "hangs_early.py").write_text(
+        "import sys, time\nprint('waiting', file=sys.stderr, flush=True)\n"
+        "def never_writes():\n    time.sleep(3600)\nnever_writes()\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(AssertionError) as failure:
+        kill_when_written("hangs_early", workdir=tmp_path / "w", pattern="done", timeout=5)
+    message = str(failure.value)
+    assert "still running after 5 s" in message, f"the failure names the timeout: {message}"
+    assert "waiting" in message and "never_writes" in message, (
+        f"the failure shows the stderr and where it hung: {message}")
+
+
+def test_a_binary_that_crashes_before_it_can_be_killed_fails_with_its_stderr(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "crashes.py").write_text("raise RuntimeError('broken before any checkpoint')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with pytest.raises(AssertionError) as failure:
+        kill_when_written("crashes", workdir=tmp_path / "w", pattern="done", timeout=60)
+    message = str(failure.value)
+    assert "ended with exit code 1 first" in message, f"the failure names the exit: {message}"
+    assert "broken before any checkpoint" in message, f"the failure shows why: {message}"
