@@ -203,6 +203,14 @@ def _quiet_backend_probing() -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
+def _escape_percent_in_usage() -> None:
+    """Doubles each '%' of the main module's docstring: absl's `--help` %-formats it with
+    the program's name, and "89.4% at" would print as "89.4'<path>'t" (a %a)."""
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and main_module.__doc__:
+        main_module.__doc__ = main_module.__doc__.replace("%", "%%")
+
+
 def run(main: Callable[[list[str]], Any]) -> NoReturn:
     """Like `absl.app.run(main)`, but bad flags exit with code 2 and one stderr line.
 
@@ -230,4 +238,5 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
                 remove_if_unused(flags.FLAGS.workdir, up_to=created)
             _exit_bad_flag(str(error))
 
+    _escape_percent_in_usage()
     app.run(main_reporting_flag_errors, flags_parser=_parse_flags)

@@ -12,6 +12,8 @@ from dpfed.train import cli
 from tests.binary import workdir_locked_by_another_process
 
 _BINARY = textwrap.dedent("""
+    \"\"\"A test binary: 89.4% at eps 9.\"\"\"
+
     import pathlib
 
     from absl import flags
@@ -61,6 +63,14 @@ def _run(tmp_path, *args, env=None):
         timeout=60,
         env={**(os.environ if env is None else env), "PYTHONPATH": str(_REPO)},
     )
+
+
+def test_help_shows_the_docstring_as_written(tmp_path):
+    # absl %-formats the docstring with the program's name: "89.4% at" became
+    # "89.4'/path/binary.py't" (%a) before cli.run escaped it.
+    result = _run(tmp_path, "--helpshort")
+    assert "A test binary: 89.4% at eps 9." in result.stdout, (
+        f"--helpshort must print the docstring unchanged: {result.stdout[:300]}")
 
 
 def _stderr_lines(result):
