@@ -27,33 +27,56 @@ def run_binary(
     """`python -m module args` from the repo root; asserts exit 0 when `check`.
 
     A run still going after `timeout` seconds fails the test with what it wrote to stderr
-    and every thread's Python stack: its process group (with any processes it started, e.g.
-    `launch.multihost local`'s) gets SIGABRT, which `PYTHONFAULTHANDLER` turns into a stack
-    dump, then SIGKILL. A hang that shows up once in many runs is then seen where it hangs.
+    and every thread's Python stack (`_end_group`). A hang that shows up once in many runs
+    is then seen where it hangs.
     """
     cmd = [sys.executable, "-m", module, *args]
-    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True) as proc:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc, hung = _start(cmd, env, stdout=out, stderr=err), False
         try:
-            stdout, stderr = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGABRT)
-            try:
-                stdout, stderr = proc.communicate(timeout=STACK_DUMP_SECONDS)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                stdout, stderr = proc.communicate()
-            raise AssertionError(
-                f"{cmd} was still running after {timeout} s; its stderr, with every "
-                f"thread's stack at SIGABRT:\n{without_module_lists(stderr)[-12000:]}"
-            ) from None
+            hung = True
         finally:
-            _signal_group(proc.pid, signal.SIGKILL)  # no process of the run outlives it
+            _end_group(proc, dump_stacks=hung)
+        stdout, stderr = _read(out), _read(err)
+    if hung:
+        raise AssertionError(
+            f"{cmd} was still running after {timeout} s; its stderr, with every "
+            f"thread's stack at SIGABRT:\n{without_module_lists(stderr)[-12000:]}")
     result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, f"{cmd} failed:\n{stderr[-3000:]}"
     return result
+
+
+def _start(cmd: list[str], env: dict[str, str] | None, stdout, stderr) -> subprocess.Popen:
+    """Starts `cmd` from the repo root in a process group of its own (which the processes
+    it starts join), with `PYTHONFAULTHANDLER` on: SIGABRT prints every thread's stack."""
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
+                            start_new_session=True)
+
+
+def _end_group(proc: subprocess.Popen, dump_stacks: bool) -> None:
+    """Ends every process of `proc`'s group, so none outlives the test. With `dump_stacks`
+    (a hang) the group first gets SIGABRT and up to `STACK_DUMP_SECONDS` to print its
+    stacks, e.g. every process of a `launch.multihost local` job."""
+    if dump_stacks:
+        deadline = time.time() + STACK_DUMP_SECONDS
+        _signal_group(proc.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STACK_DUMP_SECONDS)
+        while _group_exists(proc.pid) and time.time() < deadline:
+            time.sleep(0.05)
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _read(file) -> str:
+    """All that was written to the temporary `file`."""
+    file.seek(0)
+    return file.read()
 
 
 def without_module_lists(text: str) -> str:
@@ -67,6 +90,15 @@ def _signal_group(pgid: int, signum: int) -> None:
     """Sends `signum` to every process of the group `pgid`, if any is left."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
+
+
+def _group_exists(pgid: int) -> bool:
+    """Whether any process of the group `pgid` is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def cpu_devices_env(count: int) -> dict[str, str]:
@@ -85,29 +117,22 @@ def _kill_when(
     crash, or the run finished too soon), or if `timeout` seconds passed first (a hang:
     then with every thread's stack, as `run_binary`)."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
-    with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=stderr, start_new_session=True)
+    with tempfile.TemporaryFile("w+") as err:
+        proc, hung = _start(cmd, None, stdout=subprocess.DEVNULL, stderr=err), False
         try:
             deadline = time.time() + timeout
             while time.time() < deadline and proc.poll() is None and not condition():
                 time.sleep(interval)
             held, running = condition(), proc.poll() is None
-            if not held and running:
-                _signal_group(proc.pid, signal.SIGABRT)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=STACK_DUMP_SECONDS)
+            hung = not held and running
         finally:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _end_group(proc, dump_stacks=hung)
         if not held:
-            stderr.seek(0)
             how = (f"was still running after {timeout} s (stacks at SIGABRT below)" if running
                    else f"ended with exit code {proc.returncode} first")
             raise AssertionError(
                 f"{cmd}: the condition to kill it never held; it {how}. Its stderr:\n"
-                f"{without_module_lists(stderr.read())[-12000:]}")
+                f"{without_module_lists(_read(err))[-12000:]}")
     return running
 
 
