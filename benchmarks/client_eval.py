@@ -38,14 +38,14 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed evaluations per path (best)
                                 lower_bound=1)
 
 
-def padded_accuracy(model) -> evaluation.MetricFn:
-    """Each client's accuracy over its padded slots, masked (the padded-slot path)."""
+def over_padded_slots(example_fn: evaluation.ExampleFn) -> evaluation.MetricFn:
+    """`example_fn` run on each client's padded slots and averaged over its real ones
+    (masked): the padded-slot path, for `make_client_evaluator`."""
 
     def metric_fn(params, client_state, client, context):
         del client_state, context
-        images, labels = client.arrays
-        correct = (jnp.argmax(model.apply(params, images), -1) == labels).astype(jnp.float32)
-        return {"accuracy": local.masked_mean(correct, client.mask)}
+        return {name: local.masked_mean(values, client.mask)
+                for name, values in example_fn(params, client.arrays).items()}
 
     return metric_fn
 
@@ -75,8 +75,9 @@ def main(argv: list[str]) -> None:
             dataset=_DATASET.value, num_clients=_CLIENTS.value, clients_per_round=1,
             partition=partition, dirichlet_alpha=_ALPHA.value, nodp=True), train)
         on_device = jax.device_put(clients)
-        padded = evaluation.make_client_evaluator(padded_accuracy(model))
-        packed = evaluation.make_example_evaluator(classifier.example_accuracy(model), clients)
+        accuracy = classifier.example_accuracy(model)  # the same figure on both paths
+        padded = evaluation.make_client_evaluator(over_padded_slots(accuracy))
+        packed = evaluation.make_example_evaluator(accuracy, clients)
         a = np.asarray(padded(params, on_device)["accuracy"])  # compiles both
         b = np.asarray(packed(params)["accuracy"])
         slow = best_seconds(padded, params, on_device, repeats=_REPEATS.value)
