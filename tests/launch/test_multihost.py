@@ -121,9 +121,14 @@ def _run_local_job(logs, *args, timeout=600):
         return run_binary("launch.multihost", "local", f"--log_dir={logs}", *args,
                           check=False, timeout=timeout)
     except AssertionError as error:
-        log = logs / "process_1.log"
-        other = without_module_lists(log.read_text())[-6000:] if log.exists() else "(no log)"
-        raise AssertionError(f"{error}\nprocess 1 ({log}):\n{other}") from None
+        raise AssertionError(f"{error}\n{_process_1_log(logs)}") from None
+
+
+def _process_1_log(logs) -> str:
+    """The end of process 1's log under `logs`, for a failure message."""
+    log = logs / "process_1.log"
+    text = without_module_lists(log.read_text())[-6000:] if log.exists() else "(no log)"
+    return f"process 1 ({log}):\n{text}"
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +143,7 @@ def two_process_job(tmp_path_factory):
             logs, "--num_processes=2", "--devices_per_process=2", *LOCAL_JOB,
             f"--rounds={rounds}", f"--workdir={workdir}")
         assert result.returncode == 0, (
-            f"the 2-process job failed:\n{result.stderr[-3000:]}\nprocess 1:\n"
-            f"{(logs / 'process_1.log').read_text()[-3000:]}")
+            f"the 2-process job failed:\n{result.stderr[-3000:]}\n{_process_1_log(logs)}")
         outputs.append(result.stdout)
     env = cpu_devices_env(4)
     run_binary(*LOCAL_JOB, "--rounds=6", f"--workdir={one}", env=env)
@@ -285,8 +289,7 @@ def test_every_multi_host_binary_runs_as_a_two_process_job(binary, tmp_path):
         logs, "--num_processes=2", "--devices_per_process=2", module, *flags,
         f"--workdir={two}")
     assert result.returncode == 0, (
-        f"{binary} in 2 processes:\n{result.stderr[-3000:]}\nprocess 1:\n"
-        f"{(logs / 'process_1.log').read_text()[-3000:]}")
+        f"{binary} in 2 processes:\n{result.stderr[-3000:]}\n{_process_1_log(logs)}")
     env = cpu_devices_env(4)
     run_binary(module, *flags, f"--workdir={one}", env=env)
     two_files, one_files = _released(two), _released(one)
