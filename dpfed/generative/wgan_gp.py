@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from dpfed.federated import client_data
+from dpfed.federated.local import masked_mean
 from dpfed.models import gan
 
 PyTree = Any
@@ -87,12 +88,6 @@ def to_gan_range(images: jax.Array) -> jax.Array:
 def from_gan_range(images: jax.Array) -> jax.Array:
     """[-1, 1] images -> [0, 1] (the generator contract's range), clipped."""
     return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0)
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of `values` over the True entries of `mask` (0 when there are none)."""
-    mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def gradient_penalty(

@@ -46,3 +46,10 @@ def test_local_training_needs_a_step_and_a_batch():
     with pytest.raises(ValueError, match="num_steps"):
         local_training(mean_loss, optax.sgd(0.1), num_steps=0, batch_size=2)
 
+
+def test_masked_mean_averages_the_masked_rows_only():
+    values = jnp.array([1.0, 2.0, 6.0])
+    assert float(masked_mean(values, jnp.array([True, True, False]))) == 1.5, (
+        "the mean of the two masked-in rows is 1.5: masked rows must not count in the divisor"
+    )
+    assert float(masked_mean(values, jnp.zeros(3, bool))) == 0.0, "no rows: 0"

@@ -158,14 +158,6 @@ def test_gradient_penalty_draws_an_interpolation_point_per_row():
         "both rows got the same interpolate: alpha must be drawn per example")
 
 
-def test_masked_mean_averages_the_masked_rows_only():
-    values = jnp.array([1.0, 2.0, 6.0])
-    assert float(wgan_gp.masked_mean(values, jnp.array([True, True, False]))) == 1.5, (
-        "the mean of the two masked-in rows is 1.5: masked rows must not count in the divisor"
-    )
-    assert float(wgan_gp.masked_mean(values, jnp.zeros(3, bool))) == 0.0, "no rows: 0"
-
-
 def test_discriminator_loss_is_fake_score_minus_real_score():
     # D(x) = <w, x> with w = 1/2: real zeros score 0, fake ones (4 pixels) score 2.
     params = {"params": {"Dense_0": {"kernel": jnp.full((4, 1), 0.5)}}}
