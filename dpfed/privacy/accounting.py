@@ -175,6 +175,24 @@ def epsilon(
     return eps
 
 
+def rdp_epsilon(
+    event: DpEvent,
+    delta: float,
+    relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
+) -> float:
+    """RDP eps of `event` at `delta` (`epsilon` with the RDP accountant, never None).
+
+    Raises:
+      ValueError: the RDP accountant does not support `event` under `relation` (e.g.
+        sampling without replacement under add/remove-one).
+    """
+    eps = epsilon(event, delta, relation, "rdp")
+    if eps is None:
+        raise ValueError(
+            f"{event} is not supported under {relation.name.lower()} by the RDP accountant")
+    return eps
+
+
 def is_whole_number(value: object) -> bool:
     """True for an int or a finite float of integral value (not a bool, NaN or inf)."""
     return (
@@ -259,11 +277,15 @@ def calibrate_noise_multiplier(
 
     Uses `dp_accounting.calibrate_dp_mechanism`; the answer errs on the safe side
     (slightly more noise than the exact solution).
+
+    Raises:
+      CalibrationError: the target is not finite and positive, or out of reach.
+      ValueError: the RDP accountant does not support the events under `relation`.
     """
     if not 0 < target_epsilon < math.inf or not 0 < delta < 1:
         raise CalibrationError(
             f"need a finite eps > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
-    if epsilon(make_event(max_noise_multiplier), delta, relation) > target_epsilon:
+    if rdp_epsilon(make_event(max_noise_multiplier), delta, relation) > target_epsilon:
         raise CalibrationError(
             f"eps={target_epsilon} at delta={delta} is out of reach even with noise "
             f"multiplier {max_noise_multiplier}"
@@ -276,7 +298,7 @@ def calibrate_noise_multiplier(
         dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
         tol=1e-4,
     )
-    if epsilon(make_event(z), delta, relation) > target_epsilon:  # defensive; never loosen
+    if rdp_epsilon(make_event(z), delta, relation) > target_epsilon:  # defensive; never loosen
         raise CalibrationError(f"calibration returned z={z} above the target eps")
     return float(z)
 

@@ -149,6 +149,16 @@ def test_calibration_refuses_a_target_that_is_not_finite(target):
         accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, target, 1e-5)
 
 
+def test_calibration_names_an_event_the_accountant_cannot_account():
+    # Sampling without replacement needs replace-one; under the default add/remove-one
+    # the accountant returns no eps, which was compared with the target (TypeError).
+    def make(z):
+        return accounting.dpsgd_event(z, 10, sampling="fixed", population=100, expected_size=10)
+
+    with pytest.raises(ValueError, match="not supported"):
+        accounting.calibrate_noise_multiplier(make, 1.0, 1e-5)
+
+
 def test_sampled_event_rejects_bad_sizes():
     with pytest.raises(ValueError, match="expected_size"):
         accounting.sampled_gaussian_event(
