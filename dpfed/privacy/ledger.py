@@ -154,10 +154,12 @@ class PrivacyLedger:
         return accounting.epsilon(self.composed_event(), self.delta, self.relation, accountant)
 
     def epsilon_with(self, event: DpEvent, count: int = 1) -> float:
-        """RDP eps the ledger would have after recording `count` x `event`."""
-        return accounting.epsilon(
-            self.composed_event(event, count), self.delta, self.relation, "rdp"
-        )
+        """RDP eps the ledger would have after recording `count` x `event`.
+
+        Raises:
+          ValueError: the RDP accountant cannot account for `event` (as `record`).
+        """
+        return accounting.rdp_epsilon(self.composed_event(event, count), self.delta, self.relation)
 
     def check_budget(self, event: DpEvent, count: int = 1) -> None:
         """Raises BudgetExceededError if recording `event` would exceed target_epsilon."""

@@ -112,6 +112,15 @@ def test_ledger_refuses_events_it_cannot_account():
         ledger.record(swor)  # sampling without replacement needs replace-one
 
 
+def test_budget_check_refuses_events_it_cannot_account():
+    # epsilon_with returned None for such an event, and check_budget compared it with the
+    # target (TypeError) instead of refusing it as `record` does.
+    ledger = _ledger(target_epsilon=1.0)
+    swor = dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(0.5))
+    with pytest.raises(ValueError, match="not supported"):
+        ledger.check_budget(swor)
+
+
 def test_budget_guard_stops_before_exceeding():
     ledger = _ledger(target_epsilon=1.0)
     n = ledger.affordable_count(STEP, 100000)
