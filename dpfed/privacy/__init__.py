@@ -7,6 +7,7 @@ from dpfed.privacy.accounting import (
     dpsgd_event,
     epsilon,
     is_whole_number,
+    rdp_epsilon,
     relation_for,
     sampled_gaussian_event,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "is_whole_number",
     "poisson_chunk_size",
     "poisson_sample",
+    "rdp_epsilon",
     "relation_for",
     "sampled_gaussian_event",
 ]

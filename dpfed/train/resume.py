@@ -436,7 +436,7 @@ def _still_calibrated(
         return False
 
     def eps(noise: float) -> float:
-        return privacy.epsilon(make_event(noise), delta, relation)
+        return privacy.rdp_epsilon(make_event(noise), delta, relation)
 
     return eps(z) <= target_epsilon < eps(z * (1 - KEEP_NOISE_TOLERANCE))
 
