@@ -21,8 +21,9 @@ def global_l2_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def clip_to_norm(tree: PyTree, l2_clip: float) -> tuple[PyTree, jax.Array]:
-    """Scales `tree` so that its global L2 norm is at most `l2_clip`.
+def clip_to_norm(tree: PyTree, l2_clip: jax.Array | float) -> tuple[PyTree, jax.Array]:
+    """Scales `tree` so that its global L2 norm is at most `l2_clip` (a traced scalar under
+    adaptive clipping).
 
     Returns the clipped tree and the norm before clipping. A zero tree stays zero.
     """
