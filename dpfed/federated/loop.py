@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
+from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated.dp_fedavg import DpFedAvg, ServerState
+from dpfed.federated.dp_fedavg import DpFedAvg, RoundMetrics, ServerState
 from dpfed.federated.mesh import settle
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
@@ -47,8 +48,22 @@ def round_key(seed: int, round_index: int) -> jax.Array:
                               round_index)
 
 
+class RoundEngine(Protocol):
+    """What `run_rounds` drives: a `DpFedAvg`, or an engine wrapping one (`DpFedAvgGan`)."""
+
+    def round(
+        self, state: ServerState, key: jax.Array, *, donate: bool = False
+    ) -> tuple[ServerState, RoundMetrics]:
+        """One round from `state` (deleted when `donate`)."""
+        ...
+
+    def round_event(self) -> dp_event.DpEvent | None:
+        """The DpEvent of one round, None when no noise is added."""
+        ...
+
+
 def run_rounds(
-    engine: DpFedAvg,
+    engine: RoundEngine,
     state: ServerState,
     *,
     rounds: int,
@@ -68,8 +83,8 @@ def run_rounds(
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
     Args:
-      engine: the DP-FedAvg engine; its `round_event()` is recorded once per round, and
-        each `round(state, key, donate=True)` takes the state it is given.
+      engine: the DP-FedAvg engine (or one wrapping it); its `round_event()` is recorded
+        once per round, and each `round(state, key, donate=True)` takes the state it is given.
       state: the round-0 state (also the template for restoring a checkpoint).
       rounds: the total number of rounds of the run.
       seed: seeds the round keys.
