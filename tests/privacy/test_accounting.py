@@ -205,3 +205,25 @@ def test_a_clip_norm_that_is_not_finite_is_refused():
     for clip in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="C"):
             accounting.gaussian_sigma_for_sum(1.0, clip)
+
+
+def test_fixed_size_sampling_refuses_a_size_that_is_not_whole():
+    # int(2.5) would record a cohort of 2 where the caller meant another mechanism.
+    with pytest.raises(ValueError, match="integer size"):
+        accounting.sampled_gaussian_event(
+            dp_event.GaussianDpEvent(1.0), sampling="fixed", population=10, expected_size=2.5)
+
+
+def test_an_unknown_accountant_is_refused_by_name():
+    with pytest.raises(ValueError, match="'rdp' or 'pld'"):
+        accounting.epsilon(dp_event.GaussianDpEvent(1.0), 1e-5, accountant="prv")
+
+
+def test_calibration_refuses_a_z_the_solver_returns_above_the_target(monkeypatch):
+    # The last check of calibrate_noise_multiplier: a solver answer with too little noise
+    # (here half the safe z) must raise, never be returned as calibrated.
+    calibrate = dp_accounting.calibrate_dp_mechanism
+    monkeypatch.setattr(
+        dp_accounting, "calibrate_dp_mechanism", lambda *a, **k: 0.5 * calibrate(*a, **k))
+    with pytest.raises(accounting.CalibrationError, match="above the target"):
+        accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, 1.0, 1e-5)

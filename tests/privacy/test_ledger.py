@@ -203,3 +203,23 @@ def test_a_checkpoint_copy_says_its_pld_eps_was_not_computed():
     ledger.record(dp_event.GaussianDpEvent(1.0))
     note = ledger.to_json(with_pld=False)["pld_note"]
     assert "not computed" in note, f"PLD supports these events; the note must not say not: {note}"
+
+
+@pytest.mark.parametrize("field", ["source_dataset_size", "sample_size"])
+def test_a_ledger_json_with_a_fractional_cohort_or_population_is_refused(field):
+    # dp_accounting's RDP accountant takes a fractional size under replace-one and returns
+    # an eps for a mechanism that cannot exist; a tampered ledger.json must not pass.
+    ledger = PrivacyLedger("example", "replace_one", 1e-5)
+    ledger.record(dp_event.SampledWithoutReplacementDpEvent(100, 10, dp_event.GaussianDpEvent(1.0)))
+    data = json.loads(json.dumps(ledger.to_json()))
+    data["events"][0][field] += 0.5
+    with pytest.raises(ValueError, match="whole numbers"):
+        PrivacyLedger.from_json(data)
+
+
+@pytest.mark.parametrize("name", ["NoSuchDpEvent", "Mapping", "attr"])
+def test_a_ledger_json_naming_no_dp_event_type_is_refused(name):
+    # Only DpEvent classes of dp_event may be built from a stored ledger: a name that is
+    # not one (or not there) must fail with a message naming it.
+    with pytest.raises(ValueError, match=f"unknown DpEvent type '{name}'"):
+        event_from_json({"type": name})
