@@ -165,6 +165,20 @@ class _RawParam(nn.Module):
             NotImplementedError,
             "CIRCULAR",
         ),
+        # Depthwise/grouped and input-dilated convs: the per-example norm of their kernel
+        # gradient is not what the fast path computes (a wrong norm is a wrong clip).
+        (
+            nn.Sequential([nn.Conv(2, (1, 1)), nn.Conv(2, (3, 3), feature_group_count=2),
+                           lambda x: x.sum((1, 2))]),
+            NotImplementedError,
+            "feature groups",
+        ),
+        (
+            nn.Sequential([nn.Conv(2, (3, 3), input_dilation=2, padding=((1, 1), (1, 1))),
+                           lambda x: x.sum((1, 2))]),
+            NotImplementedError,
+            "input dilation",
+        ),
     ],
 )
 def test_unsupported_models_are_refused(model, error, match):
