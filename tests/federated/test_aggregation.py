@@ -63,3 +63,27 @@ def test_count_query_gets_noise_of_std_sb_and_is_recorded_at_multiplier_two_sb()
         "not carry the noise its ledger event claims")
     assert aggregator.count_mechanism.dp_event() == dp_event.GaussianDpEvent(10.0), (
         "the count query is a Gaussian of multiplier 2 sb = 10 in its ledger event")
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"target_quantile": 0.0}, "target_quantile"),
+    ({"target_quantile": 1.5}, "target_quantile"),
+    ({"learning_rate": 0.0}, "learning_rate"),
+    ({"clipped_count_stddev": 0.0}, "clipped_count_stddev"),
+])
+def test_adaptive_clipping_refuses_a_setting_outside_its_range_naming_it(kwargs, field):
+    # E.g. a quantile of 1.5 would shrink C every round whatever the updates.
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        AdaptiveClipping(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"noise_multiplier": -1.0, "expected_clients": 10}, "noise_multiplier"),
+    ({"noise_multiplier": float("inf"), "expected_clients": 10}, "noise_multiplier"),
+    ({"noise_multiplier": 1.0, "expected_clients": 0}, "expected_clients"),
+    ({"noise_multiplier": 1.0, "expected_clients": -5}, "expected_clients"),
+])
+def test_private_aggregator_refuses_bad_noise_or_cohort_naming_it(kwargs, field):
+    # A cohort of 0 or -5 would divide the noised sum by it: an inf or sign-flipped mean.
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        PrivateAggregator(**kwargs)

@@ -387,3 +387,32 @@ def test_a_donating_round_gives_the_same_state_and_deletes_the_old_one():
     np.testing.assert_array_equal(np.asarray(donated.params), np.asarray(kept.params),
                                   err_msg="donating the state changed the round's result")
     assert state.params.is_deleted(), "a donated state's buffers must be taken, not copied"
+
+
+def test_eps_with_a_population_refuses_fewer_users_than_a_fixed_cohort():
+    # A fixed cohort of 5 cannot be drawn without replacement from 3 users: no eps for it.
+    engine = make_engine(random_deltas(10), sampling="fixed", clients_per_round=5,
+                         l2_clip=0.5, noise_multiplier=1.0)
+    ledger = engine.user_ledger(1e-5, "test")
+    ledger.record(engine.round_event(), 3)
+    with pytest.raises(ValueError, match="fewer than a round's cohort of 5"):
+        engine.epsilon_with_population(ledger, 3, 1e-5)
+
+
+def test_eps_with_a_population_refuses_a_ledger_that_does_not_record_its_users():
+    # Without num_users a Poisson round's expected cohort is unknown; guessing it from the
+    # engine would misstate eps for a ledger of another population.
+    engine = make_engine(random_deltas(10), sampling="poisson", clients_per_round=5,
+                         l2_clip=0.5, noise_multiplier=1.0)
+    ledger = engine.user_ledger(1e-5, "test")
+    ledger.record(engine.round_event(), 3)
+    del ledger.metadata["num_users"]
+    with pytest.raises(ValueError, match="num_users"):
+        engine.epsilon_with_population(ledger, 1000, 1e-5)
+
+
+def test_a_chunk_size_that_does_not_split_over_the_devices_is_refused():
+    devices = client_mesh().shape["clients"]
+    assert devices > 1, "the suite runs on 8 fake CPU devices (tests/conftest.py)"
+    with pytest.raises(ValueError, match=f"multiple of {devices} devices"):
+        make_engine(random_deltas(16), chunk_size=devices + 1)
