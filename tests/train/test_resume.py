@@ -482,6 +482,24 @@ def test_rerun_without_checkpoints_of_another_ledger_json_is_refused(tmp_path, m
     assert error.value.field == "workdir", error.value.field
 
 
+
+@pytest.mark.parametrize("text", [
+    '{"unit": "exa',  # truncated: not JSON
+    "[]",  # JSON, not an object
+    "{}",  # an object without a ledger's fields
+    '{"unit": "example", "neighboring_relation": "add_or_remove_one", "delta": 1e-05, '
+    '"events": [{"type": "NoSuchDpEvent"}]}',  # an event that is not a DpEvent
+])
+def test_rerun_without_checkpoints_over_an_unreadable_ledger_json_is_refused(tmp_path, text):
+    # With no checkpoint, ledger.json alone says how the finished run's releases were made;
+    # a damaged one cannot say, so a replay (which would overwrite it) must be refused.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    (tmp_path / "ledger.json").write_text(text)
+    with pytest.raises(ConfigError, match="ledger.json is unreadable") as error:
+        start(tmp_path, ledger())
+    assert error.value.field == "workdir", error.value.field
+    assert (tmp_path / "ledger.json").read_text() == text, "a refused rerun must not touch it"
+
 def test_rerun_without_checkpoints_or_metrics_of_a_finished_run_checks_its_config(tmp_path):
     wd = Workdir(tmp_path)
     wd.pin_config(Config(), resuming=False)
