@@ -245,3 +245,42 @@ def test_calibrated_run_killed_past_its_checkpoint_resumes_to_the_uninterrupted_
         "a killed and resumed run must end with the uninterrupted run's parameters")
     ledgers = [json.loads((tmp_path / d / "ledger.json").read_text()) for d in ("whole", "killed")]
     assert ledgers[0]["events"] == ledgers[1]["events"], "and with the same ledger"
+
+
+def test_nodp_poisson_step_is_the_unclipped_mean_over_the_realised_batch():
+    # The non-private baseline: no clip, no noise, the mean over the examples drawn (its
+    # padding slots, index 0, must weigh nothing).
+    model, params, images, labels = _tiny(n=40)
+    # Example 0 fills the padding slots; _tiny's model fits it (gradient ~1e-7): mislabel
+    # it so that padding counted by mistake would show.
+    labels = labels.at[0].set((labels[0] + 1) % 3)
+    config = dpsgd.DpSgdConfig(batch_size=10, optimizer="sgd", learning_rate=0.1, nodp=True,
+                               noise_multiplier=None)
+    opt = dpsgd.make_optimizer("sgd", 0.1)
+    step = dpsgd.make_train_step(model, opt, config, 40, None)
+    for seed in range(100):  # a key whose realised batch size differs from E[B] = 10
+        key = jax.random.key(seed)
+        indices, count = privacy.poisson_sample(jax.random.split(key)[0], 40, 10 / 40)
+        if int(count) != 10:
+            break
+    new = step(_state(params, opt), images, labels, key)
+    expected = _expected_update(
+        model, params, images, labels, np.asarray(indices[: int(count)]), 1e9, float(count), 0.1
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=(
+            f"a --nodp step must be the plain mean gradient of the {int(count)} examples drawn"))
+
+
+def test_nodp_run_writes_no_ledger_and_claims_no_privacy(tmp_path):
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=2, batch_size=16,
+                               nodp=True, noise_multiplier=None, eval_every=1)
+    summary = dpsgd.train(config, tmp_path, log=lambda _: None)
+    claims = {k: summary[k] for k in ("epsilon_rdp", "epsilon_pld", "delta", "noise_multiplier")}
+    assert claims == dict.fromkeys(claims), f"a non-private run must claim no DP: {claims}"
+    assert not (tmp_path / "ledger.json").exists(), "a non-private run has no ledger"
+    records = Workdir(tmp_path).read_metrics()
+    assert [r["epsilon_rdp"] for r in records] == [None, None], records
+    assert "no privacy guarantee" in (tmp_path / "report.md").read_text()
