@@ -84,8 +84,9 @@ def _stderr_lines(result):
         (["--clip_norm=-1"], "--clip_norm"),
         (["--delta=1.5"], "--delta"),
         (["--no_such_flag=1"], "--no_such_flag"),
+        (["--flagfile=launch/no_such_file.flags"], "--flagfile"),
     ],
-    ids=["enum", "lower_bound", "flag_error", "unknown"],
+    ids=["enum", "lower_bound", "flag_error", "unknown", "missing_flagfile"],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
     result = _run(tmp_path, *args)
