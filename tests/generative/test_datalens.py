@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from dp_accounting import dp_event, rdp
+from dp_accounting import dp_event, pld, rdp
 
 from dpfed import data as data_lib
 from dpfed.federated import mesh as mesh_lib
@@ -326,6 +326,27 @@ def test_batch_scope_records_one_event_per_step(tmp_path):
     assert ledger["metadata"]["mechanism"].endswith("one Gaussian event per aggregated batch"), (
         f"the ledger must describe batch-scope votes: {ledger['metadata']['mechanism']}")
 
+
+
+def test_balanced_partition_run_is_accounted_under_replace_one_as_the_same_gaussians(tmp_path):
+    # The balanced scheme is sound under replace-one only; its votes are the same Gaussian
+    # mechanism, so both accountants must give the eps of add/remove-one's reading of z
+    # (the PLD one reported 22.6 for a mechanism of eps 9.3 before 2026-12-01).
+    summary, run_dir = _train(tmp_path, "balanced", partition="balanced", steps=2)
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    z = TINY.sigma / math.sqrt(4 * TINY.topk)
+    aggregations = 2 * TINY.batch_size
+    composed = dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(z), aggregations)
+    pld_accountant = pld.PLDAccountant()
+    pld_accountant.compose(composed)
+    assert ledger["neighboring_relation"] == summary["neighboring_relation"] == "replace_one"
+    assert ledger["epsilon_rdp"] == pytest.approx(_direct_epsilon(z, aggregations, 1e-5), 1e-9)
+    assert ledger["epsilon_pld"] == pytest.approx(pld_accountant.get_epsilon(1e-5), 1e-6), (
+        "PLD under replace-one must read z against the same sensitivity as add/remove-one")
+    n = data_lib.load(TINY.dataset, "train").num_examples
+    sizes = f"{n // TINY.num_teachers}-{-(-n // TINY.num_teachers)} examples each"
+    assert sizes in (run_dir / "report.md").read_text(), (
+        f"the report must publish the balanced sizes ({sizes}), a function of N and T alone")
 
 def test_resume_with_another_vote_scope_is_refused(tmp_path):
     _train(tmp_path, "run", steps=2)  # a checkpoint at step 2, per-sample votes
