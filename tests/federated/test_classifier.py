@@ -7,6 +7,7 @@ import pytest
 
 from dpfed import data, models
 from dpfed.federated import classifier
+from dpfed.train.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +37,14 @@ def test_example_accuracy_marks_each_example_right_or_wrong(padded):
     got = classifier.example_accuracy(model)(params, (images, labels))["accuracy"]
     np.testing.assert_array_equal(np.asarray(got), (predicted == labels).astype(np.float32),
                                   err_msg="1.0 where the prediction is the label, else 0.0")
+
+
+def test_an_unreachable_target_epsilon_is_a_config_error_naming_it():
+    # The binary turns a ConfigError into exit 2 naming the flag; a bare CalibrationError
+    # would end it with a traceback instead.
+    config = classifier.FedAvgClassifierConfig(
+        num_clients=100, rounds=100, clients_per_round=100, sampling="fixed",
+        noise_multiplier=None, target_epsilon=1e-4)
+    with pytest.raises(ConfigError, match="out of reach") as error:
+        classifier.resolve_noise_multiplier(config)
+    assert error.value.field == "target_epsilon", f"names {error.value.field}, not the target"
