@@ -416,3 +416,9 @@ def test_a_chunk_size_that_does_not_split_over_the_devices_is_refused():
     assert devices > 1, "the suite runs on 8 fake CPU devices (tests/conftest.py)"
     with pytest.raises(ValueError, match=f"multiple of {devices} devices"):
         make_engine(random_deltas(16), chunk_size=devices + 1)
+
+
+@pytest.mark.parametrize("field", ["chunk_size", "clients_per_device_step"])
+def test_an_execution_width_below_one_is_refused_naming_it(field):
+    with pytest.raises(ValueError, match=f"^{field} must be >= 1"):
+        DpFedAvgConfig(clients_per_round=5, **{field: 0})
