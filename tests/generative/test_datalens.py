@@ -327,7 +327,6 @@ def test_batch_scope_records_one_event_per_step(tmp_path):
         f"the ledger must describe batch-scope votes: {ledger['metadata']['mechanism']}")
 
 
-
 def test_balanced_partition_run_is_accounted_under_replace_one_as_the_same_gaussians(tmp_path):
     # The balanced scheme is sound under replace-one only; its votes are the same Gaussian
     # mechanism, so both accountants must give the eps of add/remove-one's reading of z
@@ -347,6 +346,7 @@ def test_balanced_partition_run_is_accounted_under_replace_one_as_the_same_gauss
     sizes = f"{n // TINY.num_teachers}-{-(-n // TINY.num_teachers)} examples each"
     assert sizes in (run_dir / "report.md").read_text(), (
         f"the report must publish the balanced sizes ({sizes}), a function of N and T alone")
+
 
 def test_resume_with_another_vote_scope_is_refused(tmp_path):
     _train(tmp_path, "run", steps=2)  # a checkpoint at step 2, per-sample votes
