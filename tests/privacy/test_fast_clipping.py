@@ -179,6 +179,20 @@ class _RawParam(nn.Module):
             NotImplementedError,
             "input dilation",
         ),
+        # A layer whose rows are not the examples (here 4 rows of 8 features from 2
+        # examples): its per-row norms are not per-example norms.
+        (
+            nn.Sequential([lambda x: x.reshape(-1, 8), nn.Dense(3), lambda x: x.reshape(2, -1)]),
+            ValueError,
+            "input leading axis 4 is not the batch axis",
+        ),
+        # A 1-D conv on [batch, H, W, C]: flax folds H into the batch, so the per-example
+        # norms would be per (example, row).
+        (
+            nn.Sequential([nn.Conv(2, (3,)), lambda x: x.sum((1, 2))]),
+            ValueError,
+            "input must be \\[batch, \\*spatial, features\\]",
+        ),
     ],
 )
 def test_unsupported_models_are_refused(model, error, match):
