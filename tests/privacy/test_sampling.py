@@ -3,8 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from dpfed.privacy import chunked_sum, fixed_size_sample, poisson_sample
+from dpfed.privacy import chunked_sum, fixed_size_sample, poisson_chunk_size, poisson_sample
 
 
 def test_poisson_sample_sizes_match_rate():
@@ -48,3 +49,18 @@ def test_chunked_sum_covers_each_selected_record_once_even_when_overflowing():
 def test_chunked_sum_of_empty_sample_is_zero():
     out, _ = _sum_of_selected(jnp.zeros(10, jnp.int32), jnp.int32(0), 4)
     assert float(out["n"]) == 0 and float(out["total"]) == 0
+
+
+@pytest.mark.parametrize(
+    "expected,multiple",
+    [(0.0, 1), (-3.0, 1), (float("nan"), 1), (10.0, 0)],
+)
+def test_poisson_chunk_size_refuses_an_empty_expected_sample_or_a_multiple_below_one(
+    expected, multiple
+):
+    # Unchecked, E <= 0 gives a chunk of <= 0 records (chunked_sum divides by it), NaN
+    # fails in math.ceil with an unrelated message, and multiple 0 divides by zero.
+    with pytest.raises(ValueError, match="need expected > 0 and multiple >= 1") as error:
+        poisson_chunk_size(expected, population=100, multiple=multiple)
+    assert f"got {expected}, {multiple}" in str(error.value), (
+        f"the refusal must name the values given: {error.value}")
