@@ -208,6 +208,16 @@ def test_batch_scope_is_one_k_sparse_vote_per_teacher_on_the_whole_batch():
         _run(ensemble, TOPAGG, key, scope="pixel")
 
 
+@pytest.mark.parametrize("num_teachers,chunk", [(0, 2), (-1, 2), (3, 0)])
+def test_ensemble_without_a_teacher_or_with_an_empty_chunk_is_refused(num_teachers, chunk):
+    # Unchecked, a 0 ends in a ZeroDivisionError while sizing the padded teacher axis,
+    # and -1 teachers silently build an ensemble with a padded axis of -1.
+    with pytest.raises(ValueError, match="need num_teachers >= 1 and chunk >= 1") as error:
+        _ensemble(num_teachers, chunk, devices=jax.devices()[:1])
+    assert f"got {num_teachers}, {chunk}" in str(error.value), (
+        f"the refusal must name the values given: {error.value}")
+
+
 def test_teacher_axis_is_sharded_over_the_mesh():
     ensemble = _ensemble(20, 2, jax.devices())
     state = ensemble.init(jax.random.key(0), jnp.zeros((8, 8, 1)))

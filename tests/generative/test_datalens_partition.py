@@ -65,6 +65,17 @@ def test_more_teachers_than_examples_is_refused():
         partition_teachers(images, labels, 504, seed=0)
 
 
+@pytest.mark.parametrize("scheme", list(PARTITION_RELATIONS))
+def test_images_and_labels_of_different_lengths_are_refused(scheme):
+    # Unchecked, both schemes split range(len(labels)): the extra image would be in no
+    # partition, silently left out of training.
+    images, labels = _unbalanced()
+    extra = np.concatenate([images, images[:1]])
+    with pytest.raises(ValueError, match=r"images \(504\) and labels \(503\) differ") as error:
+        partition_teachers(extra, labels, 5, seed=0, scheme=scheme)
+    assert "differ in length" in str(error.value), f"the refusal must say why: {error.value}"
+
+
 def test_unknown_scheme_is_refused():
     images, labels = _unbalanced()
     with pytest.raises(ValueError, match="scheme"):
