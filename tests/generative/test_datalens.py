@@ -227,6 +227,37 @@ def test_teacher_axis_is_sharded_over_the_mesh():
     assert leaf.addressable_shards[0].data.shape[0] == 32 // len(jax.devices())
 
 
+@pytest.mark.parametrize(
+    "vote,project,loss",
+    [
+        (1.0, False, 16.0),  # target 1.5: pulled 0.5 beyond white
+        (1.0, True, 0.0),  # target clip(1.5) = 1: a white pixel is not pulled further up
+        (-1.0, True, 16.0),  # target 0.5 is in [0, 1]: the projection leaves it alone
+    ],
+    ids=["unprojected_up", "projected_up", "projected_down"],
+)
+def test_project_target_clips_the_student_target_to_the_image_range(
+    monkeypatch, vote, project, loss
+):
+    # A generator saturated at white (hard sigmoid of bias 10 + O(1) is exactly 1) and an
+    # aggregate of `vote` on every pixel: the target is 1 + 0.5 * vote, clipped to [0, 1]
+    # with project_target, and the reported loss is sum ||target - G(z)||^2 / batch size,
+    # here 64 pixels x (target - 1)^2.
+    monkeypatch.setattr(
+        datalens.TopAgg, "threshold", lambda self, noisy, t: jnp.full_like(noisy, vote))
+    config = dataclasses.replace(
+        TINY, generator_output="hard_sigmoid", generator_output_bias=10.0, step_size=0.5,
+        project_target=project)
+    lens = datalens.DataLens(config, 10, (8, 8, 1), mesh=datalens.make_mesh(jax.devices()[:1]))
+    state = lens.init(jax.random.key(0))
+    white, _ = lens.generator.sample(state["generator"]["params"], jax.random.key(1), 4)
+    assert np.all(np.asarray(white) == 1.0), "the set-up needs a generator saturated at white"
+    _, metrics = lens.generator_step(state, lens.ensemble.teacher_ids(), jax.random.key(2))
+    assert float(metrics["generator_loss"]) == pytest.approx(loss, abs=1e-6), (
+        f"project_target={project}, aggregate {vote:+} on white pixels, step 0.5: the loss "
+        f"{float(metrics['generator_loss'])} must be 64 x (clipped target - 1)^2 = {loss}")
+
+
 def _train(tmp_path, name, **changes):
     config = dataclasses.replace(TINY, **changes)
     return datalens.train(config, str(tmp_path / name), log=lambda _: None), tmp_path / name
