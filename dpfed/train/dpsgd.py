@@ -296,7 +296,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     n = train_ds.num_examples
     require(config.batch_size <= n, "batch_size", f"must be <= the {n} training examples")
     if not config.nodp and config.delta >= 1.0 / n:
-        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
+        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record",
+                        config.delta, 1.0 / n)
 
     model = models.get_classifier(config.model, train_ds.num_classes)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,31 @@ def _expected_update(model, params, images, labels, indices, clip, denominator, 
     batch = (images[indices], labels[indices])
     summed = privacy.clipped_grad_sum(loss, params, batch, jnp.ones(len(indices)), clip)
     return jax.tree_util.tree_map(lambda p, g: p - lr * g / denominator, params, summed.grad_sum)
+
+
+class _StopError(Exception):
+    """Ends a run once its set-up checks are done (before any model is built)."""
+
+
+def _stop(*args, **kwargs):
+    raise _StopError
+
+
+@pytest.mark.parametrize("delta,warns", [(1 / 1438, True), (1e-5, False)])
+def test_a_delta_of_at_least_one_over_n_is_warned_about(
+    tmp_path, monkeypatch, caplog, delta, warns
+):
+    # delta >= 1/N admits a mechanism that releases one of the N records in the clear.
+    monkeypatch.setattr(dpsgd.models, "get_classifier", _stop)  # right after the check
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=1, batch_size=16,
+                               delta=delta)  # digits: N = 1438 training examples
+    with caplog.at_level(logging.WARNING), pytest.raises(_StopError):
+        dpsgd.train(config, tmp_path, log=lambda _: None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g}: such a delta allows leaking a record"]
+    assert warnings == (expected if warns else []), (
+        f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
+        f"got {warnings}")
 
 
 def test_fixed_size_step_is_clipped_sum_over_batch_size():
