@@ -7,6 +7,7 @@ compiled DataLens (`training.build` caches it by model settings).
 import dataclasses
 import functools
 import json
+import logging
 import math
 
 import jax
@@ -256,6 +257,29 @@ def test_project_target_clips_the_student_target_to_the_image_range(
     assert float(metrics["generator_loss"]) == pytest.approx(loss, abs=1e-6), (
         f"project_target={project}, aggregate {vote:+} on white pixels, step 0.5: the loss "
         f"{float(metrics['generator_loss'])} must be 64 x (clipped target - 1)^2 = {loss}")
+
+
+class _StopError(Exception):
+    """Ends a run once its set-up checks are done (before the teachers are built)."""
+
+
+def _stop(*args, **kwargs):
+    raise _StopError
+
+
+@pytest.mark.parametrize("delta,warns", [(1 / 1438, True), (1e-5, False)])
+def test_a_delta_of_at_least_one_over_n_is_warned_about(
+    tmp_path, monkeypatch, caplog, delta, warns
+):
+    # delta >= 1/N admits a mechanism that releases one of the N records in the clear.
+    monkeypatch.setattr("dpfed.generative.datalens.training.build", _stop)  # after the check
+    with caplog.at_level(logging.WARNING), pytest.raises(_StopError):
+        _train(tmp_path, "run", delta=delta)  # digits: N = 1438 training examples
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g}: such a delta allows leaking a record"]
+    assert warnings == (expected if warns else []), (
+        f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
+        f"got {warnings}")
 
 
 def _train(tmp_path, name, **changes):

@@ -443,7 +443,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         config.topk <= dim, "topk", f"must be <= the {dim} coordinates of one vote's scope"
     )
     if config.delta >= 1.0 / n:
-        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record", config.delta, n)
+        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record",
+                        config.delta, 1.0 / n)
 
     lens = build(config, train_ds.num_classes, train_ds.image_shape)
     teacher_data = TeacherData(train_ds, config, lens.ensemble)
