@@ -10,7 +10,6 @@ The unit of privacy is one *user* (client): everything a client holds may change
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from collections.abc import Callable
 
@@ -248,9 +247,6 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
     require(config.num_clients <= train_ds.num_examples, "num_clients",
              f"must be <= the {train_ds.num_examples} training examples")
-    if not config.nodp and config.delta >= 1.0 / config.num_clients:
-        logging.warning("delta=%g >= 1/num_users: such a delta allows leaking a user",
-                        config.delta)
     clients = federate(config, train_ds)
 
     model = make_model(config, train_ds.num_classes)

@@ -280,8 +280,10 @@ class DpFedAvg:
         """An empty ledger for this engine's releases: unit one user, its sampling's relation.
 
         The metadata states the mechanism, the population, the sampling and the noise;
-        `metadata` adds the caller's fields (dataset, group, ...).
+        `metadata` adds the caller's fields (dataset, group, ...). Warns when `delta` >=
+        1/num_users (`privacy.warn_if_delta_too_large`).
         """
+        privacy.warn_if_delta_too_large(delta, self.num_clients, "user")
         return privacy.PrivacyLedger(
             unit="user",
             neighboring_relation=privacy.relation_for(self.sampler.scheme).name.lower(),

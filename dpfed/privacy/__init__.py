@@ -10,6 +10,7 @@ from dpfed.privacy.accounting import (
     rdp_epsilon,
     relation_for,
     sampled_gaussian_event,
+    warn_if_delta_too_large,
 )
 from dpfed.privacy.clipping import ClippedSum, clip_to_norm, clipped_grad_sum, global_l2_norm
 from dpfed.privacy.ledger import BudgetExceededError, PrivacyLedger, event_from_json, event_to_json
@@ -47,4 +48,5 @@ __all__ = [
     "rdp_epsilon",
     "relation_for",
     "sampled_gaussian_event",
+    "warn_if_delta_too_large",
 ]

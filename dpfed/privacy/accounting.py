@@ -193,6 +193,20 @@ def rdp_epsilon(
     return eps
 
 
+def warn_if_delta_too_large(delta: float, population: int, unit: str) -> bool:
+    """Logs a warning when `delta` >= 1/`population`; returns whether it warned.
+
+    Such a delta admits a mechanism that releases one `unit`'s data in the clear (of a
+    population of `population` units), so the guarantee says little.
+    """
+    if delta < 1.0 / population:
+        return False
+    logging.warning(
+        "delta=%g >= 1/N=%g (N=%d %ss): such a delta allows releasing one %s in the clear",
+        delta, 1.0 / population, population, unit, unit)
+    return True
+
+
 def is_whole_number(value: object) -> bool:
     """True for an int or a finite float of integral value (not a bool, NaN or inf)."""
     return (

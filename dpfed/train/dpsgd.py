@@ -17,7 +17,6 @@ noise, so resuming neither loses nor double-counts privacy spend.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -295,9 +294,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
     n = train_ds.num_examples
     require(config.batch_size <= n, "batch_size", f"must be <= the {n} training examples")
-    if not config.nodp and config.delta >= 1.0 / n:
-        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record",
-                        config.delta, 1.0 / n)
+    if not config.nodp:
+        privacy.warn_if_delta_too_large(config.delta, n, "example")
 
     model = models.get_classifier(config.model, train_ds.num_classes)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)

@@ -1,7 +1,5 @@
 """dpfed.federated.classifier: the client objective and the per-client accuracy."""
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,28 +48,3 @@ def test_an_unreachable_target_epsilon_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="out of reach") as error:
         classifier.resolve_noise_multiplier(config)
     assert error.value.field == "target_epsilon", f"names {error.value.field}, not the target"
-
-
-class _StopError(Exception):
-    """Ends a run once its set-up checks are done (before the clients are built)."""
-
-
-def _stop(*args, **kwargs):
-    raise _StopError
-
-
-@pytest.mark.parametrize("delta,warns", [(0.1, True), (1e-5, False)])
-def test_a_delta_of_at_least_one_over_the_users_is_warned_about(
-    tmp_path, monkeypatch, caplog, delta, warns
-):
-    # User-level DP: delta >= 1/num_users admits a mechanism that releases one user's data.
-    monkeypatch.setattr(classifier, "federate", _stop)  # right after the check
-    config = classifier.FedAvgClassifierConfig(
-        dataset="digits", num_clients=10, clients_per_round=5, noise_multiplier=1.0, delta=delta)
-    with caplog.at_level(logging.WARNING), pytest.raises(_StopError):
-        classifier.train(config, tmp_path, log=lambda _: None)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    expected = [f"delta={delta:g} >= 1/num_users: such a delta allows leaking a user"]
-    assert warnings == (expected if warns else []), (
-        f"delta={delta} with 10 users: {'one warning' if warns else 'no warning'} expected, "
-        f"got {warnings}")

@@ -1,5 +1,7 @@
 """The DP-FedAvg round: sensitivity, noise, non-finite updates, padding, sharding, states."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -303,6 +305,20 @@ def test_eps_with_another_population_keeps_the_ledgers_cohort_not_the_engines():
         ledger.epsilon(), rel=1e-9), "at its own population the ledger's eps must come back"
     assert two.epsilon_with_population(ledger, 1000, 1e-5) == pytest.approx(
         five.epsilon_with_population(ledger, 1000, 1e-5), rel=1e-12), "no engine dependence"
+
+
+@pytest.mark.parametrize("delta, warns", [(0.1, True), (0.099, False)])
+def test_a_user_ledger_warns_of_a_delta_of_at_least_one_over_the_users(caplog, delta, warns):
+    # User-level DP: delta >= 1/num_users admits a mechanism that releases one user's data;
+    # every federated binary's ledger comes from user_ledger.
+    engine = make_engine(random_deltas(10), sampling="poisson", clients_per_round=5,
+                         l2_clip=0.5, noise_multiplier=1.0)
+    with caplog.at_level(logging.WARNING):
+        engine.user_ledger(delta, "test")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == warns and all("(N=10 users)" in w for w in warnings), (
+        f"delta={delta} with 10 users: {'one warning' if warns else 'no warning'} naming "
+        f"the users expected, got {warnings}")
 
 
 @pytest.mark.parametrize("population", [float("inf"), 100.5, 0, 3])

@@ -227,3 +227,16 @@ def test_calibration_refuses_a_z_the_solver_returns_above_the_target(monkeypatch
         dp_accounting, "calibrate_dp_mechanism", lambda *a, **k: 0.5 * calibrate(*a, **k))
     with pytest.raises(accounting.CalibrationError, match="above the target"):
         accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, 1.0, 1e-5)
+
+
+@pytest.mark.parametrize("delta, warns", [(1 / 1438, True), (0.5, True), (0.99 / 1438, False)])
+def test_a_delta_of_at_least_one_over_the_population_is_warned_about(caplog, delta, warns):
+    # delta >= 1/N admits a mechanism that releases one of the N units in the clear.
+    with caplog.at_level(logging.WARNING):
+        warned = accounting.warn_if_delta_too_large(delta, 1438, "example")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g} (N=1438 examples): such a delta "
+                "allows releasing one example in the clear"]
+    assert (warned, warnings) == ((True, expected) if warns else (False, [])), (
+        f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
+        f"got {warnings}")

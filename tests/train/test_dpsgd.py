@@ -56,7 +56,8 @@ def test_a_delta_of_at_least_one_over_n_is_warned_about(
     with caplog.at_level(logging.WARNING), pytest.raises(_StopError):
         dpsgd.train(config, tmp_path, log=lambda _: None)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g}: such a delta allows leaking a record"]
+    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g} (N=1438 examples): such a delta "
+                "allows releasing one example in the clear"]
     assert warnings == (expected if warns else []), (
         f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
         f"got {warnings}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 import time
@@ -442,9 +441,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     require(
         config.topk <= dim, "topk", f"must be <= the {dim} coordinates of one vote's scope"
     )
-    if config.delta >= 1.0 / n:
-        logging.warning("delta=%g >= 1/N=%g: such a delta allows leaking a record",
-                        config.delta, 1.0 / n)
+    privacy.warn_if_delta_too_large(config.delta, n, "example")
 
     lens = build(config, train_ds.num_classes, train_ds.image_shape)
     teacher_data = TeacherData(train_ds, config, lens.ensemble)
