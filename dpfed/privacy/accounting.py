@@ -17,10 +17,8 @@ from collections.abc import Callable
 
 import attr
 import dp_accounting
-from dp_accounting import dp_event, pld, rdp
-
-DpEvent = dp_event.DpEvent
-NeighboringRelation = dp_accounting.NeighboringRelation
+from dp_accounting import NeighboringRelation, dp_event, pld, rdp
+from dp_accounting.dp_event import DpEvent
 
 
 def _drop_excluded_order_warnings(record: logging.LogRecord) -> bool:

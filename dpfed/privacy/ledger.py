@@ -11,10 +11,9 @@ from typing import Any
 
 import attr
 from dp_accounting import dp_event
+from dp_accounting.dp_event import DpEvent
 
 from dpfed.privacy import accounting
-
-DpEvent = dp_event.DpEvent
 
 UNITS = ("example", "user", "partition")
 RELATIONS = {
