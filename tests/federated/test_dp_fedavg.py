@@ -17,6 +17,7 @@ from dpfed.federated import (
     DpFedAvgConfig,
     client_mesh,
 )
+from tests import delta_warning
 from tests.federated import toy
 
 DIM = 6
@@ -315,7 +316,7 @@ def test_a_user_ledger_warns_of_a_delta_of_at_least_one_over_the_users(caplog, d
                          l2_clip=0.5, noise_multiplier=1.0)
     with caplog.at_level(logging.WARNING):
         engine.user_ledger(delta, "test")
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warnings = delta_warning.warnings_logged(caplog)
     assert len(warnings) == warns and all("(N=10 users)" in w for w in warnings), (
         f"delta={delta} with 10 users: {'one warning' if warns else 'no warning'} naming "
         f"the users expected, got {warnings}")

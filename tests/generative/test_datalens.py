@@ -7,7 +7,6 @@ compiled DataLens (`training.build` caches it by model settings).
 import dataclasses
 import functools
 import json
-import logging
 import math
 
 import jax
@@ -24,7 +23,7 @@ from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.workdir import Workdir
-from tests import dispatch
+from tests import delta_warning, dispatch
 
 TINY = datalens.DataLensConfig(
     dataset="digits",
@@ -259,28 +258,14 @@ def test_project_target_clips_the_student_target_to_the_image_range(
         f"{float(metrics['generator_loss'])} must be 64 x (clipped target - 1)^2 = {loss}")
 
 
-class _StopError(Exception):
-    """Ends a run once its set-up checks are done (before the teachers are built)."""
-
-
-def _stop(*args, **kwargs):
-    raise _StopError
-
-
 @pytest.mark.parametrize("delta,warns", [(1 / 1438, True), (1e-5, False)])
 def test_a_delta_of_at_least_one_over_n_is_warned_about(
     tmp_path, monkeypatch, caplog, delta, warns
 ):
     # delta >= 1/N admits a mechanism that releases one of the N records in the clear.
-    monkeypatch.setattr("dpfed.generative.datalens.training.build", _stop)  # after the check
-    with caplog.at_level(logging.WARNING), pytest.raises(_StopError):
-        _train(tmp_path, "run", delta=delta)  # digits: N = 1438 training examples
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g} (N=1438 examples): such a delta "
-                "allows releasing one example in the clear"]
-    assert warnings == (expected if warns else []), (
-        f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
-        f"got {warnings}")
+    monkeypatch.setattr("dpfed.generative.datalens.training.build", delta_warning.stop)
+    delta_warning.assert_warns_of_delta(  # digits: N = 1438 training examples
+        caplog, lambda: _train(tmp_path, "run", delta=delta), delta, warns, 1438, "example")
 
 
 def _train(tmp_path, name, **changes):

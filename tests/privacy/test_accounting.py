@@ -7,6 +7,7 @@ import pytest
 from dp_accounting import dp_event, pld, rdp
 
 from dpfed.privacy import accounting
+from tests import delta_warning
 
 NeighboringRelation = dp_accounting.NeighboringRelation
 
@@ -234,9 +235,8 @@ def test_a_delta_of_at_least_one_over_the_population_is_warned_about(caplog, del
     # delta >= 1/N admits a mechanism that releases one of the N units in the clear.
     with caplog.at_level(logging.WARNING):
         warned = accounting.warn_if_delta_too_large(delta, 1438, "example")
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g} (N=1438 examples): such a delta "
-                "allows releasing one example in the clear"]
+    warnings = delta_warning.warnings_logged(caplog)
+    expected = [delta_warning.expected_warning(delta, 1438, "example")]
     assert (warned, warnings) == ((True, expected) if warns else (False, [])), (
         f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
         f"got {warnings}")

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ from dpfed import models, privacy
 from dpfed.train import dpsgd
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
-from tests import dispatch
+from tests import delta_warning, dispatch
 
 
 def _tiny(n=8, seed=0):
@@ -37,30 +36,17 @@ def _expected_update(model, params, images, labels, indices, clip, denominator, 
     return jax.tree_util.tree_map(lambda p, g: p - lr * g / denominator, params, summed.grad_sum)
 
 
-class _StopError(Exception):
-    """Ends a run once its set-up checks are done (before any model is built)."""
-
-
-def _stop(*args, **kwargs):
-    raise _StopError
-
-
 @pytest.mark.parametrize("delta,warns", [(1 / 1438, True), (1e-5, False)])
 def test_a_delta_of_at_least_one_over_n_is_warned_about(
     tmp_path, monkeypatch, caplog, delta, warns
 ):
     # delta >= 1/N admits a mechanism that releases one of the N records in the clear.
-    monkeypatch.setattr(dpsgd.models, "get_classifier", _stop)  # right after the check
+    monkeypatch.setattr(dpsgd.models, "get_classifier", delta_warning.stop)  # after the check
     config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=1, batch_size=16,
                                delta=delta)  # digits: N = 1438 training examples
-    with caplog.at_level(logging.WARNING), pytest.raises(_StopError):
-        dpsgd.train(config, tmp_path, log=lambda _: None)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    expected = [f"delta={delta:g} >= 1/N={1 / 1438:g} (N=1438 examples): such a delta "
-                "allows releasing one example in the clear"]
-    assert warnings == (expected if warns else []), (
-        f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
-        f"got {warnings}")
+    delta_warning.assert_warns_of_delta(
+        caplog, lambda: dpsgd.train(config, tmp_path, log=lambda _: None), delta, warns,
+        1438, "example")
 
 
 def test_fixed_size_step_is_clipped_sum_over_batch_size():
@@ -94,15 +80,15 @@ def test_fast_clipping_step_equals_the_vmap_step():
         )
 
 
-def test_poisson_step_divides_by_expected_not_realised_batch_size():
+def _poisson_step(config, mechanism, clip, denominator, err_msg):
+    """One Poisson step of 40 examples at E[B] = 10, under a key whose realised batch size
+    differs from 10, against `_expected_update(clip, denominator(count))`."""
     model, params, images, labels = _tiny(n=40)
     # Example 0 fills the padding slots and _tiny's model fits it (gradient ~1e-7):
     # mislabelled, padding counted by mistake shows.
     labels = labels.at[0].set((labels[0] + 1) % 3)
-    config = dpsgd.DpSgdConfig(batch_size=10, optimizer="sgd", learning_rate=0.1)
     opt = dpsgd.make_optimizer("sgd", 0.1)
-    mech = privacy.GaussianSumMechanism(l2_clip=0.5, noise_multiplier=0.0)
-    step = dpsgd.make_train_step(model, opt, config, 40, mech)
+    step = dpsgd.make_train_step(model, opt, config, 40, mechanism)
     for seed in range(100):  # a key whose realised batch size differs from E[B] = 10
         key = jax.random.key(seed)
         indices, count = privacy.poisson_sample(jax.random.split(key)[0], 40, 10 / 40)
@@ -110,12 +96,19 @@ def test_poisson_step_divides_by_expected_not_realised_batch_size():
             break
     new = step(_state(params, opt), images, labels, key)
     expected = _expected_update(
-        model, params, images, labels, np.asarray(indices[: int(count)]), 0.5, 10.0, 0.1
+        model, params, images, labels, np.asarray(indices[: int(count)]), clip,
+        denominator(int(count)), 0.1
     )
     for a, b in zip(
         jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(expected), strict=True
     ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg="must divide by E[B]=10")
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=err_msg(int(count)))
+
+
+def test_poisson_step_divides_by_expected_not_realised_batch_size():
+    config = dpsgd.DpSgdConfig(batch_size=10, optimizer="sgd", learning_rate=0.1)
+    mech = privacy.GaussianSumMechanism(l2_clip=0.5, noise_multiplier=0.0)
+    _poisson_step(config, mech, 0.5, lambda count: 10.0, lambda count: "must divide by E[B]=10")
 
 
 @pytest.mark.parametrize("sampling, expected", [
@@ -280,28 +273,10 @@ def test_calibrated_run_killed_past_its_checkpoint_resumes_to_the_uninterrupted_
 def test_nodp_poisson_step_is_the_unclipped_mean_over_the_realised_batch():
     # The non-private baseline: no clip, no noise, the mean over the examples drawn (its
     # padding slots, index 0, must weigh nothing).
-    model, params, images, labels = _tiny(n=40)
-    # Example 0 fills the padding slots; _tiny's model fits it (gradient ~1e-7): mislabel
-    # it so that padding counted by mistake would show.
-    labels = labels.at[0].set((labels[0] + 1) % 3)
     config = dpsgd.DpSgdConfig(batch_size=10, optimizer="sgd", learning_rate=0.1, nodp=True,
                                noise_multiplier=None)
-    opt = dpsgd.make_optimizer("sgd", 0.1)
-    step = dpsgd.make_train_step(model, opt, config, 40, None)
-    for seed in range(100):  # a key whose realised batch size differs from E[B] = 10
-        key = jax.random.key(seed)
-        indices, count = privacy.poisson_sample(jax.random.split(key)[0], 40, 10 / 40)
-        if int(count) != 10:
-            break
-    new = step(_state(params, opt), images, labels, key)
-    expected = _expected_update(
-        model, params, images, labels, np.asarray(indices[: int(count)]), 1e9, float(count), 0.1
-    )
-    for a, b in zip(
-        jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(expected), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=(
-            f"a --nodp step must be the plain mean gradient of the {int(count)} examples drawn"))
+    _poisson_step(config, None, 1e9, float, lambda count: (
+        f"a --nodp step must be the plain mean gradient of the {count} examples drawn"))
 
 
 def test_nodp_run_writes_no_ledger_and_claims_no_privacy(tmp_path):
