@@ -578,9 +578,31 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
             "cpu_simd": [f for f in _SIMD_FLAGS if f in flags]}
 
 
+# JAX settings that change the numbers of a run: every random draw of a seed, the
+# precision of matmuls, the default float width.
+_JAX_NUMERIC_CONFIG = (
+    "jax_threefry_partitionable", "jax_default_matmul_precision", "jax_enable_x64")
+
+
+def xla_flags(flags: str | None = None) -> list[str]:
+    """`XLA_FLAGS` (default: this process's) as a list, path values masked as `<path>`.
+
+    They change the floats a run computes (LLVM's optimisation level, fast math), so the
+    same seed and flags on the same machine can end with another `params_sha256`; a dump
+    folder's path can name a user.
+    """
+    if flags is None:
+        flags = os.environ.get("XLA_FLAGS", "")
+    masked = []
+    for flag in flags.split():
+        name, sep, value = flag.partition("=")
+        masked.append(f"{name}=<path>" if sep and "/" in value else flag)
+    return masked
+
+
 def environment_info() -> dict:
-    """Software versions, the CPU and accelerator facts for `summary.json` (no host or
-    user names)."""
+    """Software versions, the CPU and accelerator facts, `XLA_FLAGS` and the JAX settings
+    that change results, for `summary.json` (no host or user names)."""
     devices = jax.devices()
     return {
         "python": platform.python_version(),
@@ -592,4 +614,6 @@ def environment_info() -> dict:
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),
         "process_count": jax.process_count(),
+        "xla_flags": xla_flags(),
+        "jax_config": {name: getattr(jax.config, name) for name in _JAX_NUMERIC_CONFIG},
     }

@@ -315,6 +315,30 @@ def test_environment_info_has_versions_and_no_hostname():
     )
 
 
+def test_environment_info_records_the_xla_flags_without_paths(monkeypatch):
+    # XLA_FLAGS change the floats a run computes (fedavg_classifier's tiny run under
+    # --xla_backend_optimization_level=0 ends with another params_sha256, up to 9e-8), so
+    # two summaries that agree on everything else must show them; a dump folder can hold
+    # a user name, so path values are masked.
+    monkeypatch.setenv(
+        "XLA_FLAGS", "--xla_backend_optimization_level=0  --xla_dump_to=/home/alice/dump")
+    info = environment_info()
+    assert info.get("xla_flags") == ["--xla_backend_optimization_level=0",
+                                     "--xla_dump_to=<path>"], (
+        f"summary.json's environment must list XLA_FLAGS (paths masked): {info}")
+
+
+def test_environment_info_records_the_jax_settings_that_change_numbers():
+    # jax_threefry_partitionable changes every random draw of a seed, the other two the
+    # precision of matmuls and the default float width.
+    config = environment_info().get("jax_config")
+    assert config == {
+        "jax_threefry_partitionable": jax.config.jax_threefry_partitionable,
+        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
+        "jax_enable_x64": jax.config.jax_enable_x64,
+    }, f"summary.json's environment must state the JAX settings that change results: {config}"
+
+
 def test_dumps_is_strict_json():
     text = workdir_lib.dumps({"x": np.float32("nan")})
     assert _strict_json(text) == {"x": "NaN"}, f"unexpected encoding {text}"
