@@ -122,6 +122,11 @@ def discriminator_client_update(config: wgan_gp.WganGpConfig) -> ClientUpdateFn:
     return client_update
 
 
+# One jit for every engine: engines of one GAN config (fedgan_debug's two groups) share
+# G's compiled update, which does not depend on their clients' data.
+_generator_update = jax.jit(wgan_gp.server_generator_update, static_argnums=0)
+
+
 class DpFedAvgGan:
     """The DP-FedAvg engine on D, followed each round by the server's G update.
 
@@ -152,9 +157,6 @@ class DpFedAvgGan:
             ),
             mesh,
         )
-        self._generator_step = jax.jit(
-            functools.partial(wgan_gp.server_generator_update, config.gan)
-        )
 
     @property
     def num_clients(self) -> int:
@@ -174,7 +176,7 @@ class DpFedAvgGan:
     ) -> tuple[PyTree, wgan_gp.GeneratorStepMetrics]:
         """The server's G update: from noise drawn with `key` against D only."""
         noise = wgan_gp.generator_noise(key, self.config.gan)
-        return self._generator_step(g_variables, d_params, noise)
+        return _generator_update(self.config.gan, g_variables, d_params, noise)
 
     def round(
         self, state: ServerState, key: jax.Array, *, donate: bool = False
