@@ -90,20 +90,22 @@ def epsilon_lower_bound(
     fit_in, test_in = s_in[:h_in], s_in[h_in:]
     fit_out, test_out = s_out[:h_out], s_out[h_out:]
     alpha = (1 - confidence) / 2
-    best = 0.0
-    for sign in (1.0, -1.0):  # the canary may shift the statistic either way
-        a, b = sign * fit_in, sign * fit_out
+    # Choose the test (its direction: the canary may shift the statistic either way, and
+    # its threshold) on the first halves only, then bound its rates once on the second.
+    best_score, sign, t = -math.inf, 1.0, 0.0
+    for s in (1.0, -1.0):
+        a, b = s * fit_in, s * fit_out
         thresholds = np.quantile(np.concatenate([a, b]), np.linspace(0.0, 1.0, 201))
         tpr = (a[None] > thresholds[:, None]).mean(1)
         fpr = (b[None] > thresholds[:, None]).mean(1)
         with np.errstate(divide="ignore"):
             score = np.log(np.maximum(tpr - delta, 0.0)) - np.log(np.maximum(fpr, 0.5 / h_out))
-        t = thresholds[int(np.argmax(score))]
-        hits = int(np.sum(sign * test_in > t))
-        false = int(np.sum(sign * test_out > t))
-        tpr_low = stats.beta.ppf(alpha, hits, len(test_in) - hits + 1) if hits else 0.0
-        fpr_high = (stats.beta.ppf(1 - alpha, false + 1, len(test_out) - false)
-                    if false < len(test_out) else 1.0)
-        if tpr_low > delta:
-            best = max(best, math.log((tpr_low - delta) / fpr_high))
-    return best
+        i = int(np.argmax(score))
+        if score[i] > best_score:
+            best_score, sign, t = score[i], s, thresholds[i]
+    hits = int(np.sum(sign * test_in > t))
+    false = int(np.sum(sign * test_out > t))
+    tpr_low = stats.beta.ppf(alpha, hits, len(test_in) - hits + 1) if hits else 0.0
+    fpr_high = (stats.beta.ppf(1 - alpha, false + 1, len(test_out) - false)
+                if false < len(test_out) else 1.0)
+    return math.log((tpr_low - delta) / fpr_high) if tpr_low > delta else 0.0
