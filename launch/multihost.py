@@ -33,10 +33,12 @@ import argparse
 import os
 import pathlib
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -122,15 +124,20 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
     Process 0 inherits this terminal; process i writes `log_dir/process_<i>.log`. When a
     process fails, the others are terminated (killed after `STOP_GRACE_SECONDS`): they
     would wait for it at their next collective. Runs are crash-safe: rerun to resume.
+    A SIGTERM to the launcher (a preempted job) goes to every process, and the launcher
+    waits for them all: they agree on a round, checkpoint it and exit with 143
+    (`dpfed.train.preemption`).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
+    terminated = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
     for i, command in enumerate(commands):
         log = None if i == 0 else open(log_dir / f"process_{i}.log", "w")  # noqa: SIM115
         logs.append(log)
         procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
     try:
-        while True:
+        while not terminated.is_set():
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
@@ -138,11 +145,19 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
                 where = "above" if i == 0 else f"in {log_dir / f'process_{i}.log'}"
                 print(f"process {i} exited with {code} (its output is {where}); "
                       "stopping the others", file=sys.stderr)
-                return code if code > 0 else 128 - code  # killed by signal N: 128 + N
+                return _exit_code(code)
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
+        print("SIGTERM: passed on to every process; waiting for their checkpoint",
+              file=sys.stderr)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = [p.wait() for p in procs]
+        return next((_exit_code(c) for c in codes if c != 0), 0)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         for p in procs:
             if p.poll() is None:
                 p.terminate()
@@ -157,6 +172,11 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
         for log in logs:
             if log is not None:
                 log.close()
+
+
+def _exit_code(code: int) -> int:
+    """A process's exit status as a shell reports it: killed by signal N gives 128 + N."""
+    return code if code > 0 else 128 - code
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -148,12 +148,51 @@ def kill_after_checkpoint(
     step >= `step` is complete in `workdir / checkpoints` (a sub-workdir's, e.g.
     "gan_high/checkpoints"). Asserts it was killed before it finished (no summary.json)."""
 
+    _kill_when(module, args, workdir, _checkpointed(workdir / checkpoints, step), timeout,
+               interval=0.05)
+    assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+
+
+def _checkpointed(directory: pathlib.Path, step: int):
+    """A condition: a complete checkpoint of a step >= `step` is in `directory`."""
+
     def checkpointed() -> bool:
-        steps = [int(p.name) for p in (workdir / checkpoints).glob("*") if p.name.isdigit()]
+        steps = [int(p.name) for p in directory.glob("*") if p.name.isdigit()]
         return bool(steps) and max(steps) >= step
 
-    _kill_when(module, args, workdir, checkpointed, timeout, interval=0.05)
-    assert not (workdir / "summary.json").exists(), "the run finished before it could be killed"
+    return checkpointed
+
+
+def terminate_after_checkpoint(
+    module: str, *args: str, workdir: pathlib.Path, step: int, timeout: float = 300,
+    checkpoints: str = "checkpoints",
+) -> subprocess.CompletedProcess:
+    """Runs `python -m module args --workdir=workdir`; sends it SIGTERM (a preemption) once
+    a checkpoint of a step >= `step` is in `workdir / checkpoints`, and waits for it to
+    end on its own. Fails the test if it ended first, or hung (with every thread's stack).
+    `module` may be `launch.multihost`: its whole job then gets the SIGTERM."""
+    cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
+    condition = _checkpointed(workdir / checkpoints, step)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc, hung = _start(cmd, None, stdout=out, stderr=err), False
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and proc.poll() is None and not condition():
+                time.sleep(0.05)
+            assert proc.poll() is None, (
+                f"{cmd} ended (exit {proc.returncode}) before its checkpoint of step {step}:\n"
+                f"{without_module_lists(_read(err))[-6000:]}")
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=max(deadline - time.time(), 30))
+            except subprocess.TimeoutExpired:
+                hung = True
+        finally:
+            _end_group(proc, dump_stacks=hung)
+        stdout, stderr = _read(out), _read(err)
+    assert not hung, (f"{cmd} did not end after SIGTERM; its stderr, with every thread's "
+                      f"stack:\n{without_module_lists(stderr)[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def kill_when_written(
@@ -165,6 +204,25 @@ def kill_when_written(
     assert _kill_when(
         module, args, workdir, lambda: any(workdir.glob(pattern)), timeout, interval=0.0005
     ), f"the run ended before {pattern} appeared: nothing was killed"
+
+
+def assert_preemption_resumes_like_uninterrupted(
+    module: str, *args: str, whole: pathlib.Path, stopped: pathlib.Path, step: int,
+    unit: str = "step", env: dict[str, str] | None = None,
+) -> None:
+    """SIGTERM (a preemption) after the checkpoint of `step`: the run saves the step it is
+    at, exits 143 with one line naming it, releases nothing; the rerun resumes from that
+    step and ends as the uninterrupted run in `whole` (`assert_resumed_like_uninterrupted`)."""
+    proc = terminate_after_checkpoint(module, *args, workdir=stopped, step=step)
+    assert proc.returncode == 143, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    saved = max(int(p.name) for p in (stopped / "checkpoints").glob("*") if p.name.isdigit())
+    assert f"the checkpoint of {unit} {saved} is saved" in proc.stderr, (
+        f"one line must name the {unit} saved, {saved}: {proc.stderr[-1000:]}")
+    assert not (stopped / "summary.json").exists(), "a preempted run releases nothing yet"
+    rerun = run_binary(module, *args, f"--workdir={stopped}", env=env)
+    assert f"resumed from {unit} {saved}" in rerun.stdout + rerun.stderr, (
+        f"the rerun must resume from the {unit} saved at SIGTERM, {saved}")
+    assert_resumed_like_uninterrupted(whole, stopped, step_key=unit)
 
 
 SUMMARY_AND_LEDGER = ("summary.json", "ledger.json")

@@ -20,6 +20,7 @@ from dp_accounting import dp_event
 from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, RoundMetrics, ServerState
 from dpfed.federated.mesh import settle
+from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -127,31 +128,37 @@ def run_rounds(
     record: dict[str, Any] = {}
     diagnostics: dict[str, Any] = {}
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
-    for r in range(start, last_round):
-        # settle: else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
-        # donate: the round reuses the old state's buffers (no copy of per-client states)
-        state, metrics = settle(engine.round(state, round_key(seed, r), donate=True))
-        if ledger is not None:
-            ledger.record(event)
-        done = r + 1
-        if done % eval_every == 0 or done == last_round:
-            eps = ledger.epsilon() if ledger is not None else None
-            record = {
-                "round": done,
-                "epsilon_rdp": eps,
-                **_floats(metrics.released),
-                **evaluate(state),
-            }
-            diagnostics = {
-                "round": done,
-                **_floats(metrics.diagnostics),
-                **(diagnose(state) if diagnose is not None else {}),
-            }
-            workdir.append_metrics(record)
-            workdir.append_diagnostics(diagnostics)
-        if done % checkpoint_every == 0 or done == last_round:
-            checkpointer.save(done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir)})
-        progress.update(done, wait_for=state, eps=eps, acc=record.get("test_accuracy"))
+    with preemption.armed():
+        for r in range(start, last_round):
+            # settle: else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
+            # donate: the round reuses the old state's buffers (no copy of per-client states)
+            state, metrics = settle(engine.round(state, round_key(seed, r), donate=True))
+            if ledger is not None:
+                ledger.record(event)
+            done = r + 1
+            if done % eval_every == 0 or done == last_round:
+                eps = ledger.epsilon() if ledger is not None else None
+                record = {
+                    "round": done,
+                    "epsilon_rdp": eps,
+                    **_floats(metrics.released),
+                    **evaluate(state),
+                }
+                diagnostics = {
+                    "round": done,
+                    **_floats(metrics.diagnostics),
+                    **(diagnose(state) if diagnose is not None else {}),
+                }
+                workdir.append_metrics(record)
+                workdir.append_diagnostics(diagnostics)
+            preempted = preemption.reached(done)
+            if done % checkpoint_every == 0 or done == last_round or preempted:
+                checkpointer.save(
+                    done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir)})
+            progress.update(done, wait_for=state, eps=eps, acc=record.get("test_accuracy"))
+            if preempted:
+                checkpointer.close()
+                raise preemption.PreemptedError(done, "round", str(checkpointer.directory))
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed
         record = {"round": int(state.round), **evaluate(state)}

@@ -4,6 +4,7 @@ Modules (import the one you need; `checkpoint` pulls in orbax):
   workdir: the workdir's JSON files, metrics log, params hash, environment info.
   checkpoint: state + privacy ledger saved together, atomically (orbax).
   resume: a run's start: config pinned, state + ledger restored, budget guard.
+  preemption: SIGTERM in a training loop -> checkpoint that step, exit 143.
   progress: one-line progress reports with rate and ETA.
   cli: absl `run` and `check` that turn bad flags into exit code 2 and one line.
 """

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
+from dpfed.train import preemption
 from dpfed.train.config import ConfigError
 
 EXIT_BAD_FLAG = 2
@@ -221,7 +222,9 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
     for the job, once `main` initialises it: `define_distributed_flags`): a second run
     on the same workdir exits 2 naming the flag while the first is running. A refused
     run leaves no workdir behind that it created and wrote nothing into but its lock
-    and config (`workdir.remove_if_unused`).
+    and config (`workdir.remove_if_unused`). A run preempted by SIGTERM in its training
+    loop, once that loop saved its checkpoint (`preemption`), exits with code 143 and one
+    stderr line.
     """
 
     def main_reporting_flag_errors(argv: list[str]) -> Any:
@@ -230,6 +233,10 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
         try:
             created = _lock_workdir()
             return main(argv)
+        except preemption.PreemptedError as stopped:
+            sys.stderr.write(f"{stopped}\n")
+            sys.stderr.flush()
+            sys.exit(preemption.EXIT_CODE)
         except FlagError as error:
             created = created or _created_by_job
             if created is not None:

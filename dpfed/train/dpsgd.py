@@ -31,6 +31,7 @@ from dp_accounting import dp_event
 from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.privacy import fast_clipping
+from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.progress import Progress
@@ -328,20 +329,25 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         checkpointer.save(step, state, checkpoint_extra(ledger, wd))
 
     accuracy = loss = eps = None
-    for step in range(start_step, last_step):
-        state = train_step(state, images, labels, jax.random.fold_in(init_key, step))
-        if ledger is not None:
-            ledger.record(event)
-        done = step + 1
-        if done % config.eval_every == 0 or done == last_step:
-            eps = ledger.epsilon() if ledger is not None else None
-            accuracy, loss = evaluate(state["params"], test_images, test_labels)
-            wd.append_metrics(
-                {"step": done, "test_accuracy": accuracy, "test_loss": loss, "epsilon_rdp": eps}
-            )
-        if done % config.checkpoint_every == 0 or done == last_step:
-            save(done)
-        progress.update(done, wait_for=state, eps=eps, acc=accuracy)
+    with preemption.armed():
+        for step in range(start_step, last_step):
+            state = train_step(state, images, labels, jax.random.fold_in(init_key, step))
+            if ledger is not None:
+                ledger.record(event)
+            done = step + 1
+            if done % config.eval_every == 0 or done == last_step:
+                eps = ledger.epsilon() if ledger is not None else None
+                accuracy, loss = evaluate(state["params"], test_images, test_labels)
+                wd.append_metrics(
+                    {"step": done, "test_accuracy": accuracy, "test_loss": loss, "epsilon_rdp": eps}
+                )
+            preempted = preemption.reached(done)
+            if done % config.checkpoint_every == 0 or done == last_step or preempted:
+                save(done)
+            progress.update(done, wait_for=state, eps=eps, acc=accuracy)
+            if preempted:
+                checkpointer.close()
+                raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
     checkpointer.close()
 
     if accuracy is None:  # nothing left to run (resumed a finished run)

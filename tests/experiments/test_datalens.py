@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
+from tests.binary import (
+    assert_preemption_resumes_like_uninterrupted,
+    assert_resumed_like_uninterrupted,
+    kill_after_checkpoint,
+    run_binary,
+)
 
 TINY = [
     "--dataset=digits",
@@ -59,6 +64,15 @@ def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(tmp_path):
     _run(*args, f"--workdir={killed}")
     assert_resumed_like_uninterrupted(tmp_path / "whole", killed)
 
+
+
+def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(tmp_path):
+    args = [*TINY, "--steps=150", "--checkpoint_every=5", "--eval_every=10", "--noevaluate",
+            "--cpu_devices=1"]
+    _run(*args, f"--workdir={tmp_path / 'whole'}")
+    assert_preemption_resumes_like_uninterrupted(
+        "experiments.datalens", *args, whole=tmp_path / "whole", stopped=tmp_path / "stopped",
+        step=5)
 
 def test_vote_scope_batch_flag_records_one_aggregation_per_step(tmp_path):
     _run(*TINY, "--vote_scope=batch", "--steps=2", "--noevaluate", f"--workdir={tmp_path}")

@@ -7,6 +7,7 @@ import pytest
 from dp_accounting import dp_event, rdp
 
 from tests.binary import (
+    assert_preemption_resumes_like_uninterrupted,
     assert_resumed_like_uninterrupted,
     kill_after_checkpoint,
     kill_when_written,
@@ -123,6 +124,17 @@ def test_sigkill_and_resume_gives_same_params_and_ledger(tmp_path):
     kill_after_checkpoint("experiments.dpsgd_classifier", *args, workdir=killed, step=10)
     _run(*args, f"--workdir={killed}")
     assert_resumed_like_uninterrupted(tmp_path / "whole", killed)
+
+
+def test_sigterm_checkpoints_its_step_exits_143_and_the_rerun_resumes_there(tmp_path):
+    # A preempted job gets SIGTERM, then SIGKILL a grace period later: the run saves the
+    # step it is at rather than leave the rerun to redo the steps since its last checkpoint.
+    args = ["--model=logreg", "--steps=400", "--batch_size=64", "--noise_multiplier=1.0",
+            "--checkpoint_every=7", "--eval_every=50"]
+    _run(*args, f"--workdir={tmp_path / 'whole'}")
+    assert_preemption_resumes_like_uninterrupted(
+        "experiments.dpsgd_classifier", *args, whole=tmp_path / "whole",
+        stopped=tmp_path / "stopped", step=7)
 
 
 _CALIBRATED = ("--model=logreg", "--steps=30", "--batch_size=64", "--target_epsilon=2",

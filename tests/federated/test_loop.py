@@ -1,5 +1,8 @@
 """The host loop: resuming reproduces an uninterrupted run; the budget guard stops early."""
 
+import os
+import signal
+
 import numpy as np
 import optax
 import pytest
@@ -7,6 +10,7 @@ from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.federated import DpFedAvg, DpFedAvgConfig, loop, run_rounds
+from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
@@ -187,3 +191,37 @@ def test_the_last_round_is_checkpointed_off_the_period(tmp_path):
     again = run(eng, tmp_path, rounds=3)
     assert (again.resumed_from, again.rounds_done) == (3, 3), (
         f"a finished run must resume at its end, not rerun round 3: {again.resumed_from}")
+
+
+class _SigtermInRound:
+    """The engine, with a SIGTERM to this process while round `at` runs (a preemption)."""
+
+    def __init__(self, eng, at):
+        self._engine, self._at = eng, at
+
+    def init(self, params):
+        return self._engine.init(params)
+
+    def round_event(self):
+        return self._engine.round_event()
+
+    def round(self, state, key, *, donate=False):
+        if int(state.round) + 1 == self._at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self._engine.round(state, key, donate=donate)
+
+
+def test_a_sigterm_checkpoints_the_round_it_interrupts_and_a_rerun_resumes_there(tmp_path):
+    eng = engine()
+    whole = run(eng, tmp_path / "whole", rounds=6)
+    with pytest.raises(preemption.PreemptedError) as stopped:
+        run(_SigtermInRound(eng, at=3), tmp_path / "split", rounds=6)
+    assert stopped.value.step == 3, f"the loop must stop after round 3, not {stopped.value.step}"
+    steps = Checkpointer(tmp_path / "split" / "checkpoints").all_steps()
+    assert steps[-1] == 3, f"round 3 must be saved, off the period of 2: {steps}"
+    resumed = run(eng, tmp_path / "split", rounds=6)
+    assert resumed.resumed_from == 3, "the rerun must resume from the preempted round"
+    np.testing.assert_array_equal(np.asarray(resumed.state.params), np.asarray(whole.state.params),
+                                  err_msg="resumed params differ from the uninterrupted run")
+    assert resumed.ledger.to_json() == whole.ledger.to_json(), (
+        "the preempted and resumed run's ledger must count each round once, as the whole one")

@@ -14,6 +14,7 @@ from tests.binary import (
     ROOT,
     cpu_devices_env,
     run_binary,
+    terminate_after_checkpoint,
     without_module_lists,
     workdir_locked_by_another_process,
 )
@@ -199,6 +200,27 @@ def test_a_running_job_holds_its_workdir_lock(tmp_path):
     assert second.returncode == 2 and "in use by another run" in second.stderr, (
         f"a --distributed job's process 0 must hold the lock: {second.stderr[-2000:]}")
 
+
+def test_a_sigterm_to_the_launcher_saves_one_round_in_every_process(tmp_path):
+    # A preempted job: the launcher passes SIGTERM on; jax's preemption service has the
+    # processes agree on a round, which both checkpoint (orbax's save is collective).
+    logs, workdir = tmp_path / "logs", tmp_path / "w"
+    job = ["--num_processes=2", "--devices_per_process=2", *LOCAL_JOB, "--rounds=100",
+           "--eval_every=10", "--checkpoint_every=10"]
+    stopped = terminate_after_checkpoint("launch.multihost", "local", f"--log_dir={logs}",
+                                         *job, workdir=workdir, step=10)
+    assert stopped.returncode == 143, (
+        f"exit {stopped.returncode}:\n{stopped.stderr[-3000:]}\n{_process_1_log(logs)}")
+    saved = max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    line = f"the checkpoint of round {saved} is saved"
+    assert line in stopped.stderr, f"process 0 must name round {saved}: {stopped.stderr[-2000:]}"
+    assert line in (logs / "process_1.log").read_text(), (
+        f"process 1 must have saved the same round, {saved}:\n{_process_1_log(logs)}")
+    rerun = _run_local_job(logs, *job, f"--workdir={workdir}")
+    assert rerun.returncode == 0 and f"resumed from round {saved}" in rerun.stdout, (
+        f"the rerun must resume from round {saved}:\n{rerun.stdout[-2000:]}")
+    ledger = json.loads((workdir / "ledger.json").read_text())
+    assert ledger["num_releases"] == 100, "each round counted once across the preemption"
 
 def _rounds(path):
     return [json.loads(line)["round"] for line in path.read_text().splitlines()]

@@ -53,6 +53,7 @@ from dpfed.generative.datalens.partition import (
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
+from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -472,25 +473,30 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         checkpointer.save(step, checkpointed(state), checkpoint_extra(ledger, wd))
 
     eps = None
-    for step in range(start_step, last_step):
-        state, metrics = lens.train_step(
-            state,
-            teacher_data.arrays,
-            ids,
-            jax.random.fold_in(root, step),
-            d_steps_before(config, step),
-            config.real_batch or teacher_data.max_n,
-        )
-        ledger.record(event, count=per_step)
-        done = step + 1
-        if done % config.eval_every == 0 or done == last_step:
-            eps = ledger.epsilon()
-            record = {"step": done, "epsilon_rdp": eps, "aggregations": ledger.num_releases}
-            record.update({k: float(v) for k, v in metrics.items()})
-            wd.append_metrics(record)
-        if done % config.checkpoint_every == 0 or done == last_step:
-            save(done)
-        progress.update(done, wait_for=state, eps=eps, agree=metrics["agreement"])
+    with preemption.armed():
+        for step in range(start_step, last_step):
+            state, metrics = lens.train_step(
+                state,
+                teacher_data.arrays,
+                ids,
+                jax.random.fold_in(root, step),
+                d_steps_before(config, step),
+                config.real_batch or teacher_data.max_n,
+            )
+            ledger.record(event, count=per_step)
+            done = step + 1
+            if done % config.eval_every == 0 or done == last_step:
+                eps = ledger.epsilon()
+                record = {"step": done, "epsilon_rdp": eps, "aggregations": ledger.num_releases}
+                record.update({k: float(v) for k, v in metrics.items()})
+                wd.append_metrics(record)
+            preempted = preemption.reached(done)
+            if done % config.checkpoint_every == 0 or done == last_step or preempted:
+                save(done)
+            progress.update(done, wait_for=state, eps=eps, agree=metrics["agreement"])
+            if preempted:
+                checkpointer.close()
+                raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
     checkpointer.close()
 
     gen_params = state["generator"]["params"]

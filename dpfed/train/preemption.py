@@ -1,0 +1,84 @@
+"""Preemption: on SIGTERM, a training loop checkpoints the step it just ran and stops.
+
+A scheduler that preempts a job (a preemptible cloud VM or TPU, Slurm's `scancel`, a
+requeue) sends SIGTERM and, a grace period later (e.g. 30 s), SIGKILL. Python's default
+SIGTERM ends the process at once: a rerun then resumes from the last periodic checkpoint
+and recomputes up to `checkpoint_every` steps (nothing is lost or double-counted either
+way: DESIGN.md, "Workdir contract"). Inside `armed()`, a SIGTERM instead asks the loop to
+stop: after each step the loop calls `reached(step)`; once it is True the loop saves the
+checkpoint of that step (state and ledger together) and raises `PreemptedError`, which
+`cli.run` turns into exit code 143 (128 + SIGTERM, what a shell reports for a process
+ended by SIGTERM) and one stderr line. Rerunning the same command resumes from that step.
+
+In a `jax.distributed` job (several processes, `--distributed`) every process must save
+the same step, since orbax's save is collective. jax's preemption service, started by
+`jax.distributed.initialize`, catches SIGTERM in any process and agrees on a step for
+all of them (`multihost_utils.reached_preemption_sync_point`); `reached` asks it there,
+and `armed()` installs nothing. It needs `reached` called at every step, by every
+process, as the loops here do.
+
+A SIGTERM outside a loop (set-up, evaluation, writing the results) keeps Python's
+default in a single process: the process ends, as before.
+"""
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+import jax
+from jax.experimental import multihost_utils
+
+EXIT_CODE = 128 + signal.SIGTERM  # 143
+
+_requested = threading.Event()
+
+
+class PreemptedError(Exception):
+    """Raised by a training loop once it saved the checkpoint of `step` on preemption."""
+
+    def __init__(self, step: int, unit: str, checkpoints: str):
+        super().__init__(
+            f"preempted (SIGTERM): the checkpoint of {unit} {step} is saved in "
+            f"{checkpoints}; rerun the same command to resume from it")
+        self.step = step
+
+
+def _request(signum: int, frame: object) -> None:
+    del signum, frame
+    _requested.set()
+
+
+def _distributed() -> bool:
+    return jax.distributed.is_initialized()
+
+
+@contextlib.contextmanager
+def armed() -> Iterator[None]:
+    """Within the block, SIGTERM asks the loop to stop at its next `reached(step)`.
+
+    In a single process, the main thread's SIGTERM handler is replaced for the block
+    and restored after it; a request from before the block is forgotten. Elsewhere (a
+    `jax.distributed` job, whose SIGTERM jax catches; another thread, which cannot set a
+    handler) nothing is installed.
+    """
+    _requested.clear()
+    if _distributed() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def reached(step: int) -> bool:
+    """Whether the loop should checkpoint `step` (just run) and raise `PreemptedError`.
+
+    In a `jax.distributed` job, True at the same step in every process, the first one
+    past the notice in all of them; call it at every step.
+    """
+    if _distributed():
+        return multihost_utils.reached_preemption_sync_point(step)
+    return _requested.is_set()
