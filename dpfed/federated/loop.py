@@ -151,7 +151,7 @@ def run_rounds(
                 }
                 workdir.append_metrics(record)
                 workdir.append_diagnostics(diagnostics)
-            preempted = preemption.reached(done)
+            preempted = preemption.reached()
             if done % checkpoint_every == 0 or done == last_round or preempted:
                 checkpointer.save(
                     done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir)})

@@ -341,7 +341,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
                 wd.append_metrics(
                     {"step": done, "test_accuracy": accuracy, "test_loss": loss, "epsilon_rdp": eps}
                 )
-            preempted = preemption.reached(done)
+            preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
             progress.update(done, wait_for=state, eps=eps, acc=accuracy)

@@ -5,7 +5,7 @@ requeue) sends SIGTERM and, a grace period later (e.g. 30 s), SIGKILL. Python's 
 SIGTERM ends the process at once: a rerun then resumes from the last periodic checkpoint
 and recomputes up to `checkpoint_every` steps (nothing is lost or double-counted either
 way: DESIGN.md, "Workdir contract"). Inside `armed()`, a SIGTERM instead asks the loop to
-stop: after each step the loop calls `reached(step)`; once it is True the loop saves the
+stop: after each step the loop calls `reached()`; once it is True the loop saves the
 checkpoint of that step (state and ledger together) and raises `PreemptedError`, which
 `cli.run` turns into exit code 143 (128 + SIGTERM, what a shell reports for a process
 ended by SIGTERM) and one stderr line. Rerunning the same command resumes from that step.
@@ -14,7 +14,7 @@ In a `jax.distributed` job (several processes, `--distributed`) every process mu
 the same step, since orbax's save is collective. jax's preemption service, started by
 `jax.distributed.initialize`, catches SIGTERM in any process and agrees on a step for
 all of them (`multihost_utils.reached_preemption_sync_point`); `reached` asks it there,
-and `armed()` installs nothing. It needs `reached` called at every step, by every
+and `armed()` installs nothing. It needs `reached` called after every step, by every
 process, as the loops here do.
 
 A SIGTERM outside a loop (set-up, evaluation, writing the results) keeps Python's
@@ -22,6 +22,7 @@ default in a single process: the process ends, as before.
 """
 
 import contextlib
+import itertools
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from jax.experimental import multihost_utils
 EXIT_CODE = 128 + signal.SIGTERM  # 143
 
 _requested = threading.Event()
+_sync_points = itertools.count()
 
 
 class PreemptedError(Exception):
@@ -55,7 +57,7 @@ def _distributed() -> bool:
 
 @contextlib.contextmanager
 def armed() -> Iterator[None]:
-    """Within the block, SIGTERM asks the loop to stop at its next `reached(step)`.
+    """Within the block, SIGTERM asks the loop to stop at its next `reached()`.
 
     In a single process, the main thread's SIGTERM handler is replaced for the block
     and restored after it; a request from before the block is forgotten. Elsewhere (a
@@ -73,12 +75,15 @@ def armed() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def reached(step: int) -> bool:
-    """Whether the loop should checkpoint `step` (just run) and raise `PreemptedError`.
+def reached() -> bool:
+    """Whether the loop should checkpoint the step it just ran and raise `PreemptedError`.
 
-    In a `jax.distributed` job, True at the same step in every process, the first one
-    past the notice in all of them; call it at every step.
+    Call it once after every step. In a `jax.distributed` job it is True at the same call
+    in every process, the first past the notice in all of them: jax numbers the sync
+    points, here by the calls of this process (the same in every process, which run the
+    same loops, and increasing across them, as fedgan_debug's two GANs, where the loops'
+    own step numbers start again).
     """
     if _distributed():
-        return multihost_utils.reached_preemption_sync_point(step)
+        return multihost_utils.reached_preemption_sync_point(next(_sync_points))
     return _requested.is_set()

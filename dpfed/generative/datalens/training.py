@@ -490,7 +490,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 record = {"step": done, "epsilon_rdp": eps, "aggregations": ledger.num_releases}
                 record.update({k: float(v) for k, v in metrics.items()})
                 wd.append_metrics(record)
-            preempted = preemption.reached(done)
+            preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
             progress.update(done, wait_for=state, eps=eps, agree=metrics["agreement"])
