@@ -44,6 +44,7 @@ from collections.abc import Sequence
 
 DISTRIBUTED_FLAG = "--distributed"
 STOP_GRACE_SECONDS = 10.0  # how long stopped processes get to exit before they are killed
+SLURM_SIGTERM_SECONDS = 120  # SLURM sends SIGTERM this long before the time limit
 
 
 def remote_python_command(repo_dir: str, module: str, flags: Sequence[str]) -> str:
@@ -51,7 +52,8 @@ def remote_python_command(repo_dir: str, module: str, flags: Sequence[str]) -> s
     args = [".venv/bin/python", "-m", module, *flags]
     if DISTRIBUTED_FLAG not in flags:
         args.append(DISTRIBUTED_FLAG)
-    return f"cd {_quote_path(repo_dir)} && " + shlex.join(args)
+    # exec: the shell becomes Python, so a scheduler's SIGTERM reaches the run itself.
+    return f"cd {_quote_path(repo_dir)} && exec " + shlex.join(args)
 
 
 def _quote_path(path: str) -> str:
@@ -74,7 +76,8 @@ def tpu_command(args: argparse.Namespace) -> list[str]:
 
 
 def slurm_script(args: argparse.Namespace) -> str:
-    """An sbatch script: one task per node, `srun` starts the binary on all of them."""
+    """An sbatch script: one task per node, `srun` starts the binary on all of them; SIGTERM
+    `SLURM_SIGTERM_SECONDS` before the time limit makes the run checkpoint and stop."""
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={args.job_name}",
@@ -82,6 +85,8 @@ def slurm_script(args: argparse.Namespace) -> str:
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={args.gpus_per_node}",
         f"#SBATCH --time={args.time}",
+        # SIGTERM this long before the time limit: the run checkpoints and exits 143.
+        f"#SBATCH --signal=TERM@{SLURM_SIGTERM_SECONDS}",
     ]
     if args.partition:
         lines.append(f"#SBATCH --partition={args.partition}")

@@ -39,6 +39,19 @@ def test_slurm_dry_run_prints_an_sbatch_script_with_one_task_per_node(capsys):
     assert "srun bash -c" in out and "--distributed" in out, f"srun starts every process: {out}"
 
 
+def test_slurm_script_sigterms_the_run_before_its_time_limit(capsys):
+    multihost.main(["slurm", "--nodes=2", "--dry_run", *FLAGS])
+    out = capsys.readouterr().out
+    assert f"#SBATCH --signal=TERM@{multihost.SLURM_SIGTERM_SECONDS}" in out, (
+        f"at the time limit the run must get SIGTERM early enough to checkpoint: {out}")
+
+
+def test_every_host_execs_python_so_a_sigterm_reaches_the_run():
+    command = multihost.remote_python_command("~/dpfed", "experiments.datalens", ["--steps=2"])
+    assert " && exec .venv/bin/python -m experiments.datalens" in command, (
+        f"a shell waiting for Python would take the scheduler's SIGTERM itself: {command}")
+
+
 def test_launcher_runs_as_a_module_in_dry_run_mode():
     result = subprocess.run(
         [sys.executable, "-m", "launch.multihost", "slurm", "--nodes=2", "--dry_run", *FLAGS],
