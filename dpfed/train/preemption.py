@@ -18,7 +18,8 @@ and `armed()` installs nothing. It needs `reached` called after every step, by e
 process, as the loops here do.
 
 A SIGTERM outside a loop (set-up, evaluation, writing the results) keeps Python's
-default in a single process: the process ends, as before.
+default in a single process: the process ends, as before; so does one that came after the
+loop's last `reached()`, once the loop ends (it would otherwise be swallowed).
 """
 
 import contextlib
@@ -33,6 +34,7 @@ from jax.experimental import multihost_utils
 EXIT_CODE = 128 + signal.SIGTERM  # 143
 
 _requested = threading.Event()
+_answered = threading.Event()  # `reached()` returned True for the request
 _sync_points = itertools.count()
 
 
@@ -60,11 +62,15 @@ def armed() -> Iterator[None]:
     """Within the block, SIGTERM asks the loop to stop at its next `reached()`.
 
     In a single process, the main thread's SIGTERM handler is replaced for the block
-    and restored after it; a request from before the block is forgotten. Elsewhere (a
-    `jax.distributed` job, whose SIGTERM jax catches; another thread, which cannot set a
-    handler) nothing is installed.
+    and restored after it; a request from before the block is forgotten. A request the
+    loop did not answer (a SIGTERM after its last `reached()`, e.g. while the last step's
+    checkpoint was saved) is passed on to the restored handler as the block ends, as a
+    SIGTERM outside a loop: Python's default ends the process there, the last step saved.
+    Elsewhere (a `jax.distributed` job, whose SIGTERM jax catches; another thread, which
+    cannot set a handler) nothing is installed.
     """
     _requested.clear()
+    _answered.clear()
     if _distributed() or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -73,6 +79,8 @@ def armed() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if _requested.is_set() and not _answered.is_set():
+        signal.raise_signal(signal.SIGTERM)
 
 
 def reached() -> bool:
@@ -86,4 +94,7 @@ def reached() -> bool:
     """
     if _distributed():
         return multihost_utils.reached_preemption_sync_point(next(_sync_points))
-    return _requested.is_set()
+    if _requested.is_set():
+        _answered.set()
+        return True
+    return False

@@ -1,5 +1,6 @@
 """SIGTERM inside a training loop is a request to checkpoint and stop, not an exit."""
 
+import contextlib
 import os
 import signal
 import threading
@@ -34,12 +35,50 @@ def test_the_previous_handler_is_back_after_the_block():
 
 
 def test_a_request_of_an_earlier_loop_is_forgotten():
-    with preemption.armed():
-        _sigterm_self()
-    with preemption.armed():
-        assert not preemption.reached(), (
-            "a second loop (fedgan_debug's second GAN after a finished first) must not stop "
-            "for a SIGTERM the first loop already answered")
+    with _handler_outside_loops(lambda signum, frame: None):
+        with preemption.armed():
+            _sigterm_self()
+        with preemption.armed():
+            assert not preemption.reached(), (
+                "a second loop (fedgan_debug's second GAN after a finished first) must not "
+                "stop for a SIGTERM the first loop already passed on")
+
+
+def test_a_sigterm_the_loop_did_not_answer_goes_to_the_handler_outside_it():
+    # A SIGTERM after the last step's `reached()` (while its checkpoint was saved) was
+    # swallowed: the run went on to its evaluation, or trained fedgan_debug's whole second
+    # GAN, ignoring the preemption until SIGKILL. Left over, it is what a SIGTERM outside a
+    # loop is: Python's default ends the process there.
+    received = []
+    with _handler_outside_loops(lambda signum, frame: received.append(signum)):
+        with preemption.armed():
+            assert not preemption.reached()
+            _sigterm_self()  # after the loop's last check: the loop ends normally
+        time.sleep(0.01)
+    assert received == [signal.SIGTERM], (
+        "a SIGTERM the loop ended without answering must reach the handler it had outside "
+        "(Python's default: exit), not be forgotten")
+
+
+def test_a_sigterm_the_loop_answered_is_not_passed_on():
+    received = []
+    with _handler_outside_loops(lambda signum, frame: received.append(signum)):
+        with contextlib.suppress(preemption.PreemptedError), preemption.armed():
+            _sigterm_self()
+            assert preemption.reached()
+            raise preemption.PreemptedError(1, "step", "/w/checkpoints")
+        time.sleep(0.01)
+    assert not received, "a loop that checkpointed and raised answered it: exit 143, not -15"
+
+
+@contextlib.contextmanager
+def _handler_outside_loops(handler):
+    """`handler` is the SIGTERM handler outside `armed()` blocks within this block."""
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_loop_off_the_main_thread_installs_nothing():
