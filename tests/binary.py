@@ -106,33 +106,38 @@ def cpu_devices_env(count: int) -> dict[str, str]:
     return multihost.local_env(count)
 
 
+def _wait_until(proc: subprocess.Popen, cmd: list[str], condition, timeout: float,
+                interval: float, err) -> None:
+    """Returns once `condition()` holds (the run may have ended just after). Fails the test,
+    with the run's stderr (`err`), if the run ended before `condition()` held (a crash, or
+    the run finished too soon), or if `timeout` seconds passed first (a hang: then with
+    every thread's stack, as `run_binary`); either way its process group is ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(interval)
+    if condition():
+        return
+    running = proc.poll() is None
+    _end_group(proc, dump_stacks=running)
+    how = (f"was still running after {timeout} s (stacks at SIGABRT below)" if running
+           else f"ended with exit code {proc.returncode} first")
+    raise AssertionError(
+        f"{cmd}: the condition to signal it never held; it {how}. Its stderr:\n"
+        f"{without_module_lists(_read(err))[-12000:]}")
+
+
 def _kill_when(
     module: str, args: tuple[str, ...], workdir: pathlib.Path, condition, timeout: float,
     interval: float,
 ) -> bool:
     """Runs `python -m module args --workdir=workdir` and SIGKILLs it once `condition()`
-    holds. Returns whether it was still running when killed.
-
-    Fails the test, with the run's stderr, if the run ended before `condition()` held (a
-    crash, or the run finished too soon), or if `timeout` seconds passed first (a hang:
-    then with every thread's stack, as `run_binary`)."""
+    holds (`_wait_until`). Returns whether it was still running when killed."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
     with tempfile.TemporaryFile("w+") as err:
-        proc, hung = _start(cmd, None, stdout=subprocess.DEVNULL, stderr=err), False
-        try:
-            deadline = time.time() + timeout
-            while time.time() < deadline and proc.poll() is None and not condition():
-                time.sleep(interval)
-            held, running = condition(), proc.poll() is None
-            hung = not held and running
-        finally:
-            _end_group(proc, dump_stacks=hung)
-        if not held:
-            how = (f"was still running after {timeout} s (stacks at SIGABRT below)" if running
-                   else f"ended with exit code {proc.returncode} first")
-            raise AssertionError(
-                f"{cmd}: the condition to kill it never held; it {how}. Its stderr:\n"
-                f"{without_module_lists(_read(err))[-12000:]}")
+        proc = _start(cmd, None, stdout=subprocess.DEVNULL, stderr=err)
+        _wait_until(proc, cmd, condition, timeout, interval, err)
+        running = proc.poll() is None
+        _end_group(proc, dump_stacks=False)
     return running
 
 
@@ -172,26 +177,23 @@ def terminate_after_checkpoint(
     end on its own. Fails the test if it ended first, or hung (with every thread's stack).
     `module` may be `launch.multihost`: its whole job then gets the SIGTERM."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
-    condition = _checkpointed(workdir / checkpoints, step)
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc, hung = _start(cmd, None, stdout=out, stderr=err), False
+        _wait_until(proc, cmd, _checkpointed(workdir / checkpoints, step), timeout, 0.05, err)
         try:
-            deadline = time.time() + timeout
-            while time.time() < deadline and proc.poll() is None and not condition():
-                time.sleep(0.05)
             assert proc.poll() is None, (
-                f"{cmd} ended (exit {proc.returncode}) before its checkpoint of step {step}:\n"
+                f"{cmd} ended (exit {proc.returncode}) before it could get SIGTERM:\n"
                 f"{without_module_lists(_read(err))[-6000:]}")
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=max(deadline - time.time(), 30))
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 hung = True
         finally:
             _end_group(proc, dump_stacks=hung)
         stdout, stderr = _read(out), _read(err)
-    assert not hung, (f"{cmd} did not end after SIGTERM; its stderr, with every thread's "
-                      f"stack:\n{without_module_lists(stderr)[-12000:]}")
+    assert not hung, (f"{cmd} did not end within {timeout} s of SIGTERM; its stderr, with "
+                      f"every thread's stack:\n{without_module_lists(stderr)[-12000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
@@ -208,7 +210,7 @@ def kill_when_written(
 
 def assert_preemption_resumes_like_uninterrupted(
     module: str, *args: str, whole: pathlib.Path, stopped: pathlib.Path, step: int,
-    unit: str = "step", env: dict[str, str] | None = None,
+    unit: str = "step",
 ) -> None:
     """SIGTERM (a preemption) after the checkpoint of `step`: the run saves the step it is
     at, exits 143 with one line naming it, releases nothing; the rerun resumes from that
@@ -219,7 +221,7 @@ def assert_preemption_resumes_like_uninterrupted(
     assert f"the checkpoint of {unit} {saved} is saved" in proc.stderr, (
         f"one line must name the {unit} saved, {saved}: {proc.stderr[-1000:]}")
     assert not (stopped / "summary.json").exists(), "a preempted run releases nothing yet"
-    rerun = run_binary(module, *args, f"--workdir={stopped}", env=env)
+    rerun = run_binary(module, *args, f"--workdir={stopped}")
     assert f"resumed from {unit} {saved}" in rerun.stdout + rerun.stderr, (
         f"the rerun must resume from the {unit} saved at SIGTERM, {saved}")
     assert_resumed_like_uninterrupted(whole, stopped, step_key=unit)
