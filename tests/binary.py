@@ -32,22 +32,32 @@ def run_binary(
     """
     cmd = [sys.executable, "-m", module, *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc, hung = _start(cmd, env, stdout=out, stderr=err), False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            hung = True
-        finally:
-            _end_group(proc, dump_stacks=hung)
-        stdout, stderr = _read(out), _read(err)
-    if hung:
-        raise AssertionError(
-            f"{cmd} was still running after {timeout} s; its stderr, with every "
-            f"thread's stack at SIGABRT:\n{without_module_lists(stderr)[-12000:]}")
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        proc = _start(cmd, env, stdout=out, stderr=err)
+        result = _finish(proc, out, err, timeout, f"was still running after {timeout} s")
     if check:
-        assert result.returncode == 0, f"{cmd} failed:\n{stderr[-3000:]}"
+        assert result.returncode == 0, f"{cmd} failed:\n{result.stderr[-3000:]}"
     return result
+
+
+def _finish(
+    proc: subprocess.Popen, out, err, timeout: float, hung: str
+) -> subprocess.CompletedProcess:
+    """Waits up to `timeout` s for `proc` to end, then ends its group and returns what it
+    wrote to `out` and `err`. Still running then (a hang), it fails the test: `hung` says
+    how, followed by its stderr with every thread's stack (`_end_group`)."""
+    still_running = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        still_running = True
+    finally:
+        _end_group(proc, dump_stacks=still_running)
+    stdout, stderr = _read(out), _read(err)
+    if still_running:
+        raise AssertionError(
+            f"{proc.args} {hung}; its stderr, with every thread's stack at SIGABRT:\n"
+            f"{without_module_lists(stderr)[-12000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def _start(cmd: list[str], env: dict[str, str] | None, stdout, stderr) -> subprocess.Popen:
@@ -178,23 +188,15 @@ def terminate_after_checkpoint(
     `module` may be `launch.multihost`: its whole job then gets the SIGTERM."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc, hung = _start(cmd, None, stdout=out, stderr=err), False
+        proc = _start(cmd, None, stdout=out, stderr=err)
         _wait_until(proc, cmd, _checkpointed(workdir / checkpoints, step), timeout, 0.05, err)
-        try:
-            assert proc.poll() is None, (
+        if proc.poll() is not None:
+            _end_group(proc, dump_stacks=False)
+            raise AssertionError(
                 f"{cmd} ended (exit {proc.returncode}) before it could get SIGTERM:\n"
                 f"{without_module_lists(_read(err))[-6000:]}")
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                hung = True
-        finally:
-            _end_group(proc, dump_stacks=hung)
-        stdout, stderr = _read(out), _read(err)
-    assert not hung, (f"{cmd} did not end within {timeout} s of SIGTERM; its stderr, with "
-                      f"every thread's stack:\n{without_module_lists(stderr)[-12000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        proc.send_signal(signal.SIGTERM)
+        return _finish(proc, out, err, timeout, f"did not end within {timeout} s of SIGTERM")
 
 
 def kill_when_written(
