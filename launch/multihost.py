@@ -44,6 +44,11 @@ from collections.abc import Sequence
 
 DISTRIBUTED_FLAG = "--distributed"
 STOP_GRACE_SECONDS = 10.0  # how long stopped processes get to exit before they are killed
+# After a SIGTERM, once one process has exited, how long the others get to follow before they
+# are killed: they save the same round together, so a process still running this long after
+# the first one is blocked (in a collective with a process that is gone).
+PREEMPTION_LAG_SECONDS = 120.0
+PREEMPTED_CODES = (0, 143)  # exit codes of a process that stopped as a SIGTERM asked
 SLURM_SIGTERM_SECONDS = 120  # SLURM sends SIGTERM this long before the time limit
 
 
@@ -130,8 +135,9 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
     process fails, the others are terminated (killed after `STOP_GRACE_SECONDS`): they
     would wait for it at their next collective. Runs are crash-safe: rerun to resume.
     A SIGTERM to the launcher (a preempted job) goes to every process, and the launcher
-    waits for them all: they agree on a round, checkpoint it and exit with 143
-    (`dpfed.train.preemption`).
+    waits for them: they agree on a round, checkpoint it and exit with 143
+    (`dpfed.train.preemption`). A process that fails meanwhile stops the others, and those
+    still running `PREEMPTION_LAG_SECONDS` after the first one exited are killed.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     procs, logs = [], []
@@ -146,11 +152,7 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if failed:
-                i, code = failed[0]
-                where = "above" if i == 0 else f"in {log_dir / f'process_{i}.log'}"
-                print(f"process {i} exited with {code} (its output is {where}); "
-                      "stopping the others", file=sys.stderr)
-                return _exit_code(code)
+                return _report_failure(*failed[0], log_dir)
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(0.2)
@@ -159,8 +161,7 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        codes = [p.wait() for p in procs]
-        return next((_exit_code(c) for c in codes if c != 0), 0)
+        return _wait_for_checkpoint(procs, log_dir)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for p in procs:
@@ -177,6 +178,38 @@ def run_local(commands: list[list[str]], env: dict[str, str], log_dir: pathlib.P
         for log in logs:
             if log is not None:
                 log.close()
+
+
+def _report_failure(i: int, code: int, log_dir: pathlib.Path) -> int:
+    """Prints that process `i` exited with `code` and the others will stop; returns the
+    shell's exit status of it."""
+    where = "above" if i == 0 else f"in {log_dir / f'process_{i}.log'}"
+    print(f"process {i} exited with {_exit_code(code)} (its output is {where}); "
+          "stopping the others", file=sys.stderr)
+    return _exit_code(code)
+
+
+def _wait_for_checkpoint(procs: list[subprocess.Popen], log_dir: pathlib.Path) -> int:
+    """Waits for SIGTERMed processes to save their round and exit; returns the first
+    non-zero exit status, or that of a failure (the caller stops the others)."""
+    first_exit = None
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, c) for i, c in enumerate(codes)
+                  if c is not None and _exit_code(c) not in PREEMPTED_CODES]
+        if failed:
+            return _report_failure(*failed[0], log_dir)
+        if all(c is not None for c in codes):
+            return next((_exit_code(c) for c in codes if c != 0), 0)
+        if first_exit is None and any(c is not None for c in codes):
+            first_exit = time.monotonic()
+        if first_exit is not None and time.monotonic() - first_exit > PREEMPTION_LAG_SECONDS:
+            running = [i for i, c in enumerate(codes) if c is None]
+            print(f"processes {running} still running {PREEMPTION_LAG_SECONDS:.0f} s after "
+                  "another saved and exited: killing them (blocked in a collective?)",
+                  file=sys.stderr)
+            return _exit_code(-signal.SIGKILL)
+        time.sleep(0.2)
 
 
 def _exit_code(code: int) -> int:

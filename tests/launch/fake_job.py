@@ -1,8 +1,11 @@
-"""A stand-in job for `launch.multihost local`'s tests: process 1 fails, the others hang.
+"""A stand-in job for `launch.multihost local`'s tests: processes that fail or hang.
 
-Each process writes its pid to `--pid_dir/<process_id>.pid`. Process 1 exits with code 3
-after 3 s (the others have written theirs by then); the others ignore SIGTERM (as a
-process blocked in a collective does) and sleep, so only a kill stops them.
+Each process writes its pid to `--pid_dir/<process_id>.pid`. With `--mode=fail`, process 1
+exits with code 3 after 3 s (the others have written theirs by then). With
+`--mode=preempted`, process 0 sleeps until a SIGTERM ends it (as a run that saved its round
+exits 143); with `--mode=fail_on_sigterm`, process 1 exits with code 3 on a SIGTERM. Every
+other process ignores SIGTERM (as a process blocked in a collective does) and sleeps
+`--sleep_s`, so only a kill stops it sooner.
 """
 
 import argparse
@@ -12,14 +15,26 @@ import signal
 import sys
 import time
 
+
+def _exit_3(signum, frame):
+    sys.exit(3)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--process_id", type=int, required=True)
     parser.add_argument("--pid_dir", required=True)
+    parser.add_argument("--mode", choices=("fail", "preempted", "fail_on_sigterm"),
+                        default="fail")
+    parser.add_argument("--sleep_s", type=float, default=600.0)
     args, _ = parser.parse_known_args()
-    pathlib.Path(args.pid_dir, f"{args.process_id}.pid").write_text(str(os.getpid()))
-    if args.process_id == 1:
+    if args.mode == "fail" and args.process_id == 1:
+        pathlib.Path(args.pid_dir, "1.pid").write_text(str(os.getpid()))
         time.sleep(3.0)
         sys.exit(3)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    time.sleep(600)
+    if args.mode == "fail_on_sigterm" and args.process_id == 1:
+        signal.signal(signal.SIGTERM, _exit_3)
+    elif not (args.mode == "preempted" and args.process_id == 0):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pathlib.Path(args.pid_dir, f"{args.process_id}.pid").write_text(str(os.getpid()))
+    time.sleep(args.sleep_s)

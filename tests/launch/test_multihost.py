@@ -3,8 +3,10 @@ a multi-host job as several processes of this machine."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -120,6 +122,53 @@ def test_local_stops_every_process_when_one_fails(tmp_path, monkeypatch):
         pid = int((tmp_path / f"{i}.pid").read_text())
         with pytest.raises(ProcessLookupError):  # killed and reaped, not left hanging
             os.kill(pid, 0)
+
+
+def _sigterm_launcher(tmp_path, mode, num_processes=3):
+    """Runs `local` on fake_job in `mode` and SIGTERMs this process (the launcher) once
+    every process has written its pid; returns the launcher's exit code and the pids."""
+    def sigterm_when_all_started():
+        while len(list(tmp_path.glob("*.pid"))) < num_processes:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=sigterm_when_all_started, daemon=True).start()
+    code = multihost.main([
+        "local", f"--num_processes={num_processes}", f"--log_dir={tmp_path / 'logs'}",
+        "tests.launch.fake_job", f"--pid_dir={tmp_path}", f"--mode={mode}", "--sleep_s=30"])
+    pids = [int((tmp_path / f"{i}.pid").read_text()) for i in range(num_processes)]
+    return code, pids
+
+
+def _assert_reaped(pids):
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # killed and reaped, not left hanging
+            os.kill(pid, 0)
+
+
+def test_after_a_sigterm_processes_blocked_after_one_exited_are_killed(
+        tmp_path, monkeypatch, capsys):
+    # Process 0 saves and exits 143; 1 and 2 stay blocked: the launcher must not wait for
+    # them forever (before, it waited for every process, here their 30 s sleep: exit 143).
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(multihost, "PREEMPTION_LAG_SECONDS", 1.0)
+    monkeypatch.setattr(multihost, "STOP_GRACE_SECONDS", 0.5)
+    code, pids = _sigterm_launcher(tmp_path, "preempted")
+    assert code == 137, f"processes killed after the lag: exit 128 + SIGKILL, got {code}"
+    assert "processes [1, 2] still running 1 s after" in capsys.readouterr().err, (
+        "the launcher names the processes it kills")
+    _assert_reaped(pids)
+
+
+def test_a_process_failing_after_a_sigterm_stops_the_others(tmp_path, monkeypatch, capsys):
+    # Process 1 exits 3 instead of saving: the others, blocked, are stopped at once, not
+    # after the lag (before, the launcher waited for them and said nothing).
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(multihost, "STOP_GRACE_SECONDS", 0.5)
+    code, pids = _sigterm_launcher(tmp_path, "fail_on_sigterm")
+    assert code == 3, f"the launcher exits with the failed process's code, got {code}"
+    assert "process 1 exited with 3" in capsys.readouterr().err, "it names the failure"
+    _assert_reaped(pids)
 
 
 # A multi-host job in miniature: 2 processes x 2 CPU devices on one shared workdir.
