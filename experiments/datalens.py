@@ -43,8 +43,9 @@ _SIGMA = flags.DEFINE_float("sigma", _D.sigma, "Noise std on each coordinate of 
 _BETA = flags.DEFINE_float("beta", _D.beta, "Threshold beta: aggregate is 0 within +-beta*T.")
 _SCOPE = flags.DEFINE_enum(
     "vote_scope", _D.vote_scope, list(datalens.VOTE_SCOPES),
-    "sample: each teacher votes on each generated sample (batch_size aggregations per step); "
-    "batch: one k-sparse vote on the whole batch (one aggregation per step; public code).",
+    "sample: each teacher votes on each generated sample (batch_size aggregations per step; "
+    "the paper and its public code); batch: one k-sparse vote on the whole batch (one "
+    "aggregation per step; our variant, the table rows' setting).",
 )
 _B = flags.DEFINE_float("grad_bound", _D.grad_bound, "Clip bound b of the stochastic sign.")
 _Z = flags.DEFINE_integer("z_dim", _D.z_dim, "Latent dimension of the generator.")

@@ -25,8 +25,9 @@ Privacy analysis (what the ledger records and why):
   mechanism with noise multiplier sigma / sqrt(4k), recorded as
   `GaussianDpEvent(sigma / sqrt(4k))`. With `vote_scope="sample"` a teacher votes on each
   generated sample (k non-zeros per sample) and a generator step is `batch_size`
-  aggregations; with `vote_scope="batch"` (the public code's) a teacher casts one k-sparse
-  vote on the whole batch flattened, and a step is one aggregation. The samples, the
+  aggregations (the paper's and its public code's scope); with `vote_scope="batch"` (our
+  variant, the table rows' setting) a teacher casts one k-sparse vote on the whole batch
+  flattened, and a step is one aggregation. The samples, the
   generator and the teachers' state evolve with the released aggregates, which RDP
   composition covers (adaptive composition).
 - Thresholding at beta * T is post-processing of the noisy sum: it costs nothing. The

@@ -29,7 +29,7 @@ from dpfed.generative.datalens.topagg import TopAgg
 PyTree = Any
 MESH_AXIS = "clients"
 # What one teacher vote (one aggregation, one Gaussian event) covers: one generated
-# sample (the issue's reading of the paper) or a whole batch (the public code).
+# sample (the paper and its public code) or a whole batch (our variant, the table rows').
 VOTE_SCOPES = ("sample", "batch")
 
 
@@ -215,7 +215,7 @@ class TeacherEnsemble:
         votes on each sample separately (k non-zeros per sample; vote on sample i uses
         `fold_in(fold_in(key, t), i)`); with `scope="batch"` it casts one vote on the
         whole batch flattened to B*D coordinates (k non-zeros in all, with
-        `fold_in(key, t)`), as the public code does. Not noised: feed it to
+        `fold_in(key, t)`; our variant: the public code votes per sample). Not noised: feed it to
         `topagg.privatize` before anything else sees it.
         """
         if scope not in VOTE_SCOPES:

@@ -17,8 +17,20 @@ bound sqrt(4k) is attained (same support, opposite signs); disjoint supports giv
 sqrt(2k). One aggregation of one sample, when a single teacher's vote may change
 arbitrarily, is therefore the Gaussian mechanism with noise multiplier sigma / sqrt(4k).
 The same holds when a teacher votes once on a whole batch of samples flattened into one
-vector of B*D coordinates (the public code's scope; `TeacherEnsemble.vote_sum`): the vote
+vector of B*D coordinates (`vote_scope="batch"`, `TeacherEnsemble.vote_sum`): the vote
 still has k non-zeros, so one such aggregation is one Gaussian event of the same multiplier.
+That batch scope is our variant, not the paper's: the paper and its public code
+(AI-secure/DataLens, `model.py` `train_together`: `for j in range(self.batch_size)`,
+one `signsgd_aggregate` and one RDP charge per sample) aggregate each generated sample
+on its own (`vote_scope="sample"`).
+
+The bound b. Here b is one fixed number (`--grad_bound`). The public code
+(`rdp_utils.stachastic_convert2topk`) scales each teacher's vote on a sample by
+b_t = min(max_j |g_tj|, max_grad), its own largest gradient coordinate capped at
+`--max_grad`, and its gradients are those of the batch-mean generator loss (1/B of ours,
+which sums per-sample losses). Either way a vote has k entries in {-1, +1}, so the
+sensitivity and the accounting are unchanged; only how often a vote follows the sign of
+a small gradient differs.
 """
 
 import dataclasses

@@ -6,9 +6,10 @@ One generator step:
    aggregation) on its own partition against fresh samples of the current generator;
 2. the generator draws `batch_size` samples x = G(z, y) (z ~ U[-1, 1]^z_dim, y uniform);
 3. each teacher votes with TopAgg, on each sample (`vote_scope="sample"`: `batch_size`
-   aggregations) or once on the whole batch (`"batch"`, the public code: one
-   aggregation); the vote sums are noised (the DP release: one Gaussian event per
-   aggregation) and thresholded (post-processing);
+   aggregations, as the paper and its public code do) or once on the whole batch
+   (`"batch"`, our variant and the table rows' setting: one aggregation); the vote sums
+   are noised (the DP release: one Gaussian event per aggregation) and thresholded
+   (post-processing);
 4. the generator takes one Adam step on sum ||x + step_size * aggregate - G(z, y)||^2
    (with `project_target`, the target is first clipped to the image range [0, 1], so a
    pixel already black is not pulled further down: post-processing, not in the paper).
