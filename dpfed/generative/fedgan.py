@@ -67,7 +67,9 @@ class FedGanConfig:
       gan: networks, noise dim, batch size, D/G steps and learning rates, GP weight.
       rounds: federated rounds (the paper: 1000).
       clients_per_round: expected (Poisson) or exact (fixed) cohort size (the paper: 10).
-      sampling: "poisson" or "fixed".
+      sampling: "poisson" or "fixed" (the paper's public code draws a fixed cohort
+        without replacement, `np.random.choice(..., replace=False)`; Poisson is the
+        default because the DP-FedAvg accountant of McMahan et al. 2018 assumes it).
       l2_clip: per-client clip norm C of D's delta (the initial C if adaptive).
       noise_multiplier: z, noise std / C on the sum of clipped deltas (0: no DP).
       adaptive_clipping: quantile-tracking clip norm (Andrew et al. 2021), or None.

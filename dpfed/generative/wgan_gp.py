@@ -166,6 +166,15 @@ def train_discriminator(
     a short client's batch is masked), each against as many fakes of G made with batch
     statistics (`train=True`, as in the server's G step, so D sees the fakes G is
     trained to make).
+
+    Departure from the paper's public code (google-research/federated `gans/`): there a
+    client takes *at most* `client_d_steps` batches from ONE shuffled pass over its data
+    (`create_tf_dataset_for_client(id).take(steps)`, `repeat=False`), so a client with
+    n < steps * batch_size images takes ceil(n / batch_size) steps, the last one short.
+    Here every client takes exactly `client_d_steps` steps and a small client cycles
+    through its images (the CPU demo's 20-image clients: 6 steps on the same 20 images,
+    where the public code would take one). Only D's delta leaves the client either way,
+    clipped to C: the guarantee does not depend on it.
     """
     batch_key, steps_key = jax.random.split(key)
     indices, masks = client_data.local_batch_indices(
