@@ -90,6 +90,9 @@ def split_clients(
       values: `[clients]` the metric of each client (e.g. its accuracy).
       low_threshold: clients with value <= this are "low" (the paper: accuracy < 0.882).
       high_threshold: clients with value >= this are "high" (the paper: accuracy > 0.939).
+        Both comparisons include the threshold (as a quantile threshold must, to hold its
+        boundary client), where the paper's are strict: with the paper's thresholds the
+        groups differ only for a client whose accuracy equals 0.882 or 0.939 exactly.
       low_quantile: quantile giving `low_threshold` when it is None.
       high_quantile: quantile giving `high_threshold` when it is None.
       eligible: bool `[clients]`; others (e.g. clients without data) join no group.
