@@ -161,11 +161,20 @@ def run_rounds(
                 raise preemption.PreemptedError(done, "round", str(checkpointer.directory))
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed
-        record = {"round": int(state.round), **evaluate(state)}
-        diagnostics = {"round": int(state.round),
-                       **(diagnose(state) if diagnose is not None else {})}
+        # What its last round logged (with that round's eps and released metrics), as the
+        # run that ran it returned; a fresh evaluation lacks them (fedlm's last_evaluation
+        # lost them on every rerun). Evaluated again only where no record of it is left.
+        done = int(state.round)
+        record = _record_of(workdir.read_metrics(), done) or {"round": done, **evaluate(state)}
+        diagnostics = _record_of(workdir.read_diagnostics(), done) or {
+            "round": done, **(diagnose(state) if diagnose is not None else {})}
     return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from,
                       diagnostics)
+
+
+def _record_of(records: list[dict[str, Any]], round_done: int) -> dict[str, Any] | None:
+    """The last of `records` (metrics.jsonl's or diagnostics.jsonl's) of `round_done`."""
+    return next((r for r in reversed(records) if r.get("round") == round_done), None)
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:

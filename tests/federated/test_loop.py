@@ -13,7 +13,7 @@ from dpfed.federated import DpFedAvg, DpFedAvgConfig, loop, run_rounds
 from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import Workdir, dumps
 from tests import dispatch
 from tests.federated import toy
 
@@ -191,6 +191,25 @@ def test_the_last_round_is_checkpointed_off_the_period(tmp_path):
     again = run(eng, tmp_path, rounds=3)
     assert (again.resumed_from, again.rounds_done) == (3, 3), (
         f"a finished run must resume at its end, not rerun round 3: {again.resumed_from}")
+
+
+
+def test_a_rerun_of_a_finished_run_returns_what_its_last_round_logged(tmp_path):
+    # A rerun that finds the run finished (fedlm_debug's first LM on every resume of the
+    # demo) returned a fresh evaluation without the last round's eps and released metrics:
+    # the LM's summary.json (`last_evaluation`) then differed from an uninterrupted run's.
+    eng = engine()
+    first = run(eng, tmp_path, rounds=4)
+    again = run(eng, tmp_path, rounds=4)
+    last = Workdir(tmp_path).read_metrics()[-1]
+
+    def text(record):  # NaN != NaN: compared as written (summary.json sorts keys too)
+        return dumps(record, sort_keys=True)
+
+    assert text(again.evaluation) == text(first.evaluation) == text(last), (
+        f"a finished run's rerun must return its last logged record: {again.evaluation}")
+    assert text(again.diagnostics) == text(first.diagnostics), (
+        f"and its last diagnostics: {again.diagnostics} vs {first.diagnostics}")
 
 
 class _SigtermInRound:
