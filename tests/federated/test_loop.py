@@ -193,7 +193,6 @@ def test_the_last_round_is_checkpointed_off_the_period(tmp_path):
         f"a finished run must resume at its end, not rerun round 3: {again.resumed_from}")
 
 
-
 def test_a_rerun_of_a_finished_run_returns_what_its_last_round_logged(tmp_path):
     # A rerun that finds the run finished (fedlm_debug's first LM on every resume of the
     # demo) returned a fresh evaluation without the last round's eps and released metrics:
