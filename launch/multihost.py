@@ -214,7 +214,7 @@ def _wait_for_checkpoint(procs: list[subprocess.Popen], log_dir: pathlib.Path) -
 
 def _exit_code(code: int) -> int:
     """A process's exit status as a shell reports it: killed by signal N gives 128 + N."""
-    return code if code > 0 else 128 - code
+    return code if code >= 0 else 128 - code
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -3,7 +3,9 @@
 Each process writes its pid to `--pid_dir/<process_id>.pid`. With `--mode=fail`, process 1
 exits with code 3 after 3 s (the others have written theirs by then). With
 `--mode=preempted`, process 0 sleeps until a SIGTERM ends it (as a run that saved its round
-exits 143); with `--mode=fail_on_sigterm`, process 1 exits with code 3 on a SIGTERM. Every
+exits 143); with `--mode=fail_on_sigterm`, process 1 exits with code 3 on a SIGTERM; with
+`--mode=done_on_sigterm`, every process exits with 0 on a SIGTERM (a run that had finished).
+Every
 other process ignores SIGTERM (as a process blocked in a collective does) and sleeps
 `--sleep_s`, so only a kill stops it sooner.
 """
@@ -20,11 +22,16 @@ def _exit_3(signum, frame):
     sys.exit(3)
 
 
+def _exit_0(signum, frame):
+    sys.exit(0)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--process_id", type=int, required=True)
     parser.add_argument("--pid_dir", required=True)
-    parser.add_argument("--mode", choices=("fail", "preempted", "fail_on_sigterm"),
+    parser.add_argument("--mode", choices=("fail", "preempted", "fail_on_sigterm",
+                                           "done_on_sigterm"),
                         default="fail")
     parser.add_argument("--sleep_s", type=float, default=600.0)
     args, _ = parser.parse_known_args()
@@ -32,7 +39,9 @@ if __name__ == "__main__":
         pathlib.Path(args.pid_dir, "1.pid").write_text(str(os.getpid()))
         time.sleep(3.0)
         sys.exit(3)
-    if args.mode == "fail_on_sigterm" and args.process_id == 1:
+    if args.mode == "done_on_sigterm":
+        signal.signal(signal.SIGTERM, _exit_0)
+    elif args.mode == "fail_on_sigterm" and args.process_id == 1:
         signal.signal(signal.SIGTERM, _exit_3)
     elif not (args.mode == "preempted" and args.process_id == 0):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -171,6 +171,16 @@ def test_a_process_failing_after_a_sigterm_stops_the_others(tmp_path, monkeypatc
     _assert_reaped(pids)
 
 
+def test_processes_exiting_0_after_a_sigterm_are_no_failure(tmp_path, monkeypatch, capsys):
+    # A process that ends its run normally as the SIGTERM comes exits 0: the launcher took
+    # that status for 128 (a failure) and stopped the others.
+    monkeypatch.chdir(ROOT)
+    code, pids = _sigterm_launcher(tmp_path, "done_on_sigterm")
+    assert code == 0, f"every process exited 0: the launcher must too, got {code}"
+    assert "exited with" not in capsys.readouterr().err, "no process failed"
+    _assert_reaped(pids)
+
+
 # A multi-host job in miniature: 2 processes x 2 CPU devices on one shared workdir.
 LOCAL_JOB = ["experiments.fedavg_classifier", "--model=logreg", "--local_steps=2",
              "--local_batch_size=10", "--eval_every=2", "--checkpoint_every=2",
