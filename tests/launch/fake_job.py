@@ -1,13 +1,12 @@
 """A stand-in job for `launch.multihost local`'s tests: processes that fail or hang.
 
-Each process writes its pid to `--pid_dir/<process_id>.pid`. With `--mode=fail`, process 1
-exits with code 3 after 3 s (the others have written theirs by then). With
-`--mode=preempted`, process 0 sleeps until a SIGTERM ends it (as a run that saved its round
-exits 143); with `--mode=fail_on_sigterm`, process 1 exits with code 3 on a SIGTERM; with
-`--mode=done_on_sigterm`, every process exits with 0 on a SIGTERM (a run that had finished).
-Every
-other process ignores SIGTERM (as a process blocked in a collective does) and sleeps
-`--sleep_s`, so only a kill stops it sooner.
+Each process writes its pid to `--pid_dir/<process_id>.pid` once its SIGTERM handling is
+set. With `--mode=fail`, process 1 exits with code 3 after 3 s (the others have written
+theirs by then). With `--mode=preempted`, process 0 sleeps until a SIGTERM ends it (as a
+run that saved its round exits 143); with `--mode=fail_on_sigterm`, process 1 exits with
+code 3 on a SIGTERM; with `--mode=done_on_sigterm`, every process exits with 0 on a SIGTERM
+(a run that had finished). Every other process ignores SIGTERM (as a process blocked in a
+collective does) and sleeps `--sleep_s`, so only a kill stops it sooner.
 """
 
 import argparse
@@ -35,10 +34,6 @@ if __name__ == "__main__":
                         default="fail")
     parser.add_argument("--sleep_s", type=float, default=600.0)
     args, _ = parser.parse_known_args()
-    if args.mode == "fail" and args.process_id == 1:
-        pathlib.Path(args.pid_dir, "1.pid").write_text(str(os.getpid()))
-        time.sleep(3.0)
-        sys.exit(3)
     if args.mode == "done_on_sigterm":
         signal.signal(signal.SIGTERM, _exit_0)
     elif args.mode == "fail_on_sigterm" and args.process_id == 1:
@@ -46,4 +41,7 @@ if __name__ == "__main__":
     elif not (args.mode == "preempted" and args.process_id == 0):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     pathlib.Path(args.pid_dir, f"{args.process_id}.pid").write_text(str(os.getpid()))
+    if args.mode == "fail" and args.process_id == 1:
+        time.sleep(3.0)
+        sys.exit(3)
     time.sleep(args.sleep_s)
