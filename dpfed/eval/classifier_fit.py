@@ -114,7 +114,7 @@ def fit(
     """Trains ``model`` on ``(images, labels)``; with ``validation``, keeps the params of
     the epoch with the best validation accuracy and stops early (``config.patience``)."""
     init_key, epoch_key = jax.random.split(key)
-    params = model.init(init_key, jnp.asarray(images[:1]))
+    params = jax.jit(model.init)(init_key, jnp.asarray(images[:1]))
     opt_state = optax.adam(config.learning_rate).init(params)
     labels = np.asarray(labels, np.int32)
     best = FitResult(params, 0, 0, None)

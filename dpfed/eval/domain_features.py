@@ -109,7 +109,7 @@ def domain_extractor(
     weights, info_file = directory / f"{stem}.msgpack", directory / f"{stem}.json"
     model = FeatureCNN(num_classes=train.num_classes)
     if weights.exists() and info_file.exists():
-        template = model.init(jax.random.key(0), jnp.asarray(train.images[:1]))
+        template = jax.jit(model.init)(jax.random.key(0), jnp.asarray(train.images[:1]))
         params = flax.serialization.from_bytes(template, weights.read_bytes())
         info = json.loads(info_file.read_text())
     else:

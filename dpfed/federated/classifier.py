@@ -261,7 +261,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         engine_config(config, noise_multiplier),
     )
     init_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-    state = engine.init(model.init(init_key, jnp.asarray(train_ds.images[:1])))
+    state = engine.init(jax.jit(model.init)(init_key, jnp.asarray(train_ds.images[:1])))
     ledger = None if config.nodp else new_ledger(config, engine)
 
     test_eval = make_evaluate(model)

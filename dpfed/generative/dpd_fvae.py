@@ -723,7 +723,7 @@ def load_generator(workdir: Workdir) -> tuple[DpdFvaeGenerator, PyTree]:
     model = workdir.read_json("summary.json")["model"]
     decoder = vae.Decoder(model["num_classes"], tuple(model["image_shape"]),
                           tuple(model["decoder_features"]))
-    template = decoder.init(
+    template = jax.jit(decoder.init)(
         jax.random.key(0), jnp.zeros((1, model["latent_dim"])), jnp.zeros((1,), jnp.int32))
     params = flax.serialization.from_bytes(template, workdir.file(DECODER_FILE).read_bytes())
     return DpdFvaeGenerator(decoder, model["latent_dim"]), params

@@ -200,8 +200,12 @@ class Generator(nn.Module):
 
 
 def init_discriminator(model: Discriminator, key: jax.Array) -> Variables:
-    """D's variables (`{"params": ...}`), initialised on one dummy image."""
-    return model.init(key, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32))
+    """D's variables (`{"params": ...}`), initialised on one dummy image.
+
+    Jitted, as every model init in dpfed: one compilation instead of one per operation
+    (seconds less at start-up; the same values bit for bit).
+    """
+    return jax.jit(model.init)(key, jnp.zeros((1, *IMAGE_SHAPE), jnp.float32))
 
 
 def init_generator(model: Generator, key: jax.Array, noise_dim: int = NOISE_DIM) -> Variables:
@@ -209,7 +213,8 @@ def init_generator(model: Generator, key: jax.Array, noise_dim: int = NOISE_DIM)
 
     Two dummy rows, so BatchNorm's batch variance at init is defined.
     """
-    return model.init(key, jnp.zeros((2, noise_dim), jnp.float32), train=False)
+    return jax.jit(model.init, static_argnames="train")(
+        key, jnp.zeros((2, noise_dim), jnp.float32), train=False)
 
 
 def generate(

@@ -93,8 +93,8 @@ def init_vae(
     enc_key, dec_key = jax.random.split(key)
     images = jnp.zeros((1, *decoder.image_shape), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32)
-    encoder_params = encoder.init(enc_key, images, labels)
-    decoder_params = decoder.init(dec_key, jnp.zeros((1, encoder.latent_dim)), labels)
+    encoder_params = jax.jit(encoder.init)(enc_key, images, labels)
+    decoder_params = jax.jit(decoder.init)(dec_key, jnp.zeros((1, encoder.latent_dim)), labels)
     return encoder_params, decoder_params
 
 

@@ -301,7 +301,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     model = models.get_classifier(config.model, train_ds.num_classes)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
     init_key = jax.random.key(config.seed)
-    params = model.init(jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
+    params = jax.jit(model.init)(
+        jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
 
     checkpointer = Checkpointer(wd.file("checkpoints"))

@@ -557,7 +557,7 @@ def load_generator(workdir: Workdir) -> tuple[DataLensGenerator, PyTree]:
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     generator = build_generator(config, train_ds.num_classes, train_ds.image_shape)
     z, labels = generator.latents(jax.random.key(0), 1)
-    template = generator.module.init(jax.random.key(0), z, labels)
+    template = jax.jit(generator.module.init)(jax.random.key(0), z, labels)
     params = flax.serialization.from_bytes(template, workdir.file(GENERATOR_FILE).read_bytes())
     return generator, params
 
