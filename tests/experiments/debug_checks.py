@@ -81,15 +81,21 @@ def assert_killed_in_second_model_resumes(
     group_dirs: tuple[str, str],
     summary_keys: tuple[str, ...],
     params_key: str = "params_sha256",
+    whole: pathlib.Path | None = None,
+    step: int = 3,
 ) -> None:
     """SIGKILLs `module` once the second model (`group_dirs[1]`, trained second) has
-    checkpointed round 3, reruns it, and checks both sub-workdirs and `summary_keys` end as
-    an uninterrupted run's: the groups are found again (pinned), the finished first model
-    is left as it was, the second continues without losing or repeating a round."""
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run_binary(module, *args, f"--workdir={whole}")
+    checkpointed round `step`, reruns it, and checks both sub-workdirs and `summary_keys`
+    end as an uninterrupted run's: the groups are found again (pinned), the finished first
+    model is left as it was, the second continues without losing or repeating a round.
+    The uninterrupted run is `whole` (a finished workdir of the same settings, e.g. a
+    module fixture's), or a run of `module args` made here when None."""
+    if whole is None:
+        whole = tmp_path / "whole"
+        run_binary(module, *args, f"--workdir={whole}")
+    killed = tmp_path / "killed"
     kill_after_checkpoint(
-        module, *args, workdir=killed, step=3, checkpoints=f"{group_dirs[1]}/checkpoints")
+        module, *args, workdir=killed, step=step, checkpoints=f"{group_dirs[1]}/checkpoints")
     assert (killed / group_dirs[0] / "summary.json").exists(), "killed after the first model"
     run_binary(module, *args, f"--workdir={killed}")
     for name in group_dirs:
