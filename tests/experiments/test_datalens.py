@@ -54,25 +54,31 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
 
 
-def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(tmp_path):
-    # On one CPU device (a laptop's default): the host queues steps ahead of the device.
-    args = [*TINY, "--steps=60", "--checkpoint_every=2", "--eval_every=10", "--noevaluate",
-            "--cpu_devices=1"]
-    _run(*args, f"--workdir={tmp_path / 'whole'}")
+# One uninterrupted run for the SIGKILL and the SIGTERM test. On one CPU device (a
+# laptop's default): the host queues steps ahead of the device.
+_INTERRUPTED = [*TINY, "--steps=150", "--checkpoint_every=10", "--eval_every=10",
+                "--noevaluate", "--cpu_devices=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    _run(*_INTERRUPTED, f"--workdir={workdir}")
+    return workdir
+
+
+def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    kill_after_checkpoint("experiments.datalens", *args, workdir=killed, step=6)
-    _run(*args, f"--workdir={killed}")
-    assert_resumed_like_uninterrupted(tmp_path / "whole", killed)
+    kill_after_checkpoint("experiments.datalens", *_INTERRUPTED, workdir=killed, step=20)
+    _run(*_INTERRUPTED, f"--workdir={killed}")
+    assert_resumed_like_uninterrupted(uninterrupted, killed)
 
 
-
-def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(tmp_path):
-    args = [*TINY, "--steps=150", "--checkpoint_every=5", "--eval_every=10", "--noevaluate",
-            "--cpu_devices=1"]
-    _run(*args, f"--workdir={tmp_path / 'whole'}")
+def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(uninterrupted, tmp_path):
     assert_preemption_resumes_like_uninterrupted(
-        "experiments.datalens", *args, whole=tmp_path / "whole", stopped=tmp_path / "stopped",
-        step=5)
+        "experiments.datalens", *_INTERRUPTED, whole=uninterrupted, stopped=tmp_path / "stopped",
+        step=10)
+
 
 def test_vote_scope_batch_flag_records_one_aggregation_per_step(tmp_path):
     _run(*TINY, "--vote_scope=batch", "--steps=2", "--noevaluate", f"--workdir={tmp_path}")

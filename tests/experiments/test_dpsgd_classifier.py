@@ -110,31 +110,32 @@ def test_offline_tfds_dataset_exits_2_naming_embedded_alternative(tmp_path):
     assert proc.returncode == 2 and "mnist5k" in proc.stderr, proc.stderr[-500:]
 
 
-def test_sigkill_and_resume_gives_same_params_and_ledger(tmp_path):
-    args = [
-        "--model=logreg",
-        "--steps=60",
-        "--batch_size=64",
-        "--noise_multiplier=1.0",
-        "--checkpoint_every=5",
-        "--eval_every=20",
-    ]
-    _run(*args, f"--workdir={tmp_path / 'whole'}")
+# One uninterrupted run for the SIGKILL and the SIGTERM test.
+_INTERRUPTED = ("--model=logreg", "--steps=400", "--batch_size=64", "--noise_multiplier=1.0",
+                "--checkpoint_every=25", "--eval_every=50")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    _run(*_INTERRUPTED, f"--workdir={workdir}")
+    return workdir
+
+
+def test_sigkill_and_resume_gives_same_params_and_ledger(uninterrupted, tmp_path):
     killed = tmp_path / "killed"
-    kill_after_checkpoint("experiments.dpsgd_classifier", *args, workdir=killed, step=10)
-    _run(*args, f"--workdir={killed}")
-    assert_resumed_like_uninterrupted(tmp_path / "whole", killed)
+    kill_after_checkpoint("experiments.dpsgd_classifier", *_INTERRUPTED, workdir=killed, step=50)
+    _run(*_INTERRUPTED, f"--workdir={killed}")
+    assert_resumed_like_uninterrupted(uninterrupted, killed)
 
 
-def test_sigterm_checkpoints_its_step_exits_143_and_the_rerun_resumes_there(tmp_path):
+def test_sigterm_checkpoints_its_step_exits_143_and_the_rerun_resumes_there(
+        uninterrupted, tmp_path):
     # A preempted job gets SIGTERM, then SIGKILL a grace period later: the run saves the
     # step it is at rather than leave the rerun to redo the steps since its last checkpoint.
-    args = ["--model=logreg", "--steps=400", "--batch_size=64", "--noise_multiplier=1.0",
-            "--checkpoint_every=7", "--eval_every=50"]
-    _run(*args, f"--workdir={tmp_path / 'whole'}")
     assert_preemption_resumes_like_uninterrupted(
-        "experiments.dpsgd_classifier", *args, whole=tmp_path / "whole",
-        stopped=tmp_path / "stopped", step=7)
+        "experiments.dpsgd_classifier", *_INTERRUPTED, whole=uninterrupted,
+        stopped=tmp_path / "stopped", step=25)
 
 
 _CALIBRATED = ("--model=logreg", "--steps=30", "--batch_size=64", "--target_epsilon=2",
