@@ -1,8 +1,10 @@
 """Multi-host launchers: --dry_run prints the commands every host would run; `local` runs
 a multi-host job as several processes of this machine."""
 
+import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -204,23 +206,40 @@ def _process_1_log(logs) -> str:
     return f"process 1 ({log}):\n{text}"
 
 
+# A preempted job: 100 rounds, so that it still runs when the SIGTERM comes.
+PREEMPTED_JOB = [*LOCAL_JOB, "--rounds=100", "--eval_every=10", "--checkpoint_every=10"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoProcessJob:
+    """A 2-process job SIGTERMed after its checkpoint of round 10 and rerun to its end,
+    and the same rounds in one process on as many devices (`two_process_job`)."""
+
+    workdir: pathlib.Path  # of the 2-process job
+    stopped: subprocess.CompletedProcess  # the launcher's run that got the SIGTERM
+    stopped_logs: pathlib.Path  # its processes' logs
+    saved: int  # the newest checkpoint's round after the SIGTERM
+    rerun: subprocess.CompletedProcess  # the launcher's rerun to the end
+    one: pathlib.Path  # workdir of the one-process run
+
+
 @pytest.fixture(scope="module")
-def two_process_job(tmp_path_factory):
-    """4 rounds in 2 processes, resumed to 6; and the same 6 rounds in one process with
-    the same 4 devices. Returns (workdir, output of the resume, one-process workdir)."""
+def two_process_job(tmp_path_factory) -> TwoProcessJob:
+    """`PREEMPTED_JOB` in 2 processes x 2 devices, SIGTERMed (a preemption: the launcher
+    passes it on) after the checkpoint of round 10, then rerun as a requeued job would be;
+    and the same rounds in one process with 4 devices. One job serves the tests of the
+    preemption, of resuming and of the records, as each costs about a minute of process
+    starts; each test asserts what it names."""
     workdir, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
     logs = tmp_path_factory.mktemp("logs")
-    outputs = []
-    for rounds in (4, 6):
-        result = _run_local_job(
-            logs, "--num_processes=2", "--devices_per_process=2", *LOCAL_JOB,
-            f"--rounds={rounds}", f"--workdir={workdir}")
-        assert result.returncode == 0, (
-            f"the 2-process job failed:\n{result.stderr[-3000:]}\n{_process_1_log(logs)}")
-        outputs.append(result.stdout)
-    env = cpu_devices_env(4)
-    run_binary(*LOCAL_JOB, "--rounds=6", f"--workdir={one}", env=env)
-    return workdir, outputs[1], one
+    job = ["--num_processes=2", "--devices_per_process=2", *PREEMPTED_JOB]
+    stopped = terminate_after_checkpoint(
+        "launch.multihost", "local", f"--log_dir={logs / 'stopped'}", *job,
+        workdir=workdir, step=10)
+    saved = max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    rerun = _run_local_job(logs / "rerun", *job, f"--workdir={workdir}")
+    run_binary(*PREEMPTED_JOB, f"--workdir={one}", env=cpu_devices_env(4))
+    return TwoProcessJob(workdir, stopped, logs / "stopped", saved, rerun, one)
 
 
 def test_a_job_on_a_workdir_in_use_exits_2_in_every_process(tmp_path):
@@ -273,48 +292,51 @@ def test_a_running_job_holds_its_workdir_lock(tmp_path):
         f"a --distributed job's process 0 must hold the lock: {second.stderr[-2000:]}")
 
 
-def test_a_sigterm_to_the_launcher_saves_one_round_in_every_process(tmp_path):
+def test_a_sigterm_to_the_launcher_saves_one_round_in_every_process(two_process_job):
     # A preempted job: the launcher passes SIGTERM on; jax's preemption service has the
     # processes agree on a round, which both checkpoint (orbax's save is collective).
-    logs, workdir = tmp_path / "logs", tmp_path / "w"
-    job = ["--num_processes=2", "--devices_per_process=2", *LOCAL_JOB, "--rounds=100",
-           "--eval_every=10", "--checkpoint_every=10"]
-    stopped = terminate_after_checkpoint("launch.multihost", "local", f"--log_dir={logs}",
-                                         *job, workdir=workdir, step=10)
+    job = two_process_job
+    stopped, logs = job.stopped, job.stopped_logs
     assert stopped.returncode == 143, (
         f"exit {stopped.returncode}:\n{stopped.stderr[-3000:]}\n{_process_1_log(logs)}")
-    saved = max(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
-    line = f"the checkpoint of round {saved} is saved"
-    assert line in stopped.stderr, f"process 0 must name round {saved}: {stopped.stderr[-2000:]}"
+    line = f"the checkpoint of round {job.saved} is saved"
+    assert line in stopped.stderr, (
+        f"process 0 must name round {job.saved}: {stopped.stderr[-2000:]}")
     assert line in (logs / "process_1.log").read_text(), (
-        f"process 1 must have saved the same round, {saved}:\n{_process_1_log(logs)}")
-    rerun = _run_local_job(logs, *job, f"--workdir={workdir}")
-    assert rerun.returncode == 0 and f"resumed from round {saved}" in rerun.stdout, (
-        f"the rerun must resume from round {saved}:\n{rerun.stdout[-2000:]}")
-    ledger = json.loads((workdir / "ledger.json").read_text())
-    assert ledger["num_releases"] == 100, "each round counted once across the preemption"
+        f"process 1 must have saved the same round, {job.saved}:\n{_process_1_log(logs)}")
+
 
 def _rounds(path):
     return [json.loads(line)["round"] for line in path.read_text().splitlines()]
 
 
+def _finished(job: TwoProcessJob) -> pathlib.Path:
+    """The 2-process job's workdir; fails the test unless its rerun ended well."""
+    assert job.rerun.returncode == 0, (
+        f"the rerun after the SIGTERM failed (exit {job.rerun.returncode}):\n"
+        f"{job.rerun.stderr[-3000:]}")
+    return job.workdir
+
+
 def test_two_processes_write_each_record_once(two_process_job):
-    workdir, _, _ = two_process_job
+    workdir = _finished(two_process_job)  # across the preemption and the resume
     for name in ("metrics.jsonl", "diagnostics.jsonl"):
-        assert _rounds(workdir / name) == [2, 4, 6], f"{name}: one record per evaluation"
+        assert _rounds(workdir / name) == list(range(10, 101, 10)), (
+            f"{name}: one record per evaluation")
 
 
 def test_two_processes_resume_with_the_ledger_of_every_round(two_process_job):
-    workdir, resumed, _ = two_process_job
-    assert "resumed from round 4" in resumed, f"the rerun must resume: {resumed[-1000:]}"
-    ledger = json.loads((workdir / "ledger.json").read_text())
-    assert ledger["num_releases"] == 6, "each of the 6 rounds counted once"
+    rerun, saved = two_process_job.rerun, two_process_job.saved
+    assert rerun.returncode == 0 and f"resumed from round {saved}" in rerun.stdout, (
+        f"the rerun must resume from round {saved} (exit {rerun.returncode}):\n"
+        f"{rerun.stdout[-2000:]}\n{rerun.stderr[-2000:]}")
+    ledger = json.loads((two_process_job.workdir / "ledger.json").read_text())
+    assert ledger["num_releases"] == 100, "each round counted once across the preemption"
 
 
 def test_two_processes_match_one_process_on_as_many_devices(two_process_job):
-    workdir, _, one = two_process_job
-    two = json.loads((workdir / "summary.json").read_text())
-    single = json.loads((one / "summary.json").read_text())
+    two = json.loads((_finished(two_process_job) / "summary.json").read_text())
+    single = json.loads((two_process_job.one / "summary.json").read_text())
     assert two["epsilon_rdp"] == single["epsilon_rdp"], "the same rounds, the same eps"
     assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4), (
         "the same model up to float rounding (cross-process sums add in another order)")
