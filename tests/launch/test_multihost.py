@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from dpfed.train.config import ConfigError
+from dpfed.train.workdir import Workdir
 from launch import multihost
 from tests.binary import (
     ROOT,
@@ -284,12 +286,19 @@ def test_a_running_job_holds_its_workdir_lock(tmp_path):
         deadline = time.time() + 120
         while not (workdir / "config.json").exists() and time.time() < deadline:
             time.sleep(0.2)
-        second = run_binary(*LOCAL_JOB, "--rounds=2", f"--workdir={workdir}", check=False)
+        assert job.poll() is None, f"the job ended (exit {job.returncode}) before the check"
+        # The lock a second run would take first (`Workdir.lock`), taken here: a second
+        # binary refused so exits 2 naming it (tests/train/test_cli.py).
+        try:
+            Workdir(workdir).lock()
+            refusal = None
+        except ConfigError as error:
+            refusal = str(error)
     finally:
         job.kill()
         job.wait()
-    assert second.returncode == 2 and "in use by another run" in second.stderr, (
-        f"a --distributed job's process 0 must hold the lock: {second.stderr[-2000:]}")
+    assert refusal is not None and "in use by another run" in refusal, (
+        f"a --distributed job's process 0 must hold the lock; taking it gave: {refusal}")
 
 
 def test_a_sigterm_to_the_launcher_saves_one_round_in_every_process(two_process_job):
