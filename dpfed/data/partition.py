@@ -72,13 +72,28 @@ def _checked_labels(labels: np.ndarray, num_clients: int, alpha: float) -> np.nd
 
 def _dirichlet_draw(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """One label-skewed draw: each class is split over clients by Dirichlet(alpha) shares."""
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One label-skewed draw: each class's examples, shuffled, with the cuts that split
+    them over the clients by Dirichlet(alpha) shares (`np.split`'s indices)."""
+    draw = []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         shares = rng.dirichlet(np.full(num_clients, alpha))
         cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        draw.append((members, cuts))
+    return draw
+
+
+def _client_sizes(draw: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each client's number of examples in `draw`, without building its index arrays."""
+    return sum(np.diff(np.minimum(cuts, len(members)), prepend=0, append=len(members))
+               for members, cuts in draw)
+
+
+def _clients_of(draw: list[tuple[np.ndarray, np.ndarray]], num_clients: int) -> list[np.ndarray]:
+    """Each client's sorted example indices in `draw`."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for members, cuts in draw:
         for client, chunk in enumerate(np.split(members, cuts)):
             parts[client].append(chunk)
     return [np.sort(np.concatenate(chunks)) for chunks in parts]
@@ -108,9 +123,9 @@ def partition_dirichlet(
         )
     rng = np.random.default_rng(seed)
     for _ in range(_MAX_DIRICHLET_DRAWS):
-        parts = _dirichlet_draw(labels, num_clients, alpha, rng)
-        if min(len(p) for p in parts) >= min_size:
-            return parts
+        draw = _dirichlet_draw(labels, num_clients, alpha, rng)
+        if _client_sizes(draw).min() >= min_size:  # a rejected draw builds no arrays
+            return _clients_of(draw, num_clients)
     raise ValueError(
         f"no Dirichlet draw in {_MAX_DIRICHLET_DRAWS} gave every client min_size={min_size} "
         f"examples (alpha={alpha}, num_clients={num_clients}); raise alpha or lower min_size"
