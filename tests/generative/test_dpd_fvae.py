@@ -2,7 +2,9 @@
 
 import dataclasses
 import functools
+import pathlib
 import shutil
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -315,19 +317,38 @@ def test_central_ledger_is_user_level_and_decoder_keeps_the_contract(tmp_path):
     assert (tmp_path / "samples.png").exists(), "no per-class sample grid"
 
 
-def test_resumed_local_run_keeps_its_z_and_adopts_the_new_budgets(tmp_path):
+class LocalResume(NamedTuple):
+    """A local-DP run of 2 rounds at target eps 8, resumed to 4 rounds at 16, in `workdir`."""
+
+    config: dpd_fvae.DpdFvaeConfig  # the first invocation's
+    resumed: dpd_fvae.DpdFvaeConfig  # the second's
+    workdir: pathlib.Path
+    first: dict  # the summaries of both
+    summary: dict
+
+
+@pytest.fixture(scope="module")
+def local_resume(tmp_path_factory) -> LocalResume:
+    """Shared by the two tests of a changed local resume (the runs are most of their time);
+    they only read its workdir (a test that changes it works on a copy)."""
+    workdir = tmp_path_factory.mktemp("local_resume")
+    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=90,
+                                 dp="local", target_epsilon=8.0)
+    first = dpd_fvae.train(config, workdir, log=lambda _: None, mesh=_ONE_DEVICE)
+    resumed = dataclasses.replace(config, rounds=4, target_epsilon=16.0)
+    summary = dpd_fvae.train(resumed, workdir, log=lambda _: None, mesh=_ONE_DEVICE)
+    return LocalResume(config, resumed, workdir, first, summary)
+
+
+def test_resumed_local_run_keeps_its_z_and_adopts_the_new_budgets(local_resume):
     # Local DP recomputes each client's eps from its participation count at one z, so a
     # resume must not recalibrate z: with --rounds 2 -> 4 a new z (calibrated for 4
     # participations) made the ledger report eps 4.7 for what cost eps 8.
-    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=90,
-                                 dp="local", target_epsilon=8.0)
-    first = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
-    resumed = dataclasses.replace(config, rounds=4, target_epsilon=16.0)
-    summary = dpd_fvae.train(resumed, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    config, resumed, workdir, first, summary = local_resume
     assert summary["noise_multiplier"] == first["noise_multiplier"], "z changed on resume"
     assert summary["participations_max"] > first["participations_max"], (
         "the raised target's budgets were not adopted: no client trained after the resume")
-    meta = Workdir(tmp_path).read_json("ledger.json")["metadata"]
+    meta = Workdir(workdir).read_json("ledger.json")["metadata"]
     event = dpd_fvae.local_participation_event(
         resumed, meta["worst_client_examples"], first["noise_multiplier"])
     true_eps = privacy.epsilon(
@@ -337,17 +358,15 @@ def test_resumed_local_run_keeps_its_z_and_adopts_the_new_budgets(tmp_path):
         f"z they ran with cost {true_eps}")
 
 
-def test_local_rerun_without_checkpoints_after_a_changed_resume_is_refused(tmp_path):
+def test_local_rerun_without_checkpoints_after_a_changed_resume_is_refused(
+        local_resume, tmp_path):
     # The resume keeps z; with checkpoints/ deleted a rerun would calibrate a new z from
     # the resumed flags and replay the logged rounds with it (eps 11.2 -> 16.0 reported).
-    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=90,
-                                 dp="local", target_epsilon=8.0)
-    dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
-    resumed = dataclasses.replace(config, rounds=4, target_epsilon=16.0)
-    dpd_fvae.train(resumed, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
-    shutil.rmtree(tmp_path / "checkpoints")
+    workdir = tmp_path / "copy"
+    shutil.copytree(local_resume.workdir, workdir)  # the fixture's workdir stays as it is
+    shutil.rmtree(workdir / "checkpoints")
     with pytest.raises(ConfigError, match="local noise multiplier") as error:
-        dpd_fvae.train(resumed, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+        dpd_fvae.train(local_resume.resumed, workdir, log=lambda _: None, mesh=_ONE_DEVICE)
     assert error.value.field == "workdir", error.value.field
 
 
