@@ -1,9 +1,16 @@
-"""End-to-end tests of experiments/dpd_fvae.py (subprocesses, tiny runs on 8x8 digits)."""
+"""End-to-end tests of experiments/dpd_fvae.py (subprocesses, tiny runs on 8x8 digits).
+
+Where a test's subject is a workdir rather than the command line (a resume), the binary's
+`dpd_fvae.train` runs in this process instead, on the tests' 8 CPU devices as the binary
+would: a subprocess costs seconds of imports (the workdir's config.json refuses a config
+that differs from the binary's flags).
+"""
 
 import json
 
 import pytest
 
+from dpfed.generative import dpd_fvae
 from tests.binary import (
     assert_resumed_like_uninterrupted,
     cpu_devices_env,
@@ -27,8 +34,21 @@ TINY = [
 ]
 
 
+# The binary's config for TINY (the same values as its flags).
+_TINY_CONFIG = dict(
+    dataset="digits", num_clients=8, client_fraction=0.5, rounds=2, local_epochs=1,
+    batch_size=90, latent_dim=2, encoder_features=(4,), decoder_features=(4,), eval_every=1,
+    checkpoint_every=1)
+
+
 def _run(*args, check=True):
     return run_binary("experiments.dpd_fvae", *args, check=check)
+
+
+def _train(workdir, **changes) -> dict:
+    """`dpd_fvae.train` in this process (all 8 devices), as the binary runs it with TINY."""
+    config = dpd_fvae.DpdFvaeConfig(**{**_TINY_CONFIG, **changes})
+    return dpd_fvae.train(config, str(workdir), log=lambda _: None)
 
 
 def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):
@@ -54,7 +74,8 @@ def test_local_dp_run_writes_the_workdir_contract_and_resumes(tmp_path):
         "the ledger must state the worst client's eps")
     assert meta["worst_client_participations"] == summary["participations_max"] > 0
     again = json.loads(json.dumps(summary))
-    _run(*flags)  # a finished run resumes from its last checkpoint and changes nothing
+    # A finished run resumes from its last checkpoint and changes nothing.
+    _train(tmp_path, dp="local", sync="d", noise_multiplier=2.0, target_epsilon=30.0)
     resumed = json.loads((tmp_path / "summary.json").read_text())
     for key in ("decoder_sha256", "epsilon_rdp", "participations_max"):
         assert resumed[key] == again[key], f"resuming changed {key}"
@@ -75,7 +96,7 @@ def test_sigkill_and_resume_gives_same_decoder_ledger_and_metrics(tmp_path):
 
 def test_a_run_resumes_on_another_device_count(tmp_path):
     flags = [*TINY, "--dp=central", "--sync=d", "--noise_multiplier=2", f"--workdir={tmp_path}"]
-    _run(*flags[:-1], "--rounds=1", flags[-1])  # the tests' 8 CPU devices
+    _train(tmp_path, dp="central", sync="d", noise_multiplier=2.0, rounds=1)  # 8 devices
     three = cpu_devices_env(3)
     run_binary("experiments.dpd_fvae", *flags, env=three)  # round 2 on 3 devices
     summary = json.loads((tmp_path / "summary.json").read_text())
