@@ -210,6 +210,25 @@ def kill_when_written(
     ), f"the run ended before {pattern} appeared: nothing was killed"
 
 
+def finished_run(tmp_path_factory, module: str, *args: str) -> pathlib.Path:
+    """The workdir, in a new temporary folder, of `python -m module args` run to its end:
+    the uninterrupted run that a module's kill and preemption tests compare with."""
+    workdir = tmp_path_factory.mktemp("whole")
+    run_binary(module, *args, f"--workdir={workdir}")
+    return workdir
+
+
+def assert_kill_resumes_like_uninterrupted(
+    module: str, *args: str, whole: pathlib.Path, killed: pathlib.Path, step: int,
+    step_key: str = "step", params_key: str = "params_sha256",
+) -> None:
+    """SIGKILL after the checkpoint of `step` (`kill_after_checkpoint`); the rerun ends as
+    the uninterrupted run in `whole` (`assert_resumed_like_uninterrupted`)."""
+    kill_after_checkpoint(module, *args, workdir=killed, step=step)
+    run_binary(module, *args, f"--workdir={killed}")
+    assert_resumed_like_uninterrupted(whole, killed, step_key=step_key, params_key=params_key)
+
+
 def assert_preemption_resumes_like_uninterrupted(
     module: str, *args: str, whole: pathlib.Path, stopped: pathlib.Path, step: int,
     unit: str = "step",

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from tests.binary import (
+    assert_kill_resumes_like_uninterrupted,
     assert_preemption_resumes_like_uninterrupted,
-    assert_resumed_like_uninterrupted,
-    kill_after_checkpoint,
+    finished_run,
     run_binary,
 )
 
@@ -62,16 +62,13 @@ _INTERRUPTED = [*TINY, "--steps=150", "--checkpoint_every=10", "--eval_every=10"
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("whole")
-    _run(*_INTERRUPTED, f"--workdir={workdir}")
-    return workdir
+    return finished_run(tmp_path_factory, "experiments.datalens", *_INTERRUPTED)
 
 
 def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(uninterrupted, tmp_path):
-    killed = tmp_path / "killed"
-    kill_after_checkpoint("experiments.datalens", *_INTERRUPTED, workdir=killed, step=20)
-    _run(*_INTERRUPTED, f"--workdir={killed}")
-    assert_resumed_like_uninterrupted(uninterrupted, killed)
+    assert_kill_resumes_like_uninterrupted(
+        "experiments.datalens", *_INTERRUPTED, whole=uninterrupted, killed=tmp_path / "killed",
+        step=20)
 
 
 def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(uninterrupted, tmp_path):

@@ -12,9 +12,8 @@ import pytest
 
 from dpfed.generative import dpd_fvae
 from tests.binary import (
-    assert_resumed_like_uninterrupted,
+    assert_kill_resumes_like_uninterrupted,
     cpu_devices_env,
-    kill_after_checkpoint,
     run_binary,
 )
 
@@ -87,11 +86,9 @@ def test_sigkill_and_resume_gives_same_decoder_ledger_and_metrics(tmp_path):
     args = [*TINY, "--dp=local", "--sync=d", "--noise_multiplier=2", "--rounds=40",
             "--checkpoint_every=2", "--eval_every=10"]
     _run(*args, f"--workdir={tmp_path / 'whole'}")
-    killed = tmp_path / "killed"
-    kill_after_checkpoint("experiments.dpd_fvae", *args, workdir=killed, step=6)
-    _run(*args, f"--workdir={killed}")
-    assert_resumed_like_uninterrupted(
-        tmp_path / "whole", killed, step_key="round", params_key="decoder_sha256")
+    assert_kill_resumes_like_uninterrupted(
+        "experiments.dpd_fvae", *args, whole=tmp_path / "whole", killed=tmp_path / "killed",
+        step=6, step_key="round", params_key="decoder_sha256")
 
 
 def test_a_run_resumes_on_another_device_count(tmp_path):

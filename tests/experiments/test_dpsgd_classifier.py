@@ -7,9 +7,10 @@ import pytest
 from dp_accounting import dp_event, rdp
 
 from tests.binary import (
+    assert_kill_resumes_like_uninterrupted,
     assert_preemption_resumes_like_uninterrupted,
     assert_resumed_like_uninterrupted,
-    kill_after_checkpoint,
+    finished_run,
     kill_when_written,
     run_binary,
 )
@@ -117,16 +118,13 @@ _INTERRUPTED = ("--model=logreg", "--steps=400", "--batch_size=64", "--noise_mul
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("whole")
-    _run(*_INTERRUPTED, f"--workdir={workdir}")
-    return workdir
+    return finished_run(tmp_path_factory, "experiments.dpsgd_classifier", *_INTERRUPTED)
 
 
 def test_sigkill_and_resume_gives_same_params_and_ledger(uninterrupted, tmp_path):
-    killed = tmp_path / "killed"
-    kill_after_checkpoint("experiments.dpsgd_classifier", *_INTERRUPTED, workdir=killed, step=50)
-    _run(*_INTERRUPTED, f"--workdir={killed}")
-    assert_resumed_like_uninterrupted(uninterrupted, killed)
+    assert_kill_resumes_like_uninterrupted(
+        "experiments.dpsgd_classifier", *_INTERRUPTED, whole=uninterrupted,
+        killed=tmp_path / "killed", step=50)
 
 
 def test_sigterm_checkpoints_its_step_exits_143_and_the_rerun_resumes_there(
@@ -144,9 +142,7 @@ _CALIBRATED = ("--model=logreg", "--steps=30", "--batch_size=64", "--target_epsi
 
 @pytest.fixture(scope="module")
 def calibrated_whole(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("whole")
-    _run(*_CALIBRATED, f"--workdir={workdir}")
-    return workdir
+    return finished_run(tmp_path_factory, "experiments.dpsgd_classifier", *_CALIBRATED)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from dpfed import data, privacy
 from dpfed.federated import classifier
 from dpfed.train.config import ConfigError
 from dpfed.train.resume import Spent
-from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
+from tests.binary import assert_kill_resumes_like_uninterrupted, run_binary
 
 FAST = {"model": "logreg", "local_steps": 2, "local_batch_size": 10, "eval_every": 100}
 
@@ -67,10 +67,9 @@ def test_sigkill_and_resume_gives_same_params_ledger_and_metrics(tmp_path):
         "--checkpoint_every=2", "--eval_every=10",
     ]
     run_binary("experiments.fedavg_classifier", *args, f"--workdir={tmp_path / 'whole'}")
-    killed = tmp_path / "killed"
-    kill_after_checkpoint("experiments.fedavg_classifier", *args, workdir=killed, step=6)
-    run_binary("experiments.fedavg_classifier", *args, f"--workdir={killed}")
-    assert_resumed_like_uninterrupted(tmp_path / "whole", killed, step_key="round")
+    assert_kill_resumes_like_uninterrupted(
+        "experiments.fedavg_classifier", *args, whole=tmp_path / "whole",
+        killed=tmp_path / "killed", step=6, step_key="round")
 
 
 def test_non_private_run_has_no_ledger_and_no_eps(tmp_path):
