@@ -227,6 +227,7 @@ def assert_kill_resumes_like_uninterrupted(
     kill_after_checkpoint(module, *args, workdir=killed, step=step)
     run_binary(module, *args, f"--workdir={killed}")
     assert_resumed_like_uninterrupted(whole, killed, step_key=step_key, params_key=params_key)
+    assert_wall_time_counts_the_first_invocation(killed)
 
 
 def assert_preemption_resumes_like_uninterrupted(
@@ -246,9 +247,21 @@ def assert_preemption_resumes_like_uninterrupted(
     assert f"resumed from {unit} {saved}" in rerun.stdout + rerun.stderr, (
         f"the rerun must resume from the {unit} saved at SIGTERM, {saved}")
     assert_resumed_like_uninterrupted(whole, stopped, step_key=unit)
+    assert_wall_time_counts_the_first_invocation(stopped)
 
 
 SUMMARY_AND_LEDGER = ("summary.json", "ledger.json")
+
+
+def assert_wall_time_counts_the_first_invocation(resumed: pathlib.Path) -> None:
+    """The summary of a run resumed from a checkpoint counts the time the invocation that
+    wrote it had spent (`dpfed.train.run_clock`), and says so in its report."""
+    summary = json.loads((resumed / "summary.json").read_text())
+    earlier, total = summary["wall_seconds_earlier"], summary["wall_seconds"]
+    assert earlier > 0, "the resumed run's wall time must include the killed invocation's"
+    assert total > earlier, f"and its own: {total} s in all, {earlier} s earlier"
+    report = (resumed / "report.md").read_text()
+    assert "s of them in earlier invocations" in report, "the report must say so"
 
 
 def assert_resumed_like_uninterrupted(

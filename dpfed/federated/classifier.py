@@ -29,6 +29,7 @@ from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
+from dpfed.train import run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
@@ -241,7 +242,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     and diagnostics.jsonl (cohort figures and each client's accuracy on its own data: not
     a release).
     """
-    start_time = time.time()
+    started = time.time()
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
@@ -281,7 +282,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         engine, state, rounds=config.rounds, seed=config.seed, workdir=wd, ledger=ledger,
         evaluate=evaluate, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, desc="fedavg", log=log, config=config,
-        diagnose=diagnose)
+        diagnose=diagnose, started=started)
 
     ledger_json = result.ledger.to_json() if result.ledger is not None else None
     if ledger_json is not None:
@@ -304,7 +305,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         "stopped_by_budget": result.last_round < config.rounds,
         "final_clip_norm": float(result.state.clip_norm),
         "params_sha256": params_sha256(result.state.params),
-        "wall_seconds": time.time() - start_time,
+        **result.clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
@@ -344,7 +345,7 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         f"- local: {config.local_steps} steps of batch {config.local_batch_size}, client SGD "
         f"lr {config.client_learning_rate:g}; server {config.server_optimizer} "
         f"lr {config.server_learning_rate:g}; seed {config.seed}\n"
-        f"- wall time: {summary['wall_seconds']:.1f} s\n"
+        f"- wall time: {run_clock.describe(summary)}\n"
         f"- params sha256: `{summary['params_sha256']}`\n\n"
         f"{DIAGNOSTICS_NOTE}\n\n"
         "## Evaluations\n\n| round | test accuracy | clip norm | eps (RDP) |\n"

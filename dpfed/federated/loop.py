@@ -11,6 +11,7 @@ A ledger with a target eps stops the run before the round that would exceed it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import checkpoint_extra, resume_or_start
+from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import LEDGER_FILE, Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
@@ -41,6 +43,8 @@ class LoopResult:
     evaluation: dict[str, Any]  # the last record of metrics.jsonl (releases)
     resumed_from: int | None
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)  # not a release
+    # The run's wall time across invocations (`clock.summary()` goes into summary.json).
+    clock: RunClock = dataclasses.field(default_factory=lambda: RunClock(time.time()))
 
 
 def round_key(seed: int, round_index: int) -> jax.Array:
@@ -80,6 +84,7 @@ def run_rounds(
     extra: dict[str, Any] | None = None,
     on_resume: Callable[[ServerState], ServerState] | None = None,
     diagnose: Callable[[ServerState], dict[str, Any]] | None = None,
+    started: float | None = None,
 ) -> LoopResult:
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
@@ -108,6 +113,9 @@ def run_rounds(
       diagnose: `diagnose(state) -> dict` of figures computed from raw client data
         (e.g. per-client accuracies); logged to diagnostics.jsonl with the round's
         diagnostics, never to metrics.jsonl.
+      started: when this invocation of the trainer began (`time.time()`; default: now),
+        so the run's wall time (`LoopResult.clock`, saved with every checkpoint) counts
+        its set-up too.
     """
     require(eval_every >= 1, "eval_every", "must be >= 1")
     require(checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
@@ -120,6 +128,7 @@ def run_rounds(
         event=event, config=config, key="round", log=log,
     )
     state, ledger, start, last_round = begin.state, begin.ledger, begin.step, begin.last
+    clock = RunClock(time.time() if started is None else started, begin.earlier_seconds)
     resumed_from = start if begin.resumed else None
     if begin.resumed and on_resume is not None:
         state = on_resume(state)
@@ -154,7 +163,7 @@ def run_rounds(
             preempted = preemption.reached()
             if done % checkpoint_every == 0 or done == last_round or preempted:
                 checkpointer.save(
-                    done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir)})
+                    done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
             progress.update(done, wait_for=state, eps=eps, acc=record.get("test_accuracy"))
             if preempted:
                 checkpointer.close()
@@ -169,7 +178,7 @@ def run_rounds(
         diagnostics = _record_of(workdir.read_diagnostics(), done) or {
             "round": done, **(diagnose(state) if diagnose is not None else {})}
     return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from,
-                      diagnostics)
+                      diagnostics, clock)
 
 
 def _record_of(records: list[dict[str, Any]], round_done: int) -> dict[str, Any] | None:

@@ -70,6 +70,7 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract
 from dpfed.models import vae
+from dpfed.train import run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_optimizer
@@ -752,7 +753,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     (the state, client encoders included, with the central ledger; the local ledger is
     recomputed from the clients' participation counts).
     """
-    start_time = time.time()
+    started = time.time()
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     clients = federate(config, train_ds)
@@ -781,7 +782,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
         log=log, config=config,
         extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
-        on_resume=trainer.adopt_budgets if config.dp == "local" else None)
+        on_resume=trainer.adopt_budgets if config.dp == "local" else None, started=started)
     participations = trainer.participations(result.state)
     if config.dp == "local":
         ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,
@@ -828,7 +829,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "decoder_sha256": params_sha256(decoder_params),
         "model": model_json(trainer),
         "flags": dataclasses.asdict(config),
-        "wall_seconds": time.time() - start_time,
+        **result.clock.summary(),
         "seed": config.seed,
         "environment": environment_info(),
     }
@@ -875,7 +876,7 @@ def render_report(config: DpdFvaeConfig, summary: dict, has_diagnostics_json: bo
         f"- rounds: {summary['rounds']} (client fraction {config.client_fraction:g}, "
         f"{config.local_epochs} local epochs of batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g})\n"
-        f"- wall time: {summary['wall_seconds']:.1f} s; decoder sha256 "
+        f"- wall time: {run_clock.describe(summary)}; decoder sha256 "
         f"`{summary['decoder_sha256']}`\n\n"
         f"![samples per class]({SAMPLES_PNG})\n\n"
         f"{DIAGNOSTICS_NOTE}{counts_note}\n"

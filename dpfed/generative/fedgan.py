@@ -288,7 +288,7 @@ def train_gan(
       The summary dict (also in summary.json); `summary["generator"]` is not included:
       load it with `load_generator_variables(workdir)`.
     """
-    start_time = time.time()
+    started = time.time()
     wd = Workdir(workdir)
     gan_engine = DpFedAvgGan(config, images, counts, mesh)
     ledger = new_ledger(config, gan_engine, group) if config.noise_multiplier > 0 else None
@@ -311,6 +311,7 @@ def train_gan(
         desc=f"fedgan[{group}]",
         log=log,
         config=config,
+        started=started,
     )
     g_vars = jax.device_get(result.state.context)
     wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
@@ -328,7 +329,7 @@ def train_gan(
         "flags": {
             f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "gan"
         },
-        "wall_seconds": time.time() - start_time,
+        **result.clock.summary(),
         "seed": config.seed,
         "environment": environment_info(),
     }

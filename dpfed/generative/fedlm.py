@@ -410,7 +410,7 @@ def train_lm(
     lines at each evaluation: a function of the released LM only), summary.json,
     checkpoints/ and `lm.msgpack` (the released params).
     """
-    start_time = time.time()
+    started = time.time()
     wd = Workdir(workdir)
     engine = make_engine(config, ids, counts, mesh)
     model = config.local.model
@@ -442,6 +442,7 @@ def train_lm(
         desc=f"fedlm[{group}]",
         log=log,
         config=config,
+        started=started,
     )
     params = jax.device_get(result.state.params)
     wd.write_bytes(PARAMS_FILE, flax.serialization.to_bytes(params))
@@ -456,7 +457,7 @@ def train_lm(
         "rounds": result.rounds_done,
         "params_sha256": params_sha256(params),
         "last_evaluation": result.evaluation,
-        "wall_seconds": time.time() - start_time,
+        **result.clock.summary(),
         "seed": config.seed,
         "environment": environment_info(),
     }

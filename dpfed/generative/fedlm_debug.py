@@ -47,8 +47,10 @@ from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, selection
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import require
+from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
@@ -187,7 +189,7 @@ def chars_outside(texts: list[str], char_vocab: text_lib.Vocabulary) -> tuple[in
 
 def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = print) -> dict:
     """Runs (or resumes) the whole text demo in `workdir`; returns the summary dict."""
-    start_time = time.time()
+    started = time.time()
     num_plays = len(shakespeare.play_names())
     require(
         config.vocab_plays < num_plays,
@@ -288,6 +290,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "sampling_rate": summary["sampling_rate"],
             "rounds": summary["rounds"],
             "wall_seconds": summary["wall_seconds"],
+            "wall_seconds_earlier": summary["wall_seconds_earlier"],
         }
         ground_truth[name] = {
             "buggy_client_fraction": float(buggy[members[name]].mean()),
@@ -332,7 +335,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "vocabulary_plays": list(plays.held_out_plays),
         "word_vocabulary_size": word_vocab.size - len(text_lib.SPECIAL_TOKENS),
         "char_vocabulary_size": char_vocab.size - len(text_lib.SPECIAL_TOKENS),
-        "wall_seconds": time.time() - start_time,
+        # This invocation, and what the models' checkpoints kept of earlier ones.
+        **RunClock(started, sum(r["wall_seconds_earlier"] for r in results.values())).summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
@@ -479,7 +483,7 @@ Unit: one **user** (client). Only each client's clipped LM delta leaves it, nois
 {config.hidden}, embedding {config.embed_dim}; {config.local_steps} local steps of
 {config.local_batch_size} sequences of {config.seq_len} chars (SGD lr
 {config.client_learning_rate:g}), server SGD with momentum 0.9 (lr
-{config.server_learning_rate:g}); seed {config.seed}; wall time {summary["wall_seconds"]:.0f} s.
+{config.server_learning_rate:g}); seed {config.seed}; wall time {run_clock.describe(summary)}.
 The paper trained a DP federated RNN on the suspicious users and showed that its generated
 tokens exposed the tokenization bug, compared with a model of healthy users (PAPERS.md: no
 number of theirs is quoted here).

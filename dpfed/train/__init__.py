@@ -6,5 +6,6 @@ Modules (import the one you need; `checkpoint` pulls in orbax):
   resume: a run's start: config pinned, state + ledger restored, budget guard.
   preemption: SIGTERM in a training loop -> checkpoint that step, exit 143.
   progress: one-line progress reports with rate and ETA.
+  run_clock: a run's wall time across the invocations it resumed through.
   cli: absl `run` and `check` that turn bad flags into exit code 2 and one line.
 """

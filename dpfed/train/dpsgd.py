@@ -31,7 +31,7 @@ from dp_accounting import dp_event
 from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.privacy import fast_clipping
-from dpfed.train import preemption
+from dpfed.train import preemption, run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.progress import Progress
@@ -42,6 +42,7 @@ from dpfed.train.resume import (
     checkpointed_spend,
     resume_or_start,
 )
+from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -289,7 +290,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     Writes ledger.json, metrics.jsonl, summary.json, report.md and checkpoints/.
     """
-    start_time = time.time()
+    started = time.time()
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
@@ -319,6 +320,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         event=event, config=config, log=log,
     )
     state, ledger, start_step, last_step = start.state, start.ledger, start.step, start.last
+    clock = RunClock(started, earlier=start.earlier_seconds)
 
     images, labels = jnp.asarray(train_ds.images), jnp.asarray(train_ds.labels)
     test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)
@@ -327,7 +329,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     progress = Progress(last_step, desc="dpsgd", start_step=start_step)
 
     def save(step):
-        checkpointer.save(step, state, checkpoint_extra(ledger, wd))
+        checkpointer.save(step, state, checkpoint_extra(ledger, wd, clock))
 
     accuracy = loss = eps = None
     with preemption.armed():
@@ -365,7 +367,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         "noise_multiplier": noise_multiplier,
         "steps": int(state["step"]),
         "params_sha256": params_sha256(state["params"]),
-        "wall_seconds": time.time() - start_time,
+        **clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
@@ -398,7 +400,7 @@ def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> st
         f"- privacy: {privacy_line}\n"
         f"- expected batch size {config.batch_size}, optimiser {config.optimizer} "
         f"(lr {config.learning_rate:g}), seed {config.seed}\n"
-        f"- wall time: {summary['wall_seconds']:.1f} s\n"
+        f"- wall time: {run_clock.describe(summary)}\n"
         f"- params sha256: `{summary['params_sha256']}`\n\n"
         "## Evaluations\n\n| step | test accuracy | test loss | eps (RDP) |\n|---|---|---|---|\n"
         f"{rows}\n"

@@ -29,6 +29,7 @@ from dp_accounting.dp_event import DpEvent
 from dpfed import privacy
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
+from dpfed.train.run_clock import WALL_SECONDS, RunClock, earlier_seconds
 from dpfed.train.workdir import (
     LEDGER_FILE,
     METRICS_FILE,
@@ -42,14 +43,16 @@ from dpfed.train.workdir import (
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where a run starts: its state, its ledger, the step (0 for a fresh run), and the
-    last step it may reach (`total`, or earlier where the target epsilon ends it)."""
+    """Where a run starts: its state, its ledger, the step (0 for a fresh run), the last
+    step it may reach (`total`, or earlier where the target epsilon ends it), and the run's
+    wall seconds up to the restored checkpoint (`run_clock.RunClock`'s `earlier`)."""
 
     state: Any
     ledger: privacy.PrivacyLedger | None
     step: int
     resumed: bool
     last: int
+    earlier_seconds: float = 0.0
 
 
 def resume_or_start(
@@ -110,10 +113,10 @@ def resume_or_start(
     if config is not None:
         resumable = RESUMABLE_FIELDS if resuming else frozenset()
         workdir.check_config(config, resuming or replaying, resumable, required=replaying)
-    step = 0
+    step, earlier = 0, 0.0
     if resuming:
         state, extra = checkpointer.restore(state)
-        step = step_of(state)
+        step, earlier = step_of(state), earlier_seconds(extra)
         stored = extra.get("ledger")
         if (stored is None) != (ledger is None):
             raise ValueError(
@@ -151,15 +154,19 @@ def resume_or_start(
         workdir.truncate_logs(step, key=key)
     if resuming:
         log(f"resumed from {key} {step} in {workdir.path}")
-    return Start(state, ledger, step, resumed=resuming, last=last)
+    return Start(state, ledger, step, resumed=resuming, last=last, earlier_seconds=earlier)
 
 
-def checkpoint_extra(ledger: privacy.PrivacyLedger | None, workdir: Workdir) -> dict:
+def checkpoint_extra(
+    ledger: privacy.PrivacyLedger | None, workdir: Workdir, clock: RunClock
+) -> dict:
     """What every trainer's checkpoint stores beside its state: the ledger (None without
-    DP) and how many records metrics.jsonl holds (`Workdir.metrics_records`)."""
+    DP), how many records metrics.jsonl holds (`Workdir.metrics_records`) and the run's
+    wall seconds so far (`dpfed.train.run_clock`; a resume's clock starts from them)."""
     return {
         "ledger": ledger.to_json(with_pld=False) if ledger is not None else None,
         METRICS_RECORDS: workdir.metrics_records,
+        WALL_SECONDS: clock.seconds(),
     }
 
 

@@ -104,3 +104,8 @@ def assert_killed_in_second_model_resumes(
     finished, resumed = (Workdir(d).read_json("summary.json") for d in (whole, killed))
     for key in summary_keys:
         assert resumed[key] == finished[key], f"{key}: {resumed[key]} resumed vs {finished[key]}"
+    models = sum(Workdir(killed / d).read_json("summary.json")["wall_seconds_earlier"]
+                 for d in group_dirs)
+    assert resumed["wall_seconds_earlier"] == models > 0, (
+        "the demo's wall time must count what the models' checkpoints kept of the killed "
+        f"invocation: {resumed['wall_seconds_earlier']} s vs {models} s")

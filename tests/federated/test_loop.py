@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 import numpy as np
 import optax
@@ -46,6 +47,19 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert resumed.ledger.to_json() == whole.ledger.to_json(), "ledgers must match"
     rounds = [r["round"] for r in Workdir(tmp_path / "split").read_metrics()]
     assert rounds == [2, 4, 6], f"metrics must not repeat rounds after a resume: {rounds}"
+
+
+def test_a_resumed_runs_clock_counts_the_invocation_up_to_its_checkpoint(tmp_path):
+    eng = engine()
+    killed = run_rounds(  # "killed" after round 4, begun 50 s before its loop
+        eng, eng.init(toy.params_of(4)), rounds=4, seed=3, workdir=Workdir(tmp_path),
+        ledger=ledger(), evaluate=lambda s: {}, eval_every=2, checkpoint_every=2,
+        log=lambda _: None, started=time.time() - 50.0)
+    assert killed.clock.earlier == 0.0 and killed.clock.seconds() >= 50.0, killed.clock
+    resumed = run(eng, tmp_path, rounds=6)
+    assert resumed.clock.earlier >= 50.0, (
+        f"the resume must start from the ~50 s the checkpoint of round 4 held: {resumed.clock}")
+    assert resumed.clock.seconds() > resumed.clock.earlier, "and count its own time"
 
 
 def test_each_checkpoint_counts_the_records_logged_before_it(tmp_path):

@@ -1,6 +1,7 @@
 """Starting or resuming a run: state and ledger restored together, the current target kept."""
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -17,9 +18,11 @@ from dpfed.train.resume import (
     checkpointed_spend,
     resume_or_start,
 )
+from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import Workdir
 
 EVENT = dp_event.GaussianDpEvent(2.0)
+CLOCK = RunClock(started=time.time())
 
 
 @dataclasses.dataclass
@@ -515,7 +518,8 @@ def _checkpoint_counting_records(path, step, saved_ledger, logged_past=2):
     wd = Workdir(path)
     for s in range(1, step + 1):
         wd.append_metrics({"step": s})
-    Checkpointer(wd.file("checkpoints")).save(step, state(step), checkpoint_extra(saved_ledger, wd))
+    extra = checkpoint_extra(saved_ledger, wd, CLOCK)
+    Checkpointer(wd.file("checkpoints")).save(step, state(step), extra)
     for s in range(step + 1, step + logged_past + 1):
         wd.append_metrics({"step": s})
 
@@ -530,10 +534,28 @@ def test_checkpoint_extra_holds_the_ledger_and_the_count_of_records(tmp_path):
     wd = Workdir(tmp_path)
     for s in (1, 2, 3):
         wd.append_metrics({"step": s})
-    extra = checkpoint_extra(ledger(releases=3), wd)
+    extra = checkpoint_extra(ledger(releases=3), wd, CLOCK)
     assert extra["metrics_records"] == 3, f"3 records logged before the checkpoint: {extra}"
     assert privacy.PrivacyLedger.from_json(extra["ledger"]).num_releases == 3, "the ledger"
-    assert checkpoint_extra(None, wd)["ledger"] is None, "a non-private run stores no ledger"
+    assert checkpoint_extra(None, wd, CLOCK)["ledger"] is None, "a non-private run stores none"
+
+
+def test_a_resume_starts_its_clock_from_the_checkpoints_wall_seconds(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(), resuming=False)
+    clock = RunClock(started=time.time() - 40.0, earlier=100.0)
+    extra = checkpoint_extra(ledger(releases=4), wd, clock)
+    Checkpointer(wd.file("checkpoints")).save(4, state(4), extra)
+    earlier = start(tmp_path, ledger()).earlier_seconds
+    assert 140.0 <= earlier < 150.0, (
+        f"the checkpoint held the run's ~140 s (100 s earlier + 40 s of its invocation): {earlier}")
+
+
+def test_a_fresh_run_and_an_old_checkpoint_have_no_earlier_seconds(tmp_path):
+    assert start(tmp_path / "fresh", ledger()).earlier_seconds == 0.0, "a fresh run"
+    Workdir(tmp_path / "old").pin_config(Config(), resuming=False)
+    checkpoint(tmp_path / "old", 4, ledger(releases=4), logged_past=0)  # no figure, as before
+    assert start(tmp_path / "old", ledger()).earlier_seconds == 0.0, "no figure: 0 s"
 
 
 def test_resume_over_removed_records_with_other_noise_is_refused(tmp_path):

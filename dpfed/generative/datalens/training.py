@@ -54,11 +54,12 @@ from dpfed.generative.datalens.partition import (
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
-from dpfed.train import preemption
+from dpfed.train import preemption, run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import checkpoint_extra, require_first_step, resume_or_start
+from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -418,7 +419,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     report.md, generator.msgpack (the released generator), synthetic.npz (num_synthetic
     class-balanced samples), samples.png and checkpoints/.
     """
-    start_time = time.time()
+    started = time.time()
     event = config.topagg().dp_event()
     per_step = config.aggregations_per_step
     if config.target_epsilon is not None:  # before the data and teachers are built
@@ -467,11 +468,12 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "teachers": lens.ensemble.with_padding(start.state["teachers"], fresh["teachers"]),
     }
     ledger, start_step, last_step = start.ledger, start.step, start.last
+    clock = RunClock(started, earlier=start.earlier_seconds)
     del fresh, start  # two more copies of every teacher: `state` alone is trained on
     progress = Progress(last_step, desc="datalens", start_step=start_step)
 
     def save(step):
-        checkpointer.save(step, checkpointed(state), checkpoint_extra(ledger, wd))
+        checkpointer.save(step, checkpointed(state), checkpoint_extra(ledger, wd, clock))
 
     eps = None
     with preemption.armed():
@@ -527,7 +529,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "stopped_by_budget": int(state["step"]) < config.steps,
         "partition_sizes": public_partition_sizes(config.partition, n, config.num_teachers),
         "params_sha256": params_sha256(gen_params),
-        "wall_seconds": time.time() - start_time,
+        **clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
@@ -588,7 +590,7 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         f"b {config.grad_bound:g}\n"
         f"- generator: {summary['steps']} steps of {config.batch_size} samples, Adam "
         f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {config.seed}\n"
-        f"- wall time: {summary['wall_seconds']:.1f} s\n"
+        f"- wall time: {run_clock.describe(summary)}\n"
         f"- generator params sha256: `{summary['params_sha256']}`\n\n"
         f"![samples]({SAMPLES_PNG})\n\n"
         "## Training\n\n| step | aggregations | eps (RDP) | generator loss | agreement |\n"
