@@ -29,7 +29,7 @@ from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
-from dpfed.train import run_clock
+from dpfed.train import divergence, run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
@@ -305,6 +305,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         "stopped_by_budget": result.last_round < config.rounds,
         "final_clip_norm": float(result.state.clip_norm),
         "params_sha256": params_sha256(result.state.params),
+        "diverged": result.diverged,
         **result.clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
@@ -346,7 +347,8 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         f"lr {config.client_learning_rate:g}; server {config.server_optimizer} "
         f"lr {config.server_learning_rate:g}; seed {config.seed}\n"
         f"- wall time: {run_clock.describe(summary)}\n"
-        f"- params sha256: `{summary['params_sha256']}`\n\n"
+        f"- params sha256: `{summary['params_sha256']}`\n"
+        f"{divergence.report_line(summary)}\n"
         f"{DIAGNOSTICS_NOTE}\n\n"
         "## Evaluations\n\n| round | test accuracy | clip norm | eps (RDP) |\n"
         "|---|---|---|---|\n"

@@ -21,7 +21,7 @@ from dp_accounting import dp_event
 from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, RoundMetrics, ServerState
 from dpfed.federated.mesh import settle
-from dpfed.train import preemption
+from dpfed.train import divergence, preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -45,6 +45,18 @@ class LoopResult:
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)  # not a release
     # The run's wall time across invocations (`clock.summary()` goes into summary.json).
     clock: RunClock = dataclasses.field(default_factory=lambda: RunClock(time.time()))
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the final trained parameters, or a loss of the last evaluation, hold NaN
+        or inf (`dpfed.train.divergence`)."""
+        return divergence.diverged(trained_params(self.state), self.evaluation)
+
+
+def trained_params(state: ServerState) -> tuple[Any, Any]:
+    """The parameters a round trains: the shared ones and the server-trained context (a
+    GAN's generator); checked for divergence at each evaluation (`dpfed.train.divergence`)."""
+    return state.params, state.context
 
 
 def round_key(seed: int, round_index: int) -> jax.Array:
@@ -134,6 +146,7 @@ def run_rounds(
         state = on_resume(state)
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
+    watch = divergence.DivergenceWatch("round", log)
     record: dict[str, Any] = {}
     diagnostics: dict[str, Any] = {}
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
@@ -153,6 +166,7 @@ def run_rounds(
                     **_floats(metrics.released),
                     **evaluate(state),
                 }
+                watch.check(trained_params(state), record, done)
                 diagnostics = {
                     "round": done,
                     **_floats(metrics.diagnostics),

@@ -70,7 +70,7 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract
 from dpfed.models import vae
-from dpfed.train import run_clock
+from dpfed.train import divergence, run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.dpsgd import make_optimizer
@@ -827,6 +827,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "stopped_by_budget": result.last_round < config.rounds,
         **released,
         "decoder_sha256": params_sha256(decoder_params),
+        "diverged": result.diverged,
         "model": model_json(trainer),
         "flags": dataclasses.asdict(config),
         **result.clock.summary(),
@@ -877,7 +878,8 @@ def render_report(config: DpdFvaeConfig, summary: dict, has_diagnostics_json: bo
         f"{config.local_epochs} local epochs of batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g})\n"
         f"- wall time: {run_clock.describe(summary)}; decoder sha256 "
-        f"`{summary['decoder_sha256']}`\n\n"
+        f"`{summary['decoder_sha256']}`\n"
+        f"{divergence.report_line(summary)}\n"
         f"![samples per class]({SAMPLES_PNG})\n\n"
         f"{DIAGNOSTICS_NOTE}{counts_note}\n"
     )

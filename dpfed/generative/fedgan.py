@@ -325,6 +325,7 @@ def train_gan(
         "noise_multiplier": config.noise_multiplier,
         "rounds": result.rounds_done,
         "generator_sha256": params_sha256(g_vars),
+        "diverged": result.diverged,
         "gan": gan_config_json(config.gan),
         "flags": {
             f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "gan"

@@ -429,6 +429,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             "sampling_rate": config.clients_per_round / group.num_clients,
             "wall_seconds": summary["wall_seconds"],
             "wall_seconds_earlier": summary["wall_seconds_earlier"],
+            "diverged": summary["diverged"],
         }
         ground_truth[name] = {
             "buggy_client_fraction": float(fed.buggy[members].mean()),

@@ -456,6 +456,7 @@ def train_lm(
         "sampling_rate": engine.sampler.rate,
         "rounds": result.rounds_done,
         "params_sha256": params_sha256(params),
+        "diverged": result.diverged,
         "last_evaluation": result.evaluation,
         **result.clock.summary(),
         "seed": config.seed,

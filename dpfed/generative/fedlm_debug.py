@@ -291,6 +291,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "rounds": summary["rounds"],
             "wall_seconds": summary["wall_seconds"],
             "wall_seconds_earlier": summary["wall_seconds_earlier"],
+            "diverged": summary["diverged"],
         }
         ground_truth[name] = {
             "buggy_client_fraction": float(buggy[members[name]].mean()),

@@ -7,5 +7,6 @@ Modules (import the one you need; `checkpoint` pulls in orbax):
   preemption: SIGTERM in a training loop -> checkpoint that step, exit 143.
   progress: one-line progress reports with rate and ETA.
   run_clock: a run's wall time across the invocations it resumed through.
+  divergence: NaN or inf in a run's parameters or losses, told once and summarised.
   cli: absl `run` and `check` that turn bad flags into exit code 2 and one line.
 """

@@ -31,7 +31,7 @@ from dp_accounting import dp_event
 from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.privacy import fast_clipping
-from dpfed.train import preemption, run_clock
+from dpfed.train import divergence, preemption, run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError, require, require_no_privacy_settings
 from dpfed.train.progress import Progress
@@ -327,6 +327,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     train_step = make_train_step(model, optimizer, config, n, mechanism)
     evaluate = make_evaluate(model)
     progress = Progress(last_step, desc="dpsgd", start_step=start_step)
+    watch = divergence.DivergenceWatch("step", log)
 
     def save(step):
         checkpointer.save(step, state, checkpoint_extra(ledger, wd, clock))
@@ -341,9 +342,10 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
             if done % config.eval_every == 0 or done == last_step:
                 eps = ledger.epsilon() if ledger is not None else None
                 accuracy, loss = evaluate(state["params"], test_images, test_labels)
-                wd.append_metrics(
-                    {"step": done, "test_accuracy": accuracy, "test_loss": loss, "epsilon_rdp": eps}
-                )
+                record = {"step": done, "test_accuracy": accuracy, "test_loss": loss,
+                          "epsilon_rdp": eps}
+                watch.check(state["params"], record, done)
+                wd.append_metrics(record)
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
@@ -367,6 +369,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         "noise_multiplier": noise_multiplier,
         "steps": int(state["step"]),
         "params_sha256": params_sha256(state["params"]),
+        "diverged": divergence.diverged(state["params"], {"test_loss": loss}),
         **clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
@@ -401,7 +404,8 @@ def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> st
         f"- expected batch size {config.batch_size}, optimiser {config.optimizer} "
         f"(lr {config.learning_rate:g}), seed {config.seed}\n"
         f"- wall time: {run_clock.describe(summary)}\n"
-        f"- params sha256: `{summary['params_sha256']}`\n\n"
+        f"- params sha256: `{summary['params_sha256']}`\n"
+        f"{divergence.report_line(summary)}\n"
         "## Evaluations\n\n| step | test accuracy | test loss | eps (RDP) |\n|---|---|---|---|\n"
         f"{rows}\n"
     )

@@ -56,6 +56,7 @@ def test_ledger_eps_equals_dp_accounting(tmp_path):
         "params_sha256",
         "wall_seconds",
         "flags",
+        "diverged",
     ):
         assert key in summary, f"summary.json must have {key}"
 

@@ -62,6 +62,18 @@ def test_a_resumed_runs_clock_counts_the_invocation_up_to_its_checkpoint(tmp_pat
     assert resumed.clock.seconds() > resumed.clock.earlier, "and count its own time"
 
 
+def test_a_loss_gone_nan_is_warned_about_once_and_the_result_says_diverged(tmp_path):
+    eng, messages = engine(), []
+    result = run_rounds(
+        eng, eng.init(toy.params_of(4)), rounds=6, seed=3, workdir=Workdir(tmp_path),
+        ledger=ledger(), eval_every=2, checkpoint_every=2, log=messages.append,
+        evaluate=lambda s: {"test_loss": float("nan") if int(s.round) >= 4 else 1.0})
+    warnings = [m for m in messages if "diverged" in m]
+    assert len(warnings) == 1 and "after round 4" in warnings[0], messages
+    assert result.diverged, "the last evaluation's loss is NaN"
+    assert not run(eng, tmp_path / "sane", rounds=2).diverged, "finite params and no loss"
+
+
 def test_each_checkpoint_counts_the_records_logged_before_it(tmp_path):
     run(engine(), tmp_path, rounds=6)
     checkpointer = Checkpointer(tmp_path / "checkpoints")

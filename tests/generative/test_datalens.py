@@ -347,6 +347,7 @@ def test_ledger_eps_equals_dp_accounting_and_resume_replays_the_run(tmp_path):
         assert (whole_dir / name).exists(), name
     for key in ("epsilon_rdp", "epsilon_pld", "delta", "steps", "params_sha256", "wall_seconds"):
         assert key in whole, key
+    assert whole["diverged"] is False, "a sane run is not flagged as diverged"
 
     _train(tmp_path, "resumed", steps=2)  # an interrupted run: checkpoint at step 2
     resumed, resumed_dir = _train(tmp_path, "resumed")

@@ -49,6 +49,23 @@ def test_a_delta_of_at_least_one_over_n_is_warned_about(
         1438, "example")
 
 
+@pytest.mark.parametrize("learning_rate,diverges", [(1e38, True), (0.5, False)])
+def test_a_diverging_run_warns_once_and_says_so_in_its_summary_and_report(
+        tmp_path, learning_rate, diverges):
+    # lr 1e38 overflows the logistic regression's loss to inf by step 2; it goes on.
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=4, batch_size=16,
+                               learning_rate=learning_rate, noise_multiplier=1.0, eval_every=2,
+                               checkpoint_every=4)
+    messages = []
+    summary = dpsgd.train(config, tmp_path, log=messages.append)
+    warnings = [m for m in messages if "diverged" in m]
+    assert summary["diverged"] is diverges, f"lr {learning_rate}: {summary['test_loss']}"
+    assert len(warnings) == int(diverges), f"one warning at the first sign: {messages}"
+    assert summary["steps"] == 4, "a diverged run still runs the steps its flags ask for"
+    report = (tmp_path / "report.md").read_text()
+    assert ("the model diverged" in report) is diverges, report
+
+
 def test_fixed_size_step_is_clipped_sum_over_batch_size():
     model, params, images, labels = _tiny()
     config = dpsgd.DpSgdConfig(batch_size=8, sampling="fixed", optimizer="sgd", learning_rate=0.1)

@@ -54,7 +54,7 @@ from dpfed.generative.datalens.partition import (
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
-from dpfed.train import preemption, run_clock
+from dpfed.train import divergence, preemption, run_clock
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -471,6 +471,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     clock = RunClock(started, earlier=start.earlier_seconds)
     del fresh, start  # two more copies of every teacher: `state` alone is trained on
     progress = Progress(last_step, desc="datalens", start_step=start_step)
+    watch = divergence.DivergenceWatch("step", log)
 
     def save(step):
         checkpointer.save(step, checkpointed(state), checkpoint_extra(ledger, wd, clock))
@@ -492,6 +493,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 eps = ledger.epsilon()
                 record = {"step": done, "epsilon_rdp": eps, "aggregations": ledger.num_releases}
                 record.update({k: float(v) for k, v in metrics.items()})
+                watch.check(state["generator"]["params"], record, done)
                 wd.append_metrics(record)
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
@@ -529,6 +531,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "stopped_by_budget": int(state["step"]) < config.steps,
         "partition_sizes": public_partition_sizes(config.partition, n, config.num_teachers),
         "params_sha256": params_sha256(gen_params),
+        "diverged": divergence.diverged(gen_params, (wd.read_metrics() or [{}])[-1]),
         **clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
@@ -591,7 +594,8 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         f"- generator: {summary['steps']} steps of {config.batch_size} samples, Adam "
         f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {config.seed}\n"
         f"- wall time: {run_clock.describe(summary)}\n"
-        f"- generator params sha256: `{summary['params_sha256']}`\n\n"
+        f"- generator params sha256: `{summary['params_sha256']}`\n"
+        f"{divergence.report_line(summary)}\n"
         f"![samples]({SAMPLES_PNG})\n\n"
         "## Training\n\n| step | aggregations | eps (RDP) | generator loss | agreement |\n"
         f"|---|---|---|---|---|\n{rows}\n"
