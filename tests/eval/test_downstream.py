@@ -1,5 +1,7 @@
 """Tests for dpfed.eval.downstream: train on synthetic, test on real."""
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -43,6 +45,16 @@ def test_real_mnist5k_gives_the_ceiling():
         synthetic, test, classes, jax.random.key(0), downstream.DownstreamConfig()
     )
     assert results["cnn"].test_accuracy >= 0.95, f"real-data ceiling CNN: {results['cnn']}"
+
+
+def test_each_models_accuracy_is_logged_once_it_is_trained(caplog):
+    synthetic, test, classes = _real("digits", n=300)
+    with caplog.at_level(logging.INFO):
+        results = downstream.evaluate_downstream(
+            synthetic, test, classes, jax.random.key(0), _config(2), models=("mlp", "logreg"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downstream ")]
+    assert [line.split(":")[0] for line in lines] == ["downstream mlp", "downstream logreg"], lines
+    assert f"{100 * results['mlp'].test_accuracy:.1f}%" in lines[0], lines
 
 
 def test_noise_images_give_chance_accuracy():
