@@ -452,6 +452,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         "gan_low": results["low"],
         "gan_high": results["high"],
         "epsilon_rdp": _max_eps(results),
+        "diverged": any(r["diverged"] for r in results.values()),
         "guarantee_caveat": selection.guarantee_caveat(
             config.low_threshold, config.high_threshold, config.sampling, "accuracies"
         ),
@@ -488,6 +489,16 @@ def _max_eps(results: dict) -> float | None:
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def _headline(summary: dict, found: bool, verdict: str) -> str:
+    """The report's verdict; none where a GAN diverged (its NaN samples show nothing)."""
+    diverged = [g for g in GROUPS if summary[f"gan_{g}"].get("diverged")]
+    if diverged:
+        return (f"**No verdict**: the {' and the '.join(diverged)}-accuracy GAN diverged (NaN "
+                "or inf in its generator or loss; smaller learning rates?): its samples say "
+                "nothing about the clients' data.")
+    return f"**Bug {'found' if found else 'not found'}**: {verdict}"
 
 
 def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
@@ -555,7 +566,7 @@ train one DP-FedAvg-GAN, clients with {high_rule} another.
 | ![low](samples_low.png) | ![high](samples_high.png) |
 | inverted samples: **{low["inverted_fraction"]:.3f}** | inverted samples: **{high_inverted}** |
 
-**Bug {"found" if found else "not found"}**: {verdict}
+{_headline(summary, found, verdict)}
 
 ## Numbers
 

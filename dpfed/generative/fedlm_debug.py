@@ -320,6 +320,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
         "lm_high_oov": results["high_oov"],
         "lm_low_oov": results["low_oov"],
+        "diverged": any(r["diverged"] for r in results.values()),
         # Disjoint groups: the max, given the group sizes (see guarantee_caveat).
         "epsilon_rdp": None if None in eps else max(eps),
         "guarantee_caveat": selection.guarantee_caveat(
@@ -409,6 +410,11 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
     def lines(name):
         return "\n".join(f"    {line}" for line in samples[name][:12])
 
+    diverged = [g for g in GROUPS if summary[f"lm_{g}"].get("diverged")]
+    diverged_line = (
+        f"\n**The {' and the '.join(g.replace('_', '-') for g in diverged)} clients' LM "
+        "diverged** (NaN or inf in its parameters or loss; smaller learning rates?): its samples "
+        "say nothing about the clients' text.\n" if diverged else "")
     table = [
         ("clients", "num_clients", "{:d}"),
         ("OOV rate of the LM's samples", "oov_rate", "{:.3f}"),
@@ -443,7 +449,7 @@ anticipated. {threshold_note} {vocab_note}
 | | high-OOV clients' LM | low-OOV clients' LM |
 |---|---|---|
 {rows}
-
+{diverged_line}
 ## Top {config.top_k} tokens of {config.num_sample_lines} sampled lines
 
 {_token_table(high["top_k"], low["top_k"])}

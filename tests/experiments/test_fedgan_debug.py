@@ -418,3 +418,14 @@ def test_summary_inverted_fractions_are_the_polarity_of_the_released_gans_sample
         assert summary[f"inverted_fraction_{name}"] == polarity.inverted_fraction(samples), (
             f"gan_{name}: the summary's inverted fraction must be the polarity check of the "
             "released G's samples, which are in [0, 1]")
+
+
+def test_a_diverged_gan_gives_no_verdict_on_the_bug(tiny_run):
+    # NaN samples have an inverted fraction of 0: the report said "Bug not found".
+    workdir, config, summary = tiny_run
+    diagnostics = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)
+    assert summary["diverged"] is False, "the tiny run's GANs stay finite"
+    broken = {**summary, "gan_high": {**summary["gan_high"], "diverged": True}}
+    report = fedgan_debug.render_report(config, broken, diagnostics)
+    assert "**No verdict**: the high-accuracy GAN diverged" in report, report[:2000]
+    assert "**Bug " not in report, "no bug verdict from a diverged GAN's samples"

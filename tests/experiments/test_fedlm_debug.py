@@ -363,3 +363,15 @@ def test_summary_gives_each_groups_lm_rates_under_its_own_name(tmp_path, monkeyp
             assert summary[f"{rate}_{model}_model"] == summary[group][rate], (
                 f"{rate}_{model}_model must be the rate of {group}'s samples: "
                 f"{summary[f'{rate}_{model}_model']} vs {summary[group][rate]}")
+
+
+def test_a_diverged_lm_is_named_in_the_report(tiny_run):
+    workdir, summary = tiny_run
+    wd = Workdir(workdir)
+    config = fedlm_debug.TextDebugConfig(**TINY)
+    samples, diagnostics = wd.read_json("samples.json"), wd.read_json(selection.DIAGNOSTICS_JSON)
+    assert summary["diverged"] is False, "the tiny run's LMs stay finite"
+    assert "diverged" not in fedlm_debug.render_report(config, summary, samples, diagnostics)
+    broken = {**summary, "lm_low_oov": {**summary["lm_low_oov"], "diverged": True}}
+    report = fedlm_debug.render_report(config, broken, samples, diagnostics)
+    assert "**The low-oov clients' LM diverged**" in report, report[:2000]

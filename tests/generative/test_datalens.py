@@ -452,3 +452,16 @@ def test_unusable_settings_name_the_field(tmp_path, changes, field):
     with pytest.raises(datalens.ConfigError) as error:
         _train(tmp_path, "bad", **changes)
     assert error.value.field == field
+
+
+def test_a_diverged_generator_still_writes_its_ledger_summary_and_report(tmp_path):
+    # lr 1e38 makes the student generator NaN; before, its NaN samples broke the synthetic
+    # set's contract in save_synthetic: a traceback, and no ledger, summary or report.
+    messages = []
+    config = dataclasses.replace(TINY, learning_rate=1e38, steps=2, eval_every=1)
+    summary = datalens.train(config, str(tmp_path), log=messages.append)
+    assert summary["diverged"] is True, "NaN generator params must be flagged"
+    for name in ("ledger.json", "summary.json", "report.md", "generator.msgpack"):
+        assert (tmp_path / name).exists(), f"{name} must be written by a diverged run"
+    assert not (tmp_path / "synthetic.npz").exists(), "NaN samples are no synthetic set"
+    assert any("no synthetic.npz" in m for m in messages), messages

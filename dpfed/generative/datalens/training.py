@@ -513,8 +513,13 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         config.num_synthetic,
         train_ds.num_classes,
     )
-    contract.save_synthetic(wd.file(contract.SYNTHETIC_FILE), synthetic)
-    save_samples_png(wd.file(SAMPLES_PNG), synthetic, train_ds.num_classes)
+    try:
+        contract.save_synthetic(wd.file(contract.SYNTHETIC_FILE), synthetic)
+    except ValueError as error:  # a diverged generator's NaN samples: still write the rest
+        log(f"warning: no {contract.SYNTHETIC_FILE} or {SAMPLES_PNG} written: the samples break "
+            f"the contract ({error}); the generator diverged")
+    else:
+        save_samples_png(wd.file(SAMPLES_PNG), synthetic, train_ds.num_classes)
 
     ledger_json = ledger.to_json()
     wd.write_json(LEDGER_FILE, ledger_json)
