@@ -27,7 +27,7 @@ from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import checkpoint_extra, resume_or_start
 from dpfed.train.run_clock import RunClock
-from dpfed.train.workdir import LEDGER_FILE, Workdir
+from dpfed.train.workdir import LEDGER_FILE, RAW_LOG_PREFIX, Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
 
@@ -146,7 +146,8 @@ def run_rounds(
         state = on_resume(state)
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
-    watch = divergence.DivergenceWatch("round", log)
+    watch = divergence.DivergenceWatch("round", log, label=desc)
+    nonfinite_seen = None  # the first evaluated round with a NaN or inf client update
     record: dict[str, Any] = {}
     diagnostics: dict[str, Any] = {}
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
@@ -174,6 +175,9 @@ def run_rounds(
                 }
                 workdir.append_metrics(record)
                 workdir.append_diagnostics(diagnostics)
+                if nonfinite_seen is None and diagnostics.get("nonfinite_updates", 0) > 0:
+                    nonfinite_seen = done
+                    log(_nonfinite_warning(diagnostics["nonfinite_updates"], done, desc))
             preempted = preemption.reached()
             if done % checkpoint_every == 0 or done == last_round or preempted:
                 checkpointer.save(
@@ -193,6 +197,16 @@ def run_rounds(
             "round": done, **(diagnose(state) if diagnose is not None else {})}
     return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from,
                       diagnostics, clock)
+
+
+def _nonfinite_warning(count: float, round_done: int, desc: str) -> str:
+    """The terminal line for client updates that were NaN or inf (zeroed in the sum, so
+    the shared model stays finite and its `diverged` check cannot see it). A count of raw
+    client updates is no release: labelled as such, and only in diagnostics.jsonl."""
+    return (f"{RAW_LOG_PREFIX}[{desc}] warning: {count:.0f} client update(s) of round "
+            f"{round_done} were NaN or inf and count as zero: the clients' local training "
+            "diverged (a smaller client learning rate?); diagnostics.jsonl counts them "
+            "(nonfinite_updates)")
 
 
 def _record_of(records: list[dict[str, Any]], round_done: int) -> dict[str, Any] | None:

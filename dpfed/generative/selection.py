@@ -32,10 +32,9 @@ from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
+from dpfed.train.workdir import RAW_LOG_PREFIX as RAW_LOG_PREFIX  # raw-data terminal lines
 from dpfed.train.workdir import Workdir
 
-# Starts the terminal lines that show raw-data figures (thresholds, group sizes).
-RAW_LOG_PREFIX = "[simulation diagnostics, raw data, not a DP release] "
 DEFAULT_LOW_QUANTILE = 0.25
 DEFAULT_HIGH_QUANTILE = 0.75
 

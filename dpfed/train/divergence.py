@@ -53,11 +53,13 @@ class DivergenceWatch:
     Attributes:
       unit: "step" or "round", for the warning.
       log: where the warning goes.
+      label: names the run in the warning (e.g. "fedgan[low]"), or "".
       diverged_at: the step or round of the first failed check (None: none yet).
     """
 
     unit: str
     log: Callable[[str], None] = print
+    label: str = ""
     diverged_at: int | None = None
 
     def check(self, params: Any, record: dict[str, Any], done: int) -> None:
@@ -67,8 +69,9 @@ class DivergenceWatch:
             return
         self.diverged_at = done
         what = ", ".join(nonfinite_losses(record)) or "the parameters"
-        self.log(f"warning: NaN or inf in {what} after {self.unit} {done}: the model diverged "
-                 "(smaller learning rates?); the run goes on as its flags say")
+        prefix = f"[{self.label}] " if self.label else ""
+        self.log(f"{prefix}warning: NaN or inf in {what} after {self.unit} {done}: the model "
+                 "diverged (smaller learning rates?); the run goes on as its flags say")
 
 
 def report_line(summary: dict) -> str:

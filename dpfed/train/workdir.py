@@ -49,6 +49,8 @@ from dpfed.train.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 DIAGNOSTICS_FILE = "diagnostics.jsonl"  # raw-data figures: not a release (module docstring)
+# Starts the terminal lines that show raw-data figures (thresholds, group sizes, counts).
+RAW_LOG_PREFIX = "[simulation diagnostics, raw data, not a DP release] "
 DIAGNOSTICS_JSON = "diagnostics.json"  # a whole run's raw-data figures: not a release
 DIAGNOSTICS_JSON_NOTE = (
     "Not a DP release: simulation ground truth and figures computed from raw client data, "

@@ -14,7 +14,7 @@ from dpfed.federated import DpFedAvg, DpFedAvgConfig, loop, run_rounds
 from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
-from dpfed.train.workdir import Workdir, dumps
+from dpfed.train.workdir import RAW_LOG_PREFIX, Workdir, dumps
 from tests import dispatch
 from tests.federated import toy
 
@@ -72,6 +72,23 @@ def test_a_loss_gone_nan_is_warned_about_once_and_the_result_says_diverged(tmp_p
     assert len(warnings) == 1 and "after round 4" in warnings[0], messages
     assert result.diverged, "the last evaluation's loss is NaN"
     assert not run(eng, tmp_path / "sane", rounds=2).diverged, "finite params and no loss"
+
+
+def test_nan_client_updates_are_warned_about_once_as_raw_diagnostics(tmp_path):
+    # They count as zero in the sum, so the shared model stays finite: only this says so.
+    deltas = np.full((30, 4), np.nan, np.float32)
+    eng = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
+                   DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=1.0))
+    messages = []
+    result = run_rounds(
+        eng, eng.init(toy.params_of(4)), rounds=4, seed=3, workdir=Workdir(tmp_path),
+        ledger=ledger(), evaluate=lambda s: {}, eval_every=2, checkpoint_every=4,
+        log=messages.append, desc="toy")
+    warnings = [m for m in messages if "NaN or inf and count as zero" in m]
+    assert len(warnings) == 1 and "of round 2" in warnings[0], messages
+    assert warnings[0].startswith(RAW_LOG_PREFIX + "[toy]"), (
+        f"a count of raw client updates is no release and must be labelled: {warnings[0]}")
+    assert not result.diverged, "the zeroed updates leave the shared model finite"
 
 
 def test_each_checkpoint_counts_the_records_logged_before_it(tmp_path):

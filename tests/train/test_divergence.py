@@ -46,3 +46,10 @@ def test_the_report_line_appears_for_a_diverged_model_only():
     assert divergence.report_line({"diverged": False}) == ""
     assert divergence.report_line({}) == "", "a summary of an older run"
     assert "diverged" in divergence.report_line({"diverged": True})
+
+
+def test_the_warning_names_the_run_it_comes_from():
+    messages = []
+    divergence.DivergenceWatch("round", messages.append, label="fedgan[low]").check(
+        {"w": jnp.full(2, math.nan)}, {}, 3)
+    assert messages[0].startswith("[fedgan[low]] warning: NaN or inf in the parameters"), messages
