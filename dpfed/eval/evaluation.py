@@ -29,14 +29,14 @@ from dpfed import data
 from dpfed.eval import domain_features, fid, figures
 from dpfed.eval import downstream as downstream_lib
 from dpfed.generative import contract
-from dpfed.train.workdir import LEDGER_FILE, SUMMARY_FILE, Workdir
+from dpfed.train.workdir import EVAL_BEGIN, EVAL_END, LEDGER_FILE, SUMMARY_FILE, Workdir
 
 EVAL_FILE = "eval.json"
 SAMPLES_PNG = "eval_samples.png"
 SIDE_BY_SIDE_PNG = "eval_real_vs_synthetic.png"
 CURVES_PNG = "eval_curves.png"
-REPORT_BEGIN = "<!-- dpfed.eval: begin -->"
-REPORT_END = "<!-- dpfed.eval: end -->"
+REPORT_BEGIN = EVAL_BEGIN
+REPORT_END = EVAL_END
 KINDS = ("generator", "synthetic_file", "real_data", "classifier")
 
 

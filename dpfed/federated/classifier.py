@@ -312,7 +312,8 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         "environment": environment_info(),
     }
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, wd.read_metrics()))
+    wd.write_report(render_report(config, summary, wd.read_metrics()),
+                    keep_evaluation=result.trained_nothing)
     return summary
 
 

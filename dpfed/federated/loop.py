@@ -47,6 +47,11 @@ class LoopResult:
     clock: RunClock = dataclasses.field(default_factory=lambda: RunClock(time.time()))
 
     @property
+    def trained_nothing(self) -> bool:
+        """Whether this invocation ran no round (a finished run was rerun)."""
+        return self.resumed_from == self.rounds_done
+
+    @property
     def diverged(self) -> bool:
         """Whether the final trained parameters, or a loss of the last evaluation, hold NaN
         or inf (`dpfed.train.divergence`)."""

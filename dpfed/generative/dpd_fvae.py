@@ -837,7 +837,8 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     if diagnostics is not None:
         wd.write_json(DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, diagnostics is not None))
+    wd.write_report(render_report(config, summary, diagnostics is not None),
+                    keep_evaluation=result.trained_nothing)
     return summary
 
 

@@ -376,7 +376,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         "environment": environment_info(),
     }
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, wd.read_metrics()))
+    wd.write_report(render_report(config, summary, wd.read_metrics()),
+                    keep_evaluation=start_step == last_step)  # a finished run, rerun
     return summary
 
 

@@ -49,6 +49,9 @@ from dpfed.train.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 DIAGNOSTICS_FILE = "diagnostics.jsonl"  # raw-data figures: not a release (module docstring)
+# report.md's evaluation section (`dpfed.eval.evaluation`) lies between these markers.
+EVAL_BEGIN = "<!-- dpfed.eval: begin -->"
+EVAL_END = "<!-- dpfed.eval: end -->"
 # Starts the terminal lines that show raw-data figures (thresholds, group sizes, counts).
 RAW_LOG_PREFIX = "[simulation diagnostics, raw data, not a DP release] "
 DIAGNOSTICS_JSON = "diagnostics.json"  # a whole run's raw-data figures: not a release
@@ -417,10 +420,19 @@ class Workdir:
         """Atomically writes `summary.json`."""
         return self.write_json(SUMMARY_FILE, summary)
 
-    def write_report(self, markdown: str) -> pathlib.Path:
-        """Atomically writes `report.md`."""
+    def write_report(self, markdown: str, keep_evaluation: bool = False) -> pathlib.Path:
+        """Atomically writes `report.md`; with `keep_evaluation`, the evaluation section
+        (`experiments.evaluate`'s, between `EVAL_BEGIN` and `EVAL_END`) of the report there
+        is carried over to the end: a rerun of a finished run trains nothing, so the
+        evaluation still holds (a run that trained on would leave it stale: dropped)."""
         path = self.file(REPORT_FILE)
-        atomic_write_text(path, markdown if markdown.endswith("\n") else markdown + "\n")
+        text = markdown if markdown.endswith("\n") else markdown + "\n"
+        old = path.read_text(encoding="utf-8") if keep_evaluation and path.exists() else ""
+        _, begin, rest = old.partition(EVAL_BEGIN)
+        section, end, _ = rest.partition(EVAL_END)
+        if begin and end:
+            text += ("" if text.endswith("\n\n") else "\n") + begin + section + end + "\n"
+        atomic_write_text(path, text)
         return path
 
     def append_metrics(self, record: dict) -> None:

@@ -12,7 +12,7 @@ from dp_accounting import dp_event
 from dpfed import models, privacy
 from dpfed.train import dpsgd
 from dpfed.train.config import ConfigError
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import EVAL_BEGIN, EVAL_END, Workdir
 from tests import delta_warning, dispatch
 
 
@@ -64,6 +64,19 @@ def test_a_diverging_run_warns_once_and_says_so_in_its_summary_and_report(
     assert summary["steps"] == 4, "a diverged run still runs the steps its flags ask for"
     report = (tmp_path / "report.md").read_text()
     assert ("the model diverged" in report) is diverges, report
+
+
+def test_a_finished_run_rerun_keeps_its_evaluation_and_one_trained_on_drops_it(tmp_path):
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=2, batch_size=16,
+                               noise_multiplier=1.0, eval_every=2, checkpoint_every=2)
+    dpsgd.train(config, tmp_path, log=lambda _: None)
+    section = f"{EVAL_BEGIN}\n## Evaluation\nlogreg 90%\n{EVAL_END}\n"
+    report = tmp_path / "report.md"
+    report.write_text(report.read_text() + "\n" + section)  # as experiments.evaluate adds it
+    dpsgd.train(config, tmp_path, log=lambda _: None)
+    assert section in report.read_text(), "a rerun that trains nothing must keep the evaluation"
+    dpsgd.train(dataclasses.replace(config, steps=4), tmp_path, log=lambda _: None)
+    assert EVAL_BEGIN not in report.read_text(), "the evaluation of 2 steps is stale at 4"
 
 
 def test_fixed_size_step_is_clipped_sum_over_batch_size():

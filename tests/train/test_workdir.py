@@ -534,3 +534,16 @@ def test_metrics_records_counts_the_file_then_appends_and_truncation(tmp_path):
     assert wd.metrics_records == 3, "each append counted"
     wd.truncate_logs(2)
     assert wd.metrics_records == 2 == len(wd.read_metrics()), "truncation drops step 3"
+
+
+def test_a_rewritten_report_keeps_the_evaluation_section_only_when_asked(tmp_path):
+    wd = Workdir(tmp_path)
+    section = f"{workdir_lib.EVAL_BEGIN}\n## Evaluation\nfid 3\n{workdir_lib.EVAL_END}\n"
+    wd.write_report("# run\n\nold body\n\n" + section)
+    wd.write_report("# run\n\nnew body\n", keep_evaluation=True)
+    text = (tmp_path / "report.md").read_text()
+    assert text == "# run\n\nnew body\n\n" + section, f"the section moves to the new report: {text}"
+    wd.write_report("# run\n\nretrained\n")
+    assert "Evaluation" not in (tmp_path / "report.md").read_text(), "a stale section is dropped"
+    wd.write_report("# run\n", keep_evaluation=True)
+    assert (tmp_path / "report.md").read_text() == "# run\n", "nothing to keep: the report alone"

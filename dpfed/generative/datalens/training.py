@@ -543,7 +543,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "environment": environment_info(),
     }
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, wd.read_metrics()))
+    wd.write_report(render_report(config, summary, wd.read_metrics()),
+                    keep_evaluation=start_step == last_step)  # a finished run, rerun
     return summary
 
 
