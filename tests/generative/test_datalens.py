@@ -459,9 +459,11 @@ def test_a_diverged_generator_still_writes_its_ledger_summary_and_report(tmp_pat
     # set's contract in save_synthetic: a traceback, and no ledger, summary or report.
     messages = []
     config = dataclasses.replace(TINY, learning_rate=1e38, steps=2, eval_every=1)
+    (tmp_path / "synthetic.npz").write_bytes(b"an earlier generator's samples")
     summary = datalens.train(config, str(tmp_path), log=messages.append)
     assert summary["diverged"] is True, "NaN generator params must be flagged"
     for name in ("ledger.json", "summary.json", "report.md", "generator.msgpack"):
         assert (tmp_path / name).exists(), f"{name} must be written by a diverged run"
-    assert not (tmp_path / "synthetic.npz").exists(), "NaN samples are no synthetic set"
+    assert not (tmp_path / "synthetic.npz").exists(), (
+        "NaN samples are no synthetic set, and an earlier one would be stale")
     assert any("no synthetic.npz" in m for m in messages), messages

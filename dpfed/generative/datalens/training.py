@@ -516,6 +516,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     try:
         contract.save_synthetic(wd.file(contract.SYNTHETIC_FILE), synthetic)
     except ValueError as error:  # a diverged generator's NaN samples: still write the rest
+        for stale in (contract.SYNTHETIC_FILE, SAMPLES_PNG):  # an earlier generator's
+            wd.file(stale).unlink(missing_ok=True)
         log(f"warning: no {contract.SYNTHETIC_FILE} or {SAMPLES_PNG} written: the samples break "
             f"the contract ({error}); the generator diverged")
     else:
