@@ -29,14 +29,12 @@ from dpfed import data
 from dpfed.eval import domain_features, fid, figures
 from dpfed.eval import downstream as downstream_lib
 from dpfed.generative import contract
-from dpfed.train.workdir import EVAL_BEGIN, EVAL_END, LEDGER_FILE, SUMMARY_FILE, Workdir
+from dpfed.train.workdir import LEDGER_FILE, SUMMARY_FILE, Workdir, with_eval_section
 
 EVAL_FILE = "eval.json"
 SAMPLES_PNG = "eval_samples.png"
 SIDE_BY_SIDE_PNG = "eval_real_vs_synthetic.png"
 CURVES_PNG = "eval_curves.png"
-REPORT_BEGIN = EVAL_BEGIN
-REPORT_END = EVAL_END
 KINDS = ("generator", "synthetic_file", "real_data", "classifier")
 
 
@@ -389,8 +387,4 @@ def _update_report(workdir: Workdir, section: str) -> None:
     keeping whatever the trainer wrote."""
     path = workdir.file("report.md")
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    before, _, rest = text.partition(REPORT_BEGIN)
-    _, _, after = rest.partition(REPORT_END)
-    block = f"{REPORT_BEGIN}\n{section}{REPORT_END}\n"
-    separator = "\n" if before and not before.endswith("\n\n") else ""
-    workdir.write_report(before + separator + block + after.lstrip("\n"))
+    workdir.write_report(with_eval_section(text, section))

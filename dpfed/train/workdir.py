@@ -231,6 +231,25 @@ def atomic_write_local_bytes(path: pathlib.Path, payload: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def with_eval_section(report: str, section: str | None) -> str:
+    """`report` with `section` between `EVAL_BEGIN` and `EVAL_END`, in place of the one it
+    holds (else at its end); `report` as it is when `section` is None."""
+    if section is None:
+        return report
+    before, _, rest = report.partition(EVAL_BEGIN)
+    _, _, after = rest.partition(EVAL_END)
+    block = f"{EVAL_BEGIN}\n{section}{EVAL_END}\n"
+    separator = "\n" if before and not before.endswith("\n\n") else ""
+    return before + separator + block + after.lstrip("\n")
+
+
+def eval_section(report: str) -> str | None:
+    """The section `with_eval_section` put in `report`, or None where it holds none."""
+    _, begin, rest = report.partition(EVAL_BEGIN)
+    section, end, _ = rest.partition(EVAL_END)
+    return section.removeprefix("\n") if begin and end else None
+
+
 def atomic_write_text(path: pathlib.Path, text: str) -> None:
     """Writes `text` (UTF-8) to `path` atomically, as `atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -427,11 +446,8 @@ class Workdir:
         evaluation still holds (a run that trained on would leave it stale: dropped)."""
         path = self.file(REPORT_FILE)
         text = markdown if markdown.endswith("\n") else markdown + "\n"
-        old = path.read_text(encoding="utf-8") if keep_evaluation and path.exists() else ""
-        _, begin, rest = old.partition(EVAL_BEGIN)
-        section, end, _ = rest.partition(EVAL_END)
-        if begin and end:
-            text += ("" if text.endswith("\n\n") else "\n") + begin + section + end + "\n"
+        if keep_evaluation and path.exists():
+            text = with_eval_section(text, eval_section(path.read_text(encoding="utf-8")))
         atomic_write_text(path, text)
         return path
 

@@ -8,7 +8,7 @@ import pytest
 from dpfed import data
 from dpfed.eval import classifier_fit, downstream, evaluation
 from dpfed.generative import contract
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import EVAL_BEGIN, Workdir
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_report_section_is_replaced_and_trainer_text_kept(tmp_path, config):
         evaluation.evaluate(tmp_path, evaluation.detect_source(wd), config)
     report = wd.file("report.md").read_text()
     assert report.startswith("# Trainer report\n\nkept\n"), report
-    assert report.count(evaluation.REPORT_BEGIN) == 1, "re-evaluating duplicated the section"
+    assert report.count(EVAL_BEGIN) == 1, "re-evaluating duplicated the section"
 
 
 def test_report_section_says_the_evaluation_is_not_private(tmp_path, config):
