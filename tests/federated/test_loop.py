@@ -29,11 +29,13 @@ def ledger(target=None):
     return privacy.PrivacyLedger("user", "add_or_remove_one", 1e-5, target_epsilon=target)
 
 
-def run(eng, path, rounds, target=None):
-    return run_rounds(
-        eng, eng.init(toy.params_of(4)), rounds=rounds, seed=3, workdir=Workdir(path),
-        ledger=ledger(target), evaluate=lambda s: {"norm": float(np.linalg.norm(s.params))},
-        eval_every=2, checkpoint_every=2, log=lambda _: None)
+def run(eng, path, rounds, target=None, **changes):
+    """`run_rounds` of `eng` on toy params; `changes` replace its keyword arguments."""
+    kwargs = dict(
+        rounds=rounds, seed=3, workdir=Workdir(path), ledger=ledger(target),
+        evaluate=lambda s: {"norm": float(np.linalg.norm(s.params))}, eval_every=2,
+        checkpoint_every=2, log=lambda _: None)
+    return run_rounds(eng, eng.init(toy.params_of(4)), **{**kwargs, **changes})
 
 
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
@@ -51,10 +53,8 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
 
 def test_a_resumed_runs_clock_counts_the_invocation_up_to_its_checkpoint(tmp_path):
     eng = engine()
-    killed = run_rounds(  # "killed" after round 4, begun 50 s before its loop
-        eng, eng.init(toy.params_of(4)), rounds=4, seed=3, workdir=Workdir(tmp_path),
-        ledger=ledger(), evaluate=lambda s: {}, eval_every=2, checkpoint_every=2,
-        log=lambda _: None, started=time.time() - 50.0)
+    # "killed" after round 4, begun 50 s before its loop
+    killed = run(eng, tmp_path, rounds=4, started=time.time() - 50.0)
     assert killed.clock.earlier == 0.0 and killed.clock.seconds() >= 50.0, killed.clock
     resumed = run(eng, tmp_path, rounds=6)
     assert resumed.clock.earlier >= 50.0, (
@@ -64,10 +64,8 @@ def test_a_resumed_runs_clock_counts_the_invocation_up_to_its_checkpoint(tmp_pat
 
 def test_a_loss_gone_nan_is_warned_about_once_and_the_result_says_diverged(tmp_path):
     eng, messages = engine(), []
-    result = run_rounds(
-        eng, eng.init(toy.params_of(4)), rounds=6, seed=3, workdir=Workdir(tmp_path),
-        ledger=ledger(), eval_every=2, checkpoint_every=2, log=messages.append,
-        evaluate=lambda s: {"test_loss": float("nan") if int(s.round) >= 4 else 1.0})
+    result = run(eng, tmp_path, rounds=6, log=messages.append,
+                 evaluate=lambda s: {"test_loss": float("nan") if int(s.round) >= 4 else 1.0})
     warnings = [m for m in messages if "diverged" in m]
     assert len(warnings) == 1 and "after round 4" in warnings[0], messages
     assert result.diverged, "the last evaluation's loss is NaN"
@@ -80,10 +78,7 @@ def test_nan_client_updates_are_warned_about_once_as_raw_diagnostics(tmp_path):
     eng = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
                    DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=1.0))
     messages = []
-    result = run_rounds(
-        eng, eng.init(toy.params_of(4)), rounds=4, seed=3, workdir=Workdir(tmp_path),
-        ledger=ledger(), evaluate=lambda s: {}, eval_every=2, checkpoint_every=4,
-        log=messages.append, desc="toy")
+    result = run(eng, tmp_path, rounds=4, checkpoint_every=4, log=messages.append, desc="toy")
     warnings = [m for m in messages if "NaN or inf and count as zero" in m]
     assert len(warnings) == 1 and "of round 2" in warnings[0], messages
     assert warnings[0].startswith(RAW_LOG_PREFIX + "[toy]"), (

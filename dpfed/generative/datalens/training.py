@@ -525,6 +525,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
 
     ledger_json = ledger.to_json()
     wd.write_json(LEDGER_FILE, ledger_json)
+    metrics = wd.read_metrics()
     summary = {
         "method": METHOD,
         "epsilon_rdp": ledger_json["epsilon_rdp"],
@@ -538,14 +539,14 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "stopped_by_budget": int(state["step"]) < config.steps,
         "partition_sizes": public_partition_sizes(config.partition, n, config.num_teachers),
         "params_sha256": params_sha256(gen_params),
-        "diverged": divergence.diverged(gen_params, (wd.read_metrics() or [{}])[-1]),
+        "diverged": divergence.diverged(gen_params, metrics[-1] if metrics else {}),
         **clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
     }
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, wd.read_metrics()),
+    wd.write_report(render_report(config, summary, metrics),
                     keep_evaluation=start_step == last_step)  # a finished run, rerun
     return summary
 
