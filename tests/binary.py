@@ -1,4 +1,5 @@
-"""Runs an experiment binary in a subprocess, as a user would (shared by the binaries' tests)."""
+"""Runs an experiment binary in a process of its own, as a user would (shared by the binaries'
+tests): forked from one that has imported the libraries (`tests.forked`) or a new one."""
 
 import contextlib
 import json
@@ -12,9 +13,13 @@ import time
 from collections.abc import Iterator
 
 from launch import multihost
+from tests import forked
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+
+# A binary's run: a subprocess, or a child of the fork server (`tests.forked`).
+_Process = subprocess.Popen | forked.ForkedRun
 
 # After a hung binary's timeout, how long its processes get to print their stacks.
 STACK_DUMP_SECONDS = 20
@@ -22,17 +27,21 @@ STACK_DUMP_SECONDS = 20
 
 def run_binary(
     module: str, *args: str, check: bool = True, timeout: int = 600,
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | None = None, fresh_process: bool = False,
 ) -> subprocess.CompletedProcess:
     """`python -m module args` from the repo root; asserts exit 0 when `check`.
+
+    The run is forked from a process that has imported the libraries (`tests.forked`),
+    unless it has an `env` of its own or `fresh_process` asks for a new interpreter, as
+    a user starts it: then what importing them prints is seen too.
 
     A run still going after `timeout` seconds fails the test with what it wrote to stderr
     and every thread's Python stack (`_end_group`). A hang that shows up once in many runs
     is then seen where it hangs.
     """
     cmd = [sys.executable, "-m", module, *args]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = _start(cmd, env, stdout=out, stderr=err)
+    with tempfile.NamedTemporaryFile("w+") as out, tempfile.NamedTemporaryFile("w+") as err:
+        proc = _start(cmd, env, stdout=out, stderr=err, fresh_process=fresh_process)
         result = _finish(proc, out, err, timeout, f"was still running after {timeout} s")
     if check:
         assert result.returncode == 0, f"{cmd} failed:\n{result.stderr[-3000:]}"
@@ -40,7 +49,7 @@ def run_binary(
 
 
 def _finish(
-    proc: subprocess.Popen, out, err, timeout: float, hung: str
+    proc: _Process, out, err, timeout: float, hung: str
 ) -> subprocess.CompletedProcess:
     """Waits up to `timeout` s for `proc` to end, then ends its group and returns what it
     wrote to `out` and `err`. Still running then (a hang), it fails the test: `hung` says
@@ -60,15 +69,26 @@ def _finish(
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def _start(cmd: list[str], env: dict[str, str] | None, stdout, stderr) -> subprocess.Popen:
+def _start(cmd: list[str], env: dict[str, str] | None, stdout, stderr,
+           fresh_process: bool = False) -> _Process:
     """Starts `cmd` from the repo root in a process group of its own (which the processes
-    it starts join), with `PYTHONFAULTHANDLER` on: SIGABRT prints every thread's stack."""
+    it starts join), with `PYTHONFAULTHANDLER` on: SIGABRT prints every thread's stack.
+
+    `stdout` and `stderr` are named temporary files (`stdout` None: discarded). A
+    `python -m module ...` that keeps this environment is forked from a process that
+    has imported the libraries (`tests.forked`) unless `fresh_process`; others start
+    with `subprocess`.
+    """
+    if cmd[1] == "-m" and not fresh_process and forked.usable(env):
+        return forked.ForkedRun(cmd[2], cmd[3:], stdout=stdout.name if stdout else os.devnull,
+                                stderr=stderr.name)
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL if stdout is None else stdout,
+                            stderr=stderr, start_new_session=True)
 
 
-def _end_group(proc: subprocess.Popen, dump_stacks: bool) -> None:
+def _end_group(proc: _Process, dump_stacks: bool) -> None:
     """Ends every process of `proc`'s group, so none outlives the test. With `dump_stacks`
     (a hang) the group first gets SIGABRT and up to `STACK_DUMP_SECONDS` to print its
     stacks, e.g. every process of a `launch.multihost local` job."""
@@ -116,7 +136,7 @@ def cpu_devices_env(count: int) -> dict[str, str]:
     return multihost.local_env(count)
 
 
-def _wait_until(proc: subprocess.Popen, cmd: list[str], condition, timeout: float,
+def _wait_until(proc: _Process, cmd: list[str], condition, timeout: float,
                 interval: float, err) -> None:
     """Returns once `condition()` holds (the run may have ended just after). Fails the test,
     with the run's stderr (`err`), if the run ended before `condition()` held (a crash, or
@@ -143,8 +163,8 @@ def _kill_when(
     """Runs `python -m module args --workdir=workdir` and SIGKILLs it once `condition()`
     holds (`_wait_until`). Returns whether it was still running when killed."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
-    with tempfile.TemporaryFile("w+") as err:
-        proc = _start(cmd, None, stdout=subprocess.DEVNULL, stderr=err)
+    with tempfile.NamedTemporaryFile("w+") as err:
+        proc = _start(cmd, None, stdout=None, stderr=err)
         _wait_until(proc, cmd, condition, timeout, interval, err)
         running = proc.poll() is None
         _end_group(proc, dump_stacks=False)
@@ -187,7 +207,7 @@ def terminate_after_checkpoint(
     end on its own. Fails the test if it ended first, or hung (with every thread's stack).
     `module` may be `launch.multihost`: its whole job then gets the SIGTERM."""
     cmd = [sys.executable, "-m", module, *args, f"--workdir={workdir}"]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.NamedTemporaryFile("w+") as out, tempfile.NamedTemporaryFile("w+") as err:
         proc = _start(cmd, None, stdout=out, stderr=err)
         _wait_until(proc, cmd, _checkpointed(workdir / checkpoints, step), timeout, 0.05, err)
         if proc.poll() is not None:

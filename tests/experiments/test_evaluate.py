@@ -12,8 +12,8 @@ _SMALL = ("--dataset=digits", "--num_samples=200", "--max_epochs=1", "--extracto
 _ONE_MODEL = "--models=logreg"
 
 
-def _run(*args):
-    return run_binary("experiments.evaluate", *args, check=False)
+def _run(*args, fresh_process=False):
+    return run_binary("experiments.evaluate", *args, check=False, fresh_process=fresh_process)
 
 
 def _digits_npz(path):
@@ -38,7 +38,10 @@ def test_npz_evaluation_writes_eval_json_and_figures(tmp_path):
 
 
 def test_synthetic_and_real_data_conflict(tmp_path):
-    proc = _run("--synthetic=x.npz", "--real_data", "--dataset=digits", f"--workdir={tmp_path}")
+    # In a new interpreter, as a user starts it: the one line is all it prints, imports
+    # included (the other runs fork from a process that has imported the libraries).
+    proc = _run("--synthetic=x.npz", "--real_data", "--dataset=digits", f"--workdir={tmp_path}",
+                fresh_process=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: --real_data: conflicts with --synthetic", proc.stderr
 

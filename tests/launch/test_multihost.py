@@ -425,7 +425,9 @@ def test_every_multi_host_binary_runs_as_a_two_process_job(binary, tmp_path):
 
 @pytest.mark.parametrize("binary", ["fedavg_classifier", *sorted(OTHER_BINARIES)])
 def test_every_multi_host_binary_takes_the_coordinator_flags(binary, tmp_path):
+    # In a new interpreter, as a user starts it: its one line is all it prints, imports
+    # included (the binaries' other tests fork theirs from one that has imported them).
     result = run_binary(f"experiments.{binary}", "--process_id=0", f"--workdir={tmp_path}",
-                        check=False)
+                        check=False, fresh_process=True)
     assert result.returncode == 2 and result.stderr.strip() == (
         "error: --process_id: needs --distributed"), f"{binary}: {result.stderr[-500:]}"
