@@ -15,6 +15,7 @@ Typical use::
 """
 
 import logging
+import math
 import pathlib
 import sys
 from collections.abc import Callable
@@ -68,6 +69,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except flags.Error as error:
         _exit_bad_flag(_describe(error))
+
+
+def _check_floats_are_finite() -> None:
+    """Raises `FlagError` for a float flag set to inf or nan: absl parses both (and a
+    bound like `lower_bound=0.0` lets nan and inf through), but no setting of ours means
+    either: a learning rate of inf trains on NaN, a clip norm of inf clips nothing."""
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if not isinstance(flag.parser, flags.FloatParser) or flag.value is None:
+            continue
+        values = flag.value if isinstance(flag.value, list) else [flag.value]
+        for value in values:
+            check(math.isfinite(value), name, f"must be a finite number, not {value}")
 
 
 def define_distributed_flags() -> Callable[[], bool]:
@@ -216,7 +230,8 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
     """Like `absl.app.run(main)`, but bad flags exit with code 2 and one stderr line.
 
     Flag parsing errors (unknown flag, unparsable or out-of-range value, failed
-    validator, required flag missing) and a `FlagError` raised from `main` both end
+    validator, required flag missing), a float flag set to inf or nan, and a
+    `FlagError` raised from `main` all end
     the process with exit code 2 and a single line; other exceptions propagate. A
     binary with a `--workdir` flag first locks it (in a multi-host job process 0 does,
     for the job, once `main` initialises it: `define_distributed_flags`): a second run
@@ -231,6 +246,7 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
         _quiet_backend_probing()
         created = None
         try:
+            _check_floats_are_finite()
             created = _lock_workdir()
             return main(argv)
         except preemption.PreemptedError as stopped:

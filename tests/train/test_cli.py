@@ -85,8 +85,10 @@ def _stderr_lines(result):
         (["--delta=1.5"], "--delta"),
         (["--no_such_flag=1"], "--no_such_flag"),
         (["--flagfile=launch/no_such_file.flags"], "--flagfile"),
+        (["--clip_norm=inf"], "--clip_norm"),
+        (["--clip_norm=nan"], "--clip_norm"),
     ],
-    ids=["enum", "lower_bound", "flag_error", "unknown", "missing_flagfile"],
+    ids=["enum", "lower_bound", "flag_error", "unknown", "missing_flagfile", "inf", "nan"],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
     result = _run(tmp_path, *args)
@@ -99,6 +101,15 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
 def test_flag_error_line_format(tmp_path):
     lines = _stderr_lines(_run(tmp_path, "--delta=2"))
     assert lines == ["error: --delta: must be < 1"], f"unexpected FlagError line {lines}"
+
+
+def test_an_infinite_float_flag_is_refused_before_the_workdir_is_made(tmp_path):
+    # absl parses "inf" and its lower_bound=0.0 lets it through: a learning rate of inf
+    # trained on NaN, and a clip norm of inf would clip nothing.
+    workdir = tmp_path / "w"
+    lines = _stderr_lines(_run(tmp_path, "--clip_norm=inf", f"--workdir={workdir}"))
+    assert lines == ["error: --clip_norm: must be a finite number, not inf"], lines
+    assert not workdir.exists(), "a refused run must not create its workdir"
 
 
 def test_good_run_exits_0(tmp_path):
