@@ -216,6 +216,7 @@ def evaluate_images(
                      test.name)
         result[extractor.metric_name] = fid.fid(extractor, test.images, synthetic.images)
         result[f"{extractor.metric_name}_extractor"] = extractor.description
+    result["sample_size_note"] = fid.sample_size_note(len(synthetic.images), len(test.images))
     if synthetic.labels is None:
         result["downstream"] = None
         result["downstream_note"] = "Unlabelled (unconditional) generator: no downstream accuracy"
@@ -371,6 +372,8 @@ def render_report(record: dict) -> str:
                 f"- {key} vs the real test split: **{record[key]:.3f}** "
                 f"(features: {record[key + '_extractor']})"
             )
+    if record.get("sample_size_note"):
+        lines.append(f"- {record['sample_size_note']}.")
     if record.get("downstream"):
         lines += ["", "| classifier | real test accuracy |", "|---|---|"]
         lines += [

@@ -110,3 +110,23 @@ def fid(
     real = feature_statistics(extract_features(extractor, real_images, batch_size))
     synthetic = feature_statistics(extract_features(extractor, synthetic_images, batch_size))
     return frechet_distance(real, synthetic)
+
+
+# Papers' FIDs use at least this many images a side (Heusel et al. used 50,000).
+PAPER_SAMPLE_SIZE = 10_000
+
+
+def sample_size_note(num_synthetic: int, num_real: int) -> str | None:
+    """The caveat for an FID of `num_synthetic` against `num_real` images, or None when
+    both reach `PAPER_SAMPLE_SIZE`.
+
+    FID's estimate is biased upward, more the fewer the images (Chong and Forsyth, 2020,
+    "Effectively Unbiased FID and Inception Score and where to find them"); with fewer
+    images than features the covariance is singular too. An FID of few images is only
+    comparable with FIDs of as many images.
+    """
+    if min(num_synthetic, num_real) >= PAPER_SAMPLE_SIZE:
+        return None
+    return (f"FID of {num_synthetic:,} synthetic against {num_real:,} real images: FID is "
+            "biased upward at small sample sizes, so compare it only with FIDs of the same "
+            f"sizes (papers use {PAPER_SAMPLE_SIZE:,} or more)")

@@ -161,3 +161,14 @@ def test_a_damaged_ledger_json_is_an_evaluation_error_naming_it(tmp_path, text):
     wd.file("ledger.json").write_text(text)
     with pytest.raises(evaluation.EvaluationError, match="ledger.json"):
         evaluation.privacy_of(wd)
+
+
+def test_an_fid_of_few_samples_is_reported_with_its_sample_sizes(tmp_path, config):
+    _digits_npz(tmp_path / contract.SYNTHETIC_FILE, n=20)
+    record = evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)),
+                                 dataclasses.replace(config, num_samples=20))
+    test_size = data.load("digits", "test").num_examples
+    assert record["sample_size_note"].startswith(f"FID of 20 synthetic against {test_size:,}"), (
+        record["sample_size_note"])
+    report = Workdir(tmp_path).file("report.md").read_text()
+    assert record["sample_size_note"] in report, "the report must carry the caveat"

@@ -73,3 +73,28 @@ def test_feature_statistics_uses_the_unbiased_covariance():
     np.testing.assert_allclose(
         stats.cov, [[2.0, 2.0], [2.0, 2.0]], err_msg="the covariance must divide by N - 1"
     )
+
+
+def test_fewer_samples_give_a_larger_fid_of_one_distribution():
+    # What sample_size_note warns of: two samples of one Gaussian are at FID ~0 only when
+    # large; the estimate of small ones is biased upward.
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(6, 6)) / np.sqrt(6)
+
+    def mean_fid(n):
+        return np.mean([_distance(rng.normal(size=(n, 6)) @ mixing,
+                                  rng.normal(size=(n, 6)) @ mixing) for _ in range(5)])
+
+    small, large = mean_fid(20), mean_fid(2000)
+    assert small > 10 * large, f"FID of 20 vs 20: {small}; of 2000 vs 2000: {large}"
+
+
+@pytest.mark.parametrize(
+    "sizes,noted", [((20, 1000), True), ((10_000, 9_999), True), ((10_000, 50_000), False)])
+def test_sample_size_note_names_both_sizes_below_papers_sizes(sizes, noted):
+    note = fid.sample_size_note(*sizes)
+    if not noted:
+        assert note is None, f"{sizes}: both at papers' sizes need no note: {note}"
+        return
+    assert f"{sizes[0]:,} synthetic against {sizes[1]:,} real" in note, note
+    assert "compare it only with FIDs of the same sizes" in note, note
