@@ -127,6 +127,18 @@ def privacy_of(workdir: Workdir) -> dict | None:
     return privacy
 
 
+def _check_image_generator(method: str) -> None:
+    """Raises `EvaluationError` when ``method`` has no image generator to evaluate (e.g.
+    fedlm_debug's language models), before the dataset is looked for: the missing
+    --dataset was the first thing said of such a workdir."""
+    try:
+        contract.generator_loader(method)
+    except LookupError as error:
+        raise EvaluationError(
+            f"its method {method!r} has no image generator to evaluate ({error}); its "
+            "summary.json and report.md hold its results") from error
+
+
 def _dataset_name(config: EvalConfig, summary: dict, kind: str) -> str:
     trained_on = summary.get("flags", {}).get("dataset")
     if kind == "classifier" and config.dataset not in (None, trained_on):
@@ -290,6 +302,8 @@ def evaluate(workdir: str | os.PathLike, source: Source, config: EvalConfig) -> 
     start = time.time()
     wd = Workdir(workdir)
     summary = _read_optional_json(wd, SUMMARY_FILE)
+    if source.kind == "generator":
+        _check_image_generator(summary[contract.METHOD_KEY])
     dataset = _dataset_name(config, summary, source.kind)
     train, test = data.load(dataset, "train"), data.load(dataset, "test")
     if source.kind == "classifier":

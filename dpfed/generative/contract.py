@@ -63,13 +63,13 @@ def register_generator(method: str, loader: GeneratorLoader) -> None:
     _LOADERS[method] = loader
 
 
-def load_generator(workdir: workdir_lib.Workdir, method: str) -> tuple[Generator, Any]:
-    """Returns ``(generator, params)`` of ``method`` restored from ``workdir``.
-
-    Imports ``dpfed.generative.<method>`` first, so its loader registers itself.
+def generator_loader(method: str) -> GeneratorLoader:
+    """The loader registered for ``method``, importing ``dpfed.generative.<method>``
+    first so that it registers itself.
 
     Raises:
-      LookupError: if no loader is registered for ``method``.
+      LookupError: if no loader is registered for ``method`` (e.g. ``fedlm_debug``, whose
+        models are language models).
     """
     if method not in _LOADERS:
         try:
@@ -78,7 +78,16 @@ def load_generator(workdir: workdir_lib.Workdir, method: str) -> tuple[Generator
             raise LookupError(f"no generative method module dpfed.generative.{method}") from error
     if method not in _LOADERS:
         raise LookupError(f"dpfed.generative.{method} registers no generator loader")
-    return _LOADERS[method](workdir)
+    return _LOADERS[method]
+
+
+def load_generator(workdir: workdir_lib.Workdir, method: str) -> tuple[Generator, Any]:
+    """Returns ``(generator, params)`` of ``method`` restored from ``workdir``.
+
+    Raises:
+      LookupError: if no loader is registered for ``method`` (`generator_loader`).
+    """
+    return generator_loader(method)(workdir)
 
 
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:

@@ -172,3 +172,11 @@ def test_an_fid_of_few_samples_is_reported_with_its_sample_sizes(tmp_path, confi
         record["sample_size_note"])
     report = Workdir(tmp_path).file("report.md").read_text()
     assert record["sample_size_note"] in report, "the report must carry the caveat"
+
+
+def test_a_method_without_an_image_generator_is_named_before_the_dataset(tmp_path, config):
+    # A fedlm_debug workdir (language models) was first refused for a missing --dataset.
+    Workdir(tmp_path).write_json("summary.json", {"method": "fedlm_debug"})
+    source = evaluation.detect_source(Workdir(tmp_path))
+    with pytest.raises(evaluation.EvaluationError, match="'fedlm_debug' has no image generator"):
+        evaluation.evaluate(tmp_path, source, dataclasses.replace(config, dataset=None))

@@ -73,3 +73,11 @@ def test_an_npz_without_a_dataset_names_the_dataset_flag(tmp_path):
     proc = _run(f"--synthetic={npz}", f"--workdir={tmp_path / 'eval'}")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --dataset:"), (
         f"the missing setting is --dataset, not --synthetic: {proc.stderr}")
+
+
+def test_a_language_model_workdir_is_a_workdir_error_not_a_dataset_one(tmp_path):
+    (tmp_path / "summary.json").write_text('{"method": "fedlm_debug"}')
+    proc = _run(f"--workdir={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir: its method "
+                                                           "'fedlm_debug' has no image"), (
+        f"the workdir is what cannot be evaluated, whatever --dataset says: {proc.stderr}")
