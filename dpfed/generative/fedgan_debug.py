@@ -53,7 +53,6 @@ from dpfed.models import gan
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require
-from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -421,15 +420,8 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         results[name] = {
             "inverted_fraction": polarity.inverted_fraction(samples),
             "num_clients": int(group.num_clients),
-            "seed": summary["seed"],  # its own: the groups draw independent noise
-            "epsilon_rdp": summary["epsilon_rdp"],
-            "epsilon_pld": summary["epsilon_pld"],
-            "epsilon_rdp_same_noise_if_users": summary["epsilon_rdp_same_noise_if_users"],
-            "rounds": summary["rounds"],
+            **selection.model_fields(summary),
             "sampling_rate": config.clients_per_round / group.num_clients,
-            "wall_seconds": summary["wall_seconds"],
-            "wall_seconds_earlier": summary["wall_seconds_earlier"],
-            "diverged": summary["diverged"],
         }
         ground_truth[name] = {
             "buggy_client_fraction": float(fed.buggy[members].mean()),
@@ -452,7 +444,6 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         "gan_low": results["low"],
         "gan_high": results["high"],
         "epsilon_rdp": _max_eps(results),
-        "diverged": any(r["diverged"] for r in results.values()),
         "guarantee_caveat": selection.guarantee_caveat(
             config.low_threshold, config.high_threshold, config.sampling, "accuracies"
         ),
@@ -466,8 +457,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         "high_threshold": config.high_threshold,
         "thresholds_from_quantiles": not thresholds_given,
         "num_clients": int(clients.num_clients),
-        # This invocation, and what the models' checkpoints kept of earlier ones.
-        **RunClock(started, sum(r["wall_seconds_earlier"] for r in results.values())).summary(),
+        **selection.demo_fields(results, started),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),

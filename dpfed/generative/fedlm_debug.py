@@ -50,7 +50,6 @@ from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import require
-from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
@@ -283,15 +282,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "top_oov": stats.top_oov,
             "top_glue": stats.top_glue,
             "num_sample_tokens": stats.num_tokens,
-            "seed": summary["seed"],  # its own: the groups draw independent noise
-            "epsilon_rdp": summary["epsilon_rdp"],
-            "epsilon_pld": summary["epsilon_pld"],
-            "epsilon_rdp_same_noise_if_users": summary["epsilon_rdp_same_noise_if_users"],
+            **selection.model_fields(summary),
             "sampling_rate": summary["sampling_rate"],
-            "rounds": summary["rounds"],
-            "wall_seconds": summary["wall_seconds"],
-            "wall_seconds_earlier": summary["wall_seconds_earlier"],
-            "diverged": summary["diverged"],
         }
         ground_truth[name] = {
             "buggy_client_fraction": float(buggy[members[name]].mean()),
@@ -320,7 +312,6 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
         "lm_high_oov": results["high_oov"],
         "lm_low_oov": results["low_oov"],
-        "diverged": any(r["diverged"] for r in results.values()),
         # Disjoint groups: the max, given the group sizes (see guarantee_caveat).
         "epsilon_rdp": None if None in eps else max(eps),
         "guarantee_caveat": selection.guarantee_caveat(
@@ -337,8 +328,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "vocabulary_plays": list(plays.held_out_plays),
         "word_vocabulary_size": word_vocab.size - len(text_lib.SPECIAL_TOKENS),
         "char_vocabulary_size": char_vocab.size - len(text_lib.SPECIAL_TOKENS),
-        # This invocation, and what the models' checkpoints kept of earlier ones.
-        **RunClock(started, sum(r["wall_seconds_earlier"] for r in results.values())).summary(),
+        **selection.demo_fields(results, started),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),

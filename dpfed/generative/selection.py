@@ -13,8 +13,9 @@ quantiles of all clients' values (a simulation convenience) weaken the guarantee
 `guarantee_caveat` says how and why.
 
 It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
-their groups: the raw-data log prefix, diagnostics.json, and the pins that check a
-rerun once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`).
+their groups: the raw-data log prefix, diagnostics.json, the pins that check a rerun
+once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`), and what their
+summaries take from the two models' (`model_fields`, `demo_fields`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.train.config import ConfigError
+from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
 from dpfed.train.workdir import RAW_LOG_PREFIX as RAW_LOG_PREFIX  # raw-data terminal lines
@@ -295,3 +297,25 @@ def guarantee_caveat(
             + "; and ".join(reasons)
         )
     return caveat + "."
+
+
+# What a demo's summary.json keeps of each of its models' summary.json.
+MODEL_SUMMARY_KEYS = (
+    "seed",  # its own: the groups draw independent noise
+    "epsilon_rdp", "epsilon_pld", "epsilon_rdp_same_noise_if_users", "rounds",
+    "wall_seconds", "wall_seconds_earlier", "diverged",
+)
+
+
+def model_fields(model_summary: dict) -> dict:
+    """The `MODEL_SUMMARY_KEYS` of one model's summary, for the demo's summary."""
+    return {key: model_summary[key] for key in MODEL_SUMMARY_KEYS}
+
+
+def demo_fields(results: dict[str, dict], started: float) -> dict:
+    """The demo summary's fields over both models (`results`, each with `model_fields`):
+    `diverged` if either did, and the wall time of this invocation (`started`) plus what
+    the models' checkpoints kept of earlier ones."""
+    earlier = sum(r["wall_seconds_earlier"] for r in results.values())
+    return {"diverged": any(r["diverged"] for r in results.values()),
+            **RunClock(started, earlier).summary()}

@@ -1,6 +1,7 @@
 """Tests of the client selection by accuracy (dpfed.generative.selection)."""
 
 import dataclasses
+import time
 from types import SimpleNamespace
 
 import jax.numpy as jnp
@@ -208,3 +209,18 @@ def test_split_settings_are_the_configs_four_split_fields():
     assert selection.split_settings(config) == {
         "low_threshold": 0.1, "high_threshold": None, "low_quantile": 0.2, "high_quantile": 0.8,
     }, "exactly the four keywords of split_clients, read from the config"
+
+
+def test_demo_fields_say_diverged_if_either_model_did_and_add_their_earlier_seconds():
+    results = {"low": {"diverged": False, "wall_seconds_earlier": 3.0},
+               "high": {"diverged": True, "wall_seconds_earlier": 4.5}}
+    fields = selection.demo_fields(results, started=time.time() - 1.0)
+    assert fields["diverged"] is True, "one diverged model makes the demo's verdict void"
+    assert fields["wall_seconds_earlier"] == 7.5, f"both models' earlier seconds: {fields}"
+    assert 8.5 <= fields["wall_seconds"] < 60, f"this invocation's second and theirs: {fields}"
+
+
+def test_model_fields_keep_each_models_privacy_rounds_and_time():
+    summary = {key: i for i, key in enumerate(selection.MODEL_SUMMARY_KEYS)} | {"other": 1}
+    assert selection.model_fields(summary) == {
+        key: i for i, key in enumerate(selection.MODEL_SUMMARY_KEYS)}, "only those keys"
