@@ -103,8 +103,9 @@ def main(argv: list[str]) -> None:
         raise cli.FlagError(error.field, error.message) from error
     eps = summary["epsilon_rdp"]
     print(
-        f"OOV rate of {_LINES.value} sampled lines: high-OOV clients' LM {summary['oov_rate_buggy_model']:.3f}, "
-        f"low-OOV clients' LM {summary['oov_rate_healthy_model']:.3f}; glued tokens "
+        f"OOV rate of {_LINES.value} sampled lines: high-OOV clients' LM "
+        f"{summary['oov_rate_buggy_model']:.3f}, low-OOV clients' LM "
+        f"{summary['oov_rate_healthy_model']:.3f}; glued tokens "
         f"{summary['glued_rate_buggy_model']:.3f} vs {summary['glued_rate_healthy_model']:.3f} | "
         + ("non-private" if eps is None else f"user-level eps {eps:.3g} (RDP)")
         + f"\nreport: {_WORKDIR.value}/report.md"
