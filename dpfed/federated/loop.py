@@ -200,6 +200,7 @@ def run_rounds(
         record = _record_of(workdir.read_metrics(), done) or {"round": done, **evaluate(state)}
         diagnostics = _record_of(workdir.read_diagnostics(), done) or {
             "round": done, **(diagnose(state) if diagnose is not None else {})}
+        watch.check(trained_params(state), record, done)  # a diverged run, rerun: said again
     return LoopResult(state, ledger, int(state.round), last_round, record, resumed_from,
                       diagnostics, clock)
 

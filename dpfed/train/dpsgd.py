@@ -357,6 +357,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     if accuracy is None:  # nothing left to run (resumed a finished run)
         accuracy, loss = evaluate(state["params"], test_images, test_labels)
+        watch.check(state["params"], {"test_loss": loss}, last_step)  # diverged: said again
     ledger_json = ledger.to_json() if ledger is not None else None
     if ledger_json is not None:
         wd.write_json(LEDGER_FILE, ledger_json)

@@ -72,6 +72,17 @@ def test_a_loss_gone_nan_is_warned_about_once_and_the_result_says_diverged(tmp_p
     assert not run(eng, tmp_path / "sane", rounds=2).diverged, "finite params and no loss"
 
 
+def test_a_finished_diverged_run_rerun_says_so_again(tmp_path):
+    eng, nan_loss = engine(), lambda s: {"test_loss": float("nan")}
+    run(eng, tmp_path, rounds=2, evaluate=nan_loss)
+    messages = []
+    rerun = run(eng, tmp_path, rounds=2, evaluate=nan_loss, log=messages.append)
+    assert rerun.trained_nothing and rerun.diverged, "the rerun restores the diverged model"
+    warnings = [m for m in messages if "warning:" in m and "diverged" in m]
+    assert len(warnings) == 1 and "after round 2" in warnings[0], (
+        f"a rerun of a diverged run must warn as the run did: {messages}")
+
+
 def test_nan_client_updates_are_warned_about_once_as_raw_diagnostics(tmp_path):
     # They count as zero in the sum, so the shared model stays finite: only this says so.
     deltas = np.full((30, 4), np.nan, np.float32)

@@ -64,6 +64,10 @@ def test_a_diverging_run_warns_once_and_says_so_in_its_summary_and_report(
     assert summary["steps"] == 4, "a diverged run still runs the steps its flags ask for"
     report = (tmp_path / "report.md").read_text()
     assert ("the model diverged" in report) is diverges, report
+    messages.clear()
+    dpsgd.train(config, tmp_path, log=messages.append)  # a finished run, rerun
+    rewarned = [m for m in messages if "diverged" in m]
+    assert len(rewarned) == int(diverges), f"the rerun must say it again: {messages}"
 
 
 def test_a_finished_run_rerun_keeps_its_evaluation_and_one_trained_on_drops_it(tmp_path):
