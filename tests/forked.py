@@ -1,8 +1,8 @@
 """`python -m module args` started by forking a process that has imported the libraries.
 
 Each experiment binary spends ~2.5 s of a 2-core machine importing jax, flax, optax,
-orbax and dp_accounting before it reads its flags, and the suite runs binaries about a
-hundred and fifty times. multiprocessing's fork server imports them once per test
+orbax and dp_accounting before it reads its flags, and the suite runs binaries in every
+test of a binary, kill and resume. multiprocessing's fork server imports them once per test
 process (`_PRELOAD`); each run is a child forked from it that runs the module as
 `python -m` would (`runpy`, `__main__`, the repo root first on `sys.path` and as its
 cwd) and ends as the interpreter would (non-daemon threads joined, `atexit` run, the
