@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from dp_accounting import dp_event
 
 from dpfed import privacy
+from dpfed.train.config import require_finite_floats
 
 PyTree = Any
 
@@ -80,6 +81,7 @@ class AdaptiveClipping:
     clipped_count_stddev: float | None = None
 
     def __post_init__(self):
+        require_finite_floats(self)
         if not 0 < self.target_quantile < 1:
             raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
         if not self.learning_rate > 0:

@@ -31,7 +31,12 @@ from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
 from dpfed.train import divergence, run_clock
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import ConfigError, require, require_no_privacy_settings
+from dpfed.train.config import (
+    ConfigError,
+    require,
+    require_finite_floats,
+    require_no_privacy_settings,
+)
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
@@ -81,6 +86,7 @@ class FedAvgClassifierConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
+        require_finite_floats(self)
         positive = ("num_clients", "rounds", "clients_per_round", "local_steps",
                     "local_batch_size", "eval_every", "checkpoint_every")
         for name in positive:

@@ -48,6 +48,7 @@ from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator, cli
 from dpfed.federated.client_data import ClientData, OneClient, gather_clients
 from dpfed.federated.local import ClientOutput
 from dpfed.federated.mesh import CLIENTS, client_mesh, replicate
+from dpfed.train.config import require_finite_floats
 
 PyTree = Any
 # client_update(shared_params, client_state, client, context, key) -> ClientOutput.
@@ -103,6 +104,7 @@ class DpFedAvgConfig:
     clients_per_device_step: int | None = None
 
     def __post_init__(self):
+        require_finite_floats(self)
         if self.l2_clip is not None and not 0 < self.l2_clip < math.inf:
             raise ValueError(f"l2_clip must be > 0 and finite, got {self.l2_clip}")
         if self.l2_clip is None and (self.noise_multiplier > 0 or self.adaptive_clipping):

@@ -72,7 +72,12 @@ from dpfed.generative import contract
 from dpfed.models import vae
 from dpfed.train import divergence, run_clock
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import ConfigError, require, require_no_privacy_settings
+from dpfed.train.config import (
+    ConfigError,
+    require,
+    require_finite_floats,
+    require_no_privacy_settings,
+)
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
@@ -153,6 +158,7 @@ class DpdFvaeConfig:
     checkpoint_every: int = 10
 
     def __post_init__(self):
+        require_finite_floats(self)
         for name in ("num_clients", "rounds", "local_epochs", "batch_size", "latent_dim",
                      "eval_every", "checkpoint_every"):
             require(getattr(self, name) > 0, name, "must be > 0")

@@ -50,6 +50,7 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract, polarity, wgan_gp
 from dpfed.models import gan
+from dpfed.train.config import require_finite_floats
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -94,6 +95,7 @@ class FedGanConfig:
     eval_samples: int = 256
 
     def __post_init__(self):
+        require_finite_floats(self)
         for name in ("rounds", "eval_every", "checkpoint_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -52,7 +52,7 @@ from dpfed.generative import fedgan, polarity, selection, wgan_gp
 from dpfed.models import gan
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
-from dpfed.train.config import ConfigError, require
+from dpfed.train.config import ConfigError, require, require_finite_floats
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -110,6 +110,7 @@ class DebugConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self):
+        require_finite_floats(self)
         require(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
         require(self.num_clients >= 2, "num_clients", "must be >= 2")
         require(

@@ -53,6 +53,7 @@ from dpfed.federated import (
     write_privacy_summary,
 )
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.train.config import require_finite_floats
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -153,6 +154,7 @@ class LocalTrainingConfig:
     learning_rate: float = 1.0
 
     def __post_init__(self):
+        require_finite_floats(self)
         if self.local_steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise ValueError(
                 "need local_steps >= 1, batch_size >= 1 and learning_rate > 0, got "
@@ -348,6 +350,7 @@ class FedLmConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self):
+        require_finite_floats(self)
         for name in ("rounds", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

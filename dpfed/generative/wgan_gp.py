@@ -31,6 +31,7 @@ import optax
 from dpfed.federated import client_data
 from dpfed.federated.local import masked_mean
 from dpfed.models import gan
+from dpfed.train.config import require_finite_floats
 
 PyTree = Any
 
@@ -70,6 +71,7 @@ class WganGpConfig:
     gp_weight: float = GP_WEIGHT
 
     def __post_init__(self):
+        require_finite_floats(self)
         for name in ("noise_dim", "batch_size", "client_d_steps", "server_g_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -4,6 +4,10 @@ Binaries turn a ConfigError into `cli.FlagError(error.field, error.message)`: ex
 and one line naming the flag.
 """
 
+import dataclasses
+import math
+import numbers
+
 
 class ConfigError(ValueError):
     """A config field has a value the run cannot use; `field` names it."""
@@ -35,3 +39,24 @@ def require_no_privacy_settings(
     for field, value in settings.items():
         require(not (nonprivate and value is not None), field,
                 f"does not apply to a non-private run ({mode}): drop one of the two")
+
+
+def require_finite_floats(config: object) -> None:
+    """Raises ConfigError for a float field of the dataclass `config` (or a float inside a
+    tuple or list field) that is inf or nan.
+
+    No setting of ours means either, and a config built in a notebook skips the binaries'
+    flag check (`cli`): a learning rate of inf trains on NaN, a clip norm of inf bounds no
+    sensitivity, a nan noise multiplier compares False with everything and so slips past
+    each `>= 0` check. Call it first in `__post_init__`.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, tuple | list) else (value,):
+            require(not _is_float(item) or math.isfinite(item), field.name,
+                    f"must be a finite number, not {item}")
+
+
+def _is_float(value: object) -> bool:
+    """A Python or numpy float (not an int or a bool, which are always finite)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)

@@ -33,7 +33,12 @@ from dpfed import models, privacy
 from dpfed.privacy import fast_clipping
 from dpfed.train import divergence, preemption, run_clock
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import ConfigError, require, require_no_privacy_settings
+from dpfed.train.config import (
+    ConfigError,
+    require,
+    require_finite_floats,
+    require_no_privacy_settings,
+)
 from dpfed.train.progress import Progress
 from dpfed.train.resume import (
     Spent,
@@ -80,6 +85,7 @@ class DpSgdConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
+        require_finite_floats(self)
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")
         require(0 < self.l2_clip < math.inf, "l2_clip", "must be > 0 and finite")

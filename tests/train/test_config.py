@@ -1,8 +1,25 @@
 """Tests for dpfed.train.config: config errors name the field to fix."""
 
+import dataclasses
+import math
+
+import numpy as np
 import pytest
 
-from dpfed.train.config import ConfigError, require, require_no_privacy_settings
+from dpfed.federated.aggregation import AdaptiveClipping
+from dpfed.federated.classifier import FedAvgClassifierConfig
+from dpfed.federated.dp_fedavg import DpFedAvgConfig
+from dpfed.generative import dpd_fvae, fedgan, fedgan_debug, fedlm, fedlm_debug, wgan_gp
+from dpfed.generative.datalens.topagg import TopAgg
+from dpfed.generative.datalens.training import DataLensConfig
+from dpfed.models.lstm_lm import LstmLM
+from dpfed.train.config import (
+    ConfigError,
+    require,
+    require_finite_floats,
+    require_no_privacy_settings,
+)
+from dpfed.train.dpsgd import DpSgdConfig
 
 
 def test_require_raises_naming_the_field():
@@ -37,3 +54,56 @@ def test_the_error_text_names_the_field():
     # Raised outside a binary (a notebook's config, a traceback), the text is all one sees.
     assert str(ConfigError("l2_clip", "must be > 0")) == "l2_clip: must be > 0", (
         "str(ConfigError) must name the field before the message")
+
+
+@dataclasses.dataclass
+class _Settings:
+    rate: float = 0.1
+    widths: tuple[float, ...] = (1.0, 2.0)
+    steps: int = 3
+    target: float | None = None
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, np.float32("inf")])
+@pytest.mark.parametrize("field", ["rate", "widths"])
+def test_require_finite_floats_refuses_inf_and_nan(bad, field):
+    value = (1.0, bad) if field == "widths" else bad
+    with pytest.raises(ConfigError) as error:
+        require_finite_floats(_Settings(**{field: value}))
+    assert error.value.field == field, f"{field}={value}: the error should name {field}"
+    assert error.value.message == f"must be a finite number, not {bad}", error.value.message
+
+
+def test_require_finite_floats_passes_finite_ints_and_none():
+    require_finite_floats(_Settings(rate=1e300, widths=(0.0, -1.0), steps=2**70, target=None))
+
+
+_LSTM = LstmLM(vocab_size=10, embed_dim=4, hidden=8, num_layers=1)
+
+
+# Every config a user builds, with one of its float fields; `require_finite_floats` runs
+# first in each `__post_init__`, so a notebook's config fails as the binaries' flags do.
+_CONFIGS = [
+    (DpSgdConfig, {}, "learning_rate"),
+    (FedAvgClassifierConfig, {}, "client_learning_rate"),
+    (DpFedAvgConfig, {"clients_per_round": 10}, "noise_multiplier"),
+    (AdaptiveClipping, {}, "target_quantile"),
+    (fedgan.FedGanConfig, {}, "delta"),
+    (fedgan_debug.DebugConfig, {}, "server_g_learning_rate"),
+    (wgan_gp.WganGpConfig, {}, "gp_weight"),
+    (fedlm.LocalTrainingConfig, {"model": _LSTM}, "learning_rate"),
+    (fedlm.FedLmConfig, {"local": fedlm.LocalTrainingConfig(_LSTM)}, "l2_clip"),
+    (fedlm_debug.TextDebugConfig, {}, "client_learning_rate"),
+    (dpd_fvae.DpdFvaeConfig, {}, "beta"),
+    (DataLensConfig, {}, "step_size"),
+    (TopAgg, {"k": 3, "b": 1.0, "beta": 0.5}, "sigma"),
+]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("config, kwargs, field", _CONFIGS, ids=[c[0].__name__ for c in _CONFIGS])
+def test_every_config_refuses_a_non_finite_float(config, kwargs, field, bad):
+    with pytest.raises(ConfigError) as error:
+        config(**kwargs, **{field: bad})
+    assert error.value.field == field, (
+        f"{config.__name__}({field}={bad}) should name {field}, not {error.value.field}")

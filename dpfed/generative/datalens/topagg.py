@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from dp_accounting import dp_event
 
 from dpfed.privacy import add_gaussian_noise
+from dpfed.train.config import require_finite_floats
 
 
 def teacher_vote(grad: jax.Array, key: jax.Array, k: int, b: float) -> jax.Array:
@@ -77,6 +78,7 @@ class TopAgg:
     beta: float
 
     def __post_init__(self):
+        require_finite_floats(self)
         # A whole number: a vote has k non-zeros, and the sensitivity sqrt(4k) assumes it
         # (k = 2.5 or NaN passed `k < 1` before and gave a wrong or NaN event).
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
