@@ -115,6 +115,7 @@ class PrivateAggregator:
     adaptive: AdaptiveClipping | None = None
 
     def __post_init__(self):
+        require_finite_floats(self)  # an expected_clients of inf averaged every update to 0
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not self.expected_clients > 0:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dpfed.federated.aggregation import AdaptiveClipping
+from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator
 from dpfed.federated.classifier import FedAvgClassifierConfig
 from dpfed.federated.dp_fedavg import DpFedAvgConfig
 from dpfed.generative import dpd_fvae, fedgan, fedgan_debug, fedlm, fedlm_debug, wgan_gp
@@ -88,6 +88,7 @@ _CONFIGS = [
     (FedAvgClassifierConfig, {}, "client_learning_rate"),
     (DpFedAvgConfig, {"clients_per_round": 10}, "noise_multiplier"),
     (AdaptiveClipping, {}, "target_quantile"),
+    (PrivateAggregator, {"noise_multiplier": 1.0}, "expected_clients"),
     (fedgan.FedGanConfig, {}, "delta"),
     (fedgan_debug.DebugConfig, {}, "server_g_learning_rate"),
     (wgan_gp.WganGpConfig, {}, "gp_weight"),
