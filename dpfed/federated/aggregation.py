@@ -19,7 +19,6 @@ yields the DpEvent recorded in the ledger:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -116,7 +115,7 @@ class PrivateAggregator:
 
     def __post_init__(self):
         require_finite_floats(self)  # an expected_clients of inf averaged every update to 0
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+        if not self.noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not self.expected_clients > 0:
             raise ValueError(f"expected_clients must be > 0, got {self.expected_clients}")

@@ -31,7 +31,6 @@ guarantee, and written by the host loop to `diagnostics.jsonl`, never to the rel
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -105,8 +104,8 @@ class DpFedAvgConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
-        if self.l2_clip is not None and not 0 < self.l2_clip < math.inf:
-            raise ValueError(f"l2_clip must be > 0 and finite, got {self.l2_clip}")
+        if self.l2_clip is not None and not self.l2_clip > 0:
+            raise ValueError(f"l2_clip must be > 0, got {self.l2_clip}")
         if self.l2_clip is None and (self.noise_multiplier > 0 or self.adaptive_clipping):
             raise ValueError("noise and adaptive clipping need an l2_clip")
         if self.chunk_size is not None and self.chunk_size < 1:

@@ -8,6 +8,8 @@ import dataclasses
 import math
 import numbers
 
+import numpy as np
+
 
 class ConfigError(ValueError):
     """A config field has a value the run cannot use; `field` names it."""
@@ -42,8 +44,8 @@ def require_no_privacy_settings(
 
 
 def require_finite_floats(config: object) -> None:
-    """Raises ConfigError for a float field of the dataclass `config` (or a float inside a
-    tuple or list field) that is inf or nan.
+    """Raises ConfigError for a float field of the dataclass `config` (a Python, numpy or
+    0-d jax float, or one inside a tuple or list field) that is inf or nan.
 
     No setting of ours means either, and a config built in a notebook skips the binaries'
     flag check (`cli`): a learning rate of inf trains on NaN, a clip norm of inf bounds no
@@ -58,5 +60,11 @@ def require_finite_floats(config: object) -> None:
 
 
 def _is_float(value: object) -> bool:
-    """A Python or numpy float (not an int or a bool, which are always finite)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+    """A Python or numpy float, or a 0-d float array (numpy or jax); not an int or a bool,
+    which are always finite."""
+    if isinstance(value, numbers.Integral):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, np.floating)

@@ -17,7 +17,6 @@ noise, so resuming neither loses nor double-counts privacy spend.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -88,7 +87,7 @@ class DpSgdConfig:
         require_finite_floats(self)
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")
-        require(0 < self.l2_clip < math.inf, "l2_clip", "must be > 0 and finite")
+        require(self.l2_clip > 0, "l2_clip", "must be > 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")

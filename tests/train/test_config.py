@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,7 +65,10 @@ class _Settings:
     target: float | None = None
 
 
-@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, np.float32("inf")])
+@pytest.mark.parametrize(
+    "bad", [math.inf, -math.inf, math.nan, np.float32("inf"), np.array(math.nan),
+            jnp.float32(math.inf)],
+    ids=["inf", "-inf", "nan", "np.float32 inf", "0-d numpy nan", "0-d jax inf"])
 @pytest.mark.parametrize("field", ["rate", "widths"])
 def test_require_finite_floats_refuses_inf_and_nan(bad, field):
     value = (1.0, bad) if field == "widths" else bad
@@ -76,6 +80,8 @@ def test_require_finite_floats_refuses_inf_and_nan(bad, field):
 
 def test_require_finite_floats_passes_finite_ints_and_none():
     require_finite_floats(_Settings(rate=1e300, widths=(0.0, -1.0), steps=2**70, target=None))
+    require_finite_floats(_Settings(rate=jnp.float32(0.5), widths=(np.array(2.0),),
+                                    steps=np.int64(3)))  # finite 0-d arrays pass too
 
 
 _LSTM = LstmLM(vocab_size=10, embed_dim=4, hidden=8, num_layers=1)

@@ -85,10 +85,10 @@ class TopAgg:
             raise ValueError(f"k must be a whole number >= 1, got {self.k!r}")
         if not self.b > 0:
             raise ValueError(f"b must be > 0, got {self.b}")
-        if not self.sigma >= 0 or not math.isfinite(self.sigma):
-            raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}")
-        if not self.beta >= 0 or not math.isfinite(self.beta):
-            raise ValueError(f"beta must be finite and >= 0, got {self.beta}")
+        if not self.sigma >= 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
 
     @property
     def sensitivity(self) -> float:

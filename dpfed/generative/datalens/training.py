@@ -118,8 +118,8 @@ class DataLensConfig:
             f"must be one of {tuple(PARTITION_RELATIONS)}",
         )
         require(self.topk >= 1, "topk", "must be >= 1")
-        require(self.sigma > 0 and math.isfinite(self.sigma), "sigma", "must be > 0")
-        require(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0")
+        require(self.sigma > 0, "sigma", "must be > 0")
+        require(self.beta >= 0, "beta", "must be >= 0")
         require(self.vote_scope in VOTE_SCOPES, "vote_scope", f"must be one of {VOTE_SCOPES}")
         require(self.grad_bound > 0, "grad_bound", "must be > 0")
         require(self.z_dim >= 1, "z_dim", "must be >= 1")
@@ -148,9 +148,6 @@ class DataLensConfig:
         )
         require(self.generator_hidden >= 1, "generator_hidden", "must be >= 1")
         require(self.generator_width >= 1, "generator_width", "must be >= 1")
-        require(
-            math.isfinite(self.generator_output_bias), "generator_output_bias", "must be finite"
-        )
         require(
             self.generator_output in OUTPUTS,
             "generator_output",
