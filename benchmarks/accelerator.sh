@@ -18,6 +18,9 @@
 # convolutions, all of a device's clients vmapped at once) and datalens_teachers.txt
 # (vmapped teachers vs a loop, T = 50/200/1000, all teachers in one vmap).
 # Each benchmark has its own time limit, so one that hangs leaves the other's figures.
+# CONV picks the CNN's convolutions for fed_round (default xla,patches: `nn.Conv` and
+# `layers.Conv`, patches @ kernel);
+# ONLY=fed or ONLY=lens runs one benchmark alone.
 # QUICK=1 shrinks both to a smoke run; PY picks the Python (default python3):
 #
 #   QUICK=1 PY=.venv/bin/python bash benchmarks/accelerator.sh
@@ -51,7 +54,7 @@ if [[ -n "${QUICK:-}" ]]; then
   LENS=(--num_teachers=4 --repeats=1 --teacher_chunk=4 --topk=8)
   LIMIT=300
 else
-  FED=(--clients_per_round=16,64,256 --repeats=3 --conv=xla)
+  FED=(--clients_per_round=16,64,256 --repeats=5 --conv="${CONV:-xla,patches}")
   LENS=(--num_teachers=50,200,1000 --repeats=3 --teacher_chunk=1000)
   LIMIT=240
 fi
@@ -74,8 +77,12 @@ fi
 } 2>&1 | tee "$OUT/gpu.txt"
 
 status=0
-timeout "$LIMIT" "$PY" -m benchmarks.fed_round "${FED[@]}" 2>&1 | tee "$OUT/fed_round.txt" \
-  || status=1
-timeout "$LIMIT" "$PY" -m benchmarks.datalens_teachers "${LENS[@]}" 2>&1 \
-  | tee "$OUT/datalens_teachers.txt" || status=1
+if [[ -z "${ONLY:-}" || "$ONLY" == fed ]]; then
+  timeout "$LIMIT" "$PY" -m benchmarks.fed_round "${FED[@]}" 2>&1 | tee "$OUT/fed_round.txt" \
+    || status=1
+fi
+if [[ -z "${ONLY:-}" || "$ONLY" == lens ]]; then
+  timeout "$LIMIT" "$PY" -m benchmarks.datalens_teachers "${LENS[@]}" 2>&1 \
+    | tee "$OUT/datalens_teachers.txt" || status=1
+fi
 exit "$status"

@@ -35,3 +35,14 @@ def test_a_missing_package_stops_the_run_before_any_benchmark(tmp_path):
     assert proc.returncode == 3 and "preflight failed" in proc.stdout, proc.stdout[-2000:]
     assert "no attrs" in (out / "preflight.txt").read_text(), "the missing import is named"
     assert not (out / "fed_round.txt").exists(), "no benchmark may start without its imports"
+
+
+@pytest.mark.slow
+def test_only_fed_skips_the_teachers_benchmark(tmp_path):
+    env = {**os.environ, "QUICK": "1", "ONLY": "fed", "PY": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["fed_round.txt", "gpu.txt", "preflight.txt"], (
+        f"ONLY=fed runs fed_round alone: {names}")
