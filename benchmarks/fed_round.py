@@ -20,16 +20,20 @@ a fixed cohort of m clients out of 4 x max(m), clip 1.0, noise multiplier 1.0.
 client's `scan` over local steps, the engine's loop over clients) several times slower
 than at top level, so the patch CNN's round is much faster on CPU in BOTH paths; the
 "speedup" column is the engine's round time with `nn.Conv` over its time with each conv.
+On a GPU too the engine is faster with patches (2.7x to 8.1x on an H200, WORKSPACE.md):
+vmapped over clients with their own kernels, `nn.Conv` becomes grouped convolutions.
 "one client" is the median time of one blocking call of the loop's jitted client update:
 m x that is the compute floor of the loop, so loop / engine cannot exceed the loop's
 per-client overhead when a client's work is compute-bound, as a CNN's is on 2 CPU cores.
 
 Both paths run in ONE process, alternating (one round each per repeat), so machine load
-hits them alike; figures are medians, the ratio is loop / engine. Memory: the XLA buffer
-sizes (arguments + outputs + temporaries) of the compiled engine round and of the
-compiled client update, the RSS high-water growth while each path warms up (host), and on
-an accelerator the device's peak bytes in use after the engine's warm-up (`memory_stats`:
-cumulative over the run, sizes in increasing order, so the engine's peak at that size).
+hits them alike; figures are medians, the ratio is loop / engine (of the medians; beside
+it the range of the repeats' own ratios, which holds it for an odd --repeats). Memory:
+the XLA buffer sizes (arguments + outputs + temporaries) of the compiled engine round and
+of the compiled client update, the RSS high-water growth while each path warms up (host),
+and on an accelerator the device's peak bytes in use after the engine's warm-up
+(`memory_stats`: cumulative over the run, sizes in increasing order, so the engine's peak
+at that size).
 Ceiling: the round's FLOPs (XLA's count of one local step x steps x m, counted with
 `nn.Conv`, the fewest: patches add their extraction's FLOPs) at the best rate
 this run measured (`benchmarks.roofline`: a large float32 matmul) against the loop's
@@ -199,6 +203,9 @@ def main(argv: list[str]) -> None:
                 times[name].append(time.perf_counter() - start)
         engine_s, loop_s, client_s = (
             statistics.median(times[k]) for k in ("engine", "loop", "one client"))
+        # Each repeat's loop / engine (the two rounds of a repeat run back to back): how far
+        # one repeat's ratio strays from the medians' ratio, to judge a ratio near a goal.
+        per_repeat = [lo / en for lo, en in zip(times["loop"], times["engine"], strict=True)]
         client_mib = _xla_mib(one_client.lower(
             params, device_data.arrays, device_data.counts, 0, key).compile())
         engine_mib = _xla_mib(engine.lower(state, key).compile())
@@ -216,16 +223,18 @@ def main(argv: list[str]) -> None:
         if conv == "xla":
             engine_xla[m] = engine_s
         print(f"| {conv} | {m} | {engine_s:.3g} | {loop_s:.3g} | **{loop_s / engine_s:.2f}x** | "
+              f"{min(per_repeat):.2f}-{max(per_repeat):.2f}x | "
               f"{m * client_s:.3g} | {speedup} | {_mib(engine_mib)} | {_mib(client_mib)} | "
               f"{growth['engine']:.0f} / {growth['loop']:.0f} | {_mib(device_peak['engine'])} | "
               f"{engine.chunk_size} | {engine.clients_per_device_step} | {rate} | {ceiling} |",
               flush=True)
 
     print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
-          "| m x one client s | engine speedup vs nn.Conv | engine XLA MiB "
+          "| loop/engine per repeat (min-max) | m x one client s | engine speedup vs nn.Conv "
+          "| engine XLA MiB "
           "| client-update XLA MiB | RSS growth engine / loop MiB | device peak MiB (engine) "
           "| chunk | per device step | engine GFLOP/s | loop/engine ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     engine_xla: dict[int, float] = {}
     for conv in convs:
         for m in sizes:
