@@ -29,8 +29,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir for tfds datase
 _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Classifier.")
 _CONV = flags.DEFINE_enum(
     "conv", "auto", list(layers.CONV_IMPLS),
-    "CNN convolutions: xla (nn.Conv), patches (im2col; several times faster on CPU inside "
-    "the engine's loops), auto (patches on CPU).")
+    "CNN convolutions: xla (nn.Conv), patches (im2col; several times faster in the "
+    "engine on CPU and GPU), auto (patches on CPU and GPU, nn.Conv elsewhere).")
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", 100, "Users the data is split into.")
 _PARTITION = flags.DEFINE_enum(
     "partition", "iid", list(classifier.PARTITIONS),

@@ -126,7 +126,7 @@ class FedAvgClassifierConfig:
 
 def make_model(config: FedAvgClassifierConfig, num_classes: int) -> nn.Module:
     """The classifier of `config`; the CNN's convolutions per `config.conv` ("auto": patch
-    convolutions on CPU, where `nn.Conv` inside the engine's loops is several times slower)."""
+    convolutions on CPU and GPU, where `nn.Conv` in the engine's loops and vmap is slower)."""
     extra = {"conv": config.conv} if config.model == "cnn" else {}
     return models.get_classifier(config.model, num_classes, **extra)
 

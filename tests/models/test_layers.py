@@ -47,6 +47,13 @@ def test_conv_gradients_match_nn_conv():
                                    err_msg="patch conv gradient differs from nn.Conv's")
 
 
+@pytest.mark.parametrize(("backend", "want"), [("gpu", "patches"), ("tpu", "xla")])
+def test_auto_conv_follows_the_backend(monkeypatch, backend, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert layers.resolve_conv("auto") == want, (
+        f"on {backend} 'auto' should pick {want} (GPU: patches measured faster under vmap)")
+
+
 def test_auto_conv_is_patches_on_cpu_and_bad_names_fail():
     assert jax.default_backend() == "cpu"
     assert layers.resolve_conv("auto") == "patches", "CPU backends should use patches"
