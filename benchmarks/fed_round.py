@@ -34,8 +34,9 @@ of the compiled client update, the RSS high-water growth while each path warms u
 and on an accelerator the device's peak bytes in use after the engine's warm-up
 (`memory_stats`: cumulative over the run, sizes in increasing order, so the engine's peak
 at that size).
-Ceiling: the round's FLOPs (XLA's count of one local step x steps x m, counted with
-`nn.Conv`, the fewest: patches add their extraction's FLOPs) at the best rate
+Ceiling: the round's FLOPs (XLA:CPU's count of one local step x steps x m, on any
+backend: `roofline.cpu_flops`; counted with `nn.Conv`, the fewest: patches add their
+extraction's FLOPs) at the best rate
 this run measured (`benchmarks.roofline`: a large float32 matmul) against the loop's
 time, i.e. the most loop / engine could be on this machine whatever the engine's code;
 "engine GFLOP/s" is the rate the engine reached.
@@ -209,10 +210,9 @@ def main(argv: list[str]) -> None:
         client_mib = _xla_mib(one_client.lower(
             params, device_data.arrays, device_data.counts, 0, key).compile())
         engine_mib = _xla_mib(engine.lower(state, key).compile())
-        step_flops = roofline.xla_flops(jax.jit(
-            lambda p, k: one_step(p, (), OneClient(jax.tree_util.tree_map(
-                lambda a: a[0], device_data.arrays), device_data.counts[0]), (), k).params
-        ).lower(params, key).compile())
+        step_flops = roofline.cpu_flops(  # XLA:GPU leaves cuDNN convolutions uncounted
+            lambda p, arrays, count, k: one_step(p, (), OneClient(arrays, count), (), k).params,
+            params, tuple(a[0] for a in data.arrays), data.counts[0], key)
         if step_flops is None:
             rate = ceiling = "-"
         else:

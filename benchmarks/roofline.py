@@ -30,6 +30,19 @@ def xla_flops(compiled) -> float | None:
     return None if flops is None or flops <= 0 else float(flops)
 
 
+def cpu_flops(fn, *args) -> float | None:
+    """FLOPs of one call of `fn(*args)` by XLA:CPU's count, whatever the default backend.
+
+    The arguments are copied to the CPU device, so `jit` compiles `fn` for the CPU. On an
+    NVIDIA H200 (2026-12-04) XLA:GPU counted the benchmark CNN's local step 28x lower than
+    XLA:CPU (7.6 against 213 MFLOP), as if without its convolutions, which it runs as cuDNN
+    calls; the matmul-only DataLens step counted about the same on both (26 and 29 MFLOP).
+    `fn` must take its data as arguments: closed-over device arrays stay where they are.
+    """
+    cpu = jax.devices("cpu")[0]
+    return xla_flops(jax.jit(fn).lower(*jax.device_put(args, cpu)).compile())
+
+
 def matmul_flops_per_second(sizes: tuple[int, ...] | None = None, repeats: int = 5) -> float:
     """The best rate of a jitted float32 n x n matmul over `sizes` (median of `repeats`).
 

@@ -4,6 +4,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import roofline
@@ -20,6 +21,18 @@ class _Compiled:
 def test_xla_flops_counts_a_matmul_as_2mkn():
     compiled = jax.jit(jnp.matmul).lower(jnp.ones((8, 16)), jnp.ones((16, 4))).compile()
     assert roofline.xla_flops(compiled) == 2 * 8 * 16 * 4, "XLA counts a multiply and an add"
+
+
+def test_cpu_flops_counts_on_the_cpu_device_with_host_and_key_arguments(monkeypatch):
+    asked = []
+    devices = jax.devices
+    monkeypatch.setattr(jax, "devices", lambda *a: asked.append(a) or devices(*a))
+    flops = roofline.cpu_flops(
+        lambda a, b, key: a @ b + jax.random.normal(key, (8, 4)),
+        np.ones((8, 16), np.float32), np.ones((16, 4), np.float32), jax.random.key(0))
+    assert asked == [("cpu",)], f"the count must compile for the CPU device, asked {asked}"
+    assert flops is not None and flops >= 2 * 8 * 16 * 4, (
+        f"the matmul's 2mkn (and the noise's own FLOPs) are counted, got {flops}")
 
 
 @pytest.mark.parametrize("analysis", [None, {}, [], {"flops": 0.0}, {"flops": -1.0}])
