@@ -25,6 +25,9 @@ vmapped over clients with their own kernels, `nn.Conv` becomes grouped convoluti
 "one client" is the median time of one blocking call of the loop's jitted client update:
 m x that is the compute floor of the loop, so loop / engine cannot exceed the loop's
 per-client overhead when a client's work is compute-bound, as a CNN's is on 2 CPU cores.
+"vmapped clients alone" is one jitted `vmap` of the same client update over m clients
+whose data is gathered beforehand (no sampling, gather, clipping, noise or server step):
+the engine's round minus it is what the round's other work costs.
 
 Both paths run in ONE process, alternating (one round each per repeat), so machine load
 hits them alike; figures are medians, the ratio is loop / engine (of the medians; beside
@@ -156,6 +159,17 @@ def main(argv: list[str]) -> None:
             client = OneClient(jax.tree_util.tree_map(lambda a: a[i], arrays), counts[i])
             return client_update(params, (), client, (), jax.random.fold_in(key, i)).params
 
+        # The engine's clients alone: the first m clients' data gathered beforehand, all m
+        # updates in one vmap; no sampling, gather, clipping, noise or server step.
+        @jax.jit
+        def clients_alone(params, arrays, counts, key):
+            def update(client_arrays, count, k):
+                return client_update(params, (), OneClient(client_arrays, count), (), k).params
+
+            return jax.vmap(update)(arrays, counts, jax.random.split(key, m))
+
+        cohort_arrays = jax.tree_util.tree_map(lambda a: a[:m], device_data.arrays)
+
         @jax.jit
         def clip_and_add(total, local, params):
             delta = jax.tree_util.tree_map(jnp.subtract, local, params)
@@ -188,6 +202,8 @@ def main(argv: list[str]) -> None:
             "loop": lambda k: loop_round(loop_state, k, m),
             "one client": lambda k: one_client(
                 params, device_data.arrays, device_data.counts, 0, k),
+            "clients alone": lambda k: clients_alone(
+                params, cohort_arrays, device_data.counts[:m], k),
         }
         growth, device_peak = {}, {}
         for name, run in paths.items():  # warm-up: compile + one round
@@ -202,8 +218,9 @@ def main(argv: list[str]) -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(paths[name](jax.random.fold_in(key, r)))
                 times[name].append(time.perf_counter() - start)
-        engine_s, loop_s, client_s = (
-            statistics.median(times[k]) for k in ("engine", "loop", "one client"))
+        engine_s, loop_s, client_s, alone_s = (
+            statistics.median(times[k])
+            for k in ("engine", "loop", "one client", "clients alone"))
         # Each repeat's loop / engine (the two rounds of a repeat run back to back): how far
         # one repeat's ratio strays from the medians' ratio, to judge a ratio near a goal.
         per_repeat = [lo / en for lo, en in zip(times["loop"], times["engine"], strict=True)]
@@ -224,17 +241,19 @@ def main(argv: list[str]) -> None:
             engine_xla[m] = engine_s
         print(f"| {conv} | {m} | {engine_s:.3g} | {loop_s:.3g} | **{loop_s / engine_s:.2f}x** | "
               f"{min(per_repeat):.2f}-{max(per_repeat):.2f}x | "
-              f"{m * client_s:.3g} | {speedup} | {_mib(engine_mib)} | {_mib(client_mib)} | "
+              f"{m * client_s:.3g} | {alone_s:.3g} | {speedup} | {_mib(engine_mib)} | "
+              f"{_mib(client_mib)} | "
               f"{growth['engine']:.0f} / {growth['loop']:.0f} | {_mib(device_peak['engine'])} | "
               f"{engine.chunk_size} | {engine.clients_per_device_step} | {rate} | {ceiling} |",
               flush=True)
 
     print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
-          "| loop/engine per repeat (min-max) | m x one client s | engine speedup vs nn.Conv "
+          "| loop/engine per repeat (min-max) | m x one client s | vmapped clients alone s "
+          "| engine speedup vs nn.Conv "
           "| engine XLA MiB "
           "| client-update XLA MiB | RSS growth engine / loop MiB | device peak MiB (engine) "
           "| chunk | per device step | engine GFLOP/s | loop/engine ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     engine_xla: dict[int, float] = {}
     for conv in convs:
         for m in sizes:

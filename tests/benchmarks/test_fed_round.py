@@ -13,6 +13,7 @@ def test_benchmark_prints_engine_loop_and_ratio():
     assert len(rows) == 2, f"a table of one cohort size (header and row): {rows}"
     cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
     assert cells[1] == "2" and cells[4].strip("*").endswith("x"), f"m and loop/engine: {cells}"
+    assert float(cells[7]) > 0, f"the vmapped clients alone have a time: {cells}"
     assert float(cells[-2]) > 0 and cells[-1].endswith("x"), (
         f"the engine's GFLOP/s and the ceiling of loop/engine close the row: {cells}")
     assert "best rate (float32 matmul, this run):" in proc.stdout, "the ceiling's rate is shown"
