@@ -54,7 +54,7 @@ if [[ -n "${QUICK:-}" ]]; then
   LENS=(--num_teachers=4 --repeats=1 --teacher_chunk=4 --topk=8)
   LIMIT=300
 else
-  FED=(--clients_per_round=16,64,256 --repeats=5 --conv="${CONV:-xla,patches}")
+  FED=(--clients_per_round=16,64,256 --repeats=9 --conv="${CONV:-xla,patches}")
   LENS=(--num_teachers=50,200,1000 --repeats=3 --teacher_chunk=1000)
   LIMIT=240
 fi
