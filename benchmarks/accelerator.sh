@@ -14,12 +14,11 @@
 #   bash benchmarks/accelerator.sh
 #
 # It prints, and writes under $OUT (default ./accelerator_out): gpu.txt (the device),
-# fed_round.txt (engine vs Python loop over clients, 16/64/256 clients, CNN with XLA
-# convolutions, all of a device's clients vmapped at once) and datalens_teachers.txt
+# fed_round.txt (engine vs Python loop over clients, 16/64/256 clients, 9 repeats, the
+# CNN with each of CONV's convolutions, default xla,patches: `nn.Conv` and `layers.Conv`,
+# patches @ kernel; all of a device's clients vmapped at once) and datalens_teachers.txt
 # (vmapped teachers vs a loop, T = 50/200/1000, all teachers in one vmap).
 # Each benchmark has its own time limit, so one that hangs leaves the other's figures.
-# CONV picks the CNN's convolutions for fed_round (default xla,patches: `nn.Conv` and
-# `layers.Conv`, patches @ kernel);
 # ONLY=fed or ONLY=lens runs one benchmark alone.
 # QUICK=1 shrinks both to a smoke run; PY picks the Python (default python3):
 #
