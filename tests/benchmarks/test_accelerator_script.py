@@ -38,11 +38,13 @@ def test_a_missing_package_stops_the_run_before_any_benchmark(tmp_path):
 
 
 @pytest.mark.slow
-def test_only_fed_skips_the_teachers_benchmark(tmp_path):
-    env = {**os.environ, "QUICK": "1", "ONLY": "fed", "PY": sys.executable, "OUT": str(tmp_path)}
+def test_only_fed_skips_the_teachers_benchmark_and_profile_packs_the_traces(tmp_path):
+    env = {**os.environ, "QUICK": "1", "ONLY": "fed", "PROFILE": "1", "PY": sys.executable,
+           "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["fed_round.txt", "gpu.txt", "preflight.txt"], (
-        f"ONLY=fed runs fed_round alone: {names}")
+    assert names == ["fed_round.txt", "gpu.txt", "preflight.txt", "profile.tgz"], (
+        f"ONLY=fed runs fed_round alone; PROFILE=1 packs its traces in one file: {names}")
+    assert "profile of the engine's round" in (tmp_path / "fed_round.txt").read_text()

@@ -4,10 +4,11 @@ the figures depend on the machine)."""
 from tests.binary import run_binary
 
 
-def test_benchmark_prints_engine_loop_and_ratio():
+def test_benchmark_prints_engine_loop_and_ratio(tmp_path):
     proc = run_binary(
         "benchmarks.fed_round", "--model=logreg", "--clients_per_round=2",
         "--examples_per_client=2", "--local_steps=1", "--local_batch_size=2", "--repeats=1",
+        f"--profile_dir={tmp_path}", "--profile_rounds=2",
     )
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(rows) == 2, f"a table of one cohort size (header and row): {rows}"
@@ -17,3 +18,6 @@ def test_benchmark_prints_engine_loop_and_ratio():
     assert float(cells[-2]) > 0 and cells[-1].endswith("x"), (
         f"the engine's GFLOP/s and the ceiling of loop/engine close the row: {cells}")
     assert "best rate (float32 matmul, this run):" in proc.stdout, "the ceiling's rate is shown"
+    assert "profile of the engine's round, conv -, 2 clients" in proc.stdout, proc.stdout
+    assert "plane /host:CPU (per 2)" in proc.stdout, "a CPU run summarises the host's plane"
+    assert (tmp_path / "-_2").is_dir(), "the trace is kept under --profile_dir/<conv>_<m>"
