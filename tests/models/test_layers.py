@@ -60,3 +60,26 @@ def test_auto_conv_is_patches_on_cpu_and_bad_names_fail():
     assert layers.resolve_conv("xla") == "xla"
     with pytest.raises(ValueError, match="unknown conv"):
         layers.resolve_conv("winograd")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (4, 2, 7, 5, 1)])
+def test_max_pool_2x2_equals_nn_max_pool(shape):
+    x = jax.random.normal(jax.random.key(1), shape)
+    flat = x.reshape((-1, *shape[-3:]))
+    want = nn.max_pool(flat, (2, 2), strides=(2, 2)).reshape((*shape[:-3], -1))
+    got = layers.max_pool_2x2(x).reshape((*shape[:-3], -1))
+    np.testing.assert_array_equal(got, want, err_msg="the pool's values differ from nn.max_pool")
+
+
+def test_max_pool_2x2_gradient_equals_nn_max_pool_without_ties():
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+    weights = jax.random.normal(jax.random.key(3), (2, 3, 3, 3))
+    want = jax.grad(lambda v: (nn.max_pool(v, (2, 2), strides=(2, 2)) * weights).sum())(x)
+    got = jax.grad(lambda v: (layers.max_pool_2x2(v) * weights).sum())(x)
+    np.testing.assert_array_equal(got, want, err_msg="the gradient must go to each window's max")
+
+
+def test_max_pool_2x2_shares_a_tie_and_keeps_the_window_total():
+    grad = jax.grad(lambda v: layers.max_pool_2x2(v).sum())(np.ones((1, 2, 2, 1), np.float32))
+    np.testing.assert_array_equal(grad.ravel(), [0.25] * 4,
+                                  err_msg="a tied window shares its gradient equally")
