@@ -81,11 +81,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     The same values (an odd last row or column is dropped, as VALID pooling does). Its
     gradient is an elementwise select, where `nn.max_pool`'s is XLA's select-and-scatter:
     in the benchmark CNN's DP-FedAvg round on an H200 (64 clients, patch convolutions) the
-    pools' gradients and windows took ~1.4 of the device's 4.8 ms (a jax.profiler trace,
-    `benchmarks/fed_round.py --profile_dir`), and a vmapped CNN gradient on 2 CPU cores is
-    ~1.4x faster with this pool. A tie inside a window shares the gradient equally, where
-    `nn.max_pool` gives it to the first maximum: both are subgradients, and tied values in
-    a window almost always come from identical inputs, which then get the same total.
+    pools' scatter and reduce-window kernels took 0.9 of the device's 4.8 ms busy time per
+    round (a jax.profiler trace, `benchmarks/fed_round.py --profile_dir`); with this pool it
+    was busy 3.8 ms and the round took 5.0 ms instead of 6.1. A vmapped CNN gradient on 2
+    CPU cores is 1.1x to 1.5x faster with it (`benchmarks/max_pool.py`). A tie inside a
+    window shares the gradient equally, where `nn.max_pool` gives it to the first maximum:
+    both are subgradients, and tied values in a window almost always come from identical
+    inputs, which then get the same total.
     """
     *lead, height, width, channels = x.shape
     x = x[..., : height - height % 2, : width - width % 2, :]
