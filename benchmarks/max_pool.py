@@ -21,8 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 
+from dpfed import models
 from dpfed.models import layers
 
 _CLIENTS = flags.DEFINE_list("clients", ["16", "64"], "Clients vmapped together (m).")
@@ -35,29 +37,17 @@ POOLS = {
 }
 
 
-class _PoolCNN(nn.Module):
-    """The benchmark CNN (`models.CNN` with patch convolutions) with a given pool."""
-
-    pool: str
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for features in (32, 64):
-            x = POOLS[self.pool](nn.relu(layers.Conv(features, (3, 3))(x)))
-        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
 def clients_gradient(pool: str, m: int, batch: int):
     """A jitted gradient of m clients' losses (vmapped), with its parameters and data."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((m, batch, 28, 28, 1), np.float32))
     y = jnp.asarray(rng.integers(0, 10, (m, batch)).astype(np.int32))
-    model = _PoolCNN(pool)
+    model = models.CNN(10, conv="patches", pool=POOLS[pool])
     params = jax.vmap(lambda k: model.init(k, x[0]))(jax.random.split(jax.random.key(0), m))
 
     def loss(p, xb, yb):
-        logp = jax.nn.log_softmax(model.apply(p, xb))
-        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+        logits = model.apply(p, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     return jax.jit(jax.vmap(jax.grad(loss))), (params, x, y)
 

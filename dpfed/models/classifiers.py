@@ -34,11 +34,13 @@ class CNN(nn.Module):
     ``conv`` picks the convolution: "xla" (`nn.Conv`), "patches" (`layers.Conv`: the same
     function and parameter tree, several times faster inside the loops of the federated
     engine and under DP-SGD's per-example `vmap` on CPU) or "auto" (`layers.default_conv`).
+    ``pool`` is the 2x2 stride-2 max pool (`benchmarks/max_pool.py` passes `nn.max_pool`'s).
     """
 
     num_classes: int
     activation: Activation = nn.relu
     conv: str = "xla"
+    pool: Activation = layers.max_pool_2x2
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -46,7 +48,7 @@ class CNN(nn.Module):
         for features in (32, 64):
             x = conv(features, kernel_size=(3, 3))(x)
             x = self.activation(x)
-            x = layers.max_pool_2x2(x)  # nn.max_pool's values, a cheaper gradient
+            x = self.pool(x)  # max_pool_2x2: nn.max_pool's values, a cheaper gradient
         return nn.Dense(self.num_classes)(_flatten(x))
 
 
