@@ -186,7 +186,8 @@ def main(argv: list[str]) -> None:
 
             return jax.vmap(update)(arrays, counts, jax.random.split(key, m))
 
-        cohort_arrays = jax.tree_util.tree_map(lambda a: a[:m], device_data.arrays)
+        cohort_arrays, cohort_counts = jax.tree_util.tree_map(
+            lambda a: a[:m], (device_data.arrays, device_data.counts))
 
         @jax.jit
         def clip_and_add(total, local, params):
@@ -220,8 +221,7 @@ def main(argv: list[str]) -> None:
             "loop": lambda k: loop_round(loop_state, k, m),
             "one client": lambda k: one_client(
                 params, device_data.arrays, device_data.counts, 0, k),
-            "clients alone": lambda k: clients_alone(
-                params, cohort_arrays, device_data.counts[:m], k),
+            "clients alone": lambda k: clients_alone(params, cohort_arrays, cohort_counts, k),
         }
         growth, device_peak = {}, {}
         for name, run in paths.items():  # warm-up: compile + one round
@@ -265,7 +265,7 @@ def main(argv: list[str]) -> None:
               f"{engine.chunk_size} | {engine.clients_per_device_step} | {rate} | {ceiling} |",
               flush=True)
         if _PROFILE_DIR.value:
-            profile(conv, m, lambda k: engine.round(state, k), key)
+            profile(conv, m, paths["engine"], key)
 
     print("\n| conv | clients/round | engine s/round | loop s/round | loop/engine "
           "| loop/engine per repeat (min-max) | m x one client s | vmapped clients alone s "
