@@ -78,56 +78,70 @@ class PlaneSummary:
     by_name: dict[str, tuple[int, int]]  # name -> (count, summed duration in ps)
 
 
-def _metadata_names(plane: memoryview) -> dict[int, str]:
-    names = {}
-    for number, entry in fields(plane):
-        if number != 4:
-            continue
-        key, meta_name = None, ""
-        for entry_field, value in fields(entry):
-            if entry_field == 1:
-                key = value
-            elif entry_field == 2:
-                for meta_field, meta_value in fields(value):
-                    if meta_field == 2 or (meta_field == 4 and not meta_name):
-                        meta_name = bytes(meta_value).decode(errors="replace") or meta_name
-        if key is not None:
-            names[key] = meta_name
-    return names
+def _text(value: memoryview) -> str:
+    return bytes(value).decode(errors="replace")
+
+
+def _metadata_entry(entry: memoryview) -> tuple[int, str]:
+    """(id, name) of one `event_metadata` map entry (its display name if it has no name)."""
+    key, name, display = 0, "", ""
+    for number, value in fields(entry):
+        if number == 1:
+            key = value
+        elif number == 2:
+            for meta_field, meta_value in fields(value):
+                if meta_field == 2:
+                    name = _text(meta_value)
+                elif meta_field == 4:
+                    display = _text(meta_value)
+    return key, name or display
+
+
+def _event(event: memoryview) -> tuple[int, int, int]:
+    """(metadata id, offset in ps, duration in ps) of one XEvent."""
+    got = {1: 0, 2: 0, 3: 0}
+    for number, value in fields(event):
+        if number in got:
+            got[number] = value
+    return got[1], got[2], got[3]
+
+
+def _line(line: memoryview, by_id: dict[int, list[int]]) -> LineSummary:
+    """One XLine's summary; adds each event's count and duration to `by_id`."""
+    summary = LineSummary(name="")
+    for number, value in fields(line):
+        if number == 2:
+            summary.name = _text(value)
+        elif number == 4:
+            meta_id, offset, duration = _event(value)
+            summary.events += 1
+            summary.busy_ps += duration
+            summary.first_ps = offset if summary.first_ps is None else min(summary.first_ps,
+                                                                           offset)
+            summary.last_ps = max(summary.last_ps, offset + duration)
+            by_id[meta_id][0] += 1
+            by_id[meta_id][1] += duration
+    return summary
 
 
 def summarize_plane(plane: bytes | memoryview) -> PlaneSummary:
-    """The `PlaneSummary` of one serialized XPlane."""
-    plane = memoryview(plane)
-    names = _metadata_names(plane)
-    plane_name, lines = "", []
-    by_name: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    """The `PlaneSummary` of one serialized XPlane, in one pass over its fields."""
+    plane_name, lines, names = "", [], {}
+    by_id: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
     for number, value in fields(plane):
         if number == 2:
-            plane_name = bytes(value).decode(errors="replace")
+            plane_name = _text(value)
         elif number == 3:
-            line = LineSummary(name="")
-            for line_field, line_value in fields(value):
-                if line_field == 2:
-                    line.name = bytes(line_value).decode(errors="replace")
-                elif line_field == 4:
-                    meta_id, offset, duration = 0, 0, 0
-                    for event_field, event_value in fields(line_value):
-                        if event_field == 1:
-                            meta_id = event_value
-                        elif event_field == 2:
-                            offset = event_value
-                        elif event_field == 3:
-                            duration = event_value
-                    line.events += 1
-                    line.busy_ps += duration
-                    line.first_ps = offset if line.first_ps is None else min(line.first_ps, offset)
-                    line.last_ps = max(line.last_ps, offset + duration)
-                    totals = by_name[names.get(meta_id, f"#{meta_id}")]
-                    totals[0] += 1
-                    totals[1] += duration
-            lines.append(line)
-    return PlaneSummary(plane_name, lines, {k: (c, t) for k, (c, t) in by_name.items()})
+            lines.append(_line(value, by_id))
+        elif number == 4:
+            meta_id, name = _metadata_entry(value)
+            names[meta_id] = name
+    by_name: dict[str, tuple[int, int]] = {}
+    for meta_id, (count, total) in by_id.items():
+        name = names.get(meta_id, f"#{meta_id}")
+        old_count, old_total = by_name.get(name, (0, 0))
+        by_name[name] = (old_count + count, old_total + total)
+    return PlaneSummary(plane_name, lines, by_name)
 
 
 def summarize_space(space: bytes) -> list[PlaneSummary]:
