@@ -37,6 +37,11 @@ if [[ "${1:-}" == "--fetch" ]]; then
   exit 0
 fi
 
+if [[ -n "${ONLY:-}" && "$ONLY" != fed && "$ONLY" != lens ]]; then
+  echo "ONLY=$ONLY: expected fed or lens (or unset for both)" >&2
+  exit 2
+fi
+
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/dpfed_site .whl/*.whl

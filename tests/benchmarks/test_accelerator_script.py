@@ -48,3 +48,11 @@ def test_only_fed_skips_the_teachers_benchmark_and_profile_packs_the_traces(tmp_
     assert names == ["fed_round.txt", "gpu.txt", "preflight.txt", "profile.tgz"], (
         f"ONLY=fed runs fed_round alone; PROFILE=1 packs its traces in one file: {names}")
     assert "profile of the engine's round" in (tmp_path / "fed_round.txt").read_text()
+
+
+def test_an_unknown_only_stops_before_anything_runs(tmp_path):
+    env = {**os.environ, "ONLY": "lense", "PY": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", "benchmarks/accelerator.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "expected fed or lens" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir()), "a misspelt ONLY must not run (or skip) benchmarks"
