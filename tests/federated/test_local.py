@@ -47,6 +47,29 @@ def test_local_training_needs_a_step_and_a_batch():
         local_training(mean_loss, optax.sgd(0.1), num_steps=0, batch_size=2)
 
 
+def test_local_training_refuses_an_unroll_below_one():
+    with pytest.raises(ValueError, match="unroll"):
+        local_training(mean_loss, optax.sgd(0.1), num_steps=2, batch_size=2, unroll=0)
+
+
+@pytest.mark.parametrize("unroll", [2, 3, 5])  # 3 does not divide the 5 steps
+def test_unrolled_local_steps_give_the_rolled_result(unroll):
+    data = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 0.0], [9.0, 9.0]])
+    client = OneClient(data, jnp.int32(3))
+    state = jax.tree_util.tree_map(
+        lambda x: x[0], init_local_states(jnp.ones(2), optax.adam(0.1), num_clients=1))
+    outs = [
+        local_training(mean_loss, optax.adam(0.1), num_steps=5, batch_size=2, unroll=u)(
+            jnp.zeros(2), state, client, (), jax.random.key(7))
+        for u in (1, unroll)
+    ]
+    for rolled, unrolled in zip(*(jax.tree_util.tree_leaves(o) for o in outs), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(unrolled), np.asarray(rolled), rtol=1e-6,
+            err_msg=f"unroll={unroll} runs the same 5 steps (batches, keys, both optimiser "
+                    "states) as a rolled scan")
+
+
 def test_masked_mean_averages_the_masked_rows_only():
     values = jnp.array([1.0, 2.0, 6.0])
     assert float(masked_mean(values, jnp.array([True, True, False]))) == 1.5, (
