@@ -17,9 +17,12 @@
 # fed_round.txt (engine vs Python loop over clients, 16/64/256 clients, 9 repeats, the
 # CNN with each of CONV's convolutions, default xla,patches: `nn.Conv` and `layers.Conv`,
 # patches @ kernel; all of a device's clients vmapped at once) and datalens_teachers.txt
-# (vmapped teachers vs a loop, T = 50/200/1000, all teachers in one vmap).
-# Each benchmark has its own time limit, so one that hangs leaves the other's figures.
-# ONLY=fed or ONLY=lens runs one benchmark alone; PROFILE=1 adds fed_round's profiles.
+# (vmapped teachers vs a loop, T = 50/200/1000, all teachers in one vmap) and
+# local_unroll.txt (a client's local steps rolled vs unrolled by 2 and 5, 5 and 20 steps,
+# one client and the engine's 64-client round).
+# Each benchmark has its own time limit, so one that hangs leaves the others' figures.
+# ONLY=fed, ONLY=lens or ONLY=unroll runs one benchmark alone; PROFILE=1 adds fed_round's
+# profiles.
 # QUICK=1 shrinks both to a smoke run; PY picks the Python (default python3):
 #
 #   QUICK=1 PY=.venv/bin/python bash benchmarks/accelerator.sh
@@ -37,8 +40,8 @@ if [[ "${1:-}" == "--fetch" ]]; then
   exit 0
 fi
 
-if [[ -n "${ONLY:-}" && "$ONLY" != fed && "$ONLY" != lens ]]; then
-  echo "ONLY=$ONLY: expected fed or lens (or unset for both)" >&2
+if [[ -n "${ONLY:-}" && "$ONLY" != fed && "$ONLY" != lens && "$ONLY" != unroll ]]; then
+  echo "ONLY=$ONLY: expected fed, lens or unroll (or unset for all three)" >&2
   exit 2
 fi
 
@@ -56,10 +59,12 @@ mkdir -p "$OUT"
 if [[ -n "${QUICK:-}" ]]; then
   FED=(--clients_per_round=4 --repeats=1 --examples_per_client=4 --local_steps=1)
   LENS=(--num_teachers=4 --repeats=1 --teacher_chunk=4 --topk=8)
+  UNROLL=(--local_steps=2 --unroll=2 --clients=2 --repeats=1)
   LIMIT=300
 else
   FED=(--clients_per_round=16,64,256 --repeats=9 --conv="${CONV:-xla,patches}")
   LENS=(--num_teachers=50,200,1000 --repeats=3 --teacher_chunk=1000)
+  UNROLL=(--local_steps=5,20 --unroll=1,2,5 --clients=64 --repeats=9)
   LIMIT=240
 fi
 # PROFILE=1: a jax.profiler trace of each size's engine round, summarised in fed_round.txt,
@@ -96,5 +101,9 @@ fi
 if [[ -z "${ONLY:-}" || "$ONLY" == lens ]]; then
   timeout "$LIMIT" "$PY" -m benchmarks.datalens_teachers "${LENS[@]}" 2>&1 \
     | tee "$OUT/datalens_teachers.txt" || status=1
+fi
+if [[ -z "${ONLY:-}" || "$ONLY" == unroll ]]; then
+  timeout "$LIMIT" "$PY" -m benchmarks.local_unroll "${UNROLL[@]}" 2>&1 \
+    | tee "$OUT/local_unroll.txt" || status=1
 fi
 exit "$status"
