@@ -74,11 +74,11 @@ def local_training(
       num_steps: local steps per round.
       batch_size: examples per local step.
       unroll: local steps per iteration of the `lax.scan` (`lax.scan`'s `unroll`: the
-        same function, the same floats here). 2, the default, was the fastest of 1, 2, 4
-        and 5 on 2 CPU cores in `benchmarks/local_unroll.py` (the benchmark CNN, 5 or 20
-        steps): 1.05x to 1.25x faster than 1 for one client, 1.09x to 1.38x for the
-        engine's 64-client round; unrolled further, it gained less or lost, and compile
-        time grew.
+        same function; XLA may round it differently, though the benchmark CNN's floats
+        stayed equal). 2, the default, was the fastest of 1, 2, 4 and 5 on 2 CPU cores in
+        `benchmarks/local_unroll.py` (the benchmark CNN, 5 or 20 steps): 1.05x to 1.25x
+        faster than 1 for one client, 1.09x to 1.38x for the engine's 64-client round;
+        unrolled further, it gained less or lost, and compile time grew.
 
     Returns:
       `client_update(shared, client_state, client, context, key) -> ClientOutput`, where
