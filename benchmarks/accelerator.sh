@@ -23,7 +23,7 @@
 # Each benchmark has its own time limit, so one that hangs leaves the others' figures.
 # ONLY=fed, ONLY=lens or ONLY=unroll runs one benchmark alone; PROFILE=1 adds fed_round's
 # profiles.
-# QUICK=1 shrinks both to a smoke run; PY picks the Python (default python3):
+# QUICK=1 shrinks each to a smoke run; PY picks the Python (default python3):
 #
 #   QUICK=1 PY=.venv/bin/python bash benchmarks/accelerator.sh
 set -euo pipefail

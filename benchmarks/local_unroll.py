@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +42,10 @@ _EXAMPLES = 20
 _BATCH = 10
 
 
-def _timed_compile(jitted, *args) -> tuple[object, float]:
-    """The compiled `jitted` for `args`, and the seconds its lowering and compilation took."""
+def _timed_compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compiled, float]:
+    """`lower()` compiled, and the seconds its lowering and compilation took."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = lower().compile()
     return compiled, time.perf_counter() - start
 
 
@@ -60,15 +61,13 @@ def setting(steps: int, unroll: int, m: int) -> dict:
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     update = local_training(classifier_loss(model), optax.sgd(0.05), steps, _BATCH, unroll)
     first = OneClient(tuple(jnp.asarray(a[0]) for a in data.arrays), jnp.int32(_EXAMPLES))
+    one_client_fn = jax.jit(lambda p, c, k: update(p, (), c, (), k).params)
     one_client, client_compile_s = _timed_compile(
-        jax.jit(lambda p, c, k: update(p, (), c, (), k).params), params, first,
-        jax.random.key(1))
+        lambda: one_client_fn.lower(params, first, jax.random.key(1)))
     engine = DpFedAvg(update, optax.sgd(1.0), data, DpFedAvgConfig(
         clients_per_round=m, sampling="fixed", l2_clip=1.0, noise_multiplier=1.0))
     state = engine.init(params)
-    start = time.perf_counter()
-    round_fn = engine.lower(state, jax.random.key(2)).compile()
-    engine_compile_s = time.perf_counter() - start
+    round_fn, engine_compile_s = _timed_compile(lambda: engine.lower(state, jax.random.key(2)))
     return {
         "one client": lambda k: one_client(params, first, k),
         "engine": lambda k: round_fn(state, engine.data, k)[0].params,
