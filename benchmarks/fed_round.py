@@ -112,10 +112,9 @@ def main(argv: list[str]) -> None:
     import numpy as np  # noqa: PLC0415
     import optax  # noqa: PLC0415
 
-    from benchmarks import roofline, xplane  # noqa: PLC0415
+    from benchmarks import roofline, workloads, xplane  # noqa: PLC0415
     from dpfed import models, privacy  # noqa: PLC0415
     from dpfed.federated import (  # noqa: PLC0415
-        ClientData,
         DpFedAvg,
         DpFedAvgConfig,
         OneClient,
@@ -126,12 +125,8 @@ def main(argv: list[str]) -> None:
 
     sizes = [int(s) for s in _SIZES.value]
     population = 4 * max(sizes)
-    rng = np.random.default_rng(0)
     n = _EXAMPLES.value
-    data = ClientData(
-        arrays=(rng.random((population, n, 28, 28, 1), dtype=np.float32),
-                rng.integers(0, 10, (population, n)).astype(np.int32)),
-        counts=np.full(population, n, np.int32))
+    data = workloads.mnist_shaped_clients(population, n)
     # nn.Conv first: the other rows' speedup column divides by its round time.
     convs = sorted(_CONV.value, key=lambda c: c != "xla") if _MODEL.value == "cnn" else ["-"]
     server_opt = optax.sgd(1.0)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks import workloads
 from dpfed import models
 from dpfed.federated import ClientData, DpFedAvg, DpFedAvgConfig, OneClient, local_training
 from dpfed.federated.classifier import classifier_loss
@@ -40,6 +42,7 @@ _CLIENTS = flags.DEFINE_integer("clients", 64, "The engine's fixed cohort size."
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per setting (median).")
 _EXAMPLES = 20
 _BATCH = 10
+PyTree = Any
 
 
 def _timed_compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compiled, float]:
@@ -49,16 +52,10 @@ def _timed_compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.
     return compiled, time.perf_counter() - start
 
 
-def setting(steps: int, unroll: int, m: int) -> dict:
+def setting(
+    model: nn.Module, params: PyTree, data: ClientData, steps: int, unroll: int, m: int
+) -> dict:
     """The compiled one-client update and engine round of one unroll, with their inputs."""
-    rng = np.random.default_rng(0)
-    population = 4 * m
-    data = ClientData(
-        arrays=(rng.random((population, _EXAMPLES, 28, 28, 1), dtype=np.float32),
-                rng.integers(0, 10, (population, _EXAMPLES)).astype(np.int32)),
-        counts=np.full(population, _EXAMPLES, np.int32))
-    model = models.CNN(10, conv="auto")
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     update = local_training(classifier_loss(model), optax.sgd(0.05), steps, _BATCH, unroll)
     first = OneClient(tuple(jnp.asarray(a[0]) for a in data.arrays), jnp.int32(_EXAMPLES))
     one_client_fn = jax.jit(lambda p, c, k: update(p, (), c, (), k).params)
@@ -83,9 +80,12 @@ def main(argv: list[str]) -> None:
     print("| local steps | unroll | one client ms | vs unroll 1 | engine s/round | vs unroll 1 "
           "| compile s (client / engine) | largest param difference from unroll 1 |")
     print("|---|---|---|---|---|---|---|---|")
+    data = workloads.mnist_shaped_clients(4 * m, _EXAMPLES)
+    model = models.CNN(10, conv="auto")
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     for steps in (int(s) for s in _STEPS.value):
         unrolls = sorted({min(int(u), steps) for u in _UNROLL.value} | {1})
-        runs = {u: setting(steps, u, m) for u in unrolls}
+        runs = {u: setting(model, params, data, steps, u, m) for u in unrolls}
         key = jax.random.key(3)
         outputs = {u: jax.block_until_ready(run["engine"](key)) for u, run in runs.items()}
         times = {(u, path): [] for u in unrolls for path in ("one client", "engine")}
