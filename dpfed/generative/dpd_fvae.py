@@ -257,9 +257,10 @@ def local_dp_batch(key: jax.Array, client_mask: jax.Array, expected_batch: jax.A
     `expected_batch` = min(B, n_c); padded slots never. bool `[max_n]`.
 
     The rate is the one each client's ledger event records (`local_participation_event`:
-    expected size min(B, n_c) of population n_c)."""
+    expected size min(B, n_c) of population n_c), or a hair below it, never above
+    (`privacy.bernoulli_at_most`)."""
     rate = expected_batch / jnp.maximum(jnp.sum(client_mask), 1)
-    return jax.random.bernoulli(key, rate, client_mask.shape) & client_mask
+    return privacy.bernoulli_at_most(key, rate, client_mask.shape) & client_mask
 
 
 def make_client_update(

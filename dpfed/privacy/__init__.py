@@ -17,6 +17,8 @@ from dpfed.privacy.ledger import BudgetExceededError, PrivacyLedger, event_from_
 from dpfed.privacy.mechanisms import GaussianSumMechanism
 from dpfed.privacy.noise import add_gaussian_noise, divide_as
 from dpfed.privacy.sampling import (
+    bernoulli_at_most,
+    bernoulli_threshold,
     chunked_sum,
     fixed_size_sample,
     poisson_chunk_size,
@@ -31,6 +33,8 @@ __all__ = [
     "PrivacyLedger",
     "Sampling",
     "add_gaussian_noise",
+    "bernoulli_at_most",
+    "bernoulli_threshold",
     "calibrate_noise_multiplier",
     "chunked_sum",
     "clip_to_norm",

@@ -14,17 +14,51 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
 
+# The largest float32 below 1: the highest rate whose threshold fits in 32 bits.
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))
+
+
+def bernoulli_threshold(rate: jax.Array | float) -> jax.Array:
+    """uint32 t such that P(uniform 32-bit draw < t) = t / 2**32 never exceeds `rate`.
+
+    `rate` is taken to float32 and one step down (`nextafter`), so t / 2**32 <= rate
+    whatever the rounding to float32 did, and rate - t / 2**32 < 2**-32 + 2**-22 rate. A
+    rate >= 1 has no threshold below 2**32: `bernoulli_at_most` selects everything then.
+    """
+    rate = jnp.nan_to_num(jnp.asarray(rate, jnp.float32), nan=0.0)
+    below = jnp.clip(jnp.nextafter(rate, jnp.float32(0)), 0.0, _BELOW_ONE)
+    return jnp.floor(below * jnp.float32(2.0**32)).astype(jnp.uint32)
+
+
+def bernoulli_at_most(key: jax.Array, rate: jax.Array | float, shape: tuple[int, ...]) -> jax.Array:
+    """Independent draws, True with probability at most `rate` (bool `shape`).
+
+    A DP sampling step must not select more often than the rate its ledger records.
+    `jax.random.bernoulli` compares a float32 uniform, which takes the values k 2**-23, with
+    the rate, so it selects with probability ceil(rate 2**23) / 2**23 >= rate: 7% above a
+    rate of 1e-6, 2**-23 (= 119 x the rate) at 1e-9, under-counting eps. Here 32 random bits
+    are compared with `bernoulli_threshold(rate)`: the probability is within 2**-32 +
+    2**-22 rate of `rate` and never above it (a lower rate than accounted is only more
+    private). The bits are those `jax.random.bernoulli` draws for the same key, so the
+    two select the same records except for bits in the sliver between their thresholds.
+    """
+    bits = jax.random.bits(key, shape, jnp.uint32)
+    return (bits < bernoulli_threshold(rate)) | (jnp.asarray(rate) >= 1)
+
+
 def poisson_sample(key: jax.Array, population: int, rate: float) -> tuple[jax.Array, jax.Array]:
-    """Each of `population` records independently with probability `rate`.
+    """Each of `population` records independently with probability `rate` (at most: see
+    `bernoulli_at_most`).
 
     Returns (indices [population] int32, count): the first `count` entries are the
     sampled indices in increasing order; the rest are padding (0).
     """
-    selected = jax.random.bernoulli(key, rate, (population,))
+    selected = bernoulli_at_most(key, rate, (population,))
     count = jnp.sum(selected, dtype=jnp.int32)
     (indices,) = jnp.nonzero(selected, size=population, fill_value=0)
     return indices.astype(jnp.int32), count

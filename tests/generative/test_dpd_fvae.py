@@ -224,6 +224,15 @@ def test_local_dp_batches_sample_each_example_at_the_accounted_rate():
     assert len(set(sizes.tolist())) > 3, "Poisson batch sizes must vary, not be fixed"
 
 
+def test_local_dp_batches_do_not_select_above_the_accounted_rate():
+    # Key 3329 draws bits for example 864 between the thresholds of rate 0.3 (300 of
+    # 1,000) that bernoulli_at_most and jax.random.bernoulli's float32 uniform imply.
+    key, mask = jax.random.key(3329), jnp.ones(1000, bool)
+    assert bool(jax.random.bernoulli(key, 0.3, (1000,))[864]), "the search's key moved"
+    batch = np.asarray(dpd_fvae.local_dp_batch(key, mask, jnp.float32(300.0)))
+    assert not batch[864], "a local-DP batch selects above its accounted rate (float32 bernoulli)"
+
+
 def test_local_dp_client_out_of_budget_contributes_nothing():
     state = _trainer().init()
     hook = _hook("local")

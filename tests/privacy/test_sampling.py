@@ -1,11 +1,57 @@
 """Tests of in-jit Poisson/fixed-size sampling and the chunked sum over a sample."""
 
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfed.privacy import chunked_sum, fixed_size_sample, poisson_chunk_size, poisson_sample
+from dpfed.privacy import (
+    bernoulli_at_most,
+    bernoulli_threshold,
+    chunked_sum,
+    fixed_size_sample,
+    poisson_chunk_size,
+    poisson_sample,
+)
+
+
+@pytest.mark.parametrize(
+    "rate", [1e-9, 1e-6, 3e-6, 2.0**-24, 0.003, 0.05, 0.1, 1 / 3, 5 / 67, 0.5, 1 - 1e-9])
+def test_bernoulli_threshold_never_selects_above_the_rate(rate):
+    # The ledger records q; a sampler selecting more often under-counts eps.
+    # jax.random.bernoulli selects with probability ceil(q 2**23) / 2**23: 1.07 q at 1e-6.
+    threshold = int(bernoulli_threshold(rate))
+    exact, realised = Fraction(rate), Fraction(threshold, 2**32)
+    assert realised <= exact, f"rate {rate!r}: selects with probability {float(realised)!r}"
+    assert exact - realised < Fraction(1, 2**32) + exact / 2**22, (
+        f"rate {rate!r}: selects with probability {float(realised)!r}, needlessly below it")
+
+
+def test_bernoulli_at_most_selects_the_bits_below_the_threshold_eager_or_traced():
+    key = jax.random.key(4)
+    bits = np.asarray(jax.random.bits(key, (5000,), jnp.uint32))
+    traced = jax.jit(lambda k, r: bernoulli_at_most(k, r, (5000,)))
+    for rate in (0.0, 0.3, 1.0, 1.5):
+        expected = bits < int(bernoulli_threshold(rate)) if rate < 1 else np.ones(5000, bool)
+        np.testing.assert_array_equal(np.asarray(bernoulli_at_most(key, rate, (5000,))),
+                                      expected, err_msg=f"rate {rate}: not the bits below t")
+        np.testing.assert_array_equal(np.asarray(traced(key, jnp.float32(rate))), expected,
+                                      err_msg=f"rate {rate}: a traced rate selects otherwise")
+
+
+def test_poisson_sample_does_not_take_a_record_that_float32_bernoulli_would():
+    # Key 15270 draws bits for record 396 that fall between this module's threshold for
+    # q = 5/67 and the one jax.random.bernoulli's float32 uniform implies (found by a search).
+    key, rate = jax.random.key(15270), 5 / 67
+    assert bool(jax.random.bernoulli(key, rate, (1000,))[396]), "the search's key moved"
+    indices, count = poisson_sample(key, 1000, rate)
+    taken = np.asarray(indices[: int(count)])
+    assert 396 not in taken, "poisson_sample selects above its rate (float32 bernoulli)"
+    np.testing.assert_array_equal(
+        taken, np.flatnonzero(np.asarray(bernoulli_at_most(key, rate, (1000,)))),
+        err_msg="poisson_sample must take exactly the records bernoulli_at_most selects")
 
 
 def test_poisson_sample_sizes_match_rate():
