@@ -6,19 +6,19 @@ sees the devices of all hosts, so the `clients` mesh of `dpfed.federated` spans 
 
 Cloud TPU VM (a pod slice; the repo and .venv must exist at --repo_dir on every worker):
 
-  python -m launch.multihost tpu --tpu_name=my-v4-32 --zone=us-central2-b --dry_run -- \
+  .venv/bin/python -m launch.multihost tpu --tpu_name=my-v4-32 --zone=us-central2-b --dry_run -- \
     experiments.fedavg_classifier --clients_per_round=256 --workdir=/mnt/bucket/run1
 
 SLURM GPU cluster (one process per node, all its GPUs; JAX reads the SLURM variables):
 
-  python -m launch.multihost slurm --nodes=4 --gpus_per_node=8 --dry_run -- \
+  .venv/bin/python -m launch.multihost slurm --nodes=4 --gpus_per_node=8 --dry_run -- \
     experiments.fedavg_classifier --clients_per_round=256 --workdir=/shared/run1
 
 One machine, several processes (a multi-host job in miniature: each process its own JAX
 runtime, CPU devices split per process, collectives between processes over gloo; try a
 pod job here first):
 
-  python -m launch.multihost local --num_processes=2 --devices_per_process=2 -- \
+  .venv/bin/python -m launch.multihost local --num_processes=2 --devices_per_process=2 -- \
     experiments.fedavg_classifier --clients_per_round=16 --workdir=workdirs/two_hosts
 
 Process 0 prints to this terminal and writes the workdir; the others log to files under
