@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from dp_accounting import dp_event
+from scipy import stats
 
 from dpfed.privacy import GaussianSumMechanism, add_gaussian_noise, divide_as
+from dpfed.privacy.noise import normal_from_bits, standard_normal
 
 
 def test_noise_std_equals_z_times_clip():
@@ -20,6 +22,50 @@ def test_noise_std_equals_z_times_clip():
         f"empirical std {flat.std():.4f} is not z*C={expected:.4f}"
     )
     assert abs(flat.mean()) < 0.01, "noise must be zero-mean"
+
+
+def test_normal_from_bits_reaches_beyond_nine_standard_deviations_both_ways():
+    # jax.random.normal's draws stop at ~5.4 sd: noise cut there makes some releases
+    # impossible under a neighbouring dataset, a delta the ledger does not count.
+    top = float(normal_from_bits(jnp.uint32(0), jnp.uint32(0)))
+    bottom = float(normal_from_bits(jnp.uint32(2**31), jnp.uint32(0)))
+    assert top == pytest.approx(stats.norm.isf(2.0**-65), rel=1e-6), (
+        f"the largest draw is {top}, not the quantile of tail probability 2**-65 (9.16)")
+    assert bottom == -top, f"the smallest draw {bottom} is not minus the largest {top}"
+
+
+def test_normal_from_bits_is_the_normal_quantile_of_its_63_bits():
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 2**32, 4000, dtype=np.uint64)
+    # Small high words reach into the far tail, as random ones rarely do.
+    high = np.concatenate([rng.integers(0, 2**32, 3000, dtype=np.uint64),
+                           np.repeat(np.array([0, 1, 2**31, 2**31 + 1], np.uint64), 250)])
+    k = (high & 0x7FFFFFFF) * 2.0**32 + low  # exact below 2**53: the tail's draws
+    sign = np.where(high >> 31 == 1, -1.0, 1.0)
+    expected = sign * stats.norm.isf((k + 0.5) * 2.0**-64)
+    got = np.asarray(normal_from_bits(jnp.asarray(high, jnp.uint32), jnp.asarray(low, jnp.uint32)))
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6,
+                               err_msg="a draw is not the normal quantile of its bits")
+
+
+def test_standard_normal_draws_are_standard_normal():
+    z = np.asarray(standard_normal(jax.random.key(0), (2**20,)))
+    assert stats.kstest(z, "norm").pvalue > 0.01, "the draws do not follow N(0, 1) (KS test)"
+    beyond = int(np.sum(np.abs(z) > 3))
+    expected = z.size * 2 * stats.norm.sf(3)  # 2,831; binomial sd 53
+    assert abs(beyond - expected) < 5 * np.sqrt(expected), (
+        f"{beyond} draws beyond 3 sd, expected {expected:.0f}: the tails have the wrong weight")
+
+
+def test_added_noise_is_standard_normal_times_stddev_with_a_key_per_leaf():
+    tree = {"a": jnp.zeros(1000), "b": jnp.zeros((3, 4))}
+    key = jax.random.key(7)
+    noised = add_gaussian_noise(tree, key, 2.0)
+    keys = jax.random.split(key, 2)
+    for leaf, k in zip(("a", "b"), keys, strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(noised[leaf]), np.asarray(2.0 * standard_normal(k, tree[leaf].shape)),
+            err_msg=f"leaf {leaf}: the noise is not the wide-tailed sampler's")
 
 
 def test_each_leaf_gets_independent_noise():
