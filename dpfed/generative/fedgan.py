@@ -316,8 +316,10 @@ def train_gan(
         started=started,
     )
     g_vars = jax.device_get(result.state.context)
-    wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
+    # ledger.json before the released generator: a kill between them leaves a ledger that
+    # covers every release in the workdir (the other order left one without its spend).
     privacy_fields = write_privacy_summary(result, gan_engine.engine, wd, config.delta)
+    wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
     summary = {
         "method": METHOD,
         "group": group,

@@ -448,8 +448,8 @@ def train_lm(
         started=started,
     )
     params = jax.device_get(result.state.params)
-    wd.write_bytes(PARAMS_FILE, flax.serialization.to_bytes(params))
-    privacy_fields = write_privacy_summary(result, engine, wd, config.delta)
+    privacy_fields = write_privacy_summary(result, engine, wd, config.delta)  # before the
+    wd.write_bytes(PARAMS_FILE, flax.serialization.to_bytes(params))  # release (fedgan's)
     summary = {
         "method": "fedlm",
         "group": group,

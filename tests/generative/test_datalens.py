@@ -24,6 +24,7 @@ from dpfed.models.datalens_nets import TeacherDiscriminator
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.workdir import Workdir
 from tests import delta_warning, dispatch
+from tests.killed import KilledAtRelease, kill_at_release_write, releases_in_ledger_json
 
 TINY = datalens.DataLensConfig(
     dataset="digits",
@@ -363,6 +364,16 @@ def test_ledger_eps_equals_dp_accounting_and_resume_replays_the_run(tmp_path):
     images, labels = generator.sample(params, jax.random.key(0), 6, jnp.arange(6))
     assert images.shape == (6, 8, 8, 1) and 0 <= float(images.min()) <= float(images.max()) <= 1
     np.testing.assert_array_equal(np.asarray(labels), np.arange(6))
+
+
+def test_a_kill_while_writing_the_generator_leaves_a_ledger_of_every_step(
+    tmp_path, monkeypatch
+):
+    kill_at_release_write(monkeypatch)
+    with pytest.raises(KilledAtRelease):
+        _train(tmp_path, "killed", vote_scope="batch")
+    assert releases_in_ledger_json(tmp_path / "killed") == TINY.steps, (
+        "the generator was written before ledger.json held its steps' aggregations")
 
 
 def test_batch_scope_records_one_event_per_step(tmp_path):

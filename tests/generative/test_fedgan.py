@@ -6,12 +6,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dpfed.federated import OneClient, client_mesh, loop
 from dpfed.generative import contract, fedgan, wgan_gp
 from dpfed.models import gan
 from dpfed.train.workdir import Workdir, params_sha256
 from tests import compiles
+from tests.killed import KilledAtRelease, kill_at_release_write, releases_in_ledger_json
 
 _GAN = wgan_gp.WganGpConfig(
     discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=16),
@@ -112,6 +114,18 @@ def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):
         state, _ = engine.round(state, loop.round_key(config.seed, r))
     assert params_sha256(state.context) == summary["generator_sha256"], (
         "train_gan's G is not the one of rounds keyed by its config's seed")
+
+
+def test_a_kill_while_writing_the_generator_leaves_a_ledger_of_every_round(
+    tmp_path, monkeypatch
+):
+    kill_at_release_write(monkeypatch)
+    with pytest.raises(KilledAtRelease):
+        fedgan.train_gan(_CONFIG, _images(2), np.array([5, 3, 4, 5]), tmp_path,
+                         log=lambda _: None, mesh=_ONE_DEVICE)
+    assert releases_in_ledger_json(tmp_path) == _CONFIG.rounds, (
+        "the generator was written before ledger.json held its rounds: a kill between "
+        "them leaves a released G whose spend no ledger.json in the workdir counts")
 
 
 def test_train_gan_writes_a_resumable_user_level_workdir(tmp_path):

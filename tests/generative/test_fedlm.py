@@ -15,6 +15,7 @@ from dpfed.generative import fedlm
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import params_sha256
+from tests.killed import KilledAtRelease, kill_at_release_write, releases_in_ledger_json
 
 _TEXTS = ["My lord, what say you?\nI am here.", "Good night, sweet prince.\nAy, my lord."]
 
@@ -197,6 +198,17 @@ def test_resume_under_another_clip_is_refused(tmp_path):
     with pytest.raises(ConfigError) as error:
         train(dataclasses.replace(config, rounds=3, l2_clip=0.5), workdir=str(tmp_path))
     assert error.value.field == "l2_clip", "the LM's resume must not change its clip norm"
+
+
+def test_a_kill_while_writing_the_params_leaves_a_ledger_of_every_round(
+    tmp_path, monkeypatch
+):
+    config, train, _ = _tiny_run()
+    kill_at_release_write(monkeypatch)
+    with pytest.raises(KilledAtRelease):
+        train(config, workdir=str(tmp_path))
+    assert releases_in_ledger_json(tmp_path) == config.rounds, (
+        "the LM's params were written before ledger.json held their rounds")
 
 
 def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):

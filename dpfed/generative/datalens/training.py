@@ -502,6 +502,10 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
     checkpointer.close()
 
+    ledger_json = ledger.to_json()
+    # ledger.json before the released generator and samples: a kill between them leaves a
+    # ledger that covers every release in the workdir (the other order left one without).
+    wd.write_json(LEDGER_FILE, ledger_json)
     gen_params = state["generator"]["params"]
     wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(gen_params))
     synthetic = contract.sample_synthetic(
@@ -521,8 +525,6 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     else:
         save_samples_png(wd.file(SAMPLES_PNG), synthetic, train_ds.num_classes)
 
-    ledger_json = ledger.to_json()
-    wd.write_json(LEDGER_FILE, ledger_json)
     metrics = wd.read_metrics()
     summary = {
         "method": METHOD,
