@@ -48,7 +48,9 @@ def bernoulli_at_most(key: jax.Array, rate: jax.Array | float, shape: tuple[int,
     two select the same records except for bits in the sliver between their thresholds.
     """
     bits = jax.random.bits(key, shape, jnp.uint32)
-    return (bits < bernoulli_threshold(rate)) | (jnp.asarray(rate) >= 1)
+    # A Python rate is compared exactly (1 - 1e-9 is not 1); a traced one in its dtype.
+    everything = rate >= 1 if isinstance(rate, int | float) else jnp.asarray(rate) >= 1
+    return (bits < bernoulli_threshold(rate)) | everything
 
 
 def poisson_sample(key: jax.Array, population: int, rate: float) -> tuple[jax.Array, jax.Array]:

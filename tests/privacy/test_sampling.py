@@ -41,6 +41,15 @@ def test_bernoulli_at_most_selects_the_bits_below_the_threshold_eager_or_traced(
                                       err_msg=f"rate {rate}: a traced rate selects otherwise")
 
 
+def test_a_python_rate_just_below_one_is_not_rounded_up_to_one():
+    # float32(1 - 1e-9) is 1.0; key 493805 draws bits above 2**32 - 256 for record 4 (a
+    # search), so that record is one a rate below 1 must be able to leave out.
+    key = jax.random.key(493805)
+    assert int(jax.random.bits(key, (64,), jnp.uint32)[4]) >= 2**32 - 256, "the key moved"
+    assert not bool(bernoulli_at_most(key, 1 - 1e-9, (64,))[4]), (
+        "a rate below 1 selected every record, as if it were 1")
+
+
 def test_poisson_sample_does_not_take_a_record_that_float32_bernoulli_would():
     # Key 15270 draws bits for record 396 that fall between this module's threshold for
     # q = 5/67 and the one jax.random.bernoulli's float32 uniform implies (found by a search).
