@@ -58,6 +58,11 @@ METHOD = "fedgan"
 GENERATOR_FILE = "generator.msgpack"
 SERVER_D_LEARNING_RATE = 1.0  # the averaged D delta is applied as is (paper: SGD, lr 1)
 _ENGINE_STREAM, _GENERATOR_STREAM = 0, 1  # sub-keys of a round key
+# Sub-keys of key(seed) for the initial D and G, apart from the round keys' root
+# (`loop.ROUND_KEY_STREAM`, 1) and the evaluation key (2**31 - 1). Until 2026-12-04 G was
+# initialised from that root itself, so a flax name hash below the round count would have
+# given one of G's initialisers a round's key.
+_D_INIT_STREAM, _G_INIT_STREAM = 0, 2**31 - 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +174,11 @@ class DpFedAvgGan:
     def init(self) -> ServerState:
         """Round-0 state: D as the shared params, G as the context (seeded)."""
         key = jax.random.key(self.config.seed)
-        d_vars = gan.init_discriminator(self.config.gan.discriminator, jax.random.fold_in(key, 0))
+        d_vars = gan.init_discriminator(
+            self.config.gan.discriminator, jax.random.fold_in(key, _D_INIT_STREAM))
         g_vars = gan.init_generator(
-            self.config.gan.generator, jax.random.fold_in(key, 1), self.config.gan.noise_dim
+            self.config.gan.generator, jax.random.fold_in(key, _G_INIT_STREAM),
+            self.config.gan.noise_dim,
         )
         return self.engine.init(d_vars, context=g_vars)
 

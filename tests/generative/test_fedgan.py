@@ -116,6 +116,15 @@ def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):
         "train_gan's G is not the one of rounds keyed by its config's seed")
 
 
+def test_generator_is_not_initialised_from_the_round_keys_root():
+    # flax folds name hashes into G's init key: from the round keys' root, a hash equal
+    # to a round number would give an initialiser that round's key.
+    g_vars = _engine().init().context
+    root = jax.random.fold_in(jax.random.key(_CONFIG.seed), loop.ROUND_KEY_STREAM)
+    from_root = gan.init_generator(_CONFIG.gan.generator, root, _CONFIG.gan.noise_dim)
+    assert not _same(g_vars, from_root), "G is initialised from the round keys' root"
+
+
 def test_a_kill_while_writing_the_generator_leaves_a_ledger_of_every_round(
     tmp_path, monkeypatch
 ):
