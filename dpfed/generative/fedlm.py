@@ -448,8 +448,9 @@ def train_lm(
         started=started,
     )
     params = jax.device_get(result.state.params)
-    privacy_fields = write_privacy_summary(result, engine, wd, config.delta)  # before the
-    wd.write_bytes(PARAMS_FILE, flax.serialization.to_bytes(params))  # release (fedgan's)
+    # ledger.json before the released params, as in fedgan.train_gan.
+    privacy_fields = write_privacy_summary(result, engine, wd, config.delta)
+    wd.write_bytes(PARAMS_FILE, flax.serialization.to_bytes(params))
     summary = {
         "method": "fedlm",
         "group": group,
