@@ -93,7 +93,15 @@ def clipped_grad_sum(
         norms = jax.vmap(global_l2_norm)(grads)
         scale = clip_scales(norms, chunk_mask, l2_clip)
         summed = jax.tree_util.tree_map(
-            lambda g: jnp.tensordot(scale, where_kept(scale, g.astype(jnp.float32)), axes=1),
+            lambda g: jnp.tensordot(
+                scale,
+                where_kept(scale, g.astype(jnp.float32)),
+                axes=1,
+                # Full float32 on every backend: XLA:GPU's default precision would
+                # round scale and gradient to TF32 after the norm was taken (up to
+                # 2^-11 over C).
+                precision=jax.lax.Precision.HIGHEST,
+            ),
             grads,
         )
         return summed, jnp.where(chunk_mask > 0, norms, 0.0)

@@ -16,7 +16,9 @@ gradient norms come from each layer's input activations `a` and output gradients
 - Conv: the same, on the im2col patches of the input (built by strided slices).
 
 Per-example gradients exist only one layer at a time inside the norm computation, and
-only where that is cheaper than the ghost norm. The clipped sum is then
+only where that is cheaper than the ghost norm. Where a layer's tokens' terms cancel,
+float32 rounding can make either norm far too small, so the clip uses an upper bound
+that allows for it (`kernel_norm_bound`). The clipped sum is then
 `sum_b s_b grad_b` with `s_b = min(1, C / |grad_b|) mask_b`, formed per layer as ONE
 batched weight gradient at the scaled output gradients `s * g` (the book-keeping trick
 of Bu et al. 2023, "Differentially Private Optimization on Large Model at Small
@@ -50,6 +52,11 @@ from dpfed.privacy.clipping import ClippedSum, clip_scales, where_kept
 
 PyTree = Any
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
+_UNIT_ROUNDOFF = 2.0**-24  # float32
+# The clipping's own products run in full float32 on every backend: XLA:GPU's default
+# rounds float32 products to TF32 (10 mantissa bits), which the norms' error bounds and
+# the clip would not hold to.
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass
@@ -100,7 +107,9 @@ def clipped_grad_sum_fast(
 
     Returns:
       ClippedSum with the summed clipped gradient and the [B] per-example norms before
-      clipping (0 where masked).
+      clipping (0 where masked): upper bounds that allow for float32 rounding
+      (`kernel_norm_bound`), above the vmap path's norms by 1e-5 to 3e-4 relative for
+      the CNN on real images.
 
     Raises:
       ValueError / NotImplementedError: a parameter outside a supported layer, a layer
@@ -141,7 +150,7 @@ def clipped_grad_sum_fast(
         g.reshape(batch_size, -1, g.shape[-1]).astype(jnp.float32) for g in output_grads
     ]
     sq_norms = sum(
-        _sq_norm(_layer_factors(layer), grads, layer.module.use_bias)
+        _sq_norm_bound(_layer_factors(layer), grads, layer.module.use_bias)
         for layer, grads in zip(layers, output_grads, strict=True)
     )
     norms = jnp.sqrt(sq_norms)
@@ -211,39 +220,88 @@ def _patches(x: jax.Array, spec: _ConvSpec) -> jax.Array:
     return patches.reshape(x.shape[0], -1, len(slices) * x.shape[-1])
 
 
-def _sq_norm(inputs: jax.Array, grads: jax.Array, bias: bool) -> jax.Array:
-    """[B] squared norms of the per-example gradients of one layer (kernel + bias)."""
+def _sq_norm_bound(inputs: jax.Array, grads: jax.Array, bias: bool) -> jax.Array:
+    """[B] upper bounds on the squared norms of one layer's per-example gradients
+    (kernel + bias), by `kernel_norm_bound`'s rule."""
     grads = grads.astype(jnp.float32)
-    sq = kernel_sq_norms(inputs, grads)
-    if bias:
-        sq = sq + jnp.sum(jnp.square(jnp.sum(grads, axis=1)), axis=-1)
+    sq = jnp.square(kernel_norm_bound(inputs, grads))
+    if bias:  # the bias gradient sum_t g_t is the kernel gradient of inputs all 1
+        tokens = grads.shape[1]
+        bias_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.sum(grads, axis=1)), axis=-1))
+        if tokens > 1:
+            bias_norm = bias_norm + 2 * _gamma(tokens) * jnp.sum(_row_norms(grads), axis=1)
+        sq = sq + jnp.square(bias_norm)
     return sq
 
 
+def _ghost_is_cheaper(tokens: int, k: int, out: int) -> bool:
+    return tokens * tokens * (k + out) < tokens * k * out
+
+
 def kernel_sq_norms(inputs: jax.Array, grads: jax.Array, ghost: bool | None = None) -> jax.Array:
-    """[B] squared Frobenius norms of `sum_t inputs[b, t] grads[b, t]^T`.
+    """[B] squared Frobenius norms of `sum_t inputs[b, t] grads[b, t]^T`, in float32.
 
     `ghost` None picks the cheaper of the ghost norm (cost ~ T^2 (K + O)) and the
-    materialised per-example product (cost ~ T K O); both give the same value.
+    materialised per-example product (cost ~ T K O); both give the same value up to
+    rounding. Rounding can make them far too small when the tokens' terms cancel:
+    clipping uses `kernel_norm_bound`.
     """
     _, tokens, k = inputs.shape
     out = grads.shape[-1]
     if tokens == 1:
         return jnp.sum(jnp.square(inputs[:, 0]), -1) * jnp.sum(jnp.square(grads[:, 0]), -1)
     if ghost is None:
-        ghost = tokens * tokens * (k + out) < tokens * k * out
+        ghost = _ghost_is_cheaper(tokens, k, out)
     if ghost:
-        gram_a = jnp.einsum("btk,bsk->bts", inputs, inputs)
-        gram_g = jnp.einsum("bto,bso->bts", grads, grads)
+        gram_a = jnp.einsum("btk,bsk->bts", inputs, inputs, precision=_EXACT)
+        gram_g = jnp.einsum("bto,bso->bts", grads, grads, precision=_EXACT)
         return jnp.sum(gram_a * gram_g, axis=(1, 2))
-    per_example = jnp.einsum("bto,btk->bok", grads, inputs)
+    per_example = jnp.einsum("bto,btk->bok", grads, inputs, precision=_EXACT)
     return jnp.sum(jnp.square(per_example), axis=(1, 2))
+
+
+def kernel_norm_bound(inputs: jax.Array, grads: jax.Array, ghost: bool | None = None) -> jax.Array:
+    """[B] upper bounds on the Frobenius norms of `sum_t inputs[b, t] grads[b, t]^T`,
+    and on the norm of each example's share of the batched weight gradient formed from
+    the same factors in another order (the clipped sum's pass).
+
+    With T > 1 tokens the terms `a_t g_t^T` can cancel: each float32 sum then errs by
+    up to ~n u (u = 2^-24) times the sum of its terms' magnitudes, which can exceed the
+    exact norm by any factor (WORKSPACE.md, "The privacy ledger", gives measured
+    contributions of 11.7 C through the ghost norm). With
+    L = sum_t |a_t| |g_t| (>= the exact norm), the bound adds the first-order error
+    bounds, doubled: 2 gamma(K + O + T^2) L^2 to the ghost norm's square (its Gram
+    entries and their sum), and 2 gamma(T) L to the norm (the product's sum over
+    tokens, here or in the clipped sum's pass), gamma(n) = n u / (1 - n u). Sums of
+    squares, whose terms cannot cancel, keep their relative rounding (~1e-7), as in
+    `clip_to_norm`. With one token nothing cancels: the bound is the norm.
+    """
+    _, tokens, k = inputs.shape
+    out = grads.shape[-1]
+    if ghost is None:
+        ghost = _ghost_is_cheaper(tokens, k, out)
+    sq = jnp.maximum(kernel_sq_norms(inputs, grads, ghost), 0.0)  # NaN stays NaN
+    if tokens == 1:
+        return jnp.sqrt(sq)
+    magnitude = jnp.sum(_row_norms(inputs) * _row_norms(grads), axis=1)  # L
+    if ghost:
+        sq = sq + 2 * _gamma(k + out + tokens * tokens) * jnp.square(magnitude)
+    return jnp.sqrt(sq) + 2 * _gamma(tokens) * magnitude
+
+
+def _row_norms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
+
+
+def _gamma(n: int) -> float:
+    """Higham's gamma_n: the relative error bound of n float32 roundings."""
+    return n * _UNIT_ROUNDOFF / (1 - n * _UNIT_ROUNDOFF)
 
 
 def _kernel_grad_sum(layer: _Layer, scaled: jax.Array) -> jax.Array:
     """sum_b scale_b grad_b of the kernel: a batched weight gradient at scaled outputs."""
     if isinstance(layer.module, nn.Dense):
-        return jnp.einsum("btk,bto->ko", _layer_factors(layer), scaled)
+        return jnp.einsum("btk,bto->ko", _layer_factors(layer), scaled, precision=_EXACT)
     # XLA's own weight-gradient convolution beats a matmul of the im2col patches on CPU.
     spec = _ConvSpec.of(layer)
     x = layer.inputs.astype(jnp.float32)
@@ -257,6 +315,7 @@ def _kernel_grad_sum(layer: _Layer, scaled: jax.Array) -> jax.Array:
             spec.padding,
             rhs_dilation=spec.dilation,
             dimension_numbers=spec.dimension_numbers(),
+            precision=_EXACT,
         )
 
     out_shape = jax.eval_shape(conv, jax.ShapeDtypeStruct(kernel_shape, jnp.float32)).shape
