@@ -24,7 +24,7 @@ job, `launch/multihost.py`) over the devices of all hosts, e.g. on this machine:
 
 from absl import flags
 
-from dpfed import data
+from dpfed import data, privacy
 from dpfed.federated import mesh
 from dpfed.generative import datalens
 from dpfed.train import cli
@@ -158,7 +158,7 @@ def main(argv: list[str]) -> None:
     except data.DatasetUnavailableError as error:
         raise cli.FlagError("dataset", str(error)) from error
     line = (
-        f"eps {summary['epsilon_rdp']:.3f} (RDP), delta {config.delta:g} after "
+        f"eps {privacy.format_upper(summary['epsilon_rdp'])} (RDP), delta {config.delta:g} after "
         f"{summary['steps']} steps ({summary['aggregations']} aggregations)"
     )
     if _EVALUATE.value:

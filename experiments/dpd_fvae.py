@@ -27,7 +27,7 @@ with `experiments.evaluate`.
 
 from absl import flags
 
-from dpfed import data
+from dpfed import data, privacy
 from dpfed.generative import dpd_fvae
 from dpfed.train import cli
 from dpfed.train.config import ConfigError
@@ -123,7 +123,8 @@ def main(argv: list[str]) -> None:
     eps = summary["epsilon_rdp"]
     line = f"{summary['mode']} after {summary['rounds']} rounds | " + (
         "non-private" if eps is None
-        else f"eps {eps:.3f} (RDP), delta {config.delta:g}, unit {summary['unit']}")
+        else f"eps {privacy.format_upper(eps)} (RDP), delta {config.delta:g}, "
+        f"unit {summary['unit']}")
     if _EVALUATE.value:
         from dpfed.eval import evaluation
 

@@ -15,7 +15,7 @@ resumes from its last checkpoint, privacy ledger included.
 
 from absl import flags
 
-from dpfed import data
+from dpfed import data, privacy
 from dpfed.train import cli, dpsgd
 
 _DATASET = flags.DEFINE_enum("dataset", "mnist5k", data.list_datasets(), "Dataset name.")
@@ -75,7 +75,8 @@ def main(argv: list[str]) -> None:
     eps = summary["epsilon_rdp"]
     print(
         f"test accuracy {summary['test_accuracy']:.4f} | "
-        + ("non-private" if eps is None else f"eps {eps:.3f} (RDP), delta {config.delta:g}")
+        + ("non-private" if eps is None
+           else f"eps {privacy.format_upper(eps)} (RDP), delta {config.delta:g}")
         + f" | report: {_WORKDIR.value}/report.md"
     )
 

@@ -18,7 +18,7 @@ launch/multihost.py); process 0 writes the workdir.
 
 from absl import flags
 
-from dpfed import data
+from dpfed import data, privacy
 from dpfed.federated import classifier
 from dpfed.models import layers
 from dpfed.train import cli
@@ -113,7 +113,8 @@ def main(argv: list[str]) -> None:
         raise cli.FlagError("dataset", str(error)) from error
     eps = summary["epsilon_rdp"]
     privacy_text = (
-        "non-private" if eps is None else f"user-level eps {eps:.3f} (RDP), delta {config.delta:g}")
+        "non-private" if eps is None
+        else f"user-level eps {privacy.format_upper(eps)} (RDP), delta {config.delta:g}")
     print(
         f"test accuracy {summary['test_accuracy']:.4f} after {summary['rounds']} rounds | "
         f"{privacy_text} | report: {_WORKDIR.value}/report.md"

@@ -25,7 +25,7 @@ included; a rerun that changes a flag other than --rounds, --eval_every,
 
 from absl import flags
 
-from dpfed import data
+from dpfed import data, privacy
 from dpfed.generative import fedgan_debug
 from dpfed.train import cli, dpsgd
 
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
     print(
         f"inverted fraction: low-accuracy GAN {summary['inverted_fraction_low']:.3f}, "
         f"high-accuracy GAN {summary['inverted_fraction_high']:.3f} | "
-        + ("non-private" if eps is None else f"user-level eps {eps:.3g} (RDP)")
+        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP)")
         + f"\nreport: {workdir}/report.md\ngrids: {workdir}/samples_low.png, "
         f"{workdir}/samples_high.png"
     )

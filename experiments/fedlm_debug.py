@@ -21,6 +21,7 @@ both LMs; a rerun that changes a flag other than --rounds, --eval_every,
 
 from absl import flags
 
+from dpfed import privacy
 from dpfed.generative import fedlm_debug
 from dpfed.train import cli, dpsgd
 
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> None:
         f"{summary['oov_rate_buggy_model']:.3f}, low-OOV clients' LM "
         f"{summary['oov_rate_healthy_model']:.3f}; glued tokens "
         f"{summary['glued_rate_buggy_model']:.3f} vs {summary['glued_rate_healthy_model']:.3f} | "
-        + ("non-private" if eps is None else f"user-level eps {eps:.3g} (RDP)")
+        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP)")
         + f"\nreport: {_WORKDIR.value}/report.md"
     )
 

@@ -29,6 +29,7 @@ from dpfed import data
 from dpfed.eval import domain_features, fid, figures
 from dpfed.eval import downstream as downstream_lib
 from dpfed.generative import contract
+from dpfed.privacy import format_upper
 from dpfed.train.workdir import LEDGER_FILE, SUMMARY_FILE, Workdir, with_eval_section
 
 EVAL_FILE = "eval.json"
@@ -351,10 +352,6 @@ def _no_privacy(record: dict) -> str:
     return "none recorded (no ledger.json: treat as non-private)"
 
 
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3g}"
-
-
 def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
@@ -372,8 +369,9 @@ def render_report(record: dict) -> str:
     privacy = record["privacy"]
     privacy_line = (
         _no_privacy(record) if privacy is None else
-        f"eps {_number(privacy['epsilon_rdp'])} (RDP) / {_number(privacy['epsilon_pld'])} "
-        f"(PLD), delta {_number(privacy['delta'])}, unit: {privacy['unit'] or 'n/a'}"
+        f"eps {format_upper(privacy['epsilon_rdp'], 3)} (RDP) / "
+        f"{format_upper(privacy['epsilon_pld'], 3)} (PLD), delta "
+        f"{format_upper(privacy['delta'], 3)}, unit: {privacy['unit'] or 'n/a'}"
     )
     lines = [
         f"## Evaluation: {record['method']} on {record['dataset']}",

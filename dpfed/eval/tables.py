@@ -23,6 +23,7 @@ import pathlib
 import shlex
 from typing import NamedTuple
 
+from dpfed.privacy import format_upper
 from dpfed.train.progress import format_duration
 
 TABLE_FILE = "table.json"
@@ -146,9 +147,9 @@ def _eps(result: dict) -> tuple[str, str]:
         return "∞ (non-private)", "—"
     if privacy is None:
         return "none recorded", "—"
-    # 4 significant digits: 10.049 must not read as a target of 10 met.
-    eps = f"{_number(privacy['epsilon_rdp'], 4)} (PLD {_number(privacy['epsilon_pld'], 4)})"
-    return eps, _number(privacy["delta"])
+    # 4 significant digits, rounded up: 10.049 must not read as a target of 10 met.
+    rdp, pld = (format_upper(privacy[k], 4, "—") for k in ("epsilon_rdp", "epsilon_pld"))
+    return f"{rdp} (PLD {pld})", format_upper(privacy["delta"], 3, "—")
 
 
 def _wall(result: dict) -> str:

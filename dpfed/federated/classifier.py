@@ -16,7 +16,6 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from dp_accounting import dp_event
 
@@ -328,11 +327,12 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
     if config.nodp:
         privacy_line = "non-private FedAvg (no clipping, no noise): **no privacy guarantee**"
     else:
-        other = ", ".join(f"{int(n):,} users: eps {_fmt(e['rdp'])} (PLD {_fmt(e['pld'])})"
+        upper = privacy.format_upper
+        other = ", ".join(f"{int(n):,} users: eps {upper(e['rdp'])} (PLD {upper(e['pld'])})"
                           for n, e in summary["epsilon_same_noise_if_users"].items())
         privacy_line = (
-            f"({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
-            f"(PLD: eps = {_fmt(summary['epsilon_pld'])}); unit: one **user** "
+            f"({privacy.format_upper(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
+            f"(PLD: eps = {privacy.format_upper(summary['epsilon_pld'])}); unit: one **user** "
             f"({config.num_clients} users); {config.sampling} sampling of "
             f"{config.clients_per_round} clients per round, noise multiplier "
             f"{summary['noise_multiplier']:.4g}, clip {config.l2_clip:g}"
@@ -342,7 +342,7 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         )
     rows = "\n".join(
         f"| {m['round']} | {m['test_accuracy']:.4f} | "
-        f"{m.get('clip_norm', float('nan')):.4g} | {_fmt(m.get('epsilon_rdp'))} |"
+        f"{m.get('clip_norm', float('nan')):.4g} | {privacy.format_upper(m.get('epsilon_rdp'))} |"
         for m in metrics
     )
     return (
@@ -361,7 +361,3 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         "|---|---|---|---|\n"
         f"{rows}\n"
     )
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.4g}"

@@ -187,7 +187,8 @@ def run_rounds(
             if done % checkpoint_every == 0 or done == last_round or preempted:
                 checkpointer.save(
                     done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
-            progress.update(done, wait_for=state, eps=eps, acc=record.get("test_accuracy"))
+            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3),
+                            acc=record.get("test_accuracy"))
             if preempted:
                 checkpointer.close()
                 raise preemption.PreemptedError(done, "round", str(checkpointer.directory))
@@ -266,7 +267,7 @@ def describe_user_level_privacy(result: dict[str, Any], delta: float) -> str:
         return "non-private (no noise): **no privacy guarantee**"
 
     def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3g}"
+        return privacy.format_upper(x, 3)
 
     others = ", ".join(
         f"{int(n):,} users: {fmt(e)}" for n, e in result["epsilon_rdp_same_noise_if_users"].items()

@@ -861,14 +861,16 @@ def render_report(config: DpdFvaeConfig, summary: dict, has_diagnostics_json: bo
         privacy_line = "non-private: **no privacy guarantee**"
     elif config.dp == "central":
         privacy_line = (
-            f"({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP (PLD "
-            f"{_fmt(summary['epsilon_pld'])}) for one **user** of {config.num_clients}: "
+            f"({privacy.format_upper(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP (PLD "
+            f"{privacy.format_upper(summary['epsilon_pld'])}) for one **user** of "
+            f"{config.num_clients}: "
             f"DP-FedAvg with Poisson rate {config.client_fraction:g}, clip {config.l2_clip:g}, "
             f"noise multiplier {summary['noise_multiplier']:.4g}")
     else:
         privacy_line = (
-            f"every client's examples are ({_fmt(summary['epsilon_rdp'])}, {config.delta:g})"
-            f"-DP (RDP; PLD {_fmt(summary['epsilon_pld'])}) at worst (unit: one **example**; "
+            f"every client's examples are ({privacy.format_upper(summary['epsilon_rdp'])}, "
+            f"{config.delta:g})-DP (RDP; PLD {privacy.format_upper(summary['epsilon_pld'])}) "
+            f"at worst (unit: one **example**; "
             f"most participations of any client {summary['participations_max']}, smallest "
             f"client budget {summary['participation_budget']}): local DP-SGD with clip "
             f"{config.l2_clip:g}, noise multiplier {summary['noise_multiplier']:.4g}")
@@ -891,7 +893,3 @@ def render_report(config: DpdFvaeConfig, summary: dict, has_diagnostics_json: bo
         f"![samples per class]({SAMPLES_PNG})\n\n"
         f"{DIAGNOSTICS_NOTE}{counts_note}\n"
     )
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"

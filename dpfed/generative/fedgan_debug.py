@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from dpfed import data as data_lib
-from dpfed import models
+from dpfed import models, privacy
 from dpfed.data import bugs, emnist_federated
 from dpfed.eval import classifier_fit
 from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
@@ -478,10 +478,6 @@ def _max_eps(results: dict) -> float | None:
     return None if any(e is None for e in eps) else max(eps)
 
 
-def _fmt(x: float | None, spec: str = ".3g") -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def _headline(summary: dict, found: bool, verdict: str) -> str:
     """The report's verdict; none where a GAN diverged (its NaN samples show nothing)."""
     diverged = [g for g in GROUPS if summary[f"gan_{g}"].get("diverged")]
@@ -539,7 +535,8 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
         "high", summary["high_threshold"], config.high_quantile, "accuracy", "accuracies")
     max_eps_line = (
         f"the groups are disjoint, so releasing both costs the larger eps: "
-        f"{_fmt(summary['epsilon_rdp'])}. **Caveat**: {summary['guarantee_caveat']}"
+        f"{privacy.format_upper(summary['epsilon_rdp'], 3)}. "
+        f"**Caveat**: {summary['guarantee_caveat']}"
     )
     return f"""# Debugging private, decentralized images with DP federated GANs
 

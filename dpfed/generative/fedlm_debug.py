@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from dpfed import data as data_lib
+from dpfed import privacy
 from dpfed.data import bugs, shakespeare
 from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
@@ -341,10 +342,6 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     return summary
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
-
-
 def _token_table(high: list, low: list) -> str:
     rows = [
         "| rank | high-OOV clients' LM | freq. | low-OOV clients' LM | freq. |",
@@ -395,7 +392,8 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
     )
     max_eps_line = (
         f"The groups are disjoint: releasing both costs the larger eps, "
-        f"{_fmt(summary['epsilon_rdp'])}.\n**Caveat**: {summary['guarantee_caveat']}"
+        f"{privacy.format_upper(summary['epsilon_rdp'], 3)}.\n"
+        f"**Caveat**: {summary['guarantee_caveat']}"
     )
 
     def lines(name):

@@ -9,6 +9,7 @@ std divided by the L2 sensitivity *under the neighbouring relation in use*.
   there would under-count the privacy loss by a factor of about 4 in RDP.
 """
 
+import decimal
 import enum
 import logging
 import math
@@ -321,3 +322,21 @@ def gaussian_sigma_for_sum(noise_multiplier: float, l2_clip: float) -> float:
     if noise_multiplier < 0 or not 0 < l2_clip < math.inf or not math.isfinite(noise_multiplier):
         raise ValueError(f"need z >= 0 and 0 < C < inf, got z={noise_multiplier}, C={l2_clip}")
     return noise_multiplier * l2_clip
+
+
+def format_upper(value: float | None, digits: int = 4, missing: str = "n/a") -> str:
+    """`value` to `digits` significant digits rounded UP: the text never reads below it.
+
+    For quoting eps and delta, which a reader must not understate: 4.22434 reads 4.225,
+    not 4.224. None or NaN gives `missing`.
+    """
+    if value is None or math.isnan(value):
+        return missing
+    if math.isinf(value):
+        return f"{value:g}"
+    # From the shortest decimal that reads back as `value` (1e-05, not the binary float's
+    # 1.00000000000000008e-05, which would round up to 1.01e-05).
+    ceiling = decimal.Context(prec=digits, rounding=decimal.ROUND_CEILING).create_decimal(
+        repr(float(value))
+    )
+    return f"{float(ceiling):.{digits}g}"

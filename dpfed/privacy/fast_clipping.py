@@ -269,10 +269,11 @@ def kernel_norm_bound(inputs: jax.Array, grads: jax.Array, ghost: bool | None = 
     up to ~n u (u = 2^-24) times the sum of its terms' magnitudes, which can exceed the
     exact norm by any factor (WORKSPACE.md, "The privacy ledger", gives measured
     contributions of 11.7 C through the ghost norm). With
-    L = sum_t |a_t| |g_t| (>= the exact norm), the bound adds the first-order error
-    bounds, doubled: 2 gamma(K + O + T^2) L^2 to the ghost norm's square (its Gram
-    entries and their sum), and 2 gamma(T) L to the norm (the product's sum over
-    tokens, here or in the clipped sum's pass), gamma(n) = n u / (1 - n u). Sums of
+    L = sum_t |a_t| |g_t| (>= the exact norm) and gamma(n) = n u / (1 - n u), the bound
+    adds first-order error bounds: 2 gamma(K + O + T^2) L^2 to the ghost norm's square
+    (its Gram entries and their sum, doubled for margin), and 2 gamma(T) L to the norm
+    (gamma(T) L for the sum over tokens of the materialised product, gamma(T) L for
+    that sum in the clipped sum's pass). Sums of
     squares, whose terms cannot cancel, keep their relative rounding (~1e-7), as in
     `clip_to_norm`. With one token nothing cancels: the bound is the norm.
     """

@@ -138,15 +138,22 @@ class PrivacyLedger:
             left -= entries[-1][1]
         return dataclasses.replace(self, metadata=dict(self.metadata), entries=entries)
 
-    def composed_event(self, extra: DpEvent | None = None, extra_count: int = 1) -> DpEvent:
-        """All recorded events (plus `extra_count` x an optional hypothetical one; none at 0)
-        as one DpEvent."""
+    def composed_event(self) -> DpEvent:
+        """All recorded events as one DpEvent."""
         events = [e if c == 1 else dp_event.SelfComposedDpEvent(e, c) for e, c in self.entries]
-        if extra is not None and extra_count != 0:
-            events.append(
-                extra if extra_count == 1 else dp_event.SelfComposedDpEvent(extra, extra_count)
-            )
         return dp_event.ComposedDpEvent(events)
+
+    def with_recorded(self, event: DpEvent, count: int = 1) -> "PrivacyLedger":
+        """A copy that has also recorded `count` x `event` (none at 0).
+
+        What-if eps (`epsilon_with`, calibration on resume) is computed on this copy, so
+        it composes the entries as recording will merge them (k + n repetitions, not k
+        and n) and equals, to the last bit, what the ledger reports afterwards.
+        """
+        after = dataclasses.replace(self, metadata=dict(self.metadata), entries=list(self.entries))
+        if count != 0:
+            after.record(event, count)
+        return after
 
     def epsilon(self, accountant: str = "rdp") -> float | None:
         """eps at `self.delta` of everything recorded (None: accountant unsupported)."""
@@ -158,7 +165,8 @@ class PrivacyLedger:
         Raises:
           ValueError: the RDP accountant cannot account for `event` (as `record`).
         """
-        return accounting.rdp_epsilon(self.composed_event(event, count), self.delta, self.relation)
+        after = self.with_recorded(event, count)
+        return accounting.rdp_epsilon(after.composed_event(), self.delta, self.relation)
 
     def check_budget(self, event: DpEvent, count: int = 1) -> None:
         """Raises BudgetExceededError if recording `event` would exceed target_epsilon."""
@@ -167,7 +175,8 @@ class PrivacyLedger:
         eps = self.epsilon_with(event, count)
         if eps > self.target_epsilon:
             raise BudgetExceededError(
-                f"recording {count} more release(s) would bring eps to {eps:.4f} > "
+                f"recording {count} more release(s) would bring eps to "
+                f"{accounting.format_upper(eps, 5)} > "
                 f"target {self.target_epsilon}"
             )
 

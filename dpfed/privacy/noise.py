@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import ndtri
 
 PyTree = Any
@@ -49,7 +50,12 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
     The noise is `standard_normal`'s (tails to 9.16 sd; `jax.random.normal`'s stop at 5.22).
     The addition is in float32 at least, then cast back to the leaf's dtype: rounding a
     noised value is post-processing, rounding the noise before adding it is not.
+    A Python `stddev` (what the ledger records, as z * C) is rounded UP to float32:
+    rounding to nearest took it up to a relative 2^-24 below, and a target-calibrated run
+    2.9e-8 over its target eps. A traced `stddev` is used as given.
     """
+    if not isinstance(stddev, jax.Array):
+        stddev = float32_at_least(stddev)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(key, len(leaves))
     noised = []
@@ -58,6 +64,15 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
         noise = stddev * standard_normal(k, x.shape)
         noised.append((x.astype(wide) + noise.astype(wide)).astype(x.dtype))
     return jax.tree_util.tree_unflatten(treedef, noised)
+
+
+def float32_at_least(value: float) -> np.float32:
+    """The smallest float32 >= `value` (NaN stays NaN; above float32's range, inf)."""
+    with np.errstate(over="ignore"):
+        rounded = np.float32(value)
+    if float(rounded) < value:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return rounded
 
 
 def divide_as(total: PyTree, denominator: float | jax.Array, like: PyTree) -> PyTree:

@@ -354,7 +354,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
-            progress.update(done, wait_for=state, eps=eps, acc=accuracy)
+            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3), acc=accuracy)
             if preempted:
                 checkpointer.close()
                 raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
@@ -393,15 +393,16 @@ def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> st
         "non-private baseline (no clipping, no noise): **no privacy guarantee**"
         if config.nodp
         else (
-            f"({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
-            f"(PLD: eps = {_fmt(summary['epsilon_pld'])}); unit: one training example; "
+            f"({privacy.format_upper(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
+            f"(PLD: eps = {privacy.format_upper(summary['epsilon_pld'])}); "
+            f"unit: one training example; "
             f"{config.sampling} sampling, noise multiplier {summary['noise_multiplier']:.4g}, "
             f"clip {config.l2_clip:g}"
         )
     )
     rows = "\n".join(
         f"| {m['step']} | {m['test_accuracy']:.4f} | {m['test_loss']:.4f} | "
-        f"{_fmt(m.get('epsilon_rdp'))} |"
+        f"{privacy.format_upper(m.get('epsilon_rdp'))} |"
         for m in metrics
     )
     return (
@@ -416,7 +417,3 @@ def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> st
         "## Evaluations\n\n| step | test accuracy | test loss | eps (RDP) |\n|---|---|---|---|\n"
         f"{rows}\n"
     )
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"

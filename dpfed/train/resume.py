@@ -412,7 +412,7 @@ def calibrate_rest(
         rest = total - spent.step
 
         def composed(z: float) -> DpEvent:
-            return spent.ledger.composed_event(step_event(z), rest)
+            return spent.ledger.with_recorded(step_event(z), rest).composed_event()
 
         if previous is not None and _still_calibrated(
             float(previous), composed, target_epsilon, delta, relation
@@ -491,7 +491,7 @@ def budget_stop(
     if spent > ledger.target_epsilon:
         raise ConfigError(
             "target_epsilon",
-            f"{ledger.target_epsilon} is below the eps {spent:.6g} this workdir's ledger "
+            f"{ledger.target_epsilon!r} is below the eps {spent!r} this workdir's ledger "
             f"already spent by {key} {start}: raise it to at least that, or use a new workdir",
         )
     remaining = max(total - start, 0)

@@ -118,3 +118,9 @@ def test_eps_keeps_four_significant_digits():
     row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
     eps = tables.our_row(row, _result(eps=10.049), "mnist5k")[3]
     assert eps.startswith("10.05 "), f"10.049 must not read as a target of 10 met: {eps}"
+
+
+def test_eps_is_rounded_up_never_down():
+    row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
+    eps = tables.our_row(row, _result(eps=10.00049), "mnist5k")[3]
+    assert eps.startswith("10.01 "), f"eps 10.00049 must not read as 10 (a target met): {eps}"

@@ -292,3 +292,12 @@ def test_a_sigterm_checkpoints_the_round_it_interrupts_and_a_rerun_resumes_there
                                   err_msg="resumed params differ from the uninterrupted run")
     assert resumed.ledger.to_json() == whole.ledger.to_json(), (
         "the preempted and resumed run's ledger must count each round once, as the whole one")
+
+
+def test_the_user_level_privacy_text_rounds_eps_up():
+    text = loop.describe_user_level_privacy(
+        {"epsilon_rdp": 4.22434, "epsilon_pld": 3.0001,
+         "epsilon_rdp_same_noise_if_users": {1000: 0.12341},
+         "num_clients": 10, "sampling_rate": 0.1, "rounds": 1}, 1e-5)
+    assert text.startswith("(4.23, 1e-05)-DP"), f"eps 4.22434 must not read 4.22: {text}"
+    assert "PLD 3.01)" in text and "1,000 users: 0.124" in text, text

@@ -3,6 +3,7 @@
 import logging
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting import dp_event, pld, rdp
 
@@ -240,3 +241,37 @@ def test_a_delta_of_at_least_one_over_the_population_is_warned_about(caplog, del
     assert (warned, warnings) == ((True, expected) if warns else (False, [])), (
         f"delta={delta} with N=1438: {'one warning' if warns else 'no warning'} expected, "
         f"got {warnings}")
+
+
+@pytest.mark.parametrize(
+    "value,digits,text",
+    [
+        (4.22434, 4, "4.225"),  # the DP-FedAvg acceptance run's eps; to nearest "4.224"
+        (4.22434, 3, "4.23"),
+        (10.00049, 4, "10.01"),  # a target of 10 missed must not read as met
+        (34.2, 3, "34.2"),  # already at its digits: unchanged
+        (9.99961, 4, "10"),
+        (1e-5, 3, "1e-05"),
+        (123456.7, 3, "1.24e+05"),
+        (0.0, 4, "0"),
+        (float("inf"), 4, "inf"),
+    ],
+)
+def test_format_upper_rounds_up_to_its_digits(value, digits, text):
+    got = accounting.format_upper(value, digits)
+    assert got == text, f"{value!r} at {digits} digits: {got!r}, expected {text!r}"
+    assert float(got) >= value, f"{got!r} reads below {value!r}"
+
+
+@pytest.mark.parametrize("value", [None, float("nan")])
+def test_format_upper_gives_the_missing_text_for_no_value(value):
+    assert accounting.format_upper(value, missing="—") == "—"
+
+
+def test_format_upper_never_reads_below_its_value():
+    rng = np.random.default_rng(0)
+    for value in rng.lognormal(0.0, 4.0, 2000):
+        for digits in (3, 4):
+            text = accounting.format_upper(float(value), digits)
+            assert float(text) >= value, f"{value!r} reads {text!r}"
+            assert float(text) <= value * (1 + 10.0 ** (1 - digits)), f"{value!r} -> {text!r}"

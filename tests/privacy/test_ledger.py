@@ -182,6 +182,40 @@ def test_a_ledger_json_with_a_bad_event_is_refused_like_a_live_release(bad):
         PrivacyLedger.from_json(data)
 
 
+@pytest.mark.parametrize("recorded", [1, 2, 7])
+def test_epsilon_with_equals_the_eps_after_recording_to_the_last_bit(recorded):
+    # Recording merges k + n repetitions into one entry; composing k and n apart rounds
+    # differently (here 3.9509477535106377 against 3.950947753510638 at k 1, n 144).
+    event = dp_event.PoissonSampledDpEvent(0.0512, dp_event.GaussianDpEvent(1.1))
+    for more in (1, 100, 144, 1000):
+        ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5)
+        ledger.record(event, recorded)
+        predicted = ledger.epsilon_with(event, more)
+        ledger.record(event, more)
+        assert predicted == ledger.epsilon(), (
+            f"{recorded} + {more}: predicted {predicted!r}, recorded {ledger.epsilon()!r}")
+
+
+def test_affordable_releases_never_take_the_recorded_eps_above_the_target():
+    event = dp_event.PoissonSampledDpEvent(0.0512, dp_event.GaussianDpEvent(1.1))
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5)
+    ledger.record(event)  # a resumed checkpoint's step
+    ledger.target_epsilon = ledger.epsilon_with(event, 144)
+    ledger.record(event, ledger.affordable_count(event, 144))
+    assert ledger.epsilon() <= ledger.target_epsilon, (
+        f"recorded eps {ledger.epsilon()!r} > target {ledger.target_epsilon!r}")
+
+
+def test_with_recorded_leaves_the_ledger_as_it_was():
+    ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5, metadata={"n": 1})
+    ledger.record(STEP)
+    after = ledger.with_recorded(STEP, 3)
+    after.metadata["n"] = 2
+    assert ledger.num_releases == 1 and after.num_releases == 4, "the copy must record"
+    assert ledger.metadata == {"n": 1}, "the copy's metadata must be its own"
+    assert ledger.with_recorded(STEP, 0).entries == ledger.entries, "0 more records nothing"
+
+
 def test_affordable_count_refuses_a_negative_maximum():
     ledger = PrivacyLedger("example", "add_or_remove_one", 1e-5, target_epsilon=1.0)
     with pytest.raises(ValueError, match="max_count"):

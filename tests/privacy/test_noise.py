@@ -8,7 +8,7 @@ from dp_accounting import dp_event
 from scipy import stats
 
 from dpfed.privacy import GaussianSumMechanism, add_gaussian_noise, divide_as
-from dpfed.privacy.noise import normal_from_bits, standard_normal
+from dpfed.privacy.noise import float32_at_least, normal_from_bits, standard_normal
 
 
 def test_noise_std_equals_z_times_clip():
@@ -66,6 +66,34 @@ def test_added_noise_is_standard_normal_times_stddev_with_a_key_per_leaf():
         np.testing.assert_array_equal(
             np.asarray(noised[leaf]), np.asarray(2.0 * standard_normal(k, tree[leaf].shape)),
             err_msg=f"leaf {leaf}: the noise is not the wide-tailed sampler's")
+
+
+def test_a_python_stddev_is_rounded_up_to_float32_never_down():
+    # A z calibrated to eps 1 (DP-SGD, N 500, B 336, 2,672 steps, delta 1e-5) whose
+    # nearest float32 is below it: rounded to nearest, the noise fell short of the
+    # recorded z, and eps came out 2.9e-8 over the target.
+    z = 140.53651800017875
+    assert float(np.float32(z)) < z, "the test needs a z whose nearest float32 is below it"
+    key = jax.random.key(0)
+    noised = add_gaussian_noise(jnp.zeros(64), key, z)
+    draws = standard_normal(jax.random.split(key, 1)[0], (64,))
+    scale = np.nextafter(np.float32(z), np.float32(np.inf))
+    np.testing.assert_array_equal(
+        np.asarray(noised), np.asarray(draws * scale),
+        err_msg="the draws must be scaled by the smallest float32 >= the recorded std")
+
+
+@pytest.mark.parametrize("value", [1.0, 0.1, 140.53651800017875, 1e-30, 3.4e38, 0.0])
+def test_float32_at_least_is_the_smallest_float32_not_below(value):
+    got = float32_at_least(value)
+    assert got.dtype == np.float32 and float(got) >= value, f"{got!r} < {value!r}"
+    below = np.nextafter(got, np.float32(-np.inf))
+    assert float(below) < value, f"{below!r} is a smaller float32 >= {value!r}"
+
+
+def test_float32_at_least_keeps_nan_and_overflows_to_inf():
+    assert np.isnan(float32_at_least(float("nan"))), "NaN must stay NaN"
+    assert float32_at_least(1e39) == np.inf, "beyond float32's range the std must be inf"
 
 
 def test_each_leaf_gets_independent_noise():

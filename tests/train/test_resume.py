@@ -307,6 +307,18 @@ def test_budget_stop_counts_the_restored_releases():
     )
 
 
+def test_a_finished_run_that_ended_at_its_target_can_be_rerun():
+    # A resumed run whose last step lands exactly on the target: the ledger's eps must be
+    # the eps budget_stop allowed, or the rerun is refused as over the target.
+    event = dp_event.PoissonSampledDpEvent(0.0512, dp_event.GaussianDpEvent(1.1))
+    spent = privacy.PrivacyLedger("example", "add_or_remove_one", 1e-5)
+    spent.record(event)
+    spent.target_epsilon = spent.epsilon_with(event, 144)
+    assert budget_stop(spent, event, 1, 145, log=print) == 145, "all 144 steps are affordable"
+    spent.record(event, 144)
+    assert budget_stop(spent, event, 145, 145, log=print) == 145, "the rerun must run"
+
+
 def test_budget_stop_divides_by_events_per_step():
     target = _eps_of(7) * 1.0001
     assert budget_stop(ledger(target), EVENT, 0, 20, events_per_step=2) == 3, (

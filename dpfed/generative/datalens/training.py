@@ -496,7 +496,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
-            progress.update(done, wait_for=state, eps=eps, agree=metrics["agreement"])
+            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3),
+                            agree=metrics["agreement"])
             if preempted:
                 checkpointer.close()
                 raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
@@ -579,7 +580,7 @@ def load_generator(workdir: Workdir) -> tuple[DataLensGenerator, PyTree]:
 def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) -> str:
     """report.md: the key figures of a DataLens run."""
     rows = "\n".join(
-        f"| {m['step']} | {m['aggregations']} | {_fmt(m.get('epsilon_rdp'))} | "
+        f"| {m['step']} | {m['aggregations']} | {privacy.format_upper(m.get('epsilon_rdp'))} | "
         f"{m['generator_loss']:.4g} | {m['agreement']:.4f} |"
         for m in metrics
     )
@@ -590,8 +591,8 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
     )
     return (
         f"# DataLens on {config.dataset}\n\n"
-        f"- privacy: ({_fmt(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
-        f"(PLD: eps = {_fmt(summary['epsilon_pld'])}); unit: one training example "
+        f"- privacy: ({privacy.format_upper(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
+        f"(PLD: eps = {privacy.format_upper(summary['epsilon_pld'])}); unit: one training example "
         f"({summary['neighboring_relation']}, via its teacher partition); "
         f"{summary['aggregations']} Gaussian aggregations of noise multiplier "
         f"sigma/sqrt(4k) = {summary['noise_multiplier']:.4g}; {budget}\n"
@@ -615,7 +616,3 @@ def _sizes_text(sizes: dict) -> str:
     if "expected" in sizes:  # hash partitions: the actual sizes are not published
         return f"{sizes['expected']:.3g} examples each on average"
     return f"{sizes['min']}-{sizes['max']} examples each"
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
