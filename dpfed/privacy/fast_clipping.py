@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -103,7 +104,7 @@ def clipped_grad_sum_fast(
         respect to the "params" collection and returned in the same structure.
       batch: pytree of arrays with a leading batch axis B.
       mask: [B] bool or {0,1}; padded examples (mask 0) contribute exactly nothing.
-      l2_clip: the clip norm C (> 0).
+      l2_clip: the clip norm C (> 0 and finite).
 
     Returns:
       ClippedSum with the summed clipped gradient and the [B] per-example norms before
@@ -116,8 +117,8 @@ def clipped_grad_sum_fast(
         called twice, an unsupported layer option, or a layer input whose leading axis
         is not the batch axis.
     """
-    if l2_clip <= 0:
-        raise ValueError(f"l2_clip must be > 0, got {l2_clip}")
+    if not 0 < l2_clip < math.inf:
+        raise ValueError(f"l2_clip must be > 0 and finite, got {l2_clip}")
     batch_size = mask.shape[0]
 
     def run(perturbations):

@@ -340,6 +340,8 @@ def test_unsupported_models_are_refused(model, error, match):
         clipped_grad_sum_fast(batch_losses, params, (images, jnp.zeros(2)), jnp.ones(2), 1.0)
 
 
-def test_rejects_non_positive_clip():
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("inf"), float("nan")])
+def test_rejects_a_clip_that_is_not_positive_and_finite(clip):
+    # An infinite clip clips nothing (and noise z C is then inf); NaN turns the sum NaN.
     with pytest.raises(ValueError, match="l2_clip"):
-        clipped_grad_sum_fast(lambda p, b: b, {}, jnp.ones(2), jnp.ones(2), 0.0)
+        clipped_grad_sum_fast(lambda p, b: b, {}, jnp.ones(2), jnp.ones(2), clip)
