@@ -187,7 +187,7 @@ def run_rounds(
             if done % checkpoint_every == 0 or done == last_round or preempted:
                 checkpointer.save(
                     done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
-            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3),
+            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             acc=record.get("test_accuracy"))
             if preempted:
                 checkpointer.close()

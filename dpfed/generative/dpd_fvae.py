@@ -513,7 +513,8 @@ def participation_budgets(
         cheapest = min(ledger.epsilon_with(event) for event in events.values())
         raise ConfigError(
             "target_epsilon",
-            f"cannot be met: one participation already costs a client eps >= {cheapest:.4g} > "
+            "cannot be met: one participation already costs a client eps >= "
+            f"{privacy.format_upper(cheapest)} > "
             f"{config.target_epsilon} (local DP-SGD, noise multiplier {noise_multiplier:.4g}); "
             "raise the noise multiplier or the target",
         )

@@ -324,11 +324,13 @@ def gaussian_sigma_for_sum(noise_multiplier: float, l2_clip: float) -> float:
     return noise_multiplier * l2_clip
 
 
-def format_upper(value: float | None, digits: int = 4, missing: str = "n/a") -> str:
+def format_upper(
+    value: float | None, digits: int = 4, missing: str | None = "n/a"
+) -> str | None:
     """`value` to `digits` significant digits rounded UP: the text never reads below it.
 
     For quoting eps and delta, which a reader must not understate: 4.22434 reads 4.225,
-    not 4.224. None or NaN gives `missing`.
+    not 4.224. None or NaN gives `missing` (None leaves a progress field out).
     """
     if value is None or math.isnan(value):
         return missing

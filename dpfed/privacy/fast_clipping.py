@@ -230,13 +230,15 @@ def _sq_norm_bound(inputs: jax.Array, grads: jax.Array, bias: bool) -> jax.Array
         tokens = grads.shape[1]
         bias_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.sum(grads, axis=1)), axis=-1))
         if tokens > 1:
-            bias_norm = bias_norm + 2 * _gamma(tokens) * jnp.sum(_row_norms(grads), axis=1)
+            bias_norm = bias_norm + 2 * _gamma(tokens + 1) * jnp.sum(_row_norms(grads), axis=1)
         sq = sq + jnp.square(bias_norm)
     return sq
 
 
 def _ghost_is_cheaper(tokens: int, k: int, out: int) -> bool:
-    return tokens * tokens * (k + out) < tokens * k * out
+    """The ghost norm costs less, and its error bound (kernel_norm_bound) is usable."""
+    bounded = (k + out + tokens * tokens) * _UNIT_ROUNDOFF < 0.5
+    return bounded and tokens * tokens * (k + out) < tokens * k * out
 
 
 def kernel_sq_norms(inputs: jax.Array, grads: jax.Array, ghost: bool | None = None) -> jax.Array:
@@ -272,9 +274,12 @@ def kernel_norm_bound(inputs: jax.Array, grads: jax.Array, ghost: bool | None = 
     contributions of 11.7 C through the ghost norm). With
     L = sum_t |a_t| |g_t| (>= the exact norm) and gamma(n) = n u / (1 - n u), the bound
     adds first-order error bounds: 2 gamma(K + O + T^2) L^2 to the ghost norm's square
-    (its Gram entries and their sum, doubled for margin), and 2 gamma(T) L to the norm
-    (gamma(T) L for the sum over tokens of the materialised product, gamma(T) L for
-    that sum in the clipped sum's pass). Sums of
+    (its Gram entries and their sum, doubled for margin), and 2 gamma(T + 1) L to the
+    norm (gamma(T) L for the sum over tokens of the materialised product, gamma(T + 1) L
+    for the clipped sum's pass, which also rounds s * g; the ghost path has the first as
+    slack). Not covered: the pass contracts over examples and tokens together, in XLA's
+    order, so other examples' partial sums round differently with this one in or out:
+    the float error of any sum, as in `clipped_grad_sum`. Sums of
     squares, whose terms cannot cancel, keep their relative rounding (~1e-7), as in
     `clip_to_norm`. With one token nothing cancels: the bound is the norm.
     """
@@ -288,7 +293,7 @@ def kernel_norm_bound(inputs: jax.Array, grads: jax.Array, ghost: bool | None = 
     magnitude = jnp.sum(_row_norms(inputs) * _row_norms(grads), axis=1)  # L
     if ghost:
         sq = sq + 2 * _gamma(k + out + tokens * tokens) * jnp.square(magnitude)
-    return jnp.sqrt(sq) + 2 * _gamma(tokens) * magnitude
+    return jnp.sqrt(sq) + 2 * _gamma(tokens + 1) * magnitude
 
 
 def _row_norms(x: jax.Array) -> jax.Array:
@@ -296,7 +301,13 @@ def _row_norms(x: jax.Array) -> jax.Array:
 
 
 def _gamma(n: int) -> float:
-    """Higham's gamma_n: the relative error bound of n float32 roundings."""
+    """Higham's gamma_n: the relative error bound of n float32 roundings.
+
+    Raises:
+      ValueError: n u >= 1/2, where the bound (>= 1) says nothing.
+    """
+    if n * _UNIT_ROUNDOFF >= 0.5:
+        raise ValueError(f"{n} float32 roundings have no useful error bound")
     return n * _UNIT_ROUNDOFF / (1 - n * _UNIT_ROUNDOFF)
 
 

@@ -52,7 +52,7 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
     noised value is post-processing, rounding the noise before adding it is not.
     A Python `stddev` (what the ledger records, as z * C) is rounded UP to float32:
     rounding to nearest took it up to a relative 2^-24 below, and a target-calibrated run
-    2.9e-8 over its target eps. A traced `stddev` is used as given.
+    2.9e-8 over its target eps. A `jax.Array` stddev (e.g. traced) is used as given.
     """
     if not isinstance(stddev, jax.Array):
         stddev = float32_at_least(stddev)

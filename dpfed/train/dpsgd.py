@@ -354,7 +354,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
-            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3), acc=accuracy)
+            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
+                            acc=accuracy)
             if preempted:
                 checkpointer.close()
                 raise preemption.PreemptedError(done, "step", str(checkpointer.directory))

@@ -457,7 +457,8 @@ def require_first_step(
         raise ConfigError(
             "target_epsilon",
             f"cannot be met: one {key} already costs eps "
-            f"{ledger.epsilon_with(event, events_per_step):.4g} > {ledger.target_epsilon}; "
+            f"{privacy.format_upper(ledger.epsilon_with(event, events_per_step))} > "
+            f"{ledger.target_epsilon}; "
             "raise the noise multiplier or the target",
         )
 
@@ -499,7 +500,8 @@ def budget_stop(
     if last < total:
         if last == start and ledger.entries:
             log(
-                f"budget guard: the resumed ledger already spends eps {spent:.4g}; "
+                "budget guard: the resumed ledger already spends eps "
+                f"{privacy.format_upper(spent)}; "
                 f"target {ledger.target_epsilon} allows no further {key}"
             )
         else:

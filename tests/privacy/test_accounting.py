@@ -246,7 +246,7 @@ def test_a_delta_of_at_least_one_over_the_population_is_warned_about(caplog, del
 @pytest.mark.parametrize(
     "value,digits,text",
     [
-        (4.22434, 4, "4.225"),  # the DP-FedAvg acceptance run's eps; to nearest "4.224"
+        (4.22434, 4, "4.225"),  # like the acceptance run's eps 4.22429; to nearest "4.224"
         (4.22434, 3, "4.23"),
         (10.00049, 4, "10.01"),  # a target of 10 missed must not read as met
         (34.2, 3, "34.2"),  # already at its digits: unchanged
@@ -275,3 +275,7 @@ def test_format_upper_never_reads_below_its_value():
             text = accounting.format_upper(float(value), digits)
             assert float(text) >= value, f"{value!r} reads {text!r}"
             assert float(text) <= value * (1 + 10.0 ** (1 - digits)), f"{value!r} -> {text!r}"
+
+
+def test_format_upper_can_leave_a_missing_value_out():
+    assert accounting.format_upper(None, 3, None) is None, "a progress field must be left out"

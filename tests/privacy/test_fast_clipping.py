@@ -11,6 +11,8 @@ import pytest
 from dpfed import models
 from dpfed.privacy import clipped_grad_sum
 from dpfed.privacy.fast_clipping import (
+    _gamma,
+    _ghost_is_cheaper,
     _sq_norm_bound,
     clipped_grad_sum_fast,
     kernel_norm_bound,
@@ -231,6 +233,16 @@ def test_the_bias_bound_is_above_the_exact_norm_when_tokens_cancel():
     exact = np.sqrt(np.sum(np.sum(g.astype(np.float64), axis=1) ** 2, axis=-1))
     bound = np.sqrt(np.asarray(_sq_norm_bound(jnp.asarray(a), jnp.asarray(g), bias=True)))
     assert np.all(bound >= exact), f"bias bound/exact as low as {np.min(bound / exact):.4g}"
+
+
+def test_the_ghost_norm_is_not_chosen_where_its_error_bound_says_nothing():
+    # T = 4096 tokens: T^2 u > 1/2, the ghost norm's bound would be negative or divide
+    # by 0 (every example dropped as NaN), though the ghost norm is 4x cheaper here.
+    assert 4096 * 4096 * (2 * 16384) < 4096 * 16384 * 16384, "the ghost norm is cheaper"
+    assert not _ghost_is_cheaper(4096, 16384, 16384), "its error bound says nothing"
+    assert _ghost_is_cheaper(16, 288, 64), "digits' conv2 keeps the ghost norm"
+    with pytest.raises(ValueError, match="no useful error bound"):
+        _gamma(2**23)
 
 
 def _precisions(jaxpr) -> list:

@@ -496,7 +496,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
-            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3),
+            progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             agree=metrics["agreement"])
             if preempted:
                 checkpointer.close()
