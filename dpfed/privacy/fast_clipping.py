@@ -34,7 +34,9 @@ respect to those perturbations only. Requirements, checked where possible:
   escape clipping, and cannot be detected here);
 - the leading axis of every such layer's input is the example axis, and examples do
   not interact (no BatchNorm): the per-example loss of example b depends on example
-  b only. Tests compare against `clipped_grad_sum`.
+  b only. The traced pass cannot see a mix; `check_examples_independent` looks for one
+  in forward-mode passes on real params and a real batch, once before training (the
+  DP-SGD trainer calls it). Tests compare against `clipped_grad_sum`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpfed.privacy.clipping import ClippedSum, clip_scales, where_kept
 
@@ -115,35 +118,20 @@ def clipped_grad_sum_fast(
     Raises:
       ValueError / NotImplementedError: a parameter outside a supported layer, a layer
         called twice, an unsupported layer option, or a layer input whose leading axis
-        is not the batch axis.
+        is not the batch axis. Examples whose losses mix are NOT detected here: call
+        `check_examples_independent` once before training.
     """
     if not 0 < l2_clip < math.inf:
         raise ValueError(f"l2_clip must be > 0 and finite, got {l2_clip}")
     batch_size = mask.shape[0]
 
-    def run(perturbations):
-        tape = _Tape(perturbations)
-        with nn.intercept_methods(tape):
-            losses = batch_loss_fn(params, batch)
-        return losses, tape.layers
-
     def summed_loss(perturbations):
-        losses, layers = run(perturbations)
+        losses, layers = _run(batch_loss_fn, params, batch, perturbations)
         return jnp.sum(losses), [layer.inputs for layer in layers]
 
-    recorded: list[_Layer] = []
-
-    def probe():  # abstract pass: the layers and their shapes, no FLOPs
-        recorded.extend(run(None)[1])
-        return [(layer.inputs, layer.outputs) for layer in recorded]
-
-    shapes = jax.eval_shape(probe)
-    recorded = [
-        dataclasses.replace(r, inputs=x, outputs=y)
-        for r, (x, y) in zip(recorded, shapes, strict=True)
-    ]
+    recorded = _record_layers(batch_loss_fn, params, batch)
     _check_layers(recorded, batch_size)
-    zeros = [jnp.zeros(layer.outputs.shape, layer.outputs.dtype) for layer in recorded]
+    zeros = _zero_perturbations(recorded)
     output_grads, inputs = jax.grad(summed_loss, has_aux=True)(zeros)
     layers = [dataclasses.replace(r, inputs=x) for r, x in zip(recorded, inputs, strict=True)]
 
@@ -165,6 +153,115 @@ def clipped_grad_sum_fast(
         if layer.module.use_bias:
             sums[layer.path + ("bias",)] = jnp.sum(scaled, axis=(0, 1))
     return ClippedSum(_assemble(sums, params), jnp.where(mask > 0, norms, 0.0))
+
+
+def _run(
+    batch_loss_fn: Callable, params: PyTree, batch: PyTree, perturbations: list | None
+) -> tuple[jax.Array, list[_Layer]]:
+    """The per-example losses, with `perturbations` added to the Dense/Conv outputs."""
+    tape = _Tape(perturbations)
+    with nn.intercept_methods(tape):
+        losses = batch_loss_fn(params, batch)
+    return losses, tape.layers
+
+
+def _record_layers(batch_loss_fn: Callable, params: PyTree, batch: PyTree) -> list[_Layer]:
+    """The Dense/Conv layers the loss calls, with abstract inputs and outputs (no FLOPs)."""
+    recorded: list[_Layer] = []
+
+    def probe():
+        recorded.extend(_run(batch_loss_fn, params, batch, None)[1])
+        return [(layer.inputs, layer.outputs) for layer in recorded]
+
+    shapes = jax.eval_shape(probe)
+    return [
+        dataclasses.replace(r, inputs=x, outputs=y)
+        for r, (x, y) in zip(recorded, shapes, strict=True)
+    ]
+
+
+def _zero_perturbations(layers: list[_Layer]) -> list[jax.Array]:
+    return [jnp.zeros(layer.outputs.shape, layer.outputs.dtype) for layer in layers]
+
+
+def check_examples_independent(
+    batch_loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    batch: PyTree,
+    seed: int = 0,
+) -> None:
+    """Raises ValueError where one example's loss moves with another example's values.
+
+    `clipped_grad_sum_fast` computes per-example norms only if example b's loss depends
+    on example b alone; a layer that mixes examples (BatchNorm on batch statistics, a
+    batch mean in the loss) makes its norms and its clip wrong, and nothing in the fast
+    path itself can see it. Call this once, with the params and a batch of the shape
+    training uses, before training with the fast path.
+
+    For each bit k of the example index and each side (set, clear), one forward-mode
+    pass puts random tangents on the float leaves of `batch` and on every Dense/Conv
+    output, for the examples on that side only; the loss tangent of every other example
+    must be exactly 0 (a path that does not mix examples carries exact zeros). Every
+    ordered pair of examples differs in some bit, so 2 ceil(log2 B) passes find any
+    pair joined by a float path, at these params. Not found: dependence through integer
+    leaves alone (e.g. a loss weighted by the batch's label counts), or through a path
+    whose derivative is exactly 0 at these values.
+
+    Raises:
+      ValueError: an example's loss moves with other examples (the message names one),
+        the losses are not finite (then nothing can be concluded), or the leaves of
+        `batch` do not share a leading batch axis.
+    """
+    leaves, treedef = jax.tree.flatten(batch)
+    batch_size = leaves[0].shape[0] if leaves else 0
+    if any(leaf.ndim == 0 or leaf.shape[0] != batch_size for leaf in leaves):
+        raise ValueError("every leaf of the batch needs the same leading batch axis")
+    if batch_size < 2:
+        return
+    floating = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
+    layers = _record_layers(batch_loss_fn, params, batch)
+
+    def losses(params, float_leaves, other_leaves, perturbations):
+        floats, others = iter(float_leaves), iter(other_leaves)
+        full = [next(floats) if f else next(others) for f in floating]
+        return _run(batch_loss_fn, params, jax.tree.unflatten(treedef, full), perturbations)[0]
+
+    @jax.jit
+    def loss_tangents(params, float_leaves, other_leaves, side, key):
+        primals = (float_leaves, _zero_perturbations(layers))
+        keys = iter(jax.random.split(key, len(primals[0]) + len(primals[1])))
+
+        def tangent(x):
+            on = side.reshape((batch_size,) + (1,) * (x.ndim - 1))
+            return jnp.where(on, jax.random.normal(next(keys), x.shape, x.dtype), 0)
+
+        tangents = jax.tree.map(tangent, primals)
+        return jax.jvp(lambda f, p: losses(params, f, other_leaves, p), primals, tangents)
+
+    float_leaves = [leaf for leaf, f in zip(leaves, floating, strict=True) if f]
+    other_leaves = [leaf for leaf, f in zip(leaves, floating, strict=True) if not f]
+    index = np.arange(batch_size)
+    key = jax.random.key(seed)
+    for bit in range((batch_size - 1).bit_length()):
+        for value in (1, 0):
+            side = (index >> bit) & 1 == value
+            side_key = jax.random.fold_in(key, 2 * bit + value)
+            values, moved = loss_tangents(
+                params, float_leaves, other_leaves, jnp.asarray(side), side_key
+            )
+            if not np.all(np.isfinite(np.asarray(values))):
+                raise ValueError("the losses are not finite: independence cannot be checked")
+            moved = np.asarray(moved)
+            hit = np.flatnonzero(~side & ~(moved == 0))
+            if hit.size:
+                sources = np.flatnonzero(side)
+                raise ValueError(
+                    f"example {hit[0]}'s loss moves with the values of other examples (of "
+                    f"{sources.tolist()[:8]}{'...' if sources.size > 8 else ''}): a layer or loss "
+                    "mixes examples (e.g. BatchNorm on batch statistics), so per-example "
+                    "norms from one batched pass are not the examples' own; use the "
+                    "per-example clipping (clipping='vmap')"
+                )
 
 
 def _layer_factors(layer: _Layer) -> jax.Array:

@@ -116,6 +116,35 @@ def default_physical_batch(expected: int) -> int:
     return privacy.poisson_chunk_size(expected, multiple=8)
 
 
+def physical_batch(config: DpSgdConfig) -> int:
+    """The examples of one jitted pass: `physical_batch`, else the Poisson default or the
+    fixed batch size."""
+    if config.physical_batch:
+        return config.physical_batch
+    if config.sampling == privacy.Sampling.POISSON:
+        return default_physical_batch(config.batch_size)
+    return config.batch_size
+
+
+def check_fast_clipping_applies(
+    model: nn.Module, params: PyTree, images: Any, labels: Any, config: DpSgdConfig
+) -> None:
+    """Refuses `clipping="fast"` for a model whose examples' losses mix (one pass of
+    `physical_batch` examples, `fast_clipping.check_examples_independent`).
+
+    Raises:
+      ConfigError: on field "clipping", naming an example whose loss moves with others.
+    """
+    size = min(physical_batch(config), len(labels))
+    batch = (jnp.asarray(images[:size]), jnp.asarray(labels[:size]))
+    try:
+        fast_clipping.check_examples_independent(batch_loss(model), params, batch)
+    except ValueError as error:
+        raise ConfigError(
+            "clipping", f"fast clipping cannot clip {config.model}: {error}"
+        ) from error
+
+
 def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
     """The optax optimiser applied to the (privatised) mean gradient."""
     if name == "sgd":
@@ -161,9 +190,7 @@ def make_train_step(
     loss = example_loss(model)
     batched = batch_loss(model)
     poisson = config.sampling == privacy.Sampling.POISSON
-    chunk = config.physical_batch or (
-        default_physical_batch(config.batch_size) if poisson else config.batch_size
-    )
+    chunk = physical_batch(config)
 
     def sample(key):
         if poisson:
@@ -310,6 +337,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     params = jax.jit(model.init)(
         jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+    if config.clipping == "fast" and not config.nodp:
+        check_fast_clipping_applies(model, params, train_ds.images, train_ds.labels, config)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
     if config.nodp:

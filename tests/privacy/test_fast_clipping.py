@@ -14,6 +14,7 @@ from dpfed.privacy.fast_clipping import (
     _gamma,
     _ghost_is_cheaper,
     _sq_norm_bound,
+    check_examples_independent,
     clipped_grad_sum_fast,
     kernel_norm_bound,
     kernel_sq_norms,
@@ -357,3 +358,109 @@ def test_rejects_a_clip_that_is_not_positive_and_finite(clip):
     # An infinite clip clips nothing (and noise z C is then inf); NaN turns the sum NaN.
     with pytest.raises(ValueError, match="l2_clip"):
         clipped_grad_sum_fast(lambda p, b: b, {}, jnp.ones(2), jnp.ones(2), clip)
+
+
+def _images_and_labels(batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.normal(size=(batch, 6, 6, 1)), jnp.float32),
+            jnp.asarray(rng.integers(0, 4, batch), jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "logreg"])
+@pytest.mark.parametrize("batch", [2, 11])
+def test_the_repo_classifiers_pass_the_independence_check(name, batch):
+    model = models.get_classifier(name, 4)
+    images, labels = _images_and_labels(batch)
+    params = model.init(jax.random.key(0), images[:1])
+    check_examples_independent(_losses(model)[0], params, (images, labels))  # no error
+
+
+class _MixOnePair(nn.Module):
+    """Example `target` gets example `source`'s hidden units: one mixing pair."""
+
+    @nn.compact
+    def __call__(self, x, source):
+        h = nn.tanh(nn.Dense(5)(x.reshape(x.shape[0], -1)))
+        h = h + jnp.where((source >= 0)[:, None], h[jnp.maximum(source, 0)], 0.0)
+        return nn.Dense(3)(h)
+
+
+def test_the_independence_check_finds_every_mixing_pair():
+    # One pass per side of each index bit: every ordered pair differs in some bit, so
+    # each of the 7 x 6 pairs must be caught, whichever of the two is the source.
+    batch = 7
+    model = _MixOnePair()
+    images, _ = _images_and_labels(batch)
+    params = model.init(jax.random.key(0), images[:1], -jnp.ones(1, jnp.int32))
+
+    def losses(p, b):
+        return jnp.sum(model.apply(p, b[0], b[1]) ** 2, axis=-1)
+
+    check_examples_independent(losses, params, (images, -jnp.ones(batch, jnp.int32)))
+    for source in range(batch):
+        for target in range(batch):
+            if source == target:
+                continue
+            pointers = -np.ones(batch, np.int32)
+            pointers[target] = source
+            with pytest.raises(ValueError, match=f"example {target}'s loss moves"):
+                check_examples_independent(losses, params, (images, jnp.asarray(pointers)))
+
+
+class _NormaliseBatch(nn.Module):
+    """Parameter-free batch statistics (BatchNorm on the batch, without scale/bias)."""
+
+    where: str
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        if self.where == "input":
+            x = x - x.mean(0)
+        h = nn.tanh(nn.Dense(5)(x))
+        if self.where == "hidden":
+            h = nn.BatchNorm(use_running_average=False, use_scale=False, use_bias=False)(h)
+        return nn.Dense(3)(h)
+
+
+@pytest.mark.parametrize("where", ["input", "hidden", "loss"])
+def test_the_independence_check_finds_batch_statistics(where):
+    # A batch mean before the first layer, between layers (BatchNorm) or in the loss
+    # makes the per-example norms of one batched pass wrong; the fast path cannot see it.
+    model = _NormaliseBatch(where)
+    images, labels = _images_and_labels(6)
+    variables = model.init(jax.random.key(0), images)
+
+    def losses(p, b):
+        logits = model.apply(p, b[0], mutable=["batch_stats"])[0]
+        each = optax.softmax_cross_entropy_with_integer_labels(logits, b[1])
+        return each - each.mean() if where == "loss" else each
+
+    with pytest.raises(ValueError, match="loss moves with the values of other examples"):
+        check_examples_independent(losses, variables, (images, labels))
+
+
+def test_the_independence_check_refuses_non_finite_losses():
+    images, labels = _images_and_labels(3)
+    model = models.get_classifier("logreg", 4)
+    params = model.init(jax.random.key(0), images[:1])
+
+    def losses(p, b):
+        return _losses(model)[0](p, b) * jnp.inf
+
+    with pytest.raises(ValueError, match="not finite"):
+        check_examples_independent(losses, params, (images, labels))
+
+
+def test_the_independence_check_finds_mixing_after_integer_inputs():
+    # Tokens carry no tangent: the check must perturb the layers' outputs to see a mix.
+    model = nn.Sequential([lambda t: jax.nn.one_hot(t, 5).reshape(t.shape[0], -1), nn.Dense(4),
+                           lambda h: h - h.mean(0), nn.Dense(3)])
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 5, (6, 3)), jnp.int32)
+    params = model.init(jax.random.key(0), tokens)
+
+    def losses(p, b):
+        return jnp.sum(model.apply(p, b) ** 2, axis=-1)
+
+    with pytest.raises(ValueError, match="loss moves with the values of other examples"):
+        check_examples_independent(losses, params, tokens)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +113,38 @@ def test_fast_clipping_step_equals_the_vmap_step():
         np.testing.assert_allclose(
             a, b, rtol=1e-5, atol=1e-6, err_msg="fast and vmap clipping must give one step"
         )
+
+
+class _BatchCentred(nn.Module):
+    """A classifier whose hidden units are centred on the batch: its examples mix."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.tanh(nn.Dense(8)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.num_classes)(h - h.mean(0))
+
+
+def test_fast_clipping_refuses_a_model_whose_examples_mix(tmp_path, monkeypatch):
+    # One batched pass cannot give such a model's per-example norms: the run must stop
+    # before its first step rather than clip by wrong norms.
+    monkeypatch.setattr(dpsgd.models, "get_classifier", lambda _, k: _BatchCentred(k))
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=1, batch_size=16,
+                               noise_multiplier=1.0, clipping="fast")
+    with pytest.raises(ConfigError, match="loss moves with the values of other examples") as e:
+        dpsgd.train(config, tmp_path, log=lambda _: None)
+    assert e.value.field == "clipping", f"the error must name --clipping, got {e.value.field}"
+    assert not (tmp_path / "ledger.json").exists(), "a refused run must release nothing"
+
+
+def test_a_fast_clipping_run_trains_and_records_every_step(tmp_path):
+    config = dpsgd.DpSgdConfig(dataset="digits", model="cnn", steps=2, batch_size=16,
+                               noise_multiplier=1.0, clipping="fast", eval_every=2)
+    summary = dpsgd.train(config, tmp_path, log=lambda _: None)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    assert summary["steps"] == 2, f"fast clipping ran {summary['steps']} of 2 steps"
+    assert sum(e["count"] for e in ledger["events"]) == 2, f"ledger: {ledger['events']}"
 
 
 def _poisson_step(config, mechanism, clip, denominator, err_msg):

@@ -497,7 +497,6 @@ def test_rerun_without_checkpoints_of_another_ledger_json_is_refused(tmp_path, m
     assert error.value.field == "workdir", error.value.field
 
 
-
 @pytest.mark.parametrize("text", [
     '{"unit": "exa',  # truncated: not JSON
     "[]",  # JSON, not an object
@@ -514,6 +513,7 @@ def test_rerun_without_checkpoints_over_an_unreadable_ledger_json_is_refused(tmp
         start(tmp_path, ledger())
     assert error.value.field == "workdir", error.value.field
     assert (tmp_path / "ledger.json").read_text() == text, "a refused rerun must not touch it"
+
 
 def test_rerun_without_checkpoints_or_metrics_of_a_finished_run_checks_its_config(tmp_path):
     wd = Workdir(tmp_path)
