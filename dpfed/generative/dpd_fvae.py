@@ -655,21 +655,24 @@ class DpdFvae:
         return self.engine.init(shared, client_states=client_states)
 
     def adopt_budgets(self, state: ServerState) -> ServerState:
-        """A restored state with this invocation's participation budgets (local DP).
+        """A restored state with this invocation's participation budgets.
 
-        The budgets are what this run's target eps affords at its z; a resume with a
-        changed `--target_epsilon` or `--rounds` changes them.
+        The budgets are what this run's target eps affords at its z (local DP), else its
+        `--rounds`; a resume with a changed `--target_epsilon` or `--rounds` changes them.
+        (Until 2026-12-04 only local runs adopted them: a central or non-private sync "d"
+        run resumed with more rounds kept the old `--rounds` as every budget, and a client
+        that had taken part in all of them sent zero deltas in every later round.)
 
         Raises:
-          ConfigError: naming "target_epsilon", when a client already took part in more
-            rounds than the new target affords it: a lowered target cannot take back what
-            was spent, and the decoder would be released above it (as `budget_stop`
-            refuses for a central ledger).
+          ConfigError: naming "target_epsilon", in local DP, when a client already took
+            part in more rounds than the new target affords it: a lowered target cannot
+            take back what was spent, and the decoder would be released above it (as
+            `budget_stop` refuses for a central ledger).
         """
         clients = state.client_states
         participations = np.asarray(jax.device_get(clients.participations))
         over = participations > self.budgets
-        if over.any():
+        if self.config.dp == "local" and over.any():
             raise ConfigError(
                 "target_epsilon",
                 f"{self.config.target_epsilon} is below what {int(over.sum())} of {len(over)} "
@@ -790,7 +793,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
         log=log, config=config,
         extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
-        on_resume=trainer.adopt_budgets if config.dp == "local" else None, started=started)
+        on_resume=trainer.adopt_budgets if trainer.has_client_state else None, started=started)
     participations = trainer.participations(result.state)
     if config.dp == "local":
         ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,

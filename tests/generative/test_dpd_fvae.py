@@ -293,6 +293,20 @@ def test_adopting_budgets_keeps_clients_within_them_and_takes_the_new_budgets():
         err_msg="the restored state must take this invocation's budgets")
 
 
+@pytest.mark.parametrize("dp,noise", [("none", None), ("central", 1.0)])
+def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noise):
+    # Every client takes part in each of the first 2 rounds (rate 1); outside local DP
+    # their budget is --rounds, which the resume raises to 4. Before, the restored state
+    # kept budget 2, and every client sent a zero delta in rounds 3 and 4.
+    config = dataclasses.replace(_CONFIG, dp=dp, noise_multiplier=noise)
+    dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    dpd_fvae.train(dataclasses.replace(config, rounds=4), tmp_path, log=lambda _: None,
+                   mesh=_ONE_DEVICE)
+    active = {r["round"]: r["client_active"] for r in Workdir(tmp_path).read_diagnostics()}
+    assert active == {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, (
+        f"fraction of sampled clients that trained, by round: {active}")
+
+
 def test_adopting_budgets_some_clients_already_exceed_is_refused():
     # Before, those clients trained no more and the decoder was released with a worst
     # client eps above the new target (a warning said how many).
