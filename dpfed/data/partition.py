@@ -214,6 +214,11 @@ def to_federated(
       client_indices: one index array into the N examples per client.
       max_n: slots per client; defaults to the largest client. A client with more than
         `max_n` examples is an error: nothing is dropped silently.
+
+    Raises:
+      ValueError: on a client larger than `max_n`, an index out of range, or an example
+        given to two clients (or twice to one): the unit of privacy, one user's data in
+        one client, needs disjoint clients.
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.shape[0] != labels.shape[0]:
@@ -233,6 +238,14 @@ def to_federated(
     flat = np.concatenate(indices)
     if flat.size and (flat.min() < 0 or flat.max() >= images.shape[0]):
         raise ValueError(f"client_indices must lie in [0, {images.shape[0]})")
+    values, times = np.unique(flat, return_counts=True)
+    if values.size != flat.size:
+        repeated = int(values[times > 1][0])
+        holders = [c for c, idx in enumerate(indices) if np.any(idx == repeated)]
+        raise ValueError(
+            f"example {repeated} is given {int(times[times > 1][0])} times (clients "
+            f"{holders[:8]}): each example must be in exactly one client, once"
+        )
     client = np.repeat(np.arange(len(indices)), counts)
     slot = np.arange(flat.size) - np.repeat(np.cumsum(counts) - counts, counts)
     fed_images = np.zeros((len(indices), max_n, *images.shape[1:]), dtype=images.dtype)

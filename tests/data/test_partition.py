@@ -185,3 +185,14 @@ def test_padding_is_zero_and_masked_out():
 def test_to_federated_refuses_to_drop_examples():
     with pytest.raises(ValueError, match="max_n"):
         _small_federated(max_n=2)
+
+
+@pytest.mark.parametrize("parts,where", [
+    ([np.array([0, 3]), np.array([3, 5])], "clients \\[0, 1\\]"),  # in two clients
+    ([np.array([0, 3, 3]), np.array([5])], "clients \\[0\\]"),  # twice in one client
+])
+def test_to_federated_refuses_an_example_given_twice(parts, where):
+    # Its data would count in two clients (or twice in one): one user's records must be
+    # in one client for user-level DP to hold.
+    with pytest.raises(ValueError, match=f"example 3 is given 2 times \\({where}"):
+        data.to_federated(np.zeros((6, 1, 1, 1)), np.zeros(6, np.int32), parts)
