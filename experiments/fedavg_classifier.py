@@ -36,7 +36,8 @@ _PARTITION = flags.DEFINE_enum(
     "partition", "iid", list(classifier.PARTITIONS),
     "Split: iid; dirichlet (each class over clients in Dir(alpha) shares, unequal sizes; "
     "Yurochkin et al. 2019); dirichlet_mix (each client's class mix ~ Dir(alpha p), equal "
-    "sizes, any client count; Hsu et al. 2019).")
+    "sizes, any client count; Hsu et al. 2019); natural (one client per user of the "
+    "dataset, e.g. celeb_a's identities; --num_clients must be their number).")
 _ALPHA = flags.DEFINE_float("dirichlet_alpha", 0.5, "Label skew of the dirichlet splits.")
 _ROUNDS = flags.DEFINE_integer("rounds", 100, "Federated rounds.")
 _PER_ROUND = flags.DEFINE_integer(

@@ -47,7 +47,7 @@ from dpfed.train.workdir import (
 )
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-PARTITIONS = ("iid", "dirichlet", "dirichlet_mix")
+PARTITIONS = ("iid", "dirichlet", "dirichlet_mix", "natural")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,23 @@ def make_model(config: FedAvgClassifierConfig, num_classes: int) -> nn.Module:
 
 
 def federate(config: FedAvgClassifierConfig, train: data_lib.ImageDataset) -> ClientData:
-    """Splits the training set into `num_clients` clients (IID or label-skewed by alpha)."""
+    """Splits the training set into `num_clients` clients: IID, label-skewed by alpha, or
+    one client per natural user of the dataset (`user_ids`, e.g. CelebA's identities).
+
+    Raises:
+      ConfigError: naming "partition" for a natural split of a dataset without users, or
+        "num_clients" when it is not that dataset's number of users or a split fails.
+    """
+    if config.partition == "natural":
+        if train.user_ids is None:
+            raise ConfigError(
+                "partition", f"natural needs a dataset with users (celeb_a); "
+                f"{config.dataset} has none: use iid, dirichlet or dirichlet_mix")
+        parts = data_lib.partition_natural(train.user_ids)
+        require(len(parts) == config.num_clients, "num_clients",
+                f"--partition=natural gives one client per user: {config.dataset} has "
+                f"{len(parts)} users in its train split")
+        return from_federated(data_lib.to_federated(train.images, train.labels, parts))
     try:
         if config.partition == "iid":
             parts = data_lib.partition_iid(train.num_examples, config.num_clients, config.seed)

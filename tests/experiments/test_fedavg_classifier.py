@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 
@@ -182,6 +183,43 @@ def test_a_dirichlet_split_with_empty_clients_points_to_dirichlet_mix():
         f"no per-class draw leaves 400 clients non-empty; name the way out: {error.value}")
     mix = classifier.federate(dataclasses.replace(config, partition="dirichlet_mix"), train)
     assert int(mix.counts.min()) >= train.num_examples // 400, "dirichlet_mix: equal shares"
+
+
+def _with_users(users):
+    digits = data.load("digits", "train")
+    n = len(users)
+    return data.ImageDataset(digits.images[:n], digits.labels[:n], 10, "digits",
+                             user_ids=np.asarray(users, np.int32))
+
+
+def test_a_natural_partition_gives_each_user_one_client_of_their_own_images():
+    # User-level DP means one client per person: CelebA's identities, not an IID slice.
+    users = [7, 3, 7, 9, 3, 7, 9, 9, 9]
+    train = _with_users(users)
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", num_clients=3, partition="natural", clients_per_round=2,
+        noise_multiplier=1.0)
+    clients = classifier.federate(config, train)
+    assert clients.counts.tolist() == [2, 3, 4], f"users 3, 7, 9 hold 2, 3, 4: {clients.counts}"
+    images = clients.arrays[0]
+    for client, user in enumerate([3, 7, 9]):
+        own = train.images[np.asarray(users) == user]
+        np.testing.assert_array_equal(images[client, :len(own)], own,
+                                      err_msg=f"client {client} must hold user {user}'s images")
+
+
+@pytest.mark.parametrize("users,num_clients,field", [
+    (None, 3, "partition"),  # the dataset has no users
+    ([1, 1, 2, 2], 3, "num_clients"),  # 2 users, 3 clients asked for
+])
+def test_a_natural_partition_needs_users_and_their_number(users, num_clients, field):
+    train = data.load("digits", "train") if users is None else _with_users(users)
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", num_clients=num_clients, partition="natural", clients_per_round=2,
+        noise_multiplier=1.0)
+    with pytest.raises(ConfigError) as error:
+        classifier.federate(config, train)
+    assert error.value.field == field, f"the error must name --{field}: {error.value}"
 
 
 def test_unknown_conv_names_the_flag():
