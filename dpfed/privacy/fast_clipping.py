@@ -205,7 +205,9 @@ def check_examples_independent(
     ordered pair of examples differs in some bit, so 2 ceil(log2 B) passes find any
     pair joined by a float path, at these params. Not found: dependence through integer
     leaves alone (e.g. a loss weighted by the batch's label counts), or through a path
-    whose derivative is exactly 0 at these values.
+    whose derivative is exactly 0 at these values. A NaN tangent counts as a move (it
+    can come from an example's own primal, e.g. sqrt at 0: then the check refuses a
+    model that does not mix; `clipped_grad_sum` remains).
 
     Raises:
       ValueError: an example's loss moves with other examples (the message names one),
