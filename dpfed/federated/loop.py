@@ -102,6 +102,7 @@ def run_rounds(
     on_resume: Callable[[ServerState], ServerState] | None = None,
     diagnose: Callable[[ServerState], dict[str, Any]] | None = None,
     started: float | None = None,
+    release_ledger: Callable[[ServerState], privacy.PrivacyLedger] | None = None,
 ) -> LoopResult:
     """Runs (or resumes) `rounds` rounds of `engine` from `state`.
 
@@ -130,6 +131,9 @@ def run_rounds(
       diagnose: `diagnose(state) -> dict` of figures computed from raw client data
         (e.g. per-client accuracies); logged to diagnostics.jsonl with the round's
         diagnostics, never to metrics.jsonl.
+      release_ledger: `release_ledger(state)`, the ledger that counts the releases up to
+        `state` where it is not `ledger` (DPD-fVAE's local DP: the worst client's); it
+        is written as ledger.json before each metrics record (`Workdir.append_release`).
       started: when this invocation of the trainer began (`time.time()`; default: now),
         so the run's wall time (`LoopResult.clock`, saved with every checkpoint) counts
         its set-up too.
@@ -178,7 +182,8 @@ def run_rounds(
                     **_floats(metrics.diagnostics),
                     **(diagnose(state) if diagnose is not None else {}),
                 }
-                workdir.append_metrics(record)
+                workdir.append_release(
+                    record, ledger if release_ledger is None else release_ledger(state))
                 workdir.append_diagnostics(diagnostics)
                 if nonfinite_seen is None and diagnostics.get("nonfinite_updates", 0) > 0:
                     nonfinite_seen = done

@@ -793,7 +793,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
         log=log, config=config,
         extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
-        on_resume=trainer.adopt_budgets if trainer.has_client_state else None, started=started)
+        on_resume=trainer.adopt_budgets if trainer.has_client_state else None, started=started,
+        release_ledger=(lambda state: local_ledger(
+            config, trainer.counts, trainer.participations(state), trainer.budgets,
+            noise_multiplier)) if config.dp == "local" else None)
     participations = trainer.participations(result.state)
     if config.dp == "local":
         ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,

@@ -379,7 +379,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
                 record = {"step": done, "test_accuracy": accuracy, "test_loss": loss,
                           "epsilon_rdp": eps}
                 watch.check(state["params"], record, done)
-                wd.append_metrics(record)
+                wd.append_release(record, ledger)
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)

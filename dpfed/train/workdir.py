@@ -457,6 +457,18 @@ class Workdir:
         self._append(METRICS_FILE, record)
         self._metrics_records = count + 1
 
+    def append_release(self, record: dict, ledger: Any | None) -> None:
+        """Writes `ledger` (a `PrivacyLedger` that counts `record`'s release; None for a
+        non-private run) as ledger.json, then appends `record` to metrics.jsonl.
+
+        A kill between any two writes thus leaves a ledger.json that covers every record
+        of metrics.jsonl. This copy's eps is RDP only (its PLD eps takes ~0.5 s): the
+        run's end writes ledger.json again, with both.
+        """
+        if ledger is not None:
+            self.write_json(LEDGER_FILE, ledger.to_json(with_pld=False))
+        self.append_metrics(record)
+
     @property
     def metrics_records(self) -> int:
         """How many records `metrics.jsonl` holds (read once, then counted as appended):

@@ -17,6 +17,11 @@ from dpfed.train.config import ConfigError
 from dpfed.train.workdir import RAW_LOG_PREFIX, Workdir, dumps
 from tests import dispatch
 from tests.federated import toy
+from tests.killed import (
+    KilledAtRelease,
+    assert_ledger_json_covers_metrics,
+    kill_after_metrics_record,
+)
 
 
 def engine():
@@ -49,6 +54,29 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert resumed.ledger.to_json() == whole.ledger.to_json(), "ledgers must match"
     rounds = [r["round"] for r in Workdir(tmp_path / "split").read_metrics()]
     assert rounds == [2, 4, 6], f"metrics must not repeat rounds after a resume: {rounds}"
+
+
+def test_a_run_extended_then_killed_leaves_a_ledger_json_of_every_logged_round(
+        tmp_path, monkeypatch):
+    # ledger.json used to be written at a run's end only: a finished run extended with
+    # more rounds and killed after logging round 5 (checkpoint 4) kept the ledger.json of
+    # its first end (2 rounds) beside records of rounds 3-5 at a higher eps.
+    eng = engine()
+    run(eng, tmp_path, rounds=2, eval_every=1)
+    with monkeypatch.context() as patch:
+        kill_after_metrics_record(patch, "round", 5)
+        with pytest.raises(KilledAtRelease):
+            run(eng, tmp_path, rounds=8, eval_every=1)
+    assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp")
+
+
+def test_the_ledger_json_of_a_run_is_its_release_ledger_where_one_is_given(tmp_path):
+    # DPD-fVAE's local DP: the ledger of the releases is the worst client's, not `ledger`.
+    eng, own = engine(), ledger()
+    own.metadata["whose"] = "the hook's"
+    run(eng, tmp_path, rounds=2, release_ledger=lambda state: own)
+    written = Workdir(tmp_path).read_json_object("ledger.json")
+    assert written["metadata"] == {"whose": "the hook's"}, f"ledger.json: {written}"
 
 
 def test_a_resumed_runs_clock_counts_the_invocation_up_to_its_checkpoint(tmp_path):

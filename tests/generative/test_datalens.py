@@ -24,7 +24,13 @@ from dpfed.models.datalens_nets import TeacherDiscriminator
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.workdir import Workdir
 from tests import delta_warning, dispatch
-from tests.killed import KilledAtRelease, kill_at_release_write, releases_in_ledger_json
+from tests.killed import (
+    KilledAtRelease,
+    assert_ledger_json_covers_metrics,
+    kill_after_metrics_record,
+    kill_at_release_write,
+    releases_in_ledger_json,
+)
 
 TINY = datalens.DataLensConfig(
     dataset="digits",
@@ -374,6 +380,16 @@ def test_a_kill_while_writing_the_generator_leaves_a_ledger_of_every_step(
         _train(tmp_path, "killed", vote_scope="batch")
     assert releases_in_ledger_json(tmp_path / "killed") == TINY.steps, (
         "the generator was written before ledger.json held its steps' aggregations")
+
+
+def test_a_kill_after_a_logged_step_leaves_a_ledger_json_that_counts_it(
+    tmp_path, monkeypatch
+):
+    # Before, ledger.json was written at the run's end only.
+    kill_after_metrics_record(monkeypatch, "step", 3)
+    with pytest.raises(KilledAtRelease):
+        _train(tmp_path, "killed", vote_scope="batch", eval_every=1)
+    assert_ledger_json_covers_metrics(tmp_path / "killed", "epsilon_rdp")
 
 
 def test_batch_scope_records_one_event_per_step(tmp_path):

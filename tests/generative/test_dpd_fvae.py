@@ -25,6 +25,11 @@ from dpfed.train.workdir import (
     REPORT_FILE,
     Workdir,
 )
+from tests.killed import (
+    KilledAtRelease,
+    assert_ledger_json_covers_metrics,
+    kill_after_metrics_record,
+)
 
 _ONE_DEVICE = client_mesh(jax.devices()[:1])  # small tests: no 8-way replication
 _CONFIG = dpd_fvae.DpdFvaeConfig(
@@ -508,3 +513,14 @@ def test_config_defaults_are_the_papers_mnist_setting():
            config.optimizer, config.learning_rate, config.sync)
     want = (8, (32, 64), (64, 32), 0.01, "adam", 1e-3, "d")
     assert got == want, f"DPD-fVAE defaults {got}, the paper's are {want}"
+
+
+def test_a_local_run_killed_after_a_logged_round_leaves_a_ledger_json_that_counts_it(
+        tmp_path, monkeypatch):
+    # Local DP's ledger is the worst client's, built from the participation counts; it
+    # used to be written at the run's end only.
+    config = dataclasses.replace(_CONFIG, rounds=3, dp="local", noise_multiplier=1.0)
+    kill_after_metrics_record(monkeypatch, "round", 2)
+    with pytest.raises(KilledAtRelease):
+        dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp_worst_client", rel=1e-12)

@@ -15,6 +15,11 @@ from dpfed.train import dpsgd
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import EVAL_BEGIN, EVAL_END, Workdir
 from tests import delta_warning, dispatch
+from tests.killed import (
+    KilledAtRelease,
+    assert_ledger_json_covers_metrics,
+    kill_after_metrics_record,
+)
 
 
 def _tiny(n=8, seed=0):
@@ -356,3 +361,14 @@ def test_nodp_run_writes_no_ledger_and_claims_no_privacy(tmp_path):
     records = Workdir(tmp_path).read_metrics()
     assert [r["epsilon_rdp"] for r in records] == [None, None], records
     assert "no privacy guarantee" in (tmp_path / "report.md").read_text()
+
+
+def test_a_kill_after_a_logged_step_leaves_a_ledger_json_that_counts_it(tmp_path, monkeypatch):
+    # Before, ledger.json was written at the run's end only: a killed run's logged steps
+    # had no ledger.json (or, extended from a finished run, that run's smaller one).
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=4, batch_size=16,
+                               noise_multiplier=1.0, eval_every=1, checkpoint_every=2)
+    kill_after_metrics_record(monkeypatch, "step", 3)
+    with pytest.raises(KilledAtRelease):
+        dpsgd.train(config, tmp_path, log=lambda _: None)
+    assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp")

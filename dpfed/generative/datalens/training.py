@@ -492,7 +492,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 record = {"step": done, "epsilon_rdp": eps, "aggregations": ledger.num_releases}
                 record.update({k: float(v) for k, v in metrics.items()})
                 watch.check(state["generator"]["params"], record, done)
-                wd.append_metrics(record)
+                wd.append_release(record, ledger)
             preempted = preemption.reached()
             if done % config.checkpoint_every == 0 or done == last_step or preempted:
                 save(done)
