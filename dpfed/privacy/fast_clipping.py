@@ -198,21 +198,27 @@ def check_examples_independent(
     path itself can see it. Call this once, with the params and a batch of the shape
     training uses, before training with the fast path.
 
-    For each bit k of the example index and each side (set, clear), one forward-mode
-    pass puts random tangents on the float leaves of `batch` and on every Dense/Conv
-    output, for the examples on that side only; the loss tangent of every other example
-    must be exactly 0 (a path that does not mix examples carries exact zeros). Every
-    ordered pair of examples differs in some bit, so 2 ceil(log2 B) passes find any
-    pair joined by a float path, at these params. Not found: dependence through integer
-    leaves alone (e.g. a loss weighted by the batch's label counts), or through a path
-    whose derivative is exactly 0 at these values. A NaN tangent counts as a move (it
-    can come from an example's own primal, e.g. sqrt at 0: then the check refuses a
-    model that does not mix; `clipped_grad_sum` remains).
+    For each bit k of the example index and each side (set, clear), two passes touch
+    the examples on that side only, and every other example's loss must not move:
+    - forward mode: random tangents on the float leaves of `batch` and on every
+      Dense/Conv output; the other examples' loss tangents must be exactly 0 (a path
+      that does not mix examples carries exact zeros);
+    - values: the side's examples take the values of their neighbours in the batch
+      (every leaf, integer ones too, rolled by one); the other examples' losses must be
+      bit-identical. This sees what has no derivative: `stop_gradient` on batch
+      statistics, masks from comparisons, a loss weighted by the batch's label counts.
+    Every ordered pair of examples differs in some bit, so 4 ceil(log2 B) passes find
+    any pair joined by a path with a non-zero derivative at these params, or whose
+    values move these losses. Not found: a dependence that neither a tangent nor these
+    particular values reveal (e.g. a gate that is exactly zero at these params). A NaN
+    tangent counts as a move (it can come from an example's own primal, e.g. sqrt at 0:
+    then the check refuses a model that does not mix; `clipped_grad_sum` remains).
 
     Raises:
       ValueError: an example's loss moves with other examples (the message names one),
-        the losses are not finite (then nothing can be concluded), or the leaves of
-        `batch` do not share a leading batch axis.
+        the losses are not finite (then nothing can be concluded), a layer's input does
+        not lead with the batch axis, or the leaves of `batch` do not share one.
+      NotImplementedError: a layer the fast path does not support (`_check_layers`).
     """
     leaves, treedef = jax.tree.flatten(batch)
     batch_size = leaves[0].shape[0] if leaves else 0
@@ -222,6 +228,7 @@ def check_examples_independent(
         return
     floating = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
     layers = _record_layers(batch_loss_fn, params, batch)
+    _check_layers(layers, batch_size)
 
     def losses(params, float_leaves, other_leaves, perturbations):
         floats, others = iter(float_leaves), iter(other_leaves)
@@ -240,10 +247,22 @@ def check_examples_independent(
         tangents = jax.tree.map(tangent, primals)
         return jax.jvp(lambda f, p: losses(params, f, other_leaves, p), primals, tangents)
 
+    @jax.jit
+    def losses_with_side_rolled(params, leaves, side):
+        def rolled(x):
+            on = side.reshape((batch_size,) + (1,) * (x.ndim - 1))
+            return jnp.where(on, jnp.roll(x, 1, axis=0), x)
+
+        batch = jax.tree.unflatten(treedef, [rolled(x) for x in leaves])
+        return _run(batch_loss_fn, params, batch, None)[0]
+
     float_leaves = [leaf for leaf, f in zip(leaves, floating, strict=True) if f]
     other_leaves = [leaf for leaf, f in zip(leaves, floating, strict=True) if not f]
     index = np.arange(batch_size)
     key = jax.random.key(seed)
+    # The same program as the rolled passes (the side is an argument), so that only the
+    # values can differ, not the rounding of another fusion.
+    base = np.asarray(losses_with_side_rolled(params, leaves, jnp.zeros(batch_size, bool)))
     for bit in range((batch_size - 1).bit_length()):
         for value in (1, 0):
             side = (index >> bit) & 1 == value
@@ -251,10 +270,12 @@ def check_examples_independent(
             values, moved = loss_tangents(
                 params, float_leaves, other_leaves, jnp.asarray(side), side_key
             )
-            if not np.all(np.isfinite(np.asarray(values))):
+            values = np.asarray(values)
+            if not np.all(np.isfinite(values)):
                 raise ValueError("the losses are not finite: independence cannot be checked")
+            changed = np.asarray(losses_with_side_rolled(params, leaves, jnp.asarray(side)))
             moved = np.asarray(moved)
-            hit = np.flatnonzero(~side & ~(moved == 0))
+            hit = np.flatnonzero(~side & (~(moved == 0) | (changed != base)))
             if hit.size:
                 sources = np.flatnonzero(side)
                 raise ValueError(

@@ -133,13 +133,14 @@ def check_fast_clipping_applies(
     `physical_batch` examples, `fast_clipping.check_examples_independent`).
 
     Raises:
-      ConfigError: on field "clipping", naming an example whose loss moves with others.
+      ConfigError: on field "clipping", naming an example whose loss moves with others
+        (or a layer the fast path does not support).
     """
     size = min(physical_batch(config), len(labels))
     batch = (jnp.asarray(images[:size]), jnp.asarray(labels[:size]))
     try:
         fast_clipping.check_examples_independent(batch_loss(model), params, batch)
-    except ValueError as error:
+    except (ValueError, NotImplementedError) as error:
         raise ConfigError(
             "clipping", f"fast clipping cannot clip {config.model}: {error}"
         ) from error

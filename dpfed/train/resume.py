@@ -77,8 +77,9 @@ def resume_or_start(
     not replay them all (a lower `total` or target), or would replay them with another
     mechanism, would leave releases in no ledger: refused, and the logs are left alone.
     The eps each record logged must be what the restored (or fresh) ledger gives at its
-    step, and with no checkpoint left, ledger.json of a finished invocation must have
-    this run's mechanism: else the checkpoint is another run's, or the replay is not.
+    step, and with no checkpoint left, ledger.json (written at every evaluation and at
+    an invocation's end) must have this run's mechanism: else the checkpoint is another
+    run's, or the replay is not.
 
     Args:
       checkpointer: the run's checkpoints (`workdir/checkpoints`).
@@ -251,8 +252,9 @@ def _refuse_replay_of_another_ledger_json(workdir: Workdir, ledger: privacy.Priv
     """Raises if ledger.json, left with no checkpoint, was made with another mechanism.
 
     A rerun with no checkpoint replays from step 0 with `ledger`'s mechanism: the same
-    releases as the ledger.json of the invocation that finished here only if that one
-    ran with the same metadata and never changed it on a resume (`changed_on_resume`).
+    releases as the ledger.json an invocation wrote here (at its end, or at an
+    evaluation before it was killed) only if that one ran with the same metadata and
+    never changed it on a resume (`changed_on_resume`).
     """
     path = workdir.file(LEDGER_FILE)
     if not path.exists():

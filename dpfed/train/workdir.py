@@ -67,7 +67,7 @@ DIAGNOSTICS_NOTE = (
     f"report."
 )
 SUMMARY_FILE = "summary.json"
-LEDGER_FILE = "ledger.json"  # written when an invocation ends
+LEDGER_FILE = "ledger.json"  # before each metrics record (RDP only) and at the end
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.json"
 # Config fields a resumed run may change: how long it runs and how often it reports.

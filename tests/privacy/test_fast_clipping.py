@@ -464,3 +464,48 @@ def test_the_independence_check_finds_mixing_after_integer_inputs():
 
     with pytest.raises(ValueError, match="loss moves with the values of other examples"):
         check_examples_independent(losses, params, tokens)
+
+
+class _StopGradientCentred(nn.Module):
+    """Batch centring whose statistics carry no derivative: invisible to tangents."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.tanh(nn.Dense(5)(x.reshape(x.shape[0], -1)))
+        return nn.Dense(3)(h - jax.lax.stop_gradient(h.mean(0)))
+
+
+def test_the_independence_check_finds_mixing_without_a_derivative():
+    # Tangents see nothing here, yet example b's gradient moves with the others' values
+    # (a review measured one example moving the fast clipped sum by 1.145 C).
+    model = _StopGradientCentred()
+    images, labels = _images_and_labels(6)
+    params = model.init(jax.random.key(0), images)
+    with pytest.raises(ValueError, match="loss moves with the values of other examples"):
+        check_examples_independent(_losses(model)[0], params, (images, labels))
+
+
+def test_the_independence_check_finds_a_loss_weighted_by_the_batch_labels():
+    # Integer leaves carry no tangent: only the values pass sees a class-balanced loss.
+    model = models.get_classifier("logreg", 4)
+    images, labels = _images_and_labels(8)
+    params = model.init(jax.random.key(0), images[:1])
+
+    def balanced(p, b):
+        counts = jnp.sum(jax.nn.one_hot(b[1], 4), axis=0)
+        return _losses(model)[0](p, b) / counts[b[1]]
+
+    with pytest.raises(ValueError, match="loss moves with the values of other examples"):
+        check_examples_independent(balanced, params, (images, labels))
+
+
+def test_the_independence_check_names_a_layer_off_the_batch_axis():
+    model = nn.Sequential([lambda x: x.reshape(-1, 18), nn.Dense(3)])
+    images, labels = _images_and_labels(4)  # 4 x 36 values -> 8 rows of 18
+    params = model.init(jax.random.key(0), images)
+
+    def losses(p, b):
+        return jnp.sum(model.apply(p, b[0]).reshape(4, -1) ** 2, axis=-1)
+
+    with pytest.raises(ValueError, match="is not the batch axis"):
+        check_examples_independent(losses, params, (images, labels))
