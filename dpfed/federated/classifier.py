@@ -347,8 +347,8 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         other = ", ".join(f"{int(n):,} users: eps {upper(e['rdp'])} (PLD {upper(e['pld'])})"
                           for n, e in summary["epsilon_same_noise_if_users"].items())
         privacy_line = (
-            f"({privacy.format_upper(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
-            f"(PLD: eps = {privacy.format_upper(summary['epsilon_pld'])}); unit: one **user** "
+            f"({upper(summary['epsilon_rdp'])}, {config.delta:g})-DP by RDP "
+            f"(PLD: eps = {upper(summary['epsilon_pld'])}); unit: one **user** "
             f"({config.num_clients} users); {config.sampling} sampling of "
             f"{config.clients_per_round} clients per round, noise multiplier "
             f"{summary['noise_multiplier']:.4g}, clip {config.l2_clip:g}"

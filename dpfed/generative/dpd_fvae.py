@@ -784,6 +784,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
                 "clients_out_of_budget": int(np.sum(participations >= trainer.budgets)),
                 LOCAL_NOISE_KEY: noise_multiplier}
 
+    def worst_client_ledger(state: ServerState) -> privacy.PrivacyLedger:  # local DP
+        return local_ledger(config, trainer.counts, trainer.participations(state),
+                            trainer.budgets, noise_multiplier)
+
     if config.dp == "local":
         refuse_logs_of_other_local_noise(wd, noise_multiplier)
 
@@ -794,15 +798,9 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         log=log, config=config,
         extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
         on_resume=trainer.adopt_budgets if trainer.has_client_state else None, started=started,
-        release_ledger=(lambda state: local_ledger(
-            config, trainer.counts, trainer.participations(state), trainer.budgets,
-            noise_multiplier)) if config.dp == "local" else None)
+        release_ledger=worst_client_ledger if config.dp == "local" else None)
     participations = trainer.participations(result.state)
-    if config.dp == "local":
-        ledger = local_ledger(config, trainer.counts, participations, trainer.budgets,
-                              noise_multiplier)
-    else:
-        ledger = result.ledger
+    ledger = worst_client_ledger(result.state) if config.dp == "local" else result.ledger
     ledger_json = ledger.to_json() if ledger is not None else None
     if ledger_json is not None:
         wd.write_json(LEDGER_FILE, ledger_json)

@@ -241,8 +241,7 @@ def check_examples_independent(
         keys = iter(jax.random.split(key, len(primals[0]) + len(primals[1])))
 
         def tangent(x):
-            on = side.reshape((batch_size,) + (1,) * (x.ndim - 1))
-            return jnp.where(on, jax.random.normal(next(keys), x.shape, x.dtype), 0)
+            return jnp.where(_on_side(side, x), jax.random.normal(next(keys), x.shape, x.dtype), 0)
 
         tangents = jax.tree.map(tangent, primals)
         return jax.jvp(lambda f, p: losses(params, f, other_leaves, p), primals, tangents)
@@ -250,8 +249,7 @@ def check_examples_independent(
     @jax.jit
     def losses_with_side_rolled(params, leaves, side):
         def rolled(x):
-            on = side.reshape((batch_size,) + (1,) * (x.ndim - 1))
-            return jnp.where(on, jnp.roll(x, 1, axis=0), x)
+            return jnp.where(_on_side(side, x), jnp.roll(x, 1, axis=0), x)
 
         batch = jax.tree.unflatten(treedef, [rolled(x) for x in leaves])
         return _run(batch_loss_fn, params, batch, None)[0]
@@ -285,6 +283,11 @@ def check_examples_independent(
                     "norms from one batched pass are not the examples' own; use the "
                     "per-example clipping (clipping='vmap')"
                 )
+
+
+def _on_side(side: jax.Array, x: jax.Array) -> jax.Array:
+    """The [B] mask `side` shaped to broadcast over `x`'s per-example axes."""
+    return side.reshape(side.shape + (1,) * (x.ndim - 1))
 
 
 def _layer_factors(layer: _Layer) -> jax.Array:
