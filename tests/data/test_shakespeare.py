@@ -142,3 +142,41 @@ def test_min_lines_keeps_roles_with_exactly_that_many_lines():
     assert 20 in sizes.values(), "the boundary must be exercised"
     expected = sorted(client for client, n in sizes.items() if n >= 20)
     assert data.load_shakespeare(min_lines=20).client_ids == expected, "min_lines is inclusive"
+
+
+def test_spellings_of_one_speaker_name_are_one_role():
+    play = "**Nurse**\nAy.\n\n**NURSE**  \nNo.\n\n**ROSENCRANTZ: & GUILDENSTERN:**\nWe will.\n"
+    roles = [role for role, _ in shakespeare.parse_play(play)]
+    assert roles == ["NURSE", "NURSE", "ROSENCRANTZ & GUILDENSTERN"], (
+        f"spellings of one name became the roles {roles}: one role would be two clients"
+    )
+
+
+def test_a_name_broken_over_two_lines_is_joined_and_is_not_speech():
+    play = (
+        "**GLOUCESTER**\nWho speaks?\nBISHOP\n\n**OF WINCHESTER**  \nI do.\nGhost\n\n"
+        "**of BUCKINGHAM**\nDespair.\n\n**ANTIPHOLUS**\nLet us in.\nOF EPHESUS\n\n**LUCE**\nNo.\n"
+    )
+    lines = list(shakespeare.parse_play(play))
+    assert lines == [
+        ("GLOUCESTER", "Who speaks?"),
+        ("BISHOP OF WINCHESTER", "I do."),
+        ("GHOST OF BUCKINGHAM", "Despair."),
+        ("ANTIPHOLUS OF EPHESUS", "Let us in."),
+        ("LUCE", "No."),
+    ], f"parsed {lines}: a name's first or last part was taken as the speech of another role"
+
+
+def test_no_play_has_two_clients_of_one_speaker_name(plays):
+    roles = collections.Counter(
+        (play, shakespeare.role_name(role)) for play, role in plays.client_ids
+    )
+    twice = [client for client, count in roles.items() if count > 1]
+    assert not twice, f"{twice} are two clients each: one user's lines in two clients"
+    assert ("cymbeline", "POSTHUMUS LEONATUS") in plays.client_ids, "Posthumus is missing"
+
+
+def test_misspelt_speaker_names_are_mended():
+    roles = {role for _, role in shakespeare._all_role_lines()}
+    for wrong in ("SU FFOLK", "POMPHEY", "KATARINA", "FIRST MURDER"):
+        assert wrong not in roles, f"{wrong!r} is a role of its own beside its right spelling"
