@@ -236,12 +236,15 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "clients_per_round",
             f"must be <= the {len(group_texts)} clients of the {name} group",
         )
-        ids, counts = fedlm.client_sequences(
-            group_texts, char_vocab, config.seq_len, config.max_seqs
-        )
         # A client keeps the whole lines that fit in seq_len x max_seqs chars: none when
         # its first line is longer. Such a client trains on nothing (a zero update).
-        empty, window = int(np.sum(counts == 0)), config.seq_len * config.max_seqs
+        window = config.seq_len * config.max_seqs
+        kept = [fedlm.truncate_lines(text, window) for text in group_texts]
+        kept_fraction = sum(map(len, kept)) / max(sum(map(len, group_texts)), 1)
+        log(f"{selection.RAW_LOG_PREFIX}the {name} group's LM trains on {kept_fraction:.1%} "
+            f"of its clients' text (the whole lines that fit in {window} chars a client)")
+        ids, counts = fedlm.client_sequences(kept, char_vocab, config.seq_len, config.max_seqs)
+        empty = int(np.sum(counts == 0))
         require(
             empty < len(counts),
             "max_seqs",
@@ -271,7 +274,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         )
         lines = fedlm.decode_lines(np.asarray(sampled), char_vocab)
         stats = fedlm.token_stats(lines, word_vocab, config.top_k)
-        real = fedlm.token_stats(group_texts, word_vocab, config.top_k)
+        real = fedlm.token_stats(kept, word_vocab, config.top_k)  # The text it trained on.
         samples[name] = lines
         # Group sizes are released without noise, though they count users whose raw OOV
         # rate passes a threshold: the group's accounting needs them (q = m / N, in its
@@ -292,6 +295,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "client_oov_rate_mean": float(np.mean(oov_rates[members[name]])),
             "real_oov_rate": real.oov_rate,
             "real_glued_rate": real.glued_rate,
+            "kept_char_fraction": kept_fraction,
         }
     diagnostics = {
         "note": selection.DIAGNOSTICS_JSON_NOTE,
@@ -418,8 +422,9 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
     truth_table = [
         ("truly buggy clients", "buggy_client_fraction"),
         ("mean client OOV rate (on device)", "client_oov_rate_mean"),
-        ("OOV rate of the group's real text", "real_oov_rate"),
-        ("glued-token rate of the group's real text", "real_glued_rate"),
+        ("OOV rate of the real text the LM trains on", "real_oov_rate"),
+        ("glued-token rate of the real text the LM trains on", "real_glued_rate"),
+        ("share of the group's text the LM trains on", "kept_char_fraction"),
     ]
     truth_rows = "\n".join(
         f"| {label} | {truth_high[key]:.3f} | {truth_low[key]:.3f} |" for label, key in truth_table

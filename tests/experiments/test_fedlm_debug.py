@@ -22,6 +22,7 @@ RAW_GROUP_KEYS = (
     "client_oov_rate_mean",
     "real_oov_rate",
     "real_glued_rate",
+    "kept_char_fraction",
 )
 RAW_KEYS = (
     *RAW_GROUP_KEYS,
@@ -119,6 +120,17 @@ def test_diagnostics_json_holds_the_ground_truth_labelled_as_not_a_release(tiny_
     assert diagnostics["low_threshold"] < diagnostics["high_threshold"], (
         "diagnostics.json must hold the quantile thresholds the split used"
     )
+
+
+def test_diagnostics_say_how_much_of_each_groups_text_the_lm_trains_on(tiny_run):
+    workdir, _ = tiny_run
+    groups = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)["groups"]
+    # TINY's clients have >= 200 lines each, and a client keeps what fits in 16 x 4 chars.
+    kept = {name: group["kept_char_fraction"] for name, group in groups.items()}
+    assert all(0 < share < 0.05 for share in kept.values()), (
+        f"clients of 200+ lines keep at most 64 chars each, yet the kept shares are {kept}")
+    report = (workdir / "report.md").read_text()
+    assert "share of the group's text the LM trains on" in report, "the report hides the share"
 
 
 def test_report_shows_ground_truth_only_in_its_own_section_after_the_releases(tiny_run):
