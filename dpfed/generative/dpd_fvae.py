@@ -471,7 +471,8 @@ def resume_noise_multiplier(
 
 
 def refuse_logs_of_other_local_noise(workdir: Workdir, noise_multiplier: float) -> None:
-    """Raises unless every local-DP record in metrics.jsonl was made with `noise_multiplier`.
+    """Raises unless every local-DP release logged (`Workdir.read_released`) was made with
+    `noise_multiplier`.
 
     A resumed local run keeps its checkpoint's z (`resume_noise_multiplier`); with the
     checkpoints gone, z is calibrated afresh from this invocation's flags, and differs
@@ -482,7 +483,7 @@ def refuse_logs_of_other_local_noise(workdir: Workdir, noise_multiplier: float) 
     Raises:
       ConfigError: naming "workdir", with the logged and the new z.
     """
-    for record in workdir.read_metrics():
+    for record in workdir.read_released("round"):
         logged = record.get(LOCAL_NOISE_KEY)
         if logged is not None and logged != noise_multiplier:
             raise ConfigError(

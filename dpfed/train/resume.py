@@ -106,14 +106,14 @@ def resume_or_start(
       ValueError: the checkpoint holds a ledger and `ledger` is None or vice versa.
     """
     resuming = checkpointer.latest_step() is not None
-    records = workdir.read_metrics()
+    records = workdir.read_released(key)  # with those a killed replay had not logged again
     logged = max((r[key] for r in records if key in r), default=0)
     # No checkpoint, but releases of an earlier invocation: this run replays them.
     replaying = not resuming and (logged > 0 or any(
         workdir.file(name).exists() for name in (LEDGER_FILE, SUMMARY_FILE)))
     if config is not None:
         resumable = RESUMABLE_FIELDS if resuming else frozenset()
-        workdir.check_config(config, resuming or replaying, resumable, required=replaying)
+        workdir.check_config(config, resuming or replaying, resumable, required=True)
     step, earlier = 0, 0.0
     if resuming:
         state, extra = checkpointer.restore(state)
@@ -125,12 +125,15 @@ def resume_or_start(
                 f"{'non-private' if stored is None else 'private'} run; this run is "
                 f"{'non-private' if ledger is None else 'private'}"
             )
-        lost = _records_lost(records, extra, step, key)
+        lost = _records_lost(workdir.read_metrics(), extra, step, key)
         if ledger is not None:
             restored = privacy.PrivacyLedger.from_json(stored)
             now = _as_stored(ledger)
+            _refuse_other_accounting(restored, now, checkpointer.directory)
             changes = _mechanism_changes(restored, now)
-            _refuse_replay_with_other_noise(restored, changes, logged, step, key)
+            logger = _ledger_that_logged(workdir, restored)
+            _refuse_replay_with_other_noise(
+                logger, _mechanism_changes(logger, now), logged, step, key)
             if lost and changes:
                 _refuse_changes_over_lost_records(restored, changes, lost, step, key, workdir)
             ledger = _adopt_settings(restored, now, changes, step, key)
@@ -314,8 +317,41 @@ def _mechanism_changes(restored: privacy.PrivacyLedger, now: privacy.PrivacyLedg
     }
 
 
+def _refuse_other_accounting(
+    restored: privacy.PrivacyLedger, now: privacy.PrivacyLedger, checkpoints: pathlib.Path
+) -> None:
+    """Raises if the checkpoint's ledger counts another unit, relation or delta than this
+    run's: its eps would be reported under this run's terms (a delta changed with
+    config.json gone, say) though its events were accounted under its own."""
+    for name in ("unit", "neighboring_relation", "delta"):
+        if getattr(restored, name) != getattr(now, name):
+            raise ConfigError(
+                "delta" if name == "delta" else "workdir",
+                f"the ledger of the checkpoint in {checkpoints} has {name} "
+                f"{getattr(restored, name)!r}, this run {getattr(now, name)!r}: use the same "
+                "settings or a new workdir",
+            )
+
+
+def _ledger_that_logged(
+    workdir: Workdir, restored: privacy.PrivacyLedger
+) -> privacy.PrivacyLedger:
+    """The ledger of the invocation that logged the releases past the checkpoint.
+
+    ledger.json is written before every metrics record: where it holds more releases
+    than the checkpoint's ledger (`restored`), it is that invocation's, whose mechanism
+    may differ from the checkpoint's (a resume that recalibrated the noise, then was
+    killed before its next checkpoint). Else `restored`.
+    """
+    try:
+        written = privacy.PrivacyLedger.from_json(workdir.read_json_object(LEDGER_FILE))
+    except (OSError, ValueError, KeyError, TypeError):
+        return restored
+    return written if written.num_releases > restored.num_releases else restored
+
+
 def _refuse_replay_with_other_noise(
-    restored: privacy.PrivacyLedger, changes: dict, logged: int, step: int, key: str,
+    logger: privacy.PrivacyLedger, changes: dict, logged: int, step: int, key: str,
 ) -> None:
     """Raises if a resume would replay already-logged steps with another mechanism.
 
@@ -323,11 +359,13 @@ def _refuse_replay_with_other_noise(
     after its last checkpoint. Replaying those steps with the same round keys and the
     same mechanism reproduces them, so counting them once is right. With another
     noise multiplier the replay reuses their noise draws at another scale, and the
-    releases already logged would be in no ledger: refused. `logged` is the last step
-    (or round) in metrics.jsonl.
+    releases already logged would be in no ledger: refused. `logger` is the ledger
+    that logged them (`_ledger_that_logged`), `changes` this run's metadata that
+    differ from its, and `logged` the last step (or round) of every release logged
+    (`Workdir.read_released`).
     """
     if changes and logged > step:
-        old = ", ".join(f"{n}={restored.metadata.get(n)}" for n in sorted(changes))
+        old = ", ".join(f"{n}={logger.metadata.get(n)}" for n in sorted(changes))
         new = ", ".join(f"{n}={v}" for n, v in sorted(changes.items()))
         raise ConfigError(
             ", ".join(sorted(changes)),

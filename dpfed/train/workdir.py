@@ -70,6 +70,8 @@ SUMMARY_FILE = "summary.json"
 LEDGER_FILE = "ledger.json"  # before each metrics record (RDP only) and at the end
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.json"
+# Metrics records a resume dropped that its replay has not logged again (`truncate_logs`).
+UNREPLAYED_FILE = "unreplayed.jsonl"
 # Config fields a resumed run may change: how long it runs and how often it reports.
 # Any other change would continue a checkpoint under settings it was not trained with.
 RESUMABLE_FIELDS = frozenset(
@@ -408,17 +410,19 @@ class Workdir:
           ConfigError: `resuming` and a field outside `resumable` differs from the
             config.json of the run being resumed (named, with both values), so a changed
             flag never silently continues another run's checkpoint and ledger; or
-            config.json is unreadable, or missing where `required` (a killed run logged
-            releases and left no checkpoint: config.json alone says how they were made).
-            Otherwise a workdir from before config.json existed passes.
+            config.json is unreadable, or missing where `required` (a checkpoint or
+            releases of an earlier run are here: without config.json nothing checks the
+            flags they were made with, so a copied checkpoints/ would continue under any
+            flags). Otherwise a workdir from before config.json existed passes.
         """
         current = loads(dumps(dataclasses.asdict(config)))
         path = self.file(CONFIG_FILE)
         if resuming and required and not path.exists():
             raise ConfigError(
                 "workdir",
-                f"{path} is missing, and metrics.jsonl holds releases of a run that left no "
-                "checkpoint: nothing says how they were made. Restore it or use a new workdir",
+                f"{path} is missing, but {self.path} holds a checkpoint or releases of an "
+                "earlier run: nothing says with which settings they were made (was "
+                "checkpoints/ copied from another workdir?). Restore it or use a new workdir",
             )
         if resuming and path.exists():
             try:
@@ -489,15 +493,31 @@ class Workdir:
         """All records of `diagnostics.jsonl` in order; a torn last line is ignored."""
         return self._read(DIAGNOSTICS_FILE)
 
+    def read_released(self, key: str = "step") -> list[dict]:
+        """The records of every release logged here: metrics.jsonl's, then those of
+        `unreplayed.jsonl` past its last `key` (dropped by a resume, not yet logged again).
+        """
+        records = self.read_metrics()
+        logged = max((r[key] for r in records if key in r), default=0)
+        return records + [r for r in self._read(UNREPLAYED_FILE) if r.get(key, 0) > logged]
+
     def truncate_logs(self, after_step: int, key: str = "step") -> int:
         """Drops the records with `record[key] > after_step` from both logs.
 
         Call it on resume with the restored checkpoint's step, so records logged after
         that checkpoint by a killed run are not duplicated. Records without `key` stay.
+        The releases dropped (with those an earlier resume dropped and no replay has
+        logged again) go to `unreplayed.jsonl` first: if this run is killed before its
+        replay logs them again, the next resume still sees them (`read_released`), so
+        it must replay them too, with the same mechanism, or is refused.
 
         Returns:
           How many records of `metrics.jsonl` were dropped.
         """
+        unreplayed = [r for r in self.read_released(key) if r.get(key, 0) > after_step]
+        path = self.file(UNREPLAYED_FILE)
+        if unreplayed or path.exists():
+            atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in unreplayed))
         dropped = {}
         for name in (METRICS_FILE, DIAGNOSTICS_FILE):
             records = self._read(name)

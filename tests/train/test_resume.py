@@ -624,3 +624,68 @@ def test_a_resume_with_no_record_missing_finds_none_lost(tmp_path, before, after
     result = start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0), messages=messages)
     assert result.step == 4, "no record the checkpoint saw is missing: a new z may go on"
     assert not any("lost" in m for m in messages), f"nothing was lost: {messages}"
+
+
+def test_releases_a_killed_replay_had_not_logged_again_still_bind_the_next_resume(tmp_path):
+    # Run A logged steps 5-6 at z 1.5 past its checkpoint at 4. Run B resumed (truncating
+    # them) and was killed before its replay logged them again. Run C must still replay
+    # them at z 1.5: at z 1.2 it would release steps 5-6 twice, counted once.
+    Workdir(tmp_path).pin_config(Config(target_epsilon=6.0), resuming=False)
+    checkpoint(tmp_path, 4, _noise(1.5), logged_past=2)
+    start(tmp_path, _noise(1.5), config=Config(target_epsilon=6.0))  # B, then killed
+    assert [r["step"] for r in Workdir(tmp_path).read_metrics()] == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="up to step 6") as error:
+        start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0))
+    assert error.value.field == "noise_multiplier", (
+        f"steps 5-6 were released at z 1.5 and would be replayed at 1.2: {error.value}")
+    with pytest.raises(ConfigError, match="up to step 6"):  # nor may C end before them
+        start(tmp_path, _noise(1.5), config=Config(steps=5, target_epsilon=6.0))
+
+
+def test_releases_not_logged_again_bind_only_until_a_replay_logs_past_them(tmp_path):
+    Workdir(tmp_path).pin_config(Config(target_epsilon=10.0), resuming=False)
+    checkpoint(tmp_path, 4, _noise(1.5, target=10.0), logged_past=2)
+    start(tmp_path, _noise(1.5, target=10.0), config=Config(target_epsilon=10.0))
+    wd = Workdir(tmp_path)
+    for s in (5, 6, 7):  # the replay logs steps 5-7, then a checkpoint at 7
+        wd.append_metrics({"step": s})
+    Checkpointer(wd.file("checkpoints")).save(
+        7, state(7), {"ledger": ledger(releases=7).to_json(with_pld=False)})
+    result = start(tmp_path, _noise(1.2, target=10.0), config=Config(target_epsilon=10.0))
+    assert result.step == 7, "every logged release is covered by the checkpoint of step 7"
+    assert [r["step"] for r in wd.read_released()] == list(range(1, 8)), (
+        "steps 5-6 were logged again: they must not be released twice in the record")
+
+
+def test_logged_steps_are_replayed_with_the_noise_that_logged_them_not_the_checkpoints(
+    tmp_path,
+):
+    # A finished at step 4 with z 1.5; B extended it at z 1.2 (a recalibration from step
+    # 4), logged steps 5-6 (ledger.json: z 1.2) and was killed before a checkpoint. B's
+    # own command must resume: it replays them with the z that made them.
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(target_epsilon=6.0), resuming=False)
+    checkpoint(tmp_path, 4, _noise(1.5, target=5.0), logged_past=2)
+    b = _noise(1.2)
+    b.record(EVENT, 6)
+    wd.write_json("ledger.json", b.to_json(with_pld=False))
+    result = start(tmp_path, _noise(1.2), config=Config(target_epsilon=6.0))
+    assert result.step == 4, "B's command replays steps 5-6 with their own z"
+    with pytest.raises(ConfigError, match="noise_multiplier=1.2"):  # A's z would not
+        start(Workdir(tmp_path).path, _noise(1.5), config=Config(target_epsilon=6.0))
+
+
+def test_resume_without_config_json_is_refused(tmp_path):
+    # A copied checkpoints/ (or a deleted config.json) would continue under any flags.
+    checkpoint(tmp_path, 4, ledger(releases=4), logged_past=0)
+    with pytest.raises(ConfigError, match="config.json is missing") as error:
+        start(tmp_path, ledger(), config=Config(lr=0.5))
+    assert error.value.field == "workdir", error.value.field
+
+
+@pytest.mark.parametrize("name, value", [("delta", 1e-7), ("unit", "user")])
+def test_resume_with_a_ledger_of_other_accounting_terms_is_refused(tmp_path, name, value):
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    checkpoint(tmp_path, 4, ledger(releases=4), logged_past=0)
+    with pytest.raises(ConfigError, match=f"has {name}"):
+        start(tmp_path, dataclasses.replace(ledger(), **{name: value}))
