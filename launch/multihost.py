@@ -95,7 +95,11 @@ def slurm_script(args: argparse.Namespace) -> str:
     ]
     if args.partition:
         lines.append(f"#SBATCH --partition={args.partition}")
-    lines += ["", "srun bash -c " + shlex.quote(
+    # JAX's SLURM detection gives each process the GPU of its SLURM_LOCALID alone (with
+    # one task per node: GPU 0) unless JAX_LOCAL_DEVICE_IDS names them
+    # (jax/_src/distributed.py): every GPU of the node, one process.
+    gpus = ",".join(str(i) for i in range(args.gpus_per_node))
+    lines += ["", f"export JAX_LOCAL_DEVICE_IDS={gpus}", "srun bash -c " + shlex.quote(
         remote_python_command(args.repo_dir, args.module, args.flags))]
     return "\n".join(lines) + "\n"
 
@@ -244,8 +248,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             p.add_argument("--partition", default=None)
             p.add_argument("--job_name", default="dpfed")
     args = parser.parse_args(argv)
+    if "--dry_run" in args.flags:
+        parser.error("--dry_run must come before the module: after it, it is the module's "
+                     "flag, and the job would be launched")
     if args.target == "slurm" and args.nodes < 1:
         parser.error("--nodes must be >= 1")
+    if args.target == "slurm" and args.gpus_per_node < 1:
+        parser.error("--gpus_per_node must be >= 1")
     if args.target == "local" and args.num_processes < 1:
         parser.error("--num_processes must be >= 1")
     if args.target == "local" and args.devices_per_process is not None and (

@@ -99,6 +99,24 @@ def test_slurm_script_asks_for_the_gpus_per_node():
     assert "#SBATCH --gpus-per-node=2" in lines, f"--gpus_per_node=2 must reach sbatch: {lines}"
 
 
+def test_slurm_script_gives_its_one_process_every_gpu_of_the_node():
+    # JAX's SLURM detection would give the node's one process only GPU SLURM_LOCALID (0).
+    args = multihost.parse_args(["slurm", "--nodes=4", "--gpus_per_node=4", *FLAGS])
+    lines = multihost.slurm_script(args).splitlines()
+    assert "export JAX_LOCAL_DEVICE_IDS=0,1,2,3" in lines, (
+        f"the process must see all 4 GPUs of its node, not GPU 0 alone: {lines}")
+    assert lines.index("export JAX_LOCAL_DEVICE_IDS=0,1,2,3") < next(
+        i for i, line in enumerate(lines) if line.startswith("srun")), "set before srun"
+
+
+@pytest.mark.parametrize("target", [["slurm", "--nodes=2"], ["tpu", "--tpu_name=a", "--zone=b"]])
+def test_dry_run_after_the_module_is_a_usage_error_not_a_launch(target, capsys):
+    with pytest.raises(SystemExit) as error:
+        multihost.parse_args([*target, *FLAGS, "--dry_run"])
+    assert error.value.code == 2, "a --dry_run the module would get must not launch the job"
+    assert "--dry_run must come before the module" in capsys.readouterr().err
+
+
 def test_local_dry_run_starts_every_process_against_one_coordinator(capsys, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                        "--xla_force_host_platform_device_count=8")
