@@ -118,10 +118,23 @@ def detect_source(workdir: Workdir) -> Source:
 
 def privacy_of(workdir: Workdir) -> dict | None:
     """eps (RDP, PLD), delta and unit from ledger.json, else summary.json; None when the
-    run states no guarantee (non-private)."""
-    record = _read_optional_json(workdir, LEDGER_FILE) or _read_optional_json(
-        workdir, SUMMARY_FILE
-    )
+    run states no guarantee (non-private).
+
+    Raises:
+      EvaluationError: ledger.json counts more than summary.json, the released model's:
+        the run went on past it (an extension killed before its end), and its eps would
+        be reported beside a model released earlier.
+    """
+    ledger, summary = _read_optional_json(workdir, LEDGER_FILE), _read_optional_json(
+        workdir, SUMMARY_FILE)
+    spent, released = ledger.get("epsilon_rdp"), summary.get("epsilon_rdp")
+    if spent is not None and released is not None and spent > released * (1 + 1e-9):
+        raise EvaluationError(
+            f"{workdir.path}'s ledger.json (eps {spent:.6g}) counts steps past its released "
+            f"model's summary.json (eps {released:.6g}): a run that trained on from it was "
+            "killed. Rerun that run's command to finish it, then evaluate"
+        )
+    record = ledger or summary
     privacy = {k: record.get(k) for k in ("epsilon_rdp", "epsilon_pld", "delta", "unit")}
     if privacy["epsilon_rdp"] is None and privacy["epsilon_pld"] is None:
         return None
@@ -306,6 +319,7 @@ def evaluate(workdir: str | os.PathLike, source: Source, config: EvalConfig) -> 
     if source.kind == "generator":
         _check_image_generator(summary[contract.METHOD_KEY])
     dataset = _dataset_name(config, summary, source.kind)
+    privacy = None if source.kind == "real_data" else privacy_of(wd)  # before the work
     train, test = data.load(dataset, "train"), data.load(dataset, "test")
     if source.kind == "classifier":
         synthetic = None
@@ -317,7 +331,7 @@ def evaluate(workdir: str | os.PathLike, source: Source, config: EvalConfig) -> 
         "method": method,
         "source": dataclasses.asdict(source),
         "dataset": dataset,
-        "privacy": None if source.kind == "real_data" else privacy_of(wd),
+        "privacy": privacy,
         **result,
         "train_wall_seconds": summary.get("wall_seconds") if source.kind != "real_data" else None,
         "figures": _write_figures(wd, method, synthetic, test),

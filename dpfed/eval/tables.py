@@ -149,7 +149,9 @@ def _eps(result: dict) -> tuple[str, str]:
         return "none recorded", "—"
     # 4 significant digits, rounded up: 10.049 must not read as a target of 10 met.
     rdp, pld = (format_upper(privacy[k], 4, "—") for k in ("epsilon_rdp", "epsilon_pld"))
-    return f"{rdp} (PLD {pld})", format_upper(privacy["delta"], 3, "—")
+    # The unit beside eps: a user-level and an example-level eps are not comparable.
+    unit = privacy.get("unit") or "unit not stated"
+    return f"{rdp} (PLD {pld}), {unit}", format_upper(privacy["delta"], 3, "—")
 
 
 def _wall(result: dict) -> str:
@@ -159,7 +161,7 @@ def _wall(result: dict) -> str:
 
 
 _COLUMNS = (
-    "source", "method", "data", "eps RDP (PLD)", "delta", "fid_domain", "FID (Inception)",
+    "source", "method", "data", "eps RDP (PLD), unit", "delta", "fid_domain", "FID (Inception)",
     "CNN %", "MLP %", "LogReg %", "wall time (train + eval)",
 )
 
@@ -169,8 +171,10 @@ def our_row(row: RowSpec, result: dict | None, dataset: str) -> list[str]:
     if result is None:
         return ["ours", row.label, dataset, "not run / failed", *["—"] * 7]
     eps, delta = _eps(result)
+    evaluated = result.get("dataset", dataset)  # what the figures are of, said if not the table's
+    data = evaluated if evaluated == dataset else f"{evaluated} (table: {dataset})"
     return [
-        "ours", row.label, dataset, eps, delta,
+        "ours", row.label, data, eps, delta,
         _number(result.get("fid_domain"), 4), _number(result.get("fid_inception"), 4),
         _accuracy(result, "cnn"), _accuracy(result, "mlp"), _accuracy(result, "logreg"),
         _wall(result),
@@ -183,7 +187,8 @@ def quoted_row(row: dict, references: References) -> list[str]:
     return [
         f"*{references.marking}: {source['short']}*", row["method"],
         f"*{row['dataset']}, {source['data']}*",
-        _number(row["epsilon"]), _number(row["delta"]), "—",
+        f"{_number(row['epsilon'])}, {row.get('unit', 'unit not stated')}",
+        _number(row["delta"]), "—",
         _number(row.get("fid_inception"), 4),
         "—" if row.get("cnn_accuracy") is None else f"{row['cnn_accuracy']:g}",
         "—", "—", "—",

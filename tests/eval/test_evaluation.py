@@ -163,6 +163,20 @@ def test_a_damaged_ledger_json_is_an_evaluation_error_naming_it(tmp_path, text):
         evaluation.privacy_of(wd)
 
 
+def test_a_ledger_past_the_released_model_is_an_evaluation_error(tmp_path, config):
+    # A finished run (eps 1.3) extended and killed: ledger.json (eps 8.6) counts steps the
+    # released model, of summary.json, never took; the pair would mislabel the model.
+    contract.register_generator("test_shades_extended", lambda workdir: (_Shades(), None))
+    wd = Workdir(tmp_path)
+    wd.write_summary({"method": "test_shades_extended", "flags": {"dataset": "digits"},
+                      "epsilon_rdp": 1.3})
+    wd.write_json("ledger.json", {"epsilon_rdp": 8.6, "delta": 1e-5, "unit": "example"})
+    with pytest.raises(evaluation.EvaluationError, match="killed"):
+        evaluation.evaluate(tmp_path, evaluation.detect_source(wd), config)
+    wd.write_json("ledger.json", {"epsilon_rdp": 1.3, "delta": 1e-5, "unit": "example"})
+    assert evaluation.privacy_of(wd)["epsilon_rdp"] == 1.3, "a finished run's pair is fine"
+
+
 def test_an_fid_of_few_samples_is_reported_with_its_sample_sizes(tmp_path, config):
     _digits_npz(tmp_path / contract.SYNTHETIC_FILE, n=20)
     record = evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)),

@@ -83,7 +83,7 @@ def test_render_puts_our_rows_beside_marked_quoted_rows(tmp_path):
         "quoted, different data size/metric",
     )
     markdown = tables.render_table(spec, {"01_row": _result()}, {"01_row": "w"}, refs, "smoke")
-    ours = "| ours | DP row | mnist5k | 1 (PLD 0.8) | 1e-05 | 12.5 | — | 90.0 |"
+    ours = "| ours | DP row | mnist5k | 1 (PLD 0.8), example | 1e-05 | 12.5 | — | 90.0 |"
     assert ours in markdown, markdown
     assert "*quoted, different data size/metric: Paper T1* | Paper |" in markdown, markdown
     assert "scale: smoke" in markdown, "a smoke table must say so"
@@ -124,3 +124,20 @@ def test_eps_is_rounded_up_never_down():
     row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
     eps = tables.our_row(row, _result(eps=10.00049), "mnist5k")[3]
     assert eps.startswith("10.01 "), f"eps 10.00049 must not read as 10 (a target met): {eps}"
+
+
+def test_eps_carries_its_unit_in_our_rows_and_the_quoted_ones():
+    row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
+    result = _result()
+    result["privacy"] = {**result["privacy"], "unit": "user"}
+    assert tables.our_row(row, result, "mnist5k")[3].endswith(", user"), (
+        "a user-level eps must not read like the example-level ones beside it")
+    refs = tables.load_references(_TABLES / tables.REFERENCE_FILE, {"dataset": "MNIST"})
+    assert all(tables.quoted_row(r, refs)[3].endswith(", example") for r in refs.rows), (
+        "every quoted row must state its unit")
+
+
+def test_data_column_shows_the_dataset_evaluated_when_not_the_tables():
+    row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
+    line = tables.our_row(row, {**_result(), "dataset": "digits"}, "mnist5k")
+    assert line[2] == "digits (table: mnist5k)", f"a row of other data must say so: {line[2]}"
