@@ -22,6 +22,7 @@ from dpfed.generative import contract, datalens
 from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
 from dpfed.train.checkpoint import Checkpointer
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests import delta_warning, dispatch
 from tests.killed import (
@@ -159,6 +160,47 @@ def test_each_teacher_trains_on_its_own_partition_only():
         not np.array_equal(np.asarray(x)[t], np.asarray(y)[t])
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))]
     assert moved == [2], f"partition 2 changed, teachers {moved} moved: only teacher 2 may"
+
+
+def test_one_record_of_the_largest_hash_partition_moves_only_its_teacher():
+    # Under hash partitions the largest partition's size counts private records. It set
+    # the teachers' slots, and with a real batch covering it every teacher's minibatch
+    # length: one record more or less rounded every teacher's loss differently.
+    train = data_lib.load("digits", "train")
+    config = dataclasses.replace(TINY, num_teachers=4, real_batch=600, partition="hash")
+    ensemble = _ensemble(num_teachers=4, chunk=2, devices=jax.devices()[:1])
+    full = datalens.training.TeacherData(train, config, ensemble)
+    counts = np.asarray(full.arrays[2])[:4]
+    largest = int(np.argmax(counts))
+    parts = datalens.partition_teachers(train.images, train.labels, 4, config.seed, "hash")
+    keep = np.setdiff1d(np.arange(train.num_examples), parts[largest][-1:])
+    smaller = datalens.training.TeacherData(
+        dataclasses.replace(train, images=train.images[keep], labels=train.labels[keep]),
+        config, ensemble)
+    assert full.max_n == smaller.max_n == 600, (
+        f"slots {full.max_n} / {smaller.max_n}: they must be real_batch, not a private count")
+    key = jax.random.key(5)
+    state = ensemble.init(jax.random.fold_in(key, 0), jnp.zeros((8, 8, 1)))
+    fakes = jax.random.uniform(jax.random.fold_in(key, 3), (3, 8, 8, 1))
+
+    def step(teacher_data):
+        new, _ = ensemble.train_step(state, teacher_data.arrays, ensemble.teacher_ids(), fakes,
+                                     jnp.array([0, 3, 9]), jax.random.fold_in(key, 4),
+                                     real_batch=config.real_batch)
+        return new["params"]
+
+    a, b = step(full), step(smaller)
+    moved = [t for t in range(4) if any(
+        not np.array_equal(np.asarray(x)[t], np.asarray(y)[t])
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))]
+    assert set(moved) <= {largest}, f"one record of teacher {largest} moved teachers {moved}"
+
+
+def test_whole_partitions_under_hash_partitions_are_refused():
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(TINY, real_batch=None, partition="hash")
+    assert error.value.field == "real_batch", error.value.field
+    dataclasses.replace(TINY, real_batch=None, partition="balanced")  # public sizes: fine
 
 
 def test_real_teachers_move_between_meshes_of_other_padding():

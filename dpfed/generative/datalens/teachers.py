@@ -158,7 +158,11 @@ class TeacherEnsemble:
           fakes, fake_labels: generated samples `[B, H, W, C]` and their labels `[B]`.
           key: teacher t draws its real minibatch with `fold_in(key, t)`.
           real_batch: real examples per teacher per step (sampled without replacement
-            from its partition; the whole partition when it is smaller).
+            from its partition; the whole partition when it is smaller), at most the
+            data's slots `max_n`. Every teacher's minibatch has this length: were it
+            `max_n` under hash partitions, a private count (the largest partition's
+            size) would shape every teacher's float reductions, and one record would
+            move every teacher, not only its own.
 
         Returns:
           The new state and the mean discriminator loss over the T real teachers. The
@@ -166,7 +170,10 @@ class TeacherEnsemble:
         """
         images, labels, counts = data
         max_n = labels.shape[1]
-        size = min(real_batch, max_n)
+        if real_batch > max_n:
+            raise ValueError(f"real_batch {real_batch} exceeds the data's {max_n} slots: pad "
+                             "the partitions to at least real_batch (`TeacherData`)")
+        size = real_batch
         disc, opt = self.discriminator, self.optimizer
 
         def loss_fn(params, real, real_labels, mask, fakes, fake_labels):

@@ -37,6 +37,7 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -132,6 +133,13 @@ class DataLensConfig:
             "normalises to its bias, whatever z)",
         )
         require(self.real_batch is None or self.real_batch >= 1, "real_batch", "must be >= 1")
+        require(
+            self.real_batch is not None or self.partition != "hash",
+            "real_batch",
+            "0 (whole partitions) needs --partition=balanced: under hash partitions the "
+            "largest partition's size, a count of private records, would set every "
+            "teacher's minibatch length, and one record would move every teacher",
+        )
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.teacher_learning_rate > 0, "teacher_learning_rate", "must be > 0")
         require(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
@@ -220,18 +228,25 @@ def adam(config: DataLensConfig, learning_rate: float) -> optax.GradientTransfor
 
 
 class TeacherData:
-    """The T partitions padded to `[padded, max_n, ...]` and sharded over the mesh."""
+    """The T partitions padded to `[padded, max_n, ...]` and sharded over the mesh.
+
+    `max_n` slots per teacher: the largest partition, or `real_batch` where that is more,
+    so that a teacher's minibatch is always `real_batch` long (`train_step`).
+    """
 
     def __init__(self, train: data_lib.ImageDataset, config: DataLensConfig, ensemble):
         parts = partition_teachers(
             train.images, train.labels, config.num_teachers, config.seed, config.partition
         )
         fed = to_federated(train.images, train.labels, parts)
-        self.max_n = int(fed.counts.max())
+        self.max_n = max(int(fed.counts.max()), config.real_batch or 0)
+        extra = self.max_n - fed.labels.shape[1]
+        images, labels = (np.concatenate([a, np.zeros((a.shape[0], extra, *a.shape[2:]), a.dtype)],
+                                         axis=1) for a in (fed.images, fed.labels))
         self.arrays = ensemble.shard(
             (
-                jnp.asarray(ensemble.pad(fed.images)),
-                jnp.asarray(ensemble.pad(fed.labels)),
+                jnp.asarray(ensemble.pad(images)),
+                jnp.asarray(ensemble.pad(labels)),
                 jnp.asarray(ensemble.pad(fed.counts)),
             )
         )
