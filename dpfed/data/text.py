@@ -129,7 +129,9 @@ def to_padded_sequences(
     Each client's text becomes one id stream (`encode_stream`), cut into consecutive
     windows of `seq_len` ids; the last window is padded with `PAD_ID`. Clients with
     fewer windows are padded with all-`PAD_ID` sequences. A model predicts
-    `ids[..., 1:]` from `ids[..., :-1]` and masks targets equal to `PAD_ID`.
+    `ids[..., 1:]` from `ids[..., :-1]` and masks targets equal to `PAD_ID`. Windows
+    do not overlap, so the first id of every window but the first is never a target
+    (1 id in `seq_len`; a window holding only a stream's last `<eos>` predicts nothing).
 
     Args:
       texts: one text per client.
