@@ -57,7 +57,8 @@ _BATCH = flags.DEFINE_integer(
     "batch_size", _D.batch_size, "Generated samples per generator step."
 )
 _REAL_BATCH = flags.DEFINE_integer(
-    "real_batch", _D.real_batch, "Real examples per teacher per step (0: whole partition)."
+    "real_batch", _D.real_batch,
+    "Real examples per teacher per step (0: whole partition, with --partition=balanced).",
 )
 _LR = flags.DEFINE_float("learning_rate", _D.learning_rate, "Student Adam learning rate.")
 _TEACHER_LR = flags.DEFINE_float(

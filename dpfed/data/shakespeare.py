@@ -110,9 +110,9 @@ def _speaker(line: str) -> str | None:
 
 def _next_speaker(lines: list[str], start: int) -> str | None:
     """The speaker name of the first non-blank line from `start` (None if not a speaker)."""
-    for raw in lines[start:]:
-        if raw.strip():
-            return _speaker(raw)
+    for index in range(start, len(lines)):
+        if lines[index].strip():
+            return _speaker(lines[index])
     return None
 
 

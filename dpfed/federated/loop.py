@@ -147,6 +147,7 @@ def run_rounds(
     begin = resume_or_start(
         checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), total=rounds,
         event=event, config=config, key="round", log=log,
+        private=ledger is not None or release_ledger is not None,
     )
     state, ledger, start, last_round = begin.state, begin.ledger, begin.step, begin.last
     clock = RunClock(time.time() if started is None else started, begin.earlier_seconds)

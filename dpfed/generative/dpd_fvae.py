@@ -449,6 +449,7 @@ def resolve_noise_multiplier(
 # all its resumes, uses that one z, since the local ledger is recomputed from the
 # clients' participation counts.
 LOCAL_NOISE_KEY = "local_noise_multiplier"
+LOCAL_TARGET_KEY = "local_target_epsilon"  # what set the clients' budgets (local DP)
 
 
 def resume_noise_multiplier(
@@ -470,9 +471,14 @@ def resume_noise_multiplier(
     return resolve_noise_multiplier(config, counts, checkpointed_spend(checkpointer))
 
 
-def refuse_logs_of_other_local_noise(workdir: Workdir, noise_multiplier: float) -> None:
+def refuse_logs_of_other_local_noise(
+    workdir: Workdir, noise_multiplier: float, target_epsilon: float | None = None,
+    checkpoint_round: int = 0,
+) -> None:
     """Raises unless every local-DP release logged (`Workdir.read_released`) was made with
-    `noise_multiplier`.
+    `noise_multiplier`, and those past `checkpoint_round` with the clients' budgets of
+    `target_epsilon` (the replay recomputes them: other budgets would stop other clients
+    in the replayed rounds, whose logged releases they took part in).
 
     A resumed local run keeps its checkpoint's z (`resume_noise_multiplier`); with the
     checkpoints gone, z is calibrated afresh from this invocation's flags, and differs
@@ -481,17 +487,30 @@ def refuse_logs_of_other_local_noise(workdir: Workdir, noise_multiplier: float) 
     ledger. Records written before z was logged pass.
 
     Raises:
-      ConfigError: naming "workdir", with the logged and the new z.
+      ConfigError: naming "workdir", with the logged and the new z; or naming
+        "target_epsilon", with the target of a round logged past the checkpoint.
     """
-    for record in workdir.read_released("round"):
+    records = workdir.read_released("round")
+    for record in records:
         logged = record.get(LOCAL_NOISE_KEY)
         if logged is not None and logged != noise_multiplier:
             raise ConfigError(
                 "workdir",
-                f"metrics.jsonl logged round {record.get('round')} with local noise "
+                f"a release logged round {record.get('round')} with local noise "
                 f"multiplier {logged}, and this run would replay it with {noise_multiplier} "
                 "(were checkpoints deleted after a resume that changed --target_epsilon or "
                 "--rounds?): restore the checkpoints or use a new workdir",
+            )
+    for record in records:
+        target = record.get(LOCAL_TARGET_KEY, target_epsilon)
+        if record.get("round", 0) > checkpoint_round and target != target_epsilon:
+            raise ConfigError(
+                "target_epsilon",
+                f"the killed run logged round {record.get('round')} past its last checkpoint "
+                f"(round {checkpoint_round}) with --target_epsilon={target}, which set the "
+                "clients' budgets; replaying it with other budgets would leave what was "
+                f"logged uncounted. Resume with --target_epsilon={target} until past round "
+                f"{record.get('round')}, or use a new workdir",
             )
 
 
@@ -772,6 +791,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     with Checkpointer(wd.file("checkpoints")) as checkpointer:
         noise_multiplier = resume_noise_multiplier(
             config, np.asarray(clients.counts), checkpointer, log)
+        checkpoint_round = checkpointer.latest_step() or 0
     trainer = DpdFvae(config, train_ds.num_classes, train_ds.image_shape, clients,
                       noise_multiplier, mesh)
     ledger = central_ledger(config, trainer.engine) if config.dp == "central" else None
@@ -783,14 +803,15 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         eps = local_client_epsilons(config, trainer.counts, participations, noise_multiplier)
         return {"epsilon_rdp_worst_client": float(eps.max()),
                 "clients_out_of_budget": int(np.sum(participations >= trainer.budgets)),
-                LOCAL_NOISE_KEY: noise_multiplier}
+                LOCAL_NOISE_KEY: noise_multiplier, LOCAL_TARGET_KEY: config.target_epsilon}
 
     def worst_client_ledger(state: ServerState) -> privacy.PrivacyLedger:  # local DP
         return local_ledger(config, trainer.counts, trainer.participations(state),
                             trainer.budgets, noise_multiplier)
 
     if config.dp == "local":
-        refuse_logs_of_other_local_noise(wd, noise_multiplier)
+        refuse_logs_of_other_local_noise(
+            wd, noise_multiplier, config.target_epsilon, checkpoint_round)
 
     result = run_rounds(
         trainer.engine, trainer.init(), rounds=config.rounds, seed=config.seed, workdir=wd,

@@ -68,6 +68,7 @@ def resume_or_start(
     config: Any = None,
     key: str = "step",
     log: Callable[[str], None] = print,
+    private: bool | None = None,
 ) -> Start:
     """Returns the fresh `state` and `ledger`, or the newest checkpoint's, and the last step.
 
@@ -97,6 +98,9 @@ def resume_or_start(
         every field: there is no checkpointed ledger to compare the mechanism with.
       key: the metrics record's step field ("step" or "round").
       log: where the one-line resume message goes.
+      private: whether the logged records are DP releases (default: `ledger` is not
+        None). True for a run accounted outside `ledger` (DPD-fVAE's local DP: a ledger
+        per client), so it too may not end before what a killed run logged.
 
     Raises:
       ConfigError: resuming under a changed non-resumable setting (before the first
@@ -150,7 +154,7 @@ def resume_or_start(
         step, budget_stop(ledger, event, step, total, events_per_step=events_per_step, key=key,
                           log=log)
     )
-    if ledger is not None and logged > last:
+    if (ledger is not None if private is None else private) and logged > last:
         _refuse_ending_before_logged(logged, last, total, key)
     if config is not None:  # only now: a refused resume leaves the pinned config as it was
         workdir.pin_config(config, resuming=False)
@@ -234,7 +238,7 @@ def _refuse_logs_of_another_ledger(
             there = "no eps" if now is None else f"eps {now:.6g}"
             raise ConfigError(
                 "workdir",
-                f"metrics.jsonl logged eps {eps:.6g} at {key} {s}, but the ledger of the "
+                f"a release logged eps {eps:.6g} at {key} {s}, but the ledger of the "
                 f"checkpoint in {checkpoints} gives {there} there: the checkpoint is not this "
                 "run's. Restore this run's checkpoints or use a new workdir",
             )
@@ -244,7 +248,7 @@ def _refuse_logs_of_another_ledger(
             since = f"{key} {step}" if step else "the start (no checkpoint is left)"
             raise ConfigError(
                 "workdir",
-                f"metrics.jsonl logged eps {eps:.6g} at {key} {s}, but replaying from {since} "
+                f"a release logged eps {eps:.6g} at {key} {s}, but replaying from {since} "
                 f"with this run's noise gives {now:.6g}: the logged releases were made with "
                 "another mechanism (were checkpoints deleted after a resume that changed the "
                 "noise?) and would be in no ledger. Restore the checkpoints or use a new workdir",

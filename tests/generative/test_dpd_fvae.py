@@ -407,6 +407,20 @@ def test_local_logs_of_this_noise_pass_and_of_another_are_refused(tmp_path):
         dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.75)
 
 
+def test_local_rounds_logged_past_the_checkpoint_refuse_other_budgets(tmp_path):
+    # The target sets each client's participation budget; a replay of rounds 3-4 under
+    # another would stop other clients in rounds whose logged releases they took part in.
+    wd = Workdir(tmp_path)
+    for r in (2, 4):
+        wd.append_metrics({"round": r, dpd_fvae.LOCAL_NOISE_KEY: 0.95,
+                           dpd_fvae.LOCAL_TARGET_KEY: 8.0})
+    dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.95, 8.0, checkpoint_round=2)
+    dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.95, 10.0, checkpoint_round=4)  # all kept
+    with pytest.raises(ConfigError, match="round 4 past its last checkpoint") as error:
+        dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.95, 10.0, checkpoint_round=2)
+    assert error.value.field == "target_epsilon", error.value.field
+
+
 def test_central_calibration_meets_the_target_with_the_engines_own_round_event():
     # The noise is calibrated with `central_event`; the ledger records the engine's round
     # event. If the two disagreed (another sampling rate), the run would be stopped early

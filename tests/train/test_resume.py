@@ -689,3 +689,20 @@ def test_resume_with_a_ledger_of_other_accounting_terms_is_refused(tmp_path, nam
     checkpoint(tmp_path, 4, ledger(releases=4), logged_past=0)
     with pytest.raises(ConfigError, match=f"has {name}"):
         start(tmp_path, dataclasses.replace(ledger(), **{name: value}))
+
+
+def test_a_run_accounted_outside_its_ledger_may_not_end_before_logged_steps(tmp_path):
+    # DPD-fVAE's local DP keeps a ledger per client (`ledger` None here): its logged
+    # rounds 5-6 are releases too, which a run ending at 5 would leave uncounted.
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(), resuming=False)
+    checkpoint(tmp_path, 4, None, logged_past=2)
+    with pytest.raises(ConfigError, match="up to step 6"):
+        resume_or_start(
+            Checkpointer(wd.file("checkpoints")), wd, state(0), None,
+            step_of=lambda s: int(s["step"]), total=5, config=Config(steps=5),
+            log=lambda _: None, private=True)
+    result = resume_or_start(  # a non-private run may: no ledger under-counts
+        Checkpointer(wd.file("checkpoints")), wd, state(0), None,
+        step_of=lambda s: int(s["step"]), total=5, config=Config(steps=5), log=lambda _: None)
+    assert (result.step, result.last) == (4, 5), result

@@ -230,8 +230,9 @@ def adam(config: DataLensConfig, learning_rate: float) -> optax.GradientTransfor
 class TeacherData:
     """The T partitions padded to `[padded, max_n, ...]` and sharded over the mesh.
 
-    `max_n` slots per teacher: the largest partition, or `real_batch` where that is more,
-    so that a teacher's minibatch is always `real_batch` long (`train_step`).
+    `max_n` slots per teacher: the largest partition, and under hash partitions (whose
+    sizes count private records) at least `real_batch`, so that a teacher's minibatch
+    is always `real_batch` long there (`train_step`); balanced sizes are public.
     """
 
     def __init__(self, train: data_lib.ImageDataset, config: DataLensConfig, ensemble):
@@ -239,7 +240,8 @@ class TeacherData:
             train.images, train.labels, config.num_teachers, config.seed, config.partition
         )
         fed = to_federated(train.images, train.labels, parts)
-        self.max_n = max(int(fed.counts.max()), config.real_batch or 0)
+        private_sizes = config.partition == "hash"
+        self.max_n = max(int(fed.counts.max()), (config.real_batch or 0) * private_sizes)
         extra = self.max_n - fed.labels.shape[1]
         images, labels = (np.concatenate([a, np.zeros((a.shape[0], extra, *a.shape[2:]), a.dtype)],
                                          axis=1) for a in (fed.images, fed.labels))
@@ -451,6 +453,11 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "num_teachers",
         f"must be <= the {n} training examples (disjoint partitions, no record reused)",
     )
+    require(
+        config.real_batch is None or config.real_batch <= n,
+        "real_batch",
+        f"must be <= the {n} training examples (every teacher's data is padded to it)",
+    )
     dim = math.prod(train_ds.image_shape)
     if config.vote_scope == "batch":
         dim *= config.batch_size
@@ -498,7 +505,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 ids,
                 jax.random.fold_in(root, step),
                 d_steps_before(config, step),
-                config.real_batch or teacher_data.max_n,
+                min(config.real_batch or teacher_data.max_n, teacher_data.max_n),
             )
             ledger.record(event, count=per_step)
             done = step + 1
