@@ -240,8 +240,8 @@ class TeacherData:
             train.images, train.labels, config.num_teachers, config.seed, config.partition
         )
         fed = to_federated(train.images, train.labels, parts)
-        private_sizes = config.partition == "hash"
-        self.max_n = max(int(fed.counts.max()), (config.real_batch or 0) * private_sizes)
+        at_least = (config.real_batch or 0) if config.partition == "hash" else 0
+        self.max_n = max(int(fed.counts.max()), at_least)
         extra = self.max_n - fed.labels.shape[1]
         images, labels = (np.concatenate([a, np.zeros((a.shape[0], extra, *a.shape[2:]), a.dtype)],
                                          axis=1) for a in (fed.images, fed.labels))
