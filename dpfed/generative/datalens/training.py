@@ -37,7 +37,6 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -239,16 +238,13 @@ class TeacherData:
         parts = partition_teachers(
             train.images, train.labels, config.num_teachers, config.seed, config.partition
         )
-        fed = to_federated(train.images, train.labels, parts)
         at_least = (config.real_batch or 0) if config.partition == "hash" else 0
-        self.max_n = max(int(fed.counts.max()), at_least)
-        extra = self.max_n - fed.labels.shape[1]
-        images, labels = (np.concatenate([a, np.zeros((a.shape[0], extra, *a.shape[2:]), a.dtype)],
-                                         axis=1) for a in (fed.images, fed.labels))
+        self.max_n = max(max(len(part) for part in parts), at_least)
+        fed = to_federated(train.images, train.labels, parts, max_n=self.max_n)
         self.arrays = ensemble.shard(
             (
-                jnp.asarray(ensemble.pad(images)),
-                jnp.asarray(ensemble.pad(labels)),
+                jnp.asarray(ensemble.pad(fed.images)),
+                jnp.asarray(ensemble.pad(fed.labels)),
                 jnp.asarray(ensemble.pad(fed.counts)),
             )
         )
