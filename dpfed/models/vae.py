@@ -44,7 +44,9 @@ class Decoder(nn.Module):
     `image_shape` (H, W, C) needs H and W divisible by 2 ** len(features). Each stride-2
     upsampling is, by default, a sub-pixel convolution (Shi et al. 2016): a 2x2 convolution
     to 4x the channels, then `depth_to_space`. It can represent any 3x3 stride-2 transposed
-    convolution (each output phase of one depends on at most 2x2 inputs) and its gradient is
+    convolution up to a one-pixel shift of the output (each output phase of one depends on at
+    most 2x2 inputs; with SAME padding the transposed convolution's even outputs read inputs
+    i-1 and i, the 2x2 convolution's i and i+1: the same function family) and its gradient is
     several times faster on XLA:CPU, whose transposed-convolution gradients (dilated
     convolutions) are slow: ~66 ms vs ~19 ms per decoder gradient at batch 20 here.
     `transposed=True` uses `nn.ConvTranspose` as the paper's code does.
