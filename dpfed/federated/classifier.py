@@ -273,7 +273,8 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
 
     model = make_model(config, train_ds.num_classes)
     with Checkpointer(wd.file("checkpoints")) as checkpointer:
-        noise_multiplier = resolve_noise_multiplier(config, checkpointed_spend(checkpointer))
+        spent = checkpointed_spend(checkpointer, wd, config)
+        noise_multiplier = resolve_noise_multiplier(config, spent)
     engine = DpFedAvg(
         local.local_training(
             classifier_loss(model), optax.sgd(config.client_learning_rate),

@@ -453,7 +453,7 @@ LOCAL_TARGET_KEY = "local_target_epsilon"  # what set the clients' budgets (loca
 
 
 def resume_noise_multiplier(
-    config: DpdFvaeConfig, counts: np.ndarray, checkpointer: Checkpointer,
+    config: DpdFvaeConfig, counts: np.ndarray, checkpointer: Checkpointer, workdir: Workdir,
     log: Callable[[str], None] = print,
 ) -> float:
     """z of this invocation: a resumed local-DP run keeps the z its checkpoint trained
@@ -468,7 +468,8 @@ def resume_noise_multiplier(
         log(f"warning: the checkpoint of round {step} does not record its local noise "
             "multiplier (written by an older dpfed); it is recalibrated from the flags, which "
             "is right only if --target_epsilon and --rounds are unchanged since then")
-    return resolve_noise_multiplier(config, counts, checkpointed_spend(checkpointer))
+    return resolve_noise_multiplier(
+        config, counts, checkpointed_spend(checkpointer, workdir, config))
 
 
 def refuse_logs_of_other_local_noise(
@@ -790,7 +791,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     clients = federate(config, train_ds)
     with Checkpointer(wd.file("checkpoints")) as checkpointer:
         noise_multiplier = resume_noise_multiplier(
-            config, np.asarray(clients.counts), checkpointer, log)
+            config, np.asarray(clients.counts), checkpointer, wd, log)
         checkpoint_round = checkpointer.latest_step() or 0
     trainer = DpdFvae(config, train_ds.num_classes, train_ds.image_shape, clients,
                       noise_multiplier, mesh)

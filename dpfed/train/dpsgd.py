@@ -345,7 +345,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     if config.nodp:
         noise_multiplier, mechanism, ledger, event = None, None, None, None
     else:
-        noise_multiplier = resolve_noise_multiplier(config, n, checkpointed_spend(checkpointer))
+        spent = checkpointed_spend(checkpointer, wd, config)
+        noise_multiplier = resolve_noise_multiplier(config, n, spent)
         mechanism = privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier)
         ledger = new_ledger(config, noise_multiplier, n)
         event = step_event(config, noise_multiplier, n)

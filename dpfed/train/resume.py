@@ -407,17 +407,27 @@ class Spent:
     ledger: privacy.PrivacyLedger
 
 
-def checkpointed_spend(checkpointer: Checkpointer) -> Spent | None:
+def checkpointed_spend(checkpointer: Checkpointer, workdir: Workdir, config: Any) -> Spent | None:
     """The newest checkpoint's step and ledger, read before any state exists.
 
     None for a fresh run or a non-private checkpoint. A trainer that calibrates its
-    noise from the target needs this before it builds its mechanism.
+    noise from the target needs this before it builds its mechanism. A private
+    checkpoint's `config` is checked first (`Workdir.check_config`, as `resume_or_start`
+    will): a changed setting is refused by name before the checkpoint's ledger is
+    composed with this invocation's events (under another sampling's neighbouring
+    relation the accountant would raise, a traceback instead of the flag's name).
+
+    Raises:
+      ConfigError: as `Workdir.check_config` on a resume.
     """
     step = checkpointer.latest_step()
     if step is None:
         return None
     stored = checkpointer.restore_extra(step).get("ledger")
-    return None if stored is None else Spent(step, privacy.PrivacyLedger.from_json(stored))
+    if stored is None:
+        return None
+    workdir.check_config(config, resuming=True, required=True)
+    return Spent(step, privacy.PrivacyLedger.from_json(stored))
 
 
 def calibrate_rest(

@@ -81,6 +81,7 @@ def test_target_epsilon_is_met_from_below(tmp_path):
         ("--dataset=nope", "dataset"),
         ("--noise_multiplier=-0.5", "noise_multiplier"),
         ("--target_epsilon=1e-9", "target_epsilon"),
+        ("--seed=99999999999999999999", "seed"),  # overflowed jax.random.key: a traceback
     ],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):

@@ -234,3 +234,28 @@ def test_conv_choice_reaches_the_cnn_only():
         classifier.FedAvgClassifierConfig(model="mlp", conv="xla", nodp=True), 10)
     assert cnn.conv == "xla", "--conv is not passed to the CNN"
     assert not hasattr(mlp, "conv"), "the MLP has no convolutions to choose"
+
+
+def test_a_changed_sampling_over_a_calibrated_checkpoint_is_refused_naming_it(tmp_path):
+    # As in DP-SGD: calibrating the rest against the checkpoint's ledger under the new
+    # sampling's relation raised the accountant's ValueError before the config check.
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", num_clients=20, clients_per_round=5, rounds=1, target_epsilon=5.0,
+        sampling="fixed", checkpoint_every=1, **FAST)
+    classifier.train(config, str(tmp_path), log=lambda _: None)
+    with pytest.raises(ConfigError) as error:
+        classifier.train(dataclasses.replace(config, rounds=2, sampling="poisson"),
+                         str(tmp_path), log=lambda _: None)
+    assert error.value.field == "sampling", f"must name --sampling: {error.value}"
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_a_bad_seed_exits_2_naming_the_seed(tmp_path, seed):
+    # -1 was blamed on --num_clients (numpy's partition refuses it); 1e20 overflowed
+    # jax.random.key with a traceback.
+    result = run_binary("experiments.fedavg_classifier", "--dataset=digits", "--model=logreg",
+                        "--num_clients=20", "--clients_per_round=5", "--rounds=1",
+                        f"--seed={seed}", f"--workdir={tmp_path}", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "--seed" in lines[0], (
+        f"exit {result.returncode}: {result.stderr[-800:]}")

@@ -372,3 +372,19 @@ def test_a_kill_after_a_logged_step_leaves_a_ledger_json_that_counts_it(tmp_path
     with pytest.raises(KilledAtRelease):
         dpsgd.train(config, tmp_path, log=lambda _: None)
     assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp")
+
+
+@pytest.mark.parametrize("first, then", [("fixed", "poisson"), ("poisson", "fixed")])
+def test_a_changed_sampling_over_a_calibrated_checkpoint_is_refused_naming_it(
+        tmp_path, first, then):
+    # The target's calibration composed the checkpoint's events under the NEW sampling's
+    # relation before the config check ran: a ValueError from the accountant (a traceback
+    # from the binary, exit 1) instead of the refusal naming --sampling (exit 2).
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=2, batch_size=16,
+                               target_epsilon=2.0, sampling=first, eval_every=2,
+                               checkpoint_every=2)
+    dpsgd.train(config, tmp_path, log=lambda _: None)
+    with pytest.raises(ConfigError) as error:
+        dpsgd.train(dataclasses.replace(config, steps=4, sampling=then), tmp_path,
+                    log=lambda _: None)
+    assert error.value.field == "sampling", f"must name --sampling: {error.value}"

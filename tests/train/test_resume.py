@@ -200,15 +200,29 @@ def test_unchanged_resume_records_no_change(tmp_path):
 
 def test_checkpointed_spend_reads_step_and_ledger_without_state(tmp_path):
     wd = Workdir(tmp_path)
-    assert checkpointed_spend(Checkpointer(wd.file("checkpoints"))) is None, "fresh run"
+    assert checkpointed_spend(Checkpointer(wd.file("checkpoints")), wd, Config()) is None, (
+        "fresh run")
+    wd.pin_config(Config(), resuming=False)
     checkpoint(tmp_path, 3, ledger(releases=3))
-    spent = checkpointed_spend(Checkpointer(wd.file("checkpoints")))
+    spent = checkpointed_spend(Checkpointer(wd.file("checkpoints")), wd, Config())
     assert spent.step == 3 and spent.ledger.num_releases == 3, f"read {spent}"
 
 
 def test_checkpointed_spend_of_a_non_private_checkpoint_is_none(tmp_path):
     checkpoint(tmp_path, 3, None)
-    assert checkpointed_spend(Checkpointer(Workdir(tmp_path).file("checkpoints"))) is None
+    wd = Workdir(tmp_path)
+    assert checkpointed_spend(Checkpointer(wd.file("checkpoints")), wd, Config()) is None
+
+
+def test_checkpointed_spend_refuses_a_changed_setting_before_reading_the_ledger(tmp_path):
+    # A calibration composes the ledger with this invocation's events: under a changed
+    # sampling (another neighbouring relation) the accountant raised instead.
+    wd = Workdir(tmp_path)
+    wd.pin_config(Config(lr=0.1), resuming=False)
+    checkpoint(tmp_path, 3, ledger(releases=3))
+    with pytest.raises(ConfigError) as error:
+        checkpointed_spend(Checkpointer(wd.file("checkpoints")), wd, Config(lr=0.2))
+    assert error.value.field == "lr", f"must name the changed field: {error.value}"
 
 
 def _step(z):
