@@ -90,7 +90,7 @@ _GEN_OUTPUT = flags.DEFINE_enum(
 _CHUNK = flags.DEFINE_integer(
     "teacher_chunk", _D.teacher_chunk, "Teachers vectorised together (bounds memory)."
 )
-_SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
+_SEED = cli.define_seed_flag(_D.seed)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Log metrics every N steps.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoint period.")
 _NUM_SYNTHETIC = flags.DEFINE_integer(

@@ -63,7 +63,7 @@ _TARGET = flags.DEFINE_float("target_epsilon", None, "eps budget (calibrates z i
 _DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the (eps, delta) guarantee.")
 _MICRO = flags.DEFINE_integer(
     "microbatch_size", None, "Local DP: per-example gradients materialised at once.")
-_SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
+_SEED = cli.define_seed_flag(_D.seed)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Log metrics every N rounds.")
 _CKPT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", _D.checkpoint_every, "Checkpoint period in rounds.")

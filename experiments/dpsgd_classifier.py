@@ -37,8 +37,7 @@ _CLIPPING = flags.DEFINE_enum(
 )
 _PHYS = flags.DEFINE_integer("physical_batch", None, "Examples per jitted pass.")
 _NODP = flags.DEFINE_bool("nodp", False, "Non-private baseline: no clipping, no noise.")
-_SEED = flags.DEFINE_integer(
-    "seed", 0, "Random seed (jax keys take 32 bits).", lower_bound=0, upper_bound=2**32 - 1)
+_SEED = cli.define_seed_flag(0)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every N steps.", lower_bound=1)
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint period.", lower_bound=1)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)

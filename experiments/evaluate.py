@@ -33,7 +33,7 @@ _DATASET = flags.DEFINE_enum(
 _NUM = flags.DEFINE_integer(
     "num_samples", None, "Synthetic examples (default: the train split's size).", lower_bound=20
 )
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of sampling and downstream training.")
+_SEED = cli.define_seed_flag(0, "Seed of sampling and downstream training.")
 _MODELS = flags.DEFINE_multi_enum(
     "models", list(downstream.DOWNSTREAM_MODELS), list(downstream.DOWNSTREAM_MODELS),
     "Downstream classifiers.",

@@ -59,8 +59,7 @@ _COUNT_STD = flags.DEFINE_float(
     "clipped_count_stddev", None, "Adaptive clipping: count noise std (clients_per_round/20).")
 _SAMPLING = flags.DEFINE_enum("sampling", "poisson", ["poisson", "fixed"], "Client sampling.")
 _NODP = flags.DEFINE_bool("nodp", False, "Non-private FedAvg: no clipping, no noise.")
-_SEED = flags.DEFINE_integer(
-    "seed", 0, "Random seed (jax keys take 32 bits).", lower_bound=0, upper_bound=2**32 - 1)
+_SEED = cli.define_seed_flag(0)
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Evaluate every N rounds.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint period in rounds.")
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Clients per pass of a round.")

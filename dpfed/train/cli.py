@@ -38,6 +38,13 @@ class FlagError(Exception):
         self.message = message
 
 
+def define_seed_flag(default: int, help_text: str = "Random seed.") -> flags.FlagHolder[int]:
+    """`--seed`, bounded to what a JAX key takes (32 bits: seeds 2**32 apart would be
+    one run) and numpy's generators accept (no negatives), so a bad one is a flag error."""
+    return flags.DEFINE_integer("seed", default, f"{help_text} In [0, 2**32 - 1].",
+                                lower_bound=0, upper_bound=2**32 - 1)
+
+
 def check(condition: bool, flag: str, message: str) -> None:
     """Raises `FlagError(flag, message)` unless `condition` holds."""
     if not condition:

@@ -28,6 +28,7 @@ _BINARY = textwrap.dedent("""
     _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "One host of a multi-host job.")
     _WRITE = flags.DEFINE_list("write", [], "Files written into the workdir before the checks.")
     _DEVICES = flags.DEFINE_bool("devices", False, "Ask jax for its devices (backend probing).")
+    _SEED = cli.define_seed_flag(0)
 
 
     def main(argv):
@@ -87,8 +88,11 @@ def _stderr_lines(result):
         (["--flagfile=launch/no_such_file.flags"], "--flagfile"),
         (["--clip_norm=inf"], "--clip_norm"),
         (["--clip_norm=nan"], "--clip_norm"),
+        (["--seed=-1"], "--seed"),  # numpy's generators refuse it, deep in a run
+        (["--seed=4294967296"], "--seed"),  # a JAX key takes 32 bits: this would be seed 0
     ],
-    ids=["enum", "lower_bound", "flag_error", "unknown", "missing_flagfile", "inf", "nan"],
+    ids=["enum", "lower_bound", "flag_error", "unknown", "missing_flagfile", "inf", "nan",
+         "negative_seed", "seed_over_32_bits"],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
     result = _run(tmp_path, *args)
@@ -96,6 +100,15 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
     assert result.returncode == 2, f"{args}: exit code {result.returncode}, stderr {lines}"
     assert len(lines) == 1, f"{args}: expected one stderr line, got {lines}"
     assert lines[0].startswith(f"error: {flag}"), f"{args}: line does not name {flag}: {lines}"
+
+
+def test_every_binary_bounds_its_seed_with_the_shared_flag():
+    # An unbounded --seed overflowed jax.random.key (a traceback) or was refused by numpy
+    # under another flag's name.
+    for path in sorted((_REPO / "experiments").glob("*.py")):
+        text = path.read_text()
+        assert 'DEFINE_integer("seed"' not in text, (
+            f"{path.name} defines --seed itself: use cli.define_seed_flag (bounded)")
 
 
 def test_flag_error_line_format(tmp_path):
