@@ -21,6 +21,7 @@ from dpfed.federated import mesh as mesh_lib
 from dpfed.generative import contract, datalens
 from dpfed.generative.datalens import teachers as teachers_lib
 from dpfed.models.datalens_nets import TeacherDiscriminator
+from dpfed.privacy import accounting
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
@@ -457,7 +458,8 @@ def test_balanced_partition_run_is_accounted_under_replace_one_as_the_same_gauss
     z = TINY.sigma / math.sqrt(4 * TINY.topk)
     aggregations = 2 * TINY.batch_size
     composed = dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(z), aggregations)
-    pld_accountant = pld.PLDAccountant()
+    pld_accountant = pld.PLDAccountant(  # on the grid dpfed uses (`pld_interval`)
+        value_discretization_interval=accounting.pld_interval(ledger["epsilon_rdp"]))
     pld_accountant.compose(composed)
     assert ledger["neighboring_relation"] == summary["neighboring_relation"] == "replace_one"
     assert ledger["epsilon_rdp"] == pytest.approx(_direct_epsilon(z, aggregations, 1e-5), 1e-9)

@@ -54,7 +54,7 @@ def test_pld_is_reported_and_smaller_for_poisson():
     event = accounting.dpsgd_event(1.1, 10000, sampling="poisson", population=100, expected_size=1)
     eps_rdp = accounting.epsilon(event, 1e-5, accountant="rdp")
     eps_pld = accounting.epsilon(event, 1e-5, accountant="pld")
-    a = pld.PLDAccountant()
+    a = pld.PLDAccountant(value_discretization_interval=accounting.pld_interval(eps_rdp))
     a.compose(event)
     assert eps_pld == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
     assert eps_rdp == pytest.approx(5.632, abs=2e-3) and eps_pld == pytest.approx(5.193, abs=2e-3)
@@ -214,6 +214,27 @@ def test_fixed_size_sampling_refuses_a_size_that_is_not_whole():
     with pytest.raises(ValueError, match="integer size"):
         accounting.sampled_gaussian_event(
             dp_event.GaussianDpEvent(1.0), sampling="fixed", population=10, expected_size=2.5)
+
+
+@pytest.mark.parametrize(
+    "rdp_eps, spacing",
+    [(None, 1e-4), (float("inf"), 1e-4), (0.5, 1e-4), (1.0, 1e-4), (2763.0, 0.2763)],
+)
+def test_the_pld_grid_is_1e_4_of_the_rdp_eps_and_never_finer_than_1e_4(rdp_eps, spacing):
+    # At dp_accounting's fixed 1e-4, two DP-SGD steps at z = 0.02 (RDP eps 2,763) needed
+    # more than 34 GiB: the grid spans the privacy loss's range, which grows with eps.
+    assert accounting.pld_interval(rdp_eps) == pytest.approx(spacing, rel=1e-12), (
+        f"RDP eps {rdp_eps}: the PLD grid's spacing must be {spacing}")
+
+
+def test_the_pld_eps_on_the_coarser_grid_stays_above_the_default_grids_and_close():
+    # The pessimistic discretisation rounds losses up at any spacing: an upper bound still.
+    event = dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(0.5)), 10)
+    assert accounting.pld_interval(accounting.epsilon(event, 1e-5)) > 1e-3, "a coarser grid"
+    eps = accounting.epsilon(event, 1e-5, accountant="pld")
+    fine = _direct_pld(event, 1e-5)
+    assert fine <= eps <= fine * (1 + 1e-4), f"PLD eps {eps} on the coarser grid, {fine} on 1e-4"
 
 
 def test_an_unknown_accountant_is_refused_by_name():

@@ -24,8 +24,11 @@ def test_ledger_eps_equals_direct_dp_accounting():
     direct = dp_event.ComposedDpEvent(
         [dp_event.SelfComposedDpEvent(STEP, 30), dp_event.SelfComposedDpEvent(other, 7)]
     )
-    a, b = rdp.RdpAccountant(), pld.PLDAccountant()
+    a = rdp.RdpAccountant()
     a.compose(direct)
+    # PLD on the grid of accounting.pld_interval (1e-4 of the RDP eps, at least 1e-4)
+    b = pld.PLDAccountant(value_discretization_interval=accounting.pld_interval(
+        a.get_epsilon(1e-5)))
     b.compose(direct)
     assert ledger.epsilon("rdp") == pytest.approx(a.get_epsilon(1e-5), rel=1e-9)
     assert ledger.epsilon("pld") == pytest.approx(b.get_epsilon(1e-5), rel=1e-9)
