@@ -29,6 +29,7 @@ rate of this run, against the loop's time: the most any vectorisation could gain
 Figures of this machine are in WORKSPACE.md.
 """
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -79,6 +80,18 @@ def _loss(disc, params, real, real_labels, fakes, fake_labels):
     return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
 
 
+def loop_teachers(state, num_teachers: int) -> list:
+    """Teacher t's slice of the stacked `state`, for the loop: on the first device only.
+
+    A slice of the sharded state is replicated over the mesh, and a jitted step given
+    replicated arguments runs on every device: with --cpu_devices=2 the loop would do each
+    teacher's step twice, once per device.
+    """
+    first = jax.devices()[0]
+    return [jax.device_put(jax.tree.map(lambda x, t=t: x[t], state), first)
+            for t in range(num_teachers)]
+
+
 def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dict:
     """Seconds per pass over all teachers (train step and votes), vectorised and looped,
     and XLA's FLOP count of one teacher's step and of its votes (None if not reported)."""
@@ -104,15 +117,16 @@ def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dic
             jnp.asarray(ensemble.pad(np.full(num_teachers, real, np.int32))),
         )
     )
-    train_all = jax.jit(
-        lambda s: ensemble.train_step(s, arrays, ids, fakes, fake_labels, key, real_batch=real)
-    )
+    # Every array is an argument of both paths' jitted calls: closed over, it would be an
+    # HLO constant, and XLA would fold what depends on constants alone (the teachers'
+    # minibatches drawn with the fixed key) into the compiled step.
+    train_all = jax.jit(functools.partial(ensemble.train_step, real_batch=real))
     scope = _SCOPE.value
-    vote_all = jax.jit(
-        lambda s: ensemble.vote_sum(s, ids, fakes, fake_labels, key, topagg, scope=scope)
-    )
-    vmapped_train = _median_seconds(lambda: train_all(state), repeats)
-    vmapped_vote = _median_seconds(lambda: vote_all(state), repeats)
+    vote_all = jax.jit(functools.partial(ensemble.vote_sum, topagg=topagg, scope=scope))
+    vmapped_train = _median_seconds(
+        lambda: train_all(state, arrays, ids, fakes, fake_labels, key), repeats)
+    vmapped_vote = _median_seconds(
+        lambda: vote_all(state, ids, fakes, fake_labels, key), repeats)
 
     # Loop: one teacher at a time, its batch fed from the host, its loss read back.
     # Each step takes every array as an argument, so `roofline.cpu_flops` can count it.
@@ -133,22 +147,22 @@ def measure(num_teachers: int, train_ds: data.ImageDataset, repeats: int) -> dic
         keys = jax.random.split(teacher_key, _FAKES.value)
         return jax.vmap(topagg.vote)(grads, keys)
 
-    train_one = jax.jit(lambda teacher, ri, rl: train_step(teacher, ri, rl, fakes, fake_labels))
-    vote_one = jax.jit(lambda params, t: vote_step(params, t, fakes, fake_labels, key))
+    train_one = jax.jit(train_step)
+    vote_one = jax.jit(vote_step)
 
-    teachers = [jax.tree.map(lambda x, t=t: x[t], state) for t in range(num_teachers)]
+    teachers = loop_teachers(state, num_teachers)
 
     def loop_train():
         total = 0.0
         for t in range(num_teachers):
-            teachers[t], loss = train_one(teachers[t], images[t], labels[t])
+            teachers[t], loss = train_one(teachers[t], images[t], labels[t], fakes, fake_labels)
             total += float(loss)
         return total
 
     def loop_vote():
         total = jnp.zeros((_FAKES.value, fakes[0].size))
         for t in range(num_teachers):
-            total = total + vote_one(teachers[t]["params"], t)
+            total = total + vote_one(teachers[t]["params"], t, fakes, fake_labels, key)
         return np.asarray(total)
 
     return {

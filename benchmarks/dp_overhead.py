@@ -91,22 +91,25 @@ def jax_rows(images: np.ndarray, labels: np.ndarray, batch_size: int) -> list[Ro
         updates, opt_state = optimizer.update(grad, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}
 
-    def nonprivate(state, key):
-        del key
+    # The batch (and mask) are arguments of each step, as in training: closed over, they
+    # would be HLO constants that XLA folds (the fast row's patches of x, computed once at
+    # compile time), which neither torch's rows nor the Poisson row get.
+    def nonprivate(state, x, y, mask, key):
+        del mask, key
         return update(state, jax.grad(lambda p: jnp.mean(batch_losses(p, (x, y))))(state["params"]))
 
     def private(clipped_sum):
-        def step(state, key):
-            grad_sum = mechanism.privatize(clipped_sum(state["params"]), key)
+        def step(state, x, y, mask, key):
+            grad_sum = mechanism.privatize(clipped_sum(state["params"], x, y, mask), key)
             return update(state, jax.tree_util.tree_map(lambda g: g / batch_size, grad_sum))
 
         return step
 
-    def vmap_sum(p):
+    def vmap_sum(p, x, y, mask):
         loss = dpsgd.example_loss(model)
         return privacy.clipped_grad_sum(loss, p, (x, y), mask, L2_CLIP).grad_sum
 
-    def fast_sum(p):
+    def fast_sum(p, x, y, mask):
         return clipped_grad_sum_fast(batch_losses, p, (x, y), mask, L2_CLIP).grad_sum
 
     rows = []
@@ -117,7 +120,7 @@ def jax_rows(images: np.ndarray, labels: np.ndarray, batch_size: int) -> list[Ro
     }
     for name, fn in steps.items():
         state = {"params": params, "opt_state": optimizer.init(params)}
-        rows.append(_jax_row(name, jax.jit(fn), state, ()))
+        rows.append(_jax_row(name, jax.jit(fn), state, (x, y, mask)))
 
     config = dpsgd.DpSgdConfig(
         batch_size=batch_size,

@@ -25,9 +25,11 @@ vmapped over clients with their own kernels, `nn.Conv` becomes grouped convoluti
 "one client" is the median time of one blocking call of the loop's jitted client update:
 m x that is the compute floor of the loop, so loop / engine cannot exceed the loop's
 per-client overhead when a client's work is compute-bound, as a CNN's is on 2 CPU cores.
-"vmapped clients alone" is one jitted `vmap` of the same client update over m clients
-whose data is gathered beforehand (no sampling, gather, clipping, noise or server step):
-the engine's round minus it is what the round's other work costs.
+"vmapped clients alone" is one jitted call of the same client update over the m clients
+(and the engine's padding slots), whose data is gathered beforehand, grouped as the engine
+groups them (`vmap` over `clients_per_device_step` clients, the groups one after another;
+no sampling, gather, clipping, noise or server step), on one device: on one device the
+engine's round minus it is what the round's other work costs.
 
 Both paths run in ONE process, alternating (one round each per repeat), so machine load
 hits them alike; figures are medians, the ratio is loop / engine (of the medians; beside
@@ -172,17 +174,28 @@ def main(argv: list[str]) -> None:
             client = OneClient(jax.tree_util.tree_map(lambda a: a[i], arrays), counts[i])
             return client_update(params, (), client, (), jax.random.fold_in(key, i)).params
 
-        # The engine's clients alone: the first m clients' data gathered beforehand, all m
-        # updates in one vmap; no sampling, gather, clipping, noise or server step.
+        engine = DpFedAvg(client_update, server_opt, data, DpFedAvgConfig(
+            clients_per_round=m, sampling="fixed", l2_clip=clip, noise_multiplier=z,
+            clients_per_device_step=_WIDTH.value))
+        # The engine's clients alone: the first chunk_size clients' data gathered beforehand
+        # (the m clients and the slots padding them to the engine's groups), vmapped in the
+        # engine's groups of clients_per_device_step, the groups one after another (as the
+        # engine runs them: on CPU 1 client at a time), on one device; no sampling, gather,
+        # clipping, noise or server step.
+        width, slots = engine.clients_per_device_step, engine.chunk_size
+
         @jax.jit
         def clients_alone(params, arrays, counts, key):
             def update(client_arrays, count, k):
                 return client_update(params, (), OneClient(client_arrays, count), (), k).params
 
-            return jax.vmap(update)(arrays, counts, jax.random.split(key, m))
+            groups = jax.tree_util.tree_map(
+                lambda a: a.reshape((slots // width, width) + a.shape[1:]),
+                (arrays, counts, jax.random.split(key, slots)))
+            return jax.lax.map(lambda group: jax.vmap(update)(*group), groups)
 
         cohort_arrays, cohort_counts = jax.tree_util.tree_map(
-            lambda a: a[:m], (device_data.arrays, device_data.counts))
+            lambda a: a[:slots], (device_data.arrays, device_data.counts))
 
         @jax.jit
         def clip_and_add(total, local, params):
@@ -205,9 +218,6 @@ def main(argv: list[str]) -> None:
                 total = clip_and_add(total, local, params)
             return server_step(params, opt_state, total, key, float(m))
 
-        engine = DpFedAvg(client_update, server_opt, data, DpFedAvgConfig(
-            clients_per_round=m, sampling="fixed", l2_clip=clip, noise_multiplier=z,
-            clients_per_device_step=_WIDTH.value))
         state = engine.init(params)
         loop_state = (params, server_opt.init(params))
         key = jax.random.key(m)

@@ -19,3 +19,32 @@ def test_benchmark_prints_both_paths_and_ratios(scope):
     for row in rows:
         ends = [cell for cell in row if cell.endswith("x")]
         assert len(ends) == 4, f"train and vote: a ratio and its ceiling each: {row}"
+
+
+_ONE_DEVICE_LOOP = """
+from dpfed.federated import mesh
+mesh.split_cpu(2)
+import jax, optax
+from benchmarks.datalens_teachers import loop_teachers
+from dpfed.generative.datalens import TeacherEnsemble, make_mesh
+from dpfed.models.datalens_nets import TeacherDiscriminator
+ensemble = TeacherEnsemble(TeacherDiscriminator(10, (4,)), optax.adam(1e-3), 4, 2, make_mesh())
+state = ensemble.init(jax.random.key(0), jax.numpy.zeros((8, 8, 1)))
+placed = {len(leaf.devices()) for t in loop_teachers(state, 4) for leaf in jax.tree.leaves(t)}
+print("devices per loop teacher:", placed)
+"""
+
+
+def test_loop_runs_each_teacher_on_one_device():
+    # A teacher sliced from the sharded state is replicated over the mesh: a jitted step
+    # on it runs on every device, so with --cpu_devices=2 the loop did each step twice
+    # (2.16x slower than on one device, one process, 2 cores).
+    import subprocess
+    import sys
+
+    from tests.binary import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", _ONE_DEVICE_LOOP], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "devices per loop teacher: {1}" in proc.stdout, proc.stdout

@@ -49,3 +49,32 @@ def test_bad_flag_exits_2_with_one_line():
     result = _run("--steps=0")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: --steps: must be > 0"
+
+
+def test_jax_rows_take_the_batch_as_an_argument(monkeypatch):
+    # Closed over, the batch is an HLO constant: XLA folds what depends on it alone (the
+    # fast row's per-example patches of x) into constants at compile time, work the torch
+    # rows and the Poisson row (data as arguments) still do every step.
+    import re
+
+    import numpy as np
+
+    from benchmarks import dp_overhead
+
+    made = []
+    original = dp_overhead._jax_row
+
+    def recording(name, step_fn, state, data_args):
+        made.append((name, step_fn, state, data_args))
+        return original(name, step_fn, state, data_args)
+
+    monkeypatch.setattr(dp_overhead, "_jax_row", recording)
+    rng = np.random.default_rng(0)
+    images = rng.random((16, 28, 28, 1), np.float32)
+    dp_overhead.jax_rows(images, rng.integers(0, 10, 16).astype(np.int32), 4)
+    import jax
+
+    for name, step_fn, state, data_args in made:
+        text = step_fn.lower(state, *data_args, jax.random.key(0)).compile().as_text()
+        arrays = re.findall(r"(f32\[[0-9,]+\])\S* constant\(\{", text)
+        assert not arrays, f"{name}: the batch folded into constants {arrays}"
