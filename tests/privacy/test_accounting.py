@@ -218,23 +218,35 @@ def test_fixed_size_sampling_refuses_a_size_that_is_not_whole():
 
 @pytest.mark.parametrize(
     "rdp_eps, spacing",
-    [(None, 1e-4), (float("inf"), 1e-4), (0.5, 1e-4), (1.0, 1e-4), (2763.0, 0.2763)],
+    [(None, 1e-4), (float("inf"), 1e-4), (0.5, 1e-4), (100.0, 1e-4), (2763.0, 2.763e-3)],
 )
-def test_the_pld_grid_is_1e_4_of_the_rdp_eps_and_never_finer_than_1e_4(rdp_eps, spacing):
+def test_the_pld_grid_is_1e_4_up_to_eps_100_and_coarser_in_proportion_beyond(rdp_eps, spacing):
     # At dp_accounting's fixed 1e-4, two DP-SGD steps at z = 0.02 (RDP eps 2,763) needed
     # more than 34 GiB: the grid spans the privacy loss's range, which grows with eps.
     assert accounting.pld_interval(rdp_eps) == pytest.approx(spacing, rel=1e-12), (
         f"RDP eps {rdp_eps}: the PLD grid's spacing must be {spacing}")
 
 
-def test_the_pld_eps_on_the_coarser_grid_stays_above_the_default_grids_and_close():
+def test_the_pld_eps_on_the_coarser_grid_stays_above_the_default_grids_and_close(monkeypatch):
     # The pessimistic discretisation rounds losses up at any spacing: an upper bound still.
+    # (A coarser grid from eps 1, so that the 1e-4 grid's eps is quick to compare with.)
+    monkeypatch.setattr(accounting, "PLD_FINE_UP_TO_EPS", 1.0)
     event = dp_event.SelfComposedDpEvent(
         dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(0.5)), 10)
     assert accounting.pld_interval(accounting.epsilon(event, 1e-5)) > 1e-3, "a coarser grid"
     eps = accounting.epsilon(event, 1e-5, accountant="pld")
     fine = _direct_pld(event, 1e-5)
     assert fine <= eps <= fine * (1 + 1e-4), f"PLD eps {eps} on the coarser grid, {fine} on 1e-4"
+
+
+def test_pld_of_an_event_it_cannot_account_computes_no_rdp_eps(monkeypatch):
+    # The grid's RDP eps (~0.6 s for sampling without replacement) is wasted on a None.
+    made = []
+    real = rdp.RdpAccountant
+    monkeypatch.setattr(rdp, "RdpAccountant", lambda *a, **k: made.append(1) or real(*a, **k))
+    event = accounting.dpsgd_event(1.0, 10, sampling="fixed", population=100, expected_size=5)
+    assert accounting.epsilon(event, 1e-5, accounting.relation_for("fixed"), "pld") is None
+    assert not made, "an RDP eps was computed for a PLD eps that is None"
 
 
 def test_an_unknown_accountant_is_refused_by_name():
