@@ -97,6 +97,8 @@ class DpSgdConfig:
             "noise_multiplier",
             "must be >= 0",
         )
+        require(self.nodp or self.noise_multiplier != 0, "noise_multiplier",
+                "0 adds no noise, so no privacy: use --nodp for a non-private run")
         require(
             self.target_epsilon is None or self.target_epsilon > 0, "target_epsilon", "must be > 0"
         )

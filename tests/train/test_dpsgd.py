@@ -226,6 +226,7 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"l2_clip": float("inf")}, "l2_clip"),  # clipped nothing, noise std inf
         ({"delta": 2.0}, "delta"),
         ({"noise_multiplier": -0.5}, "noise_multiplier"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier"),  # no noise, eps inf: that is --nodp
         ({"optimizer": "rmsprop"}, "optimizer"),
         ({"eval_every": 0}, "eval_every"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
