@@ -48,6 +48,11 @@ from dpfed.models import layers
 NOISE_DIM = 128
 IMAGE_SHAPE = (28, 28, 1)
 LEAKY_SLOPE = 0.01  # the reference networks pass `LeakyReLU(alpha=0.01)` explicitly
+# The reference's BatchNorms average over ~1,000 steps (Keras momentum 0.999), short
+# beside its 6,000 G steps (1,000 rounds x 6). The runs here are far shorter (`make demo`:
+# 150 rounds x 6 = 900 G steps), where 0.999 would leave 0.999**900 = 41% of the initial
+# averages (mean 0, variance 1) in the statistics that `train=False` samples use; 0.99
+# forgets them within a few hundred steps. Pass `bn_momentum=0.999` for paper-length runs.
 BN_MOMENTUM = 0.99
 
 Variables = Any  # a Flax variable dict: {"params": ..., "batch_stats": ...}
