@@ -58,6 +58,22 @@ def _data_to_keys(restored: Any, template: Any) -> Any:
     return jax.tree.map(rewrap, template, restored)
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, but it never asks jax's preemption service for a sync point.
+
+    orbax's `save` asks `multihost_utils.reached_preemption_sync_point` with the step
+    it saves; `preemption.reached` numbers its own calls of it. jax's service takes the
+    last number any call gave as this process's position: a notice that came during (or
+    right after) a save of a resumed run (step 500, say, where `reached` had counted 3)
+    set the sync point at 501, which `reached` met only 497 steps later: the SIGTERM was
+    lost. The loops here decide when to save; orbax needs no say.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        del step
+        return False
+
+
 class Checkpointer:
     """Saves and restores `(state, extra)` pairs under `directory/<step>/`.
 
@@ -69,15 +85,25 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        """Opens (creating) `directory`.
+
+        Raises:
+          ConfigError: naming "workdir", where `directory` is a file (orbax's
+            NotADirectoryError traceback, after the run's data and model were loaded).
+        """
         _silence_orbax()
         self._directory = pathlib.Path(directory).absolute()
+        if self._directory.exists() and not self._directory.is_dir():
+            raise ConfigError(
+                "workdir", f"{self._directory} must be the checkpoints' directory, but it is "
+                "a file: move it away or use a new workdir")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=False,
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(self._directory, options=options)
+        self._manager = _Manager(self._directory, options=options)
         # The manager removes half-written steps of a killed run in a background thread
         # that its close() does not wait for; a process exiting soon after (a bad flag
         # found after opening the checkpoints) killed it mid-way, with a traceback, also

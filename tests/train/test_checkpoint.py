@@ -279,3 +279,9 @@ def test_orbax_warnings_pass_the_log_filter_and_its_info_records_do_not():
     assert kept(orbax_file, logging.WARNING), "an orbax WARNING must still be shown"
     assert not kept(orbax_file, logging.INFO), "orbax's INFO records must be dropped"
     assert kept(os.path.join(os.sep, "elsewhere", "x.py"), logging.INFO), "others' INFO stays"
+
+
+def test_a_file_in_place_of_the_directory_is_one_config_error(tmp_path):
+    (tmp_path / "checkpoints").write_text("not a directory")
+    with pytest.raises(ConfigError, match="checkpoints.*is a file"):
+        Checkpointer(tmp_path / "checkpoints")

@@ -109,8 +109,8 @@ def test_no_desc_and_custom_unit():
     clock, stream = FakeClock(), io.StringIO()
     progress = Progress(4, stream=stream, clock=clock, unit="rounds")
     clock.now = 2.0
-    progress.update(1)
-    assert _lines(stream) == ["1/4 (25%) | 0.5 rounds/s | ETA 6s"], f"got {_lines(stream)}"
+    progress.update(2)
+    assert _lines(stream) == ["2/4 (50%) | 1 rounds/s | ETA 2s"], f"got {_lines(stream)}"
 
 
 def test_format_value_is_compact():
@@ -135,3 +135,21 @@ def test_format_duration():
     cases = {45: "45s", 118: "1m58s", 7380: "2h03m", float("inf"): "?"}
     got = {seconds: format_duration(seconds) for seconds in cases}
     assert got == cases, f"format_duration gave {got}"
+
+
+def test_the_rate_and_eta_leave_out_the_first_steps_compilation():
+    # DP-SGD on digits, 400 steps: the first step (its compilation) took 15.7 s, the other
+    # 399 steps 12 s; the first line read "0.0636 steps/s | ETA 1h44m", the second
+    # (208 steps in 21 s) "9.89 steps/s | ETA 19s" for the 7 s the run had left.
+    progress, clock, stream = _progress(total=400)
+    clock.now = 15.7
+    progress.update(1)
+    clock.now = 21.0
+    progress.update(208)
+    clock.now = 28.0
+    progress.update(400)
+    first, middle, final = _lines(stream)
+    assert first == "[dpsgd] 1/400 (0%) | first step took 16s", first
+    assert "| 39.1 steps/s | ETA 5s" in middle, (
+        f"207 steps in 5.3 s after the first: {middle}")
+    assert final.endswith("| 32.4 steps/s | took 28s"), final  # 399 steps in 12.3 s
