@@ -130,7 +130,8 @@ def main(argv: list[str]) -> None:
     print(
         f"inverted fraction: low-accuracy GAN {summary['inverted_fraction_low']:.3f}, "
         f"high-accuracy GAN {summary['inverted_fraction_high']:.3f} | "
-        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP)")
+        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP, "
+           "the groups' max given their sizes: see the caveat in report.md)")
         + f"\nreport: {workdir}/report.md\ngrids: {workdir}/samples_low.png, "
         f"{workdir}/samples_high.png"
     )

@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
         f"{summary['oov_rate_buggy_model']:.3f}, low-OOV clients' LM "
         f"{summary['oov_rate_healthy_model']:.3f}; glued tokens "
         f"{summary['glued_rate_buggy_model']:.3f} vs {summary['glued_rate_healthy_model']:.3f} | "
-        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP)")
+        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP, "
+           "the groups' max given their sizes: see the caveat in report.md)")
         + f"\nreport: {_WORKDIR.value}/report.md"
     )
 

@@ -389,20 +389,21 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
     results, ground_truth = {}, {}
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
+    for name in GROUPS:  # both groups before either GAN trains: see pin_demo_config
+        require(
+            config.clients_per_round <= group_data[name].num_clients,
+            "clients_per_round",
+            f"must be <= the {group_data[name].num_clients} clients of the {name}-accuracy group",
+        )
     selection.pin_groups(
         wd,
         {name: params_sha256((g.images, g.labels, g.counts)) for name, g in group_data.items()},
         group_dirs,
-        "emnist_dir",
+        "dataset" if config.dataset == "mnist5k" else "emnist_dir",  # mnist5k: embedded
     )
     for name in GROUPS:
         members = getattr(groups, name)
         group = group_data[name]
-        require(
-            config.clients_per_round <= group.num_clients,
-            "clients_per_round",
-            f"must be <= the {group.num_clients} clients of the {name}-accuracy group",
-        )
         summary = fedgan.train_gan(
             dataclasses.replace(fedgan_config, seed=selection.group_seed(config.seed, name)),
             group.images,

@@ -229,6 +229,11 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     selection.pin_groups(
         wd, {name: params_sha256(t) for name, t in group_texts_of.items()}, group_dirs, "workdir"
     )
+    # Every group's data are checked before either LM trains: a check failing on the
+    # second group after the first trained would leave a workdir whose corrected rerun
+    # is refused (`pin_demo_config`).
+    window = config.seq_len * config.max_seqs
+    kept_of, sequences_of = {}, {}
     for name in GROUPS:
         group_texts = group_texts_of[name]
         require(
@@ -238,19 +243,23 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         )
         # A client keeps the whole lines that fit in seq_len x max_seqs chars: none when
         # its first line is longer. Such a client trains on nothing (a zero update).
-        window = config.seq_len * config.max_seqs
-        kept = [fedlm.truncate_lines(text, window) for text in group_texts]
-        kept_fraction = sum(map(len, kept)) / max(sum(map(len, group_texts)), 1)
-        log(f"{selection.RAW_LOG_PREFIX}the {name} group's LM trains on {kept_fraction:.1%} "
-            f"of its clients' text (the whole lines that fit in {window} chars a client)")
-        ids, counts = fedlm.client_sequences(kept, char_vocab, config.seq_len, config.max_seqs)
-        empty = int(np.sum(counts == 0))
+        kept_of[name] = [fedlm.truncate_lines(text, window) for text in group_texts]
+        sequences_of[name] = fedlm.client_sequences(
+            kept_of[name], char_vocab, config.seq_len, config.max_seqs)
+        counts = sequences_of[name][1]
         require(
-            empty < len(counts),
+            int(np.sum(counts == 0)) < len(counts),
             "max_seqs",
             f"seq_len x max_seqs = {window} chars hold no whole line of any client of the "
             f"{name} group: raise --max_seqs or --seq_len",
         )
+    for name in GROUPS:
+        group_texts, kept = group_texts_of[name], kept_of[name]
+        ids, counts = sequences_of[name]
+        kept_fraction = sum(map(len, kept)) / max(sum(map(len, group_texts)), 1)
+        log(f"{selection.RAW_LOG_PREFIX}the {name} group's LM trains on {kept_fraction:.1%} "
+            f"of its clients' text (the whole lines that fit in {window} chars a client)")
+        empty = int(np.sum(counts == 0))
         if empty:
             log(f"{selection.RAW_LOG_PREFIX}{empty} of {len(counts)} clients of the {name} "
                 f"group have no line that fits in seq_len x max_seqs = {window} chars: they "

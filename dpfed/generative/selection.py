@@ -96,7 +96,8 @@ def split_clients(
         groups differ only for a client whose accuracy equals 0.882 or 0.939 exactly.
       low_quantile: quantile giving `low_threshold` when it is None.
       high_quantile: quantile giving `high_threshold` when it is None.
-      eligible: bool `[clients]`; others (e.g. clients without data) join no group.
+      eligible: bool `[clients]`; others (e.g. clients without data) join no group, as
+        does a client whose value is NaN.
 
     Raises:
       ConfigError: on bad quantiles, thresholds with low >= high (saying whether they were
@@ -106,8 +107,13 @@ def split_clients(
     """
     values = np.asarray(values, np.float64)
     eligible = np.ones(values.shape, bool) if eligible is None else np.asarray(eligible, bool)
-    if values.ndim != 1 or eligible.shape != values.shape or not eligible.any():
-        raise ValueError("need 1-D values and an eligible mask of the same shape, not empty")
+    if values.ndim != 1 or eligible.shape != values.shape:
+        raise ValueError("need 1-D values and an eligible mask of the same shape")
+    # A client without a value (NaN: e.g. `client_accuracies` of a client without
+    # examples) is neither low nor high, whether the thresholds are given or quantiles.
+    eligible = eligible & ~np.isnan(values)
+    if not eligible.any():
+        raise ValueError("no eligible client with a value (all ineligible or NaN)")
     if not 0.0 <= low_quantile < high_quantile <= 1.0:
         raise ConfigError(
             "low_quantile",

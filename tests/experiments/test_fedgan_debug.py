@@ -192,8 +192,9 @@ def test_rerun_on_other_group_data_is_refused(tiny_run, tmp_path):
     (copy / selection.GROUPS_FILE).write_text(json.dumps({**pinned, "low": "0" * 64}))
     with pytest.raises(fedgan_debug.ConfigError) as raised:
         fedgan_debug.run(config, str(copy), log=lambda _: None)
-    assert raised.value.field == "emnist_dir" and "low" in str(raised.value), (
-        f"a rerun whose low group's data differ must be refused: {raised.value}")
+    assert config.dataset == "mnist5k", "the embedded dataset: no --emnist_dir to blame"
+    assert raised.value.field == "dataset" and "low" in str(raised.value), (
+        f"a rerun whose low group's data differ must be refused naming --dataset: {raised.value}")
 
 
 def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_path):
@@ -429,3 +430,22 @@ def test_a_diverged_gan_gives_no_verdict_on_the_bug(tiny_run):
     report = fedgan_debug.render_report(config, broken, diagnostics)
     assert "**No verdict**: the high-accuracy GAN diverged" in report, report[:2000]
     assert "**Bug " not in report, "no bug verdict from a diverged GAN's samples"
+
+
+def test_a_cohort_larger_than_the_second_group_is_refused_before_either_gan_trains(
+    tmp_path, monkeypatch
+):
+    # Before, the low group's GAN trained (at the paper's settings, hours) before the
+    # high group's size was checked, and the rerun with the lowered --clients_per_round
+    # that the error asked for was then refused: gan_low/ pinned the old value.
+    monkeypatch.setattr(selection, "client_accuracies",
+                        lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
+
+    def train_gan(*args, group, **kwargs):
+        raise AssertionError(f"the {group} GAN trained before both groups were checked")
+
+    monkeypatch.setattr(fedgan, "train_gan", train_gan)
+    config = fedgan_debug.DebugConfig(**{**TINY, "low_threshold": 0.5, "high_threshold": 0.99})
+    with pytest.raises(fedgan_debug.ConfigError, match="1 clients of the high-accuracy group"):
+        fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
+    assert not (tmp_path / "gan_low").exists(), "no GAN may train when a group is too small"

@@ -387,3 +387,22 @@ def test_a_diverged_lm_is_named_in_the_report(tiny_run):
     broken = {**summary, "lm_low_oov": {**summary["lm_low_oov"], "diverged": True}}
     report = fedlm_debug.render_report(config, broken, samples, diagnostics)
     assert "**The low-oov clients' LM diverged**" in report, report[:2000]
+
+
+def test_a_cohort_larger_than_the_second_group_is_refused_before_either_lm_trains(
+    tmp_path, monkeypatch
+):
+    # Before, the high-OOV LM trained before the low-OOV group's size was checked, and the
+    # corrected rerun was then refused: lm_high_oov/ pinned the old --clients_per_round.
+    monkeypatch.setattr(fedlm, "client_oov_rates",
+                        lambda texts, vocab: np.linspace(0.0, 1.0, len(texts)))
+
+    def train_lm(*args, group, **kwargs):
+        raise AssertionError(f"the {group} LM trained before both groups were checked")
+
+    monkeypatch.setattr(fedlm, "train_lm", train_lm)
+    config = fedlm_debug.TextDebugConfig(**{**TINY, "low_threshold": 0.0, "high_threshold": 0.5})
+    with pytest.raises(ConfigError, match="1 clients of the low_oov group") as raised:
+        fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
+    assert raised.value.field == "clients_per_round", raised.value
+    assert not (tmp_path / "lm_high_oov").exists(), "no LM may train when a group is too small"

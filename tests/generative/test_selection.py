@@ -224,3 +224,13 @@ def test_model_fields_keep_each_models_privacy_rounds_and_time():
     summary = {key: i for i, key in enumerate(selection.MODEL_SUMMARY_KEYS)} | {"other": 1}
     assert selection.model_fields(summary) == {
         key: i for i, key in enumerate(selection.MODEL_SUMMARY_KEYS)}, "only those keys"
+
+
+def test_a_client_without_a_value_joins_no_group_with_quantile_thresholds():
+    # client_accuracies gives NaN to a client without examples; before, a NaN made every
+    # quantile NaN and the split failed saying the values were "too alike".
+    accuracies = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9, np.nan])
+    groups = selection.split_clients(accuracies, low_quantile=0.0, high_quantile=1.0)
+    np.testing.assert_array_equal(np.flatnonzero(groups.low), [0], err_msg="low group")
+    np.testing.assert_array_equal(np.flatnonzero(groups.high), [5], err_msg="high group")
+    assert (groups.low_threshold, groups.high_threshold) == (0.1, 0.9), groups
