@@ -50,6 +50,18 @@ class DownstreamResult(NamedTuple):
     val_size: int
 
 
+def validation_size(n: int, fraction: float) -> int:
+    """How many of ``n`` synthetic examples `split_validation` holds out.
+
+    Raises:
+      ValueError: if that leaves the validation or the training part empty.
+    """
+    val_size = int(round(fraction * n))
+    if not 0 < val_size < n:
+        raise ValueError(f"cannot hold out {fraction:.0%} of {n} examples for validation")
+    return val_size
+
+
 def split_validation(
     synthetic: SyntheticSet, fraction: float, key: jax.Array
 ) -> tuple[SyntheticSet, SyntheticSet]:
@@ -61,9 +73,7 @@ def split_validation(
     if synthetic.labels is None:
         raise ValueError("downstream accuracy needs a labelled synthetic set")
     n = len(synthetic.images)
-    val_size = int(round(fraction * n))
-    if not 0 < val_size < n:
-        raise ValueError(f"cannot hold out {fraction:.0%} of {n} examples for validation")
+    val_size = validation_size(n, fraction)
     order = np.asarray(jax.random.permutation(key, n))
     val, train = order[:val_size], order[val_size:]
     return (

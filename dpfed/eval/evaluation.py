@@ -178,8 +178,13 @@ def _subsample(
 def load_images(
     source: Source, workdir: Workdir, train: data.ImageDataset, config: EvalConfig
 ) -> tuple[str, contract.SyntheticSet]:
-    """``(method name, images)`` of a generator, synthetic-file or real-data source."""
-    key = jax.random.key(config.seed)
+    """``(method name, images)`` of a generator, synthetic-file or real-data source.
+
+    Sampling uses the stream ``fold_in(key(seed), 0)``; `evaluate_images`'s downstream
+    training ``fold_in(key(seed), 1)``. (Sampling from ``key(seed)`` itself gave chunk 1
+    of `contract.sample_synthetic` the downstream key: the same random numbers twice.)
+    """
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
     n = config.num_samples
     if source.kind == "real_data":
         real = contract.SyntheticSet(np.asarray(train.images), np.asarray(train.labels))
@@ -228,8 +233,22 @@ def evaluate_images(
     test: data.ImageDataset,
     config: EvalConfig,
 ) -> dict:
-    """fid_domain (+ extra extractors) against ``test`` and downstream accuracies."""
+    """fid_domain (+ extra extractors) against ``test`` and downstream accuracies.
+
+    Raises:
+      EvaluationError: the images do not match ``test``'s, or are too few for an FID (2)
+        or for a validation split of ``config.downstream.val_fraction`` (checked before
+        any work, so a bad --num_samples or --val_fraction is one line, not a traceback).
+    """
     _check_shapes(synthetic, test)
+    n = len(synthetic.images)
+    if n < 2:
+        raise EvaluationError(f"an FID needs at least 2 synthetic images, got {n}")
+    if synthetic.labels is not None:
+        try:
+            downstream_lib.validation_size(n, config.downstream.val_fraction)
+        except ValueError as error:
+            raise EvaluationError(f"{error} (--num_samples, --val_fraction)") from None
     extractors = (
         domain_features.domain_extractor(
             train.name, cache_dir=config.cache_dir, steps=config.extractor_steps

@@ -82,6 +82,18 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
     return max(mean_term + float(trace_term), 0.0)
 
 
+def check_images(images: np.ndarray) -> None:
+    """Raises ``ValueError`` unless ``images`` are what every `FeatureExtractor` takes:
+    float ``[N > 0, H, W, C]`` with finite values in [0, 1]. An image set in [-1, 1] or
+    0..255, or channels-first, would otherwise give a wrong Fréchet distance silently."""
+    shape = np.shape(images)
+    if len(shape) != 4 or shape[0] == 0:
+        raise ValueError(f"images must be [N > 0, H, W, C], got shape {shape}")
+    low, high = float(np.min(images)), float(np.max(images))
+    if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low and high <= 1.0):
+        raise ValueError(f"images must be finite and in [0, 1], got values in [{low}, {high}]")
+
+
 def extract_features(
     extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 500
 ) -> np.ndarray:
@@ -89,7 +101,11 @@ def extract_features(
 
     The last batch is padded to ``batch_size`` (and the padding dropped), so a jitted
     extractor compiles once.
+
+    Raises:
+      ValueError: if ``images`` break `check_images`.
     """
+    check_images(images)
     batch_size = min(batch_size, len(images))
     batches = []
     for start in range(0, len(images), batch_size):

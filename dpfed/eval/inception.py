@@ -232,7 +232,15 @@ def _mixed_e(c: dict, name: str, x: jax.Array, max_pool_branch: bool) -> jax.Arr
 
 
 def pool3_features(convs: dict, images: jax.Array, image_size: int = IMAGE_SIZE) -> jax.Array:
-    """The 2048-d pool3 features of images ``[N, H, W, 1 or 3]`` in [0, 1]."""
+    """The 2048-d pool3 features of images ``[N, H, W, 1 or 3]`` in [0, 1].
+
+    Raises:
+      ValueError: if ``images`` are not ``[N, H, W, 1 or 3]`` (e.g. channels-first, which
+        the resize to 299x299 would otherwise silently resize along the wrong axes).
+    """
+    shape = jnp.shape(images)
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, 1 or 3] (channels last), got {shape}")
     x = jnp.asarray(images, jnp.float32)
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -194,3 +195,36 @@ def test_a_method_without_an_image_generator_is_named_before_the_dataset(tmp_pat
     source = evaluation.detect_source(Workdir(tmp_path))
     with pytest.raises(evaluation.EvaluationError, match="'fedlm_debug' has no image generator"):
         evaluation.evaluate(tmp_path, source, dataclasses.replace(config, dataset=None))
+
+
+@pytest.mark.parametrize("n,message", [(4, "cannot hold out 10% of 4"), (1, "at least 2")])
+def test_too_few_synthetic_images_are_an_evaluation_error(tmp_path, config, n, message):
+    # They ended in a traceback (exit 1) after the FID work, not in exit 2 and one line.
+    path = _digits_npz(tmp_path / "s.npz", n=n)
+    with pytest.raises(evaluation.EvaluationError, match=message):
+        evaluation.evaluate(tmp_path, evaluation.Source("synthetic_file", str(path)),
+                            dataclasses.replace(config, num_samples=None))
+
+
+def test_sampling_and_downstream_training_use_different_keys(tmp_path, config, monkeypatch):
+    # Chunk 1 of contract.sample_synthetic was drawn with fold_in(key(seed), 1), the very
+    # key the downstream split and fits were drawn from.
+    sample_keys, downstream_keys = [], []
+
+    class Recording(_Shades):
+        def sample(self, params, key, n, labels=None):
+            sample_keys.append(np.asarray(jax.random.key_data(key)))
+            return super().sample(params, key, n, labels)
+
+    def fake_downstream(synthetic, test, num_classes, key, *args):
+        downstream_keys.append(np.asarray(jax.random.key_data(key)))
+        return {}
+
+    monkeypatch.setattr(downstream, "evaluate_downstream", fake_downstream)
+    contract.register_generator("test_recording", lambda workdir: (Recording(), None))
+    Workdir(tmp_path).write_summary({"method": "test_recording", "flags": {"dataset": "digits"}})
+    evaluation.evaluate(tmp_path, evaluation.detect_source(Workdir(tmp_path)),
+                        dataclasses.replace(config, num_samples=2000))
+    assert len(sample_keys) == 2 and len(downstream_keys) == 1, (sample_keys, downstream_keys)
+    reused = [i for i, key in enumerate(sample_keys) if (key == downstream_keys[0]).all()]
+    assert not reused, f"sample chunk(s) {reused} drew with the downstream training key"

@@ -98,3 +98,20 @@ def test_sample_size_note_names_both_sizes_below_papers_sizes(sizes, noted):
         return
     assert f"{sizes[0]:,} synthetic against {sizes[1]:,} real" in note, note
     assert "compare it only with FIDs of the same sizes" in note, note
+
+
+@pytest.mark.parametrize("images,message", [
+    (np.zeros((0, 4, 4, 1), np.float32), r"\[N > 0, H, W, C\]"),
+    (np.zeros((5, 4, 4), np.float32), r"\[N > 0, H, W, C\]"),
+    (np.linspace(-1, 1, 80, dtype=np.float32).reshape(5, 4, 4, 1), r"in \[0, 1\].*-1"),
+    (np.linspace(0, 255, 80, dtype=np.float32).reshape(5, 4, 4, 1), r"in \[0, 1\].*255"),
+    (np.full((5, 4, 4, 1), np.nan, np.float32), "finite"),
+])
+def test_images_a_feature_extractor_cannot_take_are_rejected(images, message):
+    # A [-1, 1] (tanh) or 0..255 set gave a finite, wrong FID; an empty one a bare
+    # "range() arg 3 must not be zero".
+    extractor = fid.FeatureExtractor("fid_test", "flattened pixels",
+                                     lambda x: x.reshape(len(x), -1)[:, :3])
+    real = np.random.default_rng(0).uniform(size=(5, 4, 4, 1)).astype(np.float32)
+    with pytest.raises(ValueError, match=message):
+        fid.fid(extractor, real, images)

@@ -97,3 +97,13 @@ def test_matches_pytorch_fid(tmp_path, monkeypatch):
         np.asarray(got), expected[0][:, :, 0, 0].numpy(), rtol=1e-3, atol=1e-4,
         err_msg="the JAX port differs from pytorch-fid's FID Inception",
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 28, 28), (2, 3, 32, 32), (2, 28, 28, 2)])
+def test_channels_first_images_are_rejected(weights_file, shape):
+    # jax.image.resize resizes every axis: [N, 1, 28, 28] became [N, 299, 299, 3] by
+    # stretching H=1 and shrinking C=28, silently giving features of a smeared image.
+    extractor = inception.inception_extractor(weights_file, image_size=75)
+    images = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+    with pytest.raises(ValueError, match="channels last"):
+        extractor.features(images)
