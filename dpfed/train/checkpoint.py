@@ -197,7 +197,11 @@ class Checkpointer:
         except Exception as error:  # orbax, tensorstore and json raise many kinds
             older = [s for s in self.all_steps() if s < step]
             since = f"resume from step {older[-1]}" if older else "replay the run from its start"
-            remedy = f"move {self._directory / str(step)} out of checkpoints/ to {since}"
+            # A damaged step, or one the code no longer reads (a changed model or state):
+            # moving steps out helps only the first, and would discard them all for the second.
+            remedy = (f"if its files are damaged, move {self._directory / str(step)} out of "
+                      f"checkpoints/ to {since}; if the code changed since it was written, "
+                      "resume with that code or use a new workdir")
             reason = " ".join(str(error).split())[:200] or type(error).__name__
             raise ConfigError(
                 "workdir",

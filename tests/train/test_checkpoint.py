@@ -175,6 +175,8 @@ def test_a_damaged_step_is_one_config_error_naming_the_step_and_an_older_one(tmp
     message = str(error.value)
     assert error.value.field == "workdir", error.value.field
     assert "checkpoint 4" in message and "resume from step 2" in message, message
+    # Moving steps out does not help a step the code no longer reads: it would drop them all.
+    assert "if the code changed" in message, f"must name the other cause: {message}"
     assert "\n" not in message and len(message) < 600, f"not one short line: {message!r}"
 
 
