@@ -58,7 +58,20 @@ def inject_inversion(
 
     Returns:
       (the data with the bug, bool `[clients]` mask of the buggy clients).
+
+    Raises:
+      ValueError: a real image value outside `value_range` (inverting it would leave the
+        range, or wrap around in an integer dtype), or a range with lo >= hi.
     """
+    lo, hi = value_range
+    if not lo < hi:
+        raise ValueError(
+            f"value_range must be (black, white) with black < white, got {value_range}")
+    real = np.asarray(fed_data.images)[fed_data.mask]
+    if real.size and (real.min() < lo or real.max() > hi):
+        raise ValueError(
+            f"images lie in [{real.min()}, {real.max()}], outside value_range {value_range}: "
+            "pass the images' range")
     buggy = choose_buggy_clients(fed_data.num_clients, fraction, seed)
     invert = buggy[:, None] & fed_data.mask  # [clients, max_n]: real slots of buggy clients
     invert = invert.reshape(invert.shape + (1,) * (fed_data.images.ndim - 2))

@@ -98,8 +98,18 @@ def predict(model: nn.Module, params: Any, images: np.ndarray, batch_size: int =
     return np.concatenate(out)
 
 
+def _check_examples(images: Any, labels: Any, what: str) -> None:
+    """Raises ValueError unless ``labels`` is ``[N]`` for ``N >= 1`` ``images``."""
+    shape = np.shape(labels)
+    if len(images) == 0 or shape != (len(images),):
+        raise ValueError(
+            f"{what}: labels must be [N] for N >= 1 images, got {len(images)} images and "
+            f"labels of shape {shape}")
+
+
 def accuracy(model: nn.Module, params: Any, images: np.ndarray, labels: np.ndarray) -> float:
     """The fraction of ``images`` that ``model`` classifies as ``labels``."""
+    _check_examples(images, labels, "accuracy")
     return float(np.mean(predict(model, params, images) == np.asarray(labels)))
 
 
@@ -113,6 +123,9 @@ def fit(
 ) -> FitResult:
     """Trains ``model`` on ``(images, labels)``; with ``validation``, keeps the params of
     the epoch with the best validation accuracy and stops early (``config.patience``)."""
+    _check_examples(images, labels, "training set")
+    if validation is not None:
+        _check_examples(*validation, "validation set")
     init_key, epoch_key = jax.random.split(key)
     params = jax.jit(model.init)(init_key, jnp.asarray(images[:1]))
     opt_state = optax.adam(config.learning_rate).init(params)

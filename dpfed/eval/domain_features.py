@@ -83,7 +83,13 @@ def train_feature_classifier(
     train: data.ImageDataset, seed: int, steps: int
 ) -> tuple[FeatureCNN, Any]:
     """Trains `FeatureCNN` non-privately on ``train`` for about ``steps`` Adam steps
-    (whole epochs of batch 128, lr 1e-3)."""
+    (whole epochs of batch 128, lr 1e-3).
+
+    Raises:
+      ValueError: ``steps`` < 1 (an untrained CNN's features would be cached as the metric).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     model = FeatureCNN(num_classes=train.num_classes)
     steps_per_epoch = max(1, train.num_examples // _BATCH_SIZE)
     config = classifier_fit.FitConfig(
@@ -101,7 +107,13 @@ def domain_extractor(
     steps: int = DEFAULT_STEPS,
 ) -> FeatureExtractor:
     """The `fid_domain` extractor of ``dataset``, trained on its train split or read
-    from the cache in ``cache_dir`` (default `default_cache_dir()`)."""
+    from the cache in ``cache_dir`` (default `default_cache_dir()`).
+
+    Raises:
+      ValueError: ``steps`` < 1.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     train = data.load(dataset, "train")
     directory = pathlib.Path(cache_dir or default_cache_dir()) / "domain_features"
     directory.mkdir(parents=True, exist_ok=True)

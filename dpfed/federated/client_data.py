@@ -54,6 +54,33 @@ class OneClient(NamedTuple):
         return jnp.arange(max_n) < self.count
 
 
+def check_client_data(data: ClientData) -> ClientData:
+    """`data`, after checking that every leaf is `[num_clients, max_n, ...]` and that
+    every count lies in [0, max_n]. A mismatch is silent inside jit: a client index past
+    the arrays gathers fill values, a count past max_n repeats the last slot.
+
+    Raises:
+      ValueError: naming the leaf or the count that breaks the layout.
+    """
+    counts = np.asarray(data.counts)
+    if counts.ndim != 1 or not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError(
+            f"counts must be an integer [num_clients], got {counts.dtype} {counts.shape}")
+    leaves = jax.tree_util.tree_leaves(data.arrays)
+    if not leaves:
+        raise ValueError("arrays hold no leaf")
+    expected = (counts.shape[0], leaves[0].shape[1] if leaves[0].ndim > 1 else None)
+    for leaf in leaves:
+        if leaf.ndim < 2 or tuple(leaf.shape[:2]) != expected:
+            raise ValueError(
+                f"every leaf must be [num_clients={expected[0]}, max_n={expected[1]}, ...] "
+                f"like counts and the first leaf, got shape {leaf.shape}")
+    if counts.size and (counts.min() < 0 or counts.max() > expected[1]):
+        raise ValueError(f"counts must lie in [0, max_n={expected[1]}], got "
+                         f"[{counts.min()}, {counts.max()}]")
+    return data
+
+
 def from_federated(federated: FederatedData) -> ClientData:
     """`ClientData` with arrays `(images, labels)` from a `dpfed.data.FederatedData`."""
     return ClientData(

@@ -44,7 +44,12 @@ from jax.sharding import PartitionSpec as P
 from dpfed import privacy
 from dpfed.federated import sampling as sampling_lib
 from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator, clip_update
-from dpfed.federated.client_data import ClientData, OneClient, gather_clients
+from dpfed.federated.client_data import (
+    ClientData,
+    OneClient,
+    check_client_data,
+    gather_clients,
+)
 from dpfed.federated.local import ClientOutput
 from dpfed.federated.mesh import CLIENTS, client_mesh, replicate
 from dpfed.train.config import require_finite_floats
@@ -164,6 +169,7 @@ class DpFedAvg:
         config: DpFedAvgConfig,
         mesh: Mesh | None = None,
     ):
+        check_client_data(data)
         self.config = config
         self.mesh = client_mesh() if mesh is None else mesh
         self.client_update = client_update

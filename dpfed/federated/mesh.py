@@ -44,11 +44,20 @@ def split_clients(tree: PyTree, mesh: Mesh) -> PyTree:
 def _place(tree: PyTree, sharding: NamedSharding) -> PyTree:
     """`tree` with every leaf placed by `sharding`, each process giving its own blocks."""
 
+    def from_host(value: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
     def put(leaf):
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.device_put(leaf, sharding)
-        value = np.asarray(leaf)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+            # A typed key is placed as its raw key data (one trailing axis more), which each
+            # process gives block by block like any array: `jax.device_put` refuses a
+            # sharding over other hosts' devices.
+            if len(sharding.spec) > leaf.ndim:
+                raise ValueError(
+                    f"cannot split a key array of shape {leaf.shape} along {sharding.spec}")
+            placed = from_host(np.asarray(jax.random.key_data(leaf)))
+            return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(leaf))
+        return from_host(np.asarray(leaf))
 
     return jax.tree_util.tree_map(put, tree)
 

@@ -84,3 +84,24 @@ def test_inject_text_bug_changes_only_buggy_clients():
     for i, (before, after) in enumerate(zip(texts, out, strict=True)):
         expected = f"client {i},hello" if buggy[i] else before
         assert after == expected, f"client {i} (buggy={buggy[i]}): {after!r}"
+
+
+@pytest.mark.parametrize(
+    "images, value_range",
+    [
+        (np.array([0, 200, 255, 30], np.uint8), (0.0, 1.0)),  # 0..255 pixels, [0, 1] range
+        (np.array([-1.0, -0.5, 0.5, 1.0], np.float32), (0.0, 1.0)),  # [-1, 1] images
+    ],
+)
+def test_inject_inversion_refuses_images_outside_the_value_range(images, value_range):
+    fed = data.to_federated(images.reshape(4, 1, 1, 1), np.zeros(4, np.int32),
+                            [np.array([0, 1]), np.array([2, 3])])
+    with pytest.raises(ValueError, match="value_range"):
+        bugs.inject_inversion(fed, 1.0, seed=0, value_range=value_range)
+
+
+def test_inject_inversion_keeps_uint8_images_in_their_range():
+    images = np.array([0, 200, 255, 30], np.uint8).reshape(4, 1, 1, 1)
+    fed = data.to_federated(images, np.zeros(4, np.int32), [np.array([0, 1]), np.array([2, 3])])
+    out, _ = bugs.inject_inversion(fed, 1.0, seed=0, value_range=(0, 255))
+    assert out.images.ravel().tolist() == [255, 55, 0, 225], out.images.ravel().tolist()

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from dpfed import data
 from dpfed.eval import classifier_fit
@@ -44,3 +45,29 @@ def test_a_set_no_larger_than_one_batch_is_still_trained_on():
     )
     accuracy = classifier_fit.accuracy(model, fitted.params, images, labels)
     assert accuracy > 0.5, f"20 epochs on 100 examples should fit them, got {accuracy}"
+
+
+def test_accuracy_refuses_labels_that_are_not_one_per_image():
+    test = data.load("digits", "test")
+    images, labels = test.images[:50], test.labels[:50]
+    model = get_classifier("logreg", 10)
+    params = model.init(jax.random.key(0), images[:1])
+    # [N, 1] labels broadcast against [N] predictions into an [N, N] comparison: a
+    # wrong accuracy, silently.
+    with pytest.raises(ValueError, match="labels must be"):
+        classifier_fit.accuracy(model, params, images, labels[:, None])
+    with pytest.raises(ValueError, match="labels must be"):
+        classifier_fit.accuracy(model, params, images[:0], labels[:0])
+
+
+def test_fit_refuses_an_empty_or_mismatched_set():
+    train = data.load("digits", "train")
+    model, config = get_classifier("logreg", 10), classifier_fit.FitConfig(max_epochs=1)
+    images, labels = train.images[:64], train.labels[:64]
+    with pytest.raises(ValueError, match="training set"):
+        classifier_fit.fit(model, images[:0], labels[:0], jax.random.key(0), config)
+    with pytest.raises(ValueError, match="training set"):
+        classifier_fit.fit(model, images, labels[:32], jax.random.key(0), config)
+    with pytest.raises(ValueError, match="validation set"):
+        classifier_fit.fit(model, images, labels, jax.random.key(0), config,
+                           validation=(images[:0], labels[:0]))

@@ -80,3 +80,11 @@ def test_each_process_of_a_multi_host_job_caches_the_extractor_on_its_own_host(
     cached = sorted(p.suffix for p in (tmp_path / "domain_features").iterdir())
     assert cached == [".json", ".msgpack"], f"process 1 must cache on its host: {cached}"
     assert barriers == [], f"a host cache write waited for the other hosts: {barriers}"
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_an_untrained_extractor_is_refused(tmp_path, steps):
+    # 0 steps gave the random-init CNN's features, cached and described as the metric.
+    with pytest.raises(ValueError, match="steps"):
+        domain_features.domain_extractor("digits", cache_dir=tmp_path, steps=steps)
+    assert not list(tmp_path.rglob("*.msgpack")), "nothing is cached"

@@ -38,3 +38,18 @@ def test_the_key_shuffles_the_clients_examples():
     orders = [draw(count=8, max_n=8, batch=8, steps=1, seed=seed)[0][0].tolist() for seed in (0, 1)]
     assert sorted(orders[0]) == list(range(8)), f"one epoch holds each example once: {orders[0]}"
     assert orders[0] != orders[1], f"two keys gave the same batch order {orders[0]}"
+
+
+def test_an_engine_refuses_counts_that_do_not_match_the_arrays():
+    import optax
+    import pytest
+
+    from dpfed.federated import ClientData, DpFedAvg, DpFedAvgConfig
+    from tests.federated import toy
+
+    rows = np.ones((10, 1, 3), np.float32)
+    config = DpFedAvgConfig(clients_per_round=4, l2_clip=1.0, noise_multiplier=0.0)
+    for counts, match in [(np.ones(12, np.int32), "num_clients=12"),  # 2 clients without data
+                          (np.full(10, 2, np.int32), "max_n=1")]:  # counts past the slots
+        with pytest.raises(ValueError, match=match):
+            DpFedAvg(toy.add_own_vector, optax.sgd(1.0), ClientData(rows, counts), config)

@@ -1,5 +1,10 @@
 """The client mesh and replication helpers."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +12,9 @@ import pytest
 
 from dpfed.federated import client_mesh, initialize_distributed, replicate
 from dpfed.federated import mesh as mesh_lib
+from launch import multihost
 from tests import dispatch
+from tests.binary import ROOT
 
 
 def test_client_mesh_spans_every_device_on_one_axis():
@@ -58,3 +65,29 @@ def test_settle_returns_the_tree_computed_on_several_cpu_devices():
     settled = mesh_lib.settle(tree)
     assert dispatch.all_ready(settled), "on 8 CPU devices settle must wait for the arrays"
     np.testing.assert_array_equal(settled["x"], np.ones(3), err_msg="settle changes nothing")
+
+
+@pytest.mark.slow  # two processes, ~30 s; no caller passes keys across hosts yet
+def test_replicate_and_split_place_typed_keys_over_the_devices_of_every_process():
+    """A 2-process job (2 CPU devices each): `jax.device_put` refuses a sharding over
+    another host's devices, so keys must be placed block by block like any array."""
+    port = multihost.free_port()
+    env = multihost.local_env(2)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.federated.mesh_keys_process", str(port), str(i)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, f"a process failed:\n{err[-3000:]}"
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    keys = jax.random.split(jax.random.key(7), 4)
+    expected = {"devices": 4, "one": float(jax.random.uniform(jax.random.key(3))),
+                "many": np.asarray(jax.vmap(jax.random.uniform)(keys)).tolist()}
+    for result in results:
+        assert result["devices"] == 4, "the mesh spans both processes' devices"
+        np.testing.assert_allclose(result["one"], expected["one"], rtol=1e-6)
+        np.testing.assert_allclose(result["many"], expected["many"], rtol=1e-6)
