@@ -13,13 +13,20 @@ Examples (2 CPU cores):
   .venv/bin/python -m launch.reproduce --table=dpsgd_mnist5k                # ~15 min
   .venv/bin/python -m launch.reproduce --table=dpsgd_mnist5k --collect      # only reads
 
-Rerunning skips the rows whose eval.json is newer than their flagfile (--rerun runs them
-again; the binaries resume from their workdirs). A row's eval.json is deleted before its
-run starts, and --collect leaves out an eval.json older than its flagfile (stale). Logs of
-each row's commands are in its workdir (``reproduce.log``). Exits 1 if a row failed (its
-line says so).
+Each row's workdir records the fingerprint of the run it holds (``reproduce_row.json``:
+the binary, the flag lines of the flagfile, the scale's extra flags). Rerunning skips the
+rows whose eval.json is of the current fingerprint (--rerun runs them again; the binaries
+resume from their workdirs). A workdir made with other flags is moved aside
+(``<row>.superseded-<time>``) and the row starts afresh: resumed, a finished run would
+keep its old steps, or train on with noise recalibrated to a spent budget, and be shown
+as the edited row. A row's eval.json is deleted before its run starts, and --collect
+leaves out an eval.json of other flags (stale). Workdirs from before fingerprints use the
+flagfile's time instead. Logs of each row's commands are in its workdir
+(``reproduce.log``). Exits 1 if a row failed (its line says so).
 """
 
+import hashlib
+import json
 import pathlib
 import subprocess
 import sys
@@ -34,6 +41,7 @@ from dpfed.train.workdir import Workdir, atomic_write_text
 _REPO = pathlib.Path(__file__).resolve().parent.parent
 EVALUATE = "experiments.evaluate"
 SMOKE_EVAL_FLAGS = ("--num_samples=300", "--max_epochs=1", "--extractor_steps=10")
+ROW_FILE = "reproduce_row.json"  # the fingerprint of the run a row's workdir holds
 
 _TABLE = flags.DEFINE_string("table", None, "Table name (a folder of --tables_dir).", required=True)
 _SCALE = flags.DEFINE_enum("scale", "full", list(tables.SCALES), "full, or smoke: tiny runs.")
@@ -70,10 +78,60 @@ def run_row(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
     return _run_logged(command, log) and _run_logged(evaluate, log)
 
 
-def is_current(row: tables.RowSpec, workdir: Workdir) -> bool:
-    """Whether the row's eval.json exists and is newer than its flagfile."""
+def fingerprint(row: tables.RowSpec, scale: str) -> str:
+    """sha256 of what decides a row's run: its binary, its flagfile's flag lines (not the
+    comments and blank lines absl skips, so editing a label reruns nothing) and the flags
+    ``scale`` adds."""
+    lines = (line.strip() for line in row.flagfile.read_text(encoding="utf-8").splitlines())
+    flag_lines = [line for line in lines if line and not line.startswith(("#", "//"))]
+    spec = json.dumps([row.binary, flag_lines, row.flags(scale)[1:]])
+    return hashlib.sha256(spec.encode("utf-8")).hexdigest()
+
+
+def _recorded(workdir: Workdir) -> str | None:
+    """The fingerprint the workdir's run was started with; None for a workdir from
+    before fingerprints, "" for an unreadable record (matches no row)."""
+    if not workdir.file(ROW_FILE).exists():
+        return None
+    try:
+        return str(workdir.read_json_object(ROW_FILE).get("fingerprint", ""))
+    except ValueError:
+        return ""
+
+
+def _flagfile_newer(row: tables.RowSpec, workdir: Workdir) -> bool:
     path = workdir.file(evaluation.EVAL_FILE)
-    return path.exists() and path.stat().st_mtime >= row.flagfile.stat().st_mtime
+    return path.exists() and path.stat().st_mtime < row.flagfile.stat().st_mtime
+
+
+def is_current(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
+    """Whether the row's eval.json exists and is of a run of the row's current flags
+    (a workdir from before fingerprints: newer than the flagfile)."""
+    if not workdir.file(evaluation.EVAL_FILE).exists():
+        return False
+    recorded = _recorded(workdir)
+    if recorded is None:
+        return not _flagfile_newer(row, workdir)
+    return recorded == fingerprint(row, scale)
+
+
+def superseded(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
+    """Whether the workdir holds a run of other flags than the row's current ones (a
+    workdir from before fingerprints: a finished run whose flagfile changed since)."""
+    recorded = _recorded(workdir)
+    if recorded is None:
+        return _flagfile_newer(row, workdir)
+    return recorded != fingerprint(row, scale)
+
+
+def _move_aside(path: pathlib.Path) -> pathlib.Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.superseded-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.superseded-{stamp}-{n}"), n + 1
+    path.rename(aside)
+    return aside
 
 
 def _read_result(workdir: Workdir) -> dict | None:
@@ -93,30 +151,38 @@ def main(argv: list[str]) -> None:
         raise cli.FlagError("table", str(error)) from error
     root = pathlib.Path(_ROOT.value).absolute() / spec.name / _SCALE.value
     results, workdirs, failed = {}, {}, []
+    scale = _SCALE.value
     for i, row in enumerate(spec.rows, 1):
         workdir = Workdir(root / row.name)
         workdirs[row.name] = str(workdir.path)
-        if not _COLLECT.value and not _RERUN.value and is_current(row, workdir):
+        if not _COLLECT.value and not _RERUN.value and is_current(row, workdir, scale):
             print(f"[{i}/{len(spec.rows)}] {row.label}: current eval.json, skipped", flush=True)
         elif not _COLLECT.value:
             print(f"[{i}/{len(spec.rows)}] {row.label}: {row.binary} ...", flush=True)
+            if superseded(row, workdir, scale):
+                # Resumed, it would be shown as this row but be another run (or a hybrid).
+                aside = _move_aside(workdir.path)
+                print(f"    {workdir.path} holds a run of other flags: moved to {aside}, "
+                      "the row starts afresh", flush=True)
+                workdir = Workdir(root / row.name)
             # Gone until this run writes it: a failed or killed run leaves no stale result.
             workdir.file(evaluation.EVAL_FILE).unlink(missing_ok=True)
+            workdir.write_json(ROW_FILE, {"fingerprint": fingerprint(row, scale)})
             start = time.time()
-            ok = run_row(row, workdir, _SCALE.value)
+            ok = run_row(row, workdir, scale)
             status = "done" if ok else f"FAILED (see {workdir.file('reproduce.log')})"
             print(f"    {status} in {time.time() - start:.0f} s", flush=True)
             if not ok:
                 failed.append(row.label)
-        elif workdir.file(evaluation.EVAL_FILE).exists() and not is_current(row, workdir):
-            print(f"[{i}/{len(spec.rows)}] {row.label}: eval.json is older than the flagfile, "
-                  "not shown (run the row again)", flush=True)
+        elif workdir.file(evaluation.EVAL_FILE).exists() and not is_current(row, workdir, scale):
+            print(f"[{i}/{len(spec.rows)}] {row.label}: eval.json is stale (of other flags, "
+                  "or older than the flagfile), not shown (run the row again)", flush=True)
             results[row.name] = None
             continue
         results[row.name] = _read_result(workdir)
     out = pathlib.Path(_OUT_DIR.value)
     out.mkdir(parents=True, exist_ok=True)
-    markdown = tables.render_table(spec, results, workdirs, references, _SCALE.value)
+    markdown = tables.render_table(spec, results, workdirs, references, scale)
     atomic_write_text(out / f"{spec.name}.md", markdown)
     print(f"wrote {out / f'{spec.name}.md'}")
     if failed:

@@ -95,6 +95,24 @@ def parse_row(path: pathlib.Path) -> RowSpec:
     )
 
 
+def _read_json_object(path: pathlib.Path, keys: tuple[str, ...]) -> dict:
+    """The JSON object in ``path``, which must hold ``keys``.
+
+    Raises:
+      TableError: the file is not JSON, not an object, or lacks one of ``keys``.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise TableError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise TableError(f"{path} must hold a JSON object")
+    missing = [key for key in keys if key not in value]
+    if missing:
+        raise TableError(f"{path} lacks {', '.join(repr(k) for k in missing)}")
+    return value
+
+
 def load_table(tables_dir: pathlib.Path, name: str) -> TableSpec:
     """The table ``name`` defined in ``tables_dir/name/`` (rows in file-name order).
 
@@ -105,7 +123,7 @@ def load_table(tables_dir: pathlib.Path, name: str) -> TableSpec:
     if not (folder / TABLE_FILE).exists():
         known = sorted(p.parent.name for p in tables_dir.glob(f"*/{TABLE_FILE}"))
         raise TableError(f"no table {name!r} in {tables_dir} (known: {', '.join(known)})")
-    spec = json.loads((folder / TABLE_FILE).read_text(encoding="utf-8"))
+    spec = _read_json_object(folder / TABLE_FILE, ("title", "dataset"))
     rows = tuple(parse_row(path) for path in sorted(folder.glob("*.flags")))
     if not rows:
         raise TableError(f"{folder} has no row flagfiles (*.flags)")
@@ -119,13 +137,19 @@ def load_references(path: pathlib.Path, quote: dict) -> References:
     """The reference rows matching every ``quote`` key, and the sources they cite.
 
     Raises:
-      TableError: if a row cites a source that the file does not define.
+      TableError: if the file is malformed, a row cites a source that the file does not
+        define, or a non-empty ``quote`` matches no row (a typo would drop every quoted
+        row from the table, unseen).
     """
-    references = json.loads(path.read_text(encoding="utf-8"))
+    references = _read_json_object(path, ("sources", "rows", "marking"))
     sources = references["sources"]
     rows = [
         row for row in references["rows"] if all(row.get(k) == v for k, v in quote.items())
     ]
+    if quote and not rows:
+        seen = {k: sorted({str(row.get(k)) for row in references["rows"]}) for k in quote}
+        raise TableError(f"{path}: no reference row matches the table's quote {quote} "
+                         f"(values there: {seen})")
     for row in rows:
         if row["source"] not in sources:
             raise TableError(f"{path}: row {row['method']!r} cites unknown {row['source']!r}")

@@ -141,3 +141,22 @@ def test_data_column_shows_the_dataset_evaluated_when_not_the_tables():
     row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
     line = tables.our_row(row, {**_result(), "dataset": "digits"}, "mnist5k")
     assert line[2] == "digits (table: mnist5k)", f"a row of other data must say so: {line[2]}"
+
+
+def test_a_quote_that_matches_no_reference_row_is_an_error():
+    # {"dataset": "Mnist"} in a table.json dropped every quoted row without a word.
+    with pytest.raises(tables.TableError, match="no reference row matches"):
+        tables.load_references(_TABLES / tables.REFERENCE_FILE, {"dataset": "Mnist"})
+    with pytest.raises(tables.TableError, match="no reference row matches"):
+        tables.load_references(_TABLES / tables.REFERENCE_FILE, {"datset": "MNIST"})
+
+
+def test_malformed_table_json_is_a_table_error(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "01_row.flags").write_text("# binary: b\n")
+    (tmp_path / "t" / tables.TABLE_FILE).write_text('{"title": "T", "dataset": "digits",}')
+    with pytest.raises(tables.TableError, match="not valid JSON"):
+        tables.load_table(tmp_path, "t")
+    (tmp_path / "t" / tables.TABLE_FILE).write_text('{"title": "T"}')
+    with pytest.raises(tables.TableError, match="'dataset'"):
+        tables.load_table(tmp_path, "t")

@@ -147,3 +147,58 @@ def test_rerun_runs_a_row_whose_eval_json_is_current(tmp_path):
         "--rerun must run the current row again (its binary does not exist, so the run fails): "
         f"{proc.stdout}{proc.stderr[-2000:]}")
     assert not eval_json.exists(), "the rerun row's old eval.json must be gone"
+
+
+def _edit_flags(flagfile, eval_json):
+    """A flag line of the row changed (not a comment) after its eval.json was written."""
+    flagfile.write_text(flagfile.read_text() + "--steps=8\n")
+    _make_stale(flagfile, eval_json)
+
+
+def test_a_row_whose_flags_changed_starts_afresh_not_from_the_old_run(tmp_path):
+    # Resumed, the old run would be shown as the edited row: a finished DP-SGD run asked
+    # for more steps trained on with noise recalibrated to its spent budget (smoke_digits,
+    # steps 4 -> 8: LogReg 15.9%; the 8-step row run afresh: 25.9%).
+    tables_dir, flagfile, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    workdir = eval_json.parent
+    (workdir / "checkpoints").mkdir()  # the old run's state, which a resume would load
+    _edit_flags(flagfile, eval_json)
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}")
+    assert proc.returncode == 1, "the row's binary does not exist: the run must fail"
+    assert not (workdir / "checkpoints").exists(), (
+        f"the edited row would resume the old flags' run:\n{proc.stdout}")
+    asides = list(workdir.parent.glob("01_row.superseded-*"))
+    assert len(asides) == 1 and (asides[0] / "checkpoints").is_dir(), (
+        "the old run must be kept, moved aside")
+    assert "moved to" in proc.stdout, proc.stdout
+
+
+def test_a_rerun_of_unchanged_flags_resumes_its_workdir(tmp_path):
+    tables_dir, _, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    (eval_json.parent / "checkpoints").mkdir()
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}", "--rerun")
+    assert proc.returncode == 1, proc.stdout
+    assert (eval_json.parent / "checkpoints").is_dir(), "--rerun must resume, not move aside"
+    assert not list(eval_json.parent.parent.glob("01_row.superseded-*"))
+
+
+def test_an_eval_json_of_other_flags_is_stale_even_when_newer(tmp_path):
+    # The flagfile edited while its row ran: the eval.json written after the edit is
+    # still the old flags' (a time comparison called it current).
+    from dpfed.eval import tables as tables_lib
+    from dpfed.train.workdir import Workdir
+    from launch import reproduce
+
+    tables_dir, flagfile, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    row = tables_lib.parse_row(flagfile)
+    workdir = Workdir(eval_json.parent)
+    workdir.write_json(reproduce.ROW_FILE, {"fingerprint": reproduce.fingerprint(row, "full")})
+    flagfile.write_text(flagfile.read_text() + "--steps=8\n")
+    stamp = flagfile.stat().st_mtime
+    os.utime(eval_json, (stamp + 60, stamp + 60))
+    assert not reproduce.is_current(row, workdir, "full")
+    assert reproduce.superseded(row, workdir, "full")
+    # A comment (the row's label) is no flag: editing it reruns nothing.
+    workdir.write_json(reproduce.ROW_FILE, {"fingerprint": reproduce.fingerprint(row, "full")})
+    flagfile.write_text(flagfile.read_text().replace("# row: done row", "# row: renamed"))
+    assert reproduce.is_current(row, workdir, "full")
