@@ -170,7 +170,8 @@ def _eps(result: dict) -> tuple[str, str]:
     if privacy is None and result["source"]["kind"] == "real_data":
         return "∞ (non-private)", "—"
     if privacy is None:
-        return "none recorded", "—"
+        # No ledger, no guarantee: a bare "none recorded" read like missing accounting.
+        return "∞ (no ledger: non-private)", "—"
     # 4 significant digits, rounded up: 10.049 must not read as a target of 10 met.
     rdp, pld = (format_upper(privacy[k], 4, "—") for k in ("epsilon_rdp", "epsilon_pld"))
     # The unit beside eps: a user-level and an example-level eps are not comparable.

@@ -92,7 +92,8 @@ def test_render_puts_our_rows_beside_marked_quoted_rows(tmp_path):
 def test_source_without_ledger_is_not_called_private():
     result = {**_result(), "privacy": None, "source": {"kind": "synthetic_file", "path": "s"}}
     row = tables.RowSpec("r", "npz row", "b", pathlib.Path("r.flags"), ())
-    assert tables.our_row(row, result, "mnist5k")[3] == "none recorded", "eps invented"
+    eps = tables.our_row(row, result, "mnist5k")[3]
+    assert eps == "∞ (no ledger: non-private)", f"no ledger must read as no guarantee: {eps}"
 
 
 def test_render_marks_rows_that_did_not_run(tmp_path):
