@@ -46,7 +46,10 @@ ROW_FILE = "reproduce_row.json"  # the fingerprint of the run a row's workdir ho
 _TABLE = flags.DEFINE_string("table", None, "Table name (a folder of --tables_dir).", required=True)
 _SCALE = flags.DEFINE_enum("scale", "full", list(tables.SCALES), "full, or smoke: tiny runs.")
 _COLLECT = flags.DEFINE_bool("collect", False, "Only read existing eval.json files.")
-_RERUN = flags.DEFINE_bool("rerun", False, "Run rows again even if their eval.json is current.")
+_RERUN = flags.DEFINE_bool(
+    "rerun", False, "Run rows again even if their eval.json is current: each binary "
+    "resumes its finished workdir (nothing retrained) and is evaluated again; delete the "
+    "workdirs to retrain.")
 _TABLES_DIR = flags.DEFINE_string("tables_dir", str(_REPO / "launch" / "tables"), "Table specs.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "tables", "Where NAME.md is written.")
 _ROOT = flags.DEFINE_string("workdir_root", "workdirs/tables", "Root of the rows' workdirs.")
