@@ -16,13 +16,14 @@ Examples (2 CPU cores):
 Each row's workdir records the fingerprint of the run it holds (``reproduce_row.json``:
 the binary, the flag lines of the flagfile, the scale's extra flags). Rerunning skips the
 rows whose eval.json is of the current fingerprint (--rerun runs them again; the binaries
-resume from their workdirs). A workdir made with other flags is moved aside
-(``<row>.superseded-<time>``) and the row starts afresh: resumed, a finished run would
-keep its old steps, or train on with noise recalibrated to a spent budget, and be shown
-as the edited row. A row's eval.json is deleted before its run starts, and --collect
-leaves out an eval.json of other flags (stale). Workdirs from before fingerprints use the
-flagfile's time instead. Logs of each row's commands are in its workdir
-(``reproduce.log``). Exits 1 if a row failed (its line says so).
+resume from their workdirs; --fresh moves every row's workdir aside and retrains). A
+workdir made with other flags is moved aside (``<row>.superseded-<time>``) and the row
+starts afresh: resumed, a finished run would keep its old steps, or train on with noise
+recalibrated to a spent budget, and be shown as the edited row. A row's eval.json is
+deleted before its run starts, and --collect leaves out an eval.json of other flags
+(stale). Workdirs from before fingerprints use the flagfile's time instead. Logs of each
+row's commands are in its workdir (``reproduce.log``). Exits 1 if a row failed (its line
+says so).
 """
 
 import hashlib
@@ -49,7 +50,10 @@ _COLLECT = flags.DEFINE_bool("collect", False, "Only read existing eval.json fil
 _RERUN = flags.DEFINE_bool(
     "rerun", False, "Run rows again even if their eval.json is current: each binary "
     "resumes its finished workdir (nothing retrained) and is evaluated again; delete the "
-    "workdirs to retrain.")
+    "workdirs to retrain, or give --fresh.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Retrain every row from scratch (implies --rerun): each row's workdir "
+    "is moved aside to <row>.superseded-<time> first (kept, not deleted).")
 _TABLES_DIR = flags.DEFINE_string("tables_dir", str(_REPO / "launch" / "tables"), "Table specs.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "tables", "Where NAME.md is written.")
 _ROOT = flags.DEFINE_string("workdir_root", "workdirs/tables", "Root of the rows' workdirs.")
@@ -158,15 +162,18 @@ def main(argv: list[str]) -> None:
     for i, row in enumerate(spec.rows, 1):
         workdir = Workdir(root / row.name)
         workdirs[row.name] = str(workdir.path)
-        if not _COLLECT.value and not _RERUN.value and is_current(row, workdir, scale):
+        rerun = _RERUN.value or _FRESH.value
+        if not _COLLECT.value and not rerun and is_current(row, workdir, scale):
             print(f"[{i}/{len(spec.rows)}] {row.label}: current eval.json, skipped", flush=True)
         elif not _COLLECT.value:
             print(f"[{i}/{len(spec.rows)}] {row.label}: {row.binary} ...", flush=True)
-            if superseded(row, workdir, scale):
+            fresh = _FRESH.value and workdir.path.exists()
+            if fresh or superseded(row, workdir, scale):
                 # Resumed, it would be shown as this row but be another run (or a hybrid).
                 aside = _move_aside(workdir.path)
-                print(f"    {workdir.path} holds a run of other flags: moved to {aside}, "
-                      "the row starts afresh", flush=True)
+                why = "--fresh" if fresh else "it holds a run of other flags"
+                print(f"    {workdir.path} moved to {aside} ({why}): the row starts afresh",
+                      flush=True)
                 workdir = Workdir(root / row.name)
             # Gone until this run writes it: a failed or killed run leaves no stale result.
             workdir.file(evaluation.EVAL_FILE).unlink(missing_ok=True)

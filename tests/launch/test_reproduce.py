@@ -202,3 +202,16 @@ def test_an_eval_json_of_other_flags_is_stale_even_when_newer(tmp_path):
     workdir.write_json(reproduce.ROW_FILE, {"fingerprint": reproduce.fingerprint(row, "full")})
     flagfile.write_text(flagfile.read_text().replace("# row: done row", "# row: renamed"))
     assert reproduce.is_current(row, workdir, "full")
+
+
+def test_fresh_moves_every_workdir_aside_and_retrains(tmp_path):
+    # --rerun resumes a finished run (nothing retrained); --fresh is how to retrain.
+    tables_dir, _, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    (eval_json.parent / "checkpoints").mkdir()
+    proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}", "--fresh")
+    assert proc.returncode == 1, "the row's binary does not exist: the run must fail"
+    assert not (eval_json.parent / "checkpoints").exists(), (
+        f"--fresh must not resume the old run:\n{proc.stdout}")
+    asides = list(eval_json.parent.parent.glob("01_row.superseded-*"))
+    assert len(asides) == 1 and (asides[0] / "checkpoints").is_dir(), "kept, moved aside"
+    assert "(--fresh)" in proc.stdout, proc.stdout
