@@ -171,7 +171,7 @@ def epsilon(
             return None  # before the RDP eps of the grid (~0.6 s for sampling w/o replacement)
         acct = make_accountant("pld", relation, pld_interval(epsilon(event, delta, relation)))
         event = pld_event
-    if not acct.supports(event):
+    elif not acct.supports(event):
         return None
     acct.compose(event)
     eps = float(acct.get_epsilon(delta))
