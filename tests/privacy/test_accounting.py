@@ -312,3 +312,80 @@ def test_format_upper_never_reads_below_its_value():
 
 def test_format_upper_can_leave_a_missing_value_out():
     assert accounting.format_upper(None, 3, None) is None, "a progress field must be left out"
+
+
+_MIXED = dp_event.ComposedDpEvent([
+    dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(0.01, dp_event.GaussianDpEvent(1.1)), 40),
+    dp_event.PoissonSampledDpEvent(0.01, dp_event.ComposedDpEvent(
+        [dp_event.GaussianDpEvent(1.3), dp_event.GaussianDpEvent(9.0)])),
+    dp_event.SelfComposedDpEvent(dp_event.ComposedDpEvent([
+        dp_event.GaussianDpEvent(30.0),
+        dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(50.0), 2)]), 3),
+    dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(0.01, dp_event.GaussianDpEvent(1.1)), 7),
+])
+
+
+@pytest.mark.parametrize("event", [
+    _MIXED,
+    dp_event.ComposedDpEvent([_MIXED, dp_event.NonPrivateDpEvent()]),
+    dp_event.ComposedDpEvent([]),
+])
+def test_rdp_eps_is_dp_accountings_to_the_bit(event):
+    # eps sums each event's RDP curve, computed once (`accounting._RDP_OF`), as the
+    # accountant sums them: the same eps exactly, also after the curves are remembered.
+    direct = _direct(event, 1e-5)
+    assert accounting.epsilon(event, 1e-5) == direct, "computing the curves"
+    assert accounting.epsilon(event, 1e-5) == direct, "with the remembered curves"
+
+
+def test_rdp_eps_of_replace_one_events_is_dp_accountings_to_the_bit():
+    event = dp_event.ComposedDpEvent([
+        accounting.dpsgd_event(1.0, 30, sampling="fixed", population=500, expected_size=20),
+        dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(4.0), 5)])
+    relation = NeighboringRelation.REPLACE_ONE
+    for _ in range(2):
+        assert accounting.epsilon(event, 1e-6, relation) == _direct(event, 1e-6, relation)
+
+
+def test_an_event_the_rdp_accountant_cannot_account_gives_none_every_time():
+    event = accounting.dpsgd_event(1.0, 10, sampling="fixed", population=100, expected_size=5)
+    for _ in range(2):  # add/remove-one: sampling without replacement is not supported
+        assert accounting.epsilon(event, 1e-5) is None, "unsupported: no eps"
+
+
+def test_each_events_rdp_curve_is_computed_once(monkeypatch):
+    # A ledger asks for eps at each evaluation, ledger.json and checkpoint with one more
+    # round each time: the sampled Gaussian's curve (~0.5 s) must not be computed again.
+    calls = []
+    real = rdp.rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian
+    monkeypatch.setattr(
+        rdp.rdp_privacy_accountant, "_compute_rdp_poisson_subsampled_gaussian",
+        lambda *a, **k: calls.append(1) or real(*a, **k))
+    step = dp_event.PoissonSampledDpEvent(0.0123, dp_event.GaussianDpEvent(0.987))
+    eps = [accounting.epsilon(dp_event.SelfComposedDpEvent(step, n), 1e-5) for n in (5, 6, 50)]
+    assert len(calls) == 1, f"the curve of one event was computed {len(calls)} times"
+    assert eps == sorted(eps) and eps[0] < eps[2], f"more rounds, more eps: {eps}"
+    assert eps[1] == _direct(dp_event.SelfComposedDpEvent(step, 6), 1e-5)
+
+
+def test_a_pld_eps_is_computed_once_per_composition(monkeypatch):
+    composed = []
+    real = pld.PLDAccountant.compose
+    monkeypatch.setattr(pld.PLDAccountant, "compose",
+                        lambda self, *a, **k: composed.append(1) or real(self, *a, **k))
+    step = dp_event.PoissonSampledDpEvent(0.0234, dp_event.GaussianDpEvent(1.234))
+    first = accounting.epsilon(dp_event.SelfComposedDpEvent(step, 4), 1e-5, accountant="pld")
+    again = accounting.epsilon(dp_event.SelfComposedDpEvent(step, 4), 1e-5, accountant="pld")
+    more = accounting.epsilon(dp_event.SelfComposedDpEvent(step, 5), 1e-5, accountant="pld")
+    assert first == again < more, (first, again, more)
+    assert len(composed) == 2, f"two compositions composed {len(composed)} times"
+    assert again == _direct_pld(dp_event.SelfComposedDpEvent(step, 4), 1e-5)
+
+
+def test_the_memo_forgets_its_oldest_entries_beyond_its_size():
+    memo = accounting._Memo(2)
+    for key in "abc":
+        memo[key] = key
+    assert list(memo) == ["b", "c"], f"kept {list(memo)}"
