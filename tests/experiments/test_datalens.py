@@ -65,6 +65,8 @@ def uninterrupted(tmp_path_factory):
     return finished_run(tmp_path_factory, "experiments.datalens", *_INTERRUPTED)
 
 
+@pytest.mark.slow  # ~25 s more than the SIGTERM test's resume of the same run; `make test`
+# keeps DP-SGD's binary SIGKILL test and DataLens's in-process resume tests (tests/generative).
 def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(uninterrupted, tmp_path):
     assert_kill_resumes_like_uninterrupted(
         "experiments.datalens", *_INTERRUPTED, whole=uninterrupted, killed=tmp_path / "killed",

@@ -243,6 +243,14 @@ class TwoProcessJob:
     one: pathlib.Path  # workdir of the one-process run
 
 
+# The four tests of `two_process_job` are `slow` (~100 s of process starts on CI's 2 cores,
+# the fast suite's costliest fixture); `make test` keeps the 2-process job refused on a
+# workdir in use (below), a one-process `jax.distributed` job preempted during a save
+# (tests/train/test_preemption.py), the launcher's SIGTERM handling with stand-in
+# processes (above) and 8 devices against 1 in one process (tests/federated).
+_TWO_PROCESS_JOB = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def two_process_job(tmp_path_factory) -> TwoProcessJob:
     """`PREEMPTED_JOB` in 2 processes x 2 devices, SIGTERMed (a preemption: the launcher
@@ -319,6 +327,7 @@ def test_a_running_job_holds_its_workdir_lock(tmp_path):
         f"a --distributed job's process 0 must hold the lock; taking it gave: {refusal}")
 
 
+@_TWO_PROCESS_JOB
 def test_a_sigterm_to_the_launcher_saves_one_round_in_every_process(two_process_job):
     # A preempted job: the launcher passes SIGTERM on; jax's preemption service has the
     # processes agree on a round, which both checkpoint (orbax's save is collective).
@@ -345,6 +354,7 @@ def _finished(job: TwoProcessJob) -> pathlib.Path:
     return job.workdir
 
 
+@_TWO_PROCESS_JOB
 def test_two_processes_write_each_record_once(two_process_job):
     workdir = _finished(two_process_job)  # across the preemption and the resume
     for name in ("metrics.jsonl", "diagnostics.jsonl"):
@@ -352,6 +362,7 @@ def test_two_processes_write_each_record_once(two_process_job):
             f"{name}: one record per evaluation")
 
 
+@_TWO_PROCESS_JOB
 def test_two_processes_resume_with_the_ledger_of_every_round(two_process_job):
     rerun, saved = two_process_job.rerun, two_process_job.saved
     assert rerun.returncode == 0 and f"resumed from round {saved}" in rerun.stdout, (
@@ -361,6 +372,7 @@ def test_two_processes_resume_with_the_ledger_of_every_round(two_process_job):
     assert ledger["num_releases"] == 100, "each round counted once across the preemption"
 
 
+@_TWO_PROCESS_JOB
 def test_two_processes_match_one_process_on_as_many_devices(two_process_job):
     two = json.loads((_finished(two_process_job) / "summary.json").read_text())
     single = json.loads((two_process_job.one / "summary.json").read_text())
