@@ -14,7 +14,7 @@ import enum
 import logging
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import attr
 import dp_accounting
@@ -236,7 +236,7 @@ def _rdp_epsilon_of(
     return _checked_eps(eps, "rdp", event)
 
 
-def _leaves(event: DpEvent, count: int):
+def _leaves(event: DpEvent, count: int) -> Iterator[tuple[DpEvent, int]]:
     """(event, repetitions) of each event below `event`'s compositions, in the order
     dp_accounting's RDP accountant visits them."""
     if isinstance(event, dp_event.SelfComposedDpEvent):
