@@ -6,6 +6,8 @@ import pytest
 from tests.binary import run_binary
 
 
+@pytest.mark.slow  # ~30 s for both: the benchmark's smoke runs; the vote paths it times are
+# tested for equal results in tests/generative/test_datalens.py
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 def test_benchmark_prints_both_paths_and_ratios(scope):
     proc = run_binary(

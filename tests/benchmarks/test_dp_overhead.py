@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 from tests.binary import run_binary
 
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "opacus"))
@@ -16,6 +18,7 @@ def _run(*flags):
     return run_binary("benchmarks.dp_overhead", *flags, check=False, timeout=300, env=env)
 
 
+@pytest.mark.slow  # ~30 s of the fast suite: a benchmark's smoke run (`make bench` runs it)
 def test_quick_run_prints_table_ratios_and_memory():
     result = _run("--quick")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,6 +54,7 @@ def test_bad_flag_exits_2_with_one_line():
     assert result.stderr.strip().splitlines()[-1] == "error: --steps: must be > 0"
 
 
+@pytest.mark.slow  # ~17 s: compiles each of the benchmark's rows
 def test_jax_rows_take_the_batch_as_an_argument(monkeypatch):
     # Closed over, the batch is an HLO constant: XLA folds what depends on it alone (the
     # fast row's per-example patches of x) into constants at compile time, work the torch

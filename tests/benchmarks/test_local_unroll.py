@@ -1,9 +1,13 @@
 """benchmarks/local_unroll.py times each unroll against a rolled scan and finds the same
 parameters (no timing assertions: the figures depend on the machine)."""
 
+import pytest
+
 from tests.binary import run_binary
 
 
+@pytest.mark.slow  # ~17 s: the benchmark's smoke run; unrolled local steps give the rolled
+# result in tests/federated/test_local.py
 def test_benchmark_prints_each_unroll_with_its_ratio_and_no_difference():
     proc = run_binary("benchmarks.local_unroll", "--local_steps=2", "--unroll=2",
                       "--clients=2", "--repeats=1")
