@@ -358,6 +358,7 @@ def test_an_event_the_rdp_accountant_cannot_account_gives_none_every_time():
 def test_each_events_rdp_curve_is_computed_once(monkeypatch):
     # A ledger asks for eps at each evaluation, ledger.json and checkpoint with one more
     # round each time: the sampled Gaussian's curve (~0.5 s) must not be computed again.
+    monkeypatch.setattr(accounting, "_RDP_OF", accounting._Memo(16))  # none remembered
     calls = []
     real = rdp.rdp_privacy_accountant._compute_rdp_poisson_subsampled_gaussian
     monkeypatch.setattr(
@@ -371,6 +372,7 @@ def test_each_events_rdp_curve_is_computed_once(monkeypatch):
 
 
 def test_a_pld_eps_is_computed_once_per_composition(monkeypatch):
+    monkeypatch.setattr(accounting, "_PLD_EPS_OF", accounting._Memo(16))  # none remembered
     composed = []
     real = pld.PLDAccountant.compose
     monkeypatch.setattr(pld.PLDAccountant, "compose",
