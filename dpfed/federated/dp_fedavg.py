@@ -31,6 +31,7 @@ guarantee, and written by the host loop to `diagnostics.jsonl`, never to the rel
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -317,21 +318,24 @@ class DpFedAvg:
         indices = sampling_lib.pad_to_multiple(indices, self.chunk_size)
         num_chunks = (count + self.chunk_size - 1) // self.chunk_size
         clip = state.clip_norm
+        # The shapes of one client's sums, traced once here and reused for the zeros of the
+        # loop's carry and of each device's scan: tracing `_per_client` (the client update,
+        # e.g. a GAN's gradient penalty) is most of the round's tracing time.
+        sums_shape = self._client_sums_shape(state, data, client_key)
 
         def run_chunk(chunk, client_states):
             idx, mask = sampling_lib.cohort_chunk(indices, count, chunk, self.chunk_size)
             keys = jax.vmap(jax.random.fold_in, (None, 0))(client_key, idx)
             states = jax.tree_util.tree_map(lambda s: s[idx], client_states)
             sums, new_states = self._sharded_chunk(
-                state.params, clip, state.context, gather_clients(data, idx), states, keys, mask)
+                state.params, clip, state.context, gather_clients(data, idx), states, keys, mask,
+                sums_shape)
             slots = jnp.where(mask, idx, self.num_clients)  # padded slots write nowhere
             client_states = jax.tree_util.tree_map(
                 lambda a, n: a.at[slots].set(n, mode="drop"), client_states, new_states)
             return sums, client_states
 
-        zero = jax.tree_util.tree_map(
-            lambda s: jnp.zeros(s.shape, s.dtype),
-            jax.eval_shape(run_chunk, jnp.int32(0), state.client_states)[0])
+        zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
 
         def body(carry):
             chunk, sums, client_states = carry
@@ -371,42 +375,59 @@ class DpFedAvg:
         )
         return new_state, metrics
 
-    def _sharded_chunk(self, params, clip, context, chunk_data, states, keys, mask):
-        """Sums over one chunk of clients, split over the mesh; and their new states."""
+    def _per_client(self, params, clip, context, arrays, count, state, key, is_real):
+        """One client's update, clipped: (its `_Sums`, its new state); nothing from a
+        padded slot (`is_real` False) reaches the sums or its state."""
+        out = self.client_update(params, state, OneClient(arrays, count), context, key)
+        delta = jax.tree_util.tree_map(
+            lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32), out.params, params)
+        delta, norm, finite = clip_update(delta, clip if self.config.l2_clip is not None else None)
+        real = is_real.astype(jnp.float32)
+        sums = _Sums(
+            delta=jax.tree_util.tree_map(lambda d: jnp.where(is_real, d, 0.0), delta),
+            below=real * ((norm <= clip).astype(jnp.float32) - 0.5),
+            nonfinite=(is_real & ~finite).astype(jnp.int32),
+            clients=is_real.astype(jnp.int32),
+            norm=real * norm,
+            metrics={k: real * v.astype(jnp.float32) for k, v in out.metrics.items()},
+        )
+        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(is_real, n, o), out.state, state)
+        return sums, new_state
+
+    def _client_sums_shape(self, state: ServerState, data: ClientData, client_key: jax.Array):
+        """The shapes and dtypes of one client's `_Sums` (`jax.eval_shape`: a trace only)."""
+        def one(x):
+            return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+
+        client = (
+            jax.tree_util.tree_map(one, data.arrays),
+            one(data.counts),
+            jax.tree_util.tree_map(one, state.client_states),
+            jax.ShapeDtypeStruct(client_key.shape, client_key.dtype),
+            jax.ShapeDtypeStruct((), jnp.bool_),
+        )
+        return jax.eval_shape(
+            self._per_client, state.params, state.clip_norm, state.context, *client)[0]
+
+    def _sharded_chunk(self, params, clip, context, chunk_data, states, keys, mask, sums_shape):
+        """Sums over one chunk of clients, split over the mesh; and their new states.
+
+        `sums_shape`: one client's sums (`_client_sums_shape`), for the scan's zeros.
+        """
         width = self.clients_per_device_step
-        clipped = self.config.l2_clip is not None
 
         def device_body(params, clip, context, arrays, counts, states, keys, mask):
             # Varying over the mesh: each device's clients train their own copy (without
             # this, grad w.r.t. the replicated params would be summed over devices).
             params = _varying(params)
-
-            def per_client(arrays, count, state, key, is_real):
-                out = self.client_update(params, state, OneClient(arrays, count), context, key)
-                delta = jax.tree_util.tree_map(
-                    lambda n, o: n.astype(jnp.float32) - o.astype(jnp.float32),
-                    out.params, params)
-                delta, norm, finite = clip_update(delta, clip if clipped else None)
-                real = is_real.astype(jnp.float32)
-                sums = _Sums(
-                    delta=jax.tree_util.tree_map(lambda d: jnp.where(is_real, d, 0.0), delta),
-                    below=real * ((norm <= clip).astype(jnp.float32) - 0.5),
-                    nonfinite=(is_real & ~finite).astype(jnp.int32),
-                    clients=is_real.astype(jnp.int32),
-                    norm=real * norm,
-                    metrics={k: real * v.astype(jnp.float32) for k, v in out.metrics.items()},
-                )
-                new_state = jax.tree_util.tree_map(
-                    lambda n, o: jnp.where(is_real, n, o), out.state, state)
-                return sums, new_state
+            per_client = functools.partial(self._per_client, params, clip, context)
 
             local = mask.shape[0]
             xs = jax.tree_util.tree_map(
                 lambda x: x.reshape((local // width, width) + x.shape[1:]),
                 (arrays, counts, states, keys, mask))
-            first = jax.tree_util.tree_map(lambda x: x[0, 0], xs)
             zero = _varying(jax.tree_util.tree_map(
-                lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(per_client, *first)[0]))
+                lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
 
             def skip(arrays, count, state, key, is_real):
                 del arrays, count, key, is_real
