@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import types
 
 import h5py
 import jax
@@ -228,7 +229,19 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value):
     assert flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_cohort_larger_than_a_group_is_a_config_error(tmp_path):
+def _skip_the_app_classifier(monkeypatch) -> None:
+    """`run` without training or evaluating the app's classifier (for a test that needs
+    neither: it sets the clients' accuracies itself, `selection.client_accuracies`)."""
+    model = types.SimpleNamespace(apply=None)  # client_accuracies gets model.apply
+    monkeypatch.setattr(fedgan_debug, "train_app_classifier", lambda *args: (model, None))
+    monkeypatch.setattr(fedgan_debug.classifier_fit, "accuracy", lambda *args: 1.0)
+
+
+def test_cohort_larger_than_a_group_is_a_config_error(tmp_path, monkeypatch):
+    # Quantile groups of 24 clients hold 6 each (the accuracies here are distinct).
+    _skip_the_app_classifier(monkeypatch)
+    monkeypatch.setattr(selection, "client_accuracies",
+                        lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
     config = fedgan_debug.DebugConfig(**{**TINY, "clients_per_round": 20})
     with pytest.raises(fedgan_debug.ConfigError, match="clients of the low-accuracy group"):
         fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
@@ -438,6 +451,7 @@ def test_a_cohort_larger_than_the_second_group_is_refused_before_either_gan_trai
     # Before, the low group's GAN trained (at the paper's settings, hours) before the
     # high group's size was checked, and the rerun with the lowered --clients_per_round
     # that the error asked for was then refused: gan_low/ pinned the old value.
+    _skip_the_app_classifier(monkeypatch)
     monkeypatch.setattr(selection, "client_accuracies",
                         lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
 
