@@ -74,6 +74,9 @@ class TeacherEnsemble:
         per_device = math.ceil(num_teachers / devices)
         self.chunk = min(chunk, per_device)
         self.padded = math.ceil(per_device / self.chunk) * self.chunk * devices
+        # Built once: every init of this ensemble (each run, each resume) reuses its trace.
+        self._init = jax.jit(jax.vmap(self._init_one, in_axes=(None, None, 0)),
+                             out_shardings=self.sharding)
 
     @property
     def sharding(self) -> NamedSharding:
@@ -121,14 +124,12 @@ class TeacherEnsemble:
 
     def init(self, key: jax.Array, image: jax.Array) -> PyTree:
         """Stacked, sharded `{"params", "opt_state"}`; teacher t's params from fold_in(key, t)."""
+        return self._init(key, image, jnp.arange(self.padded, dtype=jnp.int32))
+
+    def _init_one(self, key: jax.Array, image: jax.Array, t: jax.Array) -> PyTree:
         label = jnp.zeros((1,), jnp.int32)
-
-        def one(t):
-            params = self.discriminator.init(jax.random.fold_in(key, t), image[None], label)
-            return {"params": params, "opt_state": self.optimizer.init(params)}
-
-        init = jax.jit(jax.vmap(one), out_shardings=self.sharding)
-        return init(jnp.arange(self.padded, dtype=jnp.int32))
+        params = self.discriminator.init(jax.random.fold_in(key, t), image[None], label)
+        return {"params": params, "opt_state": self.optimizer.init(params)}
 
     def _map_chunks(self, fn: Callable, tree: PyTree) -> PyTree:
         """`vmap(fn)` over local teachers, in chunks (lax.map), results restacked."""

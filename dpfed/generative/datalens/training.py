@@ -268,21 +268,20 @@ class DataLens:
         self.student_optimizer = adam(config, config.learning_rate)
         self.teacher_step = jax.jit(self._teacher_step, static_argnames=("real_batch",))
         self.generator_step = jax.jit(self._generator_step)
+        self._init_generator = jax.jit(self._init_generator_fn)  # one trace per DataLens
+
+    def _init_generator_fn(self, key):
+        z, labels = self.generator.latents(jax.random.fold_in(key, 0), 1)
+        params = self.generator.module.init(jax.random.fold_in(key, 1), z, labels)
+        return {"params": params, "opt_state": self.student_optimizer.init(params)}
 
     def init(self, key: jax.Array) -> PyTree:
         """The initial train state (teachers sharded over the mesh)."""
         image = jnp.zeros(self.image_shape, jnp.float32)
-
-        @jax.jit
-        def init_generator(key):
-            z, labels = self.generator.latents(jax.random.fold_in(key, 0), 1)
-            params = self.generator.module.init(jax.random.fold_in(key, 1), z, labels)
-            return {"params": params, "opt_state": self.student_optimizer.init(params)}
-
         replicated = NamedSharding(self.ensemble.mesh, P())  # same devices as the teachers
         return {
             "teachers": self.ensemble.init(jax.random.fold_in(key, 2), image),
-            "generator": jax.device_put(init_generator(key), replicated),
+            "generator": jax.device_put(self._init_generator(key), replicated),
             "step": jax.device_put(jnp.int32(0), replicated),
         }
 
