@@ -1,5 +1,7 @@
 """DataLens networks: the student generator's output range and its batch statistics."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,13 @@ def _generate(n, output="sigmoid", output_bias=0.0, seed=0):
     )
     z = jax.random.uniform(jax.random.key(seed), (n, 5), minval=-1.0, maxval=1.0)
     labels = jnp.arange(n) % 10
+    return _init_and_apply(module, z, labels)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_and_apply(module, z, labels):
+    # One compiled program per module and batch size (op by op, the module's layers were
+    # ~200 small compilations: most of this file's time).
     params = module.init(jax.random.key(1), z, labels)
     return module.apply(params, z, labels)
 
