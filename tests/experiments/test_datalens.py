@@ -34,7 +34,9 @@ def _run(*args, check=True):
 
 
 def test_tiny_run_writes_the_workdir_contract(tmp_path):
-    proc = _run(*TINY, "--steps=3", "--target_epsilon=50", "--noevaluate", f"--workdir={tmp_path}")
+    # Also the --vote_scope=batch flag's test (a binary run of its own before: ~5 s).
+    proc = _run(*TINY, "--steps=3", "--target_epsilon=50", "--vote_scope=batch", "--noevaluate",
+                f"--workdir={tmp_path}")
     assert "eps" in proc.stdout and "report.md" in proc.stdout
     for name in (
         "ledger.json", "metrics.jsonl", "summary.json", "report.md", "samples.png",
@@ -46,6 +48,8 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert summary["method"] == "datalens" and summary["steps"] == 3
     assert summary["epsilon_rdp"] == ledger["epsilon_rdp"] <= 50
     assert ledger["metadata"]["l2_sensitivity"] == pytest.approx(24**0.5)
+    assert ledger["metadata"]["vote_scope"] == "batch"
+    assert ledger["num_releases"] == 3, "--vote_scope=batch: one aggregation per step"
     sizes = {"expected": 1438 / 12}  # the digits train split: N = 1438, T = 12
     assert ledger["metadata"]["partition_sizes"] == summary["partition_sizes"] == sizes, (
         "hash partition sizes count private records: only their expectation N/T is published")
@@ -77,13 +81,6 @@ def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(uninterrupted,
     assert_preemption_resumes_like_uninterrupted(
         "experiments.datalens", *_INTERRUPTED, whole=uninterrupted, stopped=tmp_path / "stopped",
         step=10)
-
-
-def test_vote_scope_batch_flag_records_one_aggregation_per_step(tmp_path):
-    _run(*TINY, "--vote_scope=batch", "--steps=2", "--noevaluate", f"--workdir={tmp_path}")
-    ledger = json.loads((tmp_path / "ledger.json").read_text())
-    assert ledger["metadata"]["vote_scope"] == "batch"
-    assert ledger["num_releases"] == 2, "--vote_scope=batch: one aggregation per step"
 
 
 def test_cpu_devices_flag_splits_the_cpu_and_a_run_resumes_on_another_count(tmp_path):
