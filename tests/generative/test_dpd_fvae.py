@@ -149,6 +149,13 @@ def test_local_dp_clips_each_examples_decoder_gradient():
     assert three[1] <= clip * (1 + 1e-5), "per-example clipping exceeded"
 
 
+@functools.cache
+def _noisy_hook(z: float):
+    """The local-DP hook of `_LOCAL` at noise multiplier `z` (one trace for both noise tests)."""
+    trainer = _trainer()
+    return jax.jit(dpd_fvae.make_client_update(_LOCAL, trainer.encoder, trainer.decoder, 6, z))
+
+
 def _flat_change(new, old) -> np.ndarray:
     """new - old over all leaves, as one flat vector."""
     return np.concatenate([np.ravel(a - b) for a, b in zip(
@@ -156,9 +163,8 @@ def _flat_change(new, old) -> np.ndarray:
 
 
 def test_local_dp_noise_std_is_z_clip_over_the_expected_batch():
-    trainer, z = _trainer(), 2.0
-    config = dataclasses.replace(_LOCAL, l2_clip=_CLIP)
-    hook = jax.jit(dpd_fvae.make_client_update(config, trainer.encoder, trainer.decoder, 6, z))
+    z = 2.0
+    hook = _noisy_hook(z)  # _LOCAL's clip is _CLIP
     state = _trainer().init()
     start = _client_state(state, 0)
     for count in (1, 3):  # one step at Poisson rate 1; expected batch min(B=4, count)
@@ -175,9 +181,8 @@ def test_local_dp_noise_std_is_z_clip_over_the_expected_batch():
 def test_local_dp_noise_is_divided_by_the_expected_not_the_realised_batch():
     # 6 examples, B = 4: each step samples each example with rate 4/6 and divides the
     # noised sum by 4 whatever the realised batch; the steps' noises add up.
-    trainer, z = _trainer(), 2.0
-    config = dataclasses.replace(_LOCAL, l2_clip=_CLIP)
-    hook = jax.jit(dpd_fvae.make_client_update(config, trainer.encoder, trainer.decoder, 6, z))
+    trainer, z, config = _trainer(), 2.0, _LOCAL
+    hook = _noisy_hook(z)
     state = trainer.init()
     start = _client_state(state, 0)
     steps = int(dpd_fvae.steps_per_round(config, 6))
@@ -204,7 +209,10 @@ def test_local_dp_step_does_not_depend_on_its_chunk_size(monkeypatch):
         return jax.jit(dpd_fvae.make_client_update(
             _LOCAL, trainer.encoder, trainer.decoder, 6, 0.0))(*args)
 
-    whole, chunked = update(6), update(2)
+    # One pass: the default chunk of B = 4 in 6 slots is 6 (`_hook("local")` is _LOCAL's
+    # hook built with it, compiled by the clipping test: no third program).
+    assert privacy.poisson_chunk_size(_LOCAL.batch_size, population=6) == 6
+    whole, chunked = _hook("local")(*args), update(2)
     np.testing.assert_allclose(_flat_change(chunked.params, state.params),
                                _flat_change(whole.params, state.params), rtol=1e-4, atol=1e-6,
                                err_msg="2-example chunks changed the clipped gradient sum")
@@ -302,8 +310,10 @@ def test_adopting_budgets_keeps_clients_within_them_and_takes_the_new_budgets():
 def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noise):
     # Every client takes part in each of the first 2 rounds (rate 1); outside local DP
     # their budget is --rounds, which the resume raises to 4. Before, the restored state
-    # kept budget 2, and every client sent a zero delta in rounds 3 and 4.
-    config = dataclasses.replace(_CONFIG, dp=dp, noise_multiplier=noise)
+    # kept budget 2, and every client sent a zero delta in rounds 3 and 4. (8 clients of
+    # ~180 examples, batch 180: one local step a round, not _CONFIG's ~90 of batch 4.)
+    config = dataclasses.replace(_CONFIG, num_clients=8, batch_size=180, dp=dp,
+                                 noise_multiplier=noise)
     dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
     dpd_fvae.train(dataclasses.replace(config, rounds=4), tmp_path, log=lambda _: None,
                    mesh=_ONE_DEVICE)
@@ -358,9 +368,13 @@ class LocalResume(NamedTuple):
 @pytest.fixture(scope="module")
 def local_resume(tmp_path_factory) -> LocalResume:
     """Shared by the two tests of a changed local resume (the runs are most of their time);
-    they only read its workdir (a test that changes it works on a copy)."""
+    they only read its workdir (a test that changes it works on a copy). The killed local
+    run takes its config and z, so it runs this run's compiled round.
+
+    Batch 256 holds each client's ~180 examples: one local step of rate 1 per round,
+    whose RDP is closed-form (at batch 90, rate 1/2, each z calibration took ~10 s)."""
     workdir = tmp_path_factory.mktemp("local_resume")
-    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=90,
+    config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=1.0, batch_size=256,
                                  dp="local", target_epsilon=8.0)
     first = dpd_fvae.train(config, workdir, log=lambda _: None, mesh=_ONE_DEVICE)
     resumed = dataclasses.replace(config, rounds=4, target_epsilon=16.0)
@@ -433,7 +447,9 @@ def test_central_calibration_meets_the_target_with_the_engines_own_round_event()
 
 
 def test_resumed_central_calibration_ends_at_the_new_target():
-    config = dataclasses.replace(_CONFIG, num_clients=100, client_fraction=0.2, rounds=20,
+    # Rate 1: the rounds' RDP is closed-form (at rate 0.2 the three calibrations took
+    # ~10 s); what the checkpoint spent is composed the same way at any rate.
+    config = dataclasses.replace(_CONFIG, num_clients=100, client_fraction=1.0, rounds=20,
                                  dp="central", target_epsilon=5.0)
     z_first = dpd_fvae.resolve_noise_multiplier(config, _COUNTS)
     spent = privacy.PrivacyLedger("user", "add_or_remove_one", config.delta)
@@ -458,9 +474,12 @@ def _keys(tree) -> set[str]:
 def test_central_run_keeps_participation_counts_out_of_the_release(tmp_path):
     # Sync "d" counts each client's participations; in central mode their sum is the sum of
     # the realised Poisson cohort sizes, a raw-data figure (one user's membership moves it).
+    # The binary's TINY central config at z 2 on all 8 devices: the round that
+    # tests/experiments/test_dpd_fvae.py's test_a_run_resumes_on_another_device_count runs
+    # in-process, so the session compiles it once (its persistent cache).
     config = dataclasses.replace(_CONFIG, num_clients=8, client_fraction=0.5, batch_size=90,
-                                 dp="central", noise_multiplier=1.0)
-    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+                                 dp="central", noise_multiplier=2.0)
+    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None)  # all 8 devices
     wd = Workdir(tmp_path)
     leaked = {k for k in _keys(wd.read_json("summary.json")) if "participations" in k}
     assert not leaked, f"summary.json releases the raw-data participation figures {leaked}"
@@ -477,8 +496,8 @@ def test_central_run_keeps_participation_counts_out_of_the_release(tmp_path):
 
 def test_config_with_a_target_only_is_calibrated_not_run_at_the_default_noise():
     """A notebook's `DpdFvaeConfig(target_epsilon=...)` must calibrate z, as the binary does."""
-    central = dpd_fvae.DpdFvaeConfig(dp="central", num_clients=100, client_fraction=0.2,
-                                     rounds=20, target_epsilon=5.0)
+    central = dpd_fvae.DpdFvaeConfig(dp="central", num_clients=100, client_fraction=1.0,
+                                     rounds=20, target_epsilon=5.0)  # rate 1: closed-form RDP
     assert dpd_fvae.resolve_noise_multiplier(central, _COUNTS) != (
         dpd_fvae.DEFAULT_NOISE_MULTIPLIER), "z must come from the target, not the default"
     assert dpd_fvae.resolve_noise_multiplier(dataclasses.replace(
@@ -513,7 +532,8 @@ def test_a_short_clients_step_is_on_the_mean_loss_of_its_own_examples():
                                         images, labels, jnp.zeros((3, 2)), _LOCAL.beta)
         return jnp.mean(loss)
 
-    grads = jax.grad(mean_loss)(state.params)  # SGD, lr 1: the delta is minus the gradient
+    # SGD, lr 1: the delta is minus the gradient (jitted: one program, not ~100 eager ops)
+    grads = jax.jit(jax.grad(mean_loss))(state.params)
     want = -np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
     np.testing.assert_allclose(
         _flat_change(out.params, state.params), want, rtol=1e-4, atol=1e-6,
@@ -530,10 +550,12 @@ def test_config_defaults_are_the_papers_mnist_setting():
 
 
 def test_a_local_run_killed_after_a_logged_round_leaves_a_ledger_json_that_counts_it(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, local_resume):
     # Local DP's ledger is the worst client's, built from the participation counts; it
-    # used to be written at the run's end only.
-    config = dataclasses.replace(_CONFIG, rounds=3, dp="local", noise_multiplier=1.0)
+    # used to be written at the run's end only. (local_resume's config and z: its round's
+    # program, already compiled, not another.)
+    config = dataclasses.replace(local_resume.config, rounds=3, target_epsilon=None,
+                                 noise_multiplier=local_resume.first["noise_multiplier"])
     kill_after_metrics_record(monkeypatch, "round", 2)
     with pytest.raises(KilledAtRelease):
         dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
