@@ -60,7 +60,7 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
 
 # One uninterrupted run for the SIGKILL and the SIGTERM test. On one CPU device (a
 # laptop's default): the host queues steps ahead of the device.
-_INTERRUPTED = [*TINY, "--steps=150", "--checkpoint_every=10", "--eval_every=10",
+_INTERRUPTED = [*TINY, "--steps=40", "--checkpoint_every=10", "--eval_every=10",
                 "--noevaluate", "--cpu_devices=1"]
 
 
