@@ -48,7 +48,7 @@ from dpfed.federated.loop import (
     write_privacy_summary,
 )
 from dpfed.federated.mesh import client_mesh, initialize_distributed, replicate
-from dpfed.federated.sampling import CohortSampler
+from dpfed.federated.sampling import CohortSampler, Subpopulation
 
 __all__ = [
     "OTHER_POPULATIONS",
@@ -57,6 +57,7 @@ __all__ = [
     "ClientOutput",
     "ClientUpdateFn",
     "CohortSampler",
+    "Subpopulation",
     "DpFedAvg",
     "DpFedAvgConfig",
     "LocalState",

@@ -98,6 +98,9 @@ class DpFedAvgConfig:
       clients_per_device_step: clients trained at once per device under vmap; None: 1 on
         CPU (XLA:CPU runs vmapped per-client convolutions as slow grouped convolutions)
         and the device's whole share of a chunk on accelerators.
+      subpopulation: the clients are the users of a larger population that take part
+        (`sampling.Subpopulation`; Poisson only): q = clients_per_round / its population,
+        and the mean divides by q x its `members_estimate`. None: the clients are all.
     """
 
     clients_per_round: float
@@ -107,6 +110,7 @@ class DpFedAvgConfig:
     adaptive_clipping: AdaptiveClipping | None = None
     chunk_size: int | None = None
     clients_per_device_step: int | None = None
+    subpopulation: sampling_lib.Subpopulation | None = None
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -177,9 +181,9 @@ class DpFedAvg:
         self.server_optimizer = server_optimizer
         self.num_clients = data.num_clients
         self.sampler = sampling_lib.CohortSampler(
-            config.sampling, data.num_clients, config.clients_per_round)
+            config.sampling, data.num_clients, config.clients_per_round, config.subpopulation)
         self.aggregator = PrivateAggregator(
-            config.noise_multiplier, self.sampler.expected_size, config.adaptive_clipping)
+            config.noise_multiplier, self.sampler.divisor, config.adaptive_clipping)
         devices = self.mesh.shape[CLIENTS]
         width = config.clients_per_device_step
         if width is None and jax.default_backend() == "cpu":
@@ -282,6 +286,12 @@ class DpFedAvg:
             return None
         return privacy.epsilon(event, delta, ledger.relation, accountant)
 
+    @property
+    def num_users(self) -> int:
+        """The users rounds sample from: the clients, or the subpopulation's population
+        (the clients' number is then private and appears in no release)."""
+        return self.sampler.sampled_population
+
     def user_ledger(
         self, delta: float, mechanism: str, target_epsilon: float | None = None, **metadata
     ) -> privacy.PrivacyLedger:
@@ -291,7 +301,7 @@ class DpFedAvg:
         `metadata` adds the caller's fields (dataset, group, ...). Warns when `delta` >=
         1/num_users (`privacy.warn_if_delta_too_large`).
         """
-        privacy.warn_if_delta_too_large(delta, self.num_clients, "user")
+        privacy.warn_if_delta_too_large(delta, self.num_users, "user")
         return privacy.PrivacyLedger(
             unit="user",
             neighboring_relation=privacy.relation_for(self.sampler.scheme).name.lower(),
@@ -299,7 +309,9 @@ class DpFedAvg:
             target_epsilon=target_epsilon,
             metadata={
                 "mechanism": mechanism,
-                "num_users": self.num_clients,
+                "num_users": self.num_users,
+                **({} if self.config.subpopulation is None else {
+                    "members_estimate": self.config.subpopulation.members_estimate}),
                 "sampling": str(self.sampler.scheme),
                 "expected_clients_per_round": self.config.clients_per_round,
                 "sampling_rate": self.sampler.rate,
@@ -346,7 +358,7 @@ class DpFedAvg:
             lambda c: c[0] < num_chunks, body, (jnp.int32(0), zero, state.client_states))
 
         if self.config.l2_clip is None:
-            mean = jax.tree_util.tree_map(lambda s: s / self.sampler.expected_size, sums.delta)
+            mean = jax.tree_util.tree_map(lambda s: s / self.sampler.divisor, sums.delta)
         else:
             mean = self.aggregator.noised_mean(sums.delta, clip, noise_key)
         next_clip, noised_fraction = self.aggregator.next_clip(clip, sums.below, count_key)

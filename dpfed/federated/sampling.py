@@ -12,6 +12,11 @@ being the cohort. The round walks through them in chunks of `chunk_size` clients
 takes one more pass of the loop; no sampled client is ever dropped, so the released sum is
 exactly the Poisson-sampled sum the accountant describes. Truncating it instead would
 change the mechanism and void the Poisson analysis.
+
+A `Subpopulation` makes the clients those of a larger population that take part, each
+by its own data alone (e.g. one group of a debugging demo): rounds sample the population
+at q = m / N and account for that q, so the guarantee does not need the number of clients
+taking part, which is private.
 """
 
 from __future__ import annotations
@@ -27,6 +32,35 @@ from dpfed import privacy
 
 
 @dataclasses.dataclass(frozen=True)
+class Subpopulation:
+    """The sampled clients are those of a larger population of users that take part.
+
+    Each user decides from its own data alone whether it takes part (e.g. one group of a
+    debugging demo: the users whose own accuracy passes a given threshold). The server
+    Poisson-samples the whole population at q = clients_per_round / population; a sampled
+    user who does not take part contributes nothing, so sampling the taking-part clients
+    at that q is the same mechanism, and its accounting needs q alone, not how many take
+    part (private: it counts users by their data). The mean divides by q x
+    `members_estimate`, a public or DP estimate of that number (e.g. a noisy count,
+    whose release the caller records), never by the true count.
+
+    Attributes:
+      population: the number of users N that rounds sample from (public).
+      members_estimate: the estimate of how many of them take part (> 0).
+    """
+
+    population: int
+    members_estimate: float
+
+    def __post_init__(self):
+        if not (privacy.is_whole_number(self.population) and self.population >= 1):
+            raise ValueError(f"population must be a whole number >= 1, got {self.population}")
+        if not (0 < self.members_estimate < math.inf):
+            raise ValueError(
+                f"members_estimate must be > 0 and finite, got {self.members_estimate}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CohortSampler:
     """Draws each round's cohort from `population` clients.
 
@@ -35,26 +69,51 @@ class CohortSampler:
         expected_size clients, uniformly without replacement).
       population: number of clients N.
       expected_size: expected cohort size (Poisson) or cohort size (fixed); the server
-        divides the noised sum by this number, never by the realised count.
+        divides the noised sum by this number, never by the realised count. With a
+        `subpopulation`, the expected cohort of the whole population.
+      subpopulation: the clients are the taking-part users of a larger population
+        (Poisson only); None: they are the population.
     """
 
     scheme: str
     population: int
     expected_size: float
+    subpopulation: Subpopulation | None = None
 
     def __post_init__(self):
         privacy.Sampling(self.scheme)  # validates the name
-        if not 0 < self.expected_size <= self.population:
+        if not 0 < self.expected_size <= self.sampled_population:
             raise ValueError(
-                f"need 0 < clients per round <= {self.population} clients, "
+                f"need 0 < clients per round <= {self.sampled_population} clients, "
                 f"got {self.expected_size}")
         if self.scheme == privacy.Sampling.FIXED and int(self.expected_size) != self.expected_size:
             raise ValueError(f"a fixed cohort needs an integer size, got {self.expected_size}")
+        if self.subpopulation is not None:
+            if self.scheme != privacy.Sampling.POISSON:
+                raise ValueError("a subpopulation needs Poisson sampling: a fixed cohort of "
+                                 "the population holds a random number of its members")
+            if self.population > self.subpopulation.population:
+                raise ValueError(
+                    f"{self.population} clients cannot be part of a population of "
+                    f"{self.subpopulation.population}")
+
+    @property
+    def sampled_population(self) -> int:
+        """The users N that q is a rate of: the subpopulation's population, or the clients."""
+        return self.population if self.subpopulation is None else self.subpopulation.population
 
     @property
     def rate(self) -> float:
-        """The sampling probability q = expected_size / population."""
-        return self.expected_size / self.population
+        """The sampling probability q = expected_size / sampled_population."""
+        return self.expected_size / self.sampled_population
+
+    @property
+    def divisor(self) -> float:
+        """What the noised sum is divided by: the expected cohort (never the realised
+        count); with a subpopulation, q x its `members_estimate`."""
+        if self.subpopulation is None:
+            return self.expected_size
+        return self.rate * self.subpopulation.members_estimate
 
     def sample(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(indices, count): the first `count` entries of `indices` are the cohort."""
@@ -65,17 +124,19 @@ class CohortSampler:
     def dp_event(self, inner: dp_event.DpEvent) -> dp_event.DpEvent:
         """The sampled event of one round whose release on the cohort is `inner`."""
         return privacy.sampled_gaussian_event(
-            inner, sampling=self.scheme, population=self.population,
+            inner, sampling=self.scheme, population=self.sampled_population,
             expected_size=self.expected_size)
 
     def default_chunk_size(self, multiple: int) -> int:
         """Clients per pass: m (fixed) or m + 3 sqrt(m) (Poisson), a multiple of `multiple`.
 
         A Poisson cohort above it (probability ~0.1%) costs one more pass; it is capped
-        at the population rounded up.
+        at the population rounded up. With a subpopulation, m is q times the clients.
         """
         if self.scheme == privacy.Sampling.POISSON:
-            return privacy.poisson_chunk_size(self.expected_size, self.population, multiple)
+            expected = (self.expected_size if self.subpopulation is None
+                        else self.rate * self.population)
+            return privacy.poisson_chunk_size(expected, self.population, multiple)
         return int(math.ceil(self.expected_size / multiple) * multiple)
 
 

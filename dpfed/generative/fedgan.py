@@ -45,6 +45,7 @@ from dpfed.federated import (
     OneClient,
     RoundMetrics,
     ServerState,
+    Subpopulation,
     run_rounds,
     write_privacy_summary,
 )
@@ -84,6 +85,8 @@ class FedGanConfig:
       eval_every: rounds between evaluations of G (inverted fraction of samples).
       checkpoint_every: rounds between checkpoints (state and ledger together).
       eval_samples: samples drawn at each evaluation.
+      subpopulation: the clients are the taking-part users of a larger population, whose
+        rounds sample it at q = clients_per_round / its population (`Subpopulation`).
     """
 
     gan: wgan_gp.WganGpConfig = wgan_gp.WganGpConfig()
@@ -98,6 +101,7 @@ class FedGanConfig:
     eval_every: int = 50
     checkpoint_every: int = 50
     eval_samples: int = 256
+    subpopulation: Subpopulation | None = None
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -163,6 +167,7 @@ class DpFedAvgGan:
                 l2_clip=config.l2_clip,
                 noise_multiplier=config.noise_multiplier,
                 adaptive_clipping=config.adaptive_clipping,
+                subpopulation=config.subpopulation,
             ),
             mesh,
         )
@@ -330,7 +335,7 @@ def train_gan(
     summary = {
         "method": METHOD,
         "group": group,
-        "num_users": gan_engine.num_clients,
+        "num_users": gan_engine.engine.num_users,
         "inverted_fraction": result.evaluation["inverted_fraction"],
         **privacy_fields,
         "noise_multiplier": config.noise_multiplier,

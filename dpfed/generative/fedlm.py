@@ -48,6 +48,7 @@ from dpfed.federated import (
     DpFedAvgConfig,
     OneClient,
     ServerState,
+    Subpopulation,
     client_data,
     run_rounds,
     write_privacy_summary,
@@ -335,6 +336,8 @@ class FedLmConfig:
       seed: seeds the initial LM and every round.
       eval_every: rounds between evaluations (OOV rate of sampled lines).
       checkpoint_every: rounds between checkpoints.
+      subpopulation: the clients are the taking-part users of a larger population, whose
+        rounds sample it at q = clients_per_round / its population (`Subpopulation`).
     """
 
     local: LocalTrainingConfig
@@ -348,6 +351,7 @@ class FedLmConfig:
     seed: int = 0
     eval_every: int = 50
     checkpoint_every: int = 50
+    subpopulation: Subpopulation | None = None
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -378,6 +382,7 @@ def make_engine(
             sampling=config.sampling,
             l2_clip=config.l2_clip,
             noise_multiplier=config.noise_multiplier,
+            subpopulation=config.subpopulation,
         ),
         mesh,
     )
@@ -454,7 +459,7 @@ def train_lm(
     summary = {
         "method": "fedlm",
         "group": group,
-        "num_users": engine.num_clients,
+        "num_users": engine.num_users,
         **privacy_fields,
         "noise_multiplier": config.noise_multiplier,
         "sampling_rate": engine.sampler.rate,

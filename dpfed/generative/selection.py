@@ -6,11 +6,19 @@ computes its own accuracy on device. Clients where the classifier does badly for
 "low" group, clients where it does well the "high" group (the paper: accuracy < 0.882
 and > 0.939 on federated EMNIST), and one DP-FedAvg-GAN is trained per group. Each
 client decides its membership from its own accuracy against *given* thresholds, so
-membership needs no release to the server beyond the GAN training it then joins. That
-training's DP accounting uses the group as the population, so each group's size (a count
-of users whose raw value passes a threshold) is released without noise. Thresholds taken as
-quantiles of all clients' values (a simulation convenience) weaken the guarantee further:
-`guarantee_caveat` says how and why.
+membership needs no release to the server beyond the GAN training it then joins.
+
+How a group's rounds sample it (`--group_sampling`):
+- "group" (the paper's reading): each round samples the group at q = m / N_group. The
+  accounting needs N_group, a count of users whose raw value passes a threshold, so each
+  group's size is released without noise and eps holds given the group sizes.
+- "population": each round Poisson-samples the whole population at q = m / N (public);
+  sampled users outside the group sit the round out (they decide on device), so the
+  accounting needs q alone (`dpfed.federated.Subpopulation`). The mean divides by q times
+  the group's size plus Gaussian noise (`noisy_group_sizes`), a release of its own with
+  its own ledger (`group_sizes_ledger`), composed with each group's model's.
+Thresholds taken as quantiles of all clients' values (a simulation convenience) weaken the
+guarantee in both: `guarantee_caveat` says how and why.
 
 It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
 their groups: the raw-data log prefix, diagnostics.json, the pins that check a rerun
@@ -28,17 +36,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dp_accounting import dp_event
 
+from dpfed import privacy
 from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.train.config import ConfigError
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
+from dpfed.train.workdir import LEDGER_FILE, Workdir
 from dpfed.train.workdir import RAW_LOG_PREFIX as RAW_LOG_PREFIX  # raw-data terminal lines
-from dpfed.train.workdir import Workdir
 
 DEFAULT_LOW_QUANTILE = 0.25
 DEFAULT_HIGH_QUANTILE = 0.75
+# How a group's rounds sample (see the module docstring): its own members at m / N_group,
+# or the whole population at m / N.
+GROUP_SAMPLING = ("group", "population")
+DEFAULT_GROUP_SIZE_NOISE = 10.0  # std of the noise on each group's size (users)
+GROUP_SIZES_FILE = "group_sizes.json"  # the noised sizes (a release)
+GROUP_SIZES_LEDGER = "group_sizes_ledger.json"  # their privacy cost
+_GROUP_SIZES_KEY = 0x5A5E  # folded into the seed for the sizes' noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,15 +272,71 @@ def threshold_rule(
     return f"{metric} {op} the {quantile:g} quantile of all clients' {metrics}"
 
 
-def guarantee_caveat(
-    low_threshold: float | None, high_threshold: float | None, sampling: str, metric: str
-) -> str:
-    """Why the groups' eps (and their max) is not an end-to-end guarantee.
+def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[str, float]:
+    """Each group's size plus independent N(0, stddev^2), floored at 1 (post-processing).
 
-    Always some reason: each group's size counts the users whose raw value passes a
-    threshold, and it is released without noise (summary, report, the ledger's population
-    N and sampling rate q = m / N, which the DP-FedAvg accounting needs). So each group's
-    eps holds for each user given the group sizes. Given that, the max of the groups' eps
+    The Gaussian mechanism on the vector of group sizes: when each user's group is a
+    function of its own data (given thresholds), adding or removing one user changes one
+    size by 1, an L2 sensitivity of 1, so `group_sizes_ledger(stddev, ...)` accounts for
+    it. Deterministic in `seed`: a rerun releases the same values, not fresh draws.
+    """
+    if not stddev > 0:
+        raise ValueError(f"the group sizes' noise must be > 0, got {stddev}")
+    key = jax.random.fold_in(jax.random.key(seed), _GROUP_SIZES_KEY)
+    noise = np.asarray(jax.random.normal(key, (len(sizes),), jnp.float32), np.float64)
+    return {name: float(max(1.0, n + stddev * e))
+            for (name, n), e in zip(sizes.items(), noise, strict=True)}
+
+
+def group_sizes_ledger(stddev: float, delta: float, metric: str) -> privacy.PrivacyLedger:
+    """The ledger of `noisy_group_sizes`' one release (unit user, add/remove-one)."""
+    ledger = privacy.PrivacyLedger(
+        unit="user", neighboring_relation="add_or_remove_one", delta=delta, metadata={
+            "mechanism": f"Gaussian noise on each group's size (the users whose own {metric} "
+                         "pass a threshold), L2 sensitivity 1 with given thresholds",
+            "noise_multiplier": stddev,
+        })
+    ledger.record(dp_event.GaussianDpEvent(stddev))
+    return ledger
+
+
+def write_group_sizes(
+    workdir: Workdir, sizes: dict[str, int], stddev: float, seed: int, delta: float, metric: str,
+) -> tuple[dict[str, float], privacy.PrivacyLedger]:
+    """Draws the noised group sizes and writes them with their ledger (the ledger first:
+    a kill between the writes leaves no release outside a ledger); returns both."""
+    ledger = group_sizes_ledger(stddev, delta, metric)
+    noisy = noisy_group_sizes(sizes, stddev, seed)
+    workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
+    workdir.write_json(GROUP_SIZES_FILE, {"noised_sizes": noisy, "noise_stddev": stddev})
+    return noisy, ledger
+
+
+def end_to_end_epsilon(
+    sizes_ledger: privacy.PrivacyLedger, model_workdir: Workdir, accountant: str = "rdp"
+) -> float | None:
+    """eps of the group sizes' release composed with one group's model's ledger.json
+    (None for a non-private model or an accountant that does not support them)."""
+    path = model_workdir.file(LEDGER_FILE)
+    if not path.exists():
+        return None
+    model = privacy.PrivacyLedger.from_json(model_workdir.read_json_object(LEDGER_FILE))
+    if not model.entries:
+        return None
+    return sizes_ledger.with_recorded(model.composed_event()).epsilon(accountant)
+
+
+def guarantee_caveat(
+    low_threshold: float | None, high_threshold: float | None, sampling: str, metric: str,
+    group_sampling: str = "group",
+) -> str | None:
+    """Why the groups' eps (and their max) is not an end-to-end guarantee; None if it is.
+
+    With `group_sampling` "group", always some reason: each group's size counts the users
+    whose raw value passes a threshold, and it is released without noise (summary, report,
+    the ledger's population N and sampling rate q = m / N, which the DP-FedAvg accounting
+    needs). So each group's eps holds for each user given the group sizes. With
+    "population" the sizes are noised and accounted for. Then the max of the groups' eps
     holds when adding or removing one user changes at most one group's data by that one
     user (parallel composition; the groups draw independent noise), which further needs
     - given thresholds: each client's group is a function of its own data. A quantile
@@ -278,12 +351,19 @@ def guarantee_caveat(
       low_threshold, high_threshold: the thresholds given as flags; None for a quantile.
       sampling: the cohorts' sampling, "poisson" or "fixed".
       metric: the per-client values the groups are split by, for the message.
+      group_sampling: "group" or "population" (`GROUP_SAMPLING`).
     """
-    caveat = (
-        f"Each group's size (its clients and sampling rate) counts the users whose raw {metric} "
-        "pass a threshold and is released without noise, so the groups' eps, and their max, "
-        "hold for each user given the group sizes, not end to end"
-    )
+    if group_sampling == "group":
+        caveat = (
+            f"Each group's size (its clients and sampling rate) counts the users whose raw "
+            f"{metric} pass a threshold and is released without noise, so the groups' eps, and "
+            "their max, hold for each user given the group sizes, not end to end"
+        )
+        given = ". Even given the group sizes, the max holds only per group, given the grouping: "
+    else:
+        caveat = ("The groups' sizes are noised and accounted for, but the max of the groups' "
+                  "eps holds only per group, given the grouping")
+        given = ": "
     reasons = []
     if low_threshold is None or high_threshold is None:
         reasons.append(
@@ -298,10 +378,9 @@ def guarantee_caveat(
             "cover (use --sampling=poisson)"
         )
     if reasons:
-        caveat += (
-            ". Even given the group sizes, the max holds only per group, given the grouping: "
-            + "; and ".join(reasons)
-        )
+        caveat += given + "; and ".join(reasons)
+    elif group_sampling != "group":
+        return None
     return caveat + "."
 
 

@@ -15,6 +15,7 @@ from dpfed.federated import (
     ClientData,
     DpFedAvg,
     DpFedAvgConfig,
+    Subpopulation,
     client_mesh,
 )
 from tests import delta_warning
@@ -439,3 +440,52 @@ def test_a_chunk_size_that_does_not_split_over_the_devices_is_refused():
 def test_an_execution_width_below_one_is_refused_naming_it(field):
     with pytest.raises(ValueError, match=f"^{field} must be >= 1"):
         DpFedAvgConfig(clients_per_round=5, **{field: 0})
+
+
+# A subpopulation: the engine's clients are the taking-part users of a larger population.
+
+
+def test_a_subpopulation_round_divides_the_clipped_sum_by_q_times_the_members_estimate():
+    deltas = random_deltas(30, seed=4)
+    clip, m, population, estimate = 0.7, 20.0, 100, 25.0
+    engine = make_engine(deltas, sampling="poisson", clients_per_round=m, l2_clip=clip,
+                         subpopulation=Subpopulation(population, estimate))
+    key = jax.random.key(5)
+    got, _ = server_update(engine, key)
+    indices, count = engine.cohort(key)
+    cohort = np.asarray(indices)[: int(count)]
+    norms = np.linalg.norm(deltas[cohort], axis=1, keepdims=True)
+    want = (deltas[cohort] * np.minimum(1, clip / norms)).sum(0) / (m / population * estimate)
+    np.testing.assert_allclose(
+        got, want, rtol=1e-5, atol=1e-7,
+        err_msg="the mean must be the clipped sum / (q x the members estimate), not the count")
+
+
+def test_a_subpopulation_samples_its_clients_at_the_populations_rate():
+    engine = make_engine(random_deltas(40), sampling="poisson", clients_per_round=10,
+                         l2_clip=0.5, noise_multiplier=1.0,
+                         subpopulation=Subpopulation(200, 40.0))
+    keys = jax.random.split(jax.random.key(6), 2000)
+    counts = np.asarray(jax.vmap(lambda k: engine.cohort(k)[1])(keys))
+    q, n = 10 / 200, 40
+    assert abs(counts.mean() - q * n) < 4 * np.sqrt(n * q * (1 - q) / len(counts)), (
+        f"mean cohort {counts.mean()} should be q x clients = {q * n}, q = m / population")
+    expected = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(1.0))
+    assert engine.round_event() == expected, "the round is accounted at q = m / population"
+
+
+def test_a_subpopulation_ledger_names_the_population_not_the_members():
+    engine = make_engine(random_deltas(20), sampling="poisson", clients_per_round=5,
+                         noise_multiplier=1.5, subpopulation=Subpopulation(300, 21.5))
+    ledger = engine.user_ledger(1e-6, "test mechanism")
+    assert ledger.metadata["num_users"] == 300, (
+        f"the ledger (a release) must give the public population, not the 20 members: "
+        f"{ledger.metadata}")
+    assert ledger.metadata["members_estimate"] == 21.5, "and the estimate the mean divides by"
+    assert 20 not in ledger.metadata.values(), "the true member count appears nowhere"
+
+
+def test_a_subpopulation_with_a_fixed_cohort_is_refused():
+    with pytest.raises(ValueError, match="Poisson"):
+        make_engine(random_deltas(20), sampling="fixed", clients_per_round=5,
+                    subpopulation=Subpopulation(100, 20.0))

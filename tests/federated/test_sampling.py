@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfed.federated import CohortSampler
+from dpfed.federated import CohortSampler, Subpopulation
 from dpfed.federated.sampling import cohort_chunk, pad_to_multiple
 
 
@@ -49,3 +49,23 @@ def test_cohort_chunks_cover_the_cohort_once_and_mask_the_rest():
         idx, mask = cohort_chunk(indices, jnp.int32(7), jnp.int32(chunk), 4)
         seen += np.asarray(idx)[np.asarray(mask)].tolist()
     assert seen == list(range(10, 17)), f"chunks should list the 7 sampled clients once: {seen}"
+
+
+def test_a_subpopulation_divides_by_q_times_the_members_estimate():
+    sampler = CohortSampler("poisson", 30, 20, Subpopulation(population=100, members_estimate=25))
+    assert sampler.rate == 0.2, "q = clients per round / the population, not / the clients"
+    assert sampler.divisor == pytest.approx(5.0), "the mean divides by q x the estimate"
+    assert CohortSampler("poisson", 30, 6).divisor == 6, "without one: the expected cohort"
+
+
+def test_a_subpopulation_chunk_fits_the_clients_expected_cohort():
+    sampler = CohortSampler("poisson", 400, 10, Subpopulation(1000, 400))
+    assert sampler.default_chunk_size(1) == 10, "q N = 4 clients: 4 + 3 sqrt(4) = 10"
+
+
+@pytest.mark.parametrize("clients, estimate, match", [
+    (101, 50.0, "part of a population"), (50, 0.0, "members_estimate"),
+    (50, float("inf"), "members_estimate")])
+def test_an_impossible_subpopulation_is_refused(clients, estimate, match):
+    with pytest.raises(ValueError, match=match):
+        CohortSampler("poisson", clients, 10, Subpopulation(100, estimate))
