@@ -25,8 +25,8 @@ included; a rerun that changes a flag other than --rounds, --eval_every,
 
 from absl import flags
 
-from dpfed import data, privacy
-from dpfed.generative import fedgan_debug
+from dpfed import data
+from dpfed.generative import fedgan_debug, selection
 from dpfed.train import cli, dpsgd
 
 _D = fedgan_debug.DebugConfig()
@@ -49,6 +49,7 @@ _CLS_EPOCHS = flags.DEFINE_integer("classifier_epochs", _D.classifier_epochs, "A
 _ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per GAN.")
 _PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
 _SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
+_GROUP_SAMPLING, _GROUP_SIZE_NOISE = selection.define_group_sampling_flags(_D)
 _CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of D's delta.")
 _NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
 _ADAPTIVE = flags.DEFINE_bool("adaptive_clipping", _D.adaptive_clipping, "Adaptive clip norm.")
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> None:
             rounds=_ROUNDS.value,
             clients_per_round=_PER_ROUND.value,
             sampling=_SAMPLING.value,
+            group_sampling=_GROUP_SAMPLING.value,
+            group_size_noise=_GROUP_SIZE_NOISE.value,
             l2_clip=_CLIP.value,
             noise_multiplier=_NOISE.value,
             adaptive_clipping=_ADAPTIVE.value,
@@ -125,13 +128,11 @@ def main(argv: list[str]) -> None:
         raise cli.FlagError(error.field, error.message) from error
     except data.DatasetUnavailableError as error:  # the folder given, else the dataset
         raise cli.FlagError("emnist_dir" if _EMNIST_DIR.value else "dataset", str(error)) from error
-    eps = summary["epsilon_rdp"]
     workdir = _WORKDIR.value
     print(
         f"inverted fraction: low-accuracy GAN {summary['inverted_fraction_low']:.3f}, "
         f"high-accuracy GAN {summary['inverted_fraction_high']:.3f} | "
-        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP, "
-           "the groups' max given their sizes: see the caveat in report.md)")
+        + selection.eps_headline(summary)
         + f"\nreport: {workdir}/report.md\ngrids: {workdir}/samples_low.png, "
         f"{workdir}/samples_high.png"
     )

@@ -21,8 +21,7 @@ both LMs; a rerun that changes a flag other than --rounds, --eval_every,
 
 from absl import flags
 
-from dpfed import privacy
-from dpfed.generative import fedlm_debug
+from dpfed.generative import fedlm_debug, selection
 from dpfed.train import cli, dpsgd
 
 _D = fedlm_debug.TextDebugConfig()
@@ -51,6 +50,7 @@ _SERVER_LR = flags.DEFINE_float("server_learning_rate", _D.server_learning_rate,
 _ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per LM.")
 _PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
 _SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
+_GROUP_SAMPLING, _GROUP_SIZE_NOISE = selection.define_group_sampling_flags(_D)
 _CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of the LM delta.")
 _NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
 _DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the user-level guarantee.")
@@ -89,6 +89,8 @@ def main(argv: list[str]) -> None:
             rounds=_ROUNDS.value,
             clients_per_round=_PER_ROUND.value,
             sampling=_SAMPLING.value,
+            group_sampling=_GROUP_SAMPLING.value,
+            group_size_noise=_GROUP_SIZE_NOISE.value,
             l2_clip=_CLIP.value,
             noise_multiplier=_NOISE.value,
             delta=_DELTA.value,
@@ -102,14 +104,12 @@ def main(argv: list[str]) -> None:
         summary = fedlm_debug.run(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error
-    eps = summary["epsilon_rdp"]
     print(
         f"OOV rate of {_LINES.value} sampled lines: high-OOV clients' LM "
         f"{summary['oov_rate_buggy_model']:.3f}, low-OOV clients' LM "
         f"{summary['oov_rate_healthy_model']:.3f}; glued tokens "
         f"{summary['glued_rate_buggy_model']:.3f} vs {summary['glued_rate_healthy_model']:.3f} | "
-        + ("non-private" if eps is None else f"user-level eps {privacy.format_upper(eps, 3)} (RDP, "
-           "the groups' max given their sizes: see the caveat in report.md)")
+        + selection.eps_headline(summary)
         + f"\nreport: {_WORKDIR.value}/report.md"
     )
 

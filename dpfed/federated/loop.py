@@ -266,8 +266,10 @@ def write_privacy_summary(
 def describe_user_level_privacy(result: dict[str, Any], delta: float) -> str:
     """One report sentence on a group's user-level guarantee (non-private when no eps).
 
-    `result` holds `write_privacy_summary`'s fields plus `num_clients`, `sampling_rate`
-    and `rounds`.
+    `result` holds `write_privacy_summary`'s fields plus `sampling_rate`, `rounds` and
+    `num_clients`, or, for a group sampled from a larger population, `population`,
+    `num_clients_noised` and the eps with the group sizes' release
+    (`selection.group_size_fields`).
     """
     if result["epsilon_rdp"] is None:
         return "non-private (no noise): **no privacy guarantee**"
@@ -278,8 +280,18 @@ def describe_user_level_privacy(result: dict[str, Any], delta: float) -> str:
     others = ", ".join(
         f"{int(n):,} users: {fmt(e)}" for n, e in result["epsilon_rdp_same_noise_if_users"].items()
     )
+    if "num_clients" in result:
+        users = f"{result['num_clients']} users"
+        with_sizes = ""
+    else:
+        users = (f"the group's users sampled from {result['population']} (its size noised: "
+                 f"{result['num_clients_noised']:.1f})")
+        with_sizes = (f"; with the noised group sizes' release, "
+                      f"({fmt(result['epsilon_rdp_with_group_sizes'])}, {delta:g})-DP (RDP; PLD "
+                      f"{fmt(result['epsilon_pld_with_group_sizes'])})")
     return (
         f"({fmt(result['epsilon_rdp'])}, {delta:g})-DP at user level (RDP; PLD "
-        f"{fmt(result['epsilon_pld'])}), {result['num_clients']} users, sampling rate "
-        f"{result['sampling_rate']:.3g}, {result['rounds']} rounds; the same noise with {others}"
+        f"{fmt(result['epsilon_pld'])}), {users}, sampling rate "
+        f"{result['sampling_rate']:.3g}, {result['rounds']} rounds{with_sizes}; the same noise "
+        f"with {others}"
     )

@@ -336,6 +336,7 @@ def train_gan(
         "method": METHOD,
         "group": group,
         "num_users": gan_engine.engine.num_users,
+        "sampling_rate": gan_engine.engine.sampler.rate,
         "inverted_fraction": result.evaluation["inverted_fraction"],
         **privacy_fields,
         "noise_multiplier": config.noise_multiplier,

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from dpfed import data as data_lib
-from dpfed import models, privacy
+from dpfed import models
 from dpfed.data import bugs, emnist_federated
 from dpfed.eval import classifier_fit
 from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
@@ -89,6 +89,8 @@ class DebugConfig:
     rounds: int = 1000
     clients_per_round: float = 10
     sampling: str = "poisson"
+    group_sampling: str = "group"
+    group_size_noise: float = selection.DEFAULT_GROUP_SIZE_NOISE
     l2_clip: float = 0.1
     noise_multiplier: float = 0.0
     adaptive_clipping: bool = False
@@ -157,6 +159,7 @@ class DebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+        selection.check_group_sampling(self)
         require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
                 "clients_per_round", "must be a whole number with --sampling=fixed")
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
@@ -389,23 +392,24 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
     results, ground_truth = {}, {}
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
-    for name in GROUPS:  # both groups before either GAN trains: see pin_demo_config
-        require(
-            config.clients_per_round <= group_data[name].num_clients,
-            "clients_per_round",
-            f"must be <= the {group_data[name].num_clients} clients of the {name}-accuracy group",
-        )
+    sizes = {name: int(group_data[name].num_clients) for name in GROUPS}
+    # Both groups before either GAN trains: see pin_demo_config.
+    selection.require_cohorts_fit(
+        config, sizes, clients.num_clients, lambda name: f"{name}-accuracy group")
     selection.pin_groups(
         wd,
         {name: params_sha256((g.images, g.labels, g.counts)) for name, g in group_data.items()},
         group_dirs,
         "dataset" if config.dataset == "mnist5k" else "emnist_dir",  # mnist5k: embedded
     )
+    subpopulations, sizes_ledger = selection.group_subpopulations(
+        wd, config, sizes, clients.num_clients, "accuracies")
     for name in GROUPS:
         members = getattr(groups, name)
         group = group_data[name]
         summary = fedgan.train_gan(
-            dataclasses.replace(fedgan_config, seed=selection.group_seed(config.seed, name)),
+            dataclasses.replace(fedgan_config, seed=selection.group_seed(config.seed, name),
+                                subpopulation=subpopulations[name]),
             group.images,
             group.counts,
             wd.file(f"gan_{name}"),
@@ -416,16 +420,18 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         samples = fedgan.sample_images(gan_config, g_vars, sample_key, config.num_samples)
         save_grid(wd.file(f"samples_{name}.png"), samples)
         real = group.images[group.mask]
-        # Group sizes are released without noise, though they count users whose raw
-        # accuracy passes a threshold: the group's accounting needs them (q = m / N, in its
-        # ledger). guarantee_caveat says so: eps holds given the group sizes.
+        # With --group_sampling=group the group sizes are released without noise, though
+        # they count users whose raw accuracy passes a threshold: the group's accounting
+        # needs them (q = m / N, in its ledger); guarantee_caveat says so.
         results[name] = {
             "inverted_fraction": polarity.inverted_fraction(samples),
-            "num_clients": int(group.num_clients),
+            **selection.group_size_fields(
+                sizes[name], subpopulations[name], sizes_ledger, Workdir(wd.file(f"gan_{name}"))),
             **selection.model_fields(summary),
-            "sampling_rate": config.clients_per_round / group.num_clients,
+            "sampling_rate": summary["sampling_rate"],
         }
         ground_truth[name] = {
+            "num_clients": sizes[name],
             "buggy_client_fraction": float(fed.buggy[members].mean()),
             "real_inverted_fraction": polarity.inverted_fraction(real),
             "client_accuracy_mean": float(np.nanmean(accuracies[members])),
@@ -445,10 +451,10 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         "inverted_fraction_high": results["high"]["inverted_fraction"],
         "gan_low": results["low"],
         "gan_high": results["high"],
-        "epsilon_rdp": _max_eps(results),
+        "epsilon_rdp": selection.max_epsilon(results),
         "guarantee_caveat": selection.guarantee_caveat(
-            config.low_threshold, config.high_threshold, config.sampling, "accuracies"
-        ),
+            config.low_threshold, config.high_threshold, config.sampling, "accuracies",
+            config.group_sampling),
         "delta": config.delta if config.noise_multiplier > 0 else None,
         "unit": "user",
         # On its own training data, from outside the client population (no client's data).
@@ -468,15 +474,6 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, diagnostics))
     return summary
-
-
-def _max_eps(results: dict) -> float | None:
-    """The eps of releasing both groups' models: the groups are disjoint, so the max.
-
-    Given the group sizes, and per group given the grouping: see `guarantee_caveat`.
-    """
-    eps = [r["epsilon_rdp"] for r in results.values()]
-    return None if any(e is None for e in eps) else max(eps)
 
 
 def _headline(summary: dict, found: bool, verdict: str) -> str:
@@ -505,7 +502,8 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
     )
     high_inverted = f"{high['inverted_fraction']:.3f}"
     release_table = [
-        ("clients", "num_clients", "d"),
+        ("clients", "num_clients", "d") if "num_clients" in low else
+        (f"clients (size + N(0, {config.group_size_noise:g}^2))", "num_clients_noised", ".1f"),
         (f"inverted fraction of {config.num_samples} GAN samples", "inverted_fraction", ".3f"),
         ("GAN wall time (s)", "wall_seconds", ".0f"),
     ]
@@ -534,11 +532,7 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
         "low", summary["low_threshold"], config.low_quantile, "accuracy", "accuracies")
     high_rule = selection.threshold_rule(
         "high", summary["high_threshold"], config.high_quantile, "accuracy", "accuracies")
-    max_eps_line = (
-        f"the groups are disjoint, so releasing both costs the larger eps: "
-        f"{privacy.format_upper(summary['epsilon_rdp'], 3)}. "
-        f"**Caveat**: {summary['guarantee_caveat']}"
-    )
+    max_eps_line = selection.max_epsilon_line(summary)
     return f"""# Debugging private, decentralized images with DP federated GANs
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
@@ -582,7 +576,8 @@ EMNIST's 3,400 writers and with a million users (the populations the paper had i
 
 ## Settings
 
-{config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling}),
+{config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling},
+{selection.describe_group_sampling(config)}),
 clip {config.l2_clip:g}{" (adaptive)" if config.adaptive_clipping else ""}, noise multiplier
 {config.noise_multiplier:g}; {config.client_d_steps} client D steps (batch {config.batch_size},
 SGD lr {config.client_d_learning_rate:g}), {config.server_g_steps} server G steps (SGD lr
@@ -611,5 +606,6 @@ accuracy <= {diagnostics["low_threshold"]:.3f} and >= {diagnostics["high_thresho
 
 | | low-accuracy group | high-accuracy group |
 |---|---|---|
+| clients | {truth_low["num_clients"]} | {truth_high["num_clients"]} |
 {truth_rows}
 """

@@ -42,7 +42,6 @@ import jax
 import numpy as np
 
 from dpfed import data as data_lib
-from dpfed import privacy
 from dpfed.data import bugs, shakespeare
 from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
@@ -83,6 +82,8 @@ class TextDebugConfig:
     rounds: int = 200
     clients_per_round: float = 10
     sampling: str = "poisson"
+    group_sampling: str = "group"
+    group_size_noise: float = selection.DEFAULT_GROUP_SIZE_NOISE
     l2_clip: float = 1.0
     noise_multiplier: float = 0.0
     delta: float = 1e-5
@@ -134,6 +135,7 @@ class TextDebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+        selection.check_group_sampling(self)
         require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
                 "clients_per_round", "must be a whole number with --sampling=fixed")
         if self.low_threshold is not None and self.high_threshold is not None:
@@ -233,14 +235,11 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     # second group after the first trained would leave a workdir whose corrected rerun
     # is refused (`pin_demo_config`).
     window = config.seq_len * config.max_seqs
+    sizes = {name: len(group_texts_of[name]) for name in GROUPS}
+    selection.require_cohorts_fit(config, sizes, len(texts), lambda name: f"{name} group")
     kept_of, sequences_of = {}, {}
     for name in GROUPS:
         group_texts = group_texts_of[name]
-        require(
-            config.clients_per_round <= len(group_texts),
-            "clients_per_round",
-            f"must be <= the {len(group_texts)} clients of the {name} group",
-        )
         # A client keeps the whole lines that fit in seq_len x max_seqs chars: none when
         # its first line is longer. Such a client trains on nothing (a zero update).
         kept_of[name] = [fedlm.truncate_lines(text, window) for text in group_texts]
@@ -253,6 +252,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             f"seq_len x max_seqs = {window} chars hold no whole line of any client of the "
             f"{name} group: raise --max_seqs or --seq_len",
         )
+    subpopulations, sizes_ledger = selection.group_subpopulations(
+        wd, config, sizes, len(texts), "OOV rates")
     for name in GROUPS:
         group_texts, kept = group_texts_of[name], kept_of[name]
         ids, counts = sequences_of[name]
@@ -265,7 +266,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
                 f"group have no line that fits in seq_len x max_seqs = {window} chars: they "
                 "train on nothing")
         summary, params = fedlm.train_lm(
-            dataclasses.replace(lm_config, seed=selection.group_seed(config.seed, name)),
+            dataclasses.replace(lm_config, seed=selection.group_seed(config.seed, name),
+                                subpopulation=subpopulations[name]),
             ids,
             counts,
             char_vocab,
@@ -285,11 +287,12 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         stats = fedlm.token_stats(lines, word_vocab, config.top_k)
         real = fedlm.token_stats(kept, word_vocab, config.top_k)  # The text it trained on.
         samples[name] = lines
-        # Group sizes are released without noise, though they count users whose raw OOV
-        # rate passes a threshold: the group's accounting needs them (q = m / N, in its
-        # ledger). guarantee_caveat says so: eps holds given the group sizes.
+        # With --group_sampling=group the group sizes are released without noise, though
+        # they count users whose raw OOV rate passes a threshold: the group's accounting
+        # needs them (q = m / N, in its ledger); guarantee_caveat says so.
         results[name] = {
-            "num_clients": len(group_texts),
+            **selection.group_size_fields(
+                sizes[name], subpopulations[name], sizes_ledger, Workdir(wd.file(f"lm_{name}"))),
             "oov_rate": stats.oov_rate,
             "glued_rate": stats.glued_rate,
             "top_k": stats.top_k,
@@ -300,6 +303,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "sampling_rate": summary["sampling_rate"],
         }
         ground_truth[name] = {
+            "num_clients": sizes[name],
             "buggy_client_fraction": float(buggy[members[name]].mean()),
             "client_oov_rate_mean": float(np.mean(oov_rates[members[name]])),
             "real_oov_rate": real.oov_rate,
@@ -318,7 +322,6 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "high_threshold": groups.high_threshold,
     }
     thresholds_given = config.low_threshold is not None and config.high_threshold is not None
-    eps = [r["epsilon_rdp"] for r in results.values()]
     summary = {
         "method": "fedlm_debug",
         "oov_rate_buggy_model": results["high_oov"]["oov_rate"],
@@ -327,11 +330,10 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
         "lm_high_oov": results["high_oov"],
         "lm_low_oov": results["low_oov"],
-        # Disjoint groups: the max, given the group sizes (see guarantee_caveat).
-        "epsilon_rdp": None if None in eps else max(eps),
+        "epsilon_rdp": selection.max_epsilon(results),
         "guarantee_caveat": selection.guarantee_caveat(
-            config.low_threshold, config.high_threshold, config.sampling, "OOV rates"
-        ),
+            config.low_threshold, config.high_threshold, config.sampling, "OOV rates",
+            config.group_sampling),
         "delta": config.delta if config.noise_multiplier > 0 else None,
         "unit": "user",
         # Settings: a threshold from a quantile is None here (diagnostics.json has it).
@@ -403,11 +405,7 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         f"{diagnostics['client_chars']:,} chars are not in the held-out plays' alphabet (the "
         "LMs see `<oov>` and never sample it)."
     )
-    max_eps_line = (
-        f"The groups are disjoint: releasing both costs the larger eps, "
-        f"{privacy.format_upper(summary['epsilon_rdp'], 3)}.\n"
-        f"**Caveat**: {summary['guarantee_caveat']}"
-    )
+    max_eps_line = selection.max_epsilon_line(summary)
 
     def lines(name):
         return "\n".join(f"    {line}" for line in samples[name][:12])
@@ -418,7 +416,8 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         "diverged** (NaN or inf in its parameters or loss; smaller learning rates?): its samples "
         "say nothing about the clients' text.\n" if diverged else "")
     table = [
-        ("clients", "num_clients", "{:d}"),
+        ("clients", "num_clients", "{:d}") if "num_clients" in low else
+        (f"clients (size + N(0, {config.group_size_noise:g}^2))", "num_clients_noised", "{:.1f}"),
         ("OOV rate of the LM's samples", "oov_rate", "{:.3f}"),
         ("glued-token rate of the LM's samples", "glued_rate", "{:.3f}"),
         ("LM wall time (s)", "wall_seconds", "{:.0f}"),
@@ -484,11 +483,12 @@ Low-OOV clients' LM:
 Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
 - high-OOV LM: {describe_user_level_privacy(high, config.delta)}
 - low-OOV LM: {describe_user_level_privacy(low, config.delta)}
-{max_eps_line}
+- {max_eps_line}
 
 ## Settings and the paper
 
-{config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling}), clip
+{config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling},
+{selection.describe_group_sampling(config)}), clip
 {config.l2_clip:g}, noise multiplier {config.noise_multiplier:g}; LSTM {config.num_layers} x
 {config.hidden}, embedding {config.embed_dim}; {config.local_steps} local steps of
 {config.local_batch_size} sequences of {config.seq_len} chars (SGD lr
@@ -509,5 +509,6 @@ OOV rate >= {diagnostics["high_threshold"]:.3f} and <= {diagnostics["low_thresho
 
 | | high-OOV group | low-OOV group |
 |---|---|---|
+| clients | {truth_high["num_clients"]} | {truth_low["num_clients"]} |
 {truth_rows}
 """

@@ -36,11 +36,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated import ClientData, make_example_evaluator
-from dpfed.train.config import ConfigError
+from dpfed.federated import ClientData, Subpopulation, make_example_evaluator
+from dpfed.train.config import ConfigError, require
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
@@ -324,6 +325,121 @@ def end_to_end_epsilon(
     if not model.entries:
         return None
     return sizes_ledger.with_recorded(model.composed_event()).epsilon(accountant)
+
+
+def define_group_sampling_flags(defaults: Any) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+    """The debug binaries' --group_sampling and --group_size_noise (`defaults`: a config)."""
+    return (
+        flags.DEFINE_enum(
+            "group_sampling", defaults.group_sampling, list(GROUP_SAMPLING),
+            "group: rounds sample a group at m / its size (released); population: at m / all "
+            "users, a group's users taking part (its size noised: end to end with given "
+            "thresholds)."),
+        flags.DEFINE_float("group_size_noise", defaults.group_size_noise,
+                           "population: std of the noise on each group's size (users)."),
+    )
+
+
+def check_group_sampling(config: Any) -> None:
+    """Checks a demo config's `group_sampling` and `group_size_noise` (ConfigError)."""
+    require(config.group_sampling in GROUP_SAMPLING, "group_sampling",
+            f"must be one of {GROUP_SAMPLING}")
+    if config.group_sampling == "population":
+        require(config.sampling == "poisson", "sampling",
+                "must be poisson with --group_sampling=population: a fixed cohort of the "
+                "population holds a random number of a group's members")
+        require(config.group_size_noise > 0, "group_size_noise",
+                "must be > 0: the noise on the group sizes is what makes them private")
+
+
+def require_cohorts_fit(
+    config: Any, sizes: dict[str, int], population: int, describe: Callable[[str], str]
+) -> None:
+    """Refuses, before any model trains, cohorts the groups cannot hold.
+
+    `config` has `clients_per_round` and `group_sampling`; `sizes` are the groups' true
+    sizes, `population` all clients, and `describe(name)` names a group in a message
+    (e.g. "low-accuracy group"). With "group" sampling each group must hold the expected
+    cohort; with "population" the population must (`split_clients` refuses empty groups).
+    """
+    if config.group_sampling == "group":
+        for name, size in sizes.items():
+            require(config.clients_per_round <= size, "clients_per_round",
+                    f"must be <= the {size} clients of the {describe(name)}")
+        return
+    require(config.clients_per_round <= population, "clients_per_round",
+            f"must be <= the {population} clients of the population")
+
+
+def group_subpopulations(
+    workdir: Workdir, config: Any, sizes: dict[str, int], population: int, metric: str
+) -> tuple[dict[str, Subpopulation | None], privacy.PrivacyLedger | None]:
+    """Each group's `Subpopulation` and the noised sizes' ledger (`write_group_sizes`)
+    with `config.group_sampling` "population"; Nones with "group"."""
+    if config.group_sampling == "group":
+        return dict.fromkeys(sizes), None
+    noisy, ledger = write_group_sizes(
+        workdir, sizes, config.group_size_noise, config.seed, config.delta, metric)
+    return {name: Subpopulation(population, noisy[name]) for name in sizes}, ledger
+
+
+def group_size_fields(
+    size: int, subpopulation: Subpopulation | None, sizes_ledger: privacy.PrivacyLedger | None,
+    model_workdir: Workdir,
+) -> dict:
+    """A group's release fields on its size: the true `size` with "group" sampling (it
+    is released, see `guarantee_caveat`); with a subpopulation its noised size, the
+    population, and the model's eps composed with the sizes' release."""
+    if subpopulation is None:
+        return {"num_clients": size}
+    return {
+        "num_clients_noised": subpopulation.members_estimate,
+        "population": subpopulation.population,
+        **{f"epsilon_{a}_with_group_sizes": end_to_end_epsilon(sizes_ledger, model_workdir, a)
+           for a in ("rdp", "pld")},
+    }
+
+
+def max_epsilon(results: dict[str, dict]) -> float | None:
+    """The eps of releasing every group's model: the groups are disjoint, so the max of
+    the groups' eps, each with the group sizes' release where they were noised (given
+    the grouping and, with "group" sampling, the sizes: `guarantee_caveat`)."""
+    eps = [r.get("epsilon_rdp_with_group_sizes", r["epsilon_rdp"]) for r in results.values()]
+    return None if any(e is None for e in eps) else max(eps)
+
+
+def describe_group_sampling(config: Any) -> str:
+    """How a demo's groups were sampled, for its report's settings."""
+    if config.group_sampling == "group":
+        return "each group sampled on its own (--group_sampling=group)"
+    return ("each round samples the whole population, a group's users taking part "
+            f"(--group_sampling=population, group sizes noised with std "
+            f"{config.group_size_noise:g})")
+
+
+def eps_headline(summary: dict) -> str:
+    """The binaries' last words on privacy: the groups' max eps and what it assumes."""
+    eps = summary["epsilon_rdp"]
+    if eps is None:
+        return "non-private"
+    if summary["guarantee_caveat"] is None:
+        return (f"user-level eps {privacy.format_upper(eps, 3)} (RDP, the groups' max with "
+                "their noised sizes, end to end)")
+    given = ("given their sizes" if summary["flags"]["group_sampling"] == "group"
+             else "given the grouping")
+    return (f"user-level eps {privacy.format_upper(eps, 3)} (RDP, the groups' max {given}: "
+            "see the caveat in report.md)")
+
+
+def max_epsilon_line(summary: dict) -> str:
+    """The report's line on the eps of releasing both groups' models and its caveat."""
+    line = (f"the groups are disjoint, so releasing both costs the larger eps: "
+            f"{privacy.format_upper(summary['epsilon_rdp'], 3)}")
+    if summary["guarantee_caveat"] is None:
+        return (line + " (with the noised group sizes' release). **End to end**: given "
+                "thresholds, Poisson cohorts of the whole population and noised group sizes, "
+                "this eps holds for each user with nothing taken as given.")
+    return line + f". **Caveat**: {summary['guarantee_caveat']}"
 
 
 def guarantee_caveat(

@@ -109,3 +109,54 @@ def assert_killed_in_second_model_resumes(
     assert resumed["wall_seconds_earlier"] == models > 0, (
         "the demo's wall time must count what the models' checkpoints kept of the killed "
         f"invocation: {resumed['wall_seconds_earlier']} s vs {models} s")
+
+
+def assert_population_sampled_end_to_end(
+    workdir: pathlib.Path, summary: dict, groups: dict[str, str], population: int,
+    clients_per_round: float,
+) -> None:
+    """A run with --group_sampling=population and given thresholds: its groups' sizes are
+    released only noised (`group_sizes.json`, with their ledger), each group's rounds are
+    accounted at q = m / the population, the max eps composes the sizes' release, and no
+    caveat is left. `groups` maps a summary key (e.g. "gan_low") to its group's name."""
+    wd = Workdir(workdir)
+    noised = wd.read_json(selection.GROUP_SIZES_FILE)["noised_sizes"]
+    sizes_ledger = wd.read_json(selection.GROUP_SIZES_LEDGER)
+    assert sizes_ledger["unit"] == "user" and len(sizes_ledger["events"]) == 1, (
+        f"the noised sizes are one release with its ledger: {sizes_ledger}")
+    truth = wd.read_json(selection.DIAGNOSTICS_JSON)["groups"]
+    for key, name in groups.items():
+        result = summary[key]
+        assert "num_clients" not in result, (
+            f"{key}: the true group size is raw data, not a release: {sorted(result)}")
+        assert result["num_clients_noised"] == noised[name], "the summary's size is the noised one"
+        assert truth[name]["num_clients"] >= 1, "diagnostics.json keeps the true size"
+        assert result["sampling_rate"] == clients_per_round / population, (
+            f"{key}: rounds sample the population at q = m / N, got {result['sampling_rate']}")
+        model = Workdir(workdir / key).read_json("ledger.json")
+        assert model["metadata"]["num_users"] == population, (
+            f"{key}'s ledger must name the population, not the group: {model['metadata']}")
+        assert model["metadata"]["members_estimate"] == noised[name], (
+            f"{key}'s mean must divide by q x the noised size: {model['metadata']}")
+        assert result["epsilon_rdp_with_group_sizes"] > result["epsilon_rdp"], (
+            f"{key}: composing the sizes' release must cost something")
+    assert summary["epsilon_rdp"] == max(
+        summary[key]["epsilon_rdp_with_group_sizes"] for key in groups), (
+        "the demo's eps is the max over the groups of each one's eps with the sizes' release")
+    assert summary["guarantee_caveat"] is None, (
+        f"given thresholds, Poisson, noised sizes: no caveat, got {summary['guarantee_caveat']}")
+    assert "**End to end**" in (workdir / "report.md").read_text(), "the report must say so"
+
+
+def run_twice(run, config, workdir: pathlib.Path) -> tuple[dict, dict]:
+    """`run(config, workdir)`, then again on the finished workdir: both summaries."""
+    summary = run(config, str(workdir), log=lambda _: None)
+    return summary, run(config, str(workdir), log=lambda _: None)
+
+
+def assert_rerun_releases_nothing_new(summary: dict, again: dict, group_key: str) -> None:
+    """A rerun on a finished --group_sampling=population workdir spends no more privacy
+    and divides by the same noised size (fresh draws would be a second release)."""
+    assert again["epsilon_rdp"] == summary["epsilon_rdp"], "a rerun must not spend more"
+    assert again[group_key]["num_clients_noised"] == summary[group_key]["num_clients_noised"], (
+        "a rerun must divide by the same noised sizes: fresh draws would be a second release")

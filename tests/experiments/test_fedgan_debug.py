@@ -218,12 +218,14 @@ def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_
 
 
 @pytest.mark.parametrize(
-    "flag, value",
-    [("bug_fraction", "1.5"), ("noise_multiplier", "-1"), ("d_conv_features", "4,x")],
+    "flag, value, others",
+    [("bug_fraction", "1.5", ()), ("d_conv_features", "4,x", ()),
+     ("group_size_noise", "0", ("--group_sampling=population",))],
 )
-def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value):
+def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, others):
     proc = run_binary(
-        "experiments.fedgan_debug", f"--{flag}={value}", f"--workdir={tmp_path}", check=False
+        "experiments.fedgan_debug", f"--{flag}={value}", *others, f"--workdir={tmp_path}",
+        check=False,
     )
     assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
     assert flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -466,3 +468,40 @@ def test_a_cohort_larger_than_the_second_group_is_refused_before_either_gan_trai
     with pytest.raises(fedgan_debug.ConfigError, match="1 clients of the high-accuracy group"):
         fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
     assert not (tmp_path / "gan_low").exists(), "no GAN may train when a group is too small"
+
+
+# --group_sampling=population: rounds sample all clients, group sizes are noised.
+
+POPULATION = {**TINY, "rounds": 1, "clients_per_round": 4, "sampling": "poisson",
+              "group_sampling": "population", "low_threshold": 0.3, "high_threshold": 0.7}
+
+
+@pytest.fixture(scope="module")
+def population_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fedgan_population")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _skip_the_app_classifier(monkeypatch)  # accuracies 0, 1/23, ..., 1: groups of 7 and 7
+        monkeypatch.setattr(selection, "client_accuracies",
+                            lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
+        return workdir, *debug_checks.run_twice(
+            fedgan_debug.run, fedgan_debug.DebugConfig(**POPULATION), workdir)
+
+
+def test_population_sampling_releases_noised_sizes_and_is_end_to_end(population_run):
+    workdir, summary, _ = population_run
+    debug_checks.assert_population_sampled_end_to_end(
+        workdir, summary, {"gan_low": "low", "gan_high": "high"}, TINY["num_clients"],
+        POPULATION["clients_per_round"])
+
+
+def test_population_sampling_rerun_releases_nothing_new(population_run):
+    _, summary, again = population_run
+    debug_checks.assert_rerun_releases_nothing_new(summary, again, "gan_low")
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"sampling": "fixed"}, "sampling"), ({"group_size_noise": 0.0}, "group_size_noise")])
+def test_population_sampling_needs_poisson_cohorts_and_noise_on_the_sizes(settings, field):
+    with pytest.raises(fedgan_debug.ConfigError) as error:
+        fedgan_debug.DebugConfig(**{**POPULATION, **settings})
+    assert error.value.field == field, f"the error must name --{field}: {error.value}"

@@ -339,11 +339,12 @@ def test_bad_vocab_plays_exits_2_naming_it(tmp_path, value):
 
 
 def test_bad_flag_exits_2_naming_it(tmp_path):
-    proc = run_binary(
-        "experiments.fedlm_debug", "--bug_fraction=-0.1", f"--workdir={tmp_path}", check=False
-    )
+    # A flag that only --group_sampling=population checks: both reach the config.
+    proc = run_binary("experiments.fedlm_debug", "--group_sampling=population",
+                      "--group_size_noise=0", f"--workdir={tmp_path}", check=False)
     assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
-    assert "bug_fraction" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "group_size_noise" in proc.stderr and "Traceback" not in proc.stderr, (
+        proc.stderr[-2000:])
 
 
 def test_terminal_lines_with_raw_figures_are_labelled(tiny_run):
@@ -424,3 +425,39 @@ def test_a_cohort_larger_than_the_second_group_is_refused_before_either_lm_train
         fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
     assert raised.value.field == "clients_per_round", raised.value
     assert not (tmp_path / "lm_high_oov").exists(), "no LM may train when a group is too small"
+
+
+# --group_sampling=population: rounds sample all clients, group sizes are noised.
+
+POPULATION = {**TINY, "rounds": 1, "clients_per_round": 4, "sampling": "poisson",
+              "group_sampling": "population", "low_threshold": 0.3, "high_threshold": 0.7}
+
+
+@pytest.fixture(scope="module")
+def population_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fedlm_population")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # OOV rates 0 ... 1 by client index
+        monkeypatch.setattr(fedlm, "client_oov_rates",
+                            lambda texts, vocab: np.linspace(0.0, 1.0, len(texts)))
+        return workdir, *debug_checks.run_twice(
+            fedlm_debug.run, fedlm_debug.TextDebugConfig(**POPULATION), workdir)
+
+
+def test_population_sampling_releases_noised_sizes_and_is_end_to_end(population_run):
+    workdir, summary, _ = population_run
+    debug_checks.assert_population_sampled_end_to_end(
+        workdir, summary, {"lm_high_oov": "high_oov", "lm_low_oov": "low_oov"},
+        summary["num_clients"], POPULATION["clients_per_round"])
+
+
+def test_population_sampling_rerun_releases_nothing_new(population_run):
+    _, summary, again = population_run
+    debug_checks.assert_rerun_releases_nothing_new(summary, again, "lm_low_oov")
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"sampling": "fixed"}, "sampling"), ({"group_size_noise": -1.0}, "group_size_noise")])
+def test_population_sampling_needs_poisson_cohorts_and_noise_on_the_sizes(settings, field):
+    with pytest.raises(ConfigError) as error:
+        fedlm_debug.TextDebugConfig(**{**POPULATION, **settings})
+    assert error.value.field == field, f"the error must name --{field}: {error.value}"

@@ -262,6 +262,22 @@ def test_describe_user_level_privacy_states_eps_users_and_larger_populations():
     ), "a run without eps must say it has no guarantee"
 
 
+def test_describe_user_level_privacy_of_a_subpopulation_gives_the_noised_size_and_its_eps():
+    from dpfed.federated import describe_user_level_privacy
+
+    result = {
+        "epsilon_rdp": 3.5, "epsilon_pld": 3.1, "population": 200, "num_clients_noised": 71.26,
+        "epsilon_rdp_with_group_sizes": 3.62, "epsilon_pld_with_group_sizes": 3.2,
+        "sampling_rate": 0.025, "rounds": 150,
+        "epsilon_rdp_same_noise_if_users": {"3400": 0.5},
+    }
+    assert describe_user_level_privacy(result, 1e-5) == (
+        "(3.5, 1e-05)-DP at user level (RDP; PLD 3.1), the group's users sampled from 200 "
+        "(its size noised: 71.3), sampling rate 0.025, 150 rounds; with the noised group "
+        "sizes' release, (3.62, 1e-05)-DP (RDP; PLD 3.2); the same noise with 3,400 users: 0.5"
+    ), "no true group size; the population, the noised size and the eps with its release"
+
+
 def test_the_last_round_is_checkpointed_off_the_period(tmp_path):
     eng = engine()
     run(eng, tmp_path, rounds=3)  # checkpoint_every=2: round 3 is saved only as the last
