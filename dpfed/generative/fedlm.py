@@ -268,13 +268,18 @@ class TokenStats:
     top_glue: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
+def _known_words(word_vocab: text_lib.Vocabulary) -> frozenset[str]:
+    """The words of `word_vocab` that count as in vocabulary: all but the specials."""
+    return frozenset(word_vocab.tokens[len(text_lib.SPECIAL_TOKENS) :])
+
+
 def token_stats(texts: Iterable[str], word_vocab: text_lib.Vocabulary, k: int = 20) -> TokenStats:
     """Top-k tokens, OOV rate and glued-token rate of `texts` (`tokenize_whitespace`)."""
     counts = collections.Counter(token for text in texts for token in tokenize_whitespace(text))
     total = sum(counts.values())
     if total == 0:
         return TokenStats(0, [], float("nan"), [], float("nan"))
-    known = set(word_vocab.tokens[len(text_lib.SPECIAL_TOKENS) :])
+    known = _known_words(word_vocab)
     oov = collections.Counter({t: c for t, c in counts.items() if t not in known})
     glued = sum(c for t, c in counts.items() if is_glued(t))
     joins = collections.Counter()
@@ -300,9 +305,20 @@ def client_oov_rates(texts: Sequence[str], word_vocab: text_lib.Vocabulary) -> n
     """Each client's OOV rate under the app's tokenizer (computed on its device).
 
     The text analogue of the image demo's per-client accuracy: clients whose OOV rate
-    is high are the suspicious group. A client without tokens gets NaN.
+    is high are the suspicious group. A client without tokens gets NaN. A client's rate
+    depends on its own text (and the vocabulary) only, and equals
+    `token_stats([text], word_vocab).oov_rate`.
     """
-    return np.array([token_stats([text], word_vocab, k=0).oov_rate for text in texts])
+    known = _known_words(word_vocab)
+    return np.array([_oov_rate(text, known) for text in texts], dtype=np.float64)
+
+
+def _oov_rate(text: str, known: frozenset[str]) -> float:
+    """Fraction of the `tokenize_whitespace` tokens of `text` not in `known`; NaN if none."""
+    tokens = tokenize_whitespace(text)
+    if not tokens:
+        return float("nan")
+    return sum(token not in known for token in tokens) / len(tokens)
 
 
 def lm_client_update(config: LocalTrainingConfig) -> ClientUpdateFn:

@@ -174,6 +174,34 @@ def test_client_oov_rates_flag_the_buggy_client():
     assert rates[0] == 0.0 and rates[1] > 0.2, f"OOV rates {rates}: the bug must raise it"
 
 
+def test_client_oov_rates_equal_token_stats_of_each_client_alone():
+    word_vocab = fedlm.word_vocabulary(["my lord what say you", "good night"], max_words=10)
+    texts = [
+        "My lord, what say you?",  # outer punctuation stripped, lowercased: all known
+        "My lord,what say you? my lord",  # the glued "lord,what" is one unknown token
+        "Zounds! Prithee, good night.",  # two unknown words of four
+        "",  # no token
+        "-- ... !",  # only punctuation: no token either
+        "<oov> <pad> night",  # the specials are not words of the vocabulary
+    ]
+    rates = fedlm.client_oov_rates(texts, word_vocab)
+    per_client = [fedlm.token_stats([text], word_vocab).oov_rate for text in texts]
+    expected = [0.0, 1 / 6, 2 / 4, np.nan, np.nan, 2 / 3]
+    assert rates.dtype == np.float64 and np.array_equal(rates, per_client, equal_nan=True), (
+        f"rates {rates} vs token_stats per client {per_client}: each client's rate must be "
+        "token_stats([text]).oov_rate exactly (tokenize_whitespace tokens not in the "
+        "vocabulary's words, specials excluded, NaN for a client without tokens)"
+    )
+    assert np.array_equal(rates, expected, equal_nan=True), (
+        f"rates {rates}, expected by hand {expected}: glued and unknown words are OOV, "
+        "specials are OOV, a text without tokens is NaN"
+    )
+    alone = [fedlm.client_oov_rates([text], word_vocab)[0] for text in texts]
+    assert np.array_equal(rates, alone, equal_nan=True), (
+        f"rates {rates} vs each client alone {alone}: a rate must depend on its own text only"
+    )
+
+
 def _tiny_run(**changes):
     """A two-round private LM on `_TEXTS`: (config, train, make_engine's data args), where
     `train(config, workdir=...)` runs `fedlm.train_lm` on one device."""
