@@ -26,7 +26,7 @@ included; a rerun that changes a flag other than --rounds, --eval_every,
 from absl import flags
 
 from dpfed import data
-from dpfed.generative import fedgan_debug, selection
+from dpfed.generative import fedgan_debug, group_sizes, selection
 from dpfed.train import cli, dpsgd
 
 _D = fedgan_debug.DebugConfig()
@@ -49,7 +49,7 @@ _CLS_EPOCHS = flags.DEFINE_integer("classifier_epochs", _D.classifier_epochs, "A
 _ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per GAN.")
 _PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
 _SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
-_GROUP_SAMPLING, _GROUP_SIZE_NOISE = selection.define_group_sampling_flags(_D)
+_GROUP_SAMPLING, _GROUP_SIZE_NOISE = group_sizes.define_group_sampling_flags(_D)
 _CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of D's delta.")
 _NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
 _ADAPTIVE = flags.DEFINE_bool("adaptive_clipping", _D.adaptive_clipping, "Adaptive clip norm.")

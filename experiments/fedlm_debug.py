@@ -21,7 +21,7 @@ both LMs; a rerun that changes a flag other than --rounds, --eval_every,
 
 from absl import flags
 
-from dpfed.generative import fedlm_debug, selection
+from dpfed.generative import fedlm_debug, group_sizes, selection
 from dpfed.train import cli, dpsgd
 
 _D = fedlm_debug.TextDebugConfig()
@@ -50,7 +50,7 @@ _SERVER_LR = flags.DEFINE_float("server_learning_rate", _D.server_learning_rate,
 _ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per LM.")
 _PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
 _SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
-_GROUP_SAMPLING, _GROUP_SIZE_NOISE = selection.define_group_sampling_flags(_D)
+_GROUP_SAMPLING, _GROUP_SIZE_NOISE = group_sizes.define_group_sampling_flags(_D)
 _CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of the LM delta.")
 _NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
 _DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the user-level guarantee.")

@@ -269,7 +269,7 @@ def describe_user_level_privacy(result: dict[str, Any], delta: float) -> str:
     `result` holds `write_privacy_summary`'s fields plus `sampling_rate`, `rounds` and
     `num_clients`, or, for a group sampled from a larger population, `population`,
     `num_clients_noised` and the eps with the group sizes' release
-    (`selection.group_size_fields`).
+    (`dpfed.generative.group_sizes.group_size_fields`).
     """
     if result["epsilon_rdp"] is None:
         return "non-private (no noise): **no privacy guarantee**"

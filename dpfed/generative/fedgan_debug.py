@@ -48,7 +48,7 @@ from dpfed.data import bugs, emnist_federated
 from dpfed.eval import classifier_fit
 from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
 from dpfed.federated.aggregation import PrivateAggregator
-from dpfed.generative import fedgan, polarity, selection, wgan_gp
+from dpfed.generative import fedgan, group_sizes, polarity, selection, wgan_gp
 from dpfed.models import gan
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
@@ -90,7 +90,7 @@ class DebugConfig:
     clients_per_round: float = 10
     sampling: str = "poisson"
     group_sampling: str = "group"
-    group_size_noise: float = selection.DEFAULT_GROUP_SIZE_NOISE
+    group_size_noise: float = group_sizes.DEFAULT_GROUP_SIZE_NOISE
     l2_clip: float = 0.1
     noise_multiplier: float = 0.0
     adaptive_clipping: bool = False
@@ -159,7 +159,7 @@ class DebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
-        selection.check_group_sampling(self)
+        group_sizes.check_group_sampling(self)
         require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
                 "clients_per_round", "must be a whole number with --sampling=fixed")
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
@@ -394,7 +394,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
     sizes = {name: int(group_data[name].num_clients) for name in GROUPS}
     # Both groups before either GAN trains: see pin_demo_config.
-    selection.require_cohorts_fit(
+    group_sizes.require_cohorts_fit(
         config, sizes, clients.num_clients, lambda name: f"{name}-accuracy group")
     selection.pin_groups(
         wd,
@@ -402,7 +402,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         group_dirs,
         "dataset" if config.dataset == "mnist5k" else "emnist_dir",  # mnist5k: embedded
     )
-    subpopulations, sizes_ledger = selection.group_subpopulations(
+    subpopulations, sizes_ledger = group_sizes.group_subpopulations(
         wd, config, sizes, clients.num_clients, "accuracies")
     for name in GROUPS:
         members = getattr(groups, name)
@@ -425,7 +425,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         # needs them (q = m / N, in its ledger); guarantee_caveat says so.
         results[name] = {
             "inverted_fraction": polarity.inverted_fraction(samples),
-            **selection.group_size_fields(
+            **group_sizes.group_size_fields(
                 sizes[name], subpopulations[name], sizes_ledger, Workdir(wd.file(f"gan_{name}"))),
             **selection.model_fields(summary),
             "sampling_rate": summary["sampling_rate"],
@@ -577,7 +577,7 @@ EMNIST's 3,400 writers and with a million users (the populations the paper had i
 ## Settings
 
 {config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling},
-{selection.describe_group_sampling(config)}),
+{group_sizes.describe_group_sampling(config)}),
 clip {config.l2_clip:g}{" (adaptive)" if config.adaptive_clipping else ""}, noise multiplier
 {config.noise_multiplier:g}; {config.client_d_steps} client D steps (batch {config.batch_size},
 SGD lr {config.client_d_learning_rate:g}), {config.server_g_steps} server G steps (SGD lr

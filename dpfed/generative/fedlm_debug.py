@@ -45,7 +45,7 @@ from dpfed import data as data_lib
 from dpfed.data import bugs, shakespeare
 from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
-from dpfed.generative import fedlm, selection
+from dpfed.generative import fedlm, group_sizes, selection
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
@@ -83,7 +83,7 @@ class TextDebugConfig:
     clients_per_round: float = 10
     sampling: str = "poisson"
     group_sampling: str = "group"
-    group_size_noise: float = selection.DEFAULT_GROUP_SIZE_NOISE
+    group_size_noise: float = group_sizes.DEFAULT_GROUP_SIZE_NOISE
     l2_clip: float = 1.0
     noise_multiplier: float = 0.0
     delta: float = 1e-5
@@ -135,7 +135,7 @@ class TextDebugConfig:
         require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
         require(0 < self.delta < 1, "delta", "must be in (0, 1)")
         require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
-        selection.check_group_sampling(self)
+        group_sizes.check_group_sampling(self)
         require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
                 "clients_per_round", "must be a whole number with --sampling=fixed")
         if self.low_threshold is not None and self.high_threshold is not None:
@@ -236,7 +236,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     # is refused (`pin_demo_config`).
     window = config.seq_len * config.max_seqs
     sizes = {name: len(group_texts_of[name]) for name in GROUPS}
-    selection.require_cohorts_fit(config, sizes, len(texts), lambda name: f"{name} group")
+    group_sizes.require_cohorts_fit(config, sizes, len(texts), lambda name: f"{name} group")
     kept_of, sequences_of = {}, {}
     for name in GROUPS:
         group_texts = group_texts_of[name]
@@ -252,7 +252,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             f"seq_len x max_seqs = {window} chars hold no whole line of any client of the "
             f"{name} group: raise --max_seqs or --seq_len",
         )
-    subpopulations, sizes_ledger = selection.group_subpopulations(
+    subpopulations, sizes_ledger = group_sizes.group_subpopulations(
         wd, config, sizes, len(texts), "OOV rates")
     for name in GROUPS:
         group_texts, kept = group_texts_of[name], kept_of[name]
@@ -291,7 +291,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         # they count users whose raw OOV rate passes a threshold: the group's accounting
         # needs them (q = m / N, in its ledger); guarantee_caveat says so.
         results[name] = {
-            **selection.group_size_fields(
+            **group_sizes.group_size_fields(
                 sizes[name], subpopulations[name], sizes_ledger, Workdir(wd.file(f"lm_{name}"))),
             "oov_rate": stats.oov_rate,
             "glued_rate": stats.glued_rate,
@@ -488,7 +488,7 @@ Unit: one **user** (client). Only each client's clipped LM delta leaves it, nois
 ## Settings and the paper
 
 {config.rounds} rounds, {config.clients_per_round:g} clients per round ({config.sampling},
-{selection.describe_group_sampling(config)}), clip
+{group_sizes.describe_group_sampling(config)}), clip
 {config.l2_clip:g}, noise multiplier {config.noise_multiplier:g}; LSTM {config.num_layers} x
 {config.hidden}, embedding {config.embed_dim}; {config.local_steps} local steps of
 {config.local_batch_size} sequences of {config.seq_len} chars (SGD lr

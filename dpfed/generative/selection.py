@@ -6,19 +6,10 @@ computes its own accuracy on device. Clients where the classifier does badly for
 "low" group, clients where it does well the "high" group (the paper: accuracy < 0.882
 and > 0.939 on federated EMNIST), and one DP-FedAvg-GAN is trained per group. Each
 client decides its membership from its own accuracy against *given* thresholds, so
-membership needs no release to the server beyond the GAN training it then joins.
-
-How a group's rounds sample it (`--group_sampling`):
-- "group" (the paper's reading): each round samples the group at q = m / N_group. The
-  accounting needs N_group, a count of users whose raw value passes a threshold, so each
-  group's size is released without noise and eps holds given the group sizes.
-- "population": each round Poisson-samples the whole population at q = m / N (public);
-  sampled users outside the group sit the round out (they decide on device), so the
-  accounting needs q alone (`dpfed.federated.Subpopulation`). The mean divides by q times
-  the group's size plus Gaussian noise (`noisy_group_sizes`), a release of its own with
-  its own ledger (`group_sizes_ledger`), composed with each group's model's.
-Thresholds taken as quantiles of all clients' values (a simulation convenience) weaken the
-guarantee in both: `guarantee_caveat` says how and why.
+membership needs no release to the server beyond the GAN training it then joins. How
+a group's rounds sample it, and what its size then costs, is `group_sizes`'s; thresholds
+taken as quantiles of all clients' values (a simulation convenience) weaken the guarantee
+either way: `guarantee_caveat` says how and why.
 
 It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
 their groups: the raw-data log prefix, diagnostics.json, the pins that check a rerun
@@ -36,27 +27,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
-from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated import ClientData, Subpopulation, make_example_evaluator
-from dpfed.train.config import ConfigError, require
+from dpfed.federated import ClientData, make_example_evaluator
+from dpfed.train.config import ConfigError
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
-from dpfed.train.workdir import LEDGER_FILE, Workdir
 from dpfed.train.workdir import RAW_LOG_PREFIX as RAW_LOG_PREFIX  # raw-data terminal lines
+from dpfed.train.workdir import Workdir
 
 DEFAULT_LOW_QUANTILE = 0.25
 DEFAULT_HIGH_QUANTILE = 0.75
-# How a group's rounds sample (see the module docstring): its own members at m / N_group,
-# or the whole population at m / N.
-GROUP_SAMPLING = ("group", "population")
-DEFAULT_GROUP_SIZE_NOISE = 10.0  # std of the noise on each group's size (users)
-GROUP_SIZES_FILE = "group_sizes.json"  # the noised sizes (a release)
-GROUP_SIZES_LEDGER = "group_sizes_ledger.json"  # their privacy cost
-_GROUP_SIZES_KEY = 0x5A5E  # folded into the seed for the sizes' noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,131 +255,22 @@ def threshold_rule(
     return f"{metric} {op} the {quantile:g} quantile of all clients' {metrics}"
 
 
-def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[str, float]:
-    """Each group's size plus independent N(0, stddev^2), floored at 1 (post-processing).
-
-    The Gaussian mechanism on the vector of group sizes: when each user's group is a
-    function of its own data (given thresholds), adding or removing one user changes one
-    size by 1, an L2 sensitivity of 1, so `group_sizes_ledger(stddev, ...)` accounts for
-    it. Deterministic in `seed`: a rerun releases the same values, not fresh draws.
-    """
-    if not stddev > 0:
-        raise ValueError(f"the group sizes' noise must be > 0, got {stddev}")
-    key = jax.random.fold_in(jax.random.key(seed), _GROUP_SIZES_KEY)
-    noise = np.asarray(jax.random.normal(key, (len(sizes),), jnp.float32), np.float64)
-    return {name: float(max(1.0, n + stddev * e))
-            for (name, n), e in zip(sizes.items(), noise, strict=True)}
 
 
-def group_sizes_ledger(stddev: float, delta: float, metric: str) -> privacy.PrivacyLedger:
-    """The ledger of `noisy_group_sizes`' one release (unit user, add/remove-one)."""
-    ledger = privacy.PrivacyLedger(
-        unit="user", neighboring_relation="add_or_remove_one", delta=delta, metadata={
-            "mechanism": f"Gaussian noise on each group's size (the users whose own {metric} "
-                         "pass a threshold), L2 sensitivity 1 with given thresholds",
-            "noise_multiplier": stddev,
-        })
-    ledger.record(dp_event.GaussianDpEvent(stddev))
-    return ledger
 
 
-def write_group_sizes(
-    workdir: Workdir, sizes: dict[str, int], stddev: float, seed: int, delta: float, metric: str,
-) -> tuple[dict[str, float], privacy.PrivacyLedger]:
-    """Draws the noised group sizes and writes them with their ledger (the ledger first:
-    a kill between the writes leaves no release outside a ledger); returns both."""
-    ledger = group_sizes_ledger(stddev, delta, metric)
-    noisy = noisy_group_sizes(sizes, stddev, seed)
-    workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
-    workdir.write_json(GROUP_SIZES_FILE, {"noised_sizes": noisy, "noise_stddev": stddev})
-    return noisy, ledger
 
 
-def end_to_end_epsilon(
-    sizes_ledger: privacy.PrivacyLedger, model_workdir: Workdir, accountant: str = "rdp"
-) -> float | None:
-    """eps of the group sizes' release composed with one group's model's ledger.json
-    (None for a non-private model or an accountant that does not support them)."""
-    path = model_workdir.file(LEDGER_FILE)
-    if not path.exists():
-        return None
-    model = privacy.PrivacyLedger.from_json(model_workdir.read_json_object(LEDGER_FILE))
-    if not model.entries:
-        return None
-    return sizes_ledger.with_recorded(model.composed_event()).epsilon(accountant)
 
 
-def define_group_sampling_flags(defaults: Any) -> tuple[flags.FlagHolder, flags.FlagHolder]:
-    """The debug binaries' --group_sampling and --group_size_noise (`defaults`: a config)."""
-    return (
-        flags.DEFINE_enum(
-            "group_sampling", defaults.group_sampling, list(GROUP_SAMPLING),
-            "group: rounds sample a group at m / its size (released); population: at m / all "
-            "users, a group's users taking part (its size noised: end to end with given "
-            "thresholds)."),
-        flags.DEFINE_float("group_size_noise", defaults.group_size_noise,
-                           "population: std of the noise on each group's size (users)."),
-    )
 
 
-def check_group_sampling(config: Any) -> None:
-    """Checks a demo config's `group_sampling` and `group_size_noise` (ConfigError)."""
-    require(config.group_sampling in GROUP_SAMPLING, "group_sampling",
-            f"must be one of {GROUP_SAMPLING}")
-    if config.group_sampling == "population":
-        require(config.sampling == "poisson", "sampling",
-                "must be poisson with --group_sampling=population: a fixed cohort of the "
-                "population holds a random number of a group's members")
-        require(config.group_size_noise > 0, "group_size_noise",
-                "must be > 0: the noise on the group sizes is what makes them private")
 
 
-def require_cohorts_fit(
-    config: Any, sizes: dict[str, int], population: int, describe: Callable[[str], str]
-) -> None:
-    """Refuses, before any model trains, cohorts the groups cannot hold.
-
-    `config` has `clients_per_round` and `group_sampling`; `sizes` are the groups' true
-    sizes, `population` all clients, and `describe(name)` names a group in a message
-    (e.g. "low-accuracy group"). With "group" sampling each group must hold the expected
-    cohort; with "population" the population must (`split_clients` refuses empty groups).
-    """
-    if config.group_sampling == "group":
-        for name, size in sizes.items():
-            require(config.clients_per_round <= size, "clients_per_round",
-                    f"must be <= the {size} clients of the {describe(name)}")
-        return
-    require(config.clients_per_round <= population, "clients_per_round",
-            f"must be <= the {population} clients of the population")
 
 
-def group_subpopulations(
-    workdir: Workdir, config: Any, sizes: dict[str, int], population: int, metric: str
-) -> tuple[dict[str, Subpopulation | None], privacy.PrivacyLedger | None]:
-    """Each group's `Subpopulation` and the noised sizes' ledger (`write_group_sizes`)
-    with `config.group_sampling` "population"; Nones with "group"."""
-    if config.group_sampling == "group":
-        return dict.fromkeys(sizes), None
-    noisy, ledger = write_group_sizes(
-        workdir, sizes, config.group_size_noise, config.seed, config.delta, metric)
-    return {name: Subpopulation(population, noisy[name]) for name in sizes}, ledger
 
 
-def group_size_fields(
-    size: int, subpopulation: Subpopulation | None, sizes_ledger: privacy.PrivacyLedger | None,
-    model_workdir: Workdir,
-) -> dict:
-    """A group's release fields on its size: the true `size` with "group" sampling (it
-    is released, see `guarantee_caveat`); with a subpopulation its noised size, the
-    population, and the model's eps composed with the sizes' release."""
-    if subpopulation is None:
-        return {"num_clients": size}
-    return {
-        "num_clients_noised": subpopulation.members_estimate,
-        "population": subpopulation.population,
-        **{f"epsilon_{a}_with_group_sizes": end_to_end_epsilon(sizes_ledger, model_workdir, a)
-           for a in ("rdp", "pld")},
-    }
 
 
 def max_epsilon(results: dict[str, dict]) -> float | None:
@@ -408,13 +281,6 @@ def max_epsilon(results: dict[str, dict]) -> float | None:
     return None if any(e is None for e in eps) else max(eps)
 
 
-def describe_group_sampling(config: Any) -> str:
-    """How a demo's groups were sampled, for its report's settings."""
-    if config.group_sampling == "group":
-        return "each group sampled on its own (--group_sampling=group)"
-    return ("each round samples the whole population, a group's users taking part "
-            f"(--group_sampling=population, group sizes noised with std "
-            f"{config.group_size_noise:g})")
 
 
 def eps_headline(summary: dict) -> str:

@@ -2,7 +2,7 @@
 
 import pathlib
 
-from dpfed.generative import selection
+from dpfed.generative import group_sizes, selection
 from dpfed.train.workdir import Workdir
 from tests.binary import assert_resumed_like_uninterrupted, kill_after_checkpoint, run_binary
 
@@ -120,8 +120,8 @@ def assert_population_sampled_end_to_end(
     accounted at q = m / the population, the max eps composes the sizes' release, and no
     caveat is left. `groups` maps a summary key (e.g. "gan_low") to its group's name."""
     wd = Workdir(workdir)
-    noised = wd.read_json(selection.GROUP_SIZES_FILE)["noised_sizes"]
-    sizes_ledger = wd.read_json(selection.GROUP_SIZES_LEDGER)
+    noised = wd.read_json(group_sizes.GROUP_SIZES_FILE)["noised_sizes"]
+    sizes_ledger = wd.read_json(group_sizes.GROUP_SIZES_LEDGER)
     assert sizes_ledger["unit"] == "user" and len(sizes_ledger["events"]) == 1, (
         f"the noised sizes are one release with its ledger: {sizes_ledger}")
     truth = wd.read_json(selection.DIAGNOSTICS_JSON)["groups"]

@@ -7,9 +7,7 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dp_accounting import dp_event
 
-from dpfed import privacy
 from dpfed.generative import selection
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, params_sha256
@@ -236,61 +234,6 @@ def test_a_client_without_a_value_joins_no_group_with_quantile_thresholds():
     np.testing.assert_array_equal(np.flatnonzero(groups.low), [0], err_msg="low group")
     np.testing.assert_array_equal(np.flatnonzero(groups.high), [5], err_msg="high group")
     assert (groups.low_threshold, groups.high_threshold) == (0.1, 0.9), groups
-
-
-# --group_sampling=population: noised group sizes, their ledger, the end-to-end eps.
-
-
-def test_noisy_group_sizes_add_gaussian_noise_of_the_given_std():
-    sizes = {"low": 500, "high": 800}
-    draws = np.array([list(selection.noisy_group_sizes(sizes, 10.0, seed).values())
-                      for seed in range(400)]) - np.array([500, 800])
-    assert abs(draws.std() / 10.0 - 1) < 0.1, f"noise std {draws.std()} should be 10"
-    assert abs(draws.mean()) < 4 * 10.0 / np.sqrt(draws.size), f"noise mean {draws.mean()} != 0"
-    assert abs(np.corrcoef(draws.T)[0, 1]) < 0.2, "the groups' noise must be independent"
-
-
-def test_noisy_group_sizes_are_reproducible_and_at_least_one():
-    sizes = {"low": 3, "high": 1}
-    once = selection.noisy_group_sizes(sizes, 50.0, 7)
-    assert once == selection.noisy_group_sizes(sizes, 50.0, 7), (
-        "a rerun must release the same sizes, not fresh draws (a second release)")
-    floored = [selection.noisy_group_sizes(sizes, 50.0, s) for s in range(20)]
-    assert min(v for f in floored for v in f.values()) >= 1.0, "a size below 1 is floored at 1"
-    assert any(v == 1.0 for f in floored for v in f.values()), "std 50 on 1-3 must hit the floor"
-
-
-def test_group_sizes_ledger_is_one_gaussian_of_sensitivity_one_per_user():
-    ledger = selection.group_sizes_ledger(10.0, 1e-5, "accuracies")
-    assert (ledger.unit, ledger.neighboring_relation) == ("user", "add_or_remove_one"), (
-        "one user changes one group's size by 1 under add/remove")
-    assert ledger.entries == [(dp_event.GaussianDpEvent(10.0), 1)], (
-        f"one Gaussian release of multiplier std / 1: {ledger.entries}")
-
-
-def test_end_to_end_eps_composes_the_sizes_with_the_models_ledger(tmp_path):
-    sizes = selection.group_sizes_ledger(10.0, 1e-5, "accuracies")
-    model = privacy.PrivacyLedger("user", "add_or_remove_one", 1e-5)
-    gan = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0))
-    model.record(gan, 20)
-    wd = Workdir(tmp_path)
-    assert selection.end_to_end_epsilon(sizes, wd) is None, "no model ledger: non-private"
-    wd.write_json("ledger.json", model.to_json())
-    want = privacy.epsilon(dp_event.ComposedDpEvent([
-        dp_event.GaussianDpEvent(10.0), dp_event.SelfComposedDpEvent(gan, 20)]), 1e-5,
-        model.relation)
-    got = selection.end_to_end_epsilon(sizes, wd)
-    assert got == pytest.approx(want, rel=1e-9), f"eps {got} != the accountant's {want}"
-    assert got > model.epsilon(), "the sizes' release must cost something"
-
-
-def test_write_group_sizes_writes_the_ledger_and_the_sizes_it_returns(tmp_path):
-    wd = Workdir(tmp_path)
-    noisy, ledger = selection.write_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
-    assert wd.read_json_object(selection.GROUP_SIZES_FILE)["noised_sizes"] == noisy, (
-        "the released sizes are the ones the models divide by")
-    stored = privacy.PrivacyLedger.from_json(wd.read_json_object(selection.GROUP_SIZES_LEDGER))
-    assert stored.entries == ledger.entries, "their ledger is on disk"
 
 
 def test_guarantee_caveat_is_none_end_to_end_with_population_sampling_and_given_thresholds():
