@@ -70,6 +70,7 @@ SUMMARY_FILE = "summary.json"
 LEDGER_FILE = "ledger.json"  # before each metrics record (RDP only) and at the end
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"  # a digest of the run's training data (`Workdir.pin_data`)
 # Metrics records a resume dropped that its replay has not logged again (`truncate_logs`).
 UNREPLAYED_FILE = "unreplayed.jsonl"
 # Config fields a resumed run may change: how long it runs and how often it reports.
@@ -267,12 +268,14 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], objec
 
 LOCK_FILE = ".lock"
 _held_locks: dict[pathlib.Path, int] = {}  # workdir lock file -> its open descriptor
-_SETUP_FILES = frozenset({LOCK_FILE, CONFIG_FILE})  # what a run writes before anything else
+# What a run writes before anything else: its lock, its config and its data's digest.
+_SETUP_FILES = frozenset({LOCK_FILE, CONFIG_FILE, DATA_FILE})
 
 
 def remove_if_unused(path: str | os.PathLike, up_to: str | os.PathLike | None = None) -> bool:
-    """Removes the workdir tree `path` if it holds no file but locks and pinned configs,
-    then its parents up to `up_to` (an ancestor or `path` itself) while they are empty.
+    """Removes the workdir tree `path` if it holds no file but locks and pins (configs,
+    data digests), then its parents up to `up_to` (an ancestor or `path` itself) while
+    they are empty.
 
     For a run refused for a bad flag in a workdir it created (`dpfed.train.cli.run`): it
     leaves nothing behind. A tree holding any other file (metrics, a ledger, a
@@ -294,6 +297,20 @@ def remove_if_unused(path: str | os.PathLike, up_to: str | os.PathLike | None = 
         except OSError:
             break
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """What a run trains on, as `Workdir.pin_data` pins it: the `params_sha256` of its
+    arrays and the flag that chooses them (named when a resume's data differ)."""
+
+    sha256: str
+    flag: str
+
+    @classmethod
+    def of(cls, arrays: Any, flag: str) -> "TrainingData":
+        """The digest of `arrays` (a pytree: exactly what the run trains on) and `flag`."""
+        return cls(params_sha256(arrays), flag)
 
 
 class Workdir:
@@ -438,6 +455,45 @@ class Workdir:
                         f"is {current.get(field)!r} but the run being resumed in {self.path} "
                         f"used {pinned.get(field)!r}: use the same value or a new workdir",
                     )
+
+    def pin_data(self, data: TrainingData, resuming: bool) -> None:
+        """Records the digest of the run's training data in data.json; on a resume, first
+        checks it.
+
+        Raises:
+          ConfigError: as `check_data`.
+        """
+        self.check_data(data, resuming)
+        self.write_json(DATA_FILE, {"sha256": data.sha256})
+
+    def check_data(self, data: TrainingData, resuming: bool) -> None:
+        """On a resume, checks the digest of the run's training data against data.json.
+
+        `config.json` pins the flags, not the data they name: `data_dir` may move
+        (`RESUMABLE_FIELDS`), and another folder may hold another version of the data.
+
+        Raises:
+          ConfigError: naming `data.flag`, when `resuming` and the data differ from those
+            of the run being resumed, so its model and ledger never continue on other
+            data; naming "workdir", when data.json is unreadable. A workdir without
+            data.json (from before it existed) passes.
+        """
+        path = self.file(DATA_FILE)
+        if not (resuming and path.exists()):
+            return
+        try:
+            pinned = self.read_json_object(DATA_FILE).get("sha256")
+        except ValueError as error:
+            raise ConfigError(
+                "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
+            ) from None
+        if pinned != data.sha256:
+            raise ConfigError(
+                data.flag,
+                f"the training data differ from those of the run being resumed in "
+                f"{self.path} (sha256 {data.sha256:.12}..., pinned {pinned!s:.12}...): "
+                "restore those data or use a new workdir",
+            )
 
     def write_summary(self, summary: dict) -> pathlib.Path:
         """Atomically writes `summary.json`."""

@@ -405,6 +405,50 @@ def test_a_required_config_json_that_is_missing_is_refused(tmp_path):
     assert error.value.field == "workdir", error.value.field
 
 
+def _training_data(num_examples=6, flag="data_dir"):
+    images = np.arange(num_examples * 4, dtype=np.float32).reshape(num_examples, 2, 2, 1)
+    labels = np.arange(num_examples, dtype=np.int32) % 3
+    return workdir_lib.TrainingData.of((images, labels), flag)
+
+
+def test_pin_data_writes_the_digest_of_the_training_data_on_a_fresh_run(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_data(_training_data(), resuming=False)
+    assert wd.read_json(workdir_lib.DATA_FILE) == {"sha256": _training_data().sha256}, (
+        "data.json must hold the digest a resume compares with")
+
+
+def test_a_resume_on_the_same_data_passes(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_data(_training_data(), resuming=False)
+    wd.pin_data(_training_data(), resuming=True)  # equal arrays, e.g. from a moved --data_dir
+
+
+def test_a_resume_on_other_data_is_refused_naming_the_flag(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_data(_training_data(), resuming=False)
+    with pytest.raises(ConfigError, match="differ from those of the run being resumed") as error:
+        wd.pin_data(_training_data(num_examples=5), resuming=True)  # a truncated copy
+    assert error.value.field == "data_dir", f"must name the flag to look at: {error.value}"
+    assert wd.read_json(workdir_lib.DATA_FILE)["sha256"] == _training_data().sha256, (
+        "a refused resume must leave the pinned digest as it was")
+
+
+def test_a_workdir_without_data_json_is_pinned_as_is(tmp_path):
+    wd = Workdir(tmp_path)  # a run from before data.json existed
+    wd.pin_data(_training_data(num_examples=5), resuming=True)
+    assert wd.read_json(workdir_lib.DATA_FILE)["sha256"] == _training_data(5).sha256, (
+        "an old workdir must be pinned on its first resume, not refused")
+
+
+def test_an_unreadable_data_json_is_a_config_error_naming_the_workdir(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.file(workdir_lib.DATA_FILE).write_text('{"sha256": "ab')  # cut short from outside
+    with pytest.raises(ConfigError, match="unreadable") as error:
+        wd.check_data(_training_data(), resuming=True)
+    assert error.value.field == "workdir", f"a torn data.json must name the workdir: {error}"
+
+
 @pytest.mark.parametrize("bad", ["{not json", "[1, 2]", "3"])
 def test_a_bad_line_inside_a_log_is_a_config_error_naming_file_and_line(tmp_path, bad):
     wd = Workdir(tmp_path)
@@ -498,8 +542,10 @@ def test_remove_if_unused_removes_a_tree_of_locks_and_configs_and_their_lock(tmp
     wd = Workdir(tmp_path / "run")
     wd.lock()
     Workdir(wd.file("group_a")).write_json("config.json", {"seed": 0})
+    wd.pin_data(_training_data(), resuming=False)
     (wd.path / "checkpoints").mkdir()
-    assert workdir_lib.remove_if_unused(wd.path), "a lock, configs and empty folders only"
+    assert workdir_lib.remove_if_unused(wd.path), (
+        "a lock, configs, a data digest and empty folders only")
     assert not wd.path.exists(), "the tree must be gone"
     Workdir(wd.path).lock()  # a fresh lock at the same path: the old descriptor was released
 
