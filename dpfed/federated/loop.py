@@ -27,7 +27,7 @@ from dpfed.train.config import require
 from dpfed.train.progress import Progress
 from dpfed.train.resume import checkpoint_extra, resume_or_start
 from dpfed.train.run_clock import RunClock
-from dpfed.train.workdir import LEDGER_FILE, RAW_LOG_PREFIX, Workdir
+from dpfed.train.workdir import LEDGER_FILE, RAW_LOG_PREFIX, TrainingData, Workdir
 
 ROUND_KEY_STREAM = 1  # round keys: fold_in(fold_in(key(seed), 1), round); init uses others
 
@@ -98,6 +98,7 @@ def run_rounds(
     desc: str = "fedavg",
     log: Callable[[str], None] = print,
     config: Any = None,
+    data: TrainingData | None = None,
     extra: dict[str, Any] | None = None,
     on_resume: Callable[[ServerState], ServerState] | None = None,
     diagnose: Callable[[ServerState], dict[str, Any]] | None = None,
@@ -124,6 +125,8 @@ def run_rounds(
       log: where one-off messages go.
       config: the run's config dataclass, pinned in the workdir (`Workdir.pin_config`):
         resuming under changed settings raises ConfigError naming the field.
+      data: the digest of the clients' training data (`Workdir.pin_data`): resuming on
+        other data raises ConfigError naming its flag.
       extra: JSON-able values saved with every checkpoint beside the ledger (read them
         back with `Checkpointer.restore_extra` before building the engine).
       on_resume: applied to a restored state, to re-derive what this invocation's
@@ -146,7 +149,7 @@ def run_rounds(
     checkpointer = Checkpointer(workdir.file("checkpoints"))
     begin = resume_or_start(
         checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), total=rounds,
-        event=event, config=config, key="round", log=log,
+        event=event, config=config, data=data, key="round", log=log,
         private=ledger is not None or release_ledger is not None,
     )
     state, ledger, start, last_round = begin.state, begin.ledger, begin.step, begin.last

@@ -1,11 +1,12 @@
 """Start or resume a run from its workdir, and stop it where its privacy budget ends.
 
 Every trainer (DP-SGD, DataLens, the DP-FedAvg host loop) begins the same way: pin the
-config, restore the newest checkpoint's state and ledger together (so privacy spend is
-neither lost nor counted twice), ask the ledger how many more steps the target epsilon
-allows, and drop metrics logged after that checkpoint (the replay logs them again),
-unless the run would end before them or replay them with another mechanism: then the
-resume is refused, since what was logged would be in no ledger. This module is that start.
+config and the digest of the training data, restore the newest checkpoint's state and
+ledger together (so privacy spend is neither lost nor counted twice), ask the ledger how
+many more steps the target epsilon allows, and drop metrics logged after that checkpoint
+(the replay logs them again), unless the run would end before them or replay them with
+another mechanism: then the resume is refused, since what was logged would be in no
+ledger. This module is that start.
 
 The target epsilon is a setting of the *current* invocation: a resumed run adopts the
 target it is launched with, not the one stored in the checkpointed ledger (the events
@@ -35,6 +36,7 @@ from dpfed.train.workdir import (
     METRICS_FILE,
     RESUMABLE_FIELDS,
     SUMMARY_FILE,
+    TrainingData,
     Workdir,
     dumps,
     loads,
@@ -66,6 +68,7 @@ def resume_or_start(
     event: DpEvent | None = None,
     events_per_step: int = 1,
     config: Any = None,
+    data: TrainingData | None = None,
     key: str = "step",
     log: Callable[[str], None] = print,
     private: bool | None = None,
@@ -96,6 +99,8 @@ def resume_or_start(
       config: the run's config dataclass for `Workdir.pin_config` (None: not pinned).
         Before the first checkpoint, a rerun over logged metrics must match it in
         every field: there is no checkpointed ledger to compare the mechanism with.
+      data: the digest of the run's training data for `Workdir.pin_data` (None: not
+        pinned); a resume or a rerun over logged metrics must train on the same data.
       key: the metrics record's step field ("step" or "round").
       log: where the one-line resume message goes.
       private: whether the logged records are DP releases (default: `ledger` is not
@@ -104,7 +109,8 @@ def resume_or_start(
 
     Raises:
       ConfigError: resuming under a changed non-resumable setting (before the first
-        checkpoint: any changed setting; config.json missing), or a resume that would
+        checkpoint: any changed setting; config.json missing) or on other training
+        data (naming `data.flag`), or a resume that would
         end before, or replay with another mechanism, steps the killed run already
         logged, or whose checkpoint's ledger disagrees with the logged eps.
       ValueError: the checkpoint holds a ledger and `ledger` is None or vice versa.
@@ -118,6 +124,8 @@ def resume_or_start(
     if config is not None:
         resumable = RESUMABLE_FIELDS if resuming else frozenset()
         workdir.check_config(config, resuming or replaying, resumable, required=True)
+    if data is not None:
+        workdir.check_data(data, resuming or replaying)
     step, earlier = 0, 0.0
     if resuming:
         state, extra = checkpointer.restore(state)
@@ -158,6 +166,8 @@ def resume_or_start(
         _refuse_ending_before_logged(logged, last, total, key)
     if config is not None:  # only now: a refused resume leaves the pinned config as it was
         workdir.pin_config(config, resuming=False)
+    if data is not None:
+        workdir.pin_data(data, resuming=False)
     if resuming or logged > 0:
         workdir.truncate_logs(step, key=key)
     if resuming:
@@ -407,18 +417,21 @@ class Spent:
     ledger: privacy.PrivacyLedger
 
 
-def checkpointed_spend(checkpointer: Checkpointer, workdir: Workdir, config: Any) -> Spent | None:
+def checkpointed_spend(
+    checkpointer: Checkpointer, workdir: Workdir, config: Any, data: TrainingData | None = None
+) -> Spent | None:
     """The newest checkpoint's step and ledger, read before any state exists.
 
     None for a fresh run or a non-private checkpoint. A trainer that calibrates its
     noise from the target needs this before it builds its mechanism. A private
-    checkpoint's `config` is checked first (`Workdir.check_config`, as `resume_or_start`
-    will): a changed setting is refused by name before the checkpoint's ledger is
-    composed with this invocation's events (under another sampling's neighbouring
-    relation the accountant would raise, a traceback instead of the flag's name).
+    checkpoint's `config` and `data` are checked first (`Workdir.check_config` and
+    `check_data`, as `resume_or_start` will): a changed setting is refused by name
+    before the checkpoint's ledger is composed with this invocation's events (under
+    another sampling's neighbouring relation the accountant would raise, a traceback
+    instead of the flag's name; on other data the target may seem out of reach).
 
     Raises:
-      ConfigError: as `Workdir.check_config` on a resume.
+      ConfigError: as `Workdir.check_config` and `check_data` on a resume.
     """
     step = checkpointer.latest_step()
     if step is None:
@@ -427,6 +440,8 @@ def checkpointed_spend(checkpointer: Checkpointer, workdir: Workdir, config: Any
     if stored is None:
         return None
     workdir.check_config(config, resuming=True, required=True)
+    if data is not None:
+        workdir.check_data(data, resuming=True)
     return Spent(step, privacy.PrivacyLedger.from_json(stored))
 
 

@@ -19,7 +19,7 @@ from dpfed.train.resume import (
     resume_or_start,
 )
 from dpfed.train.run_clock import RunClock
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import TrainingData, Workdir
 
 EVENT = dp_event.GaussianDpEvent(2.0)
 CLOCK = RunClock(started=time.time())
@@ -48,14 +48,18 @@ def state(step):
     return {"w": np.full(3, float(step), np.float32), "step": np.full((), step, np.int32)}
 
 
-def start(path, fresh_ledger, config=None, messages=None):
+def start(path, fresh_ledger, config=None, messages=None, data=None):
     wd = Workdir(path)
     return resume_or_start(
         Checkpointer(wd.file("checkpoints")), wd, state(0), fresh_ledger,
         step_of=lambda s: int(s["step"]), total=(config or Config()).steps, event=EVENT,
-        config=config or Config(),
+        config=config or Config(), data=data,
         log=(messages.append if messages is not None else lambda _: None),
     )
+
+
+DATA = TrainingData("a" * 64, "data_dir")  # the digests of two runs' training data
+OTHER_DATA = TrainingData("b" * 64, "data_dir")
 
 
 def checkpoint(path, step, saved_ledger, logged_past=2):
@@ -72,6 +76,32 @@ def test_fresh_run_starts_at_zero_with_its_own_ledger_and_pins_config(tmp_path):
     assert (result.step, result.resumed) == (0, False), "no checkpoint: a fresh start"
     assert result.ledger is fresh and result.state["w"].sum() == 0
     assert (tmp_path / "config.json").exists(), "the fresh run pins its config"
+
+
+def test_fresh_run_pins_its_training_data(tmp_path):
+    start(tmp_path, ledger(), data=DATA)
+    assert Workdir(tmp_path).read_json("data.json") == {"sha256": DATA.sha256}, (
+        "a fresh run must pin the digest its resumes are checked against")
+
+
+def test_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path):
+    # --data_dir may change on resume (the data moved): config.json cannot see that the
+    # folder now holds other data, and the checkpoint's model and ledger went on there.
+    start(tmp_path, ledger(), data=DATA)
+    checkpoint(tmp_path, 2, ledger(releases=2))
+    with pytest.raises(ConfigError, match="differ from those of the run being resumed") as error:
+        start(tmp_path, ledger(), data=OTHER_DATA)
+    assert error.value.field == "data_dir", f"must name the flag to look at: {error.value}"
+    assert len(Workdir(tmp_path).read_metrics()) == 4, "a refused resume must leave the logs"
+
+
+def test_rerun_before_the_first_checkpoint_on_other_training_data_is_refused(tmp_path):
+    # The replay would drop releases made from the first data and log others in their place.
+    start(tmp_path, ledger(), data=DATA)
+    Workdir(tmp_path).append_metrics({"step": 1})
+    with pytest.raises(ConfigError) as error:
+        start(tmp_path, ledger(), data=OTHER_DATA)
+    assert error.value.field == "data_dir", f"must name the flag to look at: {error.value}"
 
 
 def test_resume_restores_state_and_ledger_and_drops_later_metrics(tmp_path):
@@ -223,6 +253,17 @@ def test_checkpointed_spend_refuses_a_changed_setting_before_reading_the_ledger(
     with pytest.raises(ConfigError) as error:
         checkpointed_spend(Checkpointer(wd.file("checkpoints")), wd, Config(lr=0.2))
     assert error.value.field == "lr", f"must name the changed field: {error.value}"
+
+
+def test_checkpointed_spend_refuses_other_training_data_before_reading_the_ledger(tmp_path):
+    # A calibration on other data (another size) may find the target out of reach and
+    # name --target_epsilon instead of the data.
+    wd = Workdir(tmp_path)
+    start(tmp_path, ledger(), data=DATA)
+    checkpoint(tmp_path, 3, ledger(releases=3))
+    with pytest.raises(ConfigError) as error:
+        checkpointed_spend(Checkpointer(wd.file("checkpoints")), wd, Config(), OTHER_DATA)
+    assert error.value.field == "data_dir", f"must name the flag to look at: {error.value}"
 
 
 def _step(z):
