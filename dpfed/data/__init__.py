@@ -1,7 +1,8 @@
 """Datasets of dpfed: image registry, Shakespeare clients, partitions, text vocabulary.
 
 - `load(name, split)` -> `ImageDataset` (float32 `[N, H, W, C]` in [0, 1], int32 labels);
-  `list_datasets()` names every dataset. Embedded (offline) ones: `mnist5k`, `digits`.
+  `list_datasets()` names every dataset. Embedded (offline) ones: `mnist5k`, `digits`;
+  `source_flag(name)` names the flag that chooses a dataset's data.
 - `load_shakespeare()` -> `ShakespeareData`: one client per (play, role), as LEAF.
 - `partition_iid` / `partition_dirichlet` / `partition_dirichlet_mix` /
   `partition_natural` split examples over clients; `to_federated` pads them into
@@ -18,7 +19,7 @@ from dpfed.data.partition import (
     partition_natural,
     to_federated,
 )
-from dpfed.data.registry import list_datasets, load
+from dpfed.data.registry import list_datasets, load, source_flag
 from dpfed.data.shakespeare import ShakespeareData, load_shakespeare
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "partition_dirichlet_mix",
     "partition_iid",
     "partition_natural",
+    "source_flag",
     "to_federated",
 ]

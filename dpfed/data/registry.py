@@ -28,6 +28,12 @@ def list_datasets() -> list[str]:
     return [*EMBEDDED_DATASETS, *tfds_source.TFDS_DATASETS]
 
 
+def source_flag(name: str) -> str:
+    """The flag that chooses dataset `name`'s data: "dataset" for an embedded one (its
+    arrays ship with its package), "data_dir" for a tfds one (prepared in that folder)."""
+    return "dataset" if name in EMBEDDED_DATASETS else "data_dir"
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str, split: str, data_dir: str | None, download: bool) -> ImageDataset:
     if name in EMBEDDED_DATASETS:

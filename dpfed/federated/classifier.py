@@ -41,6 +41,7 @@ from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
     DIAGNOSTICS_NOTE,
     LEDGER_FILE,
+    TrainingData,
     Workdir,
     environment_info,
     params_sha256,
@@ -270,10 +271,11 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     require(config.num_clients <= train_ds.num_examples, "num_clients",
              f"must be <= the {train_ds.num_examples} training examples")
     clients = federate(config, train_ds)
+    data = TrainingData.of(clients, data_lib.source_flag(config.dataset))
 
     model = make_model(config, train_ds.num_classes)
     with Checkpointer(wd.file("checkpoints")) as checkpointer:
-        spent = checkpointed_spend(checkpointer, wd, config)
+        spent = checkpointed_spend(checkpointer, wd, config, data)
         noise_multiplier = resolve_noise_multiplier(config, spent)
     engine = DpFedAvg(
         local.local_training(
@@ -304,7 +306,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         engine, state, rounds=config.rounds, seed=config.seed, workdir=wd, ledger=ledger,
         evaluate=evaluate, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, desc="fedavg", log=log, config=config,
-        diagnose=diagnose, started=started)
+        data=data, diagnose=diagnose, started=started)
 
     ledger_json = result.ledger.to_json() if result.ledger is not None else None
     if ledger_json is not None:

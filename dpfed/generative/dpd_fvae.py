@@ -85,6 +85,7 @@ from dpfed.train.workdir import (
     DIAGNOSTICS_JSON_NOTE,
     DIAGNOSTICS_NOTE,
     LEDGER_FILE,
+    TrainingData,
     Workdir,
     environment_info,
     params_sha256,
@@ -454,11 +455,12 @@ LOCAL_TARGET_KEY = "local_target_epsilon"  # what set the clients' budgets (loca
 
 def resume_noise_multiplier(
     config: DpdFvaeConfig, counts: np.ndarray, checkpointer: Checkpointer, workdir: Workdir,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, data: TrainingData | None = None,
 ) -> float:
     """z of this invocation: a resumed local-DP run keeps the z its checkpoint trained
     with (a changed `--target_epsilon` or `--rounds` changes the clients' budgets, not
-    z); otherwise `resolve_noise_multiplier`, after what a central checkpoint spent."""
+    z); otherwise `resolve_noise_multiplier`, after what a central checkpoint spent
+    (`checkpointed_spend`, which checks the config and `data` first)."""
     step = checkpointer.latest_step()
     saved = {} if step is None else checkpointer.restore_extra(step)
     if config.dp == "local" and saved.get(LOCAL_NOISE_KEY) is not None:
@@ -469,7 +471,7 @@ def resume_noise_multiplier(
             "multiplier (written by an older dpfed); it is recalibrated from the flags, which "
             "is right only if --target_epsilon and --rounds are unchanged since then")
     return resolve_noise_multiplier(
-        config, counts, checkpointed_spend(checkpointer, workdir, config))
+        config, counts, checkpointed_spend(checkpointer, workdir, config, data))
 
 
 def refuse_logs_of_other_local_noise(
@@ -789,9 +791,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     wd = Workdir(workdir)
     train_ds = data_lib.load(config.dataset, "train", data_dir=config.data_dir)
     clients = federate(config, train_ds)
+    data = TrainingData.of(clients, data_lib.source_flag(config.dataset))
     with Checkpointer(wd.file("checkpoints")) as checkpointer:
         noise_multiplier = resume_noise_multiplier(
-            config, np.asarray(clients.counts), checkpointer, wd, log)
+            config, np.asarray(clients.counts), checkpointer, wd, log, data)
         checkpoint_round = checkpointer.latest_step() or 0
     trainer = DpdFvae(config, train_ds.num_classes, train_ds.image_shape, clients,
                       noise_multiplier, mesh)
@@ -818,7 +821,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         trainer.engine, trainer.init(), rounds=config.rounds, seed=config.seed, workdir=wd,
         ledger=ledger, evaluate=evaluate, eval_every=config.eval_every,
         checkpoint_every=config.checkpoint_every, desc=f"dpd_fvae[{config.sync}/{config.dp}]",
-        log=log, config=config,
+        log=log, config=config, data=data,
         extra={LOCAL_NOISE_KEY: noise_multiplier} if config.dp == "local" else None,
         on_resume=trainer.adopt_budgets if trainer.has_client_state else None, started=started,
         release_ledger=worst_client_ledger if config.dp == "local" else None)

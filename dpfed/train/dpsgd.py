@@ -47,7 +47,13 @@ from dpfed.train.resume import (
     resume_or_start,
 )
 from dpfed.train.run_clock import RunClock
-from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
+from dpfed.train.workdir import (
+    LEDGER_FILE,
+    TrainingData,
+    Workdir,
+    environment_info,
+    params_sha256,
+)
 
 PyTree = Any
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -331,6 +337,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     test_ds = data_lib.load(config.dataset, "test", data_dir=config.data_dir)
     n = train_ds.num_examples
     require(config.batch_size <= n, "batch_size", f"must be <= the {n} training examples")
+    data = TrainingData.of(
+        (train_ds.images, train_ds.labels), data_lib.source_flag(config.dataset))
     if not config.nodp:
         privacy.warn_if_delta_too_large(config.delta, n, "example")
 
@@ -347,7 +355,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     if config.nodp:
         noise_multiplier, mechanism, ledger, event = None, None, None, None
     else:
-        spent = checkpointed_spend(checkpointer, wd, config)
+        spent = checkpointed_spend(checkpointer, wd, config, data)
         noise_multiplier = resolve_noise_multiplier(config, n, spent)
         mechanism = privacy.GaussianSumMechanism(config.l2_clip, noise_multiplier)
         ledger = new_ledger(config, noise_multiplier, n)
@@ -355,7 +363,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     start = resume_or_start(
         checkpointer, wd, state, ledger, step_of=lambda s: int(s["step"]), total=config.steps,
-        event=event, config=config, log=log,
+        event=event, config=config, data=data, log=log,
     )
     state, ledger, start_step, last_step = start.state, start.ledger, start.step, start.last
     clock = RunClock(started, earlier=start.earlier_seconds)

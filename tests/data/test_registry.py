@@ -86,6 +86,14 @@ def test_list_datasets_names_embedded_and_tfds():
     assert set(names) == expected, f"registry names are {names}"
 
 
+def test_source_flag_names_the_flag_that_chooses_the_data():
+    # What a resume on other data is refused naming: an embedded dataset's arrays come
+    # with the package (--dataset), a tfds one's from its prepared folder (--data_dir).
+    flags = {name: data.source_flag(name) for name in ("digits", "mnist5k", "mnist", "celeb_a")}
+    assert flags == {"digits": "dataset", "mnist5k": "dataset", "mnist": "data_dir",
+                     "celeb_a": "data_dir"}, flags
+
+
 def test_image_dataset_rejects_mismatched_labels():
     with pytest.raises(ValueError, match="labels"):
         data.ImageDataset(np.zeros((3, 2, 2, 1), np.float32), np.zeros(2, np.int32), 2, "x")

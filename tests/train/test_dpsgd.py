@@ -375,6 +375,29 @@ def test_a_kill_after_a_logged_step_leaves_a_ledger_json_that_counts_it(tmp_path
     assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp")
 
 
+def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, monkeypatch):
+    # config.json pins --data_dir (resumable: the data may move), not the data in it:
+    # another copy (here one example short) continued the checkpoint and its ledger.
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=2, batch_size=16,
+                               noise_multiplier=1.0, eval_every=2, checkpoint_every=2)
+    dpsgd.train(config, tmp_path, log=lambda _: None)
+    load = dpsgd.data_lib.load
+
+    def one_example_short(name, split, **kwargs):
+        ds = load(name, split, **kwargs)
+        if split != "train":
+            return ds
+        return dataclasses.replace(ds, images=ds.images[:-1], labels=ds.labels[:-1])
+
+    monkeypatch.setattr(dpsgd.data_lib, "load", one_example_short)
+    with pytest.raises(ConfigError, match="differ from those of the run being resumed") as error:
+        dpsgd.train(dataclasses.replace(config, steps=4), tmp_path, log=lambda _: None)
+    assert error.value.field == "dataset", (
+        f"digits is embedded: the refusal must name --dataset, not {error.value.field}")
+    steps = [r["step"] for r in Workdir(tmp_path).read_metrics()]
+    assert steps == [2], f"nothing may be trained or logged on the other data: {steps}"
+
+
 @pytest.mark.parametrize("first, then", [("fixed", "poisson"), ("poisson", "fixed")])
 def test_a_changed_sampling_over_a_calibrated_checkpoint_is_refused_naming_it(
         tmp_path, first, then):

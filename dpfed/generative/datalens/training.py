@@ -60,7 +60,13 @@ from dpfed.train.config import require, require_finite_floats
 from dpfed.train.progress import Progress
 from dpfed.train.resume import checkpoint_extra, require_first_step, resume_or_start
 from dpfed.train.run_clock import RunClock
-from dpfed.train.workdir import LEDGER_FILE, Workdir, environment_info, params_sha256
+from dpfed.train.workdir import (
+    LEDGER_FILE,
+    TrainingData,
+    Workdir,
+    environment_info,
+    params_sha256,
+)
 
 PyTree = Any
 METHOD = "datalens"
@@ -232,6 +238,8 @@ class TeacherData:
     `max_n` slots per teacher: the largest partition, and under hash partitions (whose
     sizes count private records) at least `real_batch`, so that a teacher's minibatch
     is always `real_batch` long there (`train_step`); balanced sizes are public.
+    `training_data` is their digest for `Workdir.pin_data`, taken before the mesh pads
+    the teacher axis (a run resumes on another device count).
     """
 
     def __init__(self, train: data_lib.ImageDataset, config: DataLensConfig, ensemble):
@@ -241,6 +249,8 @@ class TeacherData:
         at_least = (config.real_batch or 0) if config.partition == "hash" else 0
         self.max_n = max(max(len(part) for part in parts), at_least)
         fed = to_federated(train.images, train.labels, parts, max_n=self.max_n)
+        self.training_data = TrainingData.of(
+            (fed.images, fed.labels, fed.counts), data_lib.source_flag(config.dataset))
         self.arrays = ensemble.shard(
             (
                 jnp.asarray(ensemble.pad(fed.images)),
@@ -476,7 +486,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     checkpointer = Checkpointer(wd.file("checkpoints"))
     start = resume_or_start(
         checkpointer, wd, checkpointed(fresh), ledger, step_of=lambda s: int(s["step"]),
-        total=config.steps, event=event, events_per_step=per_step, config=config, log=log,
+        total=config.steps, event=event, events_per_step=per_step, config=config,
+        data=teacher_data.training_data, log=log,
     )
     state = {
         **start.state,
