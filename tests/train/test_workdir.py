@@ -260,6 +260,17 @@ def test_params_hash_is_stable():
     assert len(first) == 64, f"expected a sha256 hex digest, got {first!r}"
 
 
+def test_params_hash_is_the_digest_summaries_recorded():
+    # Published summaries and groups.json/data.json carry these digests: a change of how
+    # the bytes are fed in must not change them (values of the code that copied them).
+    assert params_sha256(_params()) == (
+        "71fadd791cf5c18f972923772ac7a859d926eee307fbc98229624fde80b0f1b5"), "params"
+    odd = [np.float32(2.5), np.zeros((0, 3), np.int8), np.array([True, False]), jax.random.key(0)]
+    assert params_sha256(odd) == (
+        "078b0c77cfe7d9fdbdd4124d657b90aef0a0e0cb1af8884c3ac7bab057c8dad7"), (
+        "a scalar, an empty array, booleans and a typed key")
+
+
 def test_params_hash_ignores_dict_insertion_order():
     params = _params()
     reordered = {"count": params["count"], "dense": dict(reversed(params["dense"].items()))}
