@@ -110,9 +110,9 @@ def resume_or_start(
     Raises:
       ConfigError: resuming under a changed non-resumable setting (before the first
         checkpoint: any changed setting; config.json missing) or on other training
-        data (naming `data.flag`), or a resume that would
-        end before, or replay with another mechanism, steps the killed run already
-        logged, or whose checkpoint's ledger disagrees with the logged eps.
+        data (naming `data.flag`), or a resume that would end before, or replay with
+        another mechanism, steps the killed run already logged, or whose checkpoint's
+        ledger disagrees with the logged eps.
       ValueError: the checkpoint holds a ledger and `ledger` is None or vice versa.
     """
     resuming = checkpointer.latest_step() is not None
