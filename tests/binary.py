@@ -136,6 +136,16 @@ def cpu_devices_env(count: int) -> dict[str, str]:
     return multihost.local_env(count)
 
 
+def with_fusion_emitters(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this environment) for a subprocess that runs at demo or table size:
+    XLA:CPU's own fusion emitters back in place of the tests' elemental ones
+    (tests/conftest.py), which compile faster but compute such runs slower (12-05: the
+    2-device demo and the DPD-fVAE smoke table passed their 900 s timeouts with them)."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_cpu_use_fusion_emitters=false", "")
+    return env
+
+
 def _wait_until(proc: _Process, cmd: list[str], condition, timeout: float,
                 interval: float, err) -> None:
     """Returns once `condition()` holds (the run may have ended just after). Fails the test,

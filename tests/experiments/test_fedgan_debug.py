@@ -14,7 +14,7 @@ from PIL import Image
 from dpfed.data import emnist_federated
 from dpfed.generative import fedgan, fedgan_debug, polarity, selection
 from dpfed.train.workdir import Workdir
-from tests.binary import cpu_devices_env, run_binary
+from tests.binary import cpu_devices_env, run_binary, with_fusion_emitters
 from tests.experiments import debug_checks
 
 # Figures computed from raw client data: diagnostics.json only, never a release file.
@@ -397,12 +397,9 @@ def test_demo_runs_through_on_two_cpu_devices(tmp_path):
     # Without a wait for each round, XLA:CPU deadlocked here at rounds 29-45 of the first
     # GAN, before its first evaluation (round 50) read a result: one device never joined
     # the round's all-reduce (`dpfed.federated.mesh.settle`).
-    env = cpu_devices_env(2)
-    # XLA's own emitters here: with the tests' elemental ones (tests/conftest.py) this
-    # demo-size run computes slower and passed 900 s in its second GAN (12-05).
-    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("--xla_cpu_use_fusion_emitters=false", "")
     run_binary("experiments.fedgan_debug", f"--workdir={tmp_path}",
-               "--flagfile=launch/demo.flags", "--rounds=80", env=env, timeout=900)
+               "--flagfile=launch/demo.flags", "--rounds=80",
+               env=with_fusion_emitters(cpu_devices_env(2)), timeout=900)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["environment"]["device_count"] == 2, "the run must use 2 CPU devices"
 

@@ -6,19 +6,19 @@ import shutil
 
 import pytest
 
-from tests.binary import ROOT, run_binary
+from tests.binary import ROOT, run_binary, with_fusion_emitters
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, env=None):
     return run_binary(
         "launch.reproduce", f"--out_dir={tmp_path / 'tables'}",
         f"--workdir_root={tmp_path / 'workdirs'}", f"--cache_dir={tmp_path / 'cache'}", *args,
-        check=False, timeout=900,
+        check=False, timeout=900, env=env,
     )
 
 
-def _smoke_table(tmp_path, table):
-    proc = _run(tmp_path, f"--table={table}", "--scale=smoke")
+def _smoke_table(tmp_path, table, env=None):
+    proc = _run(tmp_path, f"--table={table}", "--scale=smoke", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     return (tmp_path / "tables" / f"{table}.md").read_text()
 
@@ -54,7 +54,7 @@ def test_smoke_table_has_our_rows_and_quoted_rows(tmp_path):
 
 @pytest.mark.slow
 def test_dpsgd_mnist5k_smoke_table(tmp_path):
-    ours = _check_rows(_smoke_table(tmp_path, "dpsgd_mnist5k"), 3)
+    ours = _check_rows(_smoke_table(tmp_path, "dpsgd_mnist5k", with_fusion_emitters()), 3)
     assert 9.9 <= float(ours[2].split("|")[4].split()[0]) <= 10.0, f"eps 10 row: {ours[2]}"
 
 
@@ -126,7 +126,7 @@ def test_a_row_that_runs_again_loses_its_old_eval_json_first(tmp_path):
 
 @pytest.mark.slow
 def test_datalens_smoke_table(tmp_path):
-    ours = _check_rows(_smoke_table(tmp_path, "datalens"), 3)
+    ours = _check_rows(_smoke_table(tmp_path, "datalens", with_fusion_emitters()), 3)
     for row, target in ((ours[1], 1.0), (ours[2], 10.0)):
         eps = float(row.split("|")[4].split()[0])
         assert 0 < eps <= target, f"a DataLens row must stay within its target eps: {row}"
@@ -134,7 +134,7 @@ def test_datalens_smoke_table(tmp_path):
 
 @pytest.mark.slow
 def test_dpd_fvae_smoke_table(tmp_path):
-    ours = _check_rows(_smoke_table(tmp_path, "dpd_fvae"), 11)
+    ours = _check_rows(_smoke_table(tmp_path, "dpd_fvae", with_fusion_emitters()), 11)
     for row in ours[3:]:  # the DP rows
         eps = float(row.split("|")[4].split()[0])
         assert 0 < eps <= 10.0, f"a DP row must stay within its target eps: {row}"
