@@ -59,6 +59,11 @@ class Subpopulation:
             raise ValueError(
                 f"members_estimate must be > 0 and finite, got {self.members_estimate}")
 
+    def divisor(self, expected_size: float) -> float:
+        """What the noised sum is divided by when rounds sample the population with
+        `expected_size` users expected: q x `members_estimate`, q = expected_size / N."""
+        return expected_size / self.population * self.members_estimate
+
 
 @dataclasses.dataclass(frozen=True)
 class CohortSampler:
@@ -113,7 +118,7 @@ class CohortSampler:
         count); with a subpopulation, q x its `members_estimate`."""
         if self.subpopulation is None:
             return self.expected_size
-        return self.rate * self.subpopulation.members_estimate
+        return self.subpopulation.divisor(self.expected_size)
 
     def sample(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(indices, count): the first `count` entries of `indices` are the cohort."""

@@ -164,17 +164,24 @@ class DebugConfig:
                 "clients_per_round", "must be a whole number with --sampling=fixed")
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
         require(self.server_g_learning_rate > 0, "server_g_learning_rate", "must be > 0")
-        if self.adaptive_clipping:
-            try:  # The engine's noise split: z_d for D's update, 2 sb for the clipped count.
-                PrivateAggregator(self.noise_multiplier, self.clients_per_round, ADAPTIVE_CLIPPING)
-            except ValueError as error:
-                count_multiplier = 2 * ADAPTIVE_CLIPPING.count_stddev(self.clients_per_round)
-                raise ConfigError(
-                    "noise_multiplier",
-                    f"{self.noise_multiplier:g} must be below {count_multiplier:.4g} with "
-                    "--adaptive_clipping: the clipped-count query's noise multiplier at this "
-                    "--clients_per_round (lower --noise_multiplier or raise --clients_per_round)",
-                ) from error
+        self.require_noise_split(self.clients_per_round)
+
+    def require_noise_split(self, divisor: float) -> None:
+        """With --adaptive_clipping, refuses a z that the engine cannot split between D's
+        update (z_d) and the clipped count (2 sb, sb growing with the engine's `divisor`:
+        the expected cohort, or q x a group's noised size with population sampling)."""
+        if not self.adaptive_clipping:
+            return
+        try:
+            PrivateAggregator(self.noise_multiplier, divisor, ADAPTIVE_CLIPPING)
+        except ValueError as error:
+            count_multiplier = 2 * ADAPTIVE_CLIPPING.count_stddev(divisor)
+            raise ConfigError(
+                "noise_multiplier",
+                f"{self.noise_multiplier:g} must be below {count_multiplier:.4g} with "
+                "--adaptive_clipping: the clipped-count query's noise multiplier at this "
+                "--clients_per_round (lower --noise_multiplier or raise --clients_per_round)",
+            ) from error
 
     def gan_config(self) -> wgan_gp.WganGpConfig:
         """The networks and GAN settings of both GANs."""
@@ -404,6 +411,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     )
     subpopulations, sizes_ledger = group_sizes.group_subpopulations(
         wd, config, sizes, clients.num_clients, "accuracies")
+    for subpopulation in subpopulations.values():  # each group's divisor, before training
+        if subpopulation is not None:
+            config.require_noise_split(subpopulation.divisor(config.clients_per_round))
     for name in GROUPS:
         members = getattr(groups, name)
         group = group_data[name]

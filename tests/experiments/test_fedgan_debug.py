@@ -502,3 +502,22 @@ def test_population_sampling_needs_poisson_cohorts_and_noise_on_the_sizes(settin
     with pytest.raises(fedgan_debug.ConfigError) as error:
         fedgan_debug.DebugConfig(**{**POPULATION, **settings})
     assert error.value.field == field, f"the error must name --{field}: {error.value}"
+
+
+def test_population_sampling_checks_each_groups_noise_split_before_either_gan_trains(
+    tmp_path, monkeypatch
+):
+    # Adaptive clipping's count noise grows with the engine's divisor: with population
+    # sampling a group's (q x its noised size) is below --clients_per_round, so a z that
+    # the config's check of m = 20 lets through (2 x 20 / 20 = 2) cannot be split for the
+    # low group (noised size ~13.6 of 24: 2 x 11.3 / 20 = 1.13); the engine would raise
+    # in that group's GAN, a traceback, after the other had trained.
+    _skip_the_app_classifier(monkeypatch)
+    monkeypatch.setattr(selection, "client_accuracies",
+                        lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
+    monkeypatch.setattr(fedgan, "train_gan", lambda *a, **k: pytest.fail("a GAN trained"))
+    config = fedgan_debug.DebugConfig(**{**POPULATION, "clients_per_round": 20,
+                                         "adaptive_clipping": True, "noise_multiplier": 1.5})
+    with pytest.raises(fedgan_debug.ConfigError, match="must be below 1.1") as error:
+        fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
+    assert error.value.field == "noise_multiplier", error.value
