@@ -10,7 +10,7 @@ import pytest
 
 from dpfed import data as data_lib
 from dpfed.data import shakespeare
-from dpfed.generative import fedlm, fedlm_debug, selection
+from dpfed.generative import fedlm, fedlm_debug, group_sizes, selection
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests.binary import run_binary
@@ -423,26 +423,33 @@ POPULATION = {**TINY, "rounds": 1, "clients_per_round": 4, "sampling": "poisson"
               "group_sampling": "population", "low_threshold": 0.3, "high_threshold": 0.7}
 
 
-@pytest.fixture(scope="module")
-def population_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("fedlm_population")
-    with pytest.MonkeyPatch.context() as monkeypatch:  # OOV rates 0 ... 1 by client index
-        monkeypatch.setattr(fedlm, "client_oov_rates",
-                            lambda texts, vocab: np.linspace(0.0, 1.0, len(texts)))
-        return workdir, *debug_checks.run_twice(
-            fedlm_debug.run, fedlm_debug.TextDebugConfig(**POPULATION), workdir)
+def test_population_sampling_trains_each_lm_on_its_group_at_the_populations_rate(
+    tmp_path, monkeypatch
+):
+    # What fedlm_debug adds to the shared code (checked end to end by fedgan_debug's
+    # population run): each group's LM gets the population and its group's noised size.
+    monkeypatch.setattr(fedlm, "client_oov_rates",  # OOV rates 0 ... 1 by client index
+                        lambda texts, vocab: np.linspace(0.0, 1.0, len(texts)))
+    trained = {}
 
+    def train_lm(config, ids, counts, *args, group, **kwargs):
+        trained[group] = (config.subpopulation, len(counts))
+        raise InterruptedError  # no LM needs to train for this check
 
-def test_population_sampling_releases_noised_sizes_and_is_end_to_end(population_run):
-    workdir, summary, _ = population_run
-    debug_checks.assert_population_sampled_end_to_end(
-        workdir, summary, {"lm_high_oov": "high_oov", "lm_low_oov": "low_oov"},
-        summary["num_clients"], POPULATION["clients_per_round"])
-
-
-def test_population_sampling_rerun_releases_nothing_new(population_run):
-    _, summary, again = population_run
-    debug_checks.assert_rerun_releases_nothing_new(summary, again, "lm_low_oov")
+    monkeypatch.setattr(fedlm, "train_lm", train_lm)
+    with pytest.raises(InterruptedError):
+        fedlm_debug.run(fedlm_debug.TextDebugConfig(**POPULATION), str(tmp_path),
+                        log=lambda _: None)
+    (group, (subpopulation, members)), = trained.items()
+    noised = Workdir(tmp_path).read_json(group_sizes.GROUP_SIZES_FILE)["noised_sizes"]
+    assert subpopulation is not None, f"the {group} LM was not given its subpopulation"
+    assert subpopulation.members_estimate == noised[group], (
+        f"the {group} LM must divide by q x its group's noised size: {subpopulation}")
+    assert subpopulation.population > members, (
+        f"rounds must sample the whole population ({subpopulation.population} clients), not "
+        f"the group's {members}")
+    assert Workdir(tmp_path).read_json(group_sizes.GROUP_SIZES_LEDGER)["num_releases"] == 1, (
+        "the noised sizes are released once, with their ledger, before any LM trains")
 
 
 @pytest.mark.parametrize("settings, field", [
