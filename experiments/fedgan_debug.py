@@ -18,6 +18,9 @@ hours on a CPU. The demo's 4x learning rates let its 150 rounds draw digit shape
 Federated EMNIST: --dataset=emnist --emnist_dir=DIR with TFF's fed_emnist_{train,test}.h5.
 Both files hold the same writers, so the app's classifier trains on the last
 --emnist_classifier_writers writers (id order; both files), held out of the clients.
+End to end: --group_sampling=population with --low_threshold/--high_threshold (rounds
+sample all users, a group's users taking part; the group sizes are released noised, with
+their own ledger): the report then states an eps that takes nothing as given.
 Rerunning the same command on the same workdir resumes both GANs, privacy ledgers
 included; a rerun that changes a flag other than --rounds, --eval_every,
 --checkpoint_every, --num_samples or --emnist_dir exits 2 naming it.

@@ -14,9 +14,11 @@ Expected: the LM of the high-OOV clients writes glued tokens ("lord,what"): its 
 glued-token rate and its top join "x,x" are far above the low-OOV clients' LM
 (WORKSPACE.md, "P0 ... language models", has the measured figures and each LM's
 user-level eps). report.md has the top-k token tables, OOV and glued rates, the top
-joins, sample lines and eps. Rerunning the same command on the same workdir resumes
-both LMs; a rerun that changes a flag other than --rounds, --eval_every,
---checkpoint_every, --num_sample_lines, --sample_length or --top_k exits 2 naming it.
+joins, sample lines and eps. --group_sampling=population with given thresholds makes the
+eps end to end (rounds sample all users; group sizes released noised). Rerunning the same
+command on the same workdir resumes both LMs; a rerun that changes a flag other than
+--rounds, --eval_every, --checkpoint_every, --num_sample_lines, --sample_length or --top_k
+exits 2 naming it.
 """
 
 from absl import flags
