@@ -172,10 +172,6 @@ class DpFedAvgGan:
             mesh,
         )
 
-    @property
-    def num_clients(self) -> int:
-        return self.engine.num_clients
-
     def init(self) -> ServerState:
         """Round-0 state: D as the shared params, G as the context (seeded)."""
         key = jax.random.key(self.config.seed)

@@ -80,17 +80,18 @@ def write_group_sizes(
 
 
 def end_to_end_epsilon(
-    sizes_ledger: privacy.PrivacyLedger, model_workdir: Workdir, accountant: str = "rdp"
-) -> float | None:
-    """eps of the group sizes' release composed with one group's model's ledger.json
-    (None for a non-private model or an accountant that does not support them)."""
+    sizes_ledger: privacy.PrivacyLedger, model_workdir: Workdir, accountants=("rdp",)
+) -> dict[str, float | None]:
+    """eps by each of `accountants` of the group sizes' release composed with one group's
+    model's ledger.json, read once (None for a non-private model, or an accountant that
+    does not support them)."""
     path = model_workdir.file(LEDGER_FILE)
-    if not path.exists():
-        return None
-    model = privacy.PrivacyLedger.from_json(model_workdir.read_json_object(LEDGER_FILE))
-    if not model.entries:
-        return None
-    return sizes_ledger.with_recorded(model.composed_event()).epsilon(accountant)
+    model = (privacy.PrivacyLedger.from_json(model_workdir.read_json_object(LEDGER_FILE))
+             if path.exists() else None)
+    if model is None or not model.entries:
+        return dict.fromkeys(accountants)
+    composed = sizes_ledger.with_recorded(model.composed_event())
+    return {accountant: composed.epsilon(accountant) for accountant in accountants}
 
 
 def define_group_sampling_flags(defaults: Any) -> tuple[flags.FlagHolder, flags.FlagHolder]:
@@ -161,8 +162,8 @@ def group_size_fields(
     return {
         "num_clients_noised": subpopulation.members_estimate,
         "population": subpopulation.population,
-        **{f"epsilon_{a}_with_group_sizes": end_to_end_epsilon(sizes_ledger, model_workdir, a)
-           for a in ("rdp", "pld")},
+        **{f"epsilon_{a}_with_group_sizes": eps for a, eps in
+           end_to_end_epsilon(sizes_ledger, model_workdir, ("rdp", "pld")).items()},
     }
 
 

@@ -442,12 +442,7 @@ class Workdir:
                 "checkpoints/ copied from another workdir?). Restore it or use a new workdir",
             )
         if resuming and path.exists():
-            try:
-                pinned = self.read_json_object(CONFIG_FILE)
-            except ValueError as error:
-                raise ConfigError(
-                    "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
-                ) from None
+            pinned = self._read_pin(CONFIG_FILE)
             for field in sorted(set(pinned) | set(current)):
                 if field not in resumable and pinned.get(field) != current.get(field):
                     raise ConfigError(
@@ -455,6 +450,20 @@ class Workdir:
                         f"is {current.get(field)!r} but the run being resumed in {self.path} "
                         f"used {pinned.get(field)!r}: use the same value or a new workdir",
                     )
+
+    def _read_pin(self, name: str) -> dict:
+        """The JSON object a run pinned in `name` (config.json, data.json).
+
+        Raises:
+          ConfigError: naming "workdir", when the file is unreadable.
+        """
+        try:
+            return self.read_json_object(name)
+        except ValueError as error:
+            raise ConfigError(
+                "workdir",
+                f"{self.file(name)} is unreadable ({error}): restore it or use a new workdir",
+            ) from None
 
     def pin_data(self, data: TrainingData, resuming: bool) -> None:
         """Records the digest of the run's training data in data.json; on a resume, first
@@ -478,15 +487,9 @@ class Workdir:
             data; naming "workdir", when data.json is unreadable. A workdir without
             data.json (from before it existed) passes.
         """
-        path = self.file(DATA_FILE)
-        if not (resuming and path.exists()):
+        if not (resuming and self.file(DATA_FILE).exists()):
             return
-        try:
-            pinned = self.read_json_object(DATA_FILE).get("sha256")
-        except ValueError as error:
-            raise ConfigError(
-                "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir"
-            ) from None
+        pinned = self._read_pin(DATA_FILE).get("sha256")
         if pinned != data.sha256:
             raise ConfigError(
                 data.flag,

@@ -147,16 +147,3 @@ def assert_population_sampled_end_to_end(
         f"given thresholds, Poisson, noised sizes: no caveat, got {summary['guarantee_caveat']}")
     assert "**End to end**" in (workdir / "report.md").read_text(), "the report must say so"
 
-
-def run_twice(run, config, workdir: pathlib.Path) -> tuple[dict, dict]:
-    """`run(config, workdir)`, then again on the finished workdir: both summaries."""
-    summary = run(config, str(workdir), log=lambda _: None)
-    return summary, run(config, str(workdir), log=lambda _: None)
-
-
-def assert_rerun_releases_nothing_new(summary: dict, again: dict, group_key: str) -> None:
-    """A rerun on a finished --group_sampling=population workdir spends no more privacy
-    and divides by the same noised size (fresh draws would be a second release)."""
-    assert again["epsilon_rdp"] == summary["epsilon_rdp"], "a rerun must not spend more"
-    assert again[group_key]["num_clients_noised"] == summary[group_key]["num_clients_noised"], (
-        "a rerun must divide by the same noised sizes: fresh draws would be a second release")

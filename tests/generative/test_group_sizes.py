@@ -42,12 +42,13 @@ def test_end_to_end_eps_composes_the_sizes_with_the_models_ledger(tmp_path):
     gan = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(1.0))
     model.record(gan, 20)
     wd = Workdir(tmp_path)
-    assert group_sizes.end_to_end_epsilon(sizes, wd) is None, "no model ledger: non-private"
+    assert group_sizes.end_to_end_epsilon(sizes, wd) == {"rdp": None}, (
+        "no model ledger: non-private")
     wd.write_json("ledger.json", model.to_json())
     want = privacy.epsilon(dp_event.ComposedDpEvent([
         dp_event.GaussianDpEvent(10.0), dp_event.SelfComposedDpEvent(gan, 20)]), 1e-5,
         model.relation)
-    got = group_sizes.end_to_end_epsilon(sizes, wd)
+    got = group_sizes.end_to_end_epsilon(sizes, wd)["rdp"]
     assert got == pytest.approx(want, rel=1e-9), f"eps {got} != the accountant's {want}"
     assert got > model.epsilon(), "the sizes' release must cost something"
 
