@@ -489,3 +489,16 @@ def test_a_subpopulation_with_a_fixed_cohort_is_refused():
     with pytest.raises(ValueError, match="Poisson"):
         make_engine(random_deltas(20), sampling="fixed", clients_per_round=5,
                     subpopulation=Subpopulation(100, 20.0))
+
+
+def test_a_subpopulation_round_adds_noise_of_std_z_clip_over_q_times_the_members_estimate():
+    dim, z, clip, m, population, estimate = 20_000, 1.3, 0.5, 8, 64, 24.0
+    engine = DpFedAvg(toy.add_own_vector, optax.sgd(1.0),
+                      toy.vector_clients(np.zeros((16, dim), np.float32)),
+                      DpFedAvgConfig(clients_per_round=m, l2_clip=clip, noise_multiplier=z,
+                                     subpopulation=Subpopulation(population, estimate)))
+    state = engine.init(jnp.zeros((dim,), jnp.float32))
+    noise = np.asarray(engine.round(state, jax.random.key(4))[0].params)
+    expected = z * clip / (m / population * estimate)
+    assert abs(noise.std() / expected - 1) < 0.02, (
+        f"noise std {noise.std()} != zC / (q x estimate) = {expected}: the divisor sets it")
