@@ -21,14 +21,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.federated import Subpopulation
-from dpfed.train.config import require
+from dpfed.train.config import ConfigError, require
 from dpfed.train.workdir import LEDGER_FILE, Workdir
 
 # How a group's rounds sample: its own members at m / N_group, or all users at m / N.
@@ -39,19 +38,25 @@ GROUP_SIZES_LEDGER = "group_sizes_ledger.json"  # their privacy cost
 _GROUP_SIZES_KEY = 0x5A5E  # folded into the seed for the sizes' noise
 
 
-def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[str, float]:
-    """Each group's size plus independent N(0, stddev^2), floored at 1 (post-processing).
+def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[str, int]:
+    """Each group's size plus independent N(0, stddev^2), rounded to whole users and
+    floored at 1 (both post-processing).
 
     The Gaussian mechanism on the vector of group sizes: when each user's group is a
     function of its own data (given thresholds), adding or removing one user changes one
     size by 1, an L2 sensitivity of 1, so `group_sizes_ledger(stddev, ...)` accounts for
-    it. Deterministic in `seed`: a rerun releases the same values, not fresh draws.
+    it. Deterministic in `seed` (`released_group_sizes` keeps the first draw).
+
+    The rounding is what keeps the release private in floating point: the noise is a
+    float32 draw, and an unrounded n + stddev * e gave n away (for the true n alone is
+    (v - n) / stddev a float32 that the sampler can return; found by an audit on
+    2026-12-05, which decoded the demo's released 122.61361... as 116 users).
     """
     if not stddev > 0:
         raise ValueError(f"the group sizes' noise must be > 0, got {stddev}")
     key = jax.random.fold_in(jax.random.key(seed), _GROUP_SIZES_KEY)
-    noise = np.asarray(jax.random.normal(key, (len(sizes),), jnp.float32), np.float64)
-    return {name: float(max(1.0, n + stddev * e))
+    noise = np.asarray(privacy.standard_normal(key, (len(sizes),)), np.float64)
+    return {name: max(1, round(n + stddev * e))
             for (name, n), e in zip(sizes.items(), noise, strict=True)}
 
 
@@ -67,14 +72,35 @@ def group_sizes_ledger(stddev: float, delta: float, metric: str) -> privacy.Priv
     return ledger
 
 
-def write_group_sizes(
+def released_group_sizes(
     workdir: Workdir, sizes: dict[str, int], stddev: float, seed: int, delta: float, metric: str,
-) -> tuple[dict[str, float], privacy.PrivacyLedger]:
-    """Draws the noised group sizes and writes them with their ledger (the ledger first:
-    a kill between the writes leaves no release outside a ledger); returns both."""
+) -> tuple[dict[str, int], privacy.PrivacyLedger]:
+    """The noised group sizes released in `workdir` and their ledger: those of
+    group_sizes.json where an earlier run wrote it, else drawn and written now (the
+    ledger first: a kill between the writes leaves no release outside a ledger).
+
+    A rerun never draws again: a second draw is a second release the ledger does not
+    count (with another JAX PRNG implementation, say, or, with the same noise at another
+    `stddev`, two values that give the true sizes away). The settings it was drawn with
+    are pinned by `selection.pin_demo_config`.
+
+    Raises:
+      ConfigError: group_sizes.json holds other groups or another noise std (a config
+        pin the caller skipped).
+    """
     ledger = group_sizes_ledger(stddev, delta, metric)
-    noisy = noisy_group_sizes(sizes, stddev, seed)
     workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
+    if workdir.file(GROUP_SIZES_FILE).exists():
+        released = workdir.read_json_object(GROUP_SIZES_FILE)
+        noisy = released.get("noised_sizes", {})
+        if set(noisy) != set(sizes) or released.get("noise_stddev") != stddev:
+            raise ConfigError(
+                "group_size_noise",
+                f"{workdir.file(GROUP_SIZES_FILE)} holds sizes released with std "
+                f"{released.get('noise_stddev')} for groups {sorted(noisy)}, not {stddev} for "
+                f"{sorted(sizes)}: use the settings it was drawn with or a new workdir")
+        return {name: noisy[name] for name in sizes}, ledger
+    noisy = noisy_group_sizes(sizes, stddev, seed)
     workdir.write_json(GROUP_SIZES_FILE, {"noised_sizes": noisy, "noise_stddev": stddev})
     return noisy, ledger
 
@@ -141,11 +167,11 @@ def require_cohorts_fit(
 def group_subpopulations(
     workdir: Workdir, config: Any, sizes: dict[str, int], population: int, metric: str
 ) -> tuple[dict[str, Subpopulation | None], privacy.PrivacyLedger | None]:
-    """Each group's `Subpopulation` and the noised sizes' ledger (`write_group_sizes`)
+    """Each group's `Subpopulation` and the noised sizes' ledger (`released_group_sizes`)
     with `config.group_sampling` "population"; Nones with "group"."""
     if config.group_sampling == "group":
         return dict.fromkeys(sizes), None
-    noisy, ledger = write_group_sizes(
+    noisy, ledger = released_group_sizes(
         workdir, sizes, config.group_size_noise, config.seed, config.delta, metric)
     return {name: Subpopulation(population, noisy[name]) for name in sizes}, ledger
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from dpfed import privacy
 from dpfed.federated import ClientData, make_example_evaluator
+from dpfed.generative import group_sizes
 from dpfed.train.config import ConfigError
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
@@ -199,12 +200,16 @@ def pin_demo_config(
 ) -> None:
     """Pins a debug demo's config in its top-level config.json (`Workdir.pin_config`).
 
-    A previous run trained a model here when a group's sub-workdir (`group_dirs`) exists:
-    its checkpoints and ledger live there, so the settings must then match config.json
-    (outside `resumable`). A config.json without one is a run stopped before training
-    (e.g. a cohort larger than a group): a corrected rerun is not refused.
+    A previous run released something here when a group's sub-workdir (`group_dirs`)
+    exists (its checkpoints and ledger live there) or the noised group sizes do
+    (`group_sizes.released_group_sizes`, which a rerun reuses): the settings must then
+    match config.json (outside `resumable`). A config.json without either is a run
+    stopped before any release (e.g. a cohort larger than a group): a corrected rerun is
+    not refused.
     """
-    workdir.pin_config(config, _group_trained(workdir, group_dirs), resumable)
+    released = (_group_trained(workdir, group_dirs)
+                or workdir.file(group_sizes.GROUP_SIZES_FILE).exists())
+    workdir.pin_config(config, released, resumable)
 
 
 def _group_trained(workdir: Workdir, group_dirs: Sequence[str]) -> bool:

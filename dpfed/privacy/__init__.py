@@ -16,7 +16,7 @@ from dpfed.privacy.accounting import (
 from dpfed.privacy.clipping import ClippedSum, clip_to_norm, clipped_grad_sum, global_l2_norm
 from dpfed.privacy.ledger import BudgetExceededError, PrivacyLedger, event_from_json, event_to_json
 from dpfed.privacy.mechanisms import GaussianSumMechanism
-from dpfed.privacy.noise import add_gaussian_noise, divide_as
+from dpfed.privacy.noise import add_gaussian_noise, divide_as, standard_normal
 from dpfed.privacy.sampling import (
     bernoulli_at_most,
     bernoulli_threshold,
@@ -54,5 +54,6 @@ __all__ = [
     "rdp_epsilon",
     "relation_for",
     "sampled_gaussian_event",
+    "standard_normal",
     "warn_if_delta_too_large",
 ]

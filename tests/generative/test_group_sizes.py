@@ -6,6 +6,7 @@ from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.generative import group_sizes
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 
 
@@ -26,6 +27,20 @@ def test_noisy_group_sizes_are_reproducible_and_at_least_one():
     floored = [group_sizes.noisy_group_sizes(sizes, 50.0, s) for s in range(20)]
     assert min(v for f in floored for v in f.values()) >= 1.0, "a size below 1 is floored at 1"
     assert any(v == 1.0 for f in floored for v in f.values()), "std 50 on 1-3 must hit the floor"
+
+
+def test_noisy_group_sizes_are_whole_numbers_that_do_not_give_the_size_away():
+    # Unrounded, n + std * e with e a float32 draw was consistent with the true n alone:
+    # (v - n') / std is a float32 the sampler returns for n' = n only (the 2026-12-05
+    # audit decoded the demo's released 122.61361... as 116 users).
+    size, stddev = 116, 10.0
+    for seed in range(20):
+        v = group_sizes.noisy_group_sizes({"low": size}, stddev, seed)["low"]
+        assert isinstance(v, int), f"a released size must be a whole number, got {v!r}"
+        for n in (size - 1, size, size + 1):
+            e = np.float32((v - n) / stddev)  # the draw that would explain v from n users
+            assert round(n + stddev * float(e)) == v, (
+                f"{v} must be as consistent with {n} users as with {size}")
 
 
 def test_group_sizes_ledger_is_one_gaussian_of_sensitivity_one_per_user():
@@ -53,10 +68,33 @@ def test_end_to_end_eps_composes_the_sizes_with_the_models_ledger(tmp_path):
     assert got > model.epsilon(), "the sizes' release must cost something"
 
 
-def test_write_group_sizes_writes_the_ledger_and_the_sizes_it_returns(tmp_path):
+def test_released_group_sizes_writes_the_ledger_and_the_sizes_it_returns(tmp_path):
     wd = Workdir(tmp_path)
-    noisy, ledger = group_sizes.write_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
+    noisy, ledger = group_sizes.released_group_sizes(
+        wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
     assert wd.read_json_object(group_sizes.GROUP_SIZES_FILE)["noised_sizes"] == noisy, (
         "the released sizes are the ones the models divide by")
     stored = privacy.PrivacyLedger.from_json(wd.read_json_object(group_sizes.GROUP_SIZES_LEDGER))
     assert stored.entries == ledger.entries, "their ledger is on disk"
+
+
+def test_a_rerun_reuses_the_released_sizes_instead_of_drawing_again(tmp_path):
+    # A second draw (another PRNG implementation, here another seed) is a second release
+    # that the ledger does not count.
+    wd = Workdir(tmp_path)
+    first, _ = group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
+    again, ledger = group_sizes.released_group_sizes(
+        wd, {"low": 40, "high": 60}, 5.0, 4, 1e-5, "x")
+    assert again == first, f"the rerun drew {again} where {first} were released"
+    assert wd.read_json_object(group_sizes.GROUP_SIZES_FILE)["noised_sizes"] == first, (
+        "group_sizes.json must keep the first release")
+    assert ledger.entries == [(dp_event.GaussianDpEvent(5.0), 1)], "still one release"
+
+
+def test_released_sizes_of_another_noise_std_are_refused_naming_the_flag(tmp_path):
+    # The same draw e at two stds gives n away: (30 v1 - 10 v2) / 20 = n.
+    wd = Workdir(tmp_path)
+    group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 10.0, 3, 1e-5, "x")
+    with pytest.raises(ConfigError) as error:
+        group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 30.0, 3, 1e-5, "x")
+    assert error.value.field == "group_size_noise", error.value

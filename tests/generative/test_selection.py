@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfed.generative import selection
+from dpfed.generative import group_sizes, selection
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, params_sha256
 
@@ -172,6 +172,18 @@ def test_pin_demo_config_checks_only_once_a_group_has_trained(tmp_path):
     with pytest.raises(ConfigError) as error:
         selection.pin_demo_config(wd, _DemoConfig(0.5, 4), ["gan_low"], frozenset({"rounds"}))
     assert error.value.field == "bug_fraction", "a trained group pins the data settings"
+
+
+def test_pin_demo_config_checks_once_the_group_sizes_are_released(tmp_path):
+    # --group_sampling=population releases the noised sizes before any group trains; a
+    # rerun reuses them, so the settings they were drawn with may no longer change.
+    wd = Workdir(tmp_path)
+    selection.pin_demo_config(wd, _DemoConfig(), ["gan_low"], frozenset({"rounds"}))
+    wd.write_json(group_sizes.GROUP_SIZES_FILE, {"noised_sizes": {"low": 3}, "noise_stddev": 1})
+    with pytest.raises(ConfigError) as error:
+        selection.pin_demo_config(wd, _DemoConfig(bug_fraction=0.2), ["gan_low"], frozenset())
+    assert error.value.field == "bug_fraction", (
+        "released group sizes pin the settings that chose the groups")
 
 
 def test_group_digest_tells_groups_data_apart():
