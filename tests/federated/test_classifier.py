@@ -1,4 +1,7 @@
-"""dpfed.federated.classifier: the client objective and the per-client accuracy."""
+"""dpfed.federated.classifier: the client objective, the per-client accuracy and the
+training data pinned on resume."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import pytest
 from dpfed import data, models
 from dpfed.federated import classifier
 from dpfed.train.config import ConfigError
+from tests import other_data
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +52,17 @@ def test_an_unreachable_target_epsilon_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="out of reach") as error:
         classifier.resolve_noise_multiplier(config)
     assert error.value.field == "target_epsilon", f"names {error.value.field}, not the target"
+
+
+def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, monkeypatch):
+    # The digest is of the federated clients: a checkpoint of round 1, resumed on digits
+    # one example short, must not continue its model and ledger there.
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=1,
+        noise_multiplier=1.0, local_steps=2, local_batch_size=10, eval_every=1,
+        checkpoint_every=1)
+    classifier.train(config, str(tmp_path), log=lambda _: None)
+    other_data.assert_resume_on_other_data_is_refused(  # digits is embedded: --dataset
+        monkeypatch, lambda: classifier.train(dataclasses.replace(config, rounds=2),
+                                              str(tmp_path), log=lambda _: None),
+        tmp_path, "dataset")

@@ -25,7 +25,7 @@ from dpfed.privacy import accounting
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
-from tests import delta_warning, dispatch
+from tests import delta_warning, dispatch, other_data
 from tests.killed import (
     KilledAtRelease,
     assert_ledger_json_covers_metrics,
@@ -487,6 +487,14 @@ def test_resume_with_another_vote_scope_is_refused(tmp_path):
     with pytest.raises(datalens.ConfigError) as error:
         _train(tmp_path, "run", vote_scope="batch")
     assert error.value.field == "vote_scope", "a changed setting must not continue the run"
+
+
+def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, monkeypatch):
+    # The digest is of the T real teachers' partitions (before the mesh pads the teacher
+    # axis): digits one example short must not continue the checkpoint of step 2.
+    _train(tmp_path, "run", steps=2)
+    other_data.assert_resume_on_other_data_is_refused(  # digits is embedded: --dataset
+        monkeypatch, lambda: _train(tmp_path, "run"), tmp_path / "run", "dataset")
 
 
 def test_budget_guard_stops_before_the_target(tmp_path):

@@ -25,6 +25,7 @@ from dpfed.train.workdir import (
     REPORT_FILE,
     Workdir,
 )
+from tests import other_data
 from tests.killed import (
     KilledAtRelease,
     assert_ledger_json_covers_metrics,
@@ -322,6 +323,19 @@ def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noi
         f"fraction of sampled clients that trained, by round: {active}")
 
 
+def test_a_central_resume_on_other_training_data_is_refused_naming_the_flag(
+        tmp_path, monkeypatch):
+    # Checked before the checkpoint's ledger is read for z (`checkpointed_spend`): other
+    # data must not continue its model and ledger. (The central run of the test above.)
+    config = dataclasses.replace(_CONFIG, num_clients=8, batch_size=180, dp="central",
+                                 noise_multiplier=1.0)
+    dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    other_data.assert_resume_on_other_data_is_refused(  # digits is embedded: --dataset
+        monkeypatch, lambda: dpd_fvae.train(dataclasses.replace(config, rounds=4), tmp_path,
+                                            log=lambda _: None, mesh=_ONE_DEVICE),
+        tmp_path, "dataset")
+
+
 def test_adopting_budgets_some_clients_already_exceed_is_refused():
     # Before, those clients trained no more and the decoder was released with a worst
     # client eps above the new target (a warning said how many).
@@ -367,7 +381,7 @@ class LocalResume(NamedTuple):
 
 @pytest.fixture(scope="module")
 def local_resume(tmp_path_factory) -> LocalResume:
-    """Shared by the two tests of a changed local resume (the runs are most of their time);
+    """Shared by the tests of a resumed local run (the runs are most of their time);
     they only read its workdir (a test that changes it works on a copy). The killed local
     run takes its config and z, so it runs this run's compiled round.
 
@@ -433,6 +447,18 @@ def test_local_rounds_logged_past_the_checkpoint_refuse_other_budgets(tmp_path):
     with pytest.raises(ConfigError, match="round 4 past its last checkpoint") as error:
         dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.95, 10.0, checkpoint_round=2)
     assert error.value.field == "target_epsilon", error.value.field
+
+
+def test_a_local_resume_on_other_training_data_is_refused_naming_the_flag(
+        local_resume, tmp_path, monkeypatch):
+    # A local run keeps its checkpoint's z without reading a ledger (no
+    # `checkpointed_spend`): the resume of its rounds (`run_rounds`) must check the data.
+    workdir = tmp_path / "copy"
+    shutil.copytree(local_resume.workdir, workdir)  # the fixture's workdir stays as it is
+    resumed = dataclasses.replace(local_resume.resumed, rounds=6)
+    other_data.assert_resume_on_other_data_is_refused(  # digits is embedded: --dataset
+        monkeypatch, lambda: dpd_fvae.train(resumed, workdir, log=lambda _: None,
+                                            mesh=_ONE_DEVICE), workdir, "dataset")
 
 
 def test_central_calibration_meets_the_target_with_the_engines_own_round_event():

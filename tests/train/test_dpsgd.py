@@ -14,7 +14,7 @@ from dpfed import models, privacy
 from dpfed.train import dpsgd
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import EVAL_BEGIN, EVAL_END, Workdir
-from tests import delta_warning, dispatch
+from tests import delta_warning, dispatch, other_data
 from tests.killed import (
     KilledAtRelease,
     assert_ledger_json_covers_metrics,
@@ -381,21 +381,9 @@ def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, mo
     config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=2, batch_size=16,
                                noise_multiplier=1.0, eval_every=2, checkpoint_every=2)
     dpsgd.train(config, tmp_path, log=lambda _: None)
-    load = dpsgd.data_lib.load
-
-    def one_example_short(name, split, **kwargs):
-        ds = load(name, split, **kwargs)
-        if split != "train":
-            return ds
-        return dataclasses.replace(ds, images=ds.images[:-1], labels=ds.labels[:-1])
-
-    monkeypatch.setattr(dpsgd.data_lib, "load", one_example_short)
-    with pytest.raises(ConfigError, match="differ from those of the run being resumed") as error:
-        dpsgd.train(dataclasses.replace(config, steps=4), tmp_path, log=lambda _: None)
-    assert error.value.field == "dataset", (
-        f"digits is embedded: the refusal must name --dataset, not {error.value.field}")
-    steps = [r["step"] for r in Workdir(tmp_path).read_metrics()]
-    assert steps == [2], f"nothing may be trained or logged on the other data: {steps}"
+    other_data.assert_resume_on_other_data_is_refused(  # digits is embedded: --dataset
+        monkeypatch, lambda: dpsgd.train(dataclasses.replace(config, steps=4), tmp_path,
+                                         log=lambda _: None), tmp_path, "dataset")
 
 
 @pytest.mark.parametrize("first, then", [("fixed", "poisson"), ("poisson", "fixed")])
