@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from dp_accounting import dp_event
 from jax.sharding import Mesh
@@ -195,7 +196,7 @@ class DpFedAvg:
                 f"chunk_size {self.chunk_size} must be a multiple of {devices} devices x "
                 f"{width or 1} clients per device step")
         self.clients_per_device_step = width or self.chunk_size // devices
-        self.data = replicate(ClientData(data.arrays, data.counts), self.mesh)
+        self.data = replicate(_at_least_one_client(data), self.mesh)
         self._round = jax.jit(self._round_impl)
         self._round_donating = jax.jit(self._round_impl, donate_argnums=0)
 
@@ -205,6 +206,8 @@ class DpFedAvg:
         `client_states` leaves need a leading [num_clients] axis (`local.init_local_states`).
         """
         for leaf in jax.tree_util.tree_leaves(client_states):
+            if self.num_clients == 0:
+                raise ValueError("an engine without clients keeps no client states")
             if leaf.shape[:1] != (self.num_clients,):
                 raise ValueError(
                     f"client_states leaves need a leading axis of {self.num_clients} clients, "
@@ -468,6 +471,15 @@ class DpFedAvg:
         )
         return sharded(
             params, clip, context, chunk_data.arrays, chunk_data.counts, states, keys, mask)
+
+
+def _at_least_one_client(data: ClientData) -> ClientData:
+    """`data`, or, without clients (an empty subpopulation), one client of no examples:
+    the round traces a client's update on it, and its sampler never picks it."""
+    if data.num_clients:
+        return ClientData(data.arrays, data.counts)
+    arrays = jax.tree_util.tree_map(lambda a: np.zeros((1, *a.shape[1:]), a.dtype), data.arrays)
+    return ClientData(arrays, np.zeros((1,), np.asarray(data.counts).dtype))
 
 
 def _round_keys(key: jax.Array) -> jax.Array:

@@ -72,7 +72,8 @@ class CohortSampler:
     Attributes:
       scheme: "poisson" (rate expected_size / population) or "fixed" (exactly
         expected_size clients, uniformly without replacement).
-      population: number of clients N.
+      population: number of clients N; 0 only with a `subpopulation` (a group no user
+        takes part in: every cohort is empty, and the round releases noise alone).
       expected_size: expected cohort size (Poisson) or cohort size (fixed); the server
         divides the noised sum by this number, never by the realised count. With a
         `subpopulation`, the expected cohort of the whole population.
@@ -122,6 +123,8 @@ class CohortSampler:
 
     def sample(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(indices, count): the first `count` entries of `indices` are the cohort."""
+        if self.population == 0:  # an empty subpopulation: nobody to sample
+            return jnp.zeros((1,), jnp.int32), jnp.int32(0)
         if self.scheme == privacy.Sampling.POISSON:
             return privacy.poisson_sample(key, self.population, self.rate)
         return privacy.fixed_size_sample(key, self.population, int(self.expected_size))
@@ -138,6 +141,8 @@ class CohortSampler:
         A Poisson cohort above it (probability ~0.1%) costs one more pass; it is capped
         at the population rounded up. With a subpopulation, m is q times the clients.
         """
+        if self.population == 0:
+            return multiple
         if self.scheme == privacy.Sampling.POISSON:
             expected = (self.expected_size if self.subpopulation is None
                         else self.rate * self.population)
@@ -159,6 +164,6 @@ def cohort_chunk(
 
 
 def pad_to_multiple(indices: jax.Array, multiple: int) -> jax.Array:
-    """`indices` padded with zeros to a length that is a multiple of `multiple`."""
+    """`indices` padded with zeros to a (non-zero) length that is a multiple of `multiple`."""
     n = indices.shape[0]
-    return jnp.pad(indices, (0, -(-n // multiple) * multiple - n))
+    return jnp.pad(indices, (0, max(-(-n // multiple), 1) * multiple - n))

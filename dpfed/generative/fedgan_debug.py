@@ -442,9 +442,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         }
         ground_truth[name] = {
             "num_clients": sizes[name],
-            "buggy_client_fraction": float(fed.buggy[members].mean()),
+            "buggy_client_fraction": selection.mean_or_nan(fed.buggy[members]),
             "real_inverted_fraction": polarity.inverted_fraction(real),
-            "client_accuracy_mean": float(np.nanmean(accuracies[members])),
+            "client_accuracy_mean": selection.mean_or_nan(accuracies[members]),
         }
     diagnostics = {
         "note": selection.DIAGNOSTICS_JSON_NOTE,

@@ -246,8 +246,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         sequences_of[name] = fedlm.client_sequences(
             kept_of[name], char_vocab, config.seq_len, config.max_seqs)
         counts = sequences_of[name][1]
-        require(
-            int(np.sum(counts == 0)) < len(counts),
+        require(  # with population sampling a refusal would be a release: an LM trains
+            config.group_sampling == "population" or int(np.sum(counts == 0)) < len(counts),
             "max_seqs",
             f"seq_len x max_seqs = {window} chars hold no whole line of any client of the "
             f"{name} group: raise --max_seqs or --seq_len",
@@ -304,8 +304,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         }
         ground_truth[name] = {
             "num_clients": sizes[name],
-            "buggy_client_fraction": float(buggy[members[name]].mean()),
-            "client_oov_rate_mean": float(np.mean(oov_rates[members[name]])),
+            "buggy_client_fraction": selection.mean_or_nan(buggy[members[name]]),
+            "client_oov_rate_mean": selection.mean_or_nan(oov_rates[members[name]]),
             "real_oov_rate": real.oov_rate,
             "real_glued_rate": real.glued_rate,
             "kept_char_fraction": kept_fraction,

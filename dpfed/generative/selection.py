@@ -68,9 +68,11 @@ def _split_error(side: str, given: float | None, message: str) -> ConfigError:
 SPLIT_SETTINGS = ("low_threshold", "high_threshold", "low_quantile", "high_quantile")
 
 
-def split_settings(config: Any) -> dict[str, float | None]:
-    """The `split_clients` keywords a demo config holds (its fields named `SPLIT_SETTINGS`)."""
-    return {name: getattr(config, name) for name in SPLIT_SETTINGS}
+def split_settings(config: Any) -> dict[str, Any]:
+    """The `split_clients` keywords a demo config holds: its fields named `SPLIT_SETTINGS`,
+    and `allow_empty` with population sampling (`group_sizes`)."""
+    return {**{name: getattr(config, name) for name in SPLIT_SETTINGS},
+            "allow_empty": config.group_sampling == "population"}
 
 
 def split_clients(
@@ -81,6 +83,7 @@ def split_clients(
     low_quantile: float = DEFAULT_LOW_QUANTILE,
     high_quantile: float = DEFAULT_HIGH_QUANTILE,
     eligible: np.ndarray | None = None,
+    allow_empty: bool = False,
 ) -> ClientGroups:
     """Splits clients into a low and a high group by a per-client metric.
 
@@ -99,10 +102,13 @@ def split_clients(
       high_quantile: quantile giving `high_threshold` when it is None.
       eligible: bool `[clients]`; others (e.g. clients without data) join no group, as
         does a client whose value is NaN.
+      allow_empty: return an empty group instead of refusing it. With population
+        sampling a refusal would be a release: it tells a population whose group has one
+        user apart from the same population without that user.
 
     Raises:
       ConfigError: on bad quantiles, thresholds with low >= high (saying whether they were
-        given or quantiles), or an empty group; its field names the flag to change
+        given or quantiles), or an empty group (unless `allow_empty`); its field names the flag to change
         (`low_threshold`, `high_threshold`, `low_quantile` or `high_quantile`).
       ValueError: on malformed values or no eligible client.
     """
@@ -142,10 +148,15 @@ def split_clients(
     low = eligible & (values <= low_t)
     high = eligible & (values >= high_t)
     for name, group, given in (("low", low, low_threshold), ("high", high, high_threshold)):
-        if not group.any():
+        if not (group.any() or allow_empty):
             raise _split_error(
                 name, given, f"the {name} group is empty (thresholds {low_t:.4g}, {high_t:.4g})")
     return ClientGroups(low=low, high=high, low_threshold=low_t, high_threshold=high_t)
+
+
+def mean_or_nan(values: np.ndarray) -> float:
+    """The mean of `values`; NaN for none (a group's ground truth when it is empty)."""
+    return float(np.mean(values)) if np.size(values) else float("nan")
 
 
 def group_seed(seed: int, group: str) -> int:

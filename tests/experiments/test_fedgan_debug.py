@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dpfed.data import emnist_federated
-from dpfed.generative import fedgan, fedgan_debug, polarity, selection
+from dpfed.generative import fedgan, fedgan_debug, group_sizes, polarity, selection
 from dpfed.train.workdir import Workdir
 from tests.binary import cpu_devices_env, run_binary, with_fusion_emitters
 from tests.experiments import debug_checks
@@ -477,9 +477,12 @@ POPULATION = {**TINY, "rounds": 1, "clients_per_round": 4, "sampling": "poisson"
 def population_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fedgan_population")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _skip_the_app_classifier(monkeypatch)  # accuracies 0, 1/23, ..., 1: groups of 7 and 7
+        # Accuracies 0.31 ... 1: the high group (>= 0.7) holds 11 clients, the low one
+        # (<= 0.3) none, and trains all the same: refusing it would tell this population
+        # apart from its neighbour with one low-accuracy user.
+        _skip_the_app_classifier(monkeypatch)
         monkeypatch.setattr(selection, "client_accuracies",
-                            lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
+                            lambda *args: np.linspace(0.31, 1.0, TINY["num_clients"]))
         config = fedgan_debug.DebugConfig(**POPULATION)
         summary = fedgan_debug.run(config, str(workdir), log=lambda _: None)
         return workdir, summary, fedgan_debug.run(config, str(workdir), log=lambda _: None)
@@ -490,6 +493,16 @@ def test_population_sampling_releases_noised_sizes_and_is_end_to_end(population_
     debug_checks.assert_population_sampled_end_to_end(
         workdir, summary, {"gan_low": "low", "gan_high": "high"}, TINY["num_clients"],
         POPULATION["clients_per_round"])
+
+
+def test_population_sampling_trains_an_empty_group_instead_of_refusing_it(population_run):
+    workdir, summary, _ = population_run
+    truth = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)["groups"]
+    assert (truth["low"]["num_clients"], truth["high"]["num_clients"]) == (0, 11), truth
+    assert summary["gan_low"]["rounds"] == POPULATION["rounds"], (
+        f"the empty group's GAN must train its rounds on noise: {summary['gan_low']}")
+    assert summary["gan_low"]["epsilon_rdp"] == summary["gan_high"]["epsilon_rdp"], (
+        "an empty group's rounds are accounted as any group's (q = m / N)")
 
 
 def test_population_sampling_rerun_releases_nothing_new(population_run):
@@ -513,14 +526,20 @@ def test_population_sampling_checks_each_groups_noise_split_before_either_gan_tr
     # Adaptive clipping's count noise grows with the engine's divisor: with population
     # sampling a group's (q x its noised size) is below --clients_per_round, so a z that
     # the config's check of m = 20 lets through (2 x 20 / 20 = 2) cannot be split for the
-    # low group (noised size ~13.6 of 24: 2 x 11.3 / 20 = 1.13); the engine would raise
-    # in that group's GAN, a traceback, after the other had trained.
+    # smaller noised group (of 7 users in 24: 2 x q x its size / 20 < 1.5); the engine
+    # would raise in that group's GAN, a traceback, after the other had trained.
     _skip_the_app_classifier(monkeypatch)
     monkeypatch.setattr(selection, "client_accuracies",
                         lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
     monkeypatch.setattr(fedgan, "train_gan", lambda *a, **k: pytest.fail("a GAN trained"))
     config = fedgan_debug.DebugConfig(**{**POPULATION, "clients_per_round": 20,
                                          "adaptive_clipping": True, "noise_multiplier": 1.5})
-    with pytest.raises(fedgan_debug.ConfigError, match="must be below 1.1") as error:
+    with pytest.raises(fedgan_debug.ConfigError) as error:
         fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
+    noised = Workdir(tmp_path).read_json(group_sizes.GROUP_SIZES_FILE)["noised_sizes"]
+    divisor = 20 / TINY["num_clients"] * min(noised.values())
+    bound = 2 * fedgan_debug.ADAPTIVE_CLIPPING.count_stddev(divisor)
+    assert bound < 1.5, f"the test needs a group whose split fails: {noised}"
     assert error.value.field == "noise_multiplier", error.value
+    assert f"must be below {bound:.4g}" in str(error.value), (
+        f"the bound must be the smaller group's, {bound:.4g}: {error.value}")

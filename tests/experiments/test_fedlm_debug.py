@@ -452,6 +452,28 @@ def test_population_sampling_trains_each_lm_on_its_group_at_the_populations_rate
         "the noised sizes are released once, with their ledger, before any LM trains")
 
 
+def test_population_sampling_trains_an_empty_group_instead_of_refusing_it(
+    tmp_path, monkeypatch
+):
+    # A refusal (an empty group, or one whose clients keep no line) would tell the
+    # population apart from its neighbour with one high-OOV user: the high_oov group (OOV
+    # rate >= 0.7: nobody), trained first, goes on to train (an engine without clients
+    # trains on noise, tests/federated/test_dp_fedavg.py).
+    monkeypatch.setattr(fedlm, "client_oov_rates",
+                        lambda texts, vocab: np.linspace(0.0, 0.69, len(texts)))
+    trained = {}
+
+    def train_lm(config, ids, counts, *args, group, **kwargs):
+        trained[group] = len(counts)
+        raise InterruptedError  # the group reached training: no LM needs to train
+
+    monkeypatch.setattr(fedlm, "train_lm", train_lm)
+    with pytest.raises(InterruptedError):
+        fedlm_debug.run(fedlm_debug.TextDebugConfig(**POPULATION), str(tmp_path),
+                        log=lambda _: None)
+    assert trained == {"high_oov": 0}, f"the empty high_oov group must train: {trained}"
+
+
 @pytest.mark.parametrize("settings, field", [
     ({"sampling": "fixed"}, "sampling"), ({"group_size_noise": -1.0}, "group_size_noise")])
 def test_population_sampling_needs_poisson_cohorts_and_noise_on_the_sizes(settings, field):

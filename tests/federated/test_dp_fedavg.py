@@ -502,3 +502,27 @@ def test_a_subpopulation_round_adds_noise_of_std_z_clip_over_q_times_the_members
     expected = z * clip / (m / population * estimate)
     assert abs(noise.std() / expected - 1) < 0.02, (
         f"noise std {noise.std()} != zC / (q x estimate) = {expected}: the divisor sets it")
+
+
+def test_an_empty_subpopulation_trains_on_noise_alone():
+    # A group no user takes part in must still train (an abort would tell the neighbouring
+    # population with one member apart): every cohort is empty, the round adds noise only.
+    dim, z, clip, m, population, estimate = 20_000, 1.0, 0.5, 4, 32, 3.0
+    engine = DpFedAvg(toy.add_own_vector, optax.sgd(1.0),
+                      toy.vector_clients(np.zeros((0, dim), np.float32)),
+                      DpFedAvgConfig(clients_per_round=m, l2_clip=clip, noise_multiplier=z,
+                                     subpopulation=Subpopulation(population, estimate)))
+    state = engine.init(jnp.zeros((dim,), jnp.float32))
+    state, metrics = engine.round(state, jax.random.key(8))
+    assert int(metrics.diagnostics["cohort_size"]) == 0, "nobody takes part"
+    noise = np.asarray(state.params)
+    expected = z * clip / (m / population * estimate)
+    assert abs(noise.std() / expected - 1) < 0.02, (
+        f"noise std {noise.std()} != zC / (q x estimate) = {expected}")
+    assert engine.round_event() == dp_event.PoissonSampledDpEvent(
+        m / population, dp_event.GaussianDpEvent(z)), "accounted as any group's round"
+
+
+def test_an_engine_without_clients_and_without_a_subpopulation_is_refused():
+    with pytest.raises(ValueError, match="clients per round"):
+        make_engine(np.zeros((0, 3), np.float32), sampling="poisson", clients_per_round=1)

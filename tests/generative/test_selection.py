@@ -215,12 +215,22 @@ def test_pin_groups_checks_only_once_a_group_has_trained(tmp_path):
     assert wd.read_json(selection.GROUPS_FILE) == {"low": "other"}, "a fresh run re-pins"
 
 
-def test_split_settings_are_the_configs_four_split_fields():
+@pytest.mark.parametrize("group_sampling, allow_empty", [("group", False),
+                                                         ("population", True)])
+def test_split_settings_are_the_configs_split_fields(group_sampling, allow_empty):
     config = SimpleNamespace(low_threshold=0.1, high_threshold=None, low_quantile=0.2,
-                             high_quantile=0.8, seed=3)
+                             high_quantile=0.8, seed=3, group_sampling=group_sampling)
     assert selection.split_settings(config) == {
         "low_threshold": 0.1, "high_threshold": None, "low_quantile": 0.2, "high_quantile": 0.8,
-    }, "exactly the four keywords of split_clients, read from the config"
+        "allow_empty": allow_empty,
+    }, "the keywords of split_clients, read from the config; empty groups in population mode"
+
+
+def test_an_empty_group_is_returned_when_allowed():
+    # Population sampling: refusing would tell apart populations that differ by one user.
+    groups = selection.split_clients(np.array([0.5, 0.95]), low_threshold=0.3,
+                                     high_threshold=0.9, allow_empty=True)
+    assert not groups.low.any() and groups.high.tolist() == [False, True], groups
 
 
 def test_demo_fields_say_diverged_if_either_model_did_and_add_their_earlier_seconds():
