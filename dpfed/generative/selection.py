@@ -108,8 +108,9 @@ def split_clients(
 
     Raises:
       ConfigError: on bad quantiles, thresholds with low >= high (saying whether they were
-        given or quantiles), or an empty group (unless `allow_empty`); its field names the flag to change
-        (`low_threshold`, `high_threshold`, `low_quantile` or `high_quantile`).
+        given or quantiles), or an empty group (unless `allow_empty`); its field names the
+        flag to change (`low_threshold`, `high_threshold`, `low_quantile` or
+        `high_quantile`).
       ValueError: on malformed values or no eligible client.
     """
     values = np.asarray(values, np.float64)

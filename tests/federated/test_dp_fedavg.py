@@ -491,36 +491,26 @@ def test_a_subpopulation_with_a_fixed_cohort_is_refused():
                     subpopulation=Subpopulation(100, 20.0))
 
 
-def test_a_subpopulation_round_adds_noise_of_std_z_clip_over_q_times_the_members_estimate():
+# An empty subpopulation (a group no user takes part in) must still train: refusing it
+# would tell the population apart from its neighbour with one member; each of its
+# cohorts is empty, and its rounds add noise alone.
+@pytest.mark.parametrize("num_clients", [16, 0])
+def test_a_subpopulation_round_adds_noise_of_std_z_clip_over_q_times_the_members_estimate(
+        num_clients):
     dim, z, clip, m, population, estimate = 20_000, 1.3, 0.5, 8, 64, 24.0
     engine = DpFedAvg(toy.add_own_vector, optax.sgd(1.0),
-                      toy.vector_clients(np.zeros((16, dim), np.float32)),
+                      toy.vector_clients(np.zeros((num_clients, dim), np.float32)),
                       DpFedAvgConfig(clients_per_round=m, l2_clip=clip, noise_multiplier=z,
                                      subpopulation=Subpopulation(population, estimate)))
     state = engine.init(jnp.zeros((dim,), jnp.float32))
-    noise = np.asarray(engine.round(state, jax.random.key(4))[0].params)
-    expected = z * clip / (m / population * estimate)
-    assert abs(noise.std() / expected - 1) < 0.02, (
-        f"noise std {noise.std()} != zC / (q x estimate) = {expected}: the divisor sets it")
-
-
-def test_an_empty_subpopulation_trains_on_noise_alone():
-    # A group no user takes part in must still train (an abort would tell the neighbouring
-    # population with one member apart): every cohort is empty, the round adds noise only.
-    dim, z, clip, m, population, estimate = 20_000, 1.0, 0.5, 4, 32, 3.0
-    engine = DpFedAvg(toy.add_own_vector, optax.sgd(1.0),
-                      toy.vector_clients(np.zeros((0, dim), np.float32)),
-                      DpFedAvgConfig(clients_per_round=m, l2_clip=clip, noise_multiplier=z,
-                                     subpopulation=Subpopulation(population, estimate)))
-    state = engine.init(jnp.zeros((dim,), jnp.float32))
-    state, metrics = engine.round(state, jax.random.key(8))
-    assert int(metrics.diagnostics["cohort_size"]) == 0, "nobody takes part"
+    state, metrics = engine.round(state, jax.random.key(4))
     noise = np.asarray(state.params)
     expected = z * clip / (m / population * estimate)
     assert abs(noise.std() / expected - 1) < 0.02, (
-        f"noise std {noise.std()} != zC / (q x estimate) = {expected}")
+        f"noise std {noise.std()} != zC / (q x estimate) = {expected}: the divisor sets it")
+    assert int(metrics.diagnostics["cohort_size"]) <= num_clients, "only members take part"
     assert engine.round_event() == dp_event.PoissonSampledDpEvent(
-        m / population, dp_event.GaussianDpEvent(z)), "accounted as any group's round"
+        m / population, dp_event.GaussianDpEvent(z)), "accounted at q = m / N, members or not"
 
 
 def test_an_engine_without_clients_and_without_a_subpopulation_is_refused():
