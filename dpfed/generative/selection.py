@@ -321,7 +321,9 @@ def max_epsilon_line(summary: dict) -> str:
     if summary["guarantee_caveat"] is None:
         return (line + " (with the noised group sizes' release). **End to end**: given "
                 "thresholds, Poisson cohorts of the whole population and noised group sizes, "
-                "this eps holds for each user with nothing taken as given.")
+                "this eps holds for each user with nothing taken as given but the public "
+                "number of users N (q = m / N) and a secret seed (WORKSPACE.md, \"The "
+                "workdir contract\").")
     return line + f". **Caveat**: {summary['guarantee_caveat']}"
 
 
