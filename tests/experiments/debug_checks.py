@@ -140,6 +140,8 @@ def assert_population_sampled_end_to_end(
             f"{key}'s mean must divide by q x the noised size: {model['metadata']}")
         assert result["epsilon_rdp_with_group_sizes"] > result["epsilon_rdp"], (
             f"{key}: composing the sizes' release must cost something")
+        assert result["epsilon_pld_with_group_sizes"] > result["epsilon_pld"], (
+            f"{key}: the PLD accountant composes the sizes' release too")
     assert summary["epsilon_rdp"] == max(
         summary[key]["epsilon_rdp_with_group_sizes"] for key in groups), (
         "the demo's eps is the max over the groups of each one's eps with the sizes' release")

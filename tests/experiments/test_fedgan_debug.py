@@ -493,6 +493,7 @@ def test_population_sampling_releases_noised_sizes_and_is_end_to_end(population_
     debug_checks.assert_population_sampled_end_to_end(
         workdir, summary, {"gan_low": "low", "gan_high": "high"}, TINY["num_clients"],
         POPULATION["clients_per_round"])
+    debug_checks.assert_releases_hold_none_of(workdir, ("gan_low", "gan_high"), RAW_KEYS)
 
 
 def test_population_sampling_trains_an_empty_group_instead_of_refusing_it(population_run):

@@ -445,9 +445,12 @@ def test_population_sampling_trains_each_lm_on_its_group_at_the_populations_rate
     assert subpopulation is not None, f"the {group} LM was not given its subpopulation"
     assert subpopulation.members_estimate == noised[group], (
         f"the {group} LM must divide by q x its group's noised size: {subpopulation}")
-    assert subpopulation.population > members, (
-        f"rounds must sample the whole population ({subpopulation.population} clients), not "
-        f"the group's {members}")
+    config = fedlm_debug.TextDebugConfig(**POPULATION)
+    clients = len(data_lib.load_shakespeare(
+        min_lines=config.min_lines, num_held_out=config.vocab_plays).train)
+    assert subpopulation.population == clients > members, (
+        f"rounds must sample the whole population ({clients} clients), not the group's "
+        f"{members}: {subpopulation}")
     assert Workdir(tmp_path).read_json(group_sizes.GROUP_SIZES_LEDGER)["num_releases"] == 1, (
         "the noised sizes are released once, with their ledger, before any LM trains")
 
