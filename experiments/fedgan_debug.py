@@ -29,7 +29,7 @@ included; a rerun that changes a flag other than --rounds, --eval_every,
 from absl import flags
 
 from dpfed import data
-from dpfed.generative import fedgan_debug, group_sizes, selection
+from dpfed.generative import debug_flags, fedgan_debug, selection
 from dpfed.train import cli, dpsgd
 
 _D = fedgan_debug.DebugConfig()
@@ -44,19 +44,11 @@ _EMNIST_CLS = flags.DEFINE_integer(
 )
 _NUM_CLIENTS = flags.DEFINE_integer("num_clients", _D.num_clients, "mnist5k: users.")
 _BUG = flags.DEFINE_float("bug_fraction", _D.bug_fraction, "Fraction p of inverted clients.")
-_LOW_T = flags.DEFINE_float("low_threshold", None, "Accuracy <= this: low group (paper .882).")
-_HIGH_T = flags.DEFINE_float("high_threshold", None, "Accuracy >= this: high (paper .939).")
-_LOW_Q = flags.DEFINE_float("low_quantile", _D.low_quantile, "Default low threshold quantile.")
-_HIGH_Q = flags.DEFINE_float("high_quantile", _D.high_quantile, "Default high quantile.")
 _CLS_EPOCHS = flags.DEFINE_integer("classifier_epochs", _D.classifier_epochs, "App CNN epochs.")
-_ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per GAN.")
-_PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
-_SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
-_GROUP_SAMPLING, _GROUP_SIZE_NOISE = group_sizes.define_group_sampling_flags(_D)
-_CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of D's delta.")
-_NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
+# The split, cohorts, DP, seed and cadence: the settings both debug demos have.
+_DEBUG_FLAGS = debug_flags.define_debug_flags(
+    _D, model="GAN", metric="Accuracy", update="D's delta", paper_thresholds=(0.882, 0.939))
 _ADAPTIVE = flags.DEFINE_bool("adaptive_clipping", _D.adaptive_clipping, "Adaptive clip norm.")
-_DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the user-level guarantee.")
 _D_CONV = flags.DEFINE_list("d_conv_features", list(map(str, _D.d_conv_features)), "D convs.")
 _D_DENSE = flags.DEFINE_integer("d_dense_features", _D.d_dense_features, "D dense width.")
 _G_DENSE = flags.DEFINE_integer("g_dense_features", _D.g_dense_features, "G dense width.")
@@ -69,9 +61,6 @@ _G_STEPS = flags.DEFINE_integer("server_g_steps", _D.server_g_steps, "Server G s
 _D_LR = flags.DEFINE_float("client_d_learning_rate", _D.client_d_learning_rate, "D SGD lr.")
 _G_LR = flags.DEFINE_float("server_g_learning_rate", _D.server_g_learning_rate, "G SGD lr.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", _D.num_samples, "Samples per GAN measured.")
-_SEED = cli.define_seed_flag(_D.seed)
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N rounds.")
-_CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoints.")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -96,20 +85,8 @@ def main(argv: list[str]) -> None:
             emnist_classifier_writers=_EMNIST_CLS.value,
             num_clients=_NUM_CLIENTS.value,
             bug_fraction=_BUG.value,
-            low_threshold=_LOW_T.value,
-            high_threshold=_HIGH_T.value,
-            low_quantile=_LOW_Q.value,
-            high_quantile=_HIGH_Q.value,
             classifier_epochs=_CLS_EPOCHS.value,
-            rounds=_ROUNDS.value,
-            clients_per_round=_PER_ROUND.value,
-            sampling=_SAMPLING.value,
-            group_sampling=_GROUP_SAMPLING.value,
-            group_size_noise=_GROUP_SIZE_NOISE.value,
-            l2_clip=_CLIP.value,
-            noise_multiplier=_NOISE.value,
             adaptive_clipping=_ADAPTIVE.value,
-            delta=_DELTA.value,
             d_conv_features=_widths(_D_CONV),
             d_dense_features=_D_DENSE.value,
             g_dense_features=_G_DENSE.value,
@@ -122,9 +99,7 @@ def main(argv: list[str]) -> None:
             client_d_learning_rate=_D_LR.value,
             server_g_learning_rate=_G_LR.value,
             num_samples=_NUM_SAMPLES.value,
-            seed=_SEED.value,
-            eval_every=_EVAL_EVERY.value,
-            checkpoint_every=_CKPT_EVERY.value,
+            **debug_flags.config_fields(_DEBUG_FLAGS),
         )
         summary = fedgan_debug.run(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:

@@ -23,7 +23,7 @@ exits 2 naming it.
 
 from absl import flags
 
-from dpfed.generative import fedlm_debug, group_sizes, selection
+from dpfed.generative import debug_flags, fedlm_debug, selection
 from dpfed.train import cli, dpsgd
 
 _D = fedlm_debug.TextDebugConfig()
@@ -36,10 +36,6 @@ _VOCAB_PLAYS = flags.DEFINE_integer(
     "Plays held out of the clients (the last in name order); the vocabularies come from them.",
 )
 _MAX_WORDS = flags.DEFINE_integer("max_words", _D.max_words, "The app's word vocabulary.")
-_LOW_Q = flags.DEFINE_float("low_quantile", _D.low_quantile, "Low OOV threshold quantile.")
-_HIGH_Q = flags.DEFINE_float("high_quantile", _D.high_quantile, "High OOV quantile.")
-_LOW_T = flags.DEFINE_float("low_threshold", None, "OOV rate <= this: low group.")
-_HIGH_T = flags.DEFINE_float("high_threshold", None, "OOV rate >= this: high group.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", _D.seq_len, "Chars per training sequence.")
 _MAX_SEQS = flags.DEFINE_integer("max_seqs", _D.max_seqs, "Sequences kept per client.")
 _EMBED = flags.DEFINE_integer("embed_dim", _D.embed_dim, "Char embedding width.")
@@ -49,19 +45,12 @@ _LOCAL_STEPS = flags.DEFINE_integer("local_steps", _D.local_steps, "Client SGD s
 _LOCAL_BATCH = flags.DEFINE_integer("local_batch_size", _D.local_batch_size, "Sequences/step.")
 _CLIENT_LR = flags.DEFINE_float("client_learning_rate", _D.client_learning_rate, "Client lr.")
 _SERVER_LR = flags.DEFINE_float("server_learning_rate", _D.server_learning_rate, "Server lr.")
-_ROUNDS = flags.DEFINE_integer("rounds", _D.rounds, "Federated rounds per LM.")
-_PER_ROUND = flags.DEFINE_float("clients_per_round", _D.clients_per_round, "Cohort size.")
-_SAMPLING = flags.DEFINE_enum("sampling", _D.sampling, ["poisson", "fixed"], "Cohorts.")
-_GROUP_SAMPLING, _GROUP_SIZE_NOISE = group_sizes.define_group_sampling_flags(_D)
-_CLIP = flags.DEFINE_float("l2_clip", _D.l2_clip, "Per-user clip norm of the LM delta.")
-_NOISE = flags.DEFINE_float("noise_multiplier", _D.noise_multiplier, "z (0: non-private).")
-_DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the user-level guarantee.")
+# The split, cohorts, DP, seed and cadence: the settings both debug demos have.
+_DEBUG_FLAGS = debug_flags.define_debug_flags(
+    _D, model="LM", metric="OOV rate", update="the LM delta")
 _LINES = flags.DEFINE_integer("num_sample_lines", _D.num_sample_lines, "Lines sampled per LM.")
 _LENGTH = flags.DEFINE_integer("sample_length", _D.sample_length, "Max chars per line.")
 _TOP_K = flags.DEFINE_integer("top_k", _D.top_k, "Tokens in the top-k tables.")
-_SEED = cli.define_seed_flag(_D.seed)
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every N rounds.")
-_CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoints.")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -75,10 +64,6 @@ def main(argv: list[str]) -> None:
             min_lines=_MIN_LINES.value,
             vocab_plays=_VOCAB_PLAYS.value,
             max_words=_MAX_WORDS.value,
-            low_quantile=_LOW_Q.value,
-            high_quantile=_HIGH_Q.value,
-            low_threshold=_LOW_T.value,
-            high_threshold=_HIGH_T.value,
             seq_len=_SEQ_LEN.value,
             max_seqs=_MAX_SEQS.value,
             embed_dim=_EMBED.value,
@@ -88,20 +73,10 @@ def main(argv: list[str]) -> None:
             local_batch_size=_LOCAL_BATCH.value,
             client_learning_rate=_CLIENT_LR.value,
             server_learning_rate=_SERVER_LR.value,
-            rounds=_ROUNDS.value,
-            clients_per_round=_PER_ROUND.value,
-            sampling=_SAMPLING.value,
-            group_sampling=_GROUP_SAMPLING.value,
-            group_size_noise=_GROUP_SIZE_NOISE.value,
-            l2_clip=_CLIP.value,
-            noise_multiplier=_NOISE.value,
-            delta=_DELTA.value,
             num_sample_lines=_LINES.value,
             sample_length=_LENGTH.value,
             top_k=_TOP_K.value,
-            seed=_SEED.value,
-            eval_every=_EVAL_EVERY.value,
-            checkpoint_every=_CKPT_EVERY.value,
+            **debug_flags.config_fields(_DEBUG_FLAGS),
         )
         summary = fedlm_debug.run(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:
