@@ -53,7 +53,7 @@ from dpfed.models import gan
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require, require_finite_floats
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.workdir import Workdir, params_sha256
 
 PyTree = Any
 
@@ -154,14 +154,7 @@ class DebugConfig:
                 name,
                 "must be two positive widths",
             )
-        require(self.clients_per_round > 0, "clients_per_round", "must be > 0")
-        require(self.l2_clip > 0, "l2_clip", "must be > 0")
-        require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
-        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
-        require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
-        group_sizes.check_group_sampling(self)
-        require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
-                "clients_per_round", "must be a whole number with --sampling=fixed")
+        selection.check_training_settings(self)
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
         require(self.server_g_learning_rate > 0, "server_g_learning_rate", "must be > 0")
         self.require_noise_split(self.clients_per_round)
@@ -438,7 +431,6 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             **group_sizes.group_size_fields(
                 sizes[name], subpopulations[name], sizes_ledger, Workdir(wd.file(f"gan_{name}"))),
             **selection.model_fields(summary),
-            "sampling_rate": summary["sampling_rate"],
         }
         ground_truth[name] = {
             "num_clients": sizes[name],
@@ -446,39 +438,18 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
             "real_inverted_fraction": polarity.inverted_fraction(real),
             "client_accuracy_mean": selection.mean_or_nan(accuracies[members]),
         }
-    diagnostics = {
-        "note": selection.DIAGNOSTICS_JSON_NOTE,
-        "groups": ground_truth,
-        "num_buggy_clients": int(fed.buggy.sum()),
-        # The thresholds used; a quantile one is a function of all clients' accuracies.
-        "low_threshold": groups.low_threshold,
-        "high_threshold": groups.high_threshold,
-    }
-    thresholds_given = config.low_threshold is not None and config.high_threshold is not None
+    diagnostics = selection.demo_diagnostics(ground_truth, fed.buggy, groups)
     summary = {
         "method": "fedgan_debug",
         "inverted_fraction_low": results["low"]["inverted_fraction"],
         "inverted_fraction_high": results["high"]["inverted_fraction"],
         "gan_low": results["low"],
         "gan_high": results["high"],
-        "epsilon_rdp": selection.max_epsilon(results),
-        "guarantee_caveat": selection.guarantee_caveat(
-            config.low_threshold, config.high_threshold, config.sampling, "accuracies",
-            config.group_sampling),
-        "delta": config.delta if config.noise_multiplier > 0 else None,
-        "unit": "user",
         # On its own training data, from outside the client population (no client's data).
         "classifier_healthy_accuracy": healthy_accuracy,
         "classifier_training_data": fed.healthy_source,
-        # Settings: a threshold from a quantile is None here (diagnostics.json has it).
-        "low_threshold": config.low_threshold,
-        "high_threshold": config.high_threshold,
-        "thresholds_from_quantiles": not thresholds_given,
-        "num_clients": int(clients.num_clients),
-        **selection.demo_fields(results, started),
-        "flags": dataclasses.asdict(config),
-        "seed": config.seed,
-        "environment": environment_info(),
+        **selection.summary_fields(
+            config, results, started, "accuracies", int(clients.num_clients)),
     }
     wd.write_json(selection.DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)

@@ -50,7 +50,7 @@ from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import run_clock
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import require, require_finite_floats
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.workdir import Workdir, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
 # What a rerun on the same workdir may change: how long the LMs train, how often they
@@ -125,19 +125,9 @@ class TextDebugConfig:
         ):
             require(getattr(self, name) > 0, name, "must be > 0")
         require(self.seq_len >= 2, "seq_len", "must be >= 2")
-        for name in (
-            "client_learning_rate",
-            "server_learning_rate",
-            "clients_per_round",
-            "l2_clip",
-        ):
+        for name in ("client_learning_rate", "server_learning_rate"):
             require(getattr(self, name) > 0, name, "must be > 0")
-        require(self.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
-        require(0 < self.delta < 1, "delta", "must be in (0, 1)")
-        require(self.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
-        group_sizes.check_group_sampling(self)
-        require(self.sampling == "poisson" or float(self.clients_per_round).is_integer(),
-                "clients_per_round", "must be a whole number with --sampling=fixed")
+        selection.check_training_settings(self)
         if self.low_threshold is not None and self.high_threshold is not None:
             require(
                 self.low_threshold < self.high_threshold,
@@ -300,7 +290,6 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "top_glue": stats.top_glue,
             "num_sample_tokens": stats.num_tokens,
             **selection.model_fields(summary),
-            "sampling_rate": summary["sampling_rate"],
         }
         ground_truth[name] = {
             "num_clients": sizes[name],
@@ -310,18 +299,10 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             "real_glued_rate": real.glued_rate,
             "kept_char_fraction": kept_fraction,
         }
-    diagnostics = {
-        "note": selection.DIAGNOSTICS_JSON_NOTE,
-        "groups": ground_truth,
-        "num_buggy_clients": int(buggy.sum()),
+    diagnostics = selection.demo_diagnostics(
+        ground_truth, buggy, groups,
         # Client chars the held-out plays lack: the LMs see <oov> and never sample it.
-        "client_chars_outside_char_vocabulary": chars_oov,
-        "client_chars": chars_total,
-        # The thresholds used; a quantile one is a function of all clients' OOV rates.
-        "low_threshold": groups.low_threshold,
-        "high_threshold": groups.high_threshold,
-    }
-    thresholds_given = config.low_threshold is not None and config.high_threshold is not None
+        client_chars_outside_char_vocabulary=chars_oov, client_chars=chars_total)
     summary = {
         "method": "fedlm_debug",
         "oov_rate_buggy_model": results["high_oov"]["oov_rate"],
@@ -330,25 +311,11 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "glued_rate_healthy_model": results["low_oov"]["glued_rate"],
         "lm_high_oov": results["high_oov"],
         "lm_low_oov": results["low_oov"],
-        "epsilon_rdp": selection.max_epsilon(results),
-        "guarantee_caveat": selection.guarantee_caveat(
-            config.low_threshold, config.high_threshold, config.sampling, "OOV rates",
-            config.group_sampling),
-        "delta": config.delta if config.noise_multiplier > 0 else None,
-        "unit": "user",
-        # Settings: a threshold from a quantile is None here (diagnostics.json has it).
-        "low_threshold": config.low_threshold,
-        "high_threshold": config.high_threshold,
-        "thresholds_from_quantiles": not thresholds_given,
-        "num_clients": len(texts),
         # The vocabularies' source: whole plays no client comes from (settings, not data).
         "vocabulary_plays": list(plays.held_out_plays),
         "word_vocabulary_size": word_vocab.size - len(text_lib.SPECIAL_TOKENS),
         "char_vocabulary_size": char_vocab.size - len(text_lib.SPECIAL_TOKENS),
-        **selection.demo_fields(results, started),
-        "flags": dataclasses.asdict(config),
-        "seed": config.seed,
-        "environment": environment_info(),
+        **selection.summary_fields(config, results, started, "OOV rates", len(texts)),
     }
     wd.write_json("samples.json", samples)
     wd.write_json(selection.DIAGNOSTICS_JSON, diagnostics)

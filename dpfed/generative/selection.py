@@ -12,9 +12,10 @@ taken as quantiles of all clients' values (a simulation convenience) weaken the 
 either way: `guarantee_caveat` says how and why.
 
 It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
-their groups: the raw-data log prefix, diagnostics.json, the pins that check a rerun
-once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`), and what their
-summaries take from the two models' (`model_fields`, `demo_fields`).
+their groups: the checks of their common training settings (`check_training_settings`),
+the raw-data log prefix, diagnostics.json (`demo_diagnostics`), the pins that check a
+rerun once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`), and their
+summaries' common fields (`model_fields`, `demo_fields`, `summary_fields`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ import numpy as np
 from dpfed import privacy
 from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.generative import group_sizes
-from dpfed.train.config import ConfigError
+from dpfed.train.config import ConfigError, require
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
 from dpfed.train.workdir import DIAGNOSTICS_JSON_NOTE as DIAGNOSTICS_JSON_NOTE
 from dpfed.train.workdir import RAW_LOG_PREFIX as RAW_LOG_PREFIX  # raw-data terminal lines
-from dpfed.train.workdir import Workdir
+from dpfed.train.workdir import Workdir, environment_info
 
 DEFAULT_LOW_QUANTILE = 0.25
 DEFAULT_HIGH_QUANTILE = 0.75
@@ -73,6 +74,23 @@ def split_settings(config: Any) -> dict[str, Any]:
     and `allow_empty` with population sampling (`group_sizes`)."""
     return {**{name: getattr(config, name) for name in SPLIT_SETTINGS},
             "allow_empty": config.group_sampling == "population"}
+
+
+def check_training_settings(config: Any) -> None:
+    """Checks the settings of a demo config's DP-FedAvg rounds, the same in both demos:
+    cohorts (`clients_per_round`, `sampling`, `group_sampling`), clip, noise and delta.
+
+    Raises:
+      ConfigError: naming the first field out of range.
+    """
+    require(config.clients_per_round > 0, "clients_per_round", "must be > 0")
+    require(config.l2_clip > 0, "l2_clip", "must be > 0")
+    require(config.noise_multiplier >= 0, "noise_multiplier", "must be >= 0")
+    require(0 < config.delta < 1, "delta", "must be in (0, 1)")
+    require(config.sampling in ("poisson", "fixed"), "sampling", "must be poisson or fixed")
+    group_sizes.check_group_sampling(config)
+    require(config.sampling == "poisson" or float(config.clients_per_round).is_integer(),
+            "clients_per_round", "must be a whole number with --sampling=fixed")
 
 
 def split_clients(
@@ -272,32 +290,12 @@ def threshold_rule(
     return f"{metric} {op} the {quantile:g} quantile of all clients' {metrics}"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def max_epsilon(results: dict[str, dict]) -> float | None:
     """The eps of releasing every group's model: the groups are disjoint, so the max of
     the groups' eps, each with the group sizes' release where they were noised (given
     the grouping and, with "group" sampling, the sizes: `guarantee_caveat`)."""
     eps = [r.get("epsilon_rdp_with_group_sizes", r["epsilon_rdp"]) for r in results.values()]
     return None if any(e is None for e in eps) else max(eps)
-
-
 
 
 def eps_headline(summary: dict) -> str:
@@ -389,7 +387,7 @@ def guarantee_caveat(
 MODEL_SUMMARY_KEYS = (
     "seed",  # its own: the groups draw independent noise
     "epsilon_rdp", "epsilon_pld", "epsilon_rdp_same_noise_if_users", "rounds",
-    "wall_seconds", "wall_seconds_earlier", "diverged",
+    "wall_seconds", "wall_seconds_earlier", "diverged", "sampling_rate",
 )
 
 
@@ -405,3 +403,56 @@ def demo_fields(results: dict[str, dict], started: float) -> dict:
     earlier = sum(r["wall_seconds_earlier"] for r in results.values())
     return {"diverged": any(r["diverged"] for r in results.values()),
             **RunClock(started, earlier).summary()}
+
+
+def summary_fields(
+    config: Any, results: dict[str, dict], started: float, metrics: str, num_clients: int
+) -> dict:
+    """The fields both demos' summary.json hold besides their own measurements.
+
+    The eps of releasing both models (`max_epsilon`) and why it is not end to end
+    (`guarantee_caveat`, on the groups' per-client `metrics`); the split's settings (a
+    threshold from a quantile is None here: it is raw data, in diagnostics.json); the
+    population's `num_clients`; `demo_fields`; the config and the environment.
+
+    Args:
+      config: the demo's config.
+      results: each group's release fields, with `model_fields`.
+      started: when this invocation started (`time.time()`).
+      metrics: the per-client values the groups are split by, e.g. "accuracies".
+      num_clients: the client population's size.
+    """
+    thresholds_given = config.low_threshold is not None and config.high_threshold is not None
+    return {
+        "epsilon_rdp": max_epsilon(results),
+        "guarantee_caveat": guarantee_caveat(
+            config.low_threshold, config.high_threshold, config.sampling, metrics,
+            config.group_sampling),
+        "delta": config.delta if config.noise_multiplier > 0 else None,
+        "unit": "user",
+        "low_threshold": config.low_threshold,
+        "high_threshold": config.high_threshold,
+        "thresholds_from_quantiles": not thresholds_given,
+        "num_clients": num_clients,
+        **demo_fields(results, started),
+        "flags": dataclasses.asdict(config),
+        "seed": config.seed,
+        "environment": environment_info(),
+    }
+
+
+def demo_diagnostics(
+    ground_truth: dict[str, dict], buggy: np.ndarray, groups: ClientGroups, **figures: Any
+) -> dict:
+    """A demo's diagnostics.json (`DIAGNOSTICS_JSON`; raw data, not a release): each
+    group's `ground_truth`, how many clients are truly `buggy`, the demo's other raw
+    `figures`, and the thresholds the split used (a quantile one is a function of all
+    clients' values)."""
+    return {
+        "note": DIAGNOSTICS_JSON_NOTE,
+        "groups": ground_truth,
+        "num_buggy_clients": int(buggy.sum()),
+        **figures,
+        "low_threshold": groups.low_threshold,
+        "high_threshold": groups.high_threshold,
+    }
