@@ -482,25 +482,17 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
         else "the two GANs do not differ in polarity."
     )
     high_inverted = f"{high['inverted_fraction']:.3f}"
-    release_table = [
-        ("clients", "num_clients", "d") if "num_clients" in low else
-        (f"clients (size + N(0, {config.group_size_noise:g}^2))", "num_clients_noised", ".1f"),
+    rows = selection.table_rows([
+        group_sizes.size_row(config, low),
         (f"inverted fraction of {config.num_samples} GAN samples", "inverted_fraction", ".3f"),
         ("GAN wall time (s)", "wall_seconds", ".0f"),
-    ]
-    rows = "\n".join(
-        f"| {label} | {format(low[key], spec)} | {format(high[key], spec)} |"
-        for label, key, spec in release_table
-    )
+    ], low, high)
     truth_low, truth_high = diagnostics["groups"]["low"], diagnostics["groups"]["high"]
-    truth_table = [
-        ("mean client accuracy", "client_accuracy_mean"),
-        ("truly buggy clients", "buggy_client_fraction"),
-        ("inverted fraction of the group's real images", "real_inverted_fraction"),
-    ]
-    truth_rows = "\n".join(
-        f"| {label} | {truth_low[key]:.3f} | {truth_high[key]:.3f} |" for label, key in truth_table
-    )
+    truth_rows = selection.table_rows([
+        ("mean client accuracy", "client_accuracy_mean", ".3f"),
+        ("truly buggy clients", "buggy_client_fraction", ".3f"),
+        ("inverted fraction of the group's real images", "real_inverted_fraction", ".3f"),
+    ], truth_low, truth_high)
     buggy_clients = f"{diagnostics['num_buggy_clients']} of the {summary['num_clients']}"
     threshold_note = (
         "A quantile threshold is a function of all clients' raw accuracies: a simulation "
@@ -509,10 +501,7 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
         if summary["thresholds_from_quantiles"]
         else "The thresholds were given: each client decides its group on its own device."
     )
-    low_rule = selection.threshold_rule(
-        "low", summary["low_threshold"], config.low_quantile, "accuracy", "accuracies")
-    high_rule = selection.threshold_rule(
-        "high", summary["high_threshold"], config.high_quantile, "accuracy", "accuracies")
+    low_rule, high_rule = selection.threshold_rules(config, summary, "accuracy", "accuracies")
     max_eps_line = selection.max_epsilon_line(summary)
     return f"""# Debugging private, decentralized images with DP federated GANs
 

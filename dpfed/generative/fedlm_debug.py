@@ -356,10 +356,7 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         if summary["thresholds_from_quantiles"]
         else "The thresholds were given: each client decides its group on its own device."
     )
-    low_rule = selection.threshold_rule(
-        "low", summary["low_threshold"], config.low_quantile, "OOV rate", "OOV rates")
-    high_rule = selection.threshold_rule(
-        "high", summary["high_threshold"], config.high_quantile, "OOV rate", "OOV rates")
+    low_rule, high_rule = selection.threshold_rules(config, summary, "OOV rate", "OOV rates")
     vocab_plays = summary["vocabulary_plays"]
     vocab_note = (
         f"The word vocabulary and the LMs' {summary['char_vocabulary_size']}-char alphabet were "
@@ -382,28 +379,20 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         f"\n**The {' and the '.join(g.replace('_', '-') for g in diverged)} clients' LM "
         "diverged** (NaN or inf in its parameters or loss; smaller learning rates?): its samples "
         "say nothing about the clients' text.\n" if diverged else "")
-    table = [
-        ("clients", "num_clients", "{:d}") if "num_clients" in low else
-        (f"clients (size + N(0, {config.group_size_noise:g}^2))", "num_clients_noised", "{:.1f}"),
-        ("OOV rate of the LM's samples", "oov_rate", "{:.3f}"),
-        ("glued-token rate of the LM's samples", "glued_rate", "{:.3f}"),
-        ("LM wall time (s)", "wall_seconds", "{:.0f}"),
-    ]
-    rows = "\n".join(
-        f"| {label} | {spec.format(high[key])} | {spec.format(low[key])} |"
-        for label, key, spec in table
-    )
+    rows = selection.table_rows([
+        group_sizes.size_row(config, low),
+        ("OOV rate of the LM's samples", "oov_rate", ".3f"),
+        ("glued-token rate of the LM's samples", "glued_rate", ".3f"),
+        ("LM wall time (s)", "wall_seconds", ".0f"),
+    ], high, low)
     truth_high, truth_low = diagnostics["groups"]["high_oov"], diagnostics["groups"]["low_oov"]
-    truth_table = [
-        ("truly buggy clients", "buggy_client_fraction"),
-        ("mean client OOV rate (on device)", "client_oov_rate_mean"),
-        ("OOV rate of the real text the LM trains on", "real_oov_rate"),
-        ("glued-token rate of the real text the LM trains on", "real_glued_rate"),
-        ("share of the group's text the LM trains on", "kept_char_fraction"),
-    ]
-    truth_rows = "\n".join(
-        f"| {label} | {truth_high[key]:.3f} | {truth_low[key]:.3f} |" for label, key in truth_table
-    )
+    truth_rows = selection.table_rows([
+        ("truly buggy clients", "buggy_client_fraction", ".3f"),
+        ("mean client OOV rate (on device)", "client_oov_rate_mean", ".3f"),
+        ("OOV rate of the real text the LM trains on", "real_oov_rate", ".3f"),
+        ("glued-token rate of the real text the LM trains on", "real_glued_rate", ".3f"),
+        ("share of the group's text the LM trains on", "kept_char_fraction", ".3f"),
+    ], truth_high, truth_low)
     return f"""# Debugging private, decentralized text with DP federated LMs
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"

@@ -193,6 +193,14 @@ def group_size_fields(
     }
 
 
+def size_row(config: Any, release: dict) -> tuple[str, str, str]:
+    """A report table's row of a group's size, as (label, key, format spec): the true size
+    released with "group" sampling, else the noised one (`group_size_fields`)."""
+    if "num_clients" in release:
+        return ("clients", "num_clients", "d")
+    return (f"clients (size + N(0, {config.group_size_noise:g}^2))", "num_clients_noised", ".1f")
+
+
 def describe_group_sampling(config: Any) -> str:
     """How a demo's groups were sampled, for its report's settings."""
     if config.group_sampling == "group":

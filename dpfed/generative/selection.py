@@ -14,8 +14,9 @@ either way: `guarantee_caveat` says how and why.
 It also holds what the two debug demos (`fedgan_debug`, `fedlm_debug`) share around
 their groups: the checks of their common training settings (`check_training_settings`),
 the raw-data log prefix, diagnostics.json (`demo_diagnostics`), the pins that check a
-rerun once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`), and their
-summaries' common fields (`model_fields`, `demo_fields`, `summary_fields`).
+rerun once a group's sub-workdir exists (`pin_demo_config`, `pin_groups`), their
+summaries' common fields (`model_fields`, `demo_fields`, `summary_fields`) and their
+reports' (`threshold_rules`, `table_rows`).
 """
 
 from __future__ import annotations
@@ -290,6 +291,16 @@ def threshold_rule(
     return f"{metric} {op} the {quantile:g} quantile of all clients' {metrics}"
 
 
+def threshold_rules(config: Any, summary: dict, metric: str, metrics: str) -> tuple[str, str]:
+    """The low and the high group's `threshold_rule`, from a demo's settings: the thresholds
+    its summary gives (None for a quantile) and its config's quantiles."""
+    low, high = (
+        threshold_rule(side, summary[f"{side}_threshold"], getattr(config, f"{side}_quantile"),
+                       metric, metrics)
+        for side in ("low", "high"))
+    return low, high
+
+
 def max_epsilon(results: dict[str, dict]) -> float | None:
     """The eps of releasing every group's model: the groups are disjoint, so the max of
     the groups' eps, each with the group sizes' release where they were noised (given
@@ -310,6 +321,13 @@ def eps_headline(summary: dict) -> str:
              else "given the grouping")
     return (f"user-level eps {privacy.format_upper(eps, 3)} (RDP, the groups' max {given}: "
             "see the caveat in report.md)")
+
+
+def table_rows(rows: Sequence[tuple[str, str, str]], left: dict, right: dict) -> str:
+    """The body of a report's table of two groups: `| label | left | right |` for each
+    (label, key, format spec) row, where left and right are the groups' `key` in `spec`."""
+    return "\n".join(f"| {label} | {format(left[key], spec)} | {format(right[key], spec)} |"
+                     for label, key, spec in rows)
 
 
 def max_epsilon_line(summary: dict) -> str:
