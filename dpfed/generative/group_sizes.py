@@ -198,7 +198,8 @@ def size_row(config: Any, release: dict) -> tuple[str, str, str]:
     released with "group" sampling, else the noised one (`group_size_fields`)."""
     if "num_clients" in release:
         return ("clients", "num_clients", "d")
-    return (f"clients (size + N(0, {config.group_size_noise:g}^2))", "num_clients_noised", ".1f")
+    return (f"clients (size + N(0, {config.group_size_noise:g}^2), rounded)", "num_clients_noised",
+            "g")
 
 
 def describe_group_sampling(config: Any) -> str:

@@ -1,5 +1,7 @@
 """Noised group sizes, their ledger and the end-to-end eps (dpfed.generative.group_sizes)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from dp_accounting import dp_event
@@ -98,3 +100,12 @@ def test_released_sizes_of_another_noise_std_are_refused_naming_the_flag(tmp_pat
     with pytest.raises(ConfigError) as error:
         group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 30.0, 3, 1e-5, "x")
     assert error.value.field == "group_size_noise", error.value
+
+
+def test_size_row_shows_the_released_size_true_or_noised():
+    config = SimpleNamespace(group_size_noise=10.0)
+    assert group_sizes.size_row(config, {"num_clients": 6}) == ("clients", "num_clients", "d")
+    label, key, spec = group_sizes.size_row(config, {"num_clients_noised": 6})
+    assert (label, key, spec) == (
+        "clients (size + N(0, 10^2), rounded)", "num_clients_noised", "g"), (
+        "with population sampling only the noised size is released, with its noise")

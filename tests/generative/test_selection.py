@@ -264,3 +264,32 @@ def test_guarantee_caveat_is_none_end_to_end_with_population_sampling_and_given_
     caveat = selection.guarantee_caveat(None, 0.94, "poisson", "accuracies", "population")
     assert "quantiles" in caveat and "without noise" not in caveat, (
         f"with population sampling only the quantile threshold is left to caveat: {caveat!r}")
+
+
+_TRAINING = {"clients_per_round": 4.0, "l2_clip": 1.0, "noise_multiplier": 0.5, "delta": 1e-5,
+             "sampling": "poisson", "group_sampling": "group", "group_size_noise": 10.0}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("clients_per_round", 0.0), ("l2_clip", 0.0), ("noise_multiplier", -0.1), ("delta", 1.0),
+    ("sampling", "uniform"), ("group_sampling", "all")])
+def test_check_training_settings_names_the_setting_out_of_range(field, value):
+    selection.check_training_settings(SimpleNamespace(**_TRAINING))  # all in range
+    with pytest.raises(ConfigError) as raised:
+        selection.check_training_settings(SimpleNamespace(**{**_TRAINING, field: value}))
+    assert raised.value.field == field, f"{field}={value!r} refused naming {raised.value.field}"
+
+
+def test_threshold_rules_take_a_given_threshold_or_that_sides_quantile():
+    config = SimpleNamespace(low_quantile=0.2, high_quantile=0.8)
+    low, high = selection.threshold_rules(
+        config, {"low_threshold": 0.3, "high_threshold": None}, "accuracy", "accuracies")
+    assert low == "accuracy <= 0.300", low
+    assert high == "accuracy >= the 0.8 quantile of all clients' accuracies", (
+        f"the high side's rule must name the high quantile: {high!r}")
+
+
+def test_table_rows_put_each_groups_value_in_its_column_in_the_rows_format():
+    rows = selection.table_rows([("clients", "n", "d"), ("rate", "r", ".3f")],
+                                {"n": 6, "r": 0.25}, {"n": 7, "r": 0.5})
+    assert rows == "| clients | 6 | 7 |\n| rate | 0.250 | 0.500 |", rows
