@@ -28,6 +28,31 @@ def assert_releases_hold_none_of(workdir: pathlib.Path, groups, raw_keys) -> Non
         assert not leaked, f"{name} is a release but holds raw-data figures {sorted(leaked)}"
 
 
+def assert_summary_keeps_quantile_thresholds_out(summary: dict) -> None:
+    """A run with quantile thresholds: summary.json holds None for both, not their values."""
+    assert summary["thresholds_from_quantiles"], "TINY gives no thresholds: quantiles are used"
+    assert summary["low_threshold"] is None and summary["high_threshold"] is None, (
+        "a quantile threshold is a function of all clients' raw values: summary.json must "
+        f"not hold it, got {summary['low_threshold']}, {summary['high_threshold']}"
+    )
+
+
+def read_labelled_diagnostics(workdir: pathlib.Path, groups, raw_group_keys) -> dict:
+    """diagnostics.json of a run with quantile thresholds, after checking that it says it
+    is not a DP release and holds each group's `raw_group_keys` and the thresholds used."""
+    diagnostics = Workdir(workdir).read_json(selection.DIAGNOSTICS_JSON)
+    assert "not a dp release" in diagnostics["note"].lower(), (
+        f"diagnostics.json must say it is not a DP release: {diagnostics['note']!r}"
+    )
+    for group in groups:
+        missing = set(raw_group_keys) - set(diagnostics["groups"][group])
+        assert not missing, f"diagnostics.json group {group} lacks {sorted(missing)}"
+    assert diagnostics["low_threshold"] < diagnostics["high_threshold"], (
+        "diagnostics.json must hold the quantile thresholds the split used"
+    )
+    return diagnostics
+
+
 def assert_ground_truth_only_after_releases(report: str, release_marker: str, labels) -> None:
     """The report shows `labels` only in its last section, ground truth, after `release_marker`."""
     assert GROUND_TRUTH_HEADING in report, "report.md needs a labelled ground-truth section"
