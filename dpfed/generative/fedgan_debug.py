@@ -403,7 +403,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         "dataset" if config.dataset == "mnist5k" else "emnist_dir",  # mnist5k: embedded
     )
     subpopulations, sizes_ledger = group_sizes.group_subpopulations(
-        wd, config, sizes, clients.num_clients, "accuracies")
+        wd, config, sizes, clients.num_clients, "accuracies", log)
     for subpopulation in subpopulations.values():  # each group's divisor, before training
         if subpopulation is not None:
             config.require_noise_split(subpopulation.divisor(config.clients_per_round))

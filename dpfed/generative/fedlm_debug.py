@@ -243,7 +243,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             f"{name} group: raise --max_seqs or --seq_len",
         )
     subpopulations, sizes_ledger = group_sizes.group_subpopulations(
-        wd, config, sizes, len(texts), "OOV rates")
+        wd, config, sizes, len(texts), "OOV rates", log)
     for name in GROUPS:
         group_texts, kept = group_texts_of[name], kept_of[name]
         ids, counts = sequences_of[name]

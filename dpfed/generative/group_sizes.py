@@ -165,15 +165,36 @@ def require_cohorts_fit(
 
 
 def group_subpopulations(
-    workdir: Workdir, config: Any, sizes: dict[str, int], population: int, metric: str
+    workdir: Workdir, config: Any, sizes: dict[str, int], population: int, metric: str,
+    log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Subpopulation | None], privacy.PrivacyLedger | None]:
     """Each group's `Subpopulation` and the noised sizes' ledger (`released_group_sizes`)
-    with `config.group_sampling` "population"; Nones with "group"."""
+    with `config.group_sampling` "population"; Nones with "group". Logs a warning for a
+    noised size under `SMALL_GROUP_STDS` noise stds (`small_group_warning`)."""
     if config.group_sampling == "group":
         return dict.fromkeys(sizes), None
     noisy, ledger = released_group_sizes(
         workdir, sizes, config.group_size_noise, config.seed, config.delta, metric)
+    for name, size in noisy.items():
+        warning = small_group_warning(name, size, config.group_size_noise)
+        if warning:
+            log(warning)
     return {name: Subpopulation(population, noisy[name]) for name in sizes}, ledger
+
+
+SMALL_GROUP_STDS = 3  # a noised size under this many noise stds gets a warning
+
+
+def small_group_warning(name: str, noised_size: float, stddev: float) -> str | None:
+    """A warning when a group's noised size is under `SMALL_GROUP_STDS` noise stds: its
+    rounds' mean divides by q x that size, perhaps far from q x the true size (the floor
+    at 1 can make it several times larger). A function of the release alone."""
+    if noised_size >= SMALL_GROUP_STDS * stddev:
+        return None
+    return (f"warning: the {name} group's noised size, {noised_size:g} users, is under "
+            f"{SMALL_GROUP_STDS} x --group_size_noise ({SMALL_GROUP_STDS * stddev:g}): its "
+            f"mean update divides by q x {noised_size:g}, which may be far from q x its true "
+            "size; a larger population or a smaller --group_size_noise helps")
 
 
 def group_size_fields(

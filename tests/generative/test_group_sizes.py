@@ -109,3 +109,11 @@ def test_size_row_shows_the_released_size_true_or_noised():
     assert (label, key, spec) == (
         "clients (size + N(0, 10^2), rounded)", "num_clients_noised", "g"), (
         "with population sampling only the noised size is released, with its noise")
+
+
+def test_a_small_noised_size_gets_a_warning_naming_the_group_and_the_flag():
+    # The floor at 1 turned a true 7 into 1 in a tiny run: a mean 7x too large, unsaid.
+    warning = group_sizes.small_group_warning("low", 12, 10.0)
+    assert warning and "low group" in warning and "--group_size_noise" in warning, warning
+    assert group_sizes.small_group_warning("low", 30, 10.0) is None, (
+        "a size of 3 noise stds or more needs no warning")
