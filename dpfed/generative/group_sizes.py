@@ -187,8 +187,9 @@ SMALL_GROUP_STDS = 3  # a noised size under this many noise stds gets a warning
 
 def small_group_warning(name: str, noised_size: float, stddev: float) -> str | None:
     """A warning when a group's noised size is under `SMALL_GROUP_STDS` noise stds: its
-    rounds' mean divides by q x that size, perhaps far from q x the true size (the floor
-    at 1 can make it several times larger). A function of the release alone."""
+    rounds' mean divides by q x that size, perhaps far from q x the true size (floored at
+    1, a small group's divisor can be several times too small). A function of the release
+    alone."""
     if noised_size >= SMALL_GROUP_STDS * stddev:
         return None
     return (f"warning: the {name} group's noised size, {noised_size:g} users, is under "
