@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -170,6 +170,22 @@ def vocabularies(
     return word_vocab, char_vocab
 
 
+def require_window_holds_a_line(public_texts: Sequence[str], window: int) -> None:
+    """Refuses a window (`seq_len` x `max_seqs` chars) that holds no whole line of the
+    held-out plays, whose every client would train on nothing (zero updates).
+
+    Only public text is read: a refusal on the clients' own lines would be a release (in
+    one population a group's client has a short line and the run goes on, in its
+    neighbour it is longer and the run stops); a client whose first line does not fit
+    trains on nothing, counted in a raw-data terminal line.
+    """
+    shortest = min(len(line) + 2 for text in public_texts for line in text.splitlines()
+                   if line.strip())  # + <bos> and <eos>, as `fedlm.truncate_lines`
+    require(shortest <= window, "max_seqs",
+            f"seq_len x max_seqs = {window} chars hold no whole line, not even the held-out "
+            f"plays' shortest ({shortest - 2} chars): raise --max_seqs or --seq_len")
+
+
 def chars_outside(texts: list[str], char_vocab: text_lib.Vocabulary) -> tuple[int, int]:
     """(chars of `texts` not in `char_vocab`, all chars), newlines not counted.
 
@@ -194,6 +210,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     selection.pin_demo_config(wd, config, group_dirs, RESUMABLE_FIELDS)
     plays = data_lib.load_shakespeare(min_lines=config.min_lines, num_held_out=config.vocab_plays)
     word_vocab, char_vocab = vocabularies(plays, config.max_words)
+    require_window_holds_a_line(plays.held_out_text, config.seq_len * config.max_seqs)
     texts, buggy = bugs.inject_text_bug(plays.train, config.bug_fraction, config.seed)
     oov_rates = fedlm.client_oov_rates(texts, word_vocab)
     chars_oov, chars_total = chars_outside(texts, char_vocab)
@@ -221,7 +238,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     selection.pin_groups(
         wd, {name: params_sha256(t) for name, t in group_texts_of.items()}, group_dirs, "workdir"
     )
-    # Every group's data are checked before either LM trains: a check failing on the
+    # Both groups' cohorts are checked before either LM trains: a check failing on the
     # second group after the first trained would leave a workdir whose corrected rerun
     # is refused (`pin_demo_config`).
     window = config.seq_len * config.max_seqs
@@ -235,13 +252,6 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         kept_of[name] = [fedlm.truncate_lines(text, window) for text in group_texts]
         sequences_of[name] = fedlm.client_sequences(
             kept_of[name], char_vocab, config.seq_len, config.max_seqs)
-        counts = sequences_of[name][1]
-        require(  # with population sampling a refusal would be a release: an LM trains
-            config.group_sampling == "population" or int(np.sum(counts == 0)) < len(counts),
-            "max_seqs",
-            f"seq_len x max_seqs = {window} chars hold no whole line of any client of the "
-            f"{name} group: raise --max_seqs or --seq_len",
-        )
     subpopulations, sizes_ledger = group_sizes.group_subpopulations(
         wd, config, sizes, len(texts), "OOV rates", log)
     for name in GROUPS:

@@ -140,6 +140,10 @@ def check_fast_clipping_applies(
     """Refuses `clipping="fast"` for a model whose examples' losses mix (one pass of
     `physical_batch` examples, `fast_clipping.check_examples_independent`).
 
+    `train` passes the public test split, not the private training data: a refusal that
+    depended on training records (a NaN that some record causes) would be a release
+    outside the ledger.
+
     Raises:
       ConfigError: on field "clipping", naming an example whose loss moves with others
         (or a layer the fast path does not support).
@@ -349,7 +353,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
     if config.clipping == "fast" and not config.nodp:
-        check_fast_clipping_applies(model, params, train_ds.images, train_ds.labels, config)
+        check_fast_clipping_applies(model, params, test_ds.images, test_ds.labels, config)
 
     checkpointer = Checkpointer(wd.file("checkpoints"))
     if config.nodp:

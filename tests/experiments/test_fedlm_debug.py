@@ -261,14 +261,33 @@ def test_min_lines_leaving_no_client_is_an_error_naming_it(tmp_path):
     )
 
 
-def test_a_window_that_holds_no_clients_line_is_an_error_naming_max_seqs(tmp_path):
-    # Before, every client trained on nothing (zero updates) and the run ended with exit 0
-    # (found by a CLI audit).
+def test_a_window_that_holds_no_line_of_the_held_out_plays_is_an_error_naming_max_seqs(
+        tmp_path):
+    # Before a CLI audit every client trained on nothing (zero updates) and the run ended
+    # with exit 0; the check reads the public held-out plays, not the clients' lines.
     config = fedlm_debug.TextDebugConfig(**{**TINY, "seq_len": 2, "max_seqs": 1})
     with pytest.raises(ConfigError) as raised:
         fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
     assert raised.value.field == "max_seqs", (
         f"2 chars hold no line: the error must name --max_seqs: {raised.value}")
+
+
+def test_a_group_whose_clients_keep_no_line_trains_instead_of_refusing_the_run(
+        tmp_path, monkeypatch):
+    # A refusal on the clients' own lines was a release: in one population a group's
+    # client has a line that fits and the run goes on, in its neighbour it does not.
+    monkeypatch.setattr(fedlm, "truncate_lines", lambda text, window: "")
+    trained = {}
+
+    def train_lm(config, ids, counts, *args, group, **kwargs):
+        trained[group] = np.asarray(counts).tolist()
+        raise InterruptedError  # the group reached training: no LM needs to train
+
+    monkeypatch.setattr(fedlm, "train_lm", train_lm)
+    with pytest.raises(InterruptedError):
+        fedlm_debug.run(fedlm_debug.TextDebugConfig(**TINY), str(tmp_path), log=lambda _: None)
+    (counts,) = trained.values()
+    assert counts and not any(counts), f"every client keeps no line and still trains: {counts}"
 
 
 class _LoggedError(Exception):

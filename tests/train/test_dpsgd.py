@@ -143,6 +143,20 @@ def test_fast_clipping_refuses_a_model_whose_examples_mix(tmp_path, monkeypatch)
     assert not (tmp_path / "ledger.json").exists(), "a refused run must release nothing"
 
 
+def test_fast_clippings_check_reads_the_public_test_split_not_the_training_data(
+        tmp_path, monkeypatch):
+    # A refusal on the training records (a NaN one record causes) would be a release.
+    seen = []
+    monkeypatch.setattr(dpsgd, "check_fast_clipping_applies",
+                        lambda model, params, images, labels, config: seen.append(images))
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=1, batch_size=16,
+                               noise_multiplier=1.0, clipping="fast")
+    dpsgd.train(config, tmp_path, log=lambda _: None)
+    test_images = dpsgd.data_lib.load("digits", "test").images
+    assert len(seen) == 1 and np.array_equal(seen[0], test_images), (
+        "the check must run on the test split")
+
+
 def test_a_fast_clipping_run_trains_and_records_every_step(tmp_path):
     config = dpsgd.DpSgdConfig(dataset="digits", model="cnn", steps=2, batch_size=16,
                                noise_multiplier=1.0, clipping="fast", eval_every=2)
