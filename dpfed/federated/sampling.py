@@ -123,8 +123,6 @@ class CohortSampler:
 
     def sample(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(indices, count): the first `count` entries of `indices` are the cohort."""
-        if self.population == 0:  # an empty subpopulation: nobody to sample
-            return jnp.zeros((1,), jnp.int32), jnp.int32(0)
         if self.scheme == privacy.Sampling.POISSON:
             return privacy.poisson_sample(key, self.population, self.rate)
         return privacy.fixed_size_sample(key, self.population, int(self.expected_size))
