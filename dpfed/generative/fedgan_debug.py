@@ -435,7 +435,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         ground_truth[name] = {
             "num_clients": sizes[name],
             "buggy_client_fraction": selection.mean_or_nan(fed.buggy[members]),
-            "real_inverted_fraction": polarity.inverted_fraction(real),
+            "real_inverted_fraction": selection.mean_or_nan(polarity.is_inverted(real)),
             "client_accuracy_mean": selection.mean_or_nan(accuracies[members]),
         }
     diagnostics = selection.demo_diagnostics(ground_truth, fed.buggy, groups)

@@ -99,6 +99,11 @@ def word_vocabulary(texts: Iterable[str], max_words: int) -> text_lib.Vocabulary
     return text_lib.Vocabulary.from_texts(texts, max_words, tokenizer=tokenize_whitespace)
 
 
+def line_ids(line: str) -> int:
+    """How many ids one line takes in a client's char stream: `<bos>`, its chars, `<eos>`."""
+    return len(line) + 2
+
+
 def truncate_lines(text: str, max_ids: int) -> str:
     """The longest prefix of whole lines whose char stream (`<bos> line <eos>`) fits.
 
@@ -108,7 +113,7 @@ def truncate_lines(text: str, max_ids: int) -> str:
     for line in text.splitlines():
         if not line.strip():
             continue
-        cost = len(line) + 2
+        cost = line_ids(line)
         if used + cost > max_ids:
             break
         kept.append(line)

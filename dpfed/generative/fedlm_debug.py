@@ -179,11 +179,11 @@ def require_window_holds_a_line(public_texts: Sequence[str], window: int) -> Non
     neighbour it is longer and the run stops); a client whose first line does not fit
     trains on nothing, counted in a raw-data terminal line.
     """
-    shortest = min(len(line) + 2 for text in public_texts for line in text.splitlines()
-                   if line.strip())  # + <bos> and <eos>, as `fedlm.truncate_lines`
-    require(shortest <= window, "max_seqs",
+    shortest = min((line for text in public_texts for line in text.splitlines()
+                    if line.strip()), key=len)
+    require(fedlm.line_ids(shortest) <= window, "max_seqs",
             f"seq_len x max_seqs = {window} chars hold no whole line, not even the held-out "
-            f"plays' shortest ({shortest - 2} chars): raise --max_seqs or --seq_len")
+            f"plays' shortest ({len(shortest)} chars): raise --max_seqs or --seq_len")
 
 
 def chars_outside(texts: list[str], char_vocab: text_lib.Vocabulary) -> tuple[int, int]:
@@ -210,7 +210,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     selection.pin_demo_config(wd, config, group_dirs, RESUMABLE_FIELDS)
     plays = data_lib.load_shakespeare(min_lines=config.min_lines, num_held_out=config.vocab_plays)
     word_vocab, char_vocab = vocabularies(plays, config.max_words)
-    require_window_holds_a_line(plays.held_out_text, config.seq_len * config.max_seqs)
+    window = config.seq_len * config.max_seqs  # chars of a client's stream kept
+    require_window_holds_a_line(plays.held_out_text, window)
     texts, buggy = bugs.inject_text_bug(plays.train, config.bug_fraction, config.seed)
     oov_rates = fedlm.client_oov_rates(texts, word_vocab)
     chars_oov, chars_total = chars_outside(texts, char_vocab)
@@ -241,7 +242,6 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     # Both groups' cohorts are checked before either LM trains: a check failing on the
     # second group after the first trained would leave a workdir whose corrected rerun
     # is refused (`pin_demo_config`).
-    window = config.seq_len * config.max_seqs
     sizes = {name: len(group_texts_of[name]) for name in GROUPS}
     group_sizes.require_cohorts_fit(config, sizes, len(texts), lambda name: f"{name} group")
     kept_of, sequences_of = {}, {}

@@ -59,8 +59,5 @@ def is_inverted(
 def inverted_fraction(
     images: np.ndarray, border: int = BORDER_WIDTH, value_range: tuple[float, float] = (0.0, 1.0)
 ) -> float:
-    """The fraction of `images` whose polarity is inverted (see the module docstring);
-    NaN for no images (an empty group's real data)."""
-    if not len(images):
-        return float("nan")
+    """The fraction of `images` whose polarity is inverted (see the module docstring)."""
     return float(np.mean(is_inverted(images, border, value_range)))
