@@ -11,10 +11,13 @@ means within 0.15 of it: the estimates' standard error is about 0.04 here (>= 1,
 draws a side), so 0.15 is ~3.5 standard errors, and the seeds are fixed. A lower
 mu_hat would mean the audit no longer measures the mechanism; a higher one is a
 finding. The Clopper-Pearson eps lower bound must stay below the ledger's eps of that
-single (unsampled) release. Numbers: WORKSPACE.md, "The privacy ledger".
+single (unsampled) release. In population mode, rounds that do not sample the canary
+must also be indistinguishable (mu_hat < 0.15) from its neighbour's: what Poisson
+sampling's analysis assumes. Numbers: WORKSPACE.md, "The privacy ledger".
 """
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +28,13 @@ import pytest
 from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated import AdaptiveClipping, DpFedAvg, DpFedAvgConfig, client_mesh
+from dpfed.federated import (
+    AdaptiveClipping,
+    DpFedAvg,
+    DpFedAvgConfig,
+    Subpopulation,
+    client_mesh,
+)
 from dpfed.generative.datalens import DataLensConfig, TopAgg
 from dpfed.generative.datalens import training as datalens_training
 from dpfed.train import dpsgd
@@ -92,6 +101,20 @@ def _rounds(deltas, seed, n, **config):
     return np.asarray(params), np.asarray(fraction), np.asarray(member), engine
 
 
+def _less_the_crowd(params, fraction, member, crowd, divisor):
+    """[n, 4] features of `n` rounds: the released update sum along u and v and the
+    released count query (NaN without adaptive clipping), each less the contribution of
+    the crowd's sampled members (the adversary knows the other users and, from the key,
+    who was sampled); and how many of the crowd were sampled. `divisor` is the public
+    number the round's mean divides by."""
+    in_crowd = member[:, :len(crowd)]
+    norms = np.linalg.norm(crowd, axis=1)
+    clipped = crowd * np.minimum(1.0, _CLIP / norms)[:, None]
+    update = params * divisor - in_crowd @ clipped
+    count = (fraction - 0.5) * divisor - in_crowd @ np.where(norms <= _CLIP, 0.5, -0.5)
+    return np.stack([update[:, 0], update[:, 1], count, in_crowd.sum(1)], axis=1)
+
+
 def _recorded(engine):
     """The round's event as the run's ledger records it (read back from the ledger)."""
     ledger = engine.user_ledger(DELTA, "audit")
@@ -143,12 +166,7 @@ def test_adaptive_round_releases_as_distinguishable_as_its_recorded_composition(
     for seed, deltas, n in ((5, _with_canary(crowd, [1e6, 0.0]), 4000), (6, crowd, 2000)):
         params, fraction, member, engine = _rounds(
             deltas, seed, n, noise_multiplier=_Z, adaptive_clipping=adaptive)
-        in_crowd = member[:, :_CROWD]
-        norms = np.linalg.norm(crowd, axis=1)
-        clipped = crowd * np.minimum(1.0, _CLIP / norms)[:, None]
-        update = params * _M - in_crowd @ clipped
-        count = (fraction - 0.5) * _M - in_crowd @ np.where(norms <= _CLIP, 0.5, -0.5)
-        features = np.stack([update[:, 0], update[:, 1], count], axis=1)
+        features = _less_the_crowd(params, fraction, member, crowd, _M)[:, :3]
         keep = member[:, -1] if len(deltas) > _CROWD else np.ones(n, bool)
         worlds.append((features[keep], engine))
     (x_in, engine), (x_out, _) = worlds
@@ -157,6 +175,86 @@ def test_adaptive_round_releases_as_distinguishable_as_its_recorded_composition(
     assert gdp_audit.ledger_mu(event.event) == pytest.approx(1 / _Z)
     s_in, s_out = gdp_audit.best_linear_statistic(x_in, x_out)
     _check("DP-FedAvg adaptive", s_in, s_out, event.event, relation)
+
+
+# Population mode (`Subpopulation`): the engine holds one group's members only, users of
+# a public population of N that every round Poisson-samples at q = m / N (a sampled user
+# outside the group sits the round out); the mean divides by q x a released noised group
+# size, never by the true count. Neighbours: the canary in the group, vs. the canary
+# outside it or absent (the same input: the engine never holds it). The adversary knows
+# the public divisor and, as above, the crowd and who of it was sampled.
+
+_POPULATION = 60  # q = 20 / 60; the group of 41 sampled on its own would be at 20 / 41
+
+# name: (the group's members besides the canary, its released noised size, adaptive?)
+_GROUPS = {
+    "group": (_CROWD, 37.0, False),
+    "empty group": (0, 6.0, False),
+    "group, adaptive": (_CROWD, 37.0, True),
+}
+
+
+class _PopulationRounds(NamedTuple):
+    """Rounds of one group with the canary (`x_in`, `included`: was it sampled) and
+    without (`x_out`), as `_less_the_crowd` features; `engine` holds the canary."""
+
+    name: str
+    x_in: np.ndarray
+    included: np.ndarray
+    x_out: np.ndarray
+    engine: DpFedAvg
+
+
+@pytest.fixture(scope="module", params=list(_GROUPS))
+def population_rounds(request):
+    """One `_GROUPS` entry's rounds, shared by its two tests (9,000 rounds, ~3-6 s)."""
+    members, estimate, adaptive = _GROUPS[request.param]
+    crowd = _crowd(adaptive)[:members]
+    config = dict(noise_multiplier=_Z, subpopulation=Subpopulation(_POPULATION, estimate),
+                  adaptive_clipping=AdaptiveClipping() if adaptive else None)
+    divisor = _M / _POPULATION * estimate  # public: q x the released size
+    # The update along u and v; the count query with adaptive clipping; the crowd's
+    # sampled number where it varies (a divisor that follows the realised cohort leaves
+    # a shift that is linear in it once it is a feature).
+    columns = [0, 1] + ([2] if adaptive else []) + ([3] if members else [])
+    first_seed = 7 + 2 * list(_GROUPS).index(request.param)
+    worlds = []
+    for seed, deltas, n in ((first_seed, _with_canary(crowd, [1e6, 0.0]), 6000),
+                            (first_seed + 1, crowd, 3000)):
+        params, fraction, member, engine = _rounds(deltas, seed, n, **config)
+        features = _less_the_crowd(params, fraction, member, crowd, divisor)
+        worlds.append((features[:, columns], member, engine))
+    (x_in, member, engine), (x_out, *_) = worlds
+    return _PopulationRounds(f"DP-FedAvg population, {request.param}", x_in, member[:, -1],
+                             x_out, engine)
+
+
+def test_population_round_is_as_distinguishable_as_its_recorded_event(population_rounds):
+    name, x_in, included, x_out, engine = population_rounds
+    event, relation = _recorded(engine)
+    assert event.sampling_probability == pytest.approx(_M / _POPULATION), (
+        f"{name}: the ledger must record q = m / N = {_M / _POPULATION:.3f}, got {event}")
+    # 6,000 draws: 0.03 is > 4.9 standard errors; m / 41 would be 0.155 off.
+    assert abs(included.mean() - event.sampling_probability) < 0.03, (
+        f"{name}: the canary was sampled in {included.mean():.3f} of rounds, not at the "
+        f"population's rate q = {event.sampling_probability:.3f} that the ledger records")
+    s_in, s_out = gdp_audit.best_linear_statistic(x_in[included], x_out)
+    _check(name, s_in, s_out, event.event, relation)
+
+
+def test_population_round_that_leaves_the_canary_out_is_its_neighbours(population_rounds):
+    # Poisson sampling's analysis: a round that does not sample the canary releases what
+    # the group without it releases. Anything released that depends on the members'
+    # true number (or the cohort's) other than through the noised sums shows up here.
+    name, x_in, included, x_out, _ = population_rounds
+    s_in, s_out = gdp_audit.best_linear_statistic(x_in[~included], x_out)
+    mu = gdp_audit.gdp_mu(s_in, s_out)
+    print(f"{name}, canary not sampled: n={len(s_in)}/{len(s_out)} mu_hat {mu.mu:.3f} "
+          f"[{mu.low:.3f}, {mu.high:.3f}] vs 0")
+    assert mu.mu < TOLERANCE, (
+        f"{name}: rounds that did not sample the canary are told apart from its "
+        f"neighbour's (mu_hat {mu.mu:.3f}, 95% CI [{mu.low:.3f}, {mu.high:.3f}]): the "
+        "release depends on the group's true size, not only on the noised sums")
 
 
 # DP-SGD (example level): a linear classifier at zero; the canary image is 1e4 e0 and the
@@ -257,3 +355,4 @@ def test_eps_lower_bound_of_separated_samples_exceeds_a_small_eps():
     s_in, s_out = np.full(2000, 10.0), np.zeros(2000)
     bound = gdp_audit.epsilon_lower_bound(s_in, s_out, DELTA)
     assert bound > math.log(1000 / 4), f"perfectly separated samples gave eps >= {bound}"
+
