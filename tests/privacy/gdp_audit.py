@@ -83,7 +83,7 @@ def epsilon_lower_bound(
     and false positive rates are then counted on the second half and bounded with
     Clopper-Pearson intervals of level 1 - (1 - confidence) / 2 each, so choosing the
     threshold costs no confidence. eps >= log((TPR_low - delta) / FPR_high); 0 when no
-    test beats delta.
+    test beats delta, or when the chosen test does worse on the second halves than chance.
     """
     s_in, s_out = np.asarray(s_in, np.float64), np.asarray(s_out, np.float64)
     h_in, h_out = len(s_in) // 2, len(s_out) // 2
@@ -108,4 +108,4 @@ def epsilon_lower_bound(
     tpr_low = stats.beta.ppf(alpha, hits, len(test_in) - hits + 1) if hits else 0.0
     fpr_high = (stats.beta.ppf(1 - alpha, false + 1, len(test_out) - false)
                 if false < len(test_out) else 1.0)
-    return math.log((tpr_low - delta) / fpr_high) if tpr_low > delta else 0.0
+    return max(math.log((tpr_low - delta) / fpr_high), 0.0) if tpr_low > delta else 0.0

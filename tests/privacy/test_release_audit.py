@@ -356,3 +356,11 @@ def test_eps_lower_bound_of_separated_samples_exceeds_a_small_eps():
     bound = gdp_audit.epsilon_lower_bound(s_in, s_out, DELTA)
     assert bound > math.log(1000 / 4), f"perfectly separated samples gave eps >= {bound}"
 
+
+def test_eps_lower_bound_of_a_test_that_fails_on_the_held_out_halves_is_zero():
+    # The first halves pick "s > 0" (perfect there); on the second halves it fires on
+    # 5% of s_in and all of s_out: no evidence of any eps, and eps >= 0 anyway.
+    s_in = np.concatenate([np.full(1000, 10.0), np.full(50, 5.0), np.zeros(950)])
+    s_out = np.concatenate([np.zeros(1000), np.full(1000, 5.0)])
+    bound = gdp_audit.epsilon_lower_bound(s_in, s_out, DELTA)
+    assert bound == 0.0, f"a test worse than chance gave the eps lower bound {bound}"
