@@ -164,6 +164,11 @@ def run_rounds(
     record: dict[str, Any] = {}
     diagnostics: dict[str, Any] = {}
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
+
+    def save(done: int) -> None:
+        checkpointer.save(
+            done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
+
     with preemption.armed():
         for r in range(start, last_round):
             # settle: else XLA:CPU can deadlock on several devices (mesh.waits_for_each_step)
@@ -192,15 +197,11 @@ def run_rounds(
                 if nonfinite_seen is None and diagnostics.get("nonfinite_updates", 0) > 0:
                     nonfinite_seen = done
                     log(_nonfinite_warning(diagnostics["nonfinite_updates"], done, desc))
-            preempted = preemption.reached()
-            if done % checkpoint_every == 0 or done == last_round or preempted:
-                checkpointer.save(
-                    done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
             progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             acc=record.get("test_accuracy"))
-            if preempted:
-                checkpointer.close()
-                raise preemption.PreemptedError(done, "round", str(checkpointer.directory))
+            preemption.save_or_stop(
+                done, done % checkpoint_every == 0 or done == last_round, save, checkpointer,
+                "round")
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed
         # What its last round logged (with that round's eps and released metrics), as the

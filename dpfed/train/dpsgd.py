@@ -396,14 +396,11 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
                           "epsilon_rdp": eps}
                 watch.check(state["params"], record, done)
                 wd.append_release(record, ledger)
-            preempted = preemption.reached()
-            if done % config.checkpoint_every == 0 or done == last_step or preempted:
-                save(done)
             progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             acc=accuracy)
-            if preempted:
-                checkpointer.close()
-                raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
+            preemption.save_or_stop(
+                done, done % config.checkpoint_every == 0 or done == last_step, save,
+                checkpointer, "step")
     checkpointer.close()
 
     if accuracy is None:  # nothing left to run (resumed a finished run)

@@ -5,8 +5,8 @@ requeue) sends SIGTERM and, a grace period later (e.g. 30 s), SIGKILL. Python's 
 SIGTERM ends the process at once: a rerun then resumes from the last periodic checkpoint
 and recomputes up to `checkpoint_every` steps (nothing is lost or double-counted either
 way: DESIGN.md, "Workdir contract"). Inside `armed()`, a SIGTERM instead asks the loop to
-stop: after each step the loop calls `reached()`; once it is True the loop saves the
-checkpoint of that step (state and ledger together) and raises `PreemptedError`, which
+stop: each step ends in `save_or_stop`, which calls `reached()`; once it is True, it saves
+the checkpoint of that step (state and ledger together) and raises `PreemptedError`, which
 `cli.run` turns into exit code 143 (128 + SIGTERM, what a shell reports for a process
 ended by SIGTERM) and one stderr line. Rerunning the same command resumes from that step.
 
@@ -26,10 +26,14 @@ import contextlib
 import itertools
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import jax
 from jax.experimental import multihost_utils
+
+if TYPE_CHECKING:
+    from dpfed.train.checkpoint import Checkpointer
 
 EXIT_CODE = 128 + signal.SIGTERM  # 143
 
@@ -98,3 +102,21 @@ def reached() -> bool:
         _answered.set()
         return True
     return False
+
+
+def save_or_stop(
+    done: int, due: bool, save: Callable[[int], None], checkpointer: "Checkpointer", unit: str
+) -> None:
+    """The end of a loop's step `done`: its checkpoint and the answer to a preemption.
+
+    Asks `reached()` (the one call of the step); calls `save(done)` when the checkpoint is
+    `due` (the loop's period, its last step) or on a request; on a request, then closes
+    `checkpointer` and raises `PreemptedError` naming the `unit` ("step", "round") and its
+    directory.
+    """
+    preempted = reached()
+    if due or preempted:
+        save(done)
+    if preempted:
+        checkpointer.close()
+        raise PreemptedError(done, unit, str(checkpointer.directory))

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from dpfed.train import preemption
 
 
@@ -102,6 +104,40 @@ def test_the_message_names_the_step_and_where_it_is_saved():
     assert error.step == 12
     assert "round 12" in str(error) and "/w/checkpoints" in str(error), str(error)
     assert preemption.EXIT_CODE == 143, "128 + SIGTERM, as a shell reports a SIGTERMed process"
+
+
+class _FakeCheckpointer:
+    """Records `save_or_stop`'s saves and closes."""
+
+    directory = "/w/checkpoints"
+
+    def __init__(self):
+        self.saved: list[int] = []
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_step_saves_its_checkpoint_when_due_and_only_then():
+    fake = _FakeCheckpointer()
+    with preemption.armed():
+        preemption.save_or_stop(3, False, fake.saved.append, fake, "step")
+        preemption.save_or_stop(4, True, fake.saved.append, fake, "step")
+    assert fake.saved == [4], f"only the due step 4 must be saved, saved: {fake.saved}"
+    assert not fake.closed, "a loop that was not preempted keeps its checkpointer open"
+
+
+def test_a_request_saves_the_step_closes_and_stops_even_off_the_period():
+    fake = _FakeCheckpointer()
+    with preemption.armed():
+        _sigterm_self()
+        with pytest.raises(preemption.PreemptedError, match="round 7") as stopped:
+            preemption.save_or_stop(7, False, fake.saved.append, fake, "round")
+    assert fake.saved == [7], (
+        f"a preempted step must be saved though no checkpoint was due, saved: {fake.saved}")
+    assert fake.closed, "the checkpointer must be closed (its pending saves done) first"
+    assert stopped.value.step == 7 and "/w/checkpoints" in str(stopped.value)
 
 
 _DISTRIBUTED_RESUMED_LOOP = """

@@ -521,14 +521,11 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 record.update({k: float(v) for k, v in metrics.items()})
                 watch.check(state["generator"]["params"], record, done)
                 wd.append_release(record, ledger)
-            preempted = preemption.reached()
-            if done % config.checkpoint_every == 0 or done == last_step or preempted:
-                save(done)
             progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             agree=metrics["agreement"])
-            if preempted:
-                checkpointer.close()
-                raise preemption.PreemptedError(done, "step", str(checkpointer.directory))
+            preemption.save_or_stop(
+                done, done % config.checkpoint_every == 0 or done == last_step, save,
+                checkpointer, "step")
     checkpointer.close()
 
     ledger_json = ledger.to_json()
