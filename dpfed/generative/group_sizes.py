@@ -86,10 +86,9 @@ def released_group_sizes(
 
     Raises:
       ConfigError: group_sizes.json holds other groups or another noise std (a config
-        pin the caller skipped).
+        pin the caller skipped); its ledger is left as it was, counting that release.
     """
     ledger = group_sizes_ledger(stddev, delta, metric)
-    workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
     if workdir.file(GROUP_SIZES_FILE).exists():
         released = workdir.read_json_object(GROUP_SIZES_FILE)
         noisy = released.get("noised_sizes", {})
@@ -99,7 +98,9 @@ def released_group_sizes(
                 f"{workdir.file(GROUP_SIZES_FILE)} holds sizes released with std "
                 f"{released.get('noise_stddev')} for groups {sorted(noisy)}, not {stddev} for "
                 f"{sorted(sizes)}: use the settings it was drawn with or a new workdir")
+        workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
         return {name: noisy[name] for name in sizes}, ledger
+    workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
     noisy = noisy_group_sizes(sizes, stddev, seed)
     workdir.write_json(GROUP_SIZES_FILE, {"noised_sizes": noisy, "noise_stddev": stddev})
     return noisy, ledger

@@ -102,6 +102,18 @@ def test_released_sizes_of_another_noise_std_are_refused_naming_the_flag(tmp_pat
     assert error.value.field == "group_size_noise", error.value
 
 
+def test_refused_sizes_of_another_noise_std_leave_their_ledger_as_it_was(tmp_path):
+    # The ledger was written before the check: the refused call left group_sizes.json's
+    # std-10 sizes beside a ledger of one std-30 release, which undercounts them.
+    wd = Workdir(tmp_path)
+    group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 10.0, 3, 1e-5, "x")
+    with pytest.raises(ConfigError):
+        group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 30.0, 3, 1e-5, "x")
+    stored = privacy.PrivacyLedger.from_json(wd.read_json_object(group_sizes.GROUP_SIZES_LEDGER))
+    assert stored.entries == [(dp_event.GaussianDpEvent(10.0), 1)], (
+        f"the ledger must still count the std-10 release group_sizes.json holds: {stored.entries}")
+
+
 def test_size_row_shows_the_released_size_true_or_noised():
     config = SimpleNamespace(group_size_noise=10.0)
     assert group_sizes.size_row(config, {"num_clients": 6}) == ("clients", "num_clients", "d")
