@@ -93,6 +93,40 @@ def test_a_rerun_reuses_the_released_sizes_instead_of_drawing_again(tmp_path):
     assert ledger.entries == [(dp_event.GaussianDpEvent(5.0), 1)], "still one release"
 
 
+class _KilledError(Exception):
+    """A kill at a write (raised in place of it)."""
+
+
+@pytest.mark.parametrize("killed_at",
+                         [group_sizes.GROUP_SIZES_LEDGER, group_sizes.GROUP_SIZES_FILE])
+def test_a_kill_at_either_write_leaves_no_size_outside_a_ledger_and_one_release(
+    tmp_path, monkeypatch, killed_at
+):
+    # The crash-consistency audit's invariant (WORKSPACE.md): killed at any write, the
+    # workdir holds no released size its ledger does not count, and the rerun releases
+    # the sizes once.
+    wd, write_json = Workdir(tmp_path), Workdir.write_json
+
+    def kill_at(self, name, obj):
+        if name == killed_at:
+            raise _KilledError(name)
+        return write_json(self, name, obj)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Workdir, "write_json", kill_at)
+        with pytest.raises(_KilledError):
+            group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
+    if wd.file(group_sizes.GROUP_SIZES_FILE).exists():
+        assert wd.file(group_sizes.GROUP_SIZES_LEDGER).exists(), (
+            f"killed at {killed_at}: group_sizes.json was left without its ledger")
+    noisy, _ = group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
+    stored = privacy.PrivacyLedger.from_json(wd.read_json_object(group_sizes.GROUP_SIZES_LEDGER))
+    assert stored.entries == [(dp_event.GaussianDpEvent(5.0), 1)], (
+        f"killed at {killed_at}, then rerun: the sizes are one release, {stored.entries}")
+    assert noisy == group_sizes.noisy_group_sizes({"low": 40, "high": 60}, 5.0, 3), (
+        "the rerun releases the one draw of the seed")
+
+
 def test_released_sizes_of_another_noise_std_are_refused_naming_the_flag(tmp_path):
     # The same draw e at two stds gives n away: (30 v1 - 10 v2) / 20 = n.
     wd = Workdir(tmp_path)
