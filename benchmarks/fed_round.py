@@ -142,6 +142,7 @@ def main(argv: list[str]) -> None:
     print(f"best rate (float32 matmul, this run): {peak / 1e9:.0f} GFLOP/s", flush=True)
 
     def profile(conv: str, m: int, run: Callable[[jax.Array], object], key: jax.Array) -> None:
+        assert _PROFILE_DIR.value is not None  # called only with --profile_dir
         where = os.path.join(_PROFILE_DIR.value, f"{conv}_{m}")
         rounds = _PROFILE_ROUNDS.value
         with jax.profiler.trace(where):

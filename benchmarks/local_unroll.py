@@ -88,7 +88,8 @@ def main(argv: list[str]) -> None:
         runs = {u: setting(model, params, data, steps, u, m) for u in unrolls}
         key = jax.random.key(3)
         outputs = {u: jax.block_until_ready(run["engine"](key)) for u, run in runs.items()}
-        times = {(u, path): [] for u in unrolls for path in ("one client", "engine")}
+        times: dict[tuple[int, str], list[float]] = {
+            (u, path): [] for u in unrolls for path in ("one client", "engine")}
         for r in range(_REPEATS.value):
             for u in (unrolls if r % 2 == 0 else reversed(unrolls)):
                 for path in ("one client", "engine"):

@@ -45,6 +45,7 @@ def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int | memoryview]]:
     while i < len(buf):
         key, i = _varint(buf, i)
         number, wire = key >> 3, key & 7
+        value: int | memoryview
         if wire == 0:
             value, i = _varint(buf, i)
         elif wire == 2:
@@ -78,8 +79,22 @@ class PlaneSummary:
     by_name: dict[str, tuple[int, int]]  # name -> (count, summed duration in ps)
 
 
-def _text(value: memoryview) -> str:
-    return bytes(value).decode(errors="replace")
+def _int(value: int | memoryview) -> int:
+    """A varint field's value (a field of another wire type here is not an XSpace's)."""
+    if not isinstance(value, int):
+        raise ValueError("expected a varint field, got a length-delimited or fixed one")
+    return value
+
+
+def _bytes(value: int | memoryview) -> memoryview:
+    """A length-delimited field's bytes (a varint here is not an XSpace's)."""
+    if not isinstance(value, memoryview):
+        raise ValueError("expected a length-delimited field, got a varint")
+    return value
+
+
+def _text(value: int | memoryview) -> str:
+    return bytes(_bytes(value)).decode(errors="replace")
 
 
 def _metadata_entry(entry: memoryview) -> tuple[int, str]:
@@ -87,9 +102,9 @@ def _metadata_entry(entry: memoryview) -> tuple[int, str]:
     key, name, display = 0, "", ""
     for number, value in fields(entry):
         if number == 1:
-            key = value
+            key = _int(value)
         elif number == 2:
-            for meta_field, meta_value in fields(value):
+            for meta_field, meta_value in fields(_bytes(value)):
                 if meta_field == 2:
                     name = _text(meta_value)
                 elif meta_field == 4:
@@ -102,7 +117,7 @@ def _event(event: memoryview) -> tuple[int, int, int]:
     got = {1: 0, 2: 0, 3: 0}
     for number, value in fields(event):
         if number in got:
-            got[number] = value
+            got[number] = _int(value)
     return got[1], got[2], got[3]
 
 
@@ -113,7 +128,7 @@ def _line(line: memoryview, by_id: dict[int, list[int]]) -> LineSummary:
         if number == 2:
             summary.name = _text(value)
         elif number == 4:
-            meta_id, offset, duration = _event(value)
+            meta_id, offset, duration = _event(_bytes(value))
             summary.events += 1
             summary.busy_ps += duration
             summary.first_ps = offset if summary.first_ps is None else min(summary.first_ps,
@@ -132,9 +147,9 @@ def summarize_plane(plane: bytes | memoryview) -> PlaneSummary:
         if number == 2:
             plane_name = _text(value)
         elif number == 3:
-            lines.append(_line(value, by_id))
+            lines.append(_line(_bytes(value), by_id))
         elif number == 4:
-            meta_id, name = _metadata_entry(value)
+            meta_id, name = _metadata_entry(_bytes(value))
             names[meta_id] = name
     by_name: dict[str, tuple[int, int]] = {}
     for meta_id, (count, total) in by_id.items():
@@ -146,7 +161,7 @@ def summarize_plane(plane: bytes | memoryview) -> PlaneSummary:
 
 def summarize_space(space: bytes) -> list[PlaneSummary]:
     """A `PlaneSummary` for each plane of a serialized XSpace."""
-    return [summarize_plane(value) for number, value in fields(space) if number == 1]
+    return [summarize_plane(_bytes(value)) for number, value in fields(space) if number == 1]
 
 
 def find_trace(trace_dir: str) -> str:

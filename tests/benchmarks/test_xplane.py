@@ -59,6 +59,13 @@ def test_fields_refuse_an_unknown_wire_type():
         list(xplane.fields(bytes([1 << 3 | 3])))
 
 
+def test_a_field_of_the_wrong_wire_type_is_refused():
+    with pytest.raises(ValueError, match="expected a length-delimited field"):
+        xplane.summarize_space(_int(1, 5))  # a plane as a varint
+    with pytest.raises(ValueError, match="expected a varint field"):
+        xplane.summarize_space(_bytes(1, _bytes(3, _bytes(4, _bytes(3, b"x")))))  # duration
+
+
 def test_report_of_a_real_trace_names_the_compiled_function(tmp_path):
     f = jax.jit(lambda x: jnp.sin(x @ x).sum())
     x = jnp.ones((64, 64))
