@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Iterator
+from typing import overload
 
 import attr
 import dp_accounting
@@ -284,7 +285,10 @@ def is_whole_number(value: object) -> bool:
     """True for an int or a finite float of integral value (not a bool, NaN or inf)."""
     return (
         isinstance(value, numbers.Real) and not isinstance(value, bool)
-        and math.isfinite(value) and int(value) == value
+        and math.isfinite(value)
+        # typeshed's numbers.Real is not SupportsInt, though every Real converts (numpy's
+        # ints have no __trunc__, so math.trunc would not do).
+        and int(value) == value  # type: ignore[call-overload]
     )
 
 
@@ -420,6 +424,12 @@ def gaussian_sigma_for_sum(noise_multiplier: float, l2_clip: float) -> float:
     return noise_multiplier * l2_clip
 
 
+@overload
+def format_upper(value: float | None, digits: int = 4, missing: str = "n/a") -> str: ...
+@overload
+def format_upper(value: float | None, digits: int, missing: None) -> str | None: ...
+@overload
+def format_upper(value: float | None, digits: int = 4, *, missing: None) -> str | None: ...
 def format_upper(
     value: float | None, digits: int = 4, missing: str | None = "n/a"
 ) -> str | None:

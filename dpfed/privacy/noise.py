@@ -54,14 +54,14 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
     rounding to nearest took it up to a relative 2^-24 below, and a target-calibrated run
     2.9e-8 over its target eps. A `jax.Array` stddev (e.g. traced) is used as given.
     """
-    if not isinstance(stddev, jax.Array):
-        stddev = float32_at_least(stddev)
+    scale: jax.Array | np.float32 = (
+        stddev if isinstance(stddev, jax.Array) else float32_at_least(stddev))
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(key, len(leaves))
     noised = []
     for x, k in zip(leaves, keys, strict=True):
         wide = jnp.promote_types(x.dtype, jnp.float32)
-        noise = stddev * standard_normal(k, x.shape)
+        noise = scale * standard_normal(k, x.shape)
         noised.append((x.astype(wide) + noise.astype(wide)).astype(x.dtype))
     return jax.tree_util.tree_unflatten(treedef, noised)
 
