@@ -115,18 +115,18 @@ def define_distributed_flags() -> Callable[[], bool]:
         lower_bound=0)
 
     def initialize() -> bool:
-        job = {"coordinator_address": coordinator.value, "num_processes": num_processes.value,
-               "process_id": process_id.value}
+        address, count, index = coordinator.value, num_processes.value, process_id.value
+        job = {"coordinator_address": address, "num_processes": count, "process_id": index}
         given = [name for name, value in job.items() if value is not None]
         if given:
             check(distributed.value, given[0], "needs --distributed")
             for name, value in job.items():
                 check(value is not None, name, f"needed with --{given[0]}")
-            check(job["process_id"] < job["num_processes"], "process_id",
-                  f"must be < --num_processes={job['num_processes']}")
+            assert count is not None and index is not None  # checked just above
+            check(index < count, "process_id", f"must be < --num_processes={count}")
         from dpfed.federated.mesh import initialize_distributed  # Imports jax.
 
-        enabled = initialize_distributed(distributed.value, **job)
+        enabled = initialize_distributed(distributed.value, address, count, index)
         if enabled:
             _lock_job_workdir()
         return enabled

@@ -7,8 +7,16 @@ and one line naming the flag.
 import dataclasses
 import math
 import numbers
+from typing import Any, ClassVar, Protocol
 
+import jax
 import numpy as np
+
+
+class DataclassInstance(Protocol):
+    """An instance of a dataclass (what `dataclasses.fields` takes)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
 
 class ConfigError(ValueError):
@@ -43,7 +51,7 @@ def require_no_privacy_settings(
                 f"does not apply to a non-private run ({mode}): drop one of the two")
 
 
-def require_finite_floats(config: object) -> None:
+def require_finite_floats(config: DataclassInstance) -> None:
     """Raises ConfigError for a float field of the dataclass `config` (a Python, numpy or
     0-d jax float, or one inside a tuple or list field) that is inf or nan.
 
@@ -66,5 +74,5 @@ def _is_float(value: object) -> bool:
         return False
     if isinstance(value, numbers.Real):
         return True
-    dtype = getattr(value, "dtype", None)
-    return dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, np.floating)
+    return (isinstance(value, np.ndarray | jax.Array) and value.ndim == 0
+            and np.issubdtype(value.dtype, np.floating))

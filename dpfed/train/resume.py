@@ -139,6 +139,7 @@ def resume_or_start(
             )
         lost = _records_lost(workdir.read_metrics(), extra, step, key)
         if ledger is not None:
+            assert stored is not None  # both or neither, checked above
             restored = privacy.PrivacyLedger.from_json(stored)
             now = _as_stored(ledger)
             _refuse_other_accounting(restored, now, checkpointer.directory)
@@ -558,6 +559,7 @@ def budget_stop(
     if start < total and not ledger.entries:
         require_first_step(ledger, event, events_per_step, key)
     spent = ledger.epsilon() if ledger.entries else 0.0
+    assert spent is not None  # the ledger holds only events RDP supports (`record`)
     if spent > ledger.target_epsilon:
         raise ConfigError(
             "target_epsilon",

@@ -664,7 +664,7 @@ def params_sha256(params: Any) -> str:
         array = _leaf_as_array(leaf)
         little_endian = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         digest.update(f"{array.dtype.name}{array.shape}".encode())
-        digest.update(little_endian.reshape(-1).view(np.uint8))
+        digest.update(little_endian.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 
@@ -691,7 +691,7 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
             cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
         except OSError:
             return {"cpu": platform.processor() or "unknown"}
-    fields = {}
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
