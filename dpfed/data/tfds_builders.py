@@ -21,7 +21,10 @@ from dpfed.data import embedded
 _SPLITS = ("train", "test")
 
 
-class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# tfds ships no types, so its base class is Any, and mypy checks the class keyword against
+# object.__init_subclass__ (tfds' RegisteredDataset.__init_subclass__ takes it).
+class _EmbeddedBuilder(  # type: ignore[call-arg]
+        tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Serves one `dpfed.data.embedded` loader; subclasses set `_load` and SHAPE."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -135,18 +135,21 @@ def read_converted(source: Sequence, convert: Callable[[Records], Converted]) ->
     num = len(source)
     if num == 0:
         raise DatasetUnavailableError("the tfds data source is empty")
-    images = labels = users = None
+    images: np.ndarray | None = None
+    labels = np.empty(num, np.int32)
+    users: np.ndarray | None = None
     for start in range(0, num, _CHUNK):
         stop = min(start + _CHUNK, num)
         chunk_images, chunk_labels, chunk_users = convert([source[i] for i in range(start, stop)])
         if images is None:
             images = np.empty((num, *chunk_images.shape[1:]), np.float32)
-            labels = np.empty(num, np.int32)
             users = None if chunk_users is None else np.empty(num, np.int32)
         images[start:stop] = chunk_images
         labels[start:stop] = chunk_labels
         if users is not None:
+            assert chunk_users is not None, "a converter gives users for every chunk or none"
             users[start:stop] = chunk_users
+    assert images is not None  # num > 0: the loop ran
     return images, labels, users
 
 
