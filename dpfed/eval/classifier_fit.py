@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpfed.train.config import require
+
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
@@ -25,6 +27,10 @@ class FitConfig:
     patience: int = 3
     batch_size: int = 128
     learning_rate: float = 1e-3
+
+    def __post_init__(self):
+        # No epoch would leave the init params and no validation accuracy.
+        require(self.max_epochs >= 1, "max_epochs", "must be >= 1")
 
 
 class FitResult(NamedTuple):

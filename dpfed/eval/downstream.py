@@ -93,8 +93,12 @@ def train_on_synthetic(
 ) -> DownstreamResult:
     """Trains ``model_name`` on ``train``, early-stopping on ``val`` (both synthetic),
     and returns its accuracy on the real ``test`` split."""
+    if train.labels is None or val.labels is None:
+        raise ValueError("downstream accuracy needs a labelled synthetic set")
     model = get_classifier(model_name, num_classes)
-    fitted = classifier_fit.fit(model, *train, key, config, validation=tuple(val))
+    fitted = classifier_fit.fit(
+        model, train.images, train.labels, key, config, validation=(val.images, val.labels))
+    assert fitted.val_accuracy is not None  # given a validation set, `fit` runs >= 1 epoch
     return DownstreamResult(
         test_accuracy=classifier_fit.accuracy(model, fitted.params, *test),
         val_accuracy=fitted.val_accuracy,

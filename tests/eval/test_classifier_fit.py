@@ -71,3 +71,10 @@ def test_fit_refuses_an_empty_or_mismatched_set():
     with pytest.raises(ValueError, match="validation set"):
         classifier_fit.fit(model, images, labels, jax.random.key(0), config,
                            validation=(images[:0], labels[:0]))
+
+
+def test_a_config_without_an_epoch_is_refused():
+    # max_epochs=0 returned the untrained init params, and (with a validation set) a
+    # val_accuracy of None that downstream.DownstreamResult holds as a float.
+    with pytest.raises(ValueError, match="max_epochs"):
+        classifier_fit.FitConfig(max_epochs=0)
