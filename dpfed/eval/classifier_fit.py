@@ -90,7 +90,10 @@ def _train_epoch(
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-    return jnp.argmax(model.apply(params, images), axis=-1)
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    logits: jax.Array = model.apply(params, images)  # type: ignore[assignment]
+    return jnp.argmax(logits, axis=-1)
 
 
 def predict(model: nn.Module, params: Any, images: np.ndarray, batch_size: int = 500) -> np.ndarray:

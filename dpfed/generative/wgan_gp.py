@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dpfed.federated import client_data
@@ -82,8 +83,9 @@ class WganGpConfig:
             raise ValueError(f"gp_weight must be >= 0, got {self.gp_weight}")
 
 
-def to_gan_range(images: jax.Array) -> jax.Array:
-    """[0, 1] images (0 = black) -> [-1, 1] (-1 = black), the GAN's range."""
+def to_gan_range(images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """[0, 1] images (0 = black) -> [-1, 1] (-1 = black), the GAN's range (numpy in, numpy
+    out)."""
     return 2.0 * images - 1.0
 
 
@@ -107,7 +109,14 @@ def gradient_penalty(
     """
     alpha = jax.random.uniform(key, (real.shape[0],) + (1,) * (real.ndim - 1))
     interpolates = alpha * real + (1.0 - alpha) * fake
-    grads = jax.grad(lambda x: jnp.sum(d_model.apply(d_params, x)))(interpolates)
+
+    def score_sum(x: jax.Array) -> jax.Array:
+        # flax types `apply` as output | (output, state) whatever `mutable` says
+        # (google/flax#4779).
+        scores: jax.Array = d_model.apply(d_params, x)  # type: ignore[assignment]
+        return jnp.sum(scores)
+
+    grads = jax.grad(score_sum)(interpolates)
     norms = jnp.sqrt(jnp.sum(grads**2, axis=tuple(range(1, grads.ndim))) + _NORM_EPSILON)
     return masked_mean((norms - 1.0) ** 2, mask)
 
@@ -122,8 +131,10 @@ def discriminator_loss(
     gp_weight: float = GP_WEIGHT,
 ) -> jax.Array:
     """WGAN-GP critic loss: E[D(fake)] - E[D(real)] + gp_weight * penalty (masked rows)."""
-    score_real = d_model.apply(d_params, real)
-    score_fake = d_model.apply(d_params, fake)
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    score_real: jax.Array = d_model.apply(d_params, real)  # type: ignore[assignment]
+    score_fake: jax.Array = d_model.apply(d_params, fake)  # type: ignore[assignment]
     penalty = gradient_penalty(d_model, d_params, real, fake, mask, key)
     return masked_mean(score_fake, mask) - masked_mean(score_real, mask) + gp_weight * penalty
 
@@ -143,7 +154,10 @@ def generator_loss(
         train=True,
         mutable=["batch_stats"],
     )
-    return -jnp.mean(d_model.apply(d_params, fake)), updates["batch_stats"]
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    scores: jax.Array = d_model.apply(d_params, fake)  # type: ignore[assignment]
+    return -jnp.mean(scores), updates["batch_stats"]
 
 
 def train_discriminator(

@@ -231,6 +231,8 @@ def generate(
     `train=True` with the statistics of this batch of noise.
     """
     if not train:
-        return model.apply(variables, noise, train=False)
+        # flax types `apply` as output | (output, state) whatever `mutable` says
+        # (google/flax#4779).
+        return model.apply(variables, noise, train=False)  # type: ignore[return-value]
     images, _ = model.apply(variables, noise, train=True, mutable=["batch_stats"])
     return images

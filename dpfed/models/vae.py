@@ -119,9 +119,15 @@ def example_losses(
 
     `noise` `[N, latent]` ~ N(0, I) is the reparameterisation noise: z = mu + sigma * noise.
     """
-    mu, logvar = encoder.apply(encoder_params, images, labels)
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    stats: tuple[jax.Array, jax.Array] = encoder.apply(  # type: ignore[assignment]
+        encoder_params, images, labels)
+    mu, logvar = stats
     z = mu + jnp.exp(0.5 * logvar) * noise
-    recon = decoder.apply(decoder_params, z, labels)
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    recon: jax.Array = decoder.apply(decoder_params, z, labels)  # type: ignore[assignment]
     squared_error = jnp.sum(jnp.square(recon - images).reshape((images.shape[0], -1)), axis=-1)
     kl = kl_to_standard_normal(mu, logvar)
     return squared_error + beta * kl, squared_error, kl
@@ -132,4 +138,6 @@ def generate(
 ) -> jax.Array:
     """Images for `labels` `[N]` from z ~ N(0, I): float32 `[N, H, W, C]` in [0, 1]."""
     z = jax.random.normal(key, (labels.shape[0], latent_dim))
-    return decoder.apply(decoder_params, z, labels)
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    return decoder.apply(decoder_params, z, labels)  # type: ignore[return-value]

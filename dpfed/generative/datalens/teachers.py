@@ -42,7 +42,11 @@ def generator_loss(
     discriminator: nn.Module, params: PyTree, images: jax.Array, labels: jax.Array
 ) -> jax.Array:
     """Per-sample non-saturating generator loss softplus(-D(x, y)) = -log sigmoid(D), [B]."""
-    return jax.nn.softplus(-discriminator.apply(params, images, labels))
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
+    scores: jax.Array = discriminator.apply(  # type: ignore[assignment]
+        params, images, labels)
+    return jax.nn.softplus(-scores)
 
 
 class TeacherEnsemble:
