@@ -23,7 +23,7 @@ class FeatureStats(NamedTuple):
 
     mean: np.ndarray
     cov: np.ndarray
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count: python/mypy#3950
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ class OneClient(NamedTuple):
     """What a client update sees: its own padded arrays (`[max_n, ...]`) and its count."""
 
     arrays: PyTree
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count: python/mypy#3950
 
     @property
     def mask(self) -> jax.Array:
