@@ -20,7 +20,7 @@ gives CNN 97.6%, MLP 92.8%, LogReg 91.2% and fid_domain 1.02 (WORKSPACE.md, "Eva
 from absl import flags
 
 from dpfed import data
-from dpfed.eval import classifier_fit, downstream, evaluation, inception
+from dpfed.eval import classifier_fit, downstream, evaluation, fid, inception
 from dpfed.train import cli
 from dpfed.train.workdir import Workdir
 
@@ -67,7 +67,7 @@ def _source() -> evaluation.Source:
 
 
 def _config() -> evaluation.EvalConfig:
-    extra = ()
+    extra: tuple[fid.FeatureExtractor, ...] = ()
     if _INCEPTION.value:
         try:
             extra = (inception.inception_extractor(_INCEPTION.value),)

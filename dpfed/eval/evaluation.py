@@ -189,6 +189,7 @@ def load_images(
     if source.kind == "real_data":
         real = contract.SyntheticSet(np.asarray(train.images), np.asarray(train.labels))
         return "real data (ceiling)", _subsample(real, n, key)
+    assert source.path is not None  # only real data has no path
     if source.kind == "synthetic_file":
         method = _read_optional_json(workdir, SUMMARY_FILE).get(contract.METHOD_KEY)
         name = method or pathlib.Path(source.path).name

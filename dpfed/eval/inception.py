@@ -120,7 +120,7 @@ class WeightsError(ValueError):
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
     """Every array the weights file must hold, by PyTorch state-dict key."""
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for name, (cin, cout, kh, kw, _, _) in CONVS.items():
         shapes[f"{name}.conv.weight"] = (cout, cin, kh, kw)
         shapes.update({f"{name}.bn.{key}": (cout,) for key in _BN_KEYS})
@@ -221,10 +221,10 @@ def _mixed_d(c: dict, name: str, x: jax.Array) -> jax.Array:
 
 
 def _mixed_e(c: dict, name: str, x: jax.Array, max_pool_branch: bool) -> jax.Array:
-    b3 = _conv(c, f"{name}.branch3x3_1", x)
-    b3 = [_conv(c, f"{name}.branch3x3_2{s}", b3) for s in "ab"]
-    dbl = _conv(c, f"{name}.branch3x3dbl_2", _conv(c, f"{name}.branch3x3dbl_1", x))
-    dbl = [_conv(c, f"{name}.branch3x3dbl_3{s}", dbl) for s in "ab"]
+    b3_in = _conv(c, f"{name}.branch3x3_1", x)
+    b3 = [_conv(c, f"{name}.branch3x3_2{s}", b3_in) for s in "ab"]
+    dbl_in = _conv(c, f"{name}.branch3x3dbl_2", _conv(c, f"{name}.branch3x3dbl_1", x))
+    dbl = [_conv(c, f"{name}.branch3x3dbl_3{s}", dbl_in) for s in "ab"]
     # pytorch-fid's FIDInceptionE_2 (Mixed_7c) max-pools here, as TF's FID graph does.
     pooled = _max_pool(x, 1, 1) if max_pool_branch else _avg_pool_same(x)
     pool = _conv(c, f"{name}.branch_pool", pooled)
