@@ -201,6 +201,7 @@ def resolve_noise_multiplier(config: FedAvgClassifierConfig, spent: Spent | None
         return 0.0
     if config.noise_multiplier is not None:
         return config.noise_multiplier
+    assert config.target_epsilon is not None  # one of the three (`__post_init__`)
     sampler = CohortSampler(config.sampling, config.num_clients, config.clients_per_round)
     try:
         # The adaptive pair (z_d, 2 sb) costs exactly one Gaussian of multiplier z.
@@ -312,7 +313,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
     if ledger_json is not None:
         wd.write_json(LEDGER_FILE, ledger_json)
     other = {}
-    if ledger_json is not None and result.rounds_done > 0:
+    if result.ledger is not None and result.rounds_done > 0:
         other = {str(n): epsilon_with_population(engine, result.ledger, n, config.delta)
                  for n in OTHER_POPULATIONS}
     summary = {

@@ -116,13 +116,14 @@ def sample_synthetic(
     images_out, labels_out = [], []
     for i in range(num_chunks):
         wanted = jnp.asarray(labels[i * chunk_size : (i + 1) * chunk_size])
-        images, got = generator.sample(params, jax.random.fold_in(key, i), chunk_size, wanted)
-        images_out.append(np.asarray(images, np.float32))
+        chunk, got = generator.sample(params, jax.random.fold_in(key, i), chunk_size, wanted)
+        images_out.append(np.asarray(chunk, np.float32))
         labels_out.append(None if got is None else np.asarray(got, np.int32))
     images = np.concatenate(images_out)[:n]
-    if any(got is None for got in labels_out):
+    labelled = [got for got in labels_out if got is not None]
+    if len(labelled) < len(labels_out):
         return SyntheticSet(images, None)
-    return SyntheticSet(images, np.concatenate(labels_out)[:n])
+    return SyntheticSet(images, np.concatenate(labelled)[:n])
 
 
 def check_synthetic(synthetic: SyntheticSet) -> None:
@@ -149,7 +150,8 @@ def save_synthetic(path: str | os.PathLike, synthetic: SyntheticSet) -> pathlib.
     arrays = {"images": np.asarray(synthetic.images, np.float32)}
     if synthetic.labels is not None:
         arrays["labels"] = np.asarray(synthetic.labels, np.int32)
-    workdir_lib.atomic_write_with(path, lambda f: np.savez_compressed(f, **arrays))
+    workdir_lib.atomic_write_with(
+        path, lambda f: np.savez_compressed(f, allow_pickle=False, **arrays))
     return path
 
 

@@ -42,7 +42,7 @@ import functools
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import flax.serialization
 import jax
@@ -202,8 +202,9 @@ def build_model(
     config: DpdFvaeConfig, num_classes: int, image_shape: tuple[int, int, int]
 ) -> tuple[vae.Encoder, vae.Decoder]:
     """The conditional VAE for this dataset (a shape the decoder cannot make: ConfigError)."""
+    height, width, channels = image_shape
     try:
-        decoder = vae.Decoder(num_classes, tuple(image_shape), config.decoder_features)
+        decoder = vae.Decoder(num_classes, (height, width, channels), config.decoder_features)
     except ValueError as error:
         raise ConfigError("decoder_features", str(error)) from error
     return vae.Encoder(num_classes, config.latent_dim, config.encoder_features), decoder
@@ -244,6 +245,10 @@ class ClientState(NamedTuple):
     budget: jax.Array
 
 
+@overload
+def steps_per_round(config: DpdFvaeConfig, count: int) -> int: ...
+@overload
+def steps_per_round(config: DpdFvaeConfig, count: jax.Array) -> jax.Array: ...
 def steps_per_round(config: DpdFvaeConfig, count: int | jax.Array) -> int | jax.Array:
     """Local steps of a client holding `count` examples: local_epochs * ceil(count / B)."""
     return config.local_epochs * ((count + config.batch_size - 1) // config.batch_size)
@@ -436,11 +441,15 @@ def resolve_noise_multiplier(
                 lambda z: central_event(config, z, 1), config.rounds, spent,
                 config.target_epsilon, config.delta, relation)
         participations = expected_participations(config)
+
+        def client_event(n: int) -> Callable[[float], dp_event.DpEvent]:
+            """A client of `n` examples' participations at noise multiplier z."""
+            return lambda z: dp_event.SelfComposedDpEvent(
+                local_participation_event(config, n, z), participations)
+
         return max(
             privacy.calibrate_noise_multiplier(
-                lambda z, n=int(n): dp_event.SelfComposedDpEvent(
-                    local_participation_event(config, n, z), participations),
-                config.target_epsilon, config.delta, relation)
+                client_event(int(n)), config.target_epsilon, config.delta, relation)
             for n in np.unique(counts))
     except privacy.CalibrationError as error:
         raise ConfigError("target_epsilon", str(error)) from error
@@ -560,7 +569,7 @@ def local_client_epsilons(
     for i, (n, p) in enumerate(zip(counts, participations, strict=True)):
         key = (int(n), int(p))
         if key not in cache:
-            cache[key] = 0.0 if p == 0 else privacy.epsilon(
+            cache[key] = 0.0 if p == 0 else privacy.rdp_epsilon(
                 dp_event.SelfComposedDpEvent(
                     local_participation_event(config, key[0], noise_multiplier), key[1]),
                 config.delta)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -268,20 +269,21 @@ def _module_fields(module) -> dict:
 def gan_config_from_json(data: dict) -> wgan_gp.WganGpConfig:
     """Inverse of `gan_config_json`."""
     kwargs = dict(data)
-    kwargs["discriminator"] = gan.Discriminator(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in data["discriminator"].items()}
-    )
-    kwargs["generator"] = gan.Generator(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in data["generator"].items()}
-    )
+    kwargs["discriminator"] = gan.Discriminator(**_module_kwargs(data["discriminator"]))
+    kwargs["generator"] = gan.Generator(**_module_kwargs(data["generator"]))
     return wgan_gp.WganGpConfig(**kwargs)
+
+
+def _module_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
+    """A module's JSON fields with its lists back as the tuples the module holds."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
 def train_gan(
     config: FedGanConfig,
     images: np.ndarray,
     counts: np.ndarray,
-    workdir: str,
+    workdir: str | os.PathLike,
     *,
     group: str = "all",
     log: Callable[[str], None] = print,

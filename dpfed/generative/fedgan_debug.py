@@ -95,11 +95,11 @@ class DebugConfig:
     noise_multiplier: float = 0.0
     adaptive_clipping: bool = False
     delta: float = 1e-5
-    d_conv_features: tuple[int, int] = (64, 128)
+    d_conv_features: tuple[int, ...] = (64, 128)  # two (`__post_init__`): the flag any
     d_dense_features: int = 1024
     g_dense_features: int = 1024
     g_base_features: int = 256
-    g_convt_features: tuple[int, int] = (64, 32)
+    g_convt_features: tuple[int, ...] = (64, 32)  # two, as d_conv_features
     noise_dim: int = gan.NOISE_DIM
     batch_size: int = wgan_gp.BATCH_SIZE
     client_d_steps: int = wgan_gp.CLIENT_D_STEPS
@@ -178,14 +178,16 @@ class DebugConfig:
 
     def gan_config(self) -> wgan_gp.WganGpConfig:
         """The networks and GAN settings of both GANs."""
+        d_conv_1, d_conv_2 = self.d_conv_features
+        g_convt_1, g_convt_2 = self.g_convt_features
         return wgan_gp.WganGpConfig(
             discriminator=gan.Discriminator(
-                conv_features=tuple(self.d_conv_features), dense_features=self.d_dense_features
+                conv_features=(d_conv_1, d_conv_2), dense_features=self.d_dense_features
             ),
             generator=gan.Generator(
                 dense_features=self.g_dense_features,
                 base_features=self.g_base_features,
-                convt_features=tuple(self.g_convt_features),
+                convt_features=(g_convt_1, g_convt_2),
             ),
             noise_dim=self.noise_dim,
             batch_size=self.batch_size,
@@ -276,7 +278,7 @@ def load_clients(config: DebugConfig) -> FederatedImages:
         clients = data_lib.to_federated(train.images, train.labels, parts)
         healthy = (np.asarray(test.images), np.asarray(test.labels), train.num_classes)
         source = f"mnist5k's test split ({len(healthy[1])} images, not the clients' train split)"
-        writers = ((), ())
+        writers: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     else:
         clients, healthy, source, writers = _load_emnist(config)
     buggy_clients, buggy = bugs.inject_inversion(clients, config.bug_fraction, config.seed)
@@ -356,7 +358,7 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, side: int = GRID_SIDE
         grid[top : top + height, left : left + width] = tiles[i]
     pixels = (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
     image = Image.fromarray(pixels, mode="L").resize(
-        (grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST)
+        (grid.shape[1] * 2, grid.shape[0] * 2), Image.Resampling.NEAREST)
     workdir_lib.atomic_write_with(path, lambda f: image.save(f, format="PNG"))
 
 
@@ -378,8 +380,10 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         model, params, fed.healthy_images, fed.healthy_labels
     )
     clients = fed.clients
+    # flax types `apply` as output | (output, state) whatever `mutable` says
+    # (google/flax#4779).
     accuracies = selection.client_accuracies(
-        model.apply, params, clients.images, clients.labels, clients.counts
+        model.apply, params, clients.images, clients.labels, clients.counts  # type: ignore[arg-type]
     )
     groups = selection.split_clients(
         accuracies, eligible=clients.counts > 0, **selection.split_settings(config))

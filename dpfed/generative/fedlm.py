@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -287,7 +288,7 @@ def token_stats(texts: Iterable[str], word_vocab: text_lib.Vocabulary, k: int = 
     known = _known_words(word_vocab)
     oov = collections.Counter({t: c for t, c in counts.items() if t not in known})
     glued = sum(c for t, c in counts.items() if is_glued(t))
-    joins = collections.Counter()
+    joins: collections.Counter[str] = collections.Counter()
     for token, count in counts.items():
         for pattern in glue_patterns(token):
             joins[pattern] += count
@@ -425,7 +426,7 @@ def train_lm(
     counts: np.ndarray,
     char_vocab: text_lib.Vocabulary,
     word_vocab: text_lib.Vocabulary,
-    workdir: str,
+    workdir: str | os.PathLike,
     *,
     group: str = "all",
     eval_lines: int = 64,

@@ -208,6 +208,7 @@ def group_size_fields(
     population, and the model's eps composed with the sizes' release."""
     if subpopulation is None:
         return {"num_clients": size}
+    assert sizes_ledger is not None  # both or neither (`group_subpopulations`)
     return {
         "num_clients_noised": subpopulation.members_estimate,
         "population": subpopulation.population,

@@ -194,9 +194,9 @@ def group_seed(seed: int, group: str) -> int:
 def client_accuracies(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: Any,
-    images: jax.Array,
-    labels: jax.Array,
-    counts: jax.Array,
+    images: np.ndarray | jax.Array,
+    labels: np.ndarray | jax.Array,
+    counts: np.ndarray | jax.Array,
 ) -> np.ndarray:
     """Each client's accuracy of a classifier on its own padded data (on device).
 
@@ -221,9 +221,9 @@ def client_accuracies(
 
     data = ClientData((np.asarray(images), np.asarray(labels)), np.asarray(counts))
     sums = make_example_evaluator(correct, data, mean=False)(params)["correct"]
-    counts = np.asarray(counts, np.float64)
+    examples = np.asarray(counts, np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, np.asarray(sums, np.float64) / counts, np.nan)
+        return np.where(examples > 0, np.asarray(sums, np.float64) / examples, np.nan)
 
 
 def pin_demo_config(
