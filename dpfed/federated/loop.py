@@ -253,7 +253,7 @@ def write_privacy_summary(
     if ledger is not None:
         workdir.write_json(LEDGER_FILE, ledger)
     others = {}
-    if ledger is not None and result.rounds_done > 0:
+    if result.ledger is not None and result.rounds_done > 0:
         others = {
             str(n): engine.epsilon_with_population(result.ledger, n, delta)
             for n in OTHER_POPULATIONS

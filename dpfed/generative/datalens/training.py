@@ -216,9 +216,10 @@ def build_generator(
     config: DataLensConfig, num_classes: int, image_shape: tuple[int, ...]
 ) -> DataLensGenerator:
     """The student generator of `config` for images of `image_shape` (H, W, C)."""
+    height, width, channels = image_shape
     module = StudentGenerator(
         num_classes=num_classes,
-        image_shape=tuple(image_shape),
+        image_shape=(height, width, channels),
         hidden=config.generator_hidden,
         width=config.generator_width,
         output_bias=config.generator_output_bias,
@@ -493,6 +494,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         **start.state,
         "teachers": lens.ensemble.with_padding(start.state["teachers"], fresh["teachers"]),
     }
+    assert start.ledger is not None  # given a ledger, resume_or_start returns one
     ledger, start_step, last_step = start.ledger, start.step, start.last
     clock = RunClock(started, earlier=start.earlier_seconds)
     del fresh, start  # two more copies of every teacher: `state` alone is trained on
@@ -551,7 +553,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     else:
         save_samples_png(wd.file(SAMPLES_PNG), synthetic, train_ds.num_classes)
 
-    metrics = wd.read_metrics()
+    records = wd.read_metrics()
     summary = {
         "method": METHOD,
         "epsilon_rdp": ledger_json["epsilon_rdp"],
@@ -565,14 +567,14 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "stopped_by_budget": int(state["step"]) < config.steps,
         "partition_sizes": public_partition_sizes(config.partition, n, config.num_teachers),
         "params_sha256": params_sha256(gen_params),
-        "diverged": divergence.diverged(gen_params, metrics[-1] if metrics else {}),
+        "diverged": divergence.diverged(gen_params, records[-1] if records else {}),
         **clock.summary(),
         "flags": dataclasses.asdict(config),
         "seed": config.seed,
         "environment": environment_info(),
     }
     wd.write_summary(summary)
-    wd.write_report(render_report(config, summary, metrics),
+    wd.write_report(render_report(config, summary, records),
                     keep_evaluation=start_step == last_step)  # a finished run, rerun
     return summary
 
