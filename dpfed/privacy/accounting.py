@@ -282,8 +282,9 @@ def warn_if_delta_too_large(delta: float, population: int, unit: str) -> bool:
 
 
 def is_whole_number(value: object) -> bool:
-    """True for an int or a finite float of integral value (not a bool, NaN or inf)."""
-    return (
+    """True for an int or a finite float of integral value (not a bool, NaN or inf),
+    Python's or numpy's; a Python bool in every case (numpy's `==` gives numpy's)."""
+    return bool(
         isinstance(value, numbers.Real) and not isinstance(value, bool)
         and math.isfinite(value)
         # typeshed's numbers.Real is not SupportsInt, though every Real converts (numpy's

@@ -203,6 +203,18 @@ def test_a_population_that_is_not_a_whole_finite_number_is_refused(sampling, pop
             expected_size=10)
 
 
+@pytest.mark.parametrize("value, whole", [
+    (3, True), (3.0, True), (np.int64(3), True), (np.float32(3.0), True), (np.int32(0), True),
+    (3.5, False), (np.float64(3.5), False), (float("nan"), False), (np.float32("inf"), False),
+    (True, False), ("3", False), (None, False),
+])
+def test_whole_numbers_are_told_by_value_whatever_their_type(value, whole):
+    # Populations and counts come as Python or numpy numbers (a cohort size read from an
+    # array): numpy's ints have no __trunc__, so a math.trunc there would raise.
+    assert accounting.is_whole_number(value) is whole, (
+        f"is_whole_number({value!r}) of type {type(value).__name__} must be {whole}")
+
+
 def test_a_clip_norm_that_is_not_finite_is_refused():
     for clip in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="C"):
