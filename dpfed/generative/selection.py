@@ -236,11 +236,19 @@ def pin_demo_config(
     (`group_sizes.released_group_sizes`, which a rerun reuses): the settings must then
     match config.json (outside `resumable`). A config.json without either is a run
     stopped before any release (e.g. a cohort larger than a group): a corrected rerun is
-    not refused.
+    not refused. Sizes released but no group trained (a run refused after the release,
+    e.g. a noise split that the noised sizes' divisor cannot make): the settings that only
+    train the groups' models (`TRAINING_FIELDS`) may still change, so the rerun the
+    refusal asks for reuses the sizes; a new workdir would release them again.
     """
-    released = (_group_trained(workdir, group_dirs)
-                or workdir.file(group_sizes.GROUP_SIZES_FILE).exists())
-    workdir.pin_config(config, released, resumable)
+    trained = _group_trained(workdir, group_dirs)
+    released = trained or workdir.file(group_sizes.GROUP_SIZES_FILE).exists()
+    workdir.pin_config(config, released, resumable if trained else resumable | TRAINING_FIELDS)
+
+
+# Settings that the released group sizes do not depend on (`group_sizes.released_group_sizes`
+# reads the groups, --group_size_noise, --seed and --delta): only the models' training.
+TRAINING_FIELDS = frozenset({"noise_multiplier", "clients_per_round"})
 
 
 def _group_trained(workdir: Workdir, group_dirs: Sequence[str]) -> bool:

@@ -532,3 +532,18 @@ def test_population_sampling_checks_each_groups_noise_split_before_either_gan_tr
     assert error.value.field == "noise_multiplier", error.value
     assert f"must be below {bound:.4g}" in str(error.value), (
         f"the bound must be the smaller group's, {bound:.4g}: {error.value}")
+
+    # The rerun the message asks for, in this workdir: it reuses the released sizes
+    # (`selection.TRAINING_FIELDS`) and gets as far as the first GAN.
+    class FirstGanError(Exception):
+        pass
+
+    def first_gan(*args, **kwargs):
+        raise FirstGanError
+
+    monkeypatch.setattr(fedgan, "train_gan", first_gan)
+    with pytest.raises(FirstGanError):
+        fedgan_debug.run(dataclasses.replace(config, noise_multiplier=bound / 2),
+                         str(tmp_path), log=lambda _: None)
+    again = Workdir(tmp_path).read_json(group_sizes.GROUP_SIZES_FILE)["noised_sizes"]
+    assert again == noised, f"the rerun must reuse the released sizes {noised}, not {again}"

@@ -186,6 +186,33 @@ def test_pin_demo_config_checks_once_the_group_sizes_are_released(tmp_path):
         "released group sizes pin the settings that chose the groups")
 
 
+@dataclasses.dataclass
+class _TrainedConfig:
+    bug_fraction: float = 0.5
+    noise_multiplier: float = 1.0
+    clients_per_round: float = 10
+
+
+def test_released_sizes_without_a_trained_group_let_the_training_settings_change(tmp_path):
+    # A run refused after the sizes' release (fedgan_debug's adaptive noise split at the
+    # noised sizes' divisor) asks for a lower --noise_multiplier or a larger
+    # --clients_per_round; that rerun must reuse the sizes in this workdir, since a new
+    # workdir would release them a second time.
+    wd = Workdir(tmp_path)
+    selection.pin_demo_config(wd, _TrainedConfig(), ["gan_low"], frozenset())
+    wd.write_json(group_sizes.GROUP_SIZES_FILE, {"noised_sizes": {"low": 3}, "noise_stddev": 1})
+    changed = _TrainedConfig(noise_multiplier=0.5, clients_per_round=12)
+    selection.pin_demo_config(wd, changed, ["gan_low"], frozenset())
+    assert wd.read_json("config.json")["noise_multiplier"] == 0.5, (
+        "the rerun's settings are what config.json pins from now on")
+    (tmp_path / "gan_low").mkdir()  # a group trained: its rounds used the pinned z
+    with pytest.raises(ConfigError) as error:
+        selection.pin_demo_config(wd, dataclasses.replace(changed, noise_multiplier=0.4),
+                                  ["gan_low"], frozenset())
+    assert error.value.field == "noise_multiplier", (
+        "once a group trained, its training settings are pinned too")
+
+
 def test_group_digest_tells_groups_data_apart():
     # pin_groups is given params_sha256 of each group's data: arrays or texts.
     images = np.zeros((2, 3, 4), np.float32)
