@@ -13,7 +13,9 @@ mu_hat would mean the audit no longer measures the mechanism; a higher one is a
 finding. The Clopper-Pearson eps lower bound must stay below the ledger's eps of that
 single (unsampled) release. In population mode, rounds that do not sample the canary
 must also be indistinguishable (mu_hat < 0.15) from its neighbour's: what Poisson
-sampling's analysis assumes. Numbers: WORKSPACE.md, "The privacy ledger".
+sampling's analysis assumes; so must, in a group whose every update is under the clip
+(the count query one-sided), rounds that sample none of 4 extra members from the group
+without them. Numbers: WORKSPACE.md, "The privacy ledger".
 """
 
 import math
@@ -255,6 +257,48 @@ def test_population_round_that_leaves_the_canary_out_is_its_neighbours(populatio
         f"{name}: rounds that did not sample the canary are told apart from its "
         f"neighbour's (mu_hat {mu.mu:.3f}, 95% CI [{mu.low:.3f}, {mu.high:.3f}]): the "
         "release depends on the group's true size, not only on the noised sums")
+
+
+# The count query on a one-sided crowd. Above, half the crowd is under C and half over,
+# so its count terms +-1/2 cancel on average, and a count that depends on the group's
+# true size (e.g. divided by q x the true size instead of q x the estimate) moves nothing
+# on average. Here every member's update (norm 0.5) is under C, so the k sampled ones'
+# terms add up to k/2, and such a count moves with the group's size. One member more
+# moves it by ~0.1 in mu_hat at q = 1/3 (under the tolerance); K = 4 extra members move
+# it about K-fold, and the rounds that sample none of them (~(2/3)^4 of the draws) must
+# still release what the group without them releases. sb = 0.55 (2 sb = 1.1, just above
+# z) puts most of the round's mu on the count; the estimate, 50 for 30-34 members, keeps
+# the released fraction 0.5 + k / (2 q E) ~ 0.8 under 1, where the clip to [0, 1] would
+# hide the count.
+
+_ONE_SIDED_MEMBERS, _EXTRA_MEMBERS, _ONE_SIDED_ESTIMATE = 30, 4, 50.0
+
+
+def test_population_count_query_ignores_unsampled_members_of_a_one_sided_group():
+    crowd = np.tile(np.asarray([[0.0, 0.5]], np.float32), (_ONE_SIDED_MEMBERS, 1))
+    with_extra = np.concatenate([crowd, crowd[:_EXTRA_MEMBERS]])
+    config = dict(noise_multiplier=_Z,
+                  subpopulation=Subpopulation(_POPULATION, _ONE_SIDED_ESTIMATE),
+                  adaptive_clipping=AdaptiveClipping(clipped_count_stddev=0.55))
+    divisor = _M / _POPULATION * _ONE_SIDED_ESTIMATE
+    worlds = []
+    for seed, deltas, n in ((13, with_extra, 8000), (14, crowd, 3000)):
+        params, fraction, member, _ = _rounds(deltas, seed, n, **config)
+        features = _less_the_crowd(params, fraction, member, crowd, divisor)
+        worlds.append((features, member))
+    (x_in, member), (x_out, _) = worlds
+    none_sampled = ~member[:, _ONE_SIDED_MEMBERS:].any(1)
+    s_in, s_out = gdp_audit.best_linear_statistic(x_in[none_sampled], x_out)
+    mu = gdp_audit.gdp_mu(s_in, s_out)
+    print(f"DP-FedAvg population, one-sided adaptive group, {_EXTRA_MEMBERS} extra members "
+          f"not sampled: n={len(s_in)}/{len(s_out)} mu_hat {mu.mu:.3f} "
+          f"[{mu.low:.3f}, {mu.high:.3f}] vs 0")
+    assert mu.mu < TOLERANCE, (
+        f"rounds that sampled none of {_EXTRA_MEMBERS} extra members are told apart from "
+        f"the group without them (mu_hat {mu.mu:.3f}, 95% CI [{mu.low:.3f}, {mu.high:.3f}]) "
+        "when every member's update is under the clip: the released count query depends "
+        "on the group's true size (e.g. divided by q x the true size, not q x the "
+        "estimate), which the ledger's q = m / N does not count")
 
 
 # DP-SGD (example level): a linear classifier at zero; the canary image is 1e4 e0 and the
