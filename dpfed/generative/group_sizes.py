@@ -37,6 +37,10 @@ GROUP_SIZES_FILE = "group_sizes.json"  # the noised sizes (a release)
 GROUP_SIZES_LEDGER = "group_sizes_ledger.json"  # their privacy cost
 _GROUP_SIZES_KEY = 0x5A5E  # folded into the seed for the sizes' noise
 
+# `define_group_sampling_flags`' flags are the calling binary's key flags: its --help
+# lists them with its own.
+flags.disclaim_key_flags()
+
 
 def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[str, int]:
     """Each group's size plus independent N(0, stddev^2), rounded to whole users and

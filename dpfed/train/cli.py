@@ -26,6 +26,11 @@ from absl import app, flags
 from dpfed.train import preemption
 from dpfed.train.config import ConfigError
 
+# The flags defined below (`define_seed_flag`, `define_distributed_flags`) are the calling
+# binary's key flags, so its --help lists them with its own (absl's --help shows only the
+# main module's key flags).
+flags.disclaim_key_flags()
+
 EXIT_BAD_FLAG = 2
 
 

@@ -1,5 +1,9 @@
 """Noised group sizes, their ledger and the end-to-end eps (dpfed.generative.group_sizes)."""
 
+import pathlib
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -163,3 +167,29 @@ def test_a_small_noised_size_gets_a_warning_naming_the_group_and_the_flag():
     assert warning and "low group" in warning and "--group_size_noise" in warning, warning
     assert group_sizes.small_group_warning("low", 30, 10.0) is None, (
         "a size of 3 noise stds or more needs no warning")
+
+
+def test_the_group_sampling_flags_are_listed_in_the_binarys_help(tmp_path):
+    # absl's --help lists the main module's key flags: --group_sampling and
+    # --group_size_noise were group_sizes' key flags, so the debug demos' --help left out
+    # the flags that make their eps end to end.
+    binary = tmp_path / "binary.py"
+    binary.write_text(textwrap.dedent("""
+        \"\"\"A debug binary.\"\"\"
+        from types import SimpleNamespace
+
+        from absl import app
+
+        from dpfed.generative import group_sizes
+
+        group_sizes.define_group_sampling_flags(
+            SimpleNamespace(group_sampling="group", group_size_noise=10.0))
+
+        if __name__ == "__main__":
+            app.run(lambda argv: None)
+    """))
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(binary), "--helpshort"], capture_output=True,
+                            text=True, cwd=repo, timeout=60, env={"PYTHONPATH": str(repo)})
+    for flag in ("--group_sampling", "--group_size_noise"):
+        assert flag in result.stdout, f"--helpshort must list {flag}: {result.stdout}"

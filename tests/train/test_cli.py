@@ -74,6 +74,14 @@ def test_help_shows_the_docstring_as_written(tmp_path):
         f"--helpshort must print the docstring unchanged: {result.stdout[:300]}")
 
 
+def test_help_lists_the_flags_cli_defines_for_the_binary(tmp_path):
+    # absl's --help lists the main module's key flags; --seed, defined by
+    # `cli.define_seed_flag`, was cli's key flag and left out of every binary's --help.
+    result = _run(tmp_path, "--helpshort")
+    assert "--seed: Random seed." in result.stdout, (
+        f"--helpshort must list --seed with the binary's own flags: {result.stdout}")
+
+
 def _stderr_lines(result):
     return [line for line in result.stderr.splitlines() if line.strip()]
 
