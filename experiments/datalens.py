@@ -9,8 +9,10 @@ Example (the mnist5k eps=10 row, T=1000 teachers):
 
 Measured figures (eps, fid_domain, train-on-synthetic accuracy) are in WORKSPACE.md,
 "DataLens". Training stops before the generator step that would take eps above
---target_epsilon. Rerunning the same command on the same workdir resumes from its last
-checkpoint, privacy ledger included. With --evaluate (the default) the generator is then
+--target_epsilon. Privacy: the unit is one training example, under the neighbouring
+relation of --partition (hash: add/remove-one; balanced: replace-one), which assigns each
+example to one teacher. Rerunning the same command on the same workdir resumes from its
+last checkpoint, privacy ledger included. With --evaluate (the default) the generator is then
 evaluated by `dpfed.eval.evaluation` (fid_domain, CNN/MLP/LogReg accuracy on the real
 test split) with --num_synthetic samples; `launch/reproduce.py --table=datalens` runs
 the rows with --noevaluate and evaluates them with `experiments.evaluate`.

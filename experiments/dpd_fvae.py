@@ -17,12 +17,15 @@ Modes: --dp=none|central|local, --sync=d (decoder shared: DPD-fVAE)|ed (encoder 
 decoder shared: the plain fVAE). --target_epsilon calibrates the noise when
 --noise_multiplier is not given (central: over --rounds rounds; local: over the expected
 ceil(rounds * client_fraction) participations of a client), and is a budget: central runs
-stop before exceeding it, local clients stop training when theirs is spent. Rerunning the
-same command on the same workdir resumes from its last checkpoint. With --evaluate (the
-default) the decoder is then evaluated by `dpfed.eval.evaluation` (fid_domain, CNN/MLP/
-LogReg train-on-synthetic accuracy on the real test split) with --num_synthetic samples;
-`launch/reproduce.py --table=dpd_fvae` runs the rows with --noevaluate and evaluates them
-with `experiments.evaluate`.
+stop before exceeding it, local clients stop training when theirs is spent. The unit of
+privacy: central, one user (client: all of its images), user-level DP-FedAvg on what is
+shared; local, one example of a client (per-example DP-SGD on each client, the ledger
+stating the worst client's eps); both accounted under add/remove-one (Poisson sampling).
+Rerunning the same command on the same workdir resumes from its last checkpoint. With
+--evaluate (the default) the decoder is then evaluated by `dpfed.eval.evaluation`
+(fid_domain, CNN/MLP/LogReg train-on-synthetic accuracy on the real test split) with
+--num_synthetic samples; `launch/reproduce.py --table=dpd_fvae` runs the rows with
+--noevaluate and evaluates them with `experiments.evaluate`.
 """
 
 from absl import flags

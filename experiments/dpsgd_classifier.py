@@ -1,13 +1,16 @@
 r"""Trains an image classifier with DP-SGD and writes the workdir contract.
 
-Example (2 idle CPU cores, 2 minutes; measured 2026-12-01):
+Example (2 idle CPU cores, about 2 minutes; measured 2026-12-04):
 
   .venv/bin/python -m experiments.dpsgd_classifier --dataset=mnist5k --model=cnn \
     --steps=300 --batch_size=256 --target_epsilon=10 --learning_rate=0.1 \
     --workdir=workdirs/dpsgd
 
-gives test accuracy 89.4% at eps 9.998 (RDP; PLD 8.99), delta 1e-5, noise multiplier 0.917
+gives test accuracy 88.6% at eps 9.998 (RDP; PLD 8.99), delta 1e-5, noise multiplier 0.917
 (WORKSPACE.md, "DP-SGD classifier", has the other rows).
+
+Privacy: the unit is one training example. --sampling=poisson (the default) is accounted
+under add/remove-one, --sampling=fixed (batches of exactly --batch_size) under replace-one.
 
 Non-private baseline: add --nodp. Rerunning the same command on the same workdir
 resumes from its last checkpoint, privacy ledger included.

@@ -1,10 +1,11 @@
-r"""Evaluates a generator, a synthetic .npz, the real data or a DP-SGD classifier.
+r"""Evaluates a generator, a synthetic .npz, the real data or a DP-SGD or DP-FedAvg classifier.
 
 Writes eval.json (fid_domain, train-on-synthetic / test-on-real accuracy of CNN, MLP
 and logistic regression, eps), PNG figures and an evaluation section of report.md into
 --workdir. What is evaluated:
 - default: the workdir's generator (summary.json names the method), else its
-  synthetic.npz, else its DP-SGD classifier summary (the direct-training row);
+  synthetic.npz, else its DP-SGD or DP-FedAvg classifier summary (the direct-training
+  row);
 - --synthetic=FILE.npz: images (float32 [N,H,W,C] in [0,1]) and labels in that file;
 - --real_data: the real train split as if synthetic: the ceiling row.
 

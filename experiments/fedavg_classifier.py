@@ -1,13 +1,16 @@
 r"""Trains an image classifier with user-level DP-FedAvg and writes the workdir contract.
 
-Example (2 idle CPU cores, 30 s; measured 2026-12-01):
+Example (2 idle CPU cores, 20-30 s; measured 2026-12-04):
 
   .venv/bin/python -m experiments.fedavg_classifier --dataset=mnist5k --num_clients=100 \
     --clients_per_round=10 --rounds=20 --noise_multiplier=1.0 --l2_clip=0.5 \
     --workdir=workdirs/fedavg
 
-gives test accuracy 61.9% at user-level eps 4.224 (RDP; PLD 3.591), delta 1e-5: 100 users
-make user-level eps large (WORKSPACE.md, "DP-FedAvg classifier").
+gives test accuracy 62.2% at user-level eps 4.225 (RDP, printed rounded up; PLD 3.591),
+delta 1e-5: 100 users make user-level eps large (WORKSPACE.md, "DP-FedAvg classifier").
+
+Privacy: the unit is one user (client): all of its examples may change. --sampling=poisson
+(the default) is accounted under add/remove-one, --sampling=fixed under replace-one.
 
 Non-private FedAvg: add --nodp. Adaptive clipping (Andrew et al. 2021): --adaptive_clipping
 (--l2_clip is then the initial clip norm). Rerunning the same command on the same workdir

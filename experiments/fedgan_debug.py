@@ -21,6 +21,8 @@ Both files hold the same writers, so the app's classifier trains on the last
 End to end: --group_sampling=population with --low_threshold/--high_threshold (rounds
 sample all users, a group's users taking part; the group sizes are released noised, with
 their own ledger): the report then states an eps that takes nothing as given.
+The unit of privacy is one user (client: all of its images); --sampling=poisson (the
+default) is accounted under add/remove-one, --sampling=fixed under replace-one.
 Rerunning the same command on the same workdir resumes both GANs, privacy ledgers
 included; a rerun that changes a flag other than --rounds, --eval_every,
 --checkpoint_every, --num_samples or --emnist_dir exits 2 naming it.

@@ -5,7 +5,7 @@ Datasets" (ICLR 2020), text demonstration on Shakespeare (clients = (play, role)
 half of the clients the pipeline drops the space after punctuation. The app's word
 vocabulary and the LMs' char vocabulary come from --vocab_plays whole plays held out of
 the client population (the last in name order), never from a client's text. Example (2
-CPU cores, ~14 minutes):
+CPU cores, 7-15 minutes):
 
   .venv/bin/python -m experiments.fedlm_debug --workdir=workdirs/fedlm_debug \
     --hidden=128 --rounds=150 --clients_per_round=40 --local_steps=5 --noise_multiplier=0.7
@@ -15,7 +15,9 @@ glued-token rate and its top join "x,x" are far above the low-OOV clients' LM
 (WORKSPACE.md, "P0 ... language models", has the measured figures and each LM's
 user-level eps). report.md has the top-k token tables, OOV and glued rates, the top
 joins, sample lines and eps. --group_sampling=population with given thresholds makes the
-eps end to end (rounds sample all users; group sizes released noised). Rerunning the same
+eps end to end (rounds sample all users; group sizes released noised). The unit of
+privacy is one user (client: all of its text); --sampling=poisson (the default) is
+accounted under add/remove-one, --sampling=fixed under replace-one. Rerunning the same
 command on the same workdir resumes both LMs; a rerun that changes a flag other than
 --rounds, --eval_every, --checkpoint_every, --num_sample_lines, --sample_length or --top_k
 exits 2 naming it.

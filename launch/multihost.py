@@ -1,4 +1,4 @@
-r"""Launches an experiment binary on every host of a multi-host job (Cloud TPU VM or SLURM).
+r"""Launches an experiment binary on every host of a multi-host job (Cloud TPU VM, SLURM, local).
 
 A multi-host JAX job runs the *same* command on every host; each process calls
 `jax.distributed.initialize()` (the binaries' `--distributed` flag, added here) and then
