@@ -382,7 +382,8 @@ def guarantee_caveat(
         caveat = (
             f"Each group's size (its clients and sampling rate) counts the users whose raw "
             f"{metric} pass a threshold and is released without noise, so the groups' eps, and "
-            "their max, hold for each user given the group sizes, not end to end"
+            "their max, hold for each user given the group sizes, not end to end "
+            "(--group_sampling=population noises the sizes and accounts for them)"
         )
         given = ". Even given the group sizes, the max holds only per group, given the grouping: "
     else:

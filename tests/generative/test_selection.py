@@ -126,6 +126,12 @@ def test_guarantee_caveat_always_states_the_unnoised_group_sizes(low, high, samp
     assert "given the group sizes" in caveat, f"eps holds given the group sizes: {caveat!r}"
 
 
+def test_guarantee_caveat_of_group_mode_names_the_end_to_end_mode():
+    caveat = selection.guarantee_caveat(0.88, 0.94, "poisson", "accuracies")
+    assert "--group_sampling=population" in caveat, (
+        f"a caveat about unnoised sizes should name the mode that noises them: {caveat!r}")
+
+
 def test_guarantee_caveat_with_given_thresholds_and_poisson_names_no_other_reason():
     caveat = selection.guarantee_caveat(0.88, 0.94, "poisson", "accuracies")
     assert "quantiles" not in caveat and "replace-one" not in caveat, (
