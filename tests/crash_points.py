@@ -1,0 +1,548 @@
+"""Crash points: an experiment binary killed before each of its writes, then rerun.
+
+The project's promise: a run killed at any moment resumes from its workdir without
+losing or double-counting privacy spend. A *write point* is each write a run makes
+under its workdir: a JSON, PNG or msgpack file (`workdir.atomic_write_local_bytes`), a
+line of a log (`Workdir._append`), a checkpoint (`Checkpointer.save`), and the rename
+that completes a checkpoint (orbax's `finalize`: a kill there leaves it half written).
+
+A run of the binary in a child process (`python -m tests.crash_points child ...`)
+records each write point in a trace file and SIGKILLs itself before the k-th one,
+so nothing after it runs (no `finally`, no `atexit`), as a real kill would leave it.
+The same command is then run again on the workdir, and `check_crashed`,
+`crash_and_rerun` and `assert_same_workdir` judge:
+
+  (a) after the kill, every released file (metrics records, model files, samples,
+      summaries, report, group sizes) is counted by a ledger present;
+  (b) the rerun exits 0 (never refused) and draws no release again that is on disk
+      (the noised group sizes: `group_sizes.noisy_group_sizes`);
+  (c) the rerun ends with the uninterrupted run's files: ledgers, metrics and
+      diagnostics records, summaries (wall times aside), model files and samples byte
+      for byte (`assert_same_workdir`).
+
+As a script it sweeps every write point of one binary's mode (WORKSPACE.md, "Crash
+points"), or, with `--double=K`, every write of the rerun of a run killed at K:
+
+  JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_points \
+    fedgan_debug --mode=group [--points=3,17] [--double=20]
+
+The tests (`tests/test_crash_points.py`) keep a few of the riskiest points.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import runpy
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The first argument of a child run (`python -m tests.crash_points child ...`).
+CHILD = "child"
+KILLED = -signal.SIGKILL  # A child's exit code when it killed itself at its point.
+
+# Files a run writes that are no release and may differ between runs (a resume's).
+_NOT_COMPARED = (".lock", "unreplayed.jsonl")
+# JSON keys whose values are wall times (they differ run to run).
+_WALL_TIME_KEYS = ("wall_seconds", "wall_seconds_earlier", "seconds_per_round", "elapsed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Binary:
+    """An experiment binary at the tests' tiny settings, in one mode.
+
+    Attributes:
+      module: the binary, e.g. "experiments.fedgan_debug".
+      flags: its flags but `--workdir`.
+      models: the sub-workdirs holding one model's ledger.json and metrics.jsonl each
+        ("" for the workdir itself).
+    """
+
+    module: str
+    flags: tuple[str, ...]
+    models: tuple[str, ...]
+
+
+# The debug demos' tests' TINY settings (tests/experiments/test_fed*_debug.py): 2 rounds,
+# evaluated and checkpointed every round.
+_FEDGAN_TINY = (
+    "--num_clients=24", "--classifier_epochs=1", "--rounds=2", "--clients_per_round=2",
+    "--sampling=fixed", "--noise_multiplier=0.5", "--d_conv_features=4,8",
+    "--d_dense_features=16", "--g_dense_features=16", "--g_base_features=8",
+    "--g_convt_features=8,4", "--noise_dim=8", "--batch_size=4", "--client_d_steps=1",
+    "--server_g_steps=1", "--num_samples=16", "--eval_every=1", "--checkpoint_every=1")
+_FEDLM_TINY = (
+    "--min_lines=200", "--seq_len=16", "--max_seqs=4", "--embed_dim=4", "--hidden=8",
+    "--local_steps=1", "--local_batch_size=2", "--rounds=2", "--clients_per_round=2",
+    "--sampling=fixed", "--noise_multiplier=0.5", "--num_sample_lines=4",
+    "--sample_length=20", "--top_k=3", "--eval_every=1", "--checkpoint_every=1")
+# --group_sampling=population as the tests run it: Poisson cohorts, given thresholds.
+_POPULATION = ("--clients_per_round=4", "--sampling=poisson", "--group_sampling=population",
+               "--low_threshold=0.3", "--high_threshold=0.7")
+# tests/experiments/test_dpd_fvae.py's TINY.
+_DPD_FVAE_TINY = (
+    "--dataset=digits", "--num_clients=8", "--client_fraction=0.5", "--rounds=2",
+    "--local_epochs=1", "--batch_size=90", "--latent_dim=2", "--encoder_features=4",
+    "--decoder_features=4", "--eval_every=1", "--checkpoint_every=1", "--noevaluate")
+
+BINARIES: dict[str, dict[str, Binary]] = {
+    "fedgan_debug": {
+        "group": Binary("experiments.fedgan_debug", _FEDGAN_TINY, ("gan_low", "gan_high")),
+        "population": Binary("experiments.fedgan_debug", (*_FEDGAN_TINY, *_POPULATION),
+                             ("gan_low", "gan_high")),
+    },
+    "fedlm_debug": {
+        "group": Binary("experiments.fedlm_debug", _FEDLM_TINY, ("lm_high_oov", "lm_low_oov")),
+        "population": Binary("experiments.fedlm_debug", (*_FEDLM_TINY, *_POPULATION),
+                             ("lm_high_oov", "lm_low_oov")),
+    },
+    "dpd_fvae": {
+        "central": Binary("experiments.dpd_fvae", (
+            *_DPD_FVAE_TINY, "--dp=central", "--sync=d", "--noise_multiplier=2"), ("",)),
+        "local": Binary("experiments.dpd_fvae", (
+            *_DPD_FVAE_TINY, "--dp=local", "--sync=d", "--noise_multiplier=2",
+            "--target_epsilon=30"), ("",)),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------
+# The child: a binary run that traces its write points and kills itself at one.
+
+
+class _Tracer:
+    """Numbers the write points under `root`, appends each to `trace` (one JSON line),
+    and SIGKILLs this process before point `kill_at` (0: never)."""
+
+    def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path):
+        self._trace, self._kill_at, self._root = trace, kill_at, root.absolute()
+        self.count = 0
+
+    def _log(self, record: dict) -> None:
+        with self._trace.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def point(self, kind: str, path: str | os.PathLike) -> None:
+        """A write of `kind` to `path`: numbered and logged when under the workdir."""
+        absolute = pathlib.Path(path).absolute()
+        if not absolute.is_relative_to(self._root):
+            return  # A host cache outside the workdir: no release.
+        self.count += 1
+        where = str(absolute.relative_to(self._root))
+        killed = self.count == self._kill_at
+        self._log({"n": self.count, "kind": kind, "path": where, "killed": killed})
+        if killed:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def event(self, kind: str) -> None:
+        """Something that is no write (a draw of a release), logged unnumbered."""
+        self._log({"n": None, "kind": kind})
+
+
+def _install(tracer: _Tracer) -> None:
+    """Wraps the library's writes (and the group sizes' draw) to go through `tracer`."""
+    import orbax.checkpoint._src.path.atomicity as atomicity
+
+    from dpfed.generative import group_sizes
+    from dpfed.train import checkpoint, workdir
+
+    write = workdir.atomic_write_local_bytes
+
+    def traced_write(path: pathlib.Path, payload: bytes) -> None:
+        tracer.point("file", path)
+        write(path, payload)
+
+    append = workdir.Workdir._append  # noqa: SLF001 -- the write it wraps.
+
+    def traced_append(self: workdir.Workdir, name: str, record: dict) -> None:
+        tracer.point("append", self.file(name))
+        append(self, name, record)
+
+    save = checkpoint.Checkpointer.save
+
+    def traced_save(self: checkpoint.Checkpointer, step: int, state: Any, extra: dict) -> None:
+        tracer.point("checkpoint", self.directory / str(step))
+        save(self, step, state, extra)
+
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def traced_finalize(self: Any) -> None:
+        final = pathlib.Path(self.get_final())
+        if final.name.isdigit():  # the step's rename (not its items'): all written but it
+            tracer.point("checkpoint-rename", final)
+        await finalize(self)
+
+    draw = group_sizes.noisy_group_sizes
+
+    def traced_draw(*args: Any, **kwargs: Any) -> dict[str, int]:
+        tracer.event("draw group sizes")
+        return draw(*args, **kwargs)
+
+    workdir.atomic_write_local_bytes = traced_write
+    workdir.Workdir._append = traced_append  # noqa: SLF001
+    checkpoint.Checkpointer.save = traced_save  # type: ignore[method-assign]
+    atomicity.AtomicRenameTemporaryPath.finalize = traced_finalize  # type: ignore[method-assign]
+    group_sizes.noisy_group_sizes = traced_draw
+
+
+def _child(argv: list[str]) -> None:
+    """`child TRACE KILL_AT MODULE ARGS...`: runs MODULE as `python -m` would, its write
+    points traced to TRACE and a kill before point KILL_AT (0: none)."""
+    trace, kill_at, module, *args = argv
+    workdir = next(a.partition("=")[2] for a in args if a.startswith("--workdir="))
+    _install(_Tracer(pathlib.Path(trace), int(kill_at), pathlib.Path(workdir)))
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The parent: runs, kills, reruns and checks.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One child run: its exit code, trace records and stderr's tail."""
+
+    returncode: int
+    trace: list[dict]
+    stderr: str
+    seconds: float
+
+    @property
+    def points(self) -> list[dict]:
+        """The write points it reached (the killed one last, when killed)."""
+        return [r for r in self.trace if r["n"] is not None]
+
+    @property
+    def draws(self) -> int:
+        """How many times it drew the noised group sizes."""
+        return sum(r["kind"] == "draw group sizes" for r in self.trace)
+
+
+def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 600) -> Run:
+    """Runs `binary` on `workdir` in a child (forked when it can: `tests.binary`), killed
+    before its write point `kill_at` (0: run to the end)."""
+    from tests.binary import run_binary  # Imports jax: not needed by the child's start.
+
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as trace:
+        start = time.time()
+        proc = run_binary("tests.crash_points", CHILD, trace.name, str(kill_at), binary.module,
+                          *binary.flags, f"--workdir={workdir}", check=False, timeout=timeout)
+        records = [json.loads(line) for line in trace.read().splitlines()]
+    return Run(proc.returncode, records, proc.stderr[-4000:], time.time() - start)
+
+
+def expect_killed(result: Run, kill_at: int) -> None:
+    """`result` is a run that killed itself at its point `kill_at`."""
+    assert result.returncode == KILLED and result.points[-1]["n"] == kill_at, (
+        f"the run was to be killed before write {kill_at}, but it exited {result.returncode} "
+        f"after {len(result.points)} writes:\n{result.stderr}")
+
+
+def expect_finished(result: Run, what: str) -> None:
+    """`result` ran to its end (exit 0): a rerun is never refused."""
+    assert result.returncode == 0, f"{what} exited {result.returncode}:\n{result.stderr}"
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    from dpfed.train import workdir  # Imports jax: not before the child's start.
+
+    return workdir.loads(path.read_text(encoding="utf-8"))
+
+
+def _records(path: pathlib.Path) -> list[dict]:
+    """The records of a JSON-lines file of the workdir (none if it is missing)."""
+    from dpfed.train import workdir
+
+    if not path.exists():
+        return []  # (Workdir would create a missing folder.)
+    return workdir.Workdir(path.parent)._read(path.name)  # noqa: SLF001 -- its reader.
+
+
+def _ledger(model: pathlib.Path) -> dict | None:
+    path = model / "ledger.json"
+    return _read_json(path) if path.exists() else None
+
+
+# Files that a model (or the whole run) writes once it has trained all its rounds.
+_FINAL_SUFFIXES = (".msgpack", ".png", ".md")
+_FINAL_NAMES = ("summary.json", "samples.json", "diagnostics.json")
+
+
+def _finals(directory: pathlib.Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*") if p.is_file() and (
+        p.suffix in _FINAL_SUFFIXES or p.name in _FINAL_NAMES))
+
+
+def check_crashed(binary: Binary, workdir: pathlib.Path, whole: pathlib.Path) -> None:
+    """(a): what a killed run left in `workdir` is counted by a ledger present.
+
+    Each model's ledger.json counts every metrics record it logged (its eps at least
+    each record's); once a model's file, samples or summary exist, its ledger is the
+    uninterrupted run's (`whole`) whole ledger; once the workdir's summary, report,
+    samples or ground truth exist, every model's is; the noised group sizes exist only
+    beside their ledger.
+    """
+    for name in binary.models:
+        model = workdir / name
+        ledger = _ledger(model)
+        for record in _records(model / "metrics.jsonl"):
+            if "epsilon_rdp" not in record:
+                continue
+            assert ledger is not None and ledger["epsilon_rdp"] >= record["epsilon_rdp"], (
+                f"{name or '.'}/metrics.jsonl logs a release at eps {record['epsilon_rdp']} "
+                f"that no ledger.json counts (its eps: {ledger and ledger['epsilon_rdp']})")
+        finals = _finals(model) if name else []
+        if finals:
+            _assert_whole_ledger(name, ledger, whole, finals)
+    top = _finals(workdir)
+    if top:
+        for name in binary.models:
+            _assert_whole_ledger(name, _ledger(workdir / name), whole, top)
+    if (workdir / "group_sizes.json").exists():
+        sizes = workdir / "group_sizes_ledger.json"
+        assert sizes.exists(), "group_sizes.json released without group_sizes_ledger.json"
+        assert len(_read_json(sizes)["events"]) == 1, "the sizes are one release"
+
+
+def _assert_whole_ledger(
+    name: str, ledger: dict | None, whole: pathlib.Path, released: list[str]
+) -> None:
+    """`ledger` (model `name`'s) holds the events of the uninterrupted run's ledger."""
+    expected = _ledger(whole / name)
+    assert expected is None or (ledger is not None and ledger["events"] == expected["events"]), (
+        f"{released} released beside {name or '.'}/ledger.json with "
+        f"{ledger and len(ledger['events'])} events, not the whole run's")
+
+
+def _without_wall_times(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_wall_times(v) for k, v in value.items()
+                if k not in _WALL_TIME_KEYS}
+    if isinstance(value, list):
+        return [_without_wall_times(v) for v in value]
+    return value
+
+
+def _compared_files(workdir: pathlib.Path) -> set[str]:
+    return {str(p.relative_to(workdir)) for p in workdir.rglob("*")
+            if p.is_file() and "checkpoints" not in p.relative_to(workdir).parts
+            and p.name not in _NOT_COMPARED}
+
+
+def _report_lines(path: pathlib.Path) -> list[str]:
+    """report.md's lines but those with wall times."""
+    return [line for line in path.read_text().splitlines()
+            if "wall" not in line.lower() and "seconds" not in line.lower()]
+
+
+def assert_same_workdir(whole: pathlib.Path, resumed: pathlib.Path) -> None:
+    """(c): `resumed` holds the files of the uninterrupted run's `whole` (checkpoints
+    aside) and the same contents: JSON and JSON lines as parsed, wall times aside;
+    report.md without its wall-time lines; the rest byte for byte."""
+    names = _compared_files(whole)
+    extra, missing = _compared_files(resumed) - names, names - _compared_files(resumed)
+    assert not extra and not missing, f"files: {sorted(extra)} extra, {sorted(missing)} missing"
+    for name in sorted(names):
+        a, b = whole / name, resumed / name
+        if name.endswith(".jsonl"):
+            same = _without_wall_times(_records(a)) == _without_wall_times(_records(b))
+        elif name.endswith(".json"):
+            same = _without_wall_times(_read_json(a)) == _without_wall_times(_read_json(b))
+        elif name.endswith(".md"):
+            same = _report_lines(a) == _report_lines(b)
+        else:
+            same = a.read_bytes() == b.read_bytes()
+        assert same, f"{name} differs from the uninterrupted run's"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One crash point: where the run was killed and how long the kill and rerun took."""
+
+    point: dict
+    seconds: float
+    rerun_points: int
+
+
+def crash_and_rerun(
+    binary: Binary, whole: pathlib.Path, workdir: pathlib.Path, kill_at: int,
+    rerun_kill_at: int = 0,
+) -> Outcome:
+    """Kills `binary` before write `kill_at` on a new `workdir` and checks (a); with
+    `rerun_kill_at`, kills the rerun before its own write of that number and checks (a)
+    again; reruns to the end and checks (b) and (c) against the uninterrupted `whole`."""
+    start = time.time()
+    crashed = run(binary, workdir, kill_at)
+    expect_killed(crashed, kill_at)
+    check_crashed(binary, workdir, whole)
+    if rerun_kill_at:
+        sizes = (workdir / "group_sizes.json").exists()
+        again = run(binary, workdir, rerun_kill_at)
+        expect_killed(again, rerun_kill_at)
+        assert not (sizes and again.draws), "a rerun drew the released group sizes again"
+        check_crashed(binary, workdir, whole)
+    sizes = (workdir / "group_sizes.json").exists()
+    rerun = run(binary, workdir)
+    expect_finished(rerun, "the rerun")
+    assert not (sizes and rerun.draws), "the rerun drew the released group sizes again"
+    assert_same_workdir(whole, workdir)
+    return Outcome(crashed.points[-1], time.time() - start, len(rerun.points))
+
+
+def uninterrupted(binary: Binary, workdir: pathlib.Path) -> Run:
+    """The run to its end that the crashed ones are compared with; its trace lists the
+    write points."""
+    result = run(binary, workdir)
+    expect_finished(result, "the uninterrupted run")
+    return result
+
+
+def sweep(
+    binary: Binary, scratch: pathlib.Path, points: list[int] | None = None, double: int = 0,
+    report: Callable[[str], None] = print,
+) -> list[Outcome]:
+    """Kills `binary` before each of `points` (default: every write point of an
+    uninterrupted run), or with `double`, before write `double` and then its rerun
+    before each of its writes (`points` of the rerun); checks (a)-(c) at each, in
+    `scratch`; raises at the first failure."""
+    whole = scratch / "whole"
+    reference = uninterrupted(binary, whole)
+    report(f"uninterrupted: {len(reference.points)} write points, {reference.seconds:.1f} s")
+    for point in reference.points:
+        report(f"  {point['n']:3d} {point['kind']:18s} {point['path']}")
+    todo = points or list(range(1, len(reference.points) + 1))
+    if double:
+        probe = scratch / "probe"
+        expect_killed(run(binary, probe, double), double)
+        rerun = uninterrupted(binary, probe)
+        report(f"killed before write {double}, the rerun makes {len(rerun.points)} writes:")
+        for point in rerun.points:
+            report(f"  {point['n']:3d} {point['kind']:18s} {point['path']}")
+        todo = points or list(range(1, len(rerun.points) + 1))
+        shutil.rmtree(probe)
+    outcomes = []
+    for k in todo:
+        workdir = scratch / f"k{k}"
+        outcome = (crash_and_rerun(binary, whole, workdir, double, k) if double
+                   else crash_and_rerun(binary, whole, workdir, k))
+        outcomes.append(outcome)
+        what = f"killed at {double}, its rerun at {k}" if double else f"point {k}"
+        report(f"{what} ({outcome.point['kind']} {outcome.point['path']}): (a)-(c) held, "
+               f"{outcome.seconds:.1f} s")
+        shutil.rmtree(workdir)
+    return outcomes
+
+
+def point_number(reference: Run, path: str, occurrence: int = 1, kind: str | None = None) -> int:
+    """The number of the `occurrence`-th write point of `reference` to `path` (of `kind`
+    when given): the tests name their points so, not by number, which moves whenever a
+    binary writes one more file."""
+    found = [p["n"] for p in reference.points
+             if p["path"] == path and kind in (None, p["kind"])]
+    assert len(found) >= occurrence, f"the run writes {path} {len(found)} times: {found}"
+    return found[occurrence - 1]
+
+
+def _kill_after(binary: Binary, workdir: pathlib.Path, seconds: float) -> bool:
+    """Runs `binary` on `workdir` as `tests.binary` starts it and SIGKILLs its process
+    group `seconds` after its start, unless it ended first (then with exit 0). Returns
+    whether it was still running."""
+    from tests import binary as binary_lib
+
+    cmd = [sys.executable, "-m", binary.module, *binary.flags, f"--workdir={workdir}"]
+    with tempfile.NamedTemporaryFile("w+") as err:
+        proc = binary_lib._start(cmd, None, stdout=None, stderr=err)  # noqa: SLF001
+        deadline = time.time() + seconds
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.001)
+        running = proc.poll() is None
+        binary_lib._end_group(proc, dump_stacks=False)  # noqa: SLF001 -- the SIGKILL.
+        err.seek(0)
+        assert running or proc.returncode == 0, f"exit {proc.returncode}: {err.read()[-3000:]}"
+    return running
+
+
+def sigkill(
+    binary: Binary, scratch: pathlib.Path, count: int, seed: int = 0,
+    report: Callable[[str], None] = print,
+) -> int:
+    """SIGKILLs `count` runs of `binary` (no tracing: the binary as a user starts it) at
+    uniform random times within an uninterrupted run's wall time, reruns each and checks
+    (a)-(c). Returns how many were killed while running (the others had ended first).
+    """
+    import random
+
+    whole = scratch / "whole"
+    reference = uninterrupted(binary, whole)
+    report(f"uninterrupted: {len(reference.points)} write points, {reference.seconds:.1f} s")
+    times = random.Random(seed)
+    killed = 0
+    for i in range(count):
+        workdir = scratch / f"kill{i}"
+        at = times.uniform(0.0, reference.seconds)
+        start = time.time()
+        running = _kill_after(binary, workdir, at)
+        killed += running
+        left = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file())
+        check_crashed(binary, workdir, whole)
+        rerun = run(binary, workdir)
+        expect_finished(rerun, "the rerun")
+        assert_same_workdir(whole, workdir)
+        report(f"kill {i} at {at:.1f} s ({'running' if running else 'already ended'}, "
+               f"{len(left)} files left): (a)-(c) held, {time.time() - start:.1f} s")
+        shutil.rmtree(workdir)
+    return killed
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("binary", choices=sorted(BINARIES))
+    parser.add_argument("--mode", help="default: the binary's first (" + ", ".join(
+        f"{b}: {'/'.join(m)}" for b, m in BINARIES.items()) + ")")
+    parser.add_argument("--points", help="comma-separated write points (default: all)")
+    parser.add_argument("--double", type=int, default=0,
+                        help="kill before this write, then the rerun before each of its own")
+    parser.add_argument("--sigkill", type=int, default=0,
+                        help="instead: SIGKILL this many runs at random times (no tracing)")
+    parser.add_argument("--seed", type=int, default=0, help="of --sigkill's random times")
+    parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
+    args = parser.parse_args(argv)
+    modes = BINARIES[args.binary]
+    binary = modes[args.mode or next(iter(modes))]
+    points = [int(p) for p in args.points.split(",")] if args.points else None
+    scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_points-"))
+    start = time.time()
+    mode = args.mode or next(iter(modes))
+    if args.sigkill:
+        killed = sigkill(binary, scratch, args.sigkill, args.seed)
+        print(f"{args.binary} {mode}: (a)-(c) held after {args.sigkill} SIGKILLs ({killed} "
+              f"while running), {time.time() - start:.0f} s")
+        return
+    outcomes = sweep(binary, scratch, points, args.double)
+    print(f"{args.binary} {mode}: (a)-(c) held at {len(outcomes)} points, "
+          f"{time.time() - start:.0f} s")
+
+
+def _use_the_tests_settings() -> None:
+    """As a script: the XLA flags and compilation cache of the tests (tests/conftest.py),
+    set before jax is imported, so the forked children run as the tests' do."""
+    import tests.conftest  # noqa: F401 -- sets the environment as it is imported.
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [CHILD]:
+        _child(sys.argv[2:])
+    else:
+        _use_the_tests_settings()
+        _main(sys.argv[1:])

@@ -1,0 +1,158 @@
+"""tests/crash_points.py: its checks, and the binaries killed at their riskiest writes."""
+
+import json
+import pathlib
+
+import pytest
+
+from tests import crash_points
+
+_GAN = crash_points.BINARIES["fedgan_debug"]["group"]
+
+
+def _write(path: pathlib.Path, content: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def _ledger(events: int, eps: float) -> dict:
+    return {"epsilon_rdp": eps, "num_releases": events, "events": [{"e": i} for i in range(events)]}
+
+
+def _finished_model(workdir: pathlib.Path, name: str) -> None:
+    _write(workdir / name / "ledger.json", _ledger(2, 2.0))
+    _write(workdir / name / "metrics.jsonl", '{"round": 1, "epsilon_rdp": 1.0}\n'
+           '{"round": 2, "epsilon_rdp": 2.0}\n')
+    _write(workdir / name / "summary.json", {"wall_seconds": 3.0, "epsilon_rdp": 2.0})
+
+
+@pytest.fixture
+def whole(tmp_path) -> pathlib.Path:
+    """A finished fedgan_debug-like workdir: two models, a summary and a report."""
+    workdir = tmp_path / "whole"
+    for name in _GAN.models:
+        _finished_model(workdir, name)
+    _write(workdir / "summary.json", {"epsilon_rdp": 2.0, "wall_seconds": 7.0})
+    _write(workdir / "report.md", "# Report\n\neps 2.0\n\nwall time 7 s\n")
+    return workdir
+
+
+def test_a_killed_workdir_with_every_release_counted_passes(whole, tmp_path):
+    killed = tmp_path / "killed"
+    _finished_model(killed, "gan_low")
+    _write(killed / "gan_high" / "ledger.json", _ledger(1, 1.0))
+    _write(killed / "gan_high" / "metrics.jsonl", '{"round": 1, "epsilon_rdp": 1.0}\n')
+    crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_a_metrics_record_past_its_ledger_fails(whole, tmp_path):
+    killed = tmp_path / "killed"
+    _write(killed / "gan_low" / "ledger.json", _ledger(1, 1.0))
+    _write(killed / "gan_low" / "metrics.jsonl", '{"round": 1, "epsilon_rdp": 1.0}\n'
+           '{"round": 2, "epsilon_rdp": 2.0}\n')
+    with pytest.raises(AssertionError, match="no ledger.json counts"):
+        crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_a_summary_beside_a_short_ledger_fails(whole, tmp_path):
+    killed = tmp_path / "killed"
+    _finished_model(killed, "gan_low")
+    _write(killed / "gan_high" / "ledger.json", _ledger(1, 1.0))
+    _write(killed / "report.md", "# Report\n")
+    with pytest.raises(AssertionError, match="gan_high/ledger.json"):
+        crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_group_sizes_without_their_ledger_fail(whole, tmp_path):
+    killed = tmp_path / "killed"
+    _write(killed / "group_sizes.json", {"noised_sizes": {"low": 3}})
+    with pytest.raises(AssertionError, match="without group_sizes_ledger.json"):
+        crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_a_check_reads_a_missing_model_folder_without_creating_it(whole, tmp_path):
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    crash_points.check_crashed(_GAN, killed, whole)
+    assert not any(killed.iterdir()), "checking must leave the killed workdir as it was"
+
+
+def test_same_workdir_ignores_wall_times_and_checkpoints(whole, tmp_path):
+    resumed = tmp_path / "resumed"
+    for name in _GAN.models:
+        _finished_model(resumed, name)
+        _write(resumed / name / "summary.json", {"wall_seconds": 9.0, "epsilon_rdp": 2.0})
+        _write(resumed / name / "checkpoints" / "2" / "state", "x")
+    _write(resumed / "summary.json", {"epsilon_rdp": 2.0, "wall_seconds": 99.0})
+    _write(resumed / "report.md", "# Report\n\neps 2.0\n\nwall time 99 s\n")
+    _write(resumed / "unreplayed.jsonl", '{"round": 2}\n')
+    crash_points.assert_same_workdir(whole, resumed)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("gan_high/metrics.jsonl", '{"round": 1, "epsilon_rdp": 1.0}\n', "metrics.jsonl differs"),
+    ("samples_low.png", "png", "files: \\['samples_low.png'\\] extra"),
+    ("report.md", "# Report\n\neps 3.0\n", "report.md differs"),
+])
+def test_same_workdir_finds_a_lost_record_an_extra_file_or_another_eps(
+    whole, tmp_path, name, content, message
+):
+    resumed = tmp_path / "resumed"
+    for model in _GAN.models:
+        _finished_model(resumed, model)
+    _write(resumed / "summary.json", {"epsilon_rdp": 2.0, "wall_seconds": 7.0})
+    _write(resumed / "report.md", "# Report\n\neps 2.0\n\nwall time 7 s\n")
+    _write(resumed / name, content)
+    with pytest.raises(AssertionError, match=message):
+        crash_points.assert_same_workdir(whole, resumed)
+
+
+# The riskiest write points of each binary, named by (path, occurrence, kind): killed
+# between a round's ledger and its metrics record, in a checkpoint written but not yet
+# renamed into place, between the models, and before the whole run's summary or report.
+_RISKY = {
+    ("fedgan_debug", "group"): [
+        ("gan_high/metrics.jsonl", 2, "append"),  # round 2's ledger written, not its record
+        ("gan_high/checkpoints/1", 1, "checkpoint-rename"),  # a checkpoint half in place
+        ("samples_low.png", 1, "file"),  # the first GAN released, its grid not yet
+        ("report.md", 1, "file"),  # the summary written, the report not
+    ],
+    ("fedlm_debug", "population"): [
+        ("group_sizes.json", 1, "file"),  # the sizes' ledger written, the sizes not drawn
+        ("lm_low_oov/metrics.jsonl", 1, "append"),  # the second LM's first ledger only
+        ("lm_low_oov/checkpoints/2", 1, "checkpoint-rename"),
+        ("summary.json", 1, "file"),
+    ],
+    ("dpd_fvae", "local"): [
+        ("metrics.jsonl", 2, "append"),
+        ("checkpoints/1", 1, "checkpoint-rename"),
+        ("decoder.msgpack", 1, "file"),  # the final ledger (with PLD) written, nothing else
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of each binary's mode, made once (the point's reference)."""
+    runs: dict[tuple[str, str], tuple[pathlib.Path, crash_points.Run]] = {}
+
+    def get(key: tuple[str, str]) -> tuple[pathlib.Path, crash_points.Run]:
+        if key not in runs:
+            whole = tmp_path_factory.mktemp(f"{key[0]}_{key[1]}") / "whole"
+            runs[key] = whole, crash_points.uninterrupted(crash_points.BINARIES[key[0]][key[1]],
+                                                          whole)
+        return runs[key]
+
+    return get
+
+
+@pytest.mark.slow  # ~25 s a point on 2 cores, ~25 s more for each binary's reference run
+@pytest.mark.parametrize("key, path, occurrence, kind", [
+    (key, *point) for key, points in _RISKY.items() for point in points])
+def test_killed_at_a_risky_write_resumes_like_uninterrupted(
+    uninterrupted, tmp_path, key, path, occurrence, kind
+):
+    whole, reference = uninterrupted(key)
+    point = crash_points.point_number(reference, path, occurrence, kind)
+    crash_points.crash_and_rerun(
+        crash_points.BINARIES[key[0]][key[1]], whole, tmp_path / "killed", point)
