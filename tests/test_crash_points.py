@@ -156,3 +156,13 @@ def test_killed_at_a_risky_write_resumes_like_uninterrupted(
     point = crash_points.point_number(reference, path, occurrence, kind)
     crash_points.crash_and_rerun(
         crash_points.BINARIES[key[0]][key[1]], whole, tmp_path / "killed", point)
+
+
+def test_a_local_dp_record_is_checked_by_its_worst_clients_eps(whole, tmp_path):
+    # Local DP logs no central eps (None) but the worst client's, which ledger.json states.
+    killed = tmp_path / "killed"
+    _write(killed / "gan_low" / "ledger.json", _ledger(1, 1.0))
+    _write(killed / "gan_low" / "metrics.jsonl",
+           '{"round": 1, "epsilon_rdp": null, "epsilon_rdp_worst_client": 1.5}\n')
+    with pytest.raises(AssertionError, match="at eps 1.5"):
+        crash_points.check_crashed(_GAN, killed, whole)
