@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import runpy
 import shutil
 import signal
@@ -304,14 +305,23 @@ def check_crashed(binary: Binary, workdir: pathlib.Path, whole: pathlib.Path) ->
         finals = _finals(model) if name else []
         if finals:
             _assert_whole_ledger(name, ledger, whole, finals)
-    top = _finals(workdir)
-    if top:
-        for name in binary.models:
-            _assert_whole_ledger(name, _ledger(workdir / name), whole, top)
+    for released in _finals(workdir):
+        for name in _models_of(binary, released):
+            _assert_whole_ledger(name, _ledger(workdir / name), whole, [released])
     if (workdir / "group_sizes.json").exists():
         sizes = workdir / "group_sizes_ledger.json"
         assert sizes.exists(), "group_sizes.json released without group_sizes_ledger.json"
         assert len(_read_json(sizes)["events"]) == 1, "the sizes are one release"
+
+
+def _models_of(binary: Binary, released: str) -> tuple[str, ...]:
+    """The models whose ledgers must be whole for the workdir's file `released`: the
+    group's for its samples (fedgan_debug's `samples_low.png`, written as soon as the
+    low group's GAN is), every model's for the rest (summary, report, ground truth)."""
+    group = re.fullmatch(r"samples_(\w+)\.png", released)
+    if group:
+        return tuple(m for m in binary.models if m.endswith(f"_{group[1]}")) or binary.models
+    return binary.models
 
 
 def _epsilon(record: dict) -> float | None:

@@ -166,3 +166,14 @@ def test_a_local_dp_record_is_checked_by_its_worst_clients_eps(whole, tmp_path):
            '{"round": 1, "epsilon_rdp": null, "epsilon_rdp_worst_client": 1.5}\n')
     with pytest.raises(AssertionError, match="at eps 1.5"):
         crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_a_groups_samples_need_only_that_groups_whole_ledger(whole, tmp_path):
+    # fedgan_debug writes samples_low.png once the low GAN is done, before the high one.
+    killed = tmp_path / "killed"
+    _finished_model(killed, "gan_low")
+    _write(killed / "samples_low.png", "png")
+    crash_points.check_crashed(_GAN, killed, whole)
+    _write(killed / "samples_high.png", "png")
+    with pytest.raises(AssertionError, match="samples_high.png"):
+        crash_points.check_crashed(_GAN, killed, whole)
