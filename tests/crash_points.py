@@ -32,6 +32,7 @@ The tests (`tests/test_crash_points.py`) keep a few of the riskiest points.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -502,13 +503,15 @@ def sigkill(
     import random
 
     whole = scratch / "whole"
-    reference = uninterrupted(binary, whole)
-    report(f"uninterrupted: {len(reference.points)} write points, {reference.seconds:.1f} s")
+    start = time.time()
+    assert not _kill_after(binary, whole, math.inf), "a run not killed ended"
+    seconds = time.time() - start  # untraced: how long a user's run takes
+    report(f"uninterrupted: {seconds:.1f} s")
     times = random.Random(seed)
     killed = 0
     for i in range(count):
         workdir = scratch / f"kill{i}"
-        at = times.uniform(0.0, reference.seconds)
+        at = times.uniform(0.0, seconds)
         start = time.time()
         running = _kill_after(binary, workdir, at)
         killed += running
