@@ -148,7 +148,8 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.slow  # ~25 s a point on 2 cores, ~25 s more for each binary's reference run
 @pytest.mark.parametrize("key, path, occurrence, kind", [
-    (key, *point) for key, points in _RISKY.items() for point in points])
+    pytest.param(key, *point, id=f"{key[0]}-{key[1]}-{point[2]}-{point[0]}-{point[1]}")
+    for key, points in _RISKY.items() for point in points])
 def test_killed_at_a_risky_write_resumes_like_uninterrupted(
     uninterrupted, tmp_path, key, path, occurrence, kind
 ):
