@@ -387,7 +387,8 @@ def assert_same_workdir(whole: pathlib.Path, resumed: pathlib.Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """One crash point: where the run was killed and how long the kill and rerun took."""
+    """One crash point: where the run was killed (the rerun, in a double crash), how long
+    the kills and reruns took, and how many writes the last rerun made."""
 
     point: dict
     seconds: float
@@ -405,10 +406,12 @@ def crash_and_rerun(
     crashed = run(binary, workdir, kill_at)
     expect_killed(crashed, kill_at)
     check_crashed(binary, workdir, whole)
+    point = crashed.points[-1]
     if rerun_kill_at:
         sizes = (workdir / "group_sizes.json").exists()
         again = run(binary, workdir, rerun_kill_at)
         expect_killed(again, rerun_kill_at)
+        point = again.points[-1]
         assert not (sizes and again.draws), "a rerun drew the released group sizes again"
         check_crashed(binary, workdir, whole)
     sizes = (workdir / "group_sizes.json").exists()
@@ -416,7 +419,7 @@ def crash_and_rerun(
     expect_finished(rerun, "the rerun")
     assert not (sizes and rerun.draws), "the rerun drew the released group sizes again"
     assert_same_workdir(whole, workdir)
-    return Outcome(crashed.points[-1], time.time() - start, len(rerun.points))
+    return Outcome(point, time.time() - start, len(rerun.points))
 
 
 def uninterrupted(binary: Binary, workdir: pathlib.Path) -> Run:
