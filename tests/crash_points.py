@@ -543,6 +543,8 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
     modes = BINARIES[args.binary]
+    if args.mode is not None and args.mode not in modes:
+        parser.error(f"--mode of {args.binary} must be one of {', '.join(modes)}")
     binary = modes[args.mode or next(iter(modes))]
     points = [int(p) for p in args.points.split(",")] if args.points else None
     scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_points-"))
