@@ -234,7 +234,7 @@ class Run:
 def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 600) -> Run:
     """Runs `binary` on `workdir` in a child (forked when it can: `tests.binary`), killed
     before its write point `kill_at` (0: run to the end)."""
-    from tests.binary import run_binary  # Imports jax: not needed by the child's start.
+    from tests.binary import run_binary  # Imports jax: after `_use_the_tests_settings`.
 
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as trace:
         start = time.time()
@@ -257,7 +257,7 @@ def expect_finished(result: Run, what: str) -> None:
 
 
 def _read_json(path: pathlib.Path) -> Any:
-    from dpfed.train import workdir  # Imports jax: not before the child's start.
+    from dpfed.train import workdir  # Imports jax: after `_use_the_tests_settings`.
 
     return workdir.loads(path.read_text(encoding="utf-8"))
 
