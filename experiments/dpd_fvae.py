@@ -9,9 +9,10 @@ local epochs, beta 1; 2 CPU cores: 8-13 min of training):
     --flagfile=launch/tables/dpd_fvae/02_nodp_sync_d.flags --evaluate \
     --workdir=workdirs/dpd_fvae_nodp_d
 
-gave fid_domain 117.0 and train-on-synthetic CNN 86.1% on the real test split (evaluated
-with `experiments.evaluate`, 4,000 samples as --evaluate draws; WORKSPACE.md, "DPD-fVAE",
-which also shows why beta is 1 rather than the paper's 0.01).
+(`--evaluate`, given after the flagfile, overrides its `--noevaluate`, which the table's
+runs keep) gave fid_domain 117.0 and train-on-synthetic CNN 86.1% on the real test split
+(evaluated with `experiments.evaluate`, 4,000 samples as --evaluate draws; WORKSPACE.md,
+"DPD-fVAE", which also shows why beta is 1 rather than the paper's 0.01).
 
 Modes: --dp=none|central|local, --sync=d (decoder shared: DPD-fVAE)|ed (encoder and
 decoder shared: the plain fVAE). --target_epsilon calibrates the noise when
