@@ -95,7 +95,7 @@ class DebugConfig:
     noise_multiplier: float = 0.0
     adaptive_clipping: bool = False
     delta: float = 1e-5
-    d_conv_features: tuple[int, ...] = (64, 128)  # two (`__post_init__`): the flag any
+    d_conv_features: tuple[int, ...] = (64, 128)  # two (`__post_init__`; a flag takes any)
     d_dense_features: int = 1024
     g_dense_features: int = 1024
     g_base_features: int = 256
