@@ -20,9 +20,10 @@ import tempfile
 # trade running speed for compile speed: LLVM's optimisations off (they cost more to
 # compile than they save running tiny programs), and the older elemental emitters in
 # place of XLA:CPU's fusion emitters (a tiny GAN's round, D step and G step compiled in
-# 15 s instead of 59 s on 2 cores, WORKSPACE.md "Set-up"). Only the machine code made
-# from the same HLO differs (the suite passes either way). Tests that set XLA_FLAGS for
-# a subprocess keep these flags (`tests.binary.cpu_devices_env`).
+# 15 s instead of 59 s on 2 cores, WORKSPACE.md "Appendix: test-suite and CI timings").
+# Only the machine code made from the same HLO differs (the suite passes either way).
+# Tests that set XLA_FLAGS for a subprocess keep these flags
+# (`tests.binary.cpu_devices_env`).
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
