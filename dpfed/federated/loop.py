@@ -200,8 +200,7 @@ def run_rounds(
             progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             acc=record.get("test_accuracy"))
             preemption.save_or_stop(
-                done, done % checkpoint_every == 0 or done == last_round, save, checkpointer,
-                "round")
+                done, save, checkpointer, "round", every=checkpoint_every, last=last_round)
     checkpointer.close()
     if not record:  # nothing left to run: a finished run was resumed
         # What its last round logged (with that round's eps and released metrics), as the

@@ -399,8 +399,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
             progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             acc=accuracy)
             preemption.save_or_stop(
-                done, done % config.checkpoint_every == 0 or done == last_step, save,
-                checkpointer, "step")
+                done, save, checkpointer, "step", every=config.checkpoint_every,
+                last=last_step)
     checkpointer.close()
 
     if accuracy is None:  # nothing left to run (resumed a finished run)

@@ -104,18 +104,24 @@ def reached() -> bool:
     return False
 
 
+def checkpoint_due(done: int, every: int, last: int) -> bool:
+    """Whether a loop checkpoints its step `done`: every `every` steps, and its `last`."""
+    return done % every == 0 or done == last
+
+
 def save_or_stop(
-    done: int, due: bool, save: Callable[[int], None], checkpointer: "Checkpointer", unit: str
+    done: int, save: Callable[[int], None], checkpointer: "Checkpointer", unit: str, *,
+    every: int, last: int
 ) -> None:
     """The end of a loop's step `done`: its checkpoint and the answer to a preemption.
 
     Asks `reached()` (the one call of the step); calls `save(done)` when the checkpoint is
-    `due` (the loop's period, its last step) or on a request; on a request, then closes
-    `checkpointer` and raises `PreemptedError` naming the `unit` ("step", "round") and its
-    directory.
+    due (`checkpoint_due`: the loop's period `every`, its `last` step) or on a request; on
+    a request, then closes `checkpointer` and raises `PreemptedError` naming the `unit`
+    ("step", "round") and its directory.
     """
     preempted = reached()
-    if due or preempted:
+    if checkpoint_due(done, every, last) or preempted:
         save(done)
     if preempted:
         checkpointer.close()

@@ -119,12 +119,22 @@ class _FakeCheckpointer:
         self.closed = True
 
 
+def test_a_checkpoint_is_due_every_period_and_at_the_last_step():
+    due = [done for done in range(1, 12) if preemption.checkpoint_due(done, 4, 10)]
+    assert due == [4, 8, 10], (
+        f"with every=4 and last=10, steps 4 and 8 (the period) and 10 (the last, off the "
+        f"period) are due, and no other: {due}")
+    assert preemption.checkpoint_due(5, 5, 5), "a last step on the period is due (once)"
+
+
 def test_a_step_saves_its_checkpoint_when_due_and_only_then():
     fake = _FakeCheckpointer()
     with preemption.armed():
-        preemption.save_or_stop(3, False, fake.saved.append, fake, "step")
-        preemption.save_or_stop(4, True, fake.saved.append, fake, "step")
-    assert fake.saved == [4], f"only the due step 4 must be saved, saved: {fake.saved}"
+        for done in range(1, 8):
+            preemption.save_or_stop(done, fake.saved.append, fake, "step", every=3, last=7)
+    assert fake.saved == [3, 6, 7], (
+        f"only the due steps (3, 6: the period; 7: the last) must be saved, saved: "
+        f"{fake.saved}")
     assert not fake.closed, "a loop that was not preempted keeps its checkpointer open"
 
 
@@ -133,7 +143,8 @@ def test_a_request_saves_the_step_closes_and_stops_even_off_the_period():
     with preemption.armed():
         _sigterm_self()
         with pytest.raises(preemption.PreemptedError, match="round 7") as stopped:
-            preemption.save_or_stop(7, False, fake.saved.append, fake, "round")
+            preemption.save_or_stop(
+                7, fake.saved.append, fake, "round", every=5, last=10)
     assert fake.saved == [7], (
         f"a preempted step must be saved though no checkpoint was due, saved: {fake.saved}")
     assert fake.closed, "the checkpointer must be closed (its pending saves done) first"

@@ -526,8 +526,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
             progress.update(done, wait_for=state, eps=privacy.format_upper(eps, 3, None),
                             agree=metrics["agreement"])
             preemption.save_or_stop(
-                done, done % config.checkpoint_every == 0 or done == last_step, save,
-                checkpointer, "step")
+                done, save, checkpointer, "step", every=config.checkpoint_every,
+                last=last_step)
     checkpointer.close()
 
     ledger_json = ledger.to_json()
