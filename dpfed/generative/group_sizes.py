@@ -93,21 +93,30 @@ def released_group_sizes(
         pin the caller skipped); its ledger is left as it was, counting that release.
     """
     ledger = group_sizes_ledger(stddev, delta, metric)
-    if workdir.file(GROUP_SIZES_FILE).exists():
-        released = workdir.read_json_object(GROUP_SIZES_FILE)
-        noisy = released.get("noised_sizes", {})
-        if set(noisy) != set(sizes) or released.get("noise_stddev") != stddev:
-            raise ConfigError(
-                "group_size_noise",
-                f"{workdir.file(GROUP_SIZES_FILE)} holds sizes released with std "
-                f"{released.get('noise_stddev')} for groups {sorted(noisy)}, not {stddev} for "
-                f"{sorted(sizes)}: use the settings it was drawn with or a new workdir")
-        workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
-        return {name: noisy[name] for name in sizes}, ledger
+    noisy = _earlier_release(workdir, sizes, stddev)  # checked before the ledger is written
     workdir.write_json(GROUP_SIZES_LEDGER, ledger.to_json())
-    noisy = noisy_group_sizes(sizes, stddev, seed)
-    workdir.write_json(GROUP_SIZES_FILE, {"noised_sizes": noisy, "noise_stddev": stddev})
+    if noisy is None:  # drawn once, after its ledger is on disk
+        noisy = noisy_group_sizes(sizes, stddev, seed)
+        workdir.write_json(GROUP_SIZES_FILE, {"noised_sizes": noisy, "noise_stddev": stddev})
     return noisy, ledger
+
+
+def _earlier_release(
+    workdir: Workdir, sizes: dict[str, int], stddev: float
+) -> dict[str, int] | None:
+    """The noised sizes of `sizes`' groups in `workdir`'s group_sizes.json, None where no
+    run released them; a ConfigError where it holds other groups or another std."""
+    if not workdir.file(GROUP_SIZES_FILE).exists():
+        return None
+    released = workdir.read_json_object(GROUP_SIZES_FILE)
+    noisy = released.get("noised_sizes", {})
+    if set(noisy) != set(sizes) or released.get("noise_stddev") != stddev:
+        raise ConfigError(
+            "group_size_noise",
+            f"{workdir.file(GROUP_SIZES_FILE)} holds sizes released with std "
+            f"{released.get('noise_stddev')} for groups {sorted(noisy)}, not {stddev} for "
+            f"{sorted(sizes)}: use the settings it was drawn with or a new workdir")
+    return {name: noisy[name] for name in sizes}
 
 
 def end_to_end_epsilon(

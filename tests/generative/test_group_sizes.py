@@ -97,6 +97,25 @@ def test_a_rerun_reuses_the_released_sizes_instead_of_drawing_again(tmp_path):
     assert ledger.entries == [(dp_event.GaussianDpEvent(5.0), 1)], "still one release"
 
 
+def test_the_ledger_is_written_first_and_the_sizes_only_by_the_draw(tmp_path, monkeypatch):
+    # Crash safety: the ledger is on disk before group_sizes.json; a rerun rewrites the
+    # (same) ledger and never draws or writes the sizes again.
+    wd, write_json, written = Workdir(tmp_path), Workdir.write_json, []
+
+    def record(self, name, obj):
+        written.append(name)
+        return write_json(self, name, obj)
+
+    monkeypatch.setattr(Workdir, "write_json", record)
+    group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
+    assert written == [group_sizes.GROUP_SIZES_LEDGER, group_sizes.GROUP_SIZES_FILE], (
+        f"a first run writes the ledger, then the sizes it drew: {written}")
+    written.clear()
+    group_sizes.released_group_sizes(wd, {"low": 40, "high": 60}, 5.0, 3, 1e-5, "x")
+    assert written == [group_sizes.GROUP_SIZES_LEDGER], (
+        f"a rerun writes the ledger alone (the sizes are released already): {written}")
+
+
 class _KilledError(Exception):
     """A kill at a write (raised in place of it)."""
 
