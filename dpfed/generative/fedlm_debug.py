@@ -3,14 +3,14 @@
 The text demonstration of "Generative Models for Effective ML on Private, Decentralized
 Datasets" (Augenstein et al., ICLR 2020): a tokenization bug on part of the clients, found
 by a DP federated LM. The paper's text data is not embedded here: this runs on
-Shakespeare (the embedded text dataset; one client per (play, role), as LEAF):
+Shakespeare (the embedded text dataset; one client per (play, speaker name), as LEAF):
 1. the bug: on a fraction p of the clients the text pipeline drops the space after
    punctuation ("my lord,what"), so the app's whitespace tokenizer sees glued tokens;
 2. the app's word vocabulary was fixed before the bug, so each client's
    out-of-vocabulary (OOV) rate, computed on its device, rises on buggy clients. It, and
    the LMs' char vocabulary (their output alphabet), come from text outside the client
    population: `vocab_plays` whole plays are held out (`shakespeare.held_out_play_names`)
-   and none of their roles is a client. A vocabulary counted over the clients' own text
+   and none of their speakers is a client. A vocabulary counted over the clients' own text
    would be an un-noised function of the users' data, outside eps, and one client's words
    would change every other client's OOV rate and so its group: for real private text,
    build vocabularies from public text that no user wrote, as here;
@@ -219,7 +219,8 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     require(
         bool(eligible.any()),
         "min_lines",
-        f"leaves no client: no (play, role) has {config.min_lines} lines or more (lower it)",
+        f"leaves no client: no (play, speaker name) has {config.min_lines} lines or more "
+        "(lower it)",
     )
     groups = selection.split_clients(
         oov_rates, eligible=eligible, **selection.split_settings(config))
@@ -407,8 +408,8 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
 (ICLR 2020), text demonstration, on Shakespeare: {summary["num_clients"]} clients (one per
-play and role, as LEAF); on {config.bug_fraction:.0%} of them the text pipeline drops the
-space after punctuation. Each client computes its out-of-vocabulary rate under the app's
+play and speaker name, as LEAF); on {config.bug_fraction:.0%} of them the text pipeline drops
+the space after punctuation. Each client computes its out-of-vocabulary rate under the app's
 whitespace tokenizer and its {summary["word_vocabulary_size"]:,}-word vocabulary; clients with
 {high_rule} train one DP-FedAvg char LSTM LM, clients with
 {low_rule} another. The models are char-level so they can spell tokens no vocabulary

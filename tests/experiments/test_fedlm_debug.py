@@ -257,7 +257,12 @@ def test_min_lines_leaving_no_client_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError) as raised:
         fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
     assert raised.value.field == "min_lines", (
-        f"no (play, role) has that many lines: the error must name --min_lines: {raised.value}"
+        f"no (play, speaker name) has that many lines: the error must name --min_lines: "
+        f"{raised.value}"
+    )
+    assert "(play, speaker name)" in raised.value.message, (
+        f"the error must say what a client is (a speaker name of a play, as "
+        f"`shakespeare.role_name` folds it): {raised.value.message}"
     )
 
 
