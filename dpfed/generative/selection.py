@@ -272,11 +272,11 @@ def pin_groups(
 
     Raises:
       ConfigError: naming `flag`, when a group's sub-workdir exists and its digest differs
-        from the pinned one. A workdir without groups.json (older runs) is pinned as is.
+        from the pinned one; naming "workdir", when groups.json is then unreadable
+        (`Workdir.read_pin`). A workdir without groups.json (older runs) is pinned as is.
     """
-    path = workdir.file(GROUPS_FILE)
-    if _group_trained(workdir, group_dirs) and path.exists():
-        pinned = workdir.read_json(GROUPS_FILE)
+    pinned = workdir.read_pin(GROUPS_FILE, resuming=_group_trained(workdir, group_dirs))
+    if pinned is not None:
         changed = sorted(name for name, d in digests.items() if pinned.get(name) != d)
         if changed:
             raise ConfigError(

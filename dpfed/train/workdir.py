@@ -441,8 +441,8 @@ class Workdir:
                 "earlier run: nothing says with which settings they were made (was "
                 "checkpoints/ copied from another workdir?). Restore it or use a new workdir",
             )
-        if resuming and path.exists():
-            pinned = self._read_pin(CONFIG_FILE)
+        pinned = self.read_pin(CONFIG_FILE, resuming)
+        if pinned is not None:
             for field in sorted(set(pinned) | set(current)):
                 if field not in resumable and pinned.get(field) != current.get(field):
                     raise ConfigError(
@@ -451,12 +451,15 @@ class Workdir:
                         f"used {pinned.get(field)!r}: use the same value or a new workdir",
                     )
 
-    def _read_pin(self, name: str) -> dict:
-        """The JSON object a run pinned in `name` (config.json, data.json).
+    def read_pin(self, name: str, resuming: bool) -> dict | None:
+        """The JSON object an earlier run pinned in `name` (config.json, data.json, a
+        demo's groups.json) when `resuming`; None for a fresh run or a workdir without it.
 
         Raises:
           ConfigError: naming "workdir", when the file is unreadable.
         """
+        if not (resuming and self.file(name).exists()):
+            return None
         try:
             return self.read_json_object(name)
         except ValueError as error:
@@ -487,9 +490,10 @@ class Workdir:
             data; naming "workdir", when data.json is unreadable. A workdir without
             data.json (from before it existed) passes.
         """
-        if not (resuming and self.file(DATA_FILE).exists()):
+        pin = self.read_pin(DATA_FILE, resuming)
+        if pin is None:
             return
-        pinned = self._read_pin(DATA_FILE).get("sha256")
+        pinned = pin.get("sha256")
         if pinned != data.sha256:
             raise ConfigError(
                 data.flag,

@@ -248,6 +248,20 @@ def test_pin_groups_checks_only_once_a_group_has_trained(tmp_path):
     assert wd.read_json(selection.GROUPS_FILE) == {"low": "other"}, "a fresh run re-pins"
 
 
+@pytest.mark.parametrize("text", ['{"low": "a', "[1, 2]"])
+def test_pin_groups_refuses_an_unreadable_groups_json_naming_the_workdir(tmp_path, text):
+    # Before, a torn groups.json was a JSONDecodeError traceback and a list one an
+    # AttributeError; config.json and data.json were already refused so (`read_pin`).
+    wd = Workdir(tmp_path)
+    (tmp_path / "gan_low").mkdir()  # a group has trained: a rerun resumes it
+    wd.file(selection.GROUPS_FILE).write_text(text)  # cut short / overwritten from outside
+    with pytest.raises(ConfigError, match="unreadable") as info:
+        selection.pin_groups(wd, {"low": "a"}, ["gan_low"], "emnist_dir")
+    assert info.value.field == "workdir", (
+        f"an unreadable groups.json must be refused naming the workdir: {info.value}")
+    assert wd.file(selection.GROUPS_FILE).read_text() == text, "and left as it was"
+
+
 @pytest.mark.parametrize("group_sampling, allow_empty", [("group", False),
                                                          ("population", True)])
 def test_split_settings_are_the_configs_split_fields(group_sampling, allow_empty):

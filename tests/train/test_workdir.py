@@ -460,6 +460,16 @@ def test_an_unreadable_data_json_is_a_config_error_naming_the_workdir(tmp_path):
     assert error.value.field == "workdir", f"a torn data.json must name the workdir: {error}"
 
 
+def test_read_pin_reads_a_pin_only_on_a_resume_and_where_it_exists(tmp_path):
+    wd = Workdir(tmp_path)
+    assert wd.read_pin(workdir_lib.DATA_FILE, resuming=True) is None, "no data.json: None"
+    wd.write_json(workdir_lib.DATA_FILE, {"sha256": "ab"})
+    assert wd.read_pin(workdir_lib.DATA_FILE, resuming=False) is None, (
+        "a fresh run compares with no pin (it overwrites it)")
+    assert wd.read_pin(workdir_lib.DATA_FILE, resuming=True) == {"sha256": "ab"}, (
+        "a resume reads the pinned object")
+
+
 @pytest.mark.parametrize("bad", ["{not json", "[1, 2]", "3"])
 def test_a_bad_line_inside_a_log_is_a_config_error_naming_file_and_line(tmp_path, bad):
     wd = Workdir(tmp_path)
