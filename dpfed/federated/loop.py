@@ -130,7 +130,9 @@ def run_rounds(
       extra: JSON-able values saved with every checkpoint beside the ledger (read them
         back with `Checkpointer.restore_extra` before building the engine).
       on_resume: applied to a restored state, to re-derive what this invocation's
-        flags determine (e.g. DPD-fVAE's per-client participation budgets).
+        flags determine (e.g. DPD-fVAE's per-client participation budgets); it may
+        refuse the resume (ConfigError) before the workdir is written
+        (`resume_or_start`).
       diagnose: `diagnose(state) -> dict` of figures computed from raw client data
         (e.g. per-client accuracies); logged to diagnostics.jsonl with the round's
         diagnostics, never to metrics.jsonl.
@@ -150,13 +152,11 @@ def run_rounds(
     begin = resume_or_start(
         checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), total=rounds,
         event=event, config=config, data=data, key="round", log=log,
-        private=ledger is not None or release_ledger is not None,
+        private=ledger is not None or release_ledger is not None, on_resume=on_resume,
     )
     state, ledger, start, last_round = begin.state, begin.ledger, begin.step, begin.last
     clock = RunClock(time.time() if started is None else started, begin.earlier_seconds)
     resumed_from = start if begin.resumed else None
-    if begin.resumed and on_resume is not None:
-        state = on_resume(state)
 
     progress = Progress(last_round, desc=desc, start_step=start, unit="rounds")
     watch = divergence.DivergenceWatch("round", log, label=desc)

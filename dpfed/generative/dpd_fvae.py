@@ -699,7 +699,9 @@ class DpdFvae:
           ConfigError: naming "target_epsilon", in local DP, when a client already took
             part in more rounds than the new target affords it: a lowered target cannot
             take back what was spent, and the decoder would be released above it (as
-            `budget_stop` refuses for a central ledger).
+            `budget_stop` refuses for a central ledger). `run_rounds` applies it before
+            the workdir is written (`resume_or_start`'s `on_resume`): a refused resume
+            leaves config.json and the logs as they were.
         """
         clients = state.client_states
         participations = np.asarray(jax.device_get(clients.participations))

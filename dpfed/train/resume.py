@@ -72,6 +72,7 @@ def resume_or_start(
     key: str = "step",
     log: Callable[[str], None] = print,
     private: bool | None = None,
+    on_resume: Callable[[Any], Any] | None = None,
 ) -> Start:
     """Returns the fresh `state` and `ledger`, or the newest checkpoint's, and the last step.
 
@@ -106,6 +107,9 @@ def resume_or_start(
       private: whether the logged records are DP releases (default: `ledger` is not
         None). True for a run accounted outside `ledger` (DPD-fVAE's local DP: a ledger
         per client), so it too may not end before what a killed run logged.
+      on_resume: applied to a restored state after every other check and before the
+        workdir is written (config.json, data.json, the logs' truncation), so that a
+        refusal of its own (ConfigError) leaves the workdir as it was.
 
     Raises:
       ConfigError: resuming under a changed non-resumable setting (before the first
@@ -165,6 +169,8 @@ def resume_or_start(
     )
     if (ledger is not None if private is None else private) and logged > last:
         _refuse_ending_before_logged(logged, last, total, key)
+    if resuming and on_resume is not None:
+        state = on_resume(state)
     if config is not None:  # only now: a refused resume leaves the pinned config as it was
         workdir.pin_config(config, resuming=False)
     if data is not None:

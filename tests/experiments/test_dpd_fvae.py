@@ -117,3 +117,18 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, f"{flag}: exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
     assert len(lines) == 1 and name in lines[0], f"{flag}: want one line naming {name}: {lines}"
+
+
+@pytest.mark.parametrize("flags", [
+    ["--noise_multiplier=0.5", "--target_epsilon=0.01"],  # one participation costs eps ~14
+    ["--target_epsilon=1e-6"],  # no noise multiplier reaches it
+])
+def test_an_unaffordable_local_target_exits_2_before_anything_is_written(tmp_path, flags):
+    workdir = tmp_path / "w"
+    proc = _run(*TINY, "--dp=local", *flags, f"--workdir={workdir}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "--target_epsilon" in lines[0], (
+        f"{flags}: want exit 2 and one line naming --target_epsilon: {proc.returncode}, {lines}")
+    assert not workdir.exists(), (
+        f"{flags}: refused before any training, nothing may be written: "
+        f"{sorted(p.name for p in workdir.iterdir())}")

@@ -350,6 +350,30 @@ def test_adopting_budgets_some_clients_already_exceed_is_refused():
         f"the error must name the target and the 2 of 4 clients past it: {error.value}")
 
 
+def test_a_resume_under_a_target_clients_already_exceed_leaves_the_workdir_as_it_was(
+        tmp_path):
+    # Before, the refusal came after the resume pinned config.json (with the refused
+    # --target_epsilon and --rounds) and truncated the logs. 8 clients of ~180 examples,
+    # 2 local steps of batch 90 at rate 0.5: at z 1 one participation costs eps ~5.4 and
+    # two ~7.4, so a target of 6 affords each client one.
+    config = dataclasses.replace(
+        _CONFIG, num_clients=8, client_fraction=0.5, batch_size=90, rounds=3, dp="local",
+        noise_multiplier=1.0, target_epsilon=100.0)
+    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    assert summary["participations_max"] >= 2, (
+        f"the test needs a client that took part in 2 rounds: {summary['participations_max']}")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    lowered = dataclasses.replace(config, rounds=4, target_epsilon=6.0)
+    with pytest.raises(ConfigError) as error:
+        dpd_fvae.train(lowered, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    assert error.value.field == "target_epsilon" and "already spent" in error.value.message, (
+        f"the resume must be refused naming the target clients exceed: {error.value}")
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    changed = sorted(name for name in before.keys() | after.keys()
+                     if before.get(name) != after.get(name))
+    assert not changed, f"a refused resume must leave the workdir as it was; changed: {changed}"
+
+
 def test_central_ledger_is_user_level_and_decoder_keeps_the_contract(tmp_path):
     # The real digits split: 8 clients of ~180 images, 2 local steps of batch 90. The local
     # (per-example) ledger is tested through the binary (tests/experiments/test_dpd_fvae.py).
