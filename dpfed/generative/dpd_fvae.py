@@ -188,6 +188,9 @@ class DpdFvaeConfig:
             self.dp == "none", "--dp=none", self.noise_multiplier, self.target_epsilon)
         require(self.microbatch_size is None or self.microbatch_size > 0,
                 "microbatch_size", "must be > 0")
+        # Only local DP clips per example; elsewhere the flag would be silently ignored.
+        require(self.microbatch_size is None or self.dp == "local", "microbatch_size",
+                f"sizes local DP's per-example gradients; --dp={self.dp} has none")
 
     @property
     def clients_per_round(self) -> float:

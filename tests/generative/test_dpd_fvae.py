@@ -284,6 +284,20 @@ def test_a_non_private_run_refuses_privacy_settings(field):
     assert error.value.field == field and "--dp=none" in error.value.message, str(error.value)
 
 
+@pytest.mark.parametrize("dp", ["central", "none"])
+def test_a_microbatch_size_outside_local_dp_is_refused(dp):
+    # Before, --dp=central and --dp=none ignored it silently (found by a review).
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(_CONFIG, dp=dp, noise_multiplier=None, microbatch_size=8)
+    assert error.value.field == "microbatch_size" and f"--dp={dp}" in error.value.message, (
+        str(error.value))
+
+
+def test_a_microbatch_size_with_local_dp_is_accepted():
+    config = dataclasses.replace(_CONFIG, dp="local", microbatch_size=8)
+    assert config.microbatch_size == 8, "local DP's microbatch size was not kept"
+
+
 @pytest.mark.parametrize("noise", [0.0, 0.5])
 def test_a_target_no_client_affords_once_is_a_config_error(noise):
     # Before, every budget was 0: no client trained and the initial decoder was released
