@@ -18,7 +18,7 @@ import logging
 import math
 import pathlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from absl import app, flags
@@ -54,6 +54,28 @@ def check(condition: bool, flag: str, message: str) -> None:
     """Raises `FlagError(flag, message)` unless `condition` holds."""
     if not condition:
         raise FlagError(flag, message)
+
+
+def refuse_unused(
+    table: Mapping[str, tuple[bool, str]], flag_values: flags.FlagValues = flags.FLAGS
+) -> None:
+    """Raises `FlagError` for a flag given (on the command line or in a flagfile) where
+    another flag chose a mode that ignores it: the user meant it to matter, and the run
+    would go on without it (e.g. `--dirichlet_alpha` with `--partition=iid`).
+
+    For flags with a default: a config sees their value, not whether the user gave it.
+    A flag left at its default is never refused.
+
+    Args:
+      table: {flag name: (ignored, why)}, `ignored` whether this run's mode ignores the
+        flag, `why` the mode, e.g. "with --partition=iid (no label skew)".
+      flag_values: the parsed flags (the binary's by default).
+
+    Raises:
+      FlagError: naming the first flag of `table` that is given and ignored.
+    """
+    for name, (ignored, why) in table.items():
+        check(not (ignored and flag_values[name].present), name, f"has no effect {why}: drop it")
 
 
 def _exit_bad_flag(line: str) -> NoReturn:

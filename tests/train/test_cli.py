@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from absl import flags
 
 from dpfed.train import cli
 from tests.binary import workdir_locked_by_another_process
@@ -166,6 +167,39 @@ def test_check_raises_flag_error_with_fields():
 
 def test_check_passes_when_condition_holds():
     cli.check(True, "clip_norm", "must be positive")  # Must not raise.
+
+
+def _parsed(tmp_path, *args):
+    """Flags `alpha` (default 0.5) and `partition` parsed from `args`; a flagfile holds
+    those of `args` after "--flagfile:", as a table row's would."""
+    values = flags.FlagValues()
+    flags.DEFINE_float("alpha", 0.5, "Label skew.", flag_values=values)
+    flags.DEFINE_string("partition", "iid", "Split.", flag_values=values)
+    if "--flagfile:" in args:
+        at = args.index("--flagfile:")
+        flagfile = tmp_path / "row.flags"
+        flagfile.write_text("\n".join(args[at + 1:]) + "\n")
+        args = (*args[:at], f"--flagfile={flagfile}")
+    values(["binary", *args])
+    return values
+
+
+@pytest.mark.parametrize(
+    "args", [("--alpha=0.3",), ("--alpha=0.5",), ("--flagfile:", "--alpha=0.3")],
+    ids=["given", "given_at_its_default", "in_a_flagfile"])
+def test_refuse_unused_refuses_a_given_flag_that_its_mode_ignores(tmp_path, args):
+    values = _parsed(tmp_path, *args)
+    with pytest.raises(cli.FlagError) as raised:
+        cli.refuse_unused({"alpha": (True, "with --partition=iid")}, values)
+    assert raised.value.flag == "alpha" and "--partition=iid" in raised.value.message, (
+        f"must name --alpha and the mode that ignores it: {raised.value}")
+
+
+@pytest.mark.parametrize(("args", "ignored"), [((), True), (("--alpha=0.3",), False)],
+                         ids=["left_at_its_default", "applies"])
+def test_refuse_unused_accepts_a_default_or_a_flag_that_applies(tmp_path, args, ignored):
+    # A flag the user did not give cannot be a mistake; one the mode uses is not ignored.
+    cli.refuse_unused({"alpha": (ignored, "with --partition=iid")}, _parsed(tmp_path, *args))
 
 
 def test_a_second_run_on_a_workdir_in_use_exits_2_naming_it(tmp_path):
