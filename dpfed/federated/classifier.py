@@ -33,6 +33,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
     require,
+    require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
 )
@@ -87,6 +88,7 @@ class FedAvgClassifierConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_data_dir_applies(self.dataset, self.data_dir)
         positive = ("num_clients", "rounds", "clients_per_round", "local_steps",
                     "local_batch_size", "eval_every", "checkpoint_every")
         for name in positive:

@@ -75,6 +75,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
     require,
+    require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
 )
@@ -160,6 +161,7 @@ class DpdFvaeConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_data_dir_applies(self.dataset, self.data_dir)
         for name in ("num_clients", "rounds", "local_epochs", "batch_size", "latent_dim",
                      "eval_every", "checkpoint_every"):
             require(getattr(self, name) > 0, name, "must be > 0")

@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Protocol
 import jax
 import numpy as np
 
+from dpfed.data import registry
+
 
 class DataclassInstance(Protocol):
     """An instance of a dataclass (what `dataclasses.fields` takes)."""
@@ -49,6 +51,19 @@ def require_no_privacy_settings(
     for field, value in settings.items():
         require(not (nonprivate and value is not None), field,
                 f"does not apply to a non-private run ({mode}): drop one of the two")
+
+
+def require_data_dir_applies(dataset: str, data_dir: str | None) -> None:
+    """Refuses a `data_dir` for an embedded dataset, whose arrays ship with dpfed:
+    `dpfed.data.load` ignores the folder, so a user who meant a copy of their own in it
+    would train on the embedded one (config.json recording the folder) without a word.
+
+    Raises:
+      ConfigError: on field "data_dir".
+    """
+    require(data_dir is None or registry.source_flag(dataset) == "data_dir", "data_dir",
+            f"has no effect with --dataset={dataset}, an embedded dataset (its arrays "
+            "ship with dpfed): drop it")
 
 
 def require_finite_floats(config: DataclassInstance) -> None:

@@ -35,6 +35,7 @@ from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
     require,
+    require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
 )
@@ -91,6 +92,7 @@ class DpSgdConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_data_dir_applies(self.dataset, self.data_dir)
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")
         require(self.l2_clip > 0, "l2_clip", "must be > 0")
