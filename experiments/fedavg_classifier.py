@@ -110,6 +110,7 @@ def main(argv: list[str]) -> None:
             clients_per_device_step=_PER_STEP.value,
             data_dir=_DATA_DIR.value,
         )
+        cli.refuse_unused(classifier.unused_flags(config))
         summary = classifier.train(config, _WORKDIR.value)
     except ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error

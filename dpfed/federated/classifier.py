@@ -121,9 +121,25 @@ class FedAvgClassifierConfig:
         require(self.clip_learning_rate > 0, "clip_learning_rate", "must be > 0")
         require(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,
                  "clipped_count_stddev", "must be > 0")
+        require(self.clipped_count_stddev is None or self.adaptive_clipping,
+                 "clipped_count_stddev", "has no effect without --adaptive_clipping (no "
+                 "clipped count is released): drop it")
         require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", "must be > 0")
         require(self.clients_per_device_step is None or self.clients_per_device_step > 0,
                  "clients_per_device_step", "must be > 0")
+
+
+def unused_flags(config: FedAvgClassifierConfig) -> dict[str, tuple[bool, str]]:
+    """{flag: (whether `config`'s mode ignores it, why)} for the flags with a default that
+    only some modes use (`cli.refuse_unused` refuses them where given and ignored)."""
+    adaptive = "without --adaptive_clipping (the clip norm stays --l2_clip)"
+    return {
+        "dirichlet_alpha": (config.partition in ("iid", "natural"),
+                            f"with --partition={config.partition} (no Dirichlet label skew)"),
+        "target_quantile": (not config.adaptive_clipping, adaptive),
+        "clip_learning_rate": (not config.adaptive_clipping, adaptive),
+        "conv": (config.model != "cnn", f"with --model={config.model} (no convolutions)"),
+    }
 
 
 def make_model(config: FedAvgClassifierConfig, num_classes: int) -> nn.Module:

@@ -139,6 +139,46 @@ def test_private_settings_that_cannot_work_name_the_flag(settings, name):
     assert error.value.field == name, f"{settings} must be a flag error naming --{name}"
 
 
+def test_a_count_noise_without_adaptive_clipping_is_refused():
+    # It was silently ignored: no clipped count is released without adaptive clipping.
+    with pytest.raises(ConfigError) as error:
+        classifier.FedAvgClassifierConfig(noise_multiplier=1.0, clipped_count_stddev=2.0)
+    assert error.value.field == "clipped_count_stddev", f"must name the flag: {error.value}"
+    classifier.FedAvgClassifierConfig(  # Must not raise: adaptive clipping noises the count.
+        noise_multiplier=1.0, clipped_count_stddev=2.0, adaptive_clipping=True)
+
+
+@pytest.mark.parametrize(
+    "settings, ignored, applied",
+    [
+        ({"partition": "iid"}, "dirichlet_alpha", {"partition": "dirichlet"}),
+        ({"partition": "natural"}, "dirichlet_alpha", {"partition": "dirichlet_mix"}),
+        ({}, "target_quantile", {"adaptive_clipping": True}),
+        ({}, "clip_learning_rate", {"adaptive_clipping": True}),
+        ({"model": "mlp"}, "conv", {"model": "cnn"}),
+        ({"model": "logreg"}, "conv", {"model": "cnn"}),
+    ],
+)
+def test_unused_flags_are_those_the_mode_ignores(settings, ignored, applied):
+    # The table the binary refuses given flags by (cli.refuse_unused): each was ignored.
+    def table(**fields):
+        return classifier.unused_flags(
+            classifier.FedAvgClassifierConfig(noise_multiplier=1.0, **fields))
+
+    assert table(**settings)[ignored][0], f"--{ignored} has no effect with {settings}"
+    assert not table(**applied)[ignored][0], f"--{ignored} takes effect with {applied}"
+
+
+def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path):
+    result = run_binary("experiments.fedavg_classifier", "--partition=iid",
+                        "--dirichlet_alpha=0.1", f"--workdir={tmp_path / 'w'}", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: --dirichlet_alpha") and (
+        "--partition=iid" in lines[0]), f"one line naming the flag and the mode: {lines}"
+    assert not (tmp_path / "w").exists(), "the refused run must leave no workdir behind"
+
+
 @pytest.mark.parametrize("flag, name", [("--l2_clip=-1", "l2_clip"), ("--delta=1.5", "delta")])
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     result = run_binary(
