@@ -70,6 +70,7 @@ def main(argv: list[str]) -> None:
             checkpoint_every=_CKPT_EVERY.value,
             data_dir=_DATA_DIR.value,
         )
+        cli.refuse_unused(dpsgd.unused_flags(config))
         summary = dpsgd.train(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error

@@ -82,7 +82,7 @@ class DpSgdConfig:
     delta: float = 1e-5
     sampling: str = "poisson"
     microbatch: int | None = None  # per-example gradients materialised this many at a time
-    clipping: str = "vmap"  # CLIPPINGS; "fast" ignores microbatch
+    clipping: str = "vmap"  # CLIPPINGS; "fast" takes no microbatch
     physical_batch: int | None = None  # chunk size of one jitted pass; default ~ B + 3 sqrt(B)
     nodp: bool = False
     seed: int = 0
@@ -113,12 +113,23 @@ class DpSgdConfig:
         require_no_privacy_settings(
             self.nodp, "--nodp", self.noise_multiplier, self.target_epsilon)
         require(self.microbatch is None or self.microbatch > 0, "microbatch", "must be > 0")
+        # Only vmap clipping takes per-example gradients: elsewhere it was silently ignored.
+        require(self.microbatch is None or not self.nodp, "microbatch",
+                "has no effect with --nodp (no per-example gradients): drop it")
+        require(self.microbatch is None or self.clipping != "fast", "microbatch",
+                "has no effect with --clipping=fast (no per-example gradients): drop it")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         require(self.clipping in CLIPPINGS, "clipping", f"must be one of {CLIPPINGS}")
         require(
             self.physical_batch is None or self.physical_batch > 0, "physical_batch", "must be > 0"
         )
+
+
+def unused_flags(config: DpSgdConfig) -> dict[str, tuple[bool, str]]:
+    """{flag: (whether `config`'s mode ignores it, why)} for the flags with a default that
+    only some modes use (`cli.refuse_unused` refuses them where given and ignored)."""
+    return {"clipping": (config.nodp, "with --nodp (nothing is clipped)")}
 
 
 def default_physical_batch(expected: int) -> int:

@@ -246,6 +246,9 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"nodp": True, "noise_multiplier": 1.0}, "noise_multiplier"),  # ignored before
         ({"nodp": True, "target_epsilon": 1.0}, "target_epsilon"),  # ignored before
+        ({"nodp": True, "microbatch": 8}, "microbatch"),  # ignored before: no clipping
+        ({"clipping": "fast", "microbatch": 8, "noise_multiplier": 1.0},
+         "microbatch"),  # ignored before: no per-example gradients
     ]:
         with pytest.raises(dpsgd.ConfigError) as info:
             dpsgd.DpSgdConfig(**kwargs)
@@ -414,3 +417,16 @@ def test_a_changed_sampling_over_a_calibrated_checkpoint_is_refused_naming_it(
         dpsgd.train(dataclasses.replace(config, steps=4, sampling=then), tmp_path,
                     log=lambda _: None)
     assert error.value.field == "sampling", f"must name --sampling: {error.value}"
+
+
+def test_unused_flags_are_those_the_mode_ignores():
+    # The table the binary refuses given flags by (cli.refuse_unused): --clipping was
+    # ignored by a --nodp run, which clips nothing.
+    nodp = dpsgd.unused_flags(dpsgd.DpSgdConfig(nodp=True))
+    private = dpsgd.unused_flags(dpsgd.DpSgdConfig(noise_multiplier=1.0))
+    assert nodp["clipping"][0] and not private["clipping"][0], (
+        f"--clipping is ignored with --nodp alone: {nodp}, {private}")
+
+
+def test_microbatch_is_accepted_where_it_applies():
+    dpsgd.DpSgdConfig(microbatch=8, noise_multiplier=1.0)  # Must not raise: vmap, private.
