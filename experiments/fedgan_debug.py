@@ -103,6 +103,7 @@ def main(argv: list[str]) -> None:
             num_samples=_NUM_SAMPLES.value,
             **debug_flags.config_fields(_DEBUG_FLAGS),
         )
+        cli.refuse_unused(fedgan_debug.unused_flags(config))
         summary = fedgan_debug.run(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error

@@ -81,6 +81,7 @@ def main(argv: list[str]) -> None:
             top_k=_TOP_K.value,
             **debug_flags.config_fields(_DEBUG_FLAGS),
         )
+        cli.refuse_unused(selection.unused_flags(config))
         summary = fedlm_debug.run(config, _WORKDIR.value)
     except dpsgd.ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error

@@ -121,6 +121,9 @@ class DebugConfig:
             "must be >= 1",
         )
         require(self.emnist_classifier_writers >= 1, "emnist_classifier_writers", "must be >= 1")
+        for name in ("emnist_dir", "emnist_max_clients"):  # silently ignored before
+            require(self.dataset == "emnist" or getattr(self, name) is None, name,
+                    f"has no effect with --dataset={self.dataset}: drop it")
         require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
         require(
             0.0 <= self.low_quantile < self.high_quantile <= 1.0,
@@ -233,6 +236,19 @@ class FederatedImages:
     healthy_source: str
     client_ids: tuple[str, ...] = ()
     classifier_writers: tuple[str, ...] = ()
+
+
+def unused_flags(config: DebugConfig) -> dict[str, tuple[bool, str]]:
+    """{flag: (whether `config`'s mode ignores it, why)} for the flags with a default that
+    only some settings use (`cli.refuse_unused` refuses them where given and ignored)."""
+    return {
+        **selection.unused_flags(config),
+        "emnist_classifier_writers": (
+            config.dataset != "emnist",
+            f"with --dataset={config.dataset} (no EMNIST writers to hold out)"),
+        "num_clients": (config.dataset == "emnist",
+                        "with --dataset=emnist (one client per writer)"),
+    }
 
 
 def split_emnist_writers(

@@ -94,6 +94,20 @@ def check_training_settings(config: Any) -> None:
             "clients_per_round", "must be a whole number with --sampling=fixed")
 
 
+def unused_flags(config: Any) -> dict[str, tuple[bool, str]]:
+    """{flag: (whether a demo `config`'s mode ignores it, why)} for the split and group
+    sampling flags with a default that only some settings use (`cli.refuse_unused`
+    refuses them where given and ignored)."""
+    return {
+        "low_quantile": (config.low_threshold is not None,
+                         "with --low_threshold given (it sets the low threshold)"),
+        "high_quantile": (config.high_threshold is not None,
+                          "with --high_threshold given (it sets the high threshold)"),
+        "group_size_noise": (config.group_sampling == "group",
+                             "with --group_sampling=group (no group size is noised)"),
+    }
+
+
 def split_clients(
     values: np.ndarray,
     *,

@@ -13,6 +13,7 @@ from PIL import Image
 
 from dpfed.data import emnist_federated
 from dpfed.generative import fedgan, fedgan_debug, group_sizes, polarity, selection
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
 from tests.binary import cpu_devices_env, run_binary, with_fusion_emitters
 from tests.experiments import debug_checks
@@ -208,7 +209,8 @@ def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_
 @pytest.mark.parametrize(
     "flag, value, others",
     [("bug_fraction", "1.5", ()), ("d_conv_features", "4,x", ()),
-     ("group_size_noise", "0", ("--group_sampling=population",))],
+     ("group_size_noise", "0", ("--group_sampling=population",)),
+     ("emnist_classifier_writers", "5", ())],  # ignored by mnist5k (the default) before
 )
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, others):
     proc = run_binary(
@@ -217,6 +219,33 @@ def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, others):
     )
     assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
     assert flag in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("field", "value"), [("emnist_dir", "/data/emnist"),
+                                              ("emnist_max_clients", 5)])
+def test_an_emnist_setting_with_mnist5k_is_refused(field, value):
+    # It was silently ignored: mnist5k's clients come from its IID split.
+    with pytest.raises(ConfigError) as raised:
+        fedgan_debug.DebugConfig(**{**TINY, field: value})
+    assert raised.value.field == field and "mnist5k" in raised.value.message, raised.value
+    fedgan_debug.DebugConfig(**{**TINY, "dataset": "emnist", field: value})  # Must not raise.
+
+
+@pytest.mark.parametrize(
+    "settings, ignored, applied",
+    [
+        ({}, "emnist_classifier_writers", {"dataset": "emnist"}),
+        ({"dataset": "emnist"}, "num_clients", {}),
+        ({"low_threshold": 0.5}, "low_quantile", {}),  # the demos' shared table
+    ],
+)
+def test_unused_flags_are_those_the_mode_ignores(settings, ignored, applied):
+    # The table the binary refuses given flags by (cli.refuse_unused): each was ignored.
+    def table(**fields):
+        return fedgan_debug.unused_flags(fedgan_debug.DebugConfig(**{**TINY, **fields}))
+
+    assert table(**settings)[ignored][0], f"--{ignored} has no effect with {settings}"
+    assert not table(**applied)[ignored][0], f"--{ignored} takes effect with {applied}"
 
 
 def _skip_the_app_classifier(monkeypatch) -> None:

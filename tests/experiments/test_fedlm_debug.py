@@ -350,6 +350,15 @@ def test_bad_vocab_plays_exits_2_naming_it(tmp_path, value):
     )
 
 
+def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path):
+    # A given threshold made its quantile silently ignored (selection.unused_flags).
+    proc = run_binary("experiments.fedlm_debug", "--low_threshold=0.1", "--low_quantile=0.2",
+                      f"--workdir={tmp_path}", check=False)
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "error: --low_quantile" in proc.stderr and "--low_threshold" in proc.stderr, (
+        proc.stderr[-2000:])
+
+
 def test_bad_flag_exits_2_naming_it(tmp_path):
     # A flag that only --group_sampling=population checks: both reach the config.
     proc = run_binary("experiments.fedlm_debug", "--group_sampling=population",

@@ -340,3 +340,21 @@ def test_table_rows_put_each_groups_value_in_its_column_in_the_rows_format():
     rows = selection.table_rows([("clients", "n", "d"), ("rate", "r", ".3f")],
                                 {"n": 6, "r": 0.25}, {"n": 7, "r": 0.5})
     assert rows == "| clients | 6 | 7 |\n| rate | 0.250 | 0.500 |", rows
+
+
+@pytest.mark.parametrize(
+    "settings, ignored",
+    [
+        ({"low_threshold": 0.5}, "low_quantile"),
+        ({"high_threshold": 0.9}, "high_quantile"),
+        ({"group_sampling": "group"}, "group_size_noise"),
+    ],
+)
+def test_unused_flags_are_those_the_demo_settings_ignore(settings, ignored):
+    # The debug demos' shared table for cli.refuse_unused: a given threshold made its
+    # quantile, and group sampling the sizes' noise, silently ignored.
+    base = {"low_threshold": None, "high_threshold": None, "group_sampling": "population"}
+    assert selection.unused_flags(SimpleNamespace(**{**base, **settings}))[ignored][0], (
+        f"--{ignored} has no effect with {settings}")
+    assert not selection.unused_flags(SimpleNamespace(**base))[ignored][0], (
+        f"--{ignored} takes effect with {base}")
