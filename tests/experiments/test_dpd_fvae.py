@@ -110,6 +110,7 @@ def test_a_run_resumes_on_another_device_count(tmp_path):
         ("--decoder_features=4,4,4,4", "decoder_features"),
         ("--target_epsilon=1e-6", "target_epsilon"),
         ("--noise_multiplier=0", "noise_multiplier"),  # central z 0: no noise (was a traceback)
+        ("--num_synthetic=100", "num_synthetic"),  # TINY's --noevaluate ignored it
     ],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
