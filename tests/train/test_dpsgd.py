@@ -246,9 +246,6 @@ def test_config_rejects_bad_values_naming_the_field():
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"nodp": True, "noise_multiplier": 1.0}, "noise_multiplier"),  # ignored before
         ({"nodp": True, "target_epsilon": 1.0}, "target_epsilon"),  # ignored before
-        ({"nodp": True, "microbatch": 8}, "microbatch"),  # ignored before: no clipping
-        ({"clipping": "fast", "microbatch": 8, "noise_multiplier": 1.0},
-         "microbatch"),  # ignored before: no per-example gradients
     ]:
         with pytest.raises(dpsgd.ConfigError) as info:
             dpsgd.DpSgdConfig(**kwargs)
@@ -428,5 +425,11 @@ def test_unused_flags_are_those_the_mode_ignores():
         f"--clipping is ignored with --nodp alone: {nodp}, {private}")
 
 
-def test_microbatch_is_accepted_where_it_applies():
+@pytest.mark.parametrize("mode", [{"nodp": True}, {"clipping": "fast", "noise_multiplier": 1.0}],
+                         ids=["nodp", "fast_clipping"])
+def test_microbatch_is_refused_where_no_per_example_gradients_are_taken(mode):
+    # It was silently ignored: only vmap clipping of a private run materialises them.
+    with pytest.raises(dpsgd.ConfigError) as info:
+        dpsgd.DpSgdConfig(microbatch=8, **mode)
+    assert info.value.field == "microbatch", f"{mode} must name --microbatch: {info.value}"
     dpsgd.DpSgdConfig(microbatch=8, noise_multiplier=1.0)  # Must not raise: vmap, private.
