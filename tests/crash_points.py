@@ -54,7 +54,8 @@ KILLED = -signal.SIGKILL  # A child's exit code when it killed itself at its poi
 # Files a run writes that are no release and may differ between runs (a resume's).
 _NOT_COMPARED = (".lock", "unreplayed.jsonl")
 # JSON keys whose values are wall times (they differ run to run).
-_WALL_TIME_KEYS = ("wall_seconds", "wall_seconds_earlier", "seconds_per_round", "elapsed")
+_WALL_TIME_KEYS = ("wall_seconds", "wall_seconds_earlier", "seconds_per_round", "elapsed",
+                   "eval_wall_seconds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,11 +67,19 @@ class Binary:
       flags: its flags but `--workdir`.
       models: the sub-workdirs holding one model's ledger.json and metrics.jsonl each
         ("" for the workdir itself).
+      prepared: a binary whose finished workdir each run of this one starts from (the
+        evaluation binary's: a trained generator), made once per process and copied.
     """
 
     module: str
     flags: tuple[str, ...]
     models: tuple[str, ...]
+    prepared: "Binary | None" = None
+
+    def args(self, workdir: pathlib.Path) -> list[str]:
+        """Its flags for `workdir` (`{workdir}` in a flag replaced by it)."""
+        return [f.replace("{workdir}", str(workdir)) for f in self.flags] + [
+            f"--workdir={workdir}"]
 
 
 # The debug demos' tests' TINY settings (tests/experiments/test_fed*_debug.py): 2 rounds,
@@ -95,6 +104,28 @@ _DPD_FVAE_TINY = (
     "--local_epochs=1", "--batch_size=90", "--latent_dim=2", "--encoder_features=4",
     "--decoder_features=4", "--eval_every=1", "--checkpoint_every=1", "--noevaluate")
 
+# tests/experiments/test_dpsgd_classifier.py's logreg runs, 2 steps, each evaluated and
+# checkpointed.
+_DPSGD_TINY = ("--model=logreg", "--steps=2", "--batch_size=64", "--noise_multiplier=1.1",
+               "--eval_every=1", "--checkpoint_every=1")
+# tests/experiments/test_fedavg_classifier.py's FAST logreg: 2 rounds of Poisson cohorts.
+_FEDAVG_TINY = ("--model=logreg", "--local_steps=2", "--local_batch_size=10",
+                "--num_clients=20", "--clients_per_round=5", "--rounds=2",
+                "--noise_multiplier=1.0", "--eval_every=1", "--checkpoint_every=1")
+# tests/experiments/test_datalens.py's TINY: 2 generator steps, without the evaluation.
+_DATALENS_TINY = (
+    "--dataset=digits", "--num_teachers=12", "--topk=6", "--sigma=30", "--beta=0.3",
+    "--z_dim=4", "--pretrain_steps=1", "--batch_size=4", "--real_batch=4",
+    "--teacher_features=4", "--generator_hidden=16", "--generator_width=4",
+    "--teacher_chunk=2", "--num_synthetic=20", "--steps=2", "--eval_every=1",
+    "--checkpoint_every=1", "--noevaluate")
+
+# tests/experiments/test_evaluate.py's _SMALL, one downstream model, the fid_domain
+# extractor's cache in the workdir (its two writes are points too), of DataLens's
+# finished workdir.
+_EVALUATE_SMALL = ("--num_samples=200", "--max_epochs=1", "--extractor_steps=10",
+                   "--models=logreg", "--cache_dir={workdir}/extractor_cache")
+
 BINARIES: dict[str, dict[str, Binary]] = {
     "fedgan_debug": {
         "group": Binary("experiments.fedgan_debug", _FEDGAN_TINY, ("gan_low", "gan_high")),
@@ -112,6 +143,22 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "local": Binary("experiments.dpd_fvae", (
             *_DPD_FVAE_TINY, "--dp=local", "--sync=d", "--noise_multiplier=2",
             "--target_epsilon=30"), ("",)),
+    },
+    "dpsgd_classifier": {
+        "default": Binary("experiments.dpsgd_classifier", _DPSGD_TINY, ("",)),
+    },
+    "fedavg_classifier": {
+        "poisson": Binary("experiments.fedavg_classifier", _FEDAVG_TINY, ("",)),
+        "adaptive": Binary("experiments.fedavg_classifier",
+                           (*_FEDAVG_TINY, "--adaptive_clipping", "--clipped_count_stddev=2"),
+                           ("",)),
+    },
+    "datalens": {
+        "default": Binary("experiments.datalens", _DATALENS_TINY, ("",)),
+    },
+    "evaluate": {
+        "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=Binary(
+            "experiments.datalens", _DATALENS_TINY, ("",))),
     },
 }
 
@@ -231,15 +278,32 @@ class Run:
         return sum(r["kind"] == "draw group sizes" for r in self.trace)
 
 
+# The finished workdirs that binaries start from (`Binary.prepared`), made once.
+_PREPARED: dict[Binary, pathlib.Path] = {}
+
+
+def _start_from(binary: Binary, workdir: pathlib.Path) -> None:
+    """A new `workdir` of `binary`: a copy of its prepared binary's finished workdir, if
+    it has one (made on first use); an existing one is left as it is (a rerun's)."""
+    if binary.prepared is None or workdir.exists():
+        return
+    if binary.prepared not in _PREPARED:
+        prepared = pathlib.Path(tempfile.mkdtemp(prefix="crash_points-prepared-")) / "whole"
+        expect_finished(run(binary.prepared, prepared), f"the prepared {binary.prepared.module}")
+        _PREPARED[binary.prepared] = prepared
+    shutil.copytree(_PREPARED[binary.prepared], workdir)
+
+
 def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 600) -> Run:
     """Runs `binary` on `workdir` in a child (forked when it can: `tests.binary`), killed
     before its write point `kill_at` (0: run to the end)."""
     from tests.binary import run_binary  # Imports jax: after `_use_the_tests_settings`.
 
+    _start_from(binary, workdir)
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as trace:
         start = time.time()
         proc = run_binary("tests.crash_points", CHILD, trace.name, str(kill_at), binary.module,
-                          *binary.flags, f"--workdir={workdir}", check=False, timeout=timeout)
+                          *binary.args(workdir), check=False, timeout=timeout)
         records = [json.loads(line) for line in trace.read().splitlines()]
     return Run(proc.returncode, records, proc.stderr[-4000:], time.time() - start)
 
@@ -277,8 +341,8 @@ def _ledger(model: pathlib.Path) -> dict | None:
 
 
 # Files that a model (or the whole run) writes once it has trained all its rounds.
-_FINAL_SUFFIXES = (".msgpack", ".png", ".md")
-_FINAL_NAMES = ("summary.json", "samples.json", "diagnostics.json")
+_FINAL_SUFFIXES = (".msgpack", ".png", ".md", ".npz")
+_FINAL_NAMES = ("summary.json", "samples.json", "diagnostics.json", "eval.json")
 
 
 def _finals(directory: pathlib.Path) -> list[str]:
@@ -482,7 +546,8 @@ def _kill_after(binary: Binary, workdir: pathlib.Path, seconds: float) -> bool:
     whether it was still running."""
     from tests import binary as binary_lib
 
-    cmd = [sys.executable, "-m", binary.module, *binary.flags, f"--workdir={workdir}"]
+    _start_from(binary, workdir)
+    cmd = [sys.executable, "-m", binary.module, *binary.args(workdir)]
     with tempfile.NamedTemporaryFile("w+") as err:
         proc = binary_lib._start(cmd, None, stdout=None, stderr=err)  # noqa: SLF001
         deadline = time.time() + seconds

@@ -173,3 +173,49 @@ def test_a_groups_samples_need_only_that_groups_whole_ledger(whole, tmp_path):
     _write(killed / "samples_high.png", "png")
     with pytest.raises(AssertionError, match="samples_high.png"):
         crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_a_flag_names_the_workdir_where_it_says_so(tmp_path):
+    # evaluate's --cache_dir={workdir}/extractor_cache: the extractor cache's writes are
+    # points of the run, and compared with the uninterrupted run's.
+    binary = crash_points.Binary("m", ("--a=1", "--cache_dir={workdir}/cache"), ("",))
+    assert binary.args(tmp_path / "w") == [
+        "--a=1", f"--cache_dir={tmp_path / 'w'}/cache", f"--workdir={tmp_path / 'w'}"]
+
+
+def test_a_binary_with_a_prepared_one_starts_from_a_copy_of_its_workdir(tmp_path, monkeypatch):
+    # The evaluation binary reads another binary's finished workdir: each run starts from a
+    # copy; a rerun's workdir (there already) is left as the killed run left it.
+    trainer = crash_points.Binary("experiments.trainer", (), ("",))
+    evaluator = crash_points.Binary("experiments.evaluate", (), ("",), prepared=trainer)
+    prepared = tmp_path / "prepared"
+    _finished_model(prepared, "")
+    monkeypatch.setitem(crash_points._PREPARED, trainer, prepared)  # noqa: SLF001
+    crash_points._start_from(evaluator, tmp_path / "k1")  # noqa: SLF001
+    assert (tmp_path / "k1" / "summary.json").exists(), "the prepared workdir, copied"
+    (tmp_path / "k1" / "eval.json").write_text("{}")
+    crash_points._start_from(evaluator, tmp_path / "k1")  # noqa: SLF001
+    assert (tmp_path / "k1" / "eval.json").exists(), "a rerun's workdir is not replaced"
+    crash_points._start_from(trainer, tmp_path / "k2")  # noqa: SLF001
+    assert not (tmp_path / "k2").exists(), "a binary without a prepared one starts empty"
+
+
+@pytest.mark.parametrize("name", ["synthetic.npz", "eval.json"])
+def test_a_synthetic_set_or_an_evaluation_beside_a_short_ledger_fails(whole, tmp_path, name):
+    # DataLens releases synthetic.npz; evaluate's eval.json states the ledger's eps.
+    killed = tmp_path / "killed"
+    _finished_model(killed, "gan_low")
+    _write(killed / "gan_high" / "ledger.json", _ledger(1, 1.0))
+    _write(killed / name, "x")
+    with pytest.raises(AssertionError, match=f"{name}.*gan_high/ledger.json"):
+        crash_points.check_crashed(_GAN, killed, whole)
+
+
+def test_same_workdir_ignores_the_evaluations_wall_time(tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _write(whole / "eval.json", {"fid_domain": 1.5, "eval_wall_seconds": 3.0})
+    _write(resumed / "eval.json", {"fid_domain": 1.5, "eval_wall_seconds": 30.0})
+    crash_points.assert_same_workdir(whole, resumed)
+    _write(resumed / "eval.json", {"fid_domain": 1.6, "eval_wall_seconds": 3.0})
+    with pytest.raises(AssertionError, match="eval.json differs"):
+        crash_points.assert_same_workdir(whole, resumed)
