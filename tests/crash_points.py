@@ -408,12 +408,17 @@ def _assert_whole_ledger(
         f"{ledger and len(ledger['events'])} events, not the whole run's")
 
 
-def _without_wall_times(value: Any) -> Any:
+def _without_wall_times(value: Any, workdir: pathlib.Path | None = None) -> Any:
+    """`value` without its wall-time keys, and with `workdir`'s path, where a string
+    starts with it (eval.json's source), as "{workdir}": the runs compared have two."""
     if isinstance(value, dict):
-        return {k: _without_wall_times(v) for k, v in value.items()
+        return {k: _without_wall_times(v, workdir) for k, v in value.items()
                 if k not in _WALL_TIME_KEYS}
     if isinstance(value, list):
-        return [_without_wall_times(v) for v in value]
+        return [_without_wall_times(v, workdir) for v in value]
+    if isinstance(value, str) and workdir is not None and (
+            value == str(workdir) or value.startswith(f"{workdir}{os.sep}")):
+        return "{workdir}" + value[len(str(workdir)):]
     return value
 
 
@@ -431,17 +436,20 @@ def _report_lines(path: pathlib.Path) -> list[str]:
 
 def assert_same_workdir(whole: pathlib.Path, resumed: pathlib.Path) -> None:
     """(c): `resumed` holds the files of the uninterrupted run's `whole` (checkpoints
-    aside) and the same contents: JSON and JSON lines as parsed, wall times aside;
-    report.md without its wall-time lines; the rest byte for byte."""
+    aside) and the same contents: JSON and JSON lines as parsed, wall times aside and
+    each one's own path as "{workdir}"; report.md without its wall-time lines; the rest
+    byte for byte."""
     names = _compared_files(whole)
     extra, missing = _compared_files(resumed) - names, names - _compared_files(resumed)
     assert not extra and not missing, f"files: {sorted(extra)} extra, {sorted(missing)} missing"
     for name in sorted(names):
         a, b = whole / name, resumed / name
         if name.endswith(".jsonl"):
-            same = _without_wall_times(_records(a)) == _without_wall_times(_records(b))
+            same = (_without_wall_times(_records(a), whole)
+                    == _without_wall_times(_records(b), resumed))
         elif name.endswith(".json"):
-            same = _without_wall_times(_read_json(a)) == _without_wall_times(_read_json(b))
+            same = (_without_wall_times(_read_json(a), whole)
+                    == _without_wall_times(_read_json(b), resumed))
         elif name.endswith(".md"):
             same = _report_lines(a) == _report_lines(b)
         else:

@@ -133,6 +133,22 @@ _RISKY = {
         ("checkpoints/1", 1, "checkpoint-rename"),
         ("decoder.msgpack", 1, "file"),  # the final ledger (with PLD) written, nothing else
     ],
+    ("dpsgd_classifier", "default"): [
+        ("metrics.jsonl", 2, "append"),  # step 2's ledger written, not its record
+        ("summary.json", 1, "file"),  # the final ledger (with PLD) written, no summary
+    ],
+    ("fedavg_classifier", "adaptive"): [
+        # round 1's record and diagnostics logged, its checkpoint (the clip norm) not in place
+        ("checkpoints/1", 1, "checkpoint-rename"),
+        ("diagnostics.jsonl", 2, "append"),  # round 2's record logged, not its diagnostics
+    ],
+    ("datalens", "default"): [
+        ("checkpoints/2", 1, "checkpoint-rename"),
+        ("synthetic.npz", 1, "file"),  # the generator released, its synthetic set not
+    ],
+    ("evaluate", "datalens"): [
+        ("report.md", 1, "file"),  # eval.json written, the report's section not
+    ],
 }
 
 
@@ -217,5 +233,16 @@ def test_same_workdir_ignores_the_evaluations_wall_time(tmp_path):
     _write(resumed / "eval.json", {"fid_domain": 1.5, "eval_wall_seconds": 30.0})
     crash_points.assert_same_workdir(whole, resumed)
     _write(resumed / "eval.json", {"fid_domain": 1.6, "eval_wall_seconds": 3.0})
+    with pytest.raises(AssertionError, match="eval.json differs"):
+        crash_points.assert_same_workdir(whole, resumed)
+
+
+def test_same_workdir_reads_each_workdirs_own_path_as_the_same(tmp_path):
+    # eval.json names the workdir it evaluated (its source): each run's own.
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    for workdir in (whole, resumed):
+        _write(workdir / "eval.json", {"source": {"kind": "generator", "path": str(workdir)}})
+    crash_points.assert_same_workdir(whole, resumed)
+    _write(resumed / "eval.json", {"source": {"kind": "generator", "path": str(whole)}})
     with pytest.raises(AssertionError, match="eval.json differs"):
         crash_points.assert_same_workdir(whole, resumed)
