@@ -1,7 +1,9 @@
 """tests/crash_points.py: its checks, and the binaries killed at their riskiest writes."""
 
 import json
+import math
 import pathlib
+import time
 
 import pytest
 
@@ -246,3 +248,30 @@ def test_same_workdir_reads_each_workdirs_own_path_as_the_same(tmp_path):
     _write(resumed / "eval.json", {"source": {"kind": "generator", "path": str(whole)}})
     with pytest.raises(AssertionError, match="eval.json differs"):
         crash_points.assert_same_workdir(whole, resumed)
+
+
+def test_sigkill_draws_its_times_within_the_binarys_run_not_its_preparation(
+    tmp_path, monkeypatch
+):
+    # evaluate's first run copies a DataLens workdir it first trains: the kills were drawn
+    # within both runs' time, most after evaluate had ended.
+    kill_times: list[float] = []
+
+    def prepare(binary, workdir):
+        if not workdir.exists():
+            time.sleep(0.5)  # the prepared binary's run
+            workdir.mkdir(parents=True)
+
+    def kill_after(binary, workdir, seconds):
+        prepare(binary, workdir)
+        if seconds != math.inf:
+            kill_times.append(seconds)
+        return seconds != math.inf
+
+    monkeypatch.setattr(crash_points, "_start_from", prepare)
+    monkeypatch.setattr(crash_points, "_kill_after", kill_after)
+    monkeypatch.setattr(crash_points, "check_crashed", lambda *args: None)
+    monkeypatch.setattr(crash_points, "run", lambda *args: crash_points.Run(0, [], "", 0.0))
+    monkeypatch.setattr(crash_points, "assert_same_workdir", lambda *args: None)
+    crash_points.sigkill(_GAN, tmp_path, count=5, report=lambda _: None)
+    assert len(kill_times) == 5 and max(kill_times) < 0.25, kill_times
