@@ -55,7 +55,7 @@ KILLED = -signal.SIGKILL  # A child's exit code when it killed itself at its poi
 _NOT_COMPARED = (".lock", "unreplayed.jsonl")
 # JSON keys whose values are wall times (they differ run to run).
 _WALL_TIME_KEYS = ("wall_seconds", "wall_seconds_earlier", "seconds_per_round", "elapsed",
-                   "eval_wall_seconds")
+                   "eval_wall_seconds", "train_wall_seconds")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -229,12 +229,14 @@ def test_a_synthetic_set_or_an_evaluation_beside_a_short_ledger_fails(whole, tmp
         crash_points.check_crashed(_GAN, killed, whole)
 
 
-def test_same_workdir_ignores_the_evaluations_wall_time(tmp_path):
+@pytest.mark.parametrize("key", ["eval_wall_seconds", "train_wall_seconds"])
+def test_same_workdir_ignores_the_evaluations_wall_times(tmp_path, key):
+    # eval.json states the evaluation's wall time and the training's (summary.json's).
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    _write(whole / "eval.json", {"fid_domain": 1.5, "eval_wall_seconds": 3.0})
-    _write(resumed / "eval.json", {"fid_domain": 1.5, "eval_wall_seconds": 30.0})
+    _write(whole / "eval.json", {"fid_domain": 1.5, key: 3.0})
+    _write(resumed / "eval.json", {"fid_domain": 1.5, key: 30.0})
     crash_points.assert_same_workdir(whole, resumed)
-    _write(resumed / "eval.json", {"fid_domain": 1.6, "eval_wall_seconds": 3.0})
+    _write(resumed / "eval.json", {"fid_domain": 1.6, key: 3.0})
     with pytest.raises(AssertionError, match="eval.json differs"):
         crash_points.assert_same_workdir(whole, resumed)
 
