@@ -162,6 +162,13 @@ BINARIES: dict[str, dict[str, Binary]] = {
     "evaluate": {
         "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=Binary(
             "experiments.datalens", (*_DATALENS_TINY, "--noevaluate"), ("",))),
+        # A classifier's workdir: its own test accuracy, the curves of its metrics.
+        "dpsgd_classifier": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",),
+                                   prepared=Binary("experiments.dpsgd_classifier",
+                                                   _DPSGD_TINY, ("",))),
+        # The ceiling row: the real train split, in a new workdir (no ledger).
+        "real_data": Binary("experiments.evaluate",
+                            (*_EVALUATE_SMALL, "--real_data", "--dataset=digits"), ("",)),
     },
 }
 
