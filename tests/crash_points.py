@@ -158,6 +158,9 @@ BINARIES: dict[str, dict[str, Binary]] = {
         # The binary's own evaluation of its generator (the extractor from the host's cache,
         # outside the workdir) once trained.
         "evaluated": Binary("experiments.datalens", (*_DATALENS_TINY, "--evaluate"), ("",)),
+        # Stopped by the budget guard after 2 of 4 steps (eps 0.93 after 2, over 1 after 3).
+        "budget": Binary("experiments.datalens", (
+            *_DATALENS_TINY, "--noevaluate", "--steps=4", "--target_epsilon=1"), ("",)),
     },
     "evaluate": {
         "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=Binary(
