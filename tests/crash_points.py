@@ -26,6 +26,9 @@ points"), or, with `--double=K`, every write of the rerun of a run killed at K:
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_points \
     fedgan_debug --mode=group [--points=3,17] [--double=20]
 
+A binary that reads another's finished workdir (`experiments.evaluate`) names it as
+`Binary.prepared`: each of its runs starts from a copy of that workdir.
+
 The tests (`tests/test_crash_points.py`) keep a few of the riskiest points.
 """
 
