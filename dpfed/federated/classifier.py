@@ -28,7 +28,7 @@ from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
-from dpfed.train import divergence, run_clock
+from dpfed.train import divergence, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -304,7 +304,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         clients,
         engine_config(config, noise_multiplier),
     )
-    init_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+    init_key = jax.random.fold_in(seeds.root_key(config.seed), 2**31 - 1)
     state = engine.init(jax.jit(model.init)(init_key, jnp.asarray(train_ds.images[:1])))
     ledger = None if config.nodp else new_ledger(config, engine)
 

@@ -21,7 +21,7 @@ from dp_accounting import dp_event
 from dpfed import privacy
 from dpfed.federated.dp_fedavg import DpFedAvg, RoundMetrics, ServerState
 from dpfed.federated.mesh import settle
-from dpfed.train import divergence, preemption
+from dpfed.train import divergence, preemption, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require
 from dpfed.train.progress import Progress
@@ -66,7 +66,7 @@ def trained_params(state: ServerState) -> tuple[Any, Any]:
 
 def round_key(seed: int, round_index: int) -> jax.Array:
     """The key of round `round_index` (independent of where a run was resumed)."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ROUND_KEY_STREAM),
+    return jax.random.fold_in(jax.random.fold_in(seeds.root_key(seed), ROUND_KEY_STREAM),
                               round_index)
 
 

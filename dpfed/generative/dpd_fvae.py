@@ -70,7 +70,7 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract
 from dpfed.models import vae
-from dpfed.train import divergence, run_clock
+from dpfed.train import divergence, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -676,7 +676,7 @@ class DpdFvae:
 
     def init(self) -> ServerState:
         """Round-0 state: every client starts from the same encoder (sync "d")."""
-        key = jax.random.fold_in(jax.random.key(self.config.seed), _INIT_STREAM)
+        key = jax.random.fold_in(seeds.root_key(self.config.seed), _INIT_STREAM)
         encoder_params, decoder_params = vae.init_vae(self.encoder, self.decoder, key)
         shared, local = split_params(encoder_params, decoder_params, self.config.sync)
         if not self.has_client_state:
@@ -850,7 +850,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     decoder_params = jax.device_get(decoder_of(result.state.params, config.sync))
     wd.write_bytes(DECODER_FILE, flax.serialization.to_bytes(decoder_params))
     generator = DpdFvaeGenerator(trainer.decoder, config.latent_dim)
-    sample_key = jax.random.fold_in(jax.random.key(config.seed), _SAMPLE_STREAM)
+    sample_key = jax.random.fold_in(seeds.root_key(config.seed), _SAMPLE_STREAM)
     samples = contract.sample_synthetic(
         generator, decoder_params, sample_key, 10 * train_ds.num_classes, train_ds.num_classes)
     figures.save_class_grid(wd.file(SAMPLES_PNG), samples.images, samples.labels,

@@ -52,6 +52,7 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract, polarity, wgan_gp
 from dpfed.models import gan
+from dpfed.train import seeds
 from dpfed.train.config import require_finite_floats
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
@@ -175,7 +176,7 @@ class DpFedAvgGan:
 
     def init(self) -> ServerState:
         """Round-0 state: D as the shared params, G as the context (seeded)."""
-        key = jax.random.key(self.config.seed)
+        key = seeds.root_key(self.config.seed)
         d_vars = gan.init_discriminator(
             self.config.gan.discriminator, jax.random.fold_in(key, _D_INIT_STREAM))
         g_vars = gan.init_generator(
@@ -304,7 +305,7 @@ def train_gan(
     wd = Workdir(workdir)
     gan_engine = DpFedAvgGan(config, images, counts, mesh)
     ledger = new_ledger(config, gan_engine, group) if config.noise_multiplier > 0 else None
-    eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+    eval_key = jax.random.fold_in(seeds.root_key(config.seed), 2**31 - 1)
 
     def evaluate(state: ServerState) -> dict:
         samples = sample_images(config.gan, state.context, eval_key, config.eval_samples)

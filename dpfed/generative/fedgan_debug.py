@@ -50,7 +50,7 @@ from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
 from dpfed.federated.aggregation import PrivateAggregator
 from dpfed.generative import fedgan, group_sizes, polarity, selection, wgan_gp
 from dpfed.models import gan
-from dpfed.train import run_clock
+from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require, require_finite_floats
 from dpfed.train.workdir import Workdir, params_sha256
@@ -346,7 +346,7 @@ def train_app_classifier(
         model,
         images,
         labels,
-        jax.random.key(seed),
+        seeds.root_key(seed),
         classifier_fit.FitConfig(max_epochs=epochs),
     )
     return model, result.params
@@ -409,7 +409,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         f"{groups.high_threshold:.3f}: {groups.low.sum()} and {groups.high.sum()} clients"
     )
     fedgan_config = config.fedgan_config()
-    sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
+    sample_key = jax.random.fold_in(seeds.root_key(config.seed), 7)
     results, ground_truth = {}, {}
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
     sizes = {name: int(group_data[name].num_clients) for name in GROUPS}

@@ -55,6 +55,7 @@ from dpfed.federated import (
     write_privacy_summary,
 )
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.train import seeds
 from dpfed.train.config import require_finite_floats
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
@@ -411,7 +412,7 @@ def make_engine(
 
 
 def _init_key(config: FedLmConfig) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+    return jax.random.fold_in(seeds.root_key(config.seed), 2**31 - 1)
 
 
 def initial_state(config: FedLmConfig, engine: DpFedAvg) -> ServerState:

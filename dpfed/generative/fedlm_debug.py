@@ -47,7 +47,7 @@ from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, group_sizes, selection
 from dpfed.models.lstm_lm import LstmLM
-from dpfed.train import run_clock
+from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import require, require_finite_floats
 from dpfed.train.workdir import Workdir, params_sha256
@@ -232,7 +232,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         f"{chars_total} chars are outside the char vocabulary (<oov>)"
     )
     lm_config = config.lm_config(char_vocab.size)
-    sample_key = jax.random.fold_in(jax.random.key(config.seed), 7)
+    sample_key = jax.random.fold_in(seeds.root_key(config.seed), 7)
     results, samples, ground_truth = {}, {}, {}
     group_texts_of = {
         name: [t for t, m in zip(texts, members[name], strict=True) if m] for name in GROUPS

@@ -27,6 +27,7 @@ from dp_accounting import dp_event
 
 from dpfed import privacy
 from dpfed.federated import Subpopulation
+from dpfed.train import seeds
 from dpfed.train.config import ConfigError, require
 from dpfed.train.workdir import LEDGER_FILE, Workdir
 
@@ -58,7 +59,7 @@ def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[s
     """
     if not stddev > 0:
         raise ValueError(f"the group sizes' noise must be > 0, got {stddev}")
-    key = jax.random.fold_in(jax.random.key(seed), _GROUP_SIZES_KEY)
+    key = jax.random.fold_in(seeds.root_key(seed), _GROUP_SIZES_KEY)
     noise = np.asarray(privacy.standard_normal(key, (len(sizes),)), np.float64)
     return {name: max(1, round(n + stddev * e))
             for (name, n), e in zip(sizes.items(), noise, strict=True)}

@@ -196,13 +196,18 @@ def mean_or_nan(values: np.ndarray) -> float:
 def group_seed(seed: int, group: str) -> int:
     """The seed of one group's model: distinct per group, fixed by (`seed`, `group`).
 
+    31 bits for a seed below 2**32 (as always); 64 for a larger one (`seeds.root_key`
+    takes 64), so that the group's seed is no easier to guess than `seed`.
+
     The groups' models must draw independent noise. With one seed for both, round r of
     each group adds the same Gaussian draw, and the difference of the two released
     models (same initialisation, a linear server step) holds the clipped client sums
     with no noise at all: neither group's release would then be DP given the other.
     """
     entropy = [seed, zlib.crc32(group.encode())]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0] >> 1)
+    if seed < 2**32:
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0] >> 1)
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def client_accuracies(

@@ -30,7 +30,7 @@ from dp_accounting import dp_event
 from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.privacy import fast_clipping
-from dpfed.train import divergence, preemption, run_clock
+from dpfed.train import divergence, preemption, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -361,7 +361,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     model = models.get_classifier(config.model, train_ds.num_classes)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
-    init_key = jax.random.key(config.seed)
+    init_key = seeds.root_key(config.seed)
     params = jax.jit(model.init)(
         jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}

@@ -59,7 +59,9 @@ def partition_teachers(
     if scheme == "balanced":
         order = np.random.default_rng(seed).permutation(n)
         return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_teachers)]
-    key = seed.to_bytes(8, "little", signed=True)
+    # The 64-bit two's complement: the key of every seed in [-2**63, 2**63) is as it was
+    # (signed bytes), and 64-bit seeds up to 2**64 (`seeds.root_key`) have one too.
+    key = (seed % 2**64).to_bytes(8, "little")
     owner = np.empty(n, np.int64)
     for i in range(n):
         digest = hashlib.blake2b(images[i].tobytes(), digest_size=8, key=key)

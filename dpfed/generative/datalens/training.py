@@ -54,7 +54,7 @@ from dpfed.generative.datalens.partition import (
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
-from dpfed.train import divergence, preemption, run_clock
+from dpfed.train import divergence, preemption, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import require, require_data_dir_applies, require_finite_floats
 from dpfed.train.progress import Progress
@@ -476,7 +476,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     lens = build(config, train_ds.num_classes, train_ds.image_shape)
     teacher_data = TeacherData(train_ds, config, lens.ensemble)
     ids = lens.ensemble.teacher_ids()
-    root = jax.random.key(config.seed)
+    root = seeds.root_key(config.seed)
     fresh = lens.init(jax.random.fold_in(root, 2**31 - 1))
     ledger = new_ledger(config, n)
 
