@@ -29,7 +29,7 @@ from absl import flags
 from dpfed import data, privacy
 from dpfed.federated import mesh
 from dpfed.generative import datalens
-from dpfed.train import cli
+from dpfed.train import cli, seeds
 
 _D = datalens.DataLensConfig()
 
@@ -92,7 +92,8 @@ _GEN_OUTPUT = flags.DEFINE_enum(
 _CHUNK = flags.DEFINE_integer(
     "teacher_chunk", _D.teacher_chunk, "Teachers vectorised together (bounds memory)."
 )
-_SEED = cli.define_seed_flag(_D.seed)
+cli.define_seed_flag(_D.seed)
+cli.define_secret_seed_flag()
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Log metrics every N steps.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every, "Checkpoint period.")
 _NUM_SYNTHETIC = flags.DEFINE_integer(
@@ -141,7 +142,7 @@ def _config() -> datalens.DataLensConfig:
         generator_output_bias=_GEN_BIAS.value,
         generator_output=_GEN_OUTPUT.value,
         teacher_chunk=_CHUNK.value,
-        seed=_SEED.value,
+        **cli.seed_fields(_WORKDIR.value),
         eval_every=_EVAL_EVERY.value,
         checkpoint_every=_CKPT_EVERY.value,
         num_synthetic=_NUM_SYNTHETIC.value,
@@ -167,7 +168,8 @@ def main(argv: list[str]) -> None:
     if _EVALUATE.value:
         from dpfed.eval import evaluation
 
-        line += evaluation.evaluate_generator(_WORKDIR.value, config.num_synthetic, config.seed)
+        line += evaluation.evaluate_generator(
+            _WORKDIR.value, config.num_synthetic, seeds.evaluation_seed(config))
     print(f"{line} | report: {_WORKDIR.value}/report.md")
 
 

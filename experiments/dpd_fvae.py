@@ -33,7 +33,7 @@ from absl import flags
 
 from dpfed import data, privacy
 from dpfed.generative import dpd_fvae
-from dpfed.train import cli
+from dpfed.train import cli, seeds
 from dpfed.train.config import ConfigError
 
 _D = dpd_fvae.DpdFvaeConfig()
@@ -67,7 +67,8 @@ _TARGET = flags.DEFINE_float("target_epsilon", None, "eps budget (calibrates z i
 _DELTA = flags.DEFINE_float("delta", _D.delta, "delta of the (eps, delta) guarantee.")
 _MICRO = flags.DEFINE_integer(
     "microbatch_size", None, "Local DP: per-example gradients materialised at once.")
-_SEED = cli.define_seed_flag(_D.seed)
+cli.define_seed_flag(_D.seed)
+cli.define_secret_seed_flag()
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", _D.eval_every, "Log metrics every N rounds.")
 _CKPT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", _D.checkpoint_every, "Checkpoint period in rounds.")
@@ -107,7 +108,7 @@ def _config() -> dpd_fvae.DpdFvaeConfig:
         target_epsilon=_TARGET.value,
         delta=_DELTA.value,
         microbatch_size=_MICRO.value,
-        seed=_SEED.value,
+        **cli.seed_fields(_WORKDIR.value),
         eval_every=_EVAL_EVERY.value,
         checkpoint_every=_CKPT_EVERY.value,
     )
@@ -134,7 +135,8 @@ def main(argv: list[str]) -> None:
     if _EVALUATE.value:
         from dpfed.eval import evaluation
 
-        line += evaluation.evaluate_generator(_WORKDIR.value, _NUM_SYNTHETIC.value, config.seed)
+        line += evaluation.evaluate_generator(
+            _WORKDIR.value, _NUM_SYNTHETIC.value, seeds.evaluation_seed(config))
     print(f"{line} | report: {_WORKDIR.value}/report.md")
 
 

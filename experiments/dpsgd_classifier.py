@@ -40,7 +40,8 @@ _CLIPPING = flags.DEFINE_enum(
 )
 _PHYS = flags.DEFINE_integer("physical_batch", None, "Examples per jitted pass.")
 _NODP = flags.DEFINE_bool("nodp", False, "Non-private baseline: no clipping, no noise.")
-_SEED = cli.define_seed_flag(0)
+cli.define_seed_flag(0)
+cli.define_secret_seed_flag()
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every N steps.", lower_bound=1)
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint period.", lower_bound=1)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> None:
             clipping=_CLIPPING.value,
             physical_batch=_PHYS.value,
             nodp=_NODP.value,
-            seed=_SEED.value,
+            **cli.seed_fields(_WORKDIR.value),
             eval_every=_EVAL_EVERY.value,
             checkpoint_every=_CKPT_EVERY.value,
             data_dir=_DATA_DIR.value,

@@ -62,7 +62,8 @@ _COUNT_STD = flags.DEFINE_float(
     "clipped_count_stddev", None, "Adaptive clipping: count noise std (clients_per_round/20).")
 _SAMPLING = flags.DEFINE_enum("sampling", "poisson", ["poisson", "fixed"], "Client sampling.")
 _NODP = flags.DEFINE_bool("nodp", False, "Non-private FedAvg: no clipping, no noise.")
-_SEED = cli.define_seed_flag(0)
+cli.define_seed_flag(0)
+cli.define_secret_seed_flag()
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Evaluate every N rounds.")
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint period in rounds.")
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Clients per pass of a round.")
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
             clipped_count_stddev=_COUNT_STD.value,
             sampling=_SAMPLING.value,
             nodp=_NODP.value,
-            seed=_SEED.value,
+            **cli.seed_fields(_WORKDIR.value),
             eval_every=_EVAL_EVERY.value,
             checkpoint_every=_CKPT_EVERY.value,
             chunk_size=_CHUNK.value,

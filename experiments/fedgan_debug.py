@@ -102,6 +102,7 @@ def main(argv: list[str]) -> None:
             server_g_learning_rate=_G_LR.value,
             num_samples=_NUM_SAMPLES.value,
             **debug_flags.config_fields(_DEBUG_FLAGS),
+            **cli.seed_fields(_WORKDIR.value),
         )
         cli.refuse_unused(fedgan_debug.unused_flags(config))
         summary = fedgan_debug.run(config, _WORKDIR.value)

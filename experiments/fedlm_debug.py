@@ -80,6 +80,7 @@ def main(argv: list[str]) -> None:
             sample_length=_LENGTH.value,
             top_k=_TOP_K.value,
             **debug_flags.config_fields(_DEBUG_FLAGS),
+            **cli.seed_fields(_WORKDIR.value),
         )
         cli.refuse_unused(selection.unused_flags(config))
         summary = fedlm_debug.run(config, _WORKDIR.value)

@@ -80,6 +80,7 @@ class FedAvgClassifierConfig:
     sampling: str = "poisson"
     nodp: bool = False
     seed: int = 0
+    secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 10
     checkpoint_every: int = 10
     chunk_size: int | None = None
@@ -350,8 +351,8 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         "params_sha256": params_sha256(result.state.params),
         "diverged": result.diverged,
         **result.clock.summary(),
-        "flags": dataclasses.asdict(config),
-        "seed": config.seed,
+        "flags": seeds.public_fields(dataclasses.asdict(config)),
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)
@@ -390,7 +391,7 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         f"- privacy: {privacy_line}\n"
         f"- local: {config.local_steps} steps of batch {config.local_batch_size}, client SGD "
         f"lr {config.client_learning_rate:g}; server {config.server_optimizer} "
-        f"lr {config.server_learning_rate:g}; seed {config.seed}\n"
+        f"lr {config.server_learning_rate:g}; seed {seeds.public(config)}\n"
         f"- wall time: {run_clock.describe(summary)}\n"
         f"- params sha256: `{summary['params_sha256']}`\n"
         f"{divergence.report_line(summary)}\n"

@@ -22,7 +22,8 @@ def define_debug_flags(
     defaults: Any, *, model: str, metric: str, update: str,
     paper_thresholds: tuple[float, float] | None = None,
 ) -> list[flags.FlagHolder]:
-    """Defines the flags of the settings both demos have; returns their holders.
+    """Defines the flags of the settings both demos have; returns their holders, but for
+    `--seed` and `--secret_seed`: the binary reads those through `cli.seed_fields`.
 
     Args:
       defaults: the demo's default config (each flag's default is its field's).
@@ -31,6 +32,8 @@ def define_debug_flags(
       update: what each user's clipped update is (e.g. "D's delta").
       paper_thresholds: the paper's low and high thresholds, where it gives them.
     """
+    cli.define_seed_flag(defaults.seed)
+    cli.define_secret_seed_flag()
     low_paper, high_paper = (
         (f" (paper {t:g})" for t in paper_thresholds) if paper_thresholds else ("", ""))
     return [
@@ -50,7 +53,6 @@ def define_debug_flags(
         flags.DEFINE_float(
             "noise_multiplier", defaults.noise_multiplier, "z (0: non-private)."),
         flags.DEFINE_float("delta", defaults.delta, "delta of the user-level guarantee."),
-        cli.define_seed_flag(defaults.seed),
         flags.DEFINE_integer("eval_every", defaults.eval_every, "Evaluate every N rounds."),
         flags.DEFINE_integer("checkpoint_every", defaults.checkpoint_every, "Checkpoints."),
     ]

@@ -156,6 +156,7 @@ class DpdFvaeConfig:
     delta: float = 1e-5
     microbatch_size: int | None = None
     seed: int = 0
+    secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 10
     checkpoint_every: int = 10
 
@@ -883,9 +884,9 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "decoder_sha256": params_sha256(decoder_params),
         "diverged": result.diverged,
         "model": model_json(trainer),
-        "flags": dataclasses.asdict(config),
+        "flags": seeds.public_fields(dataclasses.asdict(config)),
         **result.clock.summary(),
-        "seed": config.seed,
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
     if diagnostics is not None:

@@ -84,6 +84,8 @@ class FedGanConfig:
       adaptive_clipping: quantile-tracking clip norm (Andrew et al. 2021), or None.
       delta: the delta of the user-level guarantee.
       seed: seeds the initial networks and every round.
+      secret_seed: the seed is secret (`--secret_seed`): config.json and summary.json
+        say "secret" in its place.
       eval_every: rounds between evaluations of G (inverted fraction of samples).
       checkpoint_every: rounds between checkpoints (state and ledger together).
       eval_samples: samples drawn at each evaluation.
@@ -100,6 +102,7 @@ class FedGanConfig:
     adaptive_clipping: AdaptiveClipping | None = None
     delta: float = 1e-5
     seed: int = 0
+    secret_seed: bool = False
     eval_every: int = 50
     checkpoint_every: int = 50
     eval_samples: int = 256
@@ -343,11 +346,11 @@ def train_gan(
         "generator_sha256": params_sha256(g_vars),
         "diverged": result.diverged,
         "gan": gan_config_json(config.gan),
-        "flags": {
+        "flags": seeds.public_fields({
             f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "gan"
-        },
+        }),
         **result.clock.summary(),
-        "seed": config.seed,
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)

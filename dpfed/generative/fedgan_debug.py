@@ -108,6 +108,7 @@ class DebugConfig:
     server_g_learning_rate: float = wgan_gp.SERVER_G_LEARNING_RATE
     num_samples: int = 1000
     seed: int = 0
+    secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 50
     checkpoint_every: int = 50
 
@@ -212,6 +213,7 @@ class DebugConfig:
             adaptive_clipping=ADAPTIVE_CLIPPING if self.adaptive_clipping else None,
             delta=self.delta,
             seed=self.seed,
+            secret_seed=self.secret_seed,
             eval_every=self.eval_every,
             checkpoint_every=self.checkpoint_every,
         )
@@ -573,7 +575,7 @@ clip {config.l2_clip:g}{" (adaptive)" if config.adaptive_clipping else ""}, nois
 SGD lr {config.client_d_learning_rate:g}), {config.server_g_steps} server G steps (SGD lr
 {config.server_g_learning_rate:g}); D conv {tuple(config.d_conv_features)}, dense
 {config.d_dense_features}; G dense {config.g_dense_features}, base {config.g_base_features},
-convT {tuple(config.g_convt_features)}, noise dim {config.noise_dim}; seed {config.seed}.
+convT {tuple(config.g_convt_features)}, noise dim {config.noise_dim}; seed {seeds.public(config)}.
 The paper: networks D conv (64, 128), dense 1024, G dense 1024, base 256, convT (64, 32),
 noise dim 128; 10 clients per round, 1000 rounds, 6 + 6 steps, lrs 5e-4 / 5e-3; federated
 EMNIST (3,400 writers, 36 classes), inversion probability 0.5, groups by accuracy < 0.882

@@ -357,6 +357,8 @@ class FedLmConfig:
         (DP-FedAvg's server momentum, McMahan et al. 2018).
       delta: the delta of the user-level guarantee.
       seed: seeds the initial LM and every round.
+      secret_seed: the seed is secret (`--secret_seed`): config.json and summary.json
+        say "secret" in its place.
       eval_every: rounds between evaluations (OOV rate of sampled lines).
       checkpoint_every: rounds between checkpoints.
       subpopulation: the clients are the taking-part users of a larger population, whose
@@ -372,6 +374,7 @@ class FedLmConfig:
     server_learning_rate: float = 1.0
     delta: float = 1e-5
     seed: int = 0
+    secret_seed: bool = False
     eval_every: int = 50
     checkpoint_every: int = 50
     subpopulation: Subpopulation | None = None
@@ -491,7 +494,7 @@ def train_lm(
         "diverged": result.diverged,
         "last_evaluation": result.evaluation,
         **result.clock.summary(),
-        "seed": config.seed,
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)

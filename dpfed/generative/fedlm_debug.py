@@ -91,6 +91,7 @@ class TextDebugConfig:
     sample_length: int = 120
     top_k: int = 15
     seed: int = 0
+    secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 50
     checkpoint_every: int = 50
 
@@ -150,6 +151,7 @@ class TextDebugConfig:
             server_learning_rate=self.server_learning_rate,
             delta=self.delta,
             seed=self.seed,
+            secret_seed=self.secret_seed,
             eval_every=self.eval_every,
             checkpoint_every=self.checkpoint_every,
         )
@@ -460,7 +462,8 @@ Unit: one **user** (client). Only each client's clipped LM delta leaves it, nois
 {config.hidden}, embedding {config.embed_dim}; {config.local_steps} local steps of
 {config.local_batch_size} sequences of {config.seq_len} chars (SGD lr
 {config.client_learning_rate:g}), server SGD with momentum 0.9 (lr
-{config.server_learning_rate:g}); seed {config.seed}; wall time {run_clock.describe(summary)}.
+{config.server_learning_rate:g}); seed {seeds.public(config)}; wall time
+{run_clock.describe(summary)}.
 The paper trained a DP federated RNN on the suspicious users and showed that its generated
 tokens exposed the tokenization bug, compared with a model of healthy users (PAPERS.md: no
 number of theirs is quoted here).

@@ -33,6 +33,7 @@ import numpy as np
 from dpfed import privacy
 from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.generative import group_sizes
+from dpfed.train import seeds
 from dpfed.train.config import ConfigError, require
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import DIAGNOSTICS_JSON as DIAGNOSTICS_JSON  # the demos' ground truth
@@ -481,8 +482,8 @@ def summary_fields(
         "thresholds_from_quantiles": not thresholds_given,
         "num_clients": num_clients,
         **demo_fields(results, started),
-        "flags": dataclasses.asdict(config),
-        "seed": config.seed,
+        "flags": seeds.public_fields(dataclasses.asdict(config)),
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
 

@@ -44,10 +44,46 @@ class FlagError(Exception):
 
 
 def define_seed_flag(default: int, help_text: str = "Random seed.") -> flags.FlagHolder[int]:
-    """`--seed`, bounded to what a JAX key takes (32 bits: seeds 2**32 apart would be
-    one run) and numpy's generators accept (no negatives), so a bad one is a flag error."""
+    """`--seed`, bounded to 32 bits (`jax.random.key` took no more: seeds 2**32 apart
+    were one run) and what numpy's generators accept (no negatives), so a bad one is a
+    flag error. It is published (summary.json): a secret one is `--secret_seed`'s."""
     return flags.DEFINE_integer("seed", default, f"{help_text} In [0, 2**32 - 1].",
                                 lower_bound=0, upper_bound=2**32 - 1)
+
+
+def define_secret_seed_flag() -> flags.FlagHolder[bool]:
+    """`--secret_seed`, for a binary with `--seed`, `--workdir` and DP releases: its main
+    reads the run's seed through `seed_fields`."""
+    return flags.DEFINE_bool(
+        "secret_seed", False,
+        "For a real release: draw a 64-bit seed from the OS's entropy instead of --seed and "
+        "keep it in the workdir's secret_seed.json (never share it: it undoes the noise); "
+        "summary.json and report.md say 'secret'. A 32-bit --seed can be found by trying "
+        "them all. Resumes read it back and need the flag again.")
+
+
+def seed_fields(workdir: str) -> dict[str, Any]:
+    """The config fields `seed` and `secret_seed` of a run in `workdir`: `--seed`, or with
+    `--secret_seed` the workdir's secret seed (`Workdir.pin_seed`: drawn and written
+    before anything uses it, by a fresh run; read back by every later one).
+
+    Call it after `define_distributed_flags`' initialisation (process 0 writes the seed
+    that every process of a multi-host job reads).
+
+    Raises:
+      FlagError: naming "secret_seed", with an explicit `--seed` (the secret seed replaces
+        it), or where the workdir's run started with the other setting of the flag.
+    """
+    secret = flags.FLAGS.secret_seed
+    check(not (secret and flags.FLAGS["seed"].present), "secret_seed",
+          "draws the seed itself: drop --seed")
+    from dpfed.train.workdir import Workdir  # Imports jax: not needed to parse flags.
+
+    try:
+        seed = Workdir(workdir).pin_seed(flags.FLAGS.seed, secret)
+    except ConfigError as error:
+        raise FlagError(error.field, error.message) from None
+    return {"seed": seed, "secret_seed": secret}
 
 
 def check(condition: bool, flag: str, message: str) -> None:

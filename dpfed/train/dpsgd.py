@@ -86,6 +86,7 @@ class DpSgdConfig:
     physical_batch: int | None = None  # chunk size of one jitted pass; default ~ B + 3 sqrt(B)
     nodp: bool = False
     seed: int = 0
+    secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 100
     checkpoint_every: int = 50
     data_dir: str | None = None
@@ -433,8 +434,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         "params_sha256": params_sha256(state["params"]),
         "diverged": divergence.diverged(state["params"], {"test_loss": loss}),
         **clock.summary(),
-        "flags": dataclasses.asdict(config),
-        "seed": config.seed,
+        "flags": seeds.public_fields(dataclasses.asdict(config)),
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)
@@ -466,7 +467,7 @@ def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> st
         f"- test accuracy: **{summary['test_accuracy']:.4f}** after {summary['steps']} steps\n"
         f"- privacy: {privacy_line}\n"
         f"- expected batch size {config.batch_size}, optimiser {config.optimizer} "
-        f"(lr {config.learning_rate:g}), seed {config.seed}\n"
+        f"(lr {config.learning_rate:g}), seed {seeds.public(config)}\n"
         f"- wall time: {run_clock.describe(summary)}\n"
         f"- params sha256: `{summary['params_sha256']}`\n"
         f"{divergence.report_line(summary)}\n"

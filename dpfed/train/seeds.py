@@ -1,18 +1,32 @@
-"""A run's root key from its seed: 64-bit seeds, the same keys as `jax.random.key` below 2**32.
+"""A run's root key from its seed, and the secret seed that its releases never show.
 
 Every DP release draws its noise from `root_key(seed)`. JAX's own `jax.random.key(seed)`
 takes 32 bits, and 2**32 seeds are not a secret: an attacker holding a released model
 update can try every one, regenerate the noise (threefry is counter-based: a few
 coordinates suffice), recognise the right seed (the difference is then a clipped sum of
-bounded norm, not noise of norm ~ z C sqrt(d)) and subtract the noise. `root_key` takes
-64 bits.
+bounded norm, not noise of norm ~ z C sqrt(d)) and subtract the noise. A secret seed
+(`--secret_seed`) is therefore drawn from 64 bits of OS entropy (`draw_secret`), kept in
+the workdir's `secret_seed.json` (never to be shared: `Workdir.pin_seed`), and every file
+a run writes besides shows the string "secret" in its place (`public`, `public_fields`).
 """
+
+import secrets
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 SEED_BITS = 64  # root_key takes seeds in [0, 2**64)
+SECRET = "secret"  # what config.json and the releases say in place of a secret seed
+SECRET_SEED_FILE = "secret_seed.json"  # in the workdir; never share it
+SECRET_SEED_NOTE = (
+    "Never share this file: anyone holding this seed can regenerate and subtract the DP "
+    "noise of every release of this run. It is not a release; keep it to resume the run."
+)
+# A secret seed has 64 bits, none below 2**32: a seed derived from it for a sub-model
+# (`selection.group_seed`) is then derived with 64 bits too, not 31.
+SECRET_SEEDS = range(2**32, 2**SEED_BITS)
 
 
 def root_key(seed: int) -> jax.Array:
@@ -32,3 +46,45 @@ def root_key(seed: int) -> jax.Array:
         raise ValueError(f"a seed must be in [0, 2**{SEED_BITS}), not {seed}")
     data = np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
     return jax.random.wrap_key_data(jnp.asarray(data))
+
+
+def draw_secret() -> int:
+    """A fresh secret seed in `SECRET_SEEDS`, from the OS's entropy (`secrets`)."""
+    return SECRET_SEEDS.start + secrets.randbelow(SECRET_SEEDS.stop - SECRET_SEEDS.start)
+
+
+def public(config: Any) -> int | str:
+    """The seed as a release may show it: `config.seed`, or `SECRET` where
+    `config.secret_seed` (a run's config dataclass)."""
+    return SECRET if config.secret_seed else config.seed
+
+
+def public_fields(fields: dict) -> dict:
+    """A config's fields (`dataclasses.asdict`) as config.json and summaries show them.
+
+    With `secret_seed` the seed is `SECRET`. Without it the `secret_seed` field is left
+    out, so a run's config.json and summary are what they were before the flag existed,
+    and workdirs of earlier versions resume under an unchanged config.
+    """
+    if fields.get("secret_seed"):
+        return {**fields, "seed": SECRET}
+    return {name: value for name, value in fields.items() if name != "secret_seed"}
+
+
+def evaluation_seed(config: Any) -> int:
+    """The seed of the evaluation a binary runs on its released generator (`--evaluate`):
+    `config.seed`, or 0 for a secret seed. The evaluation only post-processes the release,
+    so its draws need no secret, and eval.json, a release, records its seed."""
+    return 0 if config.secret_seed else config.seed
+
+
+def read_secret(stored: dict) -> int:
+    """The seed of a parsed secret_seed.json.
+
+    Raises:
+      ValueError: it holds no seed in `SECRET_SEEDS`.
+    """
+    seed = stored.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SECRET_SEEDS:
+        raise ValueError(f"no seed in [2**32, 2**{SEED_BITS})")
+    return seed

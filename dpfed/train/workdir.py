@@ -8,6 +8,9 @@ computed from raw private data (a federated simulation's cohort sizes, client lo
 per-client accuracies) go to `diagnostics.jsonl` instead: a simulation diagnostic, not
 covered by the privacy guarantee, never to be published with the release. Nor is
 `checkpoints/` a release: it holds the whole simulation state, client states included.
+Nor, least of all, is `secret_seed.json` (`--secret_seed`, `Workdir.pin_seed`): anyone
+holding it can subtract the noise of every release; config.json and the releases say
+"secret" where its seed would be (`seeds`).
 Two labelled exceptions in `report.md`: the debug pipelines' ground-truth section
 (`diagnostics.json`'s figures, headed "not a DP release") and `experiments.evaluate`'s
 section (its feature CNN is trained on the real train split; it says so).
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dpfed.train import seeds
 from dpfed.train.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
@@ -198,20 +202,20 @@ def _file_mode(path: pathlib.Path) -> int:
 _TMP_SUFFIX = ".tmp"  # of atomic writes' temp files: `.<name>.<random>.tmp`
 
 
-def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
+def atomic_write_bytes(path: pathlib.Path, payload: bytes, mode: int | None = None) -> None:
     """Writes `payload` to `path` atomically: temp file in the same dir, fsync, os.replace.
 
     A kill (or power loss) at any moment leaves the old file or the new one, never part
     of one. The file keeps its mode (a new one gets the umask's, as `open` would give it),
-    not the 0600 of the temp file. In a multi-host job only process 0 writes, between
-    barriers (`one_write`).
+    not the 0600 of the temp file; `mode` sets it instead. In a multi-host job only
+    process 0 writes, between barriers (`one_write`).
     """
     with one_write(path.name) as writes:
         if writes:
-            atomic_write_local_bytes(path, payload)
+            atomic_write_local_bytes(path, payload, mode)
 
 
-def atomic_write_local_bytes(path: pathlib.Path, payload: bytes) -> None:
+def atomic_write_local_bytes(path: pathlib.Path, payload: bytes, mode: int | None = None) -> None:
     """Writes `payload` to `path` atomically, as `atomic_write_bytes`, but in every process
     of a multi-host job and without barriers: for a host's own cache outside the workdir.
 
@@ -222,7 +226,7 @@ def atomic_write_local_bytes(path: pathlib.Path, payload: bytes) -> None:
     """
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
-        os.fchmod(fd, _file_mode(path))
+        os.fchmod(fd, _file_mode(path) if mode is None else mode)
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(payload)
             tmp.flush()
@@ -268,8 +272,11 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], objec
 
 LOCK_FILE = ".lock"
 _held_locks: dict[pathlib.Path, int] = {}  # workdir lock file -> its open descriptor
-# What a run writes before anything else: its lock, its config and its data's digest.
-_SETUP_FILES = frozenset({LOCK_FILE, CONFIG_FILE, DATA_FILE})
+# What a run writes before anything else: its lock, its secret seed (`Workdir.pin_seed`),
+# its config and its data's digest.
+_SETUP_FILES = frozenset({LOCK_FILE, seeds.SECRET_SEED_FILE, CONFIG_FILE, DATA_FILE})
+# What shows that a run started in a workdir (every trainer pins config.json first).
+_RUN_FILES = (CONFIG_FILE, METRICS_FILE, LEDGER_FILE, SUMMARY_FILE, "checkpoints")
 
 
 def remove_if_unused(path: str | os.PathLike, up_to: str | os.PathLike | None = None) -> bool:
@@ -415,13 +422,16 @@ class Workdir:
           ConfigError: as `check_config`.
         """
         self.check_config(config, resuming, resumable)
-        self.write_json(CONFIG_FILE, dataclasses.asdict(config))
+        self.write_json(CONFIG_FILE, seeds.public_fields(dataclasses.asdict(config)))
 
     def check_config(
         self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS,
         required: bool = False,
     ) -> None:
         """On a resume, checks the run's config (a dataclass) against config.json.
+
+        Both as config.json holds them (`seeds.public_fields`): a secret seed is "secret",
+        so a run started with `--secret_seed` resumes with it, and without it is refused.
 
         Raises:
           ConfigError: `resuming` and a field outside `resumable` differs from the
@@ -432,7 +442,7 @@ class Workdir:
             flags they were made with, so a copied checkpoints/ would continue under any
             flags). Otherwise a workdir from before config.json existed passes.
         """
-        current = loads(dumps(dataclasses.asdict(config)))
+        current = loads(dumps(seeds.public_fields(dataclasses.asdict(config))))
         path = self.file(CONFIG_FILE)
         if resuming and required and not path.exists():
             raise ConfigError(
@@ -466,6 +476,48 @@ class Workdir:
             raise ConfigError(
                 "workdir",
                 f"{self.file(name)} is unreadable ({error}): restore it or use a new workdir",
+            ) from None
+
+    def pin_seed(self, seed: int, secret: bool) -> int:
+        """The run's seed: `seed`, or with `secret` the secret seed in secret_seed.json.
+
+        A secret seed is drawn (`seeds.draw_secret`) only in a workdir where no run has
+        started, and written (mode 0600, atomically) before anything uses it; every later
+        invocation (a resume, a rerun of a finished or killed run) reads it back, so the
+        releases of one workdir never mix two seeds. In a multi-host job every process
+        reads the one that process 0 wrote.
+
+        Raises:
+          ConfigError: naming "secret_seed", when `secret` and a run started here without
+            a secret_seed.json (so without `--secret_seed`, or it was lost), or when not
+            `secret` and secret_seed.json is here; naming "workdir", when it is unreadable.
+        """
+        path = self.file(seeds.SECRET_SEED_FILE)
+        if not secret:
+            if path.exists():
+                raise ConfigError(
+                    "secret_seed",
+                    f"{self.path} holds {seeds.SECRET_SEED_FILE}: its run was started with "
+                    "--secret_seed; rerun with it (and without --seed) or use a new workdir",
+                )
+            return seed
+        if not path.exists():
+            started = [name for name in _RUN_FILES if self.file(name).exists()]
+            if started:
+                raise ConfigError(
+                    "secret_seed",
+                    f"{self.path} holds a run ({', '.join(started)}) but no "
+                    f"{seeds.SECRET_SEED_FILE}: a secret seed is drawn only where no run "
+                    "started. Rerun without --secret_seed if that run had none, restore its "
+                    f"{seeds.SECRET_SEED_FILE} if it had, or use a new workdir",
+                )
+            stored = {"seed": seeds.draw_secret(), "note": seeds.SECRET_SEED_NOTE}
+            atomic_write_bytes(path, (dumps(stored, indent=2) + "\n").encode(), mode=0o600)
+        try:
+            return seeds.read_secret(self.read_json_object(seeds.SECRET_SEED_FILE))
+        except ValueError as error:
+            raise ConfigError(
+                "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir",
             ) from None
 
     def pin_data(self, data: TrainingData, resuming: bool) -> None:

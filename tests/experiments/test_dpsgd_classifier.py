@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import pytest
 from dp_accounting import dp_event, rdp
@@ -174,3 +175,63 @@ def test_killed_at_any_write_resumes_like_uninterrupted(tmp_path, calibrated_who
                       pattern=pattern)
     _run(*_CALIBRATED, f"--workdir={tmp_path}")
     assert_resumed_like_uninterrupted(calibrated_whole, tmp_path)
+
+
+# --secret_seed: a 64-bit seed in secret_seed.json, "secret" everywhere else.
+_SECRET = ("--model=logreg", "--steps=20", "--batch_size=64", "--noise_multiplier=1.0",
+           "--checkpoint_every=5", "--eval_every=10", "--secret_seed")
+# What a rerun of a finished run rewrites with its own wall time.
+_WALL_KEYS = ("wall_seconds", "wall_seconds_earlier")
+
+
+@pytest.fixture(scope="module")
+def secret_whole(tmp_path_factory):
+    return finished_run(tmp_path_factory, "experiments.dpsgd_classifier", *_SECRET)
+
+
+def _secret(workdir):
+    return _json(workdir, "secret_seed.json")["seed"]
+
+
+def _released(workdir):
+    """The released files' contents, but for the wall time a rerun measures anew."""
+    summary = {k: v for k, v in _json(workdir, "summary.json").items() if k not in _WALL_KEYS}
+    report = [line for line in (workdir / "report.md").read_text().splitlines()
+              if not line.startswith("- wall time")]
+    return {"summary.json": summary, "report.md": report,
+            **{name: (workdir / name).read_text() for name in ("metrics.jsonl", "ledger.json")}}
+
+
+def test_a_secret_seed_is_in_no_file_but_secret_seed_json(secret_whole):
+    seed = _secret(secret_whole)
+    assert 2**32 <= seed < 2**64, f"a secret seed has 64 bits, none guessable: {seed}"
+    leaking = [str(path.relative_to(secret_whole)) for path in secret_whole.rglob("*")
+               if path.is_file() and path.name != "secret_seed.json"
+               and str(seed).encode() in path.read_bytes()]
+    assert not leaking, f"the secret seed's digits are in {leaking}: anyone can undo the noise"
+    assert _json(secret_whole, "summary.json")["seed"] == "secret"
+    assert _json(secret_whole, "config.json")["seed"] == "secret"
+    assert "seed secret" in (secret_whole / "report.md").read_text()
+
+
+def test_a_rerun_of_a_finished_secret_run_reproduces_its_releases(secret_whole, tmp_path):
+    rerun = tmp_path / "rerun"
+    shutil.copytree(secret_whole, rerun)
+    _run(*_SECRET, f"--workdir={rerun}")
+    assert _secret(rerun) == _secret(secret_whole), "a rerun must never draw another seed"
+    assert _released(rerun) == _released(secret_whole), (
+        "a rerun of a finished secret run must leave its releases as they were")
+    refused = _run(*_SECRET[:-1], f"--workdir={rerun}", check=False)
+    assert refused.returncode == 2 and "--secret_seed" in refused.stderr, (
+        f"a rerun without --secret_seed would draw other noise: {refused.stderr[-500:]}")
+
+
+def test_a_killed_secret_run_resumes_with_its_seed(secret_whole, tmp_path):
+    # The kill comes after a release; the rerun must read the seed back (a new one would
+    # replay that release with other noise) and end as the uninterrupted run of that seed.
+    tmp_path.joinpath("secret_seed.json").write_bytes(
+        (secret_whole / "secret_seed.json").read_bytes())
+    kill_when_written("experiments.dpsgd_classifier", *_SECRET, workdir=tmp_path,
+                      pattern="metrics.jsonl")
+    _run(*_SECRET, f"--workdir={tmp_path}")
+    assert_resumed_like_uninterrupted(secret_whole, tmp_path)

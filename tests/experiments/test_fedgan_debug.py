@@ -576,3 +576,26 @@ def test_population_sampling_checks_each_groups_noise_split_before_either_gan_tr
                          str(tmp_path), log=lambda _: None)
     again = Workdir(tmp_path).read_json(group_sizes.GROUP_SIZES_FILE)["noised_sizes"]
     assert again == noised, f"the rerun must reuse the released sizes {noised}, not {again}"
+
+
+def test_a_secret_seed_and_the_groups_seeds_are_in_no_file_but_secret_seed_json(
+        tmp_path, monkeypatch):
+    # Both GANs' seeds derive from the secret one, and with population sampling the group
+    # sizes' noise too: none may be guessable (31 bits) or written where it is released.
+    _skip_the_app_classifier(monkeypatch)
+    monkeypatch.setattr(selection, "client_accuracies",
+                        lambda *args: np.linspace(0.31, 1.0, TINY["num_clients"]))
+    seed = Workdir(tmp_path).pin_seed(0, secret=True)
+    config = fedgan_debug.DebugConfig(**{**POPULATION, "seed": seed, "secret_seed": True})
+    summary = fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
+    secrets = [seed, *(selection.group_seed(seed, name) for name in fedgan_debug.GROUPS)]
+    assert all(s >= 2**32 for s in secrets), f"a seed derived from the secret is short: {secrets}"
+    leaking = [str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")
+               if path.is_file() and path.name != "secret_seed.json"
+               and any(str(s).encode() in path.read_bytes() for s in secrets)]
+    assert not leaking, f"a secret seed's digits are in {leaking}: anyone can undo the noise"
+    assert summary["seed"] == "secret" and summary["flags"]["seed"] == "secret", summary["seed"]
+    for name in ("gan_low", "gan_high"):
+        group = Workdir(tmp_path / name)
+        assert group.read_json("summary.json")["seed"] == "secret", f"{name}'s seed is shown"
+        assert group.read_json("config.json")["secret_seed"], f"{name}'s config lost the flag"

@@ -30,6 +30,7 @@ _BINARY = textwrap.dedent("""
     _WRITE = flags.DEFINE_list("write", [], "Files written into the workdir before the checks.")
     _DEVICES = flags.DEFINE_bool("devices", False, "Ask jax for its devices (backend probing).")
     _SEED = cli.define_seed_flag(0)
+    cli.define_secret_seed_flag()
 
 
     def main(argv):
@@ -44,6 +45,9 @@ _BINARY = textwrap.dedent("""
             import jax
 
             jax.devices()
+        if _WORKDIR.value is not None:
+            fields = cli.seed_fields(_WORKDIR.value)
+            print("seeded", "secret" if fields["secret_seed"] else fields["seed"])
         print("trained", _MODEL.value)
 
 
@@ -118,6 +122,20 @@ def test_every_binary_bounds_its_seed_with_the_shared_flag():
         text = path.read_text()
         assert 'DEFINE_integer("seed"' not in text, (
             f"{path.name} defines --seed itself: use cli.define_seed_flag (bounded)")
+
+
+def test_every_binary_with_dp_releases_reads_its_seed_through_seed_fields():
+    # --secret_seed draws the seed in `cli.seed_fields`: a binary reading --seed's value
+    # itself would train on 32 guessable bits and write them into summary.json.
+    seeded = [path for path in sorted((_REPO / "experiments").glob("*.py"))
+              if "define_seed_flag" in path.read_text() or "define_debug_flags" in path.read_text()]
+    releasing = [path for path in seeded if path.name != "evaluate.py"]  # evaluates only
+    assert len(releasing) == 6, f"the DP binaries are not where they were: {releasing}"
+    for path in releasing:
+        text = path.read_text()
+        assert "cli.seed_fields(_WORKDIR.value)" in text and "_SEED.value" not in text, (
+            f"{path.name} must read its seed through cli.seed_fields (--secret_seed)")
+    assert "define_secret_seed_flag()" in (_REPO / "dpfed/generative/debug_flags.py").read_text()
 
 
 def test_flag_error_line_format(tmp_path):
@@ -257,3 +275,26 @@ def test_a_good_run_keeps_the_workdir_it_created(tmp_path):
     workdir = tmp_path / "run"
     assert _run(tmp_path, f"--workdir={workdir}").returncode == 0
     assert workdir.is_dir(), "a run that went ahead keeps its workdir"
+
+
+def test_secret_seed_with_an_explicit_seed_exits_2_naming_the_flag(tmp_path):
+    workdir = tmp_path / "run"
+    result = _run(tmp_path, f"--workdir={workdir}", "--secret_seed", "--seed=3")
+    lines = _stderr_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
+    assert lines[0].startswith("error: --secret_seed: "), (
+        f"the secret seed replaces --seed: giving both must be refused naming it: {lines}")
+    assert not workdir.exists(), "the refused run drew no secret and left no workdir"
+
+
+def test_secret_seed_is_drawn_once_and_a_rerun_without_the_flag_exits_2(tmp_path):
+    workdir = tmp_path / "run"
+    first = _run(tmp_path, f"--workdir={workdir}", "--secret_seed")
+    assert first.returncode == 0 and "seeded secret" in first.stdout, first.stderr[-2000:]
+    stored = (workdir / "secret_seed.json").read_text()
+    assert _run(tmp_path, f"--workdir={workdir}", "--secret_seed").returncode == 0
+    assert (workdir / "secret_seed.json").read_text() == stored, "a rerun must never draw again"
+    lines = _stderr_lines(_run(tmp_path, f"--workdir={workdir}"))
+    assert len(lines) == 1 and lines[0].startswith("error: --secret_seed: "), (
+        f"a rerun without the flag would use --seed's noise: it must be refused: {lines}")
+

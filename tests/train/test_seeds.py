@@ -1,4 +1,8 @@
-"""Tests for dpfed.train.seeds: 64-bit root keys, and the seeds derived from them."""
+"""Tests for dpfed.train.seeds and the secret seed's file (`Workdir.pin_seed`)."""
+
+import dataclasses
+import json
+import stat
 
 import jax
 import numpy as np
@@ -7,6 +11,9 @@ import pytest
 from dpfed.generative import selection
 from dpfed.generative.datalens import partition
 from dpfed.train import seeds
+from dpfed.train import workdir as workdir_lib
+from dpfed.train.config import ConfigError
+from dpfed.train.workdir import Workdir
 
 _32_BIT_SEEDS = [0, 1, 7, 2**16 + 3, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1,
                  *np.random.default_rng(0).integers(0, 2**32, 8).tolist()]
@@ -44,6 +51,114 @@ def test_root_key_refuses_what_is_not_a_64_bit_seed(seed):
 def test_root_key_takes_numpy_integers():
     np.testing.assert_array_equal(jax.random.key_data(seeds.root_key(np.uint64(2**63 + 9))),
                                   [2**31, 9], err_msg="a numpy uint64 seed must keep all bits")
+
+
+def test_draw_secret_draws_distinct_seeds_above_32_bits():
+    drawn = {seeds.draw_secret() for _ in range(64)}
+    assert len(drawn) == 64, "64 draws of 64 bits collided: not drawn from the OS's entropy?"
+    assert all(d in seeds.SECRET_SEEDS for d in drawn), f"outside [2**32, 2**64): {drawn}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    steps: int = 10
+    seed: int = 0
+    secret_seed: bool = False
+
+
+def test_public_shows_a_secret_seed_as_secret():
+    assert seeds.public(_Config(seed=3)) == 3, "a public seed is shown as it is"
+    assert seeds.public(_Config(seed=2**40 + 3, secret_seed=True)) == "secret", (
+        "a secret seed must never be shown")
+
+
+def test_public_fields_hide_a_secret_seed_and_leave_a_public_config_as_before():
+    secret = seeds.public_fields(dataclasses.asdict(_Config(seed=2**40, secret_seed=True)))
+    assert secret == {"steps": 10, "seed": "secret", "secret_seed": True}, secret
+    public = seeds.public_fields(dataclasses.asdict(_Config(seed=3)))
+    assert public == {"steps": 10, "seed": 3}, (
+        f"without the flag config.json must be as before it existed (old workdirs resume): "
+        f"{public}")
+
+
+def test_evaluation_seed_of_a_secret_run_is_public():
+    assert seeds.evaluation_seed(_Config(seed=4)) == 4, "a public run evaluates with its seed"
+    assert seeds.evaluation_seed(_Config(seed=2**40 + 4, secret_seed=True)) == 0, (
+        "eval.json records the evaluation's seed: it must not be the secret")
+
+
+def test_a_secret_run_pins_secret_in_config_json_and_resumes_only_with_the_flag(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(_Config(seed=2**40 + 1, secret_seed=True), resuming=False)
+    pinned = wd.read_json(workdir_lib.CONFIG_FILE)
+    assert pinned == {"steps": 10, "seed": "secret", "secret_seed": True}, (
+        f"config.json must not hold the secret: {pinned}")
+    wd.pin_config(_Config(seed=2**40 + 1, secret_seed=True, steps=20), resuming=True)
+    with pytest.raises(ConfigError) as error:
+        wd.pin_config(_Config(seed=0), resuming=True)
+    assert error.value.field == "secret_seed", (
+        f"a resume without --secret_seed must be refused naming it: {error.value}")
+
+
+def test_a_config_json_from_before_the_flag_resumes_without_it(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.write_json(workdir_lib.CONFIG_FILE, {"steps": 10, "seed": 3})
+    wd.pin_config(_Config(seed=3), resuming=True)  # would raise naming secret_seed
+    assert wd.read_json(workdir_lib.CONFIG_FILE) == {"steps": 10, "seed": 3}
+
+
+def test_pin_seed_draws_a_secret_once_and_reads_it_back(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.lock()
+    first = wd.pin_seed(0, secret=True)
+    path = wd.file(seeds.SECRET_SEED_FILE)
+    assert first in seeds.SECRET_SEEDS, f"not a 64-bit secret seed: {first}"
+    stored = json.loads(path.read_text())
+    assert stored["seed"] == first and "Never share" in stored["note"], stored
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, "only its owner may read the secret"
+    wd.pin_config(_Config(seed=first, secret_seed=True), resuming=False)
+    assert Workdir(tmp_path).pin_seed(0, secret=True) == first, (
+        "a resume or rerun must read the seed back, never draw another")
+
+
+def test_pin_seed_returns_the_given_seed_without_secret(tmp_path):
+    assert Workdir(tmp_path).pin_seed(7, secret=False) == 7
+    assert not (tmp_path / seeds.SECRET_SEED_FILE).exists(), "no secret file without the flag"
+
+
+def test_pin_seed_refuses_the_flag_where_a_run_started_without_it(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_config(_Config(seed=3), resuming=False)
+    with pytest.raises(ConfigError, match="no secret_seed.json") as error:
+        wd.pin_seed(0, secret=True)
+    assert error.value.field == "secret_seed", error.value.field
+    assert not wd.file(seeds.SECRET_SEED_FILE).exists(), (
+        "a refused run must not leave a secret that would then refuse reruns without the flag")
+
+
+def test_pin_seed_refuses_a_rerun_without_the_flag_of_a_secret_run(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.pin_seed(0, secret=True)
+    with pytest.raises(ConfigError, match="--secret_seed") as error:
+        wd.pin_seed(0, secret=False)
+    assert error.value.field == "secret_seed", (
+        f"a rerun without the flag would draw other noise: it must be refused naming it: "
+        f"{error.value}")
+
+
+def test_an_unreadable_secret_seed_json_is_a_config_error_naming_the_workdir(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.file(seeds.SECRET_SEED_FILE).write_text('{"seed": 5}')  # a 32-bit seed: not drawn here
+    with pytest.raises(ConfigError, match="unreadable") as error:
+        wd.pin_seed(0, secret=True)
+    assert error.value.field == "workdir", error.value.field
+
+
+def test_a_refused_run_removes_its_secret_with_the_workdir_it_created(tmp_path):
+    wd = Workdir(tmp_path / "run")
+    wd.pin_seed(0, secret=True)
+    assert workdir_lib.remove_if_unused(wd.path), (
+        "a secret drawn by a run refused before it used it is setup, like config.json")
 
 
 def test_group_seeds_of_a_64_bit_seed_keep_64_bits_and_of_a_32_bit_one_stay_as_they_were():

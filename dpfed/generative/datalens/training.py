@@ -110,6 +110,7 @@ class DataLensConfig:
     generator_output: str = "sigmoid"
     teacher_chunk: int = 4
     seed: int = 0
+    secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 10
     checkpoint_every: int = 20
     num_synthetic: int = 10000
@@ -362,8 +363,8 @@ class DataLens:
 # compiled DataLens (`build`).
 _RUN_FIELDS = (
     "dataset", "partition", "d_steps", "pretrain_steps", "real_batch", "steps",
-    "target_epsilon", "delta", "seed", "eval_every", "checkpoint_every", "num_synthetic",
-    "data_dir",
+    "target_epsilon", "delta", "seed", "secret_seed", "eval_every", "checkpoint_every",
+    "num_synthetic", "data_dir",
 )
 
 
@@ -570,8 +571,8 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "params_sha256": params_sha256(gen_params),
         "diverged": divergence.diverged(gen_params, records[-1] if records else {}),
         **clock.summary(),
-        "flags": dataclasses.asdict(config),
-        "seed": config.seed,
+        "flags": seeds.public_fields(dataclasses.asdict(config)),
+        "seed": seeds.public(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)
@@ -630,7 +631,7 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         f"sigma {config.sigma:g}, beta {config.beta:g}, "
         f"b {config.grad_bound:g}\n"
         f"- generator: {summary['steps']} steps of {config.batch_size} samples, Adam "
-        f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {config.seed}\n"
+        f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {seeds.public(config)}\n"
         f"- wall time: {run_clock.describe(summary)}\n"
         f"- generator params sha256: `{summary['params_sha256']}`\n"
         f"{divergence.report_line(summary)}\n"
