@@ -306,10 +306,10 @@ def run(main: Callable[[list[str]], Any]) -> NoReturn:
     binary with a `--workdir` flag first locks it (in a multi-host job process 0 does,
     for the job, once `main` initialises it: `define_distributed_flags`): a second run
     on the same workdir exits 2 naming the flag while the first is running. A refused
-    run leaves no workdir behind that it created and wrote nothing into but its lock
-    and config (`workdir.remove_if_unused`). A run preempted by SIGTERM in its training
-    loop, once that loop saved its checkpoint (`preemption`), exits with code 143 and one
-    stderr line.
+    run leaves no workdir behind that it created and wrote nothing into but its lock,
+    config and secret seed (`workdir.remove_if_unused`). A run preempted by SIGTERM in its
+    training loop, once that loop saved its checkpoint (`preemption`), exits with code 143
+    and one stderr line.
     """
 
     def main_reporting_flag_errors(argv: list[str]) -> Any:

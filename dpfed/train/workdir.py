@@ -281,8 +281,8 @@ _RUN_FILES = (CONFIG_FILE, METRICS_FILE, LEDGER_FILE, SUMMARY_FILE, "checkpoints
 
 def remove_if_unused(path: str | os.PathLike, up_to: str | os.PathLike | None = None) -> bool:
     """Removes the workdir tree `path` if it holds no file but locks and pins (configs,
-    data digests), then its parents up to `up_to` (an ancestor or `path` itself) while
-    they are empty.
+    data digests, a secret seed), then its parents up to `up_to` (an ancestor or `path`
+    itself) while they are empty.
 
     For a run refused for a bad flag in a workdir it created (`dpfed.train.cli.run`): it
     leaves nothing behind. A tree holding any other file (metrics, a ledger, a
