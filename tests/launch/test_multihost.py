@@ -381,6 +381,24 @@ def test_two_processes_match_one_process_on_as_many_devices(two_process_job):
         "the same model up to float rounding (cross-process sums add in another order)")
 
 
+@_TWO_PROCESS_JOB
+def test_every_process_of_a_job_uses_the_secret_seed_process_0_wrote(tmp_path):
+    # Every process reaches `Workdir.pin_seed`; process 0 alone writes its draw, which all
+    # read back. Each using its own draw, they would noise and sample with other keys.
+    job, one = tmp_path / "job", tmp_path / "one"
+    result = _run_local_job(tmp_path / "logs", "--num_processes=2", "--devices_per_process=1",
+                            *LOCAL_JOB, "--rounds=2", "--secret_seed", f"--workdir={job}")
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    one.mkdir()
+    (one / "secret_seed.json").write_bytes((job / "secret_seed.json").read_bytes())
+    run_binary(*LOCAL_JOB, "--rounds=2", "--secret_seed", f"--workdir={one}",
+               env=cpu_devices_env(2))
+    two, single = (json.loads((w / "summary.json").read_text()) for w in (job, one))
+    assert two["seed"] == single["seed"] == "secret", "the summaries must not show the seed"
+    assert two["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4), (
+        "the job must train as one process with the secret seed in secret_seed.json")
+
+
 # The other binaries with --distributed, tiny (as in their own tests).
 OTHER_BINARIES = {
     "datalens": [
