@@ -223,9 +223,9 @@ def _install(tracer: _Tracer) -> None:
 
     write = workdir.atomic_write_local_bytes
 
-    def traced_write(path: pathlib.Path, payload: bytes) -> None:
+    def traced_write(path: pathlib.Path, payload: bytes, mode: int | None = None) -> None:
         tracer.point("file", path)
-        write(path, payload)
+        write(path, payload, mode)
 
     append = workdir.Workdir._append  # noqa: SLF001 -- the write it wraps.
 
