@@ -7,12 +7,15 @@ test_flagfiles.py`, and by hand on a document's commands).
 prints one JSON line: for each command line, "ok" where `main` reached its trainer (the
 flags parse, pass the binary's checks, `cli.refuse_unused` included, and build its
 config), else the one-line error the binary would exit 2 with. Commands need no
-`--workdir` (a dummy one is added, never created: the trainer does not run).
+`--workdir` (a temporary folder each is added, removed at the end: the trainer does not
+run, but reading the seed, `cli.seed_fields`, opens the workdir).
 """
 
 import importlib
 import json
+import pathlib
 import sys
+import tempfile
 
 from absl import flags
 
@@ -27,7 +30,6 @@ TRAINERS = (
     ("dpfed.generative.dpd_fvae", "train"),
     ("dpfed.generative.datalens", "train"),
 )
-_WORKDIR = "/nonexistent/flag_dry_run"
 
 
 class _ReachedTrainerError(Exception):
@@ -44,16 +46,18 @@ def dry_run(module: str, commands: list[list[str]]) -> list[str]:
         setattr(importlib.import_module(name), attribute, _stop)
     binary = importlib.import_module(module)
     results = []
-    for args in commands:
-        flags.FLAGS.unparse_flags()
-        try:
-            argv = flags.FLAGS([module, *args, f"--workdir={_WORKDIR}"])
-            binary.main(argv)
-            results.append("main returned without reaching its trainer")
-        except _ReachedTrainerError:
-            results.append("ok")
-        except (cli.FlagError, flags.Error) as error:
-            results.append(str(error))
+    with tempfile.TemporaryDirectory(prefix="flag_dry_run.") as scratch:
+        for number, args in enumerate(commands):
+            workdir = pathlib.Path(scratch) / str(number)  # one each: no run sees another's
+            flags.FLAGS.unparse_flags()
+            try:
+                argv = flags.FLAGS([module, *args, f"--workdir={workdir}"])
+                binary.main(argv)
+                results.append("main returned without reaching its trainer")
+            except _ReachedTrainerError:
+                results.append("ok")
+            except (cli.FlagError, flags.Error) as error:
+                results.append(str(error))
     return results
 
 
