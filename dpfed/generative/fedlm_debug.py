@@ -462,8 +462,8 @@ Unit: one **user** (client). Only each client's clipped LM delta leaves it, nois
 {config.hidden}, embedding {config.embed_dim}; {config.local_steps} local steps of
 {config.local_batch_size} sequences of {config.seq_len} chars (SGD lr
 {config.client_learning_rate:g}), server SGD with momentum 0.9 (lr
-{config.server_learning_rate:g}); seed {seeds.public(config)}; wall time
-{run_clock.describe(summary)}.
+{config.server_learning_rate:g}); seed {seeds.public(config)};
+wall time {run_clock.describe(summary)}.
 The paper trained a DP federated RNN on the suspicious users and showed that its generated
 tokens exposed the tokenization bug, compared with a model of healthy users (PAPERS.md: no
 number of theirs is quoted here).
