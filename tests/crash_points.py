@@ -18,7 +18,9 @@ The same command is then run again on the workdir, and `check_crashed`,
       (the noised group sizes: `group_sizes.noisy_group_sizes`);
   (c) the rerun ends with the uninterrupted run's files: ledgers, metrics and
       diagnostics records, summaries (wall times aside), model files and samples byte
-      for byte (`assert_same_workdir`).
+      for byte (`assert_same_workdir`);
+  (d) in a `--secret_seed` mode, no file but secret_seed.json ever holds the secret
+      seed (`assert_secret_kept`).
 
 As a script it sweeps every write point of one binary's mode (WORKSPACE.md, "Crash
 points"), or, with `--double=K`, every write of the rerun of a run killed at K:
@@ -72,12 +74,17 @@ class Binary:
         ("" for the workdir itself).
       prepared: a binary whose finished workdir each run of this one starts from (the
         evaluation binary's: a trained generator), made once per process and copied.
+      secret: with `--secret_seed` among `flags`, the secret seed each new workdir starts
+        with in its secret_seed.json (written here, as a fresh run's first write would
+        write a drawn one), so the uninterrupted run and every killed run draw the same
+        noise; (d) no other file ever holds its digits (`assert_secret_kept`).
     """
 
     module: str
     flags: tuple[str, ...]
     models: tuple[str, ...]
     prepared: "Binary | None" = None
+    secret: int | None = None
 
     def args(self, workdir: pathlib.Path) -> list[str]:
         """Its flags for `workdir` (`{workdir}` in a flag replaced by it)."""
@@ -128,6 +135,9 @@ _DATALENS_TINY = (
 # finished workdir.
 _EVALUATE_SMALL = ("--num_samples=200", "--max_epochs=1", "--extractor_steps=10",
                    "--models=logreg", "--cache_dir={workdir}/extractor_cache")
+# The secret seed of the `--secret_seed` modes: 64 bits (the largest 64-bit prime), 20
+# digits that no other number a run writes is likely to hold.
+SECRET = 2**64 - 59
 
 BINARIES: dict[str, dict[str, Binary]] = {
     "fedgan_debug": {
@@ -139,6 +149,10 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "group": Binary("experiments.fedlm_debug", _FEDLM_TINY, ("lm_high_oov", "lm_low_oov")),
         "population": Binary("experiments.fedlm_debug", (*_FEDLM_TINY, *_POPULATION),
                              ("lm_high_oov", "lm_low_oov")),
+        # The groups' seeds and the noised group sizes derived from a 64-bit secret.
+        "population_secret": Binary(
+            "experiments.fedlm_debug", (*_FEDLM_TINY, *_POPULATION, "--secret_seed"),
+            ("lm_high_oov", "lm_low_oov"), secret=SECRET),
     },
     "dpd_fvae": {
         "central": Binary("experiments.dpd_fvae", (
@@ -149,6 +163,8 @@ BINARIES: dict[str, dict[str, Binary]] = {
     },
     "dpsgd_classifier": {
         "default": Binary("experiments.dpsgd_classifier", _DPSGD_TINY, ("",)),
+        "secret": Binary("experiments.dpsgd_classifier", (*_DPSGD_TINY, "--secret_seed"),
+                         ("",), secret=SECRET),
     },
     "fedavg_classifier": {
         "poisson": Binary("experiments.fedavg_classifier", _FEDAVG_TINY, ("",)),
@@ -300,8 +316,17 @@ _PREPARED: dict[Binary, pathlib.Path] = {}
 
 def _start_from(binary: Binary, workdir: pathlib.Path) -> None:
     """A new `workdir` of `binary`: a copy of its prepared binary's finished workdir, if
-    it has one (made on first use); an existing one is left as it is (a rerun's)."""
-    if binary.prepared is None or workdir.exists():
+    it has one (made on first use), holding its `secret` seed, if it has one; an
+    existing one is left as it is (a rerun's)."""
+    if workdir.exists():
+        return
+    if binary.secret is not None:
+        from dpfed.train import seeds  # Imports jax: after `_use_the_tests_settings`.
+
+        workdir.mkdir(parents=True)
+        workdir.joinpath(seeds.SECRET_SEED_FILE).write_text(
+            json.dumps({"seed": binary.secret, "note": seeds.SECRET_SEED_NOTE}))
+    if binary.prepared is None:
         return
     if binary.prepared not in _PREPARED:
         prepared = pathlib.Path(tempfile.mkdtemp(prefix="crash_points-prepared-")) / "whole"
@@ -473,6 +498,22 @@ def assert_same_workdir(whole: pathlib.Path, resumed: pathlib.Path) -> None:
         assert same, f"{name} differs from the uninterrupted run's"
 
 
+def assert_secret_kept(binary: Binary, workdir: pathlib.Path) -> None:
+    """(d): with a `secret` seed, no file of `workdir` but secret_seed.json holds its
+    digits (checkpoints included: anyone holding the seed can subtract the noise)."""
+    if binary.secret is None:
+        return
+    digits = str(binary.secret).encode()
+    leaking = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
+                     if p.is_file() and p.name != "secret_seed.json" and digits in p.read_bytes())
+    assert not leaking, f"the secret seed is written in {leaking}"
+
+
+def held(binary: Binary) -> str:
+    """The checks a run of `binary` passes: (a)-(c), and (d) in a secret mode."""
+    return "(a)-(d)" if binary.secret is not None else "(a)-(c)"
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """One crash point: where the run was killed (the rerun, in a double crash), how long
@@ -494,6 +535,7 @@ def crash_and_rerun(
     crashed = run(binary, workdir, kill_at)
     expect_killed(crashed, kill_at)
     check_crashed(binary, workdir, whole)
+    assert_secret_kept(binary, workdir)
     point = crashed.points[-1]
     if rerun_kill_at:
         sizes = (workdir / "group_sizes.json").exists()
@@ -507,6 +549,7 @@ def crash_and_rerun(
     expect_finished(rerun, "the rerun")
     assert not (sizes and rerun.draws), "the rerun drew the released group sizes again"
     assert_same_workdir(whole, workdir)
+    assert_secret_kept(binary, workdir)
     return Outcome(point, time.time() - start, len(rerun.points))
 
 
@@ -515,6 +558,7 @@ def uninterrupted(binary: Binary, workdir: pathlib.Path) -> Run:
     write points."""
     result = run(binary, workdir)
     expect_finished(result, "the uninterrupted run")
+    assert_secret_kept(binary, workdir)
     return result
 
 
@@ -548,7 +592,7 @@ def sweep(
                    else crash_and_rerun(binary, whole, workdir, k))
         outcomes.append(outcome)
         what = f"killed at {double}, its rerun at {k}" if double else f"point {k}"
-        report(f"{what} ({outcome.point['kind']} {outcome.point['path']}): (a)-(c) held, "
+        report(f"{what} ({outcome.point['kind']} {outcome.point['path']}): {held(binary)} held, "
                f"{outcome.seconds:.1f} s")
         shutil.rmtree(workdir)
     return outcomes
@@ -613,8 +657,9 @@ def sigkill(
         rerun = run(binary, workdir)
         expect_finished(rerun, "the rerun")
         assert_same_workdir(whole, workdir)
+        assert_secret_kept(binary, workdir)
         report(f"kill {i} at {at:.1f} s ({'running' if running else 'already ended'}, "
-               f"{len(left)} files left): (a)-(c) held, {time.time() - start:.1f} s")
+               f"{len(left)} files left): {held(binary)} held, {time.time() - start:.1f} s")
         shutil.rmtree(workdir)
     return killed
 
@@ -642,11 +687,11 @@ def _main(argv: list[str]) -> None:
     mode = args.mode or next(iter(modes))
     if args.sigkill:
         killed = sigkill(binary, scratch, args.sigkill, args.seed)
-        print(f"{args.binary} {mode}: (a)-(c) held after {args.sigkill} SIGKILLs ({killed} "
+        print(f"{args.binary} {mode}: {held(binary)} held after {args.sigkill} SIGKILLs ({killed} "
               f"while running), {time.time() - start:.0f} s")
         return
     outcomes = sweep(binary, scratch, points, args.double)
-    print(f"{args.binary} {mode}: (a)-(c) held at {len(outcomes)} points, "
+    print(f"{args.binary} {mode}: {held(binary)} held at {len(outcomes)} points, "
           f"{time.time() - start:.0f} s")
 
 

@@ -139,6 +139,9 @@ _RISKY = {
         ("metrics.jsonl", 2, "append"),  # step 2's ledger written, not its record
         ("summary.json", 1, "file"),  # the final ledger (with PLD) written, no summary
     ],
+    ("dpsgd_classifier", "secret"): [
+        ("summary.json", 1, "file"),  # released under the secret seed, not yet summarised
+    ],
     ("fedavg_classifier", "adaptive"): [
         # round 1's record and diagnostics logged, its checkpoint (the clip norm) not in place
         ("checkpoints/1", 1, "checkpoint-rename"),
@@ -277,3 +280,25 @@ def test_sigkill_draws_its_times_within_the_binarys_run_not_its_preparation(
     monkeypatch.setattr(crash_points, "assert_same_workdir", lambda *args: None)
     crash_points.sigkill(_GAN, tmp_path, count=5, report=lambda _: None)
     assert len(kill_times) == 5 and max(kill_times) < 0.25, kill_times
+
+
+def test_a_secret_mode_starts_each_new_workdir_with_its_secret_seed(tmp_path):
+    binary = crash_points.BINARIES["dpsgd_classifier"]["secret"]
+    crash_points._start_from(binary, tmp_path / "new")  # noqa: SLF001
+    stored = json.loads((tmp_path / "new" / "secret_seed.json").read_text())
+    assert stored["seed"] == binary.secret == crash_points.SECRET, (
+        f"each run of a secret mode must draw from the one secret seed: {stored}")
+    (tmp_path / "rerun").mkdir()
+    crash_points._start_from(binary, tmp_path / "rerun")  # noqa: SLF001
+    assert not (tmp_path / "rerun" / "secret_seed.json").exists(), (
+        "a rerun's workdir is left as the killed run left it")
+
+
+def test_a_secret_seed_written_anywhere_else_fails_d(tmp_path):
+    binary = crash_points.BINARIES["dpsgd_classifier"]["secret"]
+    crash_points._start_from(binary, tmp_path / "w")  # noqa: SLF001
+    _write(tmp_path / "w" / "summary.json", {"seed": "secret"})
+    crash_points.assert_secret_kept(binary, tmp_path / "w")  # the seed's own file only
+    _write(tmp_path / "w" / "checkpoints" / "1" / "extra.json", {"seed": binary.secret})
+    with pytest.raises(AssertionError, match="checkpoints/1/extra.json"):
+        crash_points.assert_secret_kept(binary, tmp_path / "w")
