@@ -351,8 +351,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         "params_sha256": params_sha256(result.state.params),
         "diverged": result.diverged,
         **result.clock.summary(),
-        "flags": seeds.public_fields(dataclasses.asdict(config)),
-        "seed": seeds.public(config),
+        **seeds.summary_fields(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)

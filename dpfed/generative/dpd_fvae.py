@@ -884,9 +884,8 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         "decoder_sha256": params_sha256(decoder_params),
         "diverged": result.diverged,
         "model": model_json(trainer),
-        "flags": seeds.public_fields(dataclasses.asdict(config)),
         **result.clock.summary(),
-        "seed": seeds.public(config),
+        **seeds.summary_fields(config),
         "environment": environment_info(),
     }
     if diagnostics is not None:

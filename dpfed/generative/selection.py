@@ -482,8 +482,7 @@ def summary_fields(
         "thresholds_from_quantiles": not thresholds_given,
         "num_clients": num_clients,
         **demo_fields(results, started),
-        "flags": seeds.public_fields(dataclasses.asdict(config)),
-        "seed": seeds.public(config),
+        **seeds.summary_fields(config),
         "environment": environment_info(),
     }
 

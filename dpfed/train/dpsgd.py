@@ -434,8 +434,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         "params_sha256": params_sha256(state["params"]),
         "diverged": divergence.diverged(state["params"], {"test_loss": loss}),
         **clock.summary(),
-        "flags": seeds.public_fields(dataclasses.asdict(config)),
-        "seed": seeds.public(config),
+        **seeds.summary_fields(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)

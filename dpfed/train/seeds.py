@@ -10,6 +10,7 @@ the workdir's `secret_seed.json` (never to be shared: `Workdir.pin_seed`), and e
 a run writes besides shows the string "secret" in its place (`public`, `public_fields`).
 """
 
+import dataclasses
 import secrets
 from typing import Any
 
@@ -69,6 +70,17 @@ def public_fields(fields: dict) -> dict:
     if fields.get("secret_seed"):
         return {**fields, "seed": SECRET}
     return {name: value for name, value in fields.items() if name != "secret_seed"}
+
+
+def public_config(config: Any) -> dict:
+    """A run's config dataclass as config.json and its summary's `flags` show it
+    (`public_fields` of its fields)."""
+    return public_fields(dataclasses.asdict(config))
+
+
+def summary_fields(config: Any) -> dict:
+    """A trainer summary's `flags` and `seed` of its `config`, as a release shows them."""
+    return {"flags": public_config(config), "seed": public(config)}
 
 
 def evaluation_seed(config: Any) -> int:

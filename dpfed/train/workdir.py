@@ -422,7 +422,7 @@ class Workdir:
           ConfigError: as `check_config`.
         """
         self.check_config(config, resuming, resumable)
-        self.write_json(CONFIG_FILE, seeds.public_fields(dataclasses.asdict(config)))
+        self.write_json(CONFIG_FILE, seeds.public_config(config))
 
     def check_config(
         self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS,
@@ -430,7 +430,7 @@ class Workdir:
     ) -> None:
         """On a resume, checks the run's config (a dataclass) against config.json.
 
-        Both as config.json holds them (`seeds.public_fields`): a secret seed is "secret",
+        Both as config.json holds them (`seeds.public_config`): a secret seed is "secret",
         so a run started with `--secret_seed` resumes with it, and without it is refused.
 
         Raises:
@@ -442,7 +442,7 @@ class Workdir:
             flags they were made with, so a copied checkpoints/ would continue under any
             flags). Otherwise a workdir from before config.json existed passes.
         """
-        current = loads(dumps(seeds.public_fields(dataclasses.asdict(config))))
+        current = loads(dumps(seeds.public_config(config)))
         path = self.file(CONFIG_FILE)
         if resuming and required and not path.exists():
             raise ConfigError(

@@ -81,6 +81,15 @@ def test_public_fields_hide_a_secret_seed_and_leave_a_public_config_as_before():
         f"{public}")
 
 
+def test_a_summary_shows_the_flags_and_seed_as_config_json_does():
+    secret = seeds.summary_fields(_Config(seed=2**40, secret_seed=True))
+    assert secret == {"flags": {"steps": 10, "seed": "secret", "secret_seed": True},
+                      "seed": "secret"}, f"a summary must never show a secret seed: {secret}"
+    public = seeds.summary_fields(_Config(seed=3))
+    assert public == {"flags": {"steps": 10, "seed": 3}, "seed": 3}, (
+        f"without the flag a summary must be as before it existed: {public}")
+
+
 def test_evaluation_seed_of_a_secret_run_is_public():
     assert seeds.evaluation_seed(_Config(seed=4)) == 4, "a public run evaluates with its seed"
     assert seeds.evaluation_seed(_Config(seed=2**40 + 4, secret_seed=True)) == 0, (

@@ -571,8 +571,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         "params_sha256": params_sha256(gen_params),
         "diverged": divergence.diverged(gen_params, records[-1] if records else {}),
         **clock.summary(),
-        "flags": seeds.public_fields(dataclasses.asdict(config)),
-        "seed": seeds.public(config),
+        **seeds.summary_fields(config),
         "environment": environment_info(),
     }
     wd.write_summary(summary)
