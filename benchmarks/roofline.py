@@ -16,6 +16,7 @@ teacher's step).
 
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,15 @@ def cpu_flops(fn, *args) -> float | None:
     return xla_flops(jax.jit(fn).lower(*jax.device_put(args, cpu)).compile())
 
 
-def matmul_flops_per_second(sizes: tuple[int, ...] | None = None, repeats: int = 5) -> float:
-    """The best rate of a jitted float32 n x n matmul over `sizes` (median of `repeats`).
+def matmul_flops_per_second(
+    sizes: tuple[int, ...] | None = None, repeats: int = 5, dtype: Any = jnp.float32
+) -> float:
+    """The best rate of a jitted n x n matmul of `dtype` over `sizes` (median of `repeats`).
 
     Default sizes: 1024 and 2048 on a CPU, 4096 and 8192 on an accelerator (which a small
-    matmul leaves idle).
+    matmul leaves idle). The ceilings use float32, the dtype of every model here; `python
+    -m benchmarks.roofline` prints bfloat16's rate beside it, i.e. whether this machine
+    would run a bfloat16 model's products faster.
     """
     if sizes is None:
         sizes = (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
@@ -56,7 +61,7 @@ def matmul_flops_per_second(sizes: tuple[int, ...] | None = None, repeats: int =
     matmul = jax.jit(jnp.matmul)
     best = 0.0
     for n in sizes:
-        a = jax.random.normal(jax.random.key(n), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.key(n), (n, n), dtype)
         jax.block_until_ready(matmul(a, a))  # compile
         times = []
         for _ in range(repeats):
@@ -74,3 +79,21 @@ def ceiling(baseline_seconds: float, flops: float, flops_per_second: float) -> f
             f"need positive seconds, flops and rate, got {baseline_seconds}, {flops}, "
             f"{flops_per_second}")
     return baseline_seconds * flops_per_second / flops
+
+
+def main() -> None:
+    """Prints the best matmul rate of float32 and of bfloat16, measured alternately."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    rates: dict[str, list[float]] = {name: [] for name in dtypes}
+    for _ in range(3):
+        for name, dtype in dtypes.items():
+            rates[name].append(matmul_flops_per_second(dtype=dtype))
+    print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}")
+    for name, rate in rates.items():
+        ratio = statistics.median(rate) / statistics.median(rates["float32"])
+        print(f"{name:>8}: {statistics.median(rate) / 1e9:8.1f} GFLOP/s "
+              f"(median of 3 alternating runs; {ratio:.2f}x float32)")
+
+
+if __name__ == "__main__":
+    main()

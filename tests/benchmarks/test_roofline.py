@@ -86,3 +86,17 @@ def test_matmul_rate_is_the_best_over_sizes_not_the_last(monkeypatch):
     _fake_clock(monkeypatch, [0.5, 0.5])  # the first size (8) is the faster
     rate = roofline.matmul_flops_per_second(sizes=(8, 4), repeats=1)
     assert rate == pytest.approx(2 * 8**3 / 0.5), f"the best rate over sizes expected, got {rate}"
+
+
+def test_matmul_rate_runs_the_dtype_asked_for(monkeypatch):
+    seen = []
+    real_jit = roofline.jax.jit
+
+    def recording_jit(fn):
+        compiled = real_jit(fn)
+        return lambda a, b: seen.append(a.dtype) or compiled(a, b)
+
+    monkeypatch.setattr(roofline.jax, "jit", recording_jit)
+    roofline.matmul_flops_per_second(sizes=(4,), repeats=1, dtype=roofline.jnp.bfloat16)
+    assert seen and all(d == roofline.jnp.bfloat16 for d in seen), (
+        f"a bfloat16 rate must time bfloat16 products, timed {seen}")
