@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpfed.models.output import output
 from dpfed.train.config import require
 
 
@@ -90,9 +91,7 @@ def _train_epoch(
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _predict(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    logits: jax.Array = model.apply(params, images)  # type: ignore[assignment]
+    logits: jax.Array = output(model, params, images)
     return jnp.argmax(logits, axis=-1)
 
 

@@ -31,6 +31,7 @@ trained on another population.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import time
@@ -50,6 +51,7 @@ from dpfed.federated import AdaptiveClipping, describe_user_level_privacy
 from dpfed.federated.aggregation import PrivateAggregator
 from dpfed.generative import fedgan, group_sizes, polarity, selection, wgan_gp
 from dpfed.models import gan
+from dpfed.models.output import output
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError, require, require_finite_floats
@@ -398,11 +400,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         model, params, fed.healthy_images, fed.healthy_labels
     )
     clients = fed.clients
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
     accuracies = selection.client_accuracies(
-        model.apply, params, clients.images, clients.labels, clients.counts  # type: ignore[arg-type]
-    )
+        functools.partial(output, model), params, clients.images, clients.labels,
+        clients.counts)
     groups = selection.split_clients(
         accuracies, eligible=clients.counts > 0, **selection.split_settings(config))
     log(

@@ -32,6 +32,7 @@ import optax
 from dpfed.federated import client_data
 from dpfed.federated.local import masked_mean
 from dpfed.models import gan
+from dpfed.models.output import output
 from dpfed.train.config import require_finite_floats
 
 PyTree = Any
@@ -111,9 +112,7 @@ def gradient_penalty(
     interpolates = alpha * real + (1.0 - alpha) * fake
 
     def score_sum(x: jax.Array) -> jax.Array:
-        # flax types `apply` as output | (output, state) whatever `mutable` says
-        # (google/flax#4779).
-        scores: jax.Array = d_model.apply(d_params, x)  # type: ignore[assignment]
+        scores: jax.Array = output(d_model, d_params, x)
         return jnp.sum(scores)
 
     grads = jax.grad(score_sum)(interpolates)
@@ -131,10 +130,8 @@ def discriminator_loss(
     gp_weight: float = GP_WEIGHT,
 ) -> jax.Array:
     """WGAN-GP critic loss: E[D(fake)] - E[D(real)] + gp_weight * penalty (masked rows)."""
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    score_real: jax.Array = d_model.apply(d_params, real)  # type: ignore[assignment]
-    score_fake: jax.Array = d_model.apply(d_params, fake)  # type: ignore[assignment]
+    score_real: jax.Array = output(d_model, d_params, real)
+    score_fake: jax.Array = output(d_model, d_params, fake)
     penalty = gradient_penalty(d_model, d_params, real, fake, mask, key)
     return masked_mean(score_fake, mask) - masked_mean(score_real, mask) + gp_weight * penalty
 
@@ -154,9 +151,7 @@ def generator_loss(
         train=True,
         mutable=["batch_stats"],
     )
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    scores: jax.Array = d_model.apply(d_params, fake)  # type: ignore[assignment]
+    scores: jax.Array = output(d_model, d_params, fake)
     return -jnp.mean(scores), updates["batch_stats"]
 
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from dpfed.models import layers
+from dpfed.models.output import output
 
 NOISE_DIM = 128
 IMAGE_SHAPE = (28, 28, 1)
@@ -231,8 +232,6 @@ def generate(
     `train=True` with the statistics of this batch of noise.
     """
     if not train:
-        # flax types `apply` as output | (output, state) whatever `mutable` says
-        # (google/flax#4779).
-        return model.apply(variables, noise, train=False)  # type: ignore[return-value]
+        return output(model, variables, noise, train=False)
     images, _ = model.apply(variables, noise, train=True, mutable=["batch_stats"])
     return images

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dpfed.models.layers import Conv
+from dpfed.models.output import output
 
 PyTree = Any
 
@@ -119,15 +120,10 @@ def example_losses(
 
     `noise` `[N, latent]` ~ N(0, I) is the reparameterisation noise: z = mu + sigma * noise.
     """
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    stats: tuple[jax.Array, jax.Array] = encoder.apply(  # type: ignore[assignment]
-        encoder_params, images, labels)
+    stats: tuple[jax.Array, jax.Array] = output(encoder, encoder_params, images, labels)
     mu, logvar = stats
     z = mu + jnp.exp(0.5 * logvar) * noise
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    recon: jax.Array = decoder.apply(decoder_params, z, labels)  # type: ignore[assignment]
+    recon: jax.Array = output(decoder, decoder_params, z, labels)
     squared_error = jnp.sum(jnp.square(recon - images).reshape((images.shape[0], -1)), axis=-1)
     kl = kl_to_standard_normal(mu, logvar)
     return squared_error + beta * kl, squared_error, kl
@@ -138,6 +134,4 @@ def generate(
 ) -> jax.Array:
     """Images for `labels` `[N]` from z ~ N(0, I): float32 `[N, H, W, C]` in [0, 1]."""
     z = jax.random.normal(key, (labels.shape[0], latent_dim))
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    return decoder.apply(decoder_params, z, labels)  # type: ignore[return-value]
+    return output(decoder, decoder_params, z, labels)

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dpfed.generative.datalens.topagg import TopAgg
+from dpfed.models.output import output
 
 PyTree = Any
 MESH_AXIS = "clients"
@@ -42,10 +43,7 @@ def generator_loss(
     discriminator: nn.Module, params: PyTree, images: jax.Array, labels: jax.Array
 ) -> jax.Array:
     """Per-sample non-saturating generator loss softplus(-D(x, y)) = -log sigmoid(D), [B]."""
-    # flax types `apply` as output | (output, state) whatever `mutable` says
-    # (google/flax#4779).
-    scores: jax.Array = discriminator.apply(  # type: ignore[assignment]
-        params, images, labels)
+    scores: jax.Array = output(discriminator, params, images, labels)
     return jax.nn.softplus(-scores)
 
 
