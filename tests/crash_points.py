@@ -13,7 +13,8 @@ The same command is then run again on the workdir, and `check_crashed`,
 `crash_and_rerun` and `assert_same_workdir` judge:
 
   (a) after the kill, every released file (metrics records, model files, samples,
-      summaries, report, group sizes) is counted by a ledger present;
+      summaries, report, group sizes) is counted by a ledger present; a model without
+      one (a `--nodp` run's) states no eps and writes no ledger;
   (b) the rerun exits 0 (never refused) and draws no release again that is on disk
       (the noised group sizes: `group_sizes.noisy_group_sizes`);
   (c) the rerun ends with the uninterrupted run's files: ledgers, metrics and
@@ -122,6 +123,13 @@ _DPSGD_TINY = ("--model=logreg", "--steps=2", "--batch_size=64", "--noise_multip
 _FEDAVG_TINY = ("--model=logreg", "--local_steps=2", "--local_batch_size=10",
                 "--num_clients=20", "--clients_per_round=5", "--rounds=2",
                 "--noise_multiplier=1.0", "--eval_every=1", "--checkpoint_every=1")
+
+
+def _no_noise(tiny: tuple[str, ...]) -> tuple[str, ...]:
+    """`tiny`'s flags without `--noise_multiplier` (for a target eps or `--nodp`)."""
+    return tuple(f for f in tiny if not f.startswith("--noise_multiplier="))
+
+
 # tests/experiments/test_datalens.py's TINY: 2 generator steps.
 _DATALENS_TINY = (
     "--dataset=digits", "--num_teachers=12", "--topk=6", "--sigma=30", "--beta=0.3",
@@ -138,6 +146,9 @@ _EVALUATE_SMALL = ("--num_samples=200", "--max_epochs=1", "--extractor_steps=10"
 # The secret seed of the `--secret_seed` modes: 64 bits (the largest 64-bit prime), 20
 # digits that no other number a run writes is likely to hold.
 SECRET = 2**64 - 59
+
+# The finished DataLens workdir that evaluate's modes start from.
+_DATALENS_DONE = Binary("experiments.datalens", (*_DATALENS_TINY, "--noevaluate"), ("",))
 
 BINARIES: dict[str, dict[str, Binary]] = {
     "fedgan_debug": {
@@ -165,12 +176,24 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "default": Binary("experiments.dpsgd_classifier", _DPSGD_TINY, ("",)),
         "secret": Binary("experiments.dpsgd_classifier", (*_DPSGD_TINY, "--secret_seed"),
                          ("",), secret=SECRET),
+        # The noise calibrated to the target at --steps (on a resume: the checkpoint's kept,
+        # `resume.calibrate_rest`): z 1.050, eps 0.99999 after the 2 steps.
+        "target": Binary("experiments.dpsgd_classifier",
+                         (*_no_noise(_DPSGD_TINY), "--target_epsilon=1"), ("",)),
+        # No ledger: (a) checks that nothing it leaves states an eps.
+        "nodp": Binary("experiments.dpsgd_classifier", (*_no_noise(_DPSGD_TINY), "--nodp"),
+                       ("",)),
     },
     "fedavg_classifier": {
         "poisson": Binary("experiments.fedavg_classifier", _FEDAVG_TINY, ("",)),
         "adaptive": Binary("experiments.fedavg_classifier",
                            (*_FEDAVG_TINY, "--adaptive_clipping", "--clipped_count_stddev=2"),
                            ("",)),
+        # Cohorts of exactly --clients_per_round (replace-one accounting).
+        "fixed": Binary("experiments.fedavg_classifier", (*_FEDAVG_TINY, "--sampling=fixed"),
+                        ("",)),
+        "nodp": Binary("experiments.fedavg_classifier", (*_no_noise(_FEDAVG_TINY), "--nodp"),
+                       ("",)),
     },
     "datalens": {
         "default": Binary("experiments.datalens", (*_DATALENS_TINY, "--noevaluate"), ("",)),
@@ -182,12 +205,16 @@ BINARIES: dict[str, dict[str, Binary]] = {
             *_DATALENS_TINY, "--noevaluate", "--steps=4", "--target_epsilon=1"), ("",)),
     },
     "evaluate": {
-        "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=Binary(
-            "experiments.datalens", (*_DATALENS_TINY, "--noevaluate"), ("",))),
+        "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=_DATALENS_DONE),
         # A classifier's workdir: its own test accuracy, the curves of its metrics.
         "dpsgd_classifier": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",),
                                    prepared=Binary("experiments.dpsgd_classifier",
                                                    _DPSGD_TINY, ("",))),
+        # --synthetic=FILE: DataLens's released synthetic.npz as a file (not its generator
+        # sampled again), beside that run's ledger.
+        "synthetic": Binary("experiments.evaluate", (
+            *_EVALUATE_SMALL, "--synthetic={workdir}/synthetic.npz"), ("",),
+            prepared=_DATALENS_DONE),
         # The ceiling row: the real train split, in a new workdir (no ledger).
         "real_data": Binary("experiments.evaluate",
                             (*_EVALUATE_SMALL, "--real_data", "--dataset=digits"), ("",)),
@@ -398,11 +425,19 @@ def check_crashed(binary: Binary, workdir: pathlib.Path, whole: pathlib.Path) ->
     each record's); once a model's file, samples or summary exist, its ledger is the
     uninterrupted run's (`whole`) whole ledger; once the workdir's summary, report,
     samples or ground truth exist, every model's is; the noised group sizes exist only
-    beside their ledger.
+    beside their ledger. A model without ledger.json states no eps: neither a metrics
+    record nor its summary.json or eval.json; and one whose uninterrupted run keeps no
+    ledger (`--nodp`, the real data's evaluation) writes none: a non-private run's (a)
+    is that nothing it leaves claims a guarantee.
     """
     for name in binary.models:
         model = workdir / name
         ledger = _ledger(model)
+        if _ledger(whole / name) is None:
+            assert ledger is None, (
+                f"{name or '.'}/ledger.json written, but the uninterrupted run keeps none")
+        if ledger is None:
+            _assert_states_no_eps(name, model)
         for record in _records(model / "metrics.jsonl"):
             eps = _epsilon(record)
             assert eps is None or (ledger is not None and ledger["epsilon_rdp"] >= eps), (
@@ -418,6 +453,19 @@ def check_crashed(binary: Binary, workdir: pathlib.Path, whole: pathlib.Path) ->
         sizes = workdir / "group_sizes_ledger.json"
         assert sizes.exists(), "group_sizes.json released without group_sizes_ledger.json"
         assert len(_read_json(sizes)["events"]) == 1, "the sizes are one release"
+
+
+# The keys in which a model's summary.json and eval.json state its privacy.
+_PRIVACY_KEYS = {"summary.json": ("epsilon_rdp", "epsilon_pld"), "eval.json": ("privacy",)}
+
+
+def _assert_states_no_eps(name: str, model: pathlib.Path) -> None:
+    """The files of `model`, which has no ledger.json, state no privacy guarantee."""
+    for file, keys in _PRIVACY_KEYS.items():
+        path = model / file
+        record = _read_json(path) if path.exists() else {}
+        stated = {k: record[k] for k in keys if record.get(k) is not None}
+        assert not stated, f"{name or '.'}/{file} states {stated} without a ledger.json"
 
 
 def _models_of(binary: Binary, released: str) -> tuple[str, ...]:

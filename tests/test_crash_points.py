@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import re
 import time
 
 import pytest
@@ -75,6 +76,39 @@ def test_group_sizes_without_their_ledger_fail(whole, tmp_path):
     _write(killed / "group_sizes.json", {"noised_sizes": {"low": 3}})
     with pytest.raises(AssertionError, match="without group_sizes_ledger.json"):
         crash_points.check_crashed(_GAN, killed, whole)
+
+
+_NODP = crash_points.BINARIES["dpsgd_classifier"]["nodp"]
+
+
+@pytest.fixture
+def nodp_whole(tmp_path) -> pathlib.Path:
+    """A finished --nodp workdir: records, summary and report, no ledger."""
+    workdir = tmp_path / "nodp_whole"
+    _write(workdir / "metrics.jsonl", '{"step": 1, "epsilon_rdp": null}\n'
+           '{"step": 2, "epsilon_rdp": null}\n')
+    _write(workdir / "summary.json", {"epsilon_rdp": None, "epsilon_pld": None})
+    _write(workdir / "report.md", "# Report\n\nnon-private\n")
+    return workdir
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("ledger.json", _ledger(1, 1.0), "./ledger.json written, but the uninterrupted run keeps"),
+    ("metrics.jsonl", '{"step": 1, "epsilon_rdp": 0.5}\n', "at eps 0.5 that no ledger.json"),
+    ("summary.json", {"epsilon_rdp": None, "epsilon_pld": 0.4}, "summary.json states "
+     "{'epsilon_pld': 0.4} without a ledger.json"),
+    ("eval.json", {"privacy": {"epsilon_rdp": 1.0}}, "eval.json states"),
+])
+def test_a_nodp_run_that_leaves_a_ledger_or_an_eps_fails(nodp_whole, tmp_path, name, content,
+                                                         message):
+    # A --nodp run spends nothing: its (a) is that nothing it leaves claims a guarantee.
+    killed = tmp_path / "killed"
+    _write(killed / "metrics.jsonl", '{"step": 1, "epsilon_rdp": null}\n')
+    _write(killed / "summary.json", {"epsilon_rdp": None, "epsilon_pld": None})
+    crash_points.check_crashed(_NODP, killed, nodp_whole)
+    _write(killed / name, content)
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        crash_points.check_crashed(_NODP, killed, nodp_whole)
 
 
 def test_a_check_reads_a_missing_model_folder_without_creating_it(whole, tmp_path):
