@@ -140,6 +140,8 @@ def unused_flags(config: FedAvgClassifierConfig) -> dict[str, tuple[bool, str]]:
         "target_quantile": (not config.adaptive_clipping, adaptive),
         "clip_learning_rate": (not config.adaptive_clipping, adaptive),
         "conv": (config.model != "cnn", f"with --model={config.model} (no convolutions)"),
+        **dict.fromkeys(("l2_clip", "delta"),
+                        (config.nodp, "with --nodp (nothing is clipped, noised or accounted)")),
     }
 
 

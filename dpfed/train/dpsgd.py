@@ -130,7 +130,8 @@ class DpSgdConfig:
 def unused_flags(config: DpSgdConfig) -> dict[str, tuple[bool, str]]:
     """{flag: (whether `config`'s mode ignores it, why)} for the flags with a default that
     only some modes use (`cli.refuse_unused` refuses them where given and ignored)."""
-    return {"clipping": (config.nodp, "with --nodp (nothing is clipped)")}
+    return dict.fromkeys(("clipping", "l2_clip", "delta"),
+                         (config.nodp, "with --nodp (nothing is clipped, noised or accounted)"))
 
 
 def default_physical_batch(expected: int) -> int:

@@ -96,13 +96,16 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     assert len(lines) == 1 and name in lines[0], f"{flag}: want one line naming {name}: {lines}"
 
 
-def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path):
-    # --clipping did nothing in a --nodp run (cli.refuse_unused, dpsgd.unused_flags).
-    proc = _run("--nodp", "--clipping=fast", f"--workdir={tmp_path}", check=False)
+@pytest.mark.parametrize("flag", ["--clipping=fast", "--l2_clip=2", "--delta=1e-6"])
+def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path, flag):
+    # Each did nothing in a --nodp run (cli.refuse_unused, dpsgd.unused_flags).
+    proc = _run("--nodp", flag, "--model=logreg", "--steps=2", f"--workdir={tmp_path}",
+                check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    name = flag.split("=")[0]
     assert proc.returncode == 2, f"exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
-    assert len(lines) == 1 and lines[0].startswith("error: --clipping") and "--nodp" in lines[0], (
-        f"want one line naming --clipping and --nodp: {lines}")
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}") and "--nodp" in lines[0], (
+        f"want one line naming {name} and --nodp: {lines}")
 
 
 def test_a_target_one_step_already_exceeds_exits_2_before_training(tmp_path):

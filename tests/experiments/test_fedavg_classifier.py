@@ -169,6 +169,28 @@ def test_unused_flags_are_those_the_mode_ignores(settings, ignored, applied):
     assert not table(**applied)[ignored][0], f"--{ignored} takes effect with {applied}"
 
 
+@pytest.mark.parametrize("flag", ["l2_clip", "delta"])
+def test_privacy_flags_are_unused_with_nodp(flag):
+    # A --nodp run clips, noises and accounts nothing (the engine gets no clip, no ledger is
+    # kept): a given --l2_clip or --delta was silently ignored.
+    nodp = classifier.unused_flags(classifier.FedAvgClassifierConfig(nodp=True))
+    private = classifier.unused_flags(classifier.FedAvgClassifierConfig(noise_multiplier=1.0))
+    assert nodp[flag][0], f"--{flag} has no effect with --nodp: {nodp}"
+    assert not private[flag][0], f"--{flag} takes effect in a private run: {private}"
+
+
+def test_a_privacy_flag_with_nodp_exits_2_naming_it(tmp_path):
+    # Small enough that a run which trained instead of refusing ends in seconds.
+    result = run_binary(
+        "experiments.fedavg_classifier", "--nodp", "--delta=1e-6", "--num_clients=20",
+        "--clients_per_round=5", "--rounds=1", *(f"--{k}={v}" for k, v in FAST.items()),
+        f"--workdir={tmp_path / 'w'}", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: --delta") and "--nodp" in lines[0], (
+        f"one line naming --delta and --nodp: {lines}")
+
+
 def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path):
     result = run_binary("experiments.fedavg_classifier", "--partition=iid",
                         "--dirichlet_alpha=0.1", f"--workdir={tmp_path / 'w'}", check=False)

@@ -416,13 +416,14 @@ def test_a_changed_sampling_over_a_calibrated_checkpoint_is_refused_naming_it(
     assert error.value.field == "sampling", f"must name --sampling: {error.value}"
 
 
-def test_unused_flags_are_those_the_mode_ignores():
-    # The table the binary refuses given flags by (cli.refuse_unused): --clipping was
-    # ignored by a --nodp run, which clips nothing.
+@pytest.mark.parametrize("flag", ["clipping", "l2_clip", "delta"])
+def test_unused_flags_are_those_the_mode_ignores(flag):
+    # The table the binary refuses given flags by (cli.refuse_unused): each was ignored by
+    # a --nodp run, which clips, noises and accounts nothing (no mechanism, no ledger).
     nodp = dpsgd.unused_flags(dpsgd.DpSgdConfig(nodp=True))
     private = dpsgd.unused_flags(dpsgd.DpSgdConfig(noise_multiplier=1.0))
-    assert nodp["clipping"][0] and not private["clipping"][0], (
-        f"--clipping is ignored with --nodp alone: {nodp}, {private}")
+    assert nodp[flag][0], f"--{flag} has no effect with --nodp: {nodp}"
+    assert not private[flag][0], f"--{flag} takes effect in a private run: {private}"
 
 
 @pytest.mark.parametrize("mode", [{"nodp": True}, {"clipping": "fast", "noise_multiplier": 1.0}],
