@@ -118,10 +118,9 @@ def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
     _INITIALIZE_DISTRIBUTED()
     cli.check(_NUM_SYNTHETIC.value >= 20, "num_synthetic", "must be >= 20")
-    cli.refuse_unused({"num_synthetic": (not _EVALUATE.value, "with --noevaluate (no samples "
-                                         "are drawn; experiments.evaluate takes --num_samples)")})
     try:
         config = _config()
+        cli.refuse_unused(dpd_fvae.unused_flags(config, _EVALUATE.value))
         summary = dpd_fvae.train(config, _WORKDIR.value)
     except ConfigError as error:
         raise cli.FlagError(error.field, error.message) from error

@@ -201,6 +201,19 @@ class DpdFvaeConfig:
         return self.client_fraction * self.num_clients
 
 
+def unused_flags(config: DpdFvaeConfig, evaluate: bool) -> dict[str, tuple[bool, str]]:
+    """{flag: (whether this run's mode ignores it, why)} for the binary's flags with a
+    default that only some modes use (`cli.refuse_unused` refuses them where given and
+    ignored); `evaluate` is the binary's --evaluate (its --num_synthetic is no config field).
+    """
+    return {
+        "num_synthetic": (not evaluate, "with --noevaluate (no samples are drawn; "
+                          "experiments.evaluate takes --num_samples)"),
+        **dict.fromkeys(("l2_clip", "delta"), (
+            config.dp == "none", "with --dp=none (nothing is clipped, noised or accounted)")),
+    }
+
+
 # The model and which of its parts leave a client.
 
 

@@ -120,6 +120,17 @@ def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):
     assert len(lines) == 1 and name in lines[0], f"{flag}: want one line naming {name}: {lines}"
 
 
+@pytest.mark.parametrize("flag", ["--l2_clip=2", "--delta=1e-6"])
+def test_a_privacy_flag_with_dp_none_exits_2_naming_it(tmp_path, flag):
+    # --dp=none clips, noises and accounts nothing (dpd_fvae.unused_flags).
+    proc = _run(*TINY, "--dp=none", flag, f"--workdir={tmp_path}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    name = flag.split("=")[0]
+    assert proc.returncode == 2, f"{flag}: exit code {proc.returncode}, stderr {proc.stderr[-500:]}"
+    assert len(lines) == 1 and lines[0].startswith(f"error: {name}") and "--dp=none" in lines[0], (
+        f"want one line naming {name} and --dp=none: {lines}")
+
+
 @pytest.mark.parametrize("flags", [
     ["--noise_multiplier=0.5", "--target_epsilon=0.01"],  # one participation costs eps ~14
     ["--target_epsilon=1e-6"],  # no noise multiplier reaches it

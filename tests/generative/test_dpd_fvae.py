@@ -293,6 +293,27 @@ def test_a_microbatch_size_outside_local_dp_is_refused(dp):
         str(error.value))
 
 
+@pytest.mark.parametrize("flag", ["l2_clip", "delta"])
+def test_privacy_flags_are_unused_with_dp_none(flag):
+    # The binary's table for cli.refuse_unused: --dp=none builds no clipping mechanism
+    # (the engine gets no clip, local training no GaussianSumMechanism) and no ledger, so
+    # a given --l2_clip or --delta was silently ignored.
+    for dp in ("central", "local"):
+        private = dpd_fvae.unused_flags(dataclasses.replace(_CONFIG, dp=dp), evaluate=True)
+        assert not private[flag][0], f"--{flag} takes effect with --dp={dp}: {private}"
+    none = dpd_fvae.unused_flags(_CONFIG, evaluate=True)
+    assert none[flag][0], f"--{flag} has no effect with --dp=none: {none}"
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_num_synthetic_is_unused_without_evaluate(evaluate):
+    # Only the binary's --evaluate draws --num_synthetic samples (experiments.evaluate
+    # takes --num_samples); with --noevaluate it was silently ignored.
+    table = dpd_fvae.unused_flags(_CONFIG, evaluate=evaluate)
+    assert table["num_synthetic"][0] is not evaluate, (
+        f"--num_synthetic must be unused exactly when --evaluate is off: {table}")
+
+
 def test_a_microbatch_size_with_local_dp_is_accepted():
     config = dataclasses.replace(_CONFIG, dp="local", microbatch_size=8)
     assert config.microbatch_size == 8, "local DP's microbatch size was not kept"
