@@ -96,9 +96,14 @@ def check_training_settings(config: Any) -> None:
 
 
 def unused_flags(config: Any) -> dict[str, tuple[bool, str]]:
-    """{flag: (whether a demo `config`'s mode ignores it, why)} for the split and group
-    sampling flags with a default that only some settings use (`cli.refuse_unused`
-    refuses them where given and ignored)."""
+    """{flag: (whether a demo `config`'s mode ignores it, why)} for the split, group
+    sampling and privacy flags with a default that only some settings use
+    (`cli.refuse_unused` refuses them where given and ignored).
+
+    `--delta` is the delta of the models' ledgers, kept only with noise, and of the noised
+    group sizes' ledger (population sampling, written at any noise). `--l2_clip` always
+    applies: each user's update is clipped at z 0 too.
+    """
     return {
         "low_quantile": (config.low_threshold is not None,
                          "with --low_threshold given (it sets the low threshold)"),
@@ -106,6 +111,9 @@ def unused_flags(config: Any) -> dict[str, tuple[bool, str]]:
                           "with --high_threshold given (it sets the high threshold)"),
         "group_size_noise": (config.group_sampling == "group",
                              "with --group_sampling=group (no group size is noised)"),
+        "delta": (config.noise_multiplier == 0 and config.group_sampling == "group",
+                  "with --noise_multiplier=0 and --group_sampling=group (no noise: nothing "
+                  "is accounted)"),
     }
 
 

@@ -359,6 +359,17 @@ def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path):
         proc.stderr[-2000:])
 
 
+def test_delta_without_noise_exits_2_naming_it(tmp_path):
+    # The default z 0 keeps no ledger and group sampling releases no noised sizes: a given
+    # --delta was silently ignored (selection.unused_flags).
+    proc = run_binary("experiments.fedlm_debug", "--delta=1e-6", "--rounds=1",
+                      f"--workdir={tmp_path}", check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: --delta") and (
+        "--noise_multiplier=0" in lines[0]), f"one line naming --delta and z 0: {lines}"
+
+
 def test_bad_flag_exits_2_naming_it(tmp_path):
     # A flag that only --group_sampling=population checks: both reach the config.
     proc = run_binary("experiments.fedlm_debug", "--group_sampling=population",

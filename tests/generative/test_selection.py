@@ -348,13 +348,29 @@ def test_table_rows_put_each_groups_value_in_its_column_in_the_rows_format():
         ({"low_threshold": 0.5}, "low_quantile"),
         ({"high_threshold": 0.9}, "high_quantile"),
         ({"group_sampling": "group"}, "group_size_noise"),
+        ({"group_sampling": "group", "noise_multiplier": 0.0}, "delta"),
     ],
 )
 def test_unused_flags_are_those_the_demo_settings_ignore(settings, ignored):
     # The debug demos' shared table for cli.refuse_unused: a given threshold made its
     # quantile, and group sampling the sizes' noise, silently ignored.
-    base = {"low_threshold": None, "high_threshold": None, "group_sampling": "population"}
+    base = {"low_threshold": None, "high_threshold": None, "group_sampling": "population",
+            "noise_multiplier": 0.5}
     assert selection.unused_flags(SimpleNamespace(**{**base, **settings}))[ignored][0], (
         f"--{ignored} has no effect with {settings}")
     assert not selection.unused_flags(SimpleNamespace(**base))[ignored][0], (
         f"--{ignored} takes effect with {base}")
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"noise_multiplier": 0.5, "group_sampling": "group"},  # the models' ledgers
+     {"noise_multiplier": 0.0, "group_sampling": "population"}],  # group_sizes_ledger.json
+    ids=["noised", "population"],
+)
+def test_delta_is_used_where_anything_is_accounted(settings):
+    # At z 0 the models keep no ledger, but population sampling still releases the group
+    # sizes noised, accounted at --delta: the flag is refused only where neither is kept.
+    base = {"low_threshold": None, "high_threshold": None}
+    assert not selection.unused_flags(SimpleNamespace(**base, **settings))["delta"][0], (
+        f"--delta takes effect with {settings}")
