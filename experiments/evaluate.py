@@ -5,7 +5,8 @@ and logistic regression, eps), PNG figures and an evaluation section of report.m
 --workdir. What is evaluated:
 - default: the workdir's generator (summary.json names the method), else its
   synthetic.npz, else its DP-SGD or DP-FedAvg classifier summary (the direct-training
-  row);
+  row: its trainer's test accuracy, so the sampling, fid_domain and downstream flags
+  are refused);
 - --synthetic=FILE.npz: images (float32 [N,H,W,C] in [0,1]) and labels in that file;
 - --real_data: the real train split as if synthetic: the ceiling row.
 
@@ -91,7 +92,9 @@ def _config() -> evaluation.EvalConfig:
 
 def main(argv: list[str]) -> None:
     cli.check(len(argv) == 1, "workdir", f"unexpected arguments {argv[1:]}")
-    source, config = _source(), _config()
+    source = _source()
+    cli.refuse_unused(evaluation.unused_flags(source))
+    config = _config()
     try:
         record = evaluation.evaluate(_WORKDIR.value, source, config)
     except evaluation.DatasetError as error:

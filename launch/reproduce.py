@@ -69,9 +69,20 @@ def _run_logged(command: list[str], log: pathlib.Path) -> bool:
     return done.returncode == 0
 
 
-def _eval_flags(scale: str) -> list[str]:
+def _eval_flags(scale: str, workdir: Workdir | None = None) -> list[str]:
+    """`experiments.evaluate`'s flags for `scale`, less those that evaluating `workdir`
+    (a row's trained workdir) ignores and would refuse (`evaluation.unused_flags`: all of
+    them for a classifier's)."""
     cache = [f"--cache_dir={_CACHE.value}"] if _CACHE.value else []
-    return [*(SMOKE_EVAL_FLAGS if scale == "smoke" else ()), *cache]
+    given = [*(SMOKE_EVAL_FLAGS if scale == "smoke" else ()), *cache]
+    if workdir is None:
+        return given
+    try:
+        unused = evaluation.unused_flags(evaluation.detect_source(workdir))
+    except evaluation.EvaluationError:
+        return given  # nothing to evaluate: evaluate says so itself
+    return [flag for flag in given
+            if not unused.get(flag.removeprefix("--").partition("=")[0], (False, ""))[0]]
 
 
 def run_row(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
@@ -81,8 +92,10 @@ def run_row(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
     command = [*python, row.binary, *row.flags(scale), f"--workdir={workdir.path}"]
     if row.binary == EVALUATE:
         return _run_logged([*command, *_eval_flags(scale)], log)
-    evaluate = [*python, EVALUATE, f"--workdir={workdir.path}", *_eval_flags(scale)]
-    return _run_logged(command, log) and _run_logged(evaluate, log)
+    if not _run_logged(command, log):
+        return False
+    evaluate = [*python, EVALUATE, f"--workdir={workdir.path}", *_eval_flags(scale, workdir)]
+    return _run_logged(evaluate, log)
 
 
 def fingerprint(row: tables.RowSpec, scale: str) -> str:

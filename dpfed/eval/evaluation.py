@@ -75,6 +75,22 @@ class Source:
     path: str | None = None
 
 
+# `experiments.evaluate`'s flags that only an evaluation of images uses (sampling,
+# fid_domain and the downstream classifiers); a classifier workdir's figure is its
+# trainer's own test accuracy.
+IMAGE_FLAGS = ("num_samples", "seed", "models", "max_epochs", "patience", "val_fraction",
+               "cache_dir", "extractor_steps", "inception_weights")
+
+
+def unused_flags(source: Source) -> dict[str, tuple[bool, str]]:
+    """{flag: (whether evaluating `source` ignores it, why)} for `experiments.evaluate`'s
+    flags with a default (`cli.refuse_unused` refuses them where given and ignored)."""
+    return dict.fromkeys(IMAGE_FLAGS, (
+        source.kind == "classifier",
+        "for a classifier workdir (its figure is its trainer's test accuracy: nothing is "
+        "sampled, embedded or trained)"))
+
+
 class EvaluationError(ValueError):
     """The source cannot be evaluated as asked (missing files, wrong shapes, ...)."""
 

@@ -85,6 +85,19 @@ def test_a_fedavg_classifier_workdir_is_labelled_dp_fedavg(tmp_path, config):
     assert "experiments.fedavg_classifier" in record["downstream_note"], record["downstream_note"]
 
 
+@pytest.mark.parametrize("flag", evaluation.IMAGE_FLAGS)
+def test_image_flags_are_unused_for_a_classifier_workdir_alone(flag):
+    # The table experiments.evaluate refuses given flags by (cli.refuse_unused): a
+    # classifier workdir's figure is its trainer's own test accuracy (nothing sampled,
+    # embedded or trained), so each was silently ignored there; images use them all.
+    def ignored(kind):
+        return evaluation.unused_flags(evaluation.Source(kind, "w"))[flag][0]
+
+    assert ignored("classifier"), f"--{flag} has no effect on a classifier workdir"
+    for kind in ("generator", "synthetic_file", "real_data"):
+        assert not ignored(kind), f"--{flag} takes effect on a {kind} source"
+
+
 def test_a_classifier_row_refuses_another_dataset_than_its_own(tmp_path, config):
     wd = Workdir(tmp_path)
     wd.write_summary({"test_accuracy": 0.5, "flags": {"model": "cnn", "dataset": "mnist5k"}})

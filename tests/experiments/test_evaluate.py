@@ -81,3 +81,16 @@ def test_a_language_model_workdir_is_a_workdir_error_not_a_dataset_one(tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir: its method "
                                                            "'fedlm_debug' has no image"), (
         f"the workdir is what cannot be evaluated, whatever --dataset says: {proc.stderr}")
+
+
+def test_an_image_flag_on_a_classifier_workdir_exits_2_naming_it(tmp_path):
+    # A classifier workdir's figure is its trainer's test accuracy: --num_samples (and
+    # the other sampling, fid_domain and downstream flags) was silently ignored.
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"test_accuracy": 0.5, "flags": {"model": "logreg", "dataset": "digits"}}))
+    proc = _run("--num_samples=200", f"--workdir={tmp_path}")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: --num_samples") and (
+        "classifier workdir" in lines[0]), f"one line naming the flag and why: {lines}"
+    assert not (tmp_path / "eval.json").exists(), "a refused evaluation writes no eval.json"
