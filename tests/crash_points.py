@@ -206,8 +206,9 @@ BINARIES: dict[str, dict[str, Binary]] = {
     },
     "evaluate": {
         "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=_DATALENS_DONE),
-        # A classifier's workdir: its own test accuracy, the curves of its metrics.
-        "dpsgd_classifier": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",),
+        # A classifier's workdir: its own test accuracy, the curves of its metrics (no
+        # flags: evaluate refuses the image flags for it, `evaluation.unused_flags`).
+        "dpsgd_classifier": Binary("experiments.evaluate", (), ("",),
                                    prepared=Binary("experiments.dpsgd_classifier",
                                                    _DPSGD_TINY, ("",))),
         # --synthetic=FILE: DataLens's released synthetic.npz as a file (not its generator

@@ -1,5 +1,6 @@
 """tests/crash_points.py: its checks, and the binaries killed at their riskiest writes."""
 
+import collections
 import json
 import math
 import pathlib
@@ -9,6 +10,7 @@ import time
 import pytest
 
 from tests import crash_points
+from tests.binary import run_binary
 
 _GAN = crash_points.BINARIES["fedgan_debug"]["group"]
 
@@ -109,6 +111,25 @@ def test_a_nodp_run_that_leaves_a_ledger_or_an_eps_fails(nodp_whole, tmp_path, n
     _write(killed / name, content)
     with pytest.raises(AssertionError, match=re.escape(message)):
         crash_points.check_crashed(_NODP, killed, nodp_whole)
+
+
+def test_every_trainer_mode_passes_its_binarys_flag_checks():
+    # A sweep of a mode whose flags its binary now refuses (`cli.refuse_unused`) would
+    # only find out by hand; `experiments.evaluate` has no trainer to stop at: left out.
+    commands = collections.defaultdict(dict)
+    for name, modes in crash_points.BINARIES.items():
+        for mode, binary in modes.items():
+            for stage in (binary, binary.prepared):
+                if stage is not None and stage.module != "experiments.evaluate":
+                    commands[stage.module][f"{name} {mode}"] = list(stage.flags)
+    refused = {}
+    for module, modes in commands.items():
+        result = run_binary("tests.flag_dry_run", module, json.dumps(list(modes.values())),
+                            check=False)
+        assert result.returncode == 0, f"{module}: the dry run failed:\n{result.stderr[-3000:]}"
+        outcomes = json.loads(result.stdout.strip().splitlines()[-1])
+        refused.update({m: o for m, o in zip(modes, outcomes, strict=True) if o != "ok"})
+    assert not refused, f"crash-sweep modes their binary refuses: {refused}"
 
 
 def test_a_check_reads_a_missing_model_folder_without_creating_it(whole, tmp_path):
