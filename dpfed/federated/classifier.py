@@ -36,6 +36,7 @@ from dpfed.train.config import (
     require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
+    require_secret_seed,
 )
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
@@ -89,6 +90,7 @@ class FedAvgClassifierConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         require_data_dir_applies(self.dataset, self.data_dir)
         positive = ("num_clients", "rounds", "clients_per_round", "local_steps",
                     "local_batch_size", "eval_every", "checkpoint_every")

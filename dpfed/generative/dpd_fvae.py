@@ -78,6 +78,7 @@ from dpfed.train.config import (
     require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
+    require_secret_seed,
 )
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
@@ -162,6 +163,7 @@ class DpdFvaeConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         require_data_dir_applies(self.dataset, self.data_dir)
         for name in ("num_clients", "rounds", "local_epochs", "batch_size", "latent_dim",
                      "eval_every", "checkpoint_every"):

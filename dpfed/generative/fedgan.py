@@ -53,7 +53,7 @@ from dpfed.federated import (
 from dpfed.generative import contract, polarity, wgan_gp
 from dpfed.models import gan
 from dpfed.train import seeds
-from dpfed.train.config import require_finite_floats
+from dpfed.train.config import require_finite_floats, require_secret_seed
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -110,6 +110,7 @@ class FedGanConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         for name in ("rounds", "eval_every", "checkpoint_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

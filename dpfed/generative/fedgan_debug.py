@@ -54,7 +54,7 @@ from dpfed.models import gan
 from dpfed.models.output import output
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
-from dpfed.train.config import ConfigError, require, require_finite_floats
+from dpfed.train.config import ConfigError, require, require_finite_floats, require_secret_seed
 from dpfed.train.workdir import Workdir, params_sha256
 
 PyTree = Any
@@ -116,6 +116,7 @@ class DebugConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         require(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
         require(self.num_clients >= 2, "num_clients", "must be >= 2")
         require(

@@ -56,7 +56,7 @@ from dpfed.federated import (
 )
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import seeds
-from dpfed.train.config import require_finite_floats
+from dpfed.train.config import require_finite_floats, require_secret_seed
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
@@ -381,6 +381,7 @@ class FedLmConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         for name in ("rounds", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -49,7 +49,7 @@ from dpfed.generative import fedlm, group_sizes, selection
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
-from dpfed.train.config import require, require_finite_floats
+from dpfed.train.config import require, require_finite_floats, require_secret_seed
 from dpfed.train.workdir import Workdir, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
@@ -97,6 +97,7 @@ class TextDebugConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
         require(self.min_lines >= 2, "min_lines", "must be >= 2")
         require(

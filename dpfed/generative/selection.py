@@ -205,8 +205,11 @@ def mean_or_nan(values: np.ndarray) -> float:
 def group_seed(seed: int, group: str) -> int:
     """The seed of one group's model: distinct per group, fixed by (`seed`, `group`).
 
-    31 bits for a seed below 2**32 (as always); 64 for a larger one (`seeds.root_key`
-    takes 64), so that the group's seed is no easier to guess than `seed`.
+    31 bits for a seed below 2**32 (as always); for a larger one, a seed in
+    `seeds.SECRET_SEEDS` (`seeds.root_key` takes 64 bits; a group's config of a secret run
+    takes no other, `config.require_secret_seed`), so that it is no easier to guess than
+    `seed`: the first of the seed sequence's 64-bit words at or above 2**32 (the first
+    word itself but once in 2**32 seeds).
 
     The groups' models must draw independent noise. With one seed for both, round r of
     each group adds the same Gaussian draw, and the difference of the two released
@@ -216,7 +219,12 @@ def group_seed(seed: int, group: str) -> int:
     entropy = [seed, zlib.crc32(group.encode())]
     if seed < 2**32:
         return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0] >> 1)
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+    sequence, words = np.random.SeedSequence(entropy), 1
+    while True:  # generate_state(n) begins with the words of generate_state(n - 1)
+        word = int(sequence.generate_state(words, np.uint64)[-1])
+        if seeds.is_secret(word):
+            return word
+        words += 1
 
 
 def client_accuracies(

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from dpfed.data import registry
+from dpfed.train import seeds
 
 
 class DataclassInstance(Protocol):
@@ -80,6 +81,23 @@ def require_finite_floats(config: DataclassInstance) -> None:
         for item in value if isinstance(value, tuple | list) else (value,):
             require(not _is_float(item) or math.isfinite(item), field.name,
                     f"must be a finite number, not {item}")
+
+
+def require_secret_seed(config: Any) -> None:
+    """Refuses a config whose `secret_seed` claims a seed that is no secret: one outside
+    `seeds.SECRET_SEEDS` (a 32-bit seed, say 0, is found by trying them all).
+
+    The binaries draw a secret seed (`Workdir.pin_seed`); a config built in a notebook
+    skips them, and its releases would say "secret" over a guessable seed. Call it in the
+    `__post_init__` of every config with the fields `seed` and `secret_seed`.
+
+    Raises:
+      ConfigError: on field "secret_seed". The message does not show the seed.
+    """
+    require(not config.secret_seed or seeds.is_secret(config.seed), "secret_seed",
+            "needs a seed in [2**32, 2**64) drawn from the OS's entropy (seeds.draw_secret, "
+            "as Workdir.pin_seed draws and keeps it in secret_seed.json); this seed is none: "
+            "its releases would say 'secret' over a seed anyone can find")
 
 
 def _is_float(value: object) -> bool:

@@ -38,6 +38,7 @@ from dpfed.train.config import (
     require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
+    require_secret_seed,
 )
 from dpfed.train.progress import Progress
 from dpfed.train.resume import (
@@ -93,6 +94,7 @@ class DpSgdConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         require_data_dir_applies(self.dataset, self.data_dir)
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")

@@ -54,6 +54,13 @@ def draw_secret() -> int:
     return SECRET_SEEDS.start + secrets.randbelow(SECRET_SEEDS.stop - SECRET_SEEDS.start)
 
 
+def is_secret(seed: object) -> bool:
+    """Whether `seed` may be a secret seed: an integer (Python or numpy; not a bool) in
+    `SECRET_SEEDS`. A smaller one is found by trying them all, whatever a run claims."""
+    return (not isinstance(seed, bool) and isinstance(seed, int | np.integer)
+            and int(seed) in SECRET_SEEDS)  # int(): `in range` iterates over anything else
+
+
 def public(config: Any) -> int | str:
     """The seed as a release may show it: `config.seed`, or `SECRET` where
     `config.secret_seed` (a run's config dataclass)."""
@@ -97,6 +104,6 @@ def read_secret(stored: dict) -> int:
       ValueError: it holds no seed in `SECRET_SEEDS`.
     """
     seed = stored.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SECRET_SEEDS:
+    if not (isinstance(seed, int) and is_secret(seed)):
         raise ValueError(f"no seed in [2**32, 2**{SEED_BITS})")
     return seed

@@ -1,16 +1,21 @@
 """Tests for dpfed.train.seeds and the secret seed's file (`Workdir.pin_seed`)."""
 
+import ast
 import dataclasses
 import json
+import pathlib
 import stat
 
 import jax
 import numpy as np
 import pytest
 
-from dpfed.generative import selection
-from dpfed.generative.datalens import partition
-from dpfed.train import seeds
+import dpfed
+from dpfed.federated import classifier
+from dpfed.generative import dpd_fvae, fedgan, fedgan_debug, fedlm, fedlm_debug, selection
+from dpfed.generative.datalens import partition, training
+from dpfed.models.lstm_lm import LstmLM
+from dpfed.train import dpsgd, seeds
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir
@@ -188,3 +193,75 @@ def test_datalens_hash_partition_takes_a_64_bit_seed_and_keeps_its_32_bit_partit
     again = partition.partition_teachers(images, labels, 4, seed=2**63 + 5)
     assert any(not np.array_equal(a, b) for a, b in zip(parts, again, strict=True)), (
         "the hash key must depend on the seed's high bits")
+
+
+def _fedlm_config(**fields):
+    local = fedlm.LocalTrainingConfig(LstmLM(8, 4, 4, 1), local_steps=1, batch_size=2)
+    return fedlm.FedLmConfig(local, **fields)
+
+
+def _config_builders():
+    """Each config dataclass with `seed` and `secret_seed`, by class name: a callable that
+    builds a valid one from those two fields."""
+    return {
+        "DpSgdConfig": dpsgd.DpSgdConfig,
+        "FedAvgClassifierConfig": lambda **f: classifier.FedAvgClassifierConfig(
+            noise_multiplier=1.0, **f),
+        "DpdFvaeConfig": dpd_fvae.DpdFvaeConfig,
+        "FedGanConfig": fedgan.FedGanConfig,
+        "DebugConfig": fedgan_debug.DebugConfig,
+        "FedLmConfig": _fedlm_config,
+        "TextDebugConfig": fedlm_debug.TextDebugConfig,
+        "DataLensConfig": training.DataLensConfig,
+    }
+
+
+def test_the_secret_seed_tests_build_every_config_with_a_secret_seed():
+    # A config added with a `secret_seed` field must be listed, so the test below covers it.
+    declared = set()
+    for path in sorted(pathlib.Path(dpfed.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+                    and s.target.id == "secret_seed" for s in node.body):
+                declared.add(node.name)
+    assert declared == set(_config_builders()), (
+        f"configs with secret_seed: {sorted(declared)}; tested: {sorted(_config_builders())}")
+
+
+@pytest.mark.parametrize("name", sorted(_config_builders()))
+def test_every_config_refuses_a_secret_seed_outside_the_secret_seeds(name):
+    build = _config_builders()[name]
+    for seed in (0, 7, 2**32 - 1, 2**64, -1, True, 2.0**40):
+        with pytest.raises(ConfigError) as error:
+            build(seed=seed, secret_seed=True)
+        assert error.value.field == "secret_seed", (
+            f"{name}(seed={seed!r}, secret_seed=True) claims a secret over a seed anyone can "
+            f"find; refused naming {error.value.field!r}")
+        assert str(seed) not in error.value.message, "the refusal must not show the seed"
+    for seed in (2**32, 2**64 - 1, np.uint64(2**63), seeds.draw_secret()):
+        build(seed=seed, secret_seed=True)  # a secret seed, as Workdir.pin_seed draws it
+    build(seed=0, secret_seed=False)  # a public seed stays as it was
+
+
+def test_is_secret_takes_integers_in_the_secret_seeds_only():
+    assert seeds.is_secret(2**32) and seeds.is_secret(np.uint64(2**64 - 1))
+    for seed in (2**32 - 1, 2**64, True, 2.0**40, np.float64(2.0**40), "4294967296", None):
+        assert not seeds.is_secret(seed), f"{seed!r} is no secret seed"
+
+
+def test_a_group_seed_of_a_secret_seed_is_a_secret_seed_even_where_its_first_word_is_short(
+        monkeypatch):
+    # Once in 2**32 secret seeds the sequence's first 64-bit word is below 2**32; a group
+    # config of it would then be refused (`require_secret_seed`). The next word is taken.
+    words = [5, 2**31, 2**40 + 3, 9]
+
+    class _Short:
+        def __init__(self, entropy):
+            pass
+
+        def generate_state(self, n, dtype):
+            return np.array(words[:n], dtype)
+
+    monkeypatch.setattr(selection.np.random, "SeedSequence", _Short)
+    assert selection.group_seed(2**40, "low") == 2**40 + 3

@@ -56,7 +56,12 @@ from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
 from dpfed.train import divergence, preemption, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
-from dpfed.train.config import require, require_data_dir_applies, require_finite_floats
+from dpfed.train.config import (
+    require,
+    require_data_dir_applies,
+    require_finite_floats,
+    require_secret_seed,
+)
 from dpfed.train.progress import Progress
 from dpfed.train.resume import checkpoint_extra, require_first_step, resume_or_start
 from dpfed.train.run_clock import RunClock
@@ -118,6 +123,7 @@ class DataLensConfig:
 
     def __post_init__(self):
         require_finite_floats(self)
+        require_secret_seed(self)
         require_data_dir_applies(self.dataset, self.data_dir)
         require(self.num_teachers >= 1, "num_teachers", "must be >= 1")
         require(
