@@ -25,6 +25,9 @@ SECRET_SEED_NOTE = (
     "Never share this file: anyone holding this seed can regenerate and subtract the DP "
     "noise of every release of this run. It is not a release; keep it to resume the run."
 )
+# config.json's copy of secret_seed.json's "nonce" (`draw_nonce`): a resume refuses a
+# secret_seed.json whose nonce is not the one its workdir's run pinned (`Workdir.pin_seed`).
+NONCE_FIELD = "secret_seed_nonce"
 # A secret seed has 64 bits, none below 2**32: a seed derived from it for a sub-model
 # (`selection.group_seed`) is then derived with 64 bits too, not 31.
 SECRET_SEEDS = range(2**32, 2**SEED_BITS)
@@ -52,6 +55,17 @@ def root_key(seed: int) -> jax.Array:
 def draw_secret() -> int:
     """A fresh secret seed in `SECRET_SEEDS`, from the OS's entropy (`secrets`)."""
     return SECRET_SEEDS.start + secrets.randbelow(SECRET_SEEDS.stop - SECRET_SEEDS.start)
+
+
+def draw_nonce() -> str:
+    """A fresh nonce for a run's secret_seed.json: 128 bits from the OS's entropy, drawn
+    apart from the seed, so that it tells nothing of it and may be public (config.json).
+
+    It names the run whose secret the file holds: a secret_seed.json copied from another
+    workdir has another nonce than the config.json of the run it would continue. A digest
+    of the seed would not do: anyone could find the seed by hashing each of the 2**64.
+    """
+    return secrets.token_hex(16)
 
 
 def is_secret(seed: object) -> bool:
@@ -107,3 +121,17 @@ def read_secret(stored: dict) -> int:
     if not (isinstance(seed, int) and is_secret(seed)):
         raise ValueError(f"no seed in [2**32, 2**{SEED_BITS})")
     return seed
+
+
+def read_nonce(stored: dict) -> str | None:
+    """The nonce of a parsed secret_seed.json (`draw_nonce`); None in one written before
+    nonces existed.
+
+    Raises:
+      ValueError: its nonce is not a string of hex digits.
+    """
+    nonce = stored.get("nonce")
+    if nonce is not None and not (isinstance(nonce, str) and nonce
+                                  and all(c in "0123456789abcdef" for c in nonce)):
+        raise ValueError("its nonce is not a string of hex digits")
+    return nonce

@@ -422,7 +422,7 @@ class Workdir:
           ConfigError: as `check_config`.
         """
         self.check_config(config, resuming, resumable)
-        self.write_json(CONFIG_FILE, seeds.public_config(config))
+        self.write_json(CONFIG_FILE, self._public_pin(config))
 
     def check_config(
         self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS,
@@ -432,6 +432,8 @@ class Workdir:
 
         Both as config.json holds them (`seeds.public_config`): a secret seed is "secret",
         so a run started with `--secret_seed` resumes with it, and without it is refused.
+        With a secret seed whose secret_seed.json is here, config.json also pins that
+        file's nonce (`seeds.NONCE_FIELD`): a resume with another run's file is refused.
 
         Raises:
           ConfigError: `resuming` and a field outside `resumable` differs from the
@@ -440,9 +442,10 @@ class Workdir:
             config.json is unreadable, or missing where `required` (a checkpoint or
             releases of an earlier run are here: without config.json nothing checks the
             flags they were made with, so a copied checkpoints/ would continue under any
-            flags). Otherwise a workdir from before config.json existed passes.
+            flags). Otherwise a workdir from before config.json existed passes. Naming
+            "secret_seed", as `check_secret_is_this_runs`; naming "seed", as `_public_pin`.
         """
-        current = loads(dumps(seeds.public_config(config)))
+        current = loads(dumps(self._public_pin(config)))
         path = self.file(CONFIG_FILE)
         if resuming and required and not path.exists():
             raise ConfigError(
@@ -453,6 +456,8 @@ class Workdir:
             )
         pinned = self.read_pin(CONFIG_FILE, resuming)
         if pinned is not None:
+            if current.get("secret_seed"):
+                self.check_secret_is_this_runs(current.get(seeds.NONCE_FIELD), pinned)
             for field in sorted(set(pinned) | set(current)):
                 if field not in resumable and pinned.get(field) != current.get(field):
                     raise ConfigError(
@@ -460,6 +465,81 @@ class Workdir:
                         f"is {current.get(field)!r} but the run being resumed in {self.path} "
                         f"used {pinned.get(field)!r}: use the same value or a new workdir",
                     )
+
+    def _public_pin(self, config: Any) -> dict:
+        """config.json's object for the run's `config`: `seeds.public_config`, and where
+        the seed is secret and secret_seed.json is here, that file's nonce (none in a file
+        from before nonces existed) under `seeds.NONCE_FIELD`.
+
+        Raises:
+          ConfigError: naming "seed", when the secret seed is not the one in
+            secret_seed.json (a config built outside `cli.seed_fields`); naming "workdir",
+            when that file is unreadable.
+        """
+        pin = seeds.public_config(config)
+        stored = self._read_secret_file() if pin.get("secret_seed") else None
+        if stored is not None:
+            if config.seed != stored["seed"]:
+                raise ConfigError(
+                    "seed",
+                    f"is not the secret seed in {self.file(seeds.SECRET_SEED_FILE)}, which "
+                    f"the run in {self.path} draws from (`Workdir.pin_seed`): use that one "
+                    "or a new workdir",
+                )
+            nonce = seeds.read_nonce(stored)
+            if nonce is not None:
+                pin[seeds.NONCE_FIELD] = nonce
+        return pin
+
+    def _read_secret_file(self) -> dict | None:
+        """The parsed secret_seed.json, its seed and nonce checked; None where it is not.
+
+        Raises:
+          ConfigError: naming "workdir", when it is unreadable.
+        """
+        path = self.file(seeds.SECRET_SEED_FILE)
+        if not path.exists():
+            return None
+        try:
+            stored = self.read_json_object(seeds.SECRET_SEED_FILE)
+            seeds.read_secret(stored)
+            seeds.read_nonce(stored)
+        except ValueError as error:
+            raise ConfigError(
+                "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir",
+            ) from None
+        return stored
+
+    def check_secret_is_this_runs(self, nonce: str | None, pinned: dict | None) -> None:
+        """Refuses a secret_seed.json (its nonce `nonce`; None for none or no file) that
+        is not the one of the secret run config.json pins (`pinned`; None: no run yet).
+
+        A secret_seed.json copied from another workdir would continue this run with that
+        run's seed: its later releases would draw noise correlated with the other run's,
+        and replay none of this run's. config.json pins the nonce of this run's file
+        (`seeds.draw_nonce`: random, so public; no function of the seed, which hashing
+        every 64-bit seed would find). A run from before nonces pinned none, nor did its
+        file hold one: it passes unchecked, as before (its runs stay resumable).
+
+        Raises:
+          ConfigError: naming "secret_seed", when the nonces differ.
+        """
+        if pinned is None or not pinned.get("secret_seed"):
+            return  # no run yet, or a public one: `check_config` names --secret_seed
+        theirs = pinned.get(seeds.NONCE_FIELD)
+        if nonce == theirs:
+            return
+        path = self.file(seeds.SECRET_SEED_FILE)
+        held = (f"{path} holds the nonce {nonce or 'none (a file from before nonces)'}"
+                if path.exists() else f"there is no {path}")
+        raise ConfigError(
+            "secret_seed",
+            f"config.json pins the secret seed of the run in {self.path} by the nonce "
+            f"{theirs or 'none (a run from before nonces)'}, but {held}: it is another "
+            "run's (copied from another workdir?), whose seed would give this run's next "
+            f"releases that run's noise. Restore this run's {seeds.SECRET_SEED_FILE} or "
+            "use a new workdir",
+        )
 
     def read_pin(self, name: str, resuming: bool) -> dict | None:
         """The JSON object an earlier run pinned in `name` (config.json, data.json, a
@@ -485,12 +565,16 @@ class Workdir:
         started, and written (mode 0600, atomically) before anything uses it; every later
         invocation (a resume, a rerun of a finished or killed run) reads it back, so the
         releases of one workdir never mix two seeds. In a multi-host job every process
-        reads the one that process 0 wrote.
+        reads the one that process 0 wrote. With the seed the file holds a nonce
+        (`seeds.draw_nonce`) that config.json pins (`pin_config`): every later invocation
+        checks that the file is its run's (`check_secret_is_this_runs`).
 
         Raises:
           ConfigError: naming "secret_seed", when `secret` and a run started here without
-            a secret_seed.json (so without `--secret_seed`, or it was lost), or when not
-            `secret` and secret_seed.json is here; naming "workdir", when it is unreadable.
+            a secret_seed.json (so without `--secret_seed`, or it was lost), or with
+            another run's (`check_secret_is_this_runs`), or when not `secret` and
+            secret_seed.json is here; naming "workdir", when it or config.json is
+            unreadable.
         """
         path = self.file(seeds.SECRET_SEED_FILE)
         if not secret:
@@ -511,14 +595,14 @@ class Workdir:
                     "started. Rerun without --secret_seed if that run had none, restore its "
                     f"{seeds.SECRET_SEED_FILE} if it had, or use a new workdir",
                 )
-            stored = {"seed": seeds.draw_secret(), "note": seeds.SECRET_SEED_NOTE}
-            atomic_write_bytes(path, (dumps(stored, indent=2) + "\n").encode(), mode=0o600)
-        try:
-            return seeds.read_secret(self.read_json_object(seeds.SECRET_SEED_FILE))
-        except ValueError as error:
-            raise ConfigError(
-                "workdir", f"{path} is unreadable ({error}): restore it or use a new workdir",
-            ) from None
+            drawn = {"seed": seeds.draw_secret(), "nonce": seeds.draw_nonce(),
+                     "note": seeds.SECRET_SEED_NOTE}
+            atomic_write_bytes(path, (dumps(drawn, indent=2) + "\n").encode(), mode=0o600)
+        stored = self._read_secret_file()
+        assert stored is not None  # written above, or there before
+        self.check_secret_is_this_runs(
+            seeds.read_nonce(stored), self.read_pin(CONFIG_FILE, resuming=True))
+        return seeds.read_secret(stored)
 
     def pin_data(self, data: TrainingData, resuming: bool) -> None:
         """Records the digest of the run's training data in data.json; on a resume, first

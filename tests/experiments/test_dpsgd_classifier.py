@@ -7,6 +7,7 @@ import shutil
 import pytest
 from dp_accounting import dp_event, rdp
 
+from dpfed.train.workdir import Workdir
 from tests.binary import (
     assert_kill_resumes_like_uninterrupted,
     assert_preemption_resumes_like_uninterrupted,
@@ -227,6 +228,19 @@ def test_a_rerun_of_a_finished_secret_run_reproduces_its_releases(secret_whole, 
     refused = _run(*_SECRET[:-1], f"--workdir={rerun}", check=False)
     assert refused.returncode == 2 and "--secret_seed" in refused.stderr, (
         f"a rerun without --secret_seed would draw other noise: {refused.stderr[-500:]}")
+
+
+def test_a_rerun_with_another_runs_secret_seed_json_is_refused(secret_whole, tmp_path):
+    # A secret_seed.json copied from another workdir: its seed would continue this run
+    # with that run's noise. config.json pins the nonce of the run's own file.
+    rerun, other = tmp_path / "rerun", tmp_path / "other"
+    shutil.copytree(secret_whole, rerun)
+    Workdir(other).pin_seed(0, secret=True)  # another run's file: its own seed and nonce
+    (rerun / "secret_seed.json").write_bytes((other / "secret_seed.json").read_bytes())
+    refused = _run(*_SECRET, f"--workdir={rerun}", check=False)
+    assert refused.returncode == 2 and "--secret_seed" in refused.stderr, refused.stderr[-500:]
+    assert "another run's" in refused.stderr, refused.stderr[-500:]
+    assert _released(rerun) == _released(secret_whole), "a refused rerun must change nothing"
 
 
 def test_a_killed_secret_run_resumes_with_its_seed(secret_whole, tmp_path):

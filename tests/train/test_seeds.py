@@ -265,3 +265,87 @@ def test_a_group_seed_of_a_secret_seed_is_a_secret_seed_even_where_its_first_wor
 
     monkeypatch.setattr(selection.np.random, "SeedSequence", _Short)
     assert selection.group_seed(2**40, "low") == 2**40 + 3
+
+
+def _secret_run(path):
+    """A workdir whose secret run pinned its config: (workdir, its seed)."""
+    wd = Workdir(path)
+    seed = wd.pin_seed(0, secret=True)
+    wd.pin_config(_Config(seed=seed, secret_seed=True), resuming=False)
+    return wd, seed
+
+
+def test_config_json_pins_the_nonce_of_its_secret_seed_json_and_no_seed(tmp_path):
+    wd, seed = _secret_run(tmp_path)
+    stored = json.loads(wd.file(seeds.SECRET_SEED_FILE).read_text())
+    pinned = wd.read_json(workdir_lib.CONFIG_FILE)
+    assert len(stored["nonce"]) == 32 and int(stored["nonce"], 16) >= 0, stored["nonce"]
+    assert pinned == {"steps": 10, "seed": "secret", "secret_seed": True,
+                      seeds.NONCE_FIELD: stored["nonce"]}, pinned
+    assert str(seed) not in wd.file(workdir_lib.CONFIG_FILE).read_text()
+
+
+def test_a_secret_seed_json_from_another_workdir_is_refused(tmp_path):
+    ours, our_seed = _secret_run(tmp_path / "ours")
+    theirs, their_seed = _secret_run(tmp_path / "theirs")
+    own = ours.file(seeds.SECRET_SEED_FILE).read_bytes()
+    ours.file(seeds.SECRET_SEED_FILE).write_bytes(theirs.file(seeds.SECRET_SEED_FILE).read_bytes())
+    with pytest.raises(ConfigError, match="another run's") as error:
+        Workdir(ours.path).pin_seed(0, secret=True)  # what every binary calls first
+    assert error.value.field == "secret_seed", error.value.field
+    assert str(our_seed) not in str(error.value) and str(their_seed) not in str(error.value)
+    with pytest.raises(ConfigError, match="another run's") as error:  # a library resume
+        ours.check_config(_Config(seed=their_seed, secret_seed=True), resuming=True)
+    assert error.value.field == "secret_seed", error.value.field
+    ours.file(seeds.SECRET_SEED_FILE).write_bytes(own)  # its own file back: it resumes
+    assert Workdir(ours.path).pin_seed(0, secret=True) == our_seed
+    ours.pin_config(_Config(seed=our_seed, secret_seed=True, steps=20), resuming=True)
+
+
+def test_the_nonce_is_drawn_apart_from_the_seed(tmp_path, monkeypatch):
+    # Two runs of one seed: a nonce that were any function of the seed (a digest, say,
+    # which hashing every 64-bit seed would invert) would be the same in both.
+    monkeypatch.setattr(seeds, "draw_secret", lambda: 2**63 + 12345)
+    one, seed_one = _secret_run(tmp_path / "one")
+    two, seed_two = _secret_run(tmp_path / "two")
+    assert seed_one == seed_two == 2**63 + 12345
+    nonces = [w.read_json(workdir_lib.CONFIG_FILE)[seeds.NONCE_FIELD] for w in (one, two)]
+    assert nonces[0] != nonces[1], f"the nonce is a function of the seed: {nonces}"
+
+
+def test_a_secret_run_from_before_nonces_resumes_and_files_across_versions_are_refused(
+        tmp_path):
+    # Before nonces neither file held one: such a run resumes unchecked. A file with a
+    # nonce in such a run, or one without in a run that pinned one, is another run's.
+    old = Workdir(tmp_path / "old")
+    old_seed = 2**40 + 11
+    old.file(seeds.SECRET_SEED_FILE).write_text(json.dumps({"seed": old_seed, "note": "n"}))
+    old.write_json(workdir_lib.CONFIG_FILE, {"steps": 10, "seed": "secret", "secret_seed": True})
+    assert Workdir(old.path).pin_seed(0, secret=True) == old_seed
+    old.pin_config(_Config(seed=old_seed, secret_seed=True), resuming=True)
+    assert seeds.NONCE_FIELD not in old.read_json(workdir_lib.CONFIG_FILE), (
+        "a resume must not pin a nonce its file does not hold")
+    new, _ = _secret_run(tmp_path / "new")
+    old_file = old.file(seeds.SECRET_SEED_FILE).read_bytes()
+    old.file(seeds.SECRET_SEED_FILE).write_bytes(new.file(seeds.SECRET_SEED_FILE).read_bytes())
+    with pytest.raises(ConfigError, match="none \\(a run from before nonces\\)"):
+        Workdir(old.path).pin_seed(0, secret=True)
+    new.file(seeds.SECRET_SEED_FILE).write_bytes(old_file)
+    with pytest.raises(ConfigError, match="none \\(a file from before nonces\\)"):
+        Workdir(new.path).pin_seed(0, secret=True)
+
+
+def test_a_config_whose_secret_seed_is_not_its_workdirs_is_refused(tmp_path):
+    wd, seed = _secret_run(tmp_path)
+    with pytest.raises(ConfigError, match="is not the secret seed") as error:
+        wd.pin_config(_Config(seed=seed + 1, secret_seed=True), resuming=False)
+    assert error.value.field == "seed", error.value.field
+    assert str(seed) not in str(error.value), "the refusal must not show the seed"
+
+
+def test_a_secret_seed_json_whose_nonce_is_not_hex_is_unreadable(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.file(seeds.SECRET_SEED_FILE).write_text(json.dumps({"seed": 2**40, "nonce": 5}))
+    with pytest.raises(ConfigError, match="unreadable") as error:
+        wd.pin_seed(0, secret=True)
+    assert error.value.field == "workdir", error.value.field
