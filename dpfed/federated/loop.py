@@ -66,8 +66,7 @@ def trained_params(state: ServerState) -> tuple[Any, Any]:
 
 def round_key(seed: int, round_index: int) -> jax.Array:
     """The key of round `round_index` (independent of where a run was resumed)."""
-    return jax.random.fold_in(jax.random.fold_in(seeds.root_key(seed), ROUND_KEY_STREAM),
-                              round_index)
+    return jax.random.fold_in(seeds.stream_key(seed, ROUND_KEY_STREAM), round_index)
 
 
 class RoundEngine(Protocol):

@@ -309,7 +309,7 @@ def train_gan(
     wd = Workdir(workdir)
     gan_engine = DpFedAvgGan(config, images, counts, mesh)
     ledger = new_ledger(config, gan_engine, group) if config.noise_multiplier > 0 else None
-    eval_key = jax.random.fold_in(seeds.root_key(config.seed), 2**31 - 1)
+    eval_key = seeds.stream_key(config.seed, 2**31 - 1)
 
     def evaluate(state: ServerState) -> dict:
         samples = sample_images(config.gan, state.context, eval_key, config.eval_samples)

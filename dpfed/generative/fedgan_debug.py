@@ -39,7 +39,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import numpy as np
 from PIL import Image
 
@@ -412,7 +411,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         f"{groups.high_threshold:.3f}: {groups.low.sum()} and {groups.high.sum()} clients"
     )
     fedgan_config = config.fedgan_config()
-    sample_key = jax.random.fold_in(seeds.root_key(config.seed), 7)
+    sample_key = seeds.stream_key(config.seed, selection.SAMPLE_STREAM)
     results, ground_truth = {}, {}
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
     sizes = {name: int(group_data[name].num_clients) for name in GROUPS}

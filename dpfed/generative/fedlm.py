@@ -416,7 +416,7 @@ def make_engine(
 
 
 def _init_key(config: FedLmConfig) -> jax.Array:
-    return jax.random.fold_in(seeds.root_key(config.seed), 2**31 - 1)
+    return seeds.stream_key(config.seed, 2**31 - 1)
 
 
 def initial_state(config: FedLmConfig, engine: DpFedAvg) -> ServerState:

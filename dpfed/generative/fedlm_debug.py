@@ -38,7 +38,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 
 from dpfed import data as data_lib
@@ -235,7 +234,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         f"{chars_total} chars are outside the char vocabulary (<oov>)"
     )
     lm_config = config.lm_config(char_vocab.size)
-    sample_key = jax.random.fold_in(seeds.root_key(config.seed), 7)
+    sample_key = seeds.stream_key(config.seed, selection.SAMPLE_STREAM)
     results, samples, ground_truth = {}, {}, {}
     group_texts_of = {
         name: [t for t, m in zip(texts, members[name], strict=True) if m] for name in GROUPS

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 from absl import flags
 from dp_accounting import dp_event
@@ -59,7 +58,7 @@ def noisy_group_sizes(sizes: dict[str, int], stddev: float, seed: int) -> dict[s
     """
     if not stddev > 0:
         raise ValueError(f"the group sizes' noise must be > 0, got {stddev}")
-    key = jax.random.fold_in(seeds.root_key(seed), _GROUP_SIZES_KEY)
+    key = seeds.stream_key(seed, _GROUP_SIZES_KEY)
     noise = np.asarray(privacy.standard_normal(key, (len(sizes),)), np.float64)
     return {name: max(1, round(n + stddev * e))
             for (name, n), e in zip(sizes.items(), noise, strict=True)}

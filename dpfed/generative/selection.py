@@ -202,6 +202,12 @@ def mean_or_nan(values: np.ndarray) -> float:
     return float(np.mean(values)) if np.size(values) else float("nan")
 
 
+# The stream of a debug demo's seed (`seeds.stream_key`) that draws the samples of its
+# released models; no other draw of the demo uses it (the groups' models train on their
+# `group_seed`s, the sizes' noise is `group_sizes`' stream).
+SAMPLE_STREAM = 7
+
+
 def group_seed(seed: int, group: str) -> int:
     """The seed of one group's model: distinct per group, fixed by (`seed`, `group`).
 

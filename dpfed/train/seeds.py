@@ -52,6 +52,17 @@ def root_key(seed: int) -> jax.Array:
     return jax.random.wrap_key_data(jnp.asarray(data))
 
 
+def stream_key(seed: int, stream: int) -> jax.Array:
+    """The key of one stream of a run's randomness (its initial model, its evaluation
+    samples, a round's keys: `stream` a constant of the module that draws it):
+    `jax.random.fold_in(root_key(seed), stream)`.
+
+    Raises:
+      ValueError: as `root_key`.
+    """
+    return jax.random.fold_in(root_key(seed), stream)
+
+
 def draw_secret() -> int:
     """A fresh secret seed in `SECRET_SEEDS`, from the OS's entropy (`secrets`)."""
     return SECRET_SEEDS.start + secrets.randbelow(SECRET_SEEDS.stop - SECRET_SEEDS.start)
