@@ -567,7 +567,9 @@ class Workdir:
         releases of one workdir never mix two seeds. In a multi-host job every process
         reads the one that process 0 wrote. With the seed the file holds a nonce
         (`seeds.draw_nonce`) that config.json pins (`pin_config`): every later invocation
-        checks that the file is its run's (`check_secret_is_this_runs`).
+        checks that the file is its run's (`check_secret_is_this_runs`). A file here
+        before any run started (copied in, or a run killed before it pinned its config)
+        is used, with a warning: two runs of one seed draw the same noise.
 
         Raises:
           ConfigError: naming "secret_seed", when `secret` and a run started here without
@@ -598,6 +600,13 @@ class Workdir:
             drawn = {"seed": seeds.draw_secret(), "nonce": seeds.draw_nonce(),
                      "note": seeds.SECRET_SEED_NOTE}
             atomic_write_bytes(path, (dumps(drawn, indent=2) + "\n").encode(), mode=0o600)
+        elif not any(self.file(name).exists() for name in _RUN_FILES) and writes_files():
+            # Nothing tells a copy from a run killed before it pinned its config.
+            logging.warning(
+                "%s was here before any run started in %s: if it was copied from another "
+                "workdir, this run draws that run's noise, and the two runs' releases "
+                "together undo it (their differences hold no noise). Use a fresh secret "
+                "(remove the file) unless it is this workdir's own.", path, self.path)
         stored = self._read_secret_file()
         assert stored is not None  # written above, or there before
         self.check_secret_is_this_runs(

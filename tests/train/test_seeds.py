@@ -357,3 +357,18 @@ def test_stream_key_is_the_fold_in_of_the_root_key_it_replaced(seed):
         expected = jax.random.fold_in(seeds.root_key(seed), stream)
         assert np.array_equal(jax.random.key_data(seeds.stream_key(seed, stream)),
                               jax.random.key_data(expected)), (seed, stream)
+
+
+def test_a_secret_seed_json_copied_into_a_fresh_workdir_is_used_with_a_warning(
+        tmp_path, caplog):
+    # Nothing tells it from a run killed before it pinned its config (the tests reproduce
+    # a secret run so); two runs of one seed draw the same noise, so the user is told.
+    ours, seed = _secret_run(tmp_path / "ours")
+    assert "before any run started" not in caplog.text, "a fresh draw warns of nothing"
+    Workdir(ours.path).pin_seed(0, secret=True)
+    assert "before any run started" not in caplog.text, "a resume warns of nothing"
+    copy = Workdir(tmp_path / "copy")
+    copy.file(seeds.SECRET_SEED_FILE).write_bytes(ours.file(seeds.SECRET_SEED_FILE).read_bytes())
+    with caplog.at_level("WARNING"):
+        assert copy.pin_seed(0, secret=True) == seed
+    assert "before any run started" in caplog.text and str(seed) not in caplog.text
