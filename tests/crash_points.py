@@ -363,15 +363,19 @@ def _start_from(binary: Binary, workdir: pathlib.Path) -> None:
     shutil.copytree(_PREPARED[binary.prepared], workdir)
 
 
-def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 600) -> Run:
+def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 600,
+        child: tuple[str, ...] = ()) -> Run:
     """Runs `binary` on `workdir` in a child (forked when it can: `tests.binary`), killed
-    before its write point `kill_at` (0: run to the end)."""
+    before its write point `kill_at` (0: run to the end). `child`: the child's module and
+    its first arguments, where another module's child (`tests.crash_writes`) runs it;
+    default this one's (`python -m tests.crash_points child ...`)."""
     from tests.binary import run_binary  # Imports jax: after `_use_the_tests_settings`.
 
     _start_from(binary, workdir)
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as trace:
         start = time.time()
-        proc = run_binary("tests.crash_points", CHILD, trace.name, str(kill_at), binary.module,
+        proc = run_binary(*(child or ("tests.crash_points", CHILD)), trace.name, str(kill_at),
+                          binary.module,
                           *binary.args(workdir), check=False, timeout=timeout)
         records = [json.loads(line) for line in trace.read().splitlines()]
     return Run(proc.returncode, records, proc.stderr[-4000:], time.time() - start)
@@ -549,13 +553,23 @@ def assert_same_workdir(whole: pathlib.Path, resumed: pathlib.Path) -> None:
 
 def assert_secret_kept(binary: Binary, workdir: pathlib.Path) -> None:
     """(d): with a `secret` seed, no file of `workdir` but secret_seed.json holds its
-    digits (checkpoints included: anyone holding the seed can subtract the noise)."""
+    digits (checkpoints included: anyone holding the seed can subtract the noise), or
+    the temp file of its own atomic write that a kill inside it leaves (mode 0600 as the
+    file's: `tests.crash_writes`), which the next run removes."""
     if binary.secret is None:
         return
     digits = str(binary.secret).encode()
     leaking = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
-                     if p.is_file() and p.name != "secret_seed.json" and digits in p.read_bytes())
+                     if p.is_file() and p.name != "secret_seed.json" and digits in p.read_bytes()
+                     and not _secret_seed_temp(p))
     assert not leaking, f"the secret seed is written in {leaking}"
+
+
+def _secret_seed_temp(path: pathlib.Path) -> bool:
+    """`path` is a temp file of secret_seed.json's atomic write, readable by its owner
+    alone."""
+    return (path.name.startswith(".secret_seed.json.") and path.name.endswith(".tmp")
+            and path.stat().st_mode & 0o777 == 0o600)
 
 
 def held(binary: Binary) -> str:
@@ -575,26 +589,27 @@ class Outcome:
 
 def crash_and_rerun(
     binary: Binary, whole: pathlib.Path, workdir: pathlib.Path, kill_at: int,
-    rerun_kill_at: int = 0,
+    rerun_kill_at: int = 0, child: tuple[str, ...] = (),
 ) -> Outcome:
     """Kills `binary` before write `kill_at` on a new `workdir` and checks (a); with
     `rerun_kill_at`, kills the rerun before its own write of that number and checks (a)
-    again; reruns to the end and checks (b) and (c) against the uninterrupted `whole`."""
+    again; reruns to the end and checks (b) and (c) against the uninterrupted `whole`.
+    Each run in `child` (`run`'s)."""
     start = time.time()
-    crashed = run(binary, workdir, kill_at)
+    crashed = run(binary, workdir, kill_at, child=child)
     expect_killed(crashed, kill_at)
     check_crashed(binary, workdir, whole)
     assert_secret_kept(binary, workdir)
     point = crashed.points[-1]
     if rerun_kill_at:
         sizes = (workdir / "group_sizes.json").exists()
-        again = run(binary, workdir, rerun_kill_at)
+        again = run(binary, workdir, rerun_kill_at, child=child)
         expect_killed(again, rerun_kill_at)
         point = again.points[-1]
         assert not (sizes and again.draws), "a rerun drew the released group sizes again"
         check_crashed(binary, workdir, whole)
     sizes = (workdir / "group_sizes.json").exists()
-    rerun = run(binary, workdir)
+    rerun = run(binary, workdir, child=child)
     expect_finished(rerun, "the rerun")
     assert not (sizes and rerun.draws), "the rerun drew the released group sizes again"
     assert_same_workdir(whole, workdir)
@@ -602,10 +617,10 @@ def crash_and_rerun(
     return Outcome(point, time.time() - start, len(rerun.points))
 
 
-def uninterrupted(binary: Binary, workdir: pathlib.Path) -> Run:
+def uninterrupted(binary: Binary, workdir: pathlib.Path, child: tuple[str, ...] = ()) -> Run:
     """The run to its end that the crashed ones are compared with; its trace lists the
     write points."""
-    result = run(binary, workdir)
+    result = run(binary, workdir, child=child)
     expect_finished(result, "the uninterrupted run")
     assert_secret_kept(binary, workdir)
     return result
@@ -613,22 +628,22 @@ def uninterrupted(binary: Binary, workdir: pathlib.Path) -> Run:
 
 def sweep(
     binary: Binary, scratch: pathlib.Path, points: list[int] | None = None, double: int = 0,
-    report: Callable[[str], None] = print,
+    report: Callable[[str], None] = print, child: tuple[str, ...] = (),
 ) -> list[Outcome]:
     """Kills `binary` before each of `points` (default: every write point of an
     uninterrupted run), or with `double`, before write `double` and then its rerun
     before each of its writes (`points` of the rerun); checks (a)-(c) at each, in
-    `scratch`; raises at the first failure."""
+    `scratch`; raises at the first failure. Each run in `child` (`run`'s)."""
     whole = scratch / "whole"
-    reference = uninterrupted(binary, whole)
+    reference = uninterrupted(binary, whole, child)
     report(f"uninterrupted: {len(reference.points)} write points, {reference.seconds:.1f} s")
     for point in reference.points:
         report(f"  {point['n']:3d} {point['kind']:18s} {point['path']}")
     todo = points or list(range(1, len(reference.points) + 1))
     if double:
         probe = scratch / "probe"
-        expect_killed(run(binary, probe, double), double)
-        rerun = uninterrupted(binary, probe)
+        expect_killed(run(binary, probe, double, child=child), double)
+        rerun = uninterrupted(binary, probe, child)
         report(f"killed before write {double}, the rerun makes {len(rerun.points)} writes:")
         for point in rerun.points:
             report(f"  {point['n']:3d} {point['kind']:18s} {point['path']}")
@@ -637,8 +652,8 @@ def sweep(
     outcomes = []
     for k in todo:
         workdir = scratch / f"k{k}"
-        outcome = (crash_and_rerun(binary, whole, workdir, double, k) if double
-                   else crash_and_rerun(binary, whole, workdir, k))
+        outcome = (crash_and_rerun(binary, whole, workdir, double, k, child) if double
+                   else crash_and_rerun(binary, whole, workdir, k, child=child))
         outcomes.append(outcome)
         what = f"killed at {double}, its rerun at {k}" if double else f"point {k}"
         report(f"{what} ({outcome.point['kind']} {outcome.point['path']}): {held(binary)} held, "
