@@ -1,0 +1,215 @@
+"""Crash writes: an experiment binary killed *inside* one of its writes, then rerun.
+
+`tests.crash_points` kills a run before each of its write points (or, `--double`, its
+rerun too). A kill can also land inside a write, and each kind of write leaves
+something of its own there:
+
+  inside  a JSON, PNG or msgpack file (`workdir.atomic_write_local_bytes`): the temp file
+          `.<name>.<random>.tmp` written and fsynced beside the old file (or none), and
+          killed before its rename: the temp file is left;
+          a line of a log (`Workdir._append`): the first half of the line's bytes on
+          disk, no newline: a *torn* last line (a write cut short, a disk full);
+          a checkpoint's rename (orbax's `finalize`): its metadata and commit-success
+          file written in the temp folder, killed before the folder's rename;
+          (a checkpoint's save (`Checkpointer.save`) is killed before, as crash_points
+          kills it: the kill inside it is the one before its rename);
+  after   the write done, killed before anything else: for a run's last write, the one
+          moment after it that `crash_points` does not reach.
+
+The runs, checks and sweeps are crash_points' (`crash_points.sweep`,
+`crash_and_rerun`: checks (a)-(d)), each run a child of this module
+(`python -m tests.crash_writes child HOW ...`), which puts its kill inside the write.
+HOW may add `draw`: a `--secret_seed` mode's child then lets the binary draw the secret
+itself (as `crash_points.SECRET`) and write secret_seed.json, a write point of its own,
+instead of the pre-written one.
+
+  JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_writes \
+    dpsgd_classifier --mode=default [--how=after] [--points=4,8]
+
+The tests (`tests/test_crash_writes.py`) keep the riskiest points.
+"""
+
+import argparse
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests import crash_points
+from tests.crash_points import Binary
+
+CHILD = "child"
+INSIDE, AFTER, DRAW = "inside", "after", "draw"
+# The write points that have an inside: all but the checkpoint's save (killed before).
+INSIDE_KINDS = ("file", "append", "checkpoint-rename")
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Tracer(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
+    """crash_points' tracer that, at point `kill_at`, does not kill before the write:
+    it arms (`armed`: the point's kind and path) for the write's own wrapper to kill
+    inside or after it; a checkpoint's save it kills before."""
+
+    def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path, how: str):
+        super().__init__(trace, 0, root)
+        self._at, self._how = kill_at, how
+        self.armed: tuple[str, pathlib.Path] | None = None
+
+    def point(self, kind: str, path: str | os.PathLike) -> None:
+        before = self.count
+        super().point(kind, path)
+        if self.count != before and self.count == self._at:
+            self.event(f"killed {self._how}" if kind in INSIDE_KINDS else "killed before")
+            if kind not in INSIDE_KINDS:
+                _kill()
+            self.armed = (kind, pathlib.Path(path).absolute())
+
+    def at(self, kind: str, path: str | os.PathLike) -> str | None:
+        """How to kill the write of `kind` to `path`: INSIDE or AFTER where it is the
+        armed one, else None (write it)."""
+        if self.armed == (kind, pathlib.Path(path).absolute()):
+            return self._how
+        return None
+
+
+def _install(tracer: _Tracer, draw: bool) -> None:
+    """Wraps the library's writes to be killed inside or after the armed one, then
+    crash_points' tracing around them; with `draw`, the secret seed drawn is SECRET."""
+    from orbax.checkpoint._src.path import async_path
+
+    from dpfed.train import seeds, workdir
+
+    write = workdir.atomic_write_local_bytes
+
+    def killed_write(path: pathlib.Path, payload: bytes, mode: int | None = None) -> None:
+        how = tracer.at("file", path)
+        if how == INSIDE:  # the temp file written and fsynced; killed before its rename
+            replace = os.replace
+            os.replace = lambda src, dst: _kill()  # type: ignore[assignment]
+            write(path, payload, mode)
+            os.replace = replace
+            raise AssertionError(f"the write of {path} was not killed at its rename")
+        write(path, payload, mode)
+        if how == AFTER:
+            _kill()
+
+    append = workdir.Workdir._append  # noqa: SLF001 -- the write it wraps.
+
+    def killed_append(self: workdir.Workdir, name: str, record: dict) -> None:
+        how = tracer.at("append", self.file(name))
+        append(self, name, record)
+        if how == INSIDE:  # the line's second half cut: as a write cut short leaves it
+            path = self.file(name)
+            line = len((workdir.dumps(record, sort_keys=True) + "\n").encode())
+            with path.open("r+b") as f:
+                f.truncate(path.stat().st_size - line + line // 2)
+                f.flush()
+                os.fsync(f.fileno())
+        if how is not None:
+            _kill()
+
+    rename = async_path.rename
+
+    async def killed_rename(src: Any, dst: Any) -> None:
+        how = tracer.at("checkpoint-rename", dst)
+        if how == INSIDE:  # the commit-success file written in the temp folder
+            _kill()
+        await rename(src, dst)
+        if how == AFTER:
+            _kill()
+
+    workdir.atomic_write_local_bytes = killed_write
+    workdir.Workdir._append = killed_append  # noqa: SLF001
+    async_path.rename = killed_rename
+    if draw:
+        seeds.draw_secret = lambda: crash_points.SECRET
+    crash_points._install(tracer)  # noqa: SLF001 -- the tracing, around the kills.
+
+
+def _child(argv: list[str]) -> None:
+    """`child HOW TRACE KILL_AT MODULE ARGS...`: as crash_points' child, the kill at
+    point KILL_AT inside or after its write (HOW: INSIDE or AFTER, `,draw` added: a
+    pre-written secret_seed.json in a new workdir removed and the secret drawn)."""
+    how, trace, kill_at, module, *args = argv
+    kill, *extra = how.split(",")
+    workdir = pathlib.Path(next(a.partition("=")[2] for a in args if a.startswith("--workdir=")))
+    if DRAW in extra:
+        _remove_prewritten_seed(workdir)
+    _install(_Tracer(pathlib.Path(trace), int(kill_at), workdir, kill), DRAW in extra)
+    import runpy
+
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _remove_prewritten_seed(workdir: pathlib.Path) -> None:
+    """Removes the secret_seed.json that `crash_points` writes in a new workdir (the
+    workdir holds nothing else), so that the binary draws and writes it itself."""
+    from dpfed.train import seeds
+
+    files = [p for p in workdir.rglob("*") if p.is_file()] if workdir.exists() else []
+    if [p.name for p in files] == [seeds.SECRET_SEED_FILE]:
+        files[0].unlink()
+
+
+def child(how: str) -> tuple[str, ...]:
+    """`crash_points.run`'s `child` for a kill `how` (INSIDE or AFTER, `,draw` added)."""
+    return ("tests.crash_writes", CHILD, how)
+
+
+def inside_points(reference: crash_points.Run) -> list[int]:
+    """The write points of `reference` that have an inside (`INSIDE_KINDS`)."""
+    return [p["n"] for p in reference.points if p["kind"] in INSIDE_KINDS]
+
+
+def sweep(
+    binary: Binary, scratch: pathlib.Path, how: str = INSIDE, points: list[int] | None = None,
+    report: Callable[[str], None] = print,
+) -> list[crash_points.Outcome]:
+    """Kills `binary` `how` each of `points` (default: INSIDE, every point with an
+    inside; AFTER, the last point), reruns it and checks (a)-(d) (`crash_points.sweep`)."""
+    if points is None:
+        reference = crash_points.uninterrupted(binary, scratch / "probe", child(how))
+        points = (inside_points(reference) if how.startswith(INSIDE)
+                  else [len(reference.points)])
+    return crash_points.sweep(binary, scratch, points, report=report, child=child(how))
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("binary", choices=sorted(crash_points.BINARIES))
+    parser.add_argument("--mode", help="default: the binary's first")
+    parser.add_argument("--how", default=INSIDE,
+                        help=f"{INSIDE} or {AFTER}, `,{DRAW}` added: the binary draws the secret")
+    parser.add_argument("--points", help="comma-separated write points (default: "
+                        f"{INSIDE}: every one with an inside; {AFTER}: the last)")
+    parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
+    args = parser.parse_args(argv)
+    modes = crash_points.BINARIES[args.binary]
+    mode = args.mode or next(iter(modes))
+    if mode not in modes:
+        parser.error(f"--mode of {args.binary} must be one of {', '.join(modes)}")
+    binary = modes[mode]
+    points = [int(p) for p in args.points.split(",")] if args.points else None
+    scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_writes-"))
+    start = time.time()
+    outcomes = sweep(binary, scratch, args.how, points)
+    print(f"{args.binary} {mode} ({args.how}): {crash_points.held(binary)} held at "
+          f"{len(outcomes)} points, {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [CHILD]:
+        _child(sys.argv[2:])
+    else:
+        crash_points._use_the_tests_settings()  # noqa: SLF001 -- the tests' XLA settings.
+        _main(sys.argv[1:])
