@@ -38,6 +38,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -77,6 +78,11 @@ CONFIG_FILE = "config.json"
 DATA_FILE = "data.json"  # a digest of the run's training data (`Workdir.pin_data`)
 # Metrics records a resume dropped that its replay has not logged again (`truncate_logs`).
 UNREPLAYED_FILE = "unreplayed.jsonl"
+# A record's step field leads its line (`_line`): a line torn by a crash names its step
+# before any released value, or holds none (`Workdir.torn_release`).
+_STEP_KEYS = ("step", "round")
+# Marks the record `Workdir.torn_release` makes of a torn line: its step and no values.
+TORN_KEY = "torn"
 # Config fields a resumed run may change: how long it runs and how often it reports.
 # Any other change would continue a checkpoint under settings it was not trained with.
 RESUMABLE_FIELDS = frozenset(
@@ -703,11 +709,51 @@ class Workdir:
 
     def read_released(self, key: str = "step") -> list[dict]:
         """The records of every release logged here: metrics.jsonl's, then those of
-        `unreplayed.jsonl` past its last `key` (dropped by a resume, not yet logged again).
+        `unreplayed.jsonl` past its last `key` (dropped by a resume, not yet logged again),
+        and the release of its torn last line (`torn_release`), if it holds one.
+
+        Raises:
+          ConfigError: as `torn_release`.
         """
         records = self.read_metrics()
         logged = max((r[key] for r in records if key in r), default=0)
-        return records + [r for r in self._read(UNREPLAYED_FILE) if r.get(key, 0) > logged]
+        later = [r for r in self._read(UNREPLAYED_FILE) if r.get(key, 0) > logged]
+        torn = self.torn_release(key)
+        if torn is not None and torn[key] > logged and all(r.get(key) != torn[key] for r in later):
+            later.append(torn)
+        return records + later
+
+    def torn_release(self, key: str = "step") -> dict | None:
+        """The release of metrics.jsonl's torn last line (a run killed while logging it),
+        as `{key: its step, TORN_KEY: True}`; None where no line is torn, or the torn one
+        holds no released value (it ends within its leading `{"<key>": <step>`).
+
+        Its bytes are on disk, so it is a release: ledger.json counts it (written first,
+        `append_release`), and a resume must replay its step as any other logged one
+        (`read_released`), or be refused, lest it end with a ledger that does not.
+
+        Raises:
+          ConfigError: naming "workdir", for a torn line that holds more but names no
+            step first (written before steps led the lines): its step is unknown.
+        """
+        path = self.file(METRICS_FILE)
+        if not path.exists():
+            return None
+        data = path.read_bytes()
+        tail = data[data.rfind(b"\n") + 1:].decode("utf-8", errors="replace")
+        lead = f'{{"{key}": '
+        if not tail or lead.startswith(tail) or re.fullmatch(re.escape(lead) + r"\d*", tail):
+            return None
+        step = re.match(re.escape(lead) + r"(\d+)[,}]", tail)
+        if step is None:
+            raise ConfigError(
+                "workdir",
+                f"{path} ends in a line torn by a crash that names no {key}: it may hold a "
+                "release, and this run cannot tell which one to replay. Use a new workdir, "
+                "or, if the killed run's ledger.json is kept with its releases, remove that "
+                "line by hand",
+            )
+        return {key: int(step[1]), TORN_KEY: True}
 
     def truncate_logs(self, after_step: int, key: str = "step") -> int:
         """Drops the records with `record[key] > after_step` from both logs.
@@ -725,14 +771,14 @@ class Workdir:
         unreplayed = [r for r in self.read_released(key) if r.get(key, 0) > after_step]
         path = self.file(UNREPLAYED_FILE)
         if unreplayed or path.exists():
-            atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in unreplayed))
+            atomic_write_text(path, "".join(_line(r) for r in unreplayed))
         dropped = {}
         for name in (METRICS_FILE, DIAGNOSTICS_FILE):
             records = self._read(name)
             kept = [r for r in records if key not in r or r[key] <= after_step]
             path = self.file(name)
             if path.exists():  # atomic_write_text: process 0 of a multi-host job only
-                atomic_write_text(path, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
+                atomic_write_text(path, "".join(_line(r) for r in kept))
             self._tail_checked.add(name)
             dropped[name] = len(records) - len(kept)
             if name == METRICS_FILE:
@@ -750,7 +796,7 @@ class Workdir:
                 _drop_torn_last_line(path)
                 self._tail_checked.add(name)
             with path.open("a", encoding="utf-8") as f:
-                f.write(dumps(record, sort_keys=True) + "\n")
+                f.write(_line(record))
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -779,6 +825,17 @@ class Workdir:
                 ) from None
             records.append(record)
         return records
+
+
+def _line(record: dict) -> str:
+    """`record` as one JSON line, its keys sorted but its step field (`_STEP_KEYS`) first,
+    so that a line torn by a crash names its step before any released value."""
+    first = next((k for k in _STEP_KEYS if k in record), None)
+    rest = dumps({k: v for k, v in record.items() if k != first}, sort_keys=True)
+    if first is None:
+        return rest + "\n"
+    lead = dumps({first: record[first]})
+    return lead + "\n" if rest == "{}" else f"{lead[:-1]}, {rest[1:]}\n"
 
 
 def _drop_torn_last_line(path: pathlib.Path) -> None:

@@ -614,3 +614,54 @@ def test_a_rewritten_report_keeps_the_evaluation_section_only_when_asked(tmp_pat
     assert "Evaluation" not in (tmp_path / "report.md").read_text(), "a stale section is dropped"
     wd.write_report("# run\n", keep_evaluation=True)
     assert (tmp_path / "report.md").read_text() == "# run\n", "nothing to keep: the report alone"
+
+
+def test_a_metrics_line_names_its_step_first(tmp_path):
+    # A line torn by a crash then names its step before any released value.
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"test_accuracy": 0.5, "round": 3, "epsilon_rdp": 1.0})
+    assert wd.file("metrics.jsonl").read_text() == (
+        '{"round": 3, "epsilon_rdp": 1.0, "test_accuracy": 0.5}\n'), "the round is not first"
+
+
+@pytest.mark.parametrize("torn, released", [
+    ('{"step": 2, "test_accuracy": 0.2', {"step": 2, "torn": True}),
+    ('{"step": 2}', {"step": 2, "torn": True}),
+    ('{"step": 1', None),  # no released value yet (its step may be 1, 10, ...)
+    ('{"st', None),
+])
+def test_a_torn_metrics_line_holding_a_value_is_a_release_at_its_step(tmp_path, torn, released):
+    # Its bytes are on disk: a resume must replay its step (ledger.json counts it), not
+    # end before it (`resume_or_start` reads `read_released`).
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write(torn)
+    assert wd.torn_release() == released, f"{torn!r} read as {wd.torn_release()}"
+    expected = [{"step": 1}] + ([released] if released else [])
+    assert wd.read_released() == expected, "read_released does not list the torn release"
+
+
+def test_a_torn_release_dropped_by_a_resume_stays_in_unreplayed(tmp_path):
+    # Else a resume killed before its replay logs step 2 again would forget it.
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "test_accuracy": 0.2')
+    wd.truncate_logs(1)
+    assert wd.read_metrics() == [{"step": 1}], "the torn line was not cut"
+    assert Workdir(tmp_path).read_released() == [{"step": 1}, {"step": 2, "torn": True}], (
+        "the torn release was lost by the truncation")
+    wd.append_metrics({"step": 2, "test_accuracy": 0.25})
+    assert Workdir(tmp_path).read_released() == [{"step": 1}, {"step": 2, "test_accuracy": 0.25}], (
+        "the replayed record did not take the torn one's place")
+
+
+def test_a_torn_metrics_line_naming_no_step_is_refused(tmp_path):
+    # Written before steps led the lines: which step it released is unknown.
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write('{"epsilon_rdp": 0.9, "step": 2, "test_acc')
+    with pytest.raises(ConfigError, match="torn by a crash that names no step"):
+        wd.read_released()
