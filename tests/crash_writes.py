@@ -7,7 +7,7 @@ something of its own there:
   inside  a JSON, PNG or msgpack file (`workdir.atomic_write_local_bytes`): the temp file
           `.<name>.<random>.tmp` written and fsynced beside the old file (or none), and
           killed before its rename: the temp file is left;
-          a line of a log (`Workdir._append`): the first half of the line's bytes on
+          a line of a log (`Workdir._append`): the first 3/4 of the line's bytes on
           disk, no newline: a *torn* last line (a write cut short, a disk full);
           a checkpoint's rename (orbax's `finalize`): its metadata and commit-success
           file written in the temp folder, killed before the folder's rename;
@@ -109,9 +109,10 @@ def _install(tracer: _Tracer, draw: bool) -> None:
         append(self, name, record)
         if how == INSIDE:  # the line's second half cut: as a write cut short leaves it
             path = self.file(name)
-            line = len((workdir.dumps(record, sort_keys=True) + "\n").encode())
+            data = path.read_bytes()
+            start = data.rstrip(b"\n").rfind(b"\n") + 1
             with path.open("r+b") as f:
-                f.truncate(path.stat().st_size - line + line // 2)
+                f.truncate(start + (len(data) - start) * 3 // 4)
                 f.flush()
                 os.fsync(f.fileno())
         if how is not None:
