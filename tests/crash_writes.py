@@ -24,7 +24,7 @@ itself (as `crash_points.SECRET`) and write secret_seed.json, a write point of i
 instead of the pre-written one.
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_writes \
-    dpsgd_classifier --mode=default [--how=after] [--points=4,8]
+    dpsgd_classifier --mode=default [--how=after] [--points=4,8] [--double=8]
 
 The tests (`tests/test_crash_writes.py`) keep the riskiest points.
 """
@@ -174,15 +174,17 @@ def inside_points(reference: crash_points.Run) -> list[int]:
 
 def sweep(
     binary: Binary, scratch: pathlib.Path, how: str = INSIDE, points: list[int] | None = None,
-    report: Callable[[str], None] = print,
+    report: Callable[[str], None] = print, double: int = 0,
 ) -> list[crash_points.Outcome]:
     """Kills `binary` `how` each of `points` (default: INSIDE, every point with an
-    inside; AFTER, the last point), reruns it and checks (a)-(d) (`crash_points.sweep`)."""
-    if points is None:
+    inside; AFTER, the last point), reruns it and checks (a)-(d) (`crash_points.sweep`);
+    with `double`, kills it `how` point `double`, then its rerun `how` each of `points`
+    (default: all of the rerun's)."""
+    if points is None and not double:
         reference = crash_points.uninterrupted(binary, scratch / "probe", child(how))
         points = (inside_points(reference) if how.startswith(INSIDE)
                   else [len(reference.points)])
-    return crash_points.sweep(binary, scratch, points, report=report, child=child(how))
+    return crash_points.sweep(binary, scratch, points, double, report, child(how))
 
 
 def _main(argv: list[str]) -> None:
@@ -193,6 +195,8 @@ def _main(argv: list[str]) -> None:
                         help=f"{INSIDE} or {AFTER}, `,{DRAW}` added: the binary draws the secret")
     parser.add_argument("--points", help="comma-separated write points (default: "
                         f"{INSIDE}: every one with an inside; {AFTER}: the last)")
+    parser.add_argument("--double", type=int, default=0,
+                        help="kill at this write, then the rerun at each of its own")
     parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
     modes = crash_points.BINARIES[args.binary]
@@ -203,7 +207,7 @@ def _main(argv: list[str]) -> None:
     points = [int(p) for p in args.points.split(",")] if args.points else None
     scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_writes-"))
     start = time.time()
-    outcomes = sweep(binary, scratch, args.how, points)
+    outcomes = sweep(binary, scratch, args.how, points, double=args.double)
     print(f"{args.binary} {mode} ({args.how}): {crash_points.held(binary)} held at "
           f"{len(outcomes)} points, {time.time() - start:.0f} s")
 
