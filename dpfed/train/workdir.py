@@ -749,9 +749,9 @@ class Workdir:
             raise ConfigError(
                 "workdir",
                 f"{path} ends in a line torn by a crash that names no {key}: it may hold a "
-                "release, and this run cannot tell which one to replay. Use a new workdir, "
-                "or, if the killed run's ledger.json is kept with its releases, remove that "
-                "line by hand",
+                "release, and this run cannot tell which one to replay. Remove that line by "
+                "hand and resume with the killed run's settings (its config.json), so that "
+                "the replay logs that release again, or use a new workdir",
             )
         return {key: int(step[1]), TORN_KEY: True}
 
