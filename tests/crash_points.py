@@ -146,6 +146,9 @@ _EVALUATE_SMALL = ("--num_samples=200", "--max_epochs=1", "--extractor_steps=10"
 # The secret seed of the `--secret_seed` modes: 64 bits (the largest 64-bit prime), 20
 # digits that no other number a run writes is likely to hold.
 SECRET = 2**64 - 59
+# The nonce written beside it (a fresh run draws one, `seeds.draw_nonce`, that config.json
+# pins): one fixed nonce, so every workdir of a mode pins the same config.json.
+SECRET_NONCE = "5ec2e7" * 5 + "00"
 
 # The finished DataLens workdir that evaluate's modes start from.
 _DATALENS_DONE = Binary("experiments.datalens", (*_DATALENS_TINY, "--noevaluate"), ("",))
@@ -353,7 +356,8 @@ def _start_from(binary: Binary, workdir: pathlib.Path) -> None:
 
         workdir.mkdir(parents=True)
         workdir.joinpath(seeds.SECRET_SEED_FILE).write_text(
-            json.dumps({"seed": binary.secret, "note": seeds.SECRET_SEED_NOTE}))
+            json.dumps({"seed": binary.secret, "nonce": SECRET_NONCE,
+                        "note": seeds.SECRET_SEED_NOTE}))
     if binary.prepared is None:
         return
     if binary.prepared not in _PREPARED:
