@@ -87,6 +87,7 @@ from dpfed.train.workdir import (
     DIAGNOSTICS_JSON_NOTE,
     DIAGNOSTICS_NOTE,
     LEDGER_FILE,
+    TORN_KEY,
     TrainingData,
     Workdir,
     environment_info,
@@ -517,7 +518,8 @@ def refuse_logs_of_other_local_noise(
     checkpoints gone, z is calibrated afresh from this invocation's flags, and differs
     from the logged rounds' z if an earlier resume changed `--target_epsilon` or
     `--rounds`: replaying those rounds with it would leave what was logged in no
-    ledger. Records written before z was logged pass.
+    ledger. Records written before z was logged pass; a torn record past the checkpoint
+    (`workdir.TORN_KEY`) cut before its target is refused: its budgets are unknown.
 
     Raises:
       ConfigError: naming "workdir", with the logged and the new z; or naming
@@ -535,8 +537,17 @@ def refuse_logs_of_other_local_noise(
                 "--rounds?): restore the checkpoints or use a new workdir",
             )
     for record in records:
+        past_checkpoint = record.get("round", 0) > checkpoint_round
+        if past_checkpoint and record.get(TORN_KEY) and LOCAL_TARGET_KEY not in record:
+            raise ConfigError(
+                "workdir",
+                f"metrics.jsonl ends in round {record['round']}'s record, torn by a crash "
+                f"before its {LOCAL_TARGET_KEY}: the replay cannot tell whether this run's "
+                "clients' budgets are those it was logged with. Remove that line by hand and "
+                "resume with the killed run's --target_epsilon, or use a new workdir",
+            )
         target = record.get(LOCAL_TARGET_KEY, target_epsilon)
-        if record.get("round", 0) > checkpoint_round and target != target_epsilon:
+        if past_checkpoint and target != target_epsilon:
             raise ConfigError(
                 "target_epsilon",
                 f"the killed run logged round {record.get('round')} past its last checkpoint "

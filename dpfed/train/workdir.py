@@ -725,8 +725,10 @@ class Workdir:
 
     def torn_release(self, key: str = "step") -> dict | None:
         """The release of metrics.jsonl's torn last line (a run killed while logging it),
-        as `{key: its step, TORN_KEY: True}`; None where no line is torn, or the torn one
-        holds no released value (it ends within its leading `{"<key>": <step>`).
+        as `{key: its step, TORN_KEY: True}` with the pairs the line holds whole (each
+        followed by a comma: a number cut short is not one); None where no line is torn,
+        or the torn one holds no released value (it ends within its leading
+        `{"<key>": <step>`).
 
         Its bytes are on disk, so it is a release: ledger.json counts it (written first,
         `append_release`), and a resume must replay its step as any other logged one
@@ -753,7 +755,7 @@ class Workdir:
                 "hand and resume with the killed run's settings (its config.json), so that "
                 "the replay logs that release again, or use a new workdir",
             )
-        return {key: int(step[1]), TORN_KEY: True}
+        return {**_complete_pairs(tail), key: int(step[1]), TORN_KEY: True}
 
     def truncate_logs(self, after_step: int, key: str = "step") -> int:
         """Drops the records with `record[key] > after_step` from both logs.
@@ -836,6 +838,19 @@ def _line(record: dict) -> str:
         return rest + "\n"
     lead = dumps({first: record[first]})
     return lead + "\n" if rest == "{}" else f"{lead[:-1]}, {rest[1:]}\n"
+
+
+def _complete_pairs(torn: str) -> dict:
+    """The `"key": value` pairs a torn JSON-object line holds whole: those before its last
+    `, "` that parse as an object (a value cut short has no comma after it yet)."""
+    for cut in reversed([m.start() for m in re.finditer(r', "', torn)]):
+        try:
+            record = loads(torn[:cut] + "}")
+        except ValueError:  # the cut fell inside a string value: try an earlier one
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
 
 
 def _drop_torn_last_line(path: pathlib.Path) -> None:

@@ -508,6 +508,33 @@ def test_local_rounds_logged_past_the_checkpoint_refuse_other_budgets(tmp_path):
     assert error.value.field == "target_epsilon", error.value.field
 
 
+@pytest.mark.parametrize("torn, checkpoint_round, refused", [
+    # Cut before its target: the budgets it was logged with are unknown.
+    ('{"round": 4, "clients_out_of_budget": 0, "epsilon_rdp_worst_client": 1.5, "local_n',
+     2, "workdir"),
+    ('{"round": 4, "local_noise_multiplier": 0.95, "local_target_epsilon": 8.0, "lo', 2,
+     "target_epsilon"),  # its target, whole: 8.0, not this run's 10.0
+    ('{"round": 4, "clients_out_of_budget": 0, "ep', 4, None),  # at the checkpoint: kept
+])
+def test_a_torn_local_record_past_the_checkpoint_needs_its_target(
+        tmp_path, torn, checkpoint_round, refused):
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"round": 2, dpd_fvae.LOCAL_NOISE_KEY: 0.95,
+                       dpd_fvae.LOCAL_TARGET_KEY: 10.0})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write(torn)
+    check = functools.partial(dpd_fvae.refuse_logs_of_other_local_noise, wd, 0.95, 10.0,
+                              checkpoint_round=checkpoint_round)
+    if refused is None:
+        check()
+        return
+    with pytest.raises(ConfigError) as error:
+        check()
+    assert error.value.field == refused, (
+        f"a torn round-4 record past checkpoint {checkpoint_round} must be refused naming "
+        f"{refused}: {error.value}")
+
+
 def test_a_local_resume_on_other_training_data_is_refused_naming_the_flag(
         local_resume, tmp_path, monkeypatch):
     # A local run keeps its checkpoint's z without reading a ledger (no

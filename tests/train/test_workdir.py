@@ -642,6 +642,22 @@ def test_a_torn_metrics_line_holding_a_value_is_a_release_at_its_step(tmp_path, 
     assert wd.read_released() == expected, "read_released does not list the torn release"
 
 
+@pytest.mark.parametrize("torn, released", [
+    ('{"step": 2, "a": 1, "b": 0.25', {"step": 2, "a": 1}),  # 0.25 may be cut from 0.2567
+    ('{"step": 2, "a": 1, "b": 0.25, "c', {"step": 2, "a": 1, "b": 0.25}),
+    ('{"step": 2, "a": "x, \\"y", "b', {"step": 2, "a": 'x, "y'}),  # `, "` in a string
+    ('{"step": 2, "a": "x, "', {"step": 2}),  # a cut inside a string value: an earlier one
+])
+def test_a_torn_release_keeps_the_pairs_it_holds_whole(tmp_path, torn, released):
+    # A check of the logged mechanism (e.g. DPD-fVAE's local target) reads them.
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"step": 1})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write(torn)
+    assert wd.torn_release() == {**released, "torn": True}, (
+        f"{torn!r}: the pairs followed by a comma are whole, no other; got {wd.torn_release()}")
+
+
 def test_a_torn_release_dropped_by_a_resume_stays_in_unreplayed(tmp_path):
     # Else a resume killed before its replay logs step 2 again would forget it.
     wd = Workdir(tmp_path)
