@@ -36,6 +36,7 @@ The tests (`tests/test_crash_points.py`) keep a few of the riskiest points.
 """
 
 import argparse
+import atexit
 import dataclasses
 import json
 import math
@@ -361,7 +362,9 @@ def _start_from(binary: Binary, workdir: pathlib.Path) -> None:
     if binary.prepared is None:
         return
     if binary.prepared not in _PREPARED:
-        prepared = pathlib.Path(tempfile.mkdtemp(prefix="crash_points-prepared-")) / "whole"
+        scratch = tempfile.mkdtemp(prefix="crash_points-prepared-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the process's copies
+        prepared = pathlib.Path(scratch) / "whole"
         expect_finished(run(binary.prepared, prepared), f"the prepared {binary.prepared.module}")
         _PREPARED[binary.prepared] = prepared
     shutil.copytree(_PREPARED[binary.prepared], workdir)
