@@ -81,7 +81,7 @@ UNREPLAYED_FILE = "unreplayed.jsonl"
 # A record's step field leads its line (`_line`): a line torn by a crash names its step
 # before any released value, or holds none (`Workdir.torn_release`).
 _STEP_KEYS = ("step", "round")
-# Marks the record `Workdir.torn_release` makes of a torn line: its step and no values.
+# Marks the record `Workdir.torn_release` makes of a torn line: its step, its whole pairs.
 TORN_KEY = "torn"
 # Config fields a resumed run may change: how long it runs and how often it reports.
 # Any other change would continue a checkpoint under settings it was not trained with.
