@@ -20,8 +20,8 @@ The runs, checks and sweeps are crash_points' (`crash_points.sweep`,
 `crash_and_rerun`: checks (a)-(d)), each run a child of this module
 (`python -m tests.crash_writes child HOW ...`), which puts its kill inside the write.
 HOW may add `draw`: a `--secret_seed` mode's child then lets the binary draw the secret
-itself (as `crash_points.SECRET`) and write secret_seed.json, a write point of its own,
-instead of the pre-written one.
+itself (as `crash_points.SECRET`, its nonce `SECRET_NONCE`) and write secret_seed.json,
+a write point of its own, instead of the pre-written one.
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_writes \
     dpsgd_classifier --mode=default [--how=after] [--points=4,8] [--double=8]
@@ -133,6 +133,7 @@ def _install(tracer: _Tracer, draw: bool) -> None:
     async_path.rename = killed_rename
     if draw:
         seeds.draw_secret = lambda: crash_points.SECRET
+        seeds.draw_nonce = lambda: crash_points.SECRET_NONCE  # config.json pins it
     crash_points._install(tracer)  # noqa: SLF001 -- the tracing, around the kills.
 
 
