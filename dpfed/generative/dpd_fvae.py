@@ -83,6 +83,7 @@ from dpfed.train.config import (
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
+    CONFIG_FILE,
     DIAGNOSTICS_JSON,
     DIAGNOSTICS_JSON_NOTE,
     DIAGNOSTICS_NOTE,
@@ -518,8 +519,9 @@ def refuse_logs_of_other_local_noise(
     checkpoints gone, z is calibrated afresh from this invocation's flags, and differs
     from the logged rounds' z if an earlier resume changed `--target_epsilon` or
     `--rounds`: replaying those rounds with it would leave what was logged in no
-    ledger. Records written before z was logged pass; a torn record past the checkpoint
-    (`workdir.TORN_KEY`) cut before its target is refused: its budgets are unknown.
+    ledger. Records written before z was logged pass. A torn record past the checkpoint
+    (`workdir.TORN_KEY`) cut before its target was logged with config.json's target
+    (`_pinned_target`); without one there it is refused: its budgets are unknown.
 
     Raises:
       ConfigError: naming "workdir", with the logged and the new z; or naming
@@ -539,13 +541,7 @@ def refuse_logs_of_other_local_noise(
     for record in records:
         past_checkpoint = record.get("round", 0) > checkpoint_round
         if past_checkpoint and record.get(TORN_KEY) and LOCAL_TARGET_KEY not in record:
-            raise ConfigError(
-                "workdir",
-                f"metrics.jsonl ends in round {record['round']}'s record, torn by a crash "
-                f"before its {LOCAL_TARGET_KEY}: the replay cannot tell whether this run's "
-                "clients' budgets are those it was logged with. Remove that line by hand and "
-                "resume with the killed run's --target_epsilon, or use a new workdir",
-            )
+            record = {**record, LOCAL_TARGET_KEY: _pinned_target(workdir, record["round"])}
         target = record.get(LOCAL_TARGET_KEY, target_epsilon)
         if past_checkpoint and target != target_epsilon:
             raise ConfigError(
@@ -556,6 +552,31 @@ def refuse_logs_of_other_local_noise(
                 f"logged uncounted. Resume with --target_epsilon={target} until past round "
                 f"{record.get('round')}, or use a new workdir",
             )
+
+
+def _pinned_target(workdir: Workdir, torn_round: int) -> float | None:
+    """The target of a torn local record cut before its own: config.json's.
+
+    The invocation that logged it pinned its flags in config.json before logging
+    anything (`resume.start` pins them after every check), and every later one that
+    pinned its own first passed `refuse_logs_of_other_local_noise`, which compared its
+    target with this one: config.json holds the target the torn record was logged with.
+
+    Raises:
+      ConfigError: naming "workdir", where config.json is missing, unreadable or names
+        no target_epsilon (written by an older dpfed): its budgets are unknown.
+    """
+    pinned = workdir.read_pin(CONFIG_FILE, resuming=True)
+    if pinned is None or "target_epsilon" not in pinned:
+        raise ConfigError(
+            "workdir",
+            f"metrics.jsonl ends in round {torn_round}'s record, torn by a crash before its "
+            f"{LOCAL_TARGET_KEY}, and {workdir.file(CONFIG_FILE)} names no target_epsilon: "
+            "the replay cannot tell whether this run's clients' budgets are those it was "
+            "logged with. Remove that line by hand and resume with the killed run's "
+            "--target_epsilon, or use a new workdir",
+        )
+    return pinned["target_epsilon"]
 
 
 def participation_budgets(

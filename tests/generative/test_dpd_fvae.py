@@ -535,6 +535,26 @@ def test_a_torn_local_record_past_the_checkpoint_needs_its_target(
         f"{refused}: {error.value}")
 
 
+@pytest.mark.parametrize("pinned, refused", [(10.0, None), (8.0, "target_epsilon")])
+def test_a_torn_local_record_cut_before_its_target_has_config_jsons(
+        tmp_path, pinned, refused):
+    # A run killed inside its metrics append (crash_writes dpd_fvae --mode=local, point
+    # 4) left a line cut before its target; the run that logged it pinned its target in
+    # config.json first, so its rerun with the same flags resumes (it was refused).
+    wd = Workdir(tmp_path)
+    wd.write_json("config.json", {"dp": "local", "target_epsilon": pinned})
+    with wd.file("metrics.jsonl").open("a") as f:
+        f.write('{"round": 1, "clients_out_of_budget": 0, "epsilon_rdp_worst_client": 1.5, '
+                '"local_n')
+    check = functools.partial(dpd_fvae.refuse_logs_of_other_local_noise, wd, 0.95, 10.0)
+    if refused is None:
+        check()
+        return
+    with pytest.raises(ConfigError, match="target_epsilon=8.0") as error:
+        check()
+    assert error.value.field == refused, error.value
+
+
 def test_a_local_resume_on_other_training_data_is_refused_naming_the_flag(
         local_resume, tmp_path, monkeypatch):
     # A local run keeps its checkpoint's z without reading a ledger (no
