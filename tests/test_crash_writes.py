@@ -72,6 +72,19 @@ def test_every_inside_point(tmp_path, name, mode):
 
 
 @pytest.mark.slow
+def test_a_local_dpd_fvae_record_torn_before_its_target_resumes(tmp_path):
+    # Its keys sort `local_target_epsilon` into the line's last quarter, which the tear
+    # cuts: the rerun takes config.json's target (`dpd_fvae._pinned_target`), where it
+    # was refused until a sweep found it (stop 54).
+    binary = BINARIES["dpd_fvae"]["local"]
+    whole = tmp_path / "whole"
+    reference = crash_points.uninterrupted(binary, whole, INSIDE)
+    k = crash_points.point_number(reference, "metrics.jsonl", 1, "append")
+    outcome = crash_points.crash_and_rerun(binary, whole, tmp_path / "w", k, child=INSIDE)
+    assert outcome.point["path"] == "metrics.jsonl", f"killed inside {outcome.point}"
+
+
+@pytest.mark.slow
 def test_after_the_last_write(tmp_path):
     outcomes = crash_writes.sweep(DPSGD, tmp_path, crash_writes.AFTER)
     assert [o.point["path"] for o in outcomes] == ["report.md"], "not killed after report.md"
