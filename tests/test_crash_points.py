@@ -224,6 +224,13 @@ _RISKY = {
     ("fedavg_classifier", "nodp"): [
         ("diagnostics.jsonl", 2, "append"),
     ],
+    ("fedavg_classifier", "target"): [
+        # round 2's ledger written, not its record: the resume keeps checkpoint 1's calibrated z
+        ("metrics.jsonl", 2, "append"),
+    ],
+    ("fedavg_classifier", "secret"): [
+        ("summary.json", 1, "file"),  # released under the secret seed, not yet summarised
+    ],
     ("evaluate", "synthetic"): [
         ("eval.json", 1, "file"),  # the figures written, eval.json not
     ],
