@@ -37,6 +37,7 @@ from dpfed.train.config import (
     require_finite_floats,
     require_no_privacy_settings,
     require_secret_seed,
+    unused_privacy_flags,
 )
 from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
@@ -142,8 +143,7 @@ def unused_flags(config: FedAvgClassifierConfig) -> dict[str, tuple[bool, str]]:
         "target_quantile": (not config.adaptive_clipping, adaptive),
         "clip_learning_rate": (not config.adaptive_clipping, adaptive),
         "conv": (config.model != "cnn", f"with --model={config.model} (no convolutions)"),
-        **dict.fromkeys(("l2_clip", "delta"),
-                        (config.nodp, "with --nodp (nothing is clipped, noised or accounted)")),
+        **unused_privacy_flags(config.nodp, "--nodp"),
     }
 
 

@@ -79,6 +79,7 @@ from dpfed.train.config import (
     require_finite_floats,
     require_no_privacy_settings,
     require_secret_seed,
+    unused_privacy_flags,
 )
 from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
@@ -213,8 +214,7 @@ def unused_flags(config: DpdFvaeConfig, evaluate: bool) -> dict[str, tuple[bool,
     return {
         "num_synthetic": (not evaluate, "with --noevaluate (no samples are drawn; "
                           "experiments.evaluate takes --num_samples)"),
-        **dict.fromkeys(("l2_clip", "delta"), (
-            config.dp == "none", "with --dp=none (nothing is clipped, noised or accounted)")),
+        **unused_privacy_flags(config.dp == "none", "--dp=none"),
     }
 
 

@@ -54,6 +54,16 @@ def require_no_privacy_settings(
                 f"does not apply to a non-private run ({mode}): drop one of the two")
 
 
+def unused_privacy_flags(
+    nonprivate: bool, mode: str, names: tuple[str, ...] = ("l2_clip", "delta")
+) -> dict[str, tuple[bool, str]]:
+    """The entries of a `cli.refuse_unused` table for the privacy flags with a default
+    (`names`) that a non-private run (`mode`, e.g. "--nodp") ignores: the twin, for flags
+    the run sees only as values, of `require_no_privacy_settings`."""
+    return dict.fromkeys(
+        names, (nonprivate, f"with {mode} (nothing is clipped, noised or accounted)"))
+
+
 def require_data_dir_applies(dataset: str, data_dir: str | None) -> None:
     """Refuses a `data_dir` for an embedded dataset, whose arrays ship with dpfed:
     `dpfed.data.load` ignores the folder, so a user who meant a copy of their own in it

@@ -39,6 +39,7 @@ from dpfed.train.config import (
     require_finite_floats,
     require_no_privacy_settings,
     require_secret_seed,
+    unused_privacy_flags,
 )
 from dpfed.train.progress import Progress
 from dpfed.train.resume import (
@@ -132,8 +133,7 @@ class DpSgdConfig:
 def unused_flags(config: DpSgdConfig) -> dict[str, tuple[bool, str]]:
     """{flag: (whether `config`'s mode ignores it, why)} for the flags with a default that
     only some modes use (`cli.refuse_unused` refuses them where given and ignored)."""
-    return dict.fromkeys(("clipping", "l2_clip", "delta"),
-                         (config.nodp, "with --nodp (nothing is clipped, noised or accounted)"))
+    return unused_privacy_flags(config.nodp, "--nodp", ("clipping", "l2_clip", "delta"))
 
 
 def default_physical_batch(expected: int) -> int:

@@ -19,6 +19,7 @@ from dpfed.train.config import (
     require,
     require_finite_floats,
     require_no_privacy_settings,
+    unused_privacy_flags,
 )
 from dpfed.train.dpsgd import DpSgdConfig
 
@@ -136,3 +137,12 @@ def test_a_data_dir_is_refused_for_an_embedded_dataset_alone(config, kwargs, dat
         f"{config.__name__} must name --data_dir and the embedded --dataset: {error.value}")
     config(dataset="mnist", data_dir="/data/tfds", **kwargs)  # Must not raise: tfds reads it.
     config(dataset=dataset, data_dir=None, **kwargs)  # Must not raise.
+
+
+@pytest.mark.parametrize("nonprivate", [True, False])
+def test_unused_privacy_flags_marks_each_flag_ignored_exactly_in_a_nonprivate_run(nonprivate):
+    table = unused_privacy_flags(nonprivate, "--nodp", ("clipping", "l2_clip"))
+    assert set(table) == {"clipping", "l2_clip"}, f"the table names other flags: {table}"
+    for flag, (ignored, why) in table.items():
+        assert ignored == nonprivate, f"--{flag} ignored={ignored} in a nonprivate={nonprivate} run"
+        assert "--nodp" in why, f"--{flag}'s reason does not name the mode: {why!r}"
