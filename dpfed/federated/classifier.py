@@ -309,7 +309,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         clients,
         engine_config(config, noise_multiplier),
     )
-    init_key = seeds.stream_key(config.seed, 2**31 - 1)
+    init_key = seeds.stream_key(config.seed, seeds.INIT_STREAM)
     state = engine.init(jax.jit(model.init)(init_key, jnp.asarray(train_ds.images[:1])))
     ledger = None if config.nodp else new_ledger(config, engine)
 

@@ -104,7 +104,6 @@ SYNCS = ("d", "ed")
 DP_MODES = ("none", "central", "local")
 OPTIMIZERS = ("adam", "sgd", "momentum")
 SERVER_LEARNING_RATE = 1.0  # FedAvg: the averaged delta is applied as is
-_INIT_STREAM, _SAMPLE_STREAM = 2**31 - 1, 2**31 - 2  # keys outside the round keys
 
 
 DEFAULT_NOISE_MULTIPLIER = 1.0  # when neither a noise multiplier nor a target is given
@@ -724,7 +723,7 @@ class DpdFvae:
 
     def init(self) -> ServerState:
         """Round-0 state: every client starts from the same encoder (sync "d")."""
-        key = seeds.stream_key(self.config.seed, _INIT_STREAM)
+        key = seeds.stream_key(self.config.seed, seeds.INIT_STREAM)
         encoder_params, decoder_params = vae.init_vae(self.encoder, self.decoder, key)
         shared, local = split_params(encoder_params, decoder_params, self.config.sync)
         if not self.has_client_state:
@@ -898,7 +897,7 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     decoder_params = jax.device_get(decoder_of(result.state.params, config.sync))
     wd.write_bytes(DECODER_FILE, flax.serialization.to_bytes(decoder_params))
     generator = DpdFvaeGenerator(trainer.decoder, config.latent_dim)
-    sample_key = seeds.stream_key(config.seed, _SAMPLE_STREAM)
+    sample_key = seeds.stream_key(config.seed, seeds.SAMPLE_STREAM)
     samples = contract.sample_synthetic(
         generator, decoder_params, sample_key, 10 * train_ds.num_classes, train_ds.num_classes)
     figures.save_class_grid(wd.file(SAMPLES_PNG), samples.images, samples.labels,

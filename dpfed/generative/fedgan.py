@@ -62,10 +62,11 @@ GENERATOR_FILE = "generator.msgpack"
 SERVER_D_LEARNING_RATE = 1.0  # the averaged D delta is applied as is (paper: SGD, lr 1)
 _ENGINE_STREAM, _GENERATOR_STREAM = 0, 1  # sub-keys of a round key
 # Sub-keys of key(seed) for the initial D and G, apart from the round keys' root
-# (`loop.ROUND_KEY_STREAM`, 1) and the evaluation key (2**31 - 1). Until 2026-12-04 G was
+# (`loop.ROUND_KEY_STREAM`, 1) and the evaluation key (`_EVAL_STREAM`). Until 2026-12-04 G was
 # initialised from that root itself, so a flax name hash below the round count would have
 # given one of G's initialisers a round's key.
 _D_INIT_STREAM, _G_INIT_STREAM = 0, 2**31 - 3
+_EVAL_STREAM = 2**31 - 1  # the polarity evaluation's samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +310,7 @@ def train_gan(
     wd = Workdir(workdir)
     gan_engine = DpFedAvgGan(config, images, counts, mesh)
     ledger = new_ledger(config, gan_engine, group) if config.noise_multiplier > 0 else None
-    eval_key = seeds.stream_key(config.seed, 2**31 - 1)
+    eval_key = seeds.stream_key(config.seed, _EVAL_STREAM)
 
     def evaluate(state: ServerState) -> dict:
         samples = sample_images(config.gan, state.context, eval_key, config.eval_samples)

@@ -416,7 +416,7 @@ def make_engine(
 
 
 def _init_key(config: FedLmConfig) -> jax.Array:
-    return seeds.stream_key(config.seed, 2**31 - 1)
+    return seeds.stream_key(config.seed, seeds.INIT_STREAM)
 
 
 def initial_state(config: FedLmConfig, engine: DpFedAvg) -> ServerState:

@@ -365,9 +365,9 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     model = models.get_classifier(config.model, train_ds.num_classes)
     optimizer = make_optimizer(config.optimizer, config.learning_rate)
-    init_key = seeds.root_key(config.seed)
+    root = seeds.root_key(config.seed)
     params = jax.jit(model.init)(
-        jax.random.fold_in(init_key, 2**31 - 1), jnp.asarray(train_ds.images[:1]))
+        seeds.stream_key(config.seed, seeds.INIT_STREAM), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
     if config.clipping == "fast" and not config.nodp:
         check_fast_clipping_applies(model, params, test_ds.images, test_ds.labels, config)
@@ -402,7 +402,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     accuracy = loss = eps = None
     with preemption.armed():
         for step in range(start_step, last_step):
-            state = train_step(state, images, labels, jax.random.fold_in(init_key, step))
+            state = train_step(state, images, labels, jax.random.fold_in(root, step))
             if ledger is not None:
                 ledger.record(event)
             done = step + 1

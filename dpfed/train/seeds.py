@@ -31,6 +31,10 @@ NONCE_FIELD = "secret_seed_nonce"
 # A secret seed has 64 bits, none below 2**32: a seed derived from it for a sub-model
 # (`selection.group_seed`) is then derived with 64 bits too, not 31.
 SECRET_SEEDS = range(2**32, 2**SEED_BITS)
+# Streams of a run's root key (`stream_key`) far above any step or round index folded
+# into the same key: its initial model, and its released synthetic samples.
+INIT_STREAM = 2**31 - 1
+SAMPLE_STREAM = 2**31 - 2
 
 
 def root_key(seed: int) -> jax.Array:

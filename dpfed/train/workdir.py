@@ -427,8 +427,9 @@ class Workdir:
         Raises:
           ConfigError: as `check_config`.
         """
-        self.check_config(config, resuming, resumable)
-        self.write_json(CONFIG_FILE, self._public_pin(config))
+        pin = self._public_pin(config)  # reads secret_seed.json once, for both
+        self._check_pin(pin, resuming, resumable, required=False)
+        self.write_json(CONFIG_FILE, pin)
 
     def check_config(
         self, config: Any, resuming: bool, resumable: frozenset[str] = RESUMABLE_FIELDS,
@@ -451,7 +452,13 @@ class Workdir:
             flags). Otherwise a workdir from before config.json existed passes. Naming
             "secret_seed", as `check_secret_is_this_runs`; naming "seed", as `_public_pin`.
         """
-        current = loads(dumps(self._public_pin(config)))
+        self._check_pin(self._public_pin(config), resuming, resumable, required)
+
+    def _check_pin(
+        self, pin: dict, resuming: bool, resumable: frozenset[str], required: bool
+    ) -> None:
+        """`check_config` of the run's config.json object `pin` (`_public_pin`)."""
+        current = loads(dumps(pin))
         path = self.file(CONFIG_FILE)
         if resuming and required and not path.exists():
             raise ConfigError(

@@ -484,7 +484,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     teacher_data = TeacherData(train_ds, config, lens.ensemble)
     ids = lens.ensemble.teacher_ids()
     root = seeds.root_key(config.seed)
-    fresh = lens.init(jax.random.fold_in(root, 2**31 - 1))
+    fresh = lens.init(seeds.stream_key(config.seed, seeds.INIT_STREAM))
     ledger = new_ledger(config, n)
 
     # Checkpoints hold the T real teachers alone: the padding depends on the mesh, so a
@@ -547,7 +547,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     synthetic = contract.sample_synthetic(
         lens.generator,
         gen_params,
-        jax.random.fold_in(root, 2**31 - 2),
+        seeds.stream_key(config.seed, seeds.SAMPLE_STREAM),
         config.num_synthetic,
         train_ds.num_classes,
     )
