@@ -57,6 +57,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The first argument of a child run (`python -m tests.crash_points child ...`).
 CHILD = "child"
 KILLED = -signal.SIGKILL  # A child's exit code when it killed itself at its point.
+# A multi-host job's launcher's exit code when one of its processes was killed so (it
+# reports it as a shell does: `launch.multihost`; `tests.crash_multihost`).
+KILLED_IN_JOB = 128 + signal.SIGKILL
 
 # Files a run writes that are no release and may differ between runs (a resume's).
 _NOT_COMPARED = (".lock", "unreplayed.jsonl")
@@ -396,7 +399,7 @@ def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 
 
 def expect_killed(result: Run, kill_at: int) -> None:
     """`result` is a run that killed itself at its point `kill_at`."""
-    assert result.returncode == KILLED and result.points[-1]["n"] == kill_at, (
+    assert result.returncode in (KILLED, KILLED_IN_JOB) and result.points[-1]["n"] == kill_at, (
         f"the run was to be killed before write {kill_at}, but it exited {result.returncode} "
         f"after {len(result.points)} writes:\n{result.stderr}")
 
@@ -776,6 +779,16 @@ def _use_the_tests_settings() -> None:
     """As a script: the XLA flags and compilation cache of the tests (tests/conftest.py),
     set before jax is imported, so the forked children run as the tests' do."""
     import tests.conftest  # noqa: F401 -- sets the environment as it is imported.
+
+
+def script(child: Callable[[list[str]], None], main: Callable[[list[str]], None]) -> None:
+    """A crash module run as a script: `child` for a child's arguments (`child ...`),
+    else `main`, under the tests' settings."""
+    if sys.argv[1:2] == [CHILD]:
+        child(sys.argv[2:])
+    else:
+        _use_the_tests_settings()
+        main(sys.argv[1:])
 
 
 if __name__ == "__main__":
