@@ -24,7 +24,8 @@ present, (b) the rerun exits 0, (c) it ends with the uninterrupted job's files
 (`crash_points.crash_and_rerun`).
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_multihost \
-    [--victim=1@0] [--inner=tests.crash_writes:inside] [--points=3,17]
+    [--victim=1@0] [--inner=tests.crash_writes:inside] [--points=3,17] [--double=7]
+  ... -m tests.crash_multihost --sigkill=8  # every process at once, at random times
 
 The tests (`tests/test_crash_multihost.py`) keep a few points.
 """
@@ -54,12 +55,17 @@ JOB = ("--num_processes=2", "--devices_per_process=1")
 BINARY = crash_points.BINARIES["fedavg_classifier"]["poisson"]
 
 
-def child(victim: str, log_dir: pathlib.Path, inner: str = BEFORE) -> tuple[str, ...]:
-    """`crash_points.run`'s `child` for a 2-process job (`JOB`) whose `victim` is killed
-    by the `inner` child; processes 1.. log to `log_dir`."""
+def job(binary: crash_points.Binary, log_dir: pathlib.Path) -> crash_points.Binary:
+    """`binary` run as a 2-process job (`JOB`) of `launch.multihost local`, whose
+    processes 1.. log to `log_dir`."""
+    return dataclasses.replace(binary, launcher=(
+        "launch.multihost", "local", *JOB, f"--log_dir={log_dir}"))
+
+
+def child(victim: str, inner: str = BEFORE) -> tuple[str, ...]:
+    """`crash_points.run`'s `child` for a job whose `victim` the `inner` child kills."""
     assert victim in VICTIMS, f"victim {victim} not one of {VICTIMS}"
-    return ("launch.multihost", "local", *JOB, f"--log_dir={log_dir}", "tests.crash_multihost",
-            CHILD, victim, inner)
+    return ("tests.crash_multihost", CHILD, victim, inner)
 
 
 def process_id(args: list[str]) -> int:
@@ -125,18 +131,20 @@ def _child(argv: list[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    """What `sweep` does: whose kill, by which inner child, at which points."""
+    """What `sweep` does: whose kill, by which inner child, at which points (with
+    `double`: of the rerun of a job killed at that point, as `crash_points.sweep`)."""
 
     victim: str = WRITER
     inner: str = BEFORE
     points: list[int] | None = None
+    double: int = 0
 
 
 def sweep(scratch: pathlib.Path, what: Sweep, binary: crash_points.Binary = BINARY,
           ) -> list[crash_points.Outcome]:
     """`crash_points.sweep` of `binary` as a 2-process job, `what.victim` killed."""
-    return crash_points.sweep(binary, scratch, what.points,
-                              child=child(what.victim, scratch / "logs", what.inner))
+    return crash_points.sweep(job(binary, scratch / "logs"), scratch, what.points, what.double,
+                              child=child(what.victim, what.inner))
 
 
 def _main(argv: list[str]) -> None:
@@ -146,12 +154,23 @@ def _main(argv: list[str]) -> None:
                         help="the victim's child: tests.crash_points, or tests.crash_writes:HOW")
     parser.add_argument("--points", type=lambda text: [int(p) for p in text.split(",")],
                         help="comma-separated write points (default: all)")
+    parser.add_argument("--double", type=int, default=0,
+                        help="kill before this write, then the rerun at each of its own")
     parser.add_argument("--scratch", type=pathlib.Path,
                         help="a folder for the workdirs (default: a new temp one)")
+    parser.add_argument("--sigkill", type=int, default=0, help="instead: SIGKILL this many "
+                        "jobs, every process at once, at random times (no tracing)")
+    parser.add_argument("--seed", type=int, default=0, help="of --sigkill's random times")
     args = parser.parse_args(argv)
     start = time.time()
-    outcomes = sweep(args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="crash_multihost-")),
-                     Sweep(args.victim, args.inner, args.points))
+    scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="crash_multihost-"))
+    if args.sigkill:
+        killed = crash_points.sigkill(job(BINARY, scratch / "logs"), scratch, args.sigkill,
+                                      args.seed)
+        print(f"fedavg_classifier, 2 processes: {crash_points.held(BINARY)} held after "
+              f"{args.sigkill} SIGKILLs ({killed} while running), {time.time() - start:.0f} s")
+        return
+    outcomes = sweep(scratch, Sweep(args.victim, args.inner, args.points, args.double))
     print(f"fedavg_classifier, 2 processes, victim {args.victim} ({args.inner}): "
           f"{crash_points.held(BINARY)} held at {len(outcomes)} points, "
           f"{time.time() - start:.0f} s")

@@ -83,6 +83,9 @@ class Binary:
         with in its secret_seed.json (written here, as a fresh run's first write would
         write a drawn one), so the uninterrupted run and every killed run draw the same
         noise; (d) no other file ever holds its digits (`assert_secret_kept`).
+      launcher: the module and first arguments that start each run of it (a multi-host
+        job's `launch.multihost local ...`: `tests.crash_multihost`); () for
+        `python -m module` itself.
     """
 
     module: str
@@ -90,6 +93,7 @@ class Binary:
     models: tuple[str, ...]
     prepared: "Binary | None" = None
     secret: int | None = None
+    launcher: tuple[str, ...] = ()
 
     def args(self, workdir: pathlib.Path) -> list[str]:
         """Its flags for `workdir` (`{workdir}` in a flag replaced by it)."""
@@ -384,13 +388,15 @@ def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 
     """Runs `binary` on `workdir` in a child (forked when it can: `tests.binary`), killed
     before its write point `kill_at` (0: run to the end). `child`: the child's module and
     its first arguments, where another module's child (`tests.crash_writes`) runs it;
-    default this one's (`python -m tests.crash_points child ...`)."""
+    default this one's (`python -m tests.crash_points child ...`); started by the
+    binary's `launcher`, if it has one."""
     from tests.binary import run_binary  # Imports jax: after `_use_the_tests_settings`.
 
     _start_from(binary, workdir)
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as trace:
         start = time.time()
-        proc = run_binary(*(child or ("tests.crash_points", CHILD)), trace.name, str(kill_at),
+        proc = run_binary(*binary.launcher, *(child or ("tests.crash_points", CHILD)),
+                          trace.name, str(kill_at),
                           binary.module,
                           *binary.args(workdir), check=False, timeout=timeout)
         records = [json.loads(line) for line in trace.read().splitlines()]
@@ -695,7 +701,7 @@ def _kill_after(binary: Binary, workdir: pathlib.Path, seconds: float) -> bool:
     from tests import binary as binary_lib
 
     _start_from(binary, workdir)
-    cmd = [sys.executable, "-m", binary.module, *binary.args(workdir)]
+    cmd = [sys.executable, "-m", *binary.launcher, binary.module, *binary.args(workdir)]
     with tempfile.NamedTemporaryFile("w+") as err:
         proc = binary_lib._start(cmd, None, stdout=None, stderr=err)  # noqa: SLF001
         deadline = time.time() + seconds

@@ -12,21 +12,26 @@ import sys
 
 import pytest
 
+from launch import multihost
 from tests import crash_multihost, crash_points, crash_writes
 from tests.crash_multihost import PEER, PEER_AT_WRITER, WRITER
 
 
-def test_a_child_runs_the_launcher_on_this_module_with_its_victim(tmp_path):
-    command = crash_multihost.child(PEER_AT_WRITER, tmp_path)
-    assert command[:2] == ("launch.multihost", "local"), command
-    assert command[-4:] == ("tests.crash_multihost", crash_multihost.CHILD, PEER_AT_WRITER,
-                            crash_multihost.BEFORE), f"the module and its args: {command}"
-    assert f"--log_dir={tmp_path}" in command and "--num_processes=2" in command, command
+def test_a_job_runs_the_launcher_on_the_victims_child(tmp_path):
+    binary = crash_multihost.job(crash_multihost.BINARY, tmp_path)
+    assert binary.launcher[:2] == ("launch.multihost", "local"), binary.launcher
+    assert f"--log_dir={tmp_path}" in binary.launcher and "--num_processes=2" in binary.launcher
+    command = [*binary.launcher, *crash_multihost.child(PEER_AT_WRITER), "TRACE", "0",
+               binary.module]
+    args = multihost.parse_args(command[1:])
+    assert (args.module, args.flags[:3]) == ("tests.crash_multihost", [
+        crash_multihost.CHILD, PEER_AT_WRITER, crash_multihost.BEFORE]), (
+        f"the launcher must start this module's child in every process: {args}")
 
 
-def test_a_child_refuses_an_unknown_victim(tmp_path):
+def test_a_child_refuses_an_unknown_victim():
     with pytest.raises(AssertionError, match="victim 2"):
-        crash_multihost.child("2", tmp_path)
+        crash_multihost.child("2")
 
 
 def test_the_process_id_is_the_one_the_launcher_adds():
@@ -98,15 +103,15 @@ def job_whole(tmp_path_factory) -> tuple[pathlib.Path, crash_points.Run]:
     scratch = tmp_path_factory.mktemp("crash_multihost")
     whole = scratch / "whole"
     return whole, crash_points.uninterrupted(
-        _BINARY, whole, crash_multihost.child(WRITER, scratch / "logs"))
+        crash_multihost.job(_BINARY, scratch / "logs"), whole, crash_multihost.child(WRITER))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim, inner, path, occurrence, kind", [
     # process 0 killed before the rename of round 1's checkpoint, both processes' parts saved
     (WRITER, crash_multihost.BEFORE, "checkpoints/1", 1, "checkpoint-rename"),
-    # process 1 killed as process 0 appends round 2's record, which process 0 then writes
-    (PEER_AT_WRITER, crash_multihost.BEFORE, "metrics.jsonl", 2, "append"),
+    # process 1 killed as process 0 writes round 2's ledger, ahead of round 1's checkpoint
+    (PEER_AT_WRITER, crash_multihost.BEFORE, "ledger.json", 2, "file"),
     # process 0 killed inside round 2's record: a torn last line
     (WRITER, f"tests.crash_writes:{crash_writes.INSIDE}", "metrics.jsonl", 2, "append"),
 ])
@@ -115,5 +120,6 @@ def test_a_killed_job_resumes_to_the_whole_jobs_files(job_whole, tmp_path, victi
     whole, reference = job_whole
     k = crash_points.point_number(reference, path, occurrence, kind)
     outcome = crash_points.crash_and_rerun(
-        _BINARY, whole, tmp_path / "w", k, child=crash_multihost.child(victim, tmp_path, inner))
+        crash_multihost.job(_BINARY, tmp_path / "logs"), whole, tmp_path / "w", k,
+        child=crash_multihost.child(victim, inner))
     assert outcome.point["path"] == path, f"killed at {outcome.point}, not {path}"
