@@ -24,7 +24,8 @@ present, (b) the rerun exits 0, (c) it ends with the uninterrupted job's files
 (`crash_points.crash_and_rerun`).
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_multihost \
-    [--victim=1@0] [--inner=tests.crash_writes:inside] [--points=3,17] [--double=7]
+    [fedlm_debug --mode=population] [--victim=1@0] [--inner=tests.crash_writes:inside] \
+    [--points=3,17] [--double=7]
   ... -m tests.crash_multihost --sigkill=8  # every process at once, at random times
 
 The tests (`tests/test_crash_multihost.py`) keep a few points.
@@ -147,8 +148,14 @@ def sweep(scratch: pathlib.Path, what: Sweep, binary: crash_points.Binary = BINA
                               child=child(what.victim, what.inner))
 
 
+# The binaries that take `--distributed` (launch.multihost), as crash_points names them.
+MULTI_HOST = ("fedavg_classifier", "fedgan_debug", "fedlm_debug", "dpd_fvae", "datalens")
+
+
 def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("binary", nargs="?", choices=MULTI_HOST, default="fedavg_classifier")
+    parser.add_argument("--mode", help="of crash_points.BINARIES (default: the binary's first)")
     parser.add_argument("--victim", choices=VICTIMS, default=WRITER)
     parser.add_argument("--inner", default=BEFORE,
                         help="the victim's child: tests.crash_points, or tests.crash_writes:HOW")
@@ -162,18 +169,22 @@ def _main(argv: list[str]) -> None:
                         "jobs, every process at once, at random times (no tracing)")
     parser.add_argument("--seed", type=int, default=0, help="of --sigkill's random times")
     args = parser.parse_args(argv)
-    start = time.time()
+    modes = crash_points.BINARIES[args.binary]
+    mode = args.mode or next(iter(modes))
+    if mode not in modes:
+        parser.error(f"--mode of {args.binary} must be one of {', '.join(modes)}")
+    binary, start = modes[mode], time.time()
     scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="crash_multihost-"))
+    name = f"{args.binary} {mode}, 2 processes"
     if args.sigkill:
-        killed = crash_points.sigkill(job(BINARY, scratch / "logs"), scratch, args.sigkill,
+        killed = crash_points.sigkill(job(binary, scratch / "logs"), scratch, args.sigkill,
                                       args.seed)
-        print(f"fedavg_classifier, 2 processes: {crash_points.held(BINARY)} held after "
-              f"{args.sigkill} SIGKILLs ({killed} while running), {time.time() - start:.0f} s")
+        print(f"{name}: {crash_points.held(binary)} held after {args.sigkill} SIGKILLs "
+              f"({killed} while running), {time.time() - start:.0f} s")
         return
-    outcomes = sweep(scratch, Sweep(args.victim, args.inner, args.points, args.double))
-    print(f"fedavg_classifier, 2 processes, victim {args.victim} ({args.inner}): "
-          f"{crash_points.held(BINARY)} held at {len(outcomes)} points, "
-          f"{time.time() - start:.0f} s")
+    outcomes = sweep(scratch, Sweep(args.victim, args.inner, args.points, args.double), binary)
+    print(f"{name}, victim {args.victim} ({args.inner}): {crash_points.held(binary)} held at "
+          f"{len(outcomes)} points, {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
