@@ -96,9 +96,35 @@ class Binary:
     launcher: tuple[str, ...] = ()
 
     def args(self, workdir: pathlib.Path) -> list[str]:
-        """Its flags for `workdir` (`{workdir}` in a flag replaced by it)."""
-        return [f.replace("{workdir}", str(workdir)) for f in self.flags] + [
+        """Its flags for `workdir` (`{workdir}` in a flag replaced by it, and
+        `{inception_weights}` by `inception_weights()`)."""
+        return [_with_inputs(f).replace("{workdir}", str(workdir)) for f in self.flags] + [
             f"--workdir={workdir}"]
+
+
+# The files that flags name as a user's inputs, outside every workdir (no write point,
+# not compared), each made once per process.
+_INPUTS: dict[str, pathlib.Path] = {}
+
+
+def inception_weights() -> pathlib.Path:
+    """An FID Inception weights file (`--inception_weights`): the tests' random arrays in
+    the real file's format (`tests.eval.inception_weights`), made on first use."""
+    if "inception_weights" not in _INPUTS:
+        from tests.eval import inception_weights as weights  # Imports jax: see `run`.
+
+        scratch = tempfile.mkdtemp(prefix="crash_points-inputs-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        path = pathlib.Path(scratch) / "inception_weights.npz"
+        weights.write(path)
+        _INPUTS["inception_weights"] = path
+    return _INPUTS["inception_weights"]
+
+
+def _with_inputs(flag: str) -> str:
+    """`flag` with `{inception_weights}` replaced by its file (made only if named)."""
+    placeholder = "{inception_weights}"
+    return flag.replace(placeholder, str(inception_weights())) if placeholder in flag else flag
 
 
 # The debug demos' tests' TINY settings (tests/experiments/test_fed*_debug.py): 2 rounds,
@@ -233,6 +259,13 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "synthetic": Binary("experiments.evaluate", (
             *_EVALUATE_SMALL, "--synthetic={workdir}/synthetic.npz"), ("",),
             prepared=_DATALENS_DONE),
+        # --inception_weights=FILE: fid_inception too, from the tests' random weights (the
+        # real ones cannot be fetched offline); no write of its own, 20 synthetic images
+        # (Inception at 299x299 of them and the 359 real test images is the run's cost).
+        "inception": Binary("experiments.evaluate", (
+            *(f for f in _EVALUATE_SMALL if not f.startswith("--num_samples=")),
+            "--num_samples=20", "--inception_weights={inception_weights}"),
+            ("",), prepared=_DATALENS_DONE),
         # The ceiling row: the real train split, in a new workdir (no ledger).
         "real_data": Binary("experiments.evaluate",
                             (*_EVALUATE_SMALL, "--real_data", "--dataset=digits"), ("",)),

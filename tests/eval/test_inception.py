@@ -9,26 +9,13 @@ import numpy as np
 import pytest
 
 from dpfed.eval import inception
-
-
-def _random_state(seed=0):
-    rng = np.random.default_rng(seed)
-    state = {}
-    for key, shape in inception.expected_shapes().items():
-        if key.endswith("conv.weight"):
-            fan_in = np.prod(shape[1:])
-            state[key] = (rng.normal(size=shape) * np.sqrt(2 / fan_in)).astype(np.float32)
-        elif key.endswith(("running_var", "bn.weight")):
-            state[key] = rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
-        else:
-            state[key] = (rng.normal(size=shape) * 0.1).astype(np.float32)
-    return state
+from tests.eval import inception_weights
 
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "weights.npz"
-    np.savez(path, **_random_state(), **{"fc.weight": np.zeros((1008, 2048), np.float32)})
+    inception_weights.write(path)
     return path
 
 
@@ -45,7 +32,7 @@ def test_not_an_npz_is_rejected(tmp_path):
 
 
 def test_missing_array_is_named(tmp_path):
-    state = _random_state()
+    state = inception_weights.random_state()
     del state["Mixed_6b.branch7x7_2.conv.weight"]
     np.savez(tmp_path / "w.npz", **state)
     with pytest.raises(inception.WeightsError, match="Mixed_6b.branch7x7_2.conv.weight"):
@@ -53,7 +40,7 @@ def test_missing_array_is_named(tmp_path):
 
 
 def test_misshapen_array_is_named(tmp_path):
-    state = _random_state()
+    state = inception_weights.random_state()
     state["Mixed_7c.branch_pool.bn.bias"] = np.zeros(7, np.float32)
     np.savez(tmp_path / "w.npz", **state)
     with pytest.raises(inception.WeightsError, match=r"Mixed_7c.branch_pool.bn.bias.*\(7,\)"):
@@ -84,7 +71,7 @@ def test_matches_pytorch_fid(tmp_path, monkeypatch):
         ("Mixed_7c", pytorch_fid.FIDInceptionE_2(2048)),
     ]:
         setattr(net, name, block)
-    state = _random_state(1)
+    state = inception_weights.random_state(1)
     net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     np.savez(tmp_path / "w.npz", **state)
     monkeypatch.setattr(pytorch_fid, "fid_inception_v3", lambda: net)
