@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from dpfed.eval import inception
 from tests import crash_points
 from tests.binary import run_binary
 
@@ -234,6 +235,9 @@ _RISKY = {
     ("evaluate", "synthetic"): [
         ("eval.json", 1, "file"),  # the figures written, eval.json not
     ],
+    ("evaluate", "inception"): [
+        ("eval.json", 1, "file"),  # fid_inception computed and the figures written, eval.json not
+    ],
 }
 # Points quick enough for `make test` (a few seconds each at the tiny flags, with their
 # modes' reference runs); the rest are slow.
@@ -291,6 +295,22 @@ def test_a_flag_names_the_workdir_where_it_says_so(tmp_path):
     binary = crash_points.Binary("m", ("--a=1", "--cache_dir={workdir}/cache"), ("",))
     assert binary.args(tmp_path / "w") == [
         "--a=1", f"--cache_dir={tmp_path / 'w'}/cache", f"--workdir={tmp_path / 'w'}"]
+
+
+def test_a_flag_names_the_inception_weights_a_file_made_once_outside_the_workdir(
+    tmp_path, monkeypatch
+):
+    # evaluate's --inception_weights={inception_weights}: a user's input, in the real file's
+    # format (the loader accepts it), made only where a flag names it, once per process.
+    monkeypatch.setattr(crash_points, "_INPUTS", {})
+    crash_points.Binary("m", ("--a=1",), ("",)).args(tmp_path / "w")
+    assert not crash_points._INPUTS, "a binary not naming the weights made them"  # noqa: SLF001
+    binary = crash_points.Binary("m", ("--inception_weights={inception_weights}",), ("",))
+    flag = binary.args(tmp_path / "w")[0]
+    path = pathlib.Path(flag.removeprefix("--inception_weights="))
+    assert not path.is_relative_to(tmp_path), f"the weights are in the workdir: {path}"
+    inception.load_weights(path)
+    assert binary.args(tmp_path / "w2")[0] == flag, "made again for another workdir"
 
 
 def test_a_binary_with_a_prepared_one_starts_from_a_copy_of_its_workdir(tmp_path, monkeypatch):
