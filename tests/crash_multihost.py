@@ -44,7 +44,7 @@ import time
 
 from tests import crash_points
 
-CHILD = "child"
+CHILD = crash_points.CHILD  # the first argument of a child run
 WRITER, PEER, PEER_AT_WRITER = "0", "1", "1@0"  # the victims (module docstring)
 VICTIMS = (WRITER, PEER, PEER_AT_WRITER)
 # The inner child that kills the victim: crash_points' (before a write), or crash_writes'

@@ -831,8 +831,4 @@ def script(child: Callable[[list[str]], None], main: Callable[[list[str]], None]
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == [CHILD]:
-        _child(sys.argv[2:])
-    else:
-        _use_the_tests_settings()
-        _main(sys.argv[1:])
+    script(_child, _main)

@@ -42,7 +42,7 @@ from typing import Any
 from tests import crash_points
 from tests.crash_points import Binary
 
-CHILD = "child"
+CHILD = crash_points.CHILD  # the first argument of a child run
 INSIDE, AFTER, DRAW = "inside", "after", "draw"
 # The write points that have an inside: all but the checkpoint's save (killed before).
 INSIDE_KINDS = ("file", "append", "checkpoint-rename")
@@ -214,8 +214,4 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == [CHILD]:
-        _child(sys.argv[2:])
-    else:
-        crash_points._use_the_tests_settings()  # noqa: SLF001 -- the tests' XLA settings.
-        _main(sys.argv[1:])
+    crash_points.script(_child, _main)
