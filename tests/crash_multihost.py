@@ -36,9 +36,7 @@ import dataclasses
 import importlib
 import os
 import pathlib
-import runpy
 import signal
-import sys
 import tempfile
 import time
 
@@ -71,7 +69,7 @@ def child(victim: str, inner: str = BEFORE) -> tuple[str, ...]:
 
 def process_id(args: list[str]) -> int:
     """The `--process_id` among a job's process's `args` (the launcher adds it)."""
-    return int(next(a.partition("=")[2] for a in args if a.startswith("--process_id=")))
+    return int(crash_points.flag_value(args, "process_id"))
 
 
 def traced(victim: str, process: int) -> bool:
@@ -108,22 +106,17 @@ class _PeerKiller(crash_points._Tracer):  # noqa: SLF001 -- its numbering and tr
             self.done = True
 
 
-def _run_module(module: str, args: list[str]) -> None:
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-
-
 def _child(argv: list[str]) -> None:
     """`child VICTIM INNER TRACE KILL_AT MODULE ARGS...`: one process of the job."""
     victim, inner, trace, kill_at, module, *args = argv
     process = process_id(args)
     if not traced(victim, process):
-        _run_module(module, args)
+        crash_points.run_as_main(module, args)
     elif victim == PEER_AT_WRITER:
-        workdir = next(a.partition("=")[2] for a in args if a.startswith("--workdir="))
+        workdir = pathlib.Path(crash_points.flag_value(args, "workdir"))
         crash_points._install(  # noqa: SLF001 -- its tracing.
-            _PeerKiller(pathlib.Path(trace), int(kill_at), pathlib.Path(workdir)))
-        _run_module(module, args)
+            _PeerKiller(pathlib.Path(trace), int(kill_at), workdir))
+        crash_points.run_as_main(module, args)
     else:
         name, _, how = inner.partition(":")
         importlib.import_module(name)._child(  # noqa: SLF001 -- the inner child.

@@ -358,8 +358,18 @@ def _child(argv: list[str]) -> None:
     """`child TRACE KILL_AT MODULE ARGS...`: runs MODULE as `python -m` would, its write
     points traced to TRACE and a kill before point KILL_AT (0: none)."""
     trace, kill_at, module, *args = argv
-    workdir = next(a.partition("=")[2] for a in args if a.startswith("--workdir="))
-    _install(_Tracer(pathlib.Path(trace), int(kill_at), pathlib.Path(workdir)))
+    workdir = pathlib.Path(flag_value(args, "workdir"))
+    _install(_Tracer(pathlib.Path(trace), int(kill_at), workdir))
+    run_as_main(module, args)
+
+
+def flag_value(args: list[str], name: str) -> str:
+    """The value of the flag `--name=...` among a child's `args`."""
+    return next(a.partition("=")[2] for a in args if a.startswith(f"--{name}="))
+
+
+def run_as_main(module: str, args: list[str]) -> None:
+    """Runs `module` with `args` in this process, as `python -m module args` would."""
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

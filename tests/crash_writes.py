@@ -143,14 +143,11 @@ def _child(argv: list[str]) -> None:
     pre-written secret_seed.json in a new workdir removed and the secret drawn)."""
     how, trace, kill_at, module, *args = argv
     kill, *extra = how.split(",")
-    workdir = pathlib.Path(next(a.partition("=")[2] for a in args if a.startswith("--workdir=")))
+    workdir = pathlib.Path(crash_points.flag_value(args, "workdir"))
     if DRAW in extra:
         _remove_prewritten_seed(workdir)
     _install(_Tracer(pathlib.Path(trace), int(kill_at), workdir, kill), DRAW in extra)
-    import runpy
-
-    sys.argv = [module, *args]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    crash_points.run_as_main(module, args)
 
 
 def _remove_prewritten_seed(workdir: pathlib.Path) -> None:
