@@ -89,21 +89,20 @@ class _PeerKiller(crash_points._Tracer):  # noqa: SLF001 -- its numbering and tr
     job instead of this one, and logs the points after it unnumbered."""
 
     def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path):
-        super().__init__(trace, 0, root)
-        self._at = kill_at
+        super().__init__(trace, kill_at, root)
         self.done = False
 
     def point(self, kind: str, path: str | os.PathLike) -> None:
         if self.done:
             self.event(f"after peer killed: {kind} {path}")
             return
-        before = self.count
         super().point(kind, path)
-        if self.count != before and self.count == self._at:
-            for pid in siblings():
-                os.kill(pid, signal.SIGKILL)
-            self.event("killed the peer")
-            self.done = True
+
+    def at_kill_point(self, kind: str, path: pathlib.Path) -> None:
+        for pid in siblings():
+            os.kill(pid, signal.SIGKILL)
+        self.event("killed the peer")
+        self.done = True
 
 
 def _child(argv: list[str]) -> None:
@@ -162,11 +161,8 @@ def _main(argv: list[str]) -> None:
                         "jobs, every process at once, at random times (no tracing)")
     parser.add_argument("--seed", type=int, default=0, help="of --sigkill's random times")
     args = parser.parse_args(argv)
-    modes = crash_points.BINARIES[args.binary]
-    mode = args.mode or next(iter(modes))
-    if mode not in modes:
-        parser.error(f"--mode of {args.binary} must be one of {', '.join(modes)}")
-    binary, start = modes[mode], time.time()
+    mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
+    start = time.time()
     scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="crash_multihost-"))
     name = f"{args.binary} {mode}, 2 processes"
     if args.sigkill:

@@ -299,13 +299,23 @@ class _Tracer:
         killed = self.count == self._kill_at
         self._log({"n": self.count, "kind": kind, "path": where, "killed": killed})
         if killed:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.at_kill_point(kind, absolute)
+
+    def at_kill_point(self, kind: str, path: pathlib.Path) -> None:
+        """What happens at point `kill_at` (a write of `kind` to `path`, not yet made):
+        here, a kill before it; a subclass's tracer may kill elsewhere."""
+        kill_self()
 
     def event(self, kind: str) -> None:
         """Something that is no write (a draw of a release), logged unnumbered."""
         self._log({"n": None, "kind": kind})
+
+
+def kill_self() -> None:
+    """SIGKILLs this process, its output flushed: no `finally` or `atexit` runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _install(tracer: _Tracer) -> None:
@@ -806,14 +816,10 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="of --sigkill's random times")
     parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
-    modes = BINARIES[args.binary]
-    if args.mode is not None and args.mode not in modes:
-        parser.error(f"--mode of {args.binary} must be one of {', '.join(modes)}")
-    binary = modes[args.mode or next(iter(modes))]
+    mode, binary = binary_of(parser, args.binary, args.mode)
     points = [int(p) for p in args.points.split(",")] if args.points else None
     scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_points-"))
     start = time.time()
-    mode = args.mode or next(iter(modes))
     if args.sigkill:
         killed = sigkill(binary, scratch, args.sigkill, args.seed)
         print(f"{args.binary} {mode}: {held(binary)} held after {args.sigkill} SIGKILLs ({killed} "
@@ -822,6 +828,18 @@ def _main(argv: list[str]) -> None:
     outcomes = sweep(binary, scratch, points, args.double)
     print(f"{args.binary} {mode}: {held(binary)} held at {len(outcomes)} points, "
           f"{time.time() - start:.0f} s")
+
+
+def binary_of(
+    parser: argparse.ArgumentParser, name: str, mode: str | None
+) -> tuple[str, Binary]:
+    """A script's `--mode` of the binary `name` (default: its first) and its `Binary`;
+    a usage error for a mode it does not have."""
+    modes = BINARIES[name]
+    mode = mode or next(iter(modes))
+    if mode not in modes:
+        parser.error(f"--mode of {name} must be one of {', '.join(modes)}")
+    return mode, modes[mode]
 
 
 def _use_the_tests_settings() -> None:

@@ -32,8 +32,6 @@ The tests (`tests/test_crash_writes.py`) keep the riskiest points.
 import argparse
 import os
 import pathlib
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,30 +46,21 @@ INSIDE, AFTER, DRAW = "inside", "after", "draw"
 INSIDE_KINDS = ("file", "append", "checkpoint-rename")
 
 
-def _kill() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _Tracer(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
     """crash_points' tracer that, at point `kill_at`, does not kill before the write:
     it arms (`armed`: the point's kind and path) for the write's own wrapper to kill
     inside or after it; a checkpoint's save it kills before."""
 
     def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path, how: str):
-        super().__init__(trace, 0, root)
-        self._at, self._how = kill_at, how
+        super().__init__(trace, kill_at, root)
+        self._how = how
         self.armed: tuple[str, pathlib.Path] | None = None
 
-    def point(self, kind: str, path: str | os.PathLike) -> None:
-        before = self.count
-        super().point(kind, path)
-        if self.count != before and self.count == self._at:
-            self.event(f"killed {self._how}" if kind in INSIDE_KINDS else "killed before")
-            if kind not in INSIDE_KINDS:
-                _kill()
-            self.armed = (kind, pathlib.Path(path).absolute())
+    def at_kill_point(self, kind: str, path: pathlib.Path) -> None:
+        self.event(f"killed {self._how}" if kind in INSIDE_KINDS else "killed before")
+        if kind not in INSIDE_KINDS:
+            crash_points.kill_self()
+        self.armed = (kind, path)
 
     def at(self, kind: str, path: str | os.PathLike) -> str | None:
         """How to kill the write of `kind` to `path`: INSIDE or AFTER where it is the
@@ -94,13 +83,13 @@ def _install(tracer: _Tracer, draw: bool) -> None:
         how = tracer.at("file", path)
         if how == INSIDE:  # the temp file written and fsynced; killed before its rename
             replace = os.replace
-            os.replace = lambda src, dst: _kill()  # type: ignore[assignment]
+            os.replace = lambda src, dst: crash_points.kill_self()  # type: ignore[assignment]
             write(path, payload, mode)
             os.replace = replace
             raise AssertionError(f"the write of {path} was not killed at its rename")
         write(path, payload, mode)
         if how == AFTER:
-            _kill()
+            crash_points.kill_self()
 
     append = workdir.Workdir._append  # noqa: SLF001 -- the write it wraps.
 
@@ -116,17 +105,17 @@ def _install(tracer: _Tracer, draw: bool) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         if how is not None:
-            _kill()
+            crash_points.kill_self()
 
     rename = async_path.rename
 
     async def killed_rename(src: Any, dst: Any) -> None:
         how = tracer.at("checkpoint-rename", dst)
         if how == INSIDE:  # the commit-success file written in the temp folder
-            _kill()
+            crash_points.kill_self()
         await rename(src, dst)
         if how == AFTER:
-            _kill()
+            crash_points.kill_self()
 
     workdir.atomic_write_local_bytes = killed_write
     workdir.Workdir._append = killed_append  # noqa: SLF001
@@ -197,11 +186,7 @@ def _main(argv: list[str]) -> None:
                         help="kill at this write, then the rerun at each of its own")
     parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
-    modes = crash_points.BINARIES[args.binary]
-    mode = args.mode or next(iter(modes))
-    if mode not in modes:
-        parser.error(f"--mode of {args.binary} must be one of {', '.join(modes)}")
-    binary = modes[mode]
+    mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
     points = [int(p) for p in args.points.split(",")] if args.points else None
     scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_writes-"))
     start = time.time()
