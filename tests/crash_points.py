@@ -456,6 +456,10 @@ def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 
     return Run(proc.returncode, records, proc.stderr[-4000:], time.time() - start)
 
 
+# How a crashed run's end is checked: the run and the write point it was killed at.
+Expect = Callable[[Run, int], None]
+
+
 def expect_killed(result: Run, kill_at: int) -> None:
     """`result` is a run that killed itself at its point `kill_at`."""
     assert result.returncode in (KILLED, KILLED_IN_JOB) and result.points[-1]["n"] == kill_at, (
@@ -664,23 +668,25 @@ class Outcome:
 
 def crash_and_rerun(
     binary: Binary, whole: pathlib.Path, workdir: pathlib.Path, kill_at: int,
-    rerun_kill_at: int = 0, child: tuple[str, ...] = (),
+    rerun_kill_at: int = 0, child: tuple[str, ...] = (), expect: Expect | None = None,
 ) -> Outcome:
     """Kills `binary` before write `kill_at` on a new `workdir` and checks (a); with
     `rerun_kill_at`, kills the rerun before its own write of that number and checks (a)
     again; reruns to the end and checks (b) and (c) against the uninterrupted `whole`.
-    Each run in `child` (`run`'s)."""
+    Each run in `child` (`run`'s), its end at its point checked by `expect` (default
+    `expect_killed`; `tests.crash_sigterm`'s run goes on after a SIGTERM there)."""
+    expect = expect or expect_killed
     start = time.time()
     crashed = run(binary, workdir, kill_at, child=child)
-    expect_killed(crashed, kill_at)
+    expect(crashed, kill_at)
     check_crashed(binary, workdir, whole)
     assert_secret_kept(binary, workdir)
-    point = crashed.points[-1]
+    point = crashed.points[kill_at - 1]
     if rerun_kill_at:
         sizes = (workdir / "group_sizes.json").exists()
         again = run(binary, workdir, rerun_kill_at, child=child)
-        expect_killed(again, rerun_kill_at)
-        point = again.points[-1]
+        expect(again, rerun_kill_at)
+        point = again.points[rerun_kill_at - 1]
         assert not (sizes and again.draws), "a rerun drew the released group sizes again"
         check_crashed(binary, workdir, whole)
     sizes = (workdir / "group_sizes.json").exists()
@@ -704,11 +710,14 @@ def uninterrupted(binary: Binary, workdir: pathlib.Path, child: tuple[str, ...] 
 def sweep(
     binary: Binary, scratch: pathlib.Path, points: list[int] | None = None, double: int = 0,
     report: Callable[[str], None] = print, child: tuple[str, ...] = (),
+    expect: Expect | None = None,
 ) -> list[Outcome]:
     """Kills `binary` before each of `points` (default: every write point of an
     uninterrupted run), or with `double`, before write `double` and then its rerun
     before each of its writes (`points` of the rerun); checks (a)-(c) at each, in
-    `scratch`; raises at the first failure. Each run in `child` (`run`'s)."""
+    `scratch`; raises at the first failure. Each run in `child` (`run`'s), its end
+    checked by `expect` (`crash_and_rerun`'s)."""
+    expect = expect or expect_killed
     whole = scratch / "whole"
     reference = uninterrupted(binary, whole, child)
     report(f"uninterrupted: {len(reference.points)} write points, {reference.seconds:.1f} s")
@@ -717,7 +726,7 @@ def sweep(
     todo = points or list(range(1, len(reference.points) + 1))
     if double:
         probe = scratch / "probe"
-        expect_killed(run(binary, probe, double, child=child), double)
+        expect(run(binary, probe, double, child=child), double)
         rerun = uninterrupted(binary, probe, child)
         report(f"killed before write {double}, the rerun makes {len(rerun.points)} writes:")
         for point in rerun.points:
@@ -727,8 +736,8 @@ def sweep(
     outcomes = []
     for k in todo:
         workdir = scratch / f"k{k}"
-        outcome = (crash_and_rerun(binary, whole, workdir, double, k, child) if double
-                   else crash_and_rerun(binary, whole, workdir, k, child=child))
+        outcome = (crash_and_rerun(binary, whole, workdir, double, k, child, expect) if double
+                   else crash_and_rerun(binary, whole, workdir, k, child=child, expect=expect))
         outcomes.append(outcome)
         what = f"killed at {double}, its rerun at {k}" if double else f"point {k}"
         report(f"{what} ({outcome.point['kind']} {outcome.point['path']}): {held(binary)} held, "
