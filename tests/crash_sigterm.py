@@ -1,0 +1,153 @@
+"""Crash SIGTERM: an experiment binary preempted (SIGTERM) at one of its writes, then rerun.
+
+A preempted job (a preemptible VM or TPU, Slurm's `scancel` or requeue) gets SIGTERM
+and, a grace period later, SIGKILL. In a training loop a SIGTERM lets the step finish,
+checkpoints it and exits 143 (`dpfed.train.preemption`); outside one the process ends
+at once (Python's default: exit -15), and one that came after a loop's last `reached()`
+ends it as the loop ends. `tests.crash_points` only SIGKILLs. Here the run (a child of
+this module: `python -m tests.crash_sigterm child THEN_KILL TRACE KILL_AT MODULE ARGS`)
+sends SIGTERM to itself at its write point KILL_AT, and the write goes on, as a real
+signal arriving just then would let it; with THEN_KILL > 0 (`--then_kill=J`: the grace
+period running out during the preemption's own checkpoint save), it SIGKILLs itself
+before the J-th write point after that one, if it gets there.
+
+`Terminated` checks how the run ended: exit 143 (its stderr line naming a checkpoint
+that is on disk) or -15 at or after its point, or SIGKILL at its J-th point after it.
+Then crash_points' `crash_and_rerun` and `sweep` rerun it on the workdir and check
+(a)-(c) (and (d) in a `--secret_seed` mode) against the uninterrupted run.
+
+  JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_sigterm \
+    fedavg_classifier --mode=poisson [--points=3,7] [--then_kill=1]
+
+The tests (`tests/test_crash_sigterm.py`) keep the riskiest points.
+"""
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import re
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+
+from tests import crash_points
+from tests.crash_points import Run
+
+CHILD = crash_points.CHILD  # the first argument of a child run
+PREEMPTED = 128 + signal.SIGTERM  # a loop's exit once it saved its checkpoint (143)
+TERMINATED = -signal.SIGTERM  # Python's default SIGTERM: the process ended by it
+# The stderr line of a preempted loop (`preemption.PreemptedError`): the step it saved.
+_SAVED = re.compile(r"the checkpoint of (?:step|round) (\d+) is saved in (\S+); rerun")
+
+
+class _Tracer(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
+    """crash_points' tracer that at point `kill_at` sends SIGTERM to this process and
+    lets the write go on; with `then_kill`, it SIGKILLs this process before the
+    `then_kill`-th point after that one."""
+
+    def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path, then_kill: int):
+        super().__init__(trace, kill_at, root)
+        self._then_kill = then_kill
+        self.terminated = False
+
+    def at_kill_point(self, kind: str, path: pathlib.Path) -> None:
+        if self.terminated:
+            self.event("killed before")
+            crash_points.kill_self()
+            return
+        self.terminated = True
+        self.event("sigterm")
+        if self._then_kill:
+            self._kill_at += self._then_kill  # the point to SIGKILL at, if reached
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _child(argv: list[str]) -> None:
+    """`child THEN_KILL TRACE KILL_AT MODULE ARGS...`: as crash_points' child, SIGTERM
+    at point KILL_AT and, with THEN_KILL > 0, SIGKILL THEN_KILL points after it."""
+    then_kill, trace, kill_at, module, *args = argv
+    workdir = pathlib.Path(crash_points.flag_value(args, "workdir"))
+    crash_points._install(  # noqa: SLF001 -- its tracing.
+        _Tracer(pathlib.Path(trace), int(kill_at), workdir, int(then_kill)))
+    crash_points.run_as_main(module, args)
+
+
+def child(then_kill: int = 0) -> tuple[str, ...]:
+    """`crash_points.run`'s `child` for a SIGTERM at the point (`then_kill`: SIGKILL
+    that many points after it)."""
+    return ("tests.crash_sigterm", CHILD, str(then_kill))
+
+
+@dataclasses.dataclass
+class Terminated:
+    """crash_points' `expect` of a run SIGTERMed at its point `kill_at`: it reached the
+    point, then exited 143 naming a checkpoint on disk or -15, or (`then_kill`) was
+    SIGKILLed at the `then_kill`-th point after it. Keeps each exit code in `exits`
+    and reports it."""
+
+    then_kill: int = 0
+    report: Callable[[str], None] = print
+    exits: list[int] = dataclasses.field(default_factory=list)
+
+    def __call__(self, result: Run, kill_at: int) -> None:
+        points = result.points
+        assert len(points) >= kill_at and points[kill_at - 1]["killed"], (
+            f"the run was to get SIGTERM at write {kill_at}, but it exited "
+            f"{result.returncode} after {len(points)} writes:\n{result.stderr}")
+        kill = kill_at + self.then_kill if self.then_kill else 0
+        if kill and len(points) >= kill:
+            crash_points.expect_killed(result, kill)
+        else:
+            assert result.returncode in (PREEMPTED, TERMINATED), (
+                f"SIGTERMed at write {kill_at}, the run exited {result.returncode} after "
+                f"{len(points)} writes:\n{result.stderr}")
+            if result.returncode == PREEMPTED:
+                assert_saved(result.stderr)
+        self.exits.append(result.returncode)
+        self.report(f"SIGTERM at {kill_at}: exit {result.returncode}, "
+                    f"{len(points) - kill_at} writes after it")
+
+
+def assert_saved(stderr: str) -> None:
+    """A preempted run's stderr names the checkpoint it saved, which is on disk."""
+    saved = _SAVED.search(stderr)
+    assert saved, f"exit {PREEMPTED} without the preemption's line:\n{stderr}"
+    step, directory = saved.groups()
+    assert pathlib.Path(directory, step).is_dir(), (
+        f"the preempted run names checkpoint {step} in {directory}, which is not on disk")
+
+
+def sweep(
+    binary: crash_points.Binary, scratch: pathlib.Path, points: list[int] | None = None,
+    then_kill: int = 0, report: Callable[[str], None] = print,
+) -> list[crash_points.Outcome]:
+    """SIGTERMs `binary` at each of `points` (default: all; `then_kill`: SIGKILLs it that
+    many points later), reruns it and checks (a)-(d) (`crash_points.sweep`)."""
+    return crash_points.sweep(binary, scratch, points, report=report, child=child(then_kill),
+                              expect=Terminated(then_kill, report))
+
+
+def _main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("binary", choices=sorted(crash_points.BINARIES))
+    parser.add_argument("--mode", help="default: the binary's first")
+    parser.add_argument("--then_kill", type=int, default=0,
+                        help="SIGKILL the run this many write points after its SIGTERM")
+    parser.add_argument("--points", type=lambda text: [int(p) for p in text.split(",")],
+                        help="comma-separated write points (default: all)")
+    parser.add_argument("--scratch", type=pathlib.Path,
+                        help="a folder for the workdirs (default: a new temp one)")
+    args = parser.parse_args(argv)
+    mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
+    start = time.time()
+    outcomes = sweep(binary, args.scratch or pathlib.Path(tempfile.mkdtemp(
+        prefix="crash_sigterm-")), args.points, args.then_kill)
+    print(f"{args.binary} {mode} (SIGTERM, then_kill={args.then_kill}): "
+          f"{crash_points.held(binary)} held at {len(outcomes)} points, "
+          f"{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    crash_points.script(_child, _main)
