@@ -17,7 +17,7 @@ Then crash_points' `crash_and_rerun` and `sweep` rerun it on the workdir and che
 (a)-(c) (and (d) in a `--secret_seed` mode) against the uninterrupted run.
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_sigterm \
-    fedavg_classifier --mode=poisson [--points=3,7] [--then_kill=1]
+    fedavg_classifier --mode=poisson [--points=3,7] [--then_kill=1] [--checkpoint_every=3]
 
 The tests (`tests/test_crash_sigterm.py`) keep the riskiest points.
 """
@@ -119,6 +119,15 @@ def assert_saved(stderr: str) -> None:
         f"the preempted run names checkpoint {step} in {directory}, which is not on disk")
 
 
+def checkpointed_every(binary: crash_points.Binary, every: int) -> crash_points.Binary:
+    """`binary` with `--checkpoint_every=every` (the tiny flags' 1 saves every step, so a
+    preemption's save is never off the period: with 3 > the 2 steps, only the last
+    step's is periodic and a SIGTERM in step 1 saves it off the period)."""
+    flags = tuple(f for f in binary.flags if not f.startswith("--checkpoint_every="))
+    assert len(flags) == len(binary.flags) - 1, f"{binary.module} sets no --checkpoint_every"
+    return dataclasses.replace(binary, flags=(*flags, f"--checkpoint_every={every}"))
+
+
 def sweep(
     binary: crash_points.Binary, scratch: pathlib.Path, points: list[int] | None = None,
     then_kill: int = 0, report: Callable[[str], None] = print,
@@ -135,12 +144,17 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--mode", help="default: the binary's first")
     parser.add_argument("--then_kill", type=int, default=0,
                         help="SIGKILL the run this many write points after its SIGTERM")
+    parser.add_argument("--checkpoint_every", type=int,
+                        help="instead of the tiny flags' 1 (3: a preemption's save off it)")
     parser.add_argument("--points", type=lambda text: [int(p) for p in text.split(",")],
                         help="comma-separated write points (default: all)")
     parser.add_argument("--scratch", type=pathlib.Path,
                         help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
     mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
+    if args.checkpoint_every:
+        mode = f"{mode}, --checkpoint_every={args.checkpoint_every}"
+        binary = checkpointed_every(binary, args.checkpoint_every)
     start = time.time()
     outcomes = sweep(binary, args.scratch or pathlib.Path(tempfile.mkdtemp(
         prefix="crash_sigterm-")), args.points, args.then_kill)

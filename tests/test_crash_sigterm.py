@@ -1,6 +1,7 @@
 """Runs preempted (SIGTERM) at a write (`tests.crash_sigterm`), then rerun: the harness's
-own checks of how a run ends, and (slow) fedavg_classifier preempted at its riskiest
-writes in a round, once SIGKILLed in the preemption's own checkpoint save."""
+own checks of how a run ends, and (slow) fedavg_classifier, checkpointed off the
+preemption's round, preempted at its riskiest writes in a round, once SIGKILLed in the
+preemption's own checkpoint save."""
 
 import json
 import pathlib
@@ -11,7 +12,9 @@ import pytest
 from tests import crash_points, crash_sigterm
 from tests.crash_points import BINARIES, Run
 
-FEDAVG = BINARIES["fedavg_classifier"]["poisson"]
+# fedavg_classifier's 2 rounds checkpointed every 3: a preemption in round 1 saves it off
+# the period, the save that is the preemption's own.
+FEDAVG = crash_sigterm.checkpointed_every(BINARIES["fedavg_classifier"]["poisson"], 3)
 
 
 def _run(returncode: int, points: int, sigterm_at: int, stderr: str = "") -> Run:
@@ -81,6 +84,13 @@ def test_the_tracer_sends_sigterm_at_its_point_and_sigkill_then_kill_points_late
     assert [r["kind"] for r in run.trace if r["n"] is None] == ["sigterm", "killed before"]
 
 
+def test_checkpointed_every_replaces_the_tiny_flags_period():
+    flags = [f for f in FEDAVG.flags if f.startswith("--checkpoint_every=")]
+    assert flags == ["--checkpoint_every=3"]
+    with pytest.raises(AssertionError, match="sets no --checkpoint_every"):
+        crash_sigterm.checkpointed_every(BINARIES["evaluate"]["datalens"], 3)
+
+
 @pytest.fixture(scope="module")
 def fedavg_whole(tmp_path_factory) -> tuple[pathlib.Path, Run]:
     """fedavg_classifier's uninterrupted run (this harness's child) and its workdir."""
@@ -90,10 +100,11 @@ def fedavg_whole(tmp_path_factory) -> tuple[pathlib.Path, Run]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path, occurrence, then_kill, exit_code", [
-    ("metrics.jsonl", 1, 0, crash_sigterm.PREEMPTED),  # round 1's record: round 1 saved
+    # round 1's record: round 1 saved off the period
+    ("metrics.jsonl", 1, 0, crash_sigterm.PREEMPTED),
     ("ledger.json", 2, 0, crash_sigterm.PREEMPTED),  # the last round's ledger copy
-    # round 1's diagnostics, then its checkpoint SIGKILLed before the rename (the grace
-    # period out in the preemption's own save)
+    # round 1's diagnostics, then the preemption's own save of round 1 SIGKILLed before
+    # its rename (the grace period out)
     ("diagnostics.jsonl", 1, 2, -signal.SIGKILL),
 ])
 def test_a_preempted_round_resumes_to_the_whole_run(fedavg_whole, tmp_path, path, occurrence,
