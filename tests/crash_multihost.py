@@ -4,28 +4,36 @@
 `tests.crash_writes` inside them). In a `--distributed` job every process runs the same
 code, process 0 alone writes the workdir's files (each write between two barriers,
 `workdir.one_write`), and every process takes part in the orbax checkpoints. Here the
-launcher starts every process of a 2-process job (1 CPU device each) as a child of this
-module (`python -m launch.multihost local ... -- tests.crash_multihost child VICTIM
-INNER TRACE KILL_AT MODULE ARGS`), which in the process it names kills as the inner
-child does (crash_points' or crash_writes' own `_child`), and runs the binary untraced
-in the others. VICTIM is:
+launcher starts every process of a job (default 2 processes of 1 CPU device each;
+`--processes`, `--devices_per_process`) as a child of this module (`python -m
+launch.multihost local ... -- tests.crash_multihost child VICTIM INNER TRACE KILL_AT
+MODULE ARGS`), which in the process it names kills as the inner child does
+(crash_points' or crash_writes' own `_child`), and runs the binary untraced in the
+others. VICTIM is:
 
   0     process 0 (the writer) killed at its write point KILL_AT (as one process);
-  1     process 1 killed at its own point KILL_AT (it writes no file: its points are the
-        logs' appends it reaches before process 0 writes them, and the checkpoints);
-  1@0   process 1 SIGKILLed by process 0 the moment process 0 reaches its write point
+  P     process P (1, 2, ...) killed at its own point KILL_AT (it writes no file: its
+        points are the logs' appends it reaches before process 0 writes them, and the
+        checkpoints);
+  P@0   process P SIGKILLed by process 0 the moment process 0 reaches its write point
         KILL_AT, which process 0 then makes, going on until the launcher stops it (its
-        later points traced unnumbered, as `after peer killed`).
+        later points traced unnumbered, as `after peer killed`); the other processes
+        run on.
 
-The launcher then stops the other process and exits 137, as a shell reports a SIGKILL.
-The same job is rerun on the workdir and crash_points' checks hold against an
-uninterrupted 2-process job of the same flags: (a) every release is counted by a ledger
-present, (b) the rerun exits 0, (c) it ends with the uninterrupted job's files
-(`crash_points.crash_and_rerun`).
+VICTIM may add `,draw` (`--draw`): in a `--secret_seed` mode, process 0 then draws the
+secret itself (`crash_writes.draw_secret_in`) and writes secret_seed.json, a write point
+of its own, which every other process must read; without it every new workdir holds
+crash_points' pre-written one.
+
+The launcher then stops the other processes and exits 137, as a shell reports a
+SIGKILL. The same job is rerun on the workdir and crash_points' checks hold against an
+uninterrupted job of the same flags and layout: (a) every release is counted by a
+ledger present, (b) the rerun exits 0, (c) it ends with the uninterrupted job's files
+(`crash_points.crash_and_rerun`), (d) in a secret mode no other file holds the seed.
 
   JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache .venv/bin/python -m tests.crash_multihost \
     [fedlm_debug --mode=population] [--victim=1@0] [--inner=tests.crash_writes:inside] \
-    [--points=3,17] [--double=7]
+    [--points=3,17] [--double=7] [--processes=3] [--devices_per_process=2] [--draw]
   ... -m tests.crash_multihost --sigkill=8  # every process at once, at random times
 
 The tests (`tests/test_crash_multihost.py`) keep a few points.
@@ -36,35 +44,55 @@ import dataclasses
 import importlib
 import os
 import pathlib
+import re
 import signal
 import tempfile
 import time
 
-from tests import crash_points
+from tests import crash_points, crash_writes
 
 CHILD = crash_points.CHILD  # the first argument of a child run
-WRITER, PEER, PEER_AT_WRITER = "0", "1", "1@0"  # the victims (module docstring)
-VICTIMS = (WRITER, PEER, PEER_AT_WRITER)
+# Victims (module docstring): the writer, process P, process P killed by process 0 (here
+# of a 2-process job).
+WRITER, PEER, PEER_AT_WRITER = "0", "1", "1@0"
+AT_WRITER = "@0"  # the suffix of a victim that process 0 kills
+DRAW = crash_writes.DRAW  # a victim's `,draw`: process 0 draws the secret seed
+_VICTIM = re.compile(r"(?P<process>0|[1-9][0-9]*)(?P<at>@0)?")
 # The inner child that kills the victim: crash_points' (before a write), or crash_writes'
 # with its HOW after a colon (`tests.crash_writes:inside`).
 BEFORE = "tests.crash_points"
-# A job in miniature: 2 processes of 1 CPU device each.
-JOB = ("--num_processes=2", "--devices_per_process=1")
+# A job in miniature: 2 processes of 1 CPU device each (the default layout).
+PROCESSES, DEVICES_PER_PROCESS = 2, 1
 # crash_points' fedavg_classifier (tiny, evaluated and checkpointed every round).
 BINARY = crash_points.BINARIES["fedavg_classifier"]["poisson"]
 
 
-def job(binary: crash_points.Binary, log_dir: pathlib.Path) -> crash_points.Binary:
-    """`binary` run as a 2-process job (`JOB`) of `launch.multihost local`, whose
-    processes 1.. log to `log_dir`."""
+def job(binary: crash_points.Binary, log_dir: pathlib.Path, processes: int = PROCESSES,
+        devices_per_process: int = DEVICES_PER_PROCESS) -> crash_points.Binary:
+    """`binary` run as a job of `launch.multihost local` of `processes` processes of
+    `devices_per_process` CPU devices each, whose processes 1.. log to `log_dir`."""
     return dataclasses.replace(binary, launcher=(
-        "launch.multihost", "local", *JOB, f"--log_dir={log_dir}"))
+        "launch.multihost", "local", f"--num_processes={processes}",
+        f"--devices_per_process={devices_per_process}", f"--log_dir={log_dir}"))
 
 
-def child(victim: str, inner: str = BEFORE) -> tuple[str, ...]:
-    """`crash_points.run`'s `child` for a job whose `victim` the `inner` child kills."""
-    assert victim in VICTIMS, f"victim {victim} not one of {VICTIMS}"
-    return ("tests.crash_multihost", CHILD, victim, inner)
+def victim_process(victim: str, processes: int | None = None) -> int:
+    """The process that `victim` (`P` or `P@0`, module docstring) kills; checks that it
+    names one (a process 1.. for `P@0`), of a job of `processes` when given."""
+    match = _VICTIM.fullmatch(victim)
+    assert match and not (match["at"] and match["process"] == WRITER) and (
+        processes is None or int(match["process"]) < processes), (
+        f"victim {victim} not one of a {processes or 'multi'}-process job's: "
+        f"{WRITER}, P or P{AT_WRITER} for a process P from 1")
+    return int(match["process"])
+
+
+def child(victim: str, inner: str = BEFORE, processes: int = PROCESSES,
+          draw: bool = False) -> tuple[str, ...]:
+    """`crash_points.run`'s `child` for a job of `processes` whose `victim` the `inner`
+    child kills; with `draw`, process 0 draws the secret seed itself."""
+    victim_process(victim, processes)
+    return ("tests.crash_multihost", CHILD, f"{victim},{DRAW}" if draw else victim, inner)
 
 
 def process_id(args: list[str]) -> int:
@@ -77,19 +105,28 @@ def traced(victim: str, process: int) -> bool:
     return str(process) == victim.rpartition("@")[2]
 
 
-def siblings() -> list[int]:
-    """The other children of this process's parent (the launcher's other processes)."""
+def siblings(process: int | None = None) -> list[int]:
+    """The other children of this process's parent (the launcher's other processes);
+    with `process`, only the one whose `--process_id` it is."""
     parent = os.getppid()
     children = pathlib.Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [int(pid) for pid in children if int(pid) != os.getpid()]
+    others = [int(pid) for pid in children if int(pid) != os.getpid()]
+    return others if process is None else [pid for pid in others if _process_of(pid) == process]
+
+
+def _process_of(pid: int) -> int | None:
+    """The `--process_id` of the process `pid`, if its command line has one."""
+    args = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return process_id(args) if any(a.startswith("--process_id=") for a in args) else None
 
 
 class _PeerKiller(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
-    """crash_points' tracer that at point `kill_at` SIGKILLs the other processes of the
-    job instead of this one, and logs the points after it unnumbered."""
+    """crash_points' tracer that at point `kill_at` SIGKILLs process `peer` of the job
+    instead of this one, and logs the points after it unnumbered."""
 
-    def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path):
+    def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path, peer: int):
         super().__init__(trace, kill_at, root)
+        self.peer = peer
         self.done = False
 
     def point(self, kind: str, path: str | os.PathLike) -> None:
@@ -99,22 +136,27 @@ class _PeerKiller(crash_points._Tracer):  # noqa: SLF001 -- its numbering and tr
         super().point(kind, path)
 
     def at_kill_point(self, kind: str, path: pathlib.Path) -> None:
-        for pid in siblings():
+        peers = siblings(self.peer)
+        assert peers, f"no process {self.peer} to kill"
+        for pid in peers:
             os.kill(pid, signal.SIGKILL)
-        self.event("killed the peer")
+        self.event(f"killed process {self.peer}")
         self.done = True
 
 
 def _child(argv: list[str]) -> None:
-    """`child VICTIM INNER TRACE KILL_AT MODULE ARGS...`: one process of the job."""
-    victim, inner, trace, kill_at, module, *args = argv
+    """`child VICTIM[,draw] INNER TRACE KILL_AT MODULE ARGS...`: one process of the job."""
+    victim_draw, inner, trace, kill_at, module, *args = argv
+    victim, *extra = victim_draw.split(",")
     process = process_id(args)
+    workdir = pathlib.Path(crash_points.flag_value(args, "workdir"))
+    if DRAW in extra and process == 0:
+        crash_writes.draw_secret_in(workdir)
     if not traced(victim, process):
         crash_points.run_as_main(module, args)
-    elif victim == PEER_AT_WRITER:
-        workdir = pathlib.Path(crash_points.flag_value(args, "workdir"))
+    elif victim.endswith(AT_WRITER):
         crash_points._install(  # noqa: SLF001 -- its tracing.
-            _PeerKiller(pathlib.Path(trace), int(kill_at), workdir))
+            _PeerKiller(pathlib.Path(trace), int(kill_at), workdir, victim_process(victim)))
         crash_points.run_as_main(module, args)
     else:
         name, _, how = inner.partition(":")
@@ -125,19 +167,25 @@ def _child(argv: list[str]) -> None:
 @dataclasses.dataclass(frozen=True)
 class Sweep:
     """What `sweep` does: whose kill, by which inner child, at which points (with
-    `double`: of the rerun of a job killed at that point, as `crash_points.sweep`)."""
+    `double`: of the rerun of a job killed at that point, as `crash_points.sweep`), in a
+    job of which layout, and whether process 0 draws the secret seed (`child`)."""
 
     victim: str = WRITER
     inner: str = BEFORE
     points: list[int] | None = None
     double: int = 0
+    processes: int = PROCESSES
+    devices_per_process: int = DEVICES_PER_PROCESS
+    draw: bool = False
 
 
 def sweep(scratch: pathlib.Path, what: Sweep, binary: crash_points.Binary = BINARY,
           ) -> list[crash_points.Outcome]:
-    """`crash_points.sweep` of `binary` as a 2-process job, `what.victim` killed."""
-    return crash_points.sweep(job(binary, scratch / "logs"), scratch, what.points, what.double,
-                              child=child(what.victim, what.inner))
+    """`crash_points.sweep` of `binary` as a job of `what`'s layout, `what.victim` killed."""
+    return crash_points.sweep(
+        job(binary, scratch / "logs", what.processes, what.devices_per_process), scratch,
+        what.points, what.double,
+        child=child(what.victim, what.inner, what.processes, what.draw))
 
 
 # The binaries that take `--distributed` (launch.multihost), as crash_points names them.
@@ -148,13 +196,18 @@ def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("binary", nargs="?", choices=MULTI_HOST, default="fedavg_classifier")
     parser.add_argument("--mode", help="of crash_points.BINARIES (default: the binary's first)")
-    parser.add_argument("--victim", choices=VICTIMS, default=WRITER)
+    parser.add_argument("--victim", default=WRITER, help="0, P or P@0 (module docstring)")
     parser.add_argument("--inner", default=BEFORE,
                         help="the victim's child: tests.crash_points, or tests.crash_writes:HOW")
     parser.add_argument("--points", type=lambda text: [int(p) for p in text.split(",")],
                         help="comma-separated write points (default: all)")
     parser.add_argument("--double", type=int, default=0,
                         help="kill before this write, then the rerun at each of its own")
+    parser.add_argument("--processes", type=int, default=PROCESSES, help="of the job")
+    parser.add_argument("--devices_per_process", type=int, default=DEVICES_PER_PROCESS,
+                        help="CPU devices of each process")
+    parser.add_argument("--draw", action="store_true", help="in a --secret_seed mode: "
+                        "process 0 draws the secret seed (a write point), not pre-written")
     parser.add_argument("--scratch", type=pathlib.Path,
                         help="a folder for the workdirs (default: a new temp one)")
     parser.add_argument("--sigkill", type=int, default=0, help="instead: SIGKILL this many "
@@ -164,15 +217,18 @@ def _main(argv: list[str]) -> None:
     mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
     start = time.time()
     scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="crash_multihost-"))
-    name = f"{args.binary} {mode}, 2 processes"
+    name = f"{args.binary} {mode}, {args.processes} x {args.devices_per_process} devices"
     if args.sigkill:
-        killed = crash_points.sigkill(job(binary, scratch / "logs"), scratch, args.sigkill,
-                                      args.seed)
+        killed = crash_points.sigkill(
+            job(binary, scratch / "logs", args.processes, args.devices_per_process), scratch,
+            args.sigkill, args.seed)
         print(f"{name}: {crash_points.held(binary)} held after {args.sigkill} SIGKILLs "
               f"({killed} while running), {time.time() - start:.0f} s")
         return
-    outcomes = sweep(scratch, Sweep(args.victim, args.inner, args.points, args.double), binary)
-    print(f"{name}, victim {args.victim} ({args.inner}): {crash_points.held(binary)} held at "
+    outcomes = sweep(scratch, Sweep(args.victim, args.inner, args.points, args.double,
+                                    args.processes, args.devices_per_process, args.draw), binary)
+    draw = ", drawn secret" if args.draw else ""
+    print(f"{name}, victim {args.victim} ({args.inner}{draw}): {crash_points.held(binary)} held at "
           f"{len(outcomes)} points, {time.time() - start:.0f} s")
 
 

@@ -70,12 +70,12 @@ class _Tracer(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
         return None
 
 
-def _install(tracer: _Tracer, draw: bool) -> None:
+def _install(tracer: _Tracer) -> None:
     """Wraps the library's writes to be killed inside or after the armed one, then
-    crash_points' tracing around them; with `draw`, the secret seed drawn is SECRET."""
+    crash_points' tracing around them."""
     from orbax.checkpoint._src.path import async_path
 
-    from dpfed.train import seeds, workdir
+    from dpfed.train import workdir
 
     write = workdir.atomic_write_local_bytes
 
@@ -120,9 +120,6 @@ def _install(tracer: _Tracer, draw: bool) -> None:
     workdir.atomic_write_local_bytes = killed_write
     workdir.Workdir._append = killed_append  # noqa: SLF001
     async_path.rename = killed_rename
-    if draw:
-        seeds.draw_secret = lambda: crash_points.SECRET
-        seeds.draw_nonce = lambda: crash_points.SECRET_NONCE  # config.json pins it
     crash_points._install(tracer)  # noqa: SLF001 -- the tracing, around the kills.
 
 
@@ -134,19 +131,23 @@ def _child(argv: list[str]) -> None:
     kill, *extra = how.split(",")
     workdir = pathlib.Path(crash_points.flag_value(args, "workdir"))
     if DRAW in extra:
-        _remove_prewritten_seed(workdir)
-    _install(_Tracer(pathlib.Path(trace), int(kill_at), workdir, kill), DRAW in extra)
+        draw_secret_in(workdir)
+    _install(_Tracer(pathlib.Path(trace), int(kill_at), workdir, kill))
     crash_points.run_as_main(module, args)
 
 
-def _remove_prewritten_seed(workdir: pathlib.Path) -> None:
-    """Removes the secret_seed.json that `crash_points` writes in a new workdir (the
-    workdir holds nothing else), so that the binary draws and writes it itself."""
+def draw_secret_in(workdir: pathlib.Path) -> None:
+    """Lets the binary run in this process draw the secret seed of `workdir` itself and
+    write secret_seed.json: removes the one that `crash_points` writes in a new workdir
+    (the workdir holds nothing else) and fixes the draw to `crash_points.SECRET` (its
+    nonce `SECRET_NONCE`, which config.json pins)."""
     from dpfed.train import seeds
 
     files = [p for p in workdir.rglob("*") if p.is_file()] if workdir.exists() else []
     if [p.name for p in files] == [seeds.SECRET_SEED_FILE]:
         files[0].unlink()
+    seeds.draw_secret = lambda: crash_points.SECRET
+    seeds.draw_nonce = lambda: crash_points.SECRET_NONCE
 
 
 def child(how: str) -> tuple[str, ...]:

@@ -29,9 +29,27 @@ def test_a_job_runs_the_launcher_on_the_victims_child(tmp_path):
         f"the launcher must start this module's child in every process: {args}")
 
 
-def test_a_child_refuses_an_unknown_victim():
-    with pytest.raises(AssertionError, match="victim 2"):
-        crash_multihost.child("2")
+def test_a_job_has_the_layout_asked_for(tmp_path):
+    binary = crash_multihost.job(crash_multihost.BINARY, tmp_path, 3, 2)
+    args = multihost.parse_args([*binary.launcher[1:], binary.module])
+    assert (args.num_processes, args.devices_per_process) == (3, 2), args
+
+
+@pytest.mark.parametrize("victim, processes", [
+    ("2", 2), ("2@0", 2), ("0@0", 3), ("1@1", 3), ("01", 3), ("x", 3), ("", 2)])
+def test_a_child_refuses_a_victim_not_of_its_job(victim, processes):
+    with pytest.raises(AssertionError, match=f"victim {victim} not one of a {processes}-"):
+        crash_multihost.child(victim, processes=processes)
+
+
+@pytest.mark.parametrize("victim, process", [("0", 0), ("2", 2), ("2@0", 2), ("1@0", 1)])
+def test_a_victim_names_its_process(victim, process):
+    assert crash_multihost.victim_process(victim, 3) == process
+    assert crash_multihost.child(victim, processes=3)[2] == victim
+
+
+def test_a_drawing_job_tells_its_children_after_the_victim():
+    assert crash_multihost.child(PEER_AT_WRITER, draw=True)[2] == "1@0,draw"
 
 
 def test_the_process_id_is_the_one_the_launcher_adds():
@@ -44,42 +62,71 @@ def test_the_process_id_is_the_one_the_launcher_adds():
     (WRITER, 0, True), (WRITER, 1, False),
     (PEER, 0, False), (PEER, 1, True),
     (PEER_AT_WRITER, 0, True), (PEER_AT_WRITER, 1, False),  # process 0 traces and kills
+    ("2", 2, True), ("2", 1, False), ("2", 0, False), ("2@0", 0, True), ("2@0", 2, False),
 ])
 def test_the_process_that_traces_is_the_victim_or_its_killer(victim, process, expected):
     assert crash_multihost.traced(victim, process) is expected
 
 
-def test_siblings_are_the_parents_other_children():
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def _sleeper(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+
+
+def test_siblings_are_the_parents_other_children_or_the_one_of_a_process_id():
+    # As the launcher starts them: each with its --process_id (processes 1 and 2 here).
+    others = [_sleeper(), _sleeper("--process_id=1"), _sleeper("--process_id=2")]
     try:
         probe = subprocess.run(
             [sys.executable, "-c", "import os; from tests.crash_multihost import siblings; "
-             "print(os.getpid(), *siblings())"],
+             "print(os.getpid(), *siblings()); print(*siblings(2)); print(*siblings(3))",
+             "--process_id=0"],
             capture_output=True, text=True, check=True, cwd=crash_points.ROOT)
-        own, *found = (int(pid) for pid in probe.stdout.split())
-        assert other.pid in found and own not in found, f"{own}: {found}, not {other.pid}"
+        lines = probe.stdout.splitlines()
+        own, *found = (int(pid) for pid in lines[0].split())
+        assert {o.pid for o in others} <= set(found) and own not in found, (
+            f"{own}: {found}, not {[o.pid for o in others]}")
+        assert lines[1:] == [str(others[2].pid), ""], f"process 2 is {others[2].pid}: {lines}"
     finally:
-        other.kill()
-        other.wait()
+        for other in others:
+            other.kill()
+            other.wait()
 
 
 def test_the_peer_killer_kills_the_others_at_its_point_and_numbers_no_more(tmp_path, monkeypatch):
-    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    monkeypatch.setattr(crash_multihost, "siblings", lambda: [peer.pid])
+    peer, bystander = _sleeper(), _sleeper()
+    pids = {2: [peer.pid], 1: [bystander.pid]}
+    monkeypatch.setattr(crash_multihost, "siblings", lambda process: pids[process])
     trace = tmp_path / "trace.jsonl"
-    tracer = crash_multihost._PeerKiller(trace, 2, tmp_path)  # noqa: SLF001
+    tracer = crash_multihost._PeerKiller(trace, 2, tmp_path, peer=2)  # noqa: SLF001
     try:
         tracer.point("file", tmp_path / "config.json")
         assert peer.poll() is None, "the peer killed before the point"
         tracer.point("append", tmp_path / "metrics.jsonl")
         assert peer.wait(timeout=10) == -signal.SIGKILL, "the peer not SIGKILLed at the point"
+        assert bystander.poll() is None, "a process but the peer killed"
         tracer.point("file", tmp_path / "ledger.json")
     finally:
-        peer.kill()
-        peer.wait()
+        for process in (peer, bystander):
+            process.kill()
+            process.wait()
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     assert [r["n"] for r in records] == [1, 2, None, None], records
     assert records[-1]["kind"] == "after peer killed: file " + str(tmp_path / "ledger.json")
+
+
+@pytest.mark.parametrize("victim, process, draws", [
+    ("0,draw", 0, True), ("2,draw", 0, True), ("1@0,draw", 1, False), ("2,draw", 2, False),
+    ("0", 0, False)])
+def test_with_draw_process_0_draws_the_secret_whoever_the_victim(monkeypatch, tmp_path,
+                                                                 victim, process, draws):
+    calls = []
+    monkeypatch.setattr(crash_writes, "draw_secret_in", lambda w: calls.append(("draw", w)))
+    monkeypatch.setattr(crash_points, "run_as_main", lambda m, a: calls.append(("run", m)))
+    monkeypatch.setattr(crash_points, "_install", lambda tracer: None)
+    monkeypatch.setattr(crash_points, "_child", lambda argv: calls.append(("run", argv[2])))
+    crash_multihost._child([victim, crash_multihost.BEFORE, "TRACE", "0", "experiments.x",  # noqa: SLF001
+                            f"--workdir={tmp_path}", f"--process_id={process}"])
+    assert calls == [("draw", tmp_path)] * draws + [("run", "experiments.x")], calls
 
 
 def test_a_job_whose_process_was_killed_counts_as_killed():
