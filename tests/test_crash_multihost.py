@@ -170,3 +170,18 @@ def test_a_killed_job_resumes_to_the_whole_jobs_files(job_whole, tmp_path, victi
         crash_multihost.job(_BINARY, tmp_path / "logs"), whole, tmp_path / "w", k,
         child=crash_multihost.child(victim, inner))
     assert outcome.point["path"] == path, f"killed at {outcome.point}, not {path}"
+
+
+@pytest.mark.slow
+def test_a_3_process_job_whose_peer_dies_as_the_drawn_secret_is_written_resumes(tmp_path):
+    # Process 2 of 3 SIGKILLed as process 0 writes the secret seed it drew: process 0
+    # writes it alone; every process of the rerun reads that one back (process 1 and 2
+    # draw their own and must not use them).
+    binary = crash_multihost.job(crash_points.BINARIES["fedavg_classifier"]["secret"],
+                                 tmp_path / "logs", processes=3)
+    child = crash_multihost.child("2@0", processes=3, draw=True)
+    whole = tmp_path / "whole"
+    reference = crash_points.uninterrupted(binary, whole, child)
+    k = crash_points.point_number(reference, "secret_seed.json")
+    outcome = crash_points.crash_and_rerun(binary, whole, tmp_path / "w", k, child=child)
+    assert outcome.point["path"] == "secret_seed.json", f"killed at {outcome.point}"
