@@ -34,11 +34,14 @@ class FeatureExtractor:
       metric_name: what the resulting Fréchet distance is called (``fid_domain``, ...).
       description: one line saying which network and which data it was trained on.
       features: the batched feature function (jit-compiled by its maker).
+      batch_size: the most images `features` takes at once (`extract_features`'
+        default): its activations, not the image count, bound the memory a pass needs.
     """
 
     metric_name: str
     description: str
     features: Callable[[np.ndarray], np.ndarray]
+    batch_size: int = 500
 
 
 def feature_statistics(features: np.ndarray) -> FeatureStats:
@@ -95,9 +98,10 @@ def check_images(images: np.ndarray) -> None:
 
 
 def extract_features(
-    extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 500
+    extractor: FeatureExtractor, images: np.ndarray, batch_size: int | None = None
 ) -> np.ndarray:
-    """``extractor``'s features of ``images`` in batches of ``batch_size`` (float64).
+    """``extractor``'s features of ``images`` in batches of ``batch_size`` (default: the
+    extractor's own, `FeatureExtractor.batch_size`), float64.
 
     The last batch is padded to ``batch_size`` (and the padding dropped), so a jitted
     extractor compiles once.
@@ -106,7 +110,7 @@ def extract_features(
       ValueError: if ``images`` break `check_images`.
     """
     check_images(images)
-    batch_size = min(batch_size, len(images))
+    batch_size = min(extractor.batch_size if batch_size is None else batch_size, len(images))
     batches = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
@@ -120,7 +124,7 @@ def fid(
     extractor: FeatureExtractor,
     real_images: np.ndarray,
     synthetic_images: np.ndarray,
-    batch_size: int = 500,
+    batch_size: int | None = None,
 ) -> float:
     """The Fréchet distance between ``extractor``'s features of the two image sets."""
     real = feature_statistics(extract_features(extractor, real_images, batch_size))

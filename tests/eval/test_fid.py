@@ -63,6 +63,21 @@ def test_extract_features_pads_the_last_batch():
     assert set(calls) == {3}, f"batches of one shape (one compilation) expected, got {calls}"
 
 
+def test_extract_features_defaults_to_the_extractors_batch_size():
+    # Inception at 299x299 took ~12 GB in one batch of 359 images and 2.2 GB in batches of
+    # 50 (WORKSPACE.md, "Evaluation"): the extractor, not the caller, knows its memory.
+    calls = []
+
+    def features(images):
+        calls.append(images.shape[0])
+        return images.reshape(len(images), -1)[:, :3]
+
+    extractor = fid.FeatureExtractor("fid_test", "flattened pixels", features, batch_size=4)
+    images = np.random.default_rng(0).uniform(size=(10, 2, 2, 1)).astype(np.float32)
+    fid.fid(extractor, images, images[:6])
+    assert set(calls) == {4}, f"fid must feed the extractor its own batch of 4, got {calls}"
+
+
 def test_feature_statistics_needs_two_examples():
     with pytest.raises(ValueError, match="N >= 2"):
         fid.feature_statistics(np.zeros((1, 4)))
