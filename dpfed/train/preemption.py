@@ -115,14 +115,20 @@ def save_or_stop(
 ) -> None:
     """The end of a loop's step `done`: its checkpoint and the answer to a preemption.
 
-    Asks `reached()` (the one call of the step); calls `save(done)` when the checkpoint is
-    due (`checkpoint_due`: the loop's period `every`, its `last` step) or on a request; on
-    a request, then closes `checkpointer` and raises `PreemptedError` naming the `unit`
-    ("step", "round") and its directory.
+    Asks `reached()`; calls `save(done)` when the checkpoint is due (`checkpoint_due`: the
+    loop's period `every`, its `last` step) or on a request; on a request, then closes
+    `checkpointer` and raises `PreemptedError` naming the `unit` ("step", "round") and its
+    directory. After a periodic save of a step before the `last` it asks `reached()` again:
+    a SIGTERM that came during that save stops the loop there, the step just saved, instead
+    of after one more step and its save (the grace period must otherwise cover those too).
+    Every process of a job makes the same calls: `due` and the first answer agree.
     """
     preempted = reached()
-    if checkpoint_due(done, every, last) or preempted:
+    due = checkpoint_due(done, every, last)
+    if due or preempted:
         save(done)
+    if due and not preempted and done != last:
+        preempted = reached()
     if preempted:
         checkpointer.close()
         raise PreemptedError(done, unit, str(checkpointer.directory))

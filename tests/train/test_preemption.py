@@ -151,6 +151,43 @@ def test_a_request_saves_the_step_closes_and_stops_even_off_the_period():
     assert stopped.value.step == 7 and "/w/checkpoints" in str(stopped.value)
 
 
+def test_a_sigterm_during_a_periodic_save_stops_the_loop_at_the_step_saved():
+    # Found by tests/crash_sigterm.py's sweeps: asked only before the save, the loop
+    # answered such a SIGTERM after one more step and its save, which the scheduler's
+    # grace period had to cover.
+    fake = _FakeCheckpointer()
+
+    def save(done):
+        fake.saved.append(done)
+        _sigterm_self()  # the notice comes while the periodic checkpoint is written
+
+    with preemption.armed():
+        with pytest.raises(preemption.PreemptedError, match="step 3") as stopped:
+            for done in range(1, 8):
+                preemption.save_or_stop(done, save, fake, "step", every=3, last=7)
+    assert fake.saved == [3] and stopped.value.step == 3, (
+        f"a SIGTERM during step 3's periodic save must stop the loop with step 3 saved, "
+        f"not train step 4: saved {fake.saved}, stopped at {stopped.value.step}")
+    assert fake.closed, "the checkpointer must be closed (its pending saves done) first"
+
+
+def test_a_sigterm_during_the_last_save_is_left_to_the_end_of_the_block():
+    # The last step's checkpoint is the run's own: no preemption to report, and the
+    # SIGTERM goes on to the handler outside the loop as before (armed()'s pass-on).
+    fake = _FakeCheckpointer()
+    previous = signal.signal(signal.SIGTERM, lambda *_: fake.saved.append(-1))
+    try:
+        with preemption.armed():
+            for done in (1, 2):
+                preemption.save_or_stop(
+                    done, lambda d: (fake.saved.append(d), d == 2 and _sigterm_self()), fake,
+                    "step", every=5, last=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert fake.saved == [2, -1], (
+        f"the last step saved, then the SIGTERM passed on as the block ends: {fake.saved}")
+
+
 _DISTRIBUTED_RESUMED_LOOP = """
 import os, signal, socket, tempfile, time
 import jax, jax.numpy as jnp
