@@ -46,7 +46,6 @@ import os
 import pathlib
 import re
 import signal
-import tempfile
 import time
 
 from tests import crash_points, crash_writes
@@ -199,7 +198,7 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--victim", default=WRITER, help="0, P or P@0 (module docstring)")
     parser.add_argument("--inner", default=BEFORE,
                         help="the victim's child: tests.crash_points, or tests.crash_writes:HOW")
-    parser.add_argument("--points", type=lambda text: [int(p) for p in text.split(",")],
+    parser.add_argument("--points", type=crash_points.point_list,
                         help="comma-separated write points (default: all)")
     parser.add_argument("--double", type=int, default=0,
                         help="kill before this write, then the rerun at each of its own")
@@ -216,7 +215,7 @@ def _main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
     start = time.time()
-    scratch = args.scratch or pathlib.Path(tempfile.mkdtemp(prefix="crash_multihost-"))
+    scratch = crash_points.scratch_dir(args.scratch, "crash_multihost")
     name = f"{args.binary} {mode}, {args.processes} x {args.devices_per_process} devices"
     if args.sigkill:
         killed = crash_points.sigkill(

@@ -817,7 +817,8 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("binary", choices=sorted(BINARIES))
     parser.add_argument("--mode", help="default: the binary's first (" + ", ".join(
         f"{b}: {'/'.join(m)}" for b, m in BINARIES.items()) + ")")
-    parser.add_argument("--points", help="comma-separated write points (default: all)")
+    parser.add_argument("--points", type=point_list,
+                        help="comma-separated write points (default: all)")
     parser.add_argument("--double", type=int, default=0,
                         help="kill before this write, then the rerun before each of its own")
     parser.add_argument("--sigkill", type=int, default=0,
@@ -826,17 +827,26 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
     mode, binary = binary_of(parser, args.binary, args.mode)
-    points = [int(p) for p in args.points.split(",")] if args.points else None
-    scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_points-"))
+    scratch = scratch_dir(args.scratch, "crash_points")
     start = time.time()
     if args.sigkill:
         killed = sigkill(binary, scratch, args.sigkill, args.seed)
         print(f"{args.binary} {mode}: {held(binary)} held after {args.sigkill} SIGKILLs ({killed} "
               f"while running), {time.time() - start:.0f} s")
         return
-    outcomes = sweep(binary, scratch, points, args.double)
+    outcomes = sweep(binary, scratch, args.points, args.double)
     print(f"{args.binary} {mode}: {held(binary)} held at {len(outcomes)} points, "
           f"{time.time() - start:.0f} s")
+
+
+def point_list(text: str) -> list[int]:
+    """A script's `--points`: comma-separated write point numbers."""
+    return [int(p) for p in text.split(",")]
+
+
+def scratch_dir(scratch: str | os.PathLike | None, script: str) -> pathlib.Path:
+    """A script's `--scratch` folder for the workdirs, or a new temp one named for it."""
+    return pathlib.Path(scratch or tempfile.mkdtemp(prefix=f"{script}-"))
 
 
 def binary_of(

@@ -28,7 +28,6 @@ import os
 import pathlib
 import re
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -146,7 +145,7 @@ def _main(argv: list[str]) -> None:
                         help="SIGKILL the run this many write points after its SIGTERM")
     parser.add_argument("--checkpoint_every", type=int,
                         help="instead of the tiny flags' 1 (3: a preemption's save off it)")
-    parser.add_argument("--points", type=lambda text: [int(p) for p in text.split(",")],
+    parser.add_argument("--points", type=crash_points.point_list,
                         help="comma-separated write points (default: all)")
     parser.add_argument("--scratch", type=pathlib.Path,
                         help="a folder for the workdirs (default: a new temp one)")
@@ -156,8 +155,8 @@ def _main(argv: list[str]) -> None:
         mode = f"{mode}, --checkpoint_every={args.checkpoint_every}"
         binary = checkpointed_every(binary, args.checkpoint_every)
     start = time.time()
-    outcomes = sweep(binary, args.scratch or pathlib.Path(tempfile.mkdtemp(
-        prefix="crash_sigterm-")), args.points, args.then_kill)
+    outcomes = sweep(binary, crash_points.scratch_dir(args.scratch, "crash_sigterm"),
+                     args.points, args.then_kill)
     print(f"{args.binary} {mode} (SIGTERM, then_kill={args.then_kill}): "
           f"{crash_points.held(binary)} held at {len(outcomes)} points, "
           f"{time.time() - start:.0f} s")

@@ -32,7 +32,6 @@ The tests (`tests/test_crash_writes.py`) keep the riskiest points.
 import argparse
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -181,17 +180,17 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--mode", help="default: the binary's first")
     parser.add_argument("--how", default=INSIDE,
                         help=f"{INSIDE} or {AFTER}, `,{DRAW}` added: the binary draws the secret")
-    parser.add_argument("--points", help="comma-separated write points (default: "
+    parser.add_argument("--points", type=crash_points.point_list,
+                        help="comma-separated write points (default: "
                         f"{INSIDE}: every one with an inside; {AFTER}: the last)")
     parser.add_argument("--double", type=int, default=0,
                         help="kill at this write, then the rerun at each of its own")
     parser.add_argument("--scratch", help="a folder for the workdirs (default: a new temp one)")
     args = parser.parse_args(argv)
     mode, binary = crash_points.binary_of(parser, args.binary, args.mode)
-    points = [int(p) for p in args.points.split(",")] if args.points else None
-    scratch = pathlib.Path(args.scratch or tempfile.mkdtemp(prefix="crash_writes-"))
+    scratch = crash_points.scratch_dir(args.scratch, "crash_writes")
     start = time.time()
-    outcomes = sweep(binary, scratch, args.how, points, double=args.double)
+    outcomes = sweep(binary, scratch, args.how, args.points, double=args.double)
     print(f"{args.binary} {mode} ({args.how}): {crash_points.held(binary)} held at "
           f"{len(outcomes)} points, {time.time() - start:.0f} s")
 
