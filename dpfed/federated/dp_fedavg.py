@@ -9,6 +9,7 @@ Language Models"), optionally with adaptive clipping (Andrew et al. 2021). One r
 4. add N(0, (zC)^2) and divide by the *expected* cohort size (q N, or m);
 5. the server optimiser (optax: SGD, momentum, Adam) takes minus that mean as its gradient;
 6. with adaptive clipping, C follows the noised unclipped fraction.
+An audit run also adds canary clients to the sum of step 3 (`audit`: Andrew et al. 2024).
 
 Execution: the cohort is processed in chunks of `chunk_size` clients by a `lax.while_loop`
 (ceil(count / chunk_size) passes: an overflowing Poisson cohort is never truncated, see
@@ -44,6 +45,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dpfed import privacy
+from dpfed.federated import audit
 from dpfed.federated import sampling as sampling_lib
 from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator, clip_update
 from dpfed.federated.client_data import (
@@ -57,6 +59,7 @@ from dpfed.federated.mesh import CLIENTS, client_mesh, replicate
 from dpfed.train.config import require_finite_floats
 
 PyTree = Any
+_CANARY_KEY = 2**31 - 1  # fold_in(round key, _CANARY_KEY): the canaries sampled (`audit`)
 # client_update(shared_params, client_state, client, context, key) -> ClientOutput.
 ClientUpdateFn = Callable[[PyTree, PyTree, OneClient, PyTree, jax.Array], ClientOutput]
 
@@ -165,6 +168,9 @@ class DpFedAvg:
       data: the clients' padded data; copied to every device of `mesh`.
       config: sampling, clipping, noise and execution settings.
       mesh: a mesh with a `clients` axis (default: all devices).
+      canaries: for an audit run only (`audit`): directions in the shared parameters'
+        space, each a canary client sampled like a user (Poisson only) that adds C times
+        its direction to the clipped sum. Its model is not for release.
     """
 
     def __init__(
@@ -174,8 +180,13 @@ class DpFedAvg:
         data: ClientData,
         config: DpFedAvgConfig,
         mesh: Mesh | None = None,
+        canaries: audit.Canaries | None = None,
     ):
         check_client_data(data)
+        if canaries is not None and (
+                config.sampling != "poisson" or config.l2_clip is None):
+            raise ValueError("canaries take part as users of Poisson sampling and send an "
+                             "update of norm C: they need sampling='poisson' and an l2_clip")
         self.config = config
         self.mesh = client_mesh() if mesh is None else mesh
         self.client_update = client_update
@@ -197,6 +208,7 @@ class DpFedAvg:
                 f"{width or 1} clients per device step")
         self.clients_per_device_step = width or self.chunk_size // devices
         self.data = replicate(_at_least_one_client(data), self.mesh)
+        self.canaries = None if canaries is None else replicate(canaries, self.mesh)
         self._round = jax.jit(self._round_impl)
         self._round_donating = jax.jit(self._round_impl, donate_argnums=0)
 
@@ -212,6 +224,8 @@ class DpFedAvg:
                 raise ValueError(
                     f"client_states leaves need a leading axis of {self.num_clients} clients, "
                     f"got shape {leaf.shape}")
+        if self.canaries is not None:
+            audit.check_fits(self.canaries, params)
         clip = self.config.l2_clip if self.config.l2_clip is not None else jnp.inf
         state = ServerState(
             params=params,
@@ -233,11 +247,12 @@ class DpFedAvg:
         whole state, per-client states included (DPD-fVAE sync "d" keeps each client's
         encoder and its Adam state: ~0.8 MB a client on mnist).
         """
-        return (self._round_donating if donate else self._round)(state, self.data, key)
+        return (self._round_donating if donate else self._round)(
+            state, self.data, self.canaries, key)
 
     def lower(self, state: ServerState, key: jax.Array) -> jax.stages.Lowered:
         """The round lowered for `state` (e.g. `.compile().memory_analysis()`, `.as_text()`)."""
-        return self._round.lower(state, self.data, key)
+        return self._round.lower(state, self.data, self.canaries, key)
 
     def cohort(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The cohort the round with `key` trains: (client indices, count), as in `sample`."""
@@ -327,7 +342,10 @@ class DpFedAvg:
 
     # The jitted round.
 
-    def _round_impl(self, state: ServerState, data: ClientData, key: jax.Array):
+    def _round_impl(
+        self, state: ServerState, data: ClientData, canaries: audit.Canaries | None,
+        key: jax.Array,
+    ):
         sample_key, client_key, noise_key, count_key = _round_keys(key)
         indices, count = self.sampler.sample(sample_key)
         indices = sampling_lib.pad_to_multiple(indices, self.chunk_size)
@@ -360,6 +378,10 @@ class DpFedAvg:
         _, sums, client_states = jax.lax.while_loop(
             lambda c: c[0] < num_chunks, body, (jnp.int32(0), zero, state.client_states))
 
+        if canaries is not None:
+            sums = sums._replace(delta=audit.insert(
+                canaries, sums.delta, clip, self.sampler.rate,
+                jax.random.fold_in(key, _CANARY_KEY)))
         if self.config.l2_clip is None:
             mean = jax.tree_util.tree_map(lambda s: s / self.sampler.divisor, sums.delta)
         else:

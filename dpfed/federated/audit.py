@@ -1,0 +1,192 @@
+"""Empirical privacy estimation of DP-FedAvg with random canary clients.
+
+Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar (ICLR 2024), "One-shot Empirical Privacy
+Estimation for Federated Learning". Beside the real users, k canary clients take part in
+the training run being audited: each is sampled as a user is (Poisson, the users' rate q)
+and, in every round it is sampled, sends a fixed unit direction u_c times the round's clip
+norm C, the largest update a user can send; it joins the clipped sum before the noise
+(`DpFedAvg(..., canaries=...)`). k more directions never take part (held out). After
+training, a canary's score is the cosine of the model's change theta_T - theta_0 with its
+direction (the paper's final-model attack). The inserted canaries score higher than the
+held-out ones by as much as the noise lets them. From the two sets of scores:
+
+- `epsilon_lower_bound`: with probability >= 1 - significance the run's true eps is at
+  least this (Clopper-Pearson bounds on the true and false positive rates of each
+  threshold, Bonferroni-corrected over the thresholds: Jagielski, Ullman, Oprea 2020;
+  computed by `jax_privacy.auditing`). One above the ledger's eps would prove that the
+  engine spends more privacy than it records.
+- `epsilon_estimate`: the paper's estimate, not a bound: the scores read as Gaussians,
+  shifted by mu = (mean_in - mean_out) / std_out, i.e. a Gaussian mechanism of noise
+  multiplier 1 / mu, and its eps at delta (analytic). (The paper fits each
+  set its own variance; here both take the held-out one.)
+
+Directions. The noise is isotropic: every unit direction sees the same noise, and what a
+canary needs is to be nearly orthogonal to the other canaries and to the users' updates.
+The paper draws dense directions; here each is `support`-sparse: one coordinate drawn
+uniformly in each of s equal blocks of the d parameters, values +-1/sqrt(s) (exactly
+unit), so k directions take k s numbers instead of k d.
+
+An audit run's model holds the canaries: it is for auditing, not for release. The
+scores are computed from the released model alone and the canaries are no user's data,
+so the audit's figures are post-processing of the run's releases (its ledger covers them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax_privacy import auditing
+
+PyTree = Any
+SUPPORT = 1024  # nonzero coordinates of a canary direction (all of them in a smaller model)
+SIGNIFICANCE = 0.05  # of the lower bound: it holds with probability 0.95
+
+
+class Canaries(NamedTuple):
+    """Sparse unit directions in the flat space of the shared parameters (`ravel_pytree`).
+
+    Attributes:
+      coords: [k, s] int32, the coordinates of each direction (one in each of s blocks).
+      values: [k, s] float32, +-1/sqrt(s) at those coordinates.
+    """
+
+    coords: jax.Array
+    values: jax.Array
+
+    @property
+    def num_directions(self) -> int:
+        """k, the number of directions."""
+        return self.coords.shape[0]
+
+    def split(self, inserted: int) -> tuple[Canaries, Canaries]:
+        """(the first `inserted` directions, the rest): those that train, the held-out."""
+        head = Canaries(self.coords[:inserted], self.values[:inserted])
+        return head, Canaries(self.coords[inserted:], self.values[inserted:])
+
+
+def draw(key: jax.Array, params: PyTree, count: int, support: int = SUPPORT) -> Canaries:
+    """`count` random unit directions in the space of `params` (sparse: module docstring).
+
+    Raises:
+      ValueError: for a count or support < 1.
+    """
+    if count < 1 or support < 1:
+        raise ValueError(f"need count and support >= 1, got {count} and {support}")
+    dim = flat_size(params)
+    s = min(support, dim)
+    block = dim // s
+    offset_key, sign_key = jax.random.split(key)
+    offsets = jax.random.randint(offset_key, (count, s), 0, block)
+    coords = (jnp.arange(s) * block + offsets).astype(jnp.int32)
+    signs = jnp.where(jax.random.bernoulli(sign_key, 0.5, (count, s)), 1.0, -1.0)
+    return Canaries(coords, (signs / np.sqrt(s)).astype(jnp.float32))
+
+
+def flat_size(params: PyTree) -> int:
+    """d, the number of parameters in `params`."""
+    return sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def check_fits(canaries: Canaries, params: PyTree) -> None:
+    """Raises ValueError unless every coordinate of `canaries` lies in `params`' space."""
+    dim = flat_size(params)
+    top = int(jnp.max(canaries.coords)) if canaries.num_directions else -1
+    if top >= dim:
+        raise ValueError(f"the canaries were drawn for more than the {dim} shared parameters "
+                         f"(a coordinate {top}): draw them from these params")
+
+
+def insert(
+    canaries: Canaries, clipped_sum: PyTree, clip: jax.Array, rate: float, key: jax.Array
+) -> PyTree:
+    """`clipped_sum` plus clip * u_c for each canary sampled (Poisson, `rate`) this round.
+
+    A canary is one more user with an update of norm exactly `clip`: the sum's sensitivity
+    to it is the users' C, and the noise added afterwards is the round's.
+    """
+    present = jax.random.bernoulli(key, rate, (canaries.num_directions,))
+    flat, unravel = ravel_pytree(clipped_sum)
+    weights = clip * present.astype(flat.dtype)
+    added = jnp.zeros_like(flat).at[canaries.coords.ravel()].add(
+        (weights[:, None] * canaries.values).ravel())
+    return unravel(flat + added)
+
+
+@jax.jit
+def scores(canaries: Canaries, initial: PyTree, final: PyTree) -> jax.Array:
+    """[k]: the cosine of the model's change `final - initial` with each direction."""
+    change = ravel_pytree(final)[0].astype(jnp.float32) - ravel_pytree(initial)[0].astype(
+        jnp.float32)
+    projections = jnp.sum(change[canaries.coords] * canaries.values, axis=1)
+    return projections / jnp.maximum(jnp.linalg.norm(change), jnp.finfo(jnp.float32).tiny)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditResult:
+    """The audit's figures (module docstring); eps at `delta`."""
+
+    inserted: int
+    held_out: int
+    mean_inserted: float
+    mean_held_out: float
+    std_held_out: float
+    mu: float
+    epsilon_estimate: float
+    epsilon_lower_bound: float
+    significance: float
+    delta: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+def estimate(
+    inserted_scores: Any, held_out_scores: Any, delta: float,
+    significance: float = SIGNIFICANCE,
+) -> AuditResult:
+    """eps's estimate and lower bound at `delta` from the two sets of scores.
+
+    Raises:
+      ValueError: with fewer than 2 scores in a set, a non-finite score, or delta or
+        significance outside (0, 1) and (0, 0.5).
+    """
+    inside = np.asarray(inserted_scores, np.float64)
+    outside = np.asarray(held_out_scores, np.float64)
+    if min(inside.size, outside.size) < 2:
+        raise ValueError("the audit needs at least 2 inserted and 2 held-out scores")
+    if not (np.all(np.isfinite(inside)) and np.all(np.isfinite(outside))):
+        raise ValueError("a canary score is NaN or inf: the model diverged")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    std = float(np.std(outside, ddof=1))
+    mu = (float(np.mean(inside)) - float(np.mean(outside))) / std if std > 0 else np.inf
+    bound = auditing.CanaryScoreAuditor(inside, outside).epsilon_clopper_pearson(
+        significance, delta)
+    return AuditResult(
+        inserted=inside.size,
+        held_out=outside.size,
+        mean_inserted=float(np.mean(inside)),
+        mean_held_out=float(np.mean(outside)),
+        std_held_out=std,
+        mu=mu,
+        epsilon_estimate=gaussian_epsilon(mu, delta),
+        epsilon_lower_bound=float(bound),
+        significance=significance,
+        delta=delta,
+    )
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """eps at `delta` of a Gaussian mechanism whose outputs on neighbours are `mu` noise
+    stds apart (mu-GDP; the analytic formula of Balle and Wang 2018, in dp_accounting):
+    0 for mu <= 0, inf for an infinite mu."""
+    if not mu > 0:
+        return 0.0
+    return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))

@@ -1,0 +1,138 @@
+"""Canary audit of DP-FedAvg: the directions, their insertion into the round, the estimate."""
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dpfed.federated import DpFedAvg, DpFedAvgConfig, audit
+from tests.federated import toy
+
+DELTA = 1e-5
+
+
+def dense(canaries: audit.Canaries, dim: int) -> np.ndarray:
+    """[k, dim]: the directions as dense rows."""
+    rows = np.zeros((canaries.num_directions, dim), np.float64)
+    np.put_along_axis(rows, np.asarray(canaries.coords), np.asarray(canaries.values), axis=1)
+    return rows
+
+
+def canary_engine(num_clients, dim, canaries, *, rate=1.0, clip=0.5, z=0.0, deltas=None):
+    """An engine over clients that send `deltas` (default: nothing), Poisson at `rate`."""
+    deltas = np.zeros((num_clients, dim), np.float32) if deltas is None else deltas
+    config = DpFedAvgConfig(clients_per_round=rate * num_clients, l2_clip=clip,
+                            noise_multiplier=z)
+    return DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas), config,
+                    canaries=canaries)
+
+
+def one_round_change(engine, dim, seed=0):
+    state = engine.init(toy.params_of(dim))
+    new_state, _ = engine.round(state, jax.random.key(seed))
+    return state.params, new_state.params
+
+
+def test_a_direction_is_unit_with_one_coordinate_in_each_block():
+    dim, support = 10_000, 100
+    canaries = audit.draw(jax.random.key(0), toy.params_of(dim), 50, support=support)
+    norms = np.linalg.norm(dense(canaries, dim), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-6, err_msg="a canary direction is not unit")
+    blocks = np.asarray(canaries.coords) // (dim // support)
+    assert (blocks == np.arange(support)).all(), "coordinate j of a direction is not in block j"
+
+
+def test_a_model_smaller_than_the_support_gets_dense_sign_directions():
+    canaries = audit.draw(jax.random.key(1), {"w": jnp.zeros((5, 6))}, 4, support=1024)
+    assert canaries.coords.shape == (4, 30), "a 30-parameter model: all 30 coordinates"
+    np.testing.assert_allclose(np.abs(np.asarray(canaries.values)), 30**-0.5, rtol=1e-6)
+
+
+def test_every_sampled_canary_adds_clip_times_its_direction_to_the_sum():
+    dim, clients, clip = 4_000, 20, 0.5
+    canaries = audit.draw(jax.random.key(2), toy.params_of(dim), 30, support=64)
+    before, after = one_round_change(canary_engine(clients, dim, canaries, clip=clip), dim)
+    expected = clip * dense(canaries, dim).sum(0) / clients  # rate 1: all 30 sampled
+    np.testing.assert_allclose(np.asarray(after - before), expected, atol=1e-6,
+                               err_msg="the mean is not C sum(u_c) / expected cohort")
+
+
+def test_canaries_are_sampled_at_the_users_rate():
+    dim, clients, clip, k = 20_000, 40, 0.5, 400
+    canaries = audit.draw(jax.random.key(3), toy.params_of(dim), k, support=32)
+    before, after = one_round_change(
+        canary_engine(clients, dim, canaries, rate=0.25, clip=clip), dim)
+    # k independent directions in 20,000 coordinates: least squares recovers which took part.
+    expected_cohort = 0.25 * clients  # the mean's divisor
+    taken, *_ = np.linalg.lstsq(dense(canaries, dim).T,
+                                np.asarray(after - before) * expected_cohort / clip, rcond=None)
+    np.testing.assert_allclose(taken, np.round(taken), atol=1e-3,
+                               err_msg="a canary added other than 0 or C times its direction")
+    # 400 Bernoulli(0.25): the count is within 4.5 std of 100 with overwhelming probability.
+    assert abs(np.round(taken).sum() - 100) < 4.5 * np.sqrt(k * 0.25 * 0.75), taken.sum()
+
+
+def test_canaries_need_poisson_sampling():
+    canaries = audit.draw(jax.random.key(4), toy.params_of(8), 2)
+    with pytest.raises(ValueError, match="poisson"):
+        DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(np.zeros((4, 8))),
+                 DpFedAvgConfig(clients_per_round=2, sampling="fixed"), canaries=canaries)
+
+
+def test_canaries_drawn_for_a_larger_model_are_refused():
+    canaries = audit.draw(jax.random.key(5), toy.params_of(100), 2)
+    with pytest.raises(ValueError, match="drawn for more than the 10 shared parameters"):
+        canary_engine(4, 10, canaries).init(toy.params_of(10))
+
+
+def audit_one_round(z, k=1_000, dim=100_000, clients=50, seed=0):
+    """One round with every user and canary sampled (rate 1): the Gaussian mechanism of
+    multiplier z on each canary. Returns `audit.estimate` of its scores."""
+    canaries = audit.draw(jax.random.key(seed), toy.params_of(dim), 2 * k)
+    inserted, held_out = canaries.split(k)
+    deltas = 0.01 * np.random.default_rng(seed).normal(size=(clients, dim)).astype(np.float32)
+    engine = canary_engine(clients, dim, inserted, z=z, deltas=deltas)
+    before, after = one_round_change(engine, dim, seed)
+    return audit.estimate(audit.scores(inserted, before, after),
+                          audit.scores(held_out, before, after), DELTA)
+
+
+def test_one_round_audit_finds_the_noise_multiplier_the_ledger_records():
+    z = 1.0
+    result = audit_one_round(z)
+    # mu's standard error with 1,000 + 1,000 scores is ~0.05: 0.2 is 4 of them.
+    assert abs(result.mu - 1 / z) < 0.2, (
+        f"the canaries stand {result.mu:.3f} noise stds out, not 1/z = {1 / z}: the noise or "
+        "the sensitivity of the round is not the one the ledger records")
+    ledger_eps = dp_accounting.get_epsilon_gaussian(z, DELTA)
+    assert result.epsilon_lower_bound <= ledger_eps, (
+        f"the audit proves eps >= {result.epsilon_lower_bound:.3f} > the ledger's {ledger_eps:.3f}")
+
+
+def test_an_engine_adding_a_fifth_of_its_noise_is_caught():
+    recorded = dp_accounting.get_epsilon_gaussian(1.0, DELTA)  # what a z = 1 ledger says
+    result = audit_one_round(0.2)
+    assert result.epsilon_lower_bound > recorded, (
+        f"noise of multiplier 0.2 under a ledger of z = 1 (eps {recorded:.3f}) went unnoticed: "
+        f"lower bound {result.epsilon_lower_bound:.3f}")
+
+
+def test_estimate_of_gaussian_scores_one_std_apart_is_the_gaussian_mechanisms_eps():
+    rng = np.random.default_rng(0)
+    result = audit.estimate(rng.normal(1.0, 1.0, 20_000), rng.normal(0.0, 1.0, 20_000), DELTA)
+    exact = dp_accounting.get_epsilon_gaussian(1.0, DELTA)
+    assert abs(result.mu - 1) < 0.05, result
+    assert abs(result.epsilon_estimate - exact) < 0.3, (
+        f"estimate {result.epsilon_estimate:.3f} vs the exact eps {exact:.3f} of mu = 1")
+    assert 0 < result.epsilon_lower_bound < exact, result
+
+
+@pytest.mark.parametrize("inside, outside, match", [
+    ([1.0], [0.0, 0.1], "at least 2"),
+    ([1.0, np.nan], [0.0, 0.1], "NaN or inf"),
+])
+def test_estimate_refuses_too_few_or_non_finite_scores(inside, outside, match):
+    with pytest.raises(ValueError, match=match):
+        audit.estimate(inside, outside, DELTA)
