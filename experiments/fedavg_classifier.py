@@ -16,7 +16,8 @@ Non-private FedAvg: add --nodp. Adaptive clipping (Andrew et al. 2021): --adapti
 (--l2_clip is then the initial clip norm). Rerunning the same command on the same workdir
 resumes from its last checkpoint, privacy ledger included. Multi-host (TPU pod slice, SLURM,
 or several processes on one machine): launch on every host with --distributed (see
-launch/multihost.py); process 0 writes the workdir.
+launch/multihost.py); process 0 writes the workdir. An empirical check of the privacy
+accounting: --audit_canaries=1000 (audit.json; WORKSPACE.md, "Canary audit").
 """
 
 from absl import flags
@@ -69,6 +70,11 @@ _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint period in
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Clients per pass of a round.")
 _PER_STEP = flags.DEFINE_integer(
     "clients_per_device_step", None, "Clients vmapped at once per device (1 on CPU).")
+_AUDIT = flags.DEFINE_integer(
+    "audit_canaries", 0,
+    "Audit run: insert this many canary clients (and hold out as many) and write "
+    "audit.json, an empirical eps estimate and lower bound (Andrew et al. 2024). The "
+    "model then holds the canaries: not for release.")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -110,6 +116,7 @@ def main(argv: list[str]) -> None:
             chunk_size=_CHUNK.value,
             clients_per_device_step=_PER_STEP.value,
             data_dir=_DATA_DIR.value,
+            audit_canaries=_AUDIT.value,
         )
         cli.refuse_unused(classifier.unused_flags(config))
         summary = classifier.train(config, _WORKDIR.value)

@@ -237,6 +237,9 @@ BINARIES: dict[str, dict[str, Binary]] = {
         # The cohorts' and the noise's seeds derived from a 64-bit secret.
         "secret": Binary("experiments.fedavg_classifier", (*_FEDAVG_TINY, "--secret_seed"),
                          ("",), secret=SECRET),
+        # An audit run: 20 canary clients take part, audit.json is written at the end.
+        "audit": Binary("experiments.fedavg_classifier", (*_FEDAVG_TINY, "--audit_canaries=20"),
+                        ("",)),
     },
     "datalens": {
         "default": Binary("experiments.datalens", (*_DATALENS_TINY, "--noevaluate"), ("",)),

@@ -232,6 +232,9 @@ _RISKY = {
     ("fedavg_classifier", "secret"): [
         ("summary.json", 1, "file"),  # released under the secret seed, not yet summarised
     ],
+    ("fedavg_classifier", "audit"): [
+        ("audit.json", 1, "file"),  # trained with canaries, their figures not yet written
+    ],
     ("evaluate", "synthetic"): [
         ("eval.json", 1, "file"),  # the figures written, eval.json not
     ],

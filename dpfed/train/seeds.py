@@ -35,6 +35,7 @@ SECRET_SEEDS = range(2**32, 2**SEED_BITS)
 # into the same key: its initial model, and its released synthetic samples.
 INIT_STREAM = 2**31 - 1
 SAMPLE_STREAM = 2**31 - 2
+AUDIT_STREAM = 2**31 - 5  # the canary directions of an audit run (`dpfed.federated.audit`)
 
 
 def root_key(seed: int) -> jax.Array:
@@ -96,16 +97,22 @@ def public(config: Any) -> int | str:
     return SECRET if config.secret_seed else config.seed
 
 
+# Config fields added after config.json existed, with their defaults: left out at those,
+# so a run that does not use them pins the config.json it pinned before they existed.
+LATER_FIELDS = {"secret_seed": False, "audit_canaries": 0}
+
+
 def public_fields(fields: dict) -> dict:
     """A config's fields (`dataclasses.asdict`) as config.json and summaries show them.
 
-    With `secret_seed` the seed is `SECRET`. Without it the `secret_seed` field is left
-    out, so a run's config.json and summary are what they were before the flag existed,
-    and workdirs of earlier versions resume under an unchanged config.
+    With `secret_seed` the seed is `SECRET`. A field of `LATER_FIELDS` at its default
+    (no `--secret_seed`, no audit) is left out, so a run's config.json and summary are
+    what they were before the flag existed, and workdirs of earlier versions resume under
+    an unchanged config.
     """
-    if fields.get("secret_seed"):
-        return {**fields, "seed": SECRET}
-    return {name: value for name, value in fields.items() if name != "secret_seed"}
+    kept = {name: value for name, value in fields.items()
+            if name not in LATER_FIELDS or value != LATER_FIELDS[name]}
+    return {**kept, "seed": SECRET} if fields.get("secret_seed") else kept
 
 
 def public_config(config: Any) -> dict:

@@ -2,6 +2,7 @@
 training data pinned on resume."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -66,3 +67,29 @@ def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, mo
         monkeypatch, lambda: classifier.train(dataclasses.replace(config, rounds=2),
                                               str(tmp_path), log=lambda _: None),
         tmp_path, "dataset")
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"audit_canaries": 1}, ">= 2"),
+    ({"audit_canaries": 10, "nodp": True, "noise_multiplier": None}, "--nodp"),
+    ({"audit_canaries": 10, "sampling": "fixed"}, "--sampling=poisson"),
+])
+def test_an_audit_that_cannot_run_is_a_config_error_naming_it(kwargs, says):
+    with pytest.raises(ConfigError, match=says) as error:
+        classifier.FedAvgClassifierConfig(**{"noise_multiplier": 1.0, **kwargs})
+    assert error.value.field == "audit_canaries", f"names {error.value.field}"
+
+
+def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path):
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=2,
+        noise_multiplier=1.0, local_steps=2, local_batch_size=10, audit_canaries=30)
+    summary = classifier.train(config, str(tmp_path), log=lambda _: None)
+    written = json.loads((tmp_path / "audit.json").read_text())
+    assert written == summary["audit"], "audit.json is not the summary's audit"
+    assert (written["inserted"], written["held_out"]) == (30, 30), written
+    assert 0 <= written["epsilon_lower_bound"] <= summary["epsilon_rdp"], (
+        f"the audit proves more eps than the ledger records: {written}")
+    assert "canary audit" in (tmp_path / "report.md").read_text(), "report.md omits the audit"
+    again = classifier.train(config, str(tmp_path), log=lambda _: None)  # a finished run
+    assert again["audit"] == written, "rerunning a finished audit run changed its figures"

@@ -372,3 +372,16 @@ def test_a_secret_seed_json_copied_into_a_fresh_workdir_is_used_with_a_warning(
     with caplog.at_level("WARNING"):
         assert copy.pin_seed(0, secret=True) == seed
     assert "before any run started" in caplog.text and str(seed) not in caplog.text
+
+
+@dataclasses.dataclass(frozen=True)
+class _AuditConfig:
+    seed: int = 0
+    audit_canaries: int = 0
+
+
+def test_public_fields_leave_out_an_audit_that_does_not_run():
+    assert seeds.public_fields(dataclasses.asdict(_AuditConfig())) == {"seed": 0}, (
+        "a run without --audit_canaries must pin the config.json of before the flag")
+    assert seeds.public_fields(dataclasses.asdict(_AuditConfig(audit_canaries=5))) == {
+        "seed": 0, "audit_canaries": 5}, "an audit run must pin its canaries"
