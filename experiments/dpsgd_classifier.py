@@ -13,7 +13,8 @@ Privacy: the unit is one training example. --sampling=poisson (the default) is a
 under add/remove-one, --sampling=fixed (batches of exactly --batch_size) under replace-one.
 
 Non-private baseline: add --nodp. Rerunning the same command on the same workdir
-resumes from its last checkpoint, privacy ledger included.
+resumes from its last checkpoint, privacy ledger included. An empirical check of the
+privacy accounting: --audit_canaries=1000 (audit.json; WORKSPACE.md, "Canary audit").
 """
 
 from absl import flags
@@ -44,6 +45,7 @@ cli.define_seed_flag(0)
 cli.define_secret_seed_flag()
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Evaluate every N steps.", lower_bound=1)
 _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "Checkpoint period.", lower_bound=1)
+_AUDIT = cli.define_audit_flag("examples")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
@@ -70,6 +72,7 @@ def main(argv: list[str]) -> None:
             eval_every=_EVAL_EVERY.value,
             checkpoint_every=_CKPT_EVERY.value,
             data_dir=_DATA_DIR.value,
+            audit_canaries=_AUDIT.value,
         )
         cli.refuse_unused(dpsgd.unused_flags(config))
         summary = dpsgd.train(config, _WORKDIR.value)

@@ -70,11 +70,7 @@ _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Checkpoint period in
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Clients per pass of a round.")
 _PER_STEP = flags.DEFINE_integer(
     "clients_per_device_step", None, "Clients vmapped at once per device (1 on CPU).")
-_AUDIT = flags.DEFINE_integer(
-    "audit_canaries", 0,
-    "Audit run: insert this many canary clients (and hold out as many) and write "
-    "audit.json, an empirical eps estimate and lower bound (Andrew et al. 2024). The "
-    "model then holds the canaries: not for release.")
+_AUDIT = cli.define_audit_flag("clients")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 

@@ -220,6 +220,9 @@ BINARIES: dict[str, dict[str, Binary]] = {
         # No ledger: (a) checks that nothing it leaves states an eps.
         "nodp": Binary("experiments.dpsgd_classifier", (*_no_noise(_DPSGD_TINY), "--nodp"),
                        ("",)),
+        # An audit run: 20 canary examples take part, audit.json is written at the end.
+        "audit": Binary("experiments.dpsgd_classifier", (*_DPSGD_TINY, "--audit_canaries=20"),
+                        ("",)),
     },
     "fedavg_classifier": {
         "poisson": Binary("experiments.fedavg_classifier", _FEDAVG_TINY, ("",)),

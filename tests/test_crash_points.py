@@ -218,6 +218,9 @@ _RISKY = {
     ("dpsgd_classifier", "nodp"): [
         ("metrics.jsonl", 2, "append"),  # no ledger: resumed from checkpoint 1's state alone
     ],
+    ("dpsgd_classifier", "audit"): [
+        ("audit.json", 1, "file"),  # trained with canaries, their figures not yet written
+    ],
     ("fedavg_classifier", "fixed"): [
         # round 1's record logged, its checkpoint not in place: round 1's cohort drawn again
         ("checkpoints/1", 1, "checkpoint-rename"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,18 +21,20 @@ from dp_accounting import dp_event
 
 from dpfed import data as data_lib
 from dpfed import models, privacy
-from dpfed.federated import audit, evaluation, local
+from dpfed.federated import evaluation, local
 from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator
 from dpfed.federated.client_data import ClientData, from_federated
 from dpfed.federated.dp_fedavg import DpFedAvg, DpFedAvgConfig, ServerState
 from dpfed.federated.loop import OTHER_POPULATIONS, run_rounds
 from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
+from dpfed.privacy import audit
 from dpfed.train import divergence, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
     require,
+    require_audit_applies,
     require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
@@ -134,12 +135,7 @@ class FedAvgClassifierConfig:
         require(self.chunk_size is None or self.chunk_size > 0, "chunk_size", "must be > 0")
         require(self.clients_per_device_step is None or self.clients_per_device_step > 0,
                  "clients_per_device_step", "must be > 0")
-        require(self.audit_canaries == 0 or self.audit_canaries >= 2, "audit_canaries",
-                 "must be 0 (no audit) or >= 2")
-        require(not (self.audit_canaries and self.nodp), "audit_canaries",
-                 "audits the privacy of a private run: it does not apply with --nodp")
-        require(not (self.audit_canaries and self.sampling != "poisson"), "audit_canaries",
-                 "canaries are sampled as users of Poisson sampling: use --sampling=poisson")
+        require_audit_applies(self.audit_canaries, self.nodp, self.sampling)
 
 
 def unused_flags(config: FedAvgClassifierConfig) -> dict[str, tuple[bool, str]]:
@@ -312,7 +308,10 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         noise_multiplier = resolve_noise_multiplier(config, spent)
     init_key = seeds.stream_key(config.seed, seeds.INIT_STREAM)
     initial = jax.jit(model.init)(init_key, jnp.asarray(train_ds.images[:1]))
-    canaries = draw_canaries(config, initial)
+    canaries = None
+    if config.audit_canaries:
+        canaries = audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), initial,
+                                   config.audit_canaries)
     engine = DpFedAvg(
         local.local_training(
             classifier_loss(model), optax.sgd(config.client_learning_rate),
@@ -371,40 +370,12 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         "environment": environment_info(),
     }
     if canaries is not None and result.rounds_done > 0:
-        summary["audit"] = audit.estimate(
-            audit.scores(canaries[0], initial, result.state.params),
-            audit.scores(canaries[1], initial, result.state.params), config.delta).to_json()
+        summary["audit"] = audit.audit_run(canaries, initial, result.state.params, config.delta)
         wd.write_json(AUDIT_FILE, summary["audit"])
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, wd.read_metrics()),
                     keep_evaluation=result.trained_nothing)
     return summary
-
-
-def draw_canaries(
-    config: FedAvgClassifierConfig, params: Any
-) -> tuple[audit.Canaries, audit.Canaries] | None:
-    """(inserted, held-out) canaries of an audit run (`--audit_canaries`), None otherwise:
-    `audit_canaries` of each, drawn in the space of `params` from the run's seed."""
-    if not config.audit_canaries:
-        return None
-    key = seeds.stream_key(config.seed, seeds.AUDIT_STREAM)
-    return audit.draw(key, params, 2 * config.audit_canaries).split(config.audit_canaries)
-
-
-def audit_line(summary: dict) -> str:
-    """report.md's line on the canary audit (empty without one)."""
-    result = summary.get("audit")
-    if result is None:
-        return ""
-    return (
-        f"- **canary audit** (Andrew et al. 2024; an audit run: its model holds "
-        f"{result['inserted']} canary clients and is not for release): the canaries stand "
-        f"mu = {result['mu']:.3f} noise stds out; eps estimate {result['epsilon_estimate']:.3f}, "
-        f"lower bound {result['epsilon_lower_bound']:.3f} (holds with probability "
-        f"{1 - result['significance']:g}), against the ledger's "
-        f"{privacy.format_upper(summary['epsilon_rdp'])} (RDP) at delta {result['delta']:g}\n"
-    )
 
 
 def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[dict]) -> str:
@@ -435,7 +406,7 @@ def render_report(config: FedAvgClassifierConfig, summary: dict, metrics: list[d
         f"{config.num_clients} clients ({config.partition})\n\n"
         f"- test accuracy: **{summary['test_accuracy']:.4f}** after {summary['rounds']} rounds\n"
         f"- privacy: {privacy_line}\n"
-        f"{audit_line(summary)}"
+        f"{audit.report_line(summary)}"
         f"- local: {config.local_steps} steps of batch {config.local_batch_size}, client SGD "
         f"lr {config.client_learning_rate:g}; server {config.server_optimizer} "
         f"lr {config.server_learning_rate:g}; seed {seeds.public(config)}\n"

@@ -45,7 +45,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from dpfed import privacy
-from dpfed.federated import audit
 from dpfed.federated import sampling as sampling_lib
 from dpfed.federated.aggregation import AdaptiveClipping, PrivateAggregator, clip_update
 from dpfed.federated.client_data import (
@@ -56,10 +55,10 @@ from dpfed.federated.client_data import (
 )
 from dpfed.federated.local import ClientOutput
 from dpfed.federated.mesh import CLIENTS, client_mesh, replicate
+from dpfed.privacy import audit
 from dpfed.train.config import require_finite_floats
 
 PyTree = Any
-_CANARY_KEY = 2**31 - 1  # fold_in(round key, _CANARY_KEY): the canaries sampled (`audit`)
 # client_update(shared_params, client_state, client, context, key) -> ClientOutput.
 ClientUpdateFn = Callable[[PyTree, PyTree, OneClient, PyTree, jax.Array], ClientOutput]
 
@@ -381,7 +380,7 @@ class DpFedAvg:
         if canaries is not None:
             sums = sums._replace(delta=audit.insert(
                 canaries, sums.delta, clip, self.sampler.rate,
-                jax.random.fold_in(key, _CANARY_KEY)))
+                jax.random.fold_in(key, audit.STEP_KEY)))
         if self.config.l2_clip is None:
             mean = jax.tree_util.tree_map(lambda s: s / self.sampler.divisor, sums.delta)
         else:

@@ -62,6 +62,16 @@ def define_secret_seed_flag() -> flags.FlagHolder[bool]:
         "them all. Resumes read it back and need the flag again.")
 
 
+def define_audit_flag(records: str) -> flags.FlagHolder[int]:
+    """`--audit_canaries`, for a trainer whose config has `audit_canaries`
+    (`dpfed.privacy.audit`); `records` names what a canary is, e.g. "clients"."""
+    return flags.DEFINE_integer(
+        "audit_canaries", 0,
+        f"Audit run: insert this many canary {records} (and hold out as many) and write "
+        "audit.json, an empirical eps estimate and lower bound (Andrew et al. 2024). The "
+        "model then holds the canaries: not for release. 0: no audit.", lower_bound=0)
+
+
 def seed_fields(workdir: str) -> dict[str, Any]:
     """The config fields `seed` and `secret_seed` of a run in `workdir`: `--seed`, or with
     `--secret_seed` the workdir's secret seed (`Workdir.pin_seed`: drawn and written

@@ -54,6 +54,22 @@ def require_no_privacy_settings(
                 f"does not apply to a non-private run ({mode}): drop one of the two")
 
 
+def require_audit_applies(audit_canaries: int, nodp: bool, sampling: str) -> None:
+    """Refuses a canary audit (`--audit_canaries`, `dpfed.privacy.audit`) that cannot run:
+    fewer than 2 canaries, a non-private run, or sampling other than Poisson (a canary is
+    sampled as a record of Poisson sampling).
+
+    Raises:
+      ConfigError: naming "audit_canaries".
+    """
+    require(audit_canaries == 0 or audit_canaries >= 2, "audit_canaries",
+            "must be 0 (no audit) or >= 2")
+    require(not (audit_canaries and nodp), "audit_canaries",
+            "audits the privacy of a private run: it does not apply with --nodp")
+    require(not (audit_canaries and sampling != "poisson"), "audit_canaries",
+            "canaries are sampled as records of Poisson sampling: use --sampling=poisson")
+
+
 def unused_privacy_flags(
     nonprivate: bool, mode: str, names: tuple[str, ...] = ("l2_clip", "delta")
 ) -> dict[str, tuple[bool, str]]:

@@ -29,12 +29,13 @@ from dp_accounting import dp_event
 
 from dpfed import data as data_lib
 from dpfed import models, privacy
-from dpfed.privacy import fast_clipping
+from dpfed.privacy import audit, fast_clipping
 from dpfed.train import divergence, preemption, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
     require,
+    require_audit_applies,
     require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
@@ -51,6 +52,7 @@ from dpfed.train.resume import (
 )
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import (
+    AUDIT_FILE,
     LEDGER_FILE,
     TrainingData,
     Workdir,
@@ -92,10 +94,12 @@ class DpSgdConfig:
     eval_every: int = 100
     checkpoint_every: int = 50
     data_dir: str | None = None
+    audit_canaries: int = 0  # canary examples inserted (and as many held out): `audit`
 
     def __post_init__(self):
         require_finite_floats(self)
         require_secret_seed(self)
+        require_audit_applies(self.audit_canaries, self.nodp, self.sampling)
         require_data_dir_applies(self.dataset, self.data_dir)
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch_size > 0, "batch_size", "must be > 0")
@@ -212,10 +216,13 @@ def make_train_step(
     config: DpSgdConfig,
     num_examples: int,
     mechanism: privacy.GaussianSumMechanism | None,
+    canaries: audit.Canaries | None = None,
 ) -> Callable:
     """Builds the jitted `step(state, images, labels, key) -> state`.
 
     `mechanism` None means non-private (plain mean gradient of the sampled batch).
+    `canaries` (an audit run, `audit`; Poisson only): canary examples sampled at the
+    examples' rate, each with a clipped gradient of -C times its direction.
     """
     loss = example_loss(model)
     batched = batch_loss(model)
@@ -227,7 +234,7 @@ def make_train_step(
             return privacy.poisson_sample(key, num_examples, config.batch_size / num_examples)
         return privacy.fixed_size_sample(key, num_examples, config.batch_size)
 
-    def step(state, images, labels, key):
+    def step(state, images, labels, key, canaries):
         sample_key, noise_key = jax.random.split(key)
         indices, count = sample(sample_key)
         params = state["params"]
@@ -249,6 +256,10 @@ def make_train_step(
             return clipped.grad_sum
 
         grad_sum = privacy.chunked_sum(chunk_sum, indices, count, chunk)
+        if canaries is not None:  # -C u_c: descent moves the model along u_c
+            grad_sum = audit.insert(canaries, grad_sum, -mechanism.l2_clip,
+                                    config.batch_size / num_examples,
+                                    jax.random.fold_in(key, audit.STEP_KEY))
         if mechanism is None:
             denominator = jnp.maximum(count, 1).astype(jnp.float32)
         else:
@@ -262,7 +273,8 @@ def make_train_step(
             "step": state["step"] + 1,
         }
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+    return lambda state, images, labels, key: jitted(state, images, labels, key, canaries)
 
 
 def make_evaluate(model: nn.Module, batch_size: int = 500) -> Callable:
@@ -369,6 +381,10 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     params = jax.jit(model.init)(
         seeds.stream_key(config.seed, seeds.INIT_STREAM), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+    canaries = None
+    if config.audit_canaries:
+        canaries = audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), params,
+                                   config.audit_canaries)
     if config.clipping == "fast" and not config.nodp:
         check_fast_clipping_applies(model, params, test_ds.images, test_ds.labels, config)
 
@@ -391,7 +407,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     images, labels = jnp.asarray(train_ds.images), jnp.asarray(train_ds.labels)
     test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)
-    train_step = make_train_step(model, optimizer, config, n, mechanism)
+    train_step = make_train_step(
+        model, optimizer, config, n, mechanism, None if canaries is None else canaries[0])
     evaluate = make_evaluate(model)
     progress = Progress(last_step, desc="dpsgd", start_step=start_step)
     watch = divergence.DivergenceWatch("step", log)
@@ -440,6 +457,9 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
+    if canaries is not None and int(state["step"]) > 0:
+        summary["audit"] = audit.audit_run(canaries, params, state["params"], config.delta)
+        wd.write_json(AUDIT_FILE, summary["audit"])
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, wd.read_metrics()),
                     keep_evaluation=start_step == last_step)  # a finished run, rerun
@@ -468,6 +488,7 @@ def render_report(config: DpSgdConfig, summary: dict, metrics: list[dict]) -> st
         f"# DP-SGD classifier: {config.model} on {config.dataset}\n\n"
         f"- test accuracy: **{summary['test_accuracy']:.4f}** after {summary['steps']} steps\n"
         f"- privacy: {privacy_line}\n"
+        f"{audit.report_line(summary)}"
         f"- expected batch size {config.batch_size}, optimiser {config.optimizer} "
         f"(lr {config.learning_rate:g}), seed {seeds.public(config)}\n"
         f"- wall time: {run_clock.describe(summary)}\n"

@@ -35,7 +35,7 @@ SECRET_SEEDS = range(2**32, 2**SEED_BITS)
 # into the same key: its initial model, and its released synthetic samples.
 INIT_STREAM = 2**31 - 1
 SAMPLE_STREAM = 2**31 - 2
-AUDIT_STREAM = 2**31 - 5  # the canary directions of an audit run (`dpfed.federated.audit`)
+AUDIT_STREAM = 2**31 - 5  # the canary directions of an audit run (`dpfed.privacy.audit`)
 
 
 def root_key(seed: int) -> jax.Array:

@@ -73,7 +73,7 @@ DIAGNOSTICS_NOTE = (
 )
 SUMMARY_FILE = "summary.json"
 LEDGER_FILE = "ledger.json"  # before each metrics record (RDP only) and at the end
-AUDIT_FILE = "audit.json"  # an audit run's canary figures (`dpfed.federated.audit`)
+AUDIT_FILE = "audit.json"  # an audit run's canary figures (`dpfed.privacy.audit`)
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.json"
 DATA_FILE = "data.json"  # a digest of the run's training data (`Workdir.pin_data`)

@@ -69,17 +69,6 @@ def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, mo
         tmp_path, "dataset")
 
 
-@pytest.mark.parametrize("kwargs, says", [
-    ({"audit_canaries": 1}, ">= 2"),
-    ({"audit_canaries": 10, "nodp": True, "noise_multiplier": None}, "--nodp"),
-    ({"audit_canaries": 10, "sampling": "fixed"}, "--sampling=poisson"),
-])
-def test_an_audit_that_cannot_run_is_a_config_error_naming_it(kwargs, says):
-    with pytest.raises(ConfigError, match=says) as error:
-        classifier.FedAvgClassifierConfig(**{"noise_multiplier": 1.0, **kwargs})
-    assert error.value.field == "audit_canaries", f"names {error.value.field}"
-
-
 def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path):
     config = classifier.FedAvgClassifierConfig(
         dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=2,

@@ -146,3 +146,16 @@ def test_unused_privacy_flags_marks_each_flag_ignored_exactly_in_a_nonprivate_ru
     for flag, (ignored, why) in table.items():
         assert ignored == nonprivate, f"--{flag} ignored={ignored} in a nonprivate={nonprivate} run"
         assert "--nodp" in why, f"--{flag}'s reason does not name the mode: {why!r}"
+
+
+@pytest.mark.parametrize("config_class", [FedAvgClassifierConfig, DpSgdConfig])
+@pytest.mark.parametrize("kwargs, says", [
+    ({"audit_canaries": 1}, ">= 2"),
+    ({"audit_canaries": 10, "nodp": True, "noise_multiplier": None}, "--nodp"),
+    ({"audit_canaries": 10, "sampling": "fixed"}, "--sampling=poisson"),
+])
+def test_an_audit_that_cannot_run_is_a_config_error_naming_it(config_class, kwargs, says):
+    with pytest.raises(ConfigError, match=says) as error:
+        config_class(**{"noise_multiplier": 1.0, **kwargs})
+    assert error.value.field == "audit_canaries", (
+        f"{config_class.__name__} names {error.value.field}")

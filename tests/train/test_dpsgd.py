@@ -11,6 +11,7 @@ import pytest
 from dp_accounting import dp_event
 
 from dpfed import models, privacy
+from dpfed.privacy import audit
 from dpfed.train import dpsgd
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import EVAL_BEGIN, EVAL_END, Workdir
@@ -434,3 +435,49 @@ def test_microbatch_is_refused_where_no_per_example_gradients_are_taken(mode):
         dpsgd.DpSgdConfig(microbatch=8, **mode)
     assert info.value.field == "microbatch", f"{mode} must name --microbatch: {info.value}"
     dpsgd.DpSgdConfig(microbatch=8, noise_multiplier=1.0)  # Must not raise: vmap, private.
+
+
+def _audit_step(z, k=1_000, seed=0):
+    """One DP-SGD step on 8 examples, all sampled (rate 1), with k canary examples and k
+    held out, on a logreg of 100,010 parameters: `audit.estimate` of the scores."""
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.uniform(size=(8, 100, 100, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, size=8), jnp.int32)
+    model = models.get_classifier("logreg", 10)
+    params = model.init(jax.random.key(seed), images[:1])
+    inserted, held_out = audit.draw_pair(jax.random.key(seed + 1), params, k)
+    config = dpsgd.DpSgdConfig(batch_size=8, optimizer="sgd", learning_rate=1.0)
+    opt = dpsgd.make_optimizer("sgd", 1.0)
+    step = dpsgd.make_train_step(model, opt, config, 8,
+                                 privacy.GaussianSumMechanism(0.5, z), inserted)
+    new = step(_state(params, opt), images, labels, jax.random.key(seed + 2))["params"]
+    return audit.estimate(audit.scores(inserted, params, new),
+                          audit.scores(held_out, params, new), 1e-5)
+
+
+def test_a_canary_example_moves_the_model_along_its_direction():
+    result = _audit_step(z=0.0, k=50)
+    # Without noise the step is -lr (real gradients - C sum(u_c)) / B: each inserted
+    # canary's score is ~ C / B over the change's norm, the held-out ones ~ 0.
+    assert result.mean_inserted > 10 * abs(result.mean_held_out), (
+        f"the canaries' gradients must be -C u_c, so descent moves along u_c: {result}")
+
+
+def test_one_step_audit_finds_the_noise_multiplier_the_ledger_records():
+    result = _audit_step(z=1.0)
+    # 1,000 + 1,000 scores: mu's standard error ~0.05; k/d = 0.01 of overlaps.
+    assert abs(result.mu - 1.0) < 0.2, (
+        f"the canaries stand {result.mu:.3f} noise stds out, not 1/z = 1: the step's noise "
+        "or sensitivity is not the one the ledger records")
+
+
+def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path):
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=64,
+                               noise_multiplier=1.1, eval_every=1, audit_canaries=30)
+    summary = dpsgd.train(config, tmp_path, log=lambda _: None)
+    written = json.loads((tmp_path / "audit.json").read_text())
+    assert written == summary["audit"], "audit.json is not the summary's audit"
+    assert 0 <= written["epsilon_lower_bound"] <= summary["epsilon_rdp"], written
+    assert "canary audit" in (tmp_path / "report.md").read_text(), "report.md omits the audit"
+    again = dpsgd.train(config, tmp_path, log=lambda _: None)  # a finished run
+    assert again["audit"] == written, "rerunning a finished audit run changed its figures"

@@ -1,33 +1,36 @@
-"""Empirical privacy estimation of DP-FedAvg with random canary clients.
+"""Empirical privacy estimation with random canaries (one training run).
 
-Andrew, Kairouz, Oh, Oprea, McMahan, Suriyakumar (ICLR 2024), "One-shot Empirical Privacy
-Estimation for Federated Learning". Beside the real users, k canary clients take part in
-the training run being audited: each is sampled as a user is (Poisson, the users' rate q)
-and, in every round it is sampled, sends a fixed unit direction u_c times the round's clip
-norm C, the largest update a user can send; it joins the clipped sum before the noise
-(`DpFedAvg(..., canaries=...)`). k more directions never take part (held out). After
-training, a canary's score is the cosine of the model's change theta_T - theta_0 with its
-direction (the paper's final-model attack). The inserted canaries score higher than the
-held-out ones by as much as the noise lets them. From the two sets of scores:
+"One-shot Empirical Privacy Estimation for Federated Learning" (Andrew, Kairouz, Oh,
+Oprea, McMahan, Suriyakumar, ICLR 2024). Beside the real records of the run being audited
+(users of DP-FedAvg, examples of DP-SGD), k canaries take part: each is sampled as a record
+is (Poisson, the records' rate q) and, each time it is sampled, adds a fixed random unit
+direction u_c times the clip norm C to the clipped sum before the noise, the largest
+contribution a record can make (`insert`: a canary client's update in `DpFedAvg`, a
+canary example's gradient in `dpfed.train.dpsgd`, the "gradient canary" of Nasr et al.
+2023, "Tight Auditing of Differentially Private Machine Learning"). k more directions
+never take part (held out). After training, a direction's score is the cosine of the
+model's change theta_T - theta_0 with it (`scores`: the final-model attack). The inserted
+canaries score higher than the held-out ones by as much as the noise lets them. From the
+two sets of scores (`estimate`):
 
 - `epsilon_lower_bound`: with probability >= 1 - significance the run's true eps is at
   least this (Clopper-Pearson bounds on the true and false positive rates of each
   threshold, Bonferroni-corrected over the thresholds: Jagielski, Ullman, Oprea 2020;
   computed by `jax_privacy.auditing`). One above the ledger's eps would prove that the
-  engine spends more privacy than it records.
+  code spends more privacy than it records.
 - `epsilon_estimate`: the paper's estimate, not a bound: the scores read as Gaussians,
   shifted by mu = (mean_in - mean_out) / std_out, i.e. a Gaussian mechanism of noise
-  multiplier 1 / mu, and its eps at delta (analytic). (The paper fits each
-  set its own variance; here both take the held-out one.)
+  multiplier 1 / mu, and its eps at delta (analytic). (The paper fits each set its own
+  variance; here both take the held-out one.)
 
 Directions. The noise is isotropic: every unit direction sees the same noise, and what a
-canary needs is to be nearly orthogonal to the other canaries and to the users' updates.
-The paper draws dense directions; here each is `support`-sparse: one coordinate drawn
-uniformly in each of s equal blocks of the d parameters, values +-1/sqrt(s) (exactly
-unit), so k directions take k s numbers instead of k d.
+canary needs is to be nearly orthogonal to the other canaries and to the records'
+contributions. The paper draws dense directions; here each is `support`-sparse: one
+coordinate drawn uniformly in each of s equal blocks of the d parameters, values
++-1/sqrt(s) (exactly unit), so k directions take k s numbers instead of k d.
 
 An audit run's model holds the canaries: it is for auditing, not for release. The
-scores are computed from the released model alone and the canaries are no user's data,
+scores are computed from the released model alone and the canaries are no record's data,
 so the audit's figures are post-processing of the run's releases (its ledger covers them).
 """
 
@@ -43,9 +46,14 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax_privacy import auditing
 
+from dpfed.privacy.accounting import format_upper
+from dpfed.privacy.sampling import bernoulli_at_most
+
 PyTree = Any
 SUPPORT = 1024  # nonzero coordinates of a canary direction (all of them in a smaller model)
 SIGNIFICANCE = 0.05  # of the lower bound: it holds with probability 0.95
+# fold_in(the key of a training step or round, STEP_KEY): the canaries it samples.
+STEP_KEY = 2**31 - 1
 
 
 class Canaries(NamedTuple):
@@ -88,6 +96,11 @@ def draw(key: jax.Array, params: PyTree, count: int, support: int = SUPPORT) -> 
     return Canaries(coords, (signs / np.sqrt(s)).astype(jnp.float32))
 
 
+def draw_pair(key: jax.Array, params: PyTree, count: int) -> tuple[Canaries, Canaries]:
+    """(inserted, held-out): `count` directions of each, in the space of `params`."""
+    return draw(key, params, 2 * count).split(count)
+
+
 def flat_size(params: PyTree) -> int:
     """d, the number of parameters in `params`."""
     return sum(int(np.prod(jnp.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
@@ -103,16 +116,20 @@ def check_fits(canaries: Canaries, params: PyTree) -> None:
 
 
 def insert(
-    canaries: Canaries, clipped_sum: PyTree, clip: jax.Array, rate: float, key: jax.Array
+    canaries: Canaries, clipped_sum: PyTree, weight: jax.Array | float, rate: float,
+    key: jax.Array,
 ) -> PyTree:
-    """`clipped_sum` plus clip * u_c for each canary sampled (Poisson, `rate`) this round.
+    """`clipped_sum` plus weight * u_c for each canary sampled (Poisson, `rate`, as
+    `sampling.bernoulli_at_most` samples records).
 
-    A canary is one more user with an update of norm exactly `clip`: the sum's sensitivity
-    to it is the users' C, and the noise added afterwards is the round's.
+    A canary is one more record whose clipped contribution has norm |weight| = C, the
+    records' clip norm: the sum's sensitivity to it is theirs, and the noise added
+    afterwards is the step's. `weight` is C for an update the server adds (DP-FedAvg) and
+    -C for a gradient that descent subtracts (DP-SGD), so the model moves along u_c.
     """
-    present = jax.random.bernoulli(key, rate, (canaries.num_directions,))
+    present = bernoulli_at_most(key, rate, (canaries.num_directions,))
     flat, unravel = ravel_pytree(clipped_sum)
-    weights = clip * present.astype(flat.dtype)
+    weights = weight * present.astype(flat.dtype)
     added = jnp.zeros_like(flat).at[canaries.coords.ravel()].add(
         (weights[:, None] * canaries.values).ravel())
     return unravel(flat + added)
@@ -180,6 +197,33 @@ def estimate(
         epsilon_lower_bound=float(bound),
         significance=significance,
         delta=delta,
+    )
+
+
+def audit_run(
+    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree, delta: float
+) -> dict[str, Any]:
+    """The figures of an audit run (`AuditResult.to_json`) whose model went from
+    `initial` to `final` with `canaries` = (inserted, held-out)."""
+    inserted, held_out = canaries
+    return estimate(scores(inserted, initial, final), scores(held_out, initial, final),
+                    delta).to_json()
+
+
+def report_line(summary: dict[str, Any]) -> str:
+    """report.md's line on the figures (`audit_run`) of a trainer's summary.json object,
+    beside its ledger's `epsilon_rdp`; empty for a run without an audit."""
+    result = summary.get("audit")
+    if result is None:
+        return ""
+    ledger_epsilon = format_upper(summary["epsilon_rdp"])
+    return (
+        f"- **canary audit** (Andrew et al. 2024; an audit run: its model holds "
+        f"{result['inserted']} canaries and is not for release): the canaries stand "
+        f"mu = {result['mu']:.3f} noise stds out; eps estimate {result['epsilon_estimate']:.3f}, "
+        f"lower bound {result['epsilon_lower_bound']:.3f} (holds with probability "
+        f"{1 - result['significance']:g}), against the ledger's {ledger_epsilon} (RDP) at delta "
+        f"{result['delta']:g}\n"
     )
 
 

@@ -1,23 +1,18 @@
-"""Canary audit of DP-FedAvg: the directions, their insertion into the round, the estimate."""
+"""Canary clients in the DP-FedAvg round (an audit run, `dpfed.privacy.audit`): their
+insertion, their sampling, and a one-round audit of the noise the ledger records."""
 
 import dp_accounting
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from dpfed.federated import DpFedAvg, DpFedAvgConfig, audit
+from dpfed.federated import DpFedAvg, DpFedAvgConfig
+from dpfed.privacy import audit
 from tests.federated import toy
+from tests.privacy.canaries import dense
 
 DELTA = 1e-5
-
-
-def dense(canaries: audit.Canaries, dim: int) -> np.ndarray:
-    """[k, dim]: the directions as dense rows."""
-    rows = np.zeros((canaries.num_directions, dim), np.float64)
-    np.put_along_axis(rows, np.asarray(canaries.coords), np.asarray(canaries.values), axis=1)
-    return rows
 
 
 def canary_engine(num_clients, dim, canaries, *, rate=1.0, clip=0.5, z=0.0, deltas=None):
@@ -33,21 +28,6 @@ def one_round_change(engine, dim, seed=0):
     state = engine.init(toy.params_of(dim))
     new_state, _ = engine.round(state, jax.random.key(seed))
     return state.params, new_state.params
-
-
-def test_a_direction_is_unit_with_one_coordinate_in_each_block():
-    dim, support = 10_000, 100
-    canaries = audit.draw(jax.random.key(0), toy.params_of(dim), 50, support=support)
-    norms = np.linalg.norm(dense(canaries, dim), axis=1)
-    np.testing.assert_allclose(norms, 1.0, rtol=1e-6, err_msg="a canary direction is not unit")
-    blocks = np.asarray(canaries.coords) // (dim // support)
-    assert (blocks == np.arange(support)).all(), "coordinate j of a direction is not in block j"
-
-
-def test_a_model_smaller_than_the_support_gets_dense_sign_directions():
-    canaries = audit.draw(jax.random.key(1), {"w": jnp.zeros((5, 6))}, 4, support=1024)
-    assert canaries.coords.shape == (4, 30), "a 30-parameter model: all 30 coordinates"
-    np.testing.assert_allclose(np.abs(np.asarray(canaries.values)), 30**-0.5, rtol=1e-6)
 
 
 def test_every_sampled_canary_adds_clip_times_its_direction_to_the_sum():
@@ -117,22 +97,3 @@ def test_an_engine_adding_a_fifth_of_its_noise_is_caught():
     assert result.epsilon_lower_bound > recorded, (
         f"noise of multiplier 0.2 under a ledger of z = 1 (eps {recorded:.3f}) went unnoticed: "
         f"lower bound {result.epsilon_lower_bound:.3f}")
-
-
-def test_estimate_of_gaussian_scores_one_std_apart_is_the_gaussian_mechanisms_eps():
-    rng = np.random.default_rng(0)
-    result = audit.estimate(rng.normal(1.0, 1.0, 20_000), rng.normal(0.0, 1.0, 20_000), DELTA)
-    exact = dp_accounting.get_epsilon_gaussian(1.0, DELTA)
-    assert abs(result.mu - 1) < 0.05, result
-    assert abs(result.epsilon_estimate - exact) < 0.3, (
-        f"estimate {result.epsilon_estimate:.3f} vs the exact eps {exact:.3f} of mu = 1")
-    assert 0 < result.epsilon_lower_bound < exact, result
-
-
-@pytest.mark.parametrize("inside, outside, match", [
-    ([1.0], [0.0, 0.1], "at least 2"),
-    ([1.0, np.nan], [0.0, 0.1], "NaN or inf"),
-])
-def test_estimate_refuses_too_few_or_non_finite_scores(inside, outside, match):
-    with pytest.raises(ValueError, match=match):
-        audit.estimate(inside, outside, DELTA)

@@ -1,0 +1,90 @@
+"""dpfed.privacy.audit: canary directions, their insertion into a clipped sum, the scores
+of a model's change, and the eps estimate and lower bound from them."""
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.privacy import audit
+from tests.privacy.canaries import dense
+
+DELTA = 1e-5
+
+
+def _zeros(dim):
+    return jnp.zeros((dim,), jnp.float32)
+
+
+def test_a_direction_is_unit_with_one_coordinate_in_each_block():
+    dim, support = 10_000, 100
+    canaries = audit.draw(jax.random.key(0), _zeros(dim), 50, support=support)
+    norms = np.linalg.norm(dense(canaries, dim), axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-6, err_msg="a canary direction is not unit")
+    blocks = np.asarray(canaries.coords) // (dim // support)
+    assert (blocks == np.arange(support)).all(), "coordinate j of a direction is not in block j"
+
+
+def test_a_model_smaller_than_the_support_gets_dense_sign_directions():
+    canaries = audit.draw(jax.random.key(1), {"w": jnp.zeros((5, 6))}, 4, support=1024)
+    assert canaries.coords.shape == (4, 30), "a 30-parameter model: all 30 coordinates"
+    np.testing.assert_allclose(np.abs(np.asarray(canaries.values)), 30**-0.5, rtol=1e-6)
+
+
+def test_estimate_of_gaussian_scores_one_std_apart_is_the_gaussian_mechanisms_eps():
+    rng = np.random.default_rng(0)
+    result = audit.estimate(rng.normal(1.0, 1.0, 20_000), rng.normal(0.0, 1.0, 20_000), DELTA)
+    exact = dp_accounting.get_epsilon_gaussian(1.0, DELTA)
+    assert abs(result.mu - 1) < 0.05, result
+    assert abs(result.epsilon_estimate - exact) < 0.3, (
+        f"estimate {result.epsilon_estimate:.3f} vs the exact eps {exact:.3f} of mu = 1")
+    assert 0 < result.epsilon_lower_bound < exact, result
+
+
+@pytest.mark.parametrize("inside, outside, match", [
+    ([1.0], [0.0, 0.1], "at least 2"),
+    ([1.0, np.nan], [0.0, 0.1], "NaN or inf"),
+])
+def test_estimate_refuses_too_few_or_non_finite_scores(inside, outside, match):
+    with pytest.raises(ValueError, match=match):
+        audit.estimate(inside, outside, DELTA)
+
+
+
+@pytest.mark.parametrize("weight", [0.5, -0.5])
+def test_insert_adds_weight_times_each_direction_sampled_at_rate_one(weight):
+    dim = 3_000
+    canaries = audit.draw(jax.random.key(2), _zeros(dim), 5, support=64)
+    base = {"a": jnp.ones((dim - 1000,)), "b": jnp.full((1000,), 2.0)}
+    got = audit.insert(canaries, base, weight, 1.0, jax.random.key(3))
+    flat = np.concatenate([np.asarray(got["a"]), np.asarray(got["b"])])
+    expected = np.concatenate([np.ones(dim - 1000), np.full(1000, 2.0)])
+    expected += weight * dense(canaries, dim).sum(0)
+    np.testing.assert_allclose(flat, expected, atol=1e-6,
+                               err_msg="the sum must gain weight * u_c for every canary")
+
+
+def test_insert_at_rate_zero_adds_nothing():
+    canaries = audit.draw(jax.random.key(4), _zeros(500), 5)
+    got = audit.insert(canaries, _zeros(500), 1.0, 0.0, jax.random.key(5))
+    assert not np.any(np.asarray(got)), "a canary sampled at rate 0 took part"
+
+
+def test_scores_are_the_cosines_of_the_change_with_each_direction():
+    dim = 2_000
+    canaries = audit.draw(jax.random.key(6), _zeros(dim), 3, support=50)
+    rows = dense(canaries, dim)
+    change = 2.0 * rows[0] + np.random.default_rng(0).normal(size=dim) * 0.001
+    got = np.asarray(audit.scores(canaries, _zeros(dim), jnp.asarray(change, jnp.float32)))
+    expected = rows @ change / np.linalg.norm(change)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert got[0] > 0.99, "the change along direction 0 must score ~1 on it"
+
+
+def test_gaussian_epsilon_is_zero_without_a_shift_and_grows_with_it():
+    assert audit.gaussian_epsilon(0.0, DELTA) == 0.0
+    assert audit.gaussian_epsilon(-1.0, DELTA) == 0.0
+    assert audit.gaussian_epsilon(1.0, DELTA) == pytest.approx(
+        dp_accounting.get_epsilon_gaussian(1.0, DELTA)), "mu = 1 is the Gaussian mechanism z = 1"
+    assert audit.gaussian_epsilon(2.0, DELTA) > audit.gaussian_epsilon(1.0, DELTA)
