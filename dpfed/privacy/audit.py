@@ -183,7 +183,11 @@ def estimate(
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     std = float(np.std(outside, ddof=1))
-    mu = (float(np.mean(inside)) - float(np.mean(outside))) / std if std > 0 else np.inf
+    shift = float(np.mean(inside)) - float(np.mean(outside))
+    if std > 0:
+        mu = shift / std
+    else:  # held-out scores all equal (a model that did not move: all 0)
+        mu = np.inf if shift > 0 else 0.0
     bound = auditing.CanaryScoreAuditor(inside, outside).epsilon_clopper_pearson(
         significance, delta)
     return AuditResult(

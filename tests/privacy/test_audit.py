@@ -88,3 +88,9 @@ def test_gaussian_epsilon_is_zero_without_a_shift_and_grows_with_it():
     assert audit.gaussian_epsilon(1.0, DELTA) == pytest.approx(
         dp_accounting.get_epsilon_gaussian(1.0, DELTA)), "mu = 1 is the Gaussian mechanism z = 1"
     assert audit.gaussian_epsilon(2.0, DELTA) > audit.gaussian_epsilon(1.0, DELTA)
+
+
+def test_a_model_that_did_not_move_shows_no_canary():
+    result = audit.estimate(np.zeros(10), np.zeros(10), DELTA)
+    assert (result.mu, result.epsilon_estimate) == (0.0, 0.0), (
+        f"all scores 0 (no change) must give mu 0 and eps 0, not {result}")
