@@ -17,6 +17,7 @@ noise, so resuming neither loses nor double-counts privacy spend.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -234,7 +235,7 @@ def make_train_step(
             return privacy.poisson_sample(key, num_examples, config.batch_size / num_examples)
         return privacy.fixed_size_sample(key, num_examples, config.batch_size)
 
-    def step(state, images, labels, key, canaries):
+    def step(state, images, labels, key, canaries=None):
         sample_key, noise_key = jax.random.split(key)
         indices, count = sample(sample_key)
         params = state["params"]
@@ -274,7 +275,9 @@ def make_train_step(
         }
 
     jitted = jax.jit(step)
-    return lambda state, images, labels, key: jitted(state, images, labels, key, canaries)
+    if canaries is None:
+        return jitted
+    return functools.partial(jitted, canaries=canaries)  # an argument, not a jit constant
 
 
 def make_evaluate(model: nn.Module, batch_size: int = 500) -> Callable:
