@@ -369,8 +369,8 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    if canaries is not None and result.rounds_done > 0:
-        summary["audit"] = audit.audit_run(canaries, initial, result.state.params, config.delta)
+    if canaries is not None and ledger_json is not None and result.rounds_done > 0:
+        summary["audit"] = audit.audit_run(canaries, initial, result.state.params, ledger_json)
         wd.write_json(AUDIT_FILE, summary["audit"])
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, wd.read_metrics()),

@@ -205,22 +205,25 @@ def estimate(
 
 
 def audit_run(
-    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree, delta: float
+    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree, ledger: dict[str, Any]
 ) -> dict[str, Any]:
-    """The figures of an audit run (`AuditResult.to_json`) whose model went from
-    `initial` to `final` with `canaries` = (inserted, held-out)."""
+    """audit.json of a run whose model went from `initial` to `final` with `canaries` =
+    (inserted, held-out): `AuditResult.to_json` at the delta of `ledger` (its
+    `PrivacyLedger.to_json`), beside the ledger's `ledger_epsilon_rdp` and `_pld`."""
     inserted, held_out = canaries
-    return estimate(scores(inserted, initial, final), scores(held_out, initial, final),
-                    delta).to_json()
+    result = estimate(scores(inserted, initial, final), scores(held_out, initial, final),
+                      ledger["delta"]).to_json()
+    return {**result, "ledger_epsilon_rdp": ledger["epsilon_rdp"],
+            "ledger_epsilon_pld": ledger["epsilon_pld"]}
 
 
 def report_line(summary: dict[str, Any]) -> str:
-    """report.md's line on the figures (`audit_run`) of a trainer's summary.json object,
-    beside its ledger's `epsilon_rdp`; empty for a run without an audit."""
+    """report.md's line on the figures (`audit_run`) of a trainer's summary.json object
+    (its `audit`); empty for a run without an audit."""
     result = summary.get("audit")
     if result is None:
         return ""
-    ledger_epsilon = format_upper(summary["epsilon_rdp"])
+    ledger_epsilon = format_upper(result["ledger_epsilon_rdp"])
     return (
         f"- **canary audit** (Andrew et al. 2024; an audit run: its model holds "
         f"{result['inserted']} canaries and is not for release): the canaries stand "

@@ -460,8 +460,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    if canaries is not None and int(state["step"]) > 0:
-        summary["audit"] = audit.audit_run(canaries, params, state["params"], config.delta)
+    if canaries is not None and ledger_json is not None and int(state["step"]) > 0:
+        summary["audit"] = audit.audit_run(canaries, params, state["params"], ledger_json)
         wd.write_json(AUDIT_FILE, summary["audit"])
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, wd.read_metrics()),

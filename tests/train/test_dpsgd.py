@@ -477,6 +477,7 @@ def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path)
     summary = dpsgd.train(config, tmp_path, log=lambda _: None)
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written == summary["audit"], "audit.json is not the summary's audit"
+    assert written["ledger_epsilon_rdp"] == summary["epsilon_rdp"], "audit.json's ledger eps"
     assert 0 <= written["epsilon_lower_bound"] <= summary["epsilon_rdp"], written
     assert "canary audit" in (tmp_path / "report.md").read_text(), "report.md omits the audit"
     again = dpsgd.train(config, tmp_path, log=lambda _: None)  # a finished run
