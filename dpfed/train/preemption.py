@@ -91,10 +91,14 @@ def reached() -> bool:
     """Whether the loop should checkpoint the step it just ran and raise `PreemptedError`.
 
     Call it once after every step. In a `jax.distributed` job it is True at the same call
-    in every process, the first past the notice in all of them: jax numbers the sync
-    points, here by the calls of this process (the same in every process, which run the
-    same loops, and increasing across them, as fedgan_debug's two GANs, where the loops'
-    own step numbers start again).
+    in every process: jax numbers the sync points, here by the calls of this process (the
+    same in every process, which run the same loops, and increasing across them, as
+    fedgan_debug's two GANs, where the loops' own step numbers start again). That call is
+    the one after the fastest process's last call once the processes have agreed on the
+    notice, which jax's listener polls for each second: a job stops a second or more
+    after the SIGTERM (1-5 steps of the tests' tiny jobs), and never at the first call,
+    which a 6-round job SIGTERMed before its loop showed (it stopped at step 2). A job
+    whose agreed call comes after its last one runs to its end and exits 0.
     """
     if _distributed():
         return multihost_utils.reached_preemption_sync_point(next(_sync_points))
