@@ -109,13 +109,21 @@ class Terminated:
                     f"{len(points) - kill_at} writes after it")
 
 
-def assert_saved(stderr: str) -> None:
-    """A preempted run's stderr names the checkpoint it saved, which is on disk."""
-    saved = _SAVED.search(stderr)
+def assert_saved(stderr: str) -> pathlib.Path:
+    """A preempted run's stderr names the checkpoint it saved, which is on disk; returns
+    that checkpoint's folder."""
+    saved = saved_checkpoint(stderr)
     assert saved, f"exit {PREEMPTED} without the preemption's line:\n{stderr}"
-    step, directory = saved.groups()
-    assert pathlib.Path(directory, step).is_dir(), (
-        f"the preempted run names checkpoint {step} in {directory}, which is not on disk")
+    assert saved.is_dir(), (
+        f"the preempted run names checkpoint {saved.name} in {saved.parent}, which is not on "
+        "disk")
+    return saved
+
+
+def saved_checkpoint(stderr: str) -> pathlib.Path | None:
+    """The checkpoint folder (DIR/STEP) that a preempted run's stderr names, if any."""
+    saved = _SAVED.search(stderr)
+    return pathlib.Path(saved[2], saved[1]) if saved else None
 
 
 def checkpointed_every(binary: crash_points.Binary, every: int) -> crash_points.Binary:

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from launch import multihost
-from tests import crash_multihost, crash_points, crash_writes
+from tests import crash_multihost, crash_points, crash_sigterm, crash_writes
 from tests.crash_multihost import PEER, PEER_AT_WRITER, WRITER
 
 
@@ -136,6 +136,136 @@ def test_a_job_whose_process_was_killed_counts_as_killed():
     crash_points.expect_killed(job, 3)
     with pytest.raises(AssertionError, match="exited 1"):
         crash_points.expect_killed(crash_points.Run(1, [point], "", 1.0), 3)
+
+
+# ---------------------------------------------------------------------------------------
+# --sigterm: the victim preempted (SIGTERM) instead of SIGKILLed.
+
+
+def test_a_sigterm_victim_runs_crash_sigterms_child(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(crash_sigterm, "_child", calls.append)
+    inner = crash_multihost.sigterm_inner(2)
+    args = [f"--workdir={tmp_path}", "--process_id=1"]
+    crash_multihost._child([PEER, inner, "TRACE", "5", "experiments.x", *args])  # noqa: SLF001
+    assert calls == [["2", "TRACE", "5", "experiments.x", *args]], (
+        f"process 1 must run crash_sigterm's child, then_kill 2: {calls}")
+
+
+@pytest.mark.parametrize("victim, inner, expected", [
+    (PEER_AT_WRITER, crash_multihost.BEFORE, crash_multihost._PeerKiller),  # noqa: SLF001
+    (PEER_AT_WRITER, crash_multihost.sigterm_inner(), crash_multihost._PeerTerminator),  # noqa: SLF001
+    (crash_multihost.ALL, crash_multihost.sigterm_inner(), crash_multihost._PeerTerminator),  # noqa: SLF001
+])
+def test_process_0_sigterms_its_victims_under_sigterm(monkeypatch, tmp_path, victim, inner,
+                                                      expected):
+    tracers = []
+    monkeypatch.setattr(crash_points, "_install", tracers.append)
+    monkeypatch.setattr(crash_points, "run_as_main", lambda module, args: None)
+    crash_multihost._child([victim, inner, str(tmp_path / "trace"), "3", "experiments.x",  # noqa: SLF001
+                            f"--workdir={tmp_path}", "--process_id=0"])
+    assert [type(t) for t in tracers] == [expected], tracers
+    assert tracers[0].peer == crash_multihost.victim_process(victim)
+
+
+@pytest.mark.parametrize("victim, inner, message", [
+    (crash_multihost.ALL, crash_multihost.BEFORE, "is SIGTERMed"),  # all@0 SIGKILLed
+    (PEER_AT_WRITER, crash_multihost.sigterm_inner(1), "SIGKILLs no one later"),
+    ("all", crash_multihost.sigterm_inner(), "not one of"),  # all only by process 0
+])
+def test_a_sigterm_victim_that_the_child_cannot_do_is_refused(victim, inner, message):
+    with pytest.raises(AssertionError, match=message):
+        crash_multihost.child(victim, inner, processes=3)
+
+
+def test_all_names_no_process_and_is_traced_by_process_0():
+    assert crash_multihost.victim_process(crash_multihost.ALL, 3) is None
+    assert [crash_multihost.traced(crash_multihost.ALL, p) for p in range(3)] == [
+        True, False, False]
+
+
+def _sigterm_catcher() -> subprocess.Popen:
+    """A process that reports a SIGTERM on its stdout, as jax's preemption service
+    catches it, and runs on."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, lambda *a: print('sigterm', flush=True))\n"
+         "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("peer", [2, None])
+def test_the_peer_terminator_sigterms_at_its_point_and_goes_on(tmp_path, monkeypatch, peer):
+    victim, bystander = _sigterm_catcher(), _sigterm_catcher()
+    for process in (victim, bystander):
+        assert process.stdout and process.stdout.readline() == "ready\n"
+    pids = {2: [victim.pid], None: [victim.pid, bystander.pid]}
+    monkeypatch.setattr(crash_multihost, "siblings", lambda process: pids[process])
+    own: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: own.append(signum))
+    tracer = crash_multihost._PeerTerminator(tmp_path / "trace.jsonl", 2, tmp_path, peer)  # noqa: SLF001
+    try:
+        for n in range(1, 4):
+            tracer.point("file", tmp_path / f"f{n}")
+        assert victim.stdout and victim.stdout.readline() == "sigterm\n"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for process in (victim, bystander):
+            process.kill()
+            process.communicate()
+    assert bystander.returncode == -signal.SIGKILL, "the bystander ended before it was killed"
+    assert own == ([signal.SIGTERM] if peer is None else []), f"own SIGTERMs: {own}"
+    records = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [r["n"] for r in records] == [1, 2, None, 3], records
+    assert records[2]["kind"] == f"sigterm process {'all' if peer is None else peer}"
+
+
+def _job(tmp_path: pathlib.Path, returncode: int, points: int, sigterm_at: int,
+         saved: dict[int, int | None]) -> crash_points.Run:
+    """A job SIGTERMed at `sigterm_at` whose process P's stderr names checkpoint
+    `saved[P]` (process 0's in the run's stderr, the others' in their logs)."""
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True, exist_ok=True)
+
+    def stderr(step: int | None) -> str:
+        return "" if step is None else (
+            f"preempted (SIGTERM): the checkpoint of round {step} is saved in "
+            f"{tmp_path / 'checkpoints'}; rerun the same command to resume from it\n")
+
+    for process, step in saved.items():
+        if process:
+            (tmp_path / f"process_{process}.log").write_text(f"...\n{stderr(step)}")
+    trace = [{"n": n, "kind": "file", "path": f"f{n}", "killed": n == sigterm_at}
+             for n in range(1, points + 1)]
+    return crash_points.Run(returncode, trace, stderr(saved.get(0)), 1.0)
+
+
+@pytest.mark.parametrize("returncode, points, saved", [
+    (143, 7, {0: 1, 1: 1, 2: 1}),  # every process saved round 1, on disk
+    (0, 15, {}),  # ran to its end: the SIGTERM after the last sync point
+])
+def test_a_job_that_saved_in_every_process_or_ran_to_its_end_passes(tmp_path, returncode, points,
+                                                                    saved):
+    expect = crash_multihost.JobTerminated(report=lambda _: None, log_dir=tmp_path, processes=3)
+    expect(_job(tmp_path, returncode, points, 4, saved), 4)
+    assert expect.exits == [returncode]
+
+
+@pytest.mark.parametrize("returncode, points, saved, message", [
+    (143, 7, {0: 1, 1: 1, 2: None}, "process 2 names None"),  # one did not save
+    (143, 7, {0: 1, 1: 2, 2: 1}, "process 1 names .*/2"),  # another step
+    (143, 7, {0: 2, 1: 2, 2: 2}, "which is not on disk"),
+    (0, 3, {}, "ended after 3 writes"),  # ended before its SIGTERM
+    (137, 7, {}, "exited 137 after 7 writes"),  # SIGKILLed, no then_kill
+])
+def test_a_job_that_ends_otherwise_fails(tmp_path, returncode, points, saved, message):
+    expect = crash_multihost.JobTerminated(report=lambda _: None, log_dir=tmp_path, processes=3)
+    with pytest.raises(AssertionError, match=message):
+        expect(_job(tmp_path, returncode, points, 4, saved), 4)
+
+
+def test_a_job_sigkilled_then_kill_points_after_its_sigterm_passes(tmp_path):
+    expect = crash_multihost.JobTerminated(then_kill=2, report=lambda _: None, log_dir=tmp_path)
+    expect(_job(tmp_path, 128 + signal.SIGKILL, 6, 4, {}), 4)
+    assert expect.exits == [128 + signal.SIGKILL]
 
 
 # ---------------------------------------------------------------------------------------
