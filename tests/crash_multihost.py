@@ -96,7 +96,7 @@ def victim_process(victim: str, processes: int | None = None) -> int | None:
     for all; checks that it names one (a process 1.. for `P@0`), of a job of
     `processes` when given."""
     match = _VICTIM.fullmatch(victim)
-    every = bool(match) and match["process"] == "all"
+    every = match is not None and match["process"] == "all"
     assert match and (bool(match["at"]) or not every) and not (
         match["at"] and match["process"] == WRITER) and (
         processes is None or every or int(match["process"]) < processes), (
