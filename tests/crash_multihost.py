@@ -236,9 +236,11 @@ class JobTerminated(crash_sigterm.Terminated):
 
     def __call__(self, result: crash_points.Run, kill_at: int) -> None:
         if result.returncode == 0:
-            assert result.points[kill_at - 1:kill_at] and result.points[kill_at - 1]["killed"], (
-                f"the job was to get SIGTERM at write {kill_at}, but it ended after "
-                f"{len(result.points)} writes:\n{result.stderr}")
+            points = len(result.points)
+            assert points >= kill_at and result.points[kill_at - 1]["killed"] and not (
+                self.then_kill and points >= kill_at + self.then_kill), (
+                f"the job was to get SIGTERM at write {kill_at} (then_kill {self.then_kill}), "
+                f"but it ended after {points} writes:\n{result.stderr}")
             self.exits.append(0)
             self.report(f"SIGTERM at {kill_at}: the job ran to its end, "
                         f"{len(result.points) - kill_at} writes after it")
