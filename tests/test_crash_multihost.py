@@ -265,7 +265,10 @@ def test_a_job_that_ends_otherwise_fails(tmp_path, returncode, points, saved, me
 def test_a_job_sigkilled_then_kill_points_after_its_sigterm_passes(tmp_path):
     expect = crash_multihost.JobTerminated(then_kill=2, report=lambda _: None, log_dir=tmp_path)
     expect(_job(tmp_path, 128 + signal.SIGKILL, 6, 4, {}), 4)
-    assert expect.exits == [128 + signal.SIGKILL]
+    expect(_job(tmp_path, 0, 5, 4, {}), 4)  # ended before the SIGKILL's point
+    assert expect.exits == [128 + signal.SIGKILL, 0]
+    with pytest.raises(AssertionError, match="then_kill 2.*ended after 6 writes"):
+        expect(_job(tmp_path, 0, 6, 4, {}), 4)  # went past it
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,6 +303,29 @@ def test_a_killed_job_resumes_to_the_whole_jobs_files(job_whole, tmp_path, victi
         crash_multihost.job(_BINARY, tmp_path / "logs"), whole, tmp_path / "w", k,
         child=crash_multihost.child(victim, inner))
     assert outcome.point["path"] == path, f"killed at {outcome.point}, not {path}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, path", [
+    # process 1 alone preempted (one host's maintenance) as process 0 writes data.json:
+    # the notice of a process that writes nothing stops process 0 too
+    (PEER_AT_WRITER, "data.json"),
+    # every process preempted at once (scancel) as process 0 writes config.json: each
+    # sends jax the notice
+    (crash_multihost.ALL, "config.json"),
+])
+def test_a_preempted_job_saves_in_every_process_and_resumes(job_whole, tmp_path, victim, path):
+    # Before the loop: jax's agreement (about a second) is done before round 1's first
+    # `reached()`, so every process saves round 1 and exits 143. A SIGTERM in the loop
+    # of this tiny job is agreed on after its last call, mostly: it runs to its end.
+    whole, reference = job_whole
+    k = crash_points.point_number(reference, path)
+    expect = crash_multihost.JobTerminated(log_dir=tmp_path / "logs")
+    outcome = crash_points.crash_and_rerun(
+        crash_multihost.job(_BINARY, tmp_path / "logs"), whole, tmp_path / "w", k,
+        child=crash_multihost.child(victim, crash_multihost.sigterm_inner()), expect=expect)
+    assert outcome.point["path"] == path, f"SIGTERMed at {outcome.point}, not {path}"
+    assert expect.exits == [crash_sigterm.PREEMPTED], f"exit {expect.exits}: no preemption"
 
 
 @pytest.mark.slow
