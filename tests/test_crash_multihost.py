@@ -1,7 +1,8 @@
-"""tests/crash_multihost.py: its child's logic, and a 2-process job killed at a few writes.
+"""tests/crash_multihost.py: its child's logic, and a 2-process job killed (or preempted:
+SIGTERM) at a few writes.
 
 The fast tests check the harness; the slow ones (each kill and rerun of a 2-process job
-costs about a minute on 2 cores) keep a few of the riskiest points of the sweep.
+costs about a minute on 2 cores) keep a few of the riskiest points of the sweeps.
 """
 
 import json
