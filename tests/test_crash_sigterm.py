@@ -60,8 +60,9 @@ def test_then_kill_expects_the_sigkill_at_its_point_if_the_run_got_there():
         expect(_run(143, 8, 4), 4)  # went past it
 
 
-def test_the_tracer_sends_sigterm_at_its_point_and_sigkill_then_kill_points_later(
-        tmp_path, monkeypatch):
+def _traced(tmp_path, monkeypatch, tracer, points: int, sigterms: int) -> Run:
+    """`tracer`'s trace of `points` write points, each SIGTERM it sends caught: `sigterms`
+    of them by the last point, and its SIGKILL raised there (InterruptedError)."""
     signals: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
 
@@ -69,19 +70,70 @@ def test_the_tracer_sends_sigterm_at_its_point_and_sigkill_then_kill_points_late
         raise InterruptedError("SIGKILL")
 
     monkeypatch.setattr(crash_points, "kill_self", killed)
-    trace = tmp_path / "trace.jsonl"
-    tracer = crash_sigterm._Tracer(trace, 2, tmp_path, then_kill=2)  # noqa: SLF001
     try:
-        for n in range(1, 4):
+        for n in range(1, points):
             tracer.point("file", tmp_path / f"f{n}")
-        assert signals == [signal.SIGTERM], "no SIGTERM at point 2, or more than one"
+        assert signals == [signal.SIGTERM] * sigterms, f"SIGTERMs {signals}, not {sigterms}"
         with pytest.raises(InterruptedError):
-            tracer.point("file", tmp_path / "f4")
+            tracer.point("file", tmp_path / f"f{points}")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    run = Run(0, [json.loads(line) for line in trace.read_text().splitlines()], "", 0.0)
+    trace = tmp_path / "trace.jsonl"
+    return Run(0, [json.loads(line) for line in trace.read_text().splitlines()], "", 0.0)
+
+
+def test_the_tracer_sends_sigterm_at_its_point_and_sigkill_then_kill_points_later(
+        tmp_path, monkeypatch):
+    tracer = crash_sigterm._Tracer(tmp_path / "trace.jsonl", 2, tmp_path,  # noqa: SLF001
+                                   then_kill=2)
+    run = _traced(tmp_path, monkeypatch, tracer, 4, sigterms=1)
     assert [p["n"] for p in run.points if p["killed"]] == [2, 4]
     assert [r["kind"] for r in run.trace if r["n"] is None] == ["sigterm", "killed before"]
+
+
+def test_the_tracer_sends_sigterm_again_then_term_points_later_then_its_sigkill(
+        tmp_path, monkeypatch):
+    tracer = crash_sigterm._Tracer(tmp_path / "trace.jsonl", 2, tmp_path,  # noqa: SLF001
+                                   then_kill=2, then_term=1)
+    run = _traced(tmp_path, monkeypatch, tracer, 5, sigterms=2)
+    assert [p["n"] for p in run.points if p["killed"]] == [2, 3, 5]
+    assert [r["kind"] for r in run.trace if r["n"] is None] == [
+        "sigterm", "sigterm again", "killed before"]
+
+
+def _twice(returncode: int, points: int, *killed: int) -> Run:
+    """A child run SIGTERMed at 4 and again at 5 (and SIGKILLed at `killed`)."""
+    run = _run(returncode, points, 4)
+    for n in (5, *killed):
+        run.trace[n - 1]["killed"] = True
+    return run
+
+
+def test_then_term_expects_the_end_of_a_sigterm_and_the_kill_after_the_second():
+    lines: list[str] = []
+    expect = crash_sigterm.Terminated(then_kill=2, report=lines.append, then_term=1)
+    expect(_run(-signal.SIGTERM, 4, 4), 4)  # ended before the second
+    expect(_twice(-signal.SIGKILL, 7, 7), 4)  # SIGKILLed 2 points after the second SIGTERM
+    assert lines == [
+        "SIGTERM at 4 (the run ended before the second, 5): exit -15, 0 writes after it",
+        "SIGTERM at 4 and 5: exit -9, 3 writes after it"]
+    with pytest.raises(AssertionError, match="without the preemption's line"):
+        expect(_twice(143, 6), 4)
+    with pytest.raises(AssertionError, match="exited -9 after 6 writes"):
+        expect(_twice(-signal.SIGKILL, 6, 6), 4)  # then_kill after the first, not the second
+    with pytest.raises(AssertionError, match="no second SIGTERM at 5"):
+        expect(_run(-signal.SIGTERM, 5, 4), 4)
+
+
+def test_sweep_passes_double_then_term_and_then_kill_on(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(crash_points, "sweep", lambda *args, **kwargs: calls.append(
+        (args, kwargs)) or [])
+    crash_sigterm.sweep(FEDAVG, tmp_path, [3], then_kill=2, then_term=1, double=7)
+    (args, kwargs), = calls
+    assert args == (FEDAVG, tmp_path, [3], 7)
+    assert kwargs["child"] == ("tests.crash_sigterm", crash_points.CHILD, "2", "1")
+    assert (kwargs["expect"].then_kill, kwargs["expect"].then_term) == (2, 1)
 
 
 def test_checkpointed_every_replaces_the_tiny_flags_period():
@@ -116,3 +168,18 @@ def test_a_preempted_round_resumes_to_the_whole_run(fedavg_whole, tmp_path, path
                                            child=crash_sigterm.child(then_kill), expect=expect)
     assert outcome.point["path"] == path, f"SIGTERMed at {outcome.point}, not {path}"
     assert expect.exits == [exit_code], f"exit {expect.exits}, not {exit_code}"
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_during_the_preemptions_own_save_still_ends_saved(fedavg_whole,
+                                                                           tmp_path):
+    """SIGTERM at round 1's diagnostics record, again as the preemption's own save of
+    round 1 (off the period) begins: the run still saves it and exits 143."""
+    whole, reference = fedavg_whole
+    k = crash_points.point_number(reference, "diagnostics.jsonl")
+    lines: list[str] = []
+    expect = crash_sigterm.Terminated(report=lines.append, then_term=1)
+    crash_points.crash_and_rerun(FEDAVG, whole, tmp_path / "w", k,
+                                 child=crash_sigterm.child(then_term=1), expect=expect)
+    # the 2 writes after the first SIGTERM: checkpoint 1 (its second at it) and its rename
+    assert lines == [f"SIGTERM at {k} and {k + 1}: exit 143, 2 writes after it"]
