@@ -183,3 +183,17 @@ def test_a_second_sigterm_during_the_preemptions_own_save_still_ends_saved(fedav
                                  child=crash_sigterm.child(then_term=1), expect=expect)
     # the 2 writes after the first SIGTERM: checkpoint 1 (its second at it) and its rename
     assert lines == [f"SIGTERM at {k} and {k + 1}: exit 143, 2 writes after it"]
+
+
+@pytest.mark.slow
+def test_a_rerun_preempted_again_resumes_to_the_whole_run(fedavg_whole, tmp_path):
+    """SIGTERM at round 1's metrics record (round 1 saved off the period, exit 143),
+    then the rerun's at its own round 2 ledger.json (its 5th write, after config.json,
+    data.json and the logs cut back to round 1): it saves round 2 and exits 143 too."""
+    whole, reference = fedavg_whole
+    k = crash_points.point_number(reference, "metrics.jsonl")
+    expect = crash_sigterm.Terminated()
+    outcome = crash_points.crash_and_rerun(FEDAVG, whole, tmp_path / "w", k, 5,
+                                           child=crash_sigterm.child(), expect=expect)
+    assert outcome.point["path"] == "ledger.json", f"the rerun SIGTERMed at {outcome.point}"
+    assert expect.exits == [crash_sigterm.PREEMPTED] * 2, f"exits {expect.exits}"
