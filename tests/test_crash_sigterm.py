@@ -1,7 +1,8 @@
 """Runs preempted (SIGTERM) at a write (`tests.crash_sigterm`), then rerun: the harness's
 own checks of how a run ends, and (slow) fedavg_classifier, checkpointed off the
-preemption's round, preempted at its riskiest writes in a round, once SIGKILLed in the
-preemption's own checkpoint save."""
+preemption's round, preempted at its riskiest writes in a round, once SIGKILLed and once
+SIGTERMed again in the preemption's own checkpoint save, and once preempted again in its
+rerun."""
 
 import json
 import pathlib
