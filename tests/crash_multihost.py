@@ -24,7 +24,7 @@ others. VICTIM is:
 
 With `--sigterm` (`--then_kill=J`) the victim gets SIGTERM instead, a preemption, and
 the write goes on: process 0 or P runs `tests.crash_sigterm`'s child as INNER
-(`tests.crash_sigterm:J`), process 0 sends SIGTERM to process P (or to all) and numbers
+(`tests.crash_sigterm:J,0`), process 0 sends SIGTERM to process P (or to all) and numbers
 its later points as before. jax's preemption service has every process save the step
 they agree on and exit 143 (`dpfed.train.preemption`): once the notice has reached every
 process (jax polls for the signal each second), they agree on the next `reached()` call
@@ -107,8 +107,9 @@ def victim_process(victim: str, processes: int | None = None) -> int | None:
 
 def sigterm_inner(then_kill: int = 0) -> str:
     """The inner child that SIGTERMs the victim at its point (`then_kill`: SIGKILLs it
-    that many points later, `tests.crash_sigterm`)."""
-    return f"{SIGTERM}:{then_kill}"
+    that many points later; no second SIGTERM: `tests.crash_sigterm`'s THEN_KILL and
+    THEN_TERM, comma-separated)."""
+    return f"{SIGTERM}:{then_kill},0"
 
 
 def _sigterms(inner: str) -> bool:
@@ -219,7 +220,7 @@ def _child(argv: list[str]) -> None:
     else:
         name, _, how = inner.partition(":")
         importlib.import_module(name)._child(  # noqa: SLF001 -- the inner child.
-            [*([how] if how else []), trace, kill_at, module, *args])
+            [*(how.split(",") if how else []), trace, kill_at, module, *args])
 
 
 @dataclasses.dataclass

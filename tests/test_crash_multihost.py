@@ -149,8 +149,8 @@ def test_a_sigterm_victim_runs_crash_sigterms_child(monkeypatch, tmp_path):
     inner = crash_multihost.sigterm_inner(2)
     args = [f"--workdir={tmp_path}", "--process_id=1"]
     crash_multihost._child([PEER, inner, "TRACE", "5", "experiments.x", *args])  # noqa: SLF001
-    assert calls == [["2", "TRACE", "5", "experiments.x", *args]], (
-        f"process 1 must run crash_sigterm's child, then_kill 2: {calls}")
+    assert calls == [["2", "0", "TRACE", "5", "experiments.x", *args]], (
+        f"process 1 must run crash_sigterm's child, then_kill 2, then_term 0: {calls}")
 
 
 @pytest.mark.parametrize("victim, inner, expected", [
