@@ -107,9 +107,9 @@ def victim_process(victim: str, processes: int | None = None) -> int | None:
 
 def sigterm_inner(then_kill: int = 0) -> str:
     """The inner child that SIGTERMs the victim at its point (`then_kill`: SIGKILLs it
-    that many points later; no second SIGTERM: `tests.crash_sigterm`'s THEN_KILL and
-    THEN_TERM, comma-separated)."""
-    return f"{SIGTERM}:{then_kill},0"
+    that many points later): `tests.crash_sigterm`'s child and its leading arguments
+    (`crash_sigterm.child`'s after its module and CHILD), comma-separated."""
+    return f"{SIGTERM}:{','.join(crash_sigterm.child(then_kill)[2:])}"
 
 
 def _sigterms(inner: str) -> bool:
