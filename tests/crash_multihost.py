@@ -244,7 +244,7 @@ class JobTerminated(crash_sigterm.Terminated):
                 f"but it ended after {points} writes:\n{result.stderr}")
             self.exits.append(0)
             self.report(f"SIGTERM at {kill_at}: the job ran to its end, "
-                        f"{len(result.points) - kill_at} writes after it")
+                        f"{points - kill_at} writes after it")
             return
         super().__call__(result, kill_at)
         if result.returncode == crash_sigterm.PREEMPTED:

@@ -41,7 +41,7 @@ from dpfed.train.config import (
     require_secret_seed,
     unused_privacy_flags,
 )
-from dpfed.train.dpsgd import make_evaluate, make_optimizer
+from dpfed.train.dpsgd import draw_canaries, make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
     AUDIT_FILE,
@@ -308,10 +308,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         noise_multiplier = resolve_noise_multiplier(config, spent)
     init_key = seeds.stream_key(config.seed, seeds.INIT_STREAM)
     initial = jax.jit(model.init)(init_key, jnp.asarray(train_ds.images[:1]))
-    canaries = None
-    if config.audit_canaries:
-        canaries = audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), initial,
-                                   config.audit_canaries)
+    canaries = draw_canaries(config, initial)
     engine = DpFedAvg(
         local.local_training(
             classifier_loss(model), optax.sgd(config.client_learning_rate),

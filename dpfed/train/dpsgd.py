@@ -230,9 +230,11 @@ def make_train_step(
     poisson = config.sampling == privacy.Sampling.POISSON
     chunk = physical_batch(config)
 
+    rate = config.batch_size / num_examples  # q of Poisson sampling (records and canaries)
+
     def sample(key):
         if poisson:
-            return privacy.poisson_sample(key, num_examples, config.batch_size / num_examples)
+            return privacy.poisson_sample(key, num_examples, rate)
         return privacy.fixed_size_sample(key, num_examples, config.batch_size)
 
     def step(state, images, labels, key, canaries=None):
@@ -258,8 +260,7 @@ def make_train_step(
 
         grad_sum = privacy.chunked_sum(chunk_sum, indices, count, chunk)
         if canaries is not None:  # -C u_c: descent moves the model along u_c
-            grad_sum = audit.insert(canaries, grad_sum, -mechanism.l2_clip,
-                                    config.batch_size / num_examples,
+            grad_sum = audit.insert(canaries, grad_sum, -mechanism.l2_clip, rate,
                                     jax.random.fold_in(key, audit.STEP_KEY))
         if mechanism is None:
             denominator = jnp.maximum(count, 1).astype(jnp.float32)
@@ -278,6 +279,16 @@ def make_train_step(
     if canaries is None:
         return jitted
     return functools.partial(jitted, canaries=canaries)  # an argument, not a jit constant
+
+
+def draw_canaries(config: Any, params: PyTree) -> tuple[audit.Canaries, audit.Canaries] | None:
+    """(inserted, held-out) canaries of an audit run in the space of `params`, drawn from
+    the seed of `config` (a trainer's config with `seed` and `audit_canaries`); None
+    without an audit."""
+    if not config.audit_canaries:
+        return None
+    return audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), params,
+                           config.audit_canaries)
 
 
 def make_evaluate(model: nn.Module, batch_size: int = 500) -> Callable:
@@ -384,10 +395,7 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     params = jax.jit(model.init)(
         seeds.stream_key(config.seed, seeds.INIT_STREAM), jnp.asarray(train_ds.images[:1]))
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
-    canaries = None
-    if config.audit_canaries:
-        canaries = audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), params,
-                                   config.audit_canaries)
+    canaries = draw_canaries(config, params)
     if config.clipping == "fast" and not config.nodp:
         check_fast_clipping_applies(model, params, test_ds.images, test_ds.labels, config)
 
