@@ -2,22 +2,25 @@
 
 "One-shot Empirical Privacy Estimation for Federated Learning" (Andrew, Kairouz, Oh,
 Oprea, McMahan, Suriyakumar, ICLR 2024). Beside the real records of the run being audited
-(users of DP-FedAvg, examples of DP-SGD), k canaries take part: each is sampled as a record
-is (Poisson, the records' rate q) and, each time it is sampled, adds a fixed random unit
-direction u_c times the clip norm C to the clipped sum before the noise, the largest
-contribution a record can make (`insert`: a canary client's update in `DpFedAvg`, a
-canary example's gradient in `dpfed.train.dpsgd`, the "gradient canary" of Nasr et al.
-2023, "Tight Auditing of Differentially Private Machine Learning"). k more directions
-never take part (held out). After training, a direction's score is the cosine of the
-model's change theta_T - theta_0 with it (`scores`: the final-model attack). The inserted
-canaries score higher than the held-out ones by as much as the noise lets them. From the
-two sets of scores (`estimate`):
+(users of DP-FedAvg, examples of DP-SGD), canaries take part: 2k candidate directions,
+each inserted by its own fair coin, the rest held out (`draw_pair`). An inserted canary
+is sampled as a record is (Poisson, the records' rate q) and, each time it is sampled, adds
+its random unit direction u_c times the clip norm C to the clipped sum before the noise,
+the largest contribution a record can make (`insert`: a canary client's update in
+`DpFedAvg`, a canary example's gradient in `dpfed.train.dpsgd`, the "gradient canary" of
+Nasr et al. 2023, "Tight Auditing of Differentially Private Machine Learning"). After
+training, a direction's score is the cosine of the model's change theta_T - theta_0 with
+it (`scores`: the final-model attack). The inserted canaries score higher than the
+held-out ones by as much as the noise lets them. From the two sets of scores
+(`estimate`):
 
 - `epsilon_lower_bound`: with probability >= 1 - significance the run's true eps is at
-  least this (Clopper-Pearson bounds on the true and false positive rates of each
-  threshold, Bonferroni-corrected over the thresholds: Jagielski, Ullman, Oprea 2020;
-  computed by `jax_privacy.auditing`). One above the ledger's eps would prove that the
-  code spends more privacy than it records.
+  least this: the one-run bound of Steinke, Nasr, Jagielski 2023 ("Privacy Auditing with
+  One (1) Training Run"), computed by `jax_privacy.auditing` (its best threshold,
+  Bonferroni-corrected over the thresholds). The bound needs each of the 2k candidate
+  directions to be inserted or held out by its own fair coin (`draw_pair`), so the two
+  sets have about k directions each. One above the ledger's eps would prove that the code
+  spends more privacy than it records.
 - `epsilon_estimate`: the paper's estimate, not a bound: the scores read as Gaussians,
   shifted by mu = (mean_in - mean_out) / std_out, i.e. a Gaussian mechanism of noise
   multiplier 1 / mu, and its eps at delta (analytic). (The paper fits each set its own
@@ -52,6 +55,9 @@ from dpfed.privacy.sampling import bernoulli_at_most
 PyTree = Any
 SUPPORT = 1024  # nonzero coordinates of a canary direction (all of them in a smaller model)
 SIGNIFICANCE = 0.05  # of the lower bound: it holds with probability 0.95
+# The fewest canaries (`--audit_canaries`) of an audit run: with 2k fair coins, a set of
+# fewer than 2 directions (nothing to estimate from) has probability 2 (2k + 1) / 4^k.
+MIN_CANARIES = 20
 # fold_in(the key of a training step or round, STEP_KEY): the canaries it samples.
 STEP_KEY = 2**31 - 1
 
@@ -72,10 +78,9 @@ class Canaries(NamedTuple):
         """k, the number of directions."""
         return self.coords.shape[0]
 
-    def split(self, inserted: int) -> tuple[Canaries, Canaries]:
-        """(the first `inserted` directions, the rest): those that train, the held-out."""
-        head = Canaries(self.coords[:inserted], self.values[:inserted])
-        return head, Canaries(self.coords[inserted:], self.values[inserted:])
+    def select(self, mask: np.ndarray) -> Canaries:
+        """The directions where the boolean `mask` [k] is True."""
+        return Canaries(self.coords[mask], self.values[mask])
 
 
 def draw(key: jax.Array, params: PyTree, count: int, support: int = SUPPORT) -> Canaries:
@@ -97,8 +102,12 @@ def draw(key: jax.Array, params: PyTree, count: int, support: int = SUPPORT) -> 
 
 
 def draw_pair(key: jax.Array, params: PyTree, count: int) -> tuple[Canaries, Canaries]:
-    """(inserted, held-out): `count` directions of each, in the space of `params`."""
-    return draw(key, params, 2 * count).split(count)
+    """(inserted, held-out) directions in the space of `params`: `2 count` candidates, each
+    inserted by its own fair coin (the random inclusion the one-run lower bound needs), so
+    about `count` of each."""
+    candidates = draw(key, params, 2 * count)
+    coins = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (2 * count,)))
+    return candidates.select(coins), candidates.select(~coins)
 
 
 def flat_size(params: PyTree) -> int:
@@ -172,7 +181,7 @@ def estimate(
 
     Raises:
       ValueError: with fewer than 2 scores in a set, a non-finite score, or delta or
-        significance outside (0, 1) and (0, 0.5).
+        significance outside (0, 1).
     """
     inside = np.asarray(inserted_scores, np.float64)
     outside = np.asarray(held_out_scores, np.float64)
@@ -188,8 +197,7 @@ def estimate(
         mu = shift / std
     else:  # held-out scores all equal (a model that did not move: all 0)
         mu = np.inf if shift > 0 else 0.0
-    bound = auditing.CanaryScoreAuditor(inside, outside).epsilon_clopper_pearson(
-        significance, delta)
+    bound = auditing.CanaryScoreAuditor(inside, outside).epsilon_one_run(significance, delta)
     return AuditResult(
         inserted=inside.size,
         held_out=outside.size,

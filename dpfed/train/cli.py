@@ -67,7 +67,8 @@ def define_audit_flag(records: str) -> flags.FlagHolder[int]:
     (`dpfed.privacy.audit`); `records` names what a canary is, e.g. "clients"."""
     return flags.DEFINE_integer(
         "audit_canaries", 0,
-        f"Audit run: insert this many canary {records} (and hold out as many) and write "
+        f"Audit run: draw twice this many canary {records}, each inserted by a fair coin "
+        "(about as many inserted as held out; 0 or >= 20), and write "
         "audit.json, an empirical eps estimate and lower bound (Andrew et al. 2024). The "
         "model then holds the canaries: not for release. 0: no audit.", lower_bound=0)
 

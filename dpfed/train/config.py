@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from dpfed.data import registry
+from dpfed.privacy import audit
 from dpfed.train import seeds
 
 
@@ -56,14 +57,14 @@ def require_no_privacy_settings(
 
 def require_audit_applies(audit_canaries: int, nodp: bool, sampling: str) -> None:
     """Refuses a canary audit (`--audit_canaries`, `dpfed.privacy.audit`) that cannot run:
-    fewer than 2 canaries, a non-private run, or sampling other than Poisson (a canary is
-    sampled as a record of Poisson sampling).
+    fewer than `audit.MIN_CANARIES` canaries, a non-private run, or sampling other than
+    Poisson (a canary is sampled as a record of Poisson sampling).
 
     Raises:
       ConfigError: naming "audit_canaries".
     """
-    require(audit_canaries == 0 or audit_canaries >= 2, "audit_canaries",
-            "must be 0 (no audit) or >= 2")
+    require(audit_canaries == 0 or audit_canaries >= audit.MIN_CANARIES, "audit_canaries",
+            f"must be 0 (no audit) or >= {audit.MIN_CANARIES}")
     require(not (audit_canaries and nodp), "audit_canaries",
             "audits the privacy of a private run: it does not apply with --nodp")
     require(not (audit_canaries and sampling != "poisson"), "audit_canaries",

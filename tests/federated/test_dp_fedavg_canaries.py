@@ -70,8 +70,7 @@ def test_canaries_drawn_for_a_larger_model_are_refused():
 def audit_one_round(z, k=1_000, dim=100_000, clients=50, seed=0):
     """One round with every user and canary sampled (rate 1): the Gaussian mechanism of
     multiplier z on each canary. Returns `audit.estimate` of its scores."""
-    canaries = audit.draw(jax.random.key(seed), toy.params_of(dim), 2 * k)
-    inserted, held_out = canaries.split(k)
+    inserted, held_out = audit.draw_pair(jax.random.key(seed), toy.params_of(dim), k)
     deltas = 0.01 * np.random.default_rng(seed).normal(size=(clients, dim)).astype(np.float32)
     engine = canary_engine(clients, dim, inserted, z=z, deltas=deltas)
     before, after = one_round_change(engine, dim, seed)
@@ -82,7 +81,7 @@ def audit_one_round(z, k=1_000, dim=100_000, clients=50, seed=0):
 def test_one_round_audit_finds_the_noise_multiplier_the_ledger_records():
     z = 1.0
     result = audit_one_round(z)
-    # mu's standard error with 1,000 + 1,000 scores is ~0.05: 0.2 is 4 of them.
+    # mu's standard error with about 1,000 + 1,000 scores is ~0.05: 0.2 is 4 of them.
     assert abs(result.mu - 1 / z) < 0.2, (
         f"the canaries stand {result.mu:.3f} noise stds out, not 1/z = {1 / z}: the noise or "
         "the sensitivity of the round is not the one the ledger records")

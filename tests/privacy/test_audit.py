@@ -94,3 +94,32 @@ def test_a_model_that_did_not_move_shows_no_canary():
     result = audit.estimate(np.zeros(10), np.zeros(10), DELTA)
     assert (result.mu, result.epsilon_estimate) == (0.0, 0.0), (
         f"all scores 0 (no change) must give mu 0 and eps 0, not {result}")
+
+
+def _inserted_positions(key, count, params):
+    """[2 count] bools: which of `draw`'s candidates `draw_pair` inserted (checking that
+    the two sets are exactly the candidates, each once)."""
+    candidates = np.asarray(audit.draw(key, params, 2 * count).values)
+    inserted, held_out = (np.asarray(c.values) for c in audit.draw_pair(key, params, count))
+    rows = {row.tobytes(): i for i, row in enumerate(candidates)}
+    assert len(rows) == 2 * count, "two candidate directions collided"
+    inside = [rows[row.tobytes()] for row in inserted]
+    outside = [rows[row.tobytes()] for row in held_out]
+    assert sorted(inside + outside) == list(range(2 * count)), (
+        "the inserted and held-out sets are not a partition of the 2k candidates")
+    return np.isin(np.arange(2 * count), inside)
+
+
+def test_draw_pair_inserts_each_candidate_by_its_own_fair_coin():
+    params, count, draws = _zeros(200), 10, 200
+    positions = np.stack([_inserted_positions(jax.random.key(seed), count, params)
+                          for seed in range(draws)])
+    rate = positions.mean(axis=0)
+    # Each position's rate has std 0.035 over 200 draws; a fixed split gives 0 or 1.
+    assert np.all(np.abs(rate - 0.5) < 0.15), (
+        f"candidate i is not inserted with probability 1/2, independently of i: {rate}")
+    sizes = positions.sum(axis=1)
+    assert len(set(sizes.tolist())) > 3, (
+        f"the inserted count is always {set(sizes.tolist())}: not independent coins")
+    pair_corr = np.corrcoef(positions[:, 0], positions[:, 1])[0, 1]
+    assert abs(pair_corr) < 0.3, f"two candidates' coins are correlated ({pair_corr:.2f})"

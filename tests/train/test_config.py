@@ -150,9 +150,9 @@ def test_unused_privacy_flags_marks_each_flag_ignored_exactly_in_a_nonprivate_ru
 
 @pytest.mark.parametrize("config_class", [FedAvgClassifierConfig, DpSgdConfig])
 @pytest.mark.parametrize("kwargs, says", [
-    ({"audit_canaries": 1}, ">= 2"),
-    ({"audit_canaries": 10, "nodp": True, "noise_multiplier": None}, "--nodp"),
-    ({"audit_canaries": 10, "sampling": "fixed"}, "--sampling=poisson"),
+    ({"audit_canaries": 19}, ">= 20"),
+    ({"audit_canaries": 20, "nodp": True, "noise_multiplier": None}, "--nodp"),
+    ({"audit_canaries": 20, "sampling": "fixed"}, "--sampling=poisson"),
 ])
 def test_an_audit_that_cannot_run_is_a_config_error_naming_it(config_class, kwargs, says):
     with pytest.raises(ConfigError, match=says) as error:

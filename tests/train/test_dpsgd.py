@@ -465,7 +465,7 @@ def test_a_canary_example_moves_the_model_along_its_direction():
 
 def test_one_step_audit_finds_the_noise_multiplier_the_ledger_records():
     result = _audit_step(z=1.0)
-    # 1,000 + 1,000 scores: mu's standard error ~0.05; k/d = 0.01 of overlaps.
+    # About 1,000 + 1,000 scores: mu's standard error ~0.05; k/d = 0.01 of overlaps.
     assert abs(result.mu - 1.0) < 0.2, (
         f"the canaries stand {result.mu:.3f} noise stds out, not 1/z = 1: the step's noise "
         "or sensitivity is not the one the ledger records")
