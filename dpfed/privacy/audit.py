@@ -21,10 +21,11 @@ held-out ones by as much as the noise lets them. From the two sets of scores
   directions to be inserted or held out by its own fair coin (`draw_pair`), so the two
   sets have about k directions each. One above the ledger's eps would prove that the code
   spends more privacy than it records.
-- `epsilon_estimate`: the paper's estimate, not a bound: the scores read as Gaussians,
-  shifted by mu = (mean_in - mean_out) / std_out, i.e. a Gaussian mechanism of noise
-  multiplier 1 / mu, and its eps at delta (analytic). (The paper fits each set its own
-  variance; here both take the held-out one.)
+- `epsilon_estimate`: the paper's estimate, not a bound: a Gaussian fitted to each set of
+  scores (its mean and std), and the eps at delta of a mechanism whose outputs on
+  neighbours are those two Gaussians (`gaussian_pair_epsilon`). `mu` = (mean_in -
+  mean_out) / std_out reads the shift in held-out stds: with equal stds the estimate is
+  the eps of a Gaussian mechanism of noise multiplier 1 / mu.
 
 Directions. The noise is isotropic: every unit direction sees the same noise, and what a
 canary needs is to be nearly orthogonal to the other canaries and to the records'
@@ -42,12 +43,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax_privacy import auditing
+from scipy import optimize, stats
 
 from dpfed.privacy.accounting import format_upper
 from dpfed.privacy.sampling import bernoulli_at_most
@@ -161,6 +162,7 @@ class AuditResult:
     held_out: int
     mean_inserted: float
     mean_held_out: float
+    std_inserted: float
     std_held_out: float
     mu: float
     epsilon_estimate: float
@@ -191,21 +193,23 @@ def estimate(
         raise ValueError("a canary score is NaN or inf: the model diverged")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    std = float(np.std(outside, ddof=1))
-    shift = float(np.mean(inside)) - float(np.mean(outside))
-    if std > 0:
-        mu = shift / std
+    std_in, std_out = float(np.std(inside, ddof=1)), float(np.std(outside, ddof=1))
+    mean_in, mean_out = float(np.mean(inside)), float(np.mean(outside))
+    shift = mean_in - mean_out
+    if std_out > 0:
+        mu = shift / std_out
     else:  # held-out scores all equal (a model that did not move: all 0)
         mu = np.inf if shift > 0 else 0.0
     bound = auditing.CanaryScoreAuditor(inside, outside).epsilon_one_run(significance, delta)
     return AuditResult(
         inserted=inside.size,
         held_out=outside.size,
-        mean_inserted=float(np.mean(inside)),
-        mean_held_out=float(np.mean(outside)),
-        std_held_out=std,
+        mean_inserted=mean_in,
+        mean_held_out=mean_out,
+        std_inserted=std_in,
+        std_held_out=std_out,
         mu=mu,
-        epsilon_estimate=gaussian_epsilon(mu, delta),
+        epsilon_estimate=gaussian_pair_epsilon((mean_in, std_in), (mean_out, std_out), delta),
         epsilon_lower_bound=float(bound),
         significance=significance,
         delta=delta,
@@ -242,10 +246,65 @@ def report_line(summary: dict[str, Any]) -> str:
     )
 
 
-def gaussian_epsilon(mu: float, delta: float) -> float:
-    """eps at `delta` of a Gaussian mechanism whose outputs on neighbours are `mu` noise
-    stds apart (mu-GDP; the analytic formula of Balle and Wang 2018, in dp_accounting):
-    0 for mu <= 0, inf for an infinite mu."""
-    if not mu > 0:
+def gaussian_pair_epsilon(
+    inserted: tuple[float, float], held_out: tuple[float, float], delta: float
+) -> float:
+    """eps at `delta` of a mechanism whose outputs on neighbours are the Gaussians
+    N(mean, std^2) of `inserted` and `held_out` (each a (mean, std)), in both orders: the
+    smallest eps whose hockey-stick divergences are both <= delta. With equal stds, the
+    Gaussian mechanism's (Balle and Wang 2018). A zero std: inf for a positive shift,
+    else 0."""
+    if min(inserted[1], held_out[1]) <= 0:
+        return np.inf if inserted[0] > held_out[0] else 0.0
+
+    def excess(epsilon: float) -> float:
+        return max(_hockey_stick(inserted, held_out, epsilon),
+                   _hockey_stick(held_out, inserted, epsilon)) - delta
+
+    if excess(0.0) <= 0:
         return 0.0
-    return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))
+    high = 1.0
+    while excess(high) > 0:
+        if high > _MAX_EPSILON:
+            return np.inf
+        high *= 2
+    return float(optimize.brentq(excess, high / 2 if high > 1 else 0.0, high, xtol=1e-9))
+
+
+_MAX_EPSILON = 500.0  # beyond it e^eps overflows the divergence's arithmetic: inf
+
+
+def _hockey_stick(p: tuple[float, float], q: tuple[float, float], epsilon: float) -> float:
+    """sup_S P(S) - e^eps Q(S) for P = N(p), Q = N(q) ((mean, std) each): P - e^eps Q
+    on the set where the privacy loss log(dP/dQ)(x) = a x^2 + b x + c exceeds eps."""
+    (mean_p, std_p), (mean_q, std_q) = p, q
+    a = 0.5 / std_q**2 - 0.5 / std_p**2
+    b = mean_p / std_p**2 - mean_q / std_q**2
+    c = 0.5 * mean_q**2 / std_q**2 - 0.5 * mean_p**2 / std_p**2 + np.log(std_q / std_p) - epsilon
+    intervals = _positive_set(a, b, c)
+    mass_p = sum(_mass(mean_p, std_p, lo, hi) for lo, hi in intervals)
+    mass_q = sum(_mass(mean_q, std_q, lo, hi) for lo, hi in intervals)
+    return max(mass_p - np.exp(epsilon) * mass_q, 0.0)
+
+
+def _positive_set(a: float, b: float, c: float) -> list[tuple[float, float]]:
+    """The intervals where a x^2 + b x + c > 0 (roots by the cancellation-free formula)."""
+    if a == 0:
+        if b == 0:
+            return [(-np.inf, np.inf)] if c > 0 else []
+        root = -c / b
+        return [(root, np.inf)] if b > 0 else [(-np.inf, root)]
+    disc = b * b - 4 * a * c
+    if disc <= 0:
+        return [(-np.inf, np.inf)] if a > 0 else []
+    half = -0.5 * (b + np.copysign(np.sqrt(disc), b))
+    low, high = sorted((half / a, c / half))
+    return [(-np.inf, low), (high, np.inf)] if a > 0 else [(low, high)]
+
+
+def _mass(mean: float, std: float, low: float, high: float) -> float:
+    """P(low < X < high) for X ~ N(mean, std^2), from the nearer tails."""
+    z_low, z_high = (low - mean) / std, (high - mean) / std
+    if z_low > 0:
+        return float(stats.norm.sf(z_low) - stats.norm.sf(z_high))
+    return float(stats.norm.cdf(z_high) - stats.norm.cdf(z_low))

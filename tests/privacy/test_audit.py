@@ -82,12 +82,35 @@ def test_scores_are_the_cosines_of_the_change_with_each_direction():
     assert got[0] > 0.99, "the change along direction 0 must score ~1 on it"
 
 
-def test_gaussian_epsilon_is_zero_without_a_shift_and_grows_with_it():
-    assert audit.gaussian_epsilon(0.0, DELTA) == 0.0
-    assert audit.gaussian_epsilon(-1.0, DELTA) == 0.0
-    assert audit.gaussian_epsilon(1.0, DELTA) == pytest.approx(
-        dp_accounting.get_epsilon_gaussian(1.0, DELTA)), "mu = 1 is the Gaussian mechanism z = 1"
-    assert audit.gaussian_epsilon(2.0, DELTA) > audit.gaussian_epsilon(1.0, DELTA)
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0, 4.0])
+def test_two_gaussians_of_one_std_are_the_gaussian_mechanism(mu):
+    got = audit.gaussian_pair_epsilon((3.0 + 2 * mu, 2.0), (3.0, 2.0), DELTA)
+    assert got == pytest.approx(dp_accounting.get_epsilon_gaussian(1 / mu, DELTA), rel=1e-4), (
+        f"outputs {mu} stds apart must give the eps of a Gaussian mechanism of z = 1/{mu}")
+
+
+@pytest.mark.parametrize("inserted, held_out", [
+    ((1.0, 1.5), (0.0, 1.0)),  # the inserted scores spread more
+    ((1.0, 0.7), (0.0, 1.0)),  # less
+    ((0.0, 2.0), (0.0, 1.0)),  # no shift: the spread alone tells them apart
+])
+def test_two_gaussians_eps_leaves_delta_of_their_divergence(inserted, held_out):
+    eps = audit.gaussian_pair_epsilon(inserted, held_out, DELTA)
+    x = np.linspace(-40, 40, 2_000_001)
+    p, q = (np.exp(-0.5 * ((x - m) / s) ** 2) / (s * np.sqrt(2 * np.pi)) for m, s in (
+        inserted, held_out))
+    step = x[1] - x[0]
+    divergence = max(np.sum(np.maximum(p - np.exp(eps) * q, 0)) * step,
+                     np.sum(np.maximum(q - np.exp(eps) * p, 0)) * step)
+    assert divergence == pytest.approx(DELTA, rel=1e-3), (
+        f"at the returned eps {eps:.4f} the hockey-stick divergence (numerical integral) is "
+        f"{divergence:.3g}, not delta {DELTA}")
+
+
+def test_two_gaussians_eps_is_zero_for_equal_ones_and_inf_for_a_point_mass_shift():
+    assert audit.gaussian_pair_epsilon((1.0, 1.0), (1.0, 1.0), DELTA) == 0.0
+    assert audit.gaussian_pair_epsilon((1.0, 0.0), (0.0, 0.0), DELTA) == np.inf
+    assert audit.gaussian_pair_epsilon((0.0, 0.0), (0.0, 0.0), DELTA) == 0.0
 
 
 def test_a_model_that_did_not_move_shows_no_canary():
