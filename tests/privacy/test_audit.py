@@ -42,6 +42,16 @@ def test_estimate_of_gaussian_scores_one_std_apart_is_the_gaussian_mechanisms_ep
     assert 0 < result.epsilon_lower_bound < exact, result
 
 
+def test_estimate_of_inserted_scores_that_spread_more_reads_it_in_the_two_variance_fit():
+    rng = np.random.default_rng(1)
+    result = audit.estimate(rng.normal(1.0, 1.5, 20_000), rng.normal(0.0, 1.0, 20_000), DELTA)
+    one_std = dp_accounting.get_epsilon_gaussian(1.0, DELTA)
+    two_stds = audit.gaussian_pair_epsilon((1.0, 1.5), (0.0, 1.0), DELTA)
+    assert abs(result.epsilon_estimate - one_std) < 0.3, f"the shift alone reads mu = 1: {result}"
+    assert abs(result.epsilon_estimate_two_variances - two_stds) < 1.0, (
+        f"the fit of each set's own std must give ~{two_stds:.2f}: {result}")
+
+
 @pytest.mark.parametrize("inside, outside, match", [
     ([1.0], [0.0, 0.1], "at least 2"),
     ([1.0, np.nan], [0.0, 0.1], "NaN or inf"),
@@ -80,6 +90,14 @@ def test_scores_are_the_cosines_of_the_change_with_each_direction():
     expected = rows @ change / np.linalg.norm(change)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert got[0] > 0.99, "the change along direction 0 must score ~1 on it"
+
+
+def test_gaussian_epsilon_is_zero_without_a_shift_and_grows_with_it():
+    assert audit.gaussian_epsilon(0.0, DELTA) == 0.0
+    assert audit.gaussian_epsilon(-1.0, DELTA) == 0.0
+    assert audit.gaussian_epsilon(1.0, DELTA) == pytest.approx(
+        dp_accounting.get_epsilon_gaussian(1.0, DELTA)), "mu = 1 is the Gaussian mechanism z = 1"
+    assert audit.gaussian_epsilon(2.0, DELTA) > audit.gaussian_epsilon(1.0, DELTA)
 
 
 @pytest.mark.parametrize("mu", [0.5, 1.0, 2.0, 4.0])
