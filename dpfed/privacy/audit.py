@@ -63,6 +63,7 @@ SIGNIFICANCE = 0.05  # of the lower bound: it holds with probability 0.95
 # The fewest canaries (`--audit_canaries`) of an audit run: with 2k fair coins, a set of
 # fewer than 2 directions (nothing to estimate from) has probability 2 (2k + 1) / 4^k.
 MIN_CANARIES = 20
+_MAX_EPSILON = 500.0  # `gaussian_pair_epsilon` beyond it: inf (e^eps nears float overflow)
 # fold_in(the key of a training step or round, STEP_KEY): the canaries it samples.
 STEP_KEY = 2**31 - 1
 
@@ -286,9 +287,6 @@ def gaussian_pair_epsilon(
             return np.inf
         high *= 2
     return float(optimize.brentq(excess, high / 2 if high > 1 else 0.0, high, xtol=1e-9))
-
-
-_MAX_EPSILON = 500.0  # beyond it e^eps overflows the divergence's arithmetic: inf
 
 
 def _hockey_stick(p: tuple[float, float], q: tuple[float, float], epsilon: float) -> float:

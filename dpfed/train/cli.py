@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from absl import app, flags
 
+from dpfed.privacy import audit
 from dpfed.train import preemption
 from dpfed.train.config import ConfigError
 
@@ -68,7 +69,7 @@ def define_audit_flag(records: str) -> flags.FlagHolder[int]:
     return flags.DEFINE_integer(
         "audit_canaries", 0,
         f"Audit run: draw twice this many canary {records}, each inserted by a fair coin "
-        "(about as many inserted as held out; 0 or >= 20), and write "
+        f"(about as many inserted as held out; 0 or >= {audit.MIN_CANARIES}), and write "
         "audit.json, an empirical eps estimate and lower bound (Andrew et al. 2024). The "
         "model then holds the canaries: not for release. 0: no audit.", lower_bound=0)
 
