@@ -20,7 +20,8 @@ privacy is one user (client: all of its text); --sampling=poisson (the default) 
 accounted under add/remove-one, --sampling=fixed under replace-one. Rerunning the same
 command on the same workdir resumes both LMs; a rerun that changes a flag other than
 --rounds, --eval_every, --checkpoint_every, --num_sample_lines, --sample_length or --top_k
-exits 2 naming it.
+exits 2 naming it. An empirical check of each LM's accounting: --audit_canaries=1000
+(audit.json, one entry per LM; WORKSPACE.md, "Auditing a training run with canaries").
 """
 
 from absl import flags
@@ -54,6 +55,7 @@ _DEBUG_FLAGS = debug_flags.define_debug_flags(
 _LINES = flags.DEFINE_integer("num_sample_lines", _D.num_sample_lines, "Lines sampled per LM.")
 _LENGTH = flags.DEFINE_integer("sample_length", _D.sample_length, "Max chars per line.")
 _TOP_K = flags.DEFINE_integer("top_k", _D.top_k, "Tokens in the top-k tables.")
+_AUDIT = cli.define_audit_flag("users (of each LM)")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -79,6 +81,7 @@ def main(argv: list[str]) -> None:
             num_sample_lines=_LINES.value,
             sample_length=_LENGTH.value,
             top_k=_TOP_K.value,
+            audit_canaries=_AUDIT.value,
             **debug_flags.config_fields(_DEBUG_FLAGS),
             **cli.seed_fields(_WORKDIR.value),
         )

@@ -55,9 +55,11 @@ from dpfed.federated import (
     write_privacy_summary,
 )
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.privacy import audit
 from dpfed.train import seeds
 from dpfed.train.config import require_finite_floats, require_secret_seed
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.dpsgd import draw_canaries
+from dpfed.train.workdir import AUDIT_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
 
@@ -363,6 +365,8 @@ class FedLmConfig:
       checkpoint_every: rounds between checkpoints.
       subpopulation: the clients are the taking-part users of a larger population, whose
         rounds sample it at q = clients_per_round / its population (`Subpopulation`).
+      audit_canaries: an audit run (`audit`; Poisson, noised): this many canary users
+        take part at the users' rate q (and as many are held out); 0: no audit.
     """
 
     local: LocalTrainingConfig
@@ -378,6 +382,7 @@ class FedLmConfig:
     eval_every: int = 50
     checkpoint_every: int = 50
     subpopulation: Subpopulation | None = None
+    audit_canaries: int = 0
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -398,8 +403,10 @@ def make_engine(
     ids: np.ndarray,
     counts: np.ndarray,
     mesh: jax.sharding.Mesh | None = None,
+    canaries: audit.Canaries | None = None,
 ) -> DpFedAvg:
-    """The DP-FedAvg engine over clients' padded char sequences."""
+    """The DP-FedAvg engine over clients' padded char sequences (with the inserted
+    `canaries` of an audit run: `DpFedAvg`)."""
     return DpFedAvg(
         lm_client_update(config.local),
         optax.sgd(config.server_learning_rate, momentum=0.9),
@@ -412,6 +419,7 @@ def make_engine(
             subpopulation=config.subpopulation,
         ),
         mesh,
+        canaries,
     )
 
 
@@ -419,10 +427,14 @@ def _init_key(config: FedLmConfig) -> jax.Array:
     return seeds.stream_key(config.seed, seeds.INIT_STREAM)
 
 
+def initial_params(config: FedLmConfig) -> PyTree:
+    """The LM's params at round 0, initialised from the config's seed."""
+    return config.local.model.init(_init_key(config), jnp.zeros((1, 2), jnp.int32))
+
+
 def initial_state(config: FedLmConfig, engine: DpFedAvg) -> ServerState:
     """Round 0 of `train_lm`: the LM initialised from the config's seed."""
-    params = config.local.model.init(_init_key(config), jnp.zeros((1, 2), jnp.int32))
-    return engine.init(params)
+    return engine.init(initial_params(config))
 
 
 def train_lm(
@@ -443,14 +455,17 @@ def train_lm(
 
     Writes ledger.json (private runs), metrics.jsonl (with the OOV rate of sampled
     lines at each evaluation: a function of the released LM only), summary.json,
-    checkpoints/ and `lm.msgpack` (the released params).
+    checkpoints/ and `lm.msgpack` (the released params); an audit run
+    (`config.audit_canaries`) also audit.json, the summary's `audit`.
     """
     started = time.time()
     wd = Workdir(workdir)
-    engine = make_engine(config, ids, counts, mesh)
+    initial = initial_params(config)
+    canaries = draw_canaries(config, initial)  # from the LM's own seed (the group's)
+    engine = make_engine(config, ids, counts, mesh, None if canaries is None else canaries[0])
     model = config.local.model
     init_key = _init_key(config)
-    state = initial_state(config, engine)
+    state = engine.init(initial)
     ledger = None
     if config.noise_multiplier > 0:
         ledger = engine.user_ledger(
@@ -498,5 +513,9 @@ def train_lm(
         "seed": seeds.public(config),
         "environment": environment_info(),
     }
+    if canaries is not None and privacy_fields["epsilon_rdp"] is not None and (
+            result.rounds_done > 0):
+        summary["audit"] = audit.audit_run(canaries, initial, params, privacy_fields)
+        wd.write_json(AUDIT_FILE, summary["audit"])
     wd.write_summary(summary)
     return summary, params

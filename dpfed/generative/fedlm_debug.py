@@ -23,6 +23,7 @@ Each LM trains in its own sub-workdir (`lm_high_oov/`, `lm_low_oov/`: ledger, me
 diagnostics, checkpoints); the top level holds
 - the releases (`dpfed.train.workdir`): summary.json (eps, the samples' statistics, group
   sizes, settings), samples.json (the LMs' sampled lines) and report.md;
+- an audit run's (`audit_canaries`) `audit.json`: each LM's canary audit (`audit_lms`);
 - `diagnostics.json`: the simulation's ground truth and figures computed from raw client
   data (which clients are buggy, the groups' real text, per-client OOV rates, quantile
   thresholds). Not a DP release, not covered by the guarantee; the report shows them in a
@@ -46,10 +47,16 @@ from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, group_sizes, selection
 from dpfed.models.lstm_lm import LstmLM
+from dpfed.privacy import audit
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
-from dpfed.train.config import require, require_finite_floats, require_secret_seed
-from dpfed.train.workdir import Workdir, params_sha256
+from dpfed.train.config import (
+    require,
+    require_audit_applies,
+    require_finite_floats,
+    require_secret_seed,
+)
+from dpfed.train.workdir import AUDIT_FILE, Workdir, params_sha256
 
 GROUPS = ("high_oov", "low_oov")
 # What a rerun on the same workdir may change: how long the LMs train, how often they
@@ -93,10 +100,15 @@ class TextDebugConfig:
     secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 50
     checkpoint_every: int = 50
+    audit_canaries: int = 0  # canary users of each LM (and as many held out): `audit_lms`
 
     def __post_init__(self):
         require_finite_floats(self)
         require_secret_seed(self)
+        require_audit_applies(self.audit_canaries, False, self.sampling)
+        require(not (self.audit_canaries and self.noise_multiplier == 0), "audit_canaries",
+                "audits the privacy of a private run: it does not apply with "
+                "--noise_multiplier=0")
         require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
         require(self.min_lines >= 2, "min_lines", "must be >= 2")
         require(
@@ -154,7 +166,21 @@ class TextDebugConfig:
             secret_seed=self.secret_seed,
             eval_every=self.eval_every,
             checkpoint_every=self.checkpoint_every,
+            audit_canaries=self.audit_canaries,
         )
+
+
+def audit_lms(results: dict[str, dict]) -> dict[str, dict] | None:
+    """audit.json of an audit run: {"lm_<group>": that LM's `audit.audit_run`} for each
+    group's LM summary in `results` (by group name) that holds one; None without any.
+
+    Each LM is its own DP-FedAvg release, with its own ledger (the unit: one user of its
+    group) and its own canaries, drawn from its own seed (`selection.group_seed`) in its
+    own parameter space: each entry audits one LM against that LM's ledger eps.
+    """
+    audits = {f"lm_{name}": result["audit"] for name, result in results.items()
+              if "audit" in result}
+    return audits or None
 
 
 def vocabularies(
@@ -235,7 +261,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
     )
     lm_config = config.lm_config(char_vocab.size)
     sample_key = seeds.stream_key(config.seed, selection.SAMPLE_STREAM)
-    results, samples, ground_truth = {}, {}, {}
+    results, samples, ground_truth, lm_summaries = {}, {}, {}, {}
     group_texts_of = {
         name: [t for t, m in zip(texts, members[name], strict=True) if m] for name in GROUPS
     }
@@ -279,6 +305,7 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
             group=name,
             log=log,
         )
+        lm_summaries[name] = summary
         sampled = fedlm.sample_ids(
             lm_config.local.model,
             params,
@@ -330,6 +357,10 @@ def run(config: TextDebugConfig, workdir: str, log: Callable[[str], None] = prin
         "char_vocabulary_size": char_vocab.size - len(text_lib.SPECIAL_TOKENS),
         **selection.summary_fields(config, results, started, "OOV rates", len(texts)),
     }
+    audits = audit_lms(lm_summaries)
+    if audits is not None:
+        summary["audit"] = audits
+        wd.write_json(AUDIT_FILE, audits)
     wd.write_json("samples.json", samples)
     wd.write_json(selection.DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
@@ -383,6 +414,10 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         "LMs see `<oov>` and never sample it)."
     )
     max_eps_line = selection.max_epsilon_line(summary)
+
+    def audit_line(name):  # an audit run's line on the LM of group `name`, a sub-item
+        line = audit.report_line({"audit": summary.get("audit", {}).get(f"lm_{name}")})
+        return f"\n  {line.rstrip()}" if line else ""
 
     def lines(name):
         return "\n".join(f"    {line}" for line in samples[name][:12])
@@ -450,8 +485,8 @@ Low-OOV clients' LM:
 ## Privacy
 
 Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
-- high-OOV LM: {describe_user_level_privacy(high, config.delta)}
-- low-OOV LM: {describe_user_level_privacy(low, config.delta)}
+- high-OOV LM: {describe_user_level_privacy(high, config.delta)}{audit_line("high_oov")}
+- low-OOV LM: {describe_user_level_privacy(low, config.delta)}{audit_line("low_oov")}
 - {max_eps_line}
 
 ## Settings and the paper

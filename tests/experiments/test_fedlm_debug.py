@@ -350,13 +350,17 @@ def test_bad_vocab_plays_exits_2_naming_it(tmp_path, value):
     )
 
 
+def _refused(workdir, *flags: str) -> str:
+    """The binary's stderr with `flags`, which it must refuse with exit code 2."""
+    proc = run_binary("experiments.fedlm_debug", *flags, f"--workdir={workdir}", check=False)
+    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
+    return proc.stderr
+
+
 def test_a_flag_the_mode_ignores_exits_2_naming_it(tmp_path):
     # A given threshold made its quantile silently ignored (selection.unused_flags).
-    proc = run_binary("experiments.fedlm_debug", "--low_threshold=0.1", "--low_quantile=0.2",
-                      f"--workdir={tmp_path}", check=False)
-    assert proc.returncode == 2, f"exit code {proc.returncode}: {proc.stderr[-2000:]}"
-    assert "error: --low_quantile" in proc.stderr and "--low_threshold" in proc.stderr, (
-        proc.stderr[-2000:])
+    stderr = _refused(tmp_path, "--low_threshold=0.1", "--low_quantile=0.2")
+    assert "error: --low_quantile" in stderr and "--low_threshold" in stderr, stderr[-2000:]
 
 
 def test_delta_without_noise_exits_2_naming_it(tmp_path):
@@ -447,6 +451,49 @@ def test_a_cohort_larger_than_the_second_group_is_refused_before_either_lm_train
         fedlm_debug.run(config, str(tmp_path), log=lambda _: None)
     assert raised.value.field == "clients_per_round", raised.value
     assert not (tmp_path / "lm_high_oov").exists(), "no LM may train when a group is too small"
+
+
+# An audit run (`--audit_canaries`): Poisson cohorts, each LM with its own canaries.
+AUDIT = {**TINY, "sampling": "poisson", "audit_canaries": 20}
+
+
+def test_an_audit_run_writes_each_lms_canary_figures_and_a_rerun_keeps_them(tmp_path):
+    summary = fedlm_debug.run(fedlm_debug.TextDebugConfig(**AUDIT), str(tmp_path),
+                              log=lambda _: None)
+    written = Workdir(tmp_path).read_json("audit.json")
+    assert written == summary["audit"], "audit.json is not the summary's audit"
+    assert sorted(written) == ["lm_high_oov", "lm_low_oov"], f"one entry per LM: {written}"
+    for name, result in written.items():
+        lm = summary[name]
+        assert result["ledger_epsilon_rdp"] == lm["epsilon_rdp"], f"{name}: not its ledger's eps"
+        assert result["inserted"] == result["held_out"] == 20, f"{name}: {result}"
+        assert result["epsilon_lower_bound"] <= result["ledger_epsilon_pld"], (
+            f"{name}: the audit proves more eps than its ledger records: {result}")
+        assert Workdir(tmp_path / name).read_json("audit.json") == result, (
+            f"{name}/audit.json is not the LM's entry")
+    assert written["lm_high_oov"]["mean_inserted"] != written["lm_low_oov"]["mean_inserted"], (
+        "both LMs scored the same canaries: each must draw its own from its own seed")
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("**canary audit**") == 2, "report.md must give each LM's audit"
+    again = fedlm_debug.run(fedlm_debug.TextDebugConfig(**AUDIT), str(tmp_path),
+                            log=lambda _: None)
+    assert again["audit"] == written, "rerunning a finished audit run changed its figures"
+
+
+@pytest.mark.parametrize("settings", [
+    {"audit_canaries": 1}, {"sampling": "fixed"}, {"noise_multiplier": 0.0}])
+def test_an_audit_that_cannot_apply_is_refused_naming_audit_canaries(settings):
+    # 1 canary: no score spread; fixed cohorts: a canary is a user of Poisson sampling;
+    # z 0: no ledger to audit.
+    with pytest.raises(ConfigError) as error:
+        fedlm_debug.TextDebugConfig(**{**AUDIT, **settings})
+    assert error.value.field == "audit_canaries", f"must name --audit_canaries: {error.value}"
+
+
+def test_an_audit_of_a_non_private_run_exits_2_naming_audit_canaries(tmp_path):
+    stderr = _refused(tmp_path, "--audit_canaries=10", "--rounds=1")  # the default z 0
+    assert "error: --audit_canaries" in stderr and "--noise_multiplier=0" in stderr, (
+        stderr[-2000:])
 
 
 # --group_sampling=population: rounds sample all clients, group sizes are noised.

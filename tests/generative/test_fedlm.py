@@ -308,3 +308,23 @@ def test_a_short_clients_step_is_sgd_on_the_mean_loss_of_its_own_sequences():
             err_msg="one local step of a 2-sequence client with batch 3 must be SGD on the "
             "mean loss of its 2 sequences (the masked slot must not count)",
         )
+
+
+def test_an_audit_lms_canaries_stand_one_noise_std_out_after_one_round_of_all_users(tmp_path):
+    # One round, every user and canary sampled (q = 1), z = 1: the canaries' C u_c in the
+    # clipped sum stand C / (z C) = 1 noise std out, the Gaussian mechanism the ledger
+    # records. A 64-unit LSTM (d ~ 21,000) keeps the 300 canaries' overlaps (K / d ~ 0.01)
+    # and the 8 users' sum (norm <= 8 C, variance <= 64 C^2 / d) small beside the noise.
+    config, train, (ids, _, _) = _tiny_run()
+    vocab, _, _ = _setup()
+    model = LstmLM(vocab_size=vocab.size, embed_dim=8, hidden=64, num_layers=1)
+    config = dataclasses.replace(
+        config, local=dataclasses.replace(config.local, model=model), rounds=1,
+        clients_per_round=len(ids), eval_every=1, checkpoint_every=1, audit_canaries=300)
+    summary, _ = train(config, workdir=str(tmp_path))
+    result = summary["audit"]
+    assert abs(result["mu"] - 1.0) < 0.3, (
+        f"the canaries stand mu = {result['mu']:.3f} noise stds out, not 1 / z = 1: they "
+        "are not inserted at weight C beside the ledger's noise")
+    assert result["epsilon_lower_bound"] <= result["ledger_epsilon_pld"], result
+    assert result["ledger_epsilon_rdp"] == summary["epsilon_rdp"], "audit.json's ledger eps"
