@@ -328,3 +328,14 @@ def test_an_audit_lms_canaries_stand_one_noise_std_out_after_one_round_of_all_us
         "are not inserted at weight C beside the ledger's noise")
     assert result["epsilon_lower_bound"] <= result["ledger_epsilon_pld"], result
     assert result["ledger_epsilon_rdp"] == summary["epsilon_rdp"], "audit.json's ledger eps"
+
+
+def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path):
+    # The canaries are no user's data: the users' eps is that of the run without them.
+    config, train, _ = _tiny_run()
+    train(config, workdir=str(tmp_path / "plain"))
+    summary, _ = train(dataclasses.replace(config, audit_canaries=10),
+                       workdir=str(tmp_path / "audit"))
+    assert "audit" in summary, "an audit run must audit its LM"
+    ledgers = [(tmp_path / run / "ledger.json").read_text() for run in ("plain", "audit")]
+    assert ledgers[0] == ledgers[1], "the canaries changed the LM's ledger"
