@@ -201,6 +201,11 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "population_secret": Binary(
             "experiments.fedlm_debug", (*_FEDLM_TINY, *_POPULATION, "--secret_seed"),
             ("lm_high_oov", "lm_low_oov"), secret=SECRET),
+        # An audit run: Poisson cohorts, 20 canary users in each LM, each LM's audit.json
+        # written once it has trained, the workdir's once both have.
+        "audit": Binary("experiments.fedlm_debug",
+                        (*_FEDLM_TINY, "--sampling=poisson", "--audit_canaries=20"),
+                        ("lm_high_oov", "lm_low_oov")),
     },
     "dpd_fvae": {
         "central": Binary("experiments.dpd_fvae", (
