@@ -57,7 +57,7 @@ from dpfed.federated import (
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.privacy import audit
 from dpfed.train import seeds
-from dpfed.train.config import require_finite_floats, require_secret_seed
+from dpfed.train.config import require_audit_applies, require_finite_floats, require_secret_seed
 from dpfed.train.dpsgd import draw_canaries
 from dpfed.train.workdir import AUDIT_FILE, Workdir, environment_info, params_sha256
 
@@ -396,6 +396,8 @@ class FedLmConfig:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        # z 0 is this config's non-private run (no ledger for an audit to stand beside).
+        require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling)
 
 
 def make_engine(

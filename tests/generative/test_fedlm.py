@@ -339,3 +339,14 @@ def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path
     assert "audit" in summary, "an audit run must audit its LM"
     ledgers = [(tmp_path / run / "ledger.json").read_text() for run in ("plain", "audit")]
     assert ledgers[0] == ledgers[1], "the canaries changed the LM's ledger"
+
+
+@pytest.mark.parametrize("changes", [
+    {"audit_canaries": 1}, {"audit_canaries": 10, "noise_multiplier": 0.0},
+    {"audit_canaries": 10, "sampling": "fixed"}])
+def test_an_lm_config_refuses_an_audit_that_cannot_apply(changes):
+    # Built in a notebook, not through fedlm_debug's flags: no audit without a ledger.
+    config, _, _ = _tiny_run()
+    with pytest.raises(ConfigError) as error:
+        dataclasses.replace(config, **changes)
+    assert error.value.field == "audit_canaries", f"must name audit_canaries: {error.value}"
