@@ -334,7 +334,7 @@ def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path
     # The canaries are no user's data: the users' eps is that of the run without them.
     config, train, _ = _tiny_run()
     train(config, workdir=str(tmp_path / "plain"))
-    summary, _ = train(dataclasses.replace(config, audit_canaries=10),
+    summary, _ = train(dataclasses.replace(config, audit_canaries=20),
                        workdir=str(tmp_path / "audit"))
     assert "audit" in summary, "an audit run must audit its LM"
     ledgers = [(tmp_path / run / "ledger.json").read_text() for run in ("plain", "audit")]
@@ -342,8 +342,8 @@ def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path
 
 
 @pytest.mark.parametrize("changes", [
-    {"audit_canaries": 1}, {"audit_canaries": 10, "noise_multiplier": 0.0},
-    {"audit_canaries": 10, "sampling": "fixed"}])
+    {"audit_canaries": 1}, {"audit_canaries": 20, "noise_multiplier": 0.0},
+    {"audit_canaries": 20, "sampling": "fixed"}])
 def test_an_lm_config_refuses_an_audit_that_cannot_apply(changes):
     # Built in a notebook, not through fedlm_debug's flags: no audit without a ledger.
     config, _, _ = _tiny_run()
