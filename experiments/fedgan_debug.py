@@ -23,6 +23,8 @@ sample all users, a group's users taking part; the group sizes are released nois
 their own ledger): the report then states an eps that takes nothing as given.
 The unit of privacy is one user (client: all of its images); --sampling=poisson (the
 default) is accounted under add/remove-one, --sampling=fixed under replace-one.
+An empirical check of each GAN's accounting: --audit_canaries=1000 (canary users in D's
+updates; audit.json; WORKSPACE.md, "Auditing a training run with canaries").
 Rerunning the same command on the same workdir resumes both GANs, privacy ledgers
 included; a rerun that changes a flag other than --rounds, --eval_every,
 --checkpoint_every, --num_samples or --emnist_dir exits 2 naming it.
@@ -63,6 +65,7 @@ _G_STEPS = flags.DEFINE_integer("server_g_steps", _D.server_g_steps, "Server G s
 _D_LR = flags.DEFINE_float("client_d_learning_rate", _D.client_d_learning_rate, "D SGD lr.")
 _G_LR = flags.DEFINE_float("server_g_learning_rate", _D.server_g_learning_rate, "G SGD lr.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", _D.num_samples, "Samples per GAN measured.")
+_AUDIT = cli.define_audit_flag("clients per GAN")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -101,6 +104,7 @@ def main(argv: list[str]) -> None:
             client_d_learning_rate=_D_LR.value,
             server_g_learning_rate=_G_LR.value,
             num_samples=_NUM_SAMPLES.value,
+            audit_canaries=_AUDIT.value,
             **debug_flags.config_fields(_DEBUG_FLAGS),
             **cli.seed_fields(_WORKDIR.value),
         )

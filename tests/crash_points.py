@@ -192,6 +192,11 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "group": Binary("experiments.fedgan_debug", _FEDGAN_TINY, ("gan_low", "gan_high")),
         "population": Binary("experiments.fedgan_debug", (*_FEDGAN_TINY, *_POPULATION),
                              ("gan_low", "gan_high")),
+        # An audit run: 20 canary users per GAN (Poisson cohorts), audit.json at the end of
+        # each GAN (beside its ledger) and of the demo.
+        "audit": Binary("experiments.fedgan_debug",
+                        (*_FEDGAN_TINY, "--sampling=poisson", "--audit_canaries=20"),
+                        ("gan_low", "gan_high")),
     },
     "fedlm_debug": {
         "group": Binary("experiments.fedlm_debug", _FEDLM_TINY, ("lm_high_oov", "lm_low_oov")),
@@ -505,7 +510,7 @@ def _ledger(model: pathlib.Path) -> dict | None:
 
 # Files that a model (or the whole run) writes once it has trained all its rounds.
 _FINAL_SUFFIXES = (".msgpack", ".png", ".md", ".npz")
-_FINAL_NAMES = ("summary.json", "samples.json", "diagnostics.json", "eval.json")
+_FINAL_NAMES = ("summary.json", "samples.json", "diagnostics.json", "eval.json", "audit.json")
 
 
 def _finals(directory: pathlib.Path) -> list[str]:

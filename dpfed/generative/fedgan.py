@@ -17,6 +17,12 @@ The unit of privacy is one user (client). `DpFedAvgGan` is the engine plus step 
 the engine's `round(state, key)` / `round_event()` interface, so the federated host loop
 (`dpfed.federated.run_rounds`) checkpoints, resumes and accounts it unchanged; the
 state's `context` holds G (and its BatchNorm averages), so it is checkpointed too.
+
+An audit run (`audit_canaries`, `dpfed.privacy.audit`) adds canary users: each is a
+random direction in D's parameters, sampled as a user is (Poisson, the users' rate q),
+that the engine adds at weight C to the clipped sum of D's deltas before the noise. At
+the end D's change is scored against the directions (`audit.json`). The ledger is
+unchanged: it accounts the real users; the audit run's D and G hold the canaries.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from dpfed.federated import (
     ClientUpdateFn,
     DpFedAvg,
     DpFedAvgConfig,
+    LoopResult,
     OneClient,
     RoundMetrics,
     ServerState,
@@ -52,9 +59,11 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract, polarity, wgan_gp
 from dpfed.models import gan
+from dpfed.privacy import audit
 from dpfed.train import seeds
-from dpfed.train.config import require_finite_floats, require_secret_seed
-from dpfed.train.workdir import Workdir, environment_info, params_sha256
+from dpfed.train.config import require_audit_applies, require_finite_floats, require_secret_seed
+from dpfed.train.dpsgd import draw_canaries
+from dpfed.train.workdir import AUDIT_FILE, Workdir, environment_info, params_sha256
 
 PyTree = Any
 METHOD = "fedgan"
@@ -92,6 +101,8 @@ class FedGanConfig:
       eval_samples: samples drawn at each evaluation.
       subpopulation: the clients are the taking-part users of a larger population, whose
         rounds sample it at q = clients_per_round / its population (`Subpopulation`).
+      audit_canaries: canary users inserted (and as many held out) in an audit run
+        (`dpfed.privacy.audit`; Poisson sampling and noise only); 0: no audit.
     """
 
     gan: wgan_gp.WganGpConfig = wgan_gp.WganGpConfig()
@@ -108,6 +119,7 @@ class FedGanConfig:
     checkpoint_every: int = 50
     eval_samples: int = 256
     subpopulation: Subpopulation | None = None
+    audit_canaries: int = 0
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -124,6 +136,8 @@ class FedGanConfig:
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         privacy.Sampling(self.sampling)  # validates the name
+        require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling,
+                              "noise_multiplier 0")
 
 
 def discriminator_client_update(config: wgan_gp.WganGpConfig) -> ClientUpdateFn:
@@ -147,6 +161,12 @@ def discriminator_client_update(config: wgan_gp.WganGpConfig) -> ClientUpdateFn:
 _generator_update = jax.jit(wgan_gp.server_generator_update, static_argnums=0)
 
 
+def initial_discriminator(config: FedGanConfig) -> PyTree:
+    """D's round-0 variables, from the run's seed."""
+    key = jax.random.fold_in(seeds.root_key(config.seed), _D_INIT_STREAM)
+    return gan.init_discriminator(config.gan.discriminator, key)
+
+
 class DpFedAvgGan:
     """The DP-FedAvg engine on D, followed each round by the server's G update.
 
@@ -155,11 +175,19 @@ class DpFedAvgGan:
       images: `[clients, max_n, 28, 28, 1]` client images in [0, 1] (0 = background).
       counts: `[clients]` real images per client.
       mesh: the engine's device mesh (default: all devices).
+
+    Attributes:
+      initial_d: D's round-0 variables (`initial_discriminator`).
+      canaries: an audit run's (inserted, held-out) directions in D's parameter space,
+        drawn from the seed (`dpsgd.draw_canaries`); the engine inserts the first. None
+        without an audit.
     """
 
     def __init__(self, config: FedGanConfig, images: np.ndarray, counts: np.ndarray,
                  mesh: jax.sharding.Mesh | None = None):
         self.config = config
+        self.initial_d = initial_discriminator(config)
+        self.canaries = draw_canaries(config, self.initial_d)
         data = ClientData(
             arrays=np.asarray(wgan_gp.to_gan_range(np.asarray(images, np.float32))),
             counts=np.asarray(counts, np.int32),
@@ -177,18 +205,26 @@ class DpFedAvgGan:
                 subpopulation=config.subpopulation,
             ),
             mesh,
+            canaries=None if self.canaries is None else self.canaries[0],
         )
 
     def init(self) -> ServerState:
         """Round-0 state: D as the shared params, G as the context (seeded)."""
-        key = seeds.root_key(self.config.seed)
-        d_vars = gan.init_discriminator(
-            self.config.gan.discriminator, jax.random.fold_in(key, _D_INIT_STREAM))
         g_vars = gan.init_generator(
-            self.config.gan.generator, jax.random.fold_in(key, _G_INIT_STREAM),
+            self.config.gan.generator,
+            jax.random.fold_in(seeds.root_key(self.config.seed), _G_INIT_STREAM),
             self.config.gan.noise_dim,
         )
-        return self.engine.init(d_vars, context=g_vars)
+        return self.engine.init(self.initial_d, context=g_vars)
+
+    def audit(self, result: LoopResult) -> dict[str, Any] | None:
+        """An audit run's figures (`audit.audit_run`: D's change from round 0 to the end
+        of `result` scored against the canaries, beside its ledger's eps); None without
+        an audit, a ledger or a round."""
+        if self.canaries is None or result.ledger is None or result.rounds_done == 0:
+            return None
+        return audit.audit_run(
+            self.canaries, self.initial_d, result.state.params, result.ledger.to_json())
 
     def generator_step(
         self, g_variables: PyTree, d_params: PyTree, key: jax.Array
@@ -298,7 +334,8 @@ def train_gan(
     """Trains (or resumes) one DP-FedAvg-GAN on the given clients in `workdir`.
 
     Writes the workdir contract (ledger.json for private runs, metrics.jsonl,
-    summary.json, checkpoints/) plus `generator.msgpack`, the released G. Each evaluation
+    summary.json, checkpoints/) plus `generator.msgpack`, the released G, and in an audit
+    run `audit.json` (`DpFedAvgGan.audit`, also the summary's `audit`). Each evaluation
     logs the inverted fraction of `eval_samples` samples (`polarity`): a function of G
     alone, so free of privacy cost.
 
@@ -336,6 +373,9 @@ def train_gan(
     # covers every release in the workdir (the other order left one without its spend).
     privacy_fields = write_privacy_summary(result, gan_engine.engine, wd, config.delta)
     wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
+    audit_figures = gan_engine.audit(result)
+    if audit_figures is not None:  # after ledger.json, which covers it
+        wd.write_json(AUDIT_FILE, audit_figures)
     summary = {
         "method": METHOD,
         "group": group,
@@ -354,6 +394,7 @@ def train_gan(
         **result.clock.summary(),
         "seed": seeds.public(config),
         "environment": environment_info(),
+        **({} if audit_figures is None else {"audit": audit_figures}),
     }
     wd.write_summary(summary)
     return summary

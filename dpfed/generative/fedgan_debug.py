@@ -19,6 +19,8 @@ own sub-workdir (`gan_low/`, `gan_high/`: ledger, metrics, diagnostics, checkpoi
 generator), and the top level holds
 - the releases (`dpfed.train.workdir`): summary.json (eps, the samples' inverted
   fractions, group sizes, settings), report.md and the grids;
+- `audit.json` (an audit run, `audit_canaries`): each GAN's canary audit of its D
+  (`fedgan.DpFedAvgGan.audit`, also in its sub-workdir beside its ledger);
 - `diagnostics.json`: the simulation's ground truth and figures computed from raw client
   data (which clients are buggy, the groups' real images, per-client accuracies, quantile
   thresholds). Not a DP release, not covered by the guarantee; the report shows them in a
@@ -51,10 +53,17 @@ from dpfed.federated.aggregation import PrivateAggregator
 from dpfed.generative import fedgan, group_sizes, polarity, selection, wgan_gp
 from dpfed.models import gan
 from dpfed.models.output import output
+from dpfed.privacy import audit
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
-from dpfed.train.config import ConfigError, require, require_finite_floats, require_secret_seed
-from dpfed.train.workdir import Workdir, params_sha256
+from dpfed.train.config import (
+    ConfigError,
+    require,
+    require_audit_applies,
+    require_finite_floats,
+    require_secret_seed,
+)
+from dpfed.train.workdir import AUDIT_FILE, Workdir, params_sha256
 
 PyTree = Any
 
@@ -112,6 +121,7 @@ class DebugConfig:
     secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 50
     checkpoint_every: int = 50
+    audit_canaries: int = 0  # canary users per GAN (and as many held out): `fedgan`
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -164,6 +174,8 @@ class DebugConfig:
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
         require(self.server_g_learning_rate > 0, "server_g_learning_rate", "must be > 0")
         self.require_noise_split(self.clients_per_round)
+        require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling,
+                              "--noise_multiplier=0")
 
     def require_noise_split(self, divisor: float) -> None:
         """With --adaptive_clipping, refuses a z that the engine cannot split between D's
@@ -218,6 +230,7 @@ class DebugConfig:
             secret_seed=self.secret_seed,
             eval_every=self.eval_every,
             checkpoint_every=self.checkpoint_every,
+            audit_canaries=self.audit_canaries,
         )
 
 
@@ -412,7 +425,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
     )
     fedgan_config = config.fedgan_config()
     sample_key = seeds.stream_key(config.seed, selection.SAMPLE_STREAM)
-    results, ground_truth = {}, {}
+    results, ground_truth, audits = {}, {}, {}
     group_data = {name: subset(clients, getattr(groups, name)) for name in GROUPS}
     sizes = {name: int(group_data[name].num_clients) for name in GROUPS}
     # Both groups before either GAN trains: see pin_demo_config.
@@ -454,6 +467,7 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
                 sizes[name], subpopulations[name], sizes_ledger, Workdir(wd.file(f"gan_{name}"))),
             **selection.model_fields(summary),
         }
+        audits[f"gan_{name}"] = summary.get("audit")
         ground_truth[name] = {
             "num_clients": sizes[name],
             "buggy_client_fraction": selection.mean_or_nan(fed.buggy[members]),
@@ -473,6 +487,9 @@ def run(config: DebugConfig, workdir: str, log: Callable[[str], None] = print) -
         **selection.summary_fields(
             config, results, started, "accuracies", int(clients.num_clients)),
     }
+    if config.audit_canaries:
+        summary["audit"] = audits
+        wd.write_json(AUDIT_FILE, audits)
     wd.write_json(selection.DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, diagnostics))
@@ -487,6 +504,13 @@ def _headline(summary: dict, found: bool, verdict: str) -> str:
                 "or inf in its generator or loss; smaller learning rates?): its samples say "
                 "nothing about the clients' data.")
     return f"**Bug {'found' if found else 'not found'}**: {verdict}"
+
+
+def _audit_line(summary: dict, group: str) -> str:
+    """report.md's canary-audit line of one group's GAN, under its privacy line ("" in a
+    run without an audit)."""
+    line = audit.report_line({"audit": summary.get("audit", {}).get(f"gan_{group}")})
+    return f"  {line}" if line else ""
 
 
 def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
@@ -559,8 +583,8 @@ The unit is one **user** (client): all of a client's images may change. Only the
 discriminator's clipped, noised, averaged deltas leave the clients; the generator is
 trained on the server from noise and the released discriminator (post-processing).
 - low-accuracy GAN: {describe_user_level_privacy(low, config.delta)}
-- high-accuracy GAN: {describe_user_level_privacy(high, config.delta)}
-- {max_eps_line}
+{_audit_line(summary, "low")}- high-accuracy GAN: {describe_user_level_privacy(high, config.delta)}
+{_audit_line(summary, "high")}- {max_eps_line}
 
 With only a hundred-odd users, user-level eps at a noise level that still trains is large;
 the accountant alone shows what the same noise and cohort size give with federated

@@ -55,10 +55,13 @@ def require_no_privacy_settings(
                 f"does not apply to a non-private run ({mode}): drop one of the two")
 
 
-def require_audit_applies(audit_canaries: int, nodp: bool, sampling: str) -> None:
+def require_audit_applies(
+    audit_canaries: int, nodp: bool, sampling: str, mode: str = "--nodp"
+) -> None:
     """Refuses a canary audit (`--audit_canaries`, `dpfed.privacy.audit`) that cannot run:
-    fewer than `audit.MIN_CANARIES` canaries, a non-private run, or sampling other than
-    Poisson (a canary is sampled as a record of Poisson sampling).
+    fewer than `audit.MIN_CANARIES` canaries, a non-private run (`nodp`; `mode` names its
+    flag, e.g. "--noise_multiplier=0"), or sampling other than Poisson (a canary is sampled
+    as a record of Poisson sampling).
 
     Raises:
       ConfigError: naming "audit_canaries".
@@ -66,7 +69,7 @@ def require_audit_applies(audit_canaries: int, nodp: bool, sampling: str) -> Non
     require(audit_canaries == 0 or audit_canaries >= audit.MIN_CANARIES, "audit_canaries",
             f"must be 0 (no audit) or >= {audit.MIN_CANARIES}")
     require(not (audit_canaries and nodp), "audit_canaries",
-            "audits the privacy of a private run: it does not apply with --nodp")
+            f"audits the privacy of a private run: it does not apply with {mode}")
     require(not (audit_canaries and sampling != "poisson"), "audit_canaries",
             "canaries are sampled as records of Poisson sampling: use --sampling=poisson")
 

@@ -210,7 +210,10 @@ def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_
     "flag, value, others",
     [("bug_fraction", "1.5", ()), ("d_conv_features", "4,x", ()),
      ("group_size_noise", "0", ("--group_sampling=population",)),
-     ("emnist_classifier_writers", "5", ())],  # ignored by mnist5k (the default) before
+     ("emnist_classifier_writers", "5", ()),  # ignored by mnist5k (the default) before
+     # An audit needs 2 canaries or more, noise (z 0 is the default) and Poisson cohorts.
+     ("audit_canaries", "1", ("--noise_multiplier=1",)), ("audit_canaries", "10", ()),
+     ("audit_canaries", "10", ("--noise_multiplier=1", "--sampling=fixed"))],
 )
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, others):
     proc = run_binary(
@@ -599,3 +602,48 @@ def test_a_secret_seed_and_the_groups_seeds_are_in_no_file_but_secret_seed_json(
         group = Workdir(tmp_path / name)
         assert group.read_json("summary.json")["seed"] == "secret", f"{name}'s seed is shown"
         assert group.read_json("config.json")["secret_seed"], f"{name}'s config lost the flag"
+
+
+# --audit_canaries: each group's GAN audited with its own canary users (Poisson cohorts).
+
+AUDIT = {**TINY, "sampling": "poisson", "audit_canaries": 20}
+
+
+@pytest.fixture(scope="module")
+def audit_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fedgan_audit")
+    config = fedgan_debug.DebugConfig(**AUDIT)
+    summary = fedgan_debug.run(config, str(workdir), log=lambda _: None)
+    return workdir, summary, fedgan_debug.run(config, str(workdir), log=lambda _: None)
+
+
+def test_an_audit_run_writes_each_gans_canary_figures_beside_its_ledger(audit_run):
+    workdir, summary, _ = audit_run
+    written = Workdir(workdir).read_json("audit.json")
+    assert written == summary["audit"] and set(written) == {"gan_low", "gan_high"}, written
+    for name, figures in written.items():
+        gan_dir = Workdir(workdir / name)
+        assert gan_dir.read_json("audit.json") == figures, f"{name}/audit.json differs"
+        ledger = gan_dir.read_json("ledger.json")
+        assert figures["ledger_epsilon_rdp"] == ledger["epsilon_rdp"] == summary[name][
+            "epsilon_rdp"], f"{name}'s audit is not beside its own ledger's eps: {figures}"
+        assert figures["inserted"] == figures["held_out"] == AUDIT["audit_canaries"], figures
+        assert figures["epsilon_lower_bound"] <= figures["ledger_epsilon_rdp"], (
+            f"{name}'s audit proves more eps than its ledger records: {figures}")
+    assert written["gan_low"] != written["gan_high"], "the two GANs' audits are one"
+    report = (workdir / "report.md").read_text()
+    privacy = report[report.index("## Privacy"):report.index("## Settings")]
+    assert privacy.count("canary audit") == 2, f"one audit line per GAN: {privacy}"
+
+
+def test_a_rerun_of_an_audit_run_keeps_its_figures(audit_run):
+    _, summary, again = audit_run
+    assert again["audit"] == summary["audit"], "rerunning a finished audit run changed them"
+
+
+def test_an_audit_on_a_non_private_demo_names_its_zero_noise():
+    with pytest.raises(ConfigError) as raised:
+        fedgan_debug.DebugConfig(**{**AUDIT, "noise_multiplier": 0.0})
+    assert raised.value.field == "audit_canaries", raised.value
+    assert "--noise_multiplier=0" in raised.value.message, (
+        f"the demo has no --nodp: the error must name its own setting: {raised.value}")

@@ -11,6 +11,7 @@ import pytest
 from dpfed.federated import OneClient, client_mesh, loop
 from dpfed.generative import contract, fedgan, wgan_gp
 from dpfed.models import gan
+from dpfed.privacy import audit
 from dpfed.train.workdir import Workdir, params_sha256
 from tests import compiles
 from tests.killed import KilledAtRelease, kill_at_release_write, releases_in_ledger_json
@@ -158,3 +159,52 @@ def test_train_gan_writes_a_resumable_user_level_workdir(tmp_path):
     samples, labels = generator.sample(g_vars, jax.random.key(0), 5)
     assert samples.shape == (5, 28, 28, 1) and labels is None, "contract: unconditional images"
     assert float(samples.min()) >= 0 and float(samples.max()) <= 1, "contract: [0, 1]"
+
+
+def test_audit_canaries_need_noise_and_poisson_cohorts():
+    for settings in ({"sampling": "poisson", "noise_multiplier": 0.0},
+                     {"sampling": "fixed"}, {"sampling": "poisson", "audit_canaries": 1}):
+        with pytest.raises(ValueError, match="audit_canaries"):
+            dataclasses.replace(_CONFIG, **{"audit_canaries": 10, **settings})
+
+
+def test_canaries_are_drawn_in_d_from_the_gans_seed():
+    # fedgan_debug's groups train with their own seeds: each GAN its own canaries, and a
+    # resumed run the same ones (drawn again from the seed, not stored).
+    images, counts = _images(2), np.array([5, 3, 4, 5])
+
+    def canaries(seed):
+        config = dataclasses.replace(_CONFIG, sampling="poisson", audit_canaries=4, seed=seed)
+        return fedgan.DpFedAvgGan(config, images, counts, _ONE_DEVICE).canaries
+
+    first, again, other = canaries(1), canaries(1), canaries(2)
+    assert _same(first, again), "one seed drew two sets of canaries: a resume would differ"
+    assert not _same(first[0].coords, other[0].coords), "two seeds drew the same canaries"
+    inserted, held_out = first
+    assert inserted.num_directions == held_out.num_directions == 4, "4 inserted, 4 held out"
+    d_size = audit.flat_size(fedgan.initial_discriminator(_CONFIG))
+    assert int(inserted.coords.max()) < d_size, "the canaries are not in D's space"
+
+
+def test_one_round_of_all_users_audits_as_the_gaussian_mechanism_the_ledger_records(tmp_path):
+    # All 4 users and all 1,000 canaries take part in one round (Poisson, q = 1) at z = 1:
+    # one Gaussian mechanism (eps 4.377 at delta 1e-5). D's change along an inserted
+    # direction is C + noise of std z C, along a held-out one the noise alone (the users'
+    # clipped deltas, at most 4 C, project ~4 C / sqrt(d) on a direction): mu ~ 1 / z.
+    # A D of d = 101,709, so the canaries' overlaps (K / d) add 1% to the variance.
+    config = dataclasses.replace(
+        _CONFIG, gan=dataclasses.replace(
+            _GAN, discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=256)),
+        rounds=1, clients_per_round=4, sampling="poisson", noise_multiplier=1.0,
+        audit_canaries=1000)
+    summary = fedgan.train_gan(config, _images(2), np.array([5, 3, 4, 5]), tmp_path,
+                               log=lambda _: None, mesh=_ONE_DEVICE)
+    figures = Workdir(tmp_path).read_json("audit.json")
+    assert figures == summary["audit"], "audit.json is not the summary's audit"
+    # mu's standard error with 1,000 + 1,000 scores is ~0.05: 0.2 is 4 of them.
+    assert abs(figures["mu"] - 1.0) < 0.2, (
+        f"the canaries stand {figures['mu']:.3f} noise stds out, not 1 / z = 1: the canaries "
+        "or the noise are not those of the ledger")
+    assert figures["ledger_epsilon_pld"] == pytest.approx(4.377, abs=0.01), figures
+    assert figures["epsilon_lower_bound"] < figures["ledger_epsilon_pld"], (
+        f"the audit proves more eps than the ledger records: {figures}")
