@@ -340,9 +340,10 @@ def test_a_binary_with_a_prepared_one_starts_from_a_copy_of_its_workdir(tmp_path
     assert not (tmp_path / "k2").exists(), "a binary without a prepared one starts empty"
 
 
-@pytest.mark.parametrize("name", ["synthetic.npz", "eval.json"])
+@pytest.mark.parametrize("name", ["synthetic.npz", "eval.json", "audit.json"])
 def test_a_synthetic_set_or_an_evaluation_beside_a_short_ledger_fails(whole, tmp_path, name):
-    # DataLens releases synthetic.npz; evaluate's eval.json states the ledger's eps.
+    # DataLens releases synthetic.npz; evaluate's eval.json states the ledger's eps, and an
+    # audit run's audit.json too (fedgan_debug's: one entry per GAN, each its ledger's).
     killed = tmp_path / "killed"
     _finished_model(killed, "gan_low")
     _write(killed / "gan_high" / "ledger.json", _ledger(1, 1.0))
