@@ -397,7 +397,8 @@ class FedLmConfig:
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         # z 0 is this config's non-private run (no ledger for an audit to stand beside).
-        require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling)
+        require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling,
+                              "noise_multiplier 0")
 
 
 def make_engine(

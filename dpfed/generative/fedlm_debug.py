@@ -105,10 +105,8 @@ class TextDebugConfig:
     def __post_init__(self):
         require_finite_floats(self)
         require_secret_seed(self)
-        require_audit_applies(self.audit_canaries, False, self.sampling)
-        require(not (self.audit_canaries and self.noise_multiplier == 0), "audit_canaries",
-                "audits the privacy of a private run: it does not apply with "
-                "--noise_multiplier=0")
+        require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling,
+                              "--noise_multiplier=0")
         require(0.0 <= self.bug_fraction <= 1.0, "bug_fraction", "must be in [0, 1]")
         require(self.min_lines >= 2, "min_lines", "must be >= 2")
         require(

@@ -211,9 +211,9 @@ def test_adaptive_clipping_with_too_much_noise_exits_2_naming_a_flag_it_has(tmp_
     [("bug_fraction", "1.5", ()), ("d_conv_features", "4,x", ()),
      ("group_size_noise", "0", ("--group_sampling=population",)),
      ("emnist_classifier_writers", "5", ()),  # ignored by mnist5k (the default) before
-     # An audit needs 2 canaries or more, noise (z 0 is the default) and Poisson cohorts.
-     ("audit_canaries", "1", ("--noise_multiplier=1",)), ("audit_canaries", "10", ()),
-     ("audit_canaries", "10", ("--noise_multiplier=1", "--sampling=fixed"))],
+     # An audit needs 20 canaries or more, noise (z 0 is the default) and Poisson cohorts.
+     ("audit_canaries", "19", ("--noise_multiplier=1",)), ("audit_canaries", "20", ()),
+     ("audit_canaries", "20", ("--noise_multiplier=1", "--sampling=fixed"))],
 )
 def test_bad_flags_exit_2_naming_the_flag(tmp_path, flag, value, others):
     proc = run_binary(
@@ -627,7 +627,8 @@ def test_an_audit_run_writes_each_gans_canary_figures_beside_its_ledger(audit_ru
         ledger = gan_dir.read_json("ledger.json")
         assert figures["ledger_epsilon_rdp"] == ledger["epsilon_rdp"] == summary[name][
             "epsilon_rdp"], f"{name}'s audit is not beside its own ledger's eps: {figures}"
-        assert figures["inserted"] == figures["held_out"] == AUDIT["audit_canaries"], figures
+        assert figures["inserted"] + figures["held_out"] == 2 * AUDIT["audit_canaries"], (
+            f"{name}: 2K candidates, each inserted by a coin: {figures}")
         assert figures["epsilon_lower_bound"] <= figures["ledger_epsilon_rdp"], (
             f"{name}'s audit proves more eps than its ledger records: {figures}")
     assert written["gan_low"] != written["gan_high"], "the two GANs' audits are one"
