@@ -26,7 +26,8 @@ Rerunning the same command on the same workdir resumes from its last checkpoint.
 --evaluate (the default) the decoder is then evaluated by `dpfed.eval.evaluation`
 (fid_domain, CNN/MLP/LogReg train-on-synthetic accuracy on the real test split) with
 --num_synthetic samples; `launch/reproduce.py --table=dpd_fvae` runs the rows with
---noevaluate and evaluates them with `experiments.evaluate`.
+--noevaluate and evaluates them with `experiments.evaluate`. An empirical check of the
+central ledger: --dp=central --audit_canaries=1000 (audit.json; WORKSPACE.md, "Canary audit").
 """
 
 from absl import flags
@@ -75,6 +76,7 @@ _CKPT_EVERY = flags.DEFINE_integer(
 _NUM_SYNTHETIC = flags.DEFINE_integer(
     "num_synthetic", 4000, "Class-balanced synthetic samples evaluated (with --evaluate).")
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Evaluate the decoder when training ends.")
+_AUDIT = cli.define_audit_flag("clients")
 _INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()  # multi-host: launch/multihost.py
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
@@ -111,6 +113,7 @@ def _config() -> dpd_fvae.DpdFvaeConfig:
         **cli.seed_fields(_WORKDIR.value),
         eval_every=_EVAL_EVERY.value,
         checkpoint_every=_CKPT_EVERY.value,
+        audit_canaries=_AUDIT.value,
     )
 
 

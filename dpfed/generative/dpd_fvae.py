@@ -70,20 +70,23 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract
 from dpfed.models import vae
+from dpfed.privacy import audit
 from dpfed.train import divergence, run_clock, seeds
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
     require,
+    require_audit_applies,
     require_data_dir_applies,
     require_finite_floats,
     require_no_privacy_settings,
     require_secret_seed,
     unused_privacy_flags,
 )
-from dpfed.train.dpsgd import make_optimizer
+from dpfed.train.dpsgd import draw_canaries, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
+    AUDIT_FILE,
     CONFIG_FILE,
     DIAGNOSTICS_JSON,
     DIAGNOSTICS_JSON_NOTE,
@@ -136,6 +139,8 @@ class DpdFvaeConfig:
       delta: delta of the guarantee.
       microbatch_size: local mode: per-example gradients materialised this many at a time.
       seed, eval_every, checkpoint_every: as in every trainer.
+      audit_canaries: an audit run (`audit`; central DP only): canary users inserted,
+        and as many held out.
     """
 
     dataset: str = "mnist5k"
@@ -162,6 +167,7 @@ class DpdFvaeConfig:
     secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 10
     checkpoint_every: int = 10
+    audit_canaries: int = 0  # canary users inserted (and as many held out): `audit`
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -198,6 +204,12 @@ class DpdFvaeConfig:
         # Only local DP clips per example; elsewhere the flag would be silently ignored.
         require(self.microbatch_size is None or self.dp == "local", "microbatch_size",
                 f"sizes local DP's per-example gradients; --dp={self.dp} has none")
+        # A canary is a user whose clipped update enters the noised sum at the server: only
+        # central DP has one (local DP noises each client's steps, unit one example).
+        require(not self.audit_canaries or self.dp == "central", "audit_canaries",
+                "canaries are users in the server's noised sum of clipped updates: they need "
+                f"--dp=central, not --dp={self.dp}")
+        require_audit_applies(self.audit_canaries, self.dp == "none", "poisson")
 
     @property
     def clients_per_round(self) -> float:
@@ -692,6 +704,11 @@ class DpdFvae:
       clients: the clients' padded `(images, labels)` and counts.
       noise_multiplier: z of the central or local mechanism (0 for "none").
       mesh: the engine's device mesh (default: all devices).
+
+    Attributes:
+      initial: the round-0 `(shared, local)` params, drawn from the seed (host arrays).
+      canaries: an audit run's (inserted, held-out) canaries in the shared params' space,
+        drawn from the seed (the engine inserts the first); None without an audit.
     """
 
     def __init__(self, config: DpdFvaeConfig, num_classes: int, image_shape, clients: ClientData,
@@ -701,6 +718,11 @@ class DpdFvae:
         self.encoder, self.decoder = build_model(config, num_classes, image_shape)
         self.counts = np.asarray(clients.counts)
         self.budgets = participation_budgets(config, self.counts, noise_multiplier)
+        key = seeds.stream_key(config.seed, seeds.INIT_STREAM)
+        # On the host: a round donates the device buffers of the state `init` builds.
+        self.initial = jax.device_get(
+            split_params(*vae.init_vae(self.encoder, self.decoder, key), config.sync))
+        self.canaries = draw_canaries(config, self.initial[0])
         central = config.dp == "central"
         self.engine = DpFedAvg(
             make_client_update(config, self.encoder, self.decoder, clients.max_n,
@@ -714,6 +736,7 @@ class DpdFvae:
                 noise_multiplier=noise_multiplier if central else 0.0,
             ),
             mesh,
+            canaries=None if self.canaries is None else self.canaries[0],
         )
 
     @property
@@ -723,9 +746,7 @@ class DpdFvae:
 
     def init(self) -> ServerState:
         """Round-0 state: every client starts from the same encoder (sync "d")."""
-        key = seeds.stream_key(self.config.seed, seeds.INIT_STREAM)
-        encoder_params, decoder_params = vae.init_vae(self.encoder, self.decoder, key)
-        shared, local = split_params(encoder_params, decoder_params, self.config.sync)
+        shared, local = self.initial
         if not self.has_client_state:
             return self.engine.init(shared)
         optimizer = make_optimizer(self.config.optimizer, self.config.learning_rate)
@@ -846,7 +867,8 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
     decoder.msgpack (the released decoder), samples.png (10 samples per class),
     diagnostics.jsonl (cohort sizes, client losses: not a release), diagnostics.json
     (central and non-private runs with sync "d": the clients' participation counts, not a
-    release) and checkpoints/
+    release), audit.json (an audit run: `audit.audit_run` of the shared params) and
+    checkpoints/
     (the state, client encoders included, with the central ledger; the local ledger is
     recomputed from the clients' participation counts).
     """
@@ -934,6 +956,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
+    if trainer.canaries is not None and ledger_json is not None and result.rounds_done > 0:
+        summary["audit"] = audit.audit_run(
+            trainer.canaries, trainer.initial[0], result.state.params, ledger_json)
+        wd.write_json(AUDIT_FILE, summary["audit"])
     if diagnostics is not None:
         wd.write_json(DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)
@@ -977,6 +1003,7 @@ def render_report(config: DpdFvaeConfig, summary: dict, has_diagnostics_json: bo
         f"# DPD-fVAE ({_mode(config)}) on {config.dataset}, {config.num_clients} IID clients\n\n"
         f"- shared: {shared}\n"
         f"- privacy: {privacy_line}\n"
+        f"{audit.report_line(summary)}"
         f"- rounds: {summary['rounds']} (client fraction {config.client_fraction:g}, "
         f"{config.local_epochs} local epochs of batch {config.batch_size}, "
         f"{config.optimizer} lr {config.learning_rate:g})\n"

@@ -16,6 +16,7 @@ from dpfed import privacy
 from dpfed.federated import ClientData, OneClient, client_mesh
 from dpfed.generative import contract, dpd_fvae
 from dpfed.models import vae
+from dpfed.privacy import audit
 from dpfed.train.config import ConfigError
 from dpfed.train.resume import Spent
 from dpfed.train.workdir import (
@@ -692,3 +693,38 @@ def test_a_local_run_killed_after_a_logged_round_leaves_a_ledger_json_that_count
     with pytest.raises(KilledAtRelease):
         dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
     assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp_worst_client", rel=1e-12)
+
+
+@pytest.mark.parametrize("dp, noise, canaries, says", [
+    ("local", 1.0, 10, "--dp=central, not --dp=local"),  # noise per client, unit one example
+    ("none", None, 10, "--dp=central, not --dp=none"),  # no noise, no ledger
+    ("central", 1.0, 1, ">= 2"),  # the estimate needs 2 scores of each kind
+])
+def test_an_audit_that_cannot_apply_is_a_config_error_naming_it(dp, noise, canaries, says):
+    with pytest.raises(ConfigError, match=says) as error:
+        dataclasses.replace(_CONFIG, dp=dp, noise_multiplier=noise, audit_canaries=canaries)
+    assert error.value.field == "audit_canaries", f"names {error.value.field}: {error.value}"
+
+
+def test_audit_canaries_stand_one_over_z_noise_stds_out_after_one_all_sampled_round(tmp_path):
+    # One round with every user and every canary sampled (rate 1) is one Gaussian mechanism
+    # on the sum of clipped decoder deltas: a canary inserted at weight C moves the decoder
+    # C/E[cohort] along its direction under noise of std z C/E[cohort], so the inserted
+    # canaries stand 1/z held-out stds out (the ledger's z). The decoder has d ~ 80,000
+    # params (one 64-wide layer), so 500 canaries' overlaps (K/d) and the 8 users' clipped
+    # deltas (a sum of norm <= 8: variance <= 64/d) are negligible; the standard error of
+    # mu from 500 + 500 scores is ~0.07. Canaries not inserted give mu ~0, at weight C/2
+    # ~0.5, with noise of std z C/2 ~2.
+    config = dataclasses.replace(
+        _CONFIG, num_clients=8, client_fraction=1.0, rounds=1, batch_size=90,
+        decoder_features=(64,), dp="central", noise_multiplier=1.0, audit_canaries=500)
+    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    result = summary["audit"]
+    assert result["mu"] == pytest.approx(1 / summary["noise_multiplier"], abs=0.25), (
+        f"the canaries stand mu = {result['mu']:.3f} noise stds out, not the ledger's 1/z = "
+        f"{1 / summary['noise_multiplier']:g}: not inserted at weight C with its noise")
+    exact = audit.gaussian_epsilon(1 / summary["noise_multiplier"], config.delta)  # 4.377
+    assert result["epsilon_lower_bound"] <= exact <= summary["epsilon_rdp"], (
+        f"the lower bound {result['epsilon_lower_bound']:.3f} exceeds the exact eps "
+        f"{exact:.3f} of one Gaussian mechanism at the ledger's z, or the ledger's "
+        f"{summary['epsilon_rdp']:.3f} is below it")
