@@ -218,6 +218,10 @@ BINARIES: dict[str, dict[str, Binary]] = {
         "local": Binary("experiments.dpd_fvae", (
             *_DPD_FVAE_TINY, "--dp=local", "--sync=d", "--noise_multiplier=2",
             "--target_epsilon=30"), ("",)),
+        # An audit run: 20 canary users take part, audit.json is written at the end.
+        "audit": Binary("experiments.dpd_fvae", (
+            *_DPD_FVAE_TINY, "--dp=central", "--sync=d", "--noise_multiplier=2",
+            "--audit_canaries=20"), ("",)),
     },
     "dpsgd_classifier": {
         "default": Binary("experiments.dpsgd_classifier", _DPSGD_TINY, ("",)),
