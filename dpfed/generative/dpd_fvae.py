@@ -17,6 +17,8 @@ whole VAE for "ed"). Modes (`dp`):
 - "central": client-level DP-FedAvg on the shared params' deltas (the engine: Poisson
   client sampling with rate `client_fraction`, per-client clip C, Gaussian noise z C on
   the sum, divided by the expected cohort); unit one user, accounted per round (RDP/PLD).
+  An audit run (`audit_canaries`: `dpfed.privacy.audit`) adds canary users, directions in
+  the shared params' space drawn from the seed, sampled and clipped as users are.
 - "local": per-example DP-SGD in every local step (each step a Poisson sample of the
   client's examples with rate q_c = min(B, n_c) / n_c; each example's gradient clipped to
   C; N(0, (zC)^2) added to the sum; divided by the expected batch size min(B, n_c)); the
