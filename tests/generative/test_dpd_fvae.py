@@ -696,9 +696,9 @@ def test_a_local_run_killed_after_a_logged_round_leaves_a_ledger_json_that_count
 
 
 @pytest.mark.parametrize("dp, noise, canaries, says", [
-    ("local", 1.0, 10, "--dp=central, not --dp=local"),  # noise per client, unit one example
-    ("none", None, 10, "--dp=central, not --dp=none"),  # no noise, no ledger
-    ("central", 1.0, 1, ">= 2"),  # the estimate needs 2 scores of each kind
+    ("local", 1.0, 20, "--dp=central, not --dp=local"),  # noise per client, unit one example
+    ("none", None, 20, "--dp=central, not --dp=none"),  # no noise, no ledger
+    ("central", 1.0, 19, ">= 20"),  # fewer than audit.MIN_CANARIES
 ])
 def test_an_audit_that_cannot_apply_is_a_config_error_naming_it(dp, noise, canaries, says):
     with pytest.raises(ConfigError, match=says) as error:
