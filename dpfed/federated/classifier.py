@@ -91,7 +91,7 @@ class FedAvgClassifierConfig:
     chunk_size: int | None = None
     clients_per_device_step: int | None = None
     data_dir: str | None = None
-    audit_canaries: int = 0  # canary clients inserted (and as many held out): `audit`
+    audit_canaries: int = 0  # ~K canary clients inserted, ~K held out: `audit.draw_pair`
 
     def __post_init__(self):
         require_finite_floats(self)

@@ -141,8 +141,8 @@ class DpdFvaeConfig:
       delta: delta of the guarantee.
       microbatch_size: local mode: per-example gradients materialised this many at a time.
       seed, eval_every, checkpoint_every: as in every trainer.
-      audit_canaries: an audit run (`audit`; central DP only): canary users inserted,
-        and as many held out.
+      audit_canaries: an audit run (`audit`; central DP only): about this many canary
+        users inserted and as many held out (2K candidates, a fair coin each).
     """
 
     dataset: str = "mnist5k"
@@ -169,7 +169,7 @@ class DpdFvaeConfig:
     secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 10
     checkpoint_every: int = 10
-    audit_canaries: int = 0  # canary users inserted (and as many held out): `audit`
+    audit_canaries: int = 0  # ~K canary users inserted, ~K held out: `audit.draw_pair`
 
     def __post_init__(self):
         require_finite_floats(self)

@@ -101,8 +101,9 @@ class FedGanConfig:
       eval_samples: samples drawn at each evaluation.
       subpopulation: the clients are the taking-part users of a larger population, whose
         rounds sample it at q = clients_per_round / its population (`Subpopulation`).
-      audit_canaries: canary users inserted (and as many held out) in an audit run
-        (`dpfed.privacy.audit`; Poisson sampling and noise only); 0: no audit.
+      audit_canaries: an audit run's canary users, about this many inserted and as many
+        held out (2K candidates, a fair coin each: `dpfed.privacy.audit`; Poisson
+        sampling and noise only); 0: no audit.
     """
 
     gan: wgan_gp.WganGpConfig = wgan_gp.WganGpConfig()

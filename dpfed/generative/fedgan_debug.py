@@ -121,7 +121,7 @@ class DebugConfig:
     secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 50
     checkpoint_every: int = 50
-    audit_canaries: int = 0  # canary users per GAN (and as many held out): `fedgan`
+    audit_canaries: int = 0  # ~K canary users per GAN, ~K held out: `fedgan`
 
     def __post_init__(self):
         require_finite_floats(self)

@@ -365,8 +365,9 @@ class FedLmConfig:
       checkpoint_every: rounds between checkpoints.
       subpopulation: the clients are the taking-part users of a larger population, whose
         rounds sample it at q = clients_per_round / its population (`Subpopulation`).
-      audit_canaries: an audit run (`audit`; Poisson, noised): this many canary users
-        take part at the users' rate q (and as many are held out); 0: no audit.
+      audit_canaries: an audit run (`audit`; Poisson, noised): about this many canary
+        users take part at the users' rate q and as many are held out (2K candidates, a
+        fair coin each); 0: no audit.
     """
 
     local: LocalTrainingConfig

@@ -100,7 +100,7 @@ class TextDebugConfig:
     secret_seed: bool = False  # seed drawn by `Workdir.pin_seed`; releases say "secret"
     eval_every: int = 50
     checkpoint_every: int = 50
-    audit_canaries: int = 0  # canary users of each LM (and as many held out): `audit_lms`
+    audit_canaries: int = 0  # ~K canary users of each LM, ~K held out: `audit_lms`
 
     def __post_init__(self):
         require_finite_floats(self)

@@ -95,7 +95,7 @@ class DpSgdConfig:
     eval_every: int = 100
     checkpoint_every: int = 50
     data_dir: str | None = None
-    audit_canaries: int = 0  # canary examples inserted (and as many held out): `audit`
+    audit_canaries: int = 0  # ~K canary examples inserted, ~K held out: `audit.draw_pair`
 
     def __post_init__(self):
         require_finite_floats(self)
