@@ -53,7 +53,6 @@ from dpfed.federated.aggregation import PrivateAggregator
 from dpfed.generative import fedgan, group_sizes, polarity, selection, wgan_gp
 from dpfed.models import gan
 from dpfed.models.output import output
-from dpfed.privacy import audit
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import (
@@ -506,13 +505,6 @@ def _headline(summary: dict, found: bool, verdict: str) -> str:
     return f"**Bug {'found' if found else 'not found'}**: {verdict}"
 
 
-def _audit_line(summary: dict, group: str) -> str:
-    """report.md's canary-audit line of one group's GAN, under its privacy line ("" in a
-    run without an audit)."""
-    line = audit.report_line({"audit": summary.get("audit", {}).get(f"gan_{group}")})
-    return f"  {line}" if line else ""
-
-
 def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
     """report.md: both grids side by side, the inverted fractions, eps, the paper's result.
 
@@ -549,6 +541,8 @@ def render_report(config: DebugConfig, summary: dict, diagnostics: dict) -> str:
     )
     low_rule, high_rule = selection.threshold_rules(config, summary, "accuracy", "accuracies")
     max_eps_line = selection.max_epsilon_line(summary)
+    # Each model's canary-audit line, a sub-item of its privacy line ("" without an audit).
+    audits = {f"gan_{name}": selection.audit_line(summary, f"gan_{name}") for name in GROUPS}
     return f"""# Debugging private, decentralized images with DP federated GANs
 
 Augenstein et al., "Generative Models for Effective ML on Private, Decentralized Datasets"
@@ -582,9 +576,9 @@ healthy; on mnist5k it separates all 5,000 digits from their inversions).
 The unit is one **user** (client): all of a client's images may change. Only the
 discriminator's clipped, noised, averaged deltas leave the clients; the generator is
 trained on the server from noise and the released discriminator (post-processing).
-- low-accuracy GAN: {describe_user_level_privacy(low, config.delta)}
-{_audit_line(summary, "low")}- high-accuracy GAN: {describe_user_level_privacy(high, config.delta)}
-{_audit_line(summary, "high")}- {max_eps_line}
+- low-accuracy GAN: {describe_user_level_privacy(low, config.delta)}{audits["gan_low"]}
+- high-accuracy GAN: {describe_user_level_privacy(high, config.delta)}{audits["gan_high"]}
+- {max_eps_line}
 
 With only a hundred-odd users, user-level eps at a noise level that still trains is large;
 the accountant alone shows what the same noise and cohort size give with federated

@@ -47,7 +47,6 @@ from dpfed.data import text as text_lib
 from dpfed.federated import describe_user_level_privacy
 from dpfed.generative import fedlm, group_sizes, selection
 from dpfed.models.lstm_lm import LstmLM
-from dpfed.privacy import audit
 from dpfed.train import run_clock, seeds
 from dpfed.train import workdir as workdir_lib
 from dpfed.train.config import (
@@ -412,10 +411,8 @@ def render_report(config: TextDebugConfig, summary: dict, samples: dict, diagnos
         "LMs see `<oov>` and never sample it)."
     )
     max_eps_line = selection.max_epsilon_line(summary)
-
-    def audit_line(name):  # an audit run's line on the LM of group `name`, a sub-item
-        line = audit.report_line({"audit": summary.get("audit", {}).get(f"lm_{name}")})
-        return f"\n  {line.rstrip()}" if line else ""
+    # Each model's canary-audit line, a sub-item of its privacy line ("" without an audit).
+    audits = {f"lm_{name}": selection.audit_line(summary, f"lm_{name}") for name in GROUPS}
 
     def lines(name):
         return "\n".join(f"    {line}" for line in samples[name][:12])
@@ -483,8 +480,8 @@ Low-OOV clients' LM:
 ## Privacy
 
 Unit: one **user** (client). Only each client's clipped LM delta leaves it, noised in the sum.
-- high-OOV LM: {describe_user_level_privacy(high, config.delta)}{audit_line("high_oov")}
-- low-OOV LM: {describe_user_level_privacy(low, config.delta)}{audit_line("low_oov")}
+- high-OOV LM: {describe_user_level_privacy(high, config.delta)}{audits["lm_high_oov"]}
+- low-OOV LM: {describe_user_level_privacy(low, config.delta)}{audits["lm_low_oov"]}
 - {max_eps_line}
 
 ## Settings and the paper

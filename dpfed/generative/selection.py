@@ -33,6 +33,7 @@ import numpy as np
 from dpfed import privacy
 from dpfed.federated import ClientData, make_example_evaluator
 from dpfed.generative import group_sizes
+from dpfed.privacy import audit
 from dpfed.train import seeds
 from dpfed.train.config import ConfigError, require
 from dpfed.train.run_clock import RunClock
@@ -378,6 +379,14 @@ def table_rows(rows: Sequence[tuple[str, str, str]], left: dict, right: dict) ->
     (label, key, format spec) row, where left and right are the groups' `key` in `spec`."""
     return "\n".join(f"| {label} | {format(left[key], spec)} | {format(right[key], spec)} |"
                      for label, key, spec in rows)
+
+
+def audit_line(summary: dict, model: str) -> str:
+    """report.md's canary-audit line of one group's `model` (its key in the demo's
+    summary.json `audit`, e.g. "gan_low"), as a sub-item to append to that model's privacy
+    line; "" in a run without an audit (`dpfed.privacy.audit`)."""
+    line = audit.report_line({"audit": (summary.get("audit") or {}).get(model)})
+    return f"\n  {line.rstrip()}" if line else ""
 
 
 def max_epsilon_line(summary: dict) -> str:
