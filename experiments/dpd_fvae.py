@@ -27,7 +27,8 @@ Rerunning the same command on the same workdir resumes from its last checkpoint.
 (fid_domain, CNN/MLP/LogReg train-on-synthetic accuracy on the real test split) with
 --num_synthetic samples; `launch/reproduce.py --table=dpd_fvae` runs the rows with
 --noevaluate and evaluates them with `experiments.evaluate`. An empirical check of the
-central ledger: --dp=central --audit_canaries=1000 (audit.json; WORKSPACE.md, "Canary audit").
+central ledger: --dp=central --audit_canaries=1000 (audit.json;
+WORKSPACE.md, "Auditing a training run with canaries").
 """
 
 from absl import flags

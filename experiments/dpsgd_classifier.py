@@ -14,7 +14,8 @@ under add/remove-one, --sampling=fixed (batches of exactly --batch_size) under r
 
 Non-private baseline: add --nodp. Rerunning the same command on the same workdir
 resumes from its last checkpoint, privacy ledger included. An empirical check of the
-privacy accounting: --audit_canaries=1000 (audit.json; WORKSPACE.md, "Canary audit").
+privacy accounting: --audit_canaries=1000 (audit.json;
+WORKSPACE.md, "Auditing a training run with canaries").
 """
 
 from absl import flags
