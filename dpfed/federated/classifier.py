@@ -30,6 +30,7 @@ from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
 from dpfed.privacy import audit
 from dpfed.train import divergence, run_clock, seeds
+from dpfed.train.canary_audit import draw_canaries, write_audit
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -41,10 +42,9 @@ from dpfed.train.config import (
     require_secret_seed,
     unused_privacy_flags,
 )
-from dpfed.train.dpsgd import draw_canaries, make_evaluate, make_optimizer
+from dpfed.train.dpsgd import make_evaluate, make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
-    AUDIT_FILE,
     DIAGNOSTICS_NOTE,
     LEDGER_FILE,
     TrainingData,
@@ -366,9 +366,10 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    if canaries is not None and ledger_json is not None and result.rounds_done > 0:
-        summary["audit"] = audit.audit_run(canaries, initial, result.state.params, ledger_json)
-        wd.write_json(AUDIT_FILE, summary["audit"])
+    audit_figures = write_audit(wd, canaries, initial, result.state.params, ledger_json,
+                                trained=result.rounds_done > 0)
+    if audit_figures is not None:
+        summary["audit"] = audit_figures
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, wd.read_metrics()),
                     keep_evaluation=result.trained_nothing)

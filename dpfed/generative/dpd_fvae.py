@@ -74,6 +74,7 @@ from dpfed.generative import contract
 from dpfed.models import vae
 from dpfed.privacy import audit
 from dpfed.train import divergence, run_clock, seeds
+from dpfed.train.canary_audit import draw_canaries, write_audit
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -85,10 +86,9 @@ from dpfed.train.config import (
     require_secret_seed,
     unused_privacy_flags,
 )
-from dpfed.train.dpsgd import draw_canaries, make_optimizer
+from dpfed.train.dpsgd import make_optimizer
 from dpfed.train.resume import Spent, calibrate_rest, checkpointed_spend
 from dpfed.train.workdir import (
-    AUDIT_FILE,
     CONFIG_FILE,
     DIAGNOSTICS_JSON,
     DIAGNOSTICS_JSON_NOTE,
@@ -958,10 +958,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    if trainer.canaries is not None and ledger_json is not None and result.rounds_done > 0:
-        summary["audit"] = audit.audit_run(
-            trainer.canaries, trainer.initial[0], result.state.params, ledger_json)
-        wd.write_json(AUDIT_FILE, summary["audit"])
+    audit_figures = write_audit(wd, trainer.canaries, trainer.initial[0], result.state.params,
+                                ledger_json, trained=result.rounds_done > 0)
+    if audit_figures is not None:
+        summary["audit"] = audit_figures
     if diagnostics is not None:
         wd.write_json(DIAGNOSTICS_JSON, diagnostics)
     wd.write_summary(summary)

@@ -49,7 +49,6 @@ from dpfed.federated import (
     ClientUpdateFn,
     DpFedAvg,
     DpFedAvgConfig,
-    LoopResult,
     OneClient,
     RoundMetrics,
     ServerState,
@@ -59,11 +58,10 @@ from dpfed.federated import (
 )
 from dpfed.generative import contract, polarity, wgan_gp
 from dpfed.models import gan
-from dpfed.privacy import audit
 from dpfed.train import seeds
+from dpfed.train.canary_audit import draw_canaries, write_audit
 from dpfed.train.config import require_audit_applies, require_finite_floats, require_secret_seed
-from dpfed.train.dpsgd import draw_canaries
-from dpfed.train.workdir import AUDIT_FILE, Workdir, environment_info, params_sha256
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
 METHOD = "fedgan"
@@ -180,7 +178,7 @@ class DpFedAvgGan:
     Attributes:
       initial_d: D's round-0 variables (`initial_discriminator`).
       canaries: an audit run's (inserted, held-out) directions in D's parameter space,
-        drawn from the seed (`dpsgd.draw_canaries`); the engine inserts the first. None
+        drawn from the seed (`canary_audit.draw_canaries`); the engine inserts the first. None
         without an audit.
     """
 
@@ -217,15 +215,6 @@ class DpFedAvgGan:
             self.config.gan.noise_dim,
         )
         return self.engine.init(self.initial_d, context=g_vars)
-
-    def audit(self, result: LoopResult) -> dict[str, Any] | None:
-        """An audit run's figures (`audit.audit_run`: D's change from round 0 to the end
-        of `result` scored against the canaries, beside its ledger's eps); None without
-        an audit, a ledger or a round."""
-        if self.canaries is None or result.ledger is None or result.rounds_done == 0:
-            return None
-        return audit.audit_run(
-            self.canaries, self.initial_d, result.state.params, result.ledger.to_json())
 
     def generator_step(
         self, g_variables: PyTree, d_params: PyTree, key: jax.Array
@@ -336,7 +325,7 @@ def train_gan(
 
     Writes the workdir contract (ledger.json for private runs, metrics.jsonl,
     summary.json, checkpoints/) plus `generator.msgpack`, the released G, and in an audit
-    run `audit.json` (`DpFedAvgGan.audit`, also the summary's `audit`). Each evaluation
+    run `audit.json` (`canary_audit.write_audit`, also the summary's `audit`). Each evaluation
     logs the inverted fraction of `eval_samples` samples (`polarity`): a function of G
     alone, so free of privacy cost.
 
@@ -374,9 +363,10 @@ def train_gan(
     # covers every release in the workdir (the other order left one without its spend).
     privacy_fields = write_privacy_summary(result, gan_engine.engine, wd, config.delta)
     wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
-    audit_figures = gan_engine.audit(result)
-    if audit_figures is not None:  # after ledger.json, which covers it
-        wd.write_json(AUDIT_FILE, audit_figures)
+    # An audit run's figures: D's change from round 0 scored against the canaries.
+    audit_figures = write_audit(wd, gan_engine.canaries, gan_engine.initial_d,
+                                result.state.params, privacy_fields,
+                                trained=result.rounds_done > 0)
     summary = {
         "method": METHOD,
         "group": group,

@@ -20,7 +20,7 @@ generator), and the top level holds
 - the releases (`dpfed.train.workdir`): summary.json (eps, the samples' inverted
   fractions, group sizes, settings), report.md and the grids;
 - `audit.json` (an audit run, `audit_canaries`): each GAN's canary audit of its D
-  (`fedgan.DpFedAvgGan.audit`, also in its sub-workdir beside its ledger);
+  (`canary_audit.write_audit` in `fedgan.train_gan`, also in its sub-workdir beside its ledger);
 - `diagnostics.json`: the simulation's ground truth and figures computed from raw client
   data (which clients are buggy, the groups' real images, per-client accuracies, quantile
   thresholds). Not a DP release, not covered by the guarantee; the report shows them in a

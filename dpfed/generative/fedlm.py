@@ -57,9 +57,9 @@ from dpfed.federated import (
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.privacy import audit
 from dpfed.train import seeds
+from dpfed.train.canary_audit import draw_canaries, write_audit
 from dpfed.train.config import require_audit_applies, require_finite_floats, require_secret_seed
-from dpfed.train.dpsgd import draw_canaries
-from dpfed.train.workdir import AUDIT_FILE, Workdir, environment_info, params_sha256
+from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
 PyTree = Any
 
@@ -517,9 +517,9 @@ def train_lm(
         "seed": seeds.public(config),
         "environment": environment_info(),
     }
-    if canaries is not None and privacy_fields["epsilon_rdp"] is not None and (
-            result.rounds_done > 0):
-        summary["audit"] = audit.audit_run(canaries, initial, params, privacy_fields)
-        wd.write_json(AUDIT_FILE, summary["audit"])
+    audit_figures = write_audit(wd, canaries, initial, params, privacy_fields,
+                                trained=result.rounds_done > 0)
+    if audit_figures is not None:
+        summary["audit"] = audit_figures
     wd.write_summary(summary)
     return summary, params

@@ -32,6 +32,7 @@ from dpfed import data as data_lib
 from dpfed import models, privacy
 from dpfed.privacy import audit, fast_clipping
 from dpfed.train import divergence, preemption, run_clock, seeds
+from dpfed.train.canary_audit import draw_canaries, write_audit
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -53,7 +54,6 @@ from dpfed.train.resume import (
 )
 from dpfed.train.run_clock import RunClock
 from dpfed.train.workdir import (
-    AUDIT_FILE,
     LEDGER_FILE,
     TrainingData,
     Workdir,
@@ -281,16 +281,6 @@ def make_train_step(
     return functools.partial(jitted, canaries=canaries)  # an argument, not a jit constant
 
 
-def draw_canaries(config: Any, params: PyTree) -> tuple[audit.Canaries, audit.Canaries] | None:
-    """(inserted, held-out) canaries of an audit run in the space of `params`, drawn from
-    the seed of `config` (a trainer's config with `seed` and `audit_canaries`); None
-    without an audit."""
-    if not config.audit_canaries:
-        return None
-    return audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), params,
-                           config.audit_canaries)
-
-
 def make_evaluate(model: nn.Module, batch_size: int = 500) -> Callable:
     """Returns `evaluate(params, images, labels) -> (accuracy, mean loss)` (host floats)."""
 
@@ -468,9 +458,10 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    if canaries is not None and ledger_json is not None and int(state["step"]) > 0:
-        summary["audit"] = audit.audit_run(canaries, params, state["params"], ledger_json)
-        wd.write_json(AUDIT_FILE, summary["audit"])
+    audit_figures = write_audit(wd, canaries, params, state["params"], ledger_json,
+                                trained=int(state["step"]) > 0)
+    if audit_figures is not None:
+        summary["audit"] = audit_figures
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, wd.read_metrics()),
                     keep_evaluation=start_step == last_step)  # a finished run, rerun

@@ -1,0 +1,48 @@
+"""A trainer's audit run: its canaries drawn from the run's seed, and its audit.json.
+
+The five trainers that take `audit_canaries` (`dpfed.train.dpsgd`, `dpfed.federated.
+classifier`, `dpfed.generative.fedgan`, `fedlm` and `dpd_fvae`) draw their canaries and
+write their figures here, so that the seed stream, the refusals and the write's order
+after ledger.json are one rule (`dpfed.privacy.audit`; WORKSPACE.md, "Auditing a
+training run with canaries").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpfed.privacy import audit
+from dpfed.train import seeds
+from dpfed.train.workdir import AUDIT_FILE, Workdir
+
+PyTree = Any
+
+
+def draw_canaries(config: Any, params: PyTree) -> tuple[audit.Canaries, audit.Canaries] | None:
+    """(inserted, held-out) canaries of an audit run in the space of `params`, drawn from
+    the seed of `config` (a trainer's config with `seed` and `audit_canaries`); None
+    without an audit."""
+    if not config.audit_canaries:
+        return None
+    return audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), params,
+                           config.audit_canaries)
+
+
+def write_audit(
+    wd: Workdir,
+    canaries: tuple[audit.Canaries, audit.Canaries] | None,
+    initial: PyTree,
+    final: PyTree,
+    ledger: dict[str, Any] | None,
+    trained: bool,
+) -> dict[str, Any] | None:
+    """Writes audit.json (`audit.audit_run` of the model's change from `initial` to
+    `final`) and returns its figures, for an audit run (`canaries`) that `trained` under a
+    ledger (`ledger`: its `PrivacyLedger.to_json`, or a trainer's privacy fields with
+    `epsilon_rdp`); writes nothing and returns None otherwise. Call it after ledger.json
+    is written: the ledger covers the figures, which are post-processing of the run."""
+    if canaries is None or not trained or ledger is None or ledger["epsilon_rdp"] is None:
+        return None
+    figures = audit.audit_run(canaries, initial, final, ledger)
+    wd.write_json(AUDIT_FILE, figures)
+    return figures

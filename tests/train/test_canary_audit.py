@@ -1,0 +1,71 @@
+"""Tests for dpfed.train.canary_audit: a trainer's canaries and its audit.json."""
+
+import json
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpfed.privacy import audit
+from dpfed.train import canary_audit
+from dpfed.train.workdir import AUDIT_FILE, Workdir
+
+_PARAMS = {"w": jnp.zeros((40, 30)), "b": jnp.zeros((30,))}
+_LEDGER = {"delta": 1e-5, "epsilon_rdp": 4.7, "epsilon_pld": 4.4}
+
+
+def _config(canaries, seed=3):
+    return types.SimpleNamespace(audit_canaries=canaries, seed=seed)
+
+
+def _canaries():
+    return canary_audit.draw_canaries(_config(50), _PARAMS)
+
+
+def test_no_canaries_without_an_audit():
+    assert canary_audit.draw_canaries(_config(0), _PARAMS) is None, (
+        "audit_canaries=0 must draw nothing: a run without an audit")
+
+
+def test_canaries_come_from_the_seed():
+    first, again, other = _canaries(), _canaries(), canary_audit.draw_canaries(
+        _config(50, seed=4), _PARAMS)
+    np.testing.assert_array_equal(
+        first[0].coords, again[0].coords,
+        err_msg="the same seed must draw the same inserted canaries (a resumed run scores "
+                "the directions it inserted)")
+    assert not np.array_equal(first[0].coords, other[0].coords), (
+        "another seed drew the same canaries: they must come from the run's seed")
+    assert first[0].num_directions + first[1].num_directions == 100, (
+        "an audit of K = 50 draws 2K candidates, split into inserted and held-out")
+
+
+def test_an_audit_run_writes_its_figures(tmp_path):
+    wd = Workdir(tmp_path)
+    canaries = _canaries()
+    final = {"w": jnp.ones((40, 30)), "b": jnp.ones((30,))}
+    figures = canary_audit.write_audit(wd, canaries, _PARAMS, final, _LEDGER, trained=True)
+    expected = audit.audit_run(canaries, _PARAMS, final, _LEDGER)
+    assert figures == expected, "the figures must be audit.audit_run's"
+    written = json.loads((tmp_path / AUDIT_FILE).read_text())
+    assert written["ledger_epsilon_rdp"] == pytest.approx(4.7), (
+        "audit.json must hold the figures beside the ledger's eps")
+    assert written["inserted"] == figures["inserted"], "audit.json must hold the figures"
+
+
+@pytest.mark.parametrize(
+    "canaries, ledger, trained, why",
+    [
+        (None, _LEDGER, True, "a run without canaries"),
+        ("draw", None, True, "a non-private run (no ledger)"),
+        ("draw", {**_LEDGER, "epsilon_rdp": None}, True, "privacy fields without an eps"),
+        ("draw", _LEDGER, False, "a run that trained no round or step"),
+    ],
+)
+def test_nothing_written_without_an_audit_to_make(tmp_path, canaries, ledger, trained, why):
+    wd = Workdir(tmp_path)
+    drawn = _canaries() if canaries == "draw" else None
+    figures = canary_audit.write_audit(wd, drawn, _PARAMS, _PARAMS, ledger, trained=trained)
+    assert figures is None, f"{why} has no audit figures"
+    assert not (tmp_path / AUDIT_FILE).exists(), f"{why} must not write audit.json"
