@@ -163,15 +163,21 @@ def send(process: int | None, signum: int) -> None:
         os.kill(pid, signum)
 
 
-class _PeerKiller(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
-    """crash_points' tracer that at point `kill_at` SIGKILLs process `peer` of the job
-    instead of this one, and logs the points after it unnumbered."""
+class _PeerTracer(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
+    """crash_points' tracer whose kill point signals process `peer` of the job (None:
+    every other process) instead of killing this one."""
 
     def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path,
                  peer: int | None):
         super().__init__(trace, kill_at, root)
         self.peer = peer
-        self.done = False
+
+
+class _PeerKiller(_PeerTracer):
+    """A tracer that at point `kill_at` SIGKILLs process `peer` of the job instead of this
+    one, and logs the points after it unnumbered."""
+
+    done = False
 
     def point(self, kind: str, path: str | os.PathLike) -> None:
         if self.done:
@@ -185,15 +191,10 @@ class _PeerKiller(crash_points._Tracer):  # noqa: SLF001 -- its numbering and tr
         self.done = True
 
 
-class _PeerTerminator(crash_points._Tracer):  # noqa: SLF001 -- its numbering and trace.
-    """crash_points' tracer that at point `kill_at` sends SIGTERM to process `peer` of
-    the job (None: to every other process, then to this one) and lets the write and the
-    run go on, its points numbered as before."""
-
-    def __init__(self, trace: pathlib.Path, kill_at: int, root: pathlib.Path,
-                 peer: int | None):
-        super().__init__(trace, kill_at, root)
-        self.peer = peer
+class _PeerTerminator(_PeerTracer):
+    """A tracer that at point `kill_at` sends SIGTERM to process `peer` of the job (None:
+    to every other process, then to this one) and lets the write and the run go on, its
+    points numbered as before."""
 
     def at_kill_point(self, kind: str, path: pathlib.Path) -> None:
         send(self.peer, signal.SIGTERM)
