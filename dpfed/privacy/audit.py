@@ -36,6 +36,16 @@ contributions. The paper draws dense directions; here each is `support`-sparse: 
 coordinate drawn uniformly in each of s equal blocks of the d parameters, values
 +-1/sqrt(s) (exactly unit), so k directions take k s numbers instead of k d.
 
+All rounds (DP-FedAvg; `RoundScores`, `observe`, `all_rounds`). The ledger bounds an
+adversary who sees every round's release, the noised mean, not only the final model. Each
+round, each candidate's standardised projection s = <mean, u_c> m / C (m the expected
+cohort, C the round's clip norm) moves by exactly 1 when an inserted canary takes part
+and carries the noise N(0, sigma^2), sigma the update's noise multiplier. Accumulated
+over the rounds: the sensitivity and the noise the run adds (`shift`, `noise_std`), an
+estimate of the eps they imply, and the one-run lower bound on each candidate's
+log-likelihood ratio of "takes part at rate q" against "never", a function of the
+releases and public constants alone (Andrew et al. 2024's all-rounds setting).
+
 An audit run's model holds the canaries: it is for auditing, not for release. The
 scores are computed from the released model alone and the canaries are no record's data,
 so the audit's figures are post-processing of the run's releases (its ledger covers them).
@@ -54,6 +64,7 @@ from jax.flatten_util import ravel_pytree
 from jax_privacy import auditing
 from scipy import optimize, stats
 
+from dpfed.privacy import accounting
 from dpfed.privacy.accounting import format_upper
 from dpfed.privacy.sampling import bernoulli_at_most
 
@@ -150,13 +161,129 @@ def insert(
     return unravel(flat + added)
 
 
+def concat(first: Canaries, second: Canaries) -> Canaries:
+    """The directions of `first`, then those of `second`."""
+    return Canaries(jnp.concatenate([first.coords, second.coords]),
+                    jnp.concatenate([first.values, second.values]))
+
+
+def _project(canaries: Canaries, flat: jax.Array) -> jax.Array:
+    """[k]: <flat, u_c> for each direction (a gather of its s coordinates)."""
+    return jnp.sum(flat[canaries.coords] * canaries.values, axis=1)
+
+
 @jax.jit
 def scores(canaries: Canaries, initial: PyTree, final: PyTree) -> jax.Array:
     """[k]: the cosine of the model's change `final - initial` with each direction."""
     change = ravel_pytree(final)[0].astype(jnp.float32) - ravel_pytree(initial)[0].astype(
         jnp.float32)
-    projections = jnp.sum(change[canaries.coords] * canaries.values, axis=1)
+    projections = _project(canaries, change)
     return projections / jnp.maximum(jnp.linalg.norm(change), jnp.finfo(jnp.float32).tiny)
+
+
+class RoundScores(NamedTuple):
+    """Per-candidate sums over the rounds of the standardised projection s (`observe`).
+
+    Attributes:
+      sum: [k] float32, sum over rounds of s.
+      sum_sq: [k] float32, sum over rounds of s^2.
+      llr: [k] float32, sum over rounds of log((1 - q) + q exp((s - 1/2) / sigma^2)).
+    """
+
+    sum: jax.Array
+    sum_sq: jax.Array
+    llr: jax.Array
+
+    @classmethod
+    def zeros(cls, count: int) -> RoundScores:
+        """The sums of `count` candidates before any round."""
+        return cls(*(jnp.zeros((count,), jnp.float32) for _ in range(3)))
+
+
+def observe(
+    sums: RoundScores, canaries: Canaries, mean: PyTree, clip: jax.Array, divisor: float,
+    rate: float, noise_multiplier: float,
+) -> RoundScores:
+    """`sums` plus one round's standardised projections s = <mean, u_c> divisor / clip.
+
+    `mean` is the round's release (the noised sum / `divisor`, the expected cohort), in
+    which a canary that took part adds clip u_c / divisor: s shifts by 1 when it does, and
+    the noise adds N(0, noise_multiplier^2) to s. The llr term is that of a direction
+    taking part at `rate` q against never (q = 1 included).
+    """
+    flat = ravel_pytree(mean)[0].astype(jnp.float32)
+    s = _project(canaries, flat) * (divisor / clip)
+    log_absent = -np.inf if rate >= 1 else float(np.log1p(-rate))
+    llr = jnp.logaddexp(log_absent, np.log(rate) + (s - 0.5) / noise_multiplier**2)
+    return RoundScores(sums.sum + s, sums.sum_sq + s * s, sums.llr + llr)
+
+
+def all_rounds(
+    sums: RoundScores, inserted: int, rounds: int, rate: float, noise_multiplier: float,
+    delta: float, significance: float = SIGNIFICANCE,
+) -> dict[str, Any]:
+    """audit.json's `all_rounds` figures from `rounds` rounds' `sums` (`observe`) of
+    candidates whose first `inserted` were inserted, the rest held out.
+
+    - `shift`: the inserted sets' mean sum of s above the held-out one, per expected
+      participation (rounds x rate): the sensitivity, in units of C / divisor (1 expected);
+    - `noise_std`: the held-out s's std, pooled over candidates and rounds: the noise
+      multiplier the run adds (at least `noise_multiplier`; more by the records' projected
+      sum). Below it beyond sampling error: less noise than the ledger records;
+    - `epsilon_estimate`: eps at `delta` of `rounds` Poisson-sampled (`rate`) Gaussian
+      mechanisms of multiplier noise_std / shift (PLD): an estimate, not a bound;
+    - `epsilon_lower_bound`: the one-run bound (`lower_bound`) on the llr scores.
+
+    Raises:
+      ValueError: for fewer than 2 candidates in a set, no rounds, or a non-finite sum.
+    """
+    total, total_sq, llr = (np.asarray(x, np.float64) for x in sums)
+    held_out = total.size - inserted
+    if min(inserted, held_out) < 2 or rounds < 1:
+        raise ValueError("the all-rounds audit needs >= 1 round and 2 candidates of each set")
+    if not all(np.all(np.isfinite(x)) for x in (total, total_sq, llr)):
+        raise ValueError("a round's canary projection is NaN or inf: the model diverged")
+    shift = float(np.mean(total[:inserted]) - np.mean(total[inserted:])) / (rounds * rate)
+    count = held_out * rounds
+    pooled_mean = np.sum(total[inserted:]) / count
+    noise_std = float(np.sqrt(max(np.sum(total_sq[inserted:]) - count * pooled_mean**2, 0.0)
+                              / max(count - 1, 1)))
+    return {
+        "rounds": rounds,
+        "rate": rate,
+        "noise_multiplier": noise_multiplier,
+        "shift": shift,
+        "noise_std": noise_std,
+        "epsilon_estimate": sampled_gaussian_epsilon(noise_std, shift, rate, rounds, delta),
+        "epsilon_lower_bound": lower_bound(llr[:inserted], llr[inserted:], delta, significance),
+        "significance": significance,
+        "delta": delta,
+    }
+
+
+def sampled_gaussian_epsilon(
+    noise_std: float, shift: float, rate: float, rounds: int, delta: float
+) -> float:
+    """eps at `delta` (PLD) of `rounds` Gaussian mechanisms of multiplier noise_std / shift,
+    each Poisson-sampled at `rate`: 0 for shift <= 0, inf for noise_std 0."""
+    if not shift > 0:
+        return 0.0
+    if not noise_std > 0:
+        return np.inf
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        rate, dp_accounting.GaussianDpEvent(noise_std / shift)), rounds)
+    eps = accounting.epsilon(event, delta, accountant="pld")
+    assert eps is not None  # PLD supports Poisson-sampled Gaussians
+    return float(eps)
+
+
+def lower_bound(inserted_scores: Any, held_out_scores: Any, delta: float,
+                significance: float = SIGNIFICANCE) -> float:
+    """The one-run lower bound on eps at `delta` (Steinke, Nasr, Jagielski 2023; module
+    docstring) from the scores of the candidates inserted and held out by fair coins."""
+    return float(auditing.CanaryScoreAuditor(
+        np.asarray(inserted_scores, np.float64), np.asarray(held_out_scores, np.float64),
+    ).epsilon_one_run(significance, delta))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +333,6 @@ def estimate(
         mu = shift / std_out
     else:  # held-out scores all equal (a model that did not move: all 0)
         mu = np.inf if shift > 0 else 0.0
-    bound = auditing.CanaryScoreAuditor(inside, outside).epsilon_one_run(significance, delta)
     return AuditResult(
         inserted=inside.size,
         held_out=outside.size,
@@ -218,7 +344,7 @@ def estimate(
         epsilon_estimate=gaussian_epsilon(mu, delta),
         epsilon_estimate_two_variances=gaussian_pair_epsilon(
             (mean_in, std_in), (mean_out, std_out), delta),
-        epsilon_lower_bound=float(bound),
+        epsilon_lower_bound=lower_bound(inside, outside, delta, significance),
         significance=significance,
         delta=delta,
     )
@@ -251,7 +377,19 @@ def report_line(summary: dict[str, Any]) -> str:
         f"({result['epsilon_estimate_two_variances']:.3f} with each set's own std), "
         f"lower bound {result['epsilon_lower_bound']:.3f} (holds with probability "
         f"{1 - result['significance']:g}), against the ledger's {ledger_epsilon} (RDP) at delta "
-        f"{result['delta']:g}\n"
+        f"{result['delta']:g}{_all_rounds_clause(result.get('all_rounds'))}\n"
+    )
+
+
+def _all_rounds_clause(figures: dict[str, Any] | None) -> str:
+    """report.md's words on the `all_rounds` figures; empty without them."""
+    if figures is None:
+        return ""
+    return (
+        f"; all rounds' releases ({figures['rounds']} rounds): each participation moves a canary "
+        f"{figures['shift']:.3f} C / m (1 expected), noise std {figures['noise_std']:.3f} "
+        f"(the ledger's {figures['noise_multiplier']:.4g}), eps estimate "
+        f"{figures['epsilon_estimate']:.3f}, lower bound {figures['epsilon_lower_bound']:.3f}"
     )
 
 

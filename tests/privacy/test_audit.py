@@ -164,3 +164,51 @@ def test_draw_pair_inserts_each_candidate_by_its_own_fair_coin():
         f"the inserted count is always {set(sizes.tolist())}: not independent coins")
     pair_corr = np.corrcoef(positions[:, 0], positions[:, 1])[0, 1]
     assert abs(pair_corr) < 0.3, f"two candidates' coins are correlated ({pair_corr:.2f})"
+
+
+def _hand_made():
+    """Two 2-coordinate directions in 6 parameters and a mean with known projections."""
+    half = 2**-0.5
+    canaries = audit.Canaries(jnp.array([[0, 3], [1, 5]], jnp.int32),
+                              jnp.array([[half, half], [half, -half]], jnp.float32))
+    mean = {"a": jnp.array([0.1, 0.2, 9.0], jnp.float32),
+            "b": jnp.array([0.3, 9.0, -0.1], jnp.float32)}
+    # <mean, u> = (0.1 + 0.3) / sqrt2 and (0.2 + 0.1) / sqrt2; s = <mean, u> * 8 / 0.5.
+    return canaries, mean, np.array([0.4, 0.3]) * half * 16
+
+
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_observe_adds_each_rounds_standardised_projection_and_its_llr(rate):
+    canaries, mean, s = _hand_made()
+    sigma = 2.0
+    sums = audit.observe(audit.RoundScores.zeros(2), canaries, mean, jnp.float32(0.5), 8.0,
+                         rate, sigma)
+    sums = audit.observe(sums, canaries, mean, jnp.float32(0.5), 8.0, rate, sigma)
+    llr = np.log((1 - rate) + rate * np.exp((s - 0.5) / sigma**2))
+    np.testing.assert_allclose(sums.sum, 2 * s, rtol=1e-6, err_msg="s is not <mean, u> m / C")
+    np.testing.assert_allclose(sums.sum_sq, 2 * s**2, rtol=1e-6)
+    np.testing.assert_allclose(sums.llr, 2 * llr, rtol=1e-5,
+                               err_msg="not log((1 - q) + q exp((s - 1/2) / sigma^2))")
+
+
+def test_all_rounds_figures_of_hand_made_sums():
+    # Two inserted then three held-out candidates, 4 rounds at q = 0.5.
+    sums = audit.RoundScores(sum=jnp.array([3.0, 1.0, 0.5, -0.5, 0.0]),
+                             sum_sq=jnp.array([9.0, 9.0, 4.0, 3.0, 5.0]),
+                             llr=jnp.array([2.0, 1.0, 0.0, -1.0, 0.5]))
+    figures = audit.all_rounds(sums, inserted=2, rounds=4, rate=0.5, noise_multiplier=1.0,
+                               delta=DELTA)
+    assert figures["shift"] == pytest.approx((2.0 - 0.0) / (4 * 0.5))
+    assert figures["noise_std"] == pytest.approx(np.sqrt(12.0 / 11)), (
+        "the held-out s pooled over candidates and rounds: 12 values, sum 0, sum of squares 12")
+    assert figures["epsilon_estimate"] == pytest.approx(audit.sampled_gaussian_epsilon(
+        np.sqrt(12.0 / 11), 1.0, 0.5, 4, DELTA))
+    assert figures["epsilon_lower_bound"] == audit.lower_bound([2.0, 1.0], [0.0, -1.0, 0.5], DELTA)
+    assert (figures["rounds"], figures["rate"], figures["delta"]) == (4, 0.5, DELTA)
+
+
+def test_sampled_gaussian_epsilon_of_one_unsampled_round_is_the_gaussian_mechanisms():
+    exact = dp_accounting.get_epsilon_gaussian(1.0, DELTA)  # 4.377
+    assert audit.sampled_gaussian_epsilon(2.0, 2.0, 1.0, 1, DELTA) == pytest.approx(
+        exact, abs=0.01), "multiplier noise_std / shift = 1, q = 1, one round"
+    assert audit.sampled_gaussian_epsilon(1.0, 0.0, 1.0, 1, DELTA) == 0.0
