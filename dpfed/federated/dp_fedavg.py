@@ -9,7 +9,9 @@ Language Models"), optionally with adaptive clipping (Andrew et al. 2021). One r
 4. add N(0, (zC)^2) and divide by the *expected* cohort size (q N, or m);
 5. the server optimiser (optax: SGD, momentum, Adam) takes minus that mean as its gradient;
 6. with adaptive clipping, C follows the noised unclipped fraction.
-An audit run also adds canary clients to the sum of step 3 (`audit`: Andrew et al. 2024).
+An audit run also adds canary clients to the sum of step 3 (`audit`: Andrew et al. 2024)
+and, given the held-out directions too, accumulates each round's projections of the mean
+of step 4 on all of them in the state (the all-rounds audit).
 
 Execution: the cohort is processed in chunks of `chunk_size` clients by a `lax.while_loop`
 (ceil(count / chunk_size) passes: an overflowing Poisson cohort is never truncated, see
@@ -75,6 +77,8 @@ class ServerState(NamedTuple):
         (e.g. a client's own encoder); `()` when clients keep nothing.
       context: read-only payload broadcast with the params that clients do not update
         (e.g. a GAN's generator, trained by the server); `()` when unused.
+      audit: an all-rounds audit run's `audit.RoundScores` of the inserted, then the
+        held-out canaries (`DpFedAvg(..., held_out=...)`); `()` otherwise.
     """
 
     params: PyTree
@@ -83,6 +87,7 @@ class ServerState(NamedTuple):
     clip_norm: jax.Array
     client_states: PyTree
     context: PyTree
+    audit: PyTree = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +175,10 @@ class DpFedAvg:
       canaries: for an audit run only (`audit`): directions in the shared parameters'
         space, each a canary client sampled like a user (Poisson only) that adds C times
         its direction to the clipped sum. Its model is not for release.
+      held_out: with `canaries`, the audit's held-out directions (never inserted): each
+        round then also adds the standardised projections of its release, the noised
+        mean, on the inserted and the held-out directions to `ServerState.audit`
+        (`audit.observe`; the all-rounds audit). Needs noise.
     """
 
     def __init__(
@@ -180,12 +189,16 @@ class DpFedAvg:
         config: DpFedAvgConfig,
         mesh: Mesh | None = None,
         canaries: audit.Canaries | None = None,
+        held_out: audit.Canaries | None = None,
     ):
         check_client_data(data)
         if canaries is not None and (
                 config.sampling != "poisson" or config.l2_clip is None):
             raise ValueError("canaries take part as users of Poisson sampling and send an "
                              "update of norm C: they need sampling='poisson' and an l2_clip")
+        if held_out is not None and (canaries is None or not config.noise_multiplier > 0):
+            raise ValueError("the all-rounds audit (held_out) needs inserted canaries and "
+                             "noise: its scores are in units of the noise")
         self.config = config
         self.mesh = client_mesh() if mesh is None else mesh
         self.client_update = client_update
@@ -208,6 +221,9 @@ class DpFedAvg:
         self.clients_per_device_step = width or self.chunk_size // devices
         self.data = replicate(_at_least_one_client(data), self.mesh)
         self.canaries = None if canaries is None else replicate(canaries, self.mesh)
+        # The directions whose projections each round accumulates: inserted, then held out.
+        self.observed = None if held_out is None or canaries is None else replicate(
+            audit.concat(canaries, held_out), self.mesh)
         self._round = jax.jit(self._round_impl)
         self._round_donating = jax.jit(self._round_impl, donate_argnums=0)
 
@@ -224,7 +240,7 @@ class DpFedAvg:
                     f"client_states leaves need a leading axis of {self.num_clients} clients, "
                     f"got shape {leaf.shape}")
         if self.canaries is not None:
-            audit.check_fits(self.canaries, params)
+            audit.check_fits(self.canaries if self.observed is None else self.observed, params)
         clip = self.config.l2_clip if self.config.l2_clip is not None else jnp.inf
         state = ServerState(
             params=params,
@@ -233,6 +249,8 @@ class DpFedAvg:
             clip_norm=jnp.float32(clip),
             client_states=client_states,
             context=context,
+            audit=() if self.observed is None else audit.RoundScores.zeros(
+                self.observed.num_directions),
         )
         return replicate(state, self.mesh)
 
@@ -247,11 +265,11 @@ class DpFedAvg:
         encoder and its Adam state: ~0.8 MB a client on mnist).
         """
         return (self._round_donating if donate else self._round)(
-            state, self.data, self.canaries, key)
+            state, self.data, self.canaries, self.observed, key)
 
     def lower(self, state: ServerState, key: jax.Array) -> jax.stages.Lowered:
         """The round lowered for `state` (e.g. `.compile().memory_analysis()`, `.as_text()`)."""
-        return self._round.lower(state, self.data, self.canaries, key)
+        return self._round.lower(state, self.data, self.canaries, self.observed, key)
 
     def cohort(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The cohort the round with `key` trains: (client indices, count), as in `sample`."""
@@ -303,6 +321,15 @@ class DpFedAvg:
             return None
         return privacy.epsilon(event, delta, ledger.relation, accountant)
 
+    def all_rounds_audit(self, state: ServerState, delta: float) -> dict[str, Any]:
+        """`audit.all_rounds` of the rounds that led to `state`, at `delta`, for an engine
+        with `held_out` canaries."""
+        if self.observed is None or self.canaries is None:
+            raise ValueError("an engine without held_out canaries keeps no all-rounds scores")
+        return audit.all_rounds(
+            state.audit, self.canaries.num_directions, int(state.round), self.sampler.rate,
+            self.aggregator.update_mechanism.noise_multiplier, delta)
+
     @property
     def num_users(self) -> int:
         """The users rounds sample from: the clients, or the subpopulation's population
@@ -343,7 +370,7 @@ class DpFedAvg:
 
     def _round_impl(
         self, state: ServerState, data: ClientData, canaries: audit.Canaries | None,
-        key: jax.Array,
+        observed: audit.Canaries | None, key: jax.Array,
     ):
         sample_key, client_key, noise_key, count_key = _round_keys(key)
         indices, count = self.sampler.sample(sample_key)
@@ -385,6 +412,11 @@ class DpFedAvg:
             mean = jax.tree_util.tree_map(lambda s: s / self.sampler.divisor, sums.delta)
         else:
             mean = self.aggregator.noised_mean(sums.delta, clip, noise_key)
+        scores = state.audit
+        if observed is not None:  # the release, post-processed: no key, no change to it
+            scores = audit.observe(
+                scores, observed, mean, clip, self.sampler.divisor, self.sampler.rate,
+                self.aggregator.update_mechanism.noise_multiplier)
         next_clip, noised_fraction = self.aggregator.next_clip(clip, sums.below, count_key)
         pseudo_grad = jax.tree_util.tree_map(
             lambda m, p: (-m).astype(p.dtype), mean, state.params)
@@ -397,6 +429,7 @@ class DpFedAvg:
             clip_norm=next_clip.astype(jnp.float32),
             client_states=client_states,
             context=state.context,
+            audit=scores,
         )
         clients = jnp.maximum(sums.clients, 1).astype(jnp.float32)
         metrics = RoundMetrics(
