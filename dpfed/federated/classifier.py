@@ -10,6 +10,7 @@ The unit of privacy is one *user* (client): everything a client holds may change
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
@@ -317,6 +318,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         clients,
         engine_config(config, noise_multiplier),
         canaries=None if canaries is None else canaries[0],
+        held_out=None if canaries is None else canaries[1],
     )
     state = engine.init(initial)
     ledger = None if config.nodp else new_ledger(config, engine)
@@ -366,8 +368,9 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    audit_figures = write_audit(wd, canaries, initial, result.state.params, ledger_json,
-                                trained=result.rounds_done > 0)
+    audit_figures = write_audit(
+        wd, canaries, initial, result.state.params, ledger_json, trained=result.rounds_done > 0,
+        all_rounds=functools.partial(engine.all_rounds_audit, result.state))
     if audit_figures is not None:
         summary["audit"] = audit_figures
     wd.write_summary(summary)

@@ -9,6 +9,7 @@ training run with canaries").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from dpfed.privacy import audit
@@ -35,14 +36,19 @@ def write_audit(
     final: PyTree,
     ledger: dict[str, Any] | None,
     trained: bool,
+    all_rounds: Callable[[float], dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """Writes audit.json (`audit.audit_run` of the model's change from `initial` to
     `final`) and returns its figures, for an audit run (`canaries`) that `trained` under a
     ledger (`ledger`: its `PrivacyLedger.to_json`, or a trainer's privacy fields with
     `epsilon_rdp`); writes nothing and returns None otherwise. Call it after ledger.json
-    is written: the ledger covers the figures, which are post-processing of the run."""
+    is written: the ledger covers the figures, which are post-processing of the run.
+    `all_rounds(delta)`, where given: the all-rounds figures at the ledger's delta
+    (`DpFedAvg.all_rounds_audit`), added as `all_rounds`."""
     if canaries is None or not trained or ledger is None or ledger["epsilon_rdp"] is None:
         return None
     figures = audit.audit_run(canaries, initial, final, ledger)
+    if all_rounds is not None:
+        figures["all_rounds"] = all_rounds(ledger["delta"])
     wd.write_json(AUDIT_FILE, figures)
     return figures

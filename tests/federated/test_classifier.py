@@ -81,5 +81,26 @@ def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path)
     assert 0 <= written["epsilon_lower_bound"] <= summary["epsilon_rdp"], (
         f"the audit proves more eps than the ledger records: {written}")
     assert "canary audit" in (tmp_path / "report.md").read_text(), "report.md omits the audit"
+    every_round = written["all_rounds"]
+    assert (every_round["rounds"], every_round["rate"], every_round["noise_multiplier"]) == (
+        2, 0.25, 1.0), f"the all-rounds audit's design constants: {every_round}"
+    assert 0 <= every_round["epsilon_lower_bound"] <= summary["epsilon_rdp"], every_round
+    assert "all rounds' releases" in (tmp_path / "report.md").read_text(), (
+        "report.md omits the all-rounds figures")
     again = classifier.train(config, str(tmp_path), log=lambda _: None)  # a finished run
     assert again["audit"] == written, "rerunning a finished audit run changed its figures"
+
+
+def test_an_audit_run_resumed_after_a_round_writes_the_uninterrupted_runs_audit(tmp_path):
+    config = classifier.FedAvgClassifierConfig(
+        dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=3,
+        noise_multiplier=1.0, local_steps=2, local_batch_size=10, audit_canaries=30,
+        eval_every=1, checkpoint_every=1)
+    whole = classifier.train(config, str(tmp_path / "whole"), log=lambda _: None)
+    # Stopped after round 1 (its checkpoint), then resumed to round 3.
+    classifier.train(dataclasses.replace(config, rounds=1), str(tmp_path / "resumed"),
+                     log=lambda _: None)
+    resumed = classifier.train(config, str(tmp_path / "resumed"), log=lambda _: None)
+    assert resumed["audit"]["all_rounds"]["rounds"] == 3, resumed["audit"]
+    assert resumed["audit"] == whole["audit"], (
+        "a resumed audit run lost or repeated rounds of its all-rounds scores")

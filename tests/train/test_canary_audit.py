@@ -54,6 +54,21 @@ def test_an_audit_run_writes_its_figures(tmp_path):
     assert written["inserted"] == figures["inserted"], "audit.json must hold the figures"
 
 
+def test_an_all_rounds_audit_adds_its_figures_at_the_ledgers_delta(tmp_path):
+    deltas = []
+
+    def all_rounds(delta):
+        deltas.append(delta)
+        return {"shift": 1.0}
+
+    figures = canary_audit.write_audit(Workdir(tmp_path), _canaries(), _PARAMS, _PARAMS,
+                                       _LEDGER, trained=True, all_rounds=all_rounds)
+    assert deltas == [1e-5], "the all-rounds figures must be at the ledger's delta"
+    written = json.loads((tmp_path / AUDIT_FILE).read_text())
+    assert written["all_rounds"] == {"shift": 1.0} == figures["all_rounds"], written
+    assert written["inserted"] == figures["inserted"], "the final-model figures stay"
+
+
 @pytest.mark.parametrize(
     "canaries, ledger, trained, why",
     [
