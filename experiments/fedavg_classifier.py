@@ -17,7 +17,8 @@ Non-private FedAvg: add --nodp. Adaptive clipping (Andrew et al. 2021): --adapti
 resumes from its last checkpoint, privacy ledger included. Multi-host (TPU pod slice, SLURM,
 or several processes on one machine): launch on every host with --distributed (see
 launch/multihost.py); process 0 writes the workdir. An empirical check of the privacy
-accounting: --audit_canaries=1000 (audit.json;
+accounting: --audit_canaries=1000 (audit.json: the final model's canary scores, and
+`all_rounds`, every round's release: the sensitivity and noise the run adds, measured;
 WORKSPACE.md, "Auditing a training run with canaries").
 """
 
