@@ -739,6 +739,7 @@ class DpdFvae:
             ),
             mesh,
             canaries=None if self.canaries is None else self.canaries[0],
+            held_out=None if self.canaries is None else self.canaries[1],
         )
 
     @property
@@ -958,8 +959,10 @@ def train(config: DpdFvaeConfig, workdir: str, log: Callable[[str], None] = prin
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    audit_figures = write_audit(wd, trainer.canaries, trainer.initial[0], result.state.params,
-                                ledger_json, trained=result.rounds_done > 0)
+    audit_figures = write_audit(
+        wd, trainer.canaries, trainer.initial[0], result.state.params, ledger_json,
+        trained=result.rounds_done > 0,
+        all_rounds=functools.partial(trainer.engine.all_rounds_audit, result.state))
     if audit_figures is not None:
         summary["audit"] = audit_figures
     if diagnostics is not None:

@@ -205,6 +205,7 @@ class DpFedAvgGan:
             ),
             mesh,
             canaries=None if self.canaries is None else self.canaries[0],
+            held_out=None if self.canaries is None else self.canaries[1],
         )
 
     def init(self) -> ServerState:
@@ -364,9 +365,10 @@ def train_gan(
     privacy_fields = write_privacy_summary(result, gan_engine.engine, wd, config.delta)
     wd.write_bytes(GENERATOR_FILE, flax.serialization.to_bytes(g_vars))
     # An audit run's figures: D's change from round 0 scored against the canaries.
-    audit_figures = write_audit(wd, gan_engine.canaries, gan_engine.initial_d,
-                                result.state.params, privacy_fields,
-                                trained=result.rounds_done > 0)
+    audit_figures = write_audit(
+        wd, gan_engine.canaries, gan_engine.initial_d, result.state.params, privacy_fields,
+        trained=result.rounds_done > 0,
+        all_rounds=functools.partial(gan_engine.engine.all_rounds_audit, result.state))
     summary = {
         "method": METHOD,
         "group": group,

@@ -407,10 +407,10 @@ def make_engine(
     ids: np.ndarray,
     counts: np.ndarray,
     mesh: jax.sharding.Mesh | None = None,
-    canaries: audit.Canaries | None = None,
+    canaries: tuple[audit.Canaries, audit.Canaries] | None = None,
 ) -> DpFedAvg:
-    """The DP-FedAvg engine over clients' padded char sequences (with the inserted
-    `canaries` of an audit run: `DpFedAvg`)."""
+    """The DP-FedAvg engine over clients' padded char sequences (with the (inserted,
+    held-out) `canaries` of an audit run: `DpFedAvg`)."""
     return DpFedAvg(
         lm_client_update(config.local),
         optax.sgd(config.server_learning_rate, momentum=0.9),
@@ -423,7 +423,8 @@ def make_engine(
             subpopulation=config.subpopulation,
         ),
         mesh,
-        canaries,
+        canaries=None if canaries is None else canaries[0],
+        held_out=None if canaries is None else canaries[1],
     )
 
 
@@ -466,7 +467,7 @@ def train_lm(
     wd = Workdir(workdir)
     initial = initial_params(config)
     canaries = draw_canaries(config, initial)  # from the LM's own seed (the group's)
-    engine = make_engine(config, ids, counts, mesh, None if canaries is None else canaries[0])
+    engine = make_engine(config, ids, counts, mesh, canaries)
     model = config.local.model
     init_key = _init_key(config)
     state = engine.init(initial)
@@ -517,8 +518,9 @@ def train_lm(
         "seed": seeds.public(config),
         "environment": environment_info(),
     }
-    audit_figures = write_audit(wd, canaries, initial, params, privacy_fields,
-                                trained=result.rounds_done > 0)
+    audit_figures = write_audit(
+        wd, canaries, initial, params, privacy_fields, trained=result.rounds_done > 0,
+        all_rounds=functools.partial(engine.all_rounds_audit, result.state))
     if audit_figures is not None:
         summary["audit"] = audit_figures
     wd.write_summary(summary)

@@ -208,3 +208,6 @@ def test_one_round_of_all_users_audits_as_the_gaussian_mechanism_the_ledger_reco
     assert figures["ledger_epsilon_pld"] == pytest.approx(4.377, abs=0.01), figures
     assert figures["epsilon_lower_bound"] < figures["ledger_epsilon_pld"], (
         f"the audit proves more eps than the ledger records: {figures}")
+    every_round = figures["all_rounds"]  # D's round release: the same mechanism
+    assert abs(every_round["shift"] - 1) < 0.2 and abs(every_round["noise_std"] - 1) < 0.1, (
+        f"the round's release does not carry sensitivity C and noise z C: {every_round}")

@@ -328,6 +328,9 @@ def test_an_audit_lms_canaries_stand_one_noise_std_out_after_one_round_of_all_us
         "are not inserted at weight C beside the ledger's noise")
     assert result["epsilon_lower_bound"] <= result["ledger_epsilon_pld"], result
     assert result["ledger_epsilon_rdp"] == summary["epsilon_rdp"], "audit.json's ledger eps"
+    every_round = result["all_rounds"]  # the round's release: sensitivity C, noise z C
+    assert abs(every_round["shift"] - 1) < 0.3, every_round
+    assert every_round["noise_std"] >= 0.9, every_round  # the users' sum adds to the noise
 
 
 def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path):
