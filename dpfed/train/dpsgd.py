@@ -12,6 +12,11 @@ The unit of privacy is one training example. Poisson sampling is accounted under
 add/remove-one, fixed-size sampling under replace-one. Step t uses the key
 `fold_in(key(seed), t)`: a run resumed from a checkpoint replays exactly the same
 noise, so resuming neither loses nor double-counts privacy spend.
+
+An audit run (`audit_canaries`) also adds canary examples to the clipped sum and, each
+step, accumulates the projections of the step's release (the noised mean gradient) on
+the inserted and the held-out canaries in the state's "audit" entry, checkpointed with
+it (the all-rounds audit: `audit.observe`, audit.json's `all_rounds`).
 """
 
 from __future__ import annotations
@@ -218,12 +223,16 @@ def make_train_step(
     num_examples: int,
     mechanism: privacy.GaussianSumMechanism | None,
     canaries: audit.Canaries | None = None,
+    held_out: audit.Canaries | None = None,
 ) -> Callable:
     """Builds the jitted `step(state, images, labels, key) -> state`.
 
     `mechanism` None means non-private (plain mean gradient of the sampled batch).
     `canaries` (an audit run, `audit`; Poisson only): canary examples sampled at the
     examples' rate, each with a clipped gradient of -C times its direction.
+    `held_out` (with `canaries`): the audit's held-out directions; each step then adds
+    its release's standardised projections on the inserted, then the held-out ones to
+    `state["audit"]` (`audit.observe`; `initial_state`).
     """
     loss = example_loss(model)
     batched = batch_loss(model)
@@ -237,7 +246,7 @@ def make_train_step(
             return privacy.poisson_sample(key, num_examples, rate)
         return privacy.fixed_size_sample(key, num_examples, config.batch_size)
 
-    def step(state, images, labels, key, canaries=None):
+    def step(state, images, labels, key, canaries=None, observed=None):
         sample_key, noise_key = jax.random.split(key)
         indices, count = sample(sample_key)
         params = state["params"]
@@ -269,16 +278,62 @@ def make_train_step(
             denominator = float(config.batch_size)  # the EXPECTED batch size
         grad = privacy.divide_as(grad_sum, denominator, params)  # float32 until here
         updates, opt_state = optimizer.update(grad, state["opt_state"], params)
-        return {
+        new_state = {
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
+        if observed is not None:  # the release, post-processed: no key, no change to it
+            new_state["audit"] = observe_release(state["audit"], observed, grad, mechanism,
+                                                 config.batch_size, rate)
+        return new_state
 
     jitted = jax.jit(step)
     if canaries is None:
         return jitted
-    return functools.partial(jitted, canaries=canaries)  # an argument, not a jit constant
+    observed = None if held_out is None else audit.concat(canaries, held_out)
+    # Arguments, not jit constants.
+    return functools.partial(jitted, canaries=canaries, observed=observed)
+
+
+def observe_release(
+    sums: audit.RoundScores, observed: audit.Canaries, grad: PyTree,
+    mechanism: privacy.GaussianSumMechanism, batch_size: int, rate: float,
+) -> audit.RoundScores:
+    """`sums` plus one step's `audit.observe` of its release `grad` (the noised gradient
+    sum / the expected batch `batch_size`) on the `observed` directions.
+
+    A canary example adds -C u_c to the gradient sum, so that descent moves the model
+    along +u_c: observed is minus the release (the model's direction of travel), on
+    which the canary's participation moves s = <-grad, u_c> B / C by +1.
+    """
+    travel = jax.tree_util.tree_map(jnp.negative, grad)
+    return audit.observe(sums, observed, travel, jnp.float32(mechanism.l2_clip), float(batch_size),
+                         rate, mechanism.noise_multiplier)
+
+
+def initial_state(
+    params: PyTree, optimizer: optax.GradientTransformation,
+    canaries: tuple[audit.Canaries, audit.Canaries] | None = None,
+) -> dict[str, Any]:
+    """The step-0 state; an audit run's (`canaries`: inserted, held out) also holds the
+    all-rounds sums of its candidates under "audit" (other runs' checkpoints keep their
+    keys)."""
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
+    if canaries is not None:
+        state["audit"] = audit.RoundScores.zeros(
+            canaries[0].num_directions + canaries[1].num_directions)
+    return state
+
+
+def all_steps_audit(
+    state: dict[str, Any], canaries: tuple[audit.Canaries, audit.Canaries], rate: float,
+    noise_multiplier: float,
+) -> Callable[[float], dict[str, Any]]:
+    """`audit.all_rounds` at a delta of an audit run's steps up to `state` (its "audit"
+    sums, `make_train_step`), examples and canaries sampled at `rate`."""
+    return functools.partial(audit.all_rounds, state["audit"], canaries[0].num_directions,
+                             int(state["step"]), rate, noise_multiplier)
 
 
 def make_evaluate(model: nn.Module, batch_size: int = 500) -> Callable:
@@ -384,8 +439,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
     root = seeds.root_key(config.seed)
     params = jax.jit(model.init)(
         seeds.stream_key(config.seed, seeds.INIT_STREAM), jnp.asarray(train_ds.images[:1]))
-    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0)}
     canaries = draw_canaries(config, params)
+    state = initial_state(params, optimizer, canaries)
     if config.clipping == "fast" and not config.nodp:
         check_fast_clipping_applies(model, params, test_ds.images, test_ds.labels, config)
 
@@ -408,8 +463,8 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
 
     images, labels = jnp.asarray(train_ds.images), jnp.asarray(train_ds.labels)
     test_images, test_labels = jnp.asarray(test_ds.images), jnp.asarray(test_ds.labels)
-    train_step = make_train_step(
-        model, optimizer, config, n, mechanism, None if canaries is None else canaries[0])
+    train_step = make_train_step(model, optimizer, config, n, mechanism,
+                                 *(() if canaries is None else canaries))
     evaluate = make_evaluate(model)
     progress = Progress(last_step, desc="dpsgd", start_step=start_step)
     watch = divergence.DivergenceWatch("step", log)
@@ -458,8 +513,10 @@ def train(config: DpSgdConfig, workdir: str, log: Callable[[str], None] = print)
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
-    audit_figures = write_audit(wd, canaries, params, state["params"], ledger_json,
-                                trained=int(state["step"]) > 0)
+    audit_figures = write_audit(
+        wd, canaries, params, state["params"], ledger_json, trained=int(state["step"]) > 0,
+        all_rounds=None if canaries is None or noise_multiplier is None else all_steps_audit(
+            state, canaries, config.batch_size / n, noise_multiplier))
     if audit_figures is not None:
         summary["audit"] = audit_figures
     wd.write_summary(summary)

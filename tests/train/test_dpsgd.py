@@ -437,19 +437,27 @@ def test_microbatch_is_refused_where_no_per_example_gradients_are_taken(mode):
     dpsgd.DpSgdConfig(microbatch=8, noise_multiplier=1.0)  # Must not raise: vmap, private.
 
 
+def _audit_run(z, k, seed, n=8, batch_size=8):
+    """An audit run's pieces on n uniform 100x100 images, a logreg of 100,010 parameters,
+    k canary examples and k held out: (model, params, images, labels, (inserted,
+    held_out), config, optimizer, mechanism: C = 0.5, multiplier z)."""
+    rng = np.random.default_rng(seed)
+    images = jnp.asarray(rng.uniform(size=(n, 100, 100, 1)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, size=n), jnp.int32)
+    model = models.get_classifier("logreg", 10)
+    params = model.init(jax.random.key(seed), images[:1])
+    canaries = audit.draw_pair(jax.random.key(seed + 1), params, k)
+    config = dpsgd.DpSgdConfig(batch_size=batch_size, optimizer="sgd", learning_rate=1.0)
+    return (model, params, images, labels, canaries, config, dpsgd.make_optimizer("sgd", 1.0),
+            privacy.GaussianSumMechanism(0.5, z))
+
+
 def _audit_step(z, k=1_000, seed=0):
     """One DP-SGD step on 8 examples, all sampled (rate 1), with k canary examples and k
     held out, on a logreg of 100,010 parameters: `audit.estimate` of the scores."""
-    rng = np.random.default_rng(seed)
-    images = jnp.asarray(rng.uniform(size=(8, 100, 100, 1)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 10, size=8), jnp.int32)
-    model = models.get_classifier("logreg", 10)
-    params = model.init(jax.random.key(seed), images[:1])
-    inserted, held_out = audit.draw_pair(jax.random.key(seed + 1), params, k)
-    config = dpsgd.DpSgdConfig(batch_size=8, optimizer="sgd", learning_rate=1.0)
-    opt = dpsgd.make_optimizer("sgd", 1.0)
-    step = dpsgd.make_train_step(model, opt, config, 8,
-                                 privacy.GaussianSumMechanism(0.5, z), inserted)
+    model, params, images, labels, canaries, config, opt, mechanism = _audit_run(z, k, seed)
+    inserted, held_out = canaries
+    step = dpsgd.make_train_step(model, opt, config, 8, mechanism, inserted)
     new = step(_state(params, opt), images, labels, jax.random.key(seed + 2))["params"]
     return audit.estimate(audit.scores(inserted, params, new),
                           audit.scores(held_out, params, new), 1e-5)
@@ -480,5 +488,100 @@ def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path)
     assert written["ledger_epsilon_rdp"] == summary["epsilon_rdp"], "audit.json's ledger eps"
     assert 0 <= written["epsilon_lower_bound"] <= summary["epsilon_rdp"], written
     assert "canary audit" in (tmp_path / "report.md").read_text(), "report.md omits the audit"
+    every_step = written["all_rounds"]
+    assert (every_step["rounds"], every_step["noise_multiplier"]) == (3, 1.1), every_step
+    examples = json.loads((tmp_path / "ledger.json").read_text())["metadata"]["dataset_size"]
+    assert every_step["rate"] == pytest.approx(64 / examples), every_step
+    assert 0 <= every_step["epsilon_lower_bound"] <= summary["epsilon_rdp"], every_step
+    assert "all rounds' releases (3 rounds)" in (tmp_path / "report.md").read_text(), (
+        "report.md omits the all-steps figures")
     again = dpsgd.train(config, tmp_path, log=lambda _: None)  # a finished run
     assert again["audit"] == written, "rerunning a finished audit run changed its figures"
+
+
+def _all_steps(z, steps, n, batch_size, k=1_000, seed=0):
+    """`steps` steps of an all-rounds audit run (`_audit_run`; examples and canaries
+    Poisson at batch_size / n): (`dpsgd.all_steps_audit`'s figures at delta 1e-5, the
+    ledger's PLD eps, the final state)."""
+    model, params, images, labels, canaries, config, opt, mechanism = _audit_run(
+        z, k, seed, n, batch_size)
+    step = dpsgd.make_train_step(model, opt, config, n, mechanism, *canaries)
+    state = dpsgd.initial_state(params, opt, canaries)
+    for t in range(steps):
+        state = step(state, images, labels, jax.random.fold_in(jax.random.key(seed + 2), t))
+    figures = dpsgd.all_steps_audit(state, canaries, batch_size / n, z)(1e-5)
+    ledger_eps = privacy.epsilon(
+        dp_event.SelfComposedDpEvent(dpsgd.step_event(config, z, n), steps), 1e-5,
+        accountant="pld")
+    return figures, ledger_eps, state
+
+
+def test_all_steps_audit_of_one_step_of_every_example_reads_the_ledgers_mechanism():
+    figures, ledger_eps, _ = _all_steps(z=1.0, steps=1, n=8, batch_size=8)
+    # ~1,000 scores a set: shift's standard error ~0.045 (0.888 here, seeds 1-3: 0.996,
+    # 1.085, 1.036), noise_std's ~0.022. The 8 real examples' clipped sum projects on the
+    # directions too, but barely.
+    assert abs(figures["shift"] - 1) < 0.15, (
+        f"a canary example moved s by {figures['shift']:.3f}, not +1: the release observed "
+        "is not minus the noised sum / B, in units of C / B")
+    assert abs(figures["noise_std"] - 1) < 0.1, f"noise std {figures['noise_std']:.3f}, not 1"
+    assert abs(ledger_eps - 4.377) < 0.01, ledger_eps  # one Gaussian mechanism, z = 1
+    assert abs(figures["epsilon_estimate"] - ledger_eps) < 0.6, figures
+    assert 0 <= figures["epsilon_lower_bound"] <= ledger_eps, figures
+    assert (figures["rounds"], figures["rate"], figures["noise_multiplier"]) == (1, 1.0, 1.0)
+
+
+def test_all_steps_audit_of_ten_sampled_steps_estimates_the_ledgers_eps():
+    figures, ledger_eps, _ = _all_steps(z=1.0, steps=10, n=50, batch_size=10)
+    # q = 0.2: a canary's sum over 10 steps has variance ~10 + 1.6; / (T q) = 2: ~0.08.
+    assert abs(figures["shift"] - 1) < 0.25, (
+        f"shift {figures['shift']:.3f} per expected participation, not 1: {figures}")
+    assert abs(figures["noise_std"] - 1) < 0.05, figures  # 10,000 held-out values
+    assert abs(figures["epsilon_estimate"] - ledger_eps) < 0.25 * ledger_eps, (
+        f"estimate {figures['epsilon_estimate']:.3f} against the ledger's {ledger_eps:.3f}")
+    assert 0 <= figures["epsilon_lower_bound"] <= ledger_eps, figures
+
+
+@pytest.mark.parametrize("weight", [0.5, -1.0], ids=["half", "wrong_sign"])
+def test_all_steps_audit_reads_the_weight_canaries_were_inserted_with(monkeypatch, weight):
+    insert = audit.insert
+    monkeypatch.setattr(audit, "insert", lambda canaries, total, clip, rate, key: insert(
+        canaries, total, weight * clip, rate, key))
+    figures, _, _ = _all_steps(z=1.0, steps=1, n=8, batch_size=8)
+    assert abs(figures["shift"] - weight) < 0.15, (
+        f"canaries inserted at {weight} x -C u_c moved s by {figures['shift']:.3f}")
+    assert abs(figures["noise_std"] - 1) < 0.1, figures
+
+
+@pytest.mark.parametrize("z", [0.0, 1.0])
+def test_the_all_steps_accumulators_leave_the_released_params_as_they_were(z):
+    model, params, images, labels, canaries, config, opt, mechanism = _audit_run(z, 50, 0)
+    key = jax.random.key(2)
+    before = dpsgd.make_train_step(model, opt, config, 8, mechanism, canaries[0])(
+        _state(params, opt), images, labels, key)
+    after = dpsgd.make_train_step(model, opt, config, 8, mechanism, *canaries)(
+        dpsgd.initial_state(params, opt, canaries), images, labels, key)
+    # Bitwise without noise. With noise, the tests' XLA flags (conftest.py: LLVM's
+    # optimisations off) compile the Gaussian sampling inside a different fusion once the
+    # release has a second reader: ~5% of the kernel's coordinates move by ~3e-8 (1 ulp of
+    # the largest, ~0.3). The binary's default flags give identical params (the same
+    # sha256 with and without).
+    for new, old in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"]),
+                        strict=True):
+        np.testing.assert_allclose(new, old, rtol=0, atol=1e-7 if z else 0)
+    assert set(after) - set(before) == {"audit"}, "only an audit run's state gains a key"
+    assert set(dpsgd.initial_state(params, opt)) == {"params", "opt_state", "step"}, (
+        "a run without canaries keeps its checkpoint's keys")
+
+
+def test_an_audit_run_resumed_after_a_step_writes_the_uninterrupted_runs_audit(tmp_path):
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=256,
+                               noise_multiplier=1.0, eval_every=1, checkpoint_every=1,
+                               audit_canaries=30)
+    whole = dpsgd.train(config, tmp_path / "whole", log=lambda _: None)
+    # Stopped after step 1 (its checkpoint), then resumed to step 3.
+    dpsgd.train(dataclasses.replace(config, steps=1), tmp_path / "resumed", log=lambda _: None)
+    resumed = dpsgd.train(config, tmp_path / "resumed", log=lambda _: None)
+    assert resumed["audit"]["all_rounds"]["rounds"] == 3, resumed["audit"]
+    assert resumed["audit"] == whole["audit"], (
+        "a resumed audit run lost or repeated steps of its all-rounds scores")
