@@ -14,8 +14,9 @@ under add/remove-one, --sampling=fixed (batches of exactly --batch_size) under r
 
 Non-private baseline: add --nodp. Rerunning the same command on the same workdir
 resumes from its last checkpoint, privacy ledger included. An empirical check of the
-privacy accounting: --audit_canaries=1000 (audit.json;
-WORKSPACE.md, "Auditing a training run with canaries").
+privacy accounting: --audit_canaries=1000 (audit.json: the final model's canary scores,
+and under `all_rounds` every step's release's; WORKSPACE.md, "Auditing a training run
+with canaries").
 """
 
 from absl import flags

@@ -36,7 +36,8 @@ contributions. The paper draws dense directions; here each is `support`-sparse: 
 coordinate drawn uniformly in each of s equal blocks of the d parameters, values
 +-1/sqrt(s) (exactly unit), so k directions take k s numbers instead of k d.
 
-All rounds (DP-FedAvg; `RoundScores`, `observe`, `all_rounds`). The ledger bounds an
+All rounds (DP-FedAvg; DP-SGD's steps, m the expected batch; `RoundScores`, `observe`,
+`all_rounds`). The ledger bounds an
 adversary who sees every round's release, the noised mean, not only the final model. Each
 round, each candidate's standardised projection s = <mean, u_c> m / C (m the expected
 cohort, C the round's clip norm) moves by exactly 1 when an inserted canary takes part
