@@ -31,7 +31,7 @@ from dpfed.federated.sampling import CohortSampler
 from dpfed.models import layers
 from dpfed.privacy import audit
 from dpfed.train import divergence, run_clock, seeds
-from dpfed.train.canary_audit import draw_canaries, write_audit
+from dpfed.train.canary_audit import draw_canaries, engine_canaries, write_audit
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -317,8 +317,7 @@ def train(config: FedAvgClassifierConfig, workdir: str, log: Callable[[str], Non
         make_optimizer(config.server_optimizer, config.server_learning_rate),
         clients,
         engine_config(config, noise_multiplier),
-        canaries=None if canaries is None else canaries[0],
-        held_out=None if canaries is None else canaries[1],
+        **engine_canaries(canaries),
     )
     state = engine.init(initial)
     ledger = None if config.nodp else new_ledger(config, engine)

@@ -74,7 +74,7 @@ from dpfed.generative import contract
 from dpfed.models import vae
 from dpfed.privacy import audit
 from dpfed.train import divergence, run_clock, seeds
-from dpfed.train.canary_audit import draw_canaries, write_audit
+from dpfed.train.canary_audit import draw_canaries, engine_canaries, write_audit
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     ConfigError,
@@ -738,8 +738,7 @@ class DpdFvae:
                 noise_multiplier=noise_multiplier if central else 0.0,
             ),
             mesh,
-            canaries=None if self.canaries is None else self.canaries[0],
-            held_out=None if self.canaries is None else self.canaries[1],
+            **engine_canaries(self.canaries),
         )
 
     @property

@@ -59,7 +59,7 @@ from dpfed.federated import (
 from dpfed.generative import contract, polarity, wgan_gp
 from dpfed.models import gan
 from dpfed.train import seeds
-from dpfed.train.canary_audit import draw_canaries, write_audit
+from dpfed.train.canary_audit import draw_canaries, engine_canaries, write_audit
 from dpfed.train.config import require_audit_applies, require_finite_floats, require_secret_seed
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
@@ -204,8 +204,7 @@ class DpFedAvgGan:
                 subpopulation=config.subpopulation,
             ),
             mesh,
-            canaries=None if self.canaries is None else self.canaries[0],
-            held_out=None if self.canaries is None else self.canaries[1],
+            **engine_canaries(self.canaries),
         )
 
     def init(self) -> ServerState:

@@ -57,7 +57,7 @@ from dpfed.federated import (
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.privacy import audit
 from dpfed.train import seeds
-from dpfed.train.canary_audit import draw_canaries, write_audit
+from dpfed.train.canary_audit import draw_canaries, engine_canaries, write_audit
 from dpfed.train.config import require_audit_applies, require_finite_floats, require_secret_seed
 from dpfed.train.workdir import Workdir, environment_info, params_sha256
 
@@ -423,8 +423,7 @@ def make_engine(
             subpopulation=config.subpopulation,
         ),
         mesh,
-        canaries=None if canaries is None else canaries[0],
-        held_out=None if canaries is None else canaries[1],
+        **engine_canaries(canaries),
     )
 
 

@@ -10,7 +10,7 @@ training run with canaries").
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from dpfed.privacy import audit
 from dpfed.train import seeds
@@ -27,6 +27,23 @@ def draw_canaries(config: Any, params: PyTree) -> tuple[audit.Canaries, audit.Ca
         return None
     return audit.draw_pair(seeds.stream_key(config.seed, seeds.AUDIT_STREAM), params,
                            config.audit_canaries)
+
+
+class EngineCanaries(TypedDict):
+    """`DpFedAvg`'s audit arguments: the inserted and the held-out directions."""
+
+    canaries: audit.Canaries | None
+    held_out: audit.Canaries | None
+
+
+def engine_canaries(
+    canaries: tuple[audit.Canaries, audit.Canaries] | None,
+) -> EngineCanaries:
+    """The DP-FedAvg engine's audit arguments for (inserted, held-out) `canaries` (None
+    without an audit): `DpFedAvg(..., **engine_canaries(canaries))` inserts the first and
+    observes both every round (the all-rounds audit)."""
+    inserted, held_out = (None, None) if canaries is None else canaries
+    return EngineCanaries(canaries=inserted, held_out=held_out)
 
 
 def write_audit(

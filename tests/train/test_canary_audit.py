@@ -84,3 +84,12 @@ def test_nothing_written_without_an_audit_to_make(tmp_path, canaries, ledger, tr
     figures = canary_audit.write_audit(wd, drawn, _PARAMS, _PARAMS, ledger, trained=trained)
     assert figures is None, f"{why} has no audit figures"
     assert not (tmp_path / AUDIT_FILE).exists(), f"{why} must not write audit.json"
+
+
+def test_engine_canaries_insert_the_first_set_and_observe_both():
+    inserted, held_out = _canaries()
+    assert canary_audit.engine_canaries((inserted, held_out)) == {
+        "canaries": inserted, "held_out": held_out}, (
+        "the engine must insert the inserted set and get the held-out one to observe")
+    assert canary_audit.engine_canaries(None) == {"canaries": None, "held_out": None}, (
+        "a run without an audit gives the engine no canaries")
