@@ -90,6 +90,21 @@ class ServerState(NamedTuple):
     audit: PyTree = ()
 
 
+def checkpoint_layout(state: ServerState) -> ServerState | dict[str, Any]:
+    """What a checkpoint holds of `state`: all of it in an all-rounds audit run, else the
+    fields `ServerState` had before `audit` (stop 59), by name, so that such checkpoints
+    keep their layout and those written before `audit` existed still resume (orbax
+    records every field by name, even an empty one)."""
+    if len(state.audit):
+        return state
+    return {name: getattr(state, name) for name in ServerState._fields if name != "audit"}
+
+
+def from_checkpoint_layout(saved: ServerState | dict[str, Any]) -> ServerState:
+    """The `ServerState` of a checkpoint's layout (`checkpoint_layout`)."""
+    return saved if isinstance(saved, ServerState) else ServerState(**saved)
+
+
 @dataclasses.dataclass(frozen=True)
 class DpFedAvgConfig:
     """How rounds sample, clip, noise and execute.

@@ -19,7 +19,13 @@ import jax
 from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated.dp_fedavg import DpFedAvg, RoundMetrics, ServerState
+from dpfed.federated.dp_fedavg import (
+    DpFedAvg,
+    RoundMetrics,
+    ServerState,
+    checkpoint_layout,
+    from_checkpoint_layout,
+)
 from dpfed.federated.mesh import settle
 from dpfed.train import divergence, preemption, seeds
 from dpfed.train.checkpoint import Checkpointer
@@ -149,11 +155,15 @@ def run_rounds(
         raise ValueError("a private engine needs a ledger and a non-private one none")
     checkpointer = Checkpointer(workdir.file("checkpoints"))
     begin = resume_or_start(
-        checkpointer, workdir, state, ledger, step_of=lambda s: int(s.round), total=rounds,
+        checkpointer, workdir, checkpoint_layout(state), ledger,
+        step_of=lambda saved: int(from_checkpoint_layout(saved).round), total=rounds,
         event=event, config=config, data=data, key="round", log=log,
-        private=ledger is not None or release_ledger is not None, on_resume=on_resume,
+        private=ledger is not None or release_ledger is not None,
+        on_resume=None if on_resume is None else (
+            lambda saved: on_resume(from_checkpoint_layout(saved))),
     )
-    state, ledger, start, last_round = begin.state, begin.ledger, begin.step, begin.last
+    state, ledger, start, last_round = (
+        from_checkpoint_layout(begin.state), begin.ledger, begin.step, begin.last)
     clock = RunClock(time.time() if started is None else started, begin.earlier_seconds)
     resumed_from = start if begin.resumed else None
 
@@ -165,8 +175,8 @@ def run_rounds(
     eps = ledger.epsilon() if ledger is not None and ledger.entries else None
 
     def save(done: int) -> None:
-        checkpointer.save(
-            done, state, {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
+        checkpointer.save(done, checkpoint_layout(state),
+                          {**(extra or {}), **checkpoint_extra(ledger, workdir, clock)})
 
     with preemption.armed():
         for r in range(start, last_round):

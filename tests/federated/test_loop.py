@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 import optax
@@ -10,7 +11,7 @@ import pytest
 from dp_accounting import dp_event
 
 from dpfed import privacy
-from dpfed.federated import DpFedAvg, DpFedAvgConfig, loop, run_rounds
+from dpfed.federated import DpFedAvg, DpFedAvgConfig, ServerState, loop, run_rounds
 from dpfed.train import preemption
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import ConfigError
@@ -54,6 +55,42 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert resumed.ledger.to_json() == whole.ledger.to_json(), "ledgers must match"
     rounds = [r["round"] for r in Workdir(tmp_path / "split").read_metrics()]
     assert rounds == [2, 4, 6], f"metrics must not repeat rounds after a resume: {rounds}"
+
+
+class _ServerStateBeforeStop59(NamedTuple):
+    """`ServerState` as the code before stop 59 had and checkpointed it (no `audit`)."""
+
+    params: Any
+    opt_state: Any
+    round: Any
+    clip_norm: Any
+    client_states: Any
+    context: Any
+
+
+def test_a_checkpoint_written_before_server_state_had_audit_resumes(tmp_path, monkeypatch):
+    eng = engine()
+    whole = run(eng, tmp_path / "whole", rounds=6)
+    with monkeypatch.context() as patched:  # the older code's checkpoints
+        patched.setattr(loop, "checkpoint_layout", lambda s: _ServerStateBeforeStop59(*s[:6]))
+        patched.setattr(loop, "from_checkpoint_layout", lambda saved: ServerState(*saved))
+        run(eng, tmp_path / "split", rounds=4)
+    resumed = run(eng, tmp_path / "split", rounds=6)
+    assert resumed.resumed_from == 4, (
+        "a checkpoint in the layout before ServerState.audit must resume (orbax records "
+        "fields by name: saving the empty audit field would refuse it)")
+    np.testing.assert_array_equal(np.asarray(resumed.state.params), np.asarray(whole.state.params),
+                                  err_msg="the resumed run must end as the uninterrupted one")
+
+
+def test_a_run_without_an_audit_checkpoints_the_layout_it_had_before_stop_59(tmp_path):
+    eng = engine()
+    run(eng, tmp_path, rounds=2)
+    template = _ServerStateBeforeStop59(*eng.init(toy.params_of(4))[:6])
+    with Checkpointer(tmp_path / "checkpoints") as checkpointer:
+        restored, _ = checkpointer.restore(template)  # the older code's restore
+    assert int(restored.round) == 2, (
+        "the older code must read a checkpoint of a run without an audit (no audit field)")
 
 
 def test_a_run_extended_then_killed_leaves_a_ledger_json_of_every_logged_round(
