@@ -211,7 +211,7 @@ class DpdFvaeConfig:
         require(not self.audit_canaries or self.dp == "central", "audit_canaries",
                 "canaries are users in the server's noised sum of clipped updates: they need "
                 f"--dp=central, not --dp={self.dp}")
-        require_audit_applies(self.audit_canaries, self.dp == "none", "poisson")
+        require_audit_applies(self.audit_canaries, self.dp == "none", "poisson", "--dp=none")
 
     @property
     def clients_per_round(self) -> float:
