@@ -45,7 +45,11 @@ and carries the noise N(0, sigma^2), sigma the update's noise multiplier. Accumu
 over the rounds: the sensitivity and the noise the run adds (`shift`, `noise_std`), an
 estimate of the eps they imply, and the one-run lower bound on each candidate's
 log-likelihood ratio of "takes part at rate q" against "never", a function of the
-releases and public constants alone (Andrew et al. 2024's all-rounds setting).
+releases and public constants alone (Andrew et al. 2024's all-rounds setting). Beside
+it, the f-DP one-run bound of Mahloujifar et al. 2024 within the ledger's own family,
+`rounds` x PoissonSampled(q, Gaussian(s)) (`lower_bound_in_family`, `dpfed.privacy.
+fdp_audit`), on the llr scores and on the final model's: the least private member the
+scores prove the run is not as private as.
 
 An audit run's model holds the canaries: it is for auditing, not for release. The
 scores are computed from the released model alone and the canaries are no record's data,
@@ -65,7 +69,7 @@ from jax.flatten_util import ravel_pytree
 from jax_privacy import auditing
 from scipy import optimize, stats
 
-from dpfed.privacy import accounting
+from dpfed.privacy import accounting, fdp_audit
 from dpfed.privacy.accounting import format_upper
 from dpfed.privacy.sampling import bernoulli_at_most
 
@@ -233,7 +237,10 @@ def all_rounds(
       sum). Below it beyond sampling error: less noise than the ledger records;
     - `epsilon_estimate`: eps at `delta` of `rounds` Poisson-sampled (`rate`) Gaussian
       mechanisms of multiplier noise_std / shift (PLD): an estimate, not a bound;
-    - `epsilon_lower_bound`: the one-run bound (`lower_bound`) on the llr scores.
+    - `epsilon_lower_bound`: the one-run bound (`lower_bound`) on the llr scores;
+    - `epsilon_lower_bound_fdp`: the f-DP one-run bound within the ledger's family
+      (`lower_bound_in_family`: `rounds` x PoissonSampled(`rate`, Gaussian(s))) on the
+      llr scores.
 
     Raises:
       ValueError: for fewer than 2 candidates in a set, no rounds, or a non-finite sum.
@@ -257,6 +264,8 @@ def all_rounds(
         "noise_std": noise_std,
         "epsilon_estimate": sampled_gaussian_epsilon(noise_std, shift, rate, rounds, delta),
         "epsilon_lower_bound": lower_bound(llr[:inserted], llr[inserted:], delta, significance),
+        "epsilon_lower_bound_fdp": lower_bound_in_family(
+            llr[:inserted], llr[inserted:], rounds, rate, noise_multiplier, delta, significance),
         "significance": significance,
         "delta": delta,
     }
@@ -285,6 +294,38 @@ def lower_bound(inserted_scores: Any, held_out_scores: Any, delta: float,
     return float(auditing.CanaryScoreAuditor(
         np.asarray(inserted_scores, np.float64), np.asarray(held_out_scores, np.float64),
     ).epsilon_one_run(significance, delta))
+
+
+def lower_bound_in_family(
+    inserted_scores: Any, held_out_scores: Any, rounds: int, rate: float,
+    noise_multiplier: float, delta: float, significance: float = SIGNIFICANCE,
+) -> float:
+    """The f-DP one-run lower bound (Mahloujifar, Melis, Chaudhuri 2024) within the family
+    of `rounds` x PoissonSampled(`rate`, Gaussian(s)), s > 0 (`fdp_audit`): eps at `delta`
+    (PLD) of the member of the smallest s that the scores of the candidates inserted and
+    held out by fair coins reject. With probability >= 1 - `significance` the run's
+    canary mechanism is not as private as that member; 0 when no s up to
+    `noise_multiplier` x `fdp_audit.SEARCH_ABOVE` is rejected, and at most the eps of s =
+    `noise_multiplier` / `fdp_audit.SEARCH_BELOW`. Not a bound against every (eps,
+    delta)-DP mechanism: `lower_bound` is."""
+    noise = fdp_audit.smallest_rejected_noise(
+        np.asarray(inserted_scores, np.float64), np.asarray(held_out_scores, np.float64),
+        rounds, rate, noise_multiplier, significance)
+    return 0.0 if noise is None else sampled_gaussian_epsilon(noise, 1.0, rate, rounds, delta)
+
+
+def final_model_lower_bound_in_family(
+    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree,
+    family: dict[str, Any],
+) -> float:
+    """`lower_bound_in_family` of the final-model scores (`scores`, the change from
+    `initial` to `final`) of `canaries` (inserted, held-out), in the family and at the
+    delta and significance of `family` (an `all_rounds` result). The final model is
+    post-processing of all the releases, so the family's claim covers it."""
+    inserted, held_out = canaries
+    return lower_bound_in_family(
+        scores(inserted, initial, final), scores(held_out, initial, final), family["rounds"],
+        family["rate"], family["noise_multiplier"], family["delta"], family["significance"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,6 +432,9 @@ def _all_rounds_clause(figures: dict[str, Any] | None) -> str:
         f"{figures['shift']:.3f} C / m (1 expected), noise std {figures['noise_std']:.3f} "
         f"(the ledger's {figures['noise_multiplier']:.4g}), eps estimate "
         f"{figures['epsilon_estimate']:.3f}, lower bound {figures['epsilon_lower_bound']:.3f}"
+        f", f-DP lower bound within the ledger's family (Mahloujifar et al. 2024) "
+        f"{figures['epsilon_lower_bound_fdp']:.3f} "
+        f"({figures['final_model_epsilon_lower_bound_fdp']:.3f} from the final model)"
     )
 
 

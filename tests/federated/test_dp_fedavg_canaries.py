@@ -126,14 +126,17 @@ def audit_all_rounds(z, rounds, rate, k=1_000, dim=100_000, clients=50, seed=0, 
     return engine.all_rounds_audit(state, DELTA), ledger_eps
 
 
-def test_all_rounds_audit_of_one_round_reads_the_sensitivity_and_noise_of_the_ledger():
-    figures, ledger_eps = audit_all_rounds(z=1.0, rounds=1, rate=1.0)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_all_rounds_audit_of_one_round_reads_the_sensitivity_and_noise_of_the_ledger(seed):
+    figures, ledger_eps = audit_all_rounds(z=1.0, rounds=1, rate=1.0, seed=seed)
     # ~1,000 scores a set: shift's standard error ~0.045, noise_std's ~0.022.
     assert abs(figures["shift"] - 1) < 0.1, f"a canary moved s by {figures['shift']:.3f}, not 1"
     assert abs(figures["noise_std"] - 1) < 0.1, f"noise std {figures['noise_std']:.3f}, not z = 1"
     assert abs(figures["epsilon_estimate"] - 4.377) < 0.6, figures  # exact: one Gaussian, z = 1
     assert abs(ledger_eps - 4.377) < 0.01, ledger_eps
     assert figures["epsilon_lower_bound"] <= ledger_eps, figures
+    # The f-DP bound in the ledger's family must not reject the run's own, true claim.
+    assert figures["epsilon_lower_bound_fdp"] <= ledger_eps, figures
 
 
 def test_all_rounds_audit_of_ten_sampled_rounds_estimates_the_ledgers_eps():
@@ -144,6 +147,7 @@ def test_all_rounds_audit_of_ten_sampled_rounds_estimates_the_ledgers_eps():
     assert abs(figures["epsilon_estimate"] - ledger_eps) < 0.25 * ledger_eps, (
         f"estimate {figures['epsilon_estimate']:.3f} against the ledger's {ledger_eps:.3f}")
     assert figures["epsilon_lower_bound"] <= ledger_eps, figures
+    assert figures["epsilon_lower_bound_fdp"] <= ledger_eps, figures
 
 
 class _UnderNoised(PrivateAggregator):
@@ -171,8 +175,11 @@ def test_all_rounds_audit_measures_an_engine_adding_half_its_noise(rounds, rate)
     assert abs(figures["noise_std"] - 0.5) < 0.05, (
         f"half the noise went unnoticed: noise std {figures['noise_std']:.3f} under z = 1")
     assert figures["epsilon_estimate"] > 1.5 * ledger_eps, figures
-    # The one-run bound of 2,000 candidates stays below the ledger here (2.39 and 2.49 against
-    # 4.38 and 4.98): the noise std is the figure that shows this bug.
+    # Neither one-run bound of 2,000 candidates proves this bug: Steinke et al.'s reads 2.39
+    # and 2.49, the f-DP one in the ledger's family 3.07 and 3.90, against 4.38 and 4.98 (seed
+    # 1: 2.64 / 3.96 and 2.37 / 3.90). The noise std is the figure that shows it. The family
+    # bound does read more from the same scores:
+    assert figures["epsilon_lower_bound_fdp"] > figures["epsilon_lower_bound"], figures
 
 
 def test_all_rounds_lower_bound_proves_an_engine_adding_a_fifth_of_its_noise_wrong():
@@ -180,6 +187,14 @@ def test_all_rounds_lower_bound_proves_an_engine_adding_a_fifth_of_its_noise_wro
                                            engine_hook=_under_noised(0.2))
     assert figures["epsilon_lower_bound"] > ledger_eps, (
         f"lower bound {figures['epsilon_lower_bound']:.3f} <= the ledger's {ledger_eps:.3f}")
+
+
+def test_all_rounds_f_dp_bound_proves_an_engine_adding_three_tenths_of_its_noise_wrong():
+    figures, ledger_eps = audit_all_rounds(z=1.0, rounds=1, rate=1.0,
+                                           engine_hook=_under_noised(0.3))
+    # Measured 5.03 (seed 1: 5.97) against 4.38, where Steinke et al.'s bound reads 3.48 (4.11).
+    assert figures["epsilon_lower_bound_fdp"] > ledger_eps, (
+        f"f-DP bound {figures['epsilon_lower_bound_fdp']:.3f} <= the ledger's {ledger_eps:.3f}")
 
 
 def test_all_rounds_audit_reads_canaries_inserted_at_half_the_clip_norm(monkeypatch):

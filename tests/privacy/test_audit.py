@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax_privacy import auditing
+from scipy import stats
 
-from dpfed.privacy import audit
+from dpfed.privacy import audit, fdp_audit
 from tests.privacy.canaries import dense
 
 DELTA = 1e-5
@@ -204,6 +206,8 @@ def test_all_rounds_figures_of_hand_made_sums():
     assert figures["epsilon_estimate"] == pytest.approx(audit.sampled_gaussian_epsilon(
         np.sqrt(12.0 / 11), 1.0, 0.5, 4, DELTA))
     assert figures["epsilon_lower_bound"] == audit.lower_bound([2.0, 1.0], [0.0, -1.0, 0.5], DELTA)
+    assert figures["epsilon_lower_bound_fdp"] == audit.lower_bound_in_family(
+        [2.0, 1.0], [0.0, -1.0, 0.5], 4, 0.5, 1.0, DELTA), "the llr scores in the ledger's family"
     assert (figures["rounds"], figures["rate"], figures["delta"]) == (4, 0.5, DELTA)
 
 
@@ -212,3 +216,75 @@ def test_sampled_gaussian_epsilon_of_one_unsampled_round_is_the_gaussian_mechani
     assert audit.sampled_gaussian_epsilon(2.0, 2.0, 1.0, 1, DELTA) == pytest.approx(
         exact, abs=0.01), "multiplier noise_std / shift = 1, q = 1, one round"
     assert audit.sampled_gaussian_epsilon(1.0, 0.0, 1.0, 1, DELTA) == 0.0
+
+
+@pytest.mark.parametrize("noise", [0.5, 1.0, 2.0])
+def test_the_grid_curve_of_one_gaussian_lies_just_below_the_exact_one(noise):
+    alpha = np.concatenate([np.geomspace(1e-12, 1e-2, 200), np.linspace(0.01, 1.0, 200)])
+    exact = stats.norm.cdf(stats.norm.ppf(1 - alpha) - 1 / noise)  # G_{1/noise}
+    grid = fdp_audit.trade_off(*fdp_audit.trade_off_lines(1, 1.0, noise), alpha)
+    assert np.max(grid - exact) < 1e-9, (
+        "the curve built from the PLD's (eps, delta) pairs lies above the Gaussian's exact "
+        "one: a claim stronger than the mechanism's")
+    # Measured: at most 1.7e-6 below (noise 0.5), from the eps grid's spacing.
+    assert np.max(exact - grid) < 1e-5, "the grid curve is needlessly far below the exact one"
+
+
+def _gaussian_scores(count, shift, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(shift, 1.0, count), rng.normal(0.0, 1.0, count)
+
+
+def test_with_the_gaussian_family_the_bound_is_jax_privacys_f_dp_one():
+    inserted, held_out = _gaussian_scores(200, 1.5)
+    candidates = 400
+    guesses = fdp_audit.tests(candidates)
+    level = audit.SIGNIFICANCE / guesses.size
+    top = np.sort(np.concatenate([inserted, held_out]))[::-1]
+    auditor = auditing.CanaryScoreAuditor(inserted, held_out)
+    # jax_privacy's exact-Gaussian recursion, at each of the same tests (guess the top j).
+    expected = max(auditor.epsilon_one_run_fdp(
+        level, DELTA, threshold_strategy=auditing.Explicit(top[j - 1])) for j in guesses)
+    got = audit.lower_bound_in_family(inserted, held_out, 1, 1.0, 1.0, DELTA)
+    # The grid curve lies below the exact one (<= 2e-6) and the bisection reports the upper
+    # end of an s interval 0.5% wide, so ours is at most ~1% lower and never higher (beyond
+    # the PLD's and brentq's ~1e-6 in eps).
+    assert expected * 0.99 - 1e-3 <= got <= expected + 1e-3, (
+        f"ours {got:.4f} against jax_privacy's {expected:.4f} with the Gaussian family")
+    assert got > 1.0, got  # a real rejection, not two zeros
+
+
+def test_the_f_dp_bound_grows_with_the_separation_and_is_zero_without_it():
+    inserted, held_out = _gaussian_scores(1000, 0.0, seed=1)
+    bounds = [audit.lower_bound_in_family(inserted + shift, held_out, 1, 1.0, 1.0, DELTA)
+              for shift in (0.0, 0.5, 1.0, 2.0)]
+    assert bounds[0] == 0.0, f"identical score distributions proved eps >= {bounds[0]:.3f}"
+    assert 0 < bounds[1] < bounds[2] < bounds[3], f"not increasing with the shift: {bounds}"
+
+
+@pytest.mark.parametrize("rounds, rate", [(1, 1.0), (20, 0.1)])
+def test_a_claim_is_rejected_from_some_noise_multiplier_on(rounds, rate):
+    # The bisection on s needs it: "f_s-DP" is stronger the larger s is.
+    noises = np.geomspace(0.3, 6.0, 15)
+    for guesses, correct in [(100, 80), (400, 300), (1000, 700)]:
+        rejected = [fdp_audit.rejects(
+            fdp_audit.blow_up_inverse(*fdp_audit.trade_off_lines(rounds, rate, noise)), 2000,
+            guesses, correct, 0.05 / 64) for noise in noises]
+        assert rejected == sorted(rejected) and any(rejected) and not all(rejected), (
+            f"{correct} of {guesses}: rejections along s {noises.round(2)}: {rejected}")
+
+
+def test_a_final_model_moved_along_the_inserted_directions_rejects_the_family():
+    dim = 20_000
+    inserted, held_out = audit.draw_pair(jax.random.key(7), _zeros(dim), 400)
+    family = {"rounds": 1, "rate": 1.0, "noise_multiplier": 1.0, "delta": DELTA,
+              "significance": audit.SIGNIFICANCE}
+    along = jnp.asarray(dense(inserted, dim).sum(0), jnp.float32)
+    got = audit.final_model_lower_bound_in_family((inserted, held_out), _zeros(dim), along,
+                                                   family)
+    assert got > audit.sampled_gaussian_epsilon(1.0, 1.0, 1.0, 1, DELTA), (
+        f"the inserted directions alone moved the model, yet the bound is {got:.3f}")
+    away = jnp.asarray(dense(held_out, dim).sum(0), jnp.float32)
+    assert audit.final_model_lower_bound_in_family(
+        (inserted, held_out), _zeros(dim), away, family) == 0.0, (
+        "a model moved along the held-out directions proved a canary's presence")

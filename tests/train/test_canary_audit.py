@@ -56,16 +56,23 @@ def test_an_audit_run_writes_its_figures(tmp_path):
 
 def test_an_all_rounds_audit_adds_its_figures_at_the_ledgers_delta(tmp_path):
     deltas = []
+    family = {"rounds": 2, "rate": 0.5, "noise_multiplier": 1.0, "delta": 1e-5,
+              "significance": 0.05, "shift": 1.0}
 
     def all_rounds(delta):
         deltas.append(delta)
-        return {"shift": 1.0}
+        return family
 
-    figures = canary_audit.write_audit(Workdir(tmp_path), _canaries(), _PARAMS, _PARAMS,
+    canaries = _canaries()
+    final = {"w": jnp.ones((40, 30)), "b": jnp.ones((30,))}
+    figures = canary_audit.write_audit(Workdir(tmp_path), canaries, _PARAMS, final,
                                        _LEDGER, trained=True, all_rounds=all_rounds)
     assert deltas == [1e-5], "the all-rounds figures must be at the ledger's delta"
     written = json.loads((tmp_path / AUDIT_FILE).read_text())
-    assert written["all_rounds"] == {"shift": 1.0} == figures["all_rounds"], written
+    final_model = audit.final_model_lower_bound_in_family(canaries, _PARAMS, final, family)
+    assert written["all_rounds"] == {
+        **family, "final_model_epsilon_lower_bound_fdp": final_model} == figures["all_rounds"], (
+        "the all-rounds figures and the final model's f-DP bound in their family")
     assert written["inserted"] == figures["inserted"], "the final-model figures stay"
 
 
