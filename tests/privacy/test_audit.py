@@ -245,13 +245,17 @@ def test_with_the_gaussian_family_the_bound_is_jax_privacys_f_dp_one():
     # jax_privacy's exact-Gaussian recursion, at each of the same tests (guess the top j).
     expected = max(auditor.epsilon_one_run_fdp(
         level, DELTA, threshold_strategy=auditing.Explicit(top[j - 1])) for j in guesses)
-    got = audit.lower_bound_in_family(inserted, held_out, 1, 1.0, 1.0, DELTA)
-    # The grid curve lies below the exact one (<= 2e-6) and the bisection reports the upper
-    # end of an s interval 0.5% wide, so ours is at most ~1% lower and never higher (beyond
-    # the PLD's and brentq's ~1e-6 in eps).
-    assert expected * 0.99 - 1e-3 <= got <= expected + 1e-3, (
-        f"ours {got:.4f} against jax_privacy's {expected:.4f} with the Gaussian family")
-    assert got > 1.0, got  # a real rejection, not two zeros
+    assert expected > 1.0, expected  # a real rejection, not two zeros
+    # One round of Gaussian(s), and 4 unsampled rounds of Gaussian(2 s): both the family of
+    # Gaussian mechanisms (4 compose to one of multiplier 2 s / sqrt(4) = s).
+    for rounds, noise in [(1, 1.0), (4, 2.0)]:
+        got = audit.lower_bound_in_family(inserted, held_out, rounds, 1.0, noise, DELTA)
+        # The grid curve lies below the exact one (<= 2e-6) and the bisection reports the
+        # upper end of an s interval 0.5% wide, so ours is at most ~1% lower and never
+        # higher (beyond the PLD's and brentq's ~1e-6 in eps).
+        assert expected * 0.99 - 1e-3 <= got <= expected + 1e-3, (
+            f"{rounds} round(s): ours {got:.4f} against jax_privacy's {expected:.4f} with "
+            "the Gaussian family")
 
 
 def test_the_f_dp_bound_grows_with_the_separation_and_is_zero_without_it():
@@ -288,3 +292,28 @@ def test_a_final_model_moved_along_the_inserted_directions_rejects_the_family():
     assert audit.final_model_lower_bound_in_family(
         (inserted, held_out), _zeros(dim), away, family) == 0.0, (
         "a model moved along the held-out directions proved a canary's presence")
+
+
+@pytest.mark.parametrize("rounds, rate, noise", [(1, 1.0, 1.0), (20, 0.1, 0.8)])
+def test_the_blow_up_inverse_inverts_one_minus_the_curve(rounds, rate, noise):
+    # The recursion reads the curve through it: x -> 1 - f(x), inverted, where f decreases.
+    lines = fdp_audit.trade_off_lines(rounds, rate, noise)
+    alpha = np.concatenate([np.geomspace(1e-9, 1e-2, 50), np.linspace(0.01, 0.999, 100)])
+    curve = fdp_audit.trade_off(*lines, alpha)
+    alpha = alpha[curve > 0]
+    inverse = fdp_audit.blow_up_inverse(*lines)
+    got = np.array([inverse(1 - f) for f in curve[curve > 0]])
+    np.testing.assert_allclose(got, alpha, rtol=1e-6, atol=1e-12,
+                               err_msg="not the inverse of 1 - trade_off")
+
+
+@pytest.mark.parametrize("rounds, rate, noise",
+                         [(1, 1.0, 1.0), (20, 0.1, 1.0), (300, 0.064, 0.917)])
+def test_the_curves_lines_hold_the_ledgers_eps_at_delta(rounds, rate, noise):
+    epsilons, deltas = fdp_audit.trade_off_lines(rounds, rate, noise)
+    first = epsilons[np.argmax(deltas <= DELTA)]  # the least eps of a line with delta_i <= DELTA
+    ledger = audit.sampled_gaussian_epsilon(noise, 1.0, rate, rounds, DELTA)  # 4.38, 3.59, 8.99
+    spacing = epsilons[1] - epsilons[0]
+    assert ledger - 1e-3 <= first <= ledger + spacing + 1e-3, (
+        f"the curve's lines reach delta {DELTA} at eps {first:.4f}, the ledger's PLD at "
+        f"{ledger:.4f}: not the ledger's mechanism")
