@@ -147,7 +147,9 @@ def smallest_rejected_noise(
     candidates = inside.size + outside.size
     guesses = tests(candidates)
     correct = correct_guesses(inside, outside, guesses)
-    useful = 2 * correct > guesses  # no claim falls to a guess right half the time or less
+    # Right half the time or less does not reject even perfect privacy's curve 1 - alpha,
+    # above every f_s: skipping a test is sound, as it only rejects less.
+    useful = 2 * correct > guesses
     guesses, correct = guesses[useful], correct[useful]
     level = significance / tests(candidates).size  # Bonferroni over the fixed tests
 
