@@ -258,6 +258,24 @@ def test_with_the_gaussian_family_the_bound_is_jax_privacys_f_dp_one():
             "the Gaussian family")
 
 
+def test_the_one_run_bound_corrects_over_tests_fixed_before_the_scores():
+    inserted, held_out = _gaussian_scores(1000, 2.0, seed=2)
+    guesses = fdp_audit.tests(2000)
+    top = np.sort(np.concatenate([inserted, held_out]))[::-1]
+    auditor = auditing.CanaryScoreAuditor(inserted, held_out)
+    # Steinke et al.'s bound at each guess "the top j were inserted", j fixed by the count.
+    expected = max(auditor.epsilon_one_run(
+        audit.SIGNIFICANCE / guesses.size, DELTA, threshold_strategy=auditing.Explicit(top[j - 1]))
+        for j in guesses)
+    assert expected > 1.0, expected  # a real rejection, not two zeros
+    got = audit.lower_bound(inserted, held_out, DELTA)
+    # jax_privacy's default divides the level by the thresholds on the scores' ROC hull (a
+    # count the scores choose): it reads more than the union bound over fixed tests proves.
+    assert got == pytest.approx(expected, rel=1e-9), (
+        f"lower bound {got:.4f}, where the best of the {guesses.size} fixed tests at level "
+        f"{audit.SIGNIFICANCE} / {guesses.size} proves {expected:.4f}")
+
+
 def test_the_f_dp_bound_grows_with_the_separation_and_is_zero_without_it():
     inserted, held_out = _gaussian_scores(1000, 0.0, seed=1)
     bounds = [audit.lower_bound_in_family(inserted + shift, held_out, 1, 1.0, 1.0, DELTA)
