@@ -235,16 +235,20 @@ def _gaussian_scores(count, shift, seed=0):
     return rng.normal(shift, 1.0, count), rng.normal(0.0, 1.0, count)
 
 
+def _best_of_the_fixed_tests(method, inserted, held_out):
+    """jax_privacy's `CanaryScoreAuditor.<method>` at each of `fdp_audit.tests` (guess the
+    top j), at the Bonferroni level over them: the best."""
+    guesses = fdp_audit.tests(inserted.size + held_out.size)
+    top = np.sort(np.concatenate([inserted, held_out]))[::-1]
+    bound = getattr(auditing.CanaryScoreAuditor(inserted, held_out), method)
+    return max(bound(audit.SIGNIFICANCE / guesses.size, DELTA,
+                     threshold_strategy=auditing.Explicit(top[j - 1])) for j in guesses)
+
+
 def test_with_the_gaussian_family_the_bound_is_jax_privacys_f_dp_one():
     inserted, held_out = _gaussian_scores(200, 1.5)
-    candidates = 400
-    guesses = fdp_audit.tests(candidates)
-    level = audit.SIGNIFICANCE / guesses.size
-    top = np.sort(np.concatenate([inserted, held_out]))[::-1]
-    auditor = auditing.CanaryScoreAuditor(inserted, held_out)
-    # jax_privacy's exact-Gaussian recursion, at each of the same tests (guess the top j).
-    expected = max(auditor.epsilon_one_run_fdp(
-        level, DELTA, threshold_strategy=auditing.Explicit(top[j - 1])) for j in guesses)
+    # jax_privacy's exact-Gaussian recursion, at each of the same tests.
+    expected = _best_of_the_fixed_tests("epsilon_one_run_fdp", inserted, held_out)
     assert expected > 1.0, expected  # a real rejection, not two zeros
     # One round of Gaussian(s), and 4 unsampled rounds of Gaussian(2 s): both the family of
     # Gaussian mechanisms (4 compose to one of multiplier 2 s / sqrt(4) = s).
@@ -260,20 +264,15 @@ def test_with_the_gaussian_family_the_bound_is_jax_privacys_f_dp_one():
 
 def test_the_one_run_bound_corrects_over_tests_fixed_before_the_scores():
     inserted, held_out = _gaussian_scores(1000, 2.0, seed=2)
-    guesses = fdp_audit.tests(2000)
-    top = np.sort(np.concatenate([inserted, held_out]))[::-1]
-    auditor = auditing.CanaryScoreAuditor(inserted, held_out)
     # Steinke et al.'s bound at each guess "the top j were inserted", j fixed by the count.
-    expected = max(auditor.epsilon_one_run(
-        audit.SIGNIFICANCE / guesses.size, DELTA, threshold_strategy=auditing.Explicit(top[j - 1]))
-        for j in guesses)
+    expected = _best_of_the_fixed_tests("epsilon_one_run", inserted, held_out)
     assert expected > 1.0, expected  # a real rejection, not two zeros
     got = audit.lower_bound(inserted, held_out, DELTA)
     # jax_privacy's default divides the level by the thresholds on the scores' ROC hull (a
     # count the scores choose): it reads more than the union bound over fixed tests proves.
     assert got == pytest.approx(expected, rel=1e-9), (
-        f"lower bound {got:.4f}, where the best of the {guesses.size} fixed tests at level "
-        f"{audit.SIGNIFICANCE} / {guesses.size} proves {expected:.4f}")
+        f"lower bound {got:.4f}, where the best of the fixed tests at their Bonferroni "
+        f"level proves {expected:.4f}")
 
 
 def test_the_f_dp_bound_grows_with_the_separation_and_is_zero_without_it():
