@@ -295,6 +295,27 @@ def test_a_claim_is_rejected_from_some_noise_multiplier_on(rounds, rate):
             f"{correct} of {guesses}: rejections along s {noises.round(2)}: {rejected}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("rounds, rate", [(1, 1.0), (20, 0.1), (150, 0.237)])
+def test_rejection_is_monotone_along_the_noise_multiplier_on_a_wide_scan(rounds, rate):
+    # Not proven (WORKSPACE.md, "The f-DP bound"): a scan of 48 (guesses, correct) pairs
+    # by 25 multipliers from 0.25 to 8, in each of the three families.
+    inverses = [fdp_audit.blow_up_inverse(*fdp_audit.trade_off_lines(rounds, rate, noise))
+                for noise in np.geomspace(0.25, 8.0, 25)]
+    level = audit.SIGNIFICANCE / fdp_audit.tests(2000).size
+    switches = 0
+    for guesses in [5, 20, 60, 150, 400, 800, 1200, 2000]:
+        for right in [0.55, 0.65, 0.75, 0.85, 0.95, 1.0]:
+            correct = round(right * guesses)
+            rejected = [fdp_audit.rejects(inverse, 2000, guesses, correct, level)
+                        for inverse in inverses]
+            assert rejected == sorted(rejected), (
+                f"{correct} of {guesses} guesses: a claim rejected at some multiplier but not "
+                f"at a larger one: {rejected}")
+            switches += any(rejected) and not all(rejected)
+    assert switches >= 10, f"only {switches} pairs change verdict within the scan: too easy"
+
+
 def test_a_final_model_moved_along_the_inserted_directions_rejects_the_family():
     dim = 20_000
     inserted, held_out = audit.draw_pair(jax.random.key(7), _zeros(dim), 400)
