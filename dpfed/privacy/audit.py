@@ -325,18 +325,14 @@ def lower_bound_in_family(
     return 0.0 if noise is None else sampled_gaussian_epsilon(noise, 1.0, rate, rounds, delta)
 
 
-def final_model_lower_bound_in_family(
-    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree,
-    family: dict[str, Any],
+def family_lower_bound(
+    family: dict[str, Any], inserted_scores: Any, held_out_scores: Any,
 ) -> float:
-    """`lower_bound_in_family` of the final-model scores (`scores`, the change from
-    `initial` to `final`) of `canaries` (inserted, held-out), in the family and at the
-    delta and significance of `family` (an `all_rounds` result). The final model is
-    post-processing of all the releases, so the family's claim covers it."""
-    inserted, held_out = canaries
+    """`lower_bound_in_family` of the scores, in the family and at the delta and
+    significance of `family` (an `all_rounds` result)."""
     return lower_bound_in_family(
-        scores(inserted, initial, final), scores(held_out, initial, final), family["rounds"],
-        family["rate"], family["noise_multiplier"], family["delta"], family["significance"])
+        inserted_scores, held_out_scores, family["rounds"], family["rate"],
+        family["noise_multiplier"], family["delta"], family["significance"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,16 +400,25 @@ def estimate(
 
 
 def audit_run(
-    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree, ledger: dict[str, Any]
+    canaries: tuple[Canaries, Canaries], initial: PyTree, final: PyTree, ledger: dict[str, Any],
+    family: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """audit.json of a run whose model went from `initial` to `final` with `canaries` =
     (inserted, held-out): `AuditResult.to_json` at the delta of `ledger` (its
-    `PrivacyLedger.to_json`), beside the ledger's `ledger_epsilon_rdp` and `_pld`."""
+    `PrivacyLedger.to_json`), beside the ledger's `ledger_epsilon_rdp` and `_pld`. With
+    `family` (the run's `all_rounds` figures), those as `all_rounds`, with the final-model
+    scores' `family_lower_bound` as `final_model_epsilon_lower_bound_fdp`: the final model
+    is post-processing of all the releases, so the family's claim covers it."""
     inserted, held_out = canaries
-    result = estimate(scores(inserted, initial, final), scores(held_out, initial, final),
-                      ledger["delta"]).to_json()
-    return {**result, "ledger_epsilon_rdp": ledger["epsilon_rdp"],
-            "ledger_epsilon_pld": ledger["epsilon_pld"]}
+    inside, outside = scores(inserted, initial, final), scores(held_out, initial, final)
+    figures = {**estimate(inside, outside, ledger["delta"]).to_json(),
+               "ledger_epsilon_rdp": ledger["epsilon_rdp"],
+               "ledger_epsilon_pld": ledger["epsilon_pld"]}
+    if family is not None:
+        figures["all_rounds"] = {
+            **family,
+            "final_model_epsilon_lower_bound_fdp": family_lower_bound(family, inside, outside)}
+    return figures
 
 
 def report_line(summary: dict[str, Any]) -> str:

@@ -62,14 +62,10 @@ def write_audit(
     is written: the ledger covers the figures, which are post-processing of the run.
     `all_rounds(delta)`, where given: the all-rounds figures at the ledger's delta
     (`DpFedAvg.all_rounds_audit`), added as `all_rounds` with the final model's f-DP
-    bound in their family (`audit.final_model_lower_bound_in_family`)."""
+    bound in their family (`audit.audit_run`'s `family`)."""
     if canaries is None or not trained or ledger is None or ledger["epsilon_rdp"] is None:
         return None
-    figures = audit.audit_run(canaries, initial, final, ledger)
-    if all_rounds is not None:
-        family = all_rounds(ledger["delta"])
-        figures["all_rounds"] = {**family, "final_model_epsilon_lower_bound_fdp":
-                                 audit.final_model_lower_bound_in_family(
-                                     canaries, initial, final, family)}
+    family = None if all_rounds is None else all_rounds(ledger["delta"])
+    figures = audit.audit_run(canaries, initial, final, ledger, family)
     wd.write_json(AUDIT_FILE, figures)
     return figures

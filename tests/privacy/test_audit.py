@@ -322,13 +322,17 @@ def test_a_final_model_moved_along_the_inserted_directions_rejects_the_family():
     family = {"rounds": 1, "rate": 1.0, "noise_multiplier": 1.0, "delta": DELTA,
               "significance": audit.SIGNIFICANCE}
     along = jnp.asarray(dense(inserted, dim).sum(0), jnp.float32)
-    got = audit.final_model_lower_bound_in_family((inserted, held_out), _zeros(dim), along,
-                                                   family)
+    ledger = {"delta": DELTA, "epsilon_rdp": 4.7, "epsilon_pld": 4.4}
+
+    def final_model_bound(final):
+        figures = audit.audit_run((inserted, held_out), _zeros(dim), final, ledger, family)
+        return figures["all_rounds"]["final_model_epsilon_lower_bound_fdp"]
+
+    got = final_model_bound(along)
     assert got > audit.sampled_gaussian_epsilon(1.0, 1.0, 1.0, 1, DELTA), (
         f"the inserted directions alone moved the model, yet the bound is {got:.3f}")
     away = jnp.asarray(dense(held_out, dim).sum(0), jnp.float32)
-    assert audit.final_model_lower_bound_in_family(
-        (inserted, held_out), _zeros(dim), away, family) == 0.0, (
+    assert final_model_bound(away) == 0.0, (
         "a model moved along the held-out directions proved a canary's presence")
 
 

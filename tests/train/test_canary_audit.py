@@ -69,7 +69,8 @@ def test_an_all_rounds_audit_adds_its_figures_at_the_ledgers_delta(tmp_path):
                                        _LEDGER, trained=True, all_rounds=all_rounds)
     assert deltas == [1e-5], "the all-rounds figures must be at the ledger's delta"
     written = json.loads((tmp_path / AUDIT_FILE).read_text())
-    final_model = audit.final_model_lower_bound_in_family(canaries, _PARAMS, final, family)
+    final_model = audit.family_lower_bound(family, audit.scores(canaries[0], _PARAMS, final),
+                                           audit.scores(canaries[1], _PARAMS, final))
     assert written["all_rounds"] == {
         **family, "final_model_epsilon_lower_bound_fdp": final_model} == figures["all_rounds"], (
         "the all-rounds figures and the final model's f-DP bound in their family")
