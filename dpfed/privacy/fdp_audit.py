@@ -27,10 +27,23 @@ Soundness. (1) `trade_off_lines`' curve lies below the exact f_s: each (eps_i, d
 a pessimistic PLD's, which holds for the exact mechanism under add and under remove,
 so the curve is symmetric and rejecting it rejects f_s. (2) The tests (`tests`: guess
 the top j, for `TESTS` values of j fixed by m alone) each run at significance / their
-number (Bonferroni). (3) s* is an s whose rejection was computed. So if the run is
-f_{s0}-DP, a rejection of any s <= s0 is a rejection of f_{s0} (a larger curve), which
-has probability <= significance, provided rejection is monotone in the curve (checked
-in the tests along s, not proven here).
+number (Bonferroni). (3) s* is an s whose rejection was computed. (4) Rejection is
+monotone in the curve (below): if the scores reject a curve f, they reject every curve
+above it. So if the run is f_{s0}-DP, every computed curve at an s <= s0 lies below
+f_{s0}, and a rejection of any of them is a rejection of f_{s0}, which has probability
+<= significance: the bisection may look at the scores as often as it likes.
+
+Proof of (4). Let inverses A >= B pointwise (the blow-up inverse of a larger curve is
+larger), both nondecreasing, and run `_masses` on both from the same start. Claim,
+before the step at i: w_A >= w_B and r_A - c w_A >= r_B - c w_B with c = i / (j - i)
+(so r_A >= r_B too). The step at i raises w to max(w, inverse(r)): A's is the larger,
+as w_A >= w_B and A(r_A) >= A(r_B) >= B(r_B); it adds c x the rise to r, which keeps r -
+c w fixed. The next step's c' = (i - 1) / (j - i + 1) <= c, and r - c' w = (r - c w) + (c
+- c') w, so the claim holds at i - 1. Capping r at 1 keeps r_A >= r_B (if B's r reaches
+1, A's uncapped r is larger, so it is capped too), and from a cap on r only the w's
+order is used, which still holds. At the end both masses of A dominate B's, so A's r +
+w exceeds j / m whenever B's does. Stopping at a fixed point changes nothing (no later
+step would move either mass). A test checks the domination on nested curves.
 """
 
 from __future__ import annotations
@@ -97,13 +110,21 @@ def rejects(inverse: BlowUpInverse, candidates: int, guesses: int, correct: int,
     """Whether `correct` right out of `guesses` among `candidates` fair-coin candidates
     rejects, at `level`, the claim of the curve behind `inverse` (`blow_up_inverse`).
 
-    Mahloujifar et al. 2024's recursion: suppose the event ">= `correct` right" had
-    probability `level`. Its mass splits into r (right guesses) and h (wrong ones), a
-    fraction of `level` each. Walking down i = correct - 1, ..., 0, the f-DP claim forces
-    the wrong mass up to at least the blow-up inverse of the right mass, and each such
-    rise moves i / (guesses - i) of it back to the right mass. If the final r + h exceeds
+    Mahloujifar et al. 2024's recursion (`_masses`): suppose the event ">= `correct`
+    right" had probability `level`. If the masses the f-DP claim then forces exceed
     guesses / candidates, the fraction of candidates guessed, no mechanism with that
     curve reaches the event with probability `level`: the claim is rejected."""
+    right, wrong = _masses(inverse, candidates, guesses, correct, level)
+    return right + wrong > guesses / candidates
+
+
+def _masses(inverse: BlowUpInverse, candidates: int, guesses: int, correct: int,
+            level: float) -> tuple[float, float]:
+    """The recursion's final (right, wrong) masses. The event's mass splits into r (right
+    guesses) and w (wrong ones), a fraction of `level` each. Walking down i = correct -
+    1, ..., 0, the f-DP claim forces w up to at least the blow-up inverse of r, and each
+    such rise moves i / (guesses - i) of it back to r. Both are nondecreasing in the
+    inverse (the module docstring's proof of (4))."""
     right = level * correct / candidates
     wrong = level * (guesses - correct) / candidates
     for i in range(correct - 1, -1, -1):
@@ -112,7 +133,7 @@ def rejects(inverse: BlowUpInverse, candidates: int, guesses: int, correct: int,
             break
         right = min(right + i / (guesses - i) * (raised - wrong), 1.0)
         wrong = raised
-    return right + wrong > guesses / candidates
+    return right, wrong
 
 
 def tests(candidates: int) -> np.ndarray:
@@ -165,9 +186,10 @@ def smallest_rejected_noise(
 def _smallest_rejected(rejected: Callable[[float], bool], low: float, start: float,
                        high: float) -> float | None:
     """The smallest s in [`low`, `high`] with `rejected(s)`, to a relative
-    `RELATIVE_TOLERANCE`, for a `rejected` monotone in s (false below some s, true from
-    it): doubling or halving s from `start`, then bisecting. Always one that was rejected;
-    None if `high` is not; `low` if it is."""
+    `RELATIVE_TOLERANCE`, if `rejected` is monotone in s (false below some s, true from
+    it): doubling or halving s from `start`, then bisecting. Always one that was rejected
+    (sound either way: (4) in the module docstring); None if `high` is not; `low` if it
+    is."""
     if rejected(start):
         above = start
         while True:
