@@ -109,22 +109,39 @@ class Canaries(NamedTuple):
         return Canaries(self.coords[mask], self.values[mask])
 
 
-def draw(key: jax.Array, params: PyTree, count: int, support: int = SUPPORT) -> Canaries:
+def draw(
+    key: jax.Array, params: PyTree, count: int, support: int = SUPPORT, rows: int = 1,
+) -> Canaries:
     """`count` random unit directions in the space of `params` (sparse: module docstring).
 
+    With `rows` > 1 the flat space is `rows` equal rows (e.g. the several releases of one
+    step, `dpfed.generative.datalens.canaries`), and each direction has `support`
+    coordinates in every row (drawn within the row as above), values +-1/sqrt(rows s): its
+    norm in every row is 1/sqrt(rows). `rows` = 1 is the draw of the whole space.
+
     Raises:
-      ValueError: for a count or support < 1.
+      ValueError: for a count, support or rows < 1, or rows that do not divide the space.
     """
-    if count < 1 or support < 1:
-        raise ValueError(f"need count and support >= 1, got {count} and {support}")
+    if count < 1 or support < 1 or rows < 1:
+        raise ValueError(f"need count, support and rows >= 1, got {count}, {support}, {rows}")
     dim = flat_size(params)
-    s = min(support, dim)
-    block = dim // s
+    if dim % rows:
+        raise ValueError(f"{rows} rows do not divide the {dim} coordinates")
+    width = dim // rows
+    s = min(support, width)
+    block = width // s
     offset_key, sign_key = jax.random.split(key)
-    offsets = jax.random.randint(offset_key, (count, s), 0, block)
-    coords = (jnp.arange(s) * block + offsets).astype(jnp.int32)
-    signs = jnp.where(jax.random.bernoulli(sign_key, 0.5, (count, s)), 1.0, -1.0)
-    return Canaries(coords, (signs / np.sqrt(s)).astype(jnp.float32))
+    offsets = jax.random.randint(offset_key, (count, rows, s), 0, block)
+    starts = jnp.arange(rows)[:, None] * width + jnp.arange(s) * block
+    coords = (starts + offsets).reshape(count, rows * s).astype(jnp.int32)
+    signs = jnp.where(jax.random.bernoulli(sign_key, 0.5, (count, rows * s)), 1.0, -1.0)
+    return Canaries(coords, (signs / np.sqrt(rows * s)).astype(jnp.float32))
+
+
+def fair_coins(key: jax.Array, count: int) -> np.ndarray:
+    """bool [2 `count`]: whether each of 2 `count` candidates is inserted, each by its own
+    fair coin (`draw_pair`'s, from the same `key`)."""
+    return np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (2 * count,)))
 
 
 def draw_pair(key: jax.Array, params: PyTree, count: int) -> tuple[Canaries, Canaries]:
@@ -132,7 +149,7 @@ def draw_pair(key: jax.Array, params: PyTree, count: int) -> tuple[Canaries, Can
     inserted by its own fair coin (the random inclusion the one-run lower bound needs), so
     about `count` of each."""
     candidates = draw(key, params, 2 * count)
-    coins = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (2 * count,)))
+    coins = fair_coins(key, count)
     return candidates.select(coins), candidates.select(~coins)
 
 
@@ -160,7 +177,9 @@ def insert(
     A canary is one more record whose clipped contribution has norm |weight| = C, the
     records' clip norm: the sum's sensitivity to it is theirs, and the noise added
     afterwards is the step's. `weight` is C for an update the server adds (DP-FedAvg) and
-    -C for a gradient that descent subtracts (DP-SGD), so the model moves along u_c.
+    -C for a gradient that descent subtracts (DP-SGD), so the model moves along u_c; or
+    [k], one weight a direction (0 for one held out: DataLens's candidates, each drawn
+    anew every step, `dpfed.generative.datalens.canaries`).
     """
     present = bernoulli_at_most(key, rate, (canaries.num_directions,))
     flat, unravel = ravel_pytree(clipped_sum)
@@ -411,14 +430,29 @@ def audit_run(
     is post-processing of all the releases, so the family's claim covers it."""
     inserted, held_out = canaries
     inside, outside = scores(inserted, initial, final), scores(held_out, initial, final)
-    figures = {**estimate(inside, outside, ledger["delta"]).to_json(),
-               "ledger_epsilon_rdp": ledger["epsilon_rdp"],
-               "ledger_epsilon_pld": ledger["epsilon_pld"]}
+    figures = {**estimate(inside, outside, ledger["delta"]).to_json(), **_ledger_fields(ledger)}
     if family is not None:
         figures["all_rounds"] = {
             **family,
             "final_model_epsilon_lower_bound_fdp": family_lower_bound(family, inside, outside)}
     return figures
+
+
+def all_rounds_run(
+    inserted: int, held_out: int, ledger: dict[str, Any], family: dict[str, Any],
+) -> dict[str, Any]:
+    """audit.json of a run audited in its releases alone (its canaries are not in the
+    model's parameters: DataLens's, in vote space), with `inserted` and `held_out`
+    candidates: the counts and the ledger's eps (as `audit_run`), and `family` (the
+    run's `all_rounds` figures at the ledger's delta) as `all_rounds`."""
+    return {"inserted": inserted, "held_out": held_out, **_ledger_fields(ledger),
+            "all_rounds": family}
+
+
+def _ledger_fields(ledger: dict[str, Any]) -> dict[str, Any]:
+    """audit.json's eps of the ledger (its `PrivacyLedger.to_json`)."""
+    return {"ledger_epsilon_rdp": ledger["epsilon_rdp"],
+            "ledger_epsilon_pld": ledger["epsilon_pld"]}
 
 
 def report_line(summary: dict[str, Any]) -> str:
@@ -428,6 +462,8 @@ def report_line(summary: dict[str, Any]) -> str:
     if result is None:
         return ""
     ledger_epsilon = format_upper(result["ledger_epsilon_rdp"])
+    if "mu" not in result:  # the all-rounds figures alone (`all_rounds_run`)
+        return _all_rounds_line(result, ledger_epsilon)
     return (
         f"- **canary audit** (Andrew et al. 2024; an audit run: its model holds "
         f"{result['inserted']} canaries and is not for release): the canaries stand "
@@ -451,6 +487,25 @@ def _all_rounds_clause(figures: dict[str, Any] | None) -> str:
         f", f-DP lower bound within the ledger's family (Mahloujifar et al. 2024) "
         f"{figures['epsilon_lower_bound_fdp']:.3f} "
         f"({figures['final_model_epsilon_lower_bound_fdp']:.3f} from the final model)"
+    )
+
+
+def _all_rounds_line(result: dict[str, Any], ledger_epsilon: str) -> str:
+    """report.md's line on `all_rounds_run`'s figures (each step's score moves by 1 when
+    an inserted canary takes part, in units of the mechanism's sensitivity)."""
+    figures = result["all_rounds"]
+    return (
+        f"- **canary audit** (Andrew et al. 2024, every step's release; an audit run: it "
+        f"trained with {result['inserted']} canaries and is not for release): over "
+        f"{figures['rounds']} steps a canary moves its score {figures['shift']:.3f} "
+        f"sensitivities a step (1 expected), noise std {figures['noise_std']:.3f} (the "
+        f"ledger's {figures['noise_multiplier']:.4g}); eps estimate "
+        f"{figures['epsilon_estimate']:.3f}, lower bound {figures['epsilon_lower_bound']:.3f} "
+        f"(holds with probability {1 - figures['significance']:g}), f-DP lower bound within "
+        f"the ledger's family (Mahloujifar et al. 2024) "
+        f"{figures['epsilon_lower_bound_fdp']:.3f}, against the ledger's {ledger_epsilon} "
+        f"(RDP; PLD {format_upper(result['ledger_epsilon_pld'])}) at delta "
+        f"{figures['delta']:g}\n"
     )
 
 

@@ -1,10 +1,11 @@
 """A trainer's audit run: its canaries drawn from the run's seed, and its audit.json.
 
-The five trainers that take `audit_canaries` (`dpfed.train.dpsgd`, `dpfed.federated.
-classifier`, `dpfed.generative.fedgan`, `fedlm` and `dpd_fvae`) draw their canaries and
-write their figures here, so that the seed stream, the refusals and the write's order
-after ledger.json are one rule (`dpfed.privacy.audit`; WORKSPACE.md, "Auditing a
-training run with canaries").
+The five trainers that take `audit_canaries` in their parameters (`dpfed.train.dpsgd`,
+`dpfed.federated.classifier`, `dpfed.generative.fedgan`, `fedlm` and `dpd_fvae`) draw their
+canaries and write their figures here, and DataLens (its canaries in vote space,
+`dpfed.generative.datalens.canaries`) its all-rounds figures, so that the seed stream,
+the refusals and the write's order after ledger.json are one rule (`dpfed.privacy.audit`;
+WORKSPACE.md, "Auditing a training run with canaries").
 """
 
 from __future__ import annotations
@@ -63,9 +64,35 @@ def write_audit(
     `all_rounds(delta)`, where given: the all-rounds figures at the ledger's delta
     (`DpFedAvg.all_rounds_audit`), added as `all_rounds` with the final model's f-DP
     bound in their family (`audit.audit_run`'s `family`)."""
-    if canaries is None or not trained or ledger is None or ledger["epsilon_rdp"] is None:
+    if canaries is None or not _audits(ledger, trained):
         return None
+    assert ledger is not None  # `_audits`
     family = None if all_rounds is None else all_rounds(ledger["delta"])
-    figures = audit.audit_run(canaries, initial, final, ledger, family)
+    return _write(wd, audit.audit_run(canaries, initial, final, ledger, family))
+
+
+def write_all_rounds_audit(
+    wd: Workdir,
+    counts: tuple[int, int],
+    ledger: dict[str, Any] | None,
+    trained: bool,
+    all_rounds: Callable[[float], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """`write_audit` of an audit run whose canaries are not in the model's parameters
+    (DataLens's, in its vote space: `dpfed.generative.datalens.canaries`), so there is no
+    final-model attack: audit.json holds the all-rounds figures `all_rounds(delta)` alone
+    (`audit.all_rounds_run`) of `counts` = (inserted, held-out) candidates."""
+    if not _audits(ledger, trained):
+        return None
+    assert ledger is not None  # `_audits`
+    return _write(wd, audit.all_rounds_run(*counts, ledger, all_rounds(ledger["delta"])))
+
+
+def _audits(ledger: dict[str, Any] | None, trained: bool) -> bool:
+    """Whether an audit run's figures are written: it trained, under a ledger."""
+    return trained and ledger is not None and ledger["epsilon_rdp"] is not None
+
+
+def _write(wd: Workdir, figures: dict[str, Any]) -> dict[str, Any]:
     wd.write_json(AUDIT_FILE, figures)
     return figures

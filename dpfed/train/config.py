@@ -55,6 +55,17 @@ def require_no_privacy_settings(
                 f"does not apply to a non-private run ({mode}): drop one of the two")
 
 
+def require_audit_count(audit_canaries: int) -> None:
+    """Refuses a canary audit (`--audit_canaries`) of fewer than `audit.MIN_CANARIES`
+    canaries (0: no audit).
+
+    Raises:
+      ConfigError: naming "audit_canaries".
+    """
+    require(audit_canaries == 0 or audit_canaries >= audit.MIN_CANARIES, "audit_canaries",
+            f"must be 0 (no audit) or >= {audit.MIN_CANARIES}")
+
+
 def require_audit_applies(
     audit_canaries: int, nodp: bool, sampling: str, mode: str = "--nodp"
 ) -> None:
@@ -66,8 +77,7 @@ def require_audit_applies(
     Raises:
       ConfigError: naming "audit_canaries".
     """
-    require(audit_canaries == 0 or audit_canaries >= audit.MIN_CANARIES, "audit_canaries",
-            f"must be 0 (no audit) or >= {audit.MIN_CANARIES}")
+    require_audit_count(audit_canaries)
     require(not (audit_canaries and nodp), "audit_canaries",
             f"audits the privacy of a private run: it does not apply with {mode}")
     require(not (audit_canaries and sampling != "poisson"), "audit_canaries",

@@ -34,6 +34,42 @@ def test_a_model_smaller_than_the_support_gets_dense_sign_directions():
     np.testing.assert_allclose(np.abs(np.asarray(canaries.values)), 30**-0.5, rtol=1e-6)
 
 
+def test_a_direction_of_several_rows_has_the_support_and_equal_norm_in_each_row():
+    rows, width, support = 4, 500, 20
+    canaries = audit.draw(jax.random.key(7), _zeros(rows * width), 30, support=support,
+                          rows=rows)
+    by_row = dense(canaries, rows * width).reshape(30, rows, width)
+    assert (np.count_nonzero(by_row, axis=2) == support).all(), "support coordinates a row"
+    np.testing.assert_allclose(np.linalg.norm(by_row, axis=2), rows**-0.5, rtol=1e-6,
+                               err_msg="each row of a unit direction must have norm 1/sqrt(rows)")
+    with pytest.raises(ValueError, match="rows"):
+        audit.draw(jax.random.key(7), _zeros(10), 3, rows=4)
+
+
+def test_one_row_is_the_draw_of_the_whole_space():
+    one = audit.draw(jax.random.key(8), _zeros(3_000), 7, support=64, rows=1)
+    default = audit.draw(jax.random.key(8), _zeros(3_000), 7, support=64)
+    np.testing.assert_array_equal(np.asarray(one.coords), np.asarray(default.coords),
+                                  err_msg="rows=1 must keep every trainer's directions")
+    coords = np.arange(64) * (3_000 // 64) + np.asarray(jax.random.randint(
+        jax.random.split(jax.random.key(8))[0], (7, 64), 0, 3_000 // 64))
+    np.testing.assert_array_equal(np.asarray(one.coords), coords,
+                                  err_msg="the draw of a run started before rows existed")
+
+
+def test_all_rounds_run_holds_the_counts_the_ledgers_eps_and_the_family_alone():
+    ledger = {"delta": DELTA, "epsilon_rdp": 4.7, "epsilon_pld": 4.4}
+    family = {"rounds": 30, "rate": 1.0, "noise_multiplier": 6.0, "shift": 1.02,
+              "noise_std": 6.1, "epsilon_estimate": 3.9, "epsilon_lower_bound": 0.5,
+              "epsilon_lower_bound_fdp": 1.1, "significance": 0.05, "delta": DELTA}
+    figures = audit.all_rounds_run(21, 19, ledger, family)
+    assert figures == {"inserted": 21, "held_out": 19, "ledger_epsilon_rdp": 4.7,
+                       "ledger_epsilon_pld": 4.4, "all_rounds": family}, figures
+    line = audit.report_line({"audit": figures})
+    for words in ("not for release", "30 steps", "1.020", "1.100", "4.4"):
+        assert words in line, f"report.md's line must say {words!r}: {line}"
+
+
 def test_estimate_of_gaussian_scores_one_std_apart_is_the_gaussian_mechanisms_eps():
     rng = np.random.default_rng(0)
     result = audit.estimate(rng.normal(1.0, 1.0, 20_000), rng.normal(0.0, 1.0, 20_000), DELTA)

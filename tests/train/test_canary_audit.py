@@ -54,15 +54,35 @@ def test_an_audit_run_writes_its_figures(tmp_path):
     assert written["inserted"] == figures["inserted"], "audit.json must hold the figures"
 
 
-def test_an_all_rounds_audit_adds_its_figures_at_the_ledgers_delta(tmp_path):
+def _family(rate):
+    """Hand-made all-rounds figures, the callable that gives them and the deltas it got."""
     deltas = []
-    family = {"rounds": 2, "rate": 0.5, "noise_multiplier": 1.0, "delta": 1e-5,
+    family = {"rounds": 2, "rate": rate, "noise_multiplier": 1.0, "delta": 1e-5,
               "significance": 0.05, "shift": 1.0}
 
     def all_rounds(delta):
         deltas.append(delta)
         return family
 
+    return family, all_rounds, deltas
+
+
+def test_an_all_rounds_only_audit_writes_the_family_at_the_ledgers_delta(tmp_path):
+    family, all_rounds, deltas = _family(1.0)
+    figures = canary_audit.write_all_rounds_audit(Workdir(tmp_path), (21, 19), _LEDGER,
+                                                  trained=True, all_rounds=all_rounds)
+    assert deltas == [1e-5], "the all-rounds figures must be at the ledger's delta"
+    written = json.loads((tmp_path / AUDIT_FILE).read_text())
+    assert written == figures == audit.all_rounds_run(21, 19, _LEDGER, family), (
+        "audit.json must hold audit.all_rounds_run's figures")
+    untrained = tmp_path / "untrained"
+    assert canary_audit.write_all_rounds_audit(Workdir(untrained), (21, 19), _LEDGER,
+                                               trained=False, all_rounds=all_rounds) is None
+    assert not (untrained / AUDIT_FILE).exists(), "a run that did not train audits nothing"
+
+
+def test_an_all_rounds_audit_adds_its_figures_at_the_ledgers_delta(tmp_path):
+    family, all_rounds, deltas = _family(0.5)
     canaries = _canaries()
     final = {"w": jnp.ones((40, 30)), "b": jnp.ones((30,))}
     figures = canary_audit.write_audit(Workdir(tmp_path), canaries, _PARAMS, final,
