@@ -12,7 +12,10 @@ Measured figures (eps, fid_domain, train-on-synthetic accuracy) are in WORKSPACE
 --target_epsilon. Privacy: the unit is one training example, under the neighbouring
 relation of --partition (hash: add/remove-one; balanced: replace-one), which assigns each
 example to one teacher. Rerunning the same command on the same workdir resumes from its
-last checkpoint, privacy ledger included. With --evaluate (the default) the generator is then
+last checkpoint, privacy ledger included. An empirical check of the accounting:
+--audit_canaries=1000 (canary teachers' votes in every step's vote sum, audit.json: the
+figures of every step's release, `dpfed.generative.datalens.canaries`; the generator
+then holds the canaries: not for release). With --evaluate (the default) the generator is then
 evaluated by `dpfed.eval.evaluation` (fid_domain, CNN/MLP/LogReg accuracy on the real
 test split) with --num_synthetic samples; `launch/reproduce.py --table=datalens` runs
 the rows with --noevaluate and evaluates them with `experiments.evaluate`.
@@ -100,6 +103,7 @@ _NUM_SYNTHETIC = flags.DEFINE_integer(
     "num_synthetic", _D.num_synthetic, "Synthetic samples written and evaluated."
 )
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Evaluate the generator when training ends.")
+_AUDIT = cli.define_audit_flag("teachers (votes in the vote space)")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "Split the CPU into this many JAX devices, the teachers sharded over "
     "them (on a CPU-only machine: its core count; 0: JAX's default). Not pinned: a run may "
@@ -147,6 +151,7 @@ def _config() -> datalens.DataLensConfig:
         checkpoint_every=_CKPT_EVERY.value,
         num_synthetic=_NUM_SYNTHETIC.value,
         data_dir=_DATA_DIR.value,
+        audit_canaries=_AUDIT.value,
     )
 
 

@@ -266,6 +266,10 @@ BINARIES: dict[str, dict[str, Binary]] = {
         # Stopped by the budget guard after 2 of 4 steps (eps 0.93 after 2, over 1 after 3).
         "budget": Binary("experiments.datalens", (
             *_DATALENS_TINY, "--noevaluate", "--steps=4", "--target_epsilon=1"), ("",)),
+        # An audit run: 20 canary teachers' votes in every step's vote sum, their sums of
+        # scores checkpointed, audit.json written at the end.
+        "audit": Binary("experiments.datalens", (
+            *_DATALENS_TINY, "--noevaluate", "--audit_canaries=20"), ("",)),
     },
     "evaluate": {
         "datalens": Binary("experiments.evaluate", _EVALUATE_SMALL, ("",), prepared=_DATALENS_DONE),

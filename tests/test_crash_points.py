@@ -245,6 +245,10 @@ _RISKY = {
     ("dpd_fvae", "audit"): [
         ("audit.json", 1, "file"),  # trained with canaries, their figures not yet written
     ],
+    ("datalens", "audit"): [
+        ("checkpoints/1", 1, "checkpoint-rename"),  # step 1's sums of scores not in place
+        ("audit.json", 1, "file"),  # trained with canaries, their figures not yet written
+    ],
     ("evaluate", "synthetic"): [
         ("eval.json", 1, "file"),  # the figures written, eval.json not
     ],

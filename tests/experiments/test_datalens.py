@@ -58,6 +58,29 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
 
 
+def test_an_audit_run_writes_all_rounds_figures_below_the_ledger_and_a_rerun_keeps_them(
+    tmp_path
+):
+    args = (*TINY, "--steps=3", "--audit_canaries=20", "--noevaluate", f"--workdir={tmp_path}")
+    _run(*args)
+    written = (tmp_path / "audit.json").read_bytes()
+    figures = json.loads(written)
+    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    rounds = figures["all_rounds"]
+    assert rounds["rounds"] == 3 and rounds["rate"] == 1.0, "every step's release, rate 1"
+    assert figures["inserted"] + figures["held_out"] == 40, "2K candidates for K = 20"
+    assert figures["ledger_epsilon_pld"] == ledger["epsilon_pld"], "beside the ledger's eps"
+    for bound in ("epsilon_lower_bound", "epsilon_lower_bound_fdp"):
+        assert rounds[bound] <= ledger["epsilon_pld"], (
+            f"a correctly noised run's {bound} {rounds[bound]} must not exceed the ledger's "
+            f"PLD eps {ledger['epsilon_pld']}")
+    assert "mu" not in figures, "no final-model attack: the canaries are in vote space"
+    assert "not for release" in (tmp_path / "report.md").read_text(), "report.md says so"
+    _run(*args)  # the finished run, rerun
+    assert (tmp_path / "audit.json").read_bytes() == written, (
+        "a rerun of a finished audit run must write the same figures")
+
+
 # One uninterrupted run for the SIGKILL and the SIGTERM test. On one CPU device (a
 # laptop's default): the host queues steps ahead of the device.
 _INTERRUPTED = [*TINY, "--steps=40", "--checkpoint_every=10", "--eval_every=10",
@@ -107,6 +130,7 @@ def test_evaluate_flag_appends_the_evaluation_suite_result(tmp_path):
         ("--delta=2", "delta"),
         ("--num_teachers=2000", "num_teachers"),
         ("--target_epsilon=1e-6", "target_epsilon"),
+        ("--audit_canaries=5", "audit_canaries"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(tmp_path, flag, name):

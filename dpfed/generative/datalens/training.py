@@ -46,6 +46,7 @@ from dpfed import privacy
 from dpfed.data.partition import to_federated
 from dpfed.federated.mesh import settle
 from dpfed.generative import contract
+from dpfed.generative.datalens import canaries
 from dpfed.generative.datalens.partition import (
     PARTITION_RELATIONS,
     partition_teachers,
@@ -54,10 +55,13 @@ from dpfed.generative.datalens.partition import (
 from dpfed.generative.datalens.teachers import VOTE_SCOPES, TeacherEnsemble, make_mesh
 from dpfed.generative.datalens.topagg import TopAgg
 from dpfed.models.datalens_nets import OUTPUTS, StudentGenerator, TeacherDiscriminator
+from dpfed.privacy import audit
 from dpfed.train import divergence, preemption, run_clock, seeds
+from dpfed.train.canary_audit import write_all_rounds_audit
 from dpfed.train.checkpoint import Checkpointer
 from dpfed.train.config import (
     require,
+    require_audit_count,
     require_data_dir_applies,
     require_finite_floats,
     require_secret_seed,
@@ -120,6 +124,7 @@ class DataLensConfig:
     checkpoint_every: int = 20
     num_synthetic: int = 10000
     data_dir: str | None = None
+    audit_canaries: int = 0  # ~K canary teachers inserted, ~K held out: `canaries`
 
     def __post_init__(self):
         require_finite_floats(self)
@@ -178,6 +183,7 @@ class DataLensConfig:
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         require(self.num_synthetic >= 20, "num_synthetic", "must be >= 20")
+        require_audit_count(self.audit_canaries)
 
     def topagg(self) -> TopAgg:
         """The TopAgg mechanism of this run."""
@@ -294,15 +300,20 @@ class DataLens:
         params = self.generator.module.init(jax.random.fold_in(key, 1), z, labels)
         return {"params": params, "opt_state": self.student_optimizer.init(params)}
 
-    def init(self, key: jax.Array) -> PyTree:
-        """The initial train state (teachers sharded over the mesh)."""
+    def init(self, key: jax.Array, candidates: int = 0) -> PyTree:
+        """The initial train state (teachers sharded over the mesh); an audit run's
+        (`candidates` canaries, `canaries`) also holds their all-rounds sums under "audit"
+        (other runs' checkpoints keep their keys)."""
         image = jnp.zeros(self.image_shape, jnp.float32)
         replicated = NamedSharding(self.ensemble.mesh, P())  # same devices as the teachers
-        return {
+        state = {
             "teachers": self.ensemble.init(jax.random.fold_in(key, 2), image),
             "generator": jax.device_put(self._init_generator(key), replicated),
             "step": jax.device_put(jnp.int32(0), replicated),
         }
+        if candidates:
+            state["audit"] = jax.device_put(audit.RoundScores.zeros(candidates), replicated)
+        return state
 
     def _teacher_step(self, state, data, ids, key, real_batch):
         """One discriminator step of every teacher against fresh generator samples."""
@@ -315,8 +326,13 @@ class DataLens:
         )
         return {**state, "teachers": teachers}, loss
 
-    def _generator_step(self, state, ids, key):
-        """TopAgg on `batch_size` fresh samples and one student Adam step towards them."""
+    def _generator_step(self, state, ids, key, audited=None):
+        """TopAgg on `batch_size` fresh samples and one student Adam step towards them.
+
+        `audited` (an audit run's `canaries.VoteCanaries`): this step's canary directions
+        (from `fold_in(key, audit.STEP_KEY)`) go into the vote sum before the noise, whose
+        key is unchanged, and the release's scores into `state["audit"]`.
+        """
         sample_key, vote_key, noise_key = jax.random.split(key, 3)
         gen = state["generator"]
         z, labels = self.generator.latents(sample_key, self.config.batch_size)
@@ -325,6 +341,12 @@ class DataLens:
         vote_sum = self.ensemble.vote_sum(
             state["teachers"], ids, samples, labels, vote_key, self.topagg, self.config.vote_scope
         )
+        num_rows = canaries.rows(self.config.vote_scope, self.config.batch_size)
+        if audited is not None:
+            directions = canaries.directions(jax.random.fold_in(key, audit.STEP_KEY),
+                                             audited.candidates, vote_sum.shape, self.topagg,
+                                             num_rows)
+            vote_sum = canaries.insert(audited, directions, vote_sum, self.topagg, num_rows)
         noisy = self.topagg.privatize(vote_sum, noise_key)  # the DP release
         aggregate = self.topagg.threshold(noisy, self.config.num_teachers)  # post-processing
         target = samples + self.config.step_size * aggregate.reshape(samples.shape)
@@ -341,7 +363,11 @@ class DataLens:
             "generator_loss": loss / self.config.batch_size,
             "agreement": jnp.mean(jnp.abs(aggregate)),
         }
-        return {**state, "generator": new_gen, "step": state["step"] + 1}, metrics
+        new_state = {**state, "generator": new_gen, "step": state["step"] + 1}
+        if audited is not None:  # the release, post-processed
+            new_state["audit"] = canaries.observe(state["audit"], directions, noisy,
+                                                  self.topagg, num_rows)
+        return new_state, metrics
 
     def train_step(
         self,
@@ -351,8 +377,10 @@ class DataLens:
         key: jax.Array,
         num_d_steps: int,
         real_batch: int,
+        audited: canaries.VoteCanaries | None = None,
     ) -> tuple[PyTree, dict]:
         """`num_d_steps` teacher steps, then one generator step; key = fold_in(seed key, step).
+        `audited`: an audit run's canaries (`_generator_step`).
 
         Each jitted call is settled before the next is dispatched: on several CPU devices
         XLA:CPU can deadlock otherwise (`dpfed.federated.mesh.waits_for_each_step`).
@@ -362,7 +390,7 @@ class DataLens:
             state, _ = settle(self.teacher_step(
                 state, data, ids, jax.random.fold_in(teacher_key, i), real_batch=real_batch
             ))
-        return settle(self.generator_step(state, ids, generator_key))
+        return settle(self.generator_step(state, ids, generator_key, audited))
 
 
 # Fields that only steer the Python loop or the data: runs differing in them share one
@@ -370,7 +398,7 @@ class DataLens:
 _RUN_FIELDS = (
     "dataset", "partition", "d_steps", "pretrain_steps", "real_batch", "steps",
     "target_epsilon", "delta", "seed", "secret_seed", "eval_every", "checkpoint_every",
-    "num_synthetic", "data_dir",
+    "num_synthetic", "data_dir", "audit_canaries",
 )
 
 
@@ -484,7 +512,9 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
     teacher_data = TeacherData(train_ds, config, lens.ensemble)
     ids = lens.ensemble.teacher_ids()
     root = seeds.root_key(config.seed)
-    fresh = lens.init(seeds.stream_key(config.seed, seeds.INIT_STREAM))
+    audited = canaries.draw(config.audit_canaries, config.seed)
+    fresh = lens.init(seeds.stream_key(config.seed, seeds.INIT_STREAM),
+                      0 if audited is None else audited.candidates)
     ledger = new_ledger(config, n)
 
     # Checkpoints hold the T real teachers alone: the padding depends on the mesh, so a
@@ -522,6 +552,7 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
                 jax.random.fold_in(root, step),
                 d_steps_before(config, step),
                 min(config.real_batch or teacher_data.max_n, teacher_data.max_n),
+                audited,
             )
             ledger.record(event, count=per_step)
             done = step + 1
@@ -580,6 +611,13 @@ def train(config: DataLensConfig, workdir: str, log: Callable[[str], None] = pri
         **seeds.summary_fields(config),
         "environment": environment_info(),
     }
+    num_rows = canaries.rows(config.vote_scope, config.batch_size)
+    audit_figures = None if audited is None else write_all_rounds_audit(
+        wd, audited.counts, ledger_json, trained=int(state["step"]) > 0,
+        all_rounds=canaries.all_steps_audit(
+            state["audit"], audited, int(state["step"]), lens.topagg, num_rows))
+    if audit_figures is not None:
+        summary["audit"] = audit_figures
     wd.write_summary(summary)
     wd.write_report(render_report(config, summary, records),
                     keep_evaluation=start_step == last_step)  # a finished run, rerun
@@ -637,6 +675,7 @@ def render_report(config: DataLensConfig, summary: dict, metrics: list[dict]) ->
         f"b {config.grad_bound:g}\n"
         f"- generator: {summary['steps']} steps of {config.batch_size} samples, Adam "
         f"lr {config.learning_rate:g}, z_dim {config.z_dim}, seed {seeds.public(config)}\n"
+        f"{audit.report_line(summary)}"
         f"- wall time: {run_clock.describe(summary)}\n"
         f"- generator params sha256: `{summary['params_sha256']}`\n"
         f"{divergence.report_line(summary)}\n"
