@@ -53,7 +53,10 @@ releases and public constants alone (Andrew et al. 2024's all-rounds setting). B
 it, the f-DP one-run bound of Mahloujifar et al. 2024 within the ledger's own family,
 `rounds` x PoissonSampled(q, Gaussian(s)) (`lower_bound_in_family`, `dpfed.privacy.
 fdp_audit`), on the llr scores and on the final model's: the least private member the
-scores prove the run is not as private as.
+scores prove the run is not as private as. DataLens (`dpfed.generative.datalens.canaries`)
+releases noisy vote sums, not a model: its canaries are canary teachers' votes in vote
+space, every step (rate 1), and its audit.json holds these all-rounds figures alone
+(`all_rounds_run`: no final-model attack).
 
 An audit run's model holds the canaries: it is for auditing, not for release. The
 scores are computed from the released model alone and the canaries are no record's data,
