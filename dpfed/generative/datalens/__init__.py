@@ -37,6 +37,9 @@ Privacy analysis (what the ledger records and why):
   teachers vote on every sample. Teacher training itself releases nothing.
 - The budget guard stops before the first generator step whose further events would
   take eps above the target.
+- An empirical check of the above in one run: `--audit_canaries` (`canaries`: canary
+  teachers' votes at the full sensitivity sqrt(4k) in every aggregation, scored on every
+  release).
 """
 
 from dpfed.generative import contract

@@ -123,6 +123,7 @@ def insert(canaries: VoteCanaries, step_directions: audit.Canaries, vote_sum: ja
            topagg: TopAgg, num_rows: int) -> jax.Array:
     """`vote_sum` plus w u_c for each inserted candidate (`weight`; held-out ones add 0)."""
     weights = weight(topagg, num_rows) * canaries.inserted.astype(jnp.float32)
+    # Rate 1: every candidate is present, whatever the (unused) sampling key draws.
     return audit.insert(step_directions, vote_sum, weights, 1.0, jax.random.key(0))
 
 

@@ -14,6 +14,11 @@ One generator step:
    (with `project_target`, the target is first clipped to the image range [0, 1], so a
    pixel already black is not pulled further down: post-processing, not in the paper).
 
+An audit run (`audit_canaries`, `canaries`) adds canary teachers' votes to the vote sums of
+step 3 before the noise (the same noise key) and accumulates every candidate's score on
+the release in the state's "audit" entry, checkpointed with it; audit.json holds the
+all-rounds figures (after ledger.json), and its generator is not for release.
+
 Step t uses `fold_in(key(seed), t)`: a resumed run replays identical randomness, and the
 checkpoint holds the train state and the ledger together, so resuming neither loses nor
 double-counts privacy spend. Before step t the budget guard checks that one more step's
