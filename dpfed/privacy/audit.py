@@ -484,12 +484,19 @@ def _all_rounds_clause(figures: dict[str, Any] | None) -> str:
         return ""
     return (
         f"; all rounds' releases ({figures['rounds']} rounds): each participation moves a canary "
-        f"{figures['shift']:.3f} C / m (1 expected), noise std {figures['noise_std']:.3f} "
-        f"(the ledger's {figures['noise_multiplier']:.4g}), eps estimate "
-        f"{figures['epsilon_estimate']:.3f}, lower bound {figures['epsilon_lower_bound']:.3f}"
-        f", f-DP lower bound within the ledger's family (Mahloujifar et al. 2024) "
-        f"{figures['epsilon_lower_bound_fdp']:.3f} "
+        f"{figures['shift']:.3f} C / m (1 expected), {_release_figures(figures)} "
         f"({figures['final_model_epsilon_lower_bound_fdp']:.3f} from the final model)"
+    )
+
+
+def _release_figures(figures: dict[str, Any]) -> str:
+    """report.md's words on what the `all_rounds` figures read from the releases: the
+    noise, the eps estimate and both lower bounds."""
+    return (
+        f"noise std {figures['noise_std']:.3f} (the ledger's {figures['noise_multiplier']:.4g}), "
+        f"eps estimate {figures['epsilon_estimate']:.3f}, lower bound "
+        f"{figures['epsilon_lower_bound']:.3f}, f-DP lower bound within the ledger's family "
+        f"(Mahloujifar et al. 2024) {figures['epsilon_lower_bound_fdp']:.3f}"
     )
 
 
@@ -501,12 +508,8 @@ def _all_rounds_line(result: dict[str, Any], ledger_epsilon: str) -> str:
         f"- **canary audit** (Andrew et al. 2024, every step's release; an audit run: it "
         f"trained with {result['inserted']} canaries and is not for release): over "
         f"{figures['rounds']} steps a canary moves its score {figures['shift']:.3f} "
-        f"sensitivities a step (1 expected), noise std {figures['noise_std']:.3f} (the "
-        f"ledger's {figures['noise_multiplier']:.4g}); eps estimate "
-        f"{figures['epsilon_estimate']:.3f}, lower bound {figures['epsilon_lower_bound']:.3f} "
-        f"(holds with probability {1 - figures['significance']:g}), f-DP lower bound within "
-        f"the ledger's family (Mahloujifar et al. 2024) "
-        f"{figures['epsilon_lower_bound_fdp']:.3f}, against the ledger's {ledger_epsilon} "
+        f"sensitivities a step (1 expected), {_release_figures(figures)} (the bounds hold "
+        f"with probability {1 - figures['significance']:g}), against the ledger's {ledger_epsilon} "
         f"(RDP; PLD {format_upper(result['ledger_epsilon_pld'])}) at delta "
         f"{figures['delta']:g}\n"
     )
