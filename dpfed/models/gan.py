@@ -37,6 +37,7 @@ DP-FedAvg-GAN round of 5 clients, 6 D and 6 G steps, D (32, 64)-256, G 128-64-(3
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -108,6 +109,16 @@ def conv_transpose_4x4_stride_2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(batch, 2 * height, 2 * width, features)
 
 
+def _strided_4x4(module: nn.Module, x: jax.Array, op: Callable, features: int,
+                 use_bias: bool) -> jax.Array:
+    """`op(x, kernel)` (+ bias) with `module`'s `[4, 4, in, features]` kernel, as flax's."""
+    kernel = module.param("kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], features))
+    y = op(x, kernel)
+    if use_bias:
+        y = y + module.param("bias", nn.initializers.zeros_init(), (features,))
+    return y
+
+
 class StridedConv(nn.Module):
     """A 4x4 stride-2 SAME convolution (as `nn.Conv`), computed as one matrix product."""
 
@@ -116,13 +127,7 @@ class StridedConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], self.features)
-        )
-        y = conv_4x4_stride_2(x, kernel)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return y
+        return _strided_4x4(self, x, conv_4x4_stride_2, self.features, self.use_bias)
 
 
 class StridedConvTranspose(nn.Module):
@@ -133,13 +138,7 @@ class StridedConvTranspose(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (4, 4, x.shape[-1], self.features)
-        )
-        y = conv_transpose_4x4_stride_2(x, kernel)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return y
+        return _strided_4x4(self, x, conv_transpose_4x4_stride_2, self.features, self.use_bias)
 
 
 class Discriminator(nn.Module):
