@@ -752,7 +752,8 @@ def sweep(
         probe = scratch / "probe"
         expect(run(binary, probe, double, child=child), double)
         rerun = uninterrupted(binary, probe, child)
-        report(f"killed before write {double}, the rerun makes {len(rerun.points)} writes:")
+        report(f"killed at write {double} (as the child kills: before, inside, SIGTERM), "
+               f"the rerun makes {len(rerun.points)} writes:")
         for point in rerun.points:
             report(f"  {point['n']:3d} {point['kind']:18s} {point['path']}")
         todo = points or list(range(1, len(rerun.points) + 1))
