@@ -736,11 +736,11 @@ def sweep(
     report: Callable[[str], None] = print, child: tuple[str, ...] = (),
     expect: Expect | None = None,
 ) -> list[Outcome]:
-    """Kills `binary` before each of `points` (default: every write point of an
-    uninterrupted run), or with `double`, before write `double` and then its rerun
-    before each of its writes (`points` of the rerun); checks (a)-(c) at each, in
-    `scratch`; raises at the first failure. Each run in `child` (`run`'s), its end
-    checked by `expect` (`crash_and_rerun`'s)."""
+    """Kills `binary` at each of `points` (default: every write point of an
+    uninterrupted run), or with `double`, at write `double` and then its rerun at each
+    of its writes (`points` of the rerun); checks (a)-(c) at each, in `scratch`; raises
+    at the first failure. Each run in `child` (`run`'s), which kills its own way (this
+    module's: before the write), its end checked by `expect` (`crash_and_rerun`'s)."""
     expect = expect or expect_killed
     whole = scratch / "whole"
     reference = uninterrupted(binary, whole, child)
@@ -752,7 +752,7 @@ def sweep(
         probe = scratch / "probe"
         expect(run(binary, probe, double, child=child), double)
         rerun = uninterrupted(binary, probe, child)
-        report(f"killed at write {double} (as the child kills: before, inside, SIGTERM), "
+        report(f"killed at write {double} (the child's way), "
                f"the rerun makes {len(rerun.points)} writes:")
         for point in rerun.points:
             report(f"  {point['n']:3d} {point['kind']:18s} {point['path']}")
