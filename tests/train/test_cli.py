@@ -2,87 +2,35 @@
 
 import os
 import pathlib
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from absl import flags
 
 from dpfed.train import cli
-from tests.binary import workdir_locked_by_another_process
-
-_BINARY = textwrap.dedent("""
-    \"\"\"A test binary: 89.4% at eps 9.\"\"\"
-
-    import pathlib
-
-    from absl import flags
-
-    from dpfed.train import cli
-
-    _MODEL = flags.DEFINE_enum("model", "cnn", ["cnn", "mlp"], "Classifier.")
-    _CLIP = flags.DEFINE_float("clip_norm", 1.0, "Clip norm.", lower_bound=0.0)
-    _DELTA = flags.DEFINE_float("delta", 1e-5, "Target delta.")
-    _CRASH = flags.DEFINE_bool("crash", False, "Raise a RuntimeError in main.")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (locked).")
-    _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "One host of a multi-host job.")
-    _WRITE = flags.DEFINE_list("write", [], "Files written into the workdir before the checks.")
-    _DEVICES = flags.DEFINE_bool("devices", False, "Ask jax for its devices (backend probing).")
-    _SEED = cli.define_seed_flag(0)
-    cli.define_secret_seed_flag()
-
-
-    def main(argv):
-        for name in _WRITE.value:
-            path = pathlib.Path(_WORKDIR.value) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("{}")
-        cli.check(_DELTA.value < 1, "delta", "must be < 1")
-        if _CRASH.value:
-            raise RuntimeError("a bug")
-        if _DEVICES.value:
-            import jax
-
-            jax.devices()
-        if _WORKDIR.value is not None:
-            fields = cli.seed_fields(_WORKDIR.value)
-            print("seeded", "secret" if fields["secret_seed"] else fields["seed"])
-        print("trained", _MODEL.value)
-
-
-    if __name__ == "__main__":
-        cli.run(main)
-""")
+from tests.binary import run_binary, workdir_locked_by_another_process
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
+_EXAMPLE = "tests.train.cli_example"
 
 
-def _run(tmp_path, *args, env=None):
-    binary = tmp_path / "binary.py"
-    binary.write_text(_BINARY)
-    return subprocess.run(
-        [sys.executable, str(binary), *args],
-        capture_output=True,
-        text=True,
-        cwd=_REPO,
-        timeout=60,
-        env={**(os.environ if env is None else env), "PYTHONPATH": str(_REPO)},
-    )
+def _run(*args, env=None):
+    """`python -m tests.train.cli_example args`: forked from a process that has imported
+    the libraries unless `env` is given (`tests.binary.run_binary`)."""
+    return run_binary(_EXAMPLE, *args, check=False, timeout=60, env=env)
 
 
-def test_help_shows_the_docstring_as_written(tmp_path):
+def test_help_shows_the_docstring_as_written():
     # absl %-formats the docstring with the program's name: "89.4% at" became
     # "89.4'/path/binary.py't" (%a) before cli.run escaped it.
-    result = _run(tmp_path, "--helpshort")
+    result = _run("--helpshort")
     assert "A test binary: 89.4% at eps 9." in result.stdout, (
         f"--helpshort must print the docstring unchanged: {result.stdout[:300]}")
 
 
-def test_help_lists_the_flags_cli_defines_for_the_binary(tmp_path):
+def test_help_lists_the_flags_cli_defines_for_the_binary():
     # absl's --help lists the main module's key flags; --seed, defined by
     # `cli.define_seed_flag`, was cli's key flag and left out of every binary's --help.
-    result = _run(tmp_path, "--helpshort")
+    result = _run("--helpshort")
     assert "--seed: Random seed." in result.stdout, (
         f"--helpshort must list --seed with the binary's own flags: {result.stdout}")
 
@@ -107,8 +55,8 @@ def _stderr_lines(result):
     ids=["enum", "lower_bound", "flag_error", "unknown", "missing_flagfile", "inf", "nan",
          "negative_seed", "seed_over_32_bits"],
 )
-def test_bad_flag_exits_2_with_one_line(tmp_path, args, flag):
-    result = _run(tmp_path, *args)
+def test_bad_flag_exits_2_with_one_line(args, flag):
+    result = _run(*args)
     lines = _stderr_lines(result)
     assert result.returncode == 2, f"{args}: exit code {result.returncode}, stderr {lines}"
     assert len(lines) == 1, f"{args}: expected one stderr line, got {lines}"
@@ -138,8 +86,8 @@ def test_every_binary_with_dp_releases_reads_its_seed_through_seed_fields():
     assert "define_secret_seed_flag()" in (_REPO / "dpfed/generative/debug_flags.py").read_text()
 
 
-def test_flag_error_line_format(tmp_path):
-    lines = _stderr_lines(_run(tmp_path, "--delta=2"))
+def test_flag_error_line_format():
+    lines = _stderr_lines(_run("--delta=2"))
     assert lines == ["error: --delta: must be < 1"], f"unexpected FlagError line {lines}"
 
 
@@ -147,29 +95,29 @@ def test_an_infinite_float_flag_is_refused_before_the_workdir_is_made(tmp_path):
     # absl parses "inf" and its lower_bound=0.0 lets it through: a learning rate of inf
     # trained on NaN, and a clip norm of inf would clip nothing.
     workdir = tmp_path / "w"
-    lines = _stderr_lines(_run(tmp_path, "--clip_norm=inf", f"--workdir={workdir}"))
+    lines = _stderr_lines(_run("--clip_norm=inf", f"--workdir={workdir}"))
     assert lines == ["error: --clip_norm: must be a finite number, not inf"], lines
     assert not workdir.exists(), "a refused run must not create its workdir"
 
 
-def test_good_run_exits_0(tmp_path):
-    result = _run(tmp_path, "--model=mlp")
+def test_good_run_exits_0():
+    result = _run("--model=mlp")
     assert result.returncode == 0, f"good flags failed: {result.stderr}"
     assert result.stdout.strip() == "trained mlp", f"main did not run: {result.stdout!r}"
 
 
-def test_backend_probing_leaves_no_line_on_the_terminal(tmp_path):
+def test_backend_probing_leaves_no_line_on_the_terminal():
     # On CPU-only machines every binary's first line was jax's INFO record "Unable to
     # initialize backend 'tpu': ... libtpu.so ...".
     # The tests pin JAX_PLATFORMS=cpu (tests/conftest.py); a user's shell does not.
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    result = _run(tmp_path, "--devices", env=env)
+    result = _run("--devices", env=env)
     assert result.returncode == 0 and result.stdout.strip() == "trained cnn", result.stderr
     assert "Unable to initialize backend" not in result.stderr, result.stderr
 
 
-def test_other_exceptions_keep_their_traceback(tmp_path):
-    result = _run(tmp_path, "--crash")
+def test_other_exceptions_keep_their_traceback():
+    result = _run("--crash")
     assert result.returncode == 1, f"a bug should exit 1, got {result.returncode}"
     assert "Traceback" in result.stderr and "RuntimeError: a bug" in result.stderr, (
         f"a bug's traceback was hidden: {result.stderr}"
@@ -223,18 +171,18 @@ def test_refuse_unused_accepts_a_default_or_a_flag_that_applies(tmp_path, args, 
 def test_a_second_run_on_a_workdir_in_use_exits_2_naming_it(tmp_path):
     workdir = tmp_path / "w"
     with workdir_locked_by_another_process(workdir):
-        result = _run(tmp_path, f"--workdir={workdir}")
+        result = _run(f"--workdir={workdir}")
     lines = _stderr_lines(result)
     assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
     assert lines[0].startswith("error: --workdir:") and "in use" in lines[0], lines
-    assert _run(tmp_path, f"--workdir={workdir}").returncode == 0, "the lock must die with it"
+    assert _run(f"--workdir={workdir}").returncode == 0, "the lock must die with it"
 
 
 @pytest.mark.parametrize("kind", ["empty", "file"])
 def test_a_workdir_that_cannot_be_a_directory_exits_2_naming_it(tmp_path, kind):
     (tmp_path / "a_file").write_text("not a directory")
     workdir = "" if kind == "empty" else tmp_path / "a_file"
-    result = _run(tmp_path, f"--workdir={workdir}")
+    result = _run(f"--workdir={workdir}")
     lines = _stderr_lines(result)
     assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
     assert lines[0].startswith("error: --workdir:"), (
@@ -244,14 +192,14 @@ def test_a_workdir_that_cannot_be_a_directory_exits_2_naming_it(tmp_path, kind):
 def test_a_multi_host_run_shares_its_workdir_without_the_lock(tmp_path):
     workdir = tmp_path / "w"
     with workdir_locked_by_another_process(workdir):  # another host of the job
-        result = _run(tmp_path, f"--workdir={workdir}", "--distributed")
+        result = _run(f"--workdir={workdir}", "--distributed")
     assert result.returncode == 0, f"every host runs on the shared workdir: {result.stderr}"
 
 
 def test_a_refused_run_removes_the_workdir_it_created(tmp_path):
     workdir = tmp_path / "new" / "run"
     written = "--write=config.json,sub/config.json,sub/checkpoints/config.json"
-    result = _run(tmp_path, f"--workdir={workdir}", "--delta=2", written)
+    result = _run(f"--workdir={workdir}", "--delta=2", written)
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr}"
     assert not (tmp_path / "new").exists(), (
         "a refused run must not leave the folders it created (only a lock and configs in them)")
@@ -260,26 +208,26 @@ def test_a_refused_run_removes_the_workdir_it_created(tmp_path):
 def test_a_refused_run_keeps_a_workdir_that_existed(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    assert _run(tmp_path, f"--workdir={workdir}", "--delta=2").returncode == 2
+    assert _run(f"--workdir={workdir}", "--delta=2").returncode == 2
     assert workdir.is_dir(), "the user's own folder must stay"
 
 
 def test_a_refused_run_keeps_a_created_workdir_holding_other_files(tmp_path):
     workdir = tmp_path / "run"
-    result = _run(tmp_path, f"--workdir={workdir}", "--delta=2", "--write=sub/metrics.jsonl")
+    result = _run(f"--workdir={workdir}", "--delta=2", "--write=sub/metrics.jsonl")
     assert result.returncode == 2, f"exit {result.returncode}: {result.stderr}"
     assert (workdir / "sub" / "metrics.jsonl").exists(), "a run's output must never be deleted"
 
 
 def test_a_good_run_keeps_the_workdir_it_created(tmp_path):
     workdir = tmp_path / "run"
-    assert _run(tmp_path, f"--workdir={workdir}").returncode == 0
+    assert _run(f"--workdir={workdir}").returncode == 0
     assert workdir.is_dir(), "a run that went ahead keeps its workdir"
 
 
 def test_secret_seed_with_an_explicit_seed_exits_2_naming_the_flag(tmp_path):
     workdir = tmp_path / "run"
-    result = _run(tmp_path, f"--workdir={workdir}", "--secret_seed", "--seed=3")
+    result = _run(f"--workdir={workdir}", "--secret_seed", "--seed=3")
     lines = _stderr_lines(result)
     assert result.returncode == 2 and len(lines) == 1, f"exit {result.returncode}: {lines}"
     assert lines[0].startswith("error: --secret_seed: "), (
@@ -289,12 +237,12 @@ def test_secret_seed_with_an_explicit_seed_exits_2_naming_the_flag(tmp_path):
 
 def test_secret_seed_is_drawn_once_and_a_rerun_without_the_flag_exits_2(tmp_path):
     workdir = tmp_path / "run"
-    first = _run(tmp_path, f"--workdir={workdir}", "--secret_seed")
+    first = _run(f"--workdir={workdir}", "--secret_seed")
     assert first.returncode == 0 and "seeded secret" in first.stdout, first.stderr[-2000:]
     stored = (workdir / "secret_seed.json").read_text()
-    assert _run(tmp_path, f"--workdir={workdir}", "--secret_seed").returncode == 0
+    assert _run(f"--workdir={workdir}", "--secret_seed").returncode == 0
     assert (workdir / "secret_seed.json").read_text() == stored, "a rerun must never draw again"
-    lines = _stderr_lines(_run(tmp_path, f"--workdir={workdir}"))
+    lines = _stderr_lines(_run(f"--workdir={workdir}"))
     assert len(lines) == 1 and lines[0].startswith("error: --secret_seed: "), (
         f"a rerun without the flag would use --seed's noise: it must be refused: {lines}")
 
