@@ -343,7 +343,10 @@ def test_adopting_budgets_keeps_clients_within_them_and_takes_the_new_budgets():
         err_msg="the restored state must take this invocation's budgets")
 
 
-@pytest.mark.parametrize("dp,noise", [("none", None), ("central", 1.0)])
+@pytest.mark.parametrize("dp,noise", [
+    # slow: ~8 s; budgets are --rounds outside local DP alike, the fast suite keeps central
+    pytest.param("none", None, marks=pytest.mark.slow),
+    ("central", 1.0)])
 def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noise):
     # Every client takes part in each of the first 2 rounds (rate 1); outside local DP
     # their budget is --rounds, which the resume raises to 4. Before, the restored state

@@ -267,7 +267,10 @@ def test_default_physical_batch_covers_three_sigma():
     assert dpsgd.default_physical_batch(256) % 8 == 0
 
 
-@pytest.mark.parametrize("new_target", [1.2, 2.0])
+@pytest.mark.parametrize("new_target", [
+    # slow: ~9 s; the same recalibration, the fast suite keeps the 2.0 case
+    pytest.param(1.2, marks=pytest.mark.slow),
+    2.0])
 def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new_target):
     first = dpsgd.DpSgdConfig(
         dataset="digits", model="logreg", steps=10, batch_size=64, noise_multiplier=None,
@@ -401,7 +404,10 @@ def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, mo
                                          log=lambda _: None), tmp_path, "dataset")
 
 
-@pytest.mark.parametrize("first, then", [("fixed", "poisson"), ("poisson", "fixed")])
+@pytest.mark.parametrize("first, then", [
+    # slow: ~8 s; the same pinned-field check, the fast suite keeps poisson -> fixed
+    pytest.param("fixed", "poisson", marks=pytest.mark.slow),
+    ("poisson", "fixed")])
 def test_a_changed_sampling_over_a_calibrated_checkpoint_is_refused_naming_it(
         tmp_path, first, then):
     # The target's calibration composed the checkpoint's events under the NEW sampling's
@@ -542,7 +548,10 @@ def test_all_steps_audit_of_ten_sampled_steps_estimates_the_ledgers_eps():
     assert 0 <= figures["epsilon_lower_bound"] <= ledger_eps, figures
 
 
-@pytest.mark.parametrize("weight", [0.5, -1.0], ids=["half", "wrong_sign"])
+@pytest.mark.parametrize("weight", [
+    # slow: ~4 s; the fast suite keeps wrong_sign (-1) and test_dp_fedavg_canaries' C/2 test
+    pytest.param(0.5, id="half", marks=pytest.mark.slow),
+    pytest.param(-1.0, id="wrong_sign")])
 def test_all_steps_audit_reads_the_weight_canaries_were_inserted_with(monkeypatch, weight):
     insert = audit.insert
     monkeypatch.setattr(audit, "insert", lambda canaries, total, clip, rate, key: insert(
