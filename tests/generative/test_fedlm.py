@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -220,9 +221,19 @@ def _tiny_run(**changes):
     return config, train, (ids, counts, mesh)
 
 
-def test_resume_under_another_clip_is_refused(tmp_path):
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The workdir of `_tiny_run()`'s config trained to its end, shared: copy it before
+    writing to it."""
     config, train, _ = _tiny_run()
-    train(config, workdir=str(tmp_path))
+    workdir = tmp_path_factory.mktemp("plain")
+    train(config, workdir=str(workdir))
+    return workdir
+
+
+def test_resume_under_another_clip_is_refused(tmp_path, plain_run):
+    config, train, _ = _tiny_run()
+    shutil.copytree(plain_run, tmp_path, dirs_exist_ok=True)
     with pytest.raises(ConfigError) as error:
         train(dataclasses.replace(config, rounds=3, l2_clip=0.5), workdir=str(tmp_path))
     assert error.value.field == "l2_clip", "the LM's resume must not change its clip norm"
@@ -333,14 +344,13 @@ def test_an_audit_lms_canaries_stand_one_noise_std_out_after_one_round_of_all_us
     assert every_round["noise_std"] >= 0.9, every_round  # the users' sum adds to the noise
 
 
-def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path):
+def test_an_audit_run_keeps_the_ledger_of_the_same_run_without_canaries(tmp_path, plain_run):
     # The canaries are no user's data: the users' eps is that of the run without them.
     config, train, _ = _tiny_run()
-    train(config, workdir=str(tmp_path / "plain"))
     summary, _ = train(dataclasses.replace(config, audit_canaries=20),
                        workdir=str(tmp_path / "audit"))
     assert "audit" in summary, "an audit run must audit its LM"
-    ledgers = [(tmp_path / run / "ledger.json").read_text() for run in ("plain", "audit")]
+    ledgers = [(run / "ledger.json").read_text() for run in (plain_run, tmp_path / "audit")]
     assert ledgers[0] == ledgers[1], "the canaries changed the LM's ledger"
 
 
