@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -485,10 +486,23 @@ def test_one_step_audit_finds_the_noise_multiplier_the_ledger_records():
         "or sensitivity is not the one the ledger records")
 
 
-def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path):
-    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=64,
-                               noise_multiplier=1.1, eval_every=1, audit_canaries=30)
-    summary = dpsgd.train(config, tmp_path, log=lambda _: None)
+_AUDIT_RUN = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=64,
+                               noise_multiplier=1.1, eval_every=1, checkpoint_every=1,
+                               audit_canaries=30)
+
+
+@pytest.fixture(scope="module")
+def audit_run(tmp_path_factory):
+    """`_AUDIT_RUN` trained to its end, uninterrupted: (its workdir, its summary). Shared:
+    copy the workdir before writing to it."""
+    workdir = tmp_path_factory.mktemp("audit_run")
+    return workdir, dpsgd.train(_AUDIT_RUN, workdir, log=lambda _: None)
+
+
+def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path, audit_run):
+    config = _AUDIT_RUN
+    shutil.copytree(audit_run[0], tmp_path, dirs_exist_ok=True)
+    summary = audit_run[1]
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written == summary["audit"], "audit.json is not the summary's audit"
     assert written["ledger_epsilon_rdp"] == summary["epsilon_rdp"], "audit.json's ledger eps"
@@ -583,11 +597,9 @@ def test_the_all_steps_accumulators_leave_the_released_params_as_they_were(z):
         "a run without canaries keeps its checkpoint's keys")
 
 
-def test_an_audit_run_resumed_after_a_step_writes_the_uninterrupted_runs_audit(tmp_path):
-    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=3, batch_size=256,
-                               noise_multiplier=1.0, eval_every=1, checkpoint_every=1,
-                               audit_canaries=30)
-    whole = dpsgd.train(config, tmp_path / "whole", log=lambda _: None)
+def test_an_audit_run_resumed_after_a_step_writes_the_uninterrupted_runs_audit(
+        tmp_path, audit_run):
+    config, whole = _AUDIT_RUN, audit_run[1]
     # Stopped after step 1 (its checkpoint), then resumed to step 3.
     dpsgd.train(dataclasses.replace(config, steps=1), tmp_path / "resumed", log=lambda _: None)
     resumed = dpsgd.train(config, tmp_path / "resumed", log=lambda _: None)
