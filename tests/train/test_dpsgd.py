@@ -268,15 +268,28 @@ def test_default_physical_batch_covers_three_sigma():
     assert dpsgd.default_physical_batch(256) % 8 == 0
 
 
+_CALIBRATED = dpsgd.DpSgdConfig(
+    dataset="digits", model="logreg", steps=10, batch_size=64, noise_multiplier=None,
+    target_epsilon=1.0, eval_every=5, checkpoint_every=5)
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    """`_CALIBRATED` (10 steps at target eps 1) trained to its end: (config, workdir, its
+    z). Shared: copy the workdir before writing to it."""
+    workdir = tmp_path_factory.mktemp("calibrated")
+    z = dpsgd.train(_CALIBRATED, workdir, log=lambda _: None)["noise_multiplier"]
+    return _CALIBRATED, workdir, z
+
+
 @pytest.mark.parametrize("new_target", [
     # slow: ~9 s; the same recalibration, the fast suite keeps the 2.0 case
     pytest.param(1.2, marks=pytest.mark.slow),
     2.0])
-def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new_target):
-    first = dpsgd.DpSgdConfig(
-        dataset="digits", model="logreg", steps=10, batch_size=64, noise_multiplier=None,
-        target_epsilon=1.0, eval_every=5, checkpoint_every=5)
-    z_first = dpsgd.train(first, tmp_path, log=lambda _: None)["noise_multiplier"]
+def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(
+        tmp_path, calibrated_run, new_target):
+    first, workdir, z_first = calibrated_run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
     longer = dataclasses.replace(first, steps=20, target_epsilon=new_target)
     summary = dpsgd.train(longer, tmp_path, log=lambda _: None)
     ledger = json.loads((tmp_path / "ledger.json").read_text())
@@ -291,14 +304,13 @@ def test_resume_with_a_new_target_calibrates_the_rest_to_end_at_it(tmp_path, new
                        "target_epsilon": new_target}], f"the ledger must say what changed: {change}"
 
 
-def test_resume_with_a_new_target_over_an_emptied_metrics_log_is_refused(tmp_path):
+def test_resume_with_a_new_target_over_an_emptied_metrics_log_is_refused(
+        tmp_path, calibrated_run):
     # The stop-29 storage audit's uncovered case: metrics.jsonl emptied by hand while a
     # checkpoint is left; a new target recalibrates z, and releases a killed run logged
     # after the checkpoint (gone with the log) would be replayed at another z, uncounted.
-    first = dpsgd.DpSgdConfig(
-        dataset="digits", model="logreg", steps=10, batch_size=64, noise_multiplier=None,
-        target_epsilon=1.0, eval_every=5, checkpoint_every=5)
-    dpsgd.train(first, tmp_path, log=lambda _: None)
+    first, workdir, _ = calibrated_run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="lost 2 record") as error:
         dpsgd.train(dataclasses.replace(first, steps=20, target_epsilon=2.0), tmp_path,
