@@ -3,6 +3,7 @@ training data pinned on resume."""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +70,24 @@ def test_a_resume_on_other_training_data_is_refused_naming_the_flag(tmp_path, mo
         tmp_path, "dataset")
 
 
-def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path):
-    config = classifier.FedAvgClassifierConfig(
-        dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=2,
-        noise_multiplier=1.0, local_steps=2, local_batch_size=10, audit_canaries=30)
-    summary = classifier.train(config, str(tmp_path), log=lambda _: None)
+_AUDIT_RUN = classifier.FedAvgClassifierConfig(
+    dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=3,
+    noise_multiplier=1.0, local_steps=2, local_batch_size=10, audit_canaries=30,
+    eval_every=1, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def audit_run(tmp_path_factory):
+    """`_AUDIT_RUN` trained to its end, uninterrupted: (its workdir, its summary). Shared:
+    copy the workdir before writing to it."""
+    workdir = tmp_path_factory.mktemp("audit_run")
+    return workdir, classifier.train(_AUDIT_RUN, str(workdir), log=lambda _: None)
+
+
+def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path, audit_run):
+    config = _AUDIT_RUN
+    shutil.copytree(audit_run[0], tmp_path, dirs_exist_ok=True)
+    summary = audit_run[1]
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written == summary["audit"], "audit.json is not the summary's audit"
     assert written["inserted"] + written["held_out"] == 60, f"2 x 30 candidates: {written}"
@@ -83,7 +97,7 @@ def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path)
     assert "canary audit" in (tmp_path / "report.md").read_text(), "report.md omits the audit"
     every_round = written["all_rounds"]
     assert (every_round["rounds"], every_round["rate"], every_round["noise_multiplier"]) == (
-        2, 0.25, 1.0), f"the all-rounds audit's design constants: {every_round}"
+        3, 0.25, 1.0), f"the all-rounds audit's design constants: {every_round}"
     assert 0 <= every_round["epsilon_lower_bound"] <= summary["epsilon_rdp"], every_round
     assert "all rounds' releases" in (tmp_path / "report.md").read_text(), (
         "report.md omits the all-rounds figures")
@@ -91,12 +105,9 @@ def test_an_audit_run_writes_its_canary_figures_and_a_rerun_keeps_them(tmp_path)
     assert again["audit"] == written, "rerunning a finished audit run changed its figures"
 
 
-def test_an_audit_run_resumed_after_a_round_writes_the_uninterrupted_runs_audit(tmp_path):
-    config = classifier.FedAvgClassifierConfig(
-        dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=3,
-        noise_multiplier=1.0, local_steps=2, local_batch_size=10, audit_canaries=30,
-        eval_every=1, checkpoint_every=1)
-    whole = classifier.train(config, str(tmp_path / "whole"), log=lambda _: None)
+def test_an_audit_run_resumed_after_a_round_writes_the_uninterrupted_runs_audit(
+        tmp_path, audit_run):
+    config, whole = _AUDIT_RUN, audit_run[1]
     # Stopped after round 1 (its checkpoint), then resumed to round 3.
     classifier.train(dataclasses.replace(config, rounds=1), str(tmp_path / "resumed"),
                      log=lambda _: None)
