@@ -390,19 +390,17 @@ def test_adopting_budgets_some_clients_already_exceed_is_refused():
 
 
 def test_a_resume_under_a_target_clients_already_exceed_leaves_the_workdir_as_it_was(
-        tmp_path):
+        tmp_path, local_resume):
     # Before, the refusal came after the resume pinned config.json (with the refused
-    # --target_epsilon and --rounds) and truncated the logs. 8 clients of ~180 examples,
-    # 2 local steps of batch 90 at rate 0.5: at z 1 one participation costs eps ~5.4 and
-    # two ~7.4, so a target of 6 affords each client one.
-    config = dataclasses.replace(
-        _CONFIG, num_clients=8, client_fraction=0.5, batch_size=90, rounds=3, dp="local",
-        noise_multiplier=1.0, target_epsilon=100.0)
-    summary = dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
-    assert summary["participations_max"] >= 2, (
-        f"the test needs a client that took part in 2 rounds: {summary['participations_max']}")
+    # --target_epsilon and --rounds) and truncated the logs. local_resume's clients took
+    # part in its 4 rounds at the z its first target (8 for 2 rounds) calibrated: a
+    # target of 8 affords each 2 participations. (Its workdir, copied: its compiled round.)
+    summary = local_resume.summary
+    assert summary["participations_max"] >= 3, (
+        f"the test needs a client that took part in 3 rounds: {summary['participations_max']}")
+    shutil.copytree(local_resume.workdir, tmp_path, dirs_exist_ok=True)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
-    lowered = dataclasses.replace(config, rounds=4, target_epsilon=6.0)
+    lowered = dataclasses.replace(local_resume.resumed, rounds=5, target_epsilon=8.0)
     with pytest.raises(ConfigError) as error:
         dpd_fvae.train(lowered, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
     assert error.value.field == "target_epsilon" and "already spent" in error.value.message, (
