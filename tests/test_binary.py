@@ -35,9 +35,9 @@ def test_a_hung_binary_fails_with_its_stack_and_its_processes_are_killed(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     pid_file = tmp_path / "child.pid"
     with pytest.raises(AssertionError) as failure:
-        run_binary("hangs", str(pid_file), timeout=5, env=env)
+        run_binary("hangs", str(pid_file), timeout=3, env=env)
     message = str(failure.value)
-    assert "still running after 5 s" in message, f"the failure names the timeout: {message}"
+    assert "still running after 3 s" in message, f"the failure names the timeout: {message}"
     assert "started" in message, f"the failure keeps the binary's stderr: {message}"
     assert "wait_in_a_named_function" in message, f"the failure shows where it hung: {message}"
     child = int(pid_file.read_text())
@@ -61,9 +61,9 @@ def test_a_binary_that_hangs_before_it_can_be_killed_fails_with_its_stack(tmp_pa
         "def never_writes():\n    time.sleep(3600)\nnever_writes()\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with pytest.raises(AssertionError) as failure:
-        kill_when_written("hangs_early", workdir=tmp_path / "w", pattern="done", timeout=5)
+        kill_when_written("hangs_early", workdir=tmp_path / "w", pattern="done", timeout=3)
     message = str(failure.value)
-    assert "still running after 5 s" in message, f"the failure names the timeout: {message}"
+    assert "still running after 3 s" in message, f"the failure names the timeout: {message}"
     assert "waiting" in message and "never_writes" in message, (
         f"the failure shows the stderr and where it hung: {message}")
 

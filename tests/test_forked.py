@@ -58,9 +58,9 @@ def test_the_fork_server_starts_no_jax_backend():
 
 def test_a_hung_forked_run_fails_with_its_stack(tmp_path):
     with pytest.raises(AssertionError) as failure:
-        kill_when_written(_EXAMPLE, "hang", workdir=tmp_path, pattern="done", timeout=5)
+        kill_when_written(_EXAMPLE, "hang", workdir=tmp_path, pattern="done", timeout=3)
     message = str(failure.value)
-    assert "still running after 5 s" in message and "waiting" in message, message
+    assert "still running after 3 s" in message and "waiting" in message, message
     assert "in main" in message, f"the failure shows where it hung: {message}"
 
 
