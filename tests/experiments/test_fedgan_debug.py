@@ -503,7 +503,9 @@ def population_run(tmp_path_factory):
         _skip_the_app_classifier(monkeypatch)
         monkeypatch.setattr(selection, "client_accuracies",
                             lambda *args: np.linspace(0.31, 1.0, TINY["num_clients"]))
-        config = fedgan_debug.DebugConfig(**POPULATION)
+        # Under a secret seed: the run is also the secret-seed test's (the sizes' noise too).
+        seed = Workdir(workdir).pin_seed(0, secret=True)
+        config = fedgan_debug.DebugConfig(**{**POPULATION, "seed": seed, "secret_seed": True})
         summary = fedgan_debug.run(config, str(workdir), log=lambda _: None)
         return workdir, summary, fedgan_debug.run(config, str(workdir), log=lambda _: None)
 
@@ -582,15 +584,12 @@ def test_population_sampling_checks_each_groups_noise_split_before_either_gan_tr
 
 
 def test_a_secret_seed_and_the_groups_seeds_are_in_no_file_but_secret_seed_json(
-        tmp_path, monkeypatch):
+        population_run):
     # Both GANs' seeds derive from the secret one, and with population sampling the group
     # sizes' noise too: none may be guessable (31 bits) or written where it is released.
-    _skip_the_app_classifier(monkeypatch)
-    monkeypatch.setattr(selection, "client_accuracies",
-                        lambda *args: np.linspace(0.31, 1.0, TINY["num_clients"]))
-    seed = Workdir(tmp_path).pin_seed(0, secret=True)
-    config = fedgan_debug.DebugConfig(**{**POPULATION, "seed": seed, "secret_seed": True})
-    summary = fedgan_debug.run(config, str(tmp_path), log=lambda _: None)
+    # The population run's workdir, after its rerun (which reads the seed back).
+    tmp_path, summary, _ = population_run
+    seed = Workdir(tmp_path).read_json("secret_seed.json")["seed"]
     secrets = [seed, *(selection.group_seed(seed, name) for name in fedgan_debug.GROUPS)]
     assert all(s >= 2**32 for s in secrets), f"a seed derived from the secret is short: {secrets}"
     leaking = [str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")
@@ -612,9 +611,15 @@ AUDIT = {**TINY, "sampling": "poisson", "audit_canaries": 20}
 @pytest.fixture(scope="module")
 def audit_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fedgan_audit")
-    config = fedgan_debug.DebugConfig(**AUDIT)
-    summary = fedgan_debug.run(config, str(workdir), log=lambda _: None)
-    return workdir, summary, fedgan_debug.run(config, str(workdir), log=lambda _: None)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # The audit needs the GANs, not the app's classifier: quantile groups of 6 clients
+        # from distinct accuracies (the tiny run trains and evaluates the classifier).
+        _skip_the_app_classifier(monkeypatch)
+        monkeypatch.setattr(selection, "client_accuracies",
+                            lambda *args: np.linspace(0.0, 1.0, TINY["num_clients"]))
+        config = fedgan_debug.DebugConfig(**AUDIT)
+        summary = fedgan_debug.run(config, str(workdir), log=lambda _: None)
+        return workdir, summary, fedgan_debug.run(config, str(workdir), log=lambda _: None)
 
 
 def test_an_audit_run_writes_each_gans_canary_figures_beside_its_ledger(audit_run):
