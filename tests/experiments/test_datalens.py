@@ -1,6 +1,7 @@
 """End-to-end tests of experiments/datalens.py (subprocesses, tiny runs on 8x8 digits)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -58,16 +59,28 @@ def test_tiny_run_writes_the_workdir_contract(tmp_path):
     assert "[datalens]" in proc.stderr and "eps" in proc.stderr  # progress with eps
 
 
+# One uninterrupted run for the audit, SIGKILL and SIGTERM tests (so the preempted run
+# also checkpoints and resumes its canaries' sums). On one CPU device (a laptop's
+# default): the host queues steps ahead of the device.
+_STEPS = 40
+_INTERRUPTED = [*TINY, f"--steps={_STEPS}", "--checkpoint_every=10", "--eval_every=10",
+                "--noevaluate", "--cpu_devices=1", "--audit_canaries=20"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return finished_run(tmp_path_factory, "experiments.datalens", *_INTERRUPTED)
+
+
 def test_an_audit_run_writes_all_rounds_figures_below_the_ledger_and_a_rerun_keeps_them(
-    tmp_path
+    uninterrupted, tmp_path
 ):
-    args = (*TINY, "--steps=3", "--audit_canaries=20", "--noevaluate", f"--workdir={tmp_path}")
-    _run(*args)
-    written = (tmp_path / "audit.json").read_bytes()
+    # The shared run (a 3-step run of its own before: ~10 s); its rerun on a copy.
+    written = (uninterrupted / "audit.json").read_bytes()
     figures = json.loads(written)
-    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    ledger = json.loads((uninterrupted / "ledger.json").read_text())
     rounds = figures["all_rounds"]
-    assert rounds["rounds"] == 3 and rounds["rate"] == 1.0, "every step's release, rate 1"
+    assert rounds["rounds"] == _STEPS and rounds["rate"] == 1.0, "every step's release, rate 1"
     assert figures["inserted"] + figures["held_out"] == 40, "2K candidates for K = 20"
     assert figures["ledger_epsilon_pld"] == ledger["epsilon_pld"], "beside the ledger's eps"
     for bound in ("epsilon_lower_bound", "epsilon_lower_bound_fdp"):
@@ -75,21 +88,12 @@ def test_an_audit_run_writes_all_rounds_figures_below_the_ledger_and_a_rerun_kee
             f"a correctly noised run's {bound} {rounds[bound]} must not exceed the ledger's "
             f"PLD eps {ledger['epsilon_pld']}")
     assert "mu" not in figures, "no final-model attack: the canaries are in vote space"
-    assert "not for release" in (tmp_path / "report.md").read_text(), "report.md says so"
-    _run(*args)  # the finished run, rerun
-    assert (tmp_path / "audit.json").read_bytes() == written, (
+    assert "not for release" in (uninterrupted / "report.md").read_text(), "report.md says so"
+    rerun = tmp_path / "rerun"
+    shutil.copytree(uninterrupted, rerun)
+    _run(*_INTERRUPTED, f"--workdir={rerun}")  # the finished run, rerun
+    assert (rerun / "audit.json").read_bytes() == written, (
         "a rerun of a finished audit run must write the same figures")
-
-
-# One uninterrupted run for the SIGKILL and the SIGTERM test. On one CPU device (a
-# laptop's default): the host queues steps ahead of the device.
-_INTERRUPTED = [*TINY, "--steps=40", "--checkpoint_every=10", "--eval_every=10",
-                "--noevaluate", "--cpu_devices=1"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return finished_run(tmp_path_factory, "experiments.datalens", *_INTERRUPTED)
 
 
 @pytest.mark.slow  # ~25 s more than the SIGTERM test's resume of the same run; `make test`
@@ -106,21 +110,31 @@ def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(uninterrupted,
         step=10)
 
 
-def test_cpu_devices_flag_splits_the_cpu_and_a_run_resumes_on_another_count(tmp_path):
-    _run(*TINY, "--steps=2", "--cpu_devices=3", "--noevaluate", f"--workdir={tmp_path}")
-    summary = json.loads((tmp_path / "summary.json").read_text())
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """A run of 2 steps on 3 CPU devices, resumed to 3 steps on the tests' 8 and evaluated
+    (--evaluate; not pinned in config.json): its workdir, summaries and resume's output."""
+    workdir = tmp_path_factory.mktemp("datalens_moved")
+    _run(*TINY, "--steps=2", "--cpu_devices=3", "--noevaluate", f"--workdir={workdir}")
+    first = json.loads((workdir / "summary.json").read_text())
+    proc = _run(*TINY, "--steps=3", "--evaluate", f"--workdir={workdir}")  # tests' 8 devices
+    return workdir, first, proc
+
+
+def test_cpu_devices_flag_splits_the_cpu_and_a_run_resumes_on_another_count(moved):
+    workdir, summary, _ = moved
     assert summary["environment"]["device_count"] == 3, "--cpu_devices=3: 3 CPU devices"
-    _run(*TINY, "--steps=3", "--noevaluate", f"--workdir={tmp_path}")  # tests' 8 devices
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    ledger = json.loads((tmp_path / "ledger.json").read_text())
+    summary = json.loads((workdir / "summary.json").read_text())
+    ledger = json.loads((workdir / "ledger.json").read_text())
     assert summary["environment"]["device_count"] == 8 and summary["steps"] == 3, summary
     assert ledger["num_releases"] == 3, "the resumed run adds its one aggregation to the two"
 
 
-def test_evaluate_flag_appends_the_evaluation_suite_result(tmp_path):
-    proc = _run(*TINY, "--steps=1", "--target_epsilon=50", "--evaluate", f"--workdir={tmp_path}")
+def test_evaluate_flag_appends_the_evaluation_suite_result(moved):
+    # The resumed run of the test above (a run of its own before: ~11 s).
+    workdir, _, proc = moved
     assert "fid_domain" in proc.stdout and "cnn" in proc.stdout, proc.stdout
-    assert (tmp_path / "eval.json").exists(), "the evaluation suite writes eval.json"
+    assert (workdir / "eval.json").exists(), "the evaluation suite writes eval.json"
 
 
 @pytest.mark.parametrize(
