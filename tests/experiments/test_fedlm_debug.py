@@ -454,7 +454,7 @@ def test_a_cohort_larger_than_the_second_group_is_refused_before_either_lm_train
 
 
 # An audit run (`--audit_canaries`): Poisson cohorts, each LM with its own canaries.
-AUDIT = {**TINY, "sampling": "poisson", "audit_canaries": 20}
+AUDIT = {**TINY, "rounds": 1, "sampling": "poisson", "audit_canaries": 20}
 
 
 def test_an_audit_run_writes_each_lms_canary_figures_and_a_rerun_keeps_them(tmp_path):
