@@ -140,7 +140,7 @@ def uninterrupted(tmp_path_factory):
     return finished_run(tmp_path_factory, "experiments.dpsgd_classifier", *_INTERRUPTED)
 
 
-@pytest.mark.slow  # ~15 s past the shared run; the fast suite keeps the SIGTERM test below
+@pytest.mark.slow  # ~13 s past the shared run; the fast suite keeps the SIGTERM test below
 # (the same run stopped after a checkpoint, resumed like it) and test_crash_writes' SIGKILLs
 # of this binary's default DP mode (inside checkpoint 2's rename, the final ledger.json).
 def test_sigkill_and_resume_gives_same_params_and_ledger(uninterrupted, tmp_path):
