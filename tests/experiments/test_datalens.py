@@ -34,10 +34,22 @@ def _run(*args, check=True):
     return run_binary("experiments.datalens", *args, check=check)
 
 
-def test_tiny_run_writes_the_workdir_contract(tmp_path):
-    # Also the --vote_scope=batch flag's test (a binary run of its own before: ~5 s).
-    proc = _run(*TINY, "--steps=3", "--target_epsilon=50", "--vote_scope=batch", "--noevaluate",
-                f"--workdir={tmp_path}")
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory):
+    """A tiny run (--vote_scope=batch, a target) of 2 steps on 3 CPU devices, resumed to 3
+    steps on the tests' 8 and evaluated (--evaluate; not pinned in config.json): its
+    workdir, its first summary and the resume's output."""
+    workdir = tmp_path_factory.mktemp("datalens_moved")
+    tiny = (*TINY, "--target_epsilon=50", "--vote_scope=batch", f"--workdir={workdir}")
+    _run(*tiny, "--steps=2", "--cpu_devices=3", "--noevaluate")
+    first = json.loads((workdir / "summary.json").read_text())
+    return workdir, first, _run(*tiny, "--steps=3", "--evaluate")  # the tests' 8 devices
+
+
+def test_tiny_run_writes_the_workdir_contract(moved):
+    # Also the --vote_scope=batch flag's test; the run the two tests below also read (a
+    # binary run of its own before: ~10 s).
+    tmp_path, _, proc = moved
     assert "eps" in proc.stdout and "report.md" in proc.stdout
     for name in (
         "ledger.json", "metrics.jsonl", "summary.json", "report.md", "samples.png",
@@ -110,17 +122,6 @@ def test_sigterm_checkpoints_its_step_and_the_rerun_resumes_there(uninterrupted,
         step=10)
 
 
-@pytest.fixture(scope="module")
-def moved(tmp_path_factory):
-    """A run of 2 steps on 3 CPU devices, resumed to 3 steps on the tests' 8 and evaluated
-    (--evaluate; not pinned in config.json): its workdir, summaries and resume's output."""
-    workdir = tmp_path_factory.mktemp("datalens_moved")
-    _run(*TINY, "--steps=2", "--cpu_devices=3", "--noevaluate", f"--workdir={workdir}")
-    first = json.loads((workdir / "summary.json").read_text())
-    proc = _run(*TINY, "--steps=3", "--evaluate", f"--workdir={workdir}")  # tests' 8 devices
-    return workdir, first, proc
-
-
 def test_cpu_devices_flag_splits_the_cpu_and_a_run_resumes_on_another_count(moved):
     workdir, summary, _ = moved
     assert summary["environment"]["device_count"] == 3, "--cpu_devices=3: 3 CPU devices"
@@ -131,7 +132,7 @@ def test_cpu_devices_flag_splits_the_cpu_and_a_run_resumes_on_another_count(move
 
 
 def test_evaluate_flag_appends_the_evaluation_suite_result(moved):
-    # The resumed run of the test above (a run of its own before: ~11 s).
+    # The resume of the `moved` run (a run of its own before: ~11 s).
     workdir, _, proc = moved
     assert "fid_domain" in proc.stdout and "cnn" in proc.stdout, proc.stdout
     assert (workdir / "eval.json").exists(), "the evaluation suite writes eval.json"
