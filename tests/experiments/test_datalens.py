@@ -109,7 +109,8 @@ def test_an_audit_run_writes_all_rounds_figures_below_the_ledger_and_a_rerun_kee
 
 
 @pytest.mark.slow  # ~25 s more than the SIGTERM test's resume of the same run; `make test`
-# keeps DP-SGD's binary SIGKILL test and DataLens's in-process resume tests (tests/generative).
+# keeps that SIGTERM test, test_crash_points' and test_crash_writes' SIGKILLs of the
+# classifier binaries and DataLens's in-process resume tests (tests/generative).
 def test_sigkill_and_resume_gives_same_generator_ledger_and_metrics(uninterrupted, tmp_path):
     assert_kill_resumes_like_uninterrupted(
         "experiments.datalens", *_INTERRUPTED, whole=uninterrupted, killed=tmp_path / "killed",
