@@ -161,6 +161,9 @@ def test_an_audit_outside_central_dp_exits_2_naming_it(tmp_path, dp):
         f"want one line naming --audit_canaries and --dp=central: {lines}")
 
 
+# slow: ~18 s; the fast suite keeps test_dpd_fvae's (library) audit of one all-sampled round
+# and DataLens's binary audit test, whose rerun and resume keep the figures as here
+@pytest.mark.slow
 def test_an_audit_run_writes_its_canary_figures_and_a_resume_or_rerun_keeps_them(tmp_path):
     audited = dict(dp="central", sync="d", noise_multiplier=2.0, audit_canaries=20)
     summary = _train(tmp_path / "whole", **audited)

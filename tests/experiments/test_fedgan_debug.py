@@ -622,6 +622,9 @@ def audit_run(tmp_path_factory):
         return workdir, summary, fedgan_debug.run(config, str(workdir), log=lambda _: None)
 
 
+# slow: ~25 s (its module run); the fast suite keeps fedlm_debug's audit test (the debug demos'
+# shared audit.json per model, report lines and rerun) and test_fedgan's one-round audit
+@pytest.mark.slow
 def test_an_audit_run_writes_each_gans_canary_figures_beside_its_ledger(audit_run):
     workdir, summary, _ = audit_run
     written = Workdir(workdir).read_json("audit.json")
@@ -642,6 +645,7 @@ def test_an_audit_run_writes_each_gans_canary_figures_beside_its_ledger(audit_ru
     assert privacy.count("canary audit") == 2, f"one audit line per GAN: {privacy}"
 
 
+@pytest.mark.slow  # shares audit_run with the test above
 def test_a_rerun_of_an_audit_run_keeps_its_figures(audit_run):
     _, summary, again = audit_run
     assert again["audit"] == summary["audit"], "rerunning a finished audit run changed them"
