@@ -1,6 +1,5 @@
 """Tests for dpfed.generative.wgan_gp (WGAN-GP halves of DP-FedAvg-GAN, Augenstein et al.)."""
 
-import dataclasses
 import functools
 import inspect
 
@@ -41,6 +40,16 @@ def _variables():
 @functools.cache
 def _client_update():
     return jax.jit(functools.partial(wgan_gp.train_discriminator, _CONFIG))
+
+
+@functools.cache
+def _generator_update():
+    return jax.jit(functools.partial(wgan_gp.server_generator_update, _CONFIG))
+
+
+# G's fakes and D's scores as one program each, not op by op (~100 eager compilations).
+_generate = jax.jit(gan.generate, static_argnums=(0,), static_argnames=("train",))
+_scores = jax.jit(lambda model, params, x: model.apply(params, x), static_argnums=0)
 
 
 def _client_images(max_n=6, seed=2):
@@ -110,7 +119,7 @@ def test_server_generator_update_takes_only_g_d_and_noise():
 
 def test_server_generator_update_trains_g_deterministically():
     d_params, g_variables = _variables()
-    update = jax.jit(functools.partial(wgan_gp.server_generator_update, _CONFIG))
+    update = _generator_update()
     noise = wgan_gp.generator_noise(jax.random.key(10), _CONFIG)
     assert noise.shape == (2, 4, 8), f"noise shape {noise.shape}"
     first, metrics = update(g_variables, d_params, noise)
@@ -171,46 +180,55 @@ def test_discriminator_loss_is_fake_score_minus_real_score():
 def test_generator_loss_is_minus_the_mean_critic_score_of_its_fakes():
     d_params, g_variables = _variables()
     noise = jax.random.normal(jax.random.key(11), (4, _CONFIG.noise_dim))
-    loss, _ = wgan_gp.generator_loss(
-        g_variables["params"], g_variables["batch_stats"], _CONFIG.generator,
-        _CONFIG.discriminator, d_params, noise)
-    fake = gan.generate(_CONFIG.generator, g_variables, noise, train=True)
-    want = -jnp.mean(_CONFIG.discriminator.apply(d_params, fake))
+
+    @jax.jit  # one program, not ~100 eager ones
+    def loss_and_want(g_variables, d_params, noise):
+        loss, _ = wgan_gp.generator_loss(
+            g_variables["params"], g_variables["batch_stats"], _CONFIG.generator,
+            _CONFIG.discriminator, d_params, noise)
+        fake = gan.generate(_CONFIG.generator, g_variables, noise, train=True)
+        return loss, -jnp.mean(_CONFIG.discriminator.apply(d_params, fake))
+
+    loss, want = loss_and_want(g_variables, d_params, noise)
     assert abs(float(want)) > 1e-4, "the test needs a non-zero critic score"
     np.testing.assert_allclose(
         loss, want, rtol=1e-5, err_msg="G's loss must be -E[D(G(z))] (G maximises D's score)")
 
 
 def test_client_steps_raise_ds_margin_of_the_clients_images_over_fakes():
-    # Gradient descent on E[D(fake)] - E[D(real)]: D learns to score the client's images
-    # above G's fakes (ascent would lower the margin).
-    config = dataclasses.replace(_CONFIG, gp_weight=0.0, client_d_learning_rate=1e-2)
+    # Gradient descent on E[D(fake)] - E[D(real)] (+ the penalty): D learns to score the
+    # client's images above G's fakes (ascent would lower the margin). The round's
+    # compiled client update (`_client_update`, shared with the tests above).
+    config = _CONFIG
     d_params, g_variables = _variables()
     images = _client_images()
     noise = jax.random.normal(jax.random.key(13), (16, config.noise_dim))
-    fakes = gan.generate(config.generator, g_variables, noise, train=True)
+    fakes = _generate(config.generator, g_variables, noise, train=True)
 
     def margin(params):
-        apply = config.discriminator.apply
-        return float(jnp.mean(apply(params, images)) - jnp.mean(apply(params, fakes)))
+        return float(jnp.mean(_scores(config.discriminator, params, images))
+                     - jnp.mean(_scores(config.discriminator, params, fakes)))
 
-    update = jax.jit(functools.partial(wgan_gp.train_discriminator, config))  # as in a round
-    new = update(d_params, g_variables, images, 6, jax.random.key(5))
+    new = _client_update()(d_params, g_variables, images, 6, jax.random.key(5))
     assert margin(new) > margin(d_params), (
         f"D's margin of real over fake went from {margin(d_params):.4f} to {margin(new):.4f}: "
         "the client must descend the critic loss")
 
 
 def test_server_generator_step_is_sgd_at_the_server_learning_rate():
-    config = dataclasses.replace(_CONFIG, server_g_steps=1)
+    # The round's compiled G update (`_generator_update`, two steps): each batch of noise
+    # one SGD step from the last step's params.
+    config = _CONFIG
     d_params, g_variables = _variables()
     noise = wgan_gp.generator_noise(jax.random.key(12), config)
-    new, _ = wgan_gp.server_generator_update(config, g_variables, d_params, noise)
-    grads, _ = jax.jit(jax.grad(wgan_gp.generator_loss, has_aux=True), static_argnums=(2, 3))(
-        g_variables["params"], g_variables["batch_stats"], config.generator,
-        config.discriminator, d_params, noise[0])
-    want = jax.tree_util.tree_map(
-        lambda p, g: p - config.server_g_learning_rate * g, g_variables["params"], grads)
+    new, _ = _generator_update()(g_variables, d_params, noise)
+    grad = jax.jit(jax.grad(wgan_gp.generator_loss, has_aux=True), static_argnums=(2, 3))
+    params, batch_stats = g_variables["params"], g_variables["batch_stats"]
+    for batch_noise in noise:
+        grads, batch_stats = grad(params, batch_stats, config.generator,
+                                  config.discriminator, d_params, batch_noise)
+        params = jax.tree_util.tree_map(
+            lambda p, g: p - config.server_g_learning_rate * g, params, grads)
     np.testing.assert_allclose(
-        _flat(new["params"]), _flat(want), atol=1e-6,
-        err_msg="one G step must be plain SGD on -E[D(G(z))] at server_g_learning_rate")
+        _flat(new["params"]), _flat(params), atol=1e-6,
+        err_msg="each G step must be plain SGD on -E[D(G(z))] at server_g_learning_rate")
