@@ -343,18 +343,33 @@ def test_adopting_budgets_keeps_clients_within_them_and_takes_the_new_budgets():
         err_msg="the restored state must take this invocation's budgets")
 
 
+_CENTRAL = dataclasses.replace(_CONFIG, num_clients=8, batch_size=180, dp="central",
+                               noise_multiplier=1.0)
+
+
+@pytest.fixture(scope="module")
+def central_run(tmp_path_factory) -> pathlib.Path:
+    """A 2-round `_CENTRAL` run's workdir, shared by the resume tests below (each resumes
+    a copy): the run and its round's compilation once, not once per test."""
+    workdir = tmp_path_factory.mktemp("central_run")
+    dpd_fvae.train(_CENTRAL, workdir, log=lambda _: None, mesh=_ONE_DEVICE)
+    return workdir
+
+
 @pytest.mark.parametrize("dp,noise", [
     # slow: ~8 s; budgets are --rounds outside local DP alike, the fast suite keeps central
     pytest.param("none", None, marks=pytest.mark.slow),
     ("central", 1.0)])
-def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noise):
+def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noise, request):
     # Every client takes part in each of the first 2 rounds (rate 1); outside local DP
     # their budget is --rounds, which the resume raises to 4. Before, the restored state
     # kept budget 2, and every client sent a zero delta in rounds 3 and 4. (8 clients of
     # ~180 examples, batch 180: one local step a round, not _CONFIG's ~90 of batch 4.)
-    config = dataclasses.replace(_CONFIG, num_clients=8, batch_size=180, dp=dp,
-                                 noise_multiplier=noise)
-    dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    config = dataclasses.replace(_CENTRAL, dp=dp, noise_multiplier=noise)
+    if config == _CENTRAL:  # its first 2 rounds: a copy of `central_run`
+        shutil.copytree(request.getfixturevalue("central_run"), tmp_path, dirs_exist_ok=True)
+    else:
+        dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
     dpd_fvae.train(dataclasses.replace(config, rounds=4), tmp_path, log=lambda _: None,
                    mesh=_ONE_DEVICE)
     active = {r["round"]: r["client_active"] for r in Workdir(tmp_path).read_diagnostics()}
@@ -363,14 +378,12 @@ def test_a_resume_with_more_rounds_keeps_every_client_training(tmp_path, dp, noi
 
 
 def test_a_central_resume_on_other_training_data_is_refused_naming_the_flag(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, central_run):
     # Checked before the checkpoint's ledger is read for z (`checkpointed_spend`): other
-    # data must not continue its model and ledger. (The central run of the test above.)
-    config = dataclasses.replace(_CONFIG, num_clients=8, batch_size=180, dp="central",
-                                 noise_multiplier=1.0)
-    dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
+    # data must not continue its model and ledger. (A copy of `central_run`'s workdir.)
+    shutil.copytree(central_run, tmp_path, dirs_exist_ok=True)
     other_data.assert_resume_on_other_data_is_refused(  # digits is embedded: --dataset
-        monkeypatch, lambda: dpd_fvae.train(dataclasses.replace(config, rounds=4), tmp_path,
+        monkeypatch, lambda: dpd_fvae.train(dataclasses.replace(_CENTRAL, rounds=4), tmp_path,
                                             log=lambda _: None, mesh=_ONE_DEVICE),
         tmp_path, "dataset")
 
