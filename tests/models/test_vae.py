@@ -10,21 +10,25 @@ from dpfed.models import vae
 _ENCODER = vae.Encoder(num_classes=3, latent_dim=2, features=(4, 8))
 _DECODER = vae.Decoder(num_classes=3, image_shape=(8, 8, 1), features=(8, 4))
 
+# Each model's images as one program, not op by op (~100 eager compilations a test).
+_generate = jax.jit(vae.generate, static_argnums=0, static_argnames="latent_dim")
+_apply = jax.jit(lambda model, params, *args: model.apply(params, *args), static_argnums=0)
+
 
 def test_decoder_makes_images_in_unit_range_for_each_label():
     _, params = vae.init_vae(_ENCODER, _DECODER, jax.random.key(0))
     labels = jnp.array([0, 1, 2, 2])
-    images = vae.generate(_DECODER, params, jax.random.key(1), labels, latent_dim=2)
+    images = _generate(_DECODER, params, jax.random.key(1), labels, latent_dim=2)
     assert images.shape == (4, 8, 8, 1), f"decoder output shape {images.shape}"
     assert float(images.min()) >= 0 and float(images.max()) <= 1, "sigmoid output leaves [0, 1]"
-    same_z = _DECODER.apply(params, jnp.zeros((2, 2)), jnp.array([0, 1]))
+    same_z = _apply(_DECODER, params, jnp.zeros((2, 2)), jnp.array([0, 1]))
     assert not np.allclose(same_z[0], same_z[1]), "the label does not condition the decoder"
 
 
 def test_transposed_decoder_has_the_same_output_shape():
     decoder = vae.Decoder(3, (8, 8, 1), (8, 4), transposed=True)
     _, params = vae.init_vae(_ENCODER, decoder, jax.random.key(0))
-    images = vae.generate(decoder, params, jax.random.key(1), jnp.array([0, 1]), latent_dim=2)
+    images = _generate(decoder, params, jax.random.key(1), jnp.array([0, 1]), latent_dim=2)
     assert images.shape == (2, 8, 8, 1), f"ConvT decoder output shape {images.shape}"
 
 
@@ -47,11 +51,18 @@ def test_loss_is_summed_squared_error_plus_beta_kl():
     images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
     labels = jnp.array([0, 1, 2])
     noise = jax.random.normal(jax.random.key(3), (3, 2))
-    loss, squared_error, kl = vae.example_losses(
-        _ENCODER, _DECODER, enc_params, dec_params, images, labels, noise, beta=0.5)
-    mu, logvar = _ENCODER.apply(enc_params, images, labels)
-    recon = _DECODER.apply(dec_params, mu + jnp.exp(0.5 * logvar) * noise, labels)
-    want = jnp.sum(jnp.square(recon - images), axis=(1, 2, 3))
+
+
+    @jax.jit  # one program, not op by op
+    def losses_and_want(enc_params, dec_params, images, labels, noise):
+        losses = vae.example_losses(
+            _ENCODER, _DECODER, enc_params, dec_params, images, labels, noise, beta=0.5)
+        mu, logvar = _ENCODER.apply(enc_params, images, labels)
+        recon = _DECODER.apply(dec_params, mu + jnp.exp(0.5 * logvar) * noise, labels)
+        return losses, jnp.sum(jnp.square(recon - images), axis=(1, 2, 3))
+
+    (loss, squared_error, kl), want = losses_and_want(
+        enc_params, dec_params, images, labels, noise)
     np.testing.assert_allclose(squared_error, want, rtol=1e-5, err_msg="not a summed SE")
     np.testing.assert_allclose(loss, squared_error + 0.5 * kl, rtol=1e-6)
     assert float(vae.kl_to_standard_normal(jnp.zeros((1, 2)), jnp.zeros((1, 2)))[0]) == 0.0
