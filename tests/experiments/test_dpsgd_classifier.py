@@ -140,15 +140,18 @@ def uninterrupted(tmp_path_factory):
     return finished_run(tmp_path_factory, "experiments.dpsgd_classifier", *_INTERRUPTED)
 
 
-@pytest.mark.slow  # ~13 s past the shared run; the fast suite keeps the SIGTERM test below
-# (the same run stopped after a checkpoint, resumed like it) and test_crash_writes' SIGKILLs
-# of this binary's default DP mode (inside checkpoint 2's rename, the final ledger.json).
+# slow, with the SIGTERM test below (~21 s for both with their shared 400-step run, stop 64):
+# the fast suite keeps test_crash_writes' SIGKILLs of this binary's default DP mode (inside
+# checkpoint 2's rename, the final ledger.json), DataLens's binary SIGTERM test and the
+# library's preemption tests (tests/train/test_preemption.py).
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_same_params_and_ledger(uninterrupted, tmp_path):
     assert_kill_resumes_like_uninterrupted(
         "experiments.dpsgd_classifier", *_INTERRUPTED, whole=uninterrupted,
         killed=tmp_path / "killed", step=50)
 
 
+@pytest.mark.slow  # see the SIGKILL test above
 def test_sigterm_checkpoints_its_step_exits_143_and_the_rerun_resumes_there(
         uninterrupted, tmp_path):
     # A preempted job gets SIGTERM, then SIGKILL a grace period later: the run saves the
