@@ -11,6 +11,7 @@ import pytest
 
 from dpfed.generative import wgan_gp
 from dpfed.models import gan
+from tests import jitted
 
 _CONFIG = wgan_gp.WganGpConfig(
     discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=16),
@@ -45,11 +46,6 @@ def _client_update():
 @functools.cache
 def _generator_update():
     return jax.jit(functools.partial(wgan_gp.server_generator_update, _CONFIG))
-
-
-# G's fakes and D's scores as one program each, not op by op (~100 eager compilations).
-_generate = jax.jit(gan.generate, static_argnums=(0,), static_argnames=("train",))
-_scores = jax.jit(lambda model, params, x: model.apply(params, x), static_argnums=0)
 
 
 def _client_images(max_n=6, seed=2):
@@ -203,11 +199,11 @@ def test_client_steps_raise_ds_margin_of_the_clients_images_over_fakes():
     d_params, g_variables = _variables()
     images = _client_images()
     noise = jax.random.normal(jax.random.key(13), (16, config.noise_dim))
-    fakes = _generate(config.generator, g_variables, noise, train=True)
+    fakes = jitted.generate(config.generator, g_variables, noise, train=True)
 
     def margin(params):
-        return float(jnp.mean(_scores(config.discriminator, params, images))
-                     - jnp.mean(_scores(config.discriminator, params, fakes)))
+        return float(jnp.mean(jitted.apply(config.discriminator, params, images))
+                     - jnp.mean(jitted.apply(config.discriminator, params, fakes)))
 
     new = _client_update()(d_params, g_variables, images, 6, jax.random.key(5))
     assert margin(new) > margin(d_params), (

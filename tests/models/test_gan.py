@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 
 from dpfed.models import gan
+from tests import jitted
 
 _SMALL_D = gan.Discriminator(conv_features=(4, 8), dense_features=16)
 _SMALL_G = gan.Generator(dense_features=16, base_features=8, convt_features=(8, 4))
 _NOISE_DIM = 8
-
-# D's scores and G's images as one program each, not op by op (~100 eager compilations).
-_scores = jax.jit(lambda model, variables, x: model.apply(variables, x), static_argnums=0)
-_generate = jax.jit(gan.generate, static_argnums=0, static_argnames="train")
 
 
 def _param_shapes(model, *args, **kwargs):
@@ -81,8 +78,8 @@ def test_discriminator_has_no_batch_statistics():
 def test_discriminator_scores_each_image_independently_of_its_batch():
     variables = gan.init_discriminator(_SMALL_D, jax.random.key(0))
     images = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1), minval=-1, maxval=1)
-    batch_scores = _scores(_SMALL_D, variables, images)
-    alone = _scores(_SMALL_D, variables, images[2:3])
+    batch_scores = jitted.apply(_SMALL_D, variables, images)
+    alone = jitted.apply(_SMALL_D, variables, images[2:3])
     assert batch_scores.shape == (5,), f"D scores have shape {batch_scores.shape}, expected (5,)"
     np.testing.assert_allclose(
         alone[0], batch_scores[2], rtol=1e-5, err_msg="D's score depends on the rest of the batch"
@@ -93,7 +90,7 @@ def test_generator_images_are_28x28x1_in_gan_range():
     variables = gan.init_generator(_SMALL_G, jax.random.key(0), _NOISE_DIM)
     noise = jax.random.normal(jax.random.key(1), (6, _NOISE_DIM))
     for train in (False, True):
-        images = _generate(_SMALL_G, variables, noise, train=train)
+        images = jitted.generate(_SMALL_G, variables, noise, train=train)
         assert images.shape == (6, 28, 28, 1), f"train={train}: shape {images.shape}"
         assert float(jnp.abs(images).max()) <= 1.0, f"train={train}: images leave [-1, 1]"
 
@@ -101,8 +98,8 @@ def test_generator_images_are_28x28x1_in_gan_range():
 def test_generator_eval_sample_does_not_depend_on_its_batch():
     variables = gan.init_generator(_SMALL_G, jax.random.key(0), _NOISE_DIM)
     noise = jax.random.normal(jax.random.key(1), (6, _NOISE_DIM))
-    batch = _generate(_SMALL_G, variables, noise, train=False)
-    alone = _generate(_SMALL_G, variables, noise[:1], train=False)
+    batch = jitted.generate(_SMALL_G, variables, noise, train=False)
+    alone = jitted.generate(_SMALL_G, variables, noise[:1], train=False)
     np.testing.assert_allclose(
         alone[0], batch[0], atol=1e-5, err_msg="eval-mode G must use running averages"
     )
@@ -123,7 +120,7 @@ def test_generator_output_reaches_the_black_background_of_the_gan_range():
     # (in [0, 1]) can draw nothing darker than mid-grey in the GAN range.
     variables = gan.init_generator(_SMALL_G, jax.random.key(0), _NOISE_DIM)
     noise = jax.random.normal(jax.random.key(1), (6, _NOISE_DIM))
-    images = _generate(_SMALL_G, variables, noise)
+    images = jitted.generate(_SMALL_G, variables, noise)
     assert float(images.min()) < 0.0, (
         f"G's images span [{float(images.min()):.3f}, {float(images.max()):.3f}]: none is "
         "below 0, so G cannot draw the [-1, 1] range's black background (tanh output expected)"
@@ -134,8 +131,8 @@ def test_generate_samples_with_the_running_averages_by_default():
     variables = gan.init_generator(_SMALL_G, jax.random.key(0), _NOISE_DIM)
     noise = jax.random.normal(jax.random.key(1), (6, _NOISE_DIM))
     np.testing.assert_array_equal(
-        _generate(_SMALL_G, variables, noise),
-        _generate(_SMALL_G, variables, noise, train=False),
+        jitted.generate(_SMALL_G, variables, noise),
+        jitted.generate(_SMALL_G, variables, noise, train=False),
         err_msg="generate() without train= must sample as train=False (the running "
         "averages), as a user drawing samples from a trained G expects",
     )

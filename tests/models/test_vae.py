@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from dpfed.models import vae
+from tests import jitted
 
 _ENCODER = vae.Encoder(num_classes=3, latent_dim=2, features=(4, 8))
 _DECODER = vae.Decoder(num_classes=3, image_shape=(8, 8, 1), features=(8, 4))
 
-# Each model's images as one program, not op by op (~100 eager compilations a test).
+# The decoder's images as one program, not op by op (~100 eager compilations a test).
 _generate = jax.jit(vae.generate, static_argnums=0, static_argnames="latent_dim")
-_apply = jax.jit(lambda model, params, *args: model.apply(params, *args), static_argnums=0)
 
 
 def test_decoder_makes_images_in_unit_range_for_each_label():
@@ -21,7 +21,7 @@ def test_decoder_makes_images_in_unit_range_for_each_label():
     images = _generate(_DECODER, params, jax.random.key(1), labels, latent_dim=2)
     assert images.shape == (4, 8, 8, 1), f"decoder output shape {images.shape}"
     assert float(images.min()) >= 0 and float(images.max()) <= 1, "sigmoid output leaves [0, 1]"
-    same_z = _apply(_DECODER, params, jnp.zeros((2, 2)), jnp.array([0, 1]))
+    same_z = jitted.apply(_DECODER, params, jnp.zeros((2, 2)), jnp.array([0, 1]))
     assert not np.allclose(same_z[0], same_z[1]), "the label does not condition the decoder"
 
 
@@ -51,7 +51,6 @@ def test_loss_is_summed_squared_error_plus_beta_kl():
     images = jax.random.uniform(jax.random.key(2), (3, 8, 8, 1))
     labels = jnp.array([0, 1, 2])
     noise = jax.random.normal(jax.random.key(3), (3, 2))
-
 
     @jax.jit  # one program, not op by op
     def losses_and_want(enc_params, dec_params, images, labels, noise):
