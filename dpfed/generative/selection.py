@@ -147,14 +147,17 @@ def split_clients(
         does a client whose value is NaN.
       allow_empty: return an empty group instead of refusing it. With population
         sampling a refusal would be a release: it tells a population whose group has one
-        user apart from the same population without that user.
+        user apart from the same population without that user. With both thresholds
+        given this holds for a population where no client has a value too (both groups
+        empty); a quantile threshold needs a value.
 
     Raises:
       ConfigError: on bad quantiles, thresholds with low >= high (saying whether they were
         given or quantiles), or an empty group (unless `allow_empty`); its field names the
         flag to change (`low_threshold`, `high_threshold`, `low_quantile` or
         `high_quantile`).
-      ValueError: on malformed values or no eligible client.
+      ValueError: on malformed values, or no eligible client (unless `allow_empty` with
+        both thresholds given).
     """
     values = np.asarray(values, np.float64)
     eligible = np.ones(values.shape, bool) if eligible is None else np.asarray(eligible, bool)
@@ -163,7 +166,8 @@ def split_clients(
     # A client without a value (NaN: e.g. `client_accuracies` of a client without
     # examples) is neither low nor high, whether the thresholds are given or quantiles.
     eligible = eligible & ~np.isnan(values)
-    if not eligible.any():
+    thresholds_given = low_threshold is not None and high_threshold is not None
+    if not (eligible.any() or (allow_empty and thresholds_given)):
         raise ValueError("no eligible client with a value (all ineligible or NaN)")
     if not 0.0 <= low_quantile < high_quantile <= 1.0:
         raise ConfigError(
@@ -174,7 +178,7 @@ def split_clients(
     low_t = float(np.quantile(pool, low_quantile)) if low_threshold is None else low_threshold
     high_t = float(np.quantile(pool, high_quantile)) if high_threshold is None else high_threshold
     if not low_t < high_t:
-        if low_threshold is not None and high_threshold is not None:
+        if thresholds_given:
             why = "both were given: swap or change them"
         elif low_threshold is None and high_threshold is None:
             why = "both are quantiles: the clients' values are too alike to split; give thresholds"

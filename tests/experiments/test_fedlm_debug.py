@@ -532,15 +532,18 @@ def test_population_sampling_trains_each_lm_on_its_group_at_the_populations_rate
         "the noised sizes are released once, with their ledger, before any LM trains")
 
 
+@pytest.mark.parametrize("rates", [lambda n: np.linspace(0.0, 0.69, n),
+                                   lambda n: np.full(n, np.nan)],  # nobody has a word
+                         ids=["below_the_high_threshold", "no_client_has_a_rate"])
 def test_population_sampling_trains_an_empty_group_instead_of_refusing_it(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, rates
 ):
     # A refusal (an empty group, or one whose clients keep no line) would tell the
     # population apart from its neighbour with one high-OOV user: the high_oov group (OOV
     # rate >= 0.7: nobody), trained first, goes on to train (an engine without clients
-    # trains on noise, tests/federated/test_dp_fedavg.py).
-    monkeypatch.setattr(fedlm, "client_oov_rates",
-                        lambda texts, vocab: np.linspace(0.0, 0.69, len(texts)))
+    # trains on noise, tests/federated/test_dp_fedavg.py). So must a population where no
+    # client has an OOV rate (a red-team finding of stop 66: it was refused).
+    monkeypatch.setattr(fedlm, "client_oov_rates", lambda texts, vocab: rates(len(texts)))
     trained = {}
 
     def train_lm(config, ids, counts, *args, group, **kwargs):

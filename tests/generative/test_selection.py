@@ -374,3 +374,20 @@ def test_delta_is_used_where_anything_is_accounted(settings):
     base = {"low_threshold": None, "high_threshold": None}
     assert not selection.unused_flags(SimpleNamespace(**base, **settings))["delta"][0], (
         f"--delta takes effect with {settings}")
+
+
+def test_a_population_where_no_client_has_a_value_gives_two_empty_groups_when_allowed():
+    # Population sampling with given thresholds: a refusal would tell this population apart
+    # from the same one with one more user holding data (a red-team finding of stop 66).
+    groups = selection.split_clients(np.array([np.nan, np.nan]), eligible=np.array([True, False]),
+                                     low_threshold=0.3, high_threshold=0.9, allow_empty=True)
+    assert not (groups.low.any() or groups.high.any()), f"both groups empty: {groups}"
+
+
+@pytest.mark.parametrize("settings", [{"allow_empty": False, "low_threshold": 0.3},
+                                      {"allow_empty": True, "low_threshold": None}])
+def test_no_client_with_a_value_is_refused_without_empty_groups_or_with_a_quantile(settings):
+    # Without allow_empty the split must refuse an empty group anyway; a quantile of no
+    # values has no value.
+    with pytest.raises(ValueError, match="no eligible client"):
+        selection.split_clients(np.array([np.nan, np.nan]), high_threshold=0.9, **settings)
