@@ -173,6 +173,9 @@ class DebugConfig:
         require(self.client_d_learning_rate > 0, "client_d_learning_rate", "must be > 0")
         require(self.server_g_learning_rate > 0, "server_g_learning_rate", "must be > 0")
         self.require_noise_split(self.clients_per_round)
+        require(not (self.adaptive_clipping and self.noise_multiplier == 0), "adaptive_clipping",
+                "adapts the clip from a noised count of clipped updates: with "
+                "--noise_multiplier=0 the count is not noised (give a noise multiplier > 0)")
         require_audit_applies(self.audit_canaries, self.noise_multiplier == 0, self.sampling,
                               "--noise_multiplier=0")
 

@@ -657,3 +657,14 @@ def test_an_audit_on_a_non_private_demo_names_its_zero_noise():
     assert raised.value.field == "audit_canaries", raised.value
     assert "--noise_multiplier=0" in raised.value.message, (
         f"the demo has no --nodp: the error must name its own setting: {raised.value}")
+
+
+def test_adaptive_clipping_without_noise_is_refused():
+    # At z 0 the engine would release the raw fraction of unclipped updates under the name
+    # `noised_unclipped_fraction` (a red-team finding of stop 66); fedavg refuses it too.
+    with pytest.raises(ConfigError) as raised:
+        fedgan_debug.DebugConfig(**{**TINY, "adaptive_clipping": True, "noise_multiplier": 0.0})
+    assert raised.value.field == "adaptive_clipping", raised.value
+    assert "--noise_multiplier=0" in raised.value.message, raised.value
+    # z 0.1 is below the count query's multiplier 2 sb = 0.2 at 2 clients: it can be split.
+    fedgan_debug.DebugConfig(**{**TINY, "adaptive_clipping": True, "noise_multiplier": 0.1})
