@@ -348,6 +348,8 @@ class Workdir:
             ) from None
         self._tail_checked: set[str] = set()
         self._metrics_records: int | None = None
+        self._unreplayed: list[dict] | None = None  # unreplayed.jsonl, read once
+        self._replayed: set[int] = set()  # its steps this process logged again
 
     @property
     def path(self) -> pathlib.Path:
@@ -690,10 +692,70 @@ class Workdir:
         A kill between any two writes thus leaves a ledger.json that covers every record
         of metrics.jsonl. This copy's eps is RDP only (its PLD eps takes ~0.5 s): the
         run's end writes ledger.json again, with both.
+
+        A resume's replay counts each step a killed run logged once, as the same release
+        again; so a private record must equal the killed run's record of its step
+        (`unreplayed.jsonl`; a torn one in the pairs it holds), or nothing is written.
+        While the replay is behind a step the killed run logged, ledger.json is left as
+        it is: it counts that later release, and the replay's would not.
+
+        Raises:
+          ConfigError: naming "workdir", for a private record that differs from the
+            killed run's record of its step (other random numbers or arithmetic: another
+            JAX version or `JAX_THREEFRY_PARTITIONABLE`, other devices, changed code), or
+            that passes a step the killed run logged and this replay did not.
         """
-        if ledger is not None:
+        key = next((k for k in _STEP_KEYS if k in record), None)
+        behind = False
+        if ledger is not None and key is not None:
+            unreplayed = self._read_unreplayed()
+            self._check_replay(record, [r for r in unreplayed if r.get(key, 0) <= record[key]],
+                               key)
+            behind = any(r.get(key, 0) > record[key] for r in unreplayed)
+        if ledger is not None and not behind:
             self.write_json(LEDGER_FILE, ledger.to_json(with_pld=False))
         self.append_metrics(record)
+
+    def _read_unreplayed(self) -> list[dict]:
+        if self._unreplayed is None:
+            self._unreplayed = self._read(UNREPLAYED_FILE)
+        return self._unreplayed
+
+    def _check_replay(self, record: dict, earlier: list[dict], key: str) -> None:
+        """Raises unless `record` holds the pairs of the killed run's record of its step
+        (in `earlier`, the unreplayed records up to it), with the same values (compared as
+        logged), and this replay logged each earlier one too (a changed `eval_every`
+        would skip some: their releases could not be checked)."""
+        step = record[key]
+        skipped = [r[key] for r in earlier if r[key] < step and r[key] not in self._replayed]
+        if skipped:
+            raise ConfigError(
+                "workdir",
+                f"this resume's replay logs {key} {step} but not {key}s {skipped}, which a "
+                f"killed run logged ({self.file(UNREPLAYED_FILE)}), so it cannot check that it "
+                "released them again alike (was the evaluation interval changed?). Resume "
+                "with the killed run's settings (its config.json), or use a new workdir",
+            )
+        logged = next((r for r in earlier if r[key] == step), None)
+        if logged is None:
+            return
+        now = loads(_line(record))
+        names = [n for n in logged if n != TORN_KEY] if logged.get(TORN_KEY) else list(now | logged)
+        differ = sorted(n for n in names
+                        if n not in now or n not in logged or dumps(now[n]) != dumps(logged[n]))
+        if differ:
+            shown = ", ".join(f"{n}: {logged.get(n)!r} logged, {now.get(n)!r} now"
+                              for n in differ[:3])
+            raise ConfigError(
+                "workdir",
+                f"the replay of {key} {record[key]} differs from the release a killed run "
+                f"logged there ({self.file(UNREPLAYED_FILE)}; {shown}): the same step "
+                "released twice with other values, which the ledger counts once. Were the "
+                "random numbers or the arithmetic changed (JAX version, "
+                "JAX_THREEFRY_PARTITIONABLE, devices, code)? Resume where the killed run "
+                "ran, or use a new workdir",
+            )
+        self._replayed.add(step)
 
     @property
     def metrics_records(self) -> int:
@@ -782,6 +844,7 @@ class Workdir:
         path = self.file(UNREPLAYED_FILE)
         if unreplayed or path.exists():
             atomic_write_text(path, "".join(_line(r) for r in unreplayed))
+        self._unreplayed, self._replayed = None, set()
         dropped = {}
         for name in (METRICS_FILE, DIAGNOSTICS_FILE):
             records = self._read(name)

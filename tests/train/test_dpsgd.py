@@ -618,3 +618,29 @@ def test_an_audit_run_resumed_after_a_step_writes_the_uninterrupted_runs_audit(
     assert resumed["audit"]["all_rounds"]["rounds"] == 3, resumed["audit"]
     assert resumed["audit"] == whole["audit"], (
         "a resumed audit run lost or repeated steps of its all-rounds scores")
+
+
+
+def test_a_resume_that_draws_other_noise_for_a_logged_step_is_refused(tmp_path, monkeypatch):
+    # The killed run logged step 3 past its checkpoint of step 2; the resume flips
+    # jax_threefry_partitionable (another JAX version or environment), so its replay of
+    # step 3 adds other noise: a second release of the step, counted once. Refused before
+    # it is logged (a crash-safety review of stop 66).
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=4, batch_size=16,
+                               noise_multiplier=1.0, eval_every=1, checkpoint_every=2)
+    with monkeypatch.context() as patch:
+        kill_after_metrics_record(patch, "step", 3)
+        with pytest.raises(KilledAtRelease):
+            dpsgd.train(config, tmp_path, log=lambda _: None)
+    partitionable = jax.config.jax_threefry_partitionable
+    try:
+        jax.config.update("jax_threefry_partitionable", not partitionable)
+        with pytest.raises(ConfigError, match="replay of step 3 differs") as error:
+            dpsgd.train(config, tmp_path, log=lambda _: None)
+    finally:
+        jax.config.update("jax_threefry_partitionable", partitionable)
+    assert error.value.field == "workdir", error.value
+    assert [r["step"] for r in Workdir(tmp_path).read_released()] == [1, 2, 3], (
+        "the killed run's releases must stay on record")
+    dpsgd.train(config, tmp_path, log=lambda _: None)  # where the killed run ran: resumes
+    assert [r["step"] for r in Workdir(tmp_path).read_metrics()] == [1, 2, 3, 4]

@@ -681,3 +681,88 @@ def test_a_torn_metrics_line_naming_no_step_is_refused(tmp_path):
         f.write('{"epsilon_rdp": 0.9, "step": 2, "test_acc')
     with pytest.raises(ConfigError, match="torn by a crash that names no step"):
         wd.read_released()
+
+
+class _Ledger:
+    """What `append_release` reads of a `PrivacyLedger`: its JSON, here its count."""
+
+    def __init__(self, releases: int):
+        self.releases = releases
+
+    def to_json(self, with_pld: bool) -> dict:
+        return {"num_releases": self.releases}
+
+
+def _resumed_after_a_kill(tmp_path, last_line=None) -> Workdir:
+    """A workdir whose killed run released steps 1-3 (its ledger.json counting 3), or 1-2
+    and `last_line` torn, resumed from a checkpoint of step 1: the resumed run's Workdir."""
+    wd = Workdir(tmp_path)
+    for step in (1, 2, 3) if last_line is None else (1, 2):
+        wd.append_release({"step": step, "epsilon_rdp": step / 10, "test_accuracy": 0.5},
+                          _Ledger(step))
+    if last_line is not None:
+        wd.write_json("ledger.json", _Ledger(3).to_json(with_pld=False))
+        with wd.file("metrics.jsonl").open("a") as f:
+            f.write(last_line)
+    resumed = Workdir(tmp_path)
+    resumed.truncate_logs(1)
+    return resumed
+
+
+def test_a_replay_that_differs_from_the_killed_runs_release_is_refused_writing_nothing(
+        tmp_path):
+    # A resume under other random numbers (JAX_THREEFRY_PARTITIONABLE, a JAX upgrade) drew
+    # other noise for step 2: two releases of it, one counted (a crash-safety review).
+    wd = _resumed_after_a_kill(tmp_path)
+    with pytest.raises(ConfigError, match="replay of step 2 differs") as error:
+        wd.append_release({"step": 2, "epsilon_rdp": 0.2, "test_accuracy": 0.6}, _Ledger(2))
+    assert error.value.field == "workdir" and "test_accuracy" in error.value.message, error.value
+    assert wd.read_metrics() == [{"step": 1, "epsilon_rdp": 0.1, "test_accuracy": 0.5}], (
+        "the differing record must not be logged")
+    assert wd.read_json("ledger.json") == {"num_releases": 3}, "nor ledger.json touched"
+
+
+def test_a_replay_equal_to_the_killed_runs_release_is_logged_keeping_the_later_ledger(
+        tmp_path):
+    # ledger.json counted the killed run's step 3; the replay's ledger of step 2 does not.
+    wd = _resumed_after_a_kill(tmp_path)
+    wd.append_release({"step": 2, "epsilon_rdp": 0.2, "test_accuracy": 0.5}, _Ledger(2))
+    assert wd.read_json("ledger.json") == {"num_releases": 3}, (
+        "while the replay is behind step 3, ledger.json must keep counting it")
+    wd.append_release({"step": 3, "epsilon_rdp": 0.3, "test_accuracy": 0.5}, _Ledger(3))
+    wd.append_release({"step": 4, "epsilon_rdp": 0.4, "test_accuracy": 0.1}, _Ledger(4))
+    assert wd.read_json("ledger.json") == {"num_releases": 4}, "past it, the run's own ledger"
+    assert [r["step"] for r in wd.read_metrics()] == [1, 2, 3, 4], wd.read_metrics()
+
+
+@pytest.mark.parametrize("epsilon, refused", [(0.3, False), (0.35, True)])
+def test_a_replay_of_a_torn_release_is_compared_on_the_pairs_it_holds(
+        tmp_path, epsilon, refused):
+    # The torn line holds epsilon_rdp whole, test_accuracy cut short: only the first counts.
+    wd = _resumed_after_a_kill(tmp_path, '{"step": 3, "epsilon_rdp": 0.3, "test_accuracy": 0.')
+    wd.append_release({"step": 2, "epsilon_rdp": 0.2, "test_accuracy": 0.5}, _Ledger(2))
+    record = {"step": 3, "epsilon_rdp": epsilon, "test_accuracy": 0.9}
+    if refused:
+        with pytest.raises(ConfigError, match="epsilon_rdp"):
+            wd.append_release(record, _Ledger(3))
+    else:
+        wd.append_release(record, _Ledger(3))
+        assert wd.read_metrics()[-1] == record, "the torn pairs agree: the replay is logged"
+
+
+def test_a_non_private_replay_is_not_compared(tmp_path):
+    # Without a ledger a record is no DP release: a replay may differ (e.g. on a GPU).
+    wd = _resumed_after_a_kill(tmp_path)
+    wd.append_release({"step": 2, "epsilon_rdp": 0.2, "test_accuracy": 0.6}, None)
+    assert wd.read_metrics()[-1]["test_accuracy"] == 0.6, wd.read_metrics()
+
+
+def test_a_replay_that_skips_a_step_the_killed_run_logged_is_refused(tmp_path):
+    # E.g. a resume with another eval_every: its replay drew step 2's noise again but never
+    # logged it, so nothing checked that it was the killed run's release of step 2.
+    wd = _resumed_after_a_kill(tmp_path)
+    with pytest.raises(ConfigError, match=r"not steps \[2\]") as error:
+        wd.append_release({"step": 3, "epsilon_rdp": 0.3, "test_accuracy": 0.5}, _Ledger(3))
+    assert error.value.field == "workdir", error.value
+    assert [r["step"] for r in wd.read_metrics()] == [1], "nothing logged"
+
