@@ -21,9 +21,10 @@ workdir made with other flags is moved aside (``<row>.superseded-<time>``) and t
 starts afresh: resumed, a finished run would keep its old steps, or train on with noise
 recalibrated to a spent budget, and be shown as the edited row. A row's eval.json is
 deleted before its run starts, and --collect leaves out an eval.json of other flags
-(stale). Workdirs from before fingerprints use the flagfile's time instead. Logs of each
-row's commands are in its workdir (``reproduce.log``). Exits 1 if a row failed (its line
-says so).
+(stale). A workdir in use by a live run (its lock, `Workdir.lock`) is not moved: that run
+would write on into the fresh one; reproduce exits 2 naming it. Workdirs from before
+fingerprints use the flagfile's time instead. Logs of each row's commands are in its
+workdir (``reproduce.log``). Exits 1 if a row failed (its line says so).
 """
 
 import hashlib
@@ -37,6 +38,7 @@ from absl import flags
 
 from dpfed.eval import evaluation, tables
 from dpfed.train import cli
+from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, atomic_write_text
 
 _REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -144,13 +146,25 @@ def superseded(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
     return recorded != fingerprint(row, scale)
 
 
-def _move_aside(path: pathlib.Path) -> pathlib.Path:
+def _move_aside(workdir: Workdir) -> pathlib.Path:
+    """Renames `workdir` to ``<name>.superseded-<time>``, holding its lock; returns the
+    new path. A run still live in it would go on writing by its path, into the fresh
+    workdir made there, beside the row's new run: two runs in one workdir.
+
+    Raises:
+      ConfigError: naming "workdir", when another process holds its lock (`Workdir.lock`).
+    """
+    path = workdir.path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = path.with_name(f"{path.name}.superseded-{stamp}")
     n = 1
     while aside.exists():
         aside, n = path.with_name(f"{path.name}.superseded-{stamp}-{n}"), n + 1
-    path.rename(aside)
+    workdir.lock()
+    try:
+        path.rename(aside)
+    finally:
+        workdir.unlock()  # the row's binary takes the lock of the fresh workdir
     return aside
 
 
@@ -183,7 +197,10 @@ def main(argv: list[str]) -> None:
             fresh = _FRESH.value and workdir.path.exists()
             if fresh or superseded(row, workdir, scale):
                 # Resumed, it would be shown as this row but be another run (or a hybrid).
-                aside = _move_aside(workdir.path)
+                try:
+                    aside = _move_aside(workdir)
+                except ConfigError as error:
+                    raise cli.FlagError("workdir_root", error.message) from None
                 why = "--fresh" if fresh else "it holds a run of other flags"
                 print(f"    {workdir.path} moved to {aside} ({why}): the row starts afresh",
                       flush=True)

@@ -361,7 +361,7 @@ class Workdir:
         return self._path / name
 
     def lock(self) -> None:
-        """Takes an exclusive lock on the workdir, held until this process exits.
+        """Takes an exclusive lock on the workdir, held until this process exits (or `unlock`).
 
         Two runs at once on one workdir would interleave their metrics, checkpoints and
         ledgers, leaving releases that no ledger covers; the experiment binaries take
@@ -397,6 +397,13 @@ class Workdir:
         for leftover in self.path.rglob(f".*{_TMP_SUFFIX}"):
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        """Releases this process's lock on the workdir (`lock`), if it holds it: for a
+        process that locks a workdir only to move it (`launch.reproduce`), even once moved."""
+        fd = _held_locks.pop(self.file(LOCK_FILE), None)
+        if fd is not None:
+            os.close(fd)
 
     def write_json(self, name: str, obj: Any) -> pathlib.Path:
         """Atomically writes `obj` as indented strict JSON to `name`; returns its path."""

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.binary import ROOT, run_binary, with_fusion_emitters
+from tests.binary import ROOT, run_binary, with_fusion_emitters, workdir_locked_by_another_process
 
 
 def _run(tmp_path, *args, env=None):
@@ -228,3 +228,18 @@ def test_fresh_moves_every_workdir_aside_and_retrains(tmp_path):
     asides = list(eval_json.parent.parent.glob("01_row.superseded-*"))
     assert len(asides) == 1 and (asides[0] / "checkpoints").is_dir(), "kept, moved aside"
     assert "(--fresh)" in proc.stdout, proc.stdout
+
+
+def test_a_workdir_in_use_by_a_live_run_is_not_moved_aside(tmp_path):
+    # Moved, the live run would keep its lock (on the moved .lock) but write on by its
+    # path into the fresh workdir, which the row's new run then locks: two runs in one.
+    tables_dir, _, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    workdir = eval_json.parent
+    (workdir / "checkpoints").mkdir()
+    with workdir_locked_by_another_process(workdir):
+        proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}", "--fresh")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir_root:"), (
+        proc.stdout + proc.stderr[-3000:])
+    assert f"{workdir} is in use by another run" in proc.stderr, proc.stderr
+    assert eval_json.exists() and (workdir / "checkpoints").is_dir(), "the live run was moved"
+    assert not list(workdir.parent.glob("01_row.superseded-*")), "the live run was moved aside"

@@ -766,3 +766,12 @@ def test_a_replay_that_skips_a_step_the_killed_run_logged_is_refused(tmp_path):
     assert error.value.field == "workdir", error.value
     assert [r["step"] for r in wd.read_metrics()] == [1], "nothing logged"
 
+
+def test_unlock_releases_the_lock_to_other_processes(tmp_path):
+    # launch.reproduce locks a workdir only to move it aside; held on, the moved copy
+    # would stay locked while reproduce runs its rows.
+    wd = Workdir(tmp_path)
+    wd.lock()
+    wd.unlock()
+    with workdir_locked_by_another_process(tmp_path):  # asserts the child could lock it
+        pass
