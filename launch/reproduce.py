@@ -27,12 +27,14 @@ fingerprints use the flagfile's time instead. Logs of each row's commands are in
 workdir (``reproduce.log``). Exits 1 if a row failed (its line says so).
 """
 
+import contextlib
 import hashlib
 import json
 import pathlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from absl import flags
 
@@ -146,25 +148,36 @@ def superseded(row: tables.RowSpec, workdir: Workdir, scale: str) -> bool:
     return recorded != fingerprint(row, scale)
 
 
-def _move_aside(workdir: Workdir) -> pathlib.Path:
-    """Renames `workdir` to ``<name>.superseded-<time>``, holding its lock; returns the
-    new path. A run still live in it would go on writing by its path, into the fresh
-    workdir made there, beside the row's new run: two runs in one workdir.
+@contextlib.contextmanager
+def _holding(workdir: Workdir) -> Iterator[None]:
+    """Holds `workdir`'s lock while reproduce readies it, then releases it to the row's
+    binary: a run still live in it is left untouched.
 
     Raises:
-      ConfigError: naming "workdir", when another process holds its lock (`Workdir.lock`).
+      cli.FlagError: naming "workdir_root", when another process holds the lock.
     """
+    try:
+        workdir.lock()
+    except ConfigError as error:
+        raise cli.FlagError("workdir_root", error.message) from None
+    try:
+        yield
+    finally:
+        workdir.unlock()
+
+
+def _move_aside(workdir: Workdir) -> pathlib.Path:
+    """Renames `workdir` (whose lock the caller holds, `_holding`) to
+    ``<name>.superseded-<time>``; returns the new path. A run still live in it would go on
+    writing by its path, into the fresh workdir made there, beside the row's new run: two
+    runs in one workdir."""
     path = workdir.path
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = path.with_name(f"{path.name}.superseded-{stamp}")
     n = 1
     while aside.exists():
         aside, n = path.with_name(f"{path.name}.superseded-{stamp}-{n}"), n + 1
-    workdir.lock()
-    try:
-        path.rename(aside)
-    finally:
-        workdir.unlock()  # the row's binary takes the lock of the fresh workdir
+    path.rename(aside)
     return aside
 
 
@@ -197,17 +210,16 @@ def main(argv: list[str]) -> None:
             fresh = _FRESH.value and workdir.path.exists()
             if fresh or superseded(row, workdir, scale):
                 # Resumed, it would be shown as this row but be another run (or a hybrid).
-                try:
+                with _holding(workdir):
                     aside = _move_aside(workdir)
-                except ConfigError as error:
-                    raise cli.FlagError("workdir_root", error.message) from None
                 why = "--fresh" if fresh else "it holds a run of other flags"
                 print(f"    {workdir.path} moved to {aside} ({why}): the row starts afresh",
                       flush=True)
                 workdir = Workdir(root / row.name)
-            # Gone until this run writes it: a failed or killed run leaves no stale result.
-            workdir.file(evaluation.EVAL_FILE).unlink(missing_ok=True)
-            workdir.write_json(ROW_FILE, {"fingerprint": fingerprint(row, scale)})
+            with _holding(workdir):  # --rerun of a live run's row: its files untouched
+                # Gone until this run writes it: a failed or killed run leaves no stale result.
+                workdir.file(evaluation.EVAL_FILE).unlink(missing_ok=True)
+                workdir.write_json(ROW_FILE, {"fingerprint": fingerprint(row, scale)})
             start = time.time()
             ok = run_row(row, workdir, scale)
             status = "done" if ok else f"FAILED (see {workdir.file('reproduce.log')})"

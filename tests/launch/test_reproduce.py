@@ -243,3 +243,16 @@ def test_a_workdir_in_use_by_a_live_run_is_not_moved_aside(tmp_path):
     assert f"{workdir} is in use by another run" in proc.stderr, proc.stderr
     assert eval_json.exists() and (workdir / "checkpoints").is_dir(), "the live run was moved"
     assert not list(workdir.parent.glob("01_row.superseded-*")), "the live run was moved aside"
+
+
+def test_a_rerun_leaves_a_live_runs_workdir_untouched(tmp_path):
+    # --rerun of a row whose run is live deleted its eval.json and rewrote its fingerprint
+    # before the row's binary met the lock (found by a crash-safety review).
+    tables_dir, _, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    workdir = eval_json.parent
+    with workdir_locked_by_another_process(workdir):
+        proc = _run(tmp_path, "--table=t", f"--tables_dir={tables_dir}", "--rerun")
+    assert proc.returncode == 2 and f"{workdir} is in use by another run" in proc.stderr, (
+        proc.stdout + proc.stderr[-3000:])
+    assert eval_json.exists(), "the live run's eval.json was deleted"
+    assert not (workdir / "reproduce_row.json").exists(), "a fingerprint was written into it"
