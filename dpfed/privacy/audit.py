@@ -143,16 +143,22 @@ def draw(
 
 def fair_coins(key: jax.Array, count: int) -> np.ndarray:
     """bool [2 `count`]: whether each of 2 `count` candidates is inserted, each by its own
-    fair coin (`draw_pair`'s, from the same `key`)."""
+    fair coin, from `key` (which must draw nothing else: `draw_pair`)."""
     return np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (2 * count,)))
 
 
 def draw_pair(key: jax.Array, params: PyTree, count: int) -> tuple[Canaries, Canaries]:
     """(inserted, held-out) directions in the space of `params`: `2 count` candidates, each
     inserted by its own fair coin (the random inclusion the one-run lower bound needs), so
-    about `count` of each."""
-    candidates = draw(key, params, 2 * count)
-    coins = fair_coins(key, count)
+    about `count` of each.
+
+    The directions and the coins come from two keys split from `key`: the lower bound
+    needs coins independent of the directions. (Until stop 67 the coins came from
+    ``fold_in(key, 1)``, which under partitionable threefry is the key `draw` split off
+    for the directions' signs: coin i was a sign of candidate i // s.)"""
+    direction_key, coin_key = jax.random.split(key)
+    candidates = draw(direction_key, params, 2 * count)
+    coins = fair_coins(coin_key, count)
     return candidates.select(coins), candidates.select(~coins)
 
 

@@ -178,14 +178,15 @@ def test_a_model_that_did_not_move_shows_no_canary():
 def _inserted_positions(key, count, params):
     """[2 count] bools: which of `draw`'s candidates `draw_pair` inserted (checking that
     the two sets are exactly the candidates, each once)."""
-    candidates = np.asarray(audit.draw(key, params, 2 * count).values)
+    candidates = np.asarray(audit.draw(jax.random.split(key)[0], params, 2 * count).values)
     inserted, held_out = (np.asarray(c.values) for c in audit.draw_pair(key, params, count))
     rows = {row.tobytes(): i for i, row in enumerate(candidates)}
     assert len(rows) == 2 * count, "two candidate directions collided"
-    inside = [rows[row.tobytes()] for row in inserted]
-    outside = [rows[row.tobytes()] for row in held_out]
+    inside = [rows.get(row.tobytes(), -1) for row in inserted]
+    outside = [rows.get(row.tobytes(), -1) for row in held_out]
     assert sorted(inside + outside) == list(range(2 * count)), (
-        "the inserted and held-out sets are not a partition of the 2k candidates")
+        "the inserted and held-out sets are not a partition of the 2k candidates drawn "
+        "from the key split off for the directions")
     return np.isin(np.arange(2 * count), inside)
 
 
@@ -428,3 +429,31 @@ def test_the_curves_lines_hold_the_ledgers_eps_at_delta(rounds, rate, noise):
     assert ledger - 1e-3 <= first <= ledger + spacing + 1e-3, (
         f"the curve's lines reach delta {DELTA} at eps {first:.4f}, the ledger's PLD at "
         f"{ledger:.4f}: not the ledger's mechanism")
+
+
+def test_tied_scores_count_against_the_guesser():
+    # A model that did not move scores every candidate 0: all tied. Broken for the
+    # guesser (inserted first), the top j would all be right and reject any claim.
+    correct = fdp_audit.correct_guesses(np.zeros(5), np.zeros(5), np.arange(1, 11))
+    assert correct.tolist() == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5], (
+        f"at a tie the held-out candidates must come first: {correct.tolist()}")
+    bound = audit.lower_bound_in_family(np.zeros(50), np.zeros(50), 1, 1.0, 1.0, DELTA)
+    assert bound == 0.0, f"scores that tell nothing apart proved eps >= {bound:.3f}"
+
+
+
+def test_the_coins_are_independent_of_the_directions():
+    # Drawn from a key that also drew the directions' signs (stop 67's mutation audit:
+    # fold_in(key, 1) is the sign key split(key)[1]), coin i was sign i of the flattened
+    # draw, and an auditor knowing the directions knew which were inserted.
+    params, count, draws = _zeros(200), 10, 200
+    agree = []
+    for seed in range(draws):
+        key = jax.random.key(seed)
+        coins = _inserted_positions(key, count, params)
+        signs = np.asarray(audit.draw(jax.random.split(key)[0], params, 2 * count).values)
+        agree.append(coins == (signs.ravel()[:2 * count] > 0))
+    rate = float(np.mean(agree))
+    # 4,000 pairs: std 0.008 if independent; 1.0 where the coins are the signs' bits.
+    assert abs(rate - 0.5) < 0.05, (
+        f"coin i equals the sign of the directions' i-th coordinate in {rate:.1%} of draws")
