@@ -212,3 +212,42 @@ def test_the_group_sampling_flags_are_listed_in_the_binarys_help(tmp_path):
                             text=True, cwd=repo, timeout=60, env={"PYTHONPATH": str(repo)})
     for flag in ("--group_sampling", "--group_size_noise"):
         assert flag in result.stdout, f"--helpshort must list {flag}: {result.stdout}"
+
+
+def test_the_sizes_noise_is_a_stream_of_its_own():
+    # Drawn from another stream of the demo's seed (its released samples' latents, its
+    # initial model, its canaries, the root key), the noise would be tied to another draw
+    # of the run, not independent of everything else it releases.
+    from dpfed.generative import selection
+    from dpfed.train import seeds
+
+    size, stddev, seed = 10**6, 1000.0, 3
+    noised = group_sizes.noisy_group_sizes({"low": size}, stddev, seed)["low"]
+    others = {"the demo's samples": seeds.stream_key(seed, selection.SAMPLE_STREAM),
+              "the init stream": seeds.stream_key(seed, seeds.INIT_STREAM),
+              "the sample stream": seeds.stream_key(seed, seeds.SAMPLE_STREAM),
+              "the audit stream": seeds.stream_key(seed, seeds.AUDIT_STREAM),
+              "the root key": seeds.root_key(seed)}
+    for name, key in others.items():
+        e = float(np.asarray(privacy.standard_normal(key, (1,)))[0])
+        assert noised != max(1, round(size + stddev * e)), (
+            f"the group sizes' noise is {name}'s first normal draw: a stream another "
+            "draw of the demo uses")
+
+
+def test_population_subpopulations_divide_by_the_noised_sizes_not_the_true_ones(tmp_path):
+    # The mean of a population-sampled group divides by q x its size estimate: the true
+    # size there would release it without noise (the sizes' ledger would not cover it).
+    config = SimpleNamespace(group_sampling="population", group_size_noise=5.0, seed=3,
+                             delta=1e-5)
+    sizes = {"low": 40, "high": 60}
+    subpopulations, ledger = group_sizes.group_subpopulations(
+        Workdir(tmp_path), config, sizes, 1000, "x", log=lambda line: None)
+    noised = Workdir(tmp_path).read_json_object(group_sizes.GROUP_SIZES_FILE)["noised_sizes"]
+    assert noised != sizes, "seed 3 draws noise that moves a size (else the test says nothing)"
+    for name in sizes:
+        assert subpopulations[name].population == 1000, subpopulations[name]
+        assert subpopulations[name].members_estimate == noised[name], (
+            f"the {name} group divides by {subpopulations[name].members_estimate}, not its "
+            f"released noised size {noised[name]} (true size {sizes[name]})")
+    assert ledger is not None and ledger.entries == [(dp_event.GaussianDpEvent(5.0), 1)]

@@ -536,3 +536,27 @@ def test_the_independence_check_names_a_layer_off_the_batch_axis():
 
     with pytest.raises(ValueError, match="is not the batch axis"):
         check_examples_independent(losses, params, (images, labels))
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+def test_the_bound_adds_both_documented_error_terms_in_full(ghost):
+    # Where the tokens cancel, the error terms are nearly all of the bound, and the
+    # rounding they cover is rarely met in full, so no norm test notices a term halved:
+    # 2 gamma(K + O + T^2) L^2 to the ghost norm's square, 2 gamma(T + 1) L to the norm
+    # (gamma(T) L for the materialised sum, gamma(T + 1) L for the clipped sum's pass).
+    a = _cancelling_tokens(1e7, 8)[0]
+    g = np.asarray(np.random.default_rng(6).normal(size=(8, 16, 8)), np.float32)
+    g[:, 1::2] = g[:, ::2]  # equal output grads at +u and -u: the u parts cancel
+    g = jnp.asarray(g)
+    _, tokens, k = a.shape
+    out = g.shape[-1]
+    sq = np.maximum(np.asarray(kernel_sq_norms(a, g, ghost), np.float64), 0.0)
+    magnitude = np.sum(np.linalg.norm(np.asarray(a, np.float64), axis=-1)
+                       * np.linalg.norm(np.asarray(g, np.float64), axis=-1), axis=1)
+    if ghost:
+        sq = sq + 2 * _gamma(k + out + tokens * tokens) * magnitude**2
+    want = np.sqrt(sq) + 2 * _gamma(tokens + 1) * magnitude
+    np.testing.assert_allclose(
+        np.asarray(kernel_norm_bound(a, g, ghost=ghost)), want, rtol=1e-4,
+        err_msg=f"ghost={ghost}: the bound is not sqrt(sq (+ 2 gamma(K + O + T^2) L^2)) + "
+                "2 gamma(T + 1) L")

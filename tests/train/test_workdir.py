@@ -767,6 +767,46 @@ def test_a_replay_that_skips_a_step_the_killed_run_logged_is_refused(tmp_path):
     assert [r["step"] for r in wd.read_metrics()] == [1], "nothing logged"
 
 
+@pytest.mark.parametrize("replay", [
+    {"step": 2, "epsilon_rdp": 0.2},  # the killed run's test_accuracy missing
+    {"step": 2, "epsilon_rdp": 0.2, "test_accuracy": 0.5, "fid": 3.0},  # a pair it had not
+])
+def test_a_replay_with_other_pairs_than_the_killed_runs_release_is_refused(tmp_path, replay):
+    # The same values where both have a pair are not enough: a step's replay must release
+    # what the killed run released there, no less and no more (ledger.json counts it once).
+    wd = _resumed_after_a_kill(tmp_path)
+    with pytest.raises(ConfigError, match="replay of step 2 differs"):
+        wd.append_release(replay, _Ledger(2))
+    assert [r["step"] for r in wd.read_metrics()] == [1], "the differing record was logged"
+
+
+def test_a_resume_with_nothing_to_replay_empties_an_earlier_unreplayed_jsonl(tmp_path):
+    # Steps 2-3, dropped by a first resume, were logged again (with step 4); a second
+    # resume from a checkpoint of step 4 has nothing to replay. Left in unreplayed.jsonl,
+    # steps 2-3 would read as releases this replay skipped: step 5 refused.
+    wd = _resumed_after_a_kill(tmp_path)
+    for step in (2, 3, 4):
+        wd.append_release({"step": step, "epsilon_rdp": step / 10, "test_accuracy": 0.5},
+                          _Ledger(step))
+    resumed = Workdir(tmp_path)
+    resumed.truncate_logs(4)
+    resumed.append_release({"step": 5, "epsilon_rdp": 0.5, "test_accuracy": 0.5}, _Ledger(5))
+    assert [r["step"] for r in resumed.read_metrics()] == [1, 2, 3, 4, 5], (
+        "steps the first replay logged again must not bind the second resume")
+
+
+def test_a_truncation_rereads_unreplayed_jsonl_in_a_workdir_that_already_released(tmp_path):
+    # The same Workdir object released before its truncation (its unreplayed.jsonl then
+    # empty): the replay after it must still be compared with the dropped releases.
+    wd = Workdir(tmp_path)
+    for step in (1, 2, 3):
+        wd.append_release({"step": step, "epsilon_rdp": step / 10, "test_accuracy": 0.5},
+                          _Ledger(step))
+    wd.truncate_logs(1)
+    with pytest.raises(ConfigError, match="replay of step 2 differs"):
+        wd.append_release({"step": 2, "epsilon_rdp": 0.2, "test_accuracy": 0.6}, _Ledger(2))
+
+
 def test_unlock_releases_the_lock_to_other_processes(tmp_path):
     # launch.reproduce locks a workdir only to move it aside; held on, the moved copy
     # would stay locked while reproduce runs its rows.
