@@ -60,6 +60,16 @@ def test_load_references_filters_by_dataset():
     assert refs.rows and all(r["dataset"] == "MNIST" for r in refs.rows), "filter failed"
 
 
+def test_load_references_keeps_the_rows_that_match_every_quote_key():
+    # A table at eps 1 on MNIST must not quote the eps-10 rows, nor Fashion-MNIST's.
+    quote = {"dataset": "MNIST", "epsilon": 1}
+    refs = tables.load_references(_TABLES / tables.REFERENCE_FILE, quote)
+    assert refs.rows, "the file quotes MNIST rows at eps 1"
+    wrong = [(r["method"], r["dataset"], r["epsilon"]) for r in refs.rows
+             if (r["dataset"], r["epsilon"]) != ("MNIST", 1)]
+    assert not wrong, f"quoted rows that match only some of {quote}: {wrong}"
+
+
 def _result(cnn=0.9, eps=1.0):
     return {
         "privacy": {"epsilon_rdp": eps, "epsilon_pld": 0.8, "delta": 1e-5, "unit": "example"},
@@ -125,6 +135,14 @@ def test_eps_is_rounded_up_never_down():
     row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
     eps = tables.our_row(row, _result(eps=10.00049), "mnist5k")[3]
     assert eps.startswith("10.01 "), f"eps 10.00049 must not read as 10 (a target met): {eps}"
+
+
+def test_delta_is_rounded_up_never_down():
+    row = tables.RowSpec("r", "row", "b", pathlib.Path("r.flags"), ())
+    result = _result()
+    result["privacy"] = {**result["privacy"], "delta": 1.0049e-5}
+    delta = tables.our_row(row, result, "mnist5k")[4]
+    assert delta == "1.01e-05", f"delta 1.0049e-5 must not read as 1e-05: {delta}"
 
 
 def test_eps_carries_its_unit_in_our_rows_and_the_quoted_ones():

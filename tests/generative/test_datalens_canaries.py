@@ -13,6 +13,7 @@ import pytest
 from dpfed.generative import datalens
 from dpfed.generative.datalens import canaries
 from dpfed.privacy import add_gaussian_noise, audit
+from dpfed.train import seeds
 from tests.generative.test_datalens import TINY
 
 TOPAGG = datalens.TopAgg(k=6, b=1e-3, sigma=30.0, beta=0.3)
@@ -146,6 +147,36 @@ def test_all_steps_audit_puts_the_inserted_candidates_first():
     assert captured["inserted"] == 2, "the inserted count is the coins'"
 
 
+def test_a_canary_has_a_row_per_aggregation_of_its_scope():
+    # The sample scope aggregates each of the B samples apart: its canaries have B rows
+    # (weight 2 sqrt(kB), score noise z / sqrt(B)); the batch scope aggregates once.
+    assert canaries.rows("sample", 4) == 4, "vote_scope 'sample': one row per sample"
+    assert canaries.rows("batch", 4) == 1, "vote_scope 'batch': one aggregation a step"
+    assert canaries.noise_multiplier(TOPAGG, canaries.rows("sample", 4)) == pytest.approx(
+        TOPAGG.noise_multiplier / 2), "B = 4 Gaussians of z observed together: z / sqrt(4)"
+
+
+def test_all_steps_audit_counts_the_inserted_candidates_not_the_held_out():
+    # One inserted of four: with as many inserted as held out (above) the two counts agree.
+    coins = np.array([False, True, False, False])
+    sums = audit.RoundScores(*(jnp.arange(4.0) for _ in range(3)))
+    captured = {}
+
+    def all_rounds(ordered, inserted, *_):
+        captured.update(ordered=np.asarray(ordered.sum), inserted=inserted)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(audit, "all_rounds", all_rounds)
+    try:
+        canaries.all_steps_audit(sums, _candidates(coins), 3, TOPAGG, 1)(1e-5)
+    finally:
+        monkey.undo()
+    assert captured["inserted"] == 1, (
+        f"audit.all_rounds must get the inserted count (1), not {captured['inserted']}: the "
+        "first `inserted` ordered scores are read as the inserted candidates'")
+    np.testing.assert_array_equal(captured["ordered"], [1.0, 0.0, 2.0, 3.0])
+
+
 def test_the_candidates_come_from_the_seed():
     first, again, other = (canaries.draw(50, seed) for seed in (3, 3, 4))
     assert first is not None and again is not None and other is not None
@@ -155,6 +186,15 @@ def test_the_candidates_come_from_the_seed():
         "another seed drew the same coins: they must come from the run's seed")
     assert first.candidates == 100 and sum(first.counts) == 100, "2K candidates for K = 50"
     assert canaries.draw(0, 3) is None, "audit_canaries=0: no audit"
+
+
+def test_the_candidates_coins_come_from_the_audit_stream_of_the_seed():
+    # The trainers' rule (`canary_audit.draw_canaries`): another stream of the root key
+    # (the released samples', the initial generator's) would reuse draws made for them.
+    coins = audit.fair_coins(seeds.stream_key(3, seeds.AUDIT_STREAM), 50)
+    np.testing.assert_array_equal(
+        np.asarray(canaries.draw(50, 3).inserted), np.asarray(coins),
+        err_msg="the coins must be audit.fair_coins of the seed's AUDIT_STREAM")
 
 
 # In-process runs on TINY (tests/generative/test_datalens.py; 8 CPU devices).

@@ -217,6 +217,54 @@ def test_an_eval_json_of_other_flags_is_stale_even_when_newer(tmp_path):
     assert reproduce.is_current(row, workdir, "full")
 
 
+def test_the_fingerprint_of_a_smoke_row_holds_its_smoke_flags(tmp_path):
+    # The smoke flags are a header comment: an edit of them must still make the row's
+    # smoke-scale eval.json stale (it was run with the old ones).
+    from dpfed.eval import tables as tables_lib
+    from launch import reproduce
+
+    flagfile = tmp_path / "01_row.flags"
+    flagfile.write_text("# binary: b\n# smoke: --steps=2\n--lr=0.1\n")
+    before = reproduce.fingerprint(tables_lib.parse_row(flagfile), "smoke")
+    flagfile.write_text("# binary: b\n# smoke: --steps=4\n--lr=0.1\n")
+    row = tables_lib.parse_row(flagfile)
+    assert reproduce.fingerprint(row, "smoke") != before, (
+        "a smoke row run with --steps=2 would be shown as the row with --steps=4")
+    assert reproduce.fingerprint(row, "full") == reproduce.fingerprint(
+        tables_lib.parse_row(flagfile), "full"), "the full scale ignores the smoke flags"
+
+
+def test_the_fingerprint_of_a_row_holds_its_binary(tmp_path):
+    # The binary is a header comment: a row moved to another binary with the same flags
+    # is another run, and its old eval.json is stale.
+    from dpfed.eval import tables as tables_lib
+    from launch import reproduce
+
+    flagfile = tmp_path / "01_row.flags"
+    flagfile.write_text("# binary: experiments.dpsgd_classifier\n--steps=4\n")
+    before = reproduce.fingerprint(tables_lib.parse_row(flagfile), "full")
+    flagfile.write_text("# binary: experiments.datalens\n--steps=4\n")
+    assert reproduce.fingerprint(tables_lib.parse_row(flagfile), "full") != before, (
+        "a row run by another binary would be shown as the edited row")
+
+
+def test_an_unreadable_fingerprint_matches_no_row_even_with_a_newer_eval_json(tmp_path):
+    # A reproduce_row.json cut short (or edited by hand) tells nothing of the flags the
+    # run had: it is not a workdir from before fingerprints (judged by the files' times).
+    from dpfed.eval import tables as tables_lib
+    from dpfed.train.workdir import Workdir
+    from launch import reproduce
+
+    _, flagfile, eval_json = _one_row_table_with_an_eval_json(tmp_path)
+    row, workdir = tables_lib.parse_row(flagfile), Workdir(eval_json.parent)
+    workdir.file(reproduce.ROW_FILE).write_text('{"fingerprint": ')
+    stamp = flagfile.stat().st_mtime
+    os.utime(eval_json, (stamp + 60, stamp + 60))  # newer than the flagfile
+    assert not reproduce.is_current(row, workdir, "full"), (
+        "an eval.json under an unreadable fingerprint must not be shown as the row's")
+    assert reproduce.superseded(row, workdir, "full"), "its run is moved aside"
+
+
 def test_fresh_moves_every_workdir_aside_and_retrains(tmp_path):
     # --rerun resumes a finished run (nothing retrained); --fresh is how to retrain.
     tables_dir, _, eval_json = _one_row_table_with_an_eval_json(tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpfed.privacy import audit
-from dpfed.train import canary_audit
+from dpfed.train import canary_audit, seeds
 from dpfed.train.workdir import AUDIT_FILE, Workdir
 
 _PARAMS = {"w": jnp.zeros((40, 30)), "b": jnp.zeros((30,))}
@@ -39,6 +39,17 @@ def test_canaries_come_from_the_seed():
         "another seed drew the same canaries: they must come from the run's seed")
     assert first[0].num_directions + first[1].num_directions == 100, (
         "an audit of K = 50 draws 2K candidates, split into inserted and held-out")
+
+
+def test_canaries_come_from_the_audit_stream_of_the_seed():
+    # Drawn from another stream (the initial model's, or the released samples'), the
+    # directions and coins would be draws the run also makes, or shows, for another purpose.
+    drawn = _canaries()
+    expected = audit.draw_pair(seeds.stream_key(3, seeds.AUDIT_STREAM), _PARAMS, 50)
+    for got, want, which in zip(drawn, expected, ("inserted", "held-out"), strict=True):
+        np.testing.assert_array_equal(
+            got.coords, want.coords,
+            err_msg=f"the {which} canaries must be audit.draw_pair of the seed's AUDIT_STREAM")
 
 
 def test_an_audit_run_writes_its_figures(tmp_path):
@@ -95,6 +106,19 @@ def test_an_all_rounds_audit_adds_its_figures_at_the_ledgers_delta(tmp_path):
         **family, "final_model_epsilon_lower_bound_fdp": final_model} == figures["all_rounds"], (
         "the all-rounds figures and the final model's f-DP bound in their family")
     assert written["inserted"] == figures["inserted"], "the final-model figures stay"
+
+
+def test_the_all_rounds_figures_take_the_ledgers_delta_not_a_default(tmp_path):
+    # Every ledger above has delta 1e-5, the usual default: a delta of 3e-6 tells the
+    # ledger's from a constant.
+    ledger = {**_LEDGER, "delta": 3e-6}
+    _, all_rounds, deltas = _family(0.5)
+    canary_audit.write_audit(Workdir(tmp_path / "a"), _canaries(), _PARAMS,
+                             {"w": jnp.ones((40, 30)), "b": jnp.ones((30,))}, ledger,
+                             trained=True, all_rounds=all_rounds)
+    canary_audit.write_all_rounds_audit(Workdir(tmp_path / "b"), (21, 19), ledger,
+                                        trained=True, all_rounds=all_rounds)
+    assert deltas == [3e-6, 3e-6], f"the all-rounds figures must be at the ledger's delta: {deltas}"
 
 
 @pytest.mark.parametrize(

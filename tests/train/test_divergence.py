@@ -24,6 +24,14 @@ def test_only_figures_named_loss_count_as_diverged_losses():
         "a NaN rate of an empty sample (fedlm) is no divergence; None is no figure")
 
 
+def test_a_figure_is_a_loss_only_when_its_name_ends_in_loss():
+    # "...loss" is the rule (a weight or a count of a loss is no loss): a NaN there is no
+    # divergence of the model.
+    record = {"loss_weight": math.nan, "lossless_rate": math.inf, "test_loss": 0.5}
+    assert divergence.nonfinite_losses(record) == [], (
+        "only figures whose name ends in 'loss' are losses")
+
+
 def test_diverged_is_a_nonfinite_loss_or_nonfinite_params():
     finite = {"w": jnp.ones(2)}
     assert not divergence.diverged(finite, {"test_loss": 0.3})

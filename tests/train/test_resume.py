@@ -1,6 +1,7 @@
 """Starting or resuming a run: state and ledger restored together, the current target kept."""
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -318,6 +319,22 @@ def test_calibrate_rest_recalibrates_when_the_kept_z_would_overspend():
     assert z > z_first, f"60 steps at the target of 50 need more noise: {z} vs {z_first}"
 
 
+def test_calibrate_rest_recalibrates_when_the_kept_z_would_underspend_a_raised_target():
+    # The checkpoint's z still meets a target raised from 2.0 to 2.1, but the rest of the
+    # run needs ~5% less noise to end there: beyond KEEP_NOISE_TOLERANCE (1%), so the z is
+    # recalibrated, and the run ends at its new target, not below it.
+    z_first = _calibrate(50, None, 2.0)
+    spent = ledger(releases=0)
+    spent.metadata["noise_multiplier"] = z_first
+    spent.record(_step(z_first), 20)
+    z = _calibrate(50, Spent(20, spent), 2.1)
+    spent.record(_step(z), 30)
+    eps = spent.epsilon()
+    assert z < z_first and 2.1 * 0.99 <= eps <= 2.1, (
+        f"a raised target must be met with less noise: z {z:.4f} (checkpoint's "
+        f"{z_first:.4f}) ends at eps {eps:.4f}, not 2.1")
+
+
 def test_calibrate_rest_of_a_finished_run_reports_the_z_its_last_steps_used():
     # Resumed to 50 steps at a raised target, then rerun: no step is left to calibrate.
     z_first = _calibrate(20, None, 1.0)
@@ -355,6 +372,15 @@ def test_private_run_cannot_resume_a_non_private_checkpoint(tmp_path):
         start(tmp_path, ledger())
 
 
+def test_non_private_run_cannot_resume_a_private_checkpoint(tmp_path):
+    # Resumed without a ledger, the run would drop the checkpoint's spent eps and release
+    # its later steps in no ledger, its summary calling a DP-trained model non-private.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    checkpoint(tmp_path, 2, ledger(releases=2))
+    with pytest.raises(ValueError, match="written by a private run"):
+        start(tmp_path, None)
+
+
 def test_budget_stop_counts_the_restored_releases():
     target = _eps_of(7) * 1.0001
     assert budget_stop(ledger(target, releases=4), EVENT, 4, 20, log=print) == 7, (
@@ -381,6 +407,14 @@ def test_budget_stop_divides_by_events_per_step():
     )
 
 
+def test_budget_stop_caps_the_steps_left_in_releases_not_steps():
+    # 7 releases fit the target and 3 steps of 2 releases are left: all 3 steps (6
+    # releases) fit. Capping at 3 releases would stop after step 1.
+    target = _eps_of(7) * 1.0001
+    assert budget_stop(ledger(target), EVENT, 0, 3, events_per_step=2) == 3, (
+        "the steps left are 6 releases, all affordable")
+
+
 def test_budget_stop_without_target_runs_to_the_end():
     assert budget_stop(ledger(None, releases=4), EVENT, 4, 20) == 20
     assert budget_stop(None, None, 4, 20) == 20
@@ -392,6 +426,15 @@ def test_budget_stop_refuses_a_fresh_run_that_cannot_afford_one_step():
     assert error.value.field == "target_epsilon" and "one round" in error.value.message, (
         "a fresh run whose first step already exceeds the target must not release its "
         f"untrained state under a DP label: {error.value}")
+
+
+def test_budget_stop_refuses_a_fresh_run_that_affords_part_of_one_step():
+    # Two releases a step (DataLens's events_per_step): a target that affords one of them
+    # affords no step, and the run would release its untrained state under a DP label.
+    with pytest.raises(ConfigError) as error:
+        budget_stop(ledger(_eps_of(1) * 1.0001), EVENT, 0, 20, events_per_step=2)
+    assert error.value.field == "target_epsilon" and "one step" in error.value.message, (
+        f"one release of a two-release step is not a step: {error.value}")
 
 
 def test_budget_stop_lets_a_fresh_run_afford_exactly_one_step():
@@ -412,6 +455,16 @@ def test_budget_stop_refuses_a_target_just_below_what_the_checkpoint_spent():
         budget_stop(ledger(_eps_of(5) * 0.99, releases=5), EVENT, 5, 20)
     assert error.value.field == "target_epsilon", (
         f"a ledger 1% over its target must be refused: {error.value}")
+
+
+def test_budget_stop_refuses_a_target_one_ulp_below_what_the_checkpoint_spent():
+    # No tolerance at all: a run may not finish even a rounding error above its target.
+    spent = ledger(releases=5)
+    spent.target_epsilon = math.nextafter(spent.epsilon(), 0.0)
+    with pytest.raises(ConfigError) as error:
+        budget_stop(spent, EVENT, 5, 20)
+    assert error.value.field == "target_epsilon", (
+        f"a ledger one ulp over its target must be refused: {error.value}")
 
 
 def test_budget_stop_of_a_finished_run_is_where_it_ended():
@@ -465,12 +518,31 @@ def test_rerun_without_checkpoints_of_logs_made_with_this_noise_replays_them(tmp
     assert result.step == 0 and wd.read_metrics() == [], "the same noise: replayed from 0"
 
 
-def test_only_the_first_logged_step_can_reveal_a_change_of_noise(tmp_path):
+def test_the_first_logged_step_can_reveal_a_change_of_noise(tmp_path):
     # Logs whose last eps matches (a recalibration to the same target) but whose first
     # does not: checking the last record alone would miss the other noise.
     Workdir(tmp_path).pin_config(Config(), resuming=False)
     _log_eps(tmp_path, (2, 4, 6), lambda s: _eps_of(s) * (1.01 if s == 2 else 1.0))
     with pytest.raises(ConfigError, match="at step 2"):
+        start(tmp_path, ledger())
+
+
+def test_the_last_logged_step_can_reveal_a_change_of_noise(tmp_path):
+    # Logs whose first eps matches this run's noise but whose last does not (the killed
+    # run's noise changed after step 4): checking the first record alone would miss it.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (2, 4, 6), lambda s: _eps_of(s) * (1.01 if s == 6 else 1.0))
+    with pytest.raises(ConfigError, match="at step 6"):
+        start(tmp_path, ledger())
+
+
+def test_logs_of_noise_that_differs_in_its_last_digits_are_refused(tmp_path):
+    # A recalibrated z differs from the first in its last digits (`calibrate_rest`), and
+    # so do the eps it logs: 1e-6 relative here. Logged and replayed eps of the same
+    # mechanism agree to float rounding; any looser tolerance replays other noise.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (2, 4), lambda s: _eps_of(s) * (1 + 1e-6))
+    with pytest.raises(ConfigError, match="another mechanism"):
         start(tmp_path, ledger())
 
 
@@ -484,6 +556,20 @@ def test_resume_from_another_runs_checkpoint_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not this run's") as error:
         start(tmp_path, ledger())
     assert error.value.field == "workdir", error.value.field
+
+
+def test_a_checkpoint_whose_ledger_agrees_only_with_earlier_records_is_refused(tmp_path):
+    # The ledger of another run that changed its noise after step 2: its first releases
+    # give the eps logged at step 2, not the one logged at step 4, the checkpoint's step.
+    # The last record up to the checkpoint must be checked, not the first.
+    Workdir(tmp_path).pin_config(Config(), resuming=False)
+    _log_eps(tmp_path, (2, 4))
+    other = ledger(releases=2)
+    other.record(OTHER, 2)
+    Checkpointer(Workdir(tmp_path).file("checkpoints")).save(
+        4, state(4), {"ledger": other.to_json(with_pld=False)})
+    with pytest.raises(ConfigError, match="at step 4, but the ledger of the checkpoint"):
+        start(tmp_path, ledger())
 
 
 def test_resume_accepts_logs_that_match_the_ledger_in_pieces(tmp_path):

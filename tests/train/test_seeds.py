@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import dpfed
-from dpfed.federated import classifier
+from dpfed.federated import classifier, loop
 from dpfed.generative import dpd_fvae, fedgan, fedgan_debug, fedlm, fedlm_debug, selection
 from dpfed.generative.datalens import partition, training
 from dpfed.models.lstm_lm import LstmLM
@@ -69,6 +69,16 @@ class _Config:
     steps: int = 10
     seed: int = 0
     secret_seed: bool = False
+
+
+def test_draw_secret_draws_both_32_bit_words_at_random():
+    # 64 draws in [2**32, 2**64): two equal high (or low) words among them have odds of
+    # ~5e-7 each. A secret of fewer bits (a range far below 2**64, a fixed high word) is
+    # found by trying them all.
+    drawn = [seeds.draw_secret() for _ in range(64)]
+    high, low = [d >> 32 for d in drawn], [d & 0xFFFFFFFF for d in drawn]
+    for name, words in (("high", high), ("low", low)):
+        assert len(set(words)) == 64, f"the {name} 32 bits of 64 secret seeds repeat: {words}"
 
 
 def test_public_shows_a_secret_seed_as_secret():
@@ -357,6 +367,18 @@ def test_stream_key_is_the_fold_in_of_the_root_key_it_replaced(seed):
         expected = jax.random.fold_in(seeds.root_key(seed), stream)
         assert np.array_equal(jax.random.key_data(seeds.stream_key(seed, stream)),
                               jax.random.key_data(expected)), (seed, stream)
+
+
+def test_the_streams_of_a_root_key_are_distinct_and_above_every_step():
+    # Two streams of one value draw the same numbers: the released samples would be drawn
+    # with the initial model's key, or the audit's canaries with the samples'. Steps and
+    # rounds are folded into the same root (`loop.ROUND_KEY_STREAM`'s children aside).
+    streams = {"INIT_STREAM": seeds.INIT_STREAM, "SAMPLE_STREAM": seeds.SAMPLE_STREAM,
+               "AUDIT_STREAM": seeds.AUDIT_STREAM, "loop.ROUND_KEY_STREAM": loop.ROUND_KEY_STREAM,
+               "selection.SAMPLE_STREAM": selection.SAMPLE_STREAM}
+    assert len(set(streams.values())) == len(streams), f"two streams share a value: {streams}"
+    for name in ("INIT_STREAM", "SAMPLE_STREAM", "AUDIT_STREAM"):
+        assert 2**30 < streams[name] < 2**31, f"{name} must be far above any step index"
 
 
 def test_a_secret_seed_json_copied_into_a_fresh_workdir_is_used_with_a_warning(
