@@ -128,23 +128,27 @@ def test_with_the_mechanisms_noise_the_held_out_scores_read_its_multiplier(scope
     assert figures["rounds"] == 400 and figures["rate"] == 1.0, "every step, every canary"
 
 
-def test_all_steps_audit_puts_the_inserted_candidates_first():
-    coins = np.array([False, True, False, True])
+# One inserted of four tells the inserted count from the held-out one (2 of 4 does not).
+@pytest.mark.parametrize("coins, ordered", [
+    ([False, True, False, True], [1.0, 3.0, 0.0, 2.0]),
+    ([False, True, False, False], [1.0, 0.0, 2.0, 3.0]),
+])
+def test_all_steps_audit_puts_the_inserted_candidates_first_and_counts_them(
+    monkeypatch, coins, ordered
+):
     sums = audit.RoundScores(*(jnp.arange(4.0) for _ in range(3)))
     captured = {}
 
     def all_rounds(ordered, inserted, *_):
         captured.update(ordered=np.asarray(ordered.sum), inserted=inserted)
 
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(audit, "all_rounds", all_rounds)
-    try:
-        canaries.all_steps_audit(sums, _candidates(coins), 3, TOPAGG, 1)(1e-5)
-    finally:
-        monkey.undo()
-    np.testing.assert_array_equal(captured["ordered"], [1.0, 3.0, 0.0, 2.0],
+    monkeypatch.setattr(audit, "all_rounds", all_rounds)
+    canaries.all_steps_audit(sums, _candidates(np.array(coins)), 3, TOPAGG, 1)(1e-5)
+    np.testing.assert_array_equal(captured["ordered"], ordered,
                                   err_msg="audit.all_rounds reads the inserted first")
-    assert captured["inserted"] == 2, "the inserted count is the coins'"
+    assert captured["inserted"] == sum(coins), (
+        f"audit.all_rounds must get the inserted count ({sum(coins)}), not "
+        f"{captured['inserted']}: the first `inserted` ordered scores are read as theirs")
 
 
 def test_a_canary_has_a_row_per_aggregation_of_its_scope():
@@ -154,27 +158,6 @@ def test_a_canary_has_a_row_per_aggregation_of_its_scope():
     assert canaries.rows("batch", 4) == 1, "vote_scope 'batch': one aggregation a step"
     assert canaries.noise_multiplier(TOPAGG, canaries.rows("sample", 4)) == pytest.approx(
         TOPAGG.noise_multiplier / 2), "B = 4 Gaussians of z observed together: z / sqrt(4)"
-
-
-def test_all_steps_audit_counts_the_inserted_candidates_not_the_held_out():
-    # One inserted of four: with as many inserted as held out (above) the two counts agree.
-    coins = np.array([False, True, False, False])
-    sums = audit.RoundScores(*(jnp.arange(4.0) for _ in range(3)))
-    captured = {}
-
-    def all_rounds(ordered, inserted, *_):
-        captured.update(ordered=np.asarray(ordered.sum), inserted=inserted)
-
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(audit, "all_rounds", all_rounds)
-    try:
-        canaries.all_steps_audit(sums, _candidates(coins), 3, TOPAGG, 1)(1e-5)
-    finally:
-        monkey.undo()
-    assert captured["inserted"] == 1, (
-        f"audit.all_rounds must get the inserted count (1), not {captured['inserted']}: the "
-        "first `inserted` ordered scores are read as the inserted candidates'")
-    np.testing.assert_array_equal(captured["ordered"], [1.0, 0.0, 2.0, 3.0])
 
 
 def test_the_candidates_come_from_the_seed():
