@@ -21,10 +21,11 @@ workdir made with other flags is moved aside (``<row>.superseded-<time>``) and t
 starts afresh: resumed, a finished run would keep its old steps, or train on with noise
 recalibrated to a spent budget, and be shown as the edited row. A row's eval.json is
 deleted before its run starts, and --collect leaves out an eval.json of other flags
-(stale). A workdir in use by a live run (its lock, `Workdir.lock`) is not moved: that run
-would write on into the fresh one; reproduce exits 2 naming it. Workdirs from before
-fingerprints use the flagfile's time instead. Logs of each row's commands are in its
-workdir (``reproduce.log``). Exits 1 if a row failed (its line says so).
+(stale). A workdir in use by a live run (its lock, `Workdir.lock`) is neither moved (that
+run would write on into the fresh one) nor readied (its eval.json deleted); reproduce exits
+2 naming it. Workdirs from before fingerprints use the flagfile's time instead. Logs of
+each row's commands are in its workdir (``reproduce.log``). Exits 1 if a row failed (its
+line says so).
 """
 
 import contextlib

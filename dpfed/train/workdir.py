@@ -400,7 +400,8 @@ class Workdir:
 
     def unlock(self) -> None:
         """Releases this process's lock on the workdir (`lock`), if it holds it: for a
-        process that locks a workdir only to move it (`launch.reproduce`), even once moved."""
+        process that locks a workdir only while it readies or moves it (`launch.reproduce`),
+        even once moved."""
         fd = _held_locks.pop(self.file(LOCK_FILE), None)
         if fd is not None:
             os.close(fd)

@@ -808,8 +808,8 @@ def test_a_truncation_rereads_unreplayed_jsonl_in_a_workdir_that_already_release
 
 
 def test_unlock_releases_the_lock_to_other_processes(tmp_path):
-    # launch.reproduce locks a workdir only to move it aside; held on, the moved copy
-    # would stay locked while reproduce runs its rows.
+    # launch.reproduce locks a workdir only to ready it or move it aside; held on, the
+    # workdir (or its moved copy) would stay locked while reproduce runs its rows.
     wd = Workdir(tmp_path)
     wd.lock()
     wd.unlock()
