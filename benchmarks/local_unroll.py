@@ -23,7 +23,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
@@ -43,13 +43,14 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per setting (median).
 _EXAMPLES = 20
 _BATCH = 10
 PyTree = Any
+T = TypeVar("T")
 
 
-def _timed_compile(lower: Callable[[], jax.stages.Lowered]) -> tuple[jax.stages.Compiled, float]:
-    """`lower()` compiled, and the seconds its lowering and compilation took."""
+def _timed(make: Callable[[], T]) -> tuple[T, float]:
+    """`make()` (a compilation) and the seconds it took."""
     start = time.perf_counter()
-    compiled = lower().compile()
-    return compiled, time.perf_counter() - start
+    made = make()
+    return made, time.perf_counter() - start
 
 
 def setting(
@@ -59,15 +60,15 @@ def setting(
     update = local_training(classifier_loss(model), optax.sgd(0.05), steps, _BATCH, unroll)
     first = OneClient(tuple(jnp.asarray(a[0]) for a in data.arrays), jnp.int32(_EXAMPLES))
     one_client_fn = jax.jit(lambda p, c, k: update(p, (), c, (), k).params)
-    one_client, client_compile_s = _timed_compile(
-        lambda: one_client_fn.lower(params, first, jax.random.key(1)))
+    one_client, client_compile_s = _timed(
+        lambda: one_client_fn.lower(params, first, jax.random.key(1)).compile())
     engine = DpFedAvg(update, optax.sgd(1.0), data, DpFedAvgConfig(
         clients_per_round=m, sampling="fixed", l2_clip=1.0, noise_multiplier=1.0))
     state = engine.init(params)
-    round_fn, engine_compile_s = _timed_compile(lambda: engine.lower(state, jax.random.key(2)))
+    round_fn, engine_compile_s = _timed(lambda: engine.compile(state, jax.random.key(2)))
     return {
         "one client": lambda k: one_client(params, first, k),
-        "engine": lambda k: round_fn(state, engine.data, k)[0].params,
+        "engine": lambda k: round_fn(state, k)[0].params,
         "compile": (client_compile_s, engine_compile_s),
     }
 

@@ -116,6 +116,24 @@ def test_the_all_rounds_audit_needs_inserted_canaries_and_noise():
         canary_engine(4, 8, held_out, held_out=held_out, z=0.0)
 
 
+def test_a_round_compiled_ahead_of_time_is_the_audit_engines_round():
+    # benchmarks.local_unroll times `DpFedAvg.compile`: its calls must pass the canaries and
+    # held-out directions the jitted round takes (a TypeError once, in the slow suite only).
+    dim = 8
+    inserted, held_out = audit.draw_pair(jax.random.key(7), toy.params_of(dim), 3)
+    deltas = np.random.default_rng(0).normal(size=(6, dim)).astype(np.float32)
+    engine = canary_engine(6, dim, inserted, rate=0.5, z=1.0, held_out=held_out, deltas=deltas)
+    state, key = engine.init(toy.params_of(dim)), jax.random.key(8)
+    compiled, _ = engine.compile(state, key)(state, key)
+    jitted, _ = engine.round(state, key)
+    for name in ("params", "audit"):
+        for got, want in zip(jax.tree_util.tree_leaves(getattr(compiled, name)),
+                             jax.tree_util.tree_leaves(getattr(jitted, name)), strict=True):
+            np.testing.assert_array_equal(
+                np.asarray(got), np.asarray(want),
+                err_msg=f"the compiled round's {name} differs from the jitted round's")
+
+
 def audit_all_rounds(z, rounds, rate, k=1_000, dim=100_000, clients=50, seed=0, engine_hook=None):
     """`rounds` rounds of an all-rounds audit run (users and canaries sampled at `rate`):
     (`DpFedAvg.all_rounds_audit`, the engine's ledger PLD eps at DELTA)."""
