@@ -73,6 +73,13 @@ def test_summary_holds_both_models_oov_rates_and_user_level_eps(tiny_run):
     assert summary["unit"] == "user", "the guarantee protects users"
 
 
+def test_a_secret_runs_lms_keep_their_seeds_secret():
+    # Each LM trains on a seed derived from the secret one (selection.group_seed): its
+    # config must keep secret_seed, or its summary.json shows that seed (its noise).
+    config = fedlm_debug.TextDebugConfig(seed=2**40 + 1, secret_seed=True)
+    assert config.lm_config(vocab_size=10).secret_seed, "an LM of a secret run lost the flag"
+
+
 def test_the_two_lms_draw_independent_noise(tiny_run):
     _, summary = tiny_run
     seeds = {summary[g]["seed"] for g in ("lm_high_oov", "lm_low_oov")}

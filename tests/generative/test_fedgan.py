@@ -8,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfed.federated import OneClient, client_mesh, loop
+from dpfed.federated import (
+    AdaptiveClipping,
+    DpFedAvgConfig,
+    OneClient,
+    Subpopulation,
+    client_mesh,
+    loop,
+)
 from dpfed.generative import contract, fedgan, wgan_gp
 from dpfed.models import gan
 from dpfed.privacy import audit
@@ -58,6 +65,21 @@ def tiny_run(tmp_path_factory):
     summary = fedgan.train_gan(_CONFIG, _images(0), np.array([5, 3, 4, 5]), workdir,
                                log=lambda _: None, mesh=_ONE_DEVICE)
     return workdir, summary
+
+
+def test_the_engine_runs_the_configs_cohorts_clip_noise_and_population():
+    # Every DP-FedAvg setting of a GAN's config must reach its engine, whose rounds the
+    # ledger accounts: one dropped here would train (and account) at the engine's default.
+    adaptive = AdaptiveClipping(clipped_count_stddev=1.0)
+    population = Subpopulation(population=40, members_estimate=3.5)
+    config = dataclasses.replace(_CONFIG, sampling="poisson", adaptive_clipping=adaptive,
+                                 subpopulation=population)
+    engine = fedgan.DpFedAvgGan(config, _images(0), np.array([5, 3, 4, 5]), _ONE_DEVICE).engine
+    assert engine.config == DpFedAvgConfig(
+        clients_per_round=2, sampling="poisson", l2_clip=0.1, noise_multiplier=0.5,
+        adaptive_clipping=adaptive, subpopulation=population), (
+        f"the engine must run the config's settings: {engine.config}")
+    assert _engine().engine.config.sampling == "fixed", "and _CONFIG's fixed cohorts"
 
 
 def _same(a, b):
@@ -138,6 +160,23 @@ def test_generator_is_not_initialised_from_the_round_keys_root():
     root = jax.random.fold_in(jax.random.key(_CONFIG.seed), loop.ROUND_KEY_STREAM)
     from_root = gan.init_generator(_CONFIG.gan.generator, root, _CONFIG.gan.noise_dim)
     assert not _same(g_vars, from_root), "G is initialised from the round keys' root"
+
+
+def test_discriminator_is_not_initialised_from_the_round_keys_root():
+    # As G: flax folds name hashes into D's init key, and a hash equal to a round number
+    # would give one of D's initialisers that round's key (its noise and cohort).
+    root = jax.random.fold_in(jax.random.key(_CONFIG.seed), loop.ROUND_KEY_STREAM)
+    from_root = gan.init_discriminator(_CONFIG.gan.discriminator, root)
+    assert not _same(_engine().initial_d, from_root), (
+        "D is initialised from the round keys' root")
+
+
+def test_a_gans_ledger_names_its_group():
+    # fedgan_debug's two GANs each keep a ledger in their own sub-workdir: each must say
+    # which group's release it accounts.
+    for group in ("low", "high"):
+        ledger = fedgan.new_ledger(_CONFIG, _engine(), group)
+        assert ledger.metadata["group"] == group, f"{group}'s ledger: {ledger.metadata}"
 
 
 def test_a_kill_while_writing_the_generator_leaves_a_ledger_of_every_round(

@@ -11,7 +11,7 @@ import pytest
 
 from dpfed.data import bugs
 from dpfed.data import text as text_lib
-from dpfed.federated import client_mesh, loop
+from dpfed.federated import DpFedAvgConfig, Subpopulation, client_mesh, loop
 from dpfed.generative import fedlm
 from dpfed.models.lstm_lm import LstmLM
 from dpfed.train.config import ConfigError
@@ -248,6 +248,70 @@ def test_a_kill_while_writing_the_params_leaves_a_ledger_of_every_round(
         train(config, workdir=str(tmp_path))
     assert releases_in_ledger_json(tmp_path) == config.rounds, (
         "the LM's params were written before ledger.json held their rounds")
+
+
+def test_the_engine_runs_the_configs_cohorts_clip_noise_and_population():
+    # Every DP-FedAvg setting of an LM's config must reach its engine, whose rounds the
+    # ledger accounts: one dropped here would train (and account) at the engine's default.
+    _, model, _ = _setup()
+    population = Subpopulation(population=40, members_estimate=3.5)
+    config = fedlm.FedLmConfig(fedlm.LocalTrainingConfig(model), clients_per_round=4,
+                               l2_clip=0.5, noise_multiplier=1.0, subpopulation=population)
+    data = (np.zeros((8, 4, 12), np.int32), np.full(8, 4), client_mesh(jax.devices()[:1]))
+    assert fedlm.make_engine(config, *data).config == DpFedAvgConfig(
+        clients_per_round=4, sampling="poisson", l2_clip=0.5, noise_multiplier=1.0,
+        subpopulation=population), "the engine must run the config's settings"
+    fixed = dataclasses.replace(config, sampling="fixed", subpopulation=None)
+    assert fedlm.make_engine(fixed, *data).config.sampling == "fixed", "and fixed cohorts"
+
+
+def test_an_lms_ledger_names_its_group(tmp_path, monkeypatch):
+    # fedlm_debug's two LMs each keep a ledger in their own sub-workdir: each must say
+    # which group's release it accounts. Stopped where the rounds would start.
+    vocab, model, _ = _setup()
+    config = fedlm.FedLmConfig(fedlm.LocalTrainingConfig(model), clients_per_round=4,
+                               noise_multiplier=1.0)
+    ledgers = []
+
+    class Stopped(Exception):  # noqa: N818  (it stands in for the rounds, not an error)
+        pass
+
+    def stop(*args, ledger, **kwargs):
+        ledgers.append(ledger)
+        raise Stopped
+
+    monkeypatch.setattr(fedlm, "run_rounds", stop)
+    with pytest.raises(Stopped):
+        fedlm.train_lm(config, np.zeros((8, 4, 12), np.int32), np.full(8, 4), vocab, vocab,
+                       tmp_path, group="high_oov", mesh=client_mesh(jax.devices()[:1]))
+    assert ledgers[0].metadata["group"] == "high_oov", f"its ledger: {ledgers[0].metadata}"
+
+
+def test_a_secret_seed_is_in_no_file_of_the_lms_workdir(tmp_path, monkeypatch):
+    # fedlm_debug trains each group's LM on a seed derived from the secret one: released
+    # where its digits are, it gives that LM's noise away. The rounds are skipped.
+    vocab, model, _ = _setup()
+    config = fedlm.FedLmConfig(fedlm.LocalTrainingConfig(model), clients_per_round=4,
+                               seed=2**40 + 5, secret_seed=True)
+    monkeypatch.setattr(fedlm, "run_rounds", lambda engine, state, **kwargs: loop.LoopResult(
+        state, None, rounds_done=0, last_round=0, evaluation={}, resumed_from=0))
+    summary, _ = fedlm.train_lm(config, np.zeros((8, 4, 12), np.int32), np.full(8, 4), vocab,
+                                vocab, tmp_path, mesh=client_mesh(jax.devices()[:1]))
+    assert summary["seed"] == "secret", f"the LM's summary shows its seed: {summary['seed']}"
+    leaking = [path.name for path in tmp_path.rglob("*")
+               if path.is_file() and str(config.seed).encode() in path.read_bytes()]
+    assert not leaking, f"a secret seed's digits are in {leaking}: anyone can undo the noise"
+
+
+def test_the_lm_is_not_initialised_from_the_round_keys_root():
+    # flax folds name hashes into the init key, and the evaluation key folds 1 into it: from
+    # the round keys' root, the evaluation's samples would be drawn with round 1's key.
+    _, model, _ = _setup()
+    config = fedlm.FedLmConfig(fedlm.LocalTrainingConfig(model), seed=3)
+    root = jax.random.fold_in(jax.random.key(config.seed), loop.ROUND_KEY_STREAM)
+    from_root = model.init(root, jnp.zeros((1, 2), jnp.int32))
+    assert params_sha256(fedlm.initial_params(config)) != params_sha256(from_root), (
+        "the LM is initialised from the round keys' root")
 
 
 def test_rounds_draw_their_cohorts_and_noise_from_the_configs_seed(tmp_path):

@@ -180,6 +180,22 @@ def test_pin_demo_config_checks_only_once_a_group_has_trained(tmp_path):
     assert error.value.field == "bug_fraction", "a trained group pins the data settings"
 
 
+def test_pin_demo_config_and_pin_groups_check_once_either_group_has_trained(tmp_path):
+    # A demo killed while training its second group leaves only the first's sub-workdir:
+    # a rerun resumes that group, so its settings and data are pinned already.
+    wd = Workdir(tmp_path)
+    dirs = ["gan_low", "gan_high"]
+    selection.pin_demo_config(wd, _DemoConfig(), dirs, frozenset({"rounds"}))
+    selection.pin_groups(wd, {"low": "a", "high": "b"}, dirs, "dataset")
+    (tmp_path / "gan_low").mkdir()  # the first group trained; the second never started
+    with pytest.raises(ConfigError) as error:
+        selection.pin_demo_config(wd, _DemoConfig(bug_fraction=0.2), dirs, frozenset({"rounds"}))
+    assert error.value.field == "bug_fraction", (
+        "one trained group pins the settings, not only both")
+    with pytest.raises(ConfigError, match="low group"):
+        selection.pin_groups(wd, {"low": "other", "high": "b"}, dirs, "dataset")
+
+
 def test_pin_demo_config_checks_once_the_group_sizes_are_released(tmp_path):
     # --group_sampling=population releases the noised sizes before any group trains; a
     # rerun reuses them, so the settings they were drawn with may no longer change.
@@ -289,6 +305,19 @@ def test_demo_fields_say_diverged_if_either_model_did_and_add_their_earlier_seco
     assert 8.5 <= fields["wall_seconds"] < 60, f"this invocation's second and theirs: {fields}"
 
 
+def test_max_epsilon_is_the_larger_groups_eps_with_its_noised_sizes_release():
+    # The groups are disjoint: releasing both costs the larger eps, and with population
+    # sampling each group's eps must include the noised sizes' release (end to end).
+    population = {"low": {"epsilon_rdp": 2.0, "epsilon_rdp_with_group_sizes": 2.5},
+                  "high": {"epsilon_rdp": 3.0, "epsilon_rdp_with_group_sizes": 3.25}}
+    assert selection.max_epsilon(population) == 3.25, (
+        "the max over the groups of their eps with the group sizes' release")
+    group = {"low": {"epsilon_rdp": 2.0}, "high": {"epsilon_rdp": 1.5}}
+    assert selection.max_epsilon(group) == 2.0, "without noised sizes: the max of the groups' eps"
+    nonprivate = {"low": {"epsilon_rdp": None}, "high": {"epsilon_rdp": None}}
+    assert selection.max_epsilon(nonprivate) is None, "non-private groups: no eps"
+
+
 def test_model_fields_keep_each_models_privacy_rounds_and_time():
     summary = {key: i for i, key in enumerate(selection.MODEL_SUMMARY_KEYS)} | {"other": 1}
     assert selection.model_fields(summary) == {
@@ -325,6 +354,18 @@ def test_check_training_settings_names_the_setting_out_of_range(field, value):
     with pytest.raises(ConfigError) as raised:
         selection.check_training_settings(SimpleNamespace(**{**_TRAINING, field: value}))
     assert raised.value.field == field, f"{field}={value!r} refused naming {raised.value.field}"
+
+
+def test_check_training_settings_refuses_a_fractional_fixed_cohort():
+    # A fixed cohort draws exactly clients_per_round users: 2.5 is no cohort size (a
+    # Poisson cohort's expected size may be fractional).
+    selection.check_training_settings(SimpleNamespace(**{**_TRAINING, "clients_per_round": 2.5}))
+    fixed = {**_TRAINING, "sampling": "fixed"}
+    selection.check_training_settings(SimpleNamespace(**fixed))  # 4.0 is whole
+    with pytest.raises(ConfigError) as raised:
+        selection.check_training_settings(SimpleNamespace(**{**fixed, "clients_per_round": 2.5}))
+    assert raised.value.field == "clients_per_round", (
+        f"a fractional fixed cohort must be refused naming clients_per_round: {raised.value}")
 
 
 def test_threshold_rules_take_a_given_threshold_or_that_sides_quantile():

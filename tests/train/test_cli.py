@@ -100,6 +100,17 @@ def test_an_infinite_float_flag_is_refused_before_the_workdir_is_made(tmp_path):
     assert not workdir.exists(), "a refused run must not create its workdir"
 
 
+def test_a_multi_float_flag_of_inf_or_nan_is_refused(monkeypatch):
+    # No binary defines one yet (latent): a list of floats is checked item by item.
+    flag_values = flags.FlagValues()
+    flags.DEFINE_multi_float("rates", [1.0, float("nan")], "Rates.", flag_values=flag_values)
+    flag_values.mark_as_parsed()
+    monkeypatch.setattr(cli.flags, "FLAGS", flag_values)
+    with pytest.raises(cli.FlagError) as error:
+        cli._check_floats_are_finite()
+    assert error.value.flag == "rates", f"a nan inside a multi float flag: {error.value}"
+
+
 def test_good_run_exits_0():
     result = _run("--model=mlp")
     assert result.returncode == 0, f"good flags failed: {result.stderr}"

@@ -382,6 +382,20 @@ def test_resume_may_extend_steps_but_not_change_other_fields(tmp_path):
     assert wd.read_json(workdir_lib.CONFIG_FILE)["widths"] == [8, 16], "pin kept on refusal"
 
 
+def test_a_setting_the_resumed_runs_config_json_does_not_pin_is_refused(tmp_path):
+    # config.json without a field (cut from the file, or a run from before the setting
+    # existed) says nothing of what it was: a resume must not take any value for it.
+    wd = Workdir(tmp_path)
+    wd.pin_config(_Config(), resuming=False)
+    pinned = wd.read_json(workdir_lib.CONFIG_FILE)
+    del pinned["noise_multiplier"]
+    wd.write_json(workdir_lib.CONFIG_FILE, pinned)
+    with pytest.raises(ConfigError) as error:
+        wd.pin_config(_Config(noise_multiplier=0.5), resuming=True)
+    assert error.value.field == "noise_multiplier", (
+        f"a setting config.json does not pin must be refused on a resume: {error.value}")
+
+
 def test_fresh_run_repins_and_old_workdir_is_pinned_without_check(tmp_path):
     wd = Workdir(tmp_path)
     wd.pin_config(_Config(), resuming=False)
