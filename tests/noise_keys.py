@@ -61,6 +61,51 @@ class NoiseKeys:
         reused = self.reused()
         assert not reused, f"{len(reused)} keys drew noise more than once: {reused}"
 
+    def assert_apart_from(self, keys: list[tuple[int, ...]], what: str, splits: int = 8) -> None:
+        """No noise key is one of `keys` (another draw's, `recording_keys`), a key split
+        from one or one they were split from: in this JAX `split(k, n)[i]` is
+        `fold_in(k, i)`, so those are the first `splits` folds either way."""
+        assert keys, f"no {what} draw was recorded: a check of no keys checks nothing"
+        noise, others = set(self.keys()), set(keys)
+        near = (_family(others, splits) & noise) | (_family(noise, splits) & others)
+        assert not near, (f"{len(near)} keys are shared by noise and {what} draws, or split "
+                          f"from one into the other: {sorted(near)[:4]}")
+
+
+def _family(keys: set[tuple[int, ...]], splits: int) -> set[tuple[int, ...]]:
+    """`keys` and their first `splits` folds (`split(key, n)[i]`, i < splits), raw data."""
+    parents = jax.random.wrap_key_data(np.asarray(sorted(keys), np.uint32))
+    folds = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.key_data(
+        jax.random.fold_in(k, i)))(np.arange(splits)))(parents)
+    return keys | {tuple(int(x) for x in row) for row in np.asarray(folds).reshape(-1, 2)}
+
+
+@contextlib.contextmanager
+def recording_keys(
+    monkeypatch: pytest.MonkeyPatch, owner: object, name: str, key_arg: int = 0
+) -> Iterator[list[tuple[int, ...]]]:
+    """Records the key (positional argument `key_arg`) of every call of `owner.name` run
+    inside the block, per element under vmap as `recording` does: the draws a noise must
+    not share a key with (`NoiseKeys.assert_apart_from`). Enter it inside `recording`,
+    which clears the caches, so that what runs is traced with it."""
+    keys: list[tuple[int, ...]] = []
+    original = getattr(owner, name)
+
+    def record(data: np.ndarray) -> None:
+        data = np.asarray(data)
+        keys.extend(tuple(int(x) for x in row) for row in data.reshape(-1, data.shape[-1]))
+
+    def wrapped(*args, **kwargs):
+        jax.debug.callback(record, jax.random.key_data(args[key_arg]))
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, wrapped)
+        try:
+            yield keys
+        finally:
+            jax.effects_barrier()
+
 
 def _record(keys: NoiseKeys, shape: tuple[int, ...]):
     def record(data: np.ndarray) -> None:

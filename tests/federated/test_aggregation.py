@@ -45,6 +45,19 @@ def test_adaptive_clip_grows_when_too_many_updates_are_clipped():
     assert shrunk < 1.0 < grown, "C shrinks when most updates are under it"
 
 
+def test_the_released_unclipped_fraction_stays_in_0_1_and_so_does_the_clip_step():
+    # A Poisson cohort above its expectation, or the count's noise, can take the count
+    # past m / 2: the estimate is a fraction, and C moves by at most exp(eta / 2) a round.
+    adaptive = AdaptiveClipping(target_quantile=0.5, learning_rate=0.2)
+    aggregator = PrivateAggregator(0.0, expected_clients=10, adaptive=adaptive)
+    for count, fraction in ((8.0, 1.0), (-8.0, 0.0)):  # estimates 1.3 and -0.3
+        clip, released = aggregator.next_clip(jnp.float32(1.0), jnp.float32(count),
+                                              jax.random.key(0))
+        assert float(released) == fraction, f"count {count}: fraction {float(released)}"
+        assert float(clip) == pytest.approx(np.exp(-0.2 * (fraction - 0.5))), (
+            f"count {count}: C must move as for fraction {fraction}, got {float(clip)}")
+
+
 def test_default_count_stddev_is_a_twentieth_of_the_cohort():
     assert AdaptiveClipping().count_stddev(100) == pytest.approx(5.0), "sb = m / 20"
 

@@ -137,6 +137,20 @@ def test_client_states_persist_for_sampled_clients_only():
                                   err_msg="each client's state must count its own rounds")
 
 
+def test_padded_slots_never_write_over_client_0s_state():
+    # A padded slot trains on client 0's data (the gather target) and is left out of the
+    # sums; its state must be dropped too, or client 0's own round is written over with its
+    # old state (DPD-fVAE's participation counts: a lost count is a release left uncounted).
+    # All 6 clients are sampled, in a pass of 8: 2 padded slots.
+    engine = DpFedAvg(toy.count_visits, optax.sgd(1.0), toy.vector_clients(np.zeros((6, DIM))),
+                      DpFedAvgConfig(clients_per_round=6, sampling="fixed", l2_clip=1.0,
+                                     chunk_size=8), mesh=client_mesh(jax.devices()[:1]))
+    state = engine.init(toy.params_of(DIM), client_states=jnp.zeros((6,), jnp.int32))
+    state, _ = engine.round(state, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(state.client_states), np.ones(6),
+                                  err_msg="every client took part once; padding counts none")
+
+
 def test_eight_devices_give_the_result_of_one_device():
     assert jax.device_count() == 8, "conftest should provide 8 CPU devices"
     deltas = random_deltas(40, seed=6)
@@ -482,6 +496,9 @@ def test_a_subpopulation_ledger_names_the_population_not_the_members():
         f"the ledger (a release) must give the public population, not the 20 members: "
         f"{ledger.metadata}")
     assert ledger.metadata["members_estimate"] == 21.5, "and the estimate the mean divides by"
+    assert ledger.metadata["sampling_rate"] == 5 / 300, (
+        f"the rate is of the population: m / members ({5 / 20}) would give the member count "
+        f"away: {ledger.metadata['sampling_rate']}")
     assert 20 not in ledger.metadata.values(), "the true member count appears nowhere"
 
 

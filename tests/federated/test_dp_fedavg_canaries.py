@@ -8,10 +8,11 @@ import optax
 import pytest
 
 from dpfed import privacy
-from dpfed.federated import DpFedAvg, DpFedAvgConfig
+from dpfed.federated import DpFedAvg, DpFedAvgConfig, client_mesh
 from dpfed.federated.aggregation import PrivateAggregator
 from dpfed.privacy import audit
 from tests.federated import toy
+from tests.noise_keys import recording, recording_keys
 from tests.privacy.canaries import dense
 
 DELTA = 1e-5
@@ -55,6 +56,21 @@ def test_canaries_are_sampled_at_the_users_rate():
                                err_msg="a canary added other than 0 or C times its direction")
     # 400 Bernoulli(0.25): the count is within 4.5 std of 100 with overwhelming probability.
     assert abs(np.round(taken).sum() - 100) < 4.5 * np.sqrt(k * 0.25 * 0.75), taken.sum()
+
+
+def test_canaries_are_not_sampled_from_the_key_of_the_rounds_noise(monkeypatch):
+    # The audit takes each canary's participation for a coin independent of the noise:
+    # drawn from the noise's key, or one split from it, it would be a function of it.
+    dim = 8
+    canaries = audit.draw(jax.random.key(4), toy.params_of(dim), 4, support=4)
+    engine = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(np.zeros((4, dim))),
+                      DpFedAvgConfig(clients_per_round=2, l2_clip=0.5, noise_multiplier=1.0),
+                      mesh=client_mesh(jax.devices()[:1]), canaries=canaries)
+    with (recording(monkeypatch) as noise,
+          recording_keys(monkeypatch, audit, "insert", key_arg=4) as coins):
+        one_round_change(engine, dim)
+    noise.assert_distinct(1)
+    noise.assert_apart_from(coins, "canary sampling")
 
 
 def test_canaries_need_poisson_sampling():

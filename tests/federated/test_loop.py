@@ -107,6 +107,22 @@ def test_a_run_extended_then_killed_leaves_a_ledger_json_of_every_logged_round(
     assert_ledger_json_covers_metrics(tmp_path, "epsilon_rdp")
 
 
+def test_a_run_counted_by_its_release_ledger_may_not_end_before_its_logged_rounds(
+        tmp_path, monkeypatch):
+    # DPD-fVAE's local DP keeps no ledger of rounds, but each logged round is a release its
+    # release ledger counts: a rerun ending before them would leave them in no ledger.
+    deltas = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    eng = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
+                   DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=0.0))
+    own = ledger()
+    with monkeypatch.context() as patch:
+        kill_after_metrics_record(patch, "round", 3)  # its checkpoint: round 2
+        with pytest.raises(KilledAtRelease):
+            run(eng, tmp_path, rounds=4, ledger=None, release_ledger=lambda s: own, eval_every=1)
+    with pytest.raises(ConfigError, match="would be in no ledger"):
+        run(eng, tmp_path, rounds=2, ledger=None, release_ledger=lambda s: own)
+
+
 def test_the_ledger_json_of_a_run_is_its_release_ledger_where_one_is_given(tmp_path):
     # DPD-fVAE's local DP: the ledger of the releases is the worst client's, not `ledger`.
     eng, own = engine(), ledger()
@@ -239,6 +255,16 @@ def test_private_engine_without_ledger_is_refused(tmp_path):
                    ledger=None, evaluate=dict, eval_every=1, checkpoint_every=1)
 
 
+def test_non_private_engine_with_a_ledger_is_refused(tmp_path):
+    # The other direction: a ledger for rounds that add no noise would record
+    # `round_event()`'s None, and eps claims for a run with no guarantee.
+    deltas = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    eng = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
+                   DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=0.0))
+    with pytest.raises(ValueError, match="non-private one none"):
+        run(eng, tmp_path, rounds=1)
+
+
 @pytest.mark.parametrize("field", ["eval_every", "checkpoint_every"])
 def test_a_period_below_one_is_a_config_error_naming_it(tmp_path, field):
     eng = engine()
@@ -280,6 +306,15 @@ def test_on_several_cpu_devices_each_round_waits_for_the_previous_one(tmp_path):
                checkpoint_every=4)
     assert watched.ready == [True] * 4, (
         f"a round was dispatched before the previous one finished: {watched.ready}")
+
+
+def test_the_privacy_summary_states_the_delta_of_its_guarantee(tmp_path):
+    # Every other ledger here is at delta 1e-5, the trainers' default.
+    eng = engine()
+    spent = privacy.PrivacyLedger("user", "add_or_remove_one", 3e-6)
+    result = loop.LoopResult(eng.init(toy.params_of(4)), spent, 0, 0, {}, None)
+    fields = loop.write_privacy_summary(result, eng, Workdir(tmp_path), 3e-6)
+    assert fields["delta"] == 3e-6, f"a guarantee at delta 3e-6 stated as {fields['delta']}"
 
 
 def test_describe_user_level_privacy_states_eps_users_and_larger_populations():

@@ -200,6 +200,27 @@ def test_one_record_of_the_largest_hash_partition_moves_only_its_teacher():
     assert set(moved) <= {largest}, f"one record of teacher {largest} moved teachers {moved}"
 
 
+def test_a_run_gives_its_teachers_minibatches_of_real_batch_not_of_the_largest_partition(
+        tmp_path, monkeypatch):
+    # The test above checks the ensemble given real_batch; this is what a run gives it.
+    # Under hash partitions the slots hold the largest partition, a private count: as the
+    # minibatch length, one record would move every teacher.
+    given = []
+
+    class GivenError(Exception):
+        pass
+
+    def train_step(self, state, data, ids, key, num_d_steps, real_batch, audited=None):
+        given.append(real_batch)
+        raise GivenError  # before any step is compiled
+
+    monkeypatch.setattr(datalens.training.DataLens, "train_step", train_step)
+    with pytest.raises(GivenError):
+        datalens.train(TINY, str(tmp_path), log=lambda _: None)
+    assert given == [TINY.real_batch], (
+        f"hash partitions: every teacher's minibatch must be real_batch long, got {given}")
+
+
 def test_whole_partitions_under_hash_partitions_are_refused():
     with pytest.raises(ConfigError) as error:
         dataclasses.replace(TINY, real_batch=None, partition="hash")
@@ -317,6 +338,31 @@ def test_project_target_clips_the_student_target_to_the_image_range(monkeypatch,
         f"project_target={project}, aggregate +1 on 32 and -1 on 32 white pixels, step 0.5: "
         f"the loss {float(metrics['generator_loss'])} must be the sum of (clipped target - "
         f"1)^2 = {loss}")
+
+
+def test_the_generator_step_thresholds_the_noised_vote_sum_and_nothing_else(monkeypatch):
+    # Thresholding is free only as post-processing of the release: fed the vote sum before
+    # its noise, the step would release the votes themselves. The other tests replace the
+    # threshold or read the vote sums, so this traces the step (no compile) to see what
+    # the threshold is given.
+    released, thresholded = [], []
+    privatize, threshold = datalens.TopAgg.privatize, datalens.TopAgg.threshold
+
+    def noise(self, vote_sum, key):
+        released.append(privatize(self, vote_sum, key))
+        return released[-1]
+
+    def cut(self, noisy, num_teachers):
+        thresholded.append(noisy)
+        return threshold(self, noisy, num_teachers)
+
+    monkeypatch.setattr(datalens.TopAgg, "privatize", noise)
+    monkeypatch.setattr(datalens.TopAgg, "threshold", cut)
+    lens = datalens.DataLens(TINY, 10, (8, 8, 1), mesh=datalens.make_mesh(jax.devices()[:1]))
+    state = jax.eval_shape(lens.init, jax.random.key(0))
+    jax.eval_shape(lens.generator_step, state, lens.ensemble.teacher_ids(), jax.random.key(2))
+    assert len(released) == len(thresholded) == 1, (len(released), len(thresholded))
+    assert thresholded[0] is released[0], "the threshold must be given the noised vote sum"
 
 
 @pytest.mark.parametrize("delta,warns", [(1 / 1438, True), (1e-5, False)])

@@ -264,6 +264,16 @@ def test_local_dp_client_out_of_budget_contributes_nothing():
     assert int(live.state.participations) == 3, "participation not counted"
 
 
+def test_a_local_participation_is_accounted_as_every_step_the_client_takes():
+    # Every event, budget and eps of local DP derives from this event: a step fewer here
+    # would pass every test that computes its expectation with it.
+    config = dataclasses.replace(_CONFIG, dp="local", local_epochs=3)  # B = 4
+    step = dp_event.PoissonSampledDpEvent(4 / 6, dp_event.GaussianDpEvent(1.5))
+    assert dpd_fvae.local_participation_event(config, 6, 1.5) == (
+        dp_event.SelfComposedDpEvent(step, 3 * 2)), (
+        "6 examples at B = 4: 3 epochs of 2 Poisson steps of rate 4/6 each round")
+
+
 def test_participation_budget_is_the_most_the_target_eps_affords():
     config = dataclasses.replace(_CONFIG, dp="local", noise_multiplier=1.0,
                                  target_epsilon=8.0, rounds=50)
@@ -330,6 +340,20 @@ def test_a_target_no_client_affords_once_is_a_config_error(noise):
         dpd_fvae.participation_budgets(config, _COUNTS, noise)
     assert error.value.field == "target_epsilon" and "cannot be met" in error.value.message, (
         str(error.value))
+
+
+def test_the_local_ledger_is_the_worst_clients_every_local_step():
+    # A participation is local_epochs x ceil(n_c / B) DP-SGD steps, and the ledger states
+    # the client of most eps. In local_resume every client takes one step a round, in
+    # as many rounds as the others: neither the steps nor the worst client showed there.
+    config = dataclasses.replace(_CONFIG, dp="local", noise_multiplier=1.0, local_epochs=3)
+    counts, participations = np.array([4, 2, 3]), np.array([1, 3, 2])  # one batch each
+    ledger = dpd_fvae.local_ledger(config, counts, participations, np.full(3, 5), 1.0)
+    assert ledger.metadata["worst_client"] == 1, (
+        f"client 1 took part most, at the same cost a round: {ledger.metadata['worst_client']}")
+    worst = dp_event.SelfComposedDpEvent(dpd_fvae.local_participation_event(config, 2, 1.0), 3)
+    assert ledger.epsilon() == privacy.rdp_epsilon(worst, config.delta), (
+        "the ledger must count 3 local steps in each of the worst client's 3 rounds")
 
 
 def test_adopting_budgets_keeps_clients_within_them_and_takes_the_new_budgets():
@@ -509,6 +533,15 @@ def test_local_logs_of_this_noise_pass_and_of_another_are_refused(tmp_path):
         dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.75)
 
 
+def test_local_logs_of_a_noise_that_differs_in_its_last_digits_are_refused(tmp_path):
+    # A z calibrated afresh from other flags differs from the logged one anywhere, down to
+    # its last digits: any difference is another mechanism (the test above is 20% off).
+    wd = Workdir(tmp_path)
+    wd.append_metrics({"round": 2, dpd_fvae.LOCAL_NOISE_KEY: 0.95})
+    with pytest.raises(ConfigError, match="round 2 with local noise multiplier 0.95"):
+        dpd_fvae.refuse_logs_of_other_local_noise(wd, 0.95 * (1 + 1e-6))
+
+
 def test_local_rounds_logged_past_the_checkpoint_refuse_other_budgets(tmp_path):
     # The target sets each client's participation budget; a replay of rounds 3-4 under
     # another would stop other clients in rounds whose logged releases they took part in.
@@ -650,6 +683,19 @@ def test_config_with_a_target_only_is_calibrated_not_run_at_the_default_noise():
     assert dpd_fvae.resolve_noise_multiplier(dataclasses.replace(
         central, target_epsilon=None), _COUNTS) == dpd_fvae.DEFAULT_NOISE_MULTIPLIER, (
         "without z or a target the default z applies")
+
+
+def test_local_calibration_takes_the_z_of_the_client_size_that_needs_the_most(monkeypatch):
+    # Each client size is calibrated to afford its expected participations; the run takes
+    # the largest z, or the sizes that need more noise get budgets below them. Here each
+    # "calibrated z" is the steps of a participation (B = 4): 1, 3 and 2.
+    def calibrate(make_event, target_epsilon, delta, relation):
+        return float(make_event(1.0).event.count)
+
+    monkeypatch.setattr(privacy, "calibrate_noise_multiplier", calibrate)
+    config = dataclasses.replace(_CONFIG, dp="local", target_epsilon=8.0)
+    assert dpd_fvae.resolve_noise_multiplier(config, np.array([3, 9, 5])) == 3.0, (
+        "local DP must run at the largest z of its client sizes")
 
 
 def test_central_dp_without_noise_is_a_flag_error():

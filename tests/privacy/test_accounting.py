@@ -276,6 +276,16 @@ def test_calibration_refuses_a_z_the_solver_returns_above_the_target(monkeypatch
         accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, 1.0, 1e-5)
 
 
+def test_calibration_refuses_a_z_the_solver_returns_a_hair_above_the_target(monkeypatch):
+    # The check above has no tolerance: 0.1% too little noise is refused as half is.
+    low = 0.999 * accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, 1.0, 1e-5)
+    assert 1.0 < accounting.rdp_epsilon(dp_event.GaussianDpEvent(low), 1e-5) < 1.01, (
+        "the test needs a z whose eps is just above the target")
+    monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism", lambda *a, **k: low)
+    with pytest.raises(accounting.CalibrationError, match="above the target"):
+        accounting.calibrate_noise_multiplier(dp_event.GaussianDpEvent, 1.0, 1e-5)
+
+
 @pytest.mark.parametrize("delta, warns", [(1 / 1438, True), (0.5, True), (0.99 / 1438, False)])
 def test_a_delta_of_at_least_one_over_the_population_is_warned_about(caplog, delta, warns):
     # delta >= 1/N admits a mechanism that releases one of the N units in the clear.
@@ -367,6 +377,16 @@ def test_an_event_the_rdp_accountant_cannot_account_gives_none_every_time():
         assert accounting.epsilon(event, 1e-5) is None, "unsupported: no eps"
 
 
+def test_an_rdp_curve_remembered_under_one_relation_does_not_answer_for_another():
+    # Sampling without replacement has an RDP curve under replace-one only: remembered
+    # there, it must not give an eps under add/remove-one, where the accountant has none.
+    event = accounting.dpsgd_event(1.0, 10, sampling="fixed", population=101, expected_size=5)
+    relation = NeighboringRelation.REPLACE_ONE
+    assert accounting.epsilon(event, 1e-5, relation) == _direct(event, 1e-5, relation)
+    assert accounting.epsilon(event, 1e-5) is None, (
+        "the replace-one curve answered for add/remove-one: the memo must key on the relation")
+
+
 def test_each_events_rdp_curve_is_computed_once(monkeypatch):
     # A ledger asks for eps at each evaluation, ledger.json and checkpoint with one more
     # round each time: the sampled Gaussian's curve (~0.5 s) must not be computed again.
@@ -396,6 +416,16 @@ def test_a_pld_eps_is_computed_once_per_composition(monkeypatch):
     assert first == again < more, (first, again, more)
     assert len(composed) == 2, f"two compositions composed {len(composed)} times"
     assert again == _direct_pld(dp_event.SelfComposedDpEvent(step, 4), 1e-5)
+
+
+def test_a_pld_eps_is_remembered_per_delta():
+    # A ledger reports eps at its own delta; a PLD eps remembered without it would answer
+    # every later delta with the first one's eps (every other test asks at 1e-5).
+    event = dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(3.0), 2)
+    loose = accounting.epsilon(event, 1e-5, accountant="pld")
+    tight = accounting.epsilon(event, 1e-7, accountant="pld")
+    assert tight == _direct_pld(event, 1e-7) > loose, (
+        f"PLD eps at delta 1e-7 ({tight}) must be dp_accounting's, above delta 1e-5's ({loose})")
 
 
 def test_the_memo_forgets_its_oldest_entries_beyond_its_size():

@@ -34,7 +34,7 @@ from dpfed.models import gan, vae
 from dpfed.train import dpsgd
 from dpfed.train.workdir import LEDGER_FILE, Workdir
 from tests.experiments import test_fedgan_debug, test_fedlm_debug
-from tests.noise_keys import recording
+from tests.noise_keys import recording, recording_keys
 
 
 def _num_releases(workdir) -> int:
@@ -99,10 +99,12 @@ _LOGREG_LEAVES = 2  # kernel, bias
 
 
 def test_dpsgd_steps_draw_from_distinct_keys_and_a_resume_replays_them(tmp_path, monkeypatch):
-    with recording(monkeypatch) as whole:
+    with (recording(monkeypatch) as whole,
+          recording_keys(monkeypatch, privacy, "poisson_sample") as batches):
         dpsgd.train(_DPSGD, tmp_path / "whole", log=lambda _: None)
     assert _num_releases(tmp_path / "whole") == 4
     whole.assert_distinct(4 * _LOGREG_LEAVES)
+    whole.assert_apart_from(batches, "batch sampling")  # a step's noise: not its batch's key
 
     resumed = tmp_path / "resumed"
     with recording(monkeypatch) as first:
@@ -125,11 +127,13 @@ def test_fedavg_classifier_rounds_draw_from_distinct_keys(tmp_path, monkeypatch)
         dataset="digits", model="logreg", num_clients=20, clients_per_round=5, rounds=3,
         noise_multiplier=1.0, adaptive_clipping=True, clipped_count_stddev=2.0, local_steps=2,
         local_batch_size=10, eval_every=3, checkpoint_every=3)
-    with recording(monkeypatch) as recorded:
+    with (recording(monkeypatch) as recorded,
+          recording_keys(monkeypatch, privacy, "poisson_sample") as cohorts):
         classifier.train(config, str(tmp_path), log=lambda _: None)
     assert _num_releases(tmp_path) == 3
     assert [d.shape for d in recorded.draws].count(()) == 3, "a count a round"
     recorded.assert_distinct(3 * (_LOGREG_LEAVES + 1))
+    recorded.assert_apart_from(cohorts, "cohort sampling")  # neither noise: the cohort's key
 
 
 # dpd_fvae: central (the decoder's update, a round) and local (per-example DP-SGD steps).
@@ -154,7 +158,9 @@ def test_dpd_fvae_central_rounds_draw_from_distinct_keys(tmp_path, monkeypatch):
 
 def test_dpd_fvae_local_steps_draw_from_distinct_keys(tmp_path, monkeypatch):
     config = dataclasses.replace(_DPD, num_clients=8, dp="local", noise_multiplier=1.0)
-    with recording(monkeypatch) as recorded:
+    with (recording(monkeypatch) as recorded,
+          recording_keys(monkeypatch, privacy, "bernoulli_at_most") as batches,
+          recording_keys(monkeypatch, jax.random, "normal") as latents):
         dpd_fvae.train(config, tmp_path, log=lambda _: None, mesh=_ONE_DEVICE)
     # Each client's ~180 examples fit one Poisson batch (rate 1): a step a round, whose
     # noise covers the whole VAE's gradient (encoder and decoder).
@@ -164,6 +170,9 @@ def test_dpd_fvae_local_steps_draw_from_distinct_keys(tmp_path, monkeypatch):
     leaves = len(jax.tree.leaves(jax.eval_shape(
         functools.partial(vae.init_vae, encoder, decoder), jax.random.key(0))))
     recorded.assert_distinct(config.rounds * config.num_clients * leaves)
+    # Nor from the key of the step's Poisson batch or of its VAE's latent noise.
+    recorded.assert_apart_from(batches, "local batch sampling")
+    recorded.assert_apart_from(latents, "VAE latent noise")
 
 
 _DATALENS = datalens.DataLensConfig(  # tests/generative/test_datalens.py's TINY
@@ -177,12 +186,14 @@ _DATALENS = datalens.DataLensConfig(  # tests/generative/test_datalens.py's TINY
 
 
 def test_datalens_steps_draw_from_distinct_keys(tmp_path, monkeypatch):
-    with recording(monkeypatch) as recorded:
+    with (recording(monkeypatch) as recorded,
+          recording_keys(monkeypatch, datalens.TeacherEnsemble, "vote_sum", key_arg=5) as votes):
         datalens.train(_DATALENS, str(tmp_path), log=lambda _: None)
     # A step's draw noises the votes on each of its batch_size samples: a release each.
     assert _num_releases(tmp_path) == _DATALENS.steps * _DATALENS.batch_size
     assert {d.shape for d in recorded.draws} == {(_DATALENS.batch_size, 64)}
     recorded.assert_distinct(_DATALENS.steps)
+    recorded.assert_apart_from(votes, "teacher vote")  # the votes' coins' key: not the noise's
 
 
 # The debug demos' population mode: the noised group sizes, then each group's model.

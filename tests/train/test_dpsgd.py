@@ -236,6 +236,35 @@ def test_noise_in_step_has_std_z_clip_over_batch_size():
     assert abs(std / (2.0 * 0.5 / 8) - 1) < 0.05, f"noise std {std} is not z*C/B = 0.125"
 
 
+def test_a_run_noises_with_the_z_and_clip_its_ledger_records(tmp_path, monkeypatch):
+    # make_train_step and step_event are tested with the mechanism they are given; this is
+    # what `train` gives them: the noise of its steps and its ledger's event at one z and C.
+    built = {}
+
+    class BuiltError(Exception):
+        pass
+
+    def resume_or_start(*args, event, **kwargs):
+        built["event"] = event
+        return real_resume(*args, event=event, **kwargs)
+
+    def make_train_step(model, optimizer, config, n, mechanism, *canaries):
+        built["mechanism"], built["n"] = mechanism, n
+        raise BuiltError  # before the step is compiled: its arguments are what is tested
+
+    real_resume = dpsgd.resume_or_start
+    monkeypatch.setattr(dpsgd, "resume_or_start", resume_or_start)
+    monkeypatch.setattr(dpsgd, "make_train_step", make_train_step)
+    config = dpsgd.DpSgdConfig(dataset="digits", model="logreg", steps=1, batch_size=16,
+                               noise_multiplier=1.3, l2_clip=0.7)
+    with pytest.raises(BuiltError):
+        dpsgd.train(config, tmp_path, log=lambda _: None)
+    assert built["mechanism"] == privacy.GaussianSumMechanism(0.7, 1.3), (
+        f"the steps must be noised at z 1.3, C 0.7: {built['mechanism']}")
+    assert built["event"] == dpsgd.step_event(config, 1.3, built["n"]), (
+        f"the ledger must record the steps' z 1.3: {built['event']}")
+
+
 def test_config_rejects_bad_values_naming_the_field():
     for kwargs, field in [
         ({"l2_clip": -1.0}, "l2_clip"),
@@ -261,6 +290,16 @@ def test_config_with_a_target_only_is_calibrated_not_run_at_the_default_noise():
     assert z != dpsgd.DEFAULT_NOISE_MULTIPLIER, "z must come from the target, not the default"
     assert dpsgd.resolve_noise_multiplier(dpsgd.DpSgdConfig(), 4000) == (
         dpsgd.DEFAULT_NOISE_MULTIPLIER), "without z or a target the default z applies"
+
+
+def test_a_fixed_size_run_is_calibrated_under_replace_one():
+    # Fixed-size batches are accounted under replace-one, as the ledger is; every other
+    # calibrated run here samples Poisson. All 8 of 8 examples: closed-form RDP, no cost.
+    config = dpsgd.DpSgdConfig(sampling="fixed", batch_size=8, steps=3, target_epsilon=2.0)
+    z = dpsgd.resolve_noise_multiplier(config, 8)
+    steps = dp_event.SelfComposedDpEvent(dpsgd.step_event(config, z, 8), 3)
+    eps = privacy.epsilon(steps, config.delta, privacy.relation_for("fixed"))
+    assert 0.99 * 2.0 <= eps <= 2.0, f"3 fixed-size steps at the calibrated z {z} cost eps {eps}"
 
 
 def test_default_physical_batch_covers_three_sigma():
