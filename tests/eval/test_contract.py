@@ -80,6 +80,7 @@ def test_npz_round_trip(tmp_path, labelled):
     "arrays, message",
     [
         ({"images": np.full((2, 4, 4, 1), 255.0)}, r"\[0, 1\]"),
+        ({"images": np.full((2, 4, 4, 1), -1.0)}, r"\[0, 1\]"),  # a GAN's [-1, 1], unmapped
         ({"pixels": np.zeros((2, 4, 4, 1))}, "no 'images'"),
         ({"images": np.zeros((2, 4, 4))}, r"\[N>0, H, W, C\]"),
         ({"images": np.zeros((2, 4, 4, 1)), "labels": np.zeros(3)}, "labels must be"),

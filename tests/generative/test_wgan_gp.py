@@ -20,6 +20,7 @@ _CONFIG = wgan_gp.WganGpConfig(
     batch_size=4,
     client_d_steps=2,
     server_g_steps=2,
+    server_g_learning_rate=1e-2,  # not the default: a G step at the module's rate would show
 )
 
 
@@ -133,12 +134,17 @@ def test_config_rejects_bad_values():
         wgan_gp.WganGpConfig(batch_size=0)
     with pytest.raises(ValueError, match="server_g_learning_rate"):
         wgan_gp.WganGpConfig(server_g_learning_rate=0.0)
+    with pytest.raises(ValueError, match="gp_weight"):
+        wgan_gp.WganGpConfig(gp_weight=-0.5)
 
 
 def test_gan_range_round_trip():
     x = jnp.array([0.0, 0.25, 1.0])
     np.testing.assert_allclose(wgan_gp.to_gan_range(x), [-1.0, -0.5, 1.0])
     np.testing.assert_allclose(wgan_gp.from_gan_range(wgan_gp.to_gan_range(x)), x)
+    np.testing.assert_allclose(
+        wgan_gp.from_gan_range(jnp.array([-1.5, 1.5])), [0.0, 1.0],
+        err_msg="G's images outside [-1, 1] must be clipped into the contract's [0, 1]")
 
 
 class _HalfSquaredNorm(nn.Module):
@@ -171,6 +177,18 @@ def test_discriminator_loss_is_fake_score_minus_real_score():
         jax.random.key(0), gp_weight=0.0)
     np.testing.assert_allclose(
         loss, 2.0, atol=1e-6, err_msg="the critic loss is E[D(fake)] - E[D(real)] = 2 - 0")
+
+
+def test_discriminator_loss_adds_gp_weight_times_the_penalty():
+    # D(x) = <w, x> with w = 3/2: fake ones score 6, real zeros 0, and the penalty is
+    # (||w|| - 1)^2 = 4 at every interpolate.
+    params = {"params": {"Dense_0": {"kernel": jnp.full((4, 1), 1.5)}}}
+    loss = wgan_gp.discriminator_loss(
+        params, _Linear(), jnp.zeros((3, 2, 2, 1)), jnp.ones((3, 2, 2, 1)), jnp.ones(3, bool),
+        jax.random.key(0), gp_weight=2.0)
+    np.testing.assert_allclose(
+        loss, 6.0 + 2.0 * 4.0, rtol=1e-4, err_msg="the critic loss must weigh the penalty "
+        "by its gp_weight argument: 6 - 0 + 2 * 4")
 
 
 def test_generator_loss_is_minus_the_mean_critic_score_of_its_fakes():
@@ -228,3 +246,28 @@ def test_server_generator_step_is_sgd_at_the_server_learning_rate():
     np.testing.assert_allclose(
         _flat(new["params"]), _flat(params), atol=1e-6,
         err_msg="each G step must be plain SGD on -E[D(G(z))] at server_g_learning_rate")
+
+
+class _FakesByMode(nn.Module):
+    """G(z) = 0 in training mode (batch statistics), 1 in evaluation mode: 2x2 images."""
+
+    @nn.compact
+    def __call__(self, z, train=False):
+        return jnp.full((z.shape[0], 2, 2, 1), 0.0 if train else 1.0)
+
+
+def test_client_step_takes_its_configs_rate_and_penalty_weight_and_trains_mode_fakes():
+    # One step of D(x) = <w, x>, w = 1 (||w|| = 2) on two real ones against G's fakes:
+    # the gradient is E[fake] - E[real] + gp_weight * 2 (||w|| - 1) w / ||w|| = 0 - 1 + 3
+    # per weight, so w' = 1 - 0.1 * 2 = 0.8. The module's rate (5e-4) would give 0.999,
+    # its penalty weight (10) 0.1, and fakes of G in evaluation mode (1) 0.7.
+    config = wgan_gp.WganGpConfig(
+        discriminator=_Linear(), generator=_FakesByMode(), noise_dim=1, batch_size=2,
+        client_d_steps=1, client_d_learning_rate=0.1, gp_weight=3.0)
+    params = {"params": {"Dense_0": {"kernel": jnp.ones((4, 1))}}}
+    new = wgan_gp.train_discriminator(
+        config, params, {}, jnp.ones((2, 2, 2, 1)), 2, jax.random.key(0))
+    np.testing.assert_allclose(
+        new["params"]["Dense_0"]["kernel"], np.full((4, 1), 0.8), rtol=1e-4,
+        err_msg="a client step must be SGD at the config's client_d_learning_rate on the "
+        "critic loss with its gp_weight, against G's fakes in training mode")

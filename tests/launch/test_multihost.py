@@ -93,6 +93,29 @@ def test_tpu_dry_run_names_the_zone(capsys):
     assert "--zone=us-central2-b" in out, f"gcloud must be told the TPU's zone: {out}"
 
 
+def test_tpu_dry_run_names_the_project(capsys):
+    multihost.main(["tpu", "--tpu_name=pod", "--zone=b", "--project=my-proj", "--dry_run",
+                    *FLAGS])
+    out = capsys.readouterr().out
+    assert "--project=my-proj" in out, f"gcloud must be told the TPU's project: {out}"
+
+
+def test_tpu_without_dry_run_runs_gcloud_and_exits_with_its_code(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(multihost.subprocess, "call", lambda command: calls.append(command) or 5)
+    code = multihost.main(["tpu", "--tpu_name=pod", "--zone=b", *FLAGS])
+    assert calls and calls[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"], (
+        f"without --dry_run the launcher must run gcloud's ssh to the workers: {calls}")
+    assert code == 5, f"the launcher exits with gcloud's exit code, got {code}"
+
+
+def test_zero_gpus_per_node_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as error:
+        multihost.parse_args(["slurm", "--nodes=2", "--gpus_per_node=0", *FLAGS])
+    assert error.value.code == 2, "argparse usage errors exit with 2"
+    assert "--gpus_per_node must be >= 1" in capsys.readouterr().err
+
+
 def test_slurm_script_asks_for_the_gpus_per_node():
     args = multihost.parse_args(["slurm", "--nodes=4", "--gpus_per_node=2", *FLAGS])
     lines = multihost.slurm_script(args).splitlines()
@@ -145,6 +168,34 @@ def test_local_stops_every_process_when_one_fails(tmp_path, monkeypatch):
         with pytest.raises(ProcessLookupError):  # killed and reaped, not left hanging
             os.kill(pid, 0)
 
+
+def test_local_waits_for_every_process_not_the_first_to_succeed(tmp_path, monkeypatch):
+    # Process 0 exits 0 at once, process 1 fails 0.5 s later: the job failed; the launcher
+    # must not report success as soon as one process has.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(multihost, "STOP_GRACE_SECONDS", 0.5)
+    code = multihost.main(["local", "--num_processes=2", f"--log_dir={tmp_path}",
+                           "tests.launch.fake_job", f"--pid_dir={tmp_path}", "--mode=done_first"])
+    assert code == 3, f"the launcher exits with the failed process's code, got {code}"
+
+
+def test_local_sigterms_the_others_before_it_kills_them(tmp_path, monkeypatch):
+    # Process 1 exits 3 once process 0 handles SIGTERM; process 0 must get a SIGTERM (a
+    # run that can still save does, then exits), not only the kill after the grace.
+    monkeypatch.setattr(multihost, "STOP_GRACE_SECONDS", 0.5)
+    ready, termed = tmp_path / "ready", tmp_path / "termed"
+    waits_for_sigterm = (
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *_: pathlib.Path({str(termed)!r}).touch()"
+        " or sys.exit(0))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(30)\n")
+    fails = (f"import os, sys, time\nwhile not os.path.exists({str(ready)!r}): time.sleep(0.01)"
+             "\nsys.exit(3)\n")
+    code = multihost.run_local([[sys.executable, "-c", waits_for_sigterm],
+                                [sys.executable, "-c", fails]], dict(os.environ), tmp_path)
+    assert code == 3, f"the launcher exits with the failed process's code, got {code}"
+    assert termed.exists(), "the other process was killed without a SIGTERM first"
 
 def _sigterm_launcher(tmp_path, mode, num_processes=3):
     """Runs `local` on fake_job in `mode` and SIGTERMs this process (the launcher) once
@@ -200,6 +251,15 @@ def test_processes_exiting_0_after_a_sigterm_are_no_failure(tmp_path, monkeypatc
     code, pids = _sigterm_launcher(tmp_path, "done_on_sigterm")
     assert code == 0, f"every process exited 0: the launcher must too, got {code}"
     assert "exited with" not in capsys.readouterr().err, "no process failed"
+    _assert_reaped(pids)
+
+
+def test_a_job_whose_processes_all_saved_after_a_sigterm_exits_143(tmp_path, monkeypatch):
+    # Every process saved its round and exited as the SIGTERM asked (here killed by it:
+    # 128 + 15): the launcher must exit 143 too, so a scheduler requeues the job, not 0.
+    monkeypatch.chdir(ROOT)
+    code, pids = _sigterm_launcher(tmp_path, "preempted", num_processes=1)
+    assert code == 143, f"a preempted job must exit 143, not as finished: got {code}"
     _assert_reaped(pids)
 
 
