@@ -197,6 +197,7 @@ def test_local_sigterms_the_others_before_it_kills_them(tmp_path, monkeypatch):
     assert code == 3, f"the launcher exits with the failed process's code, got {code}"
     assert termed.exists(), "the other process was killed without a SIGTERM first"
 
+
 def _sigterm_launcher(tmp_path, mode, num_processes=3):
     """Runs `local` on fake_job in `mode` and SIGTERMs this process (the launcher) once
     every process has written its pid; returns the launcher's exit code and the pids."""
