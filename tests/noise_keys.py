@@ -77,7 +77,7 @@ def _family(keys: set[tuple[int, ...]], splits: int) -> set[tuple[int, ...]]:
     parents = jax.random.wrap_key_data(np.asarray(sorted(keys), np.uint32))
     folds = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.key_data(
         jax.random.fold_in(k, i)))(np.arange(splits)))(parents)
-    return keys | {tuple(int(x) for x in row) for row in np.asarray(folds).reshape(-1, 2)}
+    return keys | set(_key_rows(folds))
 
 
 @contextlib.contextmanager
@@ -91,12 +91,9 @@ def recording_keys(
     keys: list[tuple[int, ...]] = []
     original = getattr(owner, name)
 
-    def record(data: np.ndarray) -> None:
-        data = np.asarray(data)
-        keys.extend(tuple(int(x) for x in row) for row in data.reshape(-1, data.shape[-1]))
-
     def wrapped(*args, **kwargs):
-        jax.debug.callback(record, jax.random.key_data(args[key_arg]))
+        jax.debug.callback(lambda data: keys.extend(_key_rows(data)),
+                           jax.random.key_data(args[key_arg]))
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -107,11 +104,15 @@ def recording_keys(
             jax.effects_barrier()
 
 
+def _key_rows(data: np.ndarray) -> list[tuple[int, ...]]:
+    """Raw key data as one tuple per key (per element, should a batch arrive)."""
+    data = np.asarray(data)
+    return [tuple(int(x) for x in row) for row in data.reshape(-1, data.shape[-1])]
+
+
 def _record(keys: NoiseKeys, shape: tuple[int, ...]):
     def record(data: np.ndarray) -> None:
-        data = np.asarray(data)
-        for row in data.reshape(-1, data.shape[-1]):  # per element, should a batch arrive
-            keys.draws.append(NoiseDraw(tuple(int(x) for x in row), shape))
+        keys.draws.extend(NoiseDraw(key, shape) for key in _key_rows(data))
     return record
 
 
