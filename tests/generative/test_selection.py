@@ -318,6 +318,47 @@ def test_max_epsilon_is_the_larger_groups_eps_with_its_noised_sizes_release():
     assert selection.max_epsilon(nonprivate) is None, "non-private groups: no eps"
 
 
+@dataclasses.dataclass(frozen=True)
+class _SummaryConfig:
+    """The fields of a debug demo's config that `summary_fields` reads."""
+
+    noise_multiplier: float = 1.0
+    delta: float = 1e-6
+    low_threshold: float | None = 0.3
+    high_threshold: float | None = 0.9
+    sampling: str = "poisson"
+    group_sampling: str = "group"
+    seed: int = 0
+    secret_seed: bool = False
+
+
+def _summary(monkeypatch, **fields):
+    """`summary_fields` of a `_SummaryConfig(**fields)` (no environment: not under test)."""
+    monkeypatch.setattr(selection, "environment_info", dict)
+    config = _SummaryConfig(**fields)
+    eps = 2.0 if config.noise_multiplier > 0 else None
+    results = {group: {"epsilon_rdp": eps, "diverged": False, "wall_seconds_earlier": 0.0}
+               for group in ("low", "high")}
+    return selection.summary_fields(config, results, time.time(), "accuracies", 10)
+
+
+def test_summary_fields_show_delta_only_for_a_private_demo(monkeypatch):
+    assert _summary(monkeypatch)["delta"] == 1e-6, "a private demo's eps holds at its delta"
+    nonprivate = _summary(monkeypatch, noise_multiplier=0.0)
+    assert nonprivate["delta"] is None, (
+        f"a non-private demo has no eps, so no delta: its summary shows {nonprivate['delta']}")
+
+
+@pytest.mark.parametrize("low, high, from_quantiles", [
+    (0.3, 0.9, False), (None, 0.9, True), (0.3, None, True), (None, None, True)])
+def test_summary_fields_say_whether_a_threshold_came_from_a_quantile(
+        monkeypatch, low, high, from_quantiles):
+    summary = _summary(monkeypatch, low_threshold=low, high_threshold=high)
+    assert summary["thresholds_from_quantiles"] is from_quantiles, (
+        f"thresholds {low}, {high}: a missing one is a quantile of the clients' raw values "
+        f"(the summary shows None for it), got {summary['thresholds_from_quantiles']}")
+
+
 def test_model_fields_keep_each_models_privacy_rounds_and_time():
     summary = {key: i for i, key in enumerate(selection.MODEL_SUMMARY_KEYS)} | {"other": 1}
     assert selection.model_fields(summary) == {

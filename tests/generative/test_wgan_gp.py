@@ -12,6 +12,7 @@ import pytest
 from dpfed.generative import wgan_gp
 from dpfed.models import gan
 from tests import jitted
+from tests.noise_keys import recording_keys
 
 _CONFIG = wgan_gp.WganGpConfig(
     discriminator=gan.Discriminator(conv_features=(4, 8), dense_features=16),
@@ -229,23 +230,42 @@ def test_client_steps_raise_ds_margin_of_the_clients_images_over_fakes():
         "the client must descend the critic loss")
 
 
-def test_server_generator_step_is_sgd_at_the_server_learning_rate():
-    # The round's compiled G update (`_generator_update`, two steps): each batch of noise
-    # one SGD step from the last step's params.
+@functools.cache
+def _generator_steps_by_hand():
+    """The round's compiled G update (`_generator_update`, two steps) on fixed noise, and
+    the same steps taken one by one: (its G, its metrics, their G, their losses)."""
     config = _CONFIG
     d_params, g_variables = _variables()
     noise = wgan_gp.generator_noise(jax.random.key(12), config)
-    new, _ = _generator_update()(g_variables, d_params, noise)
-    grad = jax.jit(jax.grad(wgan_gp.generator_loss, has_aux=True), static_argnums=(2, 3))
+    new, metrics = _generator_update()(g_variables, d_params, noise)
+    loss_grad = jax.jit(jax.value_and_grad(wgan_gp.generator_loss, has_aux=True),
+                        static_argnums=(2, 3))
     params, batch_stats = g_variables["params"], g_variables["batch_stats"]
+    losses = []
     for batch_noise in noise:
-        grads, batch_stats = grad(params, batch_stats, config.generator,
-                                  config.discriminator, d_params, batch_noise)
+        (loss, batch_stats), grads = loss_grad(params, batch_stats, config.generator,
+                                               config.discriminator, d_params, batch_noise)
+        losses.append(float(loss))
         params = jax.tree_util.tree_map(
             lambda p, g: p - config.server_g_learning_rate * g, params, grads)
+    return new, metrics, params, losses
+
+
+def test_server_generator_step_is_sgd_at_the_server_learning_rate():
+    # Each batch of noise one SGD step from the last step's params.
+    new, _, params, _ = _generator_steps_by_hand()
     np.testing.assert_allclose(
         _flat(new["params"]), _flat(params), atol=1e-6,
         err_msg="each G step must be plain SGD on -E[D(G(z))] at server_g_learning_rate")
+
+
+def test_server_generator_loss_metric_is_the_mean_over_its_steps():
+    # The round's G loss (metrics.jsonl) averages its steps' losses, not the last one's.
+    _, metrics, _, losses = _generator_steps_by_hand()
+    assert abs(losses[0] - losses[-1]) > 1e-3, f"the test needs steps of other losses: {losses}"
+    np.testing.assert_allclose(
+        float(metrics.generator_loss), np.mean(losses), rtol=1e-5,
+        err_msg=f"G's loss metric must be the mean of its steps' losses {losses}")
 
 
 class _FakesByMode(nn.Module):
@@ -271,3 +291,24 @@ def test_client_step_takes_its_configs_rate_and_penalty_weight_and_trains_mode_f
         new["params"]["Dense_0"]["kernel"], np.full((4, 1), 0.8), rtol=1e-4,
         err_msg="a client step must be SGD at the config's client_d_learning_rate on the "
         "critic loss with its gp_weight, against G's fakes in training mode")
+
+
+def test_a_client_step_uses_each_key_once(monkeypatch):
+    # Every key a client's D steps take is either drawn from (the batch shuffle, each
+    # step's fakes' noise and interpolation alphas) or split into others, once: two uses
+    # of one key draw related numbers (e.g. the fakes' noise from the alphas' key).
+    config = wgan_gp.WganGpConfig(
+        discriminator=_Linear(), generator=_FakesByMode(), noise_dim=1, batch_size=2,
+        client_d_steps=2)
+    params = {"params": {"Dense_0": {"kernel": jnp.ones((4, 1))}}}
+    with (recording_keys(monkeypatch, jax.random, "split") as split,
+          recording_keys(monkeypatch, jax.random, "uniform") as uniform,
+          recording_keys(monkeypatch, jax.random, "normal") as normal):
+        wgan_gp.train_discriminator(
+            config, params, {}, jnp.ones((2, 2, 2, 1)), 2, jax.random.key(0))
+    assert (len(uniform), len(normal)) == (3, 2), (
+        f"a shuffle and two steps' alphas and noises: {len(uniform)} uniform draws, "
+        f"{len(normal)} normal draws")
+    used = split + uniform + normal
+    assert len(set(used)) == len(used), (
+        f"a key used twice: split {split}, uniform {uniform}, normal {normal}")

@@ -160,6 +160,19 @@ def test_pin_seed_refuses_the_flag_where_a_run_started_without_it(tmp_path):
         "a refused run must not leave a secret that would then refuse reruns without the flag")
 
 
+def test_pin_seed_refuses_the_flag_where_a_run_left_only_checkpoints(tmp_path):
+    # A run's checkpoints without its config.json (one from before config.json existed):
+    # a secret seed drawn now would go on from a model noised with another seed, under
+    # releases that say "secret".
+    wd = Workdir(tmp_path)
+    (wd.path / "checkpoints" / "3").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="checkpoints") as error:
+        wd.pin_seed(0, secret=True)
+    assert error.value.field == "secret_seed", error.value.field
+    assert not wd.file(seeds.SECRET_SEED_FILE).exists(), (
+        "checkpoints show a run started here: no secret seed may be drawn for it")
+
+
 def test_pin_seed_refuses_a_rerun_without_the_flag_of_a_secret_run(tmp_path):
     wd = Workdir(tmp_path)
     wd.pin_seed(0, secret=True)
