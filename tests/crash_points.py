@@ -460,13 +460,15 @@ def _start_from(binary: Binary, workdir: pathlib.Path) -> None:
     shutil.copytree(_PREPARED[binary.prepared], workdir)
 
 
-def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 600,
+def run(binary: Binary, workdir: pathlib.Path, kill_at: int = 0, timeout: int = 1200,
         child: tuple[str, ...] = ()) -> Run:
     """Runs `binary` on `workdir` in a child (forked when it can: `tests.binary`), killed
     before its write point `kill_at` (0: run to the end). `child`: the child's module and
     its first arguments, where another module's child (`tests.crash_writes`) runs it;
     default this one's (`python -m tests.crash_points child ...`); started by the
-    binary's `launcher`, if it has one."""
+    binary's `launcher`, if it has one. `timeout` only stops a hung run: evaluate's
+    Inception crash point, the slowest, took 741 s for its three runs and the DataLens run
+    they start from on 2 cores (stop 69), and one run passed 600 s at load 7-10."""
     from tests.binary import run_binary  # Imports jax: after `_use_the_tests_settings`.
 
     _start_from(binary, workdir)
