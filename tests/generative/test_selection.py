@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpfed.generative import group_sizes, selection
+from dpfed.generative import fedgan_debug, group_sizes, selection
 from dpfed.train.config import ConfigError
 from dpfed.train.workdir import Workdir, params_sha256
 
@@ -318,24 +318,12 @@ def test_max_epsilon_is_the_larger_groups_eps_with_its_noised_sizes_release():
     assert selection.max_epsilon(nonprivate) is None, "non-private groups: no eps"
 
 
-@dataclasses.dataclass(frozen=True)
-class _SummaryConfig:
-    """The fields of a debug demo's config that `summary_fields` reads."""
-
-    noise_multiplier: float = 1.0
-    delta: float = 1e-6
-    low_threshold: float | None = 0.3
-    high_threshold: float | None = 0.9
-    sampling: str = "poisson"
-    group_sampling: str = "group"
-    seed: int = 0
-    secret_seed: bool = False
-
-
 def _summary(monkeypatch, **fields):
-    """`summary_fields` of a `_SummaryConfig(**fields)` (no environment: not under test)."""
+    """`summary_fields` of fedgan_debug's config, private and with both thresholds given
+    unless `fields` say otherwise (no environment: not under test)."""
     monkeypatch.setattr(selection, "environment_info", dict)
-    config = _SummaryConfig(**fields)
+    config = fedgan_debug.DebugConfig(
+        **{"noise_multiplier": 1.0, "low_threshold": 0.3, "high_threshold": 0.9, **fields})
     eps = 2.0 if config.noise_multiplier > 0 else None
     results = {group: {"epsilon_rdp": eps, "diverged": False, "wall_seconds_earlier": 0.0}
                for group in ("low", "high")}
@@ -343,7 +331,8 @@ def _summary(monkeypatch, **fields):
 
 
 def test_summary_fields_show_delta_only_for_a_private_demo(monkeypatch):
-    assert _summary(monkeypatch)["delta"] == 1e-6, "a private demo's eps holds at its delta"
+    assert _summary(monkeypatch, delta=1e-6)["delta"] == 1e-6, (
+        "a private demo's eps holds at its delta")
     nonprivate = _summary(monkeypatch, noise_multiplier=0.0)
     assert nonprivate["delta"] is None, (
         f"a non-private demo has no eps, so no delta: its summary shows {nonprivate['delta']}")
