@@ -25,10 +25,11 @@ from tests.killed import (
 )
 
 
-def engine():
+def engine(noise_multiplier=1.0):
     deltas = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
     return DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
-                    DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=1.0))
+                    DpFedAvgConfig(clients_per_round=6, l2_clip=0.5,
+                                   noise_multiplier=noise_multiplier))
 
 
 def ledger(target=None):
@@ -111,9 +112,7 @@ def test_a_run_counted_by_its_release_ledger_may_not_end_before_its_logged_round
         tmp_path, monkeypatch):
     # DPD-fVAE's local DP keeps no ledger of rounds, but each logged round is a release its
     # release ledger counts: a rerun ending before them would leave them in no ledger.
-    deltas = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
-    eng = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
-                   DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=0.0))
+    eng = engine(noise_multiplier=0.0)
     own = ledger()
     with monkeypatch.context() as patch:
         kill_after_metrics_record(patch, "round", 3)  # its checkpoint: round 2
@@ -258,9 +257,7 @@ def test_private_engine_without_ledger_is_refused(tmp_path):
 def test_non_private_engine_with_a_ledger_is_refused(tmp_path):
     # The other direction: a ledger for rounds that add no noise would record
     # `round_event()`'s None, and eps claims for a run with no guarantee.
-    deltas = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
-    eng = DpFedAvg(toy.add_own_vector, optax.sgd(1.0), toy.vector_clients(deltas),
-                   DpFedAvgConfig(clients_per_round=6, l2_clip=0.5, noise_multiplier=0.0))
+    eng = engine(noise_multiplier=0.0)
     with pytest.raises(ValueError, match="non-private one none"):
         run(eng, tmp_path, rounds=1)
 

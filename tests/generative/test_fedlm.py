@@ -253,11 +253,8 @@ def test_a_kill_while_writing_the_params_leaves_a_ledger_of_every_round(
 def test_the_engine_runs_the_configs_cohorts_clip_noise_and_population():
     # Every DP-FedAvg setting of an LM's config must reach its engine, whose rounds the
     # ledger accounts: one dropped here would train (and account) at the engine's default.
-    _, model, _ = _setup()
     population = Subpopulation(population=40, members_estimate=3.5)
-    config = fedlm.FedLmConfig(fedlm.LocalTrainingConfig(model), clients_per_round=4,
-                               l2_clip=0.5, noise_multiplier=1.0, subpopulation=population)
-    data = (np.zeros((8, 4, 12), np.int32), np.full(8, 4), client_mesh(jax.devices()[:1]))
+    config, _, data = _tiny_run(l2_clip=0.5, subpopulation=population)
     assert fedlm.make_engine(config, *data).config == DpFedAvgConfig(
         clients_per_round=4, sampling="poisson", l2_clip=0.5, noise_multiplier=1.0,
         subpopulation=population), "the engine must run the config's settings"
@@ -268,9 +265,7 @@ def test_the_engine_runs_the_configs_cohorts_clip_noise_and_population():
 def test_an_lms_ledger_names_its_group(tmp_path, monkeypatch):
     # fedlm_debug's two LMs each keep a ledger in their own sub-workdir: each must say
     # which group's release it accounts. Stopped where the rounds would start.
-    vocab, model, _ = _setup()
-    config = fedlm.FedLmConfig(fedlm.LocalTrainingConfig(model), clients_per_round=4,
-                               noise_multiplier=1.0)
+    config, train, _ = _tiny_run()
     ledgers = []
 
     class Stopped(Exception):  # noqa: N818  (it stands in for the rounds, not an error)
@@ -282,8 +277,7 @@ def test_an_lms_ledger_names_its_group(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fedlm, "run_rounds", stop)
     with pytest.raises(Stopped):
-        fedlm.train_lm(config, np.zeros((8, 4, 12), np.int32), np.full(8, 4), vocab, vocab,
-                       tmp_path, group="high_oov", mesh=client_mesh(jax.devices()[:1]))
+        train(config, workdir=tmp_path, group="high_oov")
     assert ledgers[0].metadata["group"] == "high_oov", f"its ledger: {ledgers[0].metadata}"
 
 

@@ -54,11 +54,15 @@ def _client_images(max_n=6, seed=2):
     return jax.random.uniform(jax.random.key(seed), (max_n, 28, 28, 1), minval=-1, maxval=1)
 
 
+def _linear_params(w):
+    """`_Linear`'s params on 2x2 images: D(x) = <w, x>, every weight `w` (||w|| = 2w)."""
+    return {"params": {"Dense_0": {"kernel": jnp.full((4, 1), w)}}}
+
+
 @pytest.mark.parametrize("norm, expected", [(1.0, 0.0), (3.0, 4.0)])
 def test_gradient_penalty_of_linear_critic(norm, expected):
     model = _Linear()
-    w = jnp.ones((4, 1)) * norm / 2.0  # ||w|| = norm
-    params = {"params": {"Dense_0": {"kernel": w}}}
+    params = _linear_params(norm / 2.0)  # ||w|| = norm
     real = jnp.zeros((3, 2, 2, 1))
     fake = jnp.ones((3, 2, 2, 1))
     penalty = wgan_gp.gradient_penalty(
@@ -170,12 +174,16 @@ def test_gradient_penalty_draws_an_interpolation_point_per_row():
         "both rows got the same interpolate: alpha must be drawn per example")
 
 
+def _linear_critic_loss(w, gp_weight):
+    """The critic loss of D(x) = <w, x> on real zeros against fake ones, 3 of each."""
+    return wgan_gp.discriminator_loss(
+        _linear_params(w), _Linear(), jnp.zeros((3, 2, 2, 1)), jnp.ones((3, 2, 2, 1)),
+        jnp.ones(3, bool), jax.random.key(0), gp_weight=gp_weight)
+
+
 def test_discriminator_loss_is_fake_score_minus_real_score():
     # D(x) = <w, x> with w = 1/2: real zeros score 0, fake ones (4 pixels) score 2.
-    params = {"params": {"Dense_0": {"kernel": jnp.full((4, 1), 0.5)}}}
-    loss = wgan_gp.discriminator_loss(
-        params, _Linear(), jnp.zeros((3, 2, 2, 1)), jnp.ones((3, 2, 2, 1)), jnp.ones(3, bool),
-        jax.random.key(0), gp_weight=0.0)
+    loss = _linear_critic_loss(0.5, gp_weight=0.0)
     np.testing.assert_allclose(
         loss, 2.0, atol=1e-6, err_msg="the critic loss is E[D(fake)] - E[D(real)] = 2 - 0")
 
@@ -183,10 +191,7 @@ def test_discriminator_loss_is_fake_score_minus_real_score():
 def test_discriminator_loss_adds_gp_weight_times_the_penalty():
     # D(x) = <w, x> with w = 3/2: fake ones score 6, real zeros 0, and the penalty is
     # (||w|| - 1)^2 = 4 at every interpolate.
-    params = {"params": {"Dense_0": {"kernel": jnp.full((4, 1), 1.5)}}}
-    loss = wgan_gp.discriminator_loss(
-        params, _Linear(), jnp.zeros((3, 2, 2, 1)), jnp.ones((3, 2, 2, 1)), jnp.ones(3, bool),
-        jax.random.key(0), gp_weight=2.0)
+    loss = _linear_critic_loss(1.5, gp_weight=2.0)
     np.testing.assert_allclose(
         loss, 6.0 + 2.0 * 4.0, rtol=1e-4, err_msg="the critic loss must weigh the penalty "
         "by its gp_weight argument: 6 - 0 + 2 * 4")
@@ -284,7 +289,7 @@ def test_client_step_takes_its_configs_rate_and_penalty_weight_and_trains_mode_f
     config = wgan_gp.WganGpConfig(
         discriminator=_Linear(), generator=_FakesByMode(), noise_dim=1, batch_size=2,
         client_d_steps=1, client_d_learning_rate=0.1, gp_weight=3.0)
-    params = {"params": {"Dense_0": {"kernel": jnp.ones((4, 1))}}}
+    params = _linear_params(1.0)
     new = wgan_gp.train_discriminator(
         config, params, {}, jnp.ones((2, 2, 2, 1)), 2, jax.random.key(0))
     np.testing.assert_allclose(
@@ -300,7 +305,7 @@ def test_a_client_step_uses_each_key_once(monkeypatch):
     config = wgan_gp.WganGpConfig(
         discriminator=_Linear(), generator=_FakesByMode(), noise_dim=1, batch_size=2,
         client_d_steps=2)
-    params = {"params": {"Dense_0": {"kernel": jnp.ones((4, 1))}}}
+    params = _linear_params(1.0)
     with (recording_keys(monkeypatch, jax.random, "split") as split,
           recording_keys(monkeypatch, jax.random, "uniform") as uniform,
           recording_keys(monkeypatch, jax.random, "normal") as normal):
